@@ -1,0 +1,238 @@
+//! Configuration: YAML → raw serde structs (`raw`, `deny_unknown_fields`) → this typed,
+//! validated [`Config`]. Validation (`validate`) reports every problem at once, each with its
+//! field path. Nothing downstream re-parses strings: durations are [`Duration`], addresses
+//! [`SocketAddr`], choices enums.
+//!
+//! This module does no network I/O except resolving backend host names once at load time.
+
+mod raw;
+mod validate;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use validate::{load, parse, ConfigError, FieldError};
+
+/// The whole validated configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Schema version (only 1 exists).
+    pub version: u32,
+    pub listen: Listen,
+    pub quic: Quic,
+    pub proxy: Proxy,
+    /// Upstream pools, in the order their names sort.
+    pub upstreams: Vec<Upstream>,
+    pub log: Log,
+    pub steering: Steering,
+    /// Worker count from the file (`--workers` overrides); `None` = one per online CPU.
+    pub workers: Option<usize>,
+}
+
+/// Where clients reach us.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Listen {
+    /// `address` and `port` together.
+    pub addr: SocketAddr,
+    pub tls: ListenTls,
+}
+
+/// Our certificate chain and key (PEM files, checked readable and parseable at load time).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ListenTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// When to validate client addresses with a Retry packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryMode {
+    Off,
+    Always,
+    /// Retry once a worker sees more than this many new connections per second.
+    Auto { new_connections_per_sec: u32 },
+}
+
+/// QUIC transport settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Quic {
+    pub idle_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub max_concurrent_streams: u64,
+    pub initial_max_data: u64,
+    pub initial_max_stream_data: u64,
+    pub max_connections: usize,
+    pub retry: RetryMode,
+    /// Total connection ID length (bytes).
+    pub cid_len: u8,
+    /// Server id written into every connection ID (its length is the server id length).
+    pub server_id: Vec<u8>,
+    /// QUIC-LB config rotation bits (0..=6).
+    pub generation: u8,
+}
+
+/// How `forwarded` / `x-forwarded-*` headers are treated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardedMode {
+    /// Append our hop to what the client sent.
+    Append,
+    /// Drop what the client sent and write our hop only.
+    Replace,
+    /// Pass the client's headers untouched and add nothing.
+    Off,
+}
+
+/// Proxy behaviour shared by all upstreams.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Proxy {
+    pub forwarded: ForwardedMode,
+    /// Add `via: 3 spooky`.
+    pub via: bool,
+    /// How long in-flight requests may run after SIGTERM.
+    pub shutdown_grace: Duration,
+    /// Largest request header list accepted (bytes, as HTTP/3 counts it).
+    pub max_header_list_size: u64,
+}
+
+/// One upstream pool.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Upstream {
+    pub name: String,
+    pub route: Route,
+    pub load_balancing: LoadBalancing,
+    pub backends: Vec<Backend>,
+    pub timeouts: UpstreamTimeouts,
+    pub passive_health: PassiveHealth,
+    /// Try unhealthy backends anyway when none is healthy (instead of 503).
+    pub fail_open: bool,
+}
+
+/// Which requests a pool takes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// Lower-cased exact host, or `*.suffix` wildcard; `None` = any host.
+    pub host: Option<String>,
+    /// Always starts with `/`.
+    pub path_prefix: String,
+}
+
+/// What a consistent-hash pool hashes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HashKey {
+    ClientIp,
+    /// Lower-cased header name.
+    Header(String),
+    Cookie(String),
+    Path,
+}
+
+/// Load-balancing strategy of a pool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LoadBalancing {
+    Random,
+    RoundRobin,
+    ConsistentHash { replicas: u32, key: HashKey },
+    LeastRequest,
+}
+
+/// Per-pool upstream timeouts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamTimeouts {
+    pub connect: Duration,
+    /// From request sent to response head received.
+    pub response_head: Duration,
+    /// Longest silence on a body in either direction.
+    pub idle: Duration,
+}
+
+/// Passive health: eject after consecutive failures on real traffic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PassiveHealth {
+    pub consecutive_failures: u32,
+    pub cooldown: Duration,
+}
+
+/// One backend server.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Backend {
+    pub id: String,
+    pub address: SocketAddr,
+    /// What was written (host name or address), for logs, SNI and `:authority` of probes.
+    pub address_text: String,
+    pub weight: u32,
+    pub health_check: HealthCheck,
+    /// `None`: HTTP/2 cleartext with prior knowledge (h2c).
+    pub tls: Option<BackendTls>,
+}
+
+/// TLS towards a backend (ALPN h2).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendTls {
+    /// SNI and the name the certificate must carry; defaults to the host part of `address`.
+    pub server_name: String,
+    /// Extra trust anchors (PEM); `None` = the system's roots.
+    pub ca: Option<PathBuf>,
+    /// Verification is on unless this is explicitly set to `false` (logged loudly).
+    pub verify: bool,
+}
+
+/// Active health checking of one backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub enabled: bool,
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+    /// Inclusive status ranges counted healthy (default 200..=399).
+    pub expected_status: Vec<(u16, u16)>,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logging.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Log {
+    /// A `tracing` filter directive such as `info` or `spooky=debug,info`.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+/// How XDP attaches when `--iface` is given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpMode {
+    Auto,
+    Native,
+    Generic,
+}
+
+/// Kernel steering settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Steering {
+    /// Where the BPF maps are pinned while running.
+    pub pin_path: PathBuf,
+    pub xdp_mode: XdpMode,
+}
+
+impl Config {
+    /// The upstream named `name`.
+    pub fn upstream(&self, name: &str) -> Option<&Upstream> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+
+    /// Loads and validates the file at `path` (see [`load`]).
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] when the file cannot be read, [`ConfigError::Invalid`] with every
+    /// problem found otherwise.
+    pub fn from_path(path: &Path) -> Result<Self, ConfigError> {
+        load(path)
+    }
+}

@@ -1,0 +1,71 @@
+//! `cargo xtask …`: the developer and operator tasks. Each task installs what it needs first
+//! (idempotently, see `setup`), so a fresh Debian 12 machine needs nothing but Rust and root.
+
+mod certs;
+mod ebpf;
+mod quickstart;
+mod setup;
+mod test;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(about = "Spooky's build, setup, demo and test tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install every prerequisite (apt packages, pinned nightly, bpf-linker, Python peers); skips what is there.
+    Setup,
+    /// Build the eBPF object (spooky-ebpf) that the spooky binary embeds.
+    BuildEbpf {
+        /// Build without optimisations (the verifier usually refuses such objects).
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Generate a self-signed demo CA and a certificate for localhost into DIR.
+    Certs {
+        #[arg(long, default_value = "target/certs")]
+        dir: PathBuf,
+    },
+    /// Run Spooky on config/config.yaml with two local HTTP/2 demo backends, and send one
+    /// HTTP/3 request through it.
+    Quickstart {
+        /// Keep running after the demo request (until Ctrl-C).
+        #[arg(long)]
+        serve: bool,
+    },
+    /// The whole test suite: fmt, clippy, unit and integration tests (root needed for eBPF).
+    Test {
+        /// Extra arguments for `cargo test`, after `--`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.task {
+        Task::Setup => setup::all(),
+        Task::BuildEbpf { debug } => {
+            setup::ebpf_toolchain()?;
+            let obj = ebpf::build(!debug)?;
+            println!("eBPF object: {}", obj.display());
+            Ok(())
+        }
+        Task::Certs { dir } => certs::generate(&dir).map(|_| ()),
+        Task::Quickstart { serve } => quickstart::run(serve),
+        Task::Test { args } => test::run(&args),
+    }
+}
+
+/// The workspace root (this crate lives in `xtask/`).
+pub fn workspace_root() -> PathBuf {
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    here.parent().map(PathBuf::from).unwrap_or(here)
+}
