@@ -1,1 +1,355 @@
-//! (being written)
+//! Loading the kernel programs (`spooky-ebpf`, embedded at build time as [`OBJECT`]) with aya,
+//! writing their configuration maps, reading the per-CPU counters, and running the XDP program
+//! over a crafted packet with the kernel's `BPF_PROG_TEST_RUN` (no interface needed).
+//!
+//! Map names and layouts come from `spooky_common::maps`; attaching the programs to an
+//! interface or a reuseport group is the caller's business (see the steering tiers in
+//! `docs/architecture.md`). Needs root (CAP_BPF, CAP_NET_ADMIN for XDP test runs).
+
+use aya::{
+    maps::{xdp::XdpMapError, Array, CpuMap, MapData, MapError, PerCpuArray},
+    programs::{ProgramError, SkReuseport, Xdp},
+    Ebpf, EbpfLoader, TestRun, TestRunOptions,
+};
+use spooky_common::maps::{
+    Counter, SteeringConfig, WorkerEntry, CONFIG_MAP, COUNTER_COUNT, CPUS_MAP, REUSEPORT_PROGRAM,
+    STATS_MAP, WORKERS_MAP, WORKER_STATS_MAP, XDP_PROGRAM,
+};
+
+/// The object file `cargo xtask build-ebpf` produced, aligned to 8 bytes for the ELF parser.
+/// Empty when spooky was built before the object existed (see `build.rs`).
+pub static OBJECT: &[u8] = &ALIGNED_OBJECT.0;
+
+#[repr(C, align(8))]
+struct Aligned<Bytes: ?Sized>(Bytes);
+
+static ALIGNED_OBJECT: &Aligned<[u8]> = &Aligned(*include_bytes!(env!("SPOOKY_EBPF_OBJECT")));
+
+/// Room the XDP test run's output buffer has beyond the input (for programs that grow packets).
+const TEST_RUN_OUT_SLACK: usize = 256;
+
+/// Why loading or driving the kernel programs failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    /// Spooky was built without the kernel object.
+    #[error(
+        "spooky was built without its eBPF object: run `cargo xtask build-ebpf`, then rebuild spooky"
+    )]
+    ObjectMissing,
+    /// Parsing the object or creating its maps failed (typically: not root / no CAP_BPF).
+    #[error("loading the eBPF object failed (root or CAP_BPF is needed): {0}")]
+    Load(#[source] aya::EbpfError),
+    /// The object has no program of that name.
+    #[error("the eBPF object has no program `{0}`")]
+    ProgramMissing(&'static str),
+    /// Loading (verifying) or running a program failed.
+    #[error("eBPF program `{name}`: {source}")]
+    Program {
+        /// Program name.
+        name: &'static str,
+        /// What aya reported (the verifier log for load failures).
+        #[source]
+        source: ProgramError,
+    },
+    /// The object has no map of that name.
+    #[error("the eBPF object has no map `{0}`")]
+    MapMissing(&'static str),
+    /// Reading or writing a map failed.
+    #[error("eBPF map `{name}`: {source}")]
+    Map {
+        /// Map name.
+        name: &'static str,
+        /// What aya reported.
+        #[source]
+        source: MapError,
+    },
+    /// Writing the CPU map failed.
+    #[error("eBPF map `{CPUS_MAP}`: {0}")]
+    CpuMap(#[source] XdpMapError),
+}
+
+/// An XDP verdict (`enum xdp_action`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpAction {
+    /// `XDP_ABORTED`: a program error.
+    Aborted,
+    /// `XDP_DROP`.
+    Drop,
+    /// `XDP_PASS`: up the stack.
+    Pass,
+    /// `XDP_TX`: back out of the same interface.
+    Tx,
+    /// `XDP_REDIRECT`: to another CPU, interface or socket.
+    Redirect,
+    /// A value outside `enum xdp_action`.
+    Other(u32),
+}
+
+impl From<u32> for XdpAction {
+    fn from(value: u32) -> Self {
+        match value {
+            0 => Self::Aborted,
+            1 => Self::Drop,
+            2 => Self::Pass,
+            3 => Self::Tx,
+            4 => Self::Redirect,
+            other => Self::Other(other),
+        }
+    }
+}
+
+/// What one `BPF_PROG_TEST_RUN` of the XDP program returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct XdpRun {
+    /// The program's verdict.
+    pub action: XdpAction,
+    /// The packet as the program left it.
+    pub packet: Vec<u8>,
+}
+
+/// A snapshot of the per-CPU `stats` counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    per_cpu: Vec<[u64; COUNTER_COUNT as usize]>,
+}
+
+impl Stats {
+    /// `counter` summed over all CPUs.
+    pub fn total(&self, counter: Counter) -> u64 {
+        self.per_cpu.iter().map(|cpu| cpu_value(cpu, counter)).sum()
+    }
+
+    /// `counter` on each possible CPU, in CPU order.
+    pub fn per_cpu(&self, counter: Counter) -> Vec<u64> {
+        self.per_cpu
+            .iter()
+            .map(|cpu| cpu_value(cpu, counter))
+            .collect()
+    }
+
+    /// Number of possible CPUs in the snapshot.
+    pub fn cpus(&self) -> usize {
+        self.per_cpu.len()
+    }
+
+    /// Every counter's total, in index order, named (for logs and `spooky status`).
+    pub fn totals(&self) -> Vec<(&'static str, u64)> {
+        Counter::ALL
+            .iter()
+            .map(|&c| (c.name(), self.total(c)))
+            .collect()
+    }
+}
+
+fn cpu_value(cpu: &[u64; COUNTER_COUNT as usize], counter: Counter) -> u64 {
+    cpu.get(counter.index() as usize).copied().unwrap_or(0)
+}
+
+/// The kernel programs, loaded (verified) but not attached, with their maps.
+pub struct EbpfPrograms {
+    ebpf: Ebpf,
+}
+
+impl std::fmt::Debug for EbpfPrograms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EbpfPrograms").finish_non_exhaustive()
+    }
+}
+
+impl EbpfPrograms {
+    /// Loads the embedded [`OBJECT`]: creates its maps and loads both programs into the
+    /// kernel (the verifier runs here). Nothing is attached.
+    ///
+    /// # Errors
+    /// [`EbpfError::ObjectMissing`] when spooky was built without the object; otherwise
+    /// whatever the kernel refused (missing privileges, verifier rejection).
+    pub fn load() -> Result<Self, EbpfError> {
+        Self::load_from(OBJECT)
+    }
+
+    /// [`Self::load`] for an object given as bytes.
+    ///
+    /// # Errors
+    /// As [`Self::load`].
+    pub fn load_from(object: &[u8]) -> Result<Self, EbpfError> {
+        if object.is_empty() {
+            return Err(EbpfError::ObjectMissing);
+        }
+        let ebpf = EbpfLoader::new().load(object).map_err(EbpfError::Load)?;
+        let mut programs = Self { ebpf };
+        programs
+            .xdp_mut()?
+            .load()
+            .map_err(|source| program_error(XDP_PROGRAM, source))?;
+        programs
+            .reuseport_mut()?
+            .load()
+            .map_err(|source| program_error(REUSEPORT_PROGRAM, source))?;
+        tracing::debug!(bytes = object.len(), "eBPF programs loaded");
+        Ok(programs)
+    }
+
+    /// The aya object, for attaching programs and pinning maps.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// The XDP program.
+    ///
+    /// # Errors
+    /// [`EbpfError::ProgramMissing`] / [`EbpfError::Program`] when the object lacks it.
+    pub fn xdp(&self) -> Result<&Xdp, EbpfError> {
+        let program = self
+            .ebpf
+            .program(XDP_PROGRAM)
+            .ok_or(EbpfError::ProgramMissing(XDP_PROGRAM))?;
+        program
+            .try_into()
+            .map_err(|source| program_error(XDP_PROGRAM, source))
+    }
+
+    /// The XDP program, mutably (to attach it).
+    ///
+    /// # Errors
+    /// As [`Self::xdp`].
+    pub fn xdp_mut(&mut self) -> Result<&mut Xdp, EbpfError> {
+        let program = self
+            .ebpf
+            .program_mut(XDP_PROGRAM)
+            .ok_or(EbpfError::ProgramMissing(XDP_PROGRAM))?;
+        program
+            .try_into()
+            .map_err(|source| program_error(XDP_PROGRAM, source))
+    }
+
+    /// The `sk_reuseport` program, mutably (to attach it to a reuseport group's socket).
+    ///
+    /// # Errors
+    /// [`EbpfError::ProgramMissing`] / [`EbpfError::Program`] when the object lacks it.
+    pub fn reuseport_mut(&mut self) -> Result<&mut SkReuseport, EbpfError> {
+        let program = self
+            .ebpf
+            .program_mut(REUSEPORT_PROGRAM)
+            .ok_or(EbpfError::ProgramMissing(REUSEPORT_PROGRAM))?;
+        program
+            .try_into()
+            .map_err(|source| program_error(REUSEPORT_PROGRAM, source))
+    }
+
+    /// Writes the steering configuration (`config[0]`).
+    ///
+    /// # Errors
+    /// [`EbpfError::Map`] / [`EbpfError::MapMissing`] when the map cannot be written.
+    pub fn set_config(&mut self, config: &SteeringConfig) -> Result<(), EbpfError> {
+        let mut map: Array<&mut MapData, SteeringConfig> = self.map_mut(CONFIG_MAP)?;
+        map.set(0, config, 0)
+            .map_err(|source| map_error(CONFIG_MAP, source))
+    }
+
+    /// Writes worker `index`'s entry (`workers[index]`).
+    ///
+    /// # Errors
+    /// [`EbpfError::Map`] when `index` is out of range or the write fails.
+    pub fn set_worker(&mut self, index: u32, entry: &WorkerEntry) -> Result<(), EbpfError> {
+        let mut map: Array<&mut MapData, WorkerEntry> = self.map_mut(WORKERS_MAP)?;
+        map.set(index, entry, 0)
+            .map_err(|source| map_error(WORKERS_MAP, source))
+    }
+
+    /// Enables `cpu` as an XDP redirect target with a queue of `queue_size` frames.
+    ///
+    /// # Errors
+    /// [`EbpfError::CpuMap`] when the kernel refuses the entry (CPU not possible, size 0).
+    pub fn enable_cpu(&mut self, cpu: u32, queue_size: u32) -> Result<(), EbpfError> {
+        let map = self
+            .ebpf
+            .map_mut(CPUS_MAP)
+            .ok_or(EbpfError::MapMissing(CPUS_MAP))?;
+        let mut cpus = CpuMap::try_from(map).map_err(|source| map_error(CPUS_MAP, source))?;
+        cpus.set(cpu, queue_size, None, 0)
+            .map_err(EbpfError::CpuMap)
+    }
+
+    /// The per-CPU `stats` counters.
+    ///
+    /// # Errors
+    /// [`EbpfError::Map`] when the map cannot be read.
+    pub fn stats(&self) -> Result<Stats, EbpfError> {
+        let map: PerCpuArray<&MapData, u64> = self.map(STATS_MAP)?;
+        let mut per_cpu: Vec<[u64; COUNTER_COUNT as usize]> = Vec::new();
+        for counter in Counter::ALL {
+            let values = map
+                .get(&counter.index(), 0)
+                .map_err(|source| map_error(STATS_MAP, source))?;
+            if per_cpu.len() < values.len() {
+                per_cpu.resize(values.len(), [0; COUNTER_COUNT as usize]);
+            }
+            for (cpu, value) in per_cpu.iter_mut().zip(values.iter()) {
+                if let Some(slot) = cpu.get_mut(counter.index() as usize) {
+                    *slot = *value;
+                }
+            }
+        }
+        Ok(Stats { per_cpu })
+    }
+
+    /// QUIC packets the XDP program placed on `worker`, summed over CPUs.
+    ///
+    /// # Errors
+    /// [`EbpfError::Map`] when `worker` is out of range or the map cannot be read.
+    pub fn worker_packets(&self, worker: u32) -> Result<u64, EbpfError> {
+        let map: PerCpuArray<&MapData, u64> = self.map(WORKER_STATS_MAP)?;
+        let values = map
+            .get(&worker, 0)
+            .map_err(|source| map_error(WORKER_STATS_MAP, source))?;
+        Ok(values.iter().sum())
+    }
+
+    /// Runs the XDP program once over `packet` (an Ethernet frame) with `BPF_PROG_TEST_RUN`,
+    /// returning its verdict and the packet as it left it. Counters and maps are the real
+    /// ones, so a run counts like a received packet.
+    ///
+    /// # Errors
+    /// [`EbpfError::Program`] when the kernel refuses the run (frame shorter than an
+    /// Ethernet header, missing privileges).
+    pub fn run_xdp(&self, packet: &[u8]) -> Result<XdpRun, EbpfError> {
+        let mut out = vec![0u8; packet.len() + TEST_RUN_OUT_SLACK];
+        let result = self
+            .xdp()?
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| program_error(XDP_PROGRAM, source))?;
+        out.truncate(result.data_size_out as usize);
+        Ok(XdpRun {
+            action: XdpAction::from(result.return_value),
+            packet: out,
+        })
+    }
+
+    fn map<'a, T>(&'a self, name: &'static str) -> Result<T, EbpfError>
+    where
+        T: TryFrom<&'a aya::maps::Map, Error = MapError>,
+    {
+        let map = self.ebpf.map(name).ok_or(EbpfError::MapMissing(name))?;
+        T::try_from(map).map_err(|source| map_error(name, source))
+    }
+
+    fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T, EbpfError>
+    where
+        T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
+    {
+        let map = self.ebpf.map_mut(name).ok_or(EbpfError::MapMissing(name))?;
+        T::try_from(map).map_err(|source| map_error(name, source))
+    }
+}
+
+fn program_error(name: &'static str, source: ProgramError) -> EbpfError {
+    EbpfError::Program { name, source }
+}
+
+fn map_error(name: &'static str, source: MapError) -> EbpfError {
+    EbpfError::Map { name, source }
+}

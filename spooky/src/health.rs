@@ -1,1 +1,808 @@
-//! (being written)
+//! Backend health: the per-backend state machine and latency statistics.
+//!
+//! [`BackendHealth`] is driven by events with the time passed in: active probe results
+//! ([`BackendHealth::on_probe`]), outcomes of real traffic ([`BackendHealth::on_traffic`],
+//! passive health) and timer polls ([`BackendHealth::poll`], due at
+//! [`BackendHealth::next_deadline`]). Every call that changes the state returns a
+//! [`Transition`] to log and to mirror into the `backends` BPF map.
+//!
+//! ```text
+//!            unhealthy_threshold failed probes
+//!   Healthy ─────────────────────────────────────► Unhealthy
+//!     ▲  │ ◄──────────── healthy_threshold ok probes ─┘  ▲
+//!     │  │ consecutive_failures failed requests           │ unhealthy_threshold failed probes
+//!     │  ▼                                                │
+//!     │ Ejected ──cooldown over──► Recovering ────────────┘
+//!     │    │ (active checks on)         │ healthy_threshold ok probes
+//!     └────┴────────────────────────────┘
+//!   (cooldown over, active checks off)
+//! ```
+//!
+//! Only `Healthy` backends are available. Traffic outcomes count only while `Healthy` (traffic
+//! reaching other states is `fail_open` traffic and does not move the machine); probes are
+//! ignored while `Ejected`. A threshold of 0 counts as 1; `consecutive_failures: 0` disables
+//! passive ejection.
+//!
+//! [`LatencyStats`] keeps the EWMA and a fixed-bucket histogram of request latency.
+//!
+//! What does not live here: sending probes, timers, the BPF map writes and `fail_open` (the
+//! caller's), and which backends a request may use ([`crate::lb`]).
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use crate::config;
+
+/// Health state of one backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HealthState {
+    /// Takes traffic.
+    Healthy,
+    /// Failed `unhealthy_threshold` probes in a row; needs `healthy_threshold` good probes.
+    Unhealthy,
+    /// Removed by passive health until its cooldown ends.
+    Ejected,
+    /// Cooldown over; needs `healthy_threshold` good probes before taking traffic again.
+    Recovering,
+}
+
+impl HealthState {
+    /// The value stored in the `backends` BPF map.
+    pub const fn as_u32(self) -> u32 {
+        match self {
+            HealthState::Healthy => 0,
+            HealthState::Unhealthy => 1,
+            HealthState::Ejected => 2,
+            HealthState::Recovering => 3,
+        }
+    }
+
+    /// The state stored as `value` in the `backends` BPF map.
+    pub const fn from_u32(value: u32) -> Option<HealthState> {
+        match value {
+            0 => Some(HealthState::Healthy),
+            1 => Some(HealthState::Unhealthy),
+            2 => Some(HealthState::Ejected),
+            3 => Some(HealthState::Recovering),
+            _ => None,
+        }
+    }
+
+    const fn name(self) -> &'static str {
+        match self {
+            HealthState::Healthy => "healthy",
+            HealthState::Unhealthy => "unhealthy",
+            HealthState::Ejected => "ejected",
+            HealthState::Recovering => "recovering",
+        }
+    }
+}
+
+impl fmt::Display for HealthState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How one proxied request to a backend ended, as passive health sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TrafficOutcome {
+    Success,
+    /// TCP/TLS/HTTP/2 connection could not be established.
+    ConnectFailure,
+    /// The backend answered 5xx (or reset the stream).
+    ServerError,
+    /// Connect, response-head or idle timeout.
+    Timeout,
+}
+
+impl fmt::Display for TrafficOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TrafficOutcome::Success => "success",
+            TrafficOutcome::ConnectFailure => "connect failure",
+            TrafficOutcome::ServerError => "server error",
+            TrafficOutcome::Timeout => "timeout",
+        })
+    }
+}
+
+/// Why a [`Transition`] happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// `count` active probes failed in a row.
+    ProbeFailures { count: u32 },
+    /// `count` active probes succeeded in a row.
+    ProbeSuccesses { count: u32 },
+    /// `count` requests failed in a row, the last one with `last`; ejected for `cooldown`.
+    PassiveEjection {
+        count: u32,
+        last: TrafficOutcome,
+        cooldown: Duration,
+    },
+    /// The ejection's cooldown ended.
+    CooldownExpired,
+}
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Cause::ProbeFailures { count } => write!(f, "{count} consecutive failed probes"),
+            Cause::ProbeSuccesses { count } => {
+                write!(f, "{count} consecutive successful probes")
+            }
+            Cause::PassiveEjection {
+                count,
+                last,
+                cooldown,
+            } => write!(
+                f,
+                "{count} consecutive failed requests (last: {last}), ejected for {cooldown:?}"
+            ),
+            Cause::CooldownExpired => f.write_str("ejection cooldown expired"),
+        }
+    }
+}
+
+/// A change of [`HealthState`]: `from` is the state before the call, `to` after it.
+///
+/// `from == to` only when an expired ejection is renewed by the same call (`Ejected` →
+/// `Ejected`: a new ejection with a new deadline).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transition {
+    pub from: HealthState,
+    pub to: HealthState,
+    pub cause: Cause,
+}
+
+impl fmt::Display for Transition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} -> {} ({})", self.from, self.to, self.cause)
+    }
+}
+
+/// The health state machine of one backend. See the module documentation.
+#[derive(Clone, Debug)]
+pub struct BackendHealth {
+    state: HealthState,
+    active: bool,
+    healthy_threshold: u32,
+    unhealthy_threshold: u32,
+    eject_after: u32,
+    cooldown: Duration,
+    probe_successes: u32,
+    probe_failures: u32,
+    traffic_failures: u32,
+    ejected_until: Option<Instant>,
+}
+
+impl BackendHealth {
+    /// A backend in the `Healthy` state (optimistic start: traffic flows before the first
+    /// probe returns).
+    pub fn new(check: &config::HealthCheck, passive: &config::PassiveHealth) -> Self {
+        BackendHealth {
+            state: HealthState::Healthy,
+            active: check.enabled,
+            healthy_threshold: check.healthy_threshold.max(1),
+            unhealthy_threshold: check.unhealthy_threshold.max(1),
+            eject_after: passive.consecutive_failures,
+            cooldown: passive.cooldown,
+            probe_successes: 0,
+            probe_failures: 0,
+            traffic_failures: 0,
+            ejected_until: None,
+        }
+    }
+
+    /// Current state.
+    pub fn state(&self) -> HealthState {
+        self.state
+    }
+
+    /// Whether the backend may take traffic (it is `Healthy`).
+    pub fn is_available(&self) -> bool {
+        self.state == HealthState::Healthy
+    }
+
+    /// The longer of the current failed-probe and failed-request streaks (what the `backends`
+    /// map shows).
+    pub fn consecutive_failures(&self) -> u32 {
+        self.probe_failures.max(self.traffic_failures)
+    }
+
+    /// When [`BackendHealth::poll`] has something to do: the end of the current ejection.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.ejected_until
+    }
+
+    /// Feeds one active probe result at `now`.
+    pub fn on_probe(&mut self, ok: bool, now: Instant) -> Option<Transition> {
+        let expired = self.poll(now);
+        let changed = self.probe(ok);
+        merge(expired, changed)
+    }
+
+    /// Feeds the outcome of one proxied request at `now` (passive health).
+    pub fn on_traffic(&mut self, outcome: TrafficOutcome, now: Instant) -> Option<Transition> {
+        let expired = self.poll(now);
+        let changed = self.traffic(outcome, now);
+        merge(expired, changed)
+    }
+
+    /// Ends an ejection whose cooldown is over at `now`: to `Recovering` when active checks
+    /// are enabled, else straight to `Healthy`.
+    pub fn poll(&mut self, now: Instant) -> Option<Transition> {
+        let until = self.ejected_until?;
+        if now < until {
+            return None;
+        }
+        self.ejected_until = None;
+        self.traffic_failures = 0;
+        self.probe_successes = 0;
+        self.probe_failures = 0;
+        let to = if self.active {
+            HealthState::Recovering
+        } else {
+            HealthState::Healthy
+        };
+        Some(self.enter(to, Cause::CooldownExpired))
+    }
+
+    fn probe(&mut self, ok: bool) -> Option<Transition> {
+        if self.state == HealthState::Ejected {
+            return None;
+        }
+        if ok {
+            self.probe_failures = 0;
+            self.probe_successes = self.probe_successes.saturating_add(1);
+            let count = self.probe_successes;
+            if self.state != HealthState::Healthy && count >= self.healthy_threshold {
+                self.traffic_failures = 0;
+                return Some(self.enter(HealthState::Healthy, Cause::ProbeSuccesses { count }));
+            }
+        } else {
+            self.probe_successes = 0;
+            self.probe_failures = self.probe_failures.saturating_add(1);
+            let count = self.probe_failures;
+            if self.state != HealthState::Unhealthy && count >= self.unhealthy_threshold {
+                return Some(self.enter(HealthState::Unhealthy, Cause::ProbeFailures { count }));
+            }
+        }
+        None
+    }
+
+    fn traffic(&mut self, outcome: TrafficOutcome, now: Instant) -> Option<Transition> {
+        if self.state != HealthState::Healthy {
+            return None;
+        }
+        if outcome == TrafficOutcome::Success {
+            self.traffic_failures = 0;
+            return None;
+        }
+        self.traffic_failures = self.traffic_failures.saturating_add(1);
+        let count = self.traffic_failures;
+        if self.eject_after == 0 || count < self.eject_after {
+            return None;
+        }
+        // A cooldown too long for `Instant` (not a real configuration) ends at the next poll.
+        self.ejected_until = Some(now.checked_add(self.cooldown).unwrap_or(now));
+        Some(self.enter(
+            HealthState::Ejected,
+            Cause::PassiveEjection {
+                count,
+                last: outcome,
+                cooldown: self.cooldown,
+            },
+        ))
+    }
+
+    fn enter(&mut self, to: HealthState, cause: Cause) -> Transition {
+        let from = self.state;
+        self.state = to;
+        if to != HealthState::Healthy {
+            // A streak of good probes only counts from the new state on.
+            self.probe_successes = 0;
+        }
+        if to == HealthState::Healthy || to == HealthState::Recovering {
+            self.probe_failures = 0;
+        }
+        Transition { from, to, cause }
+    }
+}
+
+/// One transition for a call that may have expired an ejection and then changed state again.
+fn merge(first: Option<Transition>, second: Option<Transition>) -> Option<Transition> {
+    match (first, second) {
+        (Some(a), Some(b)) => Some(Transition {
+            from: a.from,
+            to: b.to,
+            cause: b.cause,
+        }),
+        (a, b) => b.or(a),
+    }
+}
+
+/// Upper bounds (µs, inclusive) of the latency histogram buckets; a last `+Inf` bucket follows.
+/// Prometheus' default buckets (5 ms … 10 s) with 0.5, 1 and 2.5 ms added for a fast LAN.
+pub const LATENCY_BUCKETS_US: [u64; 14] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000, 5_000_000, 10_000_000,
+];
+
+/// Weight of the newest sample in the EWMA.
+pub const EWMA_ALPHA: f64 = 0.2;
+
+/// One cumulative histogram bucket, as Prometheus exposes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bucket {
+    /// Inclusive upper bound in µs; `None` is `+Inf`.
+    pub le_us: Option<u64>,
+    /// Samples at or below `le_us` (cumulative).
+    pub cumulative: u64,
+}
+
+/// Request latency of one backend: last sample, EWMA (α = [`EWMA_ALPHA`]; the first sample
+/// seeds it) and a histogram over [`LATENCY_BUCKETS_US`].
+#[derive(Clone, Debug, Default)]
+pub struct LatencyStats {
+    last_us: u64,
+    ewma_us: f64,
+    count: u64,
+    sum_us: u64,
+    /// Per-bucket (not cumulative) counts; the last is `+Inf`.
+    counts: [u64; LATENCY_BUCKETS_US.len() + 1],
+}
+
+impl LatencyStats {
+    /// Empty statistics.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one sample.
+    pub fn record(&mut self, latency: Duration) {
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.last_us = us;
+        self.ewma_us = if self.count == 0 {
+            us as f64
+        } else {
+            self.ewma_us + EWMA_ALPHA * (us as f64 - self.ewma_us)
+        };
+        self.count = self.count.saturating_add(1);
+        self.sum_us = self.sum_us.saturating_add(us);
+        let bucket = LATENCY_BUCKETS_US.partition_point(|&le| le < us);
+        if let Some(c) = self.counts.get_mut(bucket) {
+            *c = c.saturating_add(1);
+        }
+    }
+
+    /// The exponentially weighted moving average in µs (0 before the first sample).
+    pub fn ewma_us(&self) -> u64 {
+        self.ewma_us.round() as u64
+    }
+
+    /// The latest sample in µs (0 before the first sample).
+    pub fn last_us(&self) -> u64 {
+        self.last_us
+    }
+
+    /// Number of samples (the histogram's `_count`).
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Sum of all samples in µs (the histogram's `_sum`).
+    pub fn sum_us(&self) -> u64 {
+        self.sum_us
+    }
+
+    /// The cumulative buckets, in increasing bound order, ending with `+Inf` (= `count`).
+    pub fn buckets(&self) -> impl Iterator<Item = Bucket> + '_ {
+        let bounds = LATENCY_BUCKETS_US.iter().map(|&b| Some(b)).chain([None]);
+        bounds
+            .zip(self.counts.iter())
+            .scan(0u64, |acc, (le_us, &n)| {
+                *acc = acc.saturating_add(n);
+                Some(Bucket {
+                    le_us,
+                    cumulative: *acc,
+                })
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use HealthState::{Ejected, Healthy, Recovering, Unhealthy};
+
+    fn check(enabled: bool) -> config::HealthCheck {
+        config::HealthCheck {
+            enabled,
+            path: "/healthz".into(),
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(1),
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+            expected_status: vec![(200, 399)],
+        }
+    }
+
+    fn passive(consecutive_failures: u32) -> config::PassiveHealth {
+        config::PassiveHealth {
+            consecutive_failures,
+            cooldown: Duration::from_secs(30),
+        }
+    }
+
+    fn at(t0: Instant, secs: u64) -> Instant {
+        t0 + Duration::from_secs(secs)
+    }
+
+    fn tr(from: HealthState, to: HealthState, cause: Cause) -> Option<Transition> {
+        Some(Transition { from, to, cause })
+    }
+
+    #[test]
+    fn starts_healthy() {
+        let h = BackendHealth::new(&check(true), &passive(5));
+        assert_eq!(h.state(), Healthy);
+        assert!(h.is_available());
+        assert_eq!(h.consecutive_failures(), 0);
+        assert_eq!(h.next_deadline(), None);
+    }
+
+    #[test]
+    fn probes_take_a_backend_down_and_up() {
+        let t0 = Instant::now();
+        let mut h = BackendHealth::new(&check(true), &passive(5));
+        assert_eq!(h.on_probe(false, at(t0, 0)), None);
+        assert_eq!(h.on_probe(false, at(t0, 5)), None);
+        assert_eq!(h.consecutive_failures(), 2);
+        // A success in between restarts the count.
+        assert_eq!(h.on_probe(true, at(t0, 10)), None);
+        assert_eq!(h.consecutive_failures(), 0);
+        assert_eq!(h.on_probe(false, at(t0, 15)), None);
+        assert_eq!(h.on_probe(false, at(t0, 20)), None);
+        assert_eq!(
+            h.on_probe(false, at(t0, 25)),
+            tr(Healthy, Unhealthy, Cause::ProbeFailures { count: 3 })
+        );
+        assert!(!h.is_available());
+        assert_eq!(h.on_probe(false, at(t0, 30)), None);
+        assert_eq!(h.consecutive_failures(), 4);
+        assert_eq!(h.on_probe(true, at(t0, 35)), None);
+        assert_eq!(h.on_probe(false, at(t0, 40)), None);
+        assert_eq!(h.on_probe(true, at(t0, 45)), None);
+        assert_eq!(
+            h.on_probe(true, at(t0, 50)),
+            tr(Unhealthy, Healthy, Cause::ProbeSuccesses { count: 2 })
+        );
+        assert!(h.is_available());
+        assert_eq!(h.on_probe(true, at(t0, 55)), None);
+    }
+
+    #[test]
+    fn passive_ejection_then_recovery_by_probes() {
+        let t0 = Instant::now();
+        let mut h = BackendHealth::new(&check(true), &passive(3));
+        assert_eq!(h.on_traffic(TrafficOutcome::ServerError, at(t0, 0)), None);
+        assert_eq!(h.on_traffic(TrafficOutcome::Timeout, at(t0, 0)), None);
+        assert_eq!(h.on_traffic(TrafficOutcome::Success, at(t0, 1)), None);
+        assert_eq!(h.consecutive_failures(), 0);
+        assert_eq!(h.on_traffic(TrafficOutcome::ServerError, at(t0, 2)), None);
+        assert_eq!(h.on_traffic(TrafficOutcome::Timeout, at(t0, 2)), None);
+        let ejected = h.on_traffic(TrafficOutcome::ConnectFailure, at(t0, 3));
+        assert_eq!(
+            ejected,
+            tr(
+                Healthy,
+                Ejected,
+                Cause::PassiveEjection {
+                    count: 3,
+                    last: TrafficOutcome::ConnectFailure,
+                    cooldown: Duration::from_secs(30),
+                }
+            )
+        );
+        assert_eq!(h.consecutive_failures(), 3);
+        assert!(!h.is_available());
+        assert_eq!(h.next_deadline(), Some(at(t0, 33)));
+        // Probes and traffic during the ejection change nothing.
+        assert_eq!(h.on_probe(true, at(t0, 10)), None);
+        assert_eq!(h.on_probe(true, at(t0, 15)), None);
+        assert_eq!(h.on_traffic(TrafficOutcome::Success, at(t0, 16)), None);
+        assert_eq!(h.poll(at(t0, 32)), None);
+        assert_eq!(h.state(), Ejected);
+        // Cooldown over: recovering, still unavailable.
+        assert_eq!(
+            h.poll(at(t0, 33)),
+            tr(Ejected, Recovering, Cause::CooldownExpired)
+        );
+        assert_eq!(h.poll(at(t0, 34)), None);
+        assert_eq!(h.next_deadline(), None);
+        assert_eq!(h.consecutive_failures(), 0);
+        assert!(!h.is_available());
+        assert_eq!(h.on_probe(true, at(t0, 35)), None);
+        assert_eq!(
+            h.on_probe(true, at(t0, 40)),
+            tr(Recovering, Healthy, Cause::ProbeSuccesses { count: 2 })
+        );
+        assert!(h.is_available());
+    }
+
+    #[test]
+    fn recovering_backend_that_keeps_failing_probes_becomes_unhealthy() {
+        let t0 = Instant::now();
+        let mut h = BackendHealth::new(&check(true), &passive(1));
+        assert!(h.on_traffic(TrafficOutcome::Timeout, at(t0, 0)).is_some());
+        assert!(h.poll(at(t0, 30)).is_some());
+        assert_eq!(h.on_probe(true, at(t0, 31)), None);
+        assert_eq!(h.on_probe(false, at(t0, 32)), None);
+        assert_eq!(h.on_probe(true, at(t0, 33)), None); // streak restarted by the failure
+        assert_eq!(h.on_probe(false, at(t0, 34)), None);
+        assert_eq!(h.on_probe(false, at(t0, 35)), None);
+        assert_eq!(
+            h.on_probe(false, at(t0, 36)),
+            tr(Recovering, Unhealthy, Cause::ProbeFailures { count: 3 })
+        );
+        assert_eq!(h.on_probe(true, at(t0, 37)), None);
+        assert_eq!(
+            h.on_probe(true, at(t0, 38)),
+            tr(Unhealthy, Healthy, Cause::ProbeSuccesses { count: 2 })
+        );
+    }
+
+    #[test]
+    fn without_active_checks_cooldown_returns_to_healthy() {
+        let t0 = Instant::now();
+        let mut h = BackendHealth::new(&check(false), &passive(2));
+        assert_eq!(h.on_traffic(TrafficOutcome::ServerError, at(t0, 0)), None);
+        assert_eq!(
+            h.on_traffic(TrafficOutcome::ServerError, at(t0, 1)),
+            tr(
+                Healthy,
+                Ejected,
+                Cause::PassiveEjection {
+                    count: 2,
+                    last: TrafficOutcome::ServerError,
+                    cooldown: Duration::from_secs(30),
+                }
+            )
+        );
+        assert_eq!(h.poll(at(t0, 30)), None);
+        assert_eq!(
+            h.poll(at(t0, 31)),
+            tr(Ejected, Healthy, Cause::CooldownExpired)
+        );
+        assert!(h.is_available());
+        // The failure count starts over after the cooldown.
+        assert_eq!(h.on_traffic(TrafficOutcome::ServerError, at(t0, 32)), None);
+    }
+
+    #[test]
+    fn events_after_an_unpolled_cooldown_expire_it_first() {
+        let t0 = Instant::now();
+        // Active on, healthy_threshold 1: the first probe after expiry heals.
+        let mut c = check(true);
+        c.healthy_threshold = 1;
+        let mut h = BackendHealth::new(&c, &passive(1));
+        assert!(h.on_traffic(TrafficOutcome::Timeout, at(t0, 0)).is_some());
+        assert_eq!(
+            h.on_probe(true, at(t0, 40)),
+            tr(Ejected, Healthy, Cause::ProbeSuccesses { count: 1 })
+        );
+        // A probe that does not heal still reports the expiry.
+        let mut h = BackendHealth::new(&check(true), &passive(1));
+        assert!(h.on_traffic(TrafficOutcome::Timeout, at(t0, 0)).is_some());
+        assert_eq!(
+            h.on_probe(true, at(t0, 40)),
+            tr(Ejected, Recovering, Cause::CooldownExpired)
+        );
+        // Active off, threshold 1: a failure right after expiry is a renewed ejection.
+        let mut h = BackendHealth::new(&check(false), &passive(1));
+        assert!(h.on_traffic(TrafficOutcome::Timeout, at(t0, 0)).is_some());
+        let renewed = h
+            .on_traffic(TrafficOutcome::ServerError, at(t0, 30))
+            .unwrap();
+        assert_eq!((renewed.from, renewed.to), (Ejected, Ejected));
+        assert_eq!(h.next_deadline(), Some(at(t0, 60)));
+        // A success right after expiry reports just the expiry.
+        assert_eq!(
+            h.on_traffic(TrafficOutcome::Success, at(t0, 60)),
+            tr(Ejected, Healthy, Cause::CooldownExpired)
+        );
+    }
+
+    #[test]
+    fn traffic_outside_healthy_and_disabled_passive_do_nothing() {
+        let t0 = Instant::now();
+        let mut h = BackendHealth::new(&check(true), &passive(0));
+        for s in 0..100 {
+            assert_eq!(
+                h.on_traffic(TrafficOutcome::ConnectFailure, at(t0, s)),
+                None
+            );
+        }
+        assert_eq!(h.state(), Healthy);
+        let mut h = BackendHealth::new(&check(true), &passive(1));
+        for s in 0..3 {
+            h.on_probe(false, at(t0, s));
+        }
+        assert_eq!(h.state(), Unhealthy);
+        // fail_open traffic to an unhealthy backend neither ejects nor heals it.
+        assert_eq!(h.on_traffic(TrafficOutcome::Timeout, at(t0, 4)), None);
+        assert_eq!(h.on_traffic(TrafficOutcome::Success, at(t0, 5)), None);
+        assert_eq!(h.state(), Unhealthy);
+    }
+
+    #[test]
+    fn zero_thresholds_count_as_one() {
+        let t0 = Instant::now();
+        let mut c = check(true);
+        c.healthy_threshold = 0;
+        c.unhealthy_threshold = 0;
+        let mut h = BackendHealth::new(&c, &passive(5));
+        assert_eq!(
+            h.on_probe(false, t0),
+            tr(Healthy, Unhealthy, Cause::ProbeFailures { count: 1 })
+        );
+        assert_eq!(
+            h.on_probe(true, t0),
+            tr(Unhealthy, Healthy, Cause::ProbeSuccesses { count: 1 })
+        );
+    }
+
+    #[test]
+    fn display_and_map_values() {
+        let t = Transition {
+            from: Healthy,
+            to: Ejected,
+            cause: Cause::PassiveEjection {
+                count: 5,
+                last: TrafficOutcome::ConnectFailure,
+                cooldown: Duration::from_secs(30),
+            },
+        };
+        assert_eq!(
+            t.to_string(),
+            "healthy -> ejected (5 consecutive failed requests (last: connect failure), ejected for 30s)"
+        );
+        let t = Transition {
+            from: Unhealthy,
+            to: Healthy,
+            cause: Cause::ProbeSuccesses { count: 2 },
+        };
+        assert_eq!(
+            t.to_string(),
+            "unhealthy -> healthy (2 consecutive successful probes)"
+        );
+        let t = Transition {
+            from: Healthy,
+            to: Unhealthy,
+            cause: Cause::ProbeFailures { count: 3 },
+        };
+        assert_eq!(
+            t.to_string(),
+            "healthy -> unhealthy (3 consecutive failed probes)"
+        );
+        let t = Transition {
+            from: Ejected,
+            to: Recovering,
+            cause: Cause::CooldownExpired,
+        };
+        assert_eq!(
+            t.to_string(),
+            "ejected -> recovering (ejection cooldown expired)"
+        );
+        for s in [Healthy, Unhealthy, Ejected, Recovering] {
+            assert_eq!(HealthState::from_u32(s.as_u32()), Some(s));
+        }
+        assert_eq!(Healthy.as_u32(), 0);
+        assert_eq!(HealthState::from_u32(4), None);
+    }
+
+    #[test]
+    fn latency_ewma_and_histogram() {
+        let mut l = LatencyStats::new();
+        assert_eq!((l.ewma_us(), l.last_us(), l.count()), (0, 0, 0));
+        l.record(Duration::from_micros(1_000));
+        assert_eq!(l.ewma_us(), 1_000);
+        l.record(Duration::from_micros(2_000)); // 1000 + 0.2 × 1000
+        assert_eq!(l.ewma_us(), 1_200);
+        l.record(Duration::from_micros(200)); // 1200 − 0.2 × 1000
+        assert_eq!(l.ewma_us(), 1_000);
+        assert_eq!(l.last_us(), 200);
+        l.record(Duration::from_micros(500)); // on the bound: counted in `le=500`
+        l.record(Duration::from_secs(60)); // `+Inf`
+        l.record(Duration::MAX); // saturates
+        assert_eq!(l.count(), 6);
+        assert_eq!(l.sum_us(), u64::MAX);
+        let b: Vec<Bucket> = l.buckets().collect();
+        assert_eq!(b.len(), LATENCY_BUCKETS_US.len() + 1);
+        assert_eq!(
+            b[0],
+            Bucket {
+                le_us: Some(500),
+                cumulative: 2
+            }
+        );
+        assert_eq!(
+            b[1],
+            Bucket {
+                le_us: Some(1_000),
+                cumulative: 3
+            }
+        );
+        assert_eq!(
+            b[2],
+            Bucket {
+                le_us: Some(2_500),
+                cumulative: 4
+            }
+        );
+        assert_eq!(
+            b[13],
+            Bucket {
+                le_us: Some(10_000_000),
+                cumulative: 4
+            }
+        );
+        assert_eq!(
+            b[14],
+            Bucket {
+                le_us: None,
+                cumulative: 6
+            }
+        );
+        assert!(b.windows(2).all(|w| w[0].cumulative <= w[1].cumulative));
+    }
+
+    /// Property: over random event sequences the invariants hold.
+    #[test]
+    fn random_event_sequences_keep_invariants() {
+        let mut seed = 99u64;
+        let mut next = move || {
+            seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = seed;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        let t0 = Instant::now();
+        for active in [true, false] {
+            let mut h = BackendHealth::new(&check(active), &passive(3));
+            let mut now = t0;
+            for _ in 0..20_000 {
+                now += Duration::from_millis(next() % 4_000);
+                let before = h.state();
+                let t = match next() % 3 {
+                    0 if active => h.on_probe(next() % 2 == 0, now),
+                    0 | 1 => h.on_traffic(
+                        [
+                            TrafficOutcome::Success,
+                            TrafficOutcome::ConnectFailure,
+                            TrafficOutcome::ServerError,
+                            TrafficOutcome::Timeout,
+                        ][(next() % 4) as usize],
+                        now,
+                    ),
+                    _ => h.poll(now),
+                };
+                match t {
+                    Some(t) => {
+                        assert_eq!(t.from, before);
+                        assert_eq!(t.to, h.state());
+                        assert!(t.from != t.to || t.to == Ejected, "{t}");
+                    }
+                    None => assert_eq!(h.state(), before),
+                }
+                assert_eq!(h.is_available(), h.state() == Healthy);
+                assert_eq!(h.next_deadline().is_some(), h.state() == Ejected);
+                if !active {
+                    assert!(matches!(h.state(), Healthy | Ejected));
+                }
+            }
+        }
+    }
+}

@@ -2,12 +2,25 @@
 //!
 //! Sans-IO cores (no sockets, clocks or runtimes inside): [`config`] validation, [`bridge`]
 //! (HTTP/3 request validation and HTTP/3 → HTTP/2 header conversion), [`routing`], [`lb`],
-//! [`health`] state machines. I/O glue: [`worker`] (one QUIC event loop per CPU), [`upstream`]
-//! (HTTP/2 connection pools), [`steering`] (reuseport programs), [`ebpf`] (loading the kernel
-//! object), [`server`] (starting and stopping it all), [`telemetry`] (logging).
+//! [`health`] state machines, the CID layout (in `spooky-common`). I/O glue: [`worker`] (one
+//! QUIC event loop per CPU), [`proxy`] (one task per request), [`upstream`] (HTTP/2
+//! connection pools), [`health_board`] (published health, probers), [`steering`] (reuseport
+//! programs), [`ebpf`] (the kernel object), [`server`] (starting and stopping it all),
+//! [`telemetry`] (logging). Test peers: [`demo`] (an HTTP/2 backend), [`client`] (an HTTP/3
+//! client on quiche).
 
+pub mod bridge;
+pub mod client;
 pub mod config;
+pub mod demo;
 pub mod ebpf;
 pub mod health;
+pub mod health_board;
 pub mod lb;
+pub mod proxy;
 pub mod routing;
+pub mod server;
+pub mod steering;
+pub mod telemetry;
+pub mod upstream;
+pub mod worker;

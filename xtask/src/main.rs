@@ -30,15 +30,15 @@ enum Task {
     },
     /// Generate a self-signed demo CA and a certificate for localhost into DIR.
     Certs {
-        #[arg(long, default_value = "target/certs")]
+        #[arg(long, default_value = "config/certs")]
         dir: PathBuf,
     },
     /// Run Spooky on config/config.yaml with two local HTTP/2 demo backends, and send one
     /// HTTP/3 request through it.
     Quickstart {
-        /// Keep running after the demo request (until Ctrl-C).
+        /// Stop right after the demo request instead of serving until Ctrl-C.
         #[arg(long)]
-        serve: bool,
+        once: bool,
     },
     /// The whole test suite: fmt, clippy, unit and integration tests (root needed for eBPF).
     Test {
@@ -59,9 +59,16 @@ fn main() -> Result<()> {
             Ok(())
         }
         Task::Certs { dir } => certs::generate(&dir).map(|_| ()),
-        Task::Quickstart { serve } => quickstart::run(serve),
+        Task::Quickstart { once } => quickstart::run(once),
         Task::Test { args } => test::run(&args),
     }
+}
+
+/// Whether this process runs as root (uid 0), read from /proc without any unsafe code.
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false)
 }
 
 /// The workspace root (this crate lives in `xtask/`).

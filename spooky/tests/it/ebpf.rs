@@ -1,1 +1,910 @@
-//! (being written)
+//! The kernel programs, exercised in the kernel: the embedded object loads (the verifier
+//! accepts both programs), and table tests in the katran style run crafted Ethernet / IPv4 /
+//! IPv6 / UDP / QUIC packets through `spooky_xdp` with `BPF_PROG_TEST_RUN` and check the
+//! verdict, the unchanged packet and every per-CPU counter's delta.
+//!
+//! These tests need root (CAP_BPF, CAP_NET_ADMIN) and the object from `cargo xtask
+//! build-ebpf`; without either they fail with the reason.
+
+// Test helpers outside `#[test]` functions fail loudly too (clippy.toml only exempts the
+// test functions themselves).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use spooky::ebpf::{EbpfPrograms, Stats, XdpAction, OBJECT};
+use spooky_common::cid::{steer, CidLayout};
+use spooky_common::maps::{
+    Counter, SteeringConfig, WorkerEntry, CONFIG_MAP, CPUS_MAP, FLAG_REDIRECT_CPU, MAX_WORKERS,
+    SOCKETS_MAP, STATS_MAP, WORKERS_MAP, WORKER_STATS_MAP,
+};
+
+const QUIC_PORT: u16 = 4433;
+const CID_LEN: u8 = 16;
+const SERVER_ID_LEN: u8 = 2;
+const GENERATION: u8 = 1;
+const WORKERS: u32 = 4;
+
+const QUIC_V1: u32 = 1;
+const QUIC_V2: u32 = 0x6b33_43cf;
+
+fn layout() -> CidLayout {
+    CidLayout::new(CID_LEN, SERVER_ID_LEN, GENERATION).expect("test layout is valid")
+}
+
+fn config(flags: u32) -> SteeringConfig {
+    SteeringConfig {
+        quic_port: QUIC_PORT,
+        cid_len: CID_LEN,
+        server_id_len: SERVER_ID_LEN,
+        generation: GENERATION,
+        reserved: [0; 3],
+        workers: WORKERS,
+        flags,
+    }
+}
+
+/// Loads the embedded object, or fails the test saying why.
+fn load() -> EbpfPrograms {
+    assert!(
+        !OBJECT.is_empty(),
+        "spooky was built without the eBPF object: run `cargo xtask build-ebpf` before the tests"
+    );
+    EbpfPrograms::load().unwrap_or_else(|e| {
+        panic!(
+            "loading the eBPF programs failed; these tests need root (CAP_BPF + CAP_NET_ADMIN) \
+             on a kernel with BTF: {e} ({e:?})"
+        )
+    })
+}
+
+/// Loads the programs and writes the test configuration (4 live workers on CPU 0).
+fn load_configured(flags: u32) -> EbpfPrograms {
+    let mut programs = load();
+    programs.set_config(&config(flags)).expect("write config");
+    for worker in 0..WORKERS {
+        programs
+            .set_worker(
+                worker,
+                &WorkerEntry {
+                    cpu: 0,
+                    alive: 1,
+                    generation: GENERATION.into(),
+                },
+            )
+            .expect("write worker");
+    }
+    programs
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packet builders (Ethernet / VLAN / IPv4 / IPv6 / UDP / QUIC), all big-endian on the wire.
+
+const ETH_IPV4: u16 = 0x0800;
+const ETH_IPV6: u16 = 0x86dd;
+const ETH_ARP: u16 = 0x0806;
+const ETH_8021Q: u16 = 0x8100;
+const ETH_8021AD: u16 = 0x88a8;
+const PROTO_UDP: u8 = 17;
+const PROTO_TCP: u8 = 6;
+const IPV6_HOP_BY_HOP: u8 = 0;
+
+fn eth(ether_type: u16, payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01];
+    frame.extend_from_slice(&ether_type.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// Ethernet with VLAN tags (outer first) before `ether_type`.
+fn eth_vlan(tags: &[u16], ether_type: u16, payload: &[u8]) -> Vec<u8> {
+    let mut inner = Vec::new();
+    for (i, tpid) in tags.iter().enumerate() {
+        if i > 0 {
+            inner.extend_from_slice(&tpid.to_be_bytes());
+        }
+        inner.extend_from_slice(&(100u16 + i as u16).to_be_bytes()); // TCI: VLAN id
+    }
+    inner.extend_from_slice(&ether_type.to_be_bytes());
+    inner.extend_from_slice(payload);
+    eth(tags[0], &inner)
+}
+
+/// IPv4 with `options` bytes of NOP options (a multiple of 4) and the fragment field `frag`.
+fn ipv4_full(protocol: u8, options: usize, frag: u16, payload: &[u8]) -> Vec<u8> {
+    assert_eq!(options % 4, 0);
+    let ihl = 20 + options;
+    let total = (ihl + payload.len()) as u16;
+    let mut p = vec![0x40 | (ihl / 4) as u8, 0];
+    p.extend_from_slice(&total.to_be_bytes());
+    p.extend_from_slice(&[0, 1]); // id
+    p.extend_from_slice(&frag.to_be_bytes());
+    p.extend_from_slice(&[64, protocol, 0, 0]); // ttl, protocol, checksum (not checked)
+    p.extend_from_slice(&[192, 0, 2, 1, 192, 0, 2, 2]);
+    p.extend(std::iter::repeat_n(1u8, options)); // NOP options
+    p.extend_from_slice(payload);
+    p
+}
+
+fn ipv4(protocol: u8, payload: &[u8]) -> Vec<u8> {
+    ipv4_full(protocol, 0, 0, payload)
+}
+
+fn ipv6(next_header: u8, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x60, 0, 0, 0];
+    p.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    p.extend_from_slice(&[next_header, 64]);
+    let mut src = [0u8; 16];
+    src[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
+    let mut dst = src;
+    src[15] = 1;
+    dst[15] = 2;
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(payload);
+    p
+}
+
+/// UDP with a length field of `len` (normally 8 + payload).
+fn udp_len(dst_port: u16, len: u16, payload: &[u8]) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&50_000u16.to_be_bytes());
+    p.extend_from_slice(&dst_port.to_be_bytes());
+    p.extend_from_slice(&len.to_be_bytes());
+    p.extend_from_slice(&[0, 0]); // checksum 0: none (IPv4); not checked by XDP (IPv6)
+    p.extend_from_slice(payload);
+    p
+}
+
+fn udp(dst_port: u16, payload: &[u8]) -> Vec<u8> {
+    udp_len(dst_port, (8 + payload.len()) as u16, payload)
+}
+
+fn udp4(payload: &[u8]) -> Vec<u8> {
+    eth(ETH_IPV4, &ipv4(PROTO_UDP, &udp(QUIC_PORT, payload)))
+}
+
+fn udp6(payload: &[u8]) -> Vec<u8> {
+    eth(ETH_IPV6, &ipv6(PROTO_UDP, &udp(QUIC_PORT, payload)))
+}
+
+/// One of our connection IDs naming `worker`.
+fn our_cid(worker: u8) -> Vec<u8> {
+    let mut cid = vec![0u8; CID_LEN as usize];
+    let written = layout().write(&[0xab, 0xcd], worker, &[0x5a; 20], &mut cid);
+    assert_eq!(written, CID_LEN as usize);
+    cid
+}
+
+/// A short-header packet (fixed bit set unless `first` says otherwise) with `dcid`.
+fn short_header(first: u8, dcid: &[u8]) -> Vec<u8> {
+    let mut p = vec![first];
+    p.extend_from_slice(dcid);
+    p.extend_from_slice(&[0x77; 24]); // packet number + protected payload
+    p
+}
+
+/// A long-header packet of `version` with type bits `type_bits` (already shifted), padded
+/// with zeros to `total` bytes of UDP payload.
+fn long_header(version: u32, type_bits: u8, dcid: &[u8], total: usize) -> Vec<u8> {
+    let mut p = vec![0xc0 | type_bits | 0x03];
+    p.extend_from_slice(&version.to_be_bytes());
+    p.push(dcid.len() as u8);
+    p.extend_from_slice(dcid);
+    p.push(8); // SCID length
+    p.extend_from_slice(&[0x11; 8]);
+    if p.len() < total {
+        p.resize(total, 0);
+    }
+    p
+}
+
+fn initial_v1(dcid: &[u8], total: usize) -> Vec<u8> {
+    long_header(QUIC_V1, 0x00, dcid, total)
+}
+
+const CLIENT_DCID: [u8; 8] = [0x83, 0x94, 0xc8, 0xf0, 0x3e, 0x51, 0x57, 0x08];
+
+// ---------------------------------------------------------------------------------------------
+// The table runner.
+
+/// One row: a packet in, the verdict and counter deltas out.
+struct Case {
+    name: &'static str,
+    packet: Vec<u8>,
+    action: XdpAction,
+    /// Counters expected to go up by exactly one besides `Packets` (all others stay put).
+    counters: &'static [Counter],
+    /// The worker the packet must be counted for, if it is steered.
+    worker: Option<u32>,
+}
+
+fn snapshot(programs: &EbpfPrograms) -> (Stats, Vec<u64>) {
+    let stats = programs.stats().expect("read stats");
+    let workers = (0..WORKERS)
+        .map(|w| programs.worker_packets(w).expect("read worker_stats"))
+        .collect();
+    (stats, workers)
+}
+
+/// Runs every case through `programs` and checks verdict, output packet and counters.
+fn run_table(programs: &EbpfPrograms, cases: &[Case]) {
+    let mut failures = Vec::new();
+    for case in cases {
+        let (before, workers_before) = snapshot(programs);
+        let run = programs
+            .run_xdp(&case.packet)
+            .unwrap_or_else(|e| panic!("{}: BPF_PROG_TEST_RUN failed: {e} ({e:?})", case.name));
+        let (after, workers_after) = snapshot(programs);
+        if run.action != case.action {
+            failures.push(format!(
+                "{}: action {:?}, want {:?}",
+                case.name, run.action, case.action
+            ));
+        }
+        if run.packet != case.packet {
+            failures.push(format!("{}: the program changed the packet", case.name));
+        }
+        for counter in Counter::ALL {
+            let want = u64::from(counter == Counter::Packets || case.counters.contains(&counter));
+            let got = after.total(counter) - before.total(counter);
+            if got != want {
+                failures.push(format!(
+                    "{}: {} went up by {got}, want {want}",
+                    case.name,
+                    counter.name()
+                ));
+            }
+        }
+        for worker in 0..WORKERS {
+            let want = u64::from(case.worker == Some(worker));
+            let got = workers_after[worker as usize] - workers_before[worker as usize];
+            if got != want {
+                failures.push(format!(
+                    "{}: worker {worker} counted {got}, want {want}",
+                    case.name
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
+use Counter::*;
+
+const SHORT: &[Counter] = &[QuicShort, SteeredByCid, PassedQuic];
+const SHORT_HASHED: &[Counter] = &[QuicShort, SteeredByHash, PassedQuic];
+const LONG_HASHED: &[Counter] = &[QuicLong, SteeredByHash, PassedQuic];
+const LONG_BY_CID: &[Counter] = &[QuicLong, SteeredByCid, PassedQuic];
+const NON_QUIC: &[Counter] = &[PassedNonQuic];
+
+fn hashed_worker(dcid: &[u8]) -> Option<u32> {
+    Some(steer(&layout(), dcid, WORKERS))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests.
+
+#[test]
+fn object_is_embedded_and_loads_into_the_kernel() {
+    assert!(
+        OBJECT.len() > 1024,
+        "embedded eBPF object is only {} bytes",
+        OBJECT.len()
+    );
+    assert_eq!(
+        &OBJECT[..4],
+        b"\x7fELF",
+        "embedded eBPF object is not an ELF file"
+    );
+    let mut programs = load();
+    for name in [
+        CONFIG_MAP,
+        STATS_MAP,
+        WORKER_STATS_MAP,
+        WORKERS_MAP,
+        CPUS_MAP,
+        SOCKETS_MAP,
+    ] {
+        assert!(
+            programs.ebpf_mut().map(name).is_some(),
+            "map `{name}` missing from the object"
+        );
+    }
+    programs.xdp().expect("XDP program");
+    programs.reuseport_mut().expect("sk_reuseport program");
+    // Fresh counters are all zero on every possible CPU.
+    let stats = programs.stats().expect("read stats");
+    assert!(stats.cpus() >= 1);
+    assert!(
+        stats.totals().iter().all(|(_, v)| *v == 0),
+        "{:?}",
+        stats.totals()
+    );
+}
+
+#[test]
+fn xdp_table_ipv4_ipv6_vlan_and_quic_forms() {
+    let programs = load_configured(0);
+    let ours = our_cid(3);
+    let foreign = [0x00u8; CID_LEN as usize];
+    let out_of_range = our_cid(9); // worker 9 with 4 workers: hashed
+    let cases = vec![
+        Case {
+            name: "ipv4 short header, our CID",
+            packet: udp4(&short_header(0x41, &ours)),
+            action: XdpAction::Pass,
+            counters: SHORT,
+            worker: Some(3),
+        },
+        Case {
+            name: "ipv6 short header, our CID",
+            packet: udp6(&short_header(0x41, &ours)),
+            action: XdpAction::Pass,
+            counters: SHORT,
+            worker: Some(3),
+        },
+        Case {
+            name: "802.1Q + ipv4 short header",
+            packet: eth_vlan(
+                &[ETH_8021Q],
+                ETH_IPV4,
+                &ipv4(PROTO_UDP, &udp(QUIC_PORT, &short_header(0x41, &our_cid(1)))),
+            ),
+            action: XdpAction::Pass,
+            counters: SHORT,
+            worker: Some(1),
+        },
+        Case {
+            name: "802.1ad + 802.1Q + ipv6 short header",
+            packet: eth_vlan(
+                &[ETH_8021AD, ETH_8021Q],
+                ETH_IPV6,
+                &ipv6(PROTO_UDP, &udp(QUIC_PORT, &short_header(0x41, &our_cid(2)))),
+            ),
+            action: XdpAction::Pass,
+            counters: SHORT,
+            worker: Some(2),
+        },
+        Case {
+            name: "ipv4 with 4 bytes of options (IHL 6)",
+            packet: eth(
+                ETH_IPV4,
+                &ipv4_full(
+                    PROTO_UDP,
+                    4,
+                    0,
+                    &udp(QUIC_PORT, &short_header(0x41, &our_cid(0))),
+                ),
+            ),
+            action: XdpAction::Pass,
+            counters: SHORT,
+            worker: Some(0),
+        },
+        Case {
+            name: "ipv4 with 40 bytes of options (IHL 15)",
+            packet: eth(
+                ETH_IPV4,
+                &ipv4_full(
+                    PROTO_UDP,
+                    40,
+                    0,
+                    &udp(QUIC_PORT, &short_header(0x41, &our_cid(2))),
+                ),
+            ),
+            action: XdpAction::Pass,
+            counters: SHORT,
+            worker: Some(2),
+        },
+        Case {
+            name: "short header, foreign CID: hashed",
+            packet: udp4(&short_header(0x41, &foreign)),
+            action: XdpAction::Pass,
+            counters: SHORT_HASHED,
+            worker: hashed_worker(&foreign),
+        },
+        Case {
+            name: "short header, our CID naming worker 9 of 4: hashed",
+            packet: udp4(&short_header(0x41, &out_of_range)),
+            action: XdpAction::Pass,
+            counters: SHORT_HASHED,
+            worker: hashed_worker(&out_of_range),
+        },
+        Case {
+            name: "ipv4 client Initial v1, 1200 bytes",
+            packet: udp4(&initial_v1(&CLIENT_DCID, 1200)),
+            action: XdpAction::Pass,
+            counters: LONG_HASHED,
+            worker: hashed_worker(&CLIENT_DCID),
+        },
+        Case {
+            name: "ipv6 client Initial v1, 1350 bytes, 20-byte DCID",
+            packet: udp6(&initial_v1(&[0xee; 20], 1350)),
+            action: XdpAction::Pass,
+            counters: LONG_HASHED,
+            worker: hashed_worker(&[0xee; 20]),
+        },
+        Case {
+            name: "Initial v2, 1200 bytes",
+            packet: udp4(&long_header(QUIC_V2, 0x10, &CLIENT_DCID, 1200)),
+            action: XdpAction::Pass,
+            counters: LONG_HASHED,
+            worker: hashed_worker(&CLIENT_DCID),
+        },
+        Case {
+            name: "Initial with empty DCID, 1200 bytes",
+            packet: udp4(&initial_v1(&[], 1200)),
+            action: XdpAction::Pass,
+            counters: LONG_HASHED,
+            worker: hashed_worker(&[]),
+        },
+        Case {
+            name: "Handshake v1 (small is fine), our CID",
+            packet: udp4(&long_header(QUIC_V1, 0x20, &ours, 60)),
+            action: XdpAction::Pass,
+            counters: LONG_BY_CID,
+            worker: Some(3),
+        },
+        Case {
+            name: "0-RTT v1 (small is fine), client DCID",
+            packet: udp6(&long_header(QUIC_V1, 0x10, &CLIENT_DCID, 80)),
+            action: XdpAction::Pass,
+            counters: LONG_HASHED,
+            worker: hashed_worker(&CLIENT_DCID),
+        },
+        Case {
+            name: "v2 type bits 00 is Retry, not Initial: small is fine",
+            packet: udp4(&long_header(QUIC_V2, 0x00, &CLIENT_DCID, 60)),
+            action: XdpAction::Pass,
+            counters: LONG_HASHED,
+            worker: hashed_worker(&CLIENT_DCID),
+        },
+        // Drops.
+        Case {
+            name: "short header with the fixed bit clear",
+            packet: udp4(&short_header(0x01, &ours)),
+            action: XdpAction::Drop,
+            counters: &[DropFixedBit],
+            worker: None,
+        },
+        Case {
+            name: "long header with the fixed bit clear",
+            packet: udp6(&{
+                let mut p = initial_v1(&CLIENT_DCID, 1200);
+                p[0] &= !0x40;
+                p
+            }),
+            action: XdpAction::Drop,
+            counters: &[DropFixedBit],
+            worker: None,
+        },
+        Case {
+            name: "long header with a 21-byte DCID",
+            packet: udp4(&initial_v1(&[0x42; 21], 1200)),
+            action: XdpAction::Drop,
+            counters: &[DropDcidTooLong],
+            worker: None,
+        },
+        Case {
+            name: "long header with a 255-byte DCID length, unknown version",
+            packet: udp4(
+                &long_header(0x1a2a_3a4a, 0, &[], 40)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, b)| if i == 5 { 255 } else { b })
+                    .collect::<Vec<_>>(),
+            ),
+            action: XdpAction::Drop,
+            counters: &[DropDcidTooLong],
+            worker: None,
+        },
+        Case {
+            name: "ipv4 client Initial v1 in 1199 bytes",
+            packet: udp4(&initial_v1(&CLIENT_DCID, 1199)),
+            action: XdpAction::Drop,
+            counters: &[DropShortInitial],
+            worker: None,
+        },
+        Case {
+            name: "ipv6 client Initial v2 in 300 bytes",
+            packet: udp6(&long_header(QUIC_V2, 0x10, &CLIENT_DCID, 300)),
+            action: XdpAction::Drop,
+            counters: &[DropShortInitial],
+            worker: None,
+        },
+        Case {
+            name: "empty UDP payload",
+            packet: udp4(&[]),
+            action: XdpAction::Drop,
+            counters: &[DropTruncated],
+            worker: None,
+        },
+        Case {
+            name: "short header with 5 of 16 DCID bytes",
+            packet: udp4(&short_header(0x41, &ours)[..6]),
+            action: XdpAction::Drop,
+            counters: &[DropTruncated],
+            worker: None,
+        },
+        Case {
+            name: "long header cut inside the version",
+            packet: udp6(&[0xc3, 0, 0]),
+            action: XdpAction::Drop,
+            counters: &[DropTruncated],
+            worker: None,
+        },
+        Case {
+            name: "long header cut inside the DCID",
+            packet: udp4(&initial_v1(&CLIENT_DCID, 0)[..10]),
+            action: XdpAction::Drop,
+            counters: &[DropTruncated],
+            worker: None,
+        },
+        Case {
+            name: "UDP length beyond the frame",
+            packet: eth(
+                ETH_IPV4,
+                &ipv4(
+                    PROTO_UDP,
+                    &udp_len(QUIC_PORT, 400, &short_header(0x41, &ours)),
+                ),
+            ),
+            action: XdpAction::Drop,
+            counters: &[DropTruncated],
+            worker: None,
+        },
+        Case {
+            name: "UDP length below the UDP header",
+            packet: eth(
+                ETH_IPV6,
+                &ipv6(
+                    PROTO_UDP,
+                    &udp_len(QUIC_PORT, 7, &short_header(0x41, &ours)),
+                ),
+            ),
+            action: XdpAction::Drop,
+            counters: &[DropTruncated],
+            worker: None,
+        },
+        // Everything else passes.
+        Case {
+            name: "UDP to another port",
+            packet: eth(
+                ETH_IPV4,
+                &ipv4(PROTO_UDP, &udp(53, &short_header(0x01, &ours))),
+            ),
+            action: XdpAction::Pass,
+            counters: NON_QUIC,
+            worker: None,
+        },
+        Case {
+            name: "TCP to the QUIC port number",
+            packet: eth(
+                ETH_IPV4,
+                &ipv4(PROTO_TCP, &udp(QUIC_PORT, &short_header(0x01, &ours))),
+            ),
+            action: XdpAction::Pass,
+            counters: NON_QUIC,
+            worker: None,
+        },
+        Case {
+            name: "ARP",
+            packet: eth(ETH_ARP, &[0; 28]),
+            action: XdpAction::Pass,
+            counters: NON_QUIC,
+            worker: None,
+        },
+        Case {
+            name: "bare Ethernet header claiming IPv4",
+            packet: eth(ETH_IPV4, &[]),
+            action: XdpAction::Pass,
+            counters: NON_QUIC,
+            worker: None,
+        },
+        Case {
+            name: "ipv4 header cut short",
+            packet: eth(ETH_IPV4, &ipv4(PROTO_UDP, &[])[..12]),
+            action: XdpAction::Pass,
+            counters: NON_QUIC,
+            worker: None,
+        },
+        Case {
+            name: "UDP header cut short",
+            packet: eth(ETH_IPV4, &ipv4(PROTO_UDP, &udp(QUIC_PORT, &[])[..4])),
+            action: XdpAction::Pass,
+            counters: NON_QUIC,
+            worker: None,
+        },
+        Case {
+            name: "ipv4 first fragment (MF) to the QUIC port",
+            packet: eth(
+                ETH_IPV4,
+                &ipv4_full(
+                    PROTO_UDP,
+                    0,
+                    0x2000,
+                    &udp(QUIC_PORT, &short_header(0x01, &ours)),
+                ),
+            ),
+            action: XdpAction::Pass,
+            counters: NON_QUIC,
+            worker: None,
+        },
+        Case {
+            name: "ipv4 later fragment",
+            packet: eth(
+                ETH_IPV4,
+                &ipv4_full(
+                    PROTO_UDP,
+                    0,
+                    0x00b9,
+                    &udp(QUIC_PORT, &short_header(0x01, &ours)),
+                ),
+            ),
+            action: XdpAction::Pass,
+            counters: NON_QUIC,
+            worker: None,
+        },
+        Case {
+            name: "ipv4 with IHL below 5",
+            packet: eth(ETH_IPV4, &{
+                let mut p = ipv4(PROTO_UDP, &udp(QUIC_PORT, &short_header(0x01, &ours)));
+                p[0] = 0x44;
+                p
+            }),
+            action: XdpAction::Pass,
+            counters: NON_QUIC,
+            worker: None,
+        },
+        Case {
+            name: "ipv6 with a hop-by-hop extension header",
+            packet: eth(
+                ETH_IPV6,
+                &ipv6(IPV6_HOP_BY_HOP, &[PROTO_UDP, 0, 1, 4, 0, 0, 0, 0]),
+            ),
+            action: XdpAction::Pass,
+            counters: NON_QUIC,
+            worker: None,
+        },
+        Case {
+            name: "three VLAN tags (more than walked)",
+            packet: eth_vlan(
+                &[ETH_8021AD, ETH_8021Q, ETH_8021Q],
+                ETH_IPV4,
+                &ipv4(PROTO_UDP, &udp(QUIC_PORT, &short_header(0x41, &ours))),
+            ),
+            action: XdpAction::Pass,
+            counters: NON_QUIC,
+            worker: None,
+        },
+        Case {
+            name: "IPv4 EtherType carrying an IPv6 header",
+            packet: eth(
+                ETH_IPV4,
+                &ipv6(PROTO_UDP, &udp(QUIC_PORT, &short_header(0x01, &ours))),
+            ),
+            action: XdpAction::Pass,
+            counters: NON_QUIC,
+            worker: None,
+        },
+    ];
+    run_table(&programs, &cases);
+}
+
+#[test]
+fn xdp_steers_every_dcid_like_user_space() {
+    let programs = load_configured(0);
+    let layout = layout();
+    let mut expected = [0u64; WORKERS as usize];
+    // A small deterministic generator (xorshift) for varied DCIDs.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for i in 0..200u32 {
+        let len = (next() % 21) as usize;
+        let dcid: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        let packet = if i % 2 == 0 {
+            udp4(&initial_v1(&dcid, 1200))
+        } else {
+            udp6(&initial_v1(&dcid, 1252))
+        };
+        let run = programs.run_xdp(&packet).expect("test run");
+        assert_eq!(run.action, XdpAction::Pass, "dcid {dcid:02x?}");
+        expected[steer(&layout, &dcid, WORKERS) as usize] += 1;
+    }
+    for worker in 0..(WORKERS as u8) {
+        let packet = udp4(&short_header(0x41, &our_cid(worker)));
+        programs.run_xdp(&packet).expect("test run");
+        expected[worker as usize] += 1;
+    }
+    let got: Vec<u64> = (0..WORKERS)
+        .map(|w| programs.worker_packets(w).expect("worker_stats"))
+        .collect();
+    assert_eq!(
+        got,
+        expected.to_vec(),
+        "per-worker counts: kernel vs spooky_common::cid::steer"
+    );
+    let stats = programs.stats().expect("stats");
+    assert_eq!(stats.total(SteeredByHash), 200);
+    assert_eq!(stats.total(SteeredByCid), u64::from(WORKERS));
+    assert_eq!(stats.total(Packets), 200 + u64::from(WORKERS));
+    // Per-CPU values add up to the totals.
+    for counter in Counter::ALL {
+        assert_eq!(
+            stats.per_cpu(counter).iter().sum::<u64>(),
+            stats.total(counter)
+        );
+    }
+    assert!(
+        programs
+            .worker_packets(MAX_WORKERS - 1)
+            .expect("last worker slot")
+            == 0
+    );
+}
+
+#[test]
+fn xdp_redirects_to_the_owning_workers_cpu_when_enabled() {
+    let mut programs = load_configured(FLAG_REDIRECT_CPU);
+    programs.enable_cpu(0, 192).expect("cpumap entry for CPU 0");
+    // Worker 1 is dead; worker 2 runs on a CPU that is not in the CPU map.
+    programs
+        .set_worker(
+            1,
+            &WorkerEntry {
+                cpu: 0,
+                alive: 0,
+                generation: 1,
+            },
+        )
+        .expect("worker 1");
+    programs
+        .set_worker(
+            2,
+            &WorkerEntry {
+                cpu: 1,
+                alive: 1,
+                generation: 1,
+            },
+        )
+        .expect("worker 2");
+    let cases = vec![
+        Case {
+            name: "alive worker on an enabled CPU: redirected",
+            packet: udp4(&short_header(0x41, &our_cid(3))),
+            action: XdpAction::Redirect,
+            counters: &[QuicShort, SteeredByCid, Redirected],
+            worker: Some(3),
+        },
+        Case {
+            name: "Initial hashed onto a worker, redirected or not as that worker allows",
+            packet: udp6(&initial_v1(&CLIENT_DCID, 1200)),
+            action: match hashed_worker(&CLIENT_DCID) {
+                Some(1 | 2) => XdpAction::Pass,
+                _ => XdpAction::Redirect,
+            },
+            counters: match hashed_worker(&CLIENT_DCID) {
+                Some(1 | 2) => &[QuicLong, SteeredByHash, RedirectFailed, PassedQuic],
+                _ => &[QuicLong, SteeredByHash, Redirected],
+            },
+            worker: hashed_worker(&CLIENT_DCID),
+        },
+        Case {
+            name: "dead worker: passed",
+            packet: udp4(&short_header(0x41, &our_cid(1))),
+            action: XdpAction::Pass,
+            counters: &[QuicShort, SteeredByCid, RedirectFailed, PassedQuic],
+            worker: Some(1),
+        },
+        Case {
+            name: "worker's CPU missing from the CPU map: passed",
+            packet: udp4(&short_header(0x41, &our_cid(2))),
+            action: XdpAction::Pass,
+            counters: &[QuicShort, SteeredByCid, RedirectFailed, PassedQuic],
+            worker: Some(2),
+        },
+        Case {
+            name: "non-QUIC is never redirected",
+            packet: eth(ETH_IPV4, &ipv4(PROTO_UDP, &udp(53, &[1, 2, 3]))),
+            action: XdpAction::Pass,
+            counters: NON_QUIC,
+            worker: None,
+        },
+    ];
+    run_table(&programs, &cases);
+}
+
+#[test]
+fn xdp_without_configuration_passes_everything() {
+    let programs = load();
+    let cases = vec![
+        Case {
+            name: "short header before config is written",
+            packet: udp4(&short_header(0x41, &our_cid(1))),
+            action: XdpAction::Pass,
+            counters: NON_QUIC,
+            worker: None,
+        },
+        Case {
+            name: "invalid QUIC before config is written",
+            packet: udp4(&short_header(0x01, &our_cid(1))),
+            action: XdpAction::Pass,
+            counters: NON_QUIC,
+            worker: None,
+        },
+    ];
+    run_table(&programs, &cases);
+}
+
+#[test]
+fn xdp_with_port_but_no_workers_counts_without_steering() {
+    let mut programs = load();
+    programs
+        .set_config(&SteeringConfig {
+            workers: 0,
+            ..config(FLAG_REDIRECT_CPU)
+        })
+        .expect("config");
+    let cases = vec![
+        Case {
+            name: "short header, no workers",
+            packet: udp4(&short_header(0x41, &our_cid(1))),
+            action: XdpAction::Pass,
+            counters: &[QuicShort, PassedQuic],
+            worker: None,
+        },
+        Case {
+            name: "short Initial is still dropped",
+            packet: udp4(&initial_v1(&CLIENT_DCID, 500)),
+            action: XdpAction::Drop,
+            counters: &[DropShortInitial],
+            worker: None,
+        },
+    ];
+    run_table(&programs, &cases);
+}
+
+#[test]
+fn xdp_counts_on_the_cpu_it_ran_on() {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let programs = load_configured(0);
+    let packet = udp4(&short_header(0x41, &our_cid(0)));
+    for cpu in 0..cpus {
+        pin_to_cpu(cpu);
+        programs.run_xdp(&packet).expect("test run");
+        programs.run_xdp(&packet).expect("test run");
+    }
+    let stats = programs.stats().expect("stats");
+    let per_cpu = stats.per_cpu(QuicShort);
+    for cpu in 0..cpus {
+        assert_eq!(per_cpu[cpu], 2, "CPU {cpu}: {per_cpu:?}");
+    }
+    assert_eq!(stats.total(QuicShort), 2 * cpus as u64);
+}
+
+/// Pins the calling thread to `cpu` (the test runs on its own thread).
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: `set` is a plain bitmask owned by this frame; the calls only read it.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    assert_eq!(
+        rc,
+        0,
+        "sched_setaffinity(CPU {cpu}): {}",
+        std::io::Error::last_os_error()
+    );
+}

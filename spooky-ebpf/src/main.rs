@@ -1,0 +1,222 @@
+//! Spooky's kernel programs.
+//!
+//! - `spooky_xdp` (XDP): parses Ethernet (+ VLAN) / IPv4 / IPv6 / UDP; UDP to the configured
+//!   QUIC port is classified as a long or short QUIC header, invalid QUIC is dropped (fixed bit
+//!   clear, DCID longer than 20, short client Initial, truncated header), valid QUIC is placed
+//!   on its worker with `spooky_common::cid::steer` and, when enabled, redirected to that
+//!   worker's CPU through the `cpus` CPU map. Everything else passes. Every outcome is counted
+//!   in the per-CPU `stats` map.
+//! - `spooky_reuseport` (`sk_reuseport`): picks the owning worker's socket from `sockets` by
+//!   the same decision.
+//!
+//! Map layouts and names live in `spooky_common::maps`; this crate only declares the maps.
+//! Entry points are thin wrappers over `try_*` functions; nothing here can panic (the panic
+//! handler is an endless loop, which the verifier would refuse if it were reachable).
+#![no_std]
+#![no_main]
+
+mod packet;
+mod quic;
+
+use aya_ebpf::{
+    bindings::{sk_action, xdp_action},
+    btf_maps::{Array, CpuMap, PerCpuArray, ReusePortSockArray},
+    macros::{btf_map, sk_reuseport, xdp},
+    programs::{SkReuseportContext, XdpContext},
+};
+use spooky_common::{
+    cid::steer,
+    maps::{
+        Counter, SteeringConfig, WorkerEntry, COUNTER_COUNT, FLAG_REDIRECT_CPU, MAX_CPUS,
+        MAX_WORKERS,
+    },
+};
+
+use crate::{
+    packet::{locate_udp, Packet, UdpHdr, UDP_HDR_LEN},
+    quic::{Form, QuicHeader},
+};
+
+/// `spooky_common::maps::CONFIG_MAP`.
+#[btf_map(name = "config")]
+static CONFIG: Array<SteeringConfig, 1> = Array::new();
+
+/// `spooky_common::maps::STATS_MAP`.
+#[btf_map(name = "stats")]
+static STATS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+
+/// `spooky_common::maps::WORKER_STATS_MAP`.
+#[btf_map(name = "worker_stats")]
+static WORKER_STATS: PerCpuArray<u64, { MAX_WORKERS as usize }> = PerCpuArray::new();
+
+/// `spooky_common::maps::WORKERS_MAP`.
+#[btf_map(name = "workers")]
+static WORKERS: Array<WorkerEntry, { MAX_WORKERS as usize }> = Array::new();
+
+/// `spooky_common::maps::CPUS_MAP`.
+#[btf_map(name = "cpus")]
+static CPUS: CpuMap<{ MAX_CPUS as usize }> = CpuMap::new();
+
+/// `spooky_common::maps::SOCKETS_MAP`.
+#[btf_map(name = "sockets")]
+static SOCKETS: ReusePortSockArray<{ MAX_WORKERS as usize }> = ReusePortSockArray::new();
+
+/// Adds one to this CPU's `counter`.
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(slot) = STATS.get_ptr_mut(counter.index()) {
+        // SAFETY: a per-CPU array slot of this CPU; XDP runs with preemption off, so no one
+        // else writes it concurrently.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Adds one to this CPU's packet count of `worker`.
+#[inline(always)]
+fn count_worker(worker: u32) {
+    if let Some(slot) = WORKER_STATS.get_ptr_mut(worker) {
+        // SAFETY: as in `count`.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// The steering configuration, when user space has written one with a QUIC port.
+#[inline(always)]
+fn config() -> Option<SteeringConfig> {
+    let config = *CONFIG.get(0)?;
+    if config.quic_port == 0 {
+        return None;
+    }
+    Some(config)
+}
+
+/// The worker that owns `header`'s connection, when steering is configured (valid CID layout
+/// and at least one worker); counts how it was decided.
+#[inline(always)]
+fn owning_worker(config: &SteeringConfig, header: &QuicHeader) -> Option<u32> {
+    let layout = config.layout().ok()?;
+    if config.workers == 0 {
+        return None;
+    }
+    let workers = if config.workers > MAX_WORKERS { MAX_WORKERS } else { config.workers };
+    let dcid = header.dcid();
+    let named = layout.worker_of(dcid);
+    let worker = steer(&layout, dcid, workers);
+    match named {
+        Some(w) if u32::from(w) == worker => count(Counter::SteeredByCid),
+        _ => count(Counter::SteeredByHash),
+    }
+    Some(worker)
+}
+
+#[xdp]
+pub fn spooky_xdp(ctx: XdpContext) -> u32 {
+    count(Counter::Packets);
+    match try_spooky_xdp(&ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            count(reason);
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+/// Passes a packet that is not QUIC to us.
+#[inline(always)]
+fn pass_non_quic() -> Result<u32, Counter> {
+    count(Counter::PassedNonQuic);
+    Ok(xdp_action::XDP_PASS)
+}
+
+/// The XDP decision. `Err` is the drop counter naming why the packet is invalid QUIC.
+#[inline(always)]
+fn try_spooky_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
+    let Some(config) = config() else {
+        return pass_non_quic();
+    };
+    let pkt = Packet::new(ctx.data(), ctx.data_end());
+    let Some(udp) = locate_udp(&pkt) else {
+        return pass_non_quic();
+    };
+    if udp.dst_port != config.quic_port {
+        return pass_non_quic();
+    }
+    // UDP to the QUIC port: from here on, malformed means dropped.
+    let header: UdpHdr = pkt.read(udp.offset).ok_or(Counter::DropTruncated)?;
+    let udp_len = usize::from(u16::from_be_bytes(header.len));
+    if udp_len < UDP_HDR_LEN || udp.offset + udp_len > pkt.len() {
+        return Err(Counter::DropTruncated);
+    }
+    let payload = udp.offset + UDP_HDR_LEN;
+    let quic = quic::parse(&pkt, payload, udp_len - UDP_HDR_LEN, usize::from(config.cid_len))?;
+    count(match quic.form {
+        Form::Short => Counter::QuicShort,
+        Form::Long => Counter::QuicLong,
+    });
+    let Some(worker) = owning_worker(&config, &quic) else {
+        count(Counter::PassedQuic);
+        return Ok(xdp_action::XDP_PASS);
+    };
+    count_worker(worker);
+    if config.has(FLAG_REDIRECT_CPU) {
+        if let Some(action) = redirect(worker) {
+            count(Counter::Redirected);
+            return Ok(action);
+        }
+        count(Counter::RedirectFailed);
+    }
+    count(Counter::PassedQuic);
+    Ok(xdp_action::XDP_PASS)
+}
+
+/// Redirects to `worker`'s CPU when the worker is alive and its CPU is in the CPU map.
+#[inline(always)]
+fn redirect(worker: u32) -> Option<u32> {
+    let entry = WORKERS.get(worker)?;
+    if !entry.is_alive() {
+        return None;
+    }
+    CPUS.redirect(entry.cpu, 0).ok()
+}
+
+#[sk_reuseport]
+pub fn spooky_reuseport(ctx: SkReuseportContext) -> u32 {
+    // Without a choice of ours the kernel picks by its own hash: never a reason to drop.
+    let _selected = try_spooky_reuseport(&ctx);
+    sk_action::SK_PASS
+}
+
+/// Selects the owning worker's socket. `None` when the packet is not QUIC we can place, or
+/// the worker is dead or has no socket in `sockets` (then the kernel's hash decides).
+#[inline(always)]
+fn try_spooky_reuseport(ctx: &SkReuseportContext) -> Option<()> {
+    const IPPROTO_UDP: u32 = 17;
+    if ctx.ip_protocol() != IPPROTO_UDP {
+        return None;
+    }
+    let config = config()?;
+    // For UDP the data starts at the UDP header.
+    let pkt = Packet::new(ctx.data(), ctx.data_end());
+    let payload_len = ctx.len().checked_sub(UDP_HDR_LEN)?;
+    let quic = quic::parse(&pkt, UDP_HDR_LEN, payload_len, usize::from(config.cid_len)).ok()?;
+    let layout = config.layout().ok()?;
+    if config.workers == 0 {
+        return None;
+    }
+    let workers = if config.workers > MAX_WORKERS { MAX_WORKERS } else { config.workers };
+    let worker = steer(&layout, quic.dcid(), workers);
+    if !WORKERS.get(worker)?.is_alive() {
+        return None;
+    }
+    SOCKETS.select_reuseport(ctx, worker).ok()
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 12] = *b"Elastic-2.0\0";

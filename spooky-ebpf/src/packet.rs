@@ -1,0 +1,179 @@
+//! Bounds-checked reads of packet memory, and the Ethernet (+ 802.1Q/802.1ad) / IPv4 / IPv6
+//! walk down to a UDP header. Every read checks `start + offset + len <= end` first, which is
+//! the shape the verifier accepts; offsets stay small and bounded (no unbounded loops).
+//! QUIC itself lives in `quic.rs`.
+
+use core::mem::size_of;
+
+/// A window of packet memory: `[start, end)` as the kernel hands it to the program.
+#[derive(Clone, Copy)]
+pub struct Packet {
+    start: usize,
+    end: usize,
+}
+
+impl Packet {
+    /// The window `[start, end)` (from `data()` / `data_end()` of a program context).
+    #[inline(always)]
+    pub const fn new(start: usize, end: usize) -> Self {
+        Self { start, end }
+    }
+
+    /// Bytes in the window.
+    #[inline(always)]
+    pub const fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// A pointer to a `T` at `offset`, when all of it lies inside the packet.
+    #[inline(always)]
+    pub fn ptr_at<T>(&self, offset: usize) -> Option<*const T> {
+        if self.start + offset + size_of::<T>() > self.end {
+            return None;
+        }
+        Some((self.start + offset) as *const T)
+    }
+
+    /// A copy of the `T` at `offset` (every `T` used here is made of byte arrays, so it has
+    /// alignment 1 and every bit pattern is valid).
+    #[inline(always)]
+    pub fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        let p = self.ptr_at::<T>(offset)?;
+        // SAFETY: `ptr_at` checked that `size_of::<T>()` bytes at `p` are inside the packet;
+        // the header types have alignment 1 and no invalid bit patterns.
+        Some(unsafe { p.read_unaligned() })
+    }
+
+    /// The byte at `offset`.
+    #[inline(always)]
+    pub fn byte(&self, offset: usize) -> Option<u8> {
+        self.read::<u8>(offset)
+    }
+}
+
+/// Ethernet II header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    pub ether_type: [u8; 2],
+}
+
+/// 802.1Q / 802.1ad tag (after the outer EtherType).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct VlanHdr {
+    pub tci: [u8; 2],
+    pub ether_type: [u8; 2],
+}
+
+/// IPv4 header without options.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub total_len: [u8; 2],
+    pub id: [u8; 2],
+    pub frag_off: [u8; 2],
+    pub ttl: u8,
+    pub protocol: u8,
+    pub checksum: [u8; 2],
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+}
+
+/// IPv6 fixed header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv6Hdr {
+    pub version_class_flow: [u8; 4],
+    pub payload_len: [u8; 2],
+    pub next_header: u8,
+    pub hop_limit: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+/// UDP header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct UdpHdr {
+    pub src_port: [u8; 2],
+    pub dst_port: [u8; 2],
+    pub len: [u8; 2],
+    pub checksum: [u8; 2],
+}
+
+pub const UDP_HDR_LEN: usize = size_of::<UdpHdr>();
+
+const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPPROTO_UDP: u8 = 17;
+/// Most VLAN tags walked (802.1ad outer + 802.1Q inner).
+const MAX_VLAN_TAGS: usize = 2;
+
+/// Where the UDP header of an Ethernet frame starts, and its destination port.
+#[derive(Clone, Copy)]
+pub struct UdpLocation {
+    /// Offset of the UDP header from the start of the frame.
+    pub offset: usize,
+    /// Destination port, host byte order.
+    pub dst_port: u16,
+}
+
+/// Walks Ethernet, up to two VLAN tags, IPv4 (any IHL) or IPv6 down to a UDP header.
+/// `None` for anything else: not IP, not UDP, IPv4 fragments (later fragments carry no UDP
+/// header, and a first fragment no whole payload), IPv6 with extension headers, headers cut
+/// short. Such packets are "not QUIC" and pass.
+#[inline(always)]
+pub fn locate_udp(pkt: &Packet) -> Option<UdpLocation> {
+    let eth: EthHdr = pkt.read(0)?;
+    let mut ether_type = u16::from_be_bytes(eth.ether_type);
+    let mut offset = size_of::<EthHdr>();
+    let mut tags = 0;
+    while tags < MAX_VLAN_TAGS && (ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD) {
+        let vlan: VlanHdr = pkt.read(offset)?;
+        ether_type = u16::from_be_bytes(vlan.ether_type);
+        offset += size_of::<VlanHdr>();
+        tags += 1;
+    }
+    let udp_offset = match ether_type {
+        ETH_P_IPV4 => ipv4_payload(pkt, offset)?,
+        ETH_P_IPV6 => ipv6_payload(pkt, offset)?,
+        _ => return None,
+    };
+    let udp: UdpHdr = pkt.read(udp_offset)?;
+    Some(UdpLocation { offset: udp_offset, dst_port: u16::from_be_bytes(udp.dst_port) })
+}
+
+/// Offset of the UDP header after the IPv4 header at `offset` (options skipped by IHL).
+#[inline(always)]
+fn ipv4_payload(pkt: &Packet, offset: usize) -> Option<usize> {
+    let ip: Ipv4Hdr = pkt.read(offset)?;
+    if ip.version_ihl >> 4 != 4 || ip.protocol != IPPROTO_UDP {
+        return None;
+    }
+    let ihl = usize::from(ip.version_ihl & 0x0f) * 4;
+    if ihl < size_of::<Ipv4Hdr>() {
+        return None;
+    }
+    // More-fragments flag or a fragment offset: not a whole datagram.
+    if u16::from_be_bytes(ip.frag_off) & 0x3fff != 0 {
+        return None;
+    }
+    Some(offset + ihl)
+}
+
+/// Offset of the UDP header after the IPv6 header at `offset` (UDP as the first next header).
+#[inline(always)]
+fn ipv6_payload(pkt: &Packet, offset: usize) -> Option<usize> {
+    let ip: Ipv6Hdr = pkt.read(offset)?;
+    if ip.version_class_flow[0] >> 4 != 6 || ip.next_header != IPPROTO_UDP {
+        return None;
+    }
+    Some(offset + size_of::<Ipv6Hdr>())
+}

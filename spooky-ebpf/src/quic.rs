@@ -1,0 +1,119 @@
+//! The little of QUIC the kernel needs: long or short header, the fixed bit, the destination
+//! connection ID, and whether a long-header packet is a client Initial (RFC 9000 §17, RFC 8999,
+//! RFC 9369 for version 2). Invalid packets come back as the drop counter that names why.
+//! Placing the DCID on a worker is `spooky_common::cid::steer`, not here.
+
+use spooky_common::{cid::MAX_CID_LEN, maps::Counter};
+
+use crate::packet::Packet;
+
+const HEADER_FORM_LONG: u8 = 0x80;
+const FIXED_BIT: u8 = 0x40;
+const LONG_TYPE_MASK: u8 = 0x30;
+const QUIC_V1: u32 = 0x0000_0001;
+const QUIC_V2: u32 = 0x6b33_43cf;
+/// Long-header packet type bits of an Initial: 0b00 in v1, 0b01 in v2.
+const INITIAL_TYPE_V1: u8 = 0x00;
+const INITIAL_TYPE_V2: u8 = 0x10;
+/// RFC 9000 §14.1: a client's UDP datagram carrying an Initial is at least 1200 bytes.
+pub const MIN_INITIAL_DATAGRAM: usize = 1200;
+/// First byte + version + DCID length byte.
+const LONG_PREFIX_LEN: usize = 1 + 4 + 1;
+
+/// Long or short header.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    Short,
+    Long,
+}
+
+/// The parts of a QUIC header steering needs.
+pub struct QuicHeader {
+    pub form: Form,
+    /// Destination connection ID, `dcid_len` bytes used.
+    pub dcid: [u8; MAX_CID_LEN],
+    pub dcid_len: usize,
+}
+
+impl QuicHeader {
+    /// The destination connection ID.
+    #[inline(always)]
+    pub fn dcid(&self) -> &[u8] {
+        let len = if self.dcid_len > MAX_CID_LEN { MAX_CID_LEN } else { self.dcid_len };
+        &self.dcid[..len]
+    }
+}
+
+/// Parses the QUIC header of a UDP payload of `payload_len` bytes at `offset` in `pkt`.
+/// `short_dcid_len` is the length of our connection IDs (short headers carry no length).
+///
+/// # Errors
+/// The drop counter naming why the packet is invalid: fixed bit clear, DCID length above 20,
+/// client Initial in a datagram under 1200 bytes, header cut short.
+#[inline(always)]
+pub fn parse(
+    pkt: &Packet,
+    offset: usize,
+    payload_len: usize,
+    short_dcid_len: usize,
+) -> Result<QuicHeader, Counter> {
+    let first = pkt.byte(offset).ok_or(Counter::DropTruncated)?;
+    if first & FIXED_BIT == 0 {
+        return Err(Counter::DropFixedBit);
+    }
+    if first & HEADER_FORM_LONG == 0 {
+        if short_dcid_len > MAX_CID_LEN || payload_len < 1 + short_dcid_len {
+            return Err(Counter::DropTruncated);
+        }
+        let mut header = QuicHeader { form: Form::Short, dcid: [0; MAX_CID_LEN], dcid_len: 0 };
+        copy_dcid(pkt, offset + 1, short_dcid_len, &mut header)?;
+        return Ok(header);
+    }
+    if payload_len < LONG_PREFIX_LEN {
+        return Err(Counter::DropTruncated);
+    }
+    let version: [u8; 4] = pkt.read(offset + 1).ok_or(Counter::DropTruncated)?;
+    let version = u32::from_be_bytes(version);
+    let dcid_len = usize::from(pkt.byte(offset + 5).ok_or(Counter::DropTruncated)?);
+    if dcid_len > MAX_CID_LEN {
+        return Err(Counter::DropDcidTooLong);
+    }
+    if payload_len < LONG_PREFIX_LEN + dcid_len {
+        return Err(Counter::DropTruncated);
+    }
+    if is_initial(version, first) && payload_len < MIN_INITIAL_DATAGRAM {
+        return Err(Counter::DropShortInitial);
+    }
+    let mut header = QuicHeader { form: Form::Long, dcid: [0; MAX_CID_LEN], dcid_len: 0 };
+    copy_dcid(pkt, offset + LONG_PREFIX_LEN, dcid_len, &mut header)?;
+    Ok(header)
+}
+
+/// Whether a long header of `version` with first byte `first` is an Initial packet.
+#[inline(always)]
+fn is_initial(version: u32, first: u8) -> bool {
+    let packet_type = first & LONG_TYPE_MASK;
+    (version == QUIC_V1 && packet_type == INITIAL_TYPE_V1)
+        || (version == QUIC_V2 && packet_type == INITIAL_TYPE_V2)
+}
+
+/// Copies `len` (at most [`MAX_CID_LEN`]) bytes at `offset` into `header.dcid`, one
+/// bounds-checked byte at a time (a loop of at most 20 steps).
+#[inline(always)]
+fn copy_dcid(
+    pkt: &Packet,
+    offset: usize,
+    len: usize,
+    header: &mut QuicHeader,
+) -> Result<(), Counter> {
+    let mut i = 0;
+    while i < MAX_CID_LEN {
+        if i >= len {
+            break;
+        }
+        header.dcid[i] = pkt.byte(offset + i).ok_or(Counter::DropTruncated)?;
+        i += 1;
+    }
+    header.dcid_len = i;
+    Ok(())
+}

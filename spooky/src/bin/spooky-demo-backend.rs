@@ -1,0 +1,26 @@
+//! `spooky-demo-backend --listen 127.0.0.1:7001 --id demo-1`: the HTTP/2 (h2c) demo backend
+//! that `cargo xtask quickstart` starts; see `spooky::demo` for its routes.
+
+use clap::Parser;
+use std::net::SocketAddr;
+
+#[derive(Parser)]
+#[command(about = "HTTP/2 cleartext demo backend for Spooky's quickstart and tests")]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7001")]
+    listen: SocketAddr,
+    /// Name returned in the `x-backend` header.
+    #[arg(long, default_value = "demo")]
+    id: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let opts = spooky::demo::DemoOptions { id: args.id.clone(), goaway_every: None };
+    let (addr, _stats) = spooky::demo::spawn(args.listen, opts)?;
+    eprintln!("demo backend {} listening on {addr} (h2c)", args.id);
+    loop {
+        std::thread::park();
+    }
+}

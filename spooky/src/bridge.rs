@@ -1,0 +1,550 @@
+//! The HTTP/3 → HTTP/2 bridge core, sans-IO: validation of an HTTP/3 request head
+//! (RFC 9114 §4.3), conversion of the head into an HTTP/2 request (RFC 9113 §8.2–8.3) with
+//! the `forwarded` / `x-forwarded-*` / `via` hop headers, and conversion of HTTP/2 response
+//! heads and trailers back into HTTP/3 fields.
+//!
+//! No sockets, no runtime: every function here takes fields and returns fields or an error.
+
+use crate::config::ForwardedMode;
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Uri};
+use quiche::h3::{Header, NameValue};
+use std::net::IpAddr;
+
+/// HTTP/3 `H3_MESSAGE_ERROR` (RFC 9114 §8.1): a malformed message.
+pub const H3_MESSAGE_ERROR: u64 = 0x10e;
+/// HTTP/3 `H3_REQUEST_REJECTED`: the request was not processed at all (safe to retry).
+pub const H3_REQUEST_REJECTED: u64 = 0x10b;
+/// HTTP/3 `H3_REQUEST_CANCELLED`.
+pub const H3_REQUEST_CANCELLED: u64 = 0x10c;
+/// HTTP/3 `H3_INTERNAL_ERROR`.
+pub const H3_INTERNAL_ERROR: u64 = 0x102;
+/// HTTP/3 `H3_NO_ERROR`.
+pub const H3_NO_ERROR: u64 = 0x100;
+
+/// Header fields that are connection-specific in HTTP/1.1 and malformed in HTTP/2 and 3.
+const CONNECTION_SPECIFIC: &[&str] =
+    &["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"];
+
+/// Why a request head is malformed. Every variant maps to `H3_MESSAGE_ERROR` (and a 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("header name {0:?} is not a lowercase token")]
+    BadName(String),
+    #[error("value of {0:?} has forbidden characters or surrounding whitespace")]
+    BadValue(String),
+    #[error("pseudo-header {0:?} after a regular header")]
+    PseudoAfterRegular(String),
+    #[error("unknown pseudo-header {0:?}")]
+    UnknownPseudo(String),
+    #[error("duplicate pseudo-header {0:?}")]
+    DuplicatePseudo(&'static str),
+    #[error("missing pseudo-header {0:?}")]
+    MissingPseudo(&'static str),
+    #[error("connection-specific header {0:?}")]
+    ConnectionSpecific(String),
+    #[error("te header other than \"trailers\"")]
+    BadTe,
+    #[error("invalid content-length")]
+    BadContentLength,
+    #[error("host {host:?} differs from :authority {authority:?}")]
+    HostMismatch { host: String, authority: String },
+    #[error("invalid :path or :authority")]
+    BadTarget,
+    #[error("invalid :method")]
+    BadMethod,
+}
+
+/// A validated request head.
+#[derive(Debug, Clone)]
+pub struct RequestHead {
+    pub method: Method,
+    /// `https` or `http`, as the client wrote it.
+    pub scheme: Bytes,
+    /// From `:authority`, else from `host`; may be empty only if neither was sent.
+    pub authority: Bytes,
+    pub path: Bytes,
+    /// Regular fields in arrival order, `host` removed (it travels as `:authority`).
+    pub fields: Vec<(Bytes, Bytes)>,
+    pub content_length: Option<u64>,
+}
+
+impl RequestHead {
+    /// The authority as text (validated ASCII).
+    pub fn authority_str(&self) -> &str {
+        std::str::from_utf8(&self.authority).unwrap_or("")
+    }
+
+    /// The path as text (validated ASCII).
+    pub fn path_str(&self) -> &str {
+        std::str::from_utf8(&self.path).unwrap_or("/")
+    }
+
+    /// First value of the regular field `name` (lowercase).
+    pub fn field(&self, name: &str) -> Option<&[u8]> {
+        self.fields.iter().find(|(n, _)| n.as_ref() == name.as_bytes()).map(|(_, v)| v.as_ref())
+    }
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_lowercase()
+        || b.is_ascii_digit()
+        || matches!(
+            b,
+            b'!' | b'#'
+                | b'$'
+                | b'%'
+                | b'&'
+                | b'\''
+                | b'*'
+                | b'+'
+                | b'-'
+                | b'.'
+                | b'^'
+                | b'_'
+                | b'`'
+                | b'|'
+                | b'~'
+        )
+}
+
+fn valid_value(v: &[u8]) -> bool {
+    let bad_edge = |b: &u8| *b == b' ' || *b == b'\t';
+    !v.iter().any(|&b| b == 0 || b == b'\r' || b == b'\n')
+        && !v.first().is_some_and(bad_edge)
+        && !v.last().is_some_and(bad_edge)
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Validates an HTTP/3 request head (RFC 9114 §4.3.1 and §4.2).
+///
+/// # Errors
+/// [`RequestError`] naming the first problem; the request is malformed and must be answered
+/// with a stream error `H3_MESSAGE_ERROR` (or a 400) without reaching a backend.
+pub fn validate_request(list: &[Header]) -> Result<RequestHead, RequestError> {
+    let mut method = None;
+    let mut scheme = None;
+    let mut authority = None;
+    let mut path = None;
+    let mut host: Option<Bytes> = None;
+    let mut content_length: Option<u64> = None;
+    let mut fields = Vec::with_capacity(list.len());
+    let mut seen_regular = false;
+
+    for h in list {
+        let (name, value) = (h.name(), h.value());
+        if let Some(pseudo) = name.strip_prefix(b":") {
+            if seen_regular {
+                return Err(RequestError::PseudoAfterRegular(lossy(name)));
+            }
+            let slot = match pseudo {
+                b"method" => (&mut method, ":method"),
+                b"scheme" => (&mut scheme, ":scheme"),
+                b"authority" => (&mut authority, ":authority"),
+                b"path" => (&mut path, ":path"),
+                _ => return Err(RequestError::UnknownPseudo(lossy(name))),
+            };
+            if slot.0.is_some() {
+                return Err(RequestError::DuplicatePseudo(slot.1));
+            }
+            if !valid_value(value) {
+                return Err(RequestError::BadValue(lossy(name)));
+            }
+            *slot.0 = Some(Bytes::copy_from_slice(value));
+            continue;
+        }
+        seen_regular = true;
+        if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
+            return Err(RequestError::BadName(lossy(name)));
+        }
+        if !valid_value(value) {
+            return Err(RequestError::BadValue(lossy(name)));
+        }
+        if let Ok(n) = std::str::from_utf8(name) {
+            if CONNECTION_SPECIFIC.contains(&n) {
+                return Err(RequestError::ConnectionSpecific(n.to_owned()));
+            }
+        }
+        match name {
+            b"te" if value != b"trailers" => return Err(RequestError::BadTe),
+            b"content-length" => {
+                let parsed = parse_content_length(value)?;
+                if content_length.is_some_and(|c| c != parsed) {
+                    return Err(RequestError::BadContentLength);
+                }
+                content_length = Some(parsed);
+            }
+            b"host" => {
+                if host.is_some() {
+                    return Err(RequestError::BadValue("host".into()));
+                }
+                host = Some(Bytes::copy_from_slice(value));
+                continue;
+            }
+            _ => {}
+        }
+        fields.push((Bytes::copy_from_slice(name), Bytes::copy_from_slice(value)));
+    }
+
+    let method = method.ok_or(RequestError::MissingPseudo(":method"))?;
+    let method = Method::from_bytes(&method).map_err(|_| RequestError::BadMethod)?;
+    if method == Method::CONNECT {
+        // Plain CONNECT carries no :scheme/:path; Spooky does not tunnel (the caller answers
+        // 501), but the head itself is well-formed.
+        let authority = authority.ok_or(RequestError::MissingPseudo(":authority"))?;
+        if scheme.is_some() || path.is_some() {
+            return Err(RequestError::BadTarget);
+        }
+        return Ok(RequestHead {
+            method,
+            scheme: Bytes::new(),
+            authority,
+            path: Bytes::new(),
+            fields,
+            content_length,
+        });
+    }
+    let scheme = scheme.ok_or(RequestError::MissingPseudo(":scheme"))?;
+    let path = path.ok_or(RequestError::MissingPseudo(":path"))?;
+    if path.is_empty() || !(path.starts_with(b"/") || (path.as_ref() == b"*" && method == Method::OPTIONS))
+    {
+        return Err(RequestError::BadTarget);
+    }
+    if !path.iter().all(|b| b.is_ascii_graphic()) {
+        return Err(RequestError::BadTarget);
+    }
+    let authority = match (authority, host) {
+        (Some(a), Some(h)) if !a.eq_ignore_ascii_case(&h) => {
+            return Err(RequestError::HostMismatch { host: lossy(&h), authority: lossy(&a) })
+        }
+        (Some(a), _) => a,
+        (None, Some(h)) => h,
+        (None, None) => Bytes::new(),
+    };
+    if !authority.iter().all(|b| b.is_ascii_graphic()) || authority.contains(&b'@') {
+        return Err(RequestError::BadTarget);
+    }
+    Ok(RequestHead { method, scheme, authority, path, fields, content_length })
+}
+
+fn parse_content_length(v: &[u8]) -> Result<u64, RequestError> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return Err(RequestError::BadContentLength);
+    }
+    std::str::from_utf8(v)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or(RequestError::BadContentLength)
+}
+
+/// Facts about the hop that the forwarding headers describe.
+#[derive(Debug, Clone, Copy)]
+pub struct Hop {
+    pub client_ip: IpAddr,
+    pub mode: ForwardedMode,
+    pub via: bool,
+}
+
+/// Why a head could not become an HTTP/2 request.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the upstream request: {0}")]
+pub struct ConvertError(String);
+
+/// Builds the HTTP/2 request for `head`: the URI carries scheme, the client's authority (sent
+/// as `:authority`, never also as `host`) and path; regular fields are copied once, in order,
+/// except the hop headers that `hop.mode` rewrites.
+///
+/// # Errors
+/// [`ConvertError`] when the URI or a field cannot be represented (already validated input
+/// makes this rare).
+pub fn to_h2_request(head: &RequestHead, hop: &Hop) -> Result<Request<()>, ConvertError> {
+    let scheme: &[u8] = if head.scheme.is_empty() { b"https" } else { &head.scheme };
+    let mut uri = Vec::with_capacity(scheme.len() + 3 + head.authority.len() + head.path.len());
+    uri.extend_from_slice(scheme);
+    uri.extend_from_slice(b"://");
+    uri.extend_from_slice(if head.authority.is_empty() { b"localhost" } else { &head.authority });
+    uri.extend_from_slice(&head.path);
+    let uri = Uri::from_maybe_shared(Bytes::from(uri)).map_err(|e| ConvertError(e.to_string()))?;
+
+    let mut headers = HeaderMap::with_capacity(head.fields.len() + 4);
+    let rewrite = hop.mode == ForwardedMode::Replace;
+    let mut xff_prev: Option<&[u8]> = None;
+    let mut fwd_prev: Option<&[u8]> = None;
+    let mut via_prev: Option<&[u8]> = None;
+    for (name, value) in &head.fields {
+        match name.as_ref() {
+            b"x-forwarded-for" if hop.mode != ForwardedMode::Off => {
+                xff_prev = (!rewrite).then_some(value.as_ref());
+                continue;
+            }
+            b"forwarded" if hop.mode != ForwardedMode::Off => {
+                fwd_prev = (!rewrite).then_some(value.as_ref());
+                continue;
+            }
+            b"x-forwarded-proto" | b"x-forwarded-host" if hop.mode != ForwardedMode::Off => {
+                continue
+            }
+            b"via" if hop.via => {
+                via_prev = Some(value.as_ref());
+                continue;
+            }
+            _ => {}
+        }
+        let n = HeaderName::from_bytes(name).map_err(|e| ConvertError(e.to_string()))?;
+        let v = HeaderValue::from_maybe_shared(value.clone())
+            .map_err(|e| ConvertError(e.to_string()))?;
+        headers.append(n, v);
+    }
+    if hop.mode != ForwardedMode::Off {
+        let ip = hop.client_ip.to_string();
+        let xff = join_hop(xff_prev, ip.as_bytes());
+        let node = match hop.client_ip {
+            IpAddr::V4(_) => format!("for={ip}"),
+            IpAddr::V6(_) => format!("for=\"[{ip}]\""),
+        };
+        let mut fwd_elem = node.into_bytes();
+        fwd_elem.extend_from_slice(b";proto=https");
+        if !head.authority.is_empty() {
+            fwd_elem.extend_from_slice(b";host=\"");
+            fwd_elem.extend_from_slice(&head.authority);
+            fwd_elem.push(b'"');
+        }
+        let fwd = join_hop(fwd_prev, &fwd_elem);
+        insert(&mut headers, "x-forwarded-for", xff)?;
+        insert(&mut headers, "forwarded", fwd)?;
+        insert(&mut headers, "x-forwarded-proto", b"https".to_vec())?;
+        if !head.authority.is_empty() {
+            insert(&mut headers, "x-forwarded-host", head.authority.to_vec())?;
+        }
+    }
+    if hop.via {
+        insert(&mut headers, "via", join_hop(via_prev, b"3 spooky"))?;
+    }
+
+    let mut req = Request::new(());
+    *req.method_mut() = head.method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = http::Version::HTTP_2;
+    *req.headers_mut() = headers;
+    Ok(req)
+}
+
+fn join_hop(prev: Option<&[u8]>, ours: &[u8]) -> Vec<u8> {
+    match prev {
+        Some(p) if !p.is_empty() => {
+            let mut v = Vec::with_capacity(p.len() + 2 + ours.len());
+            v.extend_from_slice(p);
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(ours);
+            v
+        }
+        _ => ours.to_vec(),
+    }
+}
+
+fn insert(headers: &mut HeaderMap, name: &'static str, value: Vec<u8>) -> Result<(), ConvertError> {
+    let v = HeaderValue::from_maybe_shared(Bytes::from(value))
+        .map_err(|e| ConvertError(e.to_string()))?;
+    headers.insert(HeaderName::from_static(name), v);
+    Ok(())
+}
+
+/// HTTP/3 fields for an HTTP/2 response head: `:status` first, then the fields minus the
+/// connection-specific ones (which an HTTP/2 peer must not send, but a sloppy one might).
+pub fn response_to_h3(status: http::StatusCode, headers: &HeaderMap) -> Vec<Header> {
+    let mut out = Vec::with_capacity(headers.len() + 1);
+    out.push(Header::new(b":status", status.as_str().as_bytes()));
+    push_fields(&mut out, headers);
+    out
+}
+
+/// HTTP/3 trailer fields from HTTP/2 trailers (pseudo-headers are impossible here).
+pub fn trailers_to_h3(headers: &HeaderMap) -> Vec<Header> {
+    let mut out = Vec::with_capacity(headers.len());
+    push_fields(&mut out, headers);
+    out
+}
+
+fn push_fields(out: &mut Vec<Header>, headers: &HeaderMap) {
+    for (name, value) in headers {
+        if CONNECTION_SPECIFIC.contains(&name.as_str()) {
+            continue;
+        }
+        out.push(Header::new(name.as_str().as_bytes(), value.as_bytes()));
+    }
+}
+
+/// HTTP/2 trailers from HTTP/3 trailer fields; pseudo-headers and invalid fields are
+/// malformed in a trailer section.
+///
+/// # Errors
+/// [`RequestError`] for a pseudo-header, an invalid name or value.
+pub fn trailers_to_h2(list: &[Header]) -> Result<HeaderMap, RequestError> {
+    let mut map = HeaderMap::with_capacity(list.len());
+    for h in list {
+        let (name, value) = (h.name(), h.value());
+        if name.starts_with(b":") {
+            return Err(RequestError::PseudoAfterRegular(lossy(name)));
+        }
+        if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
+            return Err(RequestError::BadName(lossy(name)));
+        }
+        if !valid_value(value) {
+            return Err(RequestError::BadValue(lossy(name)));
+        }
+        let n = HeaderName::from_bytes(name).map_err(|_| RequestError::BadName(lossy(name)))?;
+        let v = HeaderValue::from_bytes(value).map_err(|_| RequestError::BadValue(lossy(name)))?;
+        map.append(n, v);
+    }
+    Ok(map)
+}
+
+/// A short response that Spooky itself produces (404, 502, …): fields and body.
+pub fn local_response(status: u16, body: &str, retry_after: Option<u32>) -> (Vec<Header>, Bytes) {
+    let body = Bytes::from(format!("{body}\n"));
+    let mut h = vec![
+        Header::new(b":status", status.to_string().as_bytes()),
+        Header::new(b"content-type", b"text/plain; charset=utf-8"),
+        Header::new(b"content-length", body.len().to_string().as_bytes()),
+        Header::new(b"server", b"spooky"),
+    ];
+    if let Some(secs) = retry_after {
+        h.push(Header::new(b"retry-after", secs.to_string().as_bytes()));
+    }
+    (h, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(list: &[(&str, &str)]) -> Vec<Header> {
+        list.iter().map(|(n, v)| Header::new(n.as_bytes(), v.as_bytes())).collect()
+    }
+
+    fn good() -> Vec<(&'static str, &'static str)> {
+        vec![(":method", "GET"), (":scheme", "https"), (":authority", "example.com"), (":path", "/a?b")]
+    }
+
+    fn with(extra: &[(&'static str, &'static str)]) -> Vec<Header> {
+        let mut l = good();
+        l.extend_from_slice(extra);
+        h(&l)
+    }
+
+    #[test]
+    fn a_plain_request_validates() {
+        let head = validate_request(&with(&[("accept", "*/*")])).unwrap();
+        assert_eq!(head.method, Method::GET);
+        assert_eq!(head.authority_str(), "example.com");
+        assert_eq!(head.path_str(), "/a?b");
+        assert_eq!(head.field("accept"), Some(&b"*/*"[..]));
+        assert_eq!(head.content_length, None);
+    }
+
+    #[test]
+    fn malformed_heads_are_named() {
+        use RequestError as E;
+        let cases: Vec<(Vec<Header>, E)> = vec![
+            (with(&[("Accept", "x")]), E::BadName("Accept".into())),
+            (with(&[("connection", "close")]), E::ConnectionSpecific("connection".into())),
+            (with(&[("transfer-encoding", "chunked")]), E::ConnectionSpecific("transfer-encoding".into())),
+            (with(&[("te", "gzip")]), E::BadTe),
+            (with(&[("content-length", "12a")]), E::BadContentLength),
+            (with(&[("content-length", "1"), ("content-length", "2")]), E::BadContentLength),
+            (with(&[("x", "a\r\nb")]), E::BadValue("x".into())),
+            (with(&[("x", " lead")]), E::BadValue("x".into())),
+            (with(&[("host", "other.com")]), E::HostMismatch { host: "other.com".into(), authority: "example.com".into() }),
+            (h(&[(":method", "GET"), (":method", "GET"), (":scheme", "https"), (":path", "/")]), E::DuplicatePseudo(":method")),
+            (h(&[(":scheme", "https"), (":path", "/")]), E::MissingPseudo(":method")),
+            (h(&[(":method", "GET"), (":path", "/")]), E::MissingPseudo(":scheme")),
+            (h(&[(":method", "GET"), (":scheme", "https")]), E::MissingPseudo(":path")),
+            (h(&[(":method", "GET"), (":scheme", "https"), (":path", "")]), E::BadTarget),
+            (h(&[(":method", "GET"), (":scheme", "https"), (":path", "/"), ("a", "b"), (":authority", "x")]), E::PseudoAfterRegular(":authority".into())),
+            (h(&[(":method", "GET"), (":scheme", "https"), (":path", "/"), (":protocol", "websocket")]), E::UnknownPseudo(":protocol".into())),
+            (h(&[(":method", "G ET"), (":scheme", "https"), (":path", "/")]), E::BadMethod),
+        ];
+        for (list, want) in cases {
+            assert_eq!(validate_request(&list).unwrap_err(), want);
+        }
+    }
+
+    #[test]
+    fn host_alone_becomes_the_authority_and_is_not_forwarded() {
+        let list = h(&[(":method", "GET"), (":scheme", "https"), (":path", "/"), ("host", "Example.com")]);
+        let head = validate_request(&list).unwrap();
+        assert_eq!(head.authority_str(), "Example.com");
+        assert!(head.field("host").is_none());
+        // Same host as :authority (case aside) is fine and dropped too.
+        let head = validate_request(&with(&[("host", "EXAMPLE.com")])).unwrap();
+        assert!(head.field("host").is_none());
+    }
+
+    fn hop(mode: ForwardedMode) -> Hop {
+        Hop { client_ip: "192.0.2.7".parse().unwrap(), mode, via: true }
+    }
+
+    #[test]
+    fn h2_request_carries_authority_once_and_appends_hop_headers() {
+        let head = validate_request(&with(&[
+            ("cookie", "a=1"),
+            ("cookie", "b=2"),
+            ("x-forwarded-for", "198.51.100.1"),
+            ("te", "trailers"),
+        ]))
+        .unwrap();
+        let req = to_h2_request(&head, &hop(ForwardedMode::Append)).unwrap();
+        assert_eq!(req.uri().to_string(), "https://example.com/a?b");
+        assert!(req.headers().get("host").is_none());
+        let cookies: Vec<_> = req.headers().get_all("cookie").iter().collect();
+        assert_eq!(cookies, ["a=1", "b=2"]);
+        assert_eq!(req.headers()["x-forwarded-for"], "198.51.100.1, 192.0.2.7");
+        assert_eq!(req.headers()["forwarded"], "for=192.0.2.7;proto=https;host=\"example.com\"");
+        assert_eq!(req.headers()["x-forwarded-proto"], "https");
+        assert_eq!(req.headers()["x-forwarded-host"], "example.com");
+        assert_eq!(req.headers()["via"], "3 spooky");
+        assert_eq!(req.headers()["te"], "trailers");
+        assert_eq!(req.headers().get_all("x-forwarded-for").iter().count(), 1);
+    }
+
+    #[test]
+    fn replace_and_off_modes() {
+        let head = validate_request(&with(&[("x-forwarded-for", "6.6.6.6"), ("forwarded", "for=6.6.6.6")])).unwrap();
+        let req = to_h2_request(&head, &hop(ForwardedMode::Replace)).unwrap();
+        assert_eq!(req.headers()["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(req.headers()["forwarded"], "for=192.0.2.7;proto=https;host=\"example.com\"");
+        let req = to_h2_request(&head, &Hop { via: false, ..hop(ForwardedMode::Off) }).unwrap();
+        assert_eq!(req.headers()["x-forwarded-for"], "6.6.6.6");
+        assert!(req.headers().get("x-forwarded-proto").is_none());
+        assert!(req.headers().get("via").is_none());
+    }
+
+    #[test]
+    fn ipv6_clients_are_quoted_in_forwarded() {
+        let head = validate_request(&with(&[])).unwrap();
+        let hop = Hop { client_ip: "2001:db8::1".parse().unwrap(), mode: ForwardedMode::Append, via: false };
+        let req = to_h2_request(&head, &hop).unwrap();
+        assert_eq!(req.headers()["forwarded"], "for=\"[2001:db8::1]\";proto=https;host=\"example.com\"");
+    }
+
+    #[test]
+    fn response_heads_drop_connection_specific_fields() {
+        let mut map = HeaderMap::new();
+        map.insert("content-type", HeaderValue::from_static("text/plain"));
+        map.insert("connection", HeaderValue::from_static("close"));
+        let out = response_to_h3(http::StatusCode::OK, &map);
+        let names: Vec<_> = out.iter().map(|h| String::from_utf8_lossy(h.name()).into_owned()).collect();
+        assert_eq!(names, [":status", "content-type"]);
+        assert_eq!(out[0].value(), b"200");
+    }
+
+    #[test]
+    fn trailers_reject_pseudo_headers() {
+        assert!(trailers_to_h2(&h(&[("grpc-status", "0")])).is_ok());
+        assert!(trailers_to_h2(&h(&[(":status", "200")])).is_err());
+    }
+}

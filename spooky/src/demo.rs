@@ -1,0 +1,240 @@
+//! A small HTTP/2 backend (h2c, prior knowledge) on the `h2` crate: the quickstart's demo
+//! backends and the tests' in-process peers. Routes:
+//!
+//! | path | answer |
+//! |---|---|
+//! | `/health` | 200 `ok` |
+//! | `/size/N` | 200 with N bytes of a fixed pattern (`pattern_byte(i)`), `content-length` set |
+//! | `/echo` | 200 streaming the request body back; request trailers come back as trailers |
+//! | `/upload` | 200 `LEN` after reading the whole body |
+//! | `/headers` | 200, the request's `:authority` and fields, one `name: value` per line |
+//! | `/status/N` | status N |
+//! | `/delay/MS` | 200 after MS milliseconds |
+//! | `/stream/N/MS` | N chunks `chunk i\n`, MS ms apart, no content-length |
+//! | `/trailers` | 200 `body` with trailers `x-trailer: yes` |
+//! | anything else | 200 `hello from ID: METHOD PATH` |
+//!
+//! Every response carries `x-backend: ID`.
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// Byte `i` of the `/size/N` pattern.
+pub fn pattern_byte(i: usize) -> u8 {
+    (i % 251) as u8
+}
+
+/// Options of a demo backend.
+#[derive(Clone, Debug, Default)]
+pub struct DemoOptions {
+    /// Name returned in `x-backend`.
+    pub id: String,
+    /// Gracefully close each connection (GOAWAY) after this many requests.
+    pub goaway_every: Option<u64>,
+}
+
+/// Counts requests served, for tests.
+#[derive(Default, Debug)]
+pub struct DemoStats {
+    pub requests: AtomicU64,
+}
+
+/// Serves on `listener` forever (on the current `LocalSet`).
+pub async fn serve(listener: TcpListener, opts: DemoOptions, stats: Arc<DemoStats>) {
+    let opts = Rc::new(opts);
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let _ = tcp.set_nodelay(true);
+        let opts = opts.clone();
+        let stats = stats.clone();
+        tokio::task::spawn_local(async move {
+            let mut conn = match h2::server::Builder::new()
+                .initial_window_size(1 << 20)
+                .initial_connection_window_size(16 << 20)
+                .max_concurrent_streams(256)
+                .handshake::<_, Bytes>(tcp)
+                .await
+            {
+                Ok(c) => c,
+                Err(_) => return,
+            };
+            let mut served = 0u64;
+            while let Some(accepted) = conn.accept().await {
+                let Ok((req, respond)) = accepted else { break };
+                served += 1;
+                stats.requests.fetch_add(1, Ordering::Relaxed);
+                let goaway = opts.goaway_every.is_some_and(|n| served % n == 0);
+                let opts = opts.clone();
+                tokio::task::spawn_local(async move {
+                    let _ = handle(req, respond, &opts).await;
+                });
+                if goaway {
+                    conn.graceful_shutdown();
+                }
+            }
+        });
+    }
+}
+
+/// Binds `addr` and serves on a new thread with its own runtime. Returns the bound address.
+///
+/// # Errors
+/// When the address cannot be bound or the thread cannot start.
+pub fn spawn(addr: SocketAddr, opts: DemoOptions) -> std::io::Result<(SocketAddr, Arc<DemoStats>)> {
+    let std_listener = std::net::TcpListener::bind(addr)?;
+    std_listener.set_nonblocking(true)?;
+    let local = std_listener.local_addr()?;
+    let stats = Arc::new(DemoStats::default());
+    let s2 = stats.clone();
+    std::thread::Builder::new().name(format!("demo-{}", opts.id)).spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        let local_set = tokio::task::LocalSet::new();
+        local_set.block_on(&rt, async move {
+            let Ok(listener) = TcpListener::from_std(std_listener) else { return };
+            serve(listener, opts, s2).await;
+        });
+    })?;
+    Ok((local, stats))
+}
+
+fn header(resp: &mut http::response::Builder, id: &str) {
+    if let (Some(h), Ok(v)) = (resp.headers_mut(), HeaderValue::from_str(id)) {
+        h.insert("x-backend", v);
+    }
+}
+
+async fn handle(
+    req: Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    opts: &DemoOptions,
+) -> Result<(), h2::Error> {
+    let path = req.uri().path().to_string();
+    let mut builder = Response::builder().status(200);
+    header(&mut builder, &opts.id);
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let simple = |status: u16, body: String| (status, Bytes::from(body));
+    let (status, body) = match segs.as_slice() {
+        ["health"] => simple(200, "ok\n".into()),
+        ["size", n] => {
+            let n: usize = n.parse().unwrap_or(0);
+            let resp = builder.header("content-length", n).body(()).unwrap_or_default();
+            let mut send = respond.send_response(resp, n == 0)?;
+            drain(req.into_body()).await;
+            let mut sent = 0;
+            while sent < n {
+                let len = (n - sent).min(64 * 1024);
+                let chunk: Vec<u8> = (sent..sent + len).map(pattern_byte).collect();
+                send_all(&mut send, Bytes::from(chunk), sent + len == n).await?;
+                sent += len;
+            }
+            return Ok(());
+        }
+        ["echo"] => {
+            let resp = builder.body(()).unwrap_or_default();
+            let mut send = respond.send_response(resp, false)?;
+            let mut body = req.into_body();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk?;
+                let n = chunk.len();
+                send_all(&mut send, chunk, false).await?;
+                let _ = body.flow_control().release_capacity(n);
+            }
+            match body.trailers().await? {
+                Some(t) => send.send_trailers(t)?,
+                None => send.send_data(Bytes::new(), true)?,
+            }
+            return Ok(());
+        }
+        ["upload"] => {
+            let n = drain(req.into_body()).await;
+            return respond_body(respond, builder, 200, Bytes::from(format!("{n}\n")));
+        }
+        ["headers"] => {
+            let mut out = format!(":authority: {}\n", req.uri().authority().map(|a| a.as_str()).unwrap_or(""));
+            for (k, v) in req.headers() {
+                out.push_str(&format!("{}: {}\n", k, String::from_utf8_lossy(v.as_bytes())));
+            }
+            simple(200, out)
+        }
+        ["status", n] => simple(n.parse().unwrap_or(500), format!("status {n}\n")),
+        ["delay", ms] => {
+            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+            simple(200, format!("delayed {ms}ms\n"))
+        }
+        ["stream", n, ms] => {
+            let n: usize = n.parse().unwrap_or(0);
+            let ms: u64 = ms.parse().unwrap_or(0);
+            let resp = builder.body(()).unwrap_or_default();
+            let mut send = respond.send_response(resp, false)?;
+            for i in 0..n {
+                send_all(&mut send, Bytes::from(format!("chunk {i}\n")), false).await?;
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            send.send_data(Bytes::new(), true)?;
+            return Ok(());
+        }
+        ["trailers"] => {
+            let resp = builder.body(()).unwrap_or_default();
+            let mut send = respond.send_response(resp, false)?;
+            send_all(&mut send, Bytes::from_static(b"body\n"), false).await?;
+            let mut t = HeaderMap::new();
+            t.insert("x-trailer", HeaderValue::from_static("yes"));
+            send.send_trailers(t)?;
+            return Ok(());
+        }
+        _ => simple(200, format!("hello from {}: {} {}\n", opts.id, req.method(), path)),
+    };
+    drain(req.into_body()).await;
+    respond_body(respond, builder, status, body)
+}
+
+fn respond_body(
+    mut respond: h2::server::SendResponse<Bytes>,
+    builder: http::response::Builder,
+    status: u16,
+    body: Bytes,
+) -> Result<(), h2::Error> {
+    let resp = builder
+        .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header("content-length", body.len())
+        .body(())
+        .unwrap_or_default();
+    let mut send = respond.send_response(resp, body.is_empty())?;
+    if !body.is_empty() {
+        // Small bodies: h2 buffers what the window does not take yet.
+        send.send_data(body, true)?;
+    }
+    Ok(())
+}
+
+async fn drain(mut body: h2::RecvStream) -> usize {
+    let mut n = 0;
+    while let Some(Ok(chunk)) = body.data().await {
+        n += chunk.len();
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    n
+}
+
+async fn send_all(send: &mut h2::SendStream<Bytes>, mut data: Bytes, end: bool) -> Result<(), h2::Error> {
+    if data.is_empty() {
+        return send.send_data(data, end);
+    }
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        let cap = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(n)) => n,
+            Some(Err(e)) => return Err(e),
+            None => return Ok(()),
+        };
+        let chunk = data.split_to(cap.min(data.len()));
+        send.send_data(chunk, end && data.is_empty())?;
+    }
+    Ok(())
+}

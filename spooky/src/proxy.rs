@@ -1,0 +1,298 @@
+//! One task per request (on the worker's `LocalSet`): route, pick a backend, open an HTTP/2
+//! stream on the worker's pool, pump the request body and trailers up and the response head,
+//! body and trailers down through the stream's bounded buffers ([`crate::worker::stream`]).
+//! Failures before the response head become 502/503/504 with one log line naming the
+//! upstream, the backend and the cause; failures after it reset the client stream, so a
+//! truncated response never looks complete.
+
+use crate::bridge::{self, Hop, RequestHead, H3_INTERNAL_ERROR};
+use crate::health::TrafficOutcome;
+use crate::lb::{self, Candidates};
+use crate::upstream::{BackendPool, ErrorKind, UpstreamError};
+use crate::worker::stream::{ReqEvent, SharedStream};
+use crate::worker::WorkerCtx;
+use bytes::Bytes;
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Instant;
+
+/// Everything a request task needs, moved into it.
+pub struct Job {
+    pub ctx: Rc<WorkerCtx>,
+    pub io: SharedStream,
+    pub head: RequestHead,
+    pub peer: SocketAddr,
+    pub upstream: usize,
+    /// Wakes the worker loop to flush this connection.
+    pub conn: (usize, u64),
+}
+
+enum Failure {
+    /// Answer locally with this status (nothing sent to the client yet).
+    Local(u16, String, Option<u32>),
+    /// Something went wrong after the head went out: reset the client stream.
+    Reset(String),
+    /// The client went away: nothing to answer.
+    ClientGone,
+}
+
+/// Runs one request to completion.
+pub async fn run(job: Job) {
+    let started = Instant::now();
+    let result = forward(&job).await;
+    let ctx = &job.ctx;
+    let upstream = &ctx.shared.config.upstreams[job.upstream];
+    {
+        let mut io = job.io.borrow_mut();
+        match result {
+            Ok(backend) => {
+                tracing::debug!(upstream = %upstream.name, backend = %backend, status = io.status,
+                    elapsed_us = started.elapsed().as_micros() as u64, "request done");
+            }
+            Err(Failure::Local(status, cause, retry_after)) => {
+                let reason = match status {
+                    503 => "no healthy backend",
+                    504 => "upstream timed out",
+                    _ => "bad gateway",
+                };
+                let (fields, body) = bridge::local_response(status, reason, retry_after);
+                if io.resp_head.is_none() {
+                    io.respond_local(status, fields, body);
+                } else {
+                    io.resp_reset = Some(H3_INTERNAL_ERROR);
+                }
+                tracing::warn!(upstream = %upstream.name, status, cause = %cause, "request failed");
+            }
+            Err(Failure::Reset(cause)) => {
+                io.resp_reset = Some(H3_INTERNAL_ERROR);
+                tracing::warn!(upstream = %upstream.name, cause = %cause, "response aborted; client stream reset");
+            }
+            Err(Failure::ClientGone) => {}
+        }
+        io.task_done = true;
+    }
+    ctx.wake(job.conn);
+}
+
+/// The key a consistent-hash pool hashes for this request.
+fn request_hash(job: &Job) -> u64 {
+    let upstream = &job.ctx.shared.config.upstreams[job.upstream];
+    match &upstream.load_balancing {
+        crate::config::LoadBalancing::ConsistentHash { key, .. } => {
+            lb::request_hash(key, job.peer.ip(), job.head.path_str(), |name| {
+                job.head.fields.iter().filter(move |(n, _)| n.as_ref() == name.as_bytes()).map(|(_, v)| v.as_ref()).collect::<Vec<&[u8]>>()
+            })
+        }
+        _ => 0,
+    }
+}
+
+fn pick(job: &Job, exclude: Option<usize>) -> Result<usize, Failure> {
+    let ctx = &job.ctx;
+    let upstream = &ctx.shared.config.upstreams[job.upstream];
+    let pools = &ctx.pools[job.upstream];
+    let mut healthy: Vec<bool> = (0..pools.len())
+        .map(|b| ctx.shared.health.is_available(job.upstream, b) && Some(b) != exclude)
+        .collect();
+    let in_flight: Vec<u32> = pools.iter().map(|p| p.in_flight() as u32).collect();
+    let hash = request_hash(job);
+    let mut balancer = ctx.balancers[job.upstream].borrow_mut();
+    if let Some(b) = balancer.pick(&Candidates { healthy: &healthy, in_flight: &in_flight }, hash) {
+        return Ok(b);
+    }
+    if upstream.fail_open {
+        healthy.iter_mut().enumerate().for_each(|(b, h)| *h = Some(b) != exclude);
+        if let Some(b) = balancer.pick(&Candidates { healthy: &healthy, in_flight: &in_flight }, hash) {
+            return Ok(b);
+        }
+    }
+    Err(Failure::Local(503, format!("no healthy backend in upstream {}", upstream.name), Some(1)))
+}
+
+async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
+    let ctx = &job.ctx;
+    let cfg = &ctx.shared.config;
+    let upstream = &cfg.upstreams[job.upstream];
+    let hop = Hop { client_ip: job.peer.ip(), mode: cfg.proxy.forwarded, via: cfg.proxy.via };
+
+    let mut backend = pick(job, None)?;
+    let mut attempt = 0;
+    let (response, send, pool, end_of_stream) = loop {
+        let pool: &Rc<BackendPool> = &ctx.pools[job.upstream][backend];
+        let fail = |e: UpstreamError| {
+            ctx.report(job.upstream, backend, &e);
+            tracing::warn!(upstream = %upstream.name, backend = %e.backend, kind = ?e.kind, cause = %e.detail, "upstream failure");
+            Failure::Local(e.status(), e.to_string(), None)
+        };
+        let request = bridge::to_h2_request(&job.head, &hop).map_err(|e| Failure::Local(502, e.to_string(), None))?;
+        let end_of_stream = {
+            let io = job.io.borrow();
+            io.req_fin && io.req.is_empty() && io.req_trailers.is_none()
+        };
+        let lease = match pool.checkout(attempt > 0).await {
+            Ok(l) => l,
+            Err(e) if attempt == 0 && e.kind == ErrorKind::Connect => {
+                // Connection refused: try another backend of the pool once.
+                let err = fail(e);
+                attempt += 1;
+                match pick(job, Some(backend)) {
+                    Ok(b) => {
+                        backend = b;
+                        continue;
+                    }
+                    Err(_) => return Err(err),
+                }
+            }
+            Err(e) => return Err(fail(e)),
+        };
+        let mut sender = lease.send.clone();
+        match sender.send_request(request, end_of_stream) {
+            Ok((resp, send)) => break ((resp, lease), send, pool.clone(), end_of_stream),
+            Err(e) => {
+                let e = UpstreamError::from_h2(&e, &pool.connector.backend);
+                if e.kind == ErrorKind::Refused && attempt == 0 {
+                    attempt += 1;
+                    continue;
+                }
+                return Err(fail(e));
+            }
+        }
+    };
+    let backend_name = pool.connector.backend.clone();
+    let (response_fut, _lease) = response;
+    let timeouts = &upstream.timeouts;
+    let started = Instant::now();
+
+    let mut pump = std::pin::pin!(pump_request(job, send, timeouts.idle));
+    let mut pump_done = end_of_stream;
+    let mut head_fut = std::pin::pin!(tokio::time::timeout(timeouts.response_head, response_fut));
+    let response = loop {
+        tokio::select! {
+            r = &mut head_fut => break r,
+            r = &mut pump, if !pump_done => {
+                pump_done = true;
+                if let Err(f) = r {
+                    return Err(f);
+                }
+            }
+        }
+    };
+    let response = match response {
+        Err(_) => {
+            let e = UpstreamError::new(ErrorKind::ResponseTimeout, &backend_name, format!("no response head within {:?}", timeouts.response_head));
+            ctx.report(job.upstream, backend, &e);
+            tracing::warn!(upstream = %upstream.name, backend = %backend_name, cause = %e.detail, "upstream timeout");
+            return Err(Failure::Local(504, e.to_string(), None));
+        }
+        Ok(Err(e)) => {
+            let e = UpstreamError::from_h2(&e, &backend_name);
+            ctx.report(job.upstream, backend, &e);
+            tracing::warn!(upstream = %upstream.name, backend = %backend_name, kind = ?e.kind, cause = %e.detail, "upstream failure");
+            return Err(Failure::Local(e.status(), e.to_string(), None));
+        }
+        Ok(Ok(r)) => r,
+    };
+    let (parts, mut body) = response.into_parts();
+    let status = parts.status.as_u16();
+    ctx.report_outcome(job.upstream, backend, if status >= 500 { TrafficOutcome::ServerError } else { TrafficOutcome::Success }, started.elapsed());
+    {
+        let mut io = job.io.borrow_mut();
+        io.status = status;
+        io.resp_head = Some(bridge::response_to_h3(parts.status, &parts.headers));
+    }
+    ctx.wake(job.conn);
+
+    // Body down, while the request body may still be going up.
+    loop {
+        let next = async {
+            poll_fn(|cx| job.io.borrow_mut().poll_resp_room(cx.waker())).await.map_err(|_| Failure::ClientGone)?;
+            match tokio::time::timeout(timeouts.idle, body.data()).await {
+                Err(_) => Err(Failure::Reset(format!("backend {backend_name}: response body idle for {:?}", timeouts.idle))),
+                Ok(None) => Ok(None),
+                Ok(Some(Err(e))) => Err(Failure::Reset(format!("backend {backend_name}: {e}"))),
+                Ok(Some(Ok(chunk))) => Ok(Some(chunk)),
+            }
+        };
+        let chunk = tokio::select! {
+            r = next => r?,
+            r = &mut pump, if !pump_done => {
+                pump_done = true;
+                r?;
+                continue;
+            }
+        };
+        let Some(chunk) = chunk else { break };
+        let n = chunk.len();
+        job.io.borrow_mut().push_resp(chunk);
+        let _ = body.flow_control().release_capacity(n);
+        ctx.wake(job.conn);
+    }
+    let trailers = match tokio::time::timeout(timeouts.idle, body.trailers()).await {
+        Err(_) => return Err(Failure::Reset(format!("backend {backend_name}: trailers idle"))),
+        Ok(Err(e)) => return Err(Failure::Reset(format!("backend {backend_name}: {e}"))),
+        Ok(Ok(t)) => t,
+    };
+    {
+        let mut io = job.io.borrow_mut();
+        io.resp_trailers = trailers.as_ref().map(bridge::trailers_to_h3);
+        io.resp_fin = true;
+    }
+    ctx.wake(job.conn);
+    if !pump_done {
+        // The response is complete; an unfinished request body no longer matters.
+        drop(pump);
+    }
+    Ok(backend_name)
+}
+
+/// Moves the client's request body and trailers into the HTTP/2 stream, reserving HTTP/2
+/// send capacity before each write so nothing piles up unbounded inside h2.
+async fn pump_request(
+    job: &Job,
+    mut send: h2::SendStream<Bytes>,
+    idle: std::time::Duration,
+) -> Result<(), Failure> {
+    loop {
+        let event = match tokio::time::timeout(idle, poll_fn(|cx| job.io.borrow_mut().poll_req(cx.waker()))).await {
+            Ok(ev) => ev,
+            Err(_) => {
+                send.send_reset(h2::Reason::CANCEL);
+                return Err(Failure::Local(408, "request body idle".into(), None));
+            }
+        };
+        {
+            // The loop may have stopped reading from the client for lack of room.
+            let blocked = job.io.borrow().req_read_blocked;
+            if blocked {
+                job.ctx.wake(job.conn);
+            }
+        }
+        match event {
+            ReqEvent::Data(mut data) => {
+                while !data.is_empty() {
+                    send.reserve_capacity(data.len());
+                    let cap = match poll_fn(|cx| send.poll_capacity(cx)).await {
+                        Some(Ok(n)) => n,
+                        Some(Err(e)) => return Err(Failure::Reset(format!("request body: {e}"))),
+                        None => return Err(Failure::Reset("request body: upstream stream closed".into())),
+                    };
+                    let chunk = data.split_to(cap.min(data.len()));
+                    if let Err(e) = send.send_data(chunk, false) {
+                        return Err(Failure::Reset(format!("request body: {e}")));
+                    }
+                }
+            }
+            ReqEvent::End(Some(trailers)) => {
+                return send.send_trailers(trailers).map_err(|e| Failure::Reset(format!("request trailers: {e}")));
+            }
+            ReqEvent::End(None) => {
+                return send.send_data(Bytes::new(), true).map_err(|e| Failure::Reset(format!("request end: {e}")));
+            }
+            ReqEvent::Aborted => {
+                send.send_reset(h2::Reason::CANCEL);
+                return Err(Failure::ClientGone);
+            }
+        }
+    }
+}

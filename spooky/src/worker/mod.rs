@@ -1,0 +1,546 @@
+//! One worker per CPU: an OS thread (pinned when asked) running a single-threaded tokio
+//! runtime with a `LocalSet`. A worker owns one UDP socket of the listener's SO_REUSEPORT
+//! group, every QUIC connection whose connection IDs carry its index, its HTTP/2 pools and
+//! its load-balancer state. Nothing on the request path crosses threads or takes a lock.
+//!
+//! The loop: receive a batch of datagrams → feed each to its connection (accepting new ones,
+//! answering Retry / version negotiation, forwarding misrouted packets to their owner) →
+//! service every touched connection (HTTP/3 events, buffered response data) → send what
+//! quiche produced. Proxy tasks wake the loop through [`WorkerCtx::wake`]; quiche timers are
+//! kept in an ordered set.
+
+mod conn;
+pub mod stream;
+
+use crate::health::TrafficOutcome;
+use crate::lb::Balancer;
+use crate::server::{Forwarded, Shared, WorkerStats};
+use crate::upstream::{BackendPool, Connector, UpstreamError};
+use conn::Conn;
+use quiche::ConnectionId;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch, Notify};
+
+/// Largest UDP payload we receive or send.
+const MAX_DATAGRAM: usize = 65535;
+/// Datagrams taken from the socket before servicing connections.
+const RECV_BATCH: usize = 64;
+/// Lifetime of a Retry token.
+const TOKEN_LIFETIME: Duration = Duration::from_secs(30);
+
+/// What a worker thread is given.
+pub struct WorkerSetup {
+    pub index: usize,
+    pub socket: std::net::UdpSocket,
+    pub cpu: Option<usize>,
+    pub shared: Arc<Shared>,
+    pub inbox: mpsc::Receiver<Forwarded>,
+    pub peers: Vec<mpsc::Sender<Forwarded>>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Per-worker state that proxy tasks reach through an `Rc`.
+pub struct WorkerCtx {
+    pub index: usize,
+    pub shared: Arc<Shared>,
+    /// `[upstream][backend]`.
+    pub pools: Vec<Vec<Rc<BackendPool>>>,
+    pub balancers: Vec<RefCell<Balancer>>,
+    dirty: RefCell<Vec<(usize, u64)>>,
+    notify: Notify,
+}
+
+impl WorkerCtx {
+    /// Asks the loop to service connection `conn` (slot, generation) soon.
+    pub fn wake(&self, conn: (usize, u64)) {
+        self.dirty.borrow_mut().push(conn);
+        self.notify.notify_one();
+    }
+
+    /// Passive health: a failure on real traffic.
+    pub fn report(&self, upstream: usize, backend: usize, err: &UpstreamError) {
+        if err.is_backend_failure() {
+            let outcome = match err.kind {
+                crate::upstream::ErrorKind::ConnectTimeout
+                | crate::upstream::ErrorKind::ResponseTimeout
+                | crate::upstream::ErrorKind::IdleTimeout => TrafficOutcome::Timeout,
+                crate::upstream::ErrorKind::Connect
+                | crate::upstream::ErrorKind::Tls
+                | crate::upstream::ErrorKind::Handshake => TrafficOutcome::ConnectFailure,
+                _ => TrafficOutcome::ServerError,
+            };
+            self.shared.health.report(upstream, backend, outcome, None);
+        }
+    }
+
+    /// Passive health: the outcome of a response head, with its latency.
+    pub fn report_outcome(&self, upstream: usize, backend: usize, outcome: TrafficOutcome, latency: Duration) {
+        self.shared.health.report(upstream, backend, outcome, Some(latency));
+    }
+}
+
+/// Runs a worker on the current thread until shutdown completes.
+///
+/// # Errors
+/// A message when the runtime, the socket or the QUIC configuration cannot be set up.
+pub fn run(setup: WorkerSetup) -> Result<(), String> {
+    if let Some(cpu) = setup.cpu {
+        pin_to_cpu(cpu);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("worker {}: runtime: {e}", setup.index))?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let mut worker = Worker::new(setup)?;
+        worker.run().await;
+        Ok(())
+    })
+}
+
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; sched_setaffinity(0, …) affects only this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            tracing::warn!(cpu, "could not pin worker thread to its CPU");
+        }
+    }
+}
+
+struct Worker {
+    ctx: Rc<WorkerCtx>,
+    socket: tokio::net::UdpSocket,
+    local: SocketAddr,
+    qconfig: quiche::Config,
+    h3config: quiche::h3::Config,
+    conns: Vec<Option<Conn>>,
+    free: Vec<usize>,
+    next_gen: u64,
+    by_cid: HashMap<ConnectionId<'static>, usize>,
+    timers: BTreeSet<(Instant, usize)>,
+    inbox: mpsc::Receiver<Forwarded>,
+    peers: Vec<mpsc::Sender<Forwarded>>,
+    shutdown: watch::Receiver<bool>,
+    draining: Option<Instant>,
+    stats: Arc<WorkerStats>,
+    recv_buf: Vec<u8>,
+    out: Vec<u8>,
+    touched: Vec<usize>,
+    rate_window: Cell<(Instant, u32)>,
+}
+
+impl Worker {
+    fn new(setup: WorkerSetup) -> Result<Self, String> {
+        let shared = setup.shared;
+        let cfg = &shared.config;
+        let qconfig = crate::server::quic_config(cfg).map_err(|e| format!("worker {}: {e}", setup.index))?;
+        let mut h3config = quiche::h3::Config::new().map_err(|e| format!("h3 config: {e}"))?;
+        h3config.set_max_field_section_size(cfg.proxy.max_header_list_size);
+        setup.socket.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let local = setup.socket.local_addr().map_err(|e| e.to_string())?;
+        let socket = tokio::net::UdpSocket::from_std(setup.socket).map_err(|e| e.to_string())?;
+
+        let mut pools = Vec::with_capacity(cfg.upstreams.len());
+        let mut balancers = Vec::with_capacity(cfg.upstreams.len());
+        for (u, up) in cfg.upstreams.iter().enumerate() {
+            let mut row = Vec::with_capacity(up.backends.len());
+            for (b, backend) in up.backends.iter().enumerate() {
+                let tls = shared.backend_tls.get(u).and_then(|r| r.get(b)).cloned().flatten();
+                let connector = Connector::new(backend, tls, up.timeouts.connect)?;
+                row.push(Rc::new(BackendPool::new(connector)));
+            }
+            pools.push(row);
+            let weights: Vec<u32> = up.backends.iter().map(|b| b.weight).collect();
+            let ids: Vec<&str> = up.backends.iter().map(|b| b.id.as_str()).collect();
+            let seed = 0x5eed_0000 + setup.index as u64 * 7919 + u as u64;
+            balancers.push(RefCell::new(Balancer::with_ids(&up.load_balancing, &weights, &ids, seed)));
+        }
+        let stats = shared.stats[setup.index].clone();
+        let ctx = Rc::new(WorkerCtx {
+            index: setup.index,
+            shared,
+            pools,
+            balancers,
+            dirty: RefCell::new(Vec::new()),
+            notify: Notify::new(),
+        });
+        Ok(Self {
+            ctx,
+            socket,
+            local,
+            qconfig,
+            h3config,
+            conns: Vec::new(),
+            free: Vec::new(),
+            next_gen: 1,
+            by_cid: HashMap::new(),
+            timers: BTreeSet::new(),
+            inbox: setup.inbox,
+            peers: setup.peers,
+            shutdown: setup.shutdown,
+            draining: None,
+            stats,
+            recv_buf: vec![0; MAX_DATAGRAM],
+            out: vec![0; MAX_DATAGRAM],
+            touched: Vec::new(),
+            rate_window: Cell::new((Instant::now(), 0)),
+        })
+    }
+
+    async fn run(&mut self) {
+        tracing::debug!(worker = self.ctx.index, local = %self.local, "worker running");
+        loop {
+            let next_timer = self.timers.first().map(|(t, _)| *t);
+            let grace_end = self.draining;
+            tokio::select! {
+                biased;
+                r = self.socket.readable() => {
+                    if r.is_ok() {
+                        self.recv_batch();
+                    }
+                }
+                () = self.ctx.notify.notified() => {}
+                Some(fwd) = self.inbox.recv() => {
+                    let mut data = fwd.data;
+                    self.on_datagram(&mut data, fwd.from, true);
+                }
+                () = sleep_until(next_timer) => {
+                    self.fire_timers();
+                }
+                r = self.shutdown.changed(), if self.draining.is_none() => {
+                    if r.is_err() || *self.shutdown.borrow() {
+                        self.begin_drain();
+                    }
+                }
+                () = sleep_until(grace_end) => {
+                    self.close_all();
+                }
+            }
+            self.service_dirty();
+            self.service_touched().await;
+            if self.draining.is_some() && self.conns.iter().all(Option::is_none) {
+                tracing::info!(worker = self.ctx.index, "worker drained");
+                return;
+            }
+        }
+    }
+
+    fn recv_batch(&mut self) {
+        for _ in 0..RECV_BATCH {
+            let mut buf = std::mem::take(&mut self.recv_buf);
+            match self.socket.try_recv_from(&mut buf) {
+                Ok((len, from)) => {
+                    self.stats.packets_in.fetch_add(1, Ordering::Relaxed);
+                    self.on_datagram(&mut buf[..len], from, false);
+                    self.recv_buf = buf;
+                }
+                Err(_) => {
+                    self.recv_buf = buf;
+                    break;
+                }
+            }
+        }
+    }
+
+    /// One datagram from `from` (possibly several coalesced QUIC packets).
+    fn on_datagram(&mut self, data: &mut [u8], from: SocketAddr, forwarded: bool) {
+        let layout = self.ctx.shared.layout;
+        let hdr = match quiche::Header::from_slice(data, layout.cid_len()) {
+            Ok(h) => h,
+            Err(_) => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        if let Some(&slot) = self.by_cid.get(&hdr.dcid) {
+            self.feed(slot, data, from);
+            return;
+        }
+        // Not a connection of ours: whose is it?
+        let workers = self.peers.len() as u32;
+        let owner = spooky_common::cid::steer(&layout, &hdr.dcid, workers) as usize;
+        if owner != self.ctx.index && !forwarded {
+            self.stats.misrouted.fetch_add(1, Ordering::Relaxed);
+            if let Some(peer) = self.peers.get(owner) {
+                let _ = peer.try_send(Forwarded { data: data.to_vec(), from });
+            }
+            return;
+        }
+        if hdr.ty != quiche::Type::Initial {
+            // A short header for a connection we no longer know, or junk.
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if !quiche::version_is_supported(hdr.version) {
+            if let Ok(len) = quiche::negotiate_version(&hdr.scid, &hdr.dcid, &mut self.out) {
+                let _ = self.socket.try_send_to(&self.out[..len], from);
+            }
+            return;
+        }
+        if self.draining.is_some() {
+            return;
+        }
+        self.accept(hdr, data, from);
+    }
+
+    fn new_cid(&self) -> ConnectionId<'static> {
+        let shared = &self.ctx.shared;
+        let mut nonce = [0u8; 20];
+        let _ = ring::rand::SecureRandom::fill(&shared.rng, &mut nonce);
+        let mut cid = [0u8; 20];
+        let n = shared.layout.write(&shared.config.quic.server_id, self.ctx.index as u8, &nonce, &mut cid);
+        ConnectionId::from_vec(cid[..n].to_vec())
+    }
+
+    fn retry_wanted(&self) -> bool {
+        match self.ctx.shared.config.quic.retry {
+            crate::config::RetryMode::Off => false,
+            crate::config::RetryMode::Always => true,
+            crate::config::RetryMode::Auto { new_connections_per_sec } => {
+                let (start, count) = self.rate_window.get();
+                start.elapsed() < Duration::from_secs(1) && count >= new_connections_per_sec
+            }
+        }
+    }
+
+    fn count_new_connection(&self) {
+        let (start, count) = self.rate_window.get();
+        let now = Instant::now();
+        if now.duration_since(start) >= Duration::from_secs(1) {
+            self.rate_window.set((now, 1));
+        } else {
+            self.rate_window.set((start, count.saturating_add(1)));
+        }
+    }
+
+    fn accept(&mut self, hdr: quiche::Header<'_>, data: &mut [u8], from: SocketAddr) {
+        // RFC 9000 §14.1: a client Initial must be in a datagram of at least 1200 bytes.
+        if data.len() < 1200 {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if self.live_conns() >= self.ctx.shared.config.quic.max_connections / self.peers.len().max(1) + 1 {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let token = hdr.token.as_deref().unwrap_or(&[]);
+        let mut odcid = None;
+        if !token.is_empty() {
+            match crate::server::validate_token(&self.ctx.shared.token_key, token, &from, TOKEN_LIFETIME) {
+                Some(id) => odcid = Some(id),
+                None => {
+                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        } else if self.retry_wanted() {
+            let new_scid = self.new_cid();
+            let token = crate::server::mint_token(&self.ctx.shared.token_key, &hdr.dcid, &from);
+            if let Ok(len) = quiche::retry(&hdr.scid, &hdr.dcid, &new_scid, &token, hdr.version, &mut self.out) {
+                let _ = self.socket.try_send_to(&self.out[..len], from);
+                self.stats.retry_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        self.count_new_connection();
+        // After a Retry the client's DCID is the retry SCID we chose: keep it as our SCID.
+        let scid = if odcid.is_some() { hdr.dcid.clone().into_owned() } else { self.new_cid() };
+        let odcid_ref = odcid.as_ref();
+        let quic = match quiche::accept(&scid, odcid_ref, self.local, from, &mut self.qconfig) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(peer = %from, error = %e, "accept failed");
+                return;
+            }
+        };
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.conns.push(None);
+            self.conns.len() - 1
+        });
+        let gen = self.next_gen;
+        self.next_gen += 1;
+        let client_dcid = hdr.dcid.clone().into_owned();
+        self.by_cid.insert(scid.clone(), slot);
+        let mut aliases = vec![scid];
+        if odcid.is_none() {
+            // The client's retransmitted Initials still carry its own DCID.
+            self.by_cid.insert(client_dcid.clone(), slot);
+            aliases.push(client_dcid);
+        }
+        self.conns[slot] = Some(Conn::new(quic, from, gen, aliases));
+        self.stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
+        self.stats.connections_active.fetch_add(1, Ordering::Relaxed);
+        self.feed(slot, data, from);
+    }
+
+    fn live_conns(&self) -> usize {
+        self.conns.len() - self.free.len()
+    }
+
+    fn feed(&mut self, slot: usize, data: &mut [u8], from: SocketAddr) {
+        let local = self.local;
+        let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else { return };
+        let info = quiche::RecvInfo { from, to: local };
+        if let Err(e) = conn.quic.recv(data, info) {
+            tracing::trace!(error = %e, "recv failed");
+        }
+        conn.peer = from;
+        if !conn.touched {
+            conn.touched = true;
+            self.touched.push(slot);
+        }
+    }
+
+    fn fire_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(&(t, slot)) = self.timers.first() {
+            if t > now {
+                break;
+            }
+            self.timers.pop_first();
+            if let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) {
+                conn.deadline = None;
+                conn.quic.on_timeout();
+                if !conn.touched {
+                    conn.touched = true;
+                    self.touched.push(slot);
+                }
+            }
+        }
+    }
+
+    fn service_dirty(&mut self) {
+        let dirty = std::mem::take(&mut *self.ctx.dirty.borrow_mut());
+        for (slot, gen) in dirty {
+            if let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) {
+                if conn.gen == gen && !conn.touched {
+                    conn.touched = true;
+                    self.touched.push(slot);
+                }
+            }
+        }
+    }
+
+    async fn service_touched(&mut self) {
+        while let Some(slot) = self.touched.pop() {
+            let Some(mut conn) = self.conns.get_mut(slot).and_then(Option::take) else { continue };
+            conn.touched = false;
+            conn.service(&self.ctx, &self.h3config, slot, self.draining.is_some());
+            self.provide_cids(&mut conn, slot);
+            self.flush(&mut conn).await;
+            if conn.quic.is_closed() {
+                self.remove(slot, conn);
+                continue;
+            }
+            let deadline = conn.quic.timeout_instant();
+            if deadline != conn.deadline {
+                if let Some(old) = conn.deadline {
+                    self.timers.remove(&(old, slot));
+                }
+                if let Some(new) = deadline {
+                    self.timers.insert((new, slot));
+                }
+                conn.deadline = deadline;
+            }
+            self.conns[slot] = Some(conn);
+        }
+    }
+
+    /// Gives the client spare connection IDs (all encoding this worker) so that it can
+    /// migrate, and forgets the ones it retired.
+    fn provide_cids(&mut self, conn: &mut Conn, slot: usize) {
+        while let Some(old) = conn.quic.retired_scid_next() {
+            self.by_cid.remove(&old);
+            conn.aliases.retain(|c| *c != old);
+        }
+        if !conn.quic.is_established() {
+            return;
+        }
+        while conn.quic.scids_left() > 0 && conn.aliases.len() < 8 {
+            let cid = self.new_cid();
+            let token = crate::server::reset_token(&self.ctx.shared.token_key, &cid);
+            if conn.quic.new_scid(&cid, token, false).is_err() {
+                break;
+            }
+            self.by_cid.insert(cid.clone(), slot);
+            conn.aliases.push(cid);
+        }
+    }
+
+    async fn flush(&mut self, conn: &mut Conn) {
+        loop {
+            match conn.quic.send(&mut self.out) {
+                Ok((len, info)) => {
+                    self.stats.packets_out.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = self.socket.send_to(&self.out[..len], info.to).await {
+                        tracing::debug!(error = %e, to = %info.to, "send failed");
+                        break;
+                    }
+                }
+                Err(quiche::Error::Done) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "quic send failed");
+                    let _ = conn.quic.close(false, 0x1, b"");
+                    break;
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, slot: usize, mut conn: Conn) {
+        for cid in conn.aliases.drain(..) {
+            if self.by_cid.get(&cid) == Some(&slot) {
+                self.by_cid.remove(&cid);
+            }
+        }
+        if let Some(old) = conn.deadline {
+            self.timers.remove(&(old, slot));
+        }
+        conn.abort_streams();
+        self.stats.connections_active.fetch_sub(1, Ordering::Relaxed);
+        self.free.push(slot);
+    }
+
+    fn begin_drain(&mut self) {
+        let grace = self.ctx.shared.config.proxy.shutdown_grace;
+        tracing::info!(worker = self.ctx.index, connections = self.live_conns(), ?grace, "draining");
+        self.draining = Some(Instant::now() + grace);
+        for (slot, c) in self.conns.iter_mut().enumerate() {
+            if let Some(conn) = c {
+                if !conn.touched {
+                    conn.touched = true;
+                    self.touched.push(slot);
+                }
+            }
+        }
+    }
+
+    fn close_all(&mut self) {
+        for (slot, c) in self.conns.iter_mut().enumerate() {
+            if let Some(conn) = c {
+                let _ = conn.quic.close(true, crate::bridge::H3_NO_ERROR, b"shutdown");
+                if !conn.touched {
+                    conn.touched = true;
+                    self.touched.push(slot);
+                }
+            }
+        }
+        self.draining = Some(Instant::now() + Duration::from_secs(3600));
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}

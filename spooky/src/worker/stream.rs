@@ -1,0 +1,139 @@
+//! The state one request stream shares between its worker's QUIC loop and its proxy task,
+//! both on the same thread (`Rc<RefCell<…>>`, no locks). Both directions are bounded
+//! buffers: the loop stops reading the client's body when `req` is full (QUIC flow control
+//! then pushes back on the client), and the task stops reading the backend's body when
+//! `resp` is full (HTTP/2 flow control pushes back on the backend).
+
+use bytes::Bytes;
+use quiche::h3::Header;
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+
+/// Most request-body bytes buffered per stream between client and backend.
+pub const REQ_BUF_LIMIT: usize = 256 * 1024;
+/// Most response-body bytes buffered per stream between backend and client.
+pub const RESP_BUF_LIMIT: usize = 256 * 1024;
+
+/// What the proxy task gets next from the client side.
+pub enum ReqEvent {
+    Data(Bytes),
+    /// The body ended, with optional trailers.
+    End(Option<http::HeaderMap>),
+    /// The client reset the stream or the connection went away.
+    Aborted,
+}
+
+#[derive(Default)]
+pub struct StreamIo {
+    // client → backend
+    pub req: VecDeque<Bytes>,
+    pub req_buffered: usize,
+    pub req_fin: bool,
+    pub req_trailers: Option<http::HeaderMap>,
+    pub req_received: u64,
+    pub req_expected: Option<u64>,
+    /// The loop stopped reading because `req` was full; the task asks for more when it drains.
+    pub req_read_blocked: bool,
+    req_waker: Option<Waker>,
+
+    // backend → client
+    pub resp_head: Option<Vec<Header>>,
+    pub resp_body: VecDeque<Bytes>,
+    pub resp_buffered: usize,
+    pub resp_trailers: Option<Vec<Header>>,
+    pub resp_fin: bool,
+    /// Reset the client stream with this HTTP/3 error code instead of finishing it.
+    pub resp_reset: Option<u64>,
+    resp_waker: Option<Waker>,
+
+    // loop-side progress
+    pub head_sent: bool,
+    pub resp_done: bool,
+    /// The client side is gone (stream reset, STOP_SENDING or connection closed).
+    pub client_gone: bool,
+    pub task_done: bool,
+    /// Response status, for logs and metrics.
+    pub status: u16,
+    pub bytes_out: u64,
+}
+
+pub type SharedStream = Rc<RefCell<StreamIo>>;
+
+impl StreamIo {
+    pub fn new(expected: Option<u64>) -> SharedStream {
+        Rc::new(RefCell::new(StreamIo { req_expected: expected, ..Default::default() }))
+    }
+
+    /// Loop side: a body chunk from the client.
+    pub fn push_req(&mut self, data: Bytes) {
+        self.req_received += data.len() as u64;
+        self.req_buffered += data.len();
+        self.req.push_back(data);
+        self.wake_req();
+    }
+
+    pub fn wake_req(&mut self) {
+        if let Some(w) = self.req_waker.take() {
+            w.wake();
+        }
+    }
+
+    pub fn wake_resp(&mut self) {
+        if let Some(w) = self.resp_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Loop side: the client is gone; wake the task so it stops.
+    pub fn abort_client(&mut self) {
+        self.client_gone = true;
+        self.wake_req();
+        self.wake_resp();
+    }
+
+    /// Task side: the next request event, or `Pending` with the waker kept.
+    pub fn poll_req(&mut self, waker: &Waker) -> Poll<ReqEvent> {
+        if let Some(chunk) = self.req.pop_front() {
+            self.req_buffered -= chunk.len();
+            return Poll::Ready(ReqEvent::Data(chunk));
+        }
+        if self.client_gone {
+            return Poll::Ready(ReqEvent::Aborted);
+        }
+        if self.req_fin {
+            return Poll::Ready(ReqEvent::End(self.req_trailers.take()));
+        }
+        self.req_waker = Some(waker.clone());
+        Poll::Pending
+    }
+
+    /// Task side: ready when the response buffer has room (`Ok`) or the client left (`Err`).
+    pub fn poll_resp_room(&mut self, waker: &Waker) -> Poll<Result<(), ()>> {
+        if self.client_gone {
+            return Poll::Ready(Err(()));
+        }
+        if self.resp_buffered < RESP_BUF_LIMIT {
+            return Poll::Ready(Ok(()));
+        }
+        self.resp_waker = Some(waker.clone());
+        Poll::Pending
+    }
+
+    /// Task side: a response body chunk.
+    pub fn push_resp(&mut self, data: Bytes) {
+        self.resp_buffered += data.len();
+        self.resp_body.push_back(data);
+    }
+
+    /// Task side: a whole local response (404, 502, …).
+    pub fn respond_local(&mut self, status: u16, fields: Vec<Header>, body: Bytes) {
+        self.status = status;
+        self.resp_head = Some(fields);
+        if !body.is_empty() {
+            self.push_resp(body);
+        }
+        self.resp_fin = true;
+    }
+}
