@@ -1,6 +1,7 @@
 //! Embeds the eBPF object built by `cargo xtask build-ebpf`
-//! (`spooky-ebpf/target/bpfel-unknown-none/release/spooky-ebpf`): its path goes to the crate as `SPOOKY_EBPF_OBJECT`. When it has not been built, the crate
-//! still builds (with a warning) against an empty file, and loading fails at run time with
+//! (`spooky-ebpf/target/bpfel-unknown-none/release/spooky-ebpf`): its path goes to the crate
+//! as `SPOOKY_EBPF_OBJECT`. When it has not been built, the crate still builds (with a
+//! warning) against an empty file, and loading fails at run time with
 //! `EbpfError::ObjectMissing`, which says to run `cargo xtask build-ebpf`.
 
 use std::path::PathBuf;
@@ -15,14 +16,12 @@ fn main() {
     println!("cargo:rerun-if-changed={}", watched.display());
     println!("cargo:rerun-if-changed=build.rs");
     let embedded = if object.is_file() {
-        println!("cargo:rustc-env=SPOOKY_EBPF_EMBEDDED=1");
         object
     } else {
         println!(
             "cargo:warning=eBPF object {} not found: run `cargo xtask build-ebpf` (spooky builds without it; loading eBPF fails at run time)",
             object.display()
         );
-        println!("cargo:rustc-env=SPOOKY_EBPF_EMBEDDED=0");
         let out = PathBuf::from(std::env::var_os("OUT_DIR").unwrap_or_default());
         let empty = out.join("spooky-ebpf.missing");
         if let Err(e) = std::fs::write(&empty, b"") {

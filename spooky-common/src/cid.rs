@@ -81,7 +81,11 @@ impl CidLayout {
         if generation >= UNROUTABLE_GENERATION {
             return Err(LayoutError::Generation);
         }
-        Ok(Self { cid_len, server_id_len, generation })
+        Ok(Self {
+            cid_len,
+            server_id_len,
+            generation,
+        })
     }
 
     /// Total connection ID length in bytes.

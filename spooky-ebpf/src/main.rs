@@ -98,7 +98,7 @@ fn owning_worker(config: &SteeringConfig, header: &QuicHeader) -> Option<u32> {
     if config.workers == 0 {
         return None;
     }
-    let workers = if config.workers > MAX_WORKERS { MAX_WORKERS } else { config.workers };
+    let workers = config.workers.min(MAX_WORKERS);
     let dcid = header.dcid();
     let named = layout.worker_of(dcid);
     let worker = steer(&layout, dcid, workers);
@@ -148,7 +148,12 @@ fn try_spooky_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
         return Err(Counter::DropTruncated);
     }
     let payload = udp.offset + UDP_HDR_LEN;
-    let quic = quic::parse(&pkt, payload, udp_len - UDP_HDR_LEN, usize::from(config.cid_len))?;
+    let quic = quic::parse(
+        &pkt,
+        payload,
+        udp_len - UDP_HDR_LEN,
+        usize::from(config.cid_len),
+    )?;
     count(match quic.form {
         Form::Short => Counter::QuicShort,
         Form::Long => Counter::QuicLong,
@@ -203,7 +208,7 @@ fn try_spooky_reuseport(ctx: &SkReuseportContext) -> Option<()> {
     if config.workers == 0 {
         return None;
     }
-    let workers = if config.workers > MAX_WORKERS { MAX_WORKERS } else { config.workers };
+    let workers = config.workers.min(MAX_WORKERS);
     let worker = steer(&layout, quic.dcid(), workers);
     if !WORKERS.get(worker)?.is_alive() {
         return None;
@@ -217,6 +222,8 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
+/// The project's license (SPDX id). Not GPL-compatible, so GPL-only helpers (e.g.
+/// `bpf_trace_printk`, perf event output) are unavailable; none is used.
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 12] = *b"Elastic-2.0\0";

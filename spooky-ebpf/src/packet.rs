@@ -147,7 +147,10 @@ pub fn locate_udp(pkt: &Packet) -> Option<UdpLocation> {
         _ => return None,
     };
     let udp: UdpHdr = pkt.read(udp_offset)?;
-    Some(UdpLocation { offset: udp_offset, dst_port: u16::from_be_bytes(udp.dst_port) })
+    Some(UdpLocation {
+        offset: udp_offset,
+        dst_port: u16::from_be_bytes(udp.dst_port),
+    })
 }
 
 /// Offset of the UDP header after the IPv4 header at `offset` (options skipped by IHL).

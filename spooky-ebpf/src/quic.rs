@@ -39,7 +39,7 @@ impl QuicHeader {
     /// The destination connection ID.
     #[inline(always)]
     pub fn dcid(&self) -> &[u8] {
-        let len = if self.dcid_len > MAX_CID_LEN { MAX_CID_LEN } else { self.dcid_len };
+        let len = self.dcid_len.min(MAX_CID_LEN);
         &self.dcid[..len]
     }
 }
@@ -65,7 +65,11 @@ pub fn parse(
         if short_dcid_len > MAX_CID_LEN || payload_len < 1 + short_dcid_len {
             return Err(Counter::DropTruncated);
         }
-        let mut header = QuicHeader { form: Form::Short, dcid: [0; MAX_CID_LEN], dcid_len: 0 };
+        let mut header = QuicHeader {
+            form: Form::Short,
+            dcid: [0; MAX_CID_LEN],
+            dcid_len: 0,
+        };
         copy_dcid(pkt, offset + 1, short_dcid_len, &mut header)?;
         return Ok(header);
     }
@@ -84,7 +88,11 @@ pub fn parse(
     if is_initial(version, first) && payload_len < MIN_INITIAL_DATAGRAM {
         return Err(Counter::DropShortInitial);
     }
-    let mut header = QuicHeader { form: Form::Long, dcid: [0; MAX_CID_LEN], dcid_len: 0 };
+    let mut header = QuicHeader {
+        form: Form::Long,
+        dcid: [0; MAX_CID_LEN],
+        dcid_len: 0,
+    };
     copy_dcid(pkt, offset + LONG_PREFIX_LEN, dcid_len, &mut header)?;
     Ok(header)
 }

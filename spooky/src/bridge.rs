@@ -24,8 +24,13 @@ pub const H3_INTERNAL_ERROR: u64 = 0x102;
 pub const H3_NO_ERROR: u64 = 0x100;
 
 /// Header fields that are connection-specific in HTTP/1.1 and malformed in HTTP/2 and 3.
-const CONNECTION_SPECIFIC: &[&str] =
-    &["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"];
+const CONNECTION_SPECIFIC: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+];
 
 /// Why a request head is malformed. Every variant maps to `H3_MESSAGE_ERROR` (and a 400).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -83,7 +88,10 @@ impl RequestHead {
 
     /// First value of the regular field `name` (lowercase).
     pub fn field(&self, name: &str) -> Option<&[u8]> {
-        self.fields.iter().find(|(n, _)| n.as_ref() == name.as_bytes()).map(|(_, v)| v.as_ref())
+        self.fields
+            .iter()
+            .find(|(n, _)| n.as_ref() == name.as_bytes())
+            .map(|(_, v)| v.as_ref())
     }
 }
 
@@ -210,7 +218,8 @@ pub fn validate_request(list: &[Header]) -> Result<RequestHead, RequestError> {
     }
     let scheme = scheme.ok_or(RequestError::MissingPseudo(":scheme"))?;
     let path = path.ok_or(RequestError::MissingPseudo(":path"))?;
-    if path.is_empty() || !(path.starts_with(b"/") || (path.as_ref() == b"*" && method == Method::OPTIONS))
+    if path.is_empty()
+        || !(path.starts_with(b"/") || (path.as_ref() == b"*" && method == Method::OPTIONS))
     {
         return Err(RequestError::BadTarget);
     }
@@ -219,7 +228,10 @@ pub fn validate_request(list: &[Header]) -> Result<RequestHead, RequestError> {
     }
     let authority = match (authority, host) {
         (Some(a), Some(h)) if !a.eq_ignore_ascii_case(&h) => {
-            return Err(RequestError::HostMismatch { host: lossy(&h), authority: lossy(&a) })
+            return Err(RequestError::HostMismatch {
+                host: lossy(&h),
+                authority: lossy(&a),
+            })
         }
         (Some(a), _) => a,
         (None, Some(h)) => h,
@@ -228,7 +240,14 @@ pub fn validate_request(list: &[Header]) -> Result<RequestHead, RequestError> {
     if !authority.iter().all(|b| b.is_ascii_graphic()) || authority.contains(&b'@') {
         return Err(RequestError::BadTarget);
     }
-    Ok(RequestHead { method, scheme, authority, path, fields, content_length })
+    Ok(RequestHead {
+        method,
+        scheme,
+        authority,
+        path,
+        fields,
+        content_length,
+    })
 }
 
 fn parse_content_length(v: &[u8]) -> Result<u64, RequestError> {
@@ -262,11 +281,19 @@ pub struct ConvertError(String);
 /// [`ConvertError`] when the URI or a field cannot be represented (already validated input
 /// makes this rare).
 pub fn to_h2_request(head: &RequestHead, hop: &Hop) -> Result<Request<()>, ConvertError> {
-    let scheme: &[u8] = if head.scheme.is_empty() { b"https" } else { &head.scheme };
+    let scheme: &[u8] = if head.scheme.is_empty() {
+        b"https"
+    } else {
+        &head.scheme
+    };
     let mut uri = Vec::with_capacity(scheme.len() + 3 + head.authority.len() + head.path.len());
     uri.extend_from_slice(scheme);
     uri.extend_from_slice(b"://");
-    uri.extend_from_slice(if head.authority.is_empty() { b"localhost" } else { &head.authority });
+    uri.extend_from_slice(if head.authority.is_empty() {
+        b"localhost"
+    } else {
+        &head.authority
+    });
     uri.extend_from_slice(&head.path);
     let uri = Uri::from_maybe_shared(Bytes::from(uri)).map_err(|e| ConvertError(e.to_string()))?;
 
@@ -423,11 +450,18 @@ mod tests {
     use super::*;
 
     fn h(list: &[(&str, &str)]) -> Vec<Header> {
-        list.iter().map(|(n, v)| Header::new(n.as_bytes(), v.as_bytes())).collect()
+        list.iter()
+            .map(|(n, v)| Header::new(n.as_bytes(), v.as_bytes()))
+            .collect()
     }
 
     fn good() -> Vec<(&'static str, &'static str)> {
-        vec![(":method", "GET"), (":scheme", "https"), (":authority", "example.com"), (":path", "/a?b")]
+        vec![
+            (":method", "GET"),
+            (":scheme", "https"),
+            (":authority", "example.com"),
+            (":path", "/a?b"),
+        ]
     }
 
     fn with(extra: &[(&'static str, &'static str)]) -> Vec<Header> {
@@ -451,22 +485,77 @@ mod tests {
         use RequestError as E;
         let cases: Vec<(Vec<Header>, E)> = vec![
             (with(&[("Accept", "x")]), E::BadName("Accept".into())),
-            (with(&[("connection", "close")]), E::ConnectionSpecific("connection".into())),
-            (with(&[("transfer-encoding", "chunked")]), E::ConnectionSpecific("transfer-encoding".into())),
+            (
+                with(&[("connection", "close")]),
+                E::ConnectionSpecific("connection".into()),
+            ),
+            (
+                with(&[("transfer-encoding", "chunked")]),
+                E::ConnectionSpecific("transfer-encoding".into()),
+            ),
             (with(&[("te", "gzip")]), E::BadTe),
             (with(&[("content-length", "12a")]), E::BadContentLength),
-            (with(&[("content-length", "1"), ("content-length", "2")]), E::BadContentLength),
+            (
+                with(&[("content-length", "1"), ("content-length", "2")]),
+                E::BadContentLength,
+            ),
             (with(&[("x", "a\r\nb")]), E::BadValue("x".into())),
             (with(&[("x", " lead")]), E::BadValue("x".into())),
-            (with(&[("host", "other.com")]), E::HostMismatch { host: "other.com".into(), authority: "example.com".into() }),
-            (h(&[(":method", "GET"), (":method", "GET"), (":scheme", "https"), (":path", "/")]), E::DuplicatePseudo(":method")),
-            (h(&[(":scheme", "https"), (":path", "/")]), E::MissingPseudo(":method")),
-            (h(&[(":method", "GET"), (":path", "/")]), E::MissingPseudo(":scheme")),
-            (h(&[(":method", "GET"), (":scheme", "https")]), E::MissingPseudo(":path")),
-            (h(&[(":method", "GET"), (":scheme", "https"), (":path", "")]), E::BadTarget),
-            (h(&[(":method", "GET"), (":scheme", "https"), (":path", "/"), ("a", "b"), (":authority", "x")]), E::PseudoAfterRegular(":authority".into())),
-            (h(&[(":method", "GET"), (":scheme", "https"), (":path", "/"), (":protocol", "websocket")]), E::UnknownPseudo(":protocol".into())),
-            (h(&[(":method", "G ET"), (":scheme", "https"), (":path", "/")]), E::BadMethod),
+            (
+                with(&[("host", "other.com")]),
+                E::HostMismatch {
+                    host: "other.com".into(),
+                    authority: "example.com".into(),
+                },
+            ),
+            (
+                h(&[
+                    (":method", "GET"),
+                    (":method", "GET"),
+                    (":scheme", "https"),
+                    (":path", "/"),
+                ]),
+                E::DuplicatePseudo(":method"),
+            ),
+            (
+                h(&[(":scheme", "https"), (":path", "/")]),
+                E::MissingPseudo(":method"),
+            ),
+            (
+                h(&[(":method", "GET"), (":path", "/")]),
+                E::MissingPseudo(":scheme"),
+            ),
+            (
+                h(&[(":method", "GET"), (":scheme", "https")]),
+                E::MissingPseudo(":path"),
+            ),
+            (
+                h(&[(":method", "GET"), (":scheme", "https"), (":path", "")]),
+                E::BadTarget,
+            ),
+            (
+                h(&[
+                    (":method", "GET"),
+                    (":scheme", "https"),
+                    (":path", "/"),
+                    ("a", "b"),
+                    (":authority", "x"),
+                ]),
+                E::PseudoAfterRegular(":authority".into()),
+            ),
+            (
+                h(&[
+                    (":method", "GET"),
+                    (":scheme", "https"),
+                    (":path", "/"),
+                    (":protocol", "websocket"),
+                ]),
+                E::UnknownPseudo(":protocol".into()),
+            ),
+            (
+                h(&[(":method", "G ET"), (":scheme", "https"), (":path", "/")]),
+                E::BadMethod,
+            ),
         ];
         for (list, want) in cases {
             assert_eq!(validate_request(&list).unwrap_err(), want);
@@ -475,7 +564,12 @@ mod tests {
 
     #[test]
     fn host_alone_becomes_the_authority_and_is_not_forwarded() {
-        let list = h(&[(":method", "GET"), (":scheme", "https"), (":path", "/"), ("host", "Example.com")]);
+        let list = h(&[
+            (":method", "GET"),
+            (":scheme", "https"),
+            (":path", "/"),
+            ("host", "Example.com"),
+        ]);
         let head = validate_request(&list).unwrap();
         assert_eq!(head.authority_str(), "Example.com");
         assert!(head.field("host").is_none());
@@ -485,7 +579,11 @@ mod tests {
     }
 
     fn hop(mode: ForwardedMode) -> Hop {
-        Hop { client_ip: "192.0.2.7".parse().unwrap(), mode, via: true }
+        Hop {
+            client_ip: "192.0.2.7".parse().unwrap(),
+            mode,
+            via: true,
+        }
     }
 
     #[test]
@@ -503,7 +601,10 @@ mod tests {
         let cookies: Vec<_> = req.headers().get_all("cookie").iter().collect();
         assert_eq!(cookies, ["a=1", "b=2"]);
         assert_eq!(req.headers()["x-forwarded-for"], "198.51.100.1, 192.0.2.7");
-        assert_eq!(req.headers()["forwarded"], "for=192.0.2.7;proto=https;host=\"example.com\"");
+        assert_eq!(
+            req.headers()["forwarded"],
+            "for=192.0.2.7;proto=https;host=\"example.com\""
+        );
         assert_eq!(req.headers()["x-forwarded-proto"], "https");
         assert_eq!(req.headers()["x-forwarded-host"], "example.com");
         assert_eq!(req.headers()["via"], "3 spooky");
@@ -513,11 +614,25 @@ mod tests {
 
     #[test]
     fn replace_and_off_modes() {
-        let head = validate_request(&with(&[("x-forwarded-for", "6.6.6.6"), ("forwarded", "for=6.6.6.6")])).unwrap();
+        let head = validate_request(&with(&[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("forwarded", "for=6.6.6.6"),
+        ]))
+        .unwrap();
         let req = to_h2_request(&head, &hop(ForwardedMode::Replace)).unwrap();
         assert_eq!(req.headers()["x-forwarded-for"], "192.0.2.7");
-        assert_eq!(req.headers()["forwarded"], "for=192.0.2.7;proto=https;host=\"example.com\"");
-        let req = to_h2_request(&head, &Hop { via: false, ..hop(ForwardedMode::Off) }).unwrap();
+        assert_eq!(
+            req.headers()["forwarded"],
+            "for=192.0.2.7;proto=https;host=\"example.com\""
+        );
+        let req = to_h2_request(
+            &head,
+            &Hop {
+                via: false,
+                ..hop(ForwardedMode::Off)
+            },
+        )
+        .unwrap();
         assert_eq!(req.headers()["x-forwarded-for"], "6.6.6.6");
         assert!(req.headers().get("x-forwarded-proto").is_none());
         assert!(req.headers().get("via").is_none());
@@ -526,9 +641,16 @@ mod tests {
     #[test]
     fn ipv6_clients_are_quoted_in_forwarded() {
         let head = validate_request(&with(&[])).unwrap();
-        let hop = Hop { client_ip: "2001:db8::1".parse().unwrap(), mode: ForwardedMode::Append, via: false };
+        let hop = Hop {
+            client_ip: "2001:db8::1".parse().unwrap(),
+            mode: ForwardedMode::Append,
+            via: false,
+        };
         let req = to_h2_request(&head, &hop).unwrap();
-        assert_eq!(req.headers()["forwarded"], "for=\"[2001:db8::1]\";proto=https;host=\"example.com\"");
+        assert_eq!(
+            req.headers()["forwarded"],
+            "for=\"[2001:db8::1]\";proto=https;host=\"example.com\""
+        );
     }
 
     #[test]
@@ -537,7 +659,10 @@ mod tests {
         map.insert("content-type", HeaderValue::from_static("text/plain"));
         map.insert("connection", HeaderValue::from_static("close"));
         let out = response_to_h3(http::StatusCode::OK, &map);
-        let names: Vec<_> = out.iter().map(|h| String::from_utf8_lossy(h.name()).into_owned()).collect();
+        let names: Vec<_> = out
+            .iter()
+            .map(|h| String::from_utf8_lossy(h.name()).into_owned())
+            .collect();
         assert_eq!(names, [":status", "content-type"]);
         assert_eq!(out[0].value(), b"200");
     }

@@ -36,7 +36,12 @@ pub struct ClientOptions {
 
 impl Default for ClientOptions {
     fn default() -> Self {
-        Self { verify: false, ca: None, server_name: "localhost".into(), idle_timeout: Duration::from_secs(30) }
+        Self {
+            verify: false,
+            ca: None,
+            server_name: "localhost".into(),
+            idle_timeout: Duration::from_secs(30),
+        }
     }
 }
 
@@ -55,7 +60,10 @@ pub struct Response {
 impl Response {
     /// First value of header `name`.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Whether the stream has ended one way or another.
@@ -83,14 +91,20 @@ impl Request {
     pub fn new(method: &str, authority: &str, path: &str) -> Self {
         let f = |n: &str, v: &str| (n.as_bytes().to_vec(), v.as_bytes().to_vec());
         Self {
-            fields: vec![f(":method", method), f(":scheme", "https"), f(":authority", authority), f(":path", path)],
+            fields: vec![
+                f(":method", method),
+                f(":scheme", "https"),
+                f(":authority", authority),
+                f(":path", path),
+            ],
             ..Default::default()
         }
     }
 
     /// Adds a field.
     pub fn header(mut self, name: &str, value: &str) -> Self {
-        self.fields.push((name.as_bytes().to_vec(), value.as_bytes().to_vec()));
+        self.fields
+            .push((name.as_bytes().to_vec(), value.as_bytes().to_vec()));
         self
     }
 
@@ -102,7 +116,8 @@ impl Request {
 
     /// Adds a trailer field.
     pub fn trailer(mut self, name: &str, value: &str) -> Self {
-        self.trailers.push((name.as_bytes().to_vec(), value.as_bytes().to_vec()));
+        self.trailers
+            .push((name.as_bytes().to_vec(), value.as_bytes().to_vec()));
         self
     }
 }
@@ -134,7 +149,12 @@ fn to_h3(fields: &[(Vec<u8>, Vec<u8>)]) -> Vec<h3::Header> {
 
 fn from_h3(list: &[h3::Header]) -> Vec<(String, String)> {
     list.iter()
-        .map(|h| (String::from_utf8_lossy(h.name()).into_owned(), String::from_utf8_lossy(h.value()).into_owned()))
+        .map(|h| {
+            (
+                String::from_utf8_lossy(h.name()).into_owned(),
+                String::from_utf8_lossy(h.value()).into_owned(),
+            )
+        })
         .collect()
 }
 
@@ -143,8 +163,18 @@ impl Client {
     ///
     /// # Errors
     /// [`ClientError`] on socket, TLS or QUIC failure, or timeout.
-    pub fn connect(peer: SocketAddr, opts: &ClientOptions, timeout: Duration) -> Result<Self, ClientError> {
-        let bind: SocketAddr = if peer.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().map_err(|_| ClientError::Timeout("bind"))?;
+    pub fn connect(
+        peer: SocketAddr,
+        opts: &ClientOptions,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let bind: SocketAddr = if peer.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        }
+        .parse()
+        .map_err(|_| ClientError::Timeout("bind"))?;
         let socket = UdpSocket::bind(bind)?;
         let mut cfg = quiche::Config::new(quiche::PROTOCOL_VERSION)?;
         cfg.set_application_protos(h3::APPLICATION_PROTOCOL)?;
@@ -163,7 +193,8 @@ impl Client {
         cfg.set_initial_max_streams_uni(100);
         cfg.set_active_connection_id_limit(4);
         let mut scid = [0u8; 16];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut scid).map_err(|_| ClientError::Timeout("rng"))?;
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut scid)
+            .map_err(|_| ClientError::Timeout("rng"))?;
         let scid = quiche::ConnectionId::from_ref(&scid);
         let local = socket.local_addr()?;
         let conn = quiche::connect(Some(&opts.server_name), &scid, local, peer, &mut cfg)?;
@@ -205,7 +236,11 @@ impl Client {
     /// # Errors
     /// When the new socket cannot be bound.
     pub fn rebind(&mut self) -> Result<(), ClientError> {
-        let bind = if self.peer.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+        let bind = if self.peer.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
         self.socket = UdpSocket::bind(bind)?;
         Ok(())
     }
@@ -215,12 +250,22 @@ impl Client {
     /// # Errors
     /// When HTTP/3 refuses the request (e.g. stream limit).
     pub fn send(&mut self, req: &Request) -> Result<u64, ClientError> {
-        let h3c = self.h3.as_mut().ok_or(ClientError::Closed("no h3".into()))?;
+        let h3c = self
+            .h3
+            .as_mut()
+            .ok_or(ClientError::Closed("no h3".into()))?;
         let fin = req.body.is_empty() && req.trailers.is_empty();
         let sid = h3c.send_request(&mut self.conn, &to_h3(&req.fields), fin)?;
         self.responses.insert(sid, Response::default());
         if !fin {
-            self.uploads.insert(sid, Upload { body: req.body.clone(), trailers: to_h3(&req.trailers), done: false });
+            self.uploads.insert(
+                sid,
+                Upload {
+                    body: req.body.clone(),
+                    trailers: to_h3(&req.trailers),
+                    done: false,
+                },
+            );
         }
         self.progress_uploads();
         self.flush()?;
@@ -263,23 +308,41 @@ impl Client {
     /// When the connection is closed or a socket call fails.
     pub fn pump(&mut self, deadline: Instant) -> Result<(), ClientError> {
         if self.conn.is_closed() {
-            return Err(ClientError::Closed(format!("{:?}", self.conn.peer_error().or(self.conn.local_error()))));
+            return Err(ClientError::Closed(format!(
+                "{:?}",
+                self.conn.peer_error().or(self.conn.local_error())
+            )));
         }
         let now = Instant::now();
-        let wait = self.conn.timeout().unwrap_or(Duration::from_millis(50)).min(deadline.saturating_duration_since(now)).min(Duration::from_millis(50));
-        self.socket.set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
+        let wait = self
+            .conn
+            .timeout()
+            .unwrap_or(Duration::from_millis(50))
+            .min(deadline.saturating_duration_since(now))
+            .min(Duration::from_millis(50));
+        self.socket
+            .set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
         match self.socket.recv_from(&mut self.buf) {
             Ok((len, from)) => {
                 let local = self.local;
-                let _ = self.conn.recv(&mut self.buf[..len], quiche::RecvInfo { from, to: local });
+                let _ = self
+                    .conn
+                    .recv(&mut self.buf[..len], quiche::RecvInfo { from, to: local });
                 // Drain whatever else is queued without waiting.
                 self.socket.set_nonblocking(true)?;
                 while let Ok((len, from)) = self.socket.recv_from(&mut self.buf) {
-                    let _ = self.conn.recv(&mut self.buf[..len], quiche::RecvInfo { from, to: local });
+                    let _ = self
+                        .conn
+                        .recv(&mut self.buf[..len], quiche::RecvInfo { from, to: local });
                 }
                 self.socket.set_nonblocking(false)?;
             }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
                 self.conn.on_timeout();
             }
             Err(e) => return Err(e.into()),
@@ -301,8 +364,15 @@ impl Client {
                     let r = self.responses.entry(sid).or_default();
                     if r.status == 0 {
                         let fields = from_h3(&list);
-                        r.status = fields.iter().find(|(n, _)| n == ":status").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
-                        r.headers = fields.into_iter().filter(|(n, _)| !n.starts_with(':')).collect();
+                        r.status = fields
+                            .iter()
+                            .find(|(n, _)| n == ":status")
+                            .and_then(|(_, v)| v.parse().ok())
+                            .unwrap_or(0);
+                        r.headers = fields
+                            .into_iter()
+                            .filter(|(n, _)| !n.starts_with(':'))
+                            .collect();
                     } else {
                         r.trailers = from_h3(&list);
                     }
@@ -313,8 +383,12 @@ impl Client {
                         r.body.extend_from_slice(&self.buf[..n]);
                     }
                 }
-                Ok((sid, h3::Event::Finished)) => self.responses.entry(sid).or_default().finished = true,
-                Ok((sid, h3::Event::Reset(code))) => self.responses.entry(sid).or_default().reset = Some(code),
+                Ok((sid, h3::Event::Finished)) => {
+                    self.responses.entry(sid).or_default().finished = true
+                }
+                Ok((sid, h3::Event::Reset(code))) => {
+                    self.responses.entry(sid).or_default().reset = Some(code)
+                }
                 Ok(_) => {}
                 Err(_) => break,
             }
@@ -346,10 +420,14 @@ impl Client {
                     Err(_) => break,
                 }
             }
-            if up.body.is_empty() && !up.done && !up.trailers.is_empty() {
-                if h3c.send_additional_headers(&mut self.conn, *sid, &up.trailers, true, true).is_ok() {
-                    up.done = true;
-                }
+            if up.body.is_empty()
+                && !up.done
+                && !up.trailers.is_empty()
+                && h3c
+                    .send_additional_headers(&mut self.conn, *sid, &up.trailers, true, true)
+                    .is_ok()
+            {
+                up.done = true;
             }
         }
         self.uploads.retain(|_, u| !u.done);

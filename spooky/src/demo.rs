@@ -49,7 +49,9 @@ pub struct DemoStats {
 pub async fn serve(listener: TcpListener, opts: DemoOptions, stats: Arc<DemoStats>) {
     let opts = Rc::new(opts);
     loop {
-        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let opts = opts.clone();
         let stats = stats.clone();
@@ -69,7 +71,7 @@ pub async fn serve(listener: TcpListener, opts: DemoOptions, stats: Arc<DemoStat
                 let Ok((req, respond)) = accepted else { break };
                 served += 1;
                 stats.requests.fetch_add(1, Ordering::Relaxed);
-                let goaway = opts.goaway_every.is_some_and(|n| served % n == 0);
+                let goaway = opts.goaway_every.is_some_and(|n| served.is_multiple_of(n));
                 let opts = opts.clone();
                 tokio::task::spawn_local(async move {
                     let _ = handle(req, respond, &opts).await;
@@ -92,14 +94,23 @@ pub fn spawn(addr: SocketAddr, opts: DemoOptions) -> std::io::Result<(SocketAddr
     let local = std_listener.local_addr()?;
     let stats = Arc::new(DemoStats::default());
     let s2 = stats.clone();
-    std::thread::Builder::new().name(format!("demo-{}", opts.id)).spawn(move || {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
-        let local_set = tokio::task::LocalSet::new();
-        local_set.block_on(&rt, async move {
-            let Ok(listener) = TcpListener::from_std(std_listener) else { return };
-            serve(listener, opts, s2).await;
-        });
-    })?;
+    std::thread::Builder::new()
+        .name(format!("demo-{}", opts.id))
+        .spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            let local_set = tokio::task::LocalSet::new();
+            local_set.block_on(&rt, async move {
+                let Ok(listener) = TcpListener::from_std(std_listener) else {
+                    return;
+                };
+                serve(listener, opts, s2).await;
+            });
+        })?;
     Ok((local, stats))
 }
 
@@ -123,7 +134,10 @@ async fn handle(
         ["health"] => simple(200, "ok\n".into()),
         ["size", n] => {
             let n: usize = n.parse().unwrap_or(0);
-            let resp = builder.header("content-length", n).body(()).unwrap_or_default();
+            let resp = builder
+                .header("content-length", n)
+                .body(())
+                .unwrap_or_default();
             let mut send = respond.send_response(resp, n == 0)?;
             drain(req.into_body()).await;
             let mut sent = 0;
@@ -156,9 +170,16 @@ async fn handle(
             return respond_body(respond, builder, 200, Bytes::from(format!("{n}\n")));
         }
         ["headers"] => {
-            let mut out = format!(":authority: {}\n", req.uri().authority().map(|a| a.as_str()).unwrap_or(""));
+            let mut out = format!(
+                ":authority: {}\n",
+                req.uri().authority().map(|a| a.as_str()).unwrap_or("")
+            );
             for (k, v) in req.headers() {
-                out.push_str(&format!("{}: {}\n", k, String::from_utf8_lossy(v.as_bytes())));
+                out.push_str(&format!(
+                    "{}: {}\n",
+                    k,
+                    String::from_utf8_lossy(v.as_bytes())
+                ));
             }
             simple(200, out)
         }
@@ -188,7 +209,10 @@ async fn handle(
             send.send_trailers(t)?;
             return Ok(());
         }
-        _ => simple(200, format!("hello from {}: {} {}\n", opts.id, req.method(), path)),
+        _ => simple(
+            200,
+            format!("hello from {}: {} {}\n", opts.id, req.method(), path),
+        ),
     };
     drain(req.into_body()).await;
     respond_body(respond, builder, status, body)
@@ -222,7 +246,11 @@ async fn drain(mut body: h2::RecvStream) -> usize {
     n
 }
 
-async fn send_all(send: &mut h2::SendStream<Bytes>, mut data: Bytes, end: bool) -> Result<(), h2::Error> {
+async fn send_all(
+    send: &mut h2::SendStream<Bytes>,
+    mut data: Bytes,
+    end: bool,
+) -> Result<(), h2::Error> {
     if data.is_empty() {
         return send.send_data(data, end);
     }

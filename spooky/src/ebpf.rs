@@ -7,14 +7,15 @@
 //! `docs/architecture.md`). Needs root (CAP_BPF, CAP_NET_ADMIN for XDP test runs).
 
 use aya::{
-    maps::{xdp::XdpMapError, Array, CpuMap, MapData, MapError, PerCpuArray},
+    maps::{xdp::XdpMapError, Array, CpuMap, MapData, MapError, PerCpuArray, ReusePortSockArray},
     programs::{ProgramError, SkReuseport, Xdp},
     Ebpf, EbpfLoader, TestRun, TestRunOptions,
 };
 use spooky_common::maps::{
     Counter, SteeringConfig, WorkerEntry, CONFIG_MAP, COUNTER_COUNT, CPUS_MAP, REUSEPORT_PROGRAM,
-    STATS_MAP, WORKERS_MAP, WORKER_STATS_MAP, XDP_PROGRAM,
+    SOCKETS_MAP, STATS_MAP, WORKERS_MAP, WORKER_STATS_MAP, XDP_PROGRAM,
 };
+use std::os::fd::{AsFd, AsRawFd};
 
 /// The object file `cargo xtask build-ebpf` produced, aligned to 8 bytes for the ELF parser.
 /// Empty when spooky was built before the object existed (see `build.rs`).
@@ -268,6 +269,33 @@ impl EbpfPrograms {
         let mut cpus = CpuMap::try_from(map).map_err(|source| map_error(CPUS_MAP, source))?;
         cpus.set(cpu, queue_size, None, 0)
             .map_err(EbpfError::CpuMap)
+    }
+
+    /// Puts `socket` (a UDP socket of the reuseport group) in `sockets[worker]`, where the
+    /// `sk_reuseport` program picks it for the packets `worker` owns.
+    ///
+    /// # Errors
+    /// [`EbpfError::Map`] when `worker` is out of range or the kernel refuses the socket
+    /// (not bound, or not in a reuseport group).
+    pub fn set_worker_socket<S: AsRawFd>(
+        &mut self,
+        worker: u32,
+        socket: &S,
+    ) -> Result<(), EbpfError> {
+        let mut map: ReusePortSockArray<&mut MapData> = self.map_mut(SOCKETS_MAP)?;
+        map.set(worker, socket, 0)
+            .map_err(|source| map_error(SOCKETS_MAP, source))
+    }
+
+    /// Attaches the `sk_reuseport` program to the reuseport group `socket` belongs to (for
+    /// the whole group; it stays until the group's sockets close).
+    ///
+    /// # Errors
+    /// [`EbpfError::Program`] when `socket` has no `SO_REUSEPORT` or the kernel refuses.
+    pub fn attach_reuseport<S: AsFd>(&mut self, socket: S) -> Result<(), EbpfError> {
+        self.reuseport_mut()?
+            .attach(socket)
+            .map_err(|source| program_error(REUSEPORT_PROGRAM, source))
     }
 
     /// The per-CPU `stats` counters.

@@ -51,10 +51,18 @@ impl HealthBoard {
             n += up.backends.len();
         }
         let slots = (0..n)
-            .map(|_| BackendSlot { available: AtomicBool::new(true), ..Default::default() })
+            .map(|_| BackendSlot {
+                available: AtomicBool::new(true),
+                ..Default::default()
+            })
             .collect();
         let (tx, rx) = mpsc::unbounded_channel();
-        Self { offsets, slots, reports: tx, inbox: Mutex::new(Some(rx)) }
+        Self {
+            offsets,
+            slots,
+            reports: tx,
+            inbox: Mutex::new(Some(rx)),
+        }
     }
 
     /// The published slot of a backend.
@@ -64,12 +72,24 @@ impl HealthBoard {
 
     /// Whether a backend may receive new requests.
     pub fn is_available(&self, upstream: usize, backend: usize) -> bool {
-        self.slot(upstream, backend).is_some_and(|s| s.available.load(Ordering::Relaxed))
+        self.slot(upstream, backend)
+            .is_some_and(|s| s.available.load(Ordering::Relaxed))
     }
 
     /// Sends a passive-health observation to the control thread (never blocks).
-    pub fn report(&self, upstream: usize, backend: usize, outcome: TrafficOutcome, latency: Option<Duration>) {
-        let _ = self.reports.send(Report { upstream, backend, outcome, latency });
+    pub fn report(
+        &self,
+        upstream: usize,
+        backend: usize,
+        outcome: TrafficOutcome,
+        latency: Option<Duration>,
+    ) {
+        let _ = self.reports.send(Report {
+            upstream,
+            backend,
+            outcome,
+            latency,
+        });
     }
 }
 
@@ -97,7 +117,10 @@ impl Control {
             let local = tokio::task::LocalSet::new();
             local.block_on(&rt, control_main(shared, rx));
         })?;
-        Ok(Self { stop: Some(tx), thread: Some(thread) })
+        Ok(Self {
+            stop: Some(tx),
+            thread: Some(thread),
+        })
     }
 
     /// Stops the control thread and waits for it.
@@ -145,10 +168,21 @@ async fn control_main(shared: Arc<Shared>, mut stop: tokio::sync::oneshot::Recei
             if !be.health_check.enabled {
                 continue;
             }
-            let tls = shared.backend_tls.get(u).and_then(|r| r.get(b)).cloned().flatten();
+            let tls = shared
+                .backend_tls
+                .get(u)
+                .and_then(|r| r.get(b))
+                .cloned()
+                .flatten();
             match Connector::new(be, tls, up.timeouts.connect) {
                 Ok(c) => {
-                    tokio::task::spawn_local(prober(shared.clone(), machines.clone(), u, b, BackendPool::new(c)));
+                    tokio::task::spawn_local(prober(
+                        shared.clone(),
+                        machines.clone(),
+                        u,
+                        b,
+                        BackendPool::new(c),
+                    ));
                 }
                 Err(e) => tracing::error!(backend = %be.id, error = %e, "cannot probe backend"),
             }
@@ -184,12 +218,19 @@ async fn control_main(shared: Arc<Shared>, mut stop: tokio::sync::oneshot::Recei
 }
 
 fn publish(shared: &Shared, t: &Tracked, tr: Option<Transition>, source: &str) {
-    let Some(slot) = shared.health.slot(t.upstream, t.backend) else { return };
-    slot.available.store(t.machine.is_available(), Ordering::Relaxed);
-    slot.state.store(t.machine.state().as_u32(), Ordering::Relaxed);
-    slot.consecutive_failures.store(t.machine.consecutive_failures(), Ordering::Relaxed);
-    slot.ewma_latency_us.store(t.latency.ewma_us(), Ordering::Relaxed);
-    slot.last_latency_us.store(t.latency.last_us(), Ordering::Relaxed);
+    let Some(slot) = shared.health.slot(t.upstream, t.backend) else {
+        return;
+    };
+    slot.available
+        .store(t.machine.is_available(), Ordering::Relaxed);
+    slot.state
+        .store(t.machine.state().as_u32(), Ordering::Relaxed);
+    slot.consecutive_failures
+        .store(t.machine.consecutive_failures(), Ordering::Relaxed);
+    slot.ewma_latency_us
+        .store(t.latency.ewma_us(), Ordering::Relaxed);
+    slot.last_latency_us
+        .store(t.latency.last_us(), Ordering::Relaxed);
     if let Some(tr) = tr {
         let up = &shared.config.upstreams[t.upstream];
         tracing::info!(
@@ -211,8 +252,15 @@ async fn prober(shared: Arc<Shared>, machines: Machines, u: usize, b: usize, poo
     let check = &backend.health_check;
     let mut tick = tokio::time::interval(check.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let authority = backend.tls.as_ref().map_or(backend.address_text.clone(), |t| t.server_name.clone());
-    let scheme = if backend.tls.is_some() { "https" } else { "http" };
+    let authority = backend
+        .tls
+        .as_ref()
+        .map_or(backend.address_text.clone(), |t| t.server_name.clone());
+    let scheme = if backend.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let uri = format!("{scheme}://{authority}{}", check.path);
     loop {
         tick.tick().await;
@@ -222,7 +270,10 @@ async fn prober(shared: Arc<Shared>, machines: Machines, u: usize, b: usize, poo
             Err(_) => (false, format!("timed out after {:?}", check.timeout)),
             Ok(Err(e)) => (false, e),
             Ok(Ok(status)) => {
-                let ok = check.expected_status.iter().any(|(lo, hi)| (*lo..=*hi).contains(&status));
+                let ok = check
+                    .expected_status
+                    .iter()
+                    .any(|(lo, hi)| (*lo..=*hi).contains(&status));
                 (ok, format!("status {status}"))
             }
         };
@@ -241,7 +292,9 @@ async fn prober(shared: Arc<Shared>, machines: Machines, u: usize, b: usize, poo
 
 async fn probe_once(pool: &BackendPool, uri: &str) -> Result<u16, String> {
     let lease = pool.checkout(false).await.map_err(|e| e.to_string())?;
-    let req = http::Request::get(uri).body(()).map_err(|e| e.to_string())?;
+    let req = http::Request::get(uri)
+        .body(())
+        .map_err(|e| e.to_string())?;
     let mut send = lease.send.clone();
     let (resp, _) = send.send_request(req, true).map_err(|e| e.to_string())?;
     let resp = resp.await.map_err(|e| e.to_string())?;

@@ -71,7 +71,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Check { config }) => check(&config),
-        Some(Command::Get { url, connect, insecure, ca, include }) => match get(&url, connect, insecure, ca, include) {
+        Some(Command::Get {
+            url,
+            connect,
+            insecure,
+            ca,
+            include,
+        }) => match get(&url, connect, insecure, ca, include) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("spooky get: {e:#}");
@@ -125,10 +131,16 @@ fn run(args: &RunArgs) -> ExitCode {
 }
 
 fn serve(config: Config, args: &RunArgs) -> Result<()> {
-    let opts = spooky::server::RunOptions { workers: args.workers, iface: args.iface.clone(), pin: !args.no_pin };
+    let opts = spooky::server::RunOptions {
+        workers: args.workers,
+        iface: args.iface.clone(),
+        pin: !args.no_pin,
+    };
     let running = spooky::server::start(config, &opts).context("cannot start")?;
     tracing::info!(listen = %running.local_addr, "spooky is serving HTTP/3");
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
@@ -145,20 +157,36 @@ fn serve(config: Config, args: &RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn get(url: &str, connect: Option<String>, insecure: bool, ca: Option<PathBuf>, include: bool) -> Result<()> {
+fn get(
+    url: &str,
+    connect: Option<String>,
+    insecure: bool,
+    ca: Option<PathBuf>,
+    include: bool,
+) -> Result<()> {
     let rest = url.strip_prefix("https://").context("only https:// URLs")?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h).trim_matches(['[', ']']);
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(h, _)| h)
+        .trim_matches(['[', ']']);
     let target = match connect {
         Some(c) => c,
         None if authority.contains(':') => authority.to_string(),
         None => format!("{authority}:443"),
     };
-    let Some(addr) = target.to_socket_addrs()?.next() else { bail!("cannot resolve {target}") };
-    let opts = ClientOptions { verify: !insecure, ca, server_name: host.to_string(), ..Default::default() };
+    let Some(addr) = target.to_socket_addrs()?.next() else {
+        bail!("cannot resolve {target}")
+    };
+    let opts = ClientOptions {
+        verify: !insecure,
+        ca,
+        server_name: host.to_string(),
+        ..Default::default()
+    };
     let mut client = Client::connect(addr, &opts, Duration::from_secs(5))?;
     let resp = client.request(&Request::get(authority, path), Duration::from_secs(30))?;
     client.close();

@@ -81,7 +81,12 @@ fn request_hash(job: &Job) -> u64 {
     match &upstream.load_balancing {
         crate::config::LoadBalancing::ConsistentHash { key, .. } => {
             lb::request_hash(key, job.peer.ip(), job.head.path_str(), |name| {
-                job.head.fields.iter().filter(move |(n, _)| n.as_ref() == name.as_bytes()).map(|(_, v)| v.as_ref()).collect::<Vec<&[u8]>>()
+                job.head
+                    .fields
+                    .iter()
+                    .filter(move |(n, _)| n.as_ref() == name.as_bytes())
+                    .map(|(_, v)| v.as_ref())
+                    .collect::<Vec<&[u8]>>()
             })
         }
         _ => 0,
@@ -98,23 +103,46 @@ fn pick(job: &Job, exclude: Option<usize>) -> Result<usize, Failure> {
     let in_flight: Vec<u32> = pools.iter().map(|p| p.in_flight() as u32).collect();
     let hash = request_hash(job);
     let mut balancer = ctx.balancers[job.upstream].borrow_mut();
-    if let Some(b) = balancer.pick(&Candidates { healthy: &healthy, in_flight: &in_flight }, hash) {
+    if let Some(b) = balancer.pick(
+        &Candidates {
+            healthy: &healthy,
+            in_flight: &in_flight,
+        },
+        hash,
+    ) {
         return Ok(b);
     }
     if upstream.fail_open {
-        healthy.iter_mut().enumerate().for_each(|(b, h)| *h = Some(b) != exclude);
-        if let Some(b) = balancer.pick(&Candidates { healthy: &healthy, in_flight: &in_flight }, hash) {
+        healthy
+            .iter_mut()
+            .enumerate()
+            .for_each(|(b, h)| *h = Some(b) != exclude);
+        if let Some(b) = balancer.pick(
+            &Candidates {
+                healthy: &healthy,
+                in_flight: &in_flight,
+            },
+            hash,
+        ) {
             return Ok(b);
         }
     }
-    Err(Failure::Local(503, format!("no healthy backend in upstream {}", upstream.name), Some(1)))
+    Err(Failure::Local(
+        503,
+        format!("no healthy backend in upstream {}", upstream.name),
+        Some(1),
+    ))
 }
 
 async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
     let ctx = &job.ctx;
     let cfg = &ctx.shared.config;
     let upstream = &cfg.upstreams[job.upstream];
-    let hop = Hop { client_ip: job.peer.ip(), mode: cfg.proxy.forwarded, via: cfg.proxy.via };
+    let hop = Hop {
+        client_ip: job.peer.ip(),
+        mode: cfg.proxy.forwarded,
+        via: cfg.proxy.via,
+    };
 
     let mut backend = pick(job, None)?;
     let mut attempt = 0;
@@ -125,7 +153,8 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
             tracing::warn!(upstream = %upstream.name, backend = %e.backend, kind = ?e.kind, cause = %e.detail, "upstream failure");
             Failure::Local(e.status(), e.to_string(), None)
         };
-        let request = bridge::to_h2_request(&job.head, &hop).map_err(|e| Failure::Local(502, e.to_string(), None))?;
+        let request = bridge::to_h2_request(&job.head, &hop)
+            .map_err(|e| Failure::Local(502, e.to_string(), None))?;
         let end_of_stream = {
             let io = job.io.borrow();
             io.req_fin && io.req.is_empty() && io.req_trailers.is_none()
@@ -172,15 +201,17 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
             r = &mut head_fut => break r,
             r = &mut pump, if !pump_done => {
                 pump_done = true;
-                if let Err(f) = r {
-                    return Err(f);
-                }
+                r?;
             }
         }
     };
     let response = match response {
         Err(_) => {
-            let e = UpstreamError::new(ErrorKind::ResponseTimeout, &backend_name, format!("no response head within {:?}", timeouts.response_head));
+            let e = UpstreamError::new(
+                ErrorKind::ResponseTimeout,
+                &backend_name,
+                format!("no response head within {:?}", timeouts.response_head),
+            );
             ctx.report(job.upstream, backend, &e);
             tracing::warn!(upstream = %upstream.name, backend = %backend_name, cause = %e.detail, "upstream timeout");
             return Err(Failure::Local(504, e.to_string(), None));
@@ -195,7 +226,16 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
     };
     let (parts, mut body) = response.into_parts();
     let status = parts.status.as_u16();
-    ctx.report_outcome(job.upstream, backend, if status >= 500 { TrafficOutcome::ServerError } else { TrafficOutcome::Success }, started.elapsed());
+    ctx.report_outcome(
+        job.upstream,
+        backend,
+        if status >= 500 {
+            TrafficOutcome::ServerError
+        } else {
+            TrafficOutcome::Success
+        },
+        started.elapsed(),
+    );
     {
         let mut io = job.io.borrow_mut();
         io.status = status;
@@ -206,9 +246,14 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
     // Body down, while the request body may still be going up.
     loop {
         let next = async {
-            poll_fn(|cx| job.io.borrow_mut().poll_resp_room(cx.waker())).await.map_err(|_| Failure::ClientGone)?;
+            poll_fn(|cx| job.io.borrow_mut().poll_resp_room(cx.waker()))
+                .await
+                .map_err(|_| Failure::ClientGone)?;
             match tokio::time::timeout(timeouts.idle, body.data()).await {
-                Err(_) => Err(Failure::Reset(format!("backend {backend_name}: response body idle for {:?}", timeouts.idle))),
+                Err(_) => Err(Failure::Reset(format!(
+                    "backend {backend_name}: response body idle for {:?}",
+                    timeouts.idle
+                ))),
                 Ok(None) => Ok(None),
                 Ok(Some(Err(e))) => Err(Failure::Reset(format!("backend {backend_name}: {e}"))),
                 Ok(Some(Ok(chunk))) => Ok(Some(chunk)),
@@ -229,7 +274,11 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
         ctx.wake(job.conn);
     }
     let trailers = match tokio::time::timeout(timeouts.idle, body.trailers()).await {
-        Err(_) => return Err(Failure::Reset(format!("backend {backend_name}: trailers idle"))),
+        Err(_) => {
+            return Err(Failure::Reset(format!(
+                "backend {backend_name}: trailers idle"
+            )))
+        }
         Ok(Err(e)) => return Err(Failure::Reset(format!("backend {backend_name}: {e}"))),
         Ok(Ok(t)) => t,
     };
@@ -239,10 +288,8 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
         io.resp_fin = true;
     }
     ctx.wake(job.conn);
-    if !pump_done {
-        // The response is complete; an unfinished request body no longer matters.
-        drop(pump);
-    }
+    // The response is complete: a request body still being sent is cancelled upstream when
+    // `pump` is dropped on return (RFC 9113 §8.1 allows the early response).
     Ok(backend_name)
 }
 
@@ -254,7 +301,12 @@ async fn pump_request(
     idle: std::time::Duration,
 ) -> Result<(), Failure> {
     loop {
-        let event = match tokio::time::timeout(idle, poll_fn(|cx| job.io.borrow_mut().poll_req(cx.waker()))).await {
+        let event = match tokio::time::timeout(
+            idle,
+            poll_fn(|cx| job.io.borrow_mut().poll_req(cx.waker())),
+        )
+        .await
+        {
             Ok(ev) => ev,
             Err(_) => {
                 send.send_reset(h2::Reason::CANCEL);
@@ -275,7 +327,11 @@ async fn pump_request(
                     let cap = match poll_fn(|cx| send.poll_capacity(cx)).await {
                         Some(Ok(n)) => n,
                         Some(Err(e)) => return Err(Failure::Reset(format!("request body: {e}"))),
-                        None => return Err(Failure::Reset("request body: upstream stream closed".into())),
+                        None => {
+                            return Err(Failure::Reset(
+                                "request body: upstream stream closed".into(),
+                            ))
+                        }
                     };
                     let chunk = data.split_to(cap.min(data.len()));
                     if let Err(e) = send.send_data(chunk, false) {
@@ -284,10 +340,14 @@ async fn pump_request(
                 }
             }
             ReqEvent::End(Some(trailers)) => {
-                return send.send_trailers(trailers).map_err(|e| Failure::Reset(format!("request trailers: {e}")));
+                return send
+                    .send_trailers(trailers)
+                    .map_err(|e| Failure::Reset(format!("request trailers: {e}")));
             }
             ReqEvent::End(None) => {
-                return send.send_data(Bytes::new(), true).map_err(|e| Failure::Reset(format!("request end: {e}")));
+                return send
+                    .send_data(Bytes::new(), true)
+                    .map_err(|e| Failure::Reset(format!("request end: {e}")));
             }
             ReqEvent::Aborted => {
                 send.send_reset(h2::Reason::CANCEL);

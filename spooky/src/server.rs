@@ -62,7 +62,10 @@ pub enum StartError {
     #[error("backend {backend}: TLS: {message}")]
     BackendTls { backend: String, message: String },
     #[error("cannot bind UDP {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("steering: {0}")]
     Steering(String),
     #[error("QUIC configuration: {0}")]
@@ -77,13 +80,22 @@ impl Shared {
     /// # Errors
     /// [`StartError`] when a derived piece cannot be built.
     pub fn new(config: Config, workers: usize) -> Result<Self, StartError> {
-        let routes_in: Vec<(usize, &crate::config::Route)> =
-            config.upstreams.iter().enumerate().map(|(i, u)| (i, &u.route)).collect();
+        let routes_in: Vec<(usize, &crate::config::Route)> = config
+            .upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (i, &u.route))
+            .collect();
         let routes = RouteTable::new(&routes_in).map_err(|e| StartError::Routes(e.to_string()))?;
-        let layout = CidLayout::new(config.quic.cid_len, config.quic.server_id.len() as u8, config.quic.generation)
-            .map_err(StartError::Layout)?;
+        let layout = CidLayout::new(
+            config.quic.cid_len,
+            config.quic.server_id.len() as u8,
+            config.quic.generation,
+        )
+        .map_err(StartError::Layout)?;
         let rng = ring::rand::SystemRandom::new();
-        let token_key = hmac::Key::generate(hmac::HMAC_SHA256, &rng).map_err(|_| StartError::Quic("no randomness".into()))?;
+        let token_key = hmac::Key::generate(hmac::HMAC_SHA256, &rng)
+            .map_err(|_| StartError::Quic("no randomness".into()))?;
         let mut backend_tls = Vec::new();
         for up in &config.upstreams {
             let mut row = Vec::new();
@@ -93,7 +105,12 @@ impl Shared {
                         if !t.verify {
                             tracing::warn!(backend = %b.id, "TLS certificate verification is DISABLED for this backend (tls.verify: false)");
                         }
-                        Some(crate::upstream::tls_config(t).map_err(|message| StartError::BackendTls { backend: b.id.clone(), message })?)
+                        Some(crate::upstream::tls_config(t).map_err(|message| {
+                            StartError::BackendTls {
+                                backend: b.id.clone(),
+                                message,
+                            }
+                        })?)
                     }
                     None => None,
                 };
@@ -102,8 +119,19 @@ impl Shared {
             backend_tls.push(row);
         }
         let health = HealthBoard::new(&config);
-        let stats = (0..workers).map(|_| Arc::new(WorkerStats::default())).collect();
-        Ok(Self { config, routes, layout, token_key, rng, backend_tls, health, stats })
+        let stats = (0..workers)
+            .map(|_| Arc::new(WorkerStats::default()))
+            .collect();
+        Ok(Self {
+            config,
+            routes,
+            layout,
+            token_key,
+            rng,
+            backend_tls,
+            health,
+            stats,
+        })
     }
 }
 
@@ -116,9 +144,12 @@ pub fn quic_config(cfg: &Config) -> Result<quiche::Config, String> {
     let mut q = quiche::Config::new(quiche::PROTOCOL_VERSION).map_err(|e| e.to_string())?;
     let cert = cfg.listen.tls.cert.to_string_lossy();
     let key = cfg.listen.tls.key.to_string_lossy();
-    q.load_cert_chain_from_pem_file(&cert).map_err(|e| format!("certificate {cert}: {e}"))?;
-    q.load_priv_key_from_pem_file(&key).map_err(|e| format!("key {key}: {e}"))?;
-    q.set_application_protos(quiche::h3::APPLICATION_PROTOCOL).map_err(|e| e.to_string())?;
+    q.load_cert_chain_from_pem_file(&cert)
+        .map_err(|e| format!("certificate {cert}: {e}"))?;
+    q.load_priv_key_from_pem_file(&key)
+        .map_err(|e| format!("key {key}: {e}"))?;
+    q.set_application_protos(quiche::h3::APPLICATION_PROTOCOL)
+        .map_err(|e| e.to_string())?;
     let quic = &cfg.quic;
     q.set_max_idle_timeout(quic.idle_timeout.as_millis() as u64);
     q.set_max_recv_udp_payload_size(65527);
@@ -137,7 +168,10 @@ pub fn quic_config(cfg: &Config) -> Result<quiche::Config, String> {
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn addr_bytes(addr: &SocketAddr) -> Vec<u8> {
@@ -166,7 +200,12 @@ pub fn mint_token(key: &hmac::Key, odcid: &ConnectionId<'_>, peer: &SocketAddr) 
 }
 
 /// The original DCID from a valid, fresh token minted for `peer`.
-pub fn validate_token(key: &hmac::Key, token: &[u8], peer: &SocketAddr, lifetime: Duration) -> Option<ConnectionId<'static>> {
+pub fn validate_token(
+    key: &hmac::Key,
+    token: &[u8],
+    peer: &SocketAddr,
+    lifetime: Duration,
+) -> Option<ConnectionId<'static>> {
     let ts = u64::from_be_bytes(token.get(..8)?.try_into().ok()?);
     let len = *token.get(8)? as usize;
     let body_len = 9 + len;
@@ -180,7 +219,10 @@ pub fn validate_token(key: &hmac::Key, token: &[u8], peer: &SocketAddr, lifetime
     ctx.update(&addr_bytes(peer));
     let want = ctx.sign();
     // Constant-time enough: ring's verify needs the full tag, so compare truncated tags by xor-fold.
-    let diff = want.as_ref()[..TAG_LEN].iter().zip(tag).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    let diff = want.as_ref()[..TAG_LEN]
+        .iter()
+        .zip(tag)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
     if diff != 0 {
         return None;
     }
@@ -204,12 +246,16 @@ pub fn reset_token(key: &hmac::Key, cid: &ConnectionId<'_>) -> u128 {
 ///
 /// # Errors
 /// [`StartError::Bind`] naming the address.
-pub fn bind_group(addr: SocketAddr, workers: usize) -> Result<Vec<std::net::UdpSocket>, StartError> {
+pub fn bind_group(
+    addr: SocketAddr,
+    workers: usize,
+) -> Result<Vec<std::net::UdpSocket>, StartError> {
     use socket2::{Domain, Protocol, Socket, Type};
     let mut out = Vec::with_capacity(workers);
     for _ in 0..workers {
         let bind_err = |source| StartError::Bind { addr, source };
-        let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(bind_err)?;
+        let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+            .map_err(bind_err)?;
         s.set_reuse_port(true).map_err(bind_err)?;
         if addr.is_ipv6() {
             let _ = s.set_only_v6(false);
@@ -278,13 +324,23 @@ impl Running {
 /// # Errors
 /// [`StartError`] when any of it cannot be set up; nothing keeps running then.
 pub fn start(config: Config, opts: &RunOptions) -> Result<Running, StartError> {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let workers = opts.workers.or(config.workers).unwrap_or(cpus).clamp(1, 255);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let workers = opts
+        .workers
+        .or(config.workers)
+        .unwrap_or(cpus)
+        .clamp(1, 255);
     let addr = config.listen.addr;
     let shared = Arc::new(Shared::new(config, workers)?);
     let sockets = bind_group(addr, workers)?;
-    let local_addr = sockets.first().and_then(|s| s.local_addr().ok()).unwrap_or(addr);
-    let steering = crate::steering::attach(&sockets, &shared, opts.iface.as_deref()).map_err(StartError::Steering)?;
+    let local_addr = sockets
+        .first()
+        .and_then(|s| s.local_addr().ok())
+        .unwrap_or(addr);
+    let steering = crate::steering::attach(&sockets, &shared, opts.iface.as_deref())
+        .map_err(StartError::Steering)?;
     tracing::info!(mode = %steering, workers, listen = %local_addr, "steering mode");
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -295,7 +351,8 @@ pub fn start(config: Config, opts: &RunOptions) -> Result<Running, StartError> {
         senders.push(tx);
         receivers.push(rx);
     }
-    let control = crate::health_board::Control::start(shared.clone()).map_err(StartError::Thread)?;
+    let control =
+        crate::health_board::Control::start(shared.clone()).map_err(StartError::Thread)?;
     let pin = opts.pin && cpus >= workers;
     let mut handles = Vec::with_capacity(workers);
     for (index, (socket, inbox)) in sockets.into_iter().zip(receivers).enumerate() {
@@ -314,7 +371,14 @@ pub fn start(config: Config, opts: &RunOptions) -> Result<Running, StartError> {
             .map_err(StartError::Thread)?;
         handles.push(h);
     }
-    Ok(Running { shared, local_addr, steering, shutdown: shutdown_tx, workers: handles, control: Some(control) })
+    Ok(Running {
+        shared,
+        local_addr,
+        steering,
+        shutdown: shutdown_tx,
+        workers: handles,
+        control: Some(control),
+    })
 }
 
 #[cfg(test)]
@@ -329,7 +393,10 @@ mod tests {
         let peer: SocketAddr = "192.0.2.1:4433".parse().unwrap();
         let token = mint_token(&key, &odcid, &peer);
         let life = Duration::from_secs(30);
-        assert_eq!(validate_token(&key, &token, &peer, life).unwrap().as_ref(), &[7; 12]);
+        assert_eq!(
+            validate_token(&key, &token, &peer, life).unwrap().as_ref(),
+            &[7; 12]
+        );
         let other: SocketAddr = "192.0.2.1:4434".parse().unwrap();
         assert!(validate_token(&key, &token, &other, life).is_none());
         let mut forged = token.clone();

@@ -23,7 +23,9 @@ pub enum Mode {
 impl fmt::Display for Mode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Mode::ClassicBpf => f.write_str("classic-bpf (reuseport cBPF by DCID; misroutes forwarded in user space)"),
+            Mode::ClassicBpf => f.write_str(
+                "classic-bpf (reuseport cBPF by DCID; misroutes forwarded in user space)",
+            ),
         }
     }
 }
@@ -32,13 +34,19 @@ impl fmt::Display for Mode {
 ///
 /// # Errors
 /// A message when the requested mode cannot be had (never a silent downgrade).
-pub fn attach(sockets: &[std::net::UdpSocket], shared: &Shared, iface: Option<&str>) -> Result<Mode, String> {
+pub fn attach(
+    sockets: &[std::net::UdpSocket],
+    shared: &Shared,
+    iface: Option<&str>,
+) -> Result<Mode, String> {
     if let Some(iface) = iface {
         return Err(format!(
             "--iface {iface}: XDP steering is not available in this build yet; run without --iface for classic BPF steering"
         ));
     }
-    let Some(first) = sockets.first() else { return Err("no sockets".into()) };
+    let Some(first) = sockets.first() else {
+        return Err("no sockets".into());
+    };
     let prog = reuseport_program(&shared.layout, sockets.len() as u32);
     attach_cbpf(first, &prog).map_err(|e| format!("SO_ATTACH_REUSEPORT_CBPF: {e}"))?;
     Ok(Mode::ClassicBpf)
@@ -64,6 +72,7 @@ const ALU_AND_K: u16 = 0x54;
 const ALU_RSH_K: u16 = 0x74;
 const JMP_JGT_K: u16 = 0x25;
 const JMP_JEQ_K: u16 = 0x15;
+const JMP_JGE_K: u16 = 0x35;
 const JMP_JSET_K: u16 = 0x45;
 const JMP_JA: u16 = 0x05;
 const RET_A: u16 = 0x16;
@@ -105,7 +114,9 @@ pub fn reuseport_program(layout: &CidLayout, workers: u32) -> Vec<Insn> {
     p.push(i(ALU_RSH_K, 0, 0, 5));
     to_hash.push((p.len(), true));
     p.push(i(JMP_JEQ_K, 0, 0, 7)); // unroutable generation → hash
-    p.push(i(LD_B_ABS, 0, 0, 6 + w_off)); // ours: the worker byte
+    p.push(i(LD_B_ABS, 0, 0, 6 + w_off)); // ours: the worker byte, if it names a worker
+    to_hash.push((p.len(), true));
+    p.push(i(JMP_JGE_K, 0, 0, workers));
     to_ret.push(p.len());
     p.push(i(JMP_JA, 0, 0, 0));
     // Hash: M[0] = FNV offset; for each DCID byte below the length: M[0] = (M[0] ^ b) * prime.
@@ -148,9 +159,19 @@ pub fn reuseport_program(layout: &CidLayout, workers: u32) -> Vec<Insn> {
 }
 
 fn attach_cbpf(socket: &std::net::UdpSocket, prog: &[Insn]) -> std::io::Result<()> {
-    let filters: Vec<libc::sock_filter> =
-        prog.iter().map(|x| libc::sock_filter { code: x.code, jt: x.jt, jf: x.jf, k: x.k }).collect();
-    let fprog = libc::sock_fprog { len: filters.len() as u16, filter: filters.as_ptr() as *mut _ };
+    let filters: Vec<libc::sock_filter> = prog
+        .iter()
+        .map(|x| libc::sock_filter {
+            code: x.code,
+            jt: x.jt,
+            jf: x.jf,
+            k: x.k,
+        })
+        .collect();
+    let fprog = libc::sock_fprog {
+        len: filters.len() as u16,
+        filter: filters.as_ptr() as *mut _,
+    };
     // SAFETY: fprog points at `filters`, alive for the call; the kernel copies the program.
     let rc = unsafe {
         libc::setsockopt(
@@ -189,6 +210,7 @@ pub fn interpret(prog: &[Insn], pkt: &[u8]) -> Option<u32> {
             JMP_JA => pc += ins.k as usize,
             JMP_JGT_K => pc += if a > ins.k { ins.jt } else { ins.jf } as usize,
             JMP_JEQ_K => pc += if a == ins.k { ins.jt } else { ins.jf } as usize,
+            JMP_JGE_K => pc += if a >= ins.k { ins.jt } else { ins.jf } as usize,
             JMP_JSET_K => pc += if a & ins.k != 0 { ins.jt } else { ins.jf } as usize,
             RET_A => return Some(a),
             RET_K => return Some(ins.k),
@@ -230,19 +252,39 @@ mod tests {
                 short.extend_from_slice(&cid);
                 short.extend_from_slice(&[0; 30]);
                 assert_eq!(interpret(&prog, &short), Some(w as u32));
-                assert_eq!(interpret(&prog, &long_header(&cid)), Some(steer(&l, &cid, workers)));
+                assert_eq!(
+                    interpret(&prog, &long_header(&cid)),
+                    Some(steer(&l, &cid, workers))
+                );
             }
             // Client-chosen DCIDs of every legal length.
             for len in 0..=20usize {
-                let dcid: Vec<u8> = (0..len as u8).map(|b| b.wrapping_mul(37).wrapping_add(11)).collect();
+                let dcid: Vec<u8> = (0..len as u8)
+                    .map(|b| b.wrapping_mul(37).wrapping_add(11))
+                    .collect();
                 let got = interpret(&prog, &long_header(&dcid));
-                assert_eq!(got, Some(steer(&l, &dcid, workers)), "len {len} workers {workers}");
+                assert_eq!(
+                    got,
+                    Some(steer(&l, &dcid, workers)),
+                    "len {len} workers {workers}"
+                );
             }
             // Unroutable generation and too-long DCIDs.
             let mut cid = [0u8; 16];
             l.write(&[0, 1], 0, &[0x11; 16], &mut cid);
             cid[0] |= 0b111 << 5;
-            assert_eq!(interpret(&prog, &long_header(&cid)), Some(steer(&l, &cid, workers)));
+            assert_eq!(
+                interpret(&prog, &long_header(&cid)),
+                Some(steer(&l, &cid, workers))
+            );
+            // A client DCID that happens to carry our length bits but names no worker: hashed,
+            // exactly as `steer` does (the kernel's own fallback would disagree).
+            let mut lookalike = [0u8; 16];
+            l.write(&[0, 1], 200, &[0x42; 16], &mut lookalike);
+            assert_eq!(
+                interpret(&prog, &long_header(&lookalike)),
+                Some(steer(&l, &lookalike, workers))
+            );
             let mut bad = long_header(&[1; 20]);
             bad[5] = 21;
             assert_eq!(interpret(&prog, &bad), Some(0));

@@ -59,7 +59,11 @@ pub struct UpstreamError {
 
 impl UpstreamError {
     pub fn new(kind: ErrorKind, backend: &Rc<str>, detail: impl std::fmt::Display) -> Self {
-        Self { kind, backend: backend.clone(), detail: detail.to_string() }
+        Self {
+            kind,
+            backend: backend.clone(),
+            detail: detail.to_string(),
+        }
     }
 
     /// The status Spooky answers with when this happens before the response head: timeouts
@@ -74,7 +78,9 @@ impl UpstreamError {
     /// Classifies an h2 error seen on a request stream.
     pub fn from_h2(err: &h2::Error, backend: &Rc<str>) -> Self {
         let refused = (err.is_go_away() && err.is_remote())
-            || (err.is_reset() && err.is_remote() && err.reason() == Some(h2::Reason::REFUSED_STREAM));
+            || (err.is_reset()
+                && err.is_remote()
+                && err.reason() == Some(h2::Reason::REFUSED_STREAM));
         let kind = if refused {
             ErrorKind::Refused
         } else if err.reason() == Some(h2::Reason::PROTOCOL_ERROR) && err.is_library() {
@@ -107,7 +113,9 @@ pub fn tls_config(tls: &BackendTls) -> Result<Arc<rustls::ClientConfig>, String>
                 let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
                 for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
                     let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
-                    roots.add(cert).map_err(|e| format!("{}: {e}", path.display()))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
                 }
                 if roots.is_empty() {
                     return Err(format!("{}: no certificate", path.display()));
@@ -166,7 +174,9 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::ring::default_provider().signature_verification_algorithms.supported_schemes()
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -175,7 +185,10 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
 pub struct Connector {
     pub backend: Rc<str>,
     pub addr: SocketAddr,
-    pub tls: Option<(Arc<rustls::ClientConfig>, rustls::pki_types::ServerName<'static>)>,
+    pub tls: Option<(
+        Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    )>,
     pub connect_timeout: Duration,
 }
 
@@ -197,20 +210,41 @@ impl Connector {
             }
             _ => None,
         };
-        Ok(Self { backend: Rc::from(backend.id.as_str()), addr: backend.address, tls, connect_timeout })
+        Ok(Self {
+            backend: Rc::from(backend.id.as_str()),
+            addr: backend.address,
+            tls,
+            connect_timeout,
+        })
     }
 
     /// Opens one HTTP/2 connection and spawns its driver on the current `LocalSet`.
     ///
     /// # Errors
     /// [`UpstreamError`] of kind `Connect`, `ConnectTimeout`, `Tls` or `Handshake`.
-    pub async fn connect(&self, closed: Rc<Cell<bool>>) -> Result<SendRequest<Bytes>, UpstreamError> {
+    pub async fn connect(
+        &self,
+        closed: Rc<Cell<bool>>,
+    ) -> Result<SendRequest<Bytes>, UpstreamError> {
         let b = &self.backend;
-        let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr)).await {
-            Err(_) => return Err(UpstreamError::new(ErrorKind::ConnectTimeout, b, format!("connect to {} timed out", self.addr))),
-            Ok(Err(e)) => return Err(UpstreamError::new(ErrorKind::Connect, b, format!("connect to {}: {e}", self.addr))),
-            Ok(Ok(s)) => s,
-        };
+        let tcp =
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr)).await {
+                Err(_) => {
+                    return Err(UpstreamError::new(
+                        ErrorKind::ConnectTimeout,
+                        b,
+                        format!("connect to {} timed out", self.addr),
+                    ))
+                }
+                Ok(Err(e)) => {
+                    return Err(UpstreamError::new(
+                        ErrorKind::Connect,
+                        b,
+                        format!("connect to {}: {e}", self.addr),
+                    ))
+                }
+                Ok(Ok(s)) => s,
+            };
         let _ = tcp.set_nodelay(true);
         let mut builder = h2::client::Builder::new();
         builder
@@ -220,7 +254,10 @@ impl Connector {
             .enable_push(false);
         match &self.tls {
             None => {
-                let (send, conn) = builder.handshake::<_, Bytes>(tcp).await.map_err(|e| UpstreamError::new(ErrorKind::Handshake, b, e))?;
+                let (send, conn) = builder
+                    .handshake::<_, Bytes>(tcp)
+                    .await
+                    .map_err(|e| UpstreamError::new(ErrorKind::Handshake, b, e))?;
                 spawn_driver(conn, closed, b.clone());
                 Ok(send)
             }
@@ -228,14 +265,33 @@ impl Connector {
                 let connector = tokio_rustls::TlsConnector::from(cfg.clone());
                 let hs = connector.connect(name.clone(), tcp);
                 let tls = match tokio::time::timeout(self.connect_timeout, hs).await {
-                    Err(_) => return Err(UpstreamError::new(ErrorKind::ConnectTimeout, b, "TLS handshake timed out")),
-                    Ok(Err(e)) => return Err(UpstreamError::new(ErrorKind::Tls, b, format!("TLS handshake with {}: {e}", self.addr))),
+                    Err(_) => {
+                        return Err(UpstreamError::new(
+                            ErrorKind::ConnectTimeout,
+                            b,
+                            "TLS handshake timed out",
+                        ))
+                    }
+                    Ok(Err(e)) => {
+                        return Err(UpstreamError::new(
+                            ErrorKind::Tls,
+                            b,
+                            format!("TLS handshake with {}: {e}", self.addr),
+                        ))
+                    }
                     Ok(Ok(s)) => s,
                 };
                 if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
-                    return Err(UpstreamError::new(ErrorKind::Tls, b, "backend did not negotiate ALPN h2"));
+                    return Err(UpstreamError::new(
+                        ErrorKind::Tls,
+                        b,
+                        "backend did not negotiate ALPN h2",
+                    ));
                 }
-                let (send, conn) = builder.handshake::<_, Bytes>(tls).await.map_err(|e| UpstreamError::new(ErrorKind::Handshake, b, e))?;
+                let (send, conn) = builder
+                    .handshake::<_, Bytes>(tls)
+                    .await
+                    .map_err(|e| UpstreamError::new(ErrorKind::Handshake, b, e))?;
                 spawn_driver(conn, closed, b.clone());
                 Ok(send)
             }
@@ -282,7 +338,11 @@ pub struct BackendPool {
 
 impl BackendPool {
     pub fn new(connector: Connector) -> Self {
-        Self { connector, conns: RefCell::new(Vec::new()), connecting: tokio::sync::Mutex::new(()) }
+        Self {
+            connector,
+            conns: RefCell::new(Vec::new()),
+            connecting: tokio::sync::Mutex::new(()),
+        }
     }
 
     /// Requests in flight on this worker to this backend.
@@ -317,7 +377,13 @@ impl BackendPool {
                 let c = conns.iter().min_by_key(|c| c.in_flight.get());
                 match c {
                     Some(c) => (c.send.clone(), c.in_flight.clone()),
-                    None => return Err(UpstreamError::new(ErrorKind::Connect, &self.connector.backend, "no connection")),
+                    None => {
+                        return Err(UpstreamError::new(
+                            ErrorKind::Connect,
+                            &self.connector.backend,
+                            "no connection",
+                        ))
+                    }
                 }
             };
             in_flight.set(in_flight.get() + 1);
@@ -333,7 +399,11 @@ impl BackendPool {
         let closed = Rc::new(Cell::new(false));
         let send = self.connector.connect(closed.clone()).await?;
         let in_flight = Rc::new(Cell::new(1));
-        self.conns.borrow_mut().push(PooledConn { send: send.clone(), in_flight: in_flight.clone(), closed });
+        self.conns.borrow_mut().push(PooledConn {
+            send: send.clone(),
+            in_flight: in_flight.clone(),
+            closed,
+        });
         Ok(Lease { send, in_flight })
     }
 
@@ -345,7 +415,10 @@ impl BackendPool {
             .filter(|c| c.in_flight.get() < c.send.current_max_send_streams().max(1))
             .min_by_key(|c| c.in_flight.get())?;
         c.in_flight.set(c.in_flight.get() + 1);
-        Some(Lease { send: c.send.clone(), in_flight: c.in_flight.clone() })
+        Some(Lease {
+            send: c.send.clone(),
+            in_flight: c.in_flight.clone(),
+        })
     }
 }
 

@@ -24,6 +24,7 @@ pub fn build(release: bool) -> Result<PathBuf> {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(&dir).arg(format!("+{NIGHTLY}")).args([
         "build",
+        "--locked",
         "-Z",
         "build-std=core",
         "--target",

@@ -16,7 +16,9 @@ impl Drop for Kids {
         for (name, child) in self.0.iter_mut().rev() {
             // SIGTERM first so Spooky drains gracefully, by PID: only what we started.
             let pid = child.id() as libc_pid;
-            let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
@@ -66,10 +68,26 @@ pub fn run(once: bool) -> Result<()> {
 
     let get = |print: bool| {
         Command::new(bin.join("spooky"))
-            .args(["get", "-i", "--ca", "config/certs/ca.crt", "--connect", "127.0.0.1:9889", "https://localhost:9889/hello"])
+            .args([
+                "get",
+                "-i",
+                "--ca",
+                "config/certs/ca.crt",
+                "--connect",
+                "127.0.0.1:9889",
+                "https://localhost:9889/hello",
+            ])
             .current_dir(&root)
-            .stdout(if print { Stdio::inherit() } else { Stdio::null() })
-            .stderr(if print { Stdio::inherit() } else { Stdio::null() })
+            .stdout(if print {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .stderr(if print {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .status()
     };
     let deadline = Instant::now() + Duration::from_secs(20);

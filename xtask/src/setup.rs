@@ -46,7 +46,9 @@ fn quiet_ok(cmd: &mut Command) -> bool {
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
@@ -63,7 +65,11 @@ fn dpkg_installed(pkg: &str) -> bool {
 
 /// Debian packages, installed only when one is missing.
 pub fn apt() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -102,7 +108,10 @@ pub fn ebpf_toolchain() -> Result<()> {
         .unwrap_or(false);
     if !linker_ok {
         eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} (a few minutes)");
-        let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
+        let path = format!(
+            "/usr/lib/llvm-22/bin:{}",
+            std::env::var("PATH").unwrap_or_default()
+        );
         run(Command::new("cargo")
             .args([
                 "install",
@@ -140,9 +149,18 @@ pub fn python_peers() -> Result<()> {
     if quiet_ok(Command::new(python()).args(["-c", &script])) {
         return Ok(());
     }
-    let specs: Vec<String> = PIP_PACKAGES.iter().map(|(n, v)| format!("{n}=={v}")).collect();
+    let specs: Vec<String> = PIP_PACKAGES
+        .iter()
+        .map(|(n, v)| format!("{n}=={v}"))
+        .collect();
     eprintln!("setup: installing Python peers: {}", specs.join(" "));
     run(Command::new(python())
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
         .args(&specs))
 }

@@ -11,8 +11,14 @@ use std::time::Instant;
 fn step(name: &str, cmd: &mut Command) -> Result<()> {
     let started = Instant::now();
     eprintln!("==> {name}");
-    let status = cmd.current_dir(workspace_root()).status().with_context(|| format!("cannot run {name}"))?;
-    eprintln!("<== {name}: {status} in {:.1}s", started.elapsed().as_secs_f64());
+    let status = cmd
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("cannot run {name}"))?;
+    eprintln!(
+        "<== {name}: {status} in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
     if !status.success() {
         bail!("{name} failed");
     }
@@ -28,12 +34,30 @@ pub fn run(extra: &[String]) -> Result<()> {
     }
     ebpf::build(true)?;
     certs::generate(&workspace_root().join("config/certs"))?;
-    step("cargo fmt --check", Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
+    step(
+        "cargo fmt --check",
+        Command::new("cargo").args(["fmt", "--all", "--", "--check"]),
+    )?;
     step(
         "cargo clippy",
-        Command::new("cargo").args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+        Command::new("cargo").args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
     )?;
-    step("cargo test", Command::new("cargo").args(["test", "--workspace"]).args(extra))?;
-    eprintln!("all checks passed in {:.0}s", started.elapsed().as_secs_f64());
+    step(
+        "cargo test",
+        Command::new("cargo")
+            .args(["test", "--workspace"])
+            .args(extra),
+    )?;
+    eprintln!(
+        "all checks passed in {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -17,7 +17,10 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let opts = spooky::demo::DemoOptions { id: args.id.clone(), goaway_every: None };
+    let opts = spooky::demo::DemoOptions {
+        id: args.id.clone(),
+        goaway_every: None,
+    };
     let (addr, _stats) = spooky::demo::spawn(args.listen, opts)?;
     eprintln!("demo backend {} listening on {addr} (h2c)", args.id);
     loop {

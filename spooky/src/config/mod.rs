@@ -51,7 +51,9 @@ pub enum RetryMode {
     Off,
     Always,
     /// Retry once a worker sees more than this many new connections per second.
-    Auto { new_connections_per_sec: u32 },
+    Auto {
+        new_connections_per_sec: u32,
+    },
 }
 
 /// QUIC transport settings.

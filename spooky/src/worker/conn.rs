@@ -25,10 +25,18 @@ pub struct Conn {
     streams: HashMap<u64, SharedStream>,
     goaway_sent: bool,
     max_request_id: u64,
+    /// Streams whose response is fully written but maybe not yet acknowledged: a draining
+    /// connection closes only once quiche has collected them.
+    lingering: Vec<u64>,
 }
 
 impl Conn {
-    pub fn new(quic: quiche::Connection, peer: SocketAddr, gen: u64, aliases: Vec<ConnectionId<'static>>) -> Self {
+    pub fn new(
+        quic: quiche::Connection,
+        peer: SocketAddr,
+        gen: u64,
+        aliases: Vec<ConnectionId<'static>>,
+    ) -> Self {
         Self {
             quic,
             h3: None,
@@ -40,6 +48,7 @@ impl Conn {
             streams: HashMap::new(),
             goaway_sent: false,
             max_request_id: 0,
+            lingering: Vec::new(),
         }
     }
 
@@ -52,7 +61,13 @@ impl Conn {
     }
 
     /// Processes HTTP/3 events and moves buffered response data into quiche.
-    pub fn service(&mut self, ctx: &Rc<WorkerCtx>, h3config: &h3::Config, slot: usize, draining: bool) {
+    pub fn service(
+        &mut self,
+        ctx: &Rc<WorkerCtx>,
+        h3config: &h3::Config,
+        slot: usize,
+        draining: bool,
+    ) {
         if self.h3.is_none() && (self.quic.is_established() || self.quic.is_in_early_data()) {
             match h3::Connection::with_transport(&mut self.quic, h3config) {
                 Ok(h) => self.h3 = Some(h),
@@ -63,7 +78,12 @@ impl Conn {
                 }
             }
         }
-        let Some(mut h3c) = self.h3.take() else { return };
+        let Some(mut h3c) = self.h3.take() else {
+            return;
+        };
+        let quic = &mut self.quic;
+        self.lingering
+            .retain(|sid| quic.stream_capacity(*sid).is_ok());
         // Two rounds: reading a blocked body may surface `Finished`, flushing may unblock reads.
         for _ in 0..2 {
             self.poll_events(&mut h3c, ctx, slot);
@@ -75,7 +95,7 @@ impl Conn {
                 let _ = h3c.send_goaway(&mut self.quic, self.max_request_id + 4);
                 self.goaway_sent = true;
             }
-            if self.streams.is_empty() {
+            if self.streams.is_empty() && self.lingering.is_empty() {
                 let _ = self.quic.close(true, H3_NO_ERROR, b"");
             }
         }
@@ -146,13 +166,23 @@ impl Conn {
         more_frames: bool,
     ) {
         self.max_request_id = self.max_request_id.max(sid);
-        ctx.shared.stats[ctx.index].requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ctx.shared.stats[ctx.index]
+            .requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let head = match bridge::validate_request(list) {
             Ok(h) => h,
             Err(e) => {
                 tracing::info!(peer = %self.peer, stream = sid, error = %e, "malformed request rejected");
-                self.answer_local(h3c, sid, 400, &format!("malformed request: {e}"), more_frames);
-                let _ = self.quic.stream_shutdown(sid, quiche::Shutdown::Read, H3_MESSAGE_ERROR);
+                self.answer_local(
+                    h3c,
+                    sid,
+                    400,
+                    &format!("malformed request: {e}"),
+                    more_frames,
+                );
+                let _ = self
+                    .quic
+                    .stream_shutdown(sid, quiche::Shutdown::Read, H3_MESSAGE_ERROR);
                 return;
             }
         };
@@ -162,10 +192,20 @@ impl Conn {
         }
         if !more_frames && head.content_length.is_some_and(|n| n > 0) {
             tracing::info!(peer = %self.peer, stream = sid, "content-length without a body");
-            self.answer_local(h3c, sid, 400, "malformed request: content-length mismatch", false);
+            self.answer_local(
+                h3c,
+                sid,
+                400,
+                "malformed request: content-length mismatch",
+                false,
+            );
             return;
         }
-        let Some(upstream) = ctx.shared.routes.lookup(Some(head.authority_str()), head.path_str()) else {
+        let Some(upstream) = ctx
+            .shared
+            .routes
+            .lookup(Some(head.authority_str()), head.path_str())
+        else {
             tracing::debug!(peer = %self.peer, authority = head.authority_str(), path = head.path_str(), "no route");
             self.answer_local(h3c, sid, 404, "no route", more_frames);
             return;
@@ -187,7 +227,14 @@ impl Conn {
     }
 
     /// Answers a request locally; the request body, if any, is not read.
-    fn answer_local(&mut self, h3c: &mut h3::Connection, sid: u64, status: u16, text: &str, body_follows: bool) {
+    fn answer_local(
+        &mut self,
+        h3c: &mut h3::Connection,
+        sid: u64,
+        status: u16,
+        text: &str,
+        body_follows: bool,
+    ) {
         let (fields, body) = bridge::local_response(status, text, None);
         let io = StreamIo::new(None);
         {
@@ -261,14 +308,18 @@ impl Conn {
     }
 
     fn reset(&mut self, sid: u64, code: u64) {
-        let _ = self.quic.stream_shutdown(sid, quiche::Shutdown::Write, code);
+        let _ = self
+            .quic
+            .stream_shutdown(sid, quiche::Shutdown::Write, code);
         let _ = self.quic.stream_shutdown(sid, quiche::Shutdown::Read, code);
         self.streams.remove(&sid);
     }
 
     /// Moves what the proxy task produced into quiche, resuming partial writes.
     fn flush_stream(&mut self, h3c: &mut h3::Connection, sid: u64) {
-        let Some(io_rc) = self.streams.get(&sid).cloned() else { return };
+        let Some(io_rc) = self.streams.get(&sid).cloned() else {
+            return;
+        };
         let mut io = io_rc.borrow_mut();
         if io.client_gone {
             drop(io);
@@ -282,7 +333,9 @@ impl Conn {
             return;
         }
         if !io.head_sent {
-            let Some(head) = io.resp_head.as_ref() else { return };
+            let Some(head) = io.resp_head.as_ref() else {
+                return;
+            };
             let fin = io.resp_fin && io.resp_body.is_empty() && io.resp_trailers.is_none();
             match h3c.send_response(&mut self.quic, sid, head, fin) {
                 Ok(()) => {
@@ -304,7 +357,9 @@ impl Conn {
         let room_before = io.resp_buffered;
         while !io.resp_done {
             let last = io.resp_body.len() == 1 && io.resp_fin && io.resp_trailers.is_none();
-            let Some(chunk) = io.resp_body.front_mut() else { break };
+            let Some(chunk) = io.resp_body.front_mut() else {
+                break;
+            };
             match h3c.send_body(&mut self.quic, sid, chunk, last) {
                 Ok(n) => {
                     let whole = n == chunk.len();
@@ -355,9 +410,12 @@ impl Conn {
             drop(io);
             if unread {
                 // RFC 9114 §4.1: a complete response may end the request early.
-                let _ = self.quic.stream_shutdown(sid, quiche::Shutdown::Read, H3_NO_ERROR);
+                let _ = self
+                    .quic
+                    .stream_shutdown(sid, quiche::Shutdown::Read, H3_NO_ERROR);
             }
             self.streams.remove(&sid);
+            self.lingering.push(sid);
         }
     }
 }

@@ -80,8 +80,16 @@ impl WorkerCtx {
     }
 
     /// Passive health: the outcome of a response head, with its latency.
-    pub fn report_outcome(&self, upstream: usize, backend: usize, outcome: TrafficOutcome, latency: Duration) {
-        self.shared.health.report(upstream, backend, outcome, Some(latency));
+    pub fn report_outcome(
+        &self,
+        upstream: usize,
+        backend: usize,
+        outcome: TrafficOutcome,
+        latency: Duration,
+    ) {
+        self.shared
+            .health
+            .report(upstream, backend, outcome, Some(latency));
     }
 }
 
@@ -142,10 +150,14 @@ impl Worker {
     fn new(setup: WorkerSetup) -> Result<Self, String> {
         let shared = setup.shared;
         let cfg = &shared.config;
-        let qconfig = crate::server::quic_config(cfg).map_err(|e| format!("worker {}: {e}", setup.index))?;
+        let qconfig =
+            crate::server::quic_config(cfg).map_err(|e| format!("worker {}: {e}", setup.index))?;
         let mut h3config = quiche::h3::Config::new().map_err(|e| format!("h3 config: {e}"))?;
         h3config.set_max_field_section_size(cfg.proxy.max_header_list_size);
-        setup.socket.set_nonblocking(true).map_err(|e| e.to_string())?;
+        setup
+            .socket
+            .set_nonblocking(true)
+            .map_err(|e| e.to_string())?;
         let local = setup.socket.local_addr().map_err(|e| e.to_string())?;
         let socket = tokio::net::UdpSocket::from_std(setup.socket).map_err(|e| e.to_string())?;
 
@@ -154,7 +166,12 @@ impl Worker {
         for (u, up) in cfg.upstreams.iter().enumerate() {
             let mut row = Vec::with_capacity(up.backends.len());
             for (b, backend) in up.backends.iter().enumerate() {
-                let tls = shared.backend_tls.get(u).and_then(|r| r.get(b)).cloned().flatten();
+                let tls = shared
+                    .backend_tls
+                    .get(u)
+                    .and_then(|r| r.get(b))
+                    .cloned()
+                    .flatten();
                 let connector = Connector::new(backend, tls, up.timeouts.connect)?;
                 row.push(Rc::new(BackendPool::new(connector)));
             }
@@ -162,7 +179,12 @@ impl Worker {
             let weights: Vec<u32> = up.backends.iter().map(|b| b.weight).collect();
             let ids: Vec<&str> = up.backends.iter().map(|b| b.id.as_str()).collect();
             let seed = 0x5eed_0000 + setup.index as u64 * 7919 + u as u64;
-            balancers.push(RefCell::new(Balancer::with_ids(&up.load_balancing, &weights, &ids, seed)));
+            balancers.push(RefCell::new(Balancer::with_ids(
+                &up.load_balancing,
+                &weights,
+                &ids,
+                seed,
+            )));
         }
         let stats = shared.stats[setup.index].clone();
         let ctx = Rc::new(WorkerCtx {
@@ -265,20 +287,36 @@ impl Worker {
             self.feed(slot, data, from);
             return;
         }
-        // Not a connection of ours: whose is it?
+        // Not a connection of ours: whose is it? Initial and 0-RTT packets carry the client's
+        // DCID (placed by hash); every other packet must carry a DCID we issued.
         let workers = self.peers.len() as u32;
-        let owner = spooky_common::cid::steer(&layout, &hdr.dcid, workers) as usize;
-        if owner != self.ctx.index && !forwarded {
-            self.stats.misrouted.fetch_add(1, Ordering::Relaxed);
-            if let Some(peer) = self.peers.get(owner) {
-                let _ = peer.try_send(Forwarded { data: data.to_vec(), from });
+        let client_chosen = matches!(hdr.ty, quiche::Type::Initial | quiche::Type::ZeroRTT);
+        let owner = if client_chosen {
+            Some(spooky_common::cid::steer(&layout, &hdr.dcid, workers) as usize)
+        } else {
+            layout
+                .worker_of(&hdr.dcid)
+                .map(usize::from)
+                .filter(|w| *w < workers as usize)
+        };
+        match owner {
+            Some(owner) if owner != self.ctx.index && !forwarded => {
+                self.stats.misrouted.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(worker = self.ctx.index, owner, ty = ?hdr.ty, "misrouted packet forwarded to its owner");
+                if let Some(peer) = self.peers.get(owner) {
+                    let _ = peer.try_send(Forwarded {
+                        data: data.to_vec(),
+                        from,
+                    });
+                }
+                return;
             }
-            return;
-        }
-        if hdr.ty != quiche::Type::Initial {
-            // A short header for a connection we no longer know, or junk.
-            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
+            Some(_) if hdr.ty == quiche::Type::Initial => {}
+            _ => {
+                // A packet for a connection that is gone, or junk.
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
         }
         if !quiche::version_is_supported(hdr.version) {
             if let Ok(len) = quiche::negotiate_version(&hdr.scid, &hdr.dcid, &mut self.out) {
@@ -297,7 +335,12 @@ impl Worker {
         let mut nonce = [0u8; 20];
         let _ = ring::rand::SecureRandom::fill(&shared.rng, &mut nonce);
         let mut cid = [0u8; 20];
-        let n = shared.layout.write(&shared.config.quic.server_id, self.ctx.index as u8, &nonce, &mut cid);
+        let n = shared.layout.write(
+            &shared.config.quic.server_id,
+            self.ctx.index as u8,
+            &nonce,
+            &mut cid,
+        );
         ConnectionId::from_vec(cid[..n].to_vec())
     }
 
@@ -305,7 +348,9 @@ impl Worker {
         match self.ctx.shared.config.quic.retry {
             crate::config::RetryMode::Off => false,
             crate::config::RetryMode::Always => true,
-            crate::config::RetryMode::Auto { new_connections_per_sec } => {
+            crate::config::RetryMode::Auto {
+                new_connections_per_sec,
+            } => {
                 let (start, count) = self.rate_window.get();
                 start.elapsed() < Duration::from_secs(1) && count >= new_connections_per_sec
             }
@@ -328,14 +373,20 @@ impl Worker {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        if self.live_conns() >= self.ctx.shared.config.quic.max_connections / self.peers.len().max(1) + 1 {
+        if self.live_conns() > self.ctx.shared.config.quic.max_connections / self.peers.len().max(1)
+        {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let token = hdr.token.as_deref().unwrap_or(&[]);
         let mut odcid = None;
         if !token.is_empty() {
-            match crate::server::validate_token(&self.ctx.shared.token_key, token, &from, TOKEN_LIFETIME) {
+            match crate::server::validate_token(
+                &self.ctx.shared.token_key,
+                token,
+                &from,
+                TOKEN_LIFETIME,
+            ) {
                 Some(id) => odcid = Some(id),
                 None => {
                     self.stats.dropped.fetch_add(1, Ordering::Relaxed);
@@ -345,7 +396,14 @@ impl Worker {
         } else if self.retry_wanted() {
             let new_scid = self.new_cid();
             let token = crate::server::mint_token(&self.ctx.shared.token_key, &hdr.dcid, &from);
-            if let Ok(len) = quiche::retry(&hdr.scid, &hdr.dcid, &new_scid, &token, hdr.version, &mut self.out) {
+            if let Ok(len) = quiche::retry(
+                &hdr.scid,
+                &hdr.dcid,
+                &new_scid,
+                &token,
+                hdr.version,
+                &mut self.out,
+            ) {
                 let _ = self.socket.try_send_to(&self.out[..len], from);
                 self.stats.retry_sent.fetch_add(1, Ordering::Relaxed);
             }
@@ -353,7 +411,11 @@ impl Worker {
         }
         self.count_new_connection();
         // After a Retry the client's DCID is the retry SCID we chose: keep it as our SCID.
-        let scid = if odcid.is_some() { hdr.dcid.clone().into_owned() } else { self.new_cid() };
+        let scid = if odcid.is_some() {
+            hdr.dcid.clone().into_owned()
+        } else {
+            self.new_cid()
+        };
         let odcid_ref = odcid.as_ref();
         let quic = match quiche::accept(&scid, odcid_ref, self.local, from, &mut self.qconfig) {
             Ok(c) => c,
@@ -377,8 +439,12 @@ impl Worker {
             aliases.push(client_dcid);
         }
         self.conns[slot] = Some(Conn::new(quic, from, gen, aliases));
-        self.stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
-        self.stats.connections_active.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .connections_accepted
+            .fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .connections_active
+            .fetch_add(1, Ordering::Relaxed);
         self.feed(slot, data, from);
     }
 
@@ -388,7 +454,9 @@ impl Worker {
 
     fn feed(&mut self, slot: usize, data: &mut [u8], from: SocketAddr) {
         let local = self.local;
-        let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else { return };
+        let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
         let info = quiche::RecvInfo { from, to: local };
         if let Err(e) = conn.quic.recv(data, info) {
             tracing::trace!(error = %e, "recv failed");
@@ -432,7 +500,9 @@ impl Worker {
 
     async fn service_touched(&mut self) {
         while let Some(slot) = self.touched.pop() {
-            let Some(mut conn) = self.conns.get_mut(slot).and_then(Option::take) else { continue };
+            let Some(mut conn) = self.conns.get_mut(slot).and_then(Option::take) else {
+                continue;
+            };
             conn.touched = false;
             conn.service(&self.ctx, &self.h3config, slot, self.draining.is_some());
             self.provide_cids(&mut conn, slot);
@@ -506,13 +576,20 @@ impl Worker {
             self.timers.remove(&(old, slot));
         }
         conn.abort_streams();
-        self.stats.connections_active.fetch_sub(1, Ordering::Relaxed);
+        self.stats
+            .connections_active
+            .fetch_sub(1, Ordering::Relaxed);
         self.free.push(slot);
     }
 
     fn begin_drain(&mut self) {
         let grace = self.ctx.shared.config.proxy.shutdown_grace;
-        tracing::info!(worker = self.ctx.index, connections = self.live_conns(), ?grace, "draining");
+        tracing::info!(
+            worker = self.ctx.index,
+            connections = self.live_conns(),
+            ?grace,
+            "draining"
+        );
         self.draining = Some(Instant::now() + grace);
         for (slot, c) in self.conns.iter_mut().enumerate() {
             if let Some(conn) = c {
@@ -527,7 +604,9 @@ impl Worker {
     fn close_all(&mut self) {
         for (slot, c) in self.conns.iter_mut().enumerate() {
             if let Some(conn) = c {
-                let _ = conn.quic.close(true, crate::bridge::H3_NO_ERROR, b"shutdown");
+                let _ = conn
+                    .quic
+                    .close(true, crate::bridge::H3_NO_ERROR, b"shutdown");
                 if !conn.touched {
                     conn.touched = true;
                     self.touched.push(slot);

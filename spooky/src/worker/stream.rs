@@ -63,7 +63,10 @@ pub type SharedStream = Rc<RefCell<StreamIo>>;
 
 impl StreamIo {
     pub fn new(expected: Option<u64>) -> SharedStream {
-        Rc::new(RefCell::new(StreamIo { req_expected: expected, ..Default::default() }))
+        Rc::new(RefCell::new(StreamIo {
+            req_expected: expected,
+            ..Default::default()
+        }))
     }
 
     /// Loop side: a body chunk from the client.

@@ -4,7 +4,7 @@
 //! (`NAME.yaml` → `NAME.expected`).
 //!
 //! The configs name `config/certs/spooky.{crt,key}` (made by `cargo xtask certs`, not in git);
-//! [`ensure_certs`] creates a self-signed localhost pair there when it is missing.
+//! [`ensure_certs`] makes them with the same generator when they are missing.
 //!
 //! To rewrite the `.expected` files after a deliberate message change, run with
 //! `SPOOKY_BLESS=1` and review the diff.
@@ -13,38 +13,14 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use spooky::config::{load, parse, ConfigError};
 
-fn repo_root() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest
-        .parent()
-        .expect("the spooky crate lives in the workspace root")
-        .to_path_buf()
-}
+use crate::support::repo_root;
 
-/// Makes sure `config/certs/spooky.crt` and `.key` exist, generating a self-signed localhost
-/// certificate with rcgen if either is missing. Files are written whole (temp file + rename), so
-/// a concurrent reader never sees half a PEM.
+/// Makes sure the demo certificates in `config/certs` exist.
 fn ensure_certs() {
-    static LOCK: Mutex<()> = Mutex::new(());
-    let _guard = LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let dir = repo_root().join("config").join("certs");
-    let (cert, key) = (dir.join("spooky.crt"), dir.join("spooky.key"));
-    if cert.is_file() && key.is_file() {
-        return;
-    }
-    fs::create_dir_all(&dir).unwrap();
-    let pair = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    let write = |path: &Path, contents: String| {
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        fs::write(&tmp, contents).unwrap();
-        fs::rename(&tmp, path).unwrap();
-    };
-    write(&key, pair.signing_key.serialize_pem());
-    write(&cert, pair.cert.pem());
+    crate::support::certs_dir();
 }
 
 /// Every file under `dir` (recursively) whose name ends in `.yaml` or `.yml`, sorted.

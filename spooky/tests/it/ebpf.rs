@@ -908,3 +908,84 @@ fn pin_to_cpu(cpu: usize) {
         std::io::Error::last_os_error()
     );
 }
+
+/// A UDP socket on 127.0.0.1:`port` (0: any) with `SO_REUSEPORT`, and a 2 s read timeout.
+fn reuseport_socket(port: u16) -> std::net::UdpSocket {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).expect("socket");
+    socket.set_reuse_port(true).expect("SO_REUSEPORT");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    socket.bind(&addr.into()).expect("bind 127.0.0.1");
+    let socket: std::net::UdpSocket = socket.into();
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .expect("read timeout");
+    socket
+}
+
+#[test]
+fn reuseport_picks_the_owning_workers_socket() {
+    let mut programs = load_configured(0);
+    let first = reuseport_socket(0);
+    let port = first.local_addr().expect("local addr").port();
+    let mut sockets = vec![first];
+    for _ in 1..WORKERS {
+        sockets.push(reuseport_socket(port));
+    }
+    programs
+        .set_config(&SteeringConfig {
+            quic_port: port,
+            ..config(0)
+        })
+        .expect("config");
+    for (worker, socket) in sockets.iter().enumerate() {
+        programs
+            .set_worker_socket(worker as u32, socket)
+            .expect("sockets map");
+    }
+    programs
+        .attach_reuseport(&sockets[0])
+        .expect("attach sk_reuseport");
+
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("client socket");
+    let mut datagrams: Vec<(String, Vec<u8>, u32)> = Vec::new();
+    for worker in 0..(WORKERS as u8) {
+        // Several per worker: the kernel's own hash would scatter them.
+        for n in 0..3u8 {
+            let mut cid = our_cid(worker);
+            cid[CID_LEN as usize - 1] = n;
+            datagrams.push((
+                format!("short header for worker {worker} (#{n})"),
+                short_header(0x41, &cid),
+                u32::from(worker),
+            ));
+        }
+    }
+    for n in 0..8u8 {
+        let dcid = [n, 0x42, 0x17, 0x99, n, 0x01, 0x02, 0x03];
+        let worker = steer(&layout(), &dcid, WORKERS);
+        datagrams.push((format!("Initial #{n}"), initial_v1(&dcid, 1200), worker));
+    }
+    let mut buf = [0u8; 2048];
+    for (name, datagram, worker) in &datagrams {
+        client.send_to(datagram, ("127.0.0.1", port)).expect("send");
+        let owner = &sockets[*worker as usize];
+        let n = owner
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("{name}: worker {worker}'s socket got nothing: {e}"));
+        assert_eq!(
+            &buf[..n],
+            &datagram[..],
+            "{name}: a different datagram arrived"
+        );
+        for (other, socket) in sockets.iter().enumerate() {
+            socket.set_nonblocking(true).expect("nonblocking");
+            let stray = socket.recv(&mut buf);
+            socket.set_nonblocking(false).expect("blocking");
+            assert!(
+                stray.is_err(),
+                "{name}: also/instead reached worker {other}'s socket"
+            );
+        }
+    }
+}

@@ -1,6 +1,10 @@
 //! The one integration-test binary of the `spooky` crate. Tests that need root, BPF or a peer
 //! fail loudly with the reason when it is missing; none returns early and passes.
 
+// Test code: a failed unwrap is a failed test with its reason.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod config_files;
 mod ebpf;
+mod proxy;
 mod support;

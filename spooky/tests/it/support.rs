@@ -1,1 +1,189 @@
-//! (being written)
+//! Shared test support: demo certificates (the same generator `cargo xtask certs` uses),
+//! in-process HTTP/2 demo backends, an in-process Spooky built from a YAML snippet, and
+//! HTTP/3 clients. Everything binds to 127.0.0.1 only.
+
+#![allow(dead_code)]
+
+#[path = "../../../xtask/src/certs.rs"]
+mod certs_gen;
+
+use spooky::client::{Client, ClientOptions};
+use spooky::demo::{DemoOptions, DemoStats};
+use spooky::server::{RunOptions, Running};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// `config/certs` with the demo CA, Spooky's and the backends' certificates.
+pub fn certs_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        certs_gen::generate(&repo_root().join("config/certs")).expect("generate demo certificates")
+    })
+    .clone()
+}
+
+/// Logs go to the test's captured output; `RUST_LOG` picks the level (default warn).
+pub fn init_logging() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+/// A UDP port that was free a moment ago on 127.0.0.1.
+pub fn free_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.local_addr().unwrap().port()
+}
+
+/// A TCP address where nothing listens (bound, then closed).
+pub fn dead_tcp_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// An in-process HTTP/2 demo backend.
+pub struct Backend {
+    pub id: String,
+    pub addr: SocketAddr,
+    pub stats: Arc<DemoStats>,
+}
+
+pub fn backend(id: &str) -> Backend {
+    backend_with(DemoOptions {
+        id: id.into(),
+        goaway_every: None,
+    })
+}
+
+pub fn backend_with(opts: DemoOptions) -> Backend {
+    let id = opts.id.clone();
+    let (addr, stats) = spooky::demo::spawn("127.0.0.1:0".parse().unwrap(), opts).unwrap();
+    Backend { id, addr, stats }
+}
+
+/// YAML for one upstream pool.
+pub fn pool(
+    name: &str,
+    prefix: &str,
+    host: Option<&str>,
+    lb: &str,
+    backends: &[(&str, SocketAddr)],
+    extra: &str,
+) -> String {
+    let mut s = format!("  {name}:\n    load_balancing:\n      type: {lb}\n    route:\n      path_prefix: \"{prefix}\"\n");
+    if let Some(h) = host {
+        s.push_str(&format!("      host: \"{h}\"\n"));
+    }
+    for line in extra.lines().filter(|l| !l.trim().is_empty()) {
+        s.push_str(&format!("    {line}\n"));
+    }
+    s.push_str("    backends:\n");
+    for (id, addr) in backends {
+        s.push_str(&format!("      - id: {id}\n        address: \"{addr}\"\n"));
+    }
+    s
+}
+
+/// A running in-process Spooky; shut down gracefully when dropped.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub running: Option<Running>,
+}
+
+impl Proxy {
+    pub fn stats_sum(&self, f: impl Fn(&spooky::server::WorkerStats) -> u64) -> u64 {
+        self.running
+            .as_ref()
+            .unwrap()
+            .shared
+            .stats
+            .iter()
+            .map(|s| f(s))
+            .sum()
+    }
+
+    pub fn misrouted(&self) -> u64 {
+        self.stats_sum(|s| s.misrouted.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Graceful shutdown, waiting for the workers.
+    pub fn shutdown(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.begin_shutdown();
+            r.join().unwrap();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.begin_shutdown();
+            let _ = r.join();
+        }
+    }
+}
+
+/// The full YAML of a test config around `upstreams` (already indented pools) and `extra`
+/// top-level sections.
+pub fn config_yaml(port: u16, upstreams: &str, extra: &str) -> String {
+    let certs = certs_dir();
+    format!(
+        "version: 1\nlisten:\n  protocol: http3\n  address: 127.0.0.1\n  port: {port}\n  tls:\n    cert: {}\n    key: {}\n{extra}\nupstream:\n{upstreams}",
+        certs.join("spooky.crt").display(),
+        certs.join("spooky.key").display(),
+    )
+}
+
+/// Starts Spooky with `workers` workers on a free port.
+pub fn proxy(upstreams: &str, extra: &str, workers: usize) -> Proxy {
+    init_logging();
+    let port = free_udp_port();
+    let yaml = config_yaml(port, upstreams, extra);
+    let config = spooky::config::parse(&yaml, &repo_root())
+        .unwrap_or_else(|e| panic!("test config invalid: {e}\n{yaml}"));
+    let running = spooky::server::start(
+        config,
+        &RunOptions {
+            workers: Some(workers),
+            iface: None,
+            pin: false,
+        },
+    )
+    .unwrap();
+    Proxy {
+        addr: running.local_addr,
+        running: Some(running),
+    }
+}
+
+/// An HTTP/3 client connected to `addr`, verifying Spooky's certificate with the demo CA.
+pub fn client(addr: SocketAddr) -> Client {
+    let opts = ClientOptions {
+        verify: true,
+        ca: Some(certs_dir().join("ca.crt")),
+        ..Default::default()
+    };
+    Client::connect(addr, &opts, Duration::from_secs(5)).unwrap()
+}
+
+/// The `/size/N` body.
+pub fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(spooky::demo::pattern_byte).collect()
+}
+
+pub const T: Duration = Duration::from_secs(20);
