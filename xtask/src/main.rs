@@ -1,6 +1,7 @@
 //! `cargo xtask …`: the developer and operator tasks. Each task installs what it needs first
 //! (idempotently, see `setup`), so a fresh Debian 12 machine needs nothing but Rust and root.
 
+mod bench;
 mod certs;
 mod ebpf;
 mod quickstart;
@@ -40,6 +41,12 @@ enum Task {
         #[arg(long)]
         once: bool,
     },
+    /// Benchmarks: Spooky against Envoy and Caddy on this machine (see docs/benchmarks.md).
+    Bench {
+        /// Arguments for the bench harness (scenarios, durations; see `cargo xtask bench -- --help`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// The whole test suite: fmt, clippy, unit and integration tests (root needed for eBPF).
     Test {
         /// Extra arguments for `cargo test`, after `--`.
@@ -60,6 +67,7 @@ fn main() -> Result<()> {
         }
         Task::Certs { dir } => certs::generate(&dir).map(|_| ()),
         Task::Quickstart { once } => quickstart::run(once),
+        Task::Bench { args } => bench::run(&args),
         Task::Test { args } => test::run(&args),
     }
 }

@@ -6,5 +6,8 @@
 
 mod config_files;
 mod ebpf;
+mod health;
+mod netns;
+mod peers;
 mod proxy;
 mod support;
