@@ -84,17 +84,49 @@ pub async fn serve(listener: TcpListener, opts: DemoOptions, stats: Arc<DemoStat
     }
 }
 
-/// Binds `addr` and serves on a new thread with its own runtime. Returns the bound address.
+/// A demo backend serving on its own thread; stopped (listener and every connection closed)
+/// by [`DemoServer::stop`] or when dropped.
+pub struct DemoServer {
+    pub addr: SocketAddr,
+    pub stats: Arc<DemoStats>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DemoServer {
+    /// Stops serving and waits until the listener and all connections are closed.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for DemoServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Binds `addr` and serves on a new thread with its own runtime.
 ///
 /// # Errors
 /// When the address cannot be bound or the thread cannot start.
-pub fn spawn(addr: SocketAddr, opts: DemoOptions) -> std::io::Result<(SocketAddr, Arc<DemoStats>)> {
+pub fn spawn(addr: SocketAddr, opts: DemoOptions) -> std::io::Result<DemoServer> {
     let std_listener = std::net::TcpListener::bind(addr)?;
     std_listener.set_nonblocking(true)?;
     let local = std_listener.local_addr()?;
     let stats = Arc::new(DemoStats::default());
     let s2 = stats.clone();
-    std::thread::Builder::new()
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
         .name(format!("demo-{}", opts.id))
         .spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
@@ -108,10 +140,19 @@ pub fn spawn(addr: SocketAddr, opts: DemoOptions) -> std::io::Result<(SocketAddr
                 let Ok(listener) = TcpListener::from_std(std_listener) else {
                     return;
                 };
-                serve(listener, opts, s2).await;
+                tokio::select! {
+                    () = serve(listener, opts, s2) => {}
+                    _ = rx => {}
+                }
             });
+            // Dropping the LocalSet here drops every connection task: their sockets close.
         })?;
-    Ok((local, stats))
+    Ok(DemoServer {
+        addr: local,
+        stats,
+        stop: Some(tx),
+        thread: Some(thread),
+    })
 }
 
 fn header(resp: &mut http::response::Builder, id: &str) {

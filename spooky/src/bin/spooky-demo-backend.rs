@@ -21,8 +21,11 @@ fn main() -> anyhow::Result<()> {
         id: args.id.clone(),
         goaway_every: None,
     };
-    let (addr, _stats) = spooky::demo::spawn(args.listen, opts)?;
-    eprintln!("demo backend {} listening on {addr} (h2c)", args.id);
+    let server = spooky::demo::spawn(args.listen, opts)?;
+    eprintln!(
+        "demo backend {} listening on {} (h2c)",
+        args.id, server.addr
+    );
     loop {
         std::thread::park();
     }

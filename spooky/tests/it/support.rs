@@ -55,11 +55,26 @@ pub fn dead_tcp_addr() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
-/// An in-process HTTP/2 demo backend.
+/// An in-process HTTP/2 demo backend (stopped when dropped).
 pub struct Backend {
     pub id: String,
     pub addr: SocketAddr,
     pub stats: Arc<DemoStats>,
+    pub server: spooky::demo::DemoServer,
+}
+
+impl Backend {
+    /// Requests this backend has served.
+    pub fn served(&self) -> u64 {
+        self.stats
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops it (listener and connections closed) and returns how to start it again.
+    pub fn kill(self) -> (String, SocketAddr) {
+        (self.id, self.addr)
+    }
 }
 
 pub fn backend(id: &str) -> Backend {
@@ -70,9 +85,19 @@ pub fn backend(id: &str) -> Backend {
 }
 
 pub fn backend_with(opts: DemoOptions) -> Backend {
+    backend_at("127.0.0.1:0".parse().unwrap(), opts)
+}
+
+/// A demo backend on a given address (e.g. restarting one that was killed).
+pub fn backend_at(addr: SocketAddr, opts: DemoOptions) -> Backend {
     let id = opts.id.clone();
-    let (addr, stats) = spooky::demo::spawn("127.0.0.1:0".parse().unwrap(), opts).unwrap();
-    Backend { id, addr, stats }
+    let server = spooky::demo::spawn(addr, opts).unwrap();
+    Backend {
+        id,
+        addr: server.addr,
+        stats: server.stats.clone(),
+        server,
+    }
 }
 
 /// YAML for one upstream pool.
