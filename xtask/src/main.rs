@@ -3,6 +3,7 @@
 
 mod bench;
 mod certs;
+mod fuzz;
 mod ebpf;
 mod quickstart;
 mod setup;
@@ -47,6 +48,14 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Fuzz targets (cargo-fuzz, pinned nightly): run one or all for a while.
+    Fuzz {
+        /// Target name (default: every target).
+        target: Option<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
     /// The whole test suite: fmt, clippy, unit and integration tests (root needed for eBPF).
     Test {
         /// Extra arguments for `cargo test`, after `--`.
@@ -68,6 +77,7 @@ fn main() -> Result<()> {
         Task::Certs { dir } => certs::generate(&dir).map(|_| ()),
         Task::Quickstart { once } => quickstart::run(once),
         Task::Bench { args } => bench::run(&args),
+        Task::Fuzz { target, seconds } => fuzz::run(target.as_deref(), seconds),
         Task::Test { args } => test::run(&args),
     }
 }
