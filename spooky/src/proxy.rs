@@ -12,6 +12,7 @@ use crate::upstream::{BackendPool, ErrorKind, UpstreamError};
 use crate::worker::stream::{ReqEvent, SharedStream};
 use crate::worker::WorkerCtx;
 use bytes::Bytes;
+use std::cell::Cell;
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -26,6 +27,21 @@ pub struct Job {
     pub upstream: usize,
     /// Wakes the worker loop to flush this connection.
     pub conn: (usize, u64),
+    /// When the request head arrived.
+    pub started: Instant,
+    /// The backend finally used, time to its response head, response body bytes relayed.
+    pub chosen: Cell<Option<usize>>,
+    pub upstream_latency: Cell<Option<std::time::Duration>>,
+    pub bytes_out: Cell<u64>,
+}
+
+/// Counts a request as in flight to a backend for as long as it lives.
+struct InFlight<'a>(&'a crate::metrics::RouteMetrics, usize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight(self.1, -1);
+    }
 }
 
 enum Failure {
@@ -39,7 +55,6 @@ enum Failure {
 
 /// Runs one request to completion.
 pub async fn run(job: Job) {
-    let started = Instant::now();
     let result = forward(&job).await;
     let ctx = &job.ctx;
     let upstream = &ctx.shared.config.upstreams[job.upstream];
@@ -48,12 +63,13 @@ pub async fn run(job: Job) {
         match result {
             Ok(backend) => {
                 tracing::debug!(upstream = %upstream.name, backend = %backend, status = io.status,
-                    elapsed_us = started.elapsed().as_micros() as u64, "request done");
+                    elapsed_us = job.started.elapsed().as_micros() as u64, "request done");
             }
             Err(Failure::Local(status, cause, retry_after)) => {
                 let reason = match status {
                     503 => "no healthy backend",
                     504 => "upstream timed out",
+                    408 => "request body timed out",
                     _ => "bad gateway",
                 };
                 let (fields, body) = bridge::local_response(status, reason, retry_after);
@@ -71,6 +87,43 @@ pub async fn run(job: Job) {
             Err(Failure::ClientGone) => {}
         }
         io.task_done = true;
+        if io.status == 0 {
+            // The client went away before any answer (nginx's 499).
+            io.status = 499;
+        }
+        let outcome = crate::metrics::Outcome {
+            status: io.status,
+            total: job.started.elapsed(),
+            upstream: job.upstream_latency.get(),
+            bytes_in: io.req_received,
+            bytes_out: job.bytes_out.get(),
+        };
+        let row = &ctx.route_metrics[job.upstream];
+        let series = job.chosen.get().and_then(|b| row.get(b)).or(row.last());
+        if let Some(series) = series {
+            series.record(ctx.index, &outcome);
+        }
+        if ctx.shared.access_log.enabled() {
+            let backend = job
+                .chosen
+                .get()
+                .and_then(|b| upstream.backends.get(b))
+                .map(|b| b.id.clone());
+            ctx.shared.access_log.log(crate::access_log::Record {
+                time: std::time::SystemTime::now(),
+                client: job.peer,
+                host: job.head.authority_str().to_owned(),
+                method: job.head.method.to_string(),
+                path: job.head.path_str().to_owned(),
+                status: outcome.status,
+                bytes_in: outcome.bytes_in,
+                bytes_out: outcome.bytes_out,
+                duration: outcome.total,
+                pool: upstream.name.clone(),
+                backend: backend.unwrap_or_default(),
+                worker: ctx.index,
+            });
+        }
     }
     ctx.wake(job.conn);
 }
@@ -189,6 +242,12 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
         }
     };
     let backend_name = pool.connector.backend.clone();
+    job.chosen.set(Some(backend));
+    let metrics_row = &ctx.route_metrics[job.upstream];
+    let _in_flight = metrics_row.get(backend).map(|m| {
+        m.in_flight(ctx.index, 1);
+        InFlight(m, ctx.index)
+    });
     let (response_fut, _lease) = response;
     let timeouts = &upstream.timeouts;
     let started = Instant::now();
@@ -224,6 +283,7 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
         }
         Ok(Ok(r)) => r,
     };
+    job.upstream_latency.set(Some(started.elapsed()));
     let (parts, mut body) = response.into_parts();
     let status = parts.status.as_u16();
     ctx.report_outcome(
@@ -269,6 +329,7 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
         };
         let Some(chunk) = chunk else { break };
         let n = chunk.len();
+        job.bytes_out.set(job.bytes_out.get() + n as u64);
         job.io.borrow_mut().push_resp(chunk);
         let _ = body.flow_control().release_capacity(n);
         ctx.wake(job.conn);

@@ -26,6 +26,7 @@ pub struct Config {
     pub upstreams: Vec<Upstream>,
     pub log: Log,
     pub steering: Steering,
+    pub admin: Admin,
     /// Worker count from the file (`--workers` overrides); `None` = one per online CPU.
     pub workers: Option<usize>,
 }
@@ -205,6 +206,27 @@ pub struct Log {
     /// A `tracing` filter directive such as `info` or `spooky=debug,info`.
     pub level: String,
     pub format: LogFormat,
+    /// Where one line per request goes (JSON), written off the request path.
+    pub access: AccessLog,
+}
+
+/// Access log destination.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AccessLog {
+    Off,
+    Stdout,
+    File(PathBuf),
+}
+
+/// The admin listener (HTTP/1.1 and h2c over TCP): metrics, health, status, reload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Admin {
+    /// `None` when disabled.
+    pub addr: Option<SocketAddr>,
+    /// Bearer token required by state-changing endpoints (and by every endpoint when
+    /// `token_for_reads` is set).
+    pub token: Option<String>,
+    pub token_for_reads: bool,
 }
 
 /// How XDP attaches when `--iface` is given.

@@ -34,7 +34,30 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub steering: RawSteering,
     #[serde(default)]
+    pub admin: RawAdmin,
+    #[serde(default)]
     pub workers: Option<i64>,
+}
+
+/// `admin`.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    pub enabled: bool,
+    pub address: String,
+    pub token: Option<String>,
+    pub token_for_reads: bool,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            address: "127.0.0.1:9900".to_owned(),
+            token: None,
+            token_for_reads: false,
+        }
+    }
 }
 
 /// `listen`.
@@ -296,6 +319,7 @@ impl Default for RawBackendTls {
 pub(super) struct RawLog {
     pub level: String,
     pub format: String,
+    pub access: String,
 }
 
 impl Default for RawLog {
@@ -303,6 +327,7 @@ impl Default for RawLog {
         Self {
             level: "info".to_owned(),
             format: "text".to_owned(),
+            access: "off".to_owned(),
         }
     }
 }

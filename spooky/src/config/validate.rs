@@ -19,14 +19,15 @@ use spooky_common::cid::{
 };
 
 use super::raw::{
-    RawBackend, RawBackendTls, RawConfig, RawDuration, RawHealthCheck, RawListen, RawLoadBalancing,
-    RawLog, RawPassiveHealth, RawProxy, RawQuic, RawRoute, RawServerId, RawSize, RawStatusRange,
-    RawSteering, RawTimeouts, RawUpstream, DEFAULT_REPLICAS, DEFAULT_RETRY_THRESHOLD,
+    RawAdmin, RawBackend, RawBackendTls, RawConfig, RawDuration, RawHealthCheck, RawListen,
+    RawLoadBalancing, RawLog, RawPassiveHealth, RawProxy, RawQuic, RawRoute, RawServerId, RawSize,
+    RawStatusRange, RawSteering, RawTimeouts, RawUpstream, DEFAULT_REPLICAS,
+    DEFAULT_RETRY_THRESHOLD,
 };
 use super::{
-    Backend, BackendTls, Config, ForwardedMode, HashKey, HealthCheck, Listen, ListenTls,
-    LoadBalancing, Log, LogFormat, PassiveHealth, Proxy, Quic, RetryMode, Route, Steering,
-    Upstream, UpstreamTimeouts, XdpMode,
+    AccessLog, Admin, Backend, BackendTls, Config, ForwardedMode, HashKey, HealthCheck, Listen,
+    ListenTls, LoadBalancing, Log, LogFormat, PassiveHealth, Proxy, Quic, RetryMode, Route,
+    Steering, Upstream, UpstreamTimeouts, XdpMode,
 };
 
 /// Why a configuration was refused.
@@ -151,6 +152,7 @@ fn build_config(raw: &RawConfig, base: &Path, errs: &mut Errors) -> Option<Confi
     let upstreams = build_upstreams(raw, base, errs);
     let log = build_log(&raw.log, errs);
     let steering = build_steering(&raw.steering, errs);
+    let admin = build_admin(&raw.admin, errs);
     let workers = match raw.workers {
         None => Some(None),
         Some(n) => errs.check("workers", int_in(n, 1, 4096)).map(Some),
@@ -163,7 +165,44 @@ fn build_config(raw: &RawConfig, base: &Path, errs: &mut Errors) -> Option<Confi
         upstreams: upstreams?,
         log: log?,
         steering: steering?,
+        admin: admin?,
         workers: workers?,
+    })
+}
+
+fn build_admin(raw: &RawAdmin, errs: &mut Errors) -> Option<Admin> {
+    let addr = if raw.enabled {
+        errs.check(
+            "admin.address",
+            raw.address
+                .parse::<SocketAddr>()
+                .map(Some)
+                .map_err(|_| format!("invalid socket address \"{}\"", raw.address)),
+        )
+    } else {
+        Some(None)
+    };
+    let token = match &raw.token {
+        Some(t) if t.len() < 16 || t.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+            errs.check::<Option<String>>(
+                "admin.token",
+                Err("must be at least 16 characters without whitespace".to_owned()),
+            )
+        }
+        t => Some(t.clone()),
+    };
+    let token_for_reads = errs.check(
+        "admin.token_for_reads",
+        if raw.token_for_reads && raw.token.is_none() {
+            Err("needs admin.token".to_owned())
+        } else {
+            Ok(raw.token_for_reads)
+        },
+    );
+    Some(Admin {
+        addr: addr?,
+        token: token?,
+        token_for_reads: token_for_reads?,
     })
 }
 
@@ -810,9 +849,21 @@ fn build_log(raw: &RawLog, errs: &mut Errors) -> Option<Log> {
     );
     let formats = [("text", LogFormat::Text), ("json", LogFormat::Json)];
     let format = errs.check("log.format", one_of(&raw.format, "log format", &formats));
+    let access = errs.check(
+        "log.access",
+        match raw.access.as_str() {
+            "off" => Ok(AccessLog::Off),
+            "stdout" => Ok(AccessLog::Stdout),
+            p if p.starts_with('/') => Ok(AccessLog::File(PathBuf::from(p))),
+            other => Err(format!(
+                "must be off, stdout or an absolute file path, got \"{other}\""
+            )),
+        },
+    );
     Some(Log {
         level: level?,
         format: format?,
+        access: access?,
     })
 }
 
@@ -1031,7 +1082,8 @@ mod tests {
             c.log,
             Log {
                 level: "info".into(),
-                format: LogFormat::Text
+                format: LogFormat::Text,
+                access: AccessLog::Off,
             }
         );
         assert_eq!(
@@ -1225,7 +1277,8 @@ workers: 4
             c.log,
             Log {
                 level: "spooky=debug,info".into(),
-                format: LogFormat::Json
+                format: LogFormat::Json,
+                access: AccessLog::Off,
             }
         );
         assert_eq!(

@@ -166,6 +166,7 @@ impl Conn {
         more_frames: bool,
     ) {
         self.max_request_id = self.max_request_id.max(sid);
+        let started = Instant::now();
         ctx.shared.stats[ctx.index]
             .requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -175,11 +176,13 @@ impl Conn {
                 tracing::info!(peer = %self.peer, stream = sid, error = %e, "malformed request rejected");
                 self.answer_local(
                     h3c,
+                    ctx,
                     sid,
                     400,
                     &format!("malformed request: {e}"),
                     more_frames,
                 );
+                ctx.record_local(self.peer, 400, None, started);
                 let _ = self
                     .quic
                     .stream_shutdown(sid, quiche::Shutdown::Read, H3_MESSAGE_ERROR);
@@ -187,18 +190,21 @@ impl Conn {
             }
         };
         if head.method == http::Method::CONNECT {
-            self.answer_local(h3c, sid, 501, "CONNECT is not supported", more_frames);
+            self.answer_local(h3c, ctx, sid, 501, "CONNECT is not supported", more_frames);
+            ctx.record_local(self.peer, 501, Some(&head), started);
             return;
         }
         if !more_frames && head.content_length.is_some_and(|n| n > 0) {
             tracing::info!(peer = %self.peer, stream = sid, "content-length without a body");
             self.answer_local(
                 h3c,
+                ctx,
                 sid,
                 400,
                 "malformed request: content-length mismatch",
                 false,
             );
+            ctx.record_local(self.peer, 400, Some(&head), started);
             return;
         }
         let Some(upstream) = ctx
@@ -207,10 +213,11 @@ impl Conn {
             .lookup(Some(head.authority_str()), head.path_str())
         else {
             tracing::debug!(peer = %self.peer, authority = head.authority_str(), path = head.path_str(), "no route");
-            self.answer_local(h3c, sid, 404, "no route", more_frames);
+            self.answer_local(h3c, ctx, sid, 404, "no route", more_frames);
+            ctx.record_local(self.peer, 404, Some(&head), started);
             return;
         };
-        let io = StreamIo::new(head.content_length);
+        let io = StreamIo::new(head.content_length, ctx.stats.clone());
         if !more_frames {
             io.borrow_mut().req_fin = true;
         }
@@ -222,6 +229,10 @@ impl Conn {
             peer: self.peer,
             upstream,
             conn: (slot, self.gen),
+            started,
+            chosen: std::cell::Cell::new(None),
+            upstream_latency: std::cell::Cell::new(None),
+            bytes_out: std::cell::Cell::new(0),
         };
         tokio::task::spawn_local(crate::proxy::run(job));
     }
@@ -230,13 +241,14 @@ impl Conn {
     fn answer_local(
         &mut self,
         h3c: &mut h3::Connection,
+        ctx: &WorkerCtx,
         sid: u64,
         status: u16,
         text: &str,
         body_follows: bool,
     ) {
         let (fields, body) = bridge::local_response(status, text, None);
-        let io = StreamIo::new(None);
+        let io = StreamIo::new(None, ctx.stats.clone());
         {
             let mut io = io.borrow_mut();
             io.respond_local(status, fields, body);

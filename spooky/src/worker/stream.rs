@@ -8,7 +8,10 @@ use bytes::Bytes;
 use quiche::h3::Header;
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use crate::server::WorkerStats;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::task::{Poll, Waker};
 
 /// Most request-body bytes buffered per stream between client and backend.
@@ -57,16 +60,27 @@ pub struct StreamIo {
     /// Response status, for logs and metrics.
     pub status: u16,
     pub bytes_out: u64,
+    /// The worker's counters: `streams_active` counts live `StreamIo`s.
+    stats: Option<Arc<WorkerStats>>,
+}
+
+impl Drop for StreamIo {
+    fn drop(&mut self) {
+        if let Some(s) = &self.stats {
+            s.streams_active.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 pub type SharedStream = Rc<RefCell<StreamIo>>;
 
 impl StreamIo {
-    pub fn new(expected: Option<u64>) -> SharedStream {
-        Rc::new(RefCell::new(StreamIo {
-            req_expected: expected,
-            ..Default::default()
-        }))
+    pub fn new(expected: Option<u64>, stats: Arc<WorkerStats>) -> SharedStream {
+        stats.streams_active.fetch_add(1, Ordering::Relaxed);
+        let mut io = StreamIo::default();
+        io.req_expected = expected;
+        io.stats = Some(stats);
+        Rc::new(RefCell::new(io))
     }
 
     /// Loop side: a body chunk from the client.

@@ -1,0 +1,279 @@
+//! The admin listener: HTTP/1.1 and h2c (prior knowledge) over TCP, loopback by default.
+//!
+//! | endpoint | answer |
+//! |---|---|
+//! | `GET /metrics` | Prometheus text format |
+//! | `GET /healthz` | 200 while the process runs |
+//! | `GET /readyz` | 200 when listening and every pool has a healthy backend, else 503 naming the pools |
+//! | `GET /status` | JSON: steering mode, workers, pools, backend health, config generation |
+//! | `POST /reload` | re-reads the configuration file; 200 with a summary, or 400 with every error |
+//!
+//! With `admin.token` set, `POST /reload` needs `Authorization: Bearer TOKEN` (and so do the
+//! reads with `admin.token_for_reads`). HTTP/1.1 connections carry one request each.
+
+use crate::reload::Live;
+use bytes::Bytes;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Largest request head / body the admin listener reads.
+const MAX_HEAD: usize = 16 * 1024;
+const MAX_BODY: usize = 64 * 1024;
+
+/// One admin answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+impl Answer {
+    fn text(status: u16, body: impl Into<String>) -> Self {
+        Self { status, content_type: "text/plain; charset=utf-8", body: body.into() }
+    }
+}
+
+/// Serves the admin API on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, live: Arc<Live>) {
+    loop {
+        let Ok((tcp, peer)) = listener.accept().await else { continue };
+        let live = live.clone();
+        tokio::task::spawn_local(async move {
+            if let Err(e) = connection(tcp, &live).await {
+                tracing::debug!(%peer, error = %e, "admin connection ended");
+            }
+        });
+    }
+}
+
+async fn connection(mut tcp: TcpStream, live: &Arc<Live>) -> std::io::Result<()> {
+    let mut preface = [0u8; 3];
+    let n = tcp.peek(&mut preface).await?;
+    if &preface[..n] == b"PRI" {
+        return h2c(tcp, live).await;
+    }
+    let mut buf = Vec::with_capacity(1024);
+    let head_end = loop {
+        if let Some(i) = find(&buf, b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > MAX_HEAD {
+            return write_h1(&mut tcp, &Answer::text(431, "request head too large\n")).await;
+        }
+        let mut chunk = [0u8; 2048];
+        let n = tcp.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let mut request_line = lines.next().unwrap_or("").split(' ');
+    let (method, path) = (request_line.next().unwrap_or(""), request_line.next().unwrap_or(""));
+    let mut auth = None;
+    let mut content_length = 0usize;
+    for line in lines {
+        if let Some((k, v)) = line.split_once(':') {
+            match k.trim().to_ascii_lowercase().as_str() {
+                "authorization" => auth = Some(v.trim().to_owned()),
+                "content-length" => content_length = v.trim().parse().unwrap_or(usize::MAX),
+                _ => {}
+            }
+        }
+    }
+    if content_length > MAX_BODY {
+        return write_h1(&mut tcp, &Answer::text(413, "body too large\n")).await;
+    }
+    // The body is not used by any endpoint; read it so the client sees a clean close.
+    let mut have = buf.len() - head_end;
+    while have < content_length {
+        let mut chunk = [0u8; 2048];
+        let n = tcp.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        have += n;
+    }
+    let answer = handle(live, method, path, auth.as_deref());
+    write_h1(&mut tcp, &answer).await
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        413 => "Payload Too Large",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Status",
+    }
+}
+
+async fn write_h1(tcp: &mut TcpStream, a: &Answer) -> std::io::Result<()> {
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\nconnection: close\r\n",
+        a.status,
+        reason(a.status),
+        a.content_type,
+        a.body.len()
+    );
+    if a.status == 401 {
+        head.push_str("www-authenticate: Bearer\r\n");
+    }
+    head.push_str("\r\n");
+    tcp.write_all(head.as_bytes()).await?;
+    tcp.write_all(a.body.as_bytes()).await?;
+    tcp.shutdown().await
+}
+
+async fn h2c(tcp: TcpStream, live: &Arc<Live>) -> std::io::Result<()> {
+    let mut conn = h2::server::handshake(tcp).await.map_err(std::io::Error::other)?;
+    while let Some(req) = conn.accept().await {
+        let (req, mut respond) = req.map_err(std::io::Error::other)?;
+        let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let answer = handle(live, req.method().as_str(), req.uri().path(), auth.as_deref());
+        let resp = http::Response::builder()
+            .status(answer.status)
+            .header("content-type", answer.content_type)
+            .header("content-length", answer.body.len())
+            .body(())
+            .map_err(std::io::Error::other)?;
+        let mut send = respond.send_response(resp, answer.body.is_empty()).map_err(std::io::Error::other)?;
+        if !answer.body.is_empty() {
+            send.send_data(Bytes::from(answer.body), true).map_err(std::io::Error::other)?;
+        }
+    }
+    Ok(())
+}
+
+fn authorized(live: &Live, auth: Option<&str>) -> bool {
+    let Some(token) = live.current().config.admin.token.clone() else { return true };
+    let Some(given) = auth.and_then(|a| a.strip_prefix("Bearer ")) else { return false };
+    // Constant-time comparison.
+    given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+/// Answers one admin request.
+pub fn handle(live: &Live, method: &str, path: &str, auth: Option<&str>) -> Answer {
+    let path = path.split('?').next().unwrap_or("");
+    let reads_need_token = live.current().config.admin.token_for_reads;
+    match (method, path) {
+        ("POST", "/reload") => {
+            if !authorized(live, auth) {
+                return Answer::text(401, "missing or wrong bearer token\n");
+            }
+            match live.reload() {
+                Ok(summary) => Answer::text(200, format!("{summary}\n")),
+                Err(e) => Answer::text(400, format!("{e}\n")),
+            }
+        }
+        (_, "/reload") => Answer::text(405, "use POST\n"),
+        ("GET" | "HEAD", _) if reads_need_token && !authorized(live, auth) => {
+            Answer::text(401, "missing or wrong bearer token\n")
+        }
+        ("GET" | "HEAD", "/healthz") => Answer::text(200, "ok\n"),
+        ("GET" | "HEAD", "/readyz") => readyz(live),
+        ("GET" | "HEAD", "/metrics") => Answer {
+            status: 200,
+            content_type: "text/plain; version=0.0.4; charset=utf-8",
+            body: live.metrics_text(),
+        },
+        ("GET" | "HEAD", "/status") => Answer { status: 200, content_type: "application/json", body: status_json(live) },
+        ("GET" | "HEAD", _) => Answer::text(404, "unknown endpoint: try /metrics /healthz /readyz /status\n"),
+        _ => Answer::text(405, "method not allowed\n"),
+    }
+}
+
+fn readyz(live: &Live) -> Answer {
+    let shared = live.current();
+    let down: Vec<&str> = shared
+        .config
+        .upstreams
+        .iter()
+        .enumerate()
+        .filter(|(u, up)| !(0..up.backends.len()).any(|b| shared.health.is_available(*u, b)))
+        .map(|(_, up)| up.name.as_str())
+        .collect();
+    if down.is_empty() {
+        Answer::text(200, "ready\n")
+    } else {
+        Answer::text(503, format!("no healthy backend in: {}\n", down.join(", ")))
+    }
+}
+
+fn status_json(live: &Live) -> String {
+    let shared = live.current();
+    let workers: Vec<serde_json::Value> = shared
+        .stats
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            serde_json::json!({
+                "index": i,
+                "connections": w.connections_active.load(Ordering::Relaxed),
+                "streams": w.streams_active.load(Ordering::Relaxed),
+                "accepted": w.connections_accepted.load(Ordering::Relaxed),
+                "misrouted": w.misrouted.load(Ordering::Relaxed),
+            })
+        })
+        .collect();
+    let pools: Vec<serde_json::Value> = shared
+        .config
+        .upstreams
+        .iter()
+        .enumerate()
+        .map(|(u, up)| {
+            let backends: Vec<serde_json::Value> = up
+                .backends
+                .iter()
+                .enumerate()
+                .map(|(b, be)| {
+                    let slot = shared.health.slot(u, b);
+                    let state = slot.map_or(0, |s| s.state.load(Ordering::Relaxed));
+                    serde_json::json!({
+                        "id": be.id,
+                        "address": be.address.to_string(),
+                        "state": crate::health::HealthState::from_u32(state).map_or("unknown".to_owned(), |s| s.to_string()),
+                        "available": shared.health.is_available(u, b),
+                        "consecutive_failures": slot.map_or(0, |s| s.consecutive_failures.load(Ordering::Relaxed)),
+                        "ewma_latency_us": slot.map_or(0, |s| s.ewma_latency_us.load(Ordering::Relaxed)),
+                    })
+                })
+                .collect();
+            serde_json::json!({"name": up.name, "backends": backends})
+        })
+        .collect();
+    let v = serde_json::json!({
+        "mode": live.mode(),
+        "generation": live.generation(),
+        "listen": shared.config.listen.addr.to_string(),
+        "workers": workers,
+        "pools": pools,
+    });
+    let mut s = v.to_string();
+    let _ = writeln!(s);
+    s
+}
+
+/// Binds the admin listener (before privileges are dropped).
+///
+/// # Errors
+/// When the address cannot be bound.
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
