@@ -25,11 +25,31 @@ pub const WORKERS_MAP: &str = "workers";
 pub const CPUS_MAP: &str = "cpus";
 /// `ReusePortSockArray<MAX_WORKERS>`: worker index → that worker's UDP socket.
 pub const SOCKETS_MAP: &str = "sockets";
+/// `Array<BackendEntry, MAX_BACKENDS>`: flattened backend index → published health, written
+/// by the health checker (user space); for operators (`bpftool`, `spooky status`).
+pub const BACKENDS_MAP: &str = "backends";
+/// `Array<WorkerCounters, MAX_WORKERS>`: user-space counters of each worker (packets received,
+/// misroutes, connections, requests), mirrored by the steering thread for `spooky status`.
+pub const WORKER_COUNTERS_MAP: &str = "worker_counters";
+
+/// The maps pinned under the pin path while Spooky runs (file name = map name).
+pub const PINNED_MAPS: [&str; 6] = [
+    CONFIG_MAP,
+    WORKERS_MAP,
+    BACKENDS_MAP,
+    STATS_MAP,
+    WORKER_STATS_MAP,
+    WORKER_COUNTERS_MAP,
+];
 
 /// Most workers the steering can address: the CID carries the worker index in one byte.
 pub const MAX_WORKERS: u32 = 256;
 /// Entries of the CPU map (CPU ids the XDP program may redirect to).
 pub const MAX_CPUS: u32 = 256;
+/// Entries of the backends map (backends of all upstreams together).
+pub const MAX_BACKENDS: u32 = 1024;
+/// Bytes of a name in [`BackendEntry`] (longer names are cut, shorter ones NUL-padded).
+pub const NAME_LEN: usize = 32;
 
 /// [`SteeringConfig::flags`]: XDP redirects each QUIC packet to its worker's CPU through
 /// the CPU map when that worker is alive (else the packet passes up the stack).
@@ -38,7 +58,8 @@ pub const FLAG_REDIRECT_CPU: u32 = 1 << 0;
 /// The steering configuration, the only entry (index 0) of [`CONFIG_MAP`].
 ///
 /// All zero (the state before user space writes it) means "no QUIC port": every packet
-/// passes and is counted as non-QUIC.
+/// passes and is counted as non-QUIC. `mode`, `pid` and `ifindex` are for operators
+/// (`spooky status`); the kernel programs ignore them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SteeringConfig {
@@ -50,14 +71,35 @@ pub struct SteeringConfig {
     pub server_id_len: u8,
     /// Generation of this process's connection IDs.
     pub generation: u8,
+    /// The steering mode in force, one of the `MODE_*` constants.
+    pub mode: u8,
     /// Always zero (explicit padding).
-    pub reserved: [u8; 3],
-    /// Number of live workers (`steer` places hashed DCIDs among them); 0 disables steering.
+    pub reserved: [u8; 2],
+    /// Number of workers (`steer` places hashed DCIDs among them); 0 disables steering.
     pub workers: u32,
     /// `FLAG_*` bits.
     pub flags: u32,
+    /// Process id of the Spooky that wrote this entry.
+    pub pid: u32,
+    /// Interface index XDP is attached to; 0 when XDP is not attached.
+    pub ifindex: u32,
+    /// Name of that interface, NUL-padded (interface indices are per network namespace; the
+    /// name says which one an operator should look for).
+    pub iface: [u8; IFACE_LEN],
 }
-const _: () = assert!(size_of::<SteeringConfig>() == 16);
+
+/// Bytes of [`SteeringConfig::iface`] (`IFNAMSIZ`).
+pub const IFACE_LEN: usize = 16;
+const _: () = assert!(size_of::<SteeringConfig>() == 24 + IFACE_LEN);
+
+/// [`SteeringConfig::mode`]: not written (no Spooky has configured the maps).
+pub const MODE_NONE: u8 = 0;
+/// [`SteeringConfig::mode`]: the `sk_reuseport` program picks the socket; no XDP.
+pub const MODE_SK_REUSEPORT: u8 = 1;
+/// [`SteeringConfig::mode`]: plus XDP in generic (SKB) mode.
+pub const MODE_XDP_GENERIC: u8 = 2;
+/// [`SteeringConfig::mode`]: plus XDP in native (driver) mode.
+pub const MODE_XDP_NATIVE: u8 = 3;
 
 impl SteeringConfig {
     /// The connection-ID layout this configuration names.
@@ -67,6 +109,21 @@ impl SteeringConfig {
     #[inline(always)]
     pub const fn layout(&self) -> Result<CidLayout, LayoutError> {
         CidLayout::new(self.cid_len, self.server_id_len, self.generation)
+    }
+
+    /// The interface name without its NUL padding.
+    pub fn iface_bytes(&self) -> &[u8] {
+        let end = self.iface.iter().position(|b| *b == 0).unwrap_or(IFACE_LEN);
+        self.iface.get(..end).unwrap_or(&[])
+    }
+
+    /// `name` as an [`Self::iface`] value (cut to `IFACE_LEN` bytes).
+    pub fn iface_name(name: &[u8]) -> [u8; IFACE_LEN] {
+        let mut out = [0u8; IFACE_LEN];
+        for (dst, src) in out.iter_mut().zip(name) {
+            *dst = *src;
+        }
+        out
     }
 
     /// Whether `flag` (one of the `FLAG_*` constants) is set.
@@ -82,7 +139,8 @@ impl SteeringConfig {
 pub struct WorkerEntry {
     /// The CPU the worker thread is pinned to (the CPU map key XDP redirects to).
     pub cpu: u32,
-    /// 1 when the worker is running and owns its socket, 0 otherwise.
+    /// 1 when the worker takes new connections. 0 (dead or draining): client-chosen DCIDs
+    /// that hash to it go to the next live worker; packets naming it by CID still reach it.
     pub alive: u32,
     /// The CID generation the worker's process uses.
     pub generation: u32,
@@ -96,6 +154,115 @@ impl WorkerEntry {
         self.alive != 0
     }
 }
+
+/// Published health of one backend, an entry of [`BACKENDS_MAP`] (index = position of the
+/// backend in the configuration, upstreams in order, then their backends in order).
+///
+/// Entries past the last backend are all zero (`present == 0`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendEntry {
+    /// Index of the backend's upstream (pool) in the configuration.
+    pub upstream: u32,
+    /// Index of the backend inside its upstream.
+    pub backend: u32,
+    /// Health state (`spooky::health::HealthState::as_u32`: 0 healthy, 1 unhealthy,
+    /// 2 ejected, 3 recovering).
+    pub state: u32,
+    /// Failed checks or requests in a row.
+    pub consecutive_failures: u32,
+    /// Requests in flight to the backend (0 when not tracked).
+    pub in_flight: u32,
+    /// 1 when this slot holds a backend.
+    pub present: u32,
+    /// Latency of the last successful probe or response, µs.
+    pub last_latency_us: u64,
+    /// Exponentially weighted moving average of the latency, µs.
+    pub ewma_latency_us: u64,
+    /// Name of the upstream (pool), NUL-padded.
+    pub pool: [u8; NAME_LEN],
+    /// The backend's id, NUL-padded.
+    pub name: [u8; NAME_LEN],
+}
+const _: () = assert!(size_of::<BackendEntry>() == 40 + 2 * NAME_LEN);
+
+impl Default for BackendEntry {
+    fn default() -> Self {
+        Self {
+            upstream: 0,
+            backend: 0,
+            state: 0,
+            consecutive_failures: 0,
+            in_flight: 0,
+            present: 0,
+            last_latency_us: 0,
+            ewma_latency_us: 0,
+            pool: [0; NAME_LEN],
+            name: [0; NAME_LEN],
+        }
+    }
+}
+
+impl BackendEntry {
+    /// A present entry for backend `backend` of upstream `upstream`, names cut to
+    /// [`NAME_LEN`] bytes; health fields zero (healthy, no latency yet).
+    pub fn named(upstream: u32, backend: u32, pool: &[u8], name: &[u8]) -> Self {
+        Self {
+            upstream,
+            backend,
+            present: 1,
+            pool: padded(pool),
+            name: padded(name),
+            ..Self::default()
+        }
+    }
+
+    /// The pool name without its NUL padding.
+    pub fn pool_bytes(&self) -> &[u8] {
+        unpadded(&self.pool)
+    }
+
+    /// The backend id without its NUL padding.
+    pub fn name_bytes(&self) -> &[u8] {
+        unpadded(&self.name)
+    }
+}
+
+fn padded(bytes: &[u8]) -> [u8; NAME_LEN] {
+    let mut out = [0u8; NAME_LEN];
+    for (dst, src) in out.iter_mut().zip(bytes) {
+        *dst = *src;
+    }
+    out
+}
+
+fn unpadded(bytes: &[u8; NAME_LEN]) -> &[u8] {
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(NAME_LEN);
+    bytes.get(..end).unwrap_or(&[])
+}
+
+/// User-space counters of one worker, an entry of [`WORKER_COUNTERS_MAP`] (index = worker
+/// index). Each is a running total since the worker started.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerCounters {
+    /// Datagrams the worker read from its own socket.
+    pub packets_in: u64,
+    /// Datagrams the worker sent.
+    pub packets_out: u64,
+    /// Datagrams that reached this worker but belong to another: forwarded in user space.
+    /// Zero while eBPF steering works.
+    pub misrouted: u64,
+    /// Datagrams dropped in user space (unparsable, unknown connection, short Initial).
+    pub dropped: u64,
+    /// QUIC connections accepted.
+    pub connections_accepted: u64,
+    /// QUIC connections open now.
+    pub connections_active: u64,
+    /// HTTP requests received.
+    pub requests: u64,
+}
+const _: () = assert!(size_of::<WorkerCounters>() == 56);
 
 /// Indices of the per-CPU counters in [`STATS_MAP`] (each value a `u64`).
 #[repr(u32)]
@@ -191,6 +358,10 @@ mod pod {
     unsafe impl aya::Pod for super::SteeringConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::WorkerEntry {}
+    // SAFETY: as above (byte arrays are integers too).
+    unsafe impl aya::Pod for super::BackendEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::WorkerCounters {}
 }
 
 #[cfg(test)]
@@ -202,6 +373,15 @@ mod tests {
         let c = SteeringConfig::default();
         assert!(c.layout().is_err());
         assert!(!c.has(FLAG_REDIRECT_CPU));
+    }
+
+    #[test]
+    fn backend_names_are_padded_and_cut() {
+        let e = BackendEntry::named(1, 2, b"api", &[b'x'; 40]);
+        assert_eq!(e.pool_bytes(), b"api");
+        assert_eq!(e.name_bytes(), &[b'x'; NAME_LEN]);
+        assert_eq!((e.upstream, e.backend, e.present), (1, 2, 1));
+        assert_eq!(BackendEntry::default().pool_bytes(), b"");
     }
 
     #[test]

@@ -9,6 +9,14 @@
 //! - `spooky_reuseport` (`sk_reuseport`): picks the owning worker's socket from `sockets` by
 //!   the same decision.
 //!
+//! Placement and liveness: a packet whose DCID is one of ours goes to the worker it names,
+//! alive or not (a draining worker keeps its connections). A client-chosen DCID is hashed onto
+//! a worker; when the `workers` map marks that worker dead (`alive == 0`) the next live worker
+//! in index order takes it, so a dead worker gets no new connections.
+//!
+//! `backends` and `worker_counters` are declared here only so that they exist with BTF in the
+//! object (user space writes them, operators read them); no program touches them.
+//!
 //! Map layouts and names live in `spooky_common::maps`; this crate only declares the maps.
 //! Entry points are thin wrappers over `try_*` functions; nothing here can panic (the panic
 //! handler is an endless loop, which the verifier would refuse if it were reachable).
@@ -25,10 +33,10 @@ use aya_ebpf::{
     programs::{SkReuseportContext, XdpContext},
 };
 use spooky_common::{
-    cid::steer,
+    fnv1a32,
     maps::{
-        Counter, SteeringConfig, WorkerEntry, COUNTER_COUNT, FLAG_REDIRECT_CPU, MAX_CPUS,
-        MAX_WORKERS,
+        BackendEntry, Counter, SteeringConfig, WorkerCounters, WorkerEntry, COUNTER_COUNT,
+        FLAG_REDIRECT_CPU, MAX_BACKENDS, MAX_CPUS, MAX_WORKERS,
     },
 };
 
@@ -61,6 +69,14 @@ static CPUS: CpuMap<{ MAX_CPUS as usize }> = CpuMap::new();
 #[btf_map(name = "sockets")]
 static SOCKETS: ReusePortSockArray<{ MAX_WORKERS as usize }> = ReusePortSockArray::new();
 
+/// `spooky_common::maps::BACKENDS_MAP`.
+#[btf_map(name = "backends")]
+static BACKENDS: Array<BackendEntry, { MAX_BACKENDS as usize }> = Array::new();
+
+/// `spooky_common::maps::WORKER_COUNTERS_MAP`.
+#[btf_map(name = "worker_counters")]
+static WORKER_COUNTERS: Array<WorkerCounters, { MAX_WORKERS as usize }> = Array::new();
+
 /// Adds one to this CPU's `counter`.
 #[inline(always)]
 fn count(counter: Counter) {
@@ -90,23 +106,75 @@ fn config() -> Option<SteeringConfig> {
     Some(config)
 }
 
-/// The worker that owns `header`'s connection, when steering is configured (valid CID layout
-/// and at least one worker); counts how it was decided.
+/// Whether `worker` takes new connections (a worker missing from the map does not).
 #[inline(always)]
-fn owning_worker(config: &SteeringConfig, header: &QuicHeader) -> Option<u32> {
+fn is_alive(worker: u32) -> bool {
+    WORKERS.get(worker).is_some_and(WorkerEntry::is_alive)
+}
+
+/// The first live worker at or after `hashed` (wrapping) among `workers`; `hashed` itself
+/// when none is alive.
+#[inline(always)]
+fn live_worker(hashed: u32, workers: u32) -> u32 {
+    let mut step = 0;
+    while step < MAX_WORKERS {
+        if step >= workers {
+            break;
+        }
+        // `checked_rem`: no division-by-zero panic path for the verifier to refuse.
+        let Some(candidate) = hashed.wrapping_add(step).checked_rem(workers) else {
+            break;
+        };
+        if is_alive(candidate) {
+            return candidate;
+        }
+        step += 1;
+    }
+    hashed
+}
+
+/// Where a packet goes: the worker, and whether one of our connection IDs named it.
+#[derive(Clone, Copy)]
+struct Placement {
+    worker: u32,
+    by_cid: bool,
+}
+
+/// The worker that owns `dcid` when steering is configured (valid CID layout and at least
+/// one worker): the worker our CID names, else the first live worker from its hash.
+#[inline(always)]
+fn place(config: &SteeringConfig, dcid: &[u8]) -> Option<Placement> {
     let layout = config.layout().ok()?;
     if config.workers == 0 {
         return None;
     }
     let workers = config.workers.min(MAX_WORKERS);
-    let dcid = header.dcid();
-    let named = layout.worker_of(dcid);
-    let worker = steer(&layout, dcid, workers);
-    match named {
-        Some(w) if u32::from(w) == worker => count(Counter::SteeredByCid),
-        _ => count(Counter::SteeredByHash),
+    // `spooky_common::cid::steer`, spelled out to look at the worker byte only once.
+    if let Some(named) = layout.worker_of(dcid).map(u32::from) {
+        if named < workers {
+            return Some(Placement {
+                worker: named,
+                by_cid: true,
+            });
+        }
     }
-    Some(worker)
+    let hashed = fnv1a32(dcid).checked_rem(workers)?;
+    Some(Placement {
+        worker: live_worker(hashed, workers),
+        by_cid: false,
+    })
+}
+
+/// [`place`] for XDP, counting how the worker was decided.
+#[inline(always)]
+fn owning_worker(config: &SteeringConfig, header: &QuicHeader) -> Option<u32> {
+    let placement = place(config, header.dcid())?;
+    count(if placement.by_cid {
+        Counter::SteeredByCid
+    } else {
+        Counter::SteeredByHash
+    });
+    Some(placement.worker)
 }
 
 #[xdp]
@@ -192,7 +260,7 @@ pub fn spooky_reuseport(ctx: SkReuseportContext) -> u32 {
 }
 
 /// Selects the owning worker's socket. `None` when the packet is not QUIC we can place, or
-/// the worker is dead or has no socket in `sockets` (then the kernel's hash decides).
+/// the worker has no socket in `sockets` (then the kernel's hash decides).
 #[inline(always)]
 fn try_spooky_reuseport(ctx: &SkReuseportContext) -> Option<()> {
     const IPPROTO_UDP: u32 = 17;
@@ -204,16 +272,8 @@ fn try_spooky_reuseport(ctx: &SkReuseportContext) -> Option<()> {
     let pkt = Packet::new(ctx.data(), ctx.data_end());
     let payload_len = ctx.len().checked_sub(UDP_HDR_LEN)?;
     let quic = quic::parse(&pkt, UDP_HDR_LEN, payload_len, usize::from(config.cid_len)).ok()?;
-    let layout = config.layout().ok()?;
-    if config.workers == 0 {
-        return None;
-    }
-    let workers = config.workers.min(MAX_WORKERS);
-    let worker = steer(&layout, quic.dcid(), workers);
-    if !WORKERS.get(worker)?.is_alive() {
-        return None;
-    }
-    SOCKETS.select_reuseport(ctx, worker).ok()
+    let placement = place(&config, quic.dcid())?;
+    SOCKETS.select_reuseport(ctx, placement.worker).ok()
 }
 
 #[cfg(not(test))]

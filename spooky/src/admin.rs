@@ -34,14 +34,20 @@ pub struct Answer {
 
 impl Answer {
     fn text(status: u16, body: impl Into<String>) -> Self {
-        Self { status, content_type: "text/plain; charset=utf-8", body: body.into() }
+        Self {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into(),
+        }
     }
 }
 
 /// Serves the admin API on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, live: Arc<Live>) {
     loop {
-        let Ok((tcp, peer)) = listener.accept().await else { continue };
+        let Ok((tcp, peer)) = listener.accept().await else {
+            continue;
+        };
         let live = live.clone();
         tokio::task::spawn_local(async move {
             if let Err(e) = connection(tcp, &live).await {
@@ -75,7 +81,10 @@ async fn connection(mut tcp: TcpStream, live: &Arc<Live>) -> std::io::Result<()>
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
     let mut lines = head.split("\r\n");
     let mut request_line = lines.next().unwrap_or("").split(' ');
-    let (method, path) = (request_line.next().unwrap_or(""), request_line.next().unwrap_or(""));
+    let (method, path) = (
+        request_line.next().unwrap_or(""),
+        request_line.next().unwrap_or(""),
+    );
     let mut auth = None;
     let mut content_length = 0usize;
     for line in lines {
@@ -140,30 +149,53 @@ async fn write_h1(tcp: &mut TcpStream, a: &Answer) -> std::io::Result<()> {
 }
 
 async fn h2c(tcp: TcpStream, live: &Arc<Live>) -> std::io::Result<()> {
-    let mut conn = h2::server::handshake(tcp).await.map_err(std::io::Error::other)?;
+    let mut conn = h2::server::handshake(tcp)
+        .await
+        .map_err(std::io::Error::other)?;
     while let Some(req) = conn.accept().await {
         let (req, mut respond) = req.map_err(std::io::Error::other)?;
-        let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let answer = handle(live, req.method().as_str(), req.uri().path(), auth.as_deref());
+        let auth = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let answer = handle(
+            live,
+            req.method().as_str(),
+            req.uri().path(),
+            auth.as_deref(),
+        );
         let resp = http::Response::builder()
             .status(answer.status)
             .header("content-type", answer.content_type)
             .header("content-length", answer.body.len())
             .body(())
             .map_err(std::io::Error::other)?;
-        let mut send = respond.send_response(resp, answer.body.is_empty()).map_err(std::io::Error::other)?;
+        let mut send = respond
+            .send_response(resp, answer.body.is_empty())
+            .map_err(std::io::Error::other)?;
         if !answer.body.is_empty() {
-            send.send_data(Bytes::from(answer.body), true).map_err(std::io::Error::other)?;
+            send.send_data(Bytes::from(answer.body), true)
+                .map_err(std::io::Error::other)?;
         }
     }
     Ok(())
 }
 
 fn authorized(live: &Live, auth: Option<&str>) -> bool {
-    let Some(token) = live.current().config.admin.token.clone() else { return true };
-    let Some(given) = auth.and_then(|a| a.strip_prefix("Bearer ")) else { return false };
+    let Some(token) = live.current().config.admin.token.clone() else {
+        return true;
+    };
+    let Some(given) = auth.and_then(|a| a.strip_prefix("Bearer ")) else {
+        return false;
+    };
     // Constant-time comparison.
-    given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 /// Answers one admin request.
@@ -191,8 +223,15 @@ pub fn handle(live: &Live, method: &str, path: &str, auth: Option<&str>) -> Answ
             content_type: "text/plain; version=0.0.4; charset=utf-8",
             body: live.metrics_text(),
         },
-        ("GET" | "HEAD", "/status") => Answer { status: 200, content_type: "application/json", body: status_json(live) },
-        ("GET" | "HEAD", _) => Answer::text(404, "unknown endpoint: try /metrics /healthz /readyz /status\n"),
+        ("GET" | "HEAD", "/status") => Answer {
+            status: 200,
+            content_type: "application/json",
+            body: status_json(live),
+        },
+        ("GET" | "HEAD", _) => Answer::text(
+            404,
+            "unknown endpoint: try /metrics /healthz /readyz /status\n",
+        ),
         _ => Answer::text(405, "method not allowed\n"),
     }
 }

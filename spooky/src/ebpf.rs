@@ -2,20 +2,30 @@
 //! writing their configuration maps, reading the per-CPU counters, and running the XDP program
 //! over a crafted packet with the kernel's `BPF_PROG_TEST_RUN` (no interface needed).
 //!
-//! Map names and layouts come from `spooky_common::maps`; attaching the programs to an
-//! interface or a reuseport group is the caller's business (see the steering tiers in
-//! `docs/architecture.md`). Needs root (CAP_BPF, CAP_NET_ADMIN for XDP test runs).
+//! Also: pinning the maps on a BPF filesystem and opening pinned maps again
+//! ([`PinnedMaps`], what `spooky status` and operators' tools read), and the owned map handles
+//! user space keeps writing while it runs ([`BackendsMap`], [`WorkerCountersMap`]).
+//!
+//! Map names and layouts come from `spooky_common::maps`; deciding which programs to attach
+//! where is [`crate::steering`]'s business (see the steering tiers in `docs/architecture.md`).
+//! Needs root (CAP_BPF, CAP_NET_ADMIN for XDP).
 
 use aya::{
-    maps::{xdp::XdpMapError, Array, CpuMap, MapData, MapError, PerCpuArray, ReusePortSockArray},
-    programs::{ProgramError, SkReuseport, Xdp},
+    maps::{
+        xdp::XdpMapError, Array, CpuMap, Map, MapData, MapError, MapInfo, PerCpuArray,
+        ReusePortSockArray,
+    },
+    pin::PinError,
+    programs::{xdp::XdpLinkId, ProgramError, SkReuseport, Xdp, XdpMode},
     Ebpf, EbpfLoader, TestRun, TestRunOptions,
 };
 use spooky_common::maps::{
-    Counter, SteeringConfig, WorkerEntry, CONFIG_MAP, COUNTER_COUNT, CPUS_MAP, REUSEPORT_PROGRAM,
-    SOCKETS_MAP, STATS_MAP, WORKERS_MAP, WORKER_STATS_MAP, XDP_PROGRAM,
+    BackendEntry, Counter, SteeringConfig, WorkerCounters, WorkerEntry, BACKENDS_MAP, CONFIG_MAP,
+    COUNTER_COUNT, CPUS_MAP, MAX_WORKERS, REUSEPORT_PROGRAM, SOCKETS_MAP, STATS_MAP, WORKERS_MAP,
+    WORKER_COUNTERS_MAP, WORKER_STATS_MAP, XDP_PROGRAM,
 };
 use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
 
 /// The object file `cargo xtask build-ebpf` produced, aligned to 8 bytes for the ELF parser.
 /// Empty when spooky was built before the object existed (see `build.rs`).
@@ -67,6 +77,26 @@ pub enum EbpfError {
     /// Writing the CPU map failed.
     #[error("eBPF map `{CPUS_MAP}`: {0}")]
     CpuMap(#[source] XdpMapError),
+    /// Pinning a map on the BPF filesystem failed.
+    #[error("cannot pin eBPF map `{name}` at {}: {source}", path.display())]
+    Pin {
+        /// Map name.
+        name: &'static str,
+        /// Where it was to be pinned.
+        path: PathBuf,
+        /// What aya reported.
+        #[source]
+        source: PinError,
+    },
+    /// Opening a pinned map failed (missing pin, not a map, no privilege).
+    #[error("cannot open pinned eBPF map {}: {source}", path.display())]
+    OpenPinned {
+        /// The pin.
+        path: PathBuf,
+        /// What aya reported.
+        #[source]
+        source: MapError,
+    },
 }
 
 /// An XDP verdict (`enum xdp_action`).
@@ -139,6 +169,26 @@ impl Stats {
             .iter()
             .map(|&c| (c.name(), self.total(c)))
             .collect()
+    }
+}
+
+impl Stats {
+    fn read<T: std::borrow::Borrow<MapData>>(map: &PerCpuArray<T, u64>) -> Result<Self, EbpfError> {
+        let mut per_cpu: Vec<[u64; COUNTER_COUNT as usize]> = Vec::new();
+        for counter in Counter::ALL {
+            let values = map
+                .get(&counter.index(), 0)
+                .map_err(|source| map_error(STATS_MAP, source))?;
+            if per_cpu.len() < values.len() {
+                per_cpu.resize(values.len(), [0; COUNTER_COUNT as usize]);
+            }
+            for (cpu, value) in per_cpu.iter_mut().zip(values.iter()) {
+                if let Some(slot) = cpu.get_mut(counter.index() as usize) {
+                    *slot = *value;
+                }
+            }
+        }
+        Ok(Self { per_cpu })
     }
 }
 
@@ -304,21 +354,7 @@ impl EbpfPrograms {
     /// [`EbpfError::Map`] when the map cannot be read.
     pub fn stats(&self) -> Result<Stats, EbpfError> {
         let map: PerCpuArray<&MapData, u64> = self.map(STATS_MAP)?;
-        let mut per_cpu: Vec<[u64; COUNTER_COUNT as usize]> = Vec::new();
-        for counter in Counter::ALL {
-            let values = map
-                .get(&counter.index(), 0)
-                .map_err(|source| map_error(STATS_MAP, source))?;
-            if per_cpu.len() < values.len() {
-                per_cpu.resize(values.len(), [0; COUNTER_COUNT as usize]);
-            }
-            for (cpu, value) in per_cpu.iter_mut().zip(values.iter()) {
-                if let Some(slot) = cpu.get_mut(counter.index() as usize) {
-                    *slot = *value;
-                }
-            }
-        }
-        Ok(Stats { per_cpu })
+        Stats::read(&map)
     }
 
     /// QUIC packets the XDP program placed on `worker`, summed over CPUs.
@@ -357,6 +393,109 @@ impl EbpfPrograms {
         })
     }
 
+    /// Writes backend `index`'s entry (`backends[index]`).
+    ///
+    /// # Errors
+    /// [`EbpfError::Map`] when `index` is out of range or the write fails.
+    pub fn set_backend(&mut self, index: u32, entry: &BackendEntry) -> Result<(), EbpfError> {
+        let mut map: Array<&mut MapData, BackendEntry> = self.map_mut(BACKENDS_MAP)?;
+        map.set(index, entry, 0)
+            .map_err(|source| map_error(BACKENDS_MAP, source))
+    }
+
+    /// Attaches the XDP program to `iface` in `mode` (a link owned by this object: dropping
+    /// the object or [`Self::detach_xdp`] detaches it).
+    ///
+    /// # Errors
+    /// [`EbpfError::Program`]: no such interface, or the driver/kernel refuses the mode.
+    pub fn attach_xdp(&mut self, iface: &str, mode: XdpMode) -> Result<XdpLinkId, EbpfError> {
+        self.xdp_mut()?
+            .attach(iface, mode)
+            .map_err(|source| program_error(XDP_PROGRAM, source))
+    }
+
+    /// Detaches the XDP link `link` made by [`Self::attach_xdp`].
+    ///
+    /// # Errors
+    /// [`EbpfError::Program`] when the kernel refuses.
+    pub fn detach_xdp(&mut self, link: XdpLinkId) -> Result<(), EbpfError> {
+        self.xdp_mut()?
+            .detach(link)
+            .map_err(|source| program_error(XDP_PROGRAM, source))
+    }
+
+    /// Pins map `name` at `dir/name` and returns the kernel's id of the pinned map (to tell
+    /// our pin from a newer process's at unpin time).
+    ///
+    /// # Errors
+    /// [`EbpfError::Pin`] when the path exists or is not on a BPF filesystem.
+    pub fn pin_map(&self, name: &'static str, dir: &Path) -> Result<u32, EbpfError> {
+        let path = dir.join(name);
+        let map = self.ebpf.map(name).ok_or(EbpfError::MapMissing(name))?;
+        map.pin(&path).map_err(|source| EbpfError::Pin {
+            name,
+            path: path.clone(),
+            source,
+        })?;
+        pinned_map_id(&path)
+    }
+
+    /// Takes the `backends` map out of the object, for the health checker to keep writing.
+    ///
+    /// # Errors
+    /// [`EbpfError::MapMissing`] when it was taken already.
+    pub fn take_backends(&mut self) -> Result<BackendsMap, EbpfError> {
+        Ok(BackendsMap {
+            map: self.take(BACKENDS_MAP)?,
+            last: Vec::new(),
+        })
+    }
+
+    /// Takes the `worker_counters` map out of the object, for the steering thread.
+    ///
+    /// # Errors
+    /// [`EbpfError::MapMissing`] when it was taken already.
+    pub fn take_worker_counters(&mut self) -> Result<WorkerCountersMap, EbpfError> {
+        Ok(WorkerCountersMap {
+            map: self.take(WORKER_COUNTERS_MAP)?,
+        })
+    }
+
+    fn take<T>(&mut self, name: &'static str) -> Result<T, EbpfError>
+    where
+        T: TryFrom<Map, Error = MapError>,
+    {
+        let map = self
+            .ebpf
+            .take_map(name)
+            .ok_or(EbpfError::MapMissing(name))?;
+        T::try_from(map).map_err(|source| map_error(name, source))
+    }
+
+    /// Runs the XDP program `repeat` times over `packet` in the kernel (`BPF_PROG_TEST_RUN`
+    /// with `repeat`): the verdict and the kernel's average time per run. For benchmarks;
+    /// every run counts in the real maps.
+    ///
+    /// # Errors
+    /// As [`Self::run_xdp`].
+    pub fn bench_xdp(
+        &self,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(XdpAction, std::time::Duration), EbpfError> {
+        let mut out = vec![0u8; packet.len() + TEST_RUN_OUT_SLACK];
+        let result = self
+            .xdp()?
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                repeat,
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| program_error(XDP_PROGRAM, source))?;
+        Ok((XdpAction::from(result.return_value), result.duration))
+    }
+
     fn map<'a, T>(&'a self, name: &'static str) -> Result<T, EbpfError>
     where
         T: TryFrom<&'a aya::maps::Map, Error = MapError>,
@@ -380,4 +519,233 @@ fn program_error(name: &'static str, source: ProgramError) -> EbpfError {
 
 fn map_error(name: &'static str, source: MapError) -> EbpfError {
     EbpfError::Map { name, source }
+}
+
+/// The kernel's id of the map pinned at `path`.
+///
+/// # Errors
+/// [`EbpfError::OpenPinned`] when there is no map pinned there.
+pub fn pinned_map_id(path: &Path) -> Result<u32, EbpfError> {
+    MapInfo::from_pin(path)
+        .map(|info| info.id())
+        .map_err(|source| EbpfError::OpenPinned {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// The `backends` map, owned by the health checker while Spooky runs. Remembers what it
+/// wrote last so that unchanged entries cost no system call.
+pub struct BackendsMap {
+    map: Array<MapData, BackendEntry>,
+    last: Vec<Option<BackendEntry>>,
+}
+
+impl std::fmt::Debug for BackendsMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendsMap").finish_non_exhaustive()
+    }
+}
+
+impl BackendsMap {
+    /// Writes `backends[index]` unless it already holds `entry`.
+    ///
+    /// # Errors
+    /// [`EbpfError::Map`] when `index` is out of range or the write fails.
+    pub fn publish(&mut self, index: usize, entry: &BackendEntry) -> Result<(), EbpfError> {
+        if self.last.get(index).copied().flatten().as_ref() == Some(entry) {
+            return Ok(());
+        }
+        let key = u32::try_from(index).unwrap_or(u32::MAX);
+        self.map
+            .set(key, entry, 0)
+            .map_err(|source| map_error(BACKENDS_MAP, source))?;
+        if self.last.len() <= index {
+            self.last.resize(index + 1, None);
+        }
+        if let Some(slot) = self.last.get_mut(index) {
+            *slot = Some(*entry);
+        }
+        Ok(())
+    }
+}
+
+impl BackendsMap {
+    /// Clears (`present = 0`) every entry from `index` on that was written before.
+    ///
+    /// # Errors
+    /// [`EbpfError::Map`] when a write fails.
+    pub fn clear_from(&mut self, index: usize) -> Result<(), EbpfError> {
+        let written = self.last.len();
+        for i in index..written {
+            self.publish(i, &BackendEntry::default())?;
+        }
+        Ok(())
+    }
+}
+
+/// The `worker_counters` map, owned by the steering thread while Spooky runs.
+pub struct WorkerCountersMap {
+    map: Array<MapData, WorkerCounters>,
+}
+
+impl std::fmt::Debug for WorkerCountersMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerCountersMap").finish_non_exhaustive()
+    }
+}
+
+impl WorkerCountersMap {
+    /// Writes worker `index`'s counters.
+    ///
+    /// # Errors
+    /// [`EbpfError::Map`] when `index` is out of range or the write fails.
+    pub fn set(&mut self, index: u32, counters: &WorkerCounters) -> Result<(), EbpfError> {
+        self.map
+            .set(index, counters, 0)
+            .map_err(|source| map_error(WORKER_COUNTERS_MAP, source))
+    }
+}
+
+/// The maps a running Spooky pinned under its pin path, opened again (by `spooky status`,
+/// tests, or any process with CAP_BPF): no API of the running process is involved.
+pub struct PinnedMaps {
+    dir: PathBuf,
+    config: Array<MapData, SteeringConfig>,
+    workers: Array<MapData, WorkerEntry>,
+    backends: Array<MapData, BackendEntry>,
+    stats: PerCpuArray<MapData, u64>,
+    worker_stats: PerCpuArray<MapData, u64>,
+    worker_counters: Array<MapData, WorkerCounters>,
+}
+
+impl std::fmt::Debug for PinnedMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PinnedMaps")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn open_pinned<T>(dir: &Path, name: &'static str) -> Result<T, EbpfError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let path = dir.join(name);
+    let opened = MapData::from_pin(&path)
+        .and_then(Map::from_map_data)
+        .and_then(T::try_from);
+    opened.map_err(|source| EbpfError::OpenPinned { path, source })
+}
+
+impl PinnedMaps {
+    /// Opens every map of `spooky_common::maps::PINNED_MAPS` under `dir`.
+    ///
+    /// # Errors
+    /// [`EbpfError::OpenPinned`] naming the first pin that is missing or unreadable.
+    pub fn open(dir: &Path) -> Result<Self, EbpfError> {
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config: open_pinned(dir, CONFIG_MAP)?,
+            workers: open_pinned(dir, WORKERS_MAP)?,
+            backends: open_pinned(dir, BACKENDS_MAP)?,
+            stats: open_pinned(dir, STATS_MAP)?,
+            worker_stats: open_pinned(dir, WORKER_STATS_MAP)?,
+            worker_counters: open_pinned(dir, WORKER_COUNTERS_MAP)?,
+        })
+    }
+
+    /// The directory the maps are pinned in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The steering configuration (`config[0]`).
+    ///
+    /// # Errors
+    /// [`EbpfError::Map`] when the read fails.
+    pub fn config(&self) -> Result<SteeringConfig, EbpfError> {
+        self.config
+            .get(&0, 0)
+            .map_err(|source| map_error(CONFIG_MAP, source))
+    }
+
+    /// Worker `index`'s entry.
+    ///
+    /// # Errors
+    /// [`EbpfError::Map`] when `index` is out of range or the read fails.
+    pub fn worker(&self, index: u32) -> Result<WorkerEntry, EbpfError> {
+        self.workers
+            .get(&index, 0)
+            .map_err(|source| map_error(WORKERS_MAP, source))
+    }
+
+    /// Writes worker `index`'s entry (e.g. `alive = 0` to stop new connections to it).
+    ///
+    /// # Errors
+    /// [`EbpfError::Map`] when `index` is out of range or the write fails.
+    pub fn set_worker(&mut self, index: u32, entry: &WorkerEntry) -> Result<(), EbpfError> {
+        self.workers
+            .set(index, entry, 0)
+            .map_err(|source| map_error(WORKERS_MAP, source))
+    }
+
+    /// Backend `index`'s entry (`present == 0` past the last backend).
+    ///
+    /// # Errors
+    /// [`EbpfError::Map`] when `index` is out of range or the read fails.
+    pub fn backend(&self, index: u32) -> Result<BackendEntry, EbpfError> {
+        self.backends
+            .get(&index, 0)
+            .map_err(|source| map_error(BACKENDS_MAP, source))
+    }
+
+    /// Every present backend entry, in index order.
+    ///
+    /// # Errors
+    /// [`EbpfError::Map`] when a read fails.
+    pub fn backends(&self) -> Result<Vec<BackendEntry>, EbpfError> {
+        let mut out = Vec::new();
+        for index in 0..self.backends.len() {
+            let entry = self.backend(index)?;
+            if entry.present == 0 {
+                break;
+            }
+            out.push(entry);
+        }
+        Ok(out)
+    }
+
+    /// The per-CPU `stats` counters.
+    ///
+    /// # Errors
+    /// [`EbpfError::Map`] when the map cannot be read.
+    pub fn stats(&self) -> Result<Stats, EbpfError> {
+        Stats::read(&self.stats)
+    }
+
+    /// QUIC packets XDP placed on `worker`, per CPU.
+    ///
+    /// # Errors
+    /// [`EbpfError::Map`] when `worker` is out of range or the read fails.
+    pub fn worker_packets(&self, worker: u32) -> Result<Vec<u64>, EbpfError> {
+        if worker >= MAX_WORKERS {
+            return Ok(Vec::new());
+        }
+        let values = self
+            .worker_stats
+            .get(&worker, 0)
+            .map_err(|source| map_error(WORKER_STATS_MAP, source))?;
+        Ok(values.iter().copied().collect())
+    }
+
+    /// Worker `index`'s user-space counters.
+    ///
+    /// # Errors
+    /// [`EbpfError::Map`] when `index` is out of range or the read fails.
+    pub fn worker_counters(&self, index: u32) -> Result<WorkerCounters, EbpfError> {
+        self.worker_counters
+            .get(&index, 0)
+            .map_err(|source| map_error(WORKER_COUNTERS_MAP, source))
+    }
 }

@@ -11,7 +11,7 @@ use crate::upstream::{BackendPool, Connector};
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -31,6 +31,8 @@ pub struct BackendSlot {
     pub consecutive_failures: AtomicU32,
     pub ewma_latency_us: AtomicU64,
     pub last_latency_us: AtomicU64,
+    pub probes_ok: AtomicU64,
+    pub probes_failed: AtomicU64,
 }
 
 /// The published health of every backend, `[upstream][backend]` flattened.
@@ -39,6 +41,8 @@ pub struct HealthBoard {
     slots: Vec<BackendSlot>,
     reports: mpsc::UnboundedSender<Report>,
     inbox: Mutex<Option<mpsc::UnboundedReceiver<Report>>>,
+    /// The `backends` BPF map, when eBPF steering runs: [`publish`] mirrors into it.
+    bpf: OnceLock<Arc<Mutex<crate::ebpf::BackendsMap>>>,
 }
 
 impl HealthBoard {
@@ -62,7 +66,32 @@ impl HealthBoard {
             slots,
             reports: tx,
             inbox: Mutex::new(Some(rx)),
+            bpf: OnceLock::new(),
         }
+    }
+
+    /// From now on, [`publish`] also writes each backend's health into `map` (the pinned
+    /// `backends` BPF map). Only the first call takes effect.
+    pub fn mirror_to_bpf(&self, map: crate::ebpf::BackendsMap) {
+        let _ = self.bpf.set(Arc::new(Mutex::new(map)));
+    }
+
+    /// After a reload: keep mirroring into the BPF map the previous board wrote to.
+    pub fn inherit_bpf(&self, previous: &HealthBoard) {
+        if let Some(map) = previous.bpf.get() {
+            // Backends past the new count were removed: clear their entries.
+            if let Ok(mut m) = map.lock() {
+                if let Err(e) = m.clear_from(self.slots.len()) {
+                    tracing::debug!(error = %e, "cannot clear removed backends from the BPF map");
+                }
+            }
+            let _ = self.bpf.set(map.clone());
+        }
+    }
+
+    /// The flattened index of a backend (its `backends` map key).
+    fn index(&self, upstream: usize, backend: usize) -> Option<usize> {
+        Some(self.offsets.get(upstream)? + backend)
     }
 
     /// The published slot of a backend.
@@ -96,7 +125,19 @@ impl HealthBoard {
 /// The control thread: health state machines and probers.
 pub struct Control {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: Option<std::thread::JoinHandle<Vec<Carry>>>,
+}
+
+/// Health state handed from one configuration's control thread to the next, for backends
+/// that keep their pool, id, address and health settings.
+pub struct Carry {
+    upstream: String,
+    id: String,
+    address: std::net::SocketAddr,
+    check: crate::config::HealthCheck,
+    passive: crate::config::PassiveHealth,
+    machine: BackendHealth,
+    latency: LatencyStats,
 }
 
 impl Control {
@@ -105,17 +146,25 @@ impl Control {
     /// # Errors
     /// When the thread cannot be spawned.
     pub fn start(shared: Arc<Shared>) -> std::io::Result<Self> {
+        Self::start_with(shared, Vec::new())
+    }
+
+    /// Starts the control thread for `shared`, continuing the health state in `carry`.
+    ///
+    /// # Errors
+    /// When the thread cannot be spawned.
+    pub fn start_with(shared: Arc<Shared>, carry: Vec<Carry>) -> std::io::Result<Self> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let thread = std::thread::Builder::new().name("spooky-control".into()).spawn(move || {
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     tracing::error!(error = %e, "control thread: no runtime; health checks are off");
-                    return;
+                    return Vec::new();
                 }
             };
             let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, control_main(shared, rx));
+            local.block_on(&rt, control_main(shared, carry, rx))
         })?;
         Ok(Self {
             stop: Some(tx),
@@ -123,14 +172,15 @@ impl Control {
         })
     }
 
-    /// Stops the control thread and waits for it.
-    pub fn stop(mut self) {
+    /// Stops the control thread, waits for it, and returns its health state.
+    pub fn stop(mut self) -> Vec<Carry> {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
     }
 }
 
@@ -143,8 +193,13 @@ struct Tracked {
 
 type Machines = Rc<RefCell<Vec<Vec<Tracked>>>>;
 
-async fn control_main(shared: Arc<Shared>, mut stop: tokio::sync::oneshot::Receiver<()>) {
+async fn control_main(
+    shared: Arc<Shared>,
+    mut carry: Vec<Carry>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> Vec<Carry> {
     let cfg = &shared.config;
+    let mut carried = 0;
     let machines: Machines = Rc::new(RefCell::new(
         cfg.upstreams
             .iter()
@@ -153,16 +208,45 @@ async fn control_main(shared: Arc<Shared>, mut stop: tokio::sync::oneshot::Recei
                 up.backends
                     .iter()
                     .enumerate()
-                    .map(|(b, be)| Tracked {
-                        upstream: u,
-                        backend: b,
-                        machine: BackendHealth::new(&be.health_check, &up.passive_health),
-                        latency: LatencyStats::new(),
+                    .map(|(b, be)| {
+                        let kept = carry.iter().position(|c| {
+                            c.upstream == up.name
+                                && c.id == be.id
+                                && c.address == be.address
+                                && c.check == be.health_check
+                                && c.passive == up.passive_health
+                        });
+                        let (machine, latency) = match kept {
+                            Some(i) => {
+                                carried += 1;
+                                let c = carry.swap_remove(i);
+                                (c.machine, c.latency)
+                            }
+                            None => (
+                                BackendHealth::new(&be.health_check, &up.passive_health),
+                                LatencyStats::new(),
+                            ),
+                        };
+                        Tracked {
+                            upstream: u,
+                            backend: b,
+                            machine,
+                            latency,
+                        }
                     })
                     .collect()
             })
             .collect(),
     ));
+    if carried > 0 {
+        tracing::debug!(
+            carried,
+            "health state carried over from the previous configuration"
+        );
+    }
+    for t in machines.borrow().iter().flatten() {
+        publish(&shared, t, None, "start");
+    }
     for (u, up) in cfg.upstreams.iter().enumerate() {
         for (b, be) in up.backends.iter().enumerate() {
             if !be.health_check.enabled {
@@ -190,12 +274,12 @@ async fn control_main(shared: Arc<Shared>, mut stop: tokio::sync::oneshot::Recei
     }
     let Some(mut inbox) = shared.health.inbox.lock().ok().and_then(|mut g| g.take()) else {
         tracing::error!("health inbox already taken");
-        return;
+        return Vec::new();
     };
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
-            _ = &mut stop => return,
+            _ = &mut stop => return into_carry(&shared, &machines),
             Some(r) = inbox.recv() => {
                 let mut m = machines.borrow_mut();
                 if let Some(t) = m.get_mut(r.upstream).and_then(|row| row.get_mut(r.backend)) {
@@ -217,6 +301,27 @@ async fn control_main(shared: Arc<Shared>, mut stop: tokio::sync::oneshot::Recei
     }
 }
 
+fn into_carry(shared: &Shared, machines: &Machines) -> Vec<Carry> {
+    let taken = std::mem::take(&mut *machines.borrow_mut());
+    taken
+        .into_iter()
+        .flatten()
+        .filter_map(|t| {
+            let up = shared.config.upstreams.get(t.upstream)?;
+            let be = up.backends.get(t.backend)?;
+            Some(Carry {
+                upstream: up.name.clone(),
+                id: be.id.clone(),
+                address: be.address,
+                check: be.health_check.clone(),
+                passive: up.passive_health.clone(),
+                machine: t.machine,
+                latency: t.latency,
+            })
+        })
+        .collect()
+}
+
 fn publish(shared: &Shared, t: &Tracked, tr: Option<Transition>, source: &str) {
     let Some(slot) = shared.health.slot(t.upstream, t.backend) else {
         return;
@@ -231,6 +336,30 @@ fn publish(shared: &Shared, t: &Tracked, tr: Option<Transition>, source: &str) {
         .store(t.latency.ewma_us(), Ordering::Relaxed);
     slot.last_latency_us
         .store(t.latency.last_us(), Ordering::Relaxed);
+    let up = shared.config.upstreams.get(t.upstream);
+    let backend = up.and_then(|up| up.backends.get(t.backend));
+    if let (Some(map), Some(index), Some(up), Some(backend)) = (
+        shared.health.bpf.get(),
+        shared.health.index(t.upstream, t.backend),
+        up,
+        backend,
+    ) {
+        let mut entry = spooky_common::maps::BackendEntry::named(
+            t.upstream as u32,
+            t.backend as u32,
+            up.name.as_bytes(),
+            backend.id.as_bytes(),
+        );
+        entry.state = t.machine.state().as_u32();
+        entry.consecutive_failures = t.machine.consecutive_failures();
+        entry.last_latency_us = t.latency.last_us();
+        entry.ewma_latency_us = t.latency.ewma_us();
+        if let Ok(mut map) = map.lock() {
+            if let Err(e) = map.publish(index, &entry) {
+                tracing::debug!(error = %e, "cannot mirror backend health into the BPF map");
+            }
+        }
+    }
     if let Some(tr) = tr {
         let up = &shared.config.upstreams[t.upstream];
         tracing::info!(
@@ -283,6 +412,14 @@ async fn prober(shared: Arc<Shared>, machines: Machines, u: usize, b: usize, poo
                 t.latency.record(started.elapsed());
             } else {
                 tracing::debug!(backend = %backend.id, upstream = %up.name, %detail, "health probe failed");
+            }
+            if let Some(slot) = shared.health.slot(u, b) {
+                let counter = if ok {
+                    &slot.probes_ok
+                } else {
+                    &slot.probes_failed
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
             }
             let tr = t.machine.on_probe(ok, Instant::now());
             publish(&shared, t, tr, "probe");

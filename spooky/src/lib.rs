@@ -9,6 +9,8 @@
 //! [`telemetry`] (logging). Test peers: [`demo`] (an HTTP/2 backend), [`client`] (an HTTP/3
 //! client on quiche).
 
+pub mod access_log;
+pub mod admin;
 pub mod bridge;
 pub mod client;
 pub mod config;
@@ -17,9 +19,13 @@ pub mod ebpf;
 pub mod health;
 pub mod health_board;
 pub mod lb;
+pub mod loadgen;
+pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod routing;
 pub mod server;
+pub mod status;
 pub mod steering;
 pub mod telemetry;
 pub mod upstream;

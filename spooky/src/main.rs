@@ -33,6 +33,10 @@ struct RunArgs {
     /// Attach the XDP steering program to this interface (needs root).
     #[arg(long)]
     iface: Option<String>,
+    /// How XDP attaches with --iface: native (driver), generic (SKB), or auto (native, else
+    /// generic). Overrides the config's `steering.xdp_mode`.
+    #[arg(long, value_enum, requires = "iface")]
+    xdp_mode: Option<XdpModeArg>,
     /// Worker threads (default: the config's `workers`, else one per online CPU).
     #[arg(long)]
     workers: Option<usize>,
@@ -41,8 +45,25 @@ struct RunArgs {
     no_pin: bool,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum XdpModeArg {
+    Native,
+    Generic,
+    Auto,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Show a running Spooky's steering mode, workers, backend health and per-CPU counters,
+    /// read from its pinned BPF maps (needs root, like bpftool).
+    Status {
+        /// Where the maps are pinned (the config's `steering.pin_path`).
+        #[arg(long, default_value = "/sys/fs/bpf/spooky")]
+        pin_path: PathBuf,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate a configuration: prints a summary, or every problem with its field path.
     Check {
         #[arg(long, short, default_value = "config/config.yaml")]
@@ -71,6 +92,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Check { config }) => check(&config),
+        Some(Command::Status { pin_path, json }) => status(&pin_path, json),
         Some(Command::Get {
             url,
             connect,
@@ -108,19 +130,52 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
+fn status(pin_path: &std::path::Path, json: bool) -> ExitCode {
+    match spooky::status::read(pin_path) {
+        Ok(status) if json => match serde_json::to_string_pretty(&status) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("spooky status: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Ok(status) => {
+            print!("{}", spooky::status::render(&status));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("spooky status: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn run(args: &RunArgs) -> ExitCode {
-    let config = match Config::from_path(&args.config) {
+    let mut config = match Config::from_path(&args.config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{}: {e}", args.config.display());
             return ExitCode::from(e.exit_code() as u8);
         }
     };
-    if let Err(e) = spooky::telemetry::init(&config.log.level, config.log.format) {
-        eprintln!("spooky: {e}");
-        return ExitCode::from(1);
+    if let Some(mode) = args.xdp_mode {
+        config.steering.xdp_mode = match mode {
+            XdpModeArg::Native => spooky::config::XdpMode::Native,
+            XdpModeArg::Generic => spooky::config::XdpMode::Generic,
+            XdpModeArg::Auto => spooky::config::XdpMode::Auto,
+        };
     }
-    match serve(config, args) {
+    let log_reloader = match spooky::telemetry::init(&config.log.level, config.log.format) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("spooky: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match serve(config, args, log_reloader) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -130,13 +185,19 @@ fn run(args: &RunArgs) -> ExitCode {
     }
 }
 
-fn serve(config: Config, args: &RunArgs) -> Result<()> {
+fn serve(
+    config: Config,
+    args: &RunArgs,
+    log_reloader: spooky::telemetry::LevelReloader,
+) -> Result<()> {
     let opts = spooky::server::RunOptions {
         workers: args.workers,
         iface: args.iface.clone(),
         pin: !args.no_pin,
     };
-    let running = spooky::server::start(config, &opts).context("cannot start")?;
+    let running = spooky::server::start_from(config, &opts, Some(args.config.clone()))
+        .context("cannot start")?;
+    running.live.set_log_reloader(log_reloader);
     tracing::info!(listen = %running.local_addr, "spooky is serving HTTP/3");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -145,9 +206,23 @@ fn serve(config: Config, args: &RunArgs) -> Result<()> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: graceful shutdown"),
-            _ = int.recv() => tracing::info!("SIGINT: graceful shutdown"),
+        let mut hup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => {
+                    tracing::info!("SIGTERM: graceful shutdown");
+                    break;
+                }
+                _ = int.recv() => {
+                    tracing::info!("SIGINT: graceful shutdown");
+                    break;
+                }
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    // The outcome is logged by the reload itself.
+                    let _ = running.live.reload();
+                }
+            }
         }
         anyhow::Ok(())
     })?;

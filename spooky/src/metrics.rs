@@ -197,6 +197,14 @@ fn histogram(
     let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
 }
 
+/// A per-worker metric: name, type, help, how to read it.
+type WorkerMetric = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&crate::server::WorkerStats) -> u64,
+);
+
 /// Renders every metric in the Prometheus text format (version 0.0.4).
 pub fn render(shared: &Shared, generation: u64, extra: &[(String, String, u64)]) -> String {
     let mut out = String::with_capacity(16 * 1024);
@@ -279,7 +287,7 @@ pub fn render(shared: &Shared, generation: u64, extra: &[(String, String, u64)])
         );
     }
 
-    let worker_metrics: [(&str, &str, &str, fn(&crate::server::WorkerStats) -> u64); 10] = [
+    let worker_metrics: [WorkerMetric; 10] = [
         ("spooky_quic_connections_active", "gauge", "Open QUIC connections.", |w| w.connections_active.load(Ordering::Relaxed)),
         ("spooky_http3_streams_active", "gauge", "Open HTTP/3 request streams.", |w| w.streams_active.load(Ordering::Relaxed)),
         ("spooky_quic_connections_accepted_total", "counter", "QUIC connections accepted (handshakes started).", |w| w.connections_accepted.load(Ordering::Relaxed)),

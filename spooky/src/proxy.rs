@@ -200,6 +200,7 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
     let mut backend = pick(job, None)?;
     let mut attempt = 0;
     let (response, send, pool, end_of_stream) = loop {
+        job.chosen.set(Some(backend));
         let pool: &Rc<BackendPool> = &ctx.pools[job.upstream][backend];
         let fail = |e: UpstreamError| {
             ctx.report(job.upstream, backend, &e);
@@ -242,7 +243,6 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
         }
     };
     let backend_name = pool.connector.backend.clone();
-    job.chosen.set(Some(backend));
     let metrics_row = &ctx.route_metrics[job.upstream];
     let _in_flight = metrics_row.get(backend).map(|m| {
         m.in_flight(ctx.index, 1);

@@ -20,7 +20,10 @@ use tokio::sync::watch;
 pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     let mut v = Vec::new();
     if old.listen.addr != new.listen.addr {
-        v.push(format!("listen address {} → {} needs a restart", old.listen.addr, new.listen.addr));
+        v.push(format!(
+            "listen address {} → {} needs a restart",
+            old.listen.addr, new.listen.addr
+        ));
     }
     if old.workers != new.workers {
         v.push("workers needs a restart".to_owned());
@@ -29,8 +32,8 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     if (a.cid_len, &a.server_id, a.generation) != (b.cid_len, &b.server_id, b.generation) {
         v.push("quic.cid_len / quic.server_id / quic.generation need a restart".to_owned());
     }
-    if old.steering != new.steering {
-        v.push("steering settings need a restart".to_owned());
+    if old.steering.pin_path != new.steering.pin_path {
+        v.push("steering.pin_path needs a restart".to_owned());
     }
     if old.admin != new.admin {
         v.push("admin settings need a restart".to_owned());
@@ -59,7 +62,7 @@ pub struct Live {
     extra_metrics: Mutex<Option<ExtraMetrics>>,
     reloading: Mutex<()>,
     /// Reloads the log filter (level) in place.
-    log_level: Mutex<Option<Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>>>,
+    log_level: Mutex<Option<crate::telemetry::LevelReloader>>,
 }
 
 impl Live {
@@ -87,7 +90,10 @@ impl Live {
 
     /// The snapshot in force.
     pub fn current(&self) -> Arc<Shared> {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// 1 at start, +1 per successful reload.
@@ -106,7 +112,7 @@ impl Live {
     }
 
     /// Installs the function that changes the log filter on reload.
-    pub fn set_log_reloader(&self, f: Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>) {
+    pub fn set_log_reloader(&self, f: crate::telemetry::LevelReloader) {
         *self.log_level.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
     }
 
@@ -129,7 +135,9 @@ impl Live {
     pub fn reload(&self) -> Result<String, String> {
         let result = match &self.path {
             None => Err("this process was started without a configuration file".to_owned()),
-            Some(path) => Config::from_path(path).map_err(|e| e.to_string()).and_then(|c| self.apply(c)),
+            Some(path) => Config::from_path(path)
+                .map_err(|e| e.to_string())
+                .and_then(|c| self.apply(c)),
         };
         let shared = self.current();
         match &result {
@@ -138,7 +146,10 @@ impl Live {
                 tracing::info!(generation = self.generation(), %summary, "configuration reloaded");
             }
             Err(e) => {
-                shared.metrics.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .metrics
+                    .reloads_failed
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, "configuration reload refused; the running configuration stays");
             }
         }
@@ -149,9 +160,13 @@ impl Live {
     ///
     /// # Errors
     /// The restart-only settings that changed, or what building the snapshot refused.
-    pub fn apply(&self, config: Config) -> Result<String, String> {
+    pub fn apply(&self, mut config: Config) -> Result<String, String> {
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.current();
+        if config.steering.xdp_mode != old.config.steering.xdp_mode {
+            tracing::warn!("steering.xdp_mode changes take effect at the next start");
+            config.steering.xdp_mode = old.config.steering.xdp_mode;
+        }
         let refused = restart_only_changes(&old.config, &config);
         if !refused.is_empty() {
             return Err(refused.join("; "));
@@ -160,7 +175,12 @@ impl Live {
         let level = config.log.level.clone();
         let next = (self.applier)(&old, config)?;
         if level_changed {
-            if let Some(f) = self.log_level.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            if let Some(f) = self
+                .log_level
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+            {
                 f(&level)?;
             }
         }
@@ -172,8 +192,22 @@ impl Live {
             backends
         );
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = next.clone();
-        self.generation.fetch_add(1, Ordering::Relaxed);
-        let _ = self.to_workers.send(next);
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let _ = self.to_workers.send(next.clone());
+        // Return once every worker runs the new snapshot (they swap between two batches of
+        // packets, so this takes microseconds unless a worker is stuck or gone).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while next
+            .stats
+            .iter()
+            .any(|w| w.snapshots_applied.load(Ordering::Acquire) + 1 < generation)
+        {
+            if std::time::Instant::now() > deadline {
+                tracing::warn!("reload: not every worker took the new configuration within 2 s");
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         Ok(summary)
     }
 }

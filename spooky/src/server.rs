@@ -36,6 +36,9 @@ pub struct WorkerStats {
     pub refused: AtomicU64,
     pub connections_accepted: AtomicU64,
     pub connections_active: AtomicU64,
+    pub streams_active: AtomicU64,
+    /// Configuration snapshots this worker has swapped in since start (reloads).
+    pub snapshots_applied: AtomicU64,
     pub requests: AtomicU64,
 }
 
@@ -50,6 +53,9 @@ pub struct Shared {
     pub backend_tls: Vec<Vec<Option<Arc<rustls::ClientConfig>>>>,
     pub health: HealthBoard,
     pub stats: Vec<Arc<WorkerStats>>,
+    /// Request metrics (process-wide, kept across reloads).
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub access_log: Arc<crate::access_log::AccessLogger>,
 }
 
 /// Why the proxy could not start.
@@ -67,9 +73,18 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error("steering: {0}")]
-    Steering(String),
+    Steering(#[from] crate::steering::SteeringError),
     #[error("QUIC configuration: {0}")]
     Quic(String),
+    #[error("admin listener {addr}: {source}")]
+    Admin {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Config(String),
+    #[error("access log: {0}")]
+    AccessLog(String),
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
 }
@@ -80,13 +95,6 @@ impl Shared {
     /// # Errors
     /// [`StartError`] when a derived piece cannot be built.
     pub fn new(config: Config, workers: usize) -> Result<Self, StartError> {
-        let routes_in: Vec<(usize, &crate::config::Route)> = config
-            .upstreams
-            .iter()
-            .enumerate()
-            .map(|(i, u)| (i, &u.route))
-            .collect();
-        let routes = RouteTable::new(&routes_in).map_err(|e| StartError::Routes(e.to_string()))?;
         let layout = CidLayout::new(
             config.quic.cid_len,
             config.quic.server_id.len() as u8,
@@ -96,6 +104,52 @@ impl Shared {
         let rng = ring::rand::SystemRandom::new();
         let token_key = hmac::Key::generate(hmac::HMAC_SHA256, &rng)
             .map_err(|_| StartError::Quic("no randomness".into()))?;
+        let stats = (0..workers)
+            .map(|_| Arc::new(WorkerStats::default()))
+            .collect();
+        let metrics = Arc::new(crate::metrics::Metrics::new(workers));
+        let access_log = Arc::new(
+            crate::access_log::AccessLogger::start(&config.log.access, metrics.clone())
+                .map_err(|e| StartError::AccessLog(e.to_string()))?,
+        );
+        let process = Process {
+            layout,
+            token_key,
+            rng,
+            stats,
+            metrics,
+            access_log,
+        };
+        Self::build(config, process)
+    }
+
+    /// The snapshot after a reload: process-wide parts (token key, counters, metrics, access
+    /// log) are kept; routes, TLS client configs and the health board are built anew.
+    ///
+    /// # Errors
+    /// [`StartError`] when a derived piece cannot be built.
+    pub fn next(old: &Shared, config: Config) -> Result<Self, StartError> {
+        let process = Process {
+            layout: old.layout,
+            token_key: old.token_key.clone(),
+            rng: old.rng.clone(),
+            stats: old.stats.clone(),
+            metrics: old.metrics.clone(),
+            access_log: old.access_log.clone(),
+        };
+        let next = Self::build(config, process)?;
+        next.health.inherit_bpf(&old.health);
+        Ok(next)
+    }
+
+    fn build(config: Config, p: Process) -> Result<Self, StartError> {
+        let routes_in: Vec<(usize, &crate::config::Route)> = config
+            .upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (i, &u.route))
+            .collect();
+        let routes = RouteTable::new(&routes_in).map_err(|e| StartError::Routes(e.to_string()))?;
         let mut backend_tls = Vec::new();
         for up in &config.upstreams {
             let mut row = Vec::new();
@@ -119,20 +173,29 @@ impl Shared {
             backend_tls.push(row);
         }
         let health = HealthBoard::new(&config);
-        let stats = (0..workers)
-            .map(|_| Arc::new(WorkerStats::default()))
-            .collect();
         Ok(Self {
-            config,
             routes,
-            layout,
-            token_key,
-            rng,
+            layout: p.layout,
+            token_key: p.token_key,
+            rng: p.rng,
             backend_tls,
             health,
-            stats,
+            stats: p.stats,
+            metrics: p.metrics,
+            access_log: p.access_log,
+            config,
         })
     }
+}
+
+/// The parts of [`Shared`] that live as long as the process.
+struct Process {
+    layout: CidLayout,
+    token_key: hmac::Key,
+    rng: ring::rand::SystemRandom,
+    stats: Vec<Arc<WorkerStats>>,
+    metrics: Arc<crate::metrics::Metrics>,
+    access_log: Arc<crate::access_log::AccessLogger>,
 }
 
 /// The QUIC configuration of a worker (each worker builds its own: quiche's TLS context is
@@ -280,12 +343,21 @@ pub struct RunOptions {
 
 /// A running proxy: its workers, its shared state, and the handle to stop it.
 pub struct Running {
+    /// The snapshot the proxy started with (process-wide parts — counters, metrics — stay
+    /// valid across reloads; use `live.current()` for the configuration in force).
     pub shared: Arc<Shared>,
+    /// The configuration in force, reloads, admin API state.
+    pub live: Arc<crate::reload::Live>,
+    /// Where the admin listener listens, when enabled.
+    pub admin_addr: Option<SocketAddr>,
+    admin_stop: Option<tokio::sync::oneshot::Sender<()>>,
     pub local_addr: SocketAddr,
     pub steering: crate::steering::Mode,
     shutdown: watch::Sender<bool>,
     workers: Vec<std::thread::JoinHandle<Result<(), String>>>,
-    control: Option<crate::health_board::Control>,
+    control: Arc<std::sync::Mutex<Option<crate::health_board::Control>>>,
+    /// Kept alive while running; detached (XDP off, pins removed) after the workers stop.
+    kernel_steering: Option<crate::steering::Steering>,
 }
 
 impl Running {
@@ -312,8 +384,15 @@ impl Running {
                 }
             }
         }
-        if let Some(c) = self.control.take() {
+        if let Some(stop) = self.admin_stop.take() {
+            let _ = stop.send(());
+        }
+        let control = self.control.lock().map(|mut c| c.take()).unwrap_or(None);
+        if let Some(c) = control {
             c.stop();
+        }
+        if let Some(s) = self.kernel_steering.take() {
+            s.detach();
         }
         first_err.map_or(Ok(()), Err)
     }
@@ -324,6 +403,38 @@ impl Running {
 /// # Errors
 /// [`StartError`] when any of it cannot be set up; nothing keeps running then.
 pub fn start(config: Config, opts: &RunOptions) -> Result<Running, StartError> {
+    start_inner(config, opts, None)
+}
+
+/// Loads the configuration at `path` and starts the proxy; reloads (SIGHUP, `POST /reload`)
+/// read that file again.
+///
+/// # Errors
+/// [`StartError::Config`] for an unreadable or invalid file, else as [`start`].
+pub fn start_file(path: &std::path::Path, opts: &RunOptions) -> Result<Running, StartError> {
+    let config = Config::from_path(path)
+        .map_err(|e| StartError::Config(format!("{}: {e}", path.display())))?;
+    start_inner(config, opts, Some(path.to_path_buf()))
+}
+
+/// Starts the proxy with an already loaded `config` that came from `path` (reloads read that
+/// file again; command-line overrides of steering settings stay in force).
+///
+/// # Errors
+/// As [`start`].
+pub fn start_from(
+    config: Config,
+    opts: &RunOptions,
+    path: Option<std::path::PathBuf>,
+) -> Result<Running, StartError> {
+    start_inner(config, opts, path)
+}
+
+fn start_inner(
+    config: Config,
+    opts: &RunOptions,
+    path: Option<std::path::PathBuf>,
+) -> Result<Running, StartError> {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -339,8 +450,8 @@ pub fn start(config: Config, opts: &RunOptions) -> Result<Running, StartError> {
         .first()
         .and_then(|s| s.local_addr().ok())
         .unwrap_or(addr);
-    let steering = crate::steering::attach(&sockets, &shared, opts.iface.as_deref())
-        .map_err(StartError::Steering)?;
+    let kernel_steering = crate::steering::attach(&sockets, &shared, opts)?;
+    let steering = kernel_steering.mode();
     tracing::info!(mode = %steering, workers, listen = %local_addr, "steering mode");
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -351,8 +462,62 @@ pub fn start(config: Config, opts: &RunOptions) -> Result<Running, StartError> {
         senders.push(tx);
         receivers.push(rx);
     }
-    let control =
-        crate::health_board::Control::start(shared.clone()).map_err(StartError::Thread)?;
+    let admin_listener = match shared.config.admin.addr {
+        Some(addr) => {
+            Some(crate::admin::bind(addr).map_err(|source| StartError::Admin { addr, source })?)
+        }
+        None => None,
+    };
+    let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let control = Arc::new(std::sync::Mutex::new(Some(
+        crate::health_board::Control::start(shared.clone()).map_err(StartError::Thread)?,
+    )));
+    let applier_control = control.clone();
+    let applier: crate::reload::Applier = Box::new(move |old, config| {
+        let next = Arc::new(Shared::next(old, config).map_err(|e| e.to_string())?);
+        let mut guard = applier_control
+            .lock()
+            .map_err(|_| "control thread state poisoned".to_owned())?;
+        let carry = guard.take().map(|c| c.stop()).unwrap_or_default();
+        *guard = Some(
+            crate::health_board::Control::start_with(next.clone(), carry)
+                .map_err(|e| format!("cannot restart the health checker: {e}"))?,
+        );
+        Ok(next)
+    });
+    let (live, updates) =
+        crate::reload::Live::new(shared.clone(), path, steering.to_string(), applier);
+    let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(listener) = admin_listener {
+        let live = live.clone();
+        std::thread::Builder::new()
+            .name("spooky-admin".into())
+            .spawn(move || {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    tracing::error!("admin thread: no runtime");
+                    return;
+                };
+                let local = tokio::task::LocalSet::new();
+                local.block_on(&rt, async move {
+                    match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => {
+                            tokio::select! {
+                                () = crate::admin::serve(l, live) => {}
+                                _ = admin_stopped => {}
+                            }
+                        }
+                        Err(e) => tracing::error!(error = %e, "admin listener"),
+                    }
+                });
+            })
+            .map_err(StartError::Thread)?;
+        if let Some(addr) = admin_addr {
+            tracing::info!(%addr, "admin listener (metrics, health, status, reload)");
+        }
+    }
     let pin = opts.pin && cpus >= workers;
     let mut handles = Vec::with_capacity(workers);
     for (index, (socket, inbox)) in sockets.into_iter().zip(receivers).enumerate() {
@@ -364,6 +529,8 @@ pub fn start(config: Config, opts: &RunOptions) -> Result<Running, StartError> {
             inbox,
             peers: senders.clone(),
             shutdown: shutdown_rx.clone(),
+            updates: updates.clone(),
+            kernel_places_initials: steering.is_ebpf(),
         };
         let h = std::thread::Builder::new()
             .name(format!("spooky-w{index}"))
@@ -373,11 +540,15 @@ pub fn start(config: Config, opts: &RunOptions) -> Result<Running, StartError> {
     }
     Ok(Running {
         shared,
+        live,
+        admin_addr,
+        admin_stop: Some(admin_stop),
         local_addr,
         steering,
         shutdown: shutdown_tx,
         workers: handles,
-        control: Some(control),
+        control,
+        kernel_steering: Some(kernel_steering),
     })
 }
 

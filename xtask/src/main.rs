@@ -3,8 +3,8 @@
 
 mod bench;
 mod certs;
-mod fuzz;
 mod ebpf;
+mod fuzz;
 mod quickstart;
 mod setup;
 mod test;

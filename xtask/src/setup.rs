@@ -132,6 +132,27 @@ pub fn ebpf_toolchain() -> Result<()> {
     Ok(())
 }
 
+/// `cargo-fuzz` (the fuzz targets in `fuzz/`), pinned, installed only when
+/// `cargo fuzz --version` does not report that version.
+pub fn cargo_fuzz() -> Result<()> {
+    const VERSION: &str = "0.13.2";
+    let installed = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().nth(1) == Some(VERSION))
+        .unwrap_or(false);
+    if installed {
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-fuzz {VERSION} (about 2 minutes)");
+    run(Command::new("cargo")
+        .args(["install", "cargo-fuzz", "--version", VERSION, "--locked"])
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS"))
+}
+
 fn python() -> &'static str {
     "python3"
 }

@@ -43,6 +43,11 @@ pub struct WorkerSetup {
     pub inbox: mpsc::Receiver<Forwarded>,
     pub peers: Vec<mpsc::Sender<Forwarded>>,
     pub shutdown: watch::Receiver<bool>,
+    /// New configuration snapshots (reloads).
+    pub updates: watch::Receiver<Arc<Shared>>,
+    /// eBPF steering is in force: the kernel places client-chosen DCIDs (skipping workers
+    /// marked dead), so an Initial that reaches this worker is this worker's.
+    pub kernel_places_initials: bool,
 }
 
 /// Per-worker state that proxy tasks reach through an `Rc`.
@@ -52,15 +57,63 @@ pub struct WorkerCtx {
     /// `[upstream][backend]`.
     pub pools: Vec<Vec<Rc<BackendPool>>>,
     pub balancers: Vec<RefCell<Balancer>>,
+    /// `[upstream][backend]`, plus one last series per upstream for answers without a backend.
+    pub route_metrics: Vec<Vec<Arc<crate::metrics::RouteMetrics>>>,
+    /// Answers given before any upstream was chosen (malformed, no route).
+    pub local_metrics: Arc<crate::metrics::RouteMetrics>,
+    pub stats: Arc<WorkerStats>,
+    /// Shared by every snapshot's context, so tasks of an old snapshot still wake the loop.
+    wakeup: Rc<Wakeup>,
+}
+
+/// Connections that proxy tasks asked the loop to service.
+#[derive(Default)]
+struct Wakeup {
     dirty: RefCell<Vec<(usize, u64)>>,
     notify: Notify,
 }
 
 impl WorkerCtx {
+    /// Metrics and access log for an answer Spooky gave itself before choosing an upstream.
+    pub fn record_local(
+        &self,
+        peer: SocketAddr,
+        status: u16,
+        head: Option<&crate::bridge::RequestHead>,
+        started: Instant,
+    ) {
+        let outcome = crate::metrics::Outcome {
+            status,
+            total: started.elapsed(),
+            upstream: None,
+            bytes_in: 0,
+            bytes_out: 0,
+        };
+        self.local_metrics.record(self.index, &outcome);
+        if self.shared.access_log.enabled() {
+            self.shared.access_log.log(crate::access_log::Record {
+                time: std::time::SystemTime::now(),
+                client: peer,
+                host: head
+                    .map(|h| h.authority_str().to_owned())
+                    .unwrap_or_default(),
+                method: head.map(|h| h.method.to_string()).unwrap_or_default(),
+                path: head.map(|h| h.path_str().to_owned()).unwrap_or_default(),
+                status,
+                bytes_in: 0,
+                bytes_out: 0,
+                duration: outcome.total,
+                pool: String::new(),
+                backend: String::new(),
+                worker: self.index,
+            });
+        }
+    }
+
     /// Asks the loop to service connection `conn` (slot, generation) soon.
     pub fn wake(&self, conn: (usize, u64)) {
-        self.dirty.borrow_mut().push(conn);
-        self.notify.notify_one();
+        self.wakeup.dirty.borrow_mut().push(conn);
+        self.wakeup.notify.notify_one();
     }
 
     /// Passive health: a failure on real traffic.
@@ -138,6 +191,8 @@ struct Worker {
     inbox: mpsc::Receiver<Forwarded>,
     peers: Vec<mpsc::Sender<Forwarded>>,
     shutdown: watch::Receiver<bool>,
+    updates: watch::Receiver<Arc<Shared>>,
+    kernel_places_initials: bool,
     draining: Option<Instant>,
     stats: Arc<WorkerStats>,
     recv_buf: Vec<u8>,
@@ -161,40 +216,13 @@ impl Worker {
         let local = setup.socket.local_addr().map_err(|e| e.to_string())?;
         let socket = tokio::net::UdpSocket::from_std(setup.socket).map_err(|e| e.to_string())?;
 
-        let mut pools = Vec::with_capacity(cfg.upstreams.len());
-        let mut balancers = Vec::with_capacity(cfg.upstreams.len());
-        for (u, up) in cfg.upstreams.iter().enumerate() {
-            let mut row = Vec::with_capacity(up.backends.len());
-            for (b, backend) in up.backends.iter().enumerate() {
-                let tls = shared
-                    .backend_tls
-                    .get(u)
-                    .and_then(|r| r.get(b))
-                    .cloned()
-                    .flatten();
-                let connector = Connector::new(backend, tls, up.timeouts.connect)?;
-                row.push(Rc::new(BackendPool::new(connector)));
-            }
-            pools.push(row);
-            let weights: Vec<u32> = up.backends.iter().map(|b| b.weight).collect();
-            let ids: Vec<&str> = up.backends.iter().map(|b| b.id.as_str()).collect();
-            let seed = 0x5eed_0000 + setup.index as u64 * 7919 + u as u64;
-            balancers.push(RefCell::new(Balancer::with_ids(
-                &up.load_balancing,
-                &weights,
-                &ids,
-                seed,
-            )));
-        }
         let stats = shared.stats[setup.index].clone();
-        let ctx = Rc::new(WorkerCtx {
-            index: setup.index,
+        let ctx = Rc::new(build_ctx(
+            setup.index,
             shared,
-            pools,
-            balancers,
-            dirty: RefCell::new(Vec::new()),
-            notify: Notify::new(),
-        });
+            Rc::new(Wakeup::default()),
+            None,
+        )?);
         Ok(Self {
             ctx,
             socket,
@@ -209,6 +237,8 @@ impl Worker {
             inbox: setup.inbox,
             peers: setup.peers,
             shutdown: setup.shutdown,
+            updates: setup.updates,
+            kernel_places_initials: setup.kernel_places_initials,
             draining: None,
             stats,
             recv_buf: vec![0; MAX_DATAGRAM],
@@ -220,6 +250,7 @@ impl Worker {
 
     async fn run(&mut self) {
         tracing::debug!(worker = self.ctx.index, local = %self.local, "worker running");
+        let wakeup = self.ctx.wakeup.clone();
         loop {
             let next_timer = self.timers.first().map(|(t, _)| *t);
             let grace_end = self.draining;
@@ -230,7 +261,13 @@ impl Worker {
                         self.recv_batch();
                     }
                 }
-                () = self.ctx.notify.notified() => {}
+                () = wakeup.notify.notified() => {}
+                r = self.updates.changed() => {
+                    if r.is_ok() {
+                        let next = self.updates.borrow_and_update().clone();
+                        self.apply(next);
+                    }
+                }
                 Some(fwd) = self.inbox.recv() => {
                     let mut data = fwd.data;
                     self.on_datagram(&mut data, fwd.from, true);
@@ -252,6 +289,40 @@ impl Worker {
             if self.draining.is_some() && self.conns.iter().all(Option::is_none) {
                 tracing::info!(worker = self.ctx.index, "worker drained");
                 return;
+            }
+        }
+    }
+
+    /// Swaps in a new configuration snapshot: new requests use it, requests in flight keep
+    /// the context they started with, connections stay.
+    fn apply(&mut self, next: Arc<Shared>) {
+        let qconfig = match crate::server::quic_config(&next.config) {
+            Ok(q) => q,
+            Err(e) => {
+                tracing::error!(worker = self.ctx.index, error = %e, "reload: QUIC config refused; keeping the old one");
+                return;
+            }
+        };
+        match build_ctx(
+            self.ctx.index,
+            next.clone(),
+            self.ctx.wakeup.clone(),
+            Some(&self.ctx),
+        ) {
+            Ok(ctx) => {
+                let mut h3config = match quiche::h3::Config::new() {
+                    Ok(h) => h,
+                    Err(_) => return,
+                };
+                h3config.set_max_field_section_size(next.config.proxy.max_header_list_size);
+                self.h3config = h3config;
+                self.qconfig = qconfig;
+                self.ctx = Rc::new(ctx);
+                self.stats.snapshots_applied.fetch_add(1, Ordering::Release);
+                tracing::debug!(worker = self.ctx.index, "configuration snapshot applied");
+            }
+            Err(e) => {
+                tracing::error!(worker = self.ctx.index, error = %e, "reload: cannot build worker state")
             }
         }
     }
@@ -291,7 +362,9 @@ impl Worker {
         // DCID (placed by hash); every other packet must carry a DCID we issued.
         let workers = self.peers.len() as u32;
         let client_chosen = matches!(hdr.ty, quiche::Type::Initial | quiche::Type::ZeroRTT);
-        let owner = if client_chosen {
+        let owner = if client_chosen && self.kernel_places_initials {
+            Some(self.ctx.index)
+        } else if client_chosen {
             Some(spooky_common::cid::steer(&layout, &hdr.dcid, workers) as usize)
         } else {
             layout
@@ -487,7 +560,7 @@ impl Worker {
     }
 
     fn service_dirty(&mut self) {
-        let dirty = std::mem::take(&mut *self.ctx.dirty.borrow_mut());
+        let dirty = std::mem::take(&mut *self.ctx.wakeup.dirty.borrow_mut());
         for (slot, gen) in dirty {
             if let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) {
                 if conn.gen == gen && !conn.touched {
@@ -615,6 +688,96 @@ impl Worker {
         }
         self.draining = Some(Instant::now() + Duration::from_secs(3600));
     }
+}
+
+/// A worker's view of snapshot `shared`: pools (connections of `old` are kept for backends
+/// whose id, address and TLS settings did not change), balancers, metric series.
+fn build_ctx(
+    index: usize,
+    shared: Arc<Shared>,
+    wakeup: Rc<Wakeup>,
+    old: Option<&WorkerCtx>,
+) -> Result<WorkerCtx, String> {
+    let cfg = &shared.config;
+    let mut pools = Vec::with_capacity(cfg.upstreams.len());
+    let mut balancers = Vec::with_capacity(cfg.upstreams.len());
+    for (u, up) in cfg.upstreams.iter().enumerate() {
+        let mut row = Vec::with_capacity(up.backends.len());
+        for (b, backend) in up.backends.iter().enumerate() {
+            let reuse = old.and_then(|o| {
+                o.shared
+                    .config
+                    .upstreams
+                    .iter()
+                    .zip(&o.pools)
+                    .find_map(|(ou, orow)| {
+                        ou.backends.iter().zip(orow).find_map(|(ob, pool)| {
+                            let same = ob.id == backend.id
+                                && ob.address == backend.address
+                                && ob.tls == backend.tls
+                                && ou.timeouts.connect == up.timeouts.connect;
+                            same.then(|| pool.clone())
+                        })
+                    })
+            });
+            let pool = match reuse {
+                Some(p) => p,
+                None => {
+                    let tls = shared
+                        .backend_tls
+                        .get(u)
+                        .and_then(|r| r.get(b))
+                        .cloned()
+                        .flatten();
+                    Rc::new(BackendPool::new(Connector::new(
+                        backend,
+                        tls,
+                        up.timeouts.connect,
+                    )?))
+                }
+            };
+            row.push(pool);
+        }
+        pools.push(row);
+        let weights: Vec<u32> = up.backends.iter().map(|b| b.weight).collect();
+        let ids: Vec<&str> = up.backends.iter().map(|b| b.id.as_str()).collect();
+        let seed = 0x5eed_0000 + index as u64 * 7919 + u as u64;
+        balancers.push(RefCell::new(Balancer::with_ids(
+            &up.load_balancing,
+            &weights,
+            &ids,
+            seed,
+        )));
+    }
+    let route_metrics = cfg
+        .upstreams
+        .iter()
+        .map(|up| {
+            let mut row: Vec<_> = up
+                .backends
+                .iter()
+                .map(|b| shared.metrics.route(&up.name, &b.id))
+                .collect();
+            row.push(shared.metrics.route(&up.name, ""));
+            row
+        })
+        .collect();
+    let local_metrics = shared.metrics.route("", "");
+    let stats = shared
+        .stats
+        .get(index)
+        .cloned()
+        .ok_or("no stats for this worker")?;
+    Ok(WorkerCtx {
+        index,
+        route_metrics,
+        local_metrics,
+        stats,
+        shared,
+        pools,
+        balancers,
+        wakeup,
+    })
 }
 
 async fn sleep_until(at: Option<Instant>) {

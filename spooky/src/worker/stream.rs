@@ -4,11 +4,11 @@
 //! then pushes back on the client), and the task stops reading the backend's body when
 //! `resp` is full (HTTP/2 flow control pushes back on the backend).
 
+use crate::server::WorkerStats;
 use bytes::Bytes;
 use quiche::h3::Header;
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use crate::server::WorkerStats;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -36,9 +36,13 @@ fn config(flags: u32) -> SteeringConfig {
         cid_len: CID_LEN,
         server_id_len: SERVER_ID_LEN,
         generation: GENERATION,
-        reserved: [0; 3],
+        mode: 0,
+        reserved: [0; 2],
         workers: WORKERS,
         flags,
+        pid: 0,
+        ifindex: 0,
+        iface: [0; 16],
     }
 }
 
@@ -284,6 +288,24 @@ const NON_QUIC: &[Counter] = &[PassedNonQuic];
 
 fn hashed_worker(dcid: &[u8]) -> Option<u32> {
     Some(steer(&layout(), dcid, WORKERS))
+}
+
+/// Where a client-chosen `dcid` lands when the workers in `dead` take no new connections:
+/// its hashed worker, else the next live one.
+fn live_hashed_worker(dcid: &[u8], dead: &[u32]) -> u32 {
+    let hashed = steer(&layout(), dcid, WORKERS);
+    (0..WORKERS)
+        .map(|step| (hashed + step) % WORKERS)
+        .find(|w| !dead.contains(w))
+        .unwrap_or(hashed)
+}
+
+/// A client-chosen 8-byte DCID that hashes onto `worker`.
+fn dcid_hashing_to(worker: u32) -> Vec<u8> {
+    (0u8..=255)
+        .map(|n| vec![n, 0x42, 0x17, 0x99, 0x55, 0x01, 0x02, 0x03])
+        .find(|d| steer(&layout(), d, WORKERS) == worker)
+        .expect("some DCID hashes onto the worker")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -786,17 +808,24 @@ fn xdp_redirects_to_the_owning_workers_cpu_when_enabled() {
             worker: Some(3),
         },
         Case {
-            name: "Initial hashed onto a worker, redirected or not as that worker allows",
+            name: "Initial hashed onto a worker (the next live one if dead), redirected or not as it allows",
             packet: udp6(&initial_v1(&CLIENT_DCID, 1200)),
-            action: match hashed_worker(&CLIENT_DCID) {
-                Some(1 | 2) => XdpAction::Pass,
+            action: match live_hashed_worker(&CLIENT_DCID, &[1]) {
+                2 => XdpAction::Pass,
                 _ => XdpAction::Redirect,
             },
-            counters: match hashed_worker(&CLIENT_DCID) {
-                Some(1 | 2) => &[QuicLong, SteeredByHash, RedirectFailed, PassedQuic],
+            counters: match live_hashed_worker(&CLIENT_DCID, &[1]) {
+                2 => &[QuicLong, SteeredByHash, RedirectFailed, PassedQuic],
                 _ => &[QuicLong, SteeredByHash, Redirected],
             },
-            worker: hashed_worker(&CLIENT_DCID),
+            worker: Some(live_hashed_worker(&CLIENT_DCID, &[1])),
+        },
+        Case {
+            name: "Initial hashing onto dead worker 1: the next live worker (2) takes it",
+            packet: udp4(&initial_v1(&dcid_hashing_to(1), 1200)),
+            action: XdpAction::Pass,
+            counters: &[QuicLong, SteeredByHash, RedirectFailed, PassedQuic],
+            worker: Some(2),
         },
         Case {
             name: "dead worker: passed",
@@ -987,5 +1016,331 @@ fn reuseport_picks_the_owning_workers_socket() {
                 "{name}: also/instead reached worker {other}'s socket"
             );
         }
+    }
+}
+
+#[test]
+fn reuseport_skips_dead_workers_for_new_connections_only() {
+    let mut programs = load_configured(0);
+    let first = reuseport_socket(0);
+    let port = first.local_addr().expect("local addr").port();
+    let mut sockets = vec![first];
+    for _ in 1..WORKERS {
+        sockets.push(reuseport_socket(port));
+    }
+    programs
+        .set_config(&SteeringConfig {
+            quic_port: port,
+            ..config(0)
+        })
+        .expect("config");
+    for (worker, socket) in sockets.iter().enumerate() {
+        programs
+            .set_worker_socket(worker as u32, socket)
+            .expect("sockets map");
+    }
+    // Workers 1 and 2 take no new connections.
+    for dead in [1, 2] {
+        programs
+            .set_worker(
+                dead,
+                &WorkerEntry {
+                    cpu: 0,
+                    alive: 0,
+                    generation: GENERATION.into(),
+                },
+            )
+            .expect("mark dead");
+    }
+    programs
+        .attach_reuseport(&sockets[0])
+        .expect("attach sk_reuseport");
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("client socket");
+    let cases: Vec<(&str, Vec<u8>, usize)> = vec![
+        (
+            "Initial hashing to dead 1 → 3",
+            initial_v1(&dcid_hashing_to(1), 1200),
+            3,
+        ),
+        (
+            "Initial hashing to dead 2 → 3",
+            initial_v1(&dcid_hashing_to(2), 1200),
+            3,
+        ),
+        (
+            "Initial hashing to live 0 → 0",
+            initial_v1(&dcid_hashing_to(0), 1200),
+            0,
+        ),
+        (
+            "Initial hashing to live 3 → 3",
+            initial_v1(&dcid_hashing_to(3), 1200),
+            3,
+        ),
+        (
+            "short header naming dead 1 → 1 (draining keeps its connections)",
+            short_header(0x41, &our_cid(1)),
+            1,
+        ),
+        (
+            "Handshake naming dead 2 → 2",
+            long_header(QUIC_V1, 0x20, &our_cid(2), 60),
+            2,
+        ),
+    ];
+    let mut buf = [0u8; 2048];
+    for (name, datagram, worker) in &cases {
+        client.send_to(datagram, ("127.0.0.1", port)).expect("send");
+        let n = sockets[*worker]
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("{name}: worker {worker}'s socket got nothing: {e}"));
+        assert_eq!(&buf[..n], &datagram[..], "{name}");
+        for (other, socket) in sockets.iter().enumerate() {
+            socket.set_nonblocking(true).expect("nonblocking");
+            let stray = socket.recv(&mut buf);
+            socket.set_nonblocking(false).expect("blocking");
+            assert!(stray.is_err(), "{name}: also reached worker {other}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The sk_reuseport tier with the real proxy (no network namespace: 127.0.0.1).
+
+fn unique_pin(name: &str) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/spooky-test-{}-{name}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+fn ebpf_proxy(
+    backends: &[(&str, std::net::SocketAddr)],
+    pin: &std::path::Path,
+    workers: usize,
+) -> crate::support::Proxy {
+    assert!(
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() } == 0,
+        "the sk_reuseport tier needs root"
+    );
+    let p = crate::support::proxy(
+        &crate::support::pool("main", "/", None, "round-robin", backends, ""),
+        &format!(
+            "quic:\n  retry: off\nsteering:\n  pin_path: {}\n",
+            pin.display()
+        ),
+        workers,
+    );
+    assert_eq!(
+        p.running.as_ref().unwrap().steering,
+        spooky::steering::Mode::SkReuseport,
+        "as root without --iface the sk_reuseport tier is the default"
+    );
+    p
+}
+
+fn poll_status(
+    pin: &std::path::Path,
+    what: &str,
+    done: impl Fn(&spooky::status::Status) -> bool,
+) -> spooky::status::Status {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let status = spooky::status::read(pin).expect("read pinned maps");
+        if done(&status) {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {status:#?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn sk_reuseport_tier_on_loopback_has_no_misroutes() {
+    use spooky::client::Request;
+    let b1 = crate::support::backend("b1");
+    let b2 = crate::support::backend("b2");
+    let pin = unique_pin("loopback");
+    let mut p = ebpf_proxy(&[("b1", b1.addr), ("b2", b2.addr)], &pin, 4);
+    let addr = p.addr;
+    let (connections, requests) = (48usize, 5usize);
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            std::thread::spawn(move || {
+                for c in (t..connections).step_by(4) {
+                    let mut cl = crate::support::client(addr);
+                    for r in 0..requests {
+                        let resp = cl
+                            .request(&Request::get("localhost", "/size/500"), crate::support::T)
+                            .unwrap_or_else(|e| panic!("connection {c} request {r}: {e}"));
+                        assert_eq!(resp.status, 200);
+                    }
+                    cl.close();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(p.misrouted(), 0, "misrouted with sk_reuseport steering");
+    let sent = (connections * requests) as u64;
+    let status = poll_status(&pin, "requests never reached the pinned counters", |s| {
+        s.workers.iter().map(|w| w.requests).sum::<u64>() == sent
+    });
+    assert_eq!(status.mode, "sk-reuseport");
+    assert_eq!(status.pid, std::process::id());
+    assert_eq!(status.quic_port, addr.port());
+    assert_eq!(status.workers.len(), 4);
+    for w in &status.workers {
+        assert!(w.alive);
+        assert_eq!(w.misrouted, 0);
+        assert!(
+            w.connections_accepted > 0,
+            "worker {} got no connection",
+            w.index
+        );
+        assert_eq!(w.xdp_packets, 0, "no XDP in this tier");
+    }
+    assert_eq!(
+        status
+            .workers
+            .iter()
+            .map(|w| w.connections_accepted)
+            .sum::<u64>(),
+        connections as u64
+    );
+    let pool = &status.pools[0];
+    assert_eq!(pool.name, "main");
+    let ids: Vec<&str> = pool.backends.iter().map(|b| b.id.as_str()).collect();
+    assert_eq!(ids, ["b1", "b2"]);
+    for b in &pool.backends {
+        assert_eq!(b.state, "healthy");
+        assert!(b.ewma_latency_us > 0, "{b:?}");
+    }
+    assert!(
+        status.counters.iter().all(|c| c.total == 0),
+        "XDP is not attached"
+    );
+    let table = std::process::Command::new(env!("CARGO_BIN_EXE_spooky"))
+        .args(["status", "--pin-path", &pin.display().to_string()])
+        .output()
+        .expect("spooky status");
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&table.stderr)
+    );
+    for want in [
+        "sk-reuseport",
+        "pool main",
+        "b1",
+        "healthy",
+        "misrouted",
+        "redirected",
+    ] {
+        assert!(text.contains(want), "`{want}` missing from:\n{text}");
+    }
+    p.shutdown();
+    for name in spooky_common::maps::PINNED_MAPS {
+        assert!(
+            !pin.join(name).exists(),
+            "{name} still pinned after shutdown"
+        );
+    }
+    assert!(!pin.exists());
+    let gone = std::process::Command::new(env!("CARGO_BIN_EXE_spooky"))
+        .args(["status", "--pin-path", &pin.display().to_string()])
+        .output()
+        .expect("spooky status");
+    assert_eq!(gone.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("no pinned maps"));
+}
+
+#[test]
+fn stale_pins_are_replaced_and_only_our_own_are_removed() {
+    use spooky_common::maps::PINNED_MAPS;
+    let b1 = crate::support::backend("b1");
+    let pin = unique_pin("stale");
+    // A "crashed" process: maps pinned, process (object) gone.
+    let stale_ids: Vec<u32> = {
+        let programs = load();
+        let _ = ebpf_proxy(&[("b1", b1.addr)], &pin, 1); // mounts bpffs if needed; cleans up
+        std::fs::create_dir_all(&pin).unwrap();
+        PINNED_MAPS
+            .iter()
+            .map(|name| programs.pin_map(name, &pin).expect("pin stale map"))
+            .collect()
+    };
+    let mut first = ebpf_proxy(&[("b1", b1.addr)], &pin, 2);
+    let ids = |pin: &std::path::Path| -> Vec<u32> {
+        PINNED_MAPS
+            .iter()
+            .map(|n| spooky::ebpf::pinned_map_id(&pin.join(n)).expect("pinned"))
+            .collect()
+    };
+    let first_ids = ids(&pin);
+    for (a, b) in first_ids.iter().zip(&stale_ids) {
+        assert_ne!(a, b, "stale pin not replaced");
+    }
+    // A second process on the same pin path takes over; the first one's shutdown leaves the
+    // second one's pins alone.
+    let mut second = ebpf_proxy(&[("b1", b1.addr)], &pin, 2);
+    let second_ids = ids(&pin);
+    first.shutdown();
+    assert_eq!(ids(&pin), second_ids);
+    assert_eq!(spooky::status::read(&pin).unwrap().workers.len(), 2);
+    second.shutdown();
+    assert!(!pin.exists(), "pins left after the last shutdown");
+}
+
+/// Packets per second of the XDP program, measured in the kernel with `BPF_PROG_TEST_RUN`
+/// and `repeat` (no NIC involved). Run in release mode and read the numbers:
+/// `cargo test -p spooky --release --test it ebpf::xdp_benchmark -- --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark: run explicitly with --ignored --nocapture"]
+fn xdp_benchmark() {
+    let mut programs = load_configured(FLAG_REDIRECT_CPU);
+    programs.enable_cpu(0, 2048).expect("cpumap");
+    let repeat = 5_000_000;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "valid short header (IPv4), steered by CID",
+            udp4(&short_header(0x41, &our_cid(2))),
+        ),
+        (
+            "valid Initial 1200 B (IPv6), hashed",
+            udp6(&initial_v1(&CLIENT_DCID, 1200)),
+        ),
+        (
+            "junk: fixed bit clear (dropped)",
+            udp4(&short_header(0x01, &our_cid(1))),
+        ),
+        (
+            "junk: Initial of 300 B (dropped)",
+            udp4(&initial_v1(&CLIENT_DCID, 300)),
+        ),
+        (
+            "non-QUIC UDP to port 53 (passed)",
+            eth(ETH_IPV4, &ipv4(PROTO_UDP, &udp(53, &[0; 64]))),
+        ),
+    ];
+    println!(
+        "{:<48} {:>10} {:>10} {:>14}",
+        "packet", "verdict", "ns/pkt", "Mpps (1 CPU)"
+    );
+    for (name, packet) in cases {
+        let (action, per_run) = programs.bench_xdp(&packet, repeat).expect("test run");
+        let ns = per_run.as_nanos().max(1) as f64;
+        println!(
+            "{name:<48} {:>10} {ns:>10} {:>14.2}",
+            format!("{action:?}"),
+            1_000.0 / ns
+        );
     }
 }

@@ -8,6 +8,7 @@ mod config_files;
 mod ebpf;
 mod health;
 mod netns;
+mod ops;
 mod peers;
 mod proxy;
 mod support;

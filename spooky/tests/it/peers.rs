@@ -1,1 +1,758 @@
-//! (being written)
+//! Spooky against peers nobody on the team wrote, all on 127.0.0.1:
+//!
+//! - aioquic as the HTTP/3 client (`spooky/tests/peers/h3_client.py`, run with `python3`),
+//! - nginx as an HTTP/2 backend, over h2c and over TLS (`spooky/tests/peers/nginx.conf.in`),
+//! - hypercorn, a strict HTTP/2 server, running `spooky/tests/peers/asgi_app.py` over h2c.
+//!
+//! Peers are child processes started per test and stopped by their PID when dropped; readiness
+//! is polled with a deadline. A missing peer fails the test with the reason (install it with
+//! `cargo xtask setup`); no test returns early and passes.
+//!
+//! The in-process demo backends and the in-tree client are covered in `proxy.rs`; this file
+//! only adds the independent peers around them.
+
+use crate::support::*;
+use serde_json::Value;
+use spooky::client::Request;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long a peer may take to come up.
+const STARTUP: Duration = Duration::from_secs(20);
+
+fn peers_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/peers")
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, data)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A fresh private directory under the system temp dir, removed on drop.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new(what: &str) -> Self {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "spooky-peers-{what}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        Self(dir)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then closed).
+fn free_tcp_port() -> u16 {
+    dead_tcp_addr().port()
+}
+
+/// A peer process this test started; killed by its PID and reaped on drop.
+struct PeerProcess {
+    name: &'static str,
+    child: Child,
+    /// Where its log goes, shown when it fails to start.
+    log: PathBuf,
+}
+
+impl PeerProcess {
+    fn spawn(name: &'static str, cmd: &mut Command, log: PathBuf, hint: &str) -> Self {
+        let out = std::fs::File::create(&log).unwrap();
+        let err = out.try_clone().unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{name} cannot be started ({e}): {hint}"));
+        Self { name, child, log }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Polls until `ready` holds. `Err` with the peer's log when it exited first (a port taken
+    /// by someone else between choosing and binding it, say); panics at the deadline.
+    fn wait_until(&mut self, what: &str, mut ready: impl FnMut() -> bool) -> Result<(), String> {
+        let deadline = Instant::now() + STARTUP;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!(
+                    "{} exited during startup ({status}); its log:\n{}",
+                    self.name,
+                    self.log_text()
+                ));
+            }
+            if ready() {
+                return Ok(());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not ready ({what}) after {STARTUP:?}; its log:\n{}",
+                self.name,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Starts a peer on free ports, choosing new ones when it lost a port to another process
+/// (ports are chosen by binding and closing, so that can happen); any other failure panics.
+fn start_on_free_ports<P>(name: &str, mut attempt: impl FnMut() -> Result<P, String>) -> P {
+    const ATTEMPTS: usize = 3;
+    let mut n = 1;
+    loop {
+        match attempt() {
+            Ok(peer) => return peer,
+            Err(log) if n < ATTEMPTS && log.to_lowercase().contains("address already in use") => {
+                n += 1;
+            }
+            Err(log) => panic!("{name} failed to start: {log}"),
+        }
+    }
+}
+
+impl Drop for PeerProcess {
+    fn drop(&mut self) {
+        // Only the process this test started, by its PID.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn accepts_tcp(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Spooky configuration with per-backend TLS
+
+struct Be<'a> {
+    id: &'a str,
+    addr: SocketAddr,
+    /// The backend's `tls` mapping in YAML flow style, or `None` for h2c.
+    tls: Option<String>,
+}
+
+fn h2c(id: &str, addr: SocketAddr) -> Be<'_> {
+    Be {
+        id,
+        addr,
+        tls: None,
+    }
+}
+
+/// YAML for one pool whose backends may use TLS (`support::pool` writes h2c backends only).
+fn pool_of(name: &str, prefix: &str, backends: &[Be<'_>]) -> String {
+    let mut s = format!(
+        "  {name}:\n    load_balancing:\n      type: round-robin\n    route:\n      path_prefix: \"{prefix}\"\n    backends:\n"
+    );
+    for b in backends {
+        s.push_str(&format!(
+            "      - id: {}\n        address: \"{}\"\n",
+            b.id, b.addr
+        ));
+        if let Some(tls) = &b.tls {
+            s.push_str(&format!("        tls: {tls}\n"));
+        }
+    }
+    s
+}
+
+fn start_proxy(upstreams: &str) -> Proxy {
+    proxy(upstreams, "quic:\n  retry: off\n", 2)
+}
+
+// ---------------------------------------------------------------------------------------------
+// aioquic, the independent HTTP/3 client
+
+fn python_has(module: &str) -> bool {
+    Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn require_python(module: &str, package: &str) {
+    assert!(
+        python_has(module),
+        "python3 cannot import {module}: {package} not installed: run cargo xtask setup"
+    );
+}
+
+/// One response as the aioquic client saw it.
+#[derive(Debug)]
+struct H3Response {
+    status: Option<u64>,
+    headers: Vec<(String, String)>,
+    body_len: u64,
+    sha256: String,
+    /// Up to 64 KiB of the body, as text.
+    body: Option<String>,
+    ended: bool,
+    reset: Option<u64>,
+}
+
+impl H3Response {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json_body(&self) -> Value {
+        let text = self.body.as_deref().unwrap_or_default();
+        serde_json::from_str(text).unwrap_or_else(|e| panic!("body is not JSON ({e}): {text}"))
+    }
+
+    /// A complete 200 whose body has `len` bytes hashing to `sha256`.
+    fn assert_body(&self, what: &str, len: usize, sha256: &str) {
+        assert_eq!(self.status, Some(200), "{what}: {self:?}");
+        assert!(self.ended, "{what}: stream not ended cleanly: {self:?}");
+        assert_eq!(self.body_len, len as u64, "{what}: body length");
+        assert_eq!(self.sha256, sha256, "{what}: body differs");
+    }
+}
+
+/// What one run of the aioquic client reported: the responses in plan order, and why the
+/// connection ended early if it did.
+#[derive(Debug)]
+struct H3Run {
+    responses: Vec<H3Response>,
+    error: Option<String>,
+}
+
+fn pairs(v: &Value) -> Vec<(String, String)> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| {
+                    (
+                        p[0].as_str().unwrap_or_default().to_string(),
+                        p[1].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Runs the aioquic client on one connection to `proxy` with `plan` (a JSON list of batches of
+/// requests, see the script's docstring).
+fn aioquic(proxy: SocketAddr, plan: &Value) -> H3Run {
+    require_python("aioquic", "aioquic 1.7.2");
+    let out = Command::new("python3")
+        .arg(peers_dir().join("h3_client.py"))
+        .args(["--host", &proxy.ip().to_string()])
+        .args(["--port", &proxy.port().to_string()])
+        .arg("--ca")
+        .arg(certs_dir().join("ca.crt"))
+        .args(["--server-name", "localhost", "--timeout", "60"])
+        .arg("--plan")
+        .arg(plan.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("python3 cannot be started ({e}): run cargo xtask setup"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "h3_client.py printed no result ({e}), {}\nstdout: {stdout}\nstderr: {stderr}",
+            out.status
+        )
+    });
+    let responses = v["responses"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|r| H3Response {
+                    status: r["status"].as_u64(),
+                    headers: pairs(&r["headers"]),
+                    body_len: r["body_len"].as_u64().unwrap_or(0),
+                    sha256: r["sha256"].as_str().unwrap_or_default().to_string(),
+                    body: r["body"].as_str().map(str::to_string),
+                    ended: r["ended"].as_bool().unwrap_or(false),
+                    reset: r["reset"].as_u64(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    H3Run {
+        responses,
+        error: v["error"].as_str().map(str::to_string),
+    }
+}
+
+impl H3Run {
+    /// The responses, after checking the connection stayed up for the whole plan.
+    fn ok(self, expected: usize) -> Vec<H3Response> {
+        assert!(
+            self.error.is_none(),
+            "aioquic connection failed: {:?}\nresponses so far: {:#?}",
+            self.error,
+            self.responses
+        );
+        assert_eq!(self.responses.len(), expected, "{:#?}", self.responses);
+        self.responses
+    }
+}
+
+fn get(path: &str) -> Value {
+    serde_json::json!({ "path": path })
+}
+
+fn one_backend_proxy(b: &Backend) -> Proxy {
+    start_proxy(&pool_of("main", "/", &[h2c(&b.id, b.addr)]))
+}
+
+#[test]
+fn aioquic_small_get() {
+    let b = backend("b1");
+    let p = one_backend_proxy(&b);
+    let r = aioquic(
+        p.addr,
+        &serde_json::json!([[get("/size/1000")], [get("/")]]),
+    )
+    .ok(2);
+    r[0].assert_body("/size/1000", 1000, &sha256_hex(&pattern(1000)));
+    assert_eq!(r[0].header("x-backend"), Some("b1"));
+    assert_eq!(r[0].header("content-length"), Some("1000"));
+    assert_eq!(r[1].status, Some(200));
+    assert_eq!(r[1].body.as_deref(), Some("hello from b1: GET /\n"));
+}
+
+#[test]
+fn aioquic_16_mib_download_arrives_intact() {
+    let b = backend("b1");
+    let p = one_backend_proxy(&b);
+    let n = 16 << 20;
+    let r = aioquic(p.addr, &serde_json::json!([[get(&format!("/size/{n}"))]])).ok(1);
+    r[0].assert_body("16 MiB download", n, &sha256_hex(&pattern(n)));
+}
+
+#[test]
+fn aioquic_4_mib_upload_is_echoed_intact() {
+    let b = backend("b1");
+    let p = one_backend_proxy(&b);
+    let n = 4 << 20;
+    let plan = serde_json::json!([
+        [{ "method": "POST", "path": "/echo", "upload": n }],
+        [{ "method": "POST", "path": "/upload", "upload": n }],
+    ]);
+    let r = aioquic(p.addr, &plan).ok(2);
+    // The client uploads the `/size/N` pattern.
+    r[0].assert_body("4 MiB echo", n, &sha256_hex(&pattern(n)));
+    assert_eq!(r[1].status, Some(200), "{:?}", r[1]);
+    assert_eq!(r[1].body.as_deref(), Some(format!("{n}\n").as_str()));
+}
+
+#[test]
+fn aioquic_twenty_parallel_requests_on_one_connection() {
+    let b = backend("b1");
+    let p = one_backend_proxy(&b);
+    let batch: Vec<Value> = (0..20)
+        .map(|i| get(&format!("/size/{}", 5000 + i)))
+        .collect();
+    let r = aioquic(p.addr, &Value::Array(vec![Value::Array(batch)])).ok(20);
+    for (i, resp) in r.iter().enumerate() {
+        let n = 5000 + i;
+        resp.assert_body(&format!("/size/{n}"), n, &sha256_hex(&pattern(n)));
+    }
+    assert_eq!(b.stats.requests.load(Ordering::Relaxed), 20);
+    // One connection: every packet reached its owner.
+    assert_eq!(p.misrouted(), 0);
+}
+
+#[test]
+fn aioquic_malformed_requests_are_rejected_and_the_connection_keeps_working() {
+    let b = backend("b1");
+    let p = one_backend_proxy(&b);
+    // aioquic sends names exactly as given, so these reach Spooky as written.
+    let bad: Vec<(&str, Value)> = vec![
+        (
+            "uppercase name",
+            serde_json::json!({ "path": "/", "headers": [["X-Upper", "1"]] }),
+        ),
+        (
+            "connection",
+            serde_json::json!({ "path": "/", "headers": [["connection", "keep-alive"]] }),
+        ),
+        (
+            "keep-alive",
+            serde_json::json!({ "path": "/", "headers": [["keep-alive", "timeout=5"]] }),
+        ),
+        (
+            "upgrade",
+            serde_json::json!({ "path": "/", "headers": [["upgrade", "websocket"]] }),
+        ),
+        (
+            "te other than trailers",
+            serde_json::json!({ "path": "/", "headers": [["te", "gzip"]] }),
+        ),
+        (
+            "pseudo-header after a regular one",
+            serde_json::json!({ "fields": [
+                [":method", "GET"], [":scheme", "https"], ["x-a", "1"],
+                [":authority", "localhost"], [":path", "/"]
+            ] }),
+        ),
+        (
+            "no :path",
+            serde_json::json!({ "fields": [
+                [":method", "GET"], [":scheme", "https"], [":authority", "localhost"]
+            ] }),
+        ),
+    ];
+    let mut plan = Vec::new();
+    for (_, req) in &bad {
+        plan.push(Value::Array(vec![req.clone()]));
+        plan.push(Value::Array(vec![get("/size/5")]));
+    }
+    let r = aioquic(p.addr, &Value::Array(plan)).ok(bad.len() * 2);
+    for (i, (what, _)) in bad.iter().enumerate() {
+        let rejected = &r[2 * i];
+        assert!(
+            rejected.status == Some(400) || rejected.reset.is_some(),
+            "{what}: expected 400 or a stream reset, got {rejected:?}"
+        );
+        let next = &r[2 * i + 1];
+        next.assert_body(
+            &format!("good request after {what}"),
+            5,
+            &sha256_hex(&pattern(5)),
+        );
+    }
+    // No malformed request reached the backend.
+    assert_eq!(b.stats.requests.load(Ordering::Relaxed), bad.len() as u64);
+}
+
+// ---------------------------------------------------------------------------------------------
+// nginx, an independent HTTP/2 server (h2c and TLS)
+
+const NGINX: &str = "/usr/sbin/nginx";
+const FILE_SIZES: [(&str, usize); 2] = [("1m", 1 << 20), ("16m", 16 << 20)];
+
+/// nginx serving `/health` and `/files/{1m,16m}` (the `/size/N` pattern) on an h2c and a TLS
+/// listener.
+struct Nginx {
+    h2c: SocketAddr,
+    tls: SocketAddr,
+    _process: PeerProcess,
+    dir: ScratchDir,
+}
+
+impl Nginx {
+    fn start() -> Self {
+        assert!(
+            Path::new(NGINX).exists(),
+            "nginx not installed ({NGINX} missing): run cargo xtask setup"
+        );
+        start_on_free_ports("nginx", Self::try_start)
+    }
+
+    fn try_start() -> Result<Self, String> {
+        let dir = ScratchDir::new("nginx");
+        let root = &dir.0;
+        std::fs::create_dir_all(root.join("www/files")).unwrap();
+        std::fs::create_dir_all(root.join("tmp")).unwrap();
+        for (name, n) in FILE_SIZES {
+            std::fs::write(root.join("www/files").join(name), pattern(n)).unwrap();
+        }
+        let h2c = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+        let tls = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+        let certs = certs_dir();
+        let template = std::fs::read_to_string(peers_dir().join("nginx.conf.in")).unwrap();
+        let conf = template
+            .replace("{{dir}}", &root.display().to_string())
+            .replace("{{h2c_port}}", &h2c.port().to_string())
+            .replace("{{tls_port}}", &tls.port().to_string())
+            .replace("{{cert}}", &certs.join("backend.crt").display().to_string())
+            .replace("{{key}}", &certs.join("backend.key").display().to_string());
+        assert!(!conf.contains("{{"), "unfilled placeholder:\n{conf}");
+        std::fs::write(root.join("nginx.conf"), conf).unwrap();
+        let mut process = PeerProcess::spawn(
+            "nginx",
+            Command::new(NGINX)
+                .arg("-p")
+                .arg(format!("{}/", root.display()))
+                .args(["-c", "nginx.conf", "-e"])
+                .arg(root.join("error.log")),
+            root.join("stdout.log"),
+            "run cargo xtask setup",
+        );
+        if let Err(log) = process.wait_until("listening", || accepts_tcp(h2c) && accepts_tcp(tls)) {
+            return Err(format!("{log}\nerror.log:\n{}", nginx_error_log(root)));
+        }
+        Ok(Self {
+            h2c,
+            tls,
+            _process: process,
+            dir,
+        })
+    }
+
+    fn error_log(&self) -> String {
+        nginx_error_log(&self.dir.0)
+    }
+}
+
+fn nginx_error_log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+}
+
+/// Downloads `/health` and every file through Spooky, hashes the bodies, and then the 1 MiB
+/// file 8 times in parallel on one connection.
+fn download_files_through(p: &Proxy, nginx: &Nginx) {
+    let mut c = client(p.addr);
+    let r = c.request(&Request::get("localhost", "/health"), T).unwrap();
+    assert_eq!(r.status, 200, "nginx log:\n{}", nginx.error_log());
+    assert_eq!(r.body, b"ok\n");
+    for (name, n) in FILE_SIZES {
+        let r = c
+            .request(&Request::get("localhost", &format!("/files/{name}")), T)
+            .unwrap();
+        assert_eq!(
+            r.status,
+            200,
+            "/files/{name}; nginx log:\n{}",
+            nginx.error_log()
+        );
+        assert!(r.finished, "/files/{name}: stream not finished cleanly");
+        assert_eq!(r.header("x-backend"), Some("nginx"));
+        assert_eq!(r.body.len(), n, "/files/{name}");
+        assert_eq!(
+            sha256_hex(&r.body),
+            sha256_hex(&pattern(n)),
+            "/files/{name}: body differs"
+        );
+    }
+    let sids: Vec<u64> = (0..8)
+        .map(|_| c.send(&Request::get("localhost", "/files/1m")).unwrap())
+        .collect();
+    let want = sha256_hex(&pattern(1 << 20));
+    for sid in sids {
+        let r = c.wait(sid, T).unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(sha256_hex(&r.body), want, "parallel /files/1m");
+    }
+}
+
+fn verified_tls() -> String {
+    format!(
+        "{{ca: \"{}\", server_name: localhost}}",
+        certs_dir().join("ca.crt").display()
+    )
+}
+
+#[test]
+fn nginx_over_h2c_serves_large_files_intact() {
+    let nginx = Nginx::start();
+    let p = start_proxy(&pool_of("main", "/", &[h2c("nginx", nginx.h2c)]));
+    download_files_through(&p, &nginx);
+}
+
+#[test]
+fn nginx_over_verified_tls_serves_large_files_intact() {
+    let nginx = Nginx::start();
+    let be = Be {
+        id: "nginx-tls",
+        addr: nginx.tls,
+        tls: Some(verified_tls()),
+    };
+    let p = start_proxy(&pool_of("main", "/", &[be]));
+    download_files_through(&p, &nginx);
+}
+
+#[test]
+fn nginx_tls_certificate_that_does_not_verify_is_a_502() {
+    let nginx = Nginx::start();
+    // System roots do not know the demo CA; the demo certificate does not name other.example.
+    let unknown_ca = Be {
+        id: "unknown-ca",
+        addr: nginx.tls,
+        tls: Some("{server_name: localhost}".into()),
+    };
+    let wrong_name = Be {
+        id: "wrong-name",
+        addr: nginx.tls,
+        tls: Some(format!(
+            "{{ca: \"{}\", server_name: other.example}}",
+            certs_dir().join("ca.crt").display()
+        )),
+    };
+    let upstreams = pool_of("unknown", "/unknown-ca/", &[unknown_ca])
+        + &pool_of("wrong", "/wrong-name/", &[wrong_name])
+        + &pool_of("main", "/", &[h2c("nginx", nginx.h2c)]);
+    let p = start_proxy(&upstreams);
+    let mut c = client(p.addr);
+    for path in ["/unknown-ca/health", "/wrong-name/health"] {
+        let started = Instant::now();
+        let r = c.request(&Request::get("localhost", path), T).unwrap();
+        assert_eq!(
+            r.status,
+            502,
+            "{path}: {:?}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{path}: 502 took {:?}",
+            started.elapsed()
+        );
+        let ok = c.request(&Request::get("localhost", "/health"), T).unwrap();
+        assert_eq!(ok.status, 200, "after {path}: the next good request failed");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// hypercorn, a strict HTTP/2 server
+
+/// hypercorn running `asgi_app.py` in one process, h2c with prior knowledge (hypercorn switches
+/// a cleartext connection to HTTP/2 when it opens with the HTTP/2 preface).
+struct Hypercorn {
+    addr: SocketAddr,
+    _process: PeerProcess,
+    _dir: ScratchDir,
+}
+
+impl Hypercorn {
+    fn start() -> Self {
+        require_python("hypercorn", "hypercorn 0.18.0");
+        start_on_free_ports("hypercorn", Self::try_start)
+    }
+
+    fn try_start() -> Result<Self, String> {
+        let dir = ScratchDir::new("hypercorn");
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+        let mut process = PeerProcess::spawn(
+            "hypercorn",
+            Command::new("python3")
+                .args(["-m", "hypercorn", "--workers", "0", "--bind"])
+                .arg(addr.to_string())
+                .args(["--error-logfile", "-", "asgi_app:app"])
+                .current_dir(peers_dir())
+                .env("PYTHONDONTWRITEBYTECODE", "1"),
+            dir.0.join("hypercorn.log"),
+            "run cargo xtask setup",
+        );
+        // Listening is not enough: the app is imported after the socket is bound.
+        process.wait_until("GET /health over HTTP/1.1", || http1_health(addr))?;
+        Ok(Self {
+            addr,
+            _process: process,
+            _dir: dir,
+        })
+    }
+}
+
+/// Whether `GET /health` over HTTP/1.1 answers 200.
+fn http1_health(addr: SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let req = b"GET /health HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n";
+    if s.write_all(req).is_err() {
+        return false;
+    }
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    answer.starts_with(b"HTTP/1.1 200")
+}
+
+fn hypercorn_proxy(h: &Hypercorn) -> Proxy {
+    start_proxy(&pool_of("main", "/", &[h2c("hypercorn", h.addr)]))
+}
+
+#[test]
+fn hypercorn_accepts_the_forwarded_authority() {
+    let h = Hypercorn::start();
+    let p = hypercorn_proxy(&h);
+    let authority = "app.example:9889";
+    let plan = serde_json::json!([
+        // :authority only, as HTTP/3 clients send it.
+        [{ "path": "/who?x=1", "authority": authority }],
+        // :authority and an identical host.
+        [{ "path": "/who", "authority": authority, "headers": [["host", authority]] }],
+        // host only (RFC 9114 §4.3.1 allows either).
+        [{ "path": "/who", "authority": null, "headers": [["host", authority]] }],
+        // POST with a body and a custom field.
+        [{ "method": "POST", "path": "/who", "authority": authority,
+           "headers": [["x-test", "yes"]], "upload": 1000 }],
+        // :authority and a different host.
+        [{ "path": "/who", "authority": authority, "headers": [["host", "other.example"]] }],
+        [get("/health")],
+    ]);
+    let r = aioquic(p.addr, &plan).ok(6);
+    // hypercorn (through the h2 library) refuses a request whose `host` differs from its
+    // `:authority`, so a 200 means Spooky sent it a consistent pair.
+    for (i, resp) in r.iter().take(4).enumerate() {
+        assert_eq!(resp.status, Some(200), "case {i}: {resp:?}");
+        assert_eq!(resp.header("x-backend"), Some("hypercorn"), "case {i}");
+        let seen = resp.json_body();
+        assert_eq!(seen["http_version"], "2", "case {i}: {seen}");
+        assert_eq!(seen["authority"], authority, "case {i}: {seen}");
+        assert_eq!(seen["path"], "/who", "case {i}: {seen}");
+    }
+    // A client's conflicting pair is Spooky's to refuse; the connection keeps working.
+    let conflicting = &r[4];
+    assert!(
+        conflicting.status == Some(400) || conflicting.reset.is_some(),
+        "conflicting host: expected 400 or a stream reset, got {conflicting:?}"
+    );
+    assert_eq!(
+        r[5].status,
+        Some(200),
+        "after the conflicting host: {:?}",
+        r[5]
+    );
+    assert_eq!(r[0].json_body()["method"], "GET");
+    assert_eq!(r[0].json_body()["query"], "x=1");
+    let post = r[3].json_body();
+    assert_eq!(post["method"], "POST");
+    let headers = post["headers"].as_array().unwrap();
+    assert!(
+        headers.iter().any(|h| h[0] == "x-test" && h[1] == "yes"),
+        "{post}"
+    );
+}
+
+#[test]
+fn hypercorn_receives_a_large_upload_intact() {
+    let h = Hypercorn::start();
+    let p = hypercorn_proxy(&h);
+    let n = 8 << 20;
+    let plan = serde_json::json!([
+        [{ "method": "POST", "path": "/upload", "authority": "localhost", "upload": n }],
+        [get("/health")],
+    ]);
+    let r = aioquic(p.addr, &plan).ok(2);
+    assert_eq!(r[0].status, Some(200), "{:?}", r[0]);
+    let seen = r[0].json_body();
+    assert_eq!(seen["length"], n, "{seen}");
+    assert_eq!(seen["sha256"], sha256_hex(&pattern(n)), "{seen}");
+    assert_eq!(r[1].status, Some(200));
+    assert_eq!(r[1].body.as_deref(), Some("ok\n"));
+}

@@ -31,6 +31,11 @@ pub fn certs_dir() -> PathBuf {
     .clone()
 }
 
+/// Issues a new `NAME.crt`/`NAME.key` in `dir` from the CA there (`ca.key`).
+pub fn issue_cert(dir: &std::path::Path, name: &str, common_name: &str) -> PathBuf {
+    certs_gen::issue(dir, name, common_name).unwrap()
+}
+
 /// Logs go to the test's captured output; `RUST_LOG` picks the level (default warn).
 pub fn init_logging() {
     static ONCE: OnceLock<()> = OnceLock::new();
@@ -41,6 +46,16 @@ pub fn init_logging() {
             .with_test_writer()
             .try_init();
     });
+}
+
+/// A BPF pin directory no other proxy of this test run uses.
+pub fn unique_pin_path() -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    PathBuf::from(format!(
+        "/sys/fs/bpf/spooky-test-{}-{n}",
+        std::process::id()
+    ))
 }
 
 /// A UDP port that was free a moment ago on 127.0.0.1.
@@ -164,11 +179,23 @@ impl Drop for Proxy {
 }
 
 /// The full YAML of a test config around `upstreams` (already indented pools) and `extra`
-/// top-level sections.
+/// top-level sections. The admin listener takes a free loopback port unless `extra` has an
+/// `admin:` section.
 pub fn config_yaml(port: u16, upstreams: &str, extra: &str) -> String {
     let certs = certs_dir();
+    let mut admin = String::new();
+    if !extra.contains("admin:") {
+        admin.push_str("admin:\n  address: 127.0.0.1:0\n");
+    }
+    if !extra.contains("steering:") {
+        // Every proxy of the test run pins its BPF maps in a place of its own.
+        admin.push_str(&format!(
+            "steering:\n  pin_path: {}\n",
+            unique_pin_path().display()
+        ));
+    }
     format!(
-        "version: 1\nlisten:\n  protocol: http3\n  address: 127.0.0.1\n  port: {port}\n  tls:\n    cert: {}\n    key: {}\n{extra}\nupstream:\n{upstreams}",
+        "version: 1\nlisten:\n  protocol: http3\n  address: 127.0.0.1\n  port: {port}\n  tls:\n    cert: {}\n    key: {}\n{admin}{extra}\nupstream:\n{upstreams}",
         certs.join("spooky.crt").display(),
         certs.join("spooky.key").display(),
     )

@@ -1,0 +1,200 @@
+//! Fuzz target `request_head`: HTTP/3 request heads and trailers through the bridge.
+//!
+//! Input: one byte of hop settings (bits 0-1 forwarded mode: append, replace, off, append;
+//! bit 2 `via`; bit 3 IPv6 client), then fields as `name_len: u8, name, value_len: u8, value`
+//! until the input runs out (a cut-off last field is dropped).
+//!
+//! Checked:
+//! - `validate_request` never panics; a head it accepts has no pseudo-header, `host` or
+//!   connection-specific field left among its regular fields, and its authority is
+//!   `:authority` (else `host`, else empty);
+//! - every accepted head converts with `to_h2_request` in every forwarded mode, with and without
+//!   `via`; the HTTP/2 request has no `host` field, its `:authority` (the URI's authority)
+//!   equals the validated authority (`localhost` when there was none), its path is the
+//!   validated path, its method the validated method, and the hop headers appear once;
+//! - `trailers_to_h2` never panics, refuses pseudo-headers, and keeps every field it accepts;
+//!   HTTP/2 headers go back to HTTP/3 with `trailers_to_h3` and are accepted again.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use quiche::h3::{Header, NameValue};
+use spooky::bridge::{to_h2_request, trailers_to_h2, trailers_to_h3, validate_request, Hop};
+use spooky::config::ForwardedMode;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+const MODES: [ForwardedMode; 3] = [
+    ForwardedMode::Append,
+    ForwardedMode::Replace,
+    ForwardedMode::Off,
+];
+const CONNECTION_SPECIFIC: [&[u8]; 5] = [
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"transfer-encoding",
+    b"upgrade",
+];
+
+fuzz_target!(|input: &[u8]| {
+    let Some((&hop_bits, mut rest)) = input.split_first() else {
+        return;
+    };
+    let mut list = Vec::new();
+    while let Some((name, value, tail)) = field(rest) {
+        list.push(Header::new(name, value));
+        rest = tail;
+    }
+    let hop = Hop {
+        client_ip: if hop_bits & 8 == 0 {
+            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7))
+        } else {
+            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7))
+        },
+        mode: MODES[usize::from(hop_bits & 3) % MODES.len()],
+        via: hop_bits & 4 != 0,
+    };
+    check_request(&list, &hop);
+    check_trailers(&list);
+});
+
+/// One `len, bytes, len, bytes` field off the front of `input`.
+fn field(input: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
+    let (&n, rest) = input.split_first()?;
+    let (name, rest) = rest.split_at_checked(usize::from(n))?;
+    let (&v, rest) = rest.split_first()?;
+    let (value, rest) = rest.split_at_checked(usize::from(v))?;
+    Some((name, value, rest))
+}
+
+fn check_request(list: &[Header], first_hop: &Hop) {
+    let Ok(head) = validate_request(list) else {
+        return;
+    };
+    for (name, _) in &head.fields {
+        assert!(!name.starts_with(b":"), "pseudo-header among fields");
+        assert_ne!(name.as_ref(), b"host", "host survived validation");
+        assert!(!CONNECTION_SPECIFIC.contains(&name.as_ref()));
+    }
+    let first = |n: &[u8]| list.iter().find(|h| h.name() == n).map(|h| h.value());
+    let want_authority = first(b":authority").or_else(|| first(b"host")).unwrap_or(b"");
+    assert_eq!(head.authority.as_ref(), want_authority);
+
+    let hops = MODES
+        .iter()
+        .flat_map(|&mode| [false, true].map(|via| Hop { mode, via, ..*first_hop }));
+    let lenient = known_bug_lenient_validation(&head);
+    for hop in std::iter::once(*first_hop).chain(hops) {
+        let req = match to_h2_request(&head, &hop) {
+            Ok(req) => req,
+            Err(_) if lenient => continue,
+            Err(e) => panic!("validated head does not convert ({:?}): {e}", hop.mode),
+        };
+        assert!(req.headers().get("host").is_none(), "host sent upstream");
+        if lenient || known_bug_asterisk_form(&head) {
+            continue;
+        }
+        let authority = req.uri().authority().map(|a| a.as_str());
+        let want = if head.authority.is_empty() {
+            &b"localhost"[..]
+        } else {
+            head.authority.as_ref()
+        };
+        assert_eq!(
+            authority.map(str::as_bytes),
+            Some(want),
+            ":authority upstream differs from the validated one"
+        );
+        if !head.path.is_empty() {
+            let path = req.uri().path_and_query().map(|p| p.as_str());
+            assert_eq!(
+                path.map(str::as_bytes),
+                Some(head.path.as_ref()),
+                ":path upstream differs from the validated one"
+            );
+        }
+        assert_eq!(req.method(), head.method);
+        let once = |name: &str| req.headers().get_all(name).iter().count() == 1;
+        if hop.mode != ForwardedMode::Off {
+            assert!(once("x-forwarded-for") && once("forwarded") && once("x-forwarded-proto"));
+        }
+        if hop.via {
+            assert!(once("via"));
+        }
+        let back = trailers_to_h3(req.headers());
+        if let Err(e) = trailers_to_h2(&back) {
+            panic!("HTTP/2 fields do not go back through trailers_to_h2: {e}");
+        }
+    }
+}
+
+/// KNOWN BUG (reported; delete this function and its use once fixed): `OPTIONS *` becomes
+/// the URI `https://example.com*`, so upstream sees `:authority: example.com*` and
+/// `:path: /`. Reproducer: `fuzz/corpus/request_head/options-star`.
+fn known_bug_asterisk_form(head: &spooky::bridge::RequestHead) -> bool {
+    head.path.as_ref() == b"*"
+}
+
+/// KNOWN BUG (reported; delete this function and its uses once fixed): `validate_request`
+/// accepts heads that `to_h2_request` then cannot convert, or converts into a different
+/// request, because it checks `:scheme`, `:authority`, `:path` and field values more loosely
+/// than RFC 3986 / RFC 9110 (and the `http` crate) do, and the URI is rebuilt by
+/// concatenation. This names the heads outside that grammar so the rest stays checked:
+/// - `:scheme` not `ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )` (`ht)ps`: "invalid format");
+/// - `:authority` with a character outside unreserved / sub-delims / `:` / `[` / `]`
+///   (`a}b`: "invalid uri character"; `a?b`, `a/b`, `a#b`: upstream sees another
+///   authority *and another path* than the one routing used);
+/// - `:path` with `#` (upstream path cut at the `#`) or outside pchar / `/` / `?` / `%`;
+/// - a field value with a control character other than HTAB, or DEL ("failed to parse
+///   header value").
+///
+/// Reproducers: `fuzz/corpus/request_head/known-bug-*`.
+fn known_bug_lenient_validation(head: &spooky::bridge::RequestHead) -> bool {
+    let unreserved = |b: u8| b.is_ascii_alphanumeric() || b"-._~".contains(&b);
+    let sub_delim = |b: u8| b"!$&'()*+,;=".contains(&b);
+    let scheme_ok = head.scheme.is_empty()
+        || (head.scheme[0].is_ascii_alphabetic()
+            && head
+                .scheme
+                .iter()
+                .all(|&b| b.is_ascii_alphanumeric() || b"+-.".contains(&b)));
+    let authority_ok = head
+        .authority
+        .iter()
+        .all(|&b| unreserved(b) || sub_delim(b) || b":[]".contains(&b));
+    let path_ok = head
+        .path
+        .iter()
+        .all(|&b| unreserved(b) || sub_delim(b) || b":@/?%*".contains(&b));
+    let values_ok = head
+        .fields
+        .iter()
+        .all(|(_, v)| v.iter().all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f)));
+    !(scheme_ok && authority_ok && path_ok && values_ok)
+}
+
+fn check_trailers(list: &[Header]) {
+    let result = trailers_to_h2(list);
+    let has_pseudo = list.iter().any(|h| h.name().starts_with(b":"));
+    match result {
+        Ok(map) => {
+            assert!(!has_pseudo, "pseudo-header accepted in trailers");
+            assert_eq!(map.len(), list.len(), "a trailer field was lost");
+            let back = trailers_to_h3(&map);
+            assert!(back.iter().all(|h| !CONNECTION_SPECIFIC.contains(&h.name())));
+        }
+        Err(_) => {
+            // Also the regular fields alone, so that a pseudo-header does not hide the rest.
+            if has_pseudo {
+                let regular: Vec<Header> = list
+                    .iter()
+                    .filter(|h| !h.name().starts_with(b":"))
+                    .cloned()
+                    .collect();
+                if let Ok(map) = trailers_to_h2(&regular) {
+                    assert_eq!(map.len(), regular.len(), "a trailer field was lost");
+                }
+            }
+        }
+    }
+}
