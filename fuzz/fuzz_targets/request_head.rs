@@ -141,9 +141,10 @@ fn known_bug_asterisk_form(head: &spooky::bridge::RequestHead) -> bool {
 /// than RFC 3986 / RFC 9110 (and the `http` crate) do, and the URI is rebuilt by
 /// concatenation. This names the heads outside that grammar so the rest stays checked:
 /// - `:scheme` not `ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )` (`ht)ps`: "invalid format");
-/// - `:authority` with a character outside unreserved / sub-delims / `:` / `[` / `]`
-///   (`a}b`: "invalid uri character"; `a?b`, `a/b`, `a#b`: upstream sees another
-///   authority *and another path* than the one routing used);
+/// - `:authority` not `host [":" port]` with a bracketed IP literal or a reg-name of
+///   unreserved / sub-delims characters (`a}b`: "invalid uri character"; `a]b`, `a:b:1`:
+///   "invalid authority"; `a?b`, `a/b`, `a#b`: upstream sees another authority *and
+///   another path* than the one routing used);
 /// - `:path` with `#` (upstream path cut at the `#`) or outside pchar / `/` / `?` / `%`;
 /// - a field value with a control character other than HTAB, or DEL ("failed to parse
 ///   header value").
@@ -158,10 +159,32 @@ fn known_bug_lenient_validation(head: &spooky::bridge::RequestHead) -> bool {
                 .scheme
                 .iter()
                 .all(|&b| b.is_ascii_alphanumeric() || b"+-.".contains(&b)));
-    let authority_ok = head
-        .authority
-        .iter()
-        .all(|&b| unreserved(b) || sub_delim(b) || b":[]".contains(&b));
+    // host [":" port], host = "[" hex / ":" / "." "]" or a reg-name without pct-encoding.
+    let authority_ok = {
+        let a = head.authority.as_ref();
+        let (host_ok, rest) = match a.strip_prefix(b"[") {
+            Some(inner) => match inner.iter().position(|&b| b == b']') {
+                Some(end) => (
+                    inner[..end]
+                        .iter()
+                        .all(|&b| b.is_ascii_hexdigit() || b":.".contains(&b)),
+                    &inner[end + 1..],
+                ),
+                None => (false, &b""[..]),
+            },
+            None => {
+                let end = a.iter().position(|&b| b == b':').unwrap_or(a.len());
+                let host = &a[..end];
+                (host.iter().all(|&b| unreserved(b) || sub_delim(b)), &a[end..])
+            }
+        };
+        let port_ok = match rest.split_first() {
+            None => true,
+            Some((b':', port)) => port.iter().all(u8::is_ascii_digit),
+            Some(_) => false,
+        };
+        host_ok && port_ok
+    };
     let path_ok = head
         .path
         .iter()

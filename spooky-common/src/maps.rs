@@ -32,14 +32,19 @@ pub const BACKENDS_MAP: &str = "backends";
 /// misroutes, connections, requests), mirrored by the steering thread for `spooky status`.
 pub const WORKER_COUNTERS_MAP: &str = "worker_counters";
 
+/// `LruHashMap<SourcePrefix, InitialBucket, MAX_INITIAL_PREFIXES>`: the Initial-flood
+/// defense's state, one rate-limit bucket per client source prefix (/24, /56), written by XDP.
+pub const INITIAL_LIMITS_MAP: &str = "initial_limits";
+
 /// The maps pinned under the pin path while Spooky runs (file name = map name).
-pub const PINNED_MAPS: [&str; 6] = [
+pub const PINNED_MAPS: [&str; 7] = [
     CONFIG_MAP,
     WORKERS_MAP,
     BACKENDS_MAP,
     STATS_MAP,
     WORKER_STATS_MAP,
     WORKER_COUNTERS_MAP,
+    INITIAL_LIMITS_MAP,
 ];
 
 /// Most workers the steering can address: the CID carries the worker index in one byte.
@@ -48,6 +53,9 @@ pub const MAX_WORKERS: u32 = 256;
 pub const MAX_CPUS: u32 = 256;
 /// Entries of the backends map (backends of all upstreams together).
 pub const MAX_BACKENDS: u32 = 1024;
+/// Source prefixes the Initial rate limit tracks at once (least recently used ones are
+/// evicted, and start again with a full burst when they come back).
+pub const MAX_INITIAL_PREFIXES: u32 = 65_536;
 /// Bytes of a name in [`BackendEntry`] (longer names are cut, shorter ones NUL-padded).
 pub const NAME_LEN: usize = 32;
 
@@ -86,11 +94,17 @@ pub struct SteeringConfig {
     /// Name of that interface, NUL-padded (interface indices are per network namespace; the
     /// name says which one an operator should look for).
     pub iface: [u8; IFACE_LEN],
+    /// Initial-flood defense: client Initial packets per second allowed from one source
+    /// prefix (/24 IPv4, /56 IPv6); 0 turns the limit off (`steering.initial_rate`).
+    pub initial_rate: u32,
+    /// Initial packets a prefix may send at once above the rate (`steering.initial_burst`;
+    /// 0 is read as 1).
+    pub initial_burst: u32,
 }
 
 /// Bytes of [`SteeringConfig::iface`] (`IFNAMSIZ`).
 pub const IFACE_LEN: usize = 16;
-const _: () = assert!(size_of::<SteeringConfig>() == 24 + IFACE_LEN);
+const _: () = assert!(size_of::<SteeringConfig>() == 32 + IFACE_LEN);
 
 /// [`SteeringConfig::mode`]: not written (no Spooky has configured the maps).
 pub const MODE_NONE: u8 = 0;
@@ -132,6 +146,87 @@ impl SteeringConfig {
         self.flags & flag != 0
     }
 }
+
+/// [`SourcePrefix::family`] of an IPv4 source (prefix: the first 3 bytes, a /24).
+pub const FAMILY_IPV4: u32 = 4;
+/// [`SourcePrefix::family`] of an IPv6 source (prefix: the first 7 bytes, a /56).
+pub const FAMILY_IPV6: u32 = 6;
+/// Bytes of an IPv4 source address kept in [`SourcePrefix::prefix`] (/24).
+pub const IPV4_PREFIX_BYTES: usize = 3;
+/// Bytes of an IPv6 source address kept in [`SourcePrefix::prefix`] (/56).
+pub const IPV6_PREFIX_BYTES: usize = 7;
+
+/// The key of [`INITIAL_LIMITS_MAP`]: a client's source prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourcePrefix {
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u32,
+    /// The leading bytes of the source address ([`IPV4_PREFIX_BYTES`] or
+    /// [`IPV6_PREFIX_BYTES`]), the rest zero.
+    pub prefix: [u8; 8],
+}
+const _: () = assert!(size_of::<SourcePrefix>() == 12);
+
+impl SourcePrefix {
+    /// The /24 of an IPv4 source address.
+    #[inline(always)]
+    pub const fn ipv4(src: [u8; 4]) -> Self {
+        Self {
+            family: FAMILY_IPV4,
+            prefix: [src[0], src[1], src[2], 0, 0, 0, 0, 0],
+        }
+    }
+
+    /// The /56 of an IPv6 source address.
+    #[inline(always)]
+    pub const fn ipv6(src: &[u8; 16]) -> Self {
+        Self {
+            family: FAMILY_IPV6,
+            prefix: [src[0], src[1], src[2], src[3], src[4], src[5], src[6], 0],
+        }
+    }
+}
+
+/// The value of [`INITIAL_LIMITS_MAP`]: one prefix's rate-limit state as a token bucket in
+/// its "virtual scheduling" form (GCRA): a single timestamp instead of a token count.
+///
+/// With `interval = 1 s / rate`, an Initial arriving at `now` is allowed when
+/// `max(tat_ns, now) + interval - now <= burst * interval`, and then `tat_ns` becomes
+/// `max(tat_ns, now) + interval`; otherwise it is dropped and `tat_ns` stays. That is exactly
+/// a bucket of `burst` tokens refilled at `rate` per second, kept in one `u64`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InitialBucket {
+    /// Theoretical arrival time of the next Initial, `bpf_ktime_get_ns` clock (monotonic
+    /// since boot).
+    pub tat_ns: u64,
+}
+const _: () = assert!(size_of::<InitialBucket>() == 8);
+
+impl InitialBucket {
+    /// The GCRA decision for an Initial at `now_ns` with `rate` per second and `burst`:
+    /// the new state when the packet is allowed, `None` when it is over the limit. `rate`
+    /// must not be 0 (0 means "no limit" and is decided before asking). Pure arithmetic, no
+    /// panics (saturating, no division by zero), so the kernel and the tests share it.
+    #[inline(always)]
+    pub fn admit(self, now_ns: u64, rate: u32, burst: u32) -> Option<Self> {
+        let interval = NANOS_PER_SEC.checked_div(u64::from(rate))?.max(1);
+        let tolerance = interval.saturating_mul(u64::from(burst.max(1)));
+        let start = if self.tat_ns > now_ns {
+            self.tat_ns
+        } else {
+            now_ns
+        };
+        let next = start.saturating_add(interval);
+        if next - now_ns > tolerance {
+            return None;
+        }
+        Some(Self { tat_ns: next })
+    }
+}
+
+const NANOS_PER_SEC: u64 = 1_000_000_000;
 
 /// One worker, an entry of [`WORKERS_MAP`] (index = worker index).
 #[repr(C)]
@@ -294,10 +389,12 @@ pub enum Counter {
     RedirectFailed = 11,
     /// Valid QUIC packet passed up the stack (not redirected).
     PassedQuic = 12,
+    /// Dropped: a client Initial over its source prefix's rate limit.
+    DropInitialRateLimited = 13,
 }
 
 /// Number of counters in [`STATS_MAP`].
-pub const COUNTER_COUNT: u32 = 13;
+pub const COUNTER_COUNT: u32 = 14;
 
 impl Counter {
     /// Every counter, in index order.
@@ -315,6 +412,7 @@ impl Counter {
         Counter::Redirected,
         Counter::RedirectFailed,
         Counter::PassedQuic,
+        Counter::DropInitialRateLimited,
     ];
 
     /// The map index of this counter.
@@ -339,6 +437,7 @@ impl Counter {
             Counter::Redirected => "redirected",
             Counter::RedirectFailed => "redirect_failed",
             Counter::PassedQuic => "passed_quic",
+            Counter::DropInitialRateLimited => "drop_initial_rate_limited",
         }
     }
 }
@@ -362,6 +461,10 @@ mod pod {
     unsafe impl aya::Pod for super::BackendEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::WorkerCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SourcePrefix {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::InitialBucket {}
 }
 
 #[cfg(test)]
@@ -382,6 +485,58 @@ mod tests {
         assert_eq!(e.name_bytes(), &[b'x'; NAME_LEN]);
         assert_eq!((e.upstream, e.backend, e.present), (1, 2, 1));
         assert_eq!(BackendEntry::default().pool_bytes(), b"");
+    }
+
+    #[test]
+    fn source_prefixes_keep_24_and_56_bits() {
+        let a = SourcePrefix::ipv4([192, 0, 2, 7]);
+        assert_eq!(a, SourcePrefix::ipv4([192, 0, 2, 200]));
+        assert_ne!(a, SourcePrefix::ipv4([192, 0, 3, 7]));
+        assert_eq!(a.prefix, [192, 0, 2, 0, 0, 0, 0, 0]);
+        let mut v6 = [0u8; 16];
+        v6[..8].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0x12]);
+        let b = SourcePrefix::ipv6(&v6);
+        v6[7] = 0xff; // inside the /56
+        v6[15] = 1;
+        assert_eq!(b, SourcePrefix::ipv6(&v6));
+        v6[6] = 1; // outside
+        assert_ne!(b, SourcePrefix::ipv6(&v6));
+        assert_ne!(b.family, a.family);
+    }
+
+    #[test]
+    fn gcra_allows_the_burst_then_the_rate() {
+        let (rate, burst) = (10u32, 5u32); // interval 100 ms
+        let t0 = 1_000_000_000_000u64;
+        let mut b = InitialBucket { tat_ns: t0 };
+        for i in 0..burst {
+            b = b
+                .admit(t0, rate, burst)
+                .unwrap_or_else(|| panic!("packet {i}"));
+        }
+        assert_eq!(b.admit(t0, rate, burst), None, "over the burst");
+        // Half an interval later: still nothing; a whole one: exactly one more.
+        assert_eq!(b.admit(t0 + 50_000_000, rate, burst), None);
+        let b = b.admit(t0 + 100_000_000, rate, burst).unwrap();
+        assert_eq!(b.admit(t0 + 100_000_000, rate, burst), None);
+        // Idle for long: a full burst again, not more.
+        let mut idle = b;
+        let later = t0 + 60_000_000_000;
+        for _ in 0..burst {
+            idle = idle.admit(later, rate, burst).unwrap();
+        }
+        assert_eq!(idle.admit(later, rate, burst), None);
+        // A state from the future (a racing CPU's update) is read as such, not underflowed.
+        assert!(InitialBucket { tat_ns: t0 + 1 }
+            .admit(t0, rate, burst)
+            .is_some());
+        // Rate 0 is decided by the caller; here it admits nothing rather than dividing by 0.
+        assert_eq!(InitialBucket::default().admit(t0, 0, burst), None);
+        // Burst 0 is read as 1; huge rates do not overflow.
+        assert!(InitialBucket::default().admit(t0, rate, 0).is_some());
+        assert!(InitialBucket::default()
+            .admit(u64::MAX - 1, u32::MAX, u32::MAX)
+            .is_some());
     }
 
     #[test]

@@ -6,6 +6,10 @@
 //!   on its worker with `spooky_common::cid::steer` and, when enabled, redirected to that
 //!   worker's CPU through the `cpus` CPU map. Everything else passes. Every outcome is counted
 //!   in the per-CPU `stats` map.
+//!   Before a client Initial is placed, it passes the Initial-flood defense: a rate limit per
+//!   source prefix (/24, /56) kept in the `initial_limits` LRU hash (see [`initial_allowed`]);
+//!   over the limit it is dropped and counted as `drop_initial_rate_limited`. Other packets
+//!   (Handshake, 0-RTT, short headers) are never rate-limited.
 //! - `spooky_reuseport` (`sk_reuseport`): picks the owning worker's socket from `sockets` by
 //!   the same decision.
 //!
@@ -27,16 +31,18 @@ mod packet;
 mod quic;
 
 use aya_ebpf::{
-    bindings::{sk_action, xdp_action},
-    btf_maps::{Array, CpuMap, PerCpuArray, ReusePortSockArray},
+    bindings::{sk_action, xdp_action, BPF_ANY},
+    btf_maps::{Array, CpuMap, LruHashMap, PerCpuArray, ReusePortSockArray},
+    helpers::bpf_ktime_get_ns,
     macros::{btf_map, sk_reuseport, xdp},
     programs::{SkReuseportContext, XdpContext},
 };
 use spooky_common::{
     fnv1a32,
     maps::{
-        BackendEntry, Counter, SteeringConfig, WorkerCounters, WorkerEntry, COUNTER_COUNT,
-        FLAG_REDIRECT_CPU, MAX_BACKENDS, MAX_CPUS, MAX_WORKERS,
+        BackendEntry, Counter, InitialBucket, SourcePrefix, SteeringConfig, WorkerCounters,
+        WorkerEntry, COUNTER_COUNT, FLAG_REDIRECT_CPU, MAX_BACKENDS, MAX_CPUS,
+        MAX_INITIAL_PREFIXES, MAX_WORKERS,
     },
 };
 
@@ -76,6 +82,11 @@ static BACKENDS: Array<BackendEntry, { MAX_BACKENDS as usize }> = Array::new();
 /// `spooky_common::maps::WORKER_COUNTERS_MAP`.
 #[btf_map(name = "worker_counters")]
 static WORKER_COUNTERS: Array<WorkerCounters, { MAX_WORKERS as usize }> = Array::new();
+
+/// `spooky_common::maps::INITIAL_LIMITS_MAP`.
+#[btf_map(name = "initial_limits")]
+static INITIAL_LIMITS: LruHashMap<SourcePrefix, InitialBucket, { MAX_INITIAL_PREFIXES as usize }> =
+    LruHashMap::new();
 
 /// Adds one to this CPU's `counter`.
 #[inline(always)]
@@ -222,6 +233,9 @@ fn try_spooky_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
         udp_len - UDP_HDR_LEN,
         usize::from(config.cid_len),
     )?;
+    if quic.initial && !initial_allowed(&config, &udp.source) {
+        return Err(Counter::DropInitialRateLimited);
+    }
     count(match quic.form {
         Form::Short => Counter::QuicShort,
         Form::Long => Counter::QuicLong,
@@ -240,6 +254,50 @@ fn try_spooky_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
     }
     count(Counter::PassedQuic);
     Ok(xdp_action::XDP_PASS)
+}
+
+/// The Initial-flood defense: whether a client Initial from `source` is within the prefix's
+/// rate (`config.initial_rate` per second, bursts of `config.initial_burst`; rate 0 = no
+/// limit). The decision is `InitialBucket::admit` (GCRA: one timestamp per prefix).
+///
+/// Concurrency: the bucket is shared by all CPUs and updated with a plain load and store of
+/// its one `u64`, not atomically. Two CPUs deciding for the same prefix at the same instant
+/// may both read the same state and write the same next state, admitting one packet more
+/// than the limit for that race; a lost update never admits less, is never torn (an aligned
+/// 8-byte store), and the next decision starts from a valid state. Accepted imprecision:
+/// exact on one CPU, at worst `CPUs ×` the rate when every CPU races on the same prefix.
+#[inline(always)]
+fn initial_allowed(config: &SteeringConfig, source: &SourcePrefix) -> bool {
+    let rate = config.initial_rate;
+    if rate == 0 {
+        return true;
+    }
+    // SAFETY: a helper without arguments or preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match INITIAL_LIMITS.get_ptr_mut(source) {
+        Some(slot) => {
+            // SAFETY: a value slot of the LRU hash, valid while this program runs (RCU);
+            // `InitialBucket` is one aligned u64, so the read and the write are single
+            // loads and stores (see the concurrency note above).
+            let bucket = unsafe { slot.read() };
+            match bucket.admit(now, rate, config.initial_burst) {
+                Some(next) => {
+                    // SAFETY: as above.
+                    unsafe { slot.write(next) };
+                    true
+                }
+                None => false,
+            }
+        }
+        None => {
+            // A prefix not seen (or evicted): a full bucket, of which this packet takes one.
+            // When the insert fails (a racing insert from another CPU), let it through.
+            if let Some(next) = InitialBucket::default().admit(now, rate, config.initial_burst) {
+                let _ = INITIAL_LIMITS.insert(source, next, u64::from(BPF_ANY));
+            }
+            true
+        }
+    }
 }
 
 /// Redirects to `worker`'s CPU when the worker is alive and its CPU is in the CPU map.

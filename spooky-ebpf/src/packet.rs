@@ -5,6 +5,8 @@
 
 use core::mem::size_of;
 
+use spooky_common::maps::SourcePrefix;
+
 /// A window of packet memory: `[start, end)` as the kernel hands it to the program.
 #[derive(Clone, Copy)]
 pub struct Packet {
@@ -116,13 +118,16 @@ const IPPROTO_UDP: u8 = 17;
 /// Most VLAN tags walked (802.1ad outer + 802.1Q inner).
 const MAX_VLAN_TAGS: usize = 2;
 
-/// Where the UDP header of an Ethernet frame starts, and its destination port.
+/// Where the UDP header of an Ethernet frame starts, its destination port, and the prefix of
+/// the sender's address.
 #[derive(Clone, Copy)]
 pub struct UdpLocation {
     /// Offset of the UDP header from the start of the frame.
     pub offset: usize,
     /// Destination port, host byte order.
     pub dst_port: u16,
+    /// The source address's /24 (IPv4) or /56 (IPv6).
+    pub source: SourcePrefix,
 }
 
 /// Walks Ethernet, up to two VLAN tags, IPv4 (any IHL) or IPv6 down to a UDP header.
@@ -141,7 +146,7 @@ pub fn locate_udp(pkt: &Packet) -> Option<UdpLocation> {
         offset += size_of::<VlanHdr>();
         tags += 1;
     }
-    let udp_offset = match ether_type {
+    let (udp_offset, source) = match ether_type {
         ETH_P_IPV4 => ipv4_payload(pkt, offset)?,
         ETH_P_IPV6 => ipv6_payload(pkt, offset)?,
         _ => return None,
@@ -150,12 +155,14 @@ pub fn locate_udp(pkt: &Packet) -> Option<UdpLocation> {
     Some(UdpLocation {
         offset: udp_offset,
         dst_port: u16::from_be_bytes(udp.dst_port),
+        source,
     })
 }
 
-/// Offset of the UDP header after the IPv4 header at `offset` (options skipped by IHL).
+/// Offset of the UDP header after the IPv4 header at `offset` (options skipped by IHL), and
+/// the source's /24.
 #[inline(always)]
-fn ipv4_payload(pkt: &Packet, offset: usize) -> Option<usize> {
+fn ipv4_payload(pkt: &Packet, offset: usize) -> Option<(usize, SourcePrefix)> {
     let ip: Ipv4Hdr = pkt.read(offset)?;
     if ip.version_ihl >> 4 != 4 || ip.protocol != IPPROTO_UDP {
         return None;
@@ -168,15 +175,16 @@ fn ipv4_payload(pkt: &Packet, offset: usize) -> Option<usize> {
     if u16::from_be_bytes(ip.frag_off) & 0x3fff != 0 {
         return None;
     }
-    Some(offset + ihl)
+    Some((offset + ihl, SourcePrefix::ipv4(ip.src)))
 }
 
-/// Offset of the UDP header after the IPv6 header at `offset` (UDP as the first next header).
+/// Offset of the UDP header after the IPv6 header at `offset` (UDP as the first next header),
+/// and the source's /56.
 #[inline(always)]
-fn ipv6_payload(pkt: &Packet, offset: usize) -> Option<usize> {
+fn ipv6_payload(pkt: &Packet, offset: usize) -> Option<(usize, SourcePrefix)> {
     let ip: Ipv6Hdr = pkt.read(offset)?;
     if ip.version_class_flow[0] >> 4 != 6 || ip.next_header != IPPROTO_UDP {
         return None;
     }
-    Some(offset + size_of::<Ipv6Hdr>())
+    Some((offset + size_of::<Ipv6Hdr>(), SourcePrefix::ipv6(&ip.src)))
 }

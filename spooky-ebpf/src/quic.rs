@@ -27,9 +27,11 @@ pub enum Form {
     Long,
 }
 
-/// The parts of a QUIC header steering needs.
+/// The parts of a QUIC header steering and the Initial rate limit need.
 pub struct QuicHeader {
     pub form: Form,
+    /// A long-header Initial (v1 or v2): what the Initial rate limit counts.
+    pub initial: bool,
     /// Destination connection ID, `dcid_len` bytes used.
     pub dcid: [u8; MAX_CID_LEN],
     pub dcid_len: usize,
@@ -67,6 +69,7 @@ pub fn parse(
         }
         let mut header = QuicHeader {
             form: Form::Short,
+            initial: false,
             dcid: [0; MAX_CID_LEN],
             dcid_len: 0,
         };
@@ -85,11 +88,13 @@ pub fn parse(
     if payload_len < LONG_PREFIX_LEN + dcid_len {
         return Err(Counter::DropTruncated);
     }
-    if is_initial(version, first) && payload_len < MIN_INITIAL_DATAGRAM {
+    let initial = is_initial(version, first);
+    if initial && payload_len < MIN_INITIAL_DATAGRAM {
         return Err(Counter::DropShortInitial);
     }
     let mut header = QuicHeader {
         form: Form::Long,
+        initial,
         dcid: [0; MAX_CID_LEN],
         dcid_len: 0,
     };

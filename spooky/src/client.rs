@@ -126,6 +126,8 @@ struct Upload {
     body: Bytes,
     trailers: Vec<h3::Header>,
     done: bool,
+    /// End the stream once the body is out (false while more is to come).
+    fin: bool,
 }
 
 /// One HTTP/3 connection.
@@ -264,12 +266,48 @@ impl Client {
                     body: req.body.clone(),
                     trailers: to_h3(&req.trailers),
                     done: false,
+                    fin: true,
                 },
             );
         }
         self.progress_uploads();
         self.flush()?;
         Ok(sid)
+    }
+
+    /// Sends a request head without ending the stream; the body follows with
+    /// [`Client::send_body`] (for slow or never-finished uploads).
+    ///
+    /// # Errors
+    /// When HTTP/3 refuses the request.
+    pub fn send_open(&mut self, fields: &[(Vec<u8>, Vec<u8>)]) -> Result<u64, ClientError> {
+        let h3c = self
+            .h3
+            .as_mut()
+            .ok_or(ClientError::Closed("no h3".into()))?;
+        let sid = h3c.send_request(&mut self.conn, &to_h3(fields), false)?;
+        self.responses.insert(sid, Response::default());
+        self.flush()?;
+        Ok(sid)
+    }
+
+    /// Sends a body chunk on an open request stream (queued behind earlier chunks).
+    ///
+    /// # Errors
+    /// When the connection fails.
+    pub fn send_body(&mut self, sid: u64, data: &[u8], fin: bool) -> Result<(), ClientError> {
+        let up = self.uploads.entry(sid).or_insert_with(|| Upload {
+            body: Bytes::new(),
+            trailers: Vec::new(),
+            done: false,
+            fin: false,
+        });
+        let mut body = up.body.to_vec();
+        body.extend_from_slice(data);
+        up.body = Bytes::from(body);
+        up.fin = fin;
+        self.progress_uploads();
+        self.flush()
     }
 
     /// The response of stream `sid` so far.
@@ -405,7 +443,7 @@ impl Client {
         let Some(h3c) = self.h3.as_mut() else { return };
         for (sid, up) in self.uploads.iter_mut() {
             while !up.body.is_empty() {
-                let fin = up.trailers.is_empty();
+                let fin = up.fin && up.trailers.is_empty();
                 let len = up.body.len();
                 match h3c.send_body(&mut self.conn, *sid, &up.body, fin) {
                     Ok(n) => {
@@ -420,14 +458,13 @@ impl Client {
                     Err(_) => break,
                 }
             }
-            if up.body.is_empty()
-                && !up.done
-                && !up.trailers.is_empty()
-                && h3c
-                    .send_additional_headers(&mut self.conn, *sid, &up.trailers, true, true)
-                    .is_ok()
-            {
-                up.done = true;
+            if up.body.is_empty() && up.fin && !up.done {
+                let sent = if up.trailers.is_empty() {
+                    h3c.send_body(&mut self.conn, *sid, b"", true).map(|_| ())
+                } else {
+                    h3c.send_additional_headers(&mut self.conn, *sid, &up.trailers, true, true)
+                };
+                up.done = sent.is_ok();
             }
         }
         self.uploads.retain(|_, u| !u.done);

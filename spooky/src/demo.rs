@@ -12,6 +12,7 @@
 //! | `/delay/MS` | 200 after MS milliseconds |
 //! | `/stream/N/MS` | N chunks `chunk i\n`, MS ms apart, no content-length |
 //! | `/trailers` | 200 `body` with trailers `x-trailer: yes` |
+//! | `/reset/N` | 200 announcing 2N bytes, N bytes sent, then the stream is reset |
 //! | anything else | 200 `hello from ID: METHOD PATH` |
 //!
 //! Every response carries `x-backend: ID`.
@@ -47,40 +48,87 @@ pub struct DemoStats {
 
 /// Serves on `listener` forever (on the current `LocalSet`).
 pub async fn serve(listener: TcpListener, opts: DemoOptions, stats: Arc<DemoStats>) {
+    let (_never, drain) = tokio::sync::watch::channel(false);
+    serve_until_drained(listener, opts, stats, drain, Duration::MAX).await;
+}
+
+/// Serves until `drain` turns true, then stops accepting, sends GOAWAY on every connection,
+/// and returns once their requests are done (or `grace` has passed).
+pub async fn serve_until_drained(
+    listener: TcpListener,
+    opts: DemoOptions,
+    stats: Arc<DemoStats>,
+    mut drain: tokio::sync::watch::Receiver<bool>,
+    grace: Duration,
+) {
     let opts = Rc::new(opts);
+    let open = Rc::new(std::cell::Cell::new(0usize));
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = drain.changed() => break,
         };
+        let Ok((tcp, _)) = accepted else { continue };
         let _ = tcp.set_nodelay(true);
         let opts = opts.clone();
         let stats = stats.clone();
+        let mut drain = drain.clone();
+        let open = open.clone();
+        open.set(open.get() + 1);
         tokio::task::spawn_local(async move {
-            let mut conn = match h2::server::Builder::new()
-                .initial_window_size(1 << 20)
-                .initial_connection_window_size(16 << 20)
-                .max_concurrent_streams(256)
-                .handshake::<_, Bytes>(tcp)
-                .await
-            {
-                Ok(c) => c,
-                Err(_) => return,
-            };
-            let mut served = 0u64;
-            while let Some(accepted) = conn.accept().await {
-                let Ok((req, respond)) = accepted else { break };
-                served += 1;
-                stats.requests.fetch_add(1, Ordering::Relaxed);
-                let goaway = opts.goaway_every.is_some_and(|n| served.is_multiple_of(n));
-                let opts = opts.clone();
-                tokio::task::spawn_local(async move {
-                    let _ = handle(req, respond, &opts).await;
-                });
-                if goaway {
-                    conn.graceful_shutdown();
-                }
-            }
+            connection(tcp, &opts, &stats, &mut drain).await;
+            open.set(open.get() - 1);
         });
+    }
+    drop(listener);
+    let deadline = tokio::time::Instant::now() + grace.min(Duration::from_secs(3600));
+    while open.get() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn connection(
+    tcp: tokio::net::TcpStream,
+    opts: &Rc<DemoOptions>,
+    stats: &DemoStats,
+    drain: &mut tokio::sync::watch::Receiver<bool>,
+) {
+    let mut conn = match h2::server::Builder::new()
+        .initial_window_size(1 << 20)
+        .initial_connection_window_size(16 << 20)
+        .max_concurrent_streams(256)
+        .handshake::<_, Bytes>(tcp)
+        .await
+    {
+        Ok(c) => c,
+        Err(_) => return,
+    };
+    let mut served = 0u64;
+    let mut draining = *drain.borrow();
+    if draining {
+        conn.graceful_shutdown();
+    }
+    loop {
+        let next = tokio::select! {
+            n = conn.accept() => n,
+            _ = drain.changed(), if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+                continue;
+            }
+        };
+        let Some(accepted) = next else { break };
+        let Ok((req, respond)) = accepted else { break };
+        served += 1;
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        let goaway = opts.goaway_every.is_some_and(|n| served.is_multiple_of(n));
+        let opts = opts.clone();
+        tokio::task::spawn_local(async move {
+            let _ = handle(req, respond, &opts).await;
+        });
+        if goaway {
+            conn.graceful_shutdown();
+        }
     }
 }
 
@@ -90,6 +138,7 @@ pub struct DemoServer {
     pub addr: SocketAddr,
     pub stats: Arc<DemoStats>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    drain: tokio::sync::watch::Sender<bool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -97,6 +146,16 @@ impl DemoServer {
     /// Stops serving and waits until the listener and all connections are closed.
     pub fn stop(mut self) {
         self.shutdown();
+    }
+
+    /// Stops like a well-behaved server being restarted: closes the listener, sends GOAWAY on
+    /// every connection and waits (at most `grace`) for the requests in flight to finish.
+    pub fn graceful_stop(mut self) {
+        let _ = self.drain.send(true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.stop.take();
     }
 
     fn shutdown(&mut self) {
@@ -126,6 +185,7 @@ pub fn spawn(addr: SocketAddr, opts: DemoOptions) -> std::io::Result<DemoServer>
     let stats = Arc::new(DemoStats::default());
     let s2 = stats.clone();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     let thread = std::thread::Builder::new()
         .name(format!("demo-{}", opts.id))
         .spawn(move || {
@@ -141,7 +201,7 @@ pub fn spawn(addr: SocketAddr, opts: DemoOptions) -> std::io::Result<DemoServer>
                     return;
                 };
                 tokio::select! {
-                    () = serve(listener, opts, s2) => {}
+                    () = serve_until_drained(listener, opts, s2, drain_rx, Duration::from_secs(10)) => {}
                     _ = rx => {}
                 }
             });
@@ -151,6 +211,7 @@ pub fn spawn(addr: SocketAddr, opts: DemoOptions) -> std::io::Result<DemoServer>
         addr: local,
         stats,
         stop: Some(tx),
+        drain: drain_tx,
         thread: Some(thread),
     })
 }
@@ -239,6 +300,21 @@ async fn handle(
                 tokio::time::sleep(Duration::from_millis(ms)).await;
             }
             send.send_data(Bytes::new(), true)?;
+            return Ok(());
+        }
+        ["reset", n] => {
+            // N bytes of the pattern, then RST_STREAM(INTERNAL_ERROR): a backend failing
+            // mid-response.
+            let n: usize = n.parse().unwrap_or(0);
+            let resp = builder
+                .header("content-length", n * 2)
+                .body(())
+                .unwrap_or_default();
+            let mut send = respond.send_response(resp, false)?;
+            let chunk: Vec<u8> = (0..n).map(pattern_byte).collect();
+            send_all(&mut send, Bytes::from(chunk), false).await?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            send.send_reset(h2::Reason::INTERNAL_ERROR);
             return Ok(());
         }
         ["trailers"] => {

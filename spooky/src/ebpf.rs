@@ -4,7 +4,8 @@
 //!
 //! Also: pinning the maps on a BPF filesystem and opening pinned maps again
 //! ([`PinnedMaps`], what `spooky status` and operators' tools read), and the owned map handles
-//! user space keeps writing while it runs ([`BackendsMap`], [`WorkerCountersMap`]).
+//! user space keeps writing while it runs ([`BackendsMap`], [`WorkerCountersMap`]) or reads
+//! from another thread ([`StatsReader`], behind `/metrics`).
 //!
 //! Map names and layouts come from `spooky_common::maps`; deciding which programs to attach
 //! where is [`crate::steering`]'s business (see the steering tiers in `docs/architecture.md`).
@@ -12,7 +13,7 @@
 
 use aya::{
     maps::{
-        xdp::XdpMapError, Array, CpuMap, Map, MapData, MapError, MapInfo, PerCpuArray,
+        xdp::XdpMapError, Array, CpuMap, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray,
         ReusePortSockArray,
     },
     pin::PinError,
@@ -20,9 +21,10 @@ use aya::{
     Ebpf, EbpfLoader, TestRun, TestRunOptions,
 };
 use spooky_common::maps::{
-    BackendEntry, Counter, SteeringConfig, WorkerCounters, WorkerEntry, BACKENDS_MAP, CONFIG_MAP,
-    COUNTER_COUNT, CPUS_MAP, MAX_WORKERS, REUSEPORT_PROGRAM, SOCKETS_MAP, STATS_MAP, WORKERS_MAP,
-    WORKER_COUNTERS_MAP, WORKER_STATS_MAP, XDP_PROGRAM,
+    BackendEntry, Counter, InitialBucket, SourcePrefix, SteeringConfig, WorkerCounters,
+    WorkerEntry, BACKENDS_MAP, CONFIG_MAP, COUNTER_COUNT, CPUS_MAP, INITIAL_LIMITS_MAP,
+    MAX_WORKERS, REUSEPORT_PROGRAM, SOCKETS_MAP, STATS_MAP, WORKERS_MAP, WORKER_COUNTERS_MAP,
+    WORKER_STATS_MAP, XDP_PROGRAM,
 };
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
@@ -169,6 +171,22 @@ impl Stats {
             .iter()
             .map(|&c| (c.name(), self.total(c)))
             .collect()
+    }
+
+    /// `(counter name, CPU, value)` for every counter on every possible CPU, counters in
+    /// index order: the `spooky_ebpf_packets_total{counter,cpu}` lines of `/metrics`.
+    pub fn metric_lines(&self) -> Vec<(String, String, u64)> {
+        let mut lines = Vec::with_capacity(Counter::ALL.len() * self.per_cpu.len());
+        for counter in Counter::ALL {
+            for (cpu, values) in self.per_cpu.iter().enumerate() {
+                lines.push((
+                    counter.name().to_owned(),
+                    cpu.to_string(),
+                    cpu_value(values, counter),
+                ));
+            }
+        }
+        lines
     }
 }
 
@@ -355,6 +373,39 @@ impl EbpfPrograms {
     pub fn stats(&self) -> Result<Stats, EbpfError> {
         let map: PerCpuArray<&MapData, u64> = self.map(STATS_MAP)?;
         Stats::read(&map)
+    }
+
+    /// A handle on the `stats` map of its own (a duplicate of the map's file descriptor),
+    /// for another thread to read the counters while this object stays where it is.
+    ///
+    /// # Errors
+    /// [`EbpfError::MapMissing`] / [`EbpfError::Map`] when the map is gone or its descriptor
+    /// cannot be duplicated.
+    pub fn stats_reader(&self) -> Result<StatsReader, EbpfError> {
+        use aya::maps::IterableMap as _;
+        let array: PerCpuArray<&MapData, u64> = self.map(STATS_MAP)?;
+        let fd = array
+            .map()
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| map_error(STATS_MAP, MapError::IoError(e)))?;
+        let map = MapData::from_fd(fd)
+            .and_then(Map::from_map_data)
+            .and_then(PerCpuArray::try_from)
+            .map_err(|source| map_error(STATS_MAP, source))?;
+        Ok(StatsReader { map })
+    }
+
+    /// The Initial rate limit's buckets (`initial_limits`): every source prefix it tracks.
+    ///
+    /// # Errors
+    /// [`EbpfError::Map`] / [`EbpfError::MapMissing`] when the map cannot be read.
+    pub fn initial_limits(&self) -> Result<Vec<(SourcePrefix, InitialBucket)>, EbpfError> {
+        let map: HashMap<&MapData, SourcePrefix, InitialBucket> = self.map(INITIAL_LIMITS_MAP)?;
+        map.iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| map_error(INITIAL_LIMITS_MAP, source))
     }
 
     /// QUIC packets the XDP program placed on `worker`, summed over CPUs.
@@ -584,6 +635,28 @@ impl BackendsMap {
     }
 }
 
+/// A read-only handle on the per-CPU `stats` map (its own file descriptor): `Send + Sync`,
+/// for the admin thread's `/metrics` scrapes.
+pub struct StatsReader {
+    map: PerCpuArray<MapData, u64>,
+}
+
+impl std::fmt::Debug for StatsReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatsReader").finish_non_exhaustive()
+    }
+}
+
+impl StatsReader {
+    /// The counters now.
+    ///
+    /// # Errors
+    /// [`EbpfError::Map`] when the map cannot be read.
+    pub fn read(&self) -> Result<Stats, EbpfError> {
+        Stats::read(&self.map)
+    }
+}
+
 /// The `worker_counters` map, owned by the steering thread while Spooky runs.
 pub struct WorkerCountersMap {
     map: Array<MapData, WorkerCounters>,
@@ -617,6 +690,7 @@ pub struct PinnedMaps {
     stats: PerCpuArray<MapData, u64>,
     worker_stats: PerCpuArray<MapData, u64>,
     worker_counters: Array<MapData, WorkerCounters>,
+    initial_limits: HashMap<MapData, SourcePrefix, InitialBucket>,
 }
 
 impl std::fmt::Debug for PinnedMaps {
@@ -652,7 +726,15 @@ impl PinnedMaps {
             stats: open_pinned(dir, STATS_MAP)?,
             worker_stats: open_pinned(dir, WORKER_STATS_MAP)?,
             worker_counters: open_pinned(dir, WORKER_COUNTERS_MAP)?,
+            initial_limits: open_pinned(dir, INITIAL_LIMITS_MAP)?,
         })
+    }
+
+    /// The source prefixes the Initial rate limit tracks now, with their state (at most
+    /// `spooky_common::maps::MAX_INITIAL_PREFIXES`; entries that fail to read are skipped,
+    /// as the XDP program may evict them meanwhile).
+    pub fn initial_limits(&self) -> Vec<(SourcePrefix, InitialBucket)> {
+        self.initial_limits.iter().filter_map(Result::ok).collect()
     }
 
     /// The directory the maps are pinned in.

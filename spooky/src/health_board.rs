@@ -354,6 +354,13 @@ fn publish(shared: &Shared, t: &Tracked, tr: Option<Transition>, source: &str) {
         entry.consecutive_failures = t.machine.consecutive_failures();
         entry.last_latency_us = t.latency.last_us();
         entry.ewma_latency_us = t.latency.ewma_us();
+        // Refreshed every 100 ms by the control loop's tick (workers count in-flight requests
+        // in their own metric shards).
+        let in_flight = shared
+            .metrics
+            .route(&up.name, &backend.id)
+            .in_flight_total();
+        entry.in_flight = u32::try_from(in_flight.max(0)).unwrap_or(u32::MAX);
         if let Ok(mut map) = map.lock() {
             if let Err(e) = map.publish(index, &entry) {
                 tracing::debug!(error = %e, "cannot mirror backend health into the BPF map");

@@ -21,6 +21,7 @@ pub mod health_board;
 pub mod lb;
 pub mod loadgen;
 pub mod metrics;
+pub mod privilege;
 pub mod proxy;
 pub mod reload;
 pub mod routing;

@@ -33,6 +33,8 @@ pub struct Job {
     pub chosen: Cell<Option<usize>>,
     pub upstream_latency: Cell<Option<std::time::Duration>>,
     pub bytes_out: Cell<u64>,
+    /// Request body bytes went upstream (a refused stream is then not retried).
+    pub body_sent: Cell<bool>,
 }
 
 /// Counts a request as in flight to a backend for as long as it lives.
@@ -70,6 +72,7 @@ pub async fn run(job: Job) {
                     503 => "no healthy backend",
                     504 => "upstream timed out",
                     408 => "request body timed out",
+                    413 => "request body too large",
                     _ => "bad gateway",
                 };
                 let (fields, body) = bridge::local_response(status, reason, retry_after);
@@ -196,59 +199,96 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
         mode: cfg.proxy.forwarded,
         via: cfg.proxy.via,
     };
-
+    let fail = |backend: usize, e: UpstreamError| {
+        ctx.report(job.upstream, backend, &e);
+        tracing::warn!(upstream = %upstream.name, backend = %e.backend, kind = ?e.kind, cause = %e.detail, "upstream failure");
+        Failure::Local(e.status(), e.to_string(), None)
+    };
+    // At most one switch to another backend (refused TCP connect) and one retry on a fresh
+    // connection (stream refused before processing), in any order.
     let mut backend = pick(job, None)?;
-    let mut attempt = 0;
-    let (response, send, pool, end_of_stream) = loop {
+    let mut switched = false;
+    let mut refreshed = false;
+    loop {
         job.chosen.set(Some(backend));
-        let pool: &Rc<BackendPool> = &ctx.pools[job.upstream][backend];
-        let fail = |e: UpstreamError| {
-            ctx.report(job.upstream, backend, &e);
-            tracing::warn!(upstream = %upstream.name, backend = %e.backend, kind = ?e.kind, cause = %e.detail, "upstream failure");
-            Failure::Local(e.status(), e.to_string(), None)
-        };
+        let pool = ctx.pools[job.upstream][backend].clone();
         let request = bridge::to_h2_request(&job.head, &hop)
             .map_err(|e| Failure::Local(502, e.to_string(), None))?;
         let end_of_stream = {
             let io = job.io.borrow();
             io.req_fin && io.req.is_empty() && io.req_trailers.is_none()
         };
-        let lease = match pool.checkout(attempt > 0).await {
+        let lease = match pool.checkout(refreshed).await {
             Ok(l) => l,
-            Err(e) if attempt == 0 && e.kind == ErrorKind::Connect => {
-                // Connection refused: try another backend of the pool once.
-                let err = fail(e);
-                attempt += 1;
-                match pick(job, Some(backend)) {
-                    Ok(b) => {
+            Err(e) => {
+                let connect = matches!(e.kind, ErrorKind::Connect | ErrorKind::ConnectTimeout);
+                let err = fail(backend, e);
+                if connect && !switched {
+                    if let Ok(b) = pick(job, Some(backend)) {
+                        switched = true;
                         backend = b;
                         continue;
                     }
-                    Err(_) => return Err(err),
                 }
+                return Err(err);
             }
-            Err(e) => return Err(fail(e)),
         };
         let mut sender = lease.send.clone();
-        match sender.send_request(request, end_of_stream) {
-            Ok((resp, send)) => break ((resp, lease), send, pool.clone(), end_of_stream),
+        let (response_fut, send) = match sender.send_request(request, end_of_stream) {
+            Ok(pair) => pair,
             Err(e) => {
                 let e = UpstreamError::from_h2(&e, &pool.connector.backend);
-                if e.kind == ErrorKind::Refused && attempt == 0 {
-                    attempt += 1;
+                if e.kind == ErrorKind::Refused && !refreshed {
+                    refreshed = true;
                     continue;
                 }
-                return Err(fail(e));
+                return Err(fail(backend, e));
             }
+        };
+        match exchange(job, backend, &pool, response_fut, send, end_of_stream).await {
+            Ok(()) => return Ok(pool.connector.backend.clone()),
+            Err(Attempt::Refused(e)) if !refreshed && !job.body_sent.get() => {
+                tracing::debug!(backend = %e.backend, cause = %e.detail, "stream refused before processing; retrying on a fresh connection");
+                refreshed = true;
+            }
+            Err(Attempt::Refused(e)) => return Err(fail(backend, e)),
+            Err(Attempt::Failed(f)) => return Err(f),
         }
-    };
+        drop(lease);
+    }
+}
+
+/// How one attempt at a backend ended, when not with a response.
+enum Attempt {
+    /// The stream was refused before the backend processed it: safe to retry.
+    Refused(UpstreamError),
+    Failed(Failure),
+}
+
+impl From<Failure> for Attempt {
+    fn from(f: Failure) -> Self {
+        Attempt::Failed(f)
+    }
+}
+
+/// One request/response exchange on an open HTTP/2 stream: waits for the head while the
+/// request body goes up, then relays body and trailers down.
+async fn exchange(
+    job: &Job,
+    backend: usize,
+    pool: &Rc<BackendPool>,
+    response_fut: h2::client::ResponseFuture,
+    send: h2::SendStream<Bytes>,
+    end_of_stream: bool,
+) -> Result<(), Attempt> {
+    let ctx = &job.ctx;
+    let upstream = &ctx.shared.config.upstreams[job.upstream];
     let backend_name = pool.connector.backend.clone();
     let metrics_row = &ctx.route_metrics[job.upstream];
     let _in_flight = metrics_row.get(backend).map(|m| {
         m.in_flight(ctx.index, 1);
         InFlight(m, ctx.index)
     });
-    let (response_fut, _lease) = response;
     let timeouts = &upstream.timeouts;
     let started = Instant::now();
 
@@ -273,13 +313,16 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
             );
             ctx.report(job.upstream, backend, &e);
             tracing::warn!(upstream = %upstream.name, backend = %backend_name, cause = %e.detail, "upstream timeout");
-            return Err(Failure::Local(504, e.to_string(), None));
+            return Err(Failure::Local(504, e.to_string(), None).into());
         }
         Ok(Err(e)) => {
             let e = UpstreamError::from_h2(&e, &backend_name);
+            if e.kind == ErrorKind::Refused {
+                return Err(Attempt::Refused(e));
+            }
             ctx.report(job.upstream, backend, &e);
             tracing::warn!(upstream = %upstream.name, backend = %backend_name, kind = ?e.kind, cause = %e.detail, "upstream failure");
-            return Err(Failure::Local(e.status(), e.to_string(), None));
+            return Err(Failure::Local(e.status(), e.to_string(), None).into());
         }
         Ok(Ok(r)) => r,
     };
@@ -336,11 +379,9 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
     }
     let trailers = match tokio::time::timeout(timeouts.idle, body.trailers()).await {
         Err(_) => {
-            return Err(Failure::Reset(format!(
-                "backend {backend_name}: trailers idle"
-            )))
+            return Err(Failure::Reset(format!("backend {backend_name}: trailers idle")).into())
         }
-        Ok(Err(e)) => return Err(Failure::Reset(format!("backend {backend_name}: {e}"))),
+        Ok(Err(e)) => return Err(Failure::Reset(format!("backend {backend_name}: {e}")).into()),
         Ok(Ok(t)) => t,
     };
     {
@@ -351,7 +392,7 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
     ctx.wake(job.conn);
     // The response is complete: a request body still being sent is cancelled upstream when
     // `pump` is dropped on return (RFC 9113 §8.1 allows the early response).
-    Ok(backend_name)
+    Ok(())
 }
 
 /// Moves the client's request body and trailers into the HTTP/2 stream, reserving HTTP/2
@@ -395,6 +436,7 @@ async fn pump_request(
                         }
                     };
                     let chunk = data.split_to(cap.min(data.len()));
+                    job.body_sent.set(true);
                     if let Err(e) = send.send_data(chunk, false) {
                         return Err(Failure::Reset(format!("request body: {e}")));
                     }
@@ -413,6 +455,15 @@ async fn pump_request(
             ReqEvent::Aborted => {
                 send.send_reset(h2::Reason::CANCEL);
                 return Err(Failure::ClientGone);
+            }
+            ReqEvent::TooLarge => {
+                send.send_reset(h2::Reason::CANCEL);
+                let limit = job.io.borrow().req_limit.unwrap_or(0);
+                return Err(Failure::Local(
+                    413,
+                    format!("request body over {limit} bytes"),
+                    None,
+                ));
             }
         }
     }

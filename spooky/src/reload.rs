@@ -38,6 +38,9 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     if old.admin != new.admin {
         v.push("admin settings need a restart".to_owned());
     }
+    if old.user != new.user {
+        v.push("user needs a restart".to_owned());
+    }
     if old.log.access != new.log.access {
         v.push("log.access needs a restart".to_owned());
     }

@@ -83,6 +83,8 @@ pub enum StartError {
     },
     #[error("{0}")]
     Config(String),
+    #[error("dropping privileges: {0}")]
+    Privilege(#[from] crate::privilege::PrivilegeError),
     #[error("access log: {0}")]
     AccessLog(String),
     #[error("cannot start thread: {0}")]
@@ -469,6 +471,11 @@ fn start_inner(
         None => None,
     };
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+    if let Some(user) = &shared.config.user {
+        let pins = kernel_steering.pin_path().map(std::path::Path::to_path_buf);
+        let (uid, gid) = crate::privilege::drop_to(user, pins.as_deref())?;
+        tracing::info!(%user, uid, gid, "dropped privileges");
+    }
     let control = Arc::new(std::sync::Mutex::new(Some(
         crate::health_board::Control::start(shared.clone()).map_err(StartError::Thread)?,
     )));
@@ -487,6 +494,9 @@ fn start_inner(
     });
     let (live, updates) =
         crate::reload::Live::new(shared.clone(), path, steering.to_string(), applier);
+    if let Some(ebpf_metrics) = kernel_steering.ebpf_metrics() {
+        live.set_extra_metrics(ebpf_metrics);
+    }
     let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(listener) = admin_listener {
         let live = live.clone();

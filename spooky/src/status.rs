@@ -1,7 +1,8 @@
 //! `spooky status`: what a running Spooky's pinned BPF maps say — the steering mode, the
-//! workers (CPU, liveness, user-space counters), backend health per pool, and the XDP per-CPU
-//! counters — read straight from the pins under `steering.pin_path`. There is no API of the
-//! running process involved: the same numbers are what `bpftool map dump pinned …` prints.
+//! Initial rate limit in force, the workers (CPU, liveness, user-space counters), backend
+//! health per pool, and the XDP per-CPU counters — read straight from the pins under
+//! `steering.pin_path`. There is no API of the running process involved: the same numbers are
+//! what `bpftool map dump pinned …` prints.
 //!
 //! [`read`] collects a [`Status`] (serialisable: `--json`); [`render`] makes the table.
 //! Reading needs CAP_BPF (root), like `bpftool`.
@@ -48,6 +49,12 @@ pub struct Status {
     pub ifindex: u32,
     /// Its name (None without XDP).
     pub iface: Option<String>,
+    /// Initial-flood defense: client Initials per second per source prefix (0: off).
+    pub initial_rate: u32,
+    /// Initials a prefix may send at once above the rate.
+    pub initial_burst: u32,
+    /// Source prefixes the rate limit tracks now (entries of `initial_limits`).
+    pub initial_prefixes: usize,
     /// One row per worker.
     pub workers: Vec<WorkerStatus>,
     /// Backend health, per upstream pool in configuration order.
@@ -185,6 +192,9 @@ pub fn read(pin_path: &Path) -> Result<Status, StatusError> {
         ifindex: config.ifindex,
         iface: (config.ifindex != 0)
             .then(|| String::from_utf8_lossy(config.iface_bytes()).into_owned()),
+        initial_rate: config.initial_rate,
+        initial_burst: config.initial_burst,
+        initial_prefixes: maps.initial_limits().len(),
         workers,
         pools,
         counters,
@@ -208,6 +218,15 @@ pub fn render(status: &Status) -> String {
         iface,
         status.pin_path.display()
     );
+    let limit = if status.initial_rate == 0 {
+        "off".to_string()
+    } else {
+        format!(
+            "{}/s per prefix, burst {} ({} prefixes tracked)",
+            status.initial_rate, status.initial_burst, status.initial_prefixes
+        )
+    };
+    let _ = writeln!(out, "initial rate limit: {limit}");
     let _ = writeln!(out, "\nworkers");
     let _ = writeln!(
         out,
@@ -265,13 +284,13 @@ pub fn render(status: &Status) -> String {
     }
     let cpus = status.counters.first().map_or(0, |c| c.per_cpu.len());
     let _ = writeln!(out, "\nxdp counters (per CPU)");
-    let mut header = format!("  {:<20} {:>12}", "counter", "total");
+    let mut header = format!("  {:<26} {:>12}", "counter", "total");
     for cpu in 0..cpus {
         let _ = write!(header, " {:>10}", format!("cpu{cpu}"));
     }
     let _ = writeln!(out, "{header}");
     for c in &status.counters {
-        let mut line = format!("  {:<20} {:>12}", c.name, c.total);
+        let mut line = format!("  {:<26} {:>12}", c.name, c.total);
         for v in &c.per_cpu {
             let _ = write!(line, " {v:>10}");
         }

@@ -13,6 +13,9 @@
 //!   runs there and redirects each QUIC packet to its worker's CPU. The maps are pinned under
 //!   `steering.pin_path` while Spooky runs; a thread mirrors the workers' user-space counters
 //!   into `worker_counters`, and the health checker mirrors backend health into `backends`.
+//!   The XDP program also rate-limits client Initials per source prefix
+//!   (`steering.initial_rate` / `initial_burst`, written into the `config` map here), and its
+//!   per-CPU counters feed `/metrics` through [`Steering::ebpf_metrics`].
 //!
 //! The only automatic choice is the unprivileged default: without `--iface`, when the eBPF
 //! object cannot be loaded (not root, BPF unavailable), classic BPF is used and the reason
@@ -196,6 +199,28 @@ impl Steering {
         self.kernel.as_ref().map(|k| k.pins.dir.as_path())
     }
 
+    /// The `spooky_ebpf_packets_total{counter,cpu}` source for `/metrics` (eBPF tiers only):
+    /// a closure reading the per-CPU `stats` map through its own file descriptor, so it is
+    /// `Send + Sync` and can be called from the admin thread at scrape time. A failed read
+    /// yields no lines (and a debug log), never an error page.
+    pub fn ebpf_metrics(&self) -> Option<crate::reload::ExtraMetrics> {
+        let kernel = self.kernel.as_ref()?;
+        let reader = match kernel.programs.stats_reader() {
+            Ok(reader) => reader,
+            Err(e) => {
+                tracing::warn!(error = %e, "XDP counters not available to /metrics");
+                return None;
+            }
+        };
+        Some(Box::new(move || match reader.read() {
+            Ok(stats) => stats.metric_lines(),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the XDP counters");
+                Vec::new()
+            }
+        }))
+    }
+
     /// Detaches XDP, writes the final counters, removes our pins. Idempotent.
     pub fn detach(mut self) {
         self.detach_inner();
@@ -301,6 +326,8 @@ fn attach_ebpf(
         pid: std::process::id(),
         ifindex: 0,
         iface: [0; spooky_common::maps::IFACE_LEN],
+        initial_rate: shared.config.steering.initial_rate,
+        initial_burst: shared.config.steering.initial_burst,
     };
     programs.set_config(&config)?;
     for (index, socket) in sockets.iter().enumerate() {

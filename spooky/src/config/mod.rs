@@ -27,6 +27,8 @@ pub struct Config {
     pub log: Log,
     pub steering: Steering,
     pub admin: Admin,
+    /// Switch to this user once sockets are bound and kernel programs loaded (`None`: stay).
+    pub user: Option<String>,
     /// Worker count from the file (`--workers` overrides); `None` = one per online CPU.
     pub workers: Option<usize>,
 }
@@ -66,6 +68,9 @@ pub struct Quic {
     pub initial_max_data: u64,
     pub initial_max_stream_data: u64,
     pub max_connections: usize,
+    /// Most connections one client address may hold (checked per worker, so across the
+    /// process this is approximate).
+    pub max_connections_per_ip: usize,
     pub retry: RetryMode,
     /// Total connection ID length (bytes).
     pub cid_len: u8,
@@ -109,6 +114,8 @@ pub struct Upstream {
     pub passive_health: PassiveHealth,
     /// Try unhealthy backends anyway when none is healthy (instead of 503).
     pub fail_open: bool,
+    /// Largest request body accepted (413 beyond it); `None` = no limit.
+    pub max_request_body: Option<u64>,
 }
 
 /// Which requests a pool takes.
@@ -243,6 +250,11 @@ pub struct Steering {
     /// Where the BPF maps are pinned while running.
     pub pin_path: PathBuf,
     pub xdp_mode: XdpMode,
+    /// XDP flood defense: client Initial packets allowed per second per source prefix
+    /// (/24 IPv4, /56 IPv6); 0 turns the limit off.
+    pub initial_rate: u32,
+    /// Initial packets a prefix may send in a burst above the rate.
+    pub initial_burst: u32,
 }
 
 impl Config {

@@ -36,6 +36,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub admin: RawAdmin,
     #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
     pub workers: Option<i64>,
 }
 
@@ -98,6 +100,7 @@ pub(super) struct RawQuic {
     pub initial_max_data: RawSize,
     pub initial_max_stream_data: RawSize,
     pub max_connections: i64,
+    pub max_connections_per_ip: i64,
     pub retry: String,
     /// Only meaningful with `retry: auto`; `None` = 1000.
     pub retry_threshold: Option<i64>,
@@ -118,6 +121,7 @@ impl Default for RawQuic {
             initial_max_data: RawSize::Bytes(10 * 1024 * 1024),
             initial_max_stream_data: RawSize::Bytes(1024 * 1024),
             max_connections: 100_000,
+            max_connections_per_ip: 1000,
             retry: "auto".to_owned(),
             retry_threshold: None,
             cid_len: 16,
@@ -164,6 +168,8 @@ pub(super) struct RawUpstream {
     pub passive_health: RawPassiveHealth,
     #[serde(default)]
     pub fail_open: bool,
+    #[serde(default)]
+    pub max_request_body: Option<RawSize>,
 }
 
 /// `upstream.NAME.load_balancing`.
@@ -338,6 +344,8 @@ impl Default for RawLog {
 pub(super) struct RawSteering {
     pub pin_path: PathBuf,
     pub xdp_mode: String,
+    pub initial_rate: i64,
+    pub initial_burst: i64,
 }
 
 impl Default for RawSteering {
@@ -345,6 +353,8 @@ impl Default for RawSteering {
         Self {
             pin_path: PathBuf::from("/sys/fs/bpf/spooky"),
             xdp_mode: "auto".to_owned(),
+            initial_rate: 2000,
+            initial_burst: 4000,
         }
     }
 }

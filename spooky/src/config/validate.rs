@@ -153,6 +153,15 @@ fn build_config(raw: &RawConfig, base: &Path, errs: &mut Errors) -> Option<Confi
     let log = build_log(&raw.log, errs);
     let steering = build_steering(&raw.steering, errs);
     let admin = build_admin(&raw.admin, errs);
+    let user = match &raw.user {
+        None => Some(None),
+        Some(u) => errs.check(
+            "user",
+            crate::privilege::lookup(u)
+                .map(|_| Some(u.clone()))
+                .map_err(|e| e.to_string()),
+        ),
+    };
     let workers = match raw.workers {
         None => Some(None),
         Some(n) => errs.check("workers", int_in(n, 1, 4096)).map(Some),
@@ -166,6 +175,7 @@ fn build_config(raw: &RawConfig, base: &Path, errs: &mut Errors) -> Option<Confi
         log: log?,
         steering: steering?,
         admin: admin?,
+        user: user?,
         workers: workers?,
     })
 }
@@ -247,6 +257,10 @@ fn build_quic(raw: &RawQuic, errs: &mut Errors) -> Option<Quic> {
         "quic.max_connections",
         int_in(raw.max_connections, 1, 100_000_000),
     );
+    let max_connections_per_ip = errs.check(
+        "quic.max_connections_per_ip",
+        int_in(raw.max_connections_per_ip, 1, 100_000_000),
+    );
     let retry = build_retry(raw, errs);
     let cid_len = errs.check("quic.cid_len", int_in::<u8>(raw.cid_len, 0, 255));
     let server_id = errs.check("quic.server_id", parse_server_id(&raw.server_id));
@@ -266,6 +280,7 @@ fn build_quic(raw: &RawQuic, errs: &mut Errors) -> Option<Quic> {
         initial_max_data: initial_max_data?,
         initial_max_stream_data: initial_max_stream_data?,
         max_connections: max_connections?,
+        max_connections_per_ip: max_connections_per_ip?,
         retry: retry?,
         cid_len: cid_len?,
         server_id: server_id?,
@@ -477,6 +492,10 @@ fn build_upstream(
     let timeouts = build_timeouts(&raw.timeouts, &format!("{path}.timeouts"), errs);
     let passive_health =
         build_passive_health(&raw.passive_health, &format!("{path}.passive_health"), errs);
+    let max_request_body = match &raw.max_request_body {
+        None => Some(None),
+        Some(size) => size_in(errs, &format!("{path}.max_request_body"), size).map(Some),
+    };
     if !name_ok || raw.backends.is_empty() {
         return None;
     }
@@ -488,6 +507,7 @@ fn build_upstream(
         timeouts: timeouts?,
         passive_health: passive_health?,
         fail_open: raw.fail_open,
+        max_request_body: max_request_body?,
     })
 }
 
@@ -888,9 +908,19 @@ fn build_steering(raw: &RawSteering, errs: &mut Errors) -> Option<Steering> {
         "steering.xdp_mode",
         one_of(&raw.xdp_mode, "XDP mode", &modes),
     );
+    let initial_rate = errs.check(
+        "steering.initial_rate",
+        int_in(raw.initial_rate, 0, 10_000_000),
+    );
+    let initial_burst = errs.check(
+        "steering.initial_burst",
+        int_in(raw.initial_burst, 1, 10_000_000),
+    );
     Some(Steering {
         pin_path: pin_path?,
         xdp_mode: xdp_mode?,
+        initial_rate: initial_rate?,
+        initial_burst: initial_burst?,
     })
 }
 
@@ -1061,6 +1091,7 @@ mod tests {
                 initial_max_data: 10 << 20,
                 initial_max_stream_data: 1 << 20,
                 max_connections: 100_000,
+                max_connections_per_ip: 1000,
                 retry: RetryMode::Auto {
                     new_connections_per_sec: 1000
                 },
@@ -1090,7 +1121,9 @@ mod tests {
             c.steering,
             Steering {
                 pin_path: "/sys/fs/bpf/spooky".into(),
-                xdp_mode: XdpMode::Auto
+                xdp_mode: XdpMode::Auto,
+                initial_rate: 2000,
+                initial_burst: 4000,
             }
         );
         assert_eq!(c.workers, None);
@@ -1285,7 +1318,9 @@ workers: 4
             c.steering,
             Steering {
                 pin_path: "/sys/fs/bpf/other".into(),
-                xdp_mode: XdpMode::Generic
+                xdp_mode: XdpMode::Generic,
+                initial_rate: 2000,
+                initial_burst: 4000,
             }
         );
         assert_eq!(c.workers, Some(4));

@@ -5,9 +5,11 @@
 
 use super::stream::{SharedStream, StreamIo, REQ_BUF_LIMIT};
 use super::WorkerCtx;
-use crate::bridge::{self, H3_MESSAGE_ERROR, H3_NO_ERROR, H3_REQUEST_CANCELLED};
+use crate::bridge::{
+    self, H3_MESSAGE_ERROR, H3_NO_ERROR, H3_REQUEST_CANCELLED, H3_REQUEST_REJECTED,
+};
 use bytes::Bytes;
-use quiche::h3;
+use quiche::h3::{self, NameValue};
 use quiche::ConnectionId;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,6 +20,10 @@ pub struct Conn {
     pub quic: quiche::Connection,
     h3: Option<h3::Connection>,
     pub peer: SocketAddr,
+    /// The client address the connection was accepted from (per-address limits).
+    pub ip: std::net::IpAddr,
+    /// A connection still not established by then is closed (`quic.handshake_timeout`).
+    pub handshake_deadline: Instant,
     pub gen: u64,
     pub aliases: Vec<ConnectionId<'static>>,
     pub deadline: Option<Instant>,
@@ -36,10 +42,13 @@ impl Conn {
         peer: SocketAddr,
         gen: u64,
         aliases: Vec<ConnectionId<'static>>,
+        handshake_deadline: Instant,
     ) -> Self {
         Self {
             quic,
             h3: None,
+            ip: peer.ip(),
+            handshake_deadline,
             peer,
             gen,
             aliases,
@@ -170,6 +179,24 @@ impl Conn {
         ctx.shared.stats[ctx.index]
             .requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // RFC 9114 §4.2.2: the size of a field section counts each field's name, value and 32.
+        let list_size: u64 = list
+            .iter()
+            .map(|h| (h.name().len() + h.value().len() + 32) as u64)
+            .sum();
+        if list_size > ctx.shared.config.proxy.max_header_list_size {
+            tracing::info!(peer = %self.peer, stream = sid, size = list_size, "request header list too large");
+            self.answer_local(
+                h3c,
+                ctx,
+                sid,
+                431,
+                "request header fields too large",
+                more_frames,
+            );
+            ctx.record_local(self.peer, 431, None, started);
+            return;
+        }
         let head = match bridge::validate_request(list) {
             Ok(h) => h,
             Err(e) => {
@@ -217,7 +244,21 @@ impl Conn {
             ctx.record_local(self.peer, 404, Some(&head), started);
             return;
         };
+        let limit = ctx
+            .shared
+            .config
+            .upstreams
+            .get(upstream)
+            .and_then(|u| u.max_request_body);
+        if let (Some(limit), Some(declared)) = (limit, head.content_length) {
+            if declared > limit {
+                self.answer_local(h3c, ctx, sid, 413, "request body too large", more_frames);
+                ctx.record_local(self.peer, 413, Some(&head), started);
+                return;
+            }
+        }
         let io = StreamIo::new(head.content_length, ctx.stats.clone());
+        io.borrow_mut().req_limit = limit;
         if !more_frames {
             io.borrow_mut().req_fin = true;
         }
@@ -233,6 +274,7 @@ impl Conn {
             chosen: std::cell::Cell::new(None),
             upstream_latency: std::cell::Cell::new(None),
             bytes_out: std::cell::Cell::new(0),
+            body_sent: std::cell::Cell::new(false),
         };
         tokio::task::spawn_local(crate::proxy::run(job));
     }
@@ -284,6 +326,18 @@ impl Conn {
                         continue;
                     }
                     s.push_req(Bytes::copy_from_slice(&buf[..n]));
+                    if s.req_limit.is_some_and(|limit| s.req_received > limit) {
+                        // 413 from the proxy task; stop the client's upload.
+                        s.req_too_large = true;
+                        s.wake_req();
+                        drop(s);
+                        let _ = self.quic.stream_shutdown(
+                            sid,
+                            quiche::Shutdown::Read,
+                            H3_REQUEST_REJECTED,
+                        );
+                        return;
+                    }
                     if s.req_expected.is_some_and(|exp| s.req_received > exp) {
                         s.abort_client();
                         drop(s);

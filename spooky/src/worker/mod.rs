@@ -187,6 +187,8 @@ struct Worker {
     free: Vec<usize>,
     next_gen: u64,
     by_cid: HashMap<ConnectionId<'static>, usize>,
+    /// Open connections per client address.
+    per_ip: HashMap<std::net::IpAddr, u32>,
     timers: BTreeSet<(Instant, usize)>,
     inbox: mpsc::Receiver<Forwarded>,
     peers: Vec<mpsc::Sender<Forwarded>>,
@@ -208,7 +210,7 @@ impl Worker {
         let qconfig =
             crate::server::quic_config(cfg).map_err(|e| format!("worker {}: {e}", setup.index))?;
         let mut h3config = quiche::h3::Config::new().map_err(|e| format!("h3 config: {e}"))?;
-        h3config.set_max_field_section_size(cfg.proxy.max_header_list_size);
+        h3config.set_max_field_section_size(hard_header_cap(cfg.proxy.max_header_list_size));
         setup
             .socket
             .set_nonblocking(true)
@@ -233,6 +235,7 @@ impl Worker {
             free: Vec::new(),
             next_gen: 1,
             by_cid: HashMap::new(),
+            per_ip: HashMap::new(),
             timers: BTreeSet::new(),
             inbox: setup.inbox,
             peers: setup.peers,
@@ -314,7 +317,9 @@ impl Worker {
                     Ok(h) => h,
                     Err(_) => return,
                 };
-                h3config.set_max_field_section_size(next.config.proxy.max_header_list_size);
+                h3config.set_max_field_section_size(hard_header_cap(
+                    next.config.proxy.max_header_list_size,
+                ));
                 self.h3config = h3config;
                 self.qconfig = qconfig;
                 self.ctx = Rc::new(ctx);
@@ -446,9 +451,22 @@ impl Worker {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        if self.live_conns() > self.ctx.shared.config.quic.max_connections / self.peers.len().max(1)
+        let quic_cfg = &self.ctx.shared.config.quic;
+        let workers = self.peers.len().max(1);
+        if self.live_conns() > quic_cfg.max_connections / workers {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        // Each worker enforces its share of the per-address limit (a client's connections
+        // spread over the workers by connection ID).
+        let per_ip_limit = quic_cfg.max_connections_per_ip.div_ceil(workers) as u32;
+        if self
+            .per_ip
+            .get(&from.ip())
+            .is_some_and(|n| *n >= per_ip_limit)
         {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(client = %from.ip(), "connection refused: per-address limit");
             return;
         }
         let token = hdr.token.as_deref().unwrap_or(&[]);
@@ -511,7 +529,9 @@ impl Worker {
             self.by_cid.insert(client_dcid.clone(), slot);
             aliases.push(client_dcid);
         }
-        self.conns[slot] = Some(Conn::new(quic, from, gen, aliases));
+        let handshake_deadline = Instant::now() + self.ctx.shared.config.quic.handshake_timeout;
+        self.conns[slot] = Some(Conn::new(quic, from, gen, aliases, handshake_deadline));
+        *self.per_ip.entry(from.ip()).or_insert(0) += 1;
         self.stats
             .connections_accepted
             .fetch_add(1, Ordering::Relaxed);
@@ -584,7 +604,16 @@ impl Worker {
                 self.remove(slot, conn);
                 continue;
             }
-            let deadline = conn.quic.timeout_instant();
+            let mut deadline = conn.quic.timeout_instant();
+            if !conn.quic.is_established() {
+                if Instant::now() >= conn.handshake_deadline {
+                    tracing::debug!(peer = %conn.peer, "handshake timed out");
+                    // CONNECTION_REFUSED; quiche then drains and closes the connection.
+                    let _ = conn.quic.close(false, 0x2, b"handshake timeout");
+                    self.flush(&mut conn).await;
+                }
+                deadline = deadline.map(|d| d.min(conn.handshake_deadline));
+            }
             if deadline != conn.deadline {
                 if let Some(old) = conn.deadline {
                     self.timers.remove(&(old, slot));
@@ -649,6 +678,12 @@ impl Worker {
             self.timers.remove(&(old, slot));
         }
         conn.abort_streams();
+        if let Some(n) = self.per_ip.get_mut(&conn.ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&conn.ip);
+            }
+        }
         self.stats
             .connections_active
             .fetch_sub(1, Ordering::Relaxed);
@@ -778,6 +813,12 @@ fn build_ctx(
         balancers,
         wakeup,
     })
+}
+
+/// The field-section size quiche enforces by closing the connection: well above the limit
+/// Spooky answers with 431 per request, so that only absurd sections cost a connection.
+fn hard_header_cap(limit: u64) -> u64 {
+    limit.saturating_mul(4).max(256 * 1024)
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -26,6 +26,8 @@ pub enum ReqEvent {
     End(Option<http::HeaderMap>),
     /// The client reset the stream or the connection went away.
     Aborted,
+    /// The body grew past the pool's `max_request_body`.
+    TooLarge,
 }
 
 #[derive(Default)]
@@ -37,6 +39,9 @@ pub struct StreamIo {
     pub req_trailers: Option<http::HeaderMap>,
     pub req_received: u64,
     pub req_expected: Option<u64>,
+    /// The pool's `max_request_body`; past it the loop stops reading and sets `req_too_large`.
+    pub req_limit: Option<u64>,
+    pub req_too_large: bool,
     /// The loop stopped reading because `req` was full; the task asks for more when it drains.
     pub req_read_blocked: bool,
     req_waker: Option<Waker>,
@@ -112,6 +117,9 @@ impl StreamIo {
 
     /// Task side: the next request event, or `Pending` with the waker kept.
     pub fn poll_req(&mut self, waker: &Waker) -> Poll<ReqEvent> {
+        if self.req_too_large {
+            return Poll::Ready(ReqEvent::TooLarge);
+        }
         if let Some(chunk) = self.req.pop_front() {
             self.req_buffered -= chunk.len();
             return Poll::Ready(ReqEvent::Data(chunk));

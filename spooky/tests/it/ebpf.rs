@@ -13,8 +13,8 @@
 use spooky::ebpf::{EbpfPrograms, Stats, XdpAction, OBJECT};
 use spooky_common::cid::{steer, CidLayout};
 use spooky_common::maps::{
-    Counter, SteeringConfig, WorkerEntry, CONFIG_MAP, CPUS_MAP, FLAG_REDIRECT_CPU, MAX_WORKERS,
-    SOCKETS_MAP, STATS_MAP, WORKERS_MAP, WORKER_STATS_MAP,
+    Counter, SteeringConfig, WorkerEntry, CONFIG_MAP, CPUS_MAP, FLAG_REDIRECT_CPU,
+    INITIAL_LIMITS_MAP, MAX_WORKERS, SOCKETS_MAP, STATS_MAP, WORKERS_MAP, WORKER_STATS_MAP,
 };
 
 const QUIC_PORT: u16 = 4433;
@@ -43,6 +43,8 @@ fn config(flags: u32) -> SteeringConfig {
         pid: 0,
         ifindex: 0,
         iface: [0; 16],
+        initial_rate: 0,
+        initial_burst: 0,
     }
 }
 
@@ -331,6 +333,7 @@ fn object_is_embedded_and_loads_into_the_kernel() {
         WORKERS_MAP,
         CPUS_MAP,
         SOCKETS_MAP,
+        INITIAL_LIMITS_MAP,
     ] {
         assert!(
             programs.ebpf_mut().map(name).is_some(),
@@ -1226,6 +1229,20 @@ fn sk_reuseport_tier_on_loopback_has_no_misroutes() {
         status.counters.iter().all(|c| c.total == 0),
         "XDP is not attached"
     );
+    // `/metrics` carries every XDP counter on every CPU (all zero in this tier).
+    let metrics = p.running.as_ref().unwrap().live.metrics_text();
+    for counter in Counter::ALL {
+        let line = format!(
+            "spooky_ebpf_packets_total{{counter=\"{}\",cpu=\"0\"}} 0",
+            counter.name()
+        );
+        assert!(metrics.contains(&line), "`{line}` missing from:\n{metrics}");
+    }
+    assert_eq!(
+        status.initial_rate, 2000,
+        "the default steering.initial_rate"
+    );
+    assert_eq!(status.initial_burst, 4000);
     let table = std::process::Command::new(env!("CARGO_BIN_EXE_spooky"))
         .args(["status", "--pin-path", &pin.display().to_string()])
         .output()
@@ -1299,6 +1316,312 @@ fn stale_pins_are_replaced_and_only_our_own_are_removed() {
     assert!(!pin.exists(), "pins left after the last shutdown");
 }
 
+// ---------------------------------------------------------------------------------------------
+// The Initial-flood defense: a rate limit per source prefix (/24, /56) on client Initials.
+
+/// `frame` (from `udp4`/`eth(ETH_IPV4, ..)`) with the IPv4 source address `src`.
+fn from_v4(src: [u8; 4], mut frame: Vec<u8>) -> Vec<u8> {
+    frame[14 + 12..14 + 16].copy_from_slice(&src);
+    frame
+}
+
+/// `frame` (from `udp6`) with the IPv6 source address `src`.
+fn from_v6(src: std::net::Ipv6Addr, mut frame: Vec<u8>) -> Vec<u8> {
+    frame[14 + 8..14 + 24].copy_from_slice(&src.octets());
+    frame
+}
+
+/// Loads the programs with the Initial limit at `rate` per second and `burst`.
+fn load_rate_limited(rate: u32, burst: u32) -> EbpfPrograms {
+    let mut programs = load_configured(0);
+    programs
+        .set_config(&SteeringConfig {
+            initial_rate: rate,
+            initial_burst: burst,
+            ..config(0)
+        })
+        .expect("config");
+    programs
+}
+
+/// Runs every frame once; returns how many passed and how many were dropped.
+fn run_all(programs: &EbpfPrograms, frames: &[Vec<u8>]) -> (u64, u64) {
+    let (mut passed, mut dropped) = (0, 0);
+    for frame in frames {
+        match programs.run_xdp(frame).expect("test run").action {
+            XdpAction::Pass => passed += 1,
+            XdpAction::Drop => dropped += 1,
+            other => panic!("unexpected verdict {other:?}"),
+        }
+    }
+    (passed, dropped)
+}
+
+fn delta(before: &Stats, after: &Stats, counter: Counter) -> u64 {
+    after.total(counter) - before.total(counter)
+}
+
+/// `n` distinct client Initials (1200 B, different DCIDs), built by `frame`.
+fn initials(n: usize, frame: impl Fn(&[u8]) -> Vec<u8>) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| {
+            let mut dcid = CLIENT_DCID;
+            dcid[..4].copy_from_slice(&(i as u32).to_be_bytes());
+            frame(&initial_v1(&dcid, 1200))
+        })
+        .collect()
+}
+
+// Rate 1 per second: the whole burst below runs in milliseconds, so no token comes back
+// while it runs and the counts are exact.
+const FLOOD_RATE: u32 = 1;
+const FLOOD_BURST: u32 = 16;
+const FLOOD: usize = 40;
+
+/// A flood from one prefix: exactly the burst passes, the rest is dropped and counted; the
+/// hosts of the prefix share one bucket, and the bucket is in the `initial_limits` map.
+fn flood_one_prefix(
+    programs: &EbpfPrograms,
+    what: &str,
+    frames: &[Vec<u8>],
+    key: spooky_common::maps::SourcePrefix,
+) {
+    let before = programs.stats().unwrap();
+    let (passed, dropped) = run_all(programs, frames);
+    let after = programs.stats().unwrap();
+    let over = (FLOOD as u64) - u64::from(FLOOD_BURST);
+    assert_eq!((passed, dropped), (u64::from(FLOOD_BURST), over), "{what}");
+    assert_eq!(
+        delta(&before, &after, DropInitialRateLimited),
+        over,
+        "{what}"
+    );
+    assert_eq!(
+        delta(&before, &after, QuicLong),
+        u64::from(FLOOD_BURST),
+        "{what}"
+    );
+    assert_eq!(
+        delta(&before, &after, PassedQuic),
+        u64::from(FLOOD_BURST),
+        "{what}"
+    );
+    assert_eq!(delta(&before, &after, Packets), FLOOD as u64, "{what}");
+    let limits = programs.initial_limits().expect("read initial_limits");
+    let bucket = limits
+        .iter()
+        .find(|(k, _)| *k == key)
+        .unwrap_or_else(|| panic!("{what}: no bucket for {key:?} in {limits:?}"));
+    assert!(bucket.1.tat_ns > 0, "{what}: {bucket:?}");
+    assert_eq!(
+        limits.len(),
+        1,
+        "{what}: one prefix, one bucket: {limits:?}"
+    );
+}
+
+#[test]
+fn xdp_rate_limits_initials_per_ipv4_24() {
+    use spooky_common::maps::SourcePrefix;
+    let programs = load_rate_limited(FLOOD_RATE, FLOOD_BURST);
+    // 40 Initials from hosts all over 192.0.2.0/24.
+    let flood = initials(FLOOD, udp4)
+        .into_iter()
+        .enumerate()
+        .map(|(i, f)| from_v4([192, 0, 2, (i * 6) as u8], f))
+        .collect::<Vec<_>>();
+    flood_one_prefix(
+        &programs,
+        "ipv4 /24",
+        &flood,
+        SourcePrefix::ipv4([192, 0, 2, 0]),
+    );
+    let flooder = |frame| from_v4([192, 0, 2, 77], frame);
+    let cases = vec![
+        Case {
+            name: "another Initial from the flooding /24: rate-limited",
+            packet: flooder(udp4(&initial_v1(&[0x99; 8], 1200))),
+            action: XdpAction::Drop,
+            counters: &[DropInitialRateLimited],
+            worker: None,
+        },
+        Case {
+            name: "an Initial v2 from the flooding /24: rate-limited too",
+            packet: flooder(udp4(&long_header(QUIC_V2, 0x10, &CLIENT_DCID, 1200))),
+            action: XdpAction::Drop,
+            counters: &[DropInitialRateLimited],
+            worker: None,
+        },
+        Case {
+            name: "Initial from the neighbouring /24 (192.0.3.0): unaffected",
+            packet: from_v4([192, 0, 3, 2], udp4(&initial_v1(&CLIENT_DCID, 1200))),
+            action: XdpAction::Pass,
+            counters: LONG_HASHED,
+            worker: hashed_worker(&CLIENT_DCID),
+        },
+        Case {
+            name: "Initial from another network (198.51.100.0/24): unaffected",
+            packet: from_v4([198, 51, 100, 2], udp4(&initial_v1(&CLIENT_DCID, 1200))),
+            action: XdpAction::Pass,
+            counters: LONG_HASHED,
+            worker: hashed_worker(&CLIENT_DCID),
+        },
+        Case {
+            name: "Handshake from the flooding /24: never limited",
+            packet: flooder(udp4(&long_header(QUIC_V1, 0x20, &our_cid(3), 60))),
+            action: XdpAction::Pass,
+            counters: LONG_BY_CID,
+            worker: Some(3),
+        },
+        Case {
+            name: "0-RTT from the flooding /24: never limited",
+            packet: flooder(udp4(&long_header(QUIC_V1, 0x10, &CLIENT_DCID, 1200))),
+            action: XdpAction::Pass,
+            counters: LONG_HASHED,
+            worker: hashed_worker(&CLIENT_DCID),
+        },
+        Case {
+            name: "short header from the flooding /24: never limited",
+            packet: flooder(udp4(&short_header(0x41, &our_cid(2)))),
+            action: XdpAction::Pass,
+            counters: SHORT,
+            worker: Some(2),
+        },
+        Case {
+            name: "junk from the flooding /24 keeps its own drop reason",
+            packet: flooder(udp4(&short_header(0x01, &our_cid(2)))),
+            action: XdpAction::Drop,
+            counters: &[DropFixedBit],
+            worker: None,
+        },
+        Case {
+            name: "a short Initial from the flooding /24 is dropped as short",
+            packet: flooder(udp4(&initial_v1(&CLIENT_DCID, 300))),
+            action: XdpAction::Drop,
+            counters: &[DropShortInitial],
+            worker: None,
+        },
+        Case {
+            name: "non-QUIC from the flooding /24 passes",
+            packet: from_v4(
+                [192, 0, 2, 77],
+                eth(ETH_IPV4, &ipv4(PROTO_UDP, &udp(53, &[0; 64]))),
+            ),
+            action: XdpAction::Pass,
+            counters: NON_QUIC,
+            worker: None,
+        },
+    ];
+    run_table(&programs, &cases);
+}
+
+#[test]
+fn xdp_rate_limits_initials_per_ipv6_56() {
+    use spooky_common::maps::SourcePrefix;
+    use std::net::Ipv6Addr;
+    let programs = load_rate_limited(FLOOD_RATE, FLOOD_BURST);
+    // 40 Initials from all over 2001:db8:0::/56 (the fourth group 0x00..=0xff is inside).
+    let flood = initials(FLOOD, udp6)
+        .into_iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let src = Ipv6Addr::new(0x2001, 0xdb8, 0, (i * 6) as u16, 0, 0, 0, i as u16 + 1);
+            from_v6(src, f)
+        })
+        .collect::<Vec<_>>();
+    flood_one_prefix(
+        &programs,
+        "ipv6 /56",
+        &flood,
+        SourcePrefix::ipv6(&Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0).octets()),
+    );
+    let flooder = |frame| from_v6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0xff, 1, 2, 3, 4), frame);
+    let cases = vec![
+        Case {
+            name: "another Initial from the flooding /56: rate-limited",
+            packet: flooder(udp6(&initial_v1(&[0x99; 8], 1200))),
+            action: XdpAction::Drop,
+            counters: &[DropInitialRateLimited],
+            worker: None,
+        },
+        Case {
+            name: "Initial from the next /56 (2001:db8:0:100::): unaffected",
+            packet: from_v6(
+                Ipv6Addr::new(0x2001, 0xdb8, 0, 0x100, 0, 0, 0, 1),
+                udp6(&initial_v1(&CLIENT_DCID, 1200)),
+            ),
+            action: XdpAction::Pass,
+            counters: LONG_HASHED,
+            worker: hashed_worker(&CLIENT_DCID),
+        },
+        Case {
+            name: "Initial over IPv4 (another family): unaffected",
+            packet: udp4(&initial_v1(&CLIENT_DCID, 1200)),
+            action: XdpAction::Pass,
+            counters: LONG_HASHED,
+            worker: hashed_worker(&CLIENT_DCID),
+        },
+        Case {
+            name: "Handshake from the flooding /56: never limited",
+            packet: flooder(udp6(&long_header(QUIC_V1, 0x20, &our_cid(1), 60))),
+            action: XdpAction::Pass,
+            counters: LONG_BY_CID,
+            worker: Some(1),
+        },
+        Case {
+            name: "short header from the flooding /56: never limited",
+            packet: flooder(udp6(&short_header(0x41, &our_cid(0)))),
+            action: XdpAction::Pass,
+            counters: SHORT,
+            worker: Some(0),
+        },
+        Case {
+            name: "junk from the flooding /56 keeps its own drop reason",
+            packet: flooder(udp6(&short_header(0x00, &our_cid(0)))),
+            action: XdpAction::Drop,
+            counters: &[DropFixedBit],
+            worker: None,
+        },
+    ];
+    run_table(&programs, &cases);
+}
+
+#[test]
+fn xdp_initial_rate_zero_limits_nothing() {
+    let programs = load_rate_limited(0, 1);
+    let flood = initials(FLOOD * 5, |p| from_v4([192, 0, 2, 9], udp4(p)));
+    let before = programs.stats().unwrap();
+    let (passed, dropped) = run_all(&programs, &flood);
+    let after = programs.stats().unwrap();
+    assert_eq!((passed, dropped), (flood.len() as u64, 0));
+    assert_eq!(delta(&before, &after, DropInitialRateLimited), 0);
+    assert_eq!(delta(&before, &after, QuicLong), flood.len() as u64);
+    // With the limit off the program keeps no state at all.
+    assert_eq!(
+        programs.initial_limits().expect("read initial_limits"),
+        vec![]
+    );
+}
+
+#[test]
+fn xdp_initial_limit_refills_at_the_rate() {
+    // 50 per second with a burst of 5: after the burst, waiting 100 ms buys ~5 more Initials
+    // (not all 40: the rate holds), and a different source's bucket is its own.
+    let programs = load_rate_limited(50, 5);
+    let flood = initials(FLOOD, |p| from_v4([203, 0, 113, 5], udp4(p)));
+    let (passed, _) = run_all(&programs, &flood);
+    assert!((5..=6).contains(&passed), "first burst: {passed} passed");
+    let started = std::time::Instant::now();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let (passed, _) = run_all(&programs, &flood);
+    let waited = started.elapsed().as_millis() as u64;
+    let most = waited * 50 / 1000 + 2;
+    assert!(
+        (4..=most).contains(&passed),
+        "after {waited} ms: {passed} passed, want 4..={most}"
+    );
+}
+
 /// Packets per second of the XDP program, measured in the kernel with `BPF_PROG_TEST_RUN`
 /// and `repeat` (no NIC involved). Run in release mode and read the numbers:
 /// `cargo test -p spooky --release --test it ebpf::xdp_benchmark -- --ignored --nocapture`.
@@ -1308,6 +1631,7 @@ fn xdp_benchmark() {
     let mut programs = load_configured(FLAG_REDIRECT_CPU);
     programs.enable_cpu(0, 2048).expect("cpumap");
     let repeat = 5_000_000;
+    // Initial limit off (rate 0) for these, as before the limit existed.
     let cases: Vec<(&str, Vec<u8>)> = vec![
         (
             "valid short header (IPv4), steered by CID",
@@ -1330,15 +1654,53 @@ fn xdp_benchmark() {
             eth(ETH_IPV4, &ipv4(PROTO_UDP, &udp(53, &[0; 64]))),
         ),
     ];
+    // The Initial rate limit on: a bucket so large that every Initial is within it (the
+    // lookup + GCRA + store path), and one so small that all but the first are dropped.
+    let mut within = load_configured(FLAG_REDIRECT_CPU);
+    within.enable_cpu(0, 2048).expect("cpumap");
+    within
+        .set_config(&SteeringConfig {
+            initial_rate: 10_000_000,
+            initial_burst: 10_000_000,
+            ..config(FLAG_REDIRECT_CPU)
+        })
+        .expect("config");
+    let over = load_rate_limited(1, 1);
+    let limited: Vec<(&str, &EbpfPrograms, Vec<u8>)> = vec![
+        (
+            "Initial 1200 B (IPv4), limit on, within: redirect",
+            &within,
+            udp4(&initial_v1(&CLIENT_DCID, 1200)),
+        ),
+        (
+            "Initial 1200 B (IPv6), limit on, within: redirect",
+            &within,
+            udp6(&initial_v1(&CLIENT_DCID, 1200)),
+        ),
+        (
+            "Initial 1200 B (IPv4), over the limit (dropped)",
+            &over,
+            udp4(&initial_v1(&CLIENT_DCID, 1200)),
+        ),
+        (
+            "short header (IPv4), limit on (not looked at)",
+            &within,
+            udp4(&short_header(0x41, &our_cid(2))),
+        ),
+    ];
     println!(
-        "{:<48} {:>10} {:>10} {:>14}",
+        "{:<52} {:>10} {:>10} {:>14}",
         "packet", "verdict", "ns/pkt", "Mpps (1 CPU)"
     );
-    for (name, packet) in cases {
+    let all = cases
+        .into_iter()
+        .map(|(name, packet)| (name, &programs, packet))
+        .chain(limited);
+    for (name, programs, packet) in all {
         let (action, per_run) = programs.bench_xdp(&packet, repeat).expect("test run");
         let ns = per_run.as_nanos().max(1) as f64;
         println!(
-            "{name:<48} {:>10} {ns:>10} {:>14.2}",
+            "{name:<52} {:>10} {ns:>10} {:>14.2}",
             format!("{action:?}"),
             1_000.0 / ns
         );

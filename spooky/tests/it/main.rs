@@ -7,6 +7,7 @@
 mod config_files;
 mod ebpf;
 mod health;
+mod hostile;
 mod netns;
 mod ops;
 mod peers;

@@ -387,10 +387,13 @@ const COLORS: [(&str, &str); 3] = [
     ("caddy", "#2b8a3e"),
 ];
 
+/// One chart panel: title, unit line, and (proxy, value) bars.
+type Panel = (String, String, Vec<(String, f64)>);
+
 /// Bar chart panels, one per scenario: requests or MiB per proxy CPU-second (higher is
 /// better), and KiB per idle connection (lower is better).
 pub fn svg(results: &[RunResult], env: &Env) -> String {
-    let mut panels: Vec<(String, String, Vec<(String, f64)>)> = Vec::new();
+    let mut panels: Vec<Panel> = Vec::new();
     for sc in ["small", "download", "upload", "handshake", "idle"] {
         let rows: Vec<&RunResult> = results.iter().filter(|r| r.scenario == sc).collect();
         if rows.is_empty() {

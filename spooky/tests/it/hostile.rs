@@ -1,0 +1,416 @@
+//! Hostile input and faults: limits (header list size, body size, connections per address,
+//! handshake timeout, idle request bodies), request-smuggling attempts, and backends that
+//! reset mid-response or answer with malformed HTTP/2.
+
+use crate::support::*;
+use spooky::client::{Client, ClientOptions, Request};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+fn one_pool(backend: SocketAddr, upstream_extra: &str, extra: &str) -> Proxy {
+    proxy(
+        &pool(
+            "main",
+            "/",
+            None,
+            "round-robin",
+            &[("b1", backend)],
+            upstream_extra,
+        ),
+        extra,
+        2,
+    )
+}
+
+#[test]
+fn an_oversized_header_list_is_431_and_the_connection_keeps_working() {
+    let b = backend("b1");
+    let p = one_pool(b.addr, "", "proxy:\n  max_header_list_size: 8KiB\n");
+    let mut c = client(p.addr);
+    let big = "x".repeat(10 * 1024);
+    let r = c
+        .request(&Request::get("localhost", "/").header("x-big", &big), T)
+        .unwrap();
+    assert_eq!(r.status, 431);
+    assert_eq!(
+        c.request(&Request::get("localhost", "/size/10"), T)
+            .unwrap()
+            .status,
+        200
+    );
+    assert_eq!(b.served(), 1);
+}
+
+#[test]
+fn bodies_over_the_pool_limit_are_413() {
+    let b = backend("b1");
+    let p = one_pool(b.addr, "max_request_body: 64KiB", "");
+    let mut c = client(p.addr);
+    // Declared too large: refused before anything reaches the backend.
+    let declared = Request::new("POST", "localhost", "/upload")
+        .header("content-length", "100000")
+        .body(vec![1u8; 100_000]);
+    assert_eq!(c.request(&declared, T).unwrap().status, 413);
+    assert_eq!(b.served(), 0);
+    // Undeclared and too large: cut off while streaming.
+    let streamed = Request::new("POST", "localhost", "/upload").body(vec![1u8; 300_000]);
+    let r = c.request(&streamed, T).unwrap();
+    assert_eq!(r.status, 413);
+    // At the limit is fine.
+    let ok = Request::new("POST", "localhost", "/upload").body(vec![1u8; 64 * 1024]);
+    let r = c.request(&ok, T).unwrap();
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"65536\n"[..]));
+}
+
+#[test]
+fn request_smuggling_attempts_are_rejected() {
+    let b = backend("b1");
+    let p = one_pool(b.addr, "", "");
+    let mut c = client(p.addr);
+    let cases = [
+        Request::new("POST", "localhost", "/echo")
+            .header("content-length", "5")
+            .header("content-length", "6")
+            .body(&b"hello"[..]),
+        Request::new("POST", "localhost", "/echo")
+            .header("transfer-encoding", "chunked")
+            .body(&b"5\r\nhello\r\n0\r\n\r\n"[..]),
+        Request::new("POST", "localhost", "/echo")
+            .header("content-length", "5, 5")
+            .body(&b"hello"[..]),
+        Request::new("POST", "localhost", "/echo")
+            .header("content-length", "-1")
+            .body(&b"hello"[..]),
+        Request::new("GET", "localhost", "/").header("te", "chunked"),
+        Request::new("GET", "localhost", "/").header("upgrade", "h2c"),
+        Request::new("GET", "localhost", "/").header("x-evil", "a\nb"),
+    ];
+    for (i, req) in cases.iter().enumerate() {
+        let r = c.request(req, T).unwrap();
+        assert!(
+            r.status == 400 || r.reset.is_some(),
+            "case {i}: {} {:?}",
+            r.status,
+            r.reset
+        );
+        assert_eq!(
+            c.request(&Request::get("localhost", "/size/3"), T)
+                .unwrap()
+                .status,
+            200,
+            "case {i}"
+        );
+    }
+    // A body longer than its content-length never completes upstream: the stream is reset.
+    let r = c
+        .request(
+            &Request::new("POST", "localhost", "/echo")
+                .header("content-length", "2")
+                .body(&b"hello"[..]),
+            T,
+        )
+        .unwrap();
+    assert!(r.reset.is_some() || r.status == 400, "{r:?}");
+    // Only the good requests reached the backend, plus perhaps the head of the over-long one
+    // (its stream was reset upstream as soon as the excess arrived).
+    let good = cases.len() as u64;
+    assert!(
+        (good..=good + 1).contains(&b.served()),
+        "{} requests reached the backend",
+        b.served()
+    );
+}
+
+#[test]
+fn connections_per_address_are_limited() {
+    let b = backend("b1");
+    let p = one_pool(
+        b.addr,
+        "",
+        "quic:\n  retry: off\n  max_connections_per_ip: 4\n",
+    );
+    let opts = ClientOptions {
+        verify: true,
+        ca: Some(certs_dir().join("ca.crt")),
+        ..Default::default()
+    };
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for _ in 0..12 {
+        match Client::connect(p.addr, &opts, Duration::from_millis(600)) {
+            Ok(c) => open.push(c),
+            Err(_) => refused += 1,
+        }
+    }
+    // 2 workers × ceil(4 / 2): at most 4 (fewer if the hash put more on one worker).
+    assert!(
+        (1..=4).contains(&open.len()),
+        "{} open, {refused} refused",
+        open.len()
+    );
+    assert!(refused >= 8);
+    let refused_count = p.stats_sum(|s| s.refused.load(Ordering::Relaxed));
+    assert!(refused_count > 0);
+    for c in &mut open {
+        assert_eq!(
+            c.request(&Request::get("localhost", "/size/1"), T)
+                .unwrap()
+                .status,
+            200
+        );
+    }
+}
+
+#[test]
+fn a_handshake_that_never_finishes_is_dropped_after_the_timeout() {
+    let b = backend("b1");
+    let p = one_pool(
+        b.addr,
+        "",
+        "quic:\n  retry: off\n  handshake_timeout: 300ms\n",
+    );
+    // A client that sends its first flight and then goes silent.
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut cfg = quiche::Config::new(quiche::PROTOCOL_VERSION).unwrap();
+    cfg.set_application_protos(quiche::h3::APPLICATION_PROTOCOL)
+        .unwrap();
+    cfg.verify_peer(false);
+    let scid = quiche::ConnectionId::from_ref(&[7; 16]);
+    let mut conn = quiche::connect(
+        Some("localhost"),
+        &scid,
+        sock.local_addr().unwrap(),
+        p.addr,
+        &mut cfg,
+    )
+    .unwrap();
+    let mut out = [0u8; 1500];
+    let (n, _) = conn.send(&mut out).unwrap();
+    sock.send_to(&out[..n], p.addr).unwrap();
+    let active = || p.stats_sum(|s| s.connections_active.load(Ordering::Relaxed));
+    let deadline = Instant::now() + T;
+    while active() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the Initial never created a connection"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // quiche's own idle timeout is 30 s: only the handshake timeout can end it this soon.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while active() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the half-open connection was not dropped"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn an_idle_request_body_is_408_and_others_are_unaffected() {
+    let b = backend("b1");
+    let p = one_pool(b.addr, "timeouts:\n  idle: 400ms", "");
+    let mut c = client(p.addr);
+    let f = |n: &str, v: &str| (n.as_bytes().to_vec(), v.as_bytes().to_vec());
+    let fields = vec![
+        f(":method", "POST"),
+        f(":scheme", "https"),
+        f(":authority", "localhost"),
+        f(":path", "/upload"),
+    ];
+    let slow = c.send_open(&fields).unwrap();
+    c.send_body(slow, b"first bytes, then silence", false)
+        .unwrap();
+    // Meanwhile other requests on the same connection complete.
+    for _ in 0..3 {
+        assert_eq!(
+            c.request(&Request::get("localhost", "/size/5"), T)
+                .unwrap()
+                .status,
+            200
+        );
+    }
+    let r = c.wait(slow, T).unwrap();
+    assert_eq!(r.status, 408);
+}
+
+#[test]
+fn a_backend_reset_mid_response_resets_the_client_stream() {
+    let b = backend("b1");
+    let p = one_pool(b.addr, "", "");
+    let mut c = client(p.addr);
+    let r = c
+        .request(&Request::get("localhost", "/reset/10000"), T)
+        .unwrap();
+    assert_eq!(r.status, 200, "the head was already relayed");
+    assert!(
+        r.reset.is_some(),
+        "a truncated response must not look complete: {r:?}"
+    );
+    assert!(!r.finished);
+    assert!(r.body.len() <= 10000);
+    assert_eq!(
+        c.request(&Request::get("localhost", "/size/5"), T)
+            .unwrap()
+            .status,
+        200
+    );
+}
+
+/// A raw HTTP/2 server that answers every request with a malformed field section (an
+/// uppercase field name), which a conforming client must treat as a protocol error.
+fn malformed_h2_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for tcp in l.incoming() {
+            let Ok(mut tcp) = tcp else { continue };
+            std::thread::spawn(move || {
+                let mut preface = [0u8; 24];
+                if tcp.read_exact(&mut preface).is_err() {
+                    return;
+                }
+                let _ = tcp.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS
+                let mut head = [0u8; 9];
+                while tcp.read_exact(&mut head).is_ok() {
+                    let len = (usize::from(head[0]) << 16)
+                        | (usize::from(head[1]) << 8)
+                        | usize::from(head[2]);
+                    let mut payload = vec![0u8; len];
+                    if tcp.read_exact(&mut payload).is_err() {
+                        return;
+                    }
+                    let (kind, flags) = (head[3], head[4]);
+                    let stream = &head[5..9];
+                    if kind == 4 && flags & 1 == 0 {
+                        let _ = tcp.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]); // SETTINGS ACK
+                    }
+                    if kind == 1 {
+                        // :status 200 (static index 8), then "Bad-Name: x" as a literal.
+                        let mut block = vec![0x88, 0x00, 8];
+                        block.extend_from_slice(b"Bad-Name");
+                        block.extend_from_slice(&[1, b'x']);
+                        let mut frame = vec![0, 0, block.len() as u8, 1, 0x4 | 0x1];
+                        frame.extend_from_slice(stream);
+                        frame.extend_from_slice(&block);
+                        let _ = tcp.write_all(&frame);
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_malformed_backend_response_is_502() {
+    let bad = malformed_h2_backend();
+    let good = backend("good");
+    let upstreams = pool("bad", "/bad", None, "round-robin", &[("bad", bad)], "")
+        + &pool("main", "/", None, "round-robin", &[("good", good.addr)], "");
+    let p = proxy(&upstreams, "", 1);
+    let mut c = client(p.addr);
+    let r = c.request(&Request::get("localhost", "/bad/x"), T).unwrap();
+    assert_eq!(r.status, 502);
+    assert_eq!(
+        c.request(&Request::get("localhost", "/ok"), T)
+            .unwrap()
+            .status,
+        200
+    );
+}
+
+#[test]
+fn spooky_drops_to_an_unprivileged_user_and_keeps_serving() {
+    let uid = std::fs::read_to_string("/proc/self/status").unwrap();
+    assert!(
+        uid.lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")),
+        "this test needs root (it checks that Spooky switches from root to nobody)"
+    );
+    let b = backend("b1");
+    let dir = std::env::temp_dir().join(format!("spooky-priv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_udp_port();
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let pins = unique_pin_path();
+    let upstream = pool("main", "/", None, "round-robin", &[("b1", b.addr)], "");
+    let yaml = config_yaml(
+        port,
+        &upstream,
+        &format!(
+            "admin:\n  address: 127.0.0.1:{admin_port}\nsteering:\n  pin_path: {}\nuser: nobody\n",
+            pins.display()
+        ),
+    );
+    let cfg = dir.join("spooky.yaml");
+    std::fs::write(&cfg, yaml).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_spooky"))
+        .args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "--workers",
+            "2",
+            "--no-pin",
+        ])
+        .spawn()
+        .unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let deadline = Instant::now() + T;
+    while std::net::TcpStream::connect(admin).is_err() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "spooky exited at start"
+        );
+        assert!(Instant::now() < deadline, "spooky did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let uid_line = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap()
+        .to_string();
+    assert!(
+        uid_line.split_whitespace().skip(1).all(|u| u == "65534"),
+        "{uid_line}"
+    );
+    let mut c = client(format!("127.0.0.1:{port}").parse().unwrap());
+    for _ in 0..20 {
+        assert_eq!(
+            c.request(&Request::get("localhost", "/size/100"), T)
+                .unwrap()
+                .status,
+            200
+        );
+    }
+    // The kernel steering keeps working with the pinned maps it opened as root.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spooky"))
+        .args(["status", "--pin-path", pins.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.close();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert!(
+        !pins.exists(),
+        "pins left behind after a clean shutdown as nobody"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
