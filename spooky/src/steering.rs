@@ -22,7 +22,7 @@
 //! logged. Anything asked for explicitly either works or fails start-up with the reason.
 
 use crate::config::XdpMode;
-use crate::ebpf::{EbpfError, EbpfPrograms, WorkerCountersMap};
+use crate::ebpf::{EbpfError, EbpfPrograms, StatsReader, WorkerCountersMap};
 use crate::server::{RunOptions, Shared, WorkerStats};
 use spooky_common::cid::{FNV_OFFSET, FNV_PRIME};
 use spooky_common::maps::{
@@ -186,6 +186,9 @@ struct Kernel {
     xdp: Option<(String, aya::programs::xdp::XdpLinkId)>,
     pins: Pins,
     counters: Option<CountersThread>,
+    /// The `stats` map through a descriptor of its own, opened at attach time (while still
+    /// privileged), for `/metrics`.
+    stats: Option<Arc<StatsReader>>,
 }
 
 impl Steering {
@@ -201,17 +204,11 @@ impl Steering {
 
     /// The `spooky_ebpf_packets_total{counter,cpu}` source for `/metrics` (eBPF tiers only):
     /// a closure reading the per-CPU `stats` map through its own file descriptor, so it is
-    /// `Send + Sync` and can be called from the admin thread at scrape time. A failed read
-    /// yields no lines (and a debug log), never an error page.
+    /// `Send + Sync` and can be called from the admin thread at scrape time. The descriptor
+    /// was opened when steering was attached, so this works after privileges are dropped. A
+    /// failed read yields no lines (and a debug log), never an error page.
     pub fn ebpf_metrics(&self) -> Option<crate::reload::ExtraMetrics> {
-        let kernel = self.kernel.as_ref()?;
-        let reader = match kernel.programs.stats_reader() {
-            Ok(reader) => reader,
-            Err(e) => {
-                tracing::warn!(error = %e, "XDP counters not available to /metrics");
-                return None;
-            }
-        };
+        let reader = self.kernel.as_ref()?.stats.clone()?;
         Some(Box::new(move || match reader.read() {
             Ok(stats) => stats.metric_lines(),
             Err(e) => {
@@ -384,11 +381,19 @@ fn attach_ebpf(
         .map_err(SteeringError::Thread)?;
     tracing::info!(pin_path = %pins.dir.display(), "eBPF maps pinned");
     let mode = Mode::from_code(config.mode).unwrap_or(Mode::SkReuseport);
+    let stats = match programs.stats_reader() {
+        Ok(reader) => Some(Arc::new(reader)),
+        Err(e) => {
+            tracing::warn!(error = %e, "XDP counters not available to /metrics");
+            None
+        }
+    };
     let kernel = Kernel {
         programs,
         xdp,
         pins,
         counters: Some(counters),
+        stats,
     };
     Ok((kernel, mode))
 }

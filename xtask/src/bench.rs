@@ -350,7 +350,7 @@ fn run_all(
             let logged = nginx.logged_requests().saturating_sub(logged_before);
             let alive = proxy.alive();
             proxy.stop();
-            if !nginx.proc.alive() {
+            if !nginx.alive() {
                 bail!("nginx died; see its log in {}", ctx.dir.display());
             }
             let kv = match kv {
@@ -374,7 +374,7 @@ fn run_all(
             results.push(r);
         }
     }
-    nginx.proc.stop();
+    nginx.stop();
     Ok((results, checks))
 }
 

@@ -11,6 +11,7 @@
 
 mod conn;
 pub mod stream;
+mod udp;
 
 use crate::health::TrafficOutcome;
 use crate::lb::Balancer;
@@ -64,7 +65,13 @@ pub struct WorkerCtx {
     pub stats: Arc<WorkerStats>,
     /// Shared by every snapshot's context, so tasks of an old snapshot still wake the loop.
     wakeup: Rc<Wakeup>,
+    /// `[upstream][backend]`: (last outcome sent was a failure, successes seen) for passive
+    /// health sampling.
+    passive: Vec<Vec<Cell<(bool, u32)>>>,
 }
+
+/// One success in this many is sent to the health checker (as a latency sample).
+const SUCCESS_SAMPLE: u32 = 32;
 
 /// Connections that proxy tasks asked the loop to service.
 #[derive(Default)]
@@ -133,6 +140,10 @@ impl WorkerCtx {
     }
 
     /// Passive health: the outcome of a response head, with its latency.
+    ///
+    /// Successes matter to the health checker only after a failure (they reset the failure
+    /// count) and as latency samples, so a worker sends the first success after a failure and
+    /// then one in [`SUCCESS_SAMPLE`]: the control thread is not woken for every request.
     pub fn report_outcome(
         &self,
         upstream: usize,
@@ -140,6 +151,18 @@ impl WorkerCtx {
         outcome: TrafficOutcome,
         latency: Duration,
     ) {
+        let Some(cell) = self.passive.get(upstream).and_then(|r| r.get(backend)) else {
+            return;
+        };
+        let (after_failure, successes) = cell.get();
+        if outcome == TrafficOutcome::Success {
+            cell.set((false, successes.wrapping_add(1)));
+            if !after_failure && successes % SUCCESS_SAMPLE != 0 {
+                return;
+            }
+        } else {
+            cell.set((true, successes));
+        }
         self.shared
             .health
             .report(upstream, backend, outcome, Some(latency));
@@ -199,6 +222,8 @@ struct Worker {
     stats: Arc<WorkerStats>,
     recv_buf: Vec<u8>,
     out: Vec<u8>,
+    /// UDP GSO works on this socket (turned off at the first refusal).
+    gso: bool,
     touched: Vec<usize>,
     rate_window: Cell<(Instant, u32)>,
 }
@@ -246,6 +271,7 @@ impl Worker {
             stats,
             recv_buf: vec![0; MAX_DATAGRAM],
             out: vec![0; MAX_DATAGRAM],
+            gso: true,
             touched: Vec::new(),
             rate_window: Cell::new((Instant::now(), 0)),
         })
@@ -648,22 +674,95 @@ impl Worker {
         }
     }
 
+    /// Sends everything quiche has for `conn`, batching equal-size packets to the same peer
+    /// into GSO sends.
     async fn flush(&mut self, conn: &mut Conn) {
+        let max = conn.quic.max_send_udp_payload_size().min(self.out.len());
         loop {
-            match conn.quic.send(&mut self.out) {
-                Ok((len, info)) => {
-                    self.stats.packets_out.fetch_add(1, Ordering::Relaxed);
-                    if let Err(e) = self.socket.send_to(&self.out[..len], info.to).await {
-                        tracing::debug!(error = %e, to = %info.to, "send failed");
+            // Fill a batch: packets of `seg` bytes (the last may be shorter) to `dst`.
+            let (mut used, mut seg, mut count, mut dst) = (0usize, 0usize, 0usize, None);
+            let mut odd: Option<(usize, usize, SocketAddr)> = None;
+            let mut done = false;
+            while count < udp::MAX_SEGMENTS && used + max <= self.out.len() {
+                match conn.quic.send(&mut self.out[used..used + max]) {
+                    Ok((len, info)) => {
+                        let fits = dst.is_none_or(|d| d == info.to) && (count == 0 || len <= seg);
+                        if !fits {
+                            // Sent alone after the batch.
+                            odd = Some((used, len, info.to));
+                            break;
+                        }
+                        if count == 0 {
+                            seg = len;
+                            dst = Some(info.to);
+                        }
+                        used += len;
+                        count += 1;
+                        if len < seg || !self.gso {
+                            break;
+                        }
+                    }
+                    Err(quiche::Error::Done) => {
+                        done = true;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "quic send failed");
+                        let _ = conn.quic.close(false, 0x1, b"");
+                        done = true;
                         break;
                     }
                 }
-                Err(quiche::Error::Done) => break,
-                Err(e) => {
-                    tracing::debug!(error = %e, "quic send failed");
-                    let _ = conn.quic.close(false, 0x1, b"");
-                    break;
+            }
+            if let Some(to) = dst {
+                self.send_batch(0, used, seg, count, to).await;
+            }
+            if let Some((at, len, to)) = odd {
+                self.send_batch(at, len, len, 1, to).await;
+            }
+            if done || (dst.is_none() && odd.is_none()) {
+                break;
+            }
+        }
+    }
+
+    /// Sends `out[at..at + len]` as `count` datagrams of `seg` bytes to `to`.
+    async fn send_batch(
+        &mut self,
+        at: usize,
+        len: usize,
+        seg: usize,
+        count: usize,
+        to: SocketAddr,
+    ) {
+        self.stats
+            .packets_out
+            .fetch_add(count as u64, Ordering::Relaxed);
+        let buf = &self.out[at..at + len];
+        if count > 1 && self.gso {
+            loop {
+                let sent = self.socket.try_io(tokio::io::Interest::WRITABLE, || {
+                    udp::send_gso(&self.socket, buf, seg, to)
+                });
+                match sent {
+                    Ok(_) => return,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if self.socket.writable().await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::info!(worker = self.ctx.index, error = %e, "UDP GSO refused; sending datagrams one by one");
+                        self.gso = false;
+                        break;
+                    }
                 }
+            }
+        }
+        for chunk in buf.chunks(seg.max(1)) {
+            if let Err(e) = self.socket.send_to(chunk, to).await {
+                tracing::debug!(error = %e, %to, "send failed");
+                return;
             }
         }
     }
@@ -803,6 +902,11 @@ fn build_ctx(
         .get(index)
         .cloned()
         .ok_or("no stats for this worker")?;
+    let passive = cfg
+        .upstreams
+        .iter()
+        .map(|up| up.backends.iter().map(|_| Cell::new((false, 0))).collect())
+        .collect();
     Ok(WorkerCtx {
         index,
         route_metrics,
@@ -812,6 +916,7 @@ fn build_ctx(
         pools,
         balancers,
         wakeup,
+        passive,
     })
 }
 

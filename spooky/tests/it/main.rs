@@ -12,4 +12,5 @@ mod netns;
 mod ops;
 mod peers;
 mod proxy;
+mod soak;
 mod support;

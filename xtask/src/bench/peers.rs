@@ -180,10 +180,11 @@ impl Drop for Proc {
 /// The nginx backend: h2c on `port`, `/100b` and `/1m` as static files, `PUT /upload/…`
 /// stored by the DAV module (it reads the whole body before answering).
 pub struct Nginx {
-    pub proc: Proc,
+    proc: Proc,
     pub port: u16,
     pub access_log: PathBuf,
     pid_file: PathBuf,
+    stopped: bool,
 }
 
 impl Nginx {
@@ -247,6 +248,7 @@ http {{
             port,
             access_log: dir.join("access.log"),
             pid_file: dir.join("nginx.pid"),
+            stopped: false,
         };
         wait_tcp(port, Duration::from_secs(10)).context("nginx did not come up")?;
         Ok(n)
@@ -262,12 +264,48 @@ http {{
         children_of(master).into_iter().next()
     }
 
+    /// Whether the master still runs.
+    pub fn alive(&mut self) -> bool {
+        self.proc.alive()
+    }
+
+    /// Stops nginx: SIGTERM to the master (a SIGKILL would orphan the worker), then the
+    /// worker itself by PID if it outlives the master.
+    pub fn stop(&mut self) {
+        if self.stopped {
+            return;
+        }
+        self.stopped = true;
+        let worker = self.worker_pid();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.proc.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while self.proc.alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.proc.stop();
+        if let Some(w) = worker {
+            if Path::new(&format!("/proc/{w}")).exists() {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &w.to_string()])
+                    .status();
+            }
+        }
+    }
+
     /// Lines in the access log, after waiting out its one-second flush.
     pub fn logged_requests(&self) -> u64 {
         std::thread::sleep(Duration::from_millis(1300));
         std::fs::read(&self.access_log)
             .map(|b| b.iter().filter(|&&c| c == b'\n').count() as u64)
             .unwrap_or(0)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
