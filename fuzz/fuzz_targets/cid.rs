@@ -85,7 +85,10 @@ fn check_layout_rules(cid_len: u8, sid_len: u8, generation: u8) {
         assert_eq!(l.server_id_len(), usize::from(sid_len));
         assert_eq!(l.generation(), generation);
     });
-    assert_eq!(got, want, "CidLayout::new({cid_len}, {sid_len}, {generation})");
+    assert_eq!(
+        got, want,
+        "CidLayout::new({cid_len}, {sid_len}, {generation})"
+    );
 }
 
 /// The layout the bytes name when it is legal, else one folded into the legal ranges.
@@ -166,10 +169,19 @@ fn check_program_shape(prog: &[Insn]) {
     for (pc, ins) in prog.iter().enumerate() {
         let next = pc + 1;
         match ins.code {
-            0x05 => assert!(next + ins.k as usize <= prog.len() - 1, "ja out of range at {pc}"),
+            0x05 => assert!(
+                next + ins.k as usize <= prog.len() - 1,
+                "ja out of range at {pc}"
+            ),
             0x15 | 0x25 | 0x35 | 0x45 => {
-                assert!(next + usize::from(ins.jt) < prog.len(), "jt out of range at {pc}");
-                assert!(next + usize::from(ins.jf) < prog.len(), "jf out of range at {pc}");
+                assert!(
+                    next + usize::from(ins.jt) < prog.len(),
+                    "jt out of range at {pc}"
+                );
+                assert!(
+                    next + usize::from(ins.jf) < prog.len(),
+                    "jf out of range at {pc}"
+                );
             }
             0x60 | 0x02 => assert!(ins.k < BPF_MEMWORDS, "scratch slot {} at {pc}", ins.k),
             0x94 => assert_ne!(ins.k, 0, "mod by zero at {pc}"),
@@ -217,7 +229,10 @@ fn check_cbpf_payload(layout: &CidLayout, prog: &[Insn], pkt: &[u8], workers: u3
             assert!(got.is_some_and(|w| w < live), "long header: {got:?}")
         }
         Some(dcid) => assert_eq!(got, Some(steer(layout, dcid, workers)), "long header"),
-        None => assert!(got.is_none_or(|w| w < live), "truncated long header: {got:?}"),
+        None => assert!(
+            got.is_none_or(|w| w < live),
+            "truncated long header: {got:?}"
+        ),
     }
 }
 
@@ -252,7 +267,8 @@ fn reference_parse(payload: &[u8], short_dcid_len: usize) -> Result<(Form, &[u8]
     }
     let dcid = payload.get(6..6 + dcid_len).ok_or(Counter::DropTruncated)?;
     let packet_type = (first >> 4) & 0b11;
-    let initial = (version == 1 && packet_type == 0) || (version == 0x6b33_43cf && packet_type == 1);
+    let initial =
+        (version == 1 && packet_type == 0) || (version == 0x6b33_43cf && packet_type == 1);
     if initial && payload.len() < quic::MIN_INITIAL_DATAGRAM {
         return Err(Counter::DropShortInitial);
     }
@@ -271,10 +287,7 @@ fn xdp_parse(
     quic::parse(&pkt, offset, payload_len, short_dcid_len)
 }
 
-fn same(
-    got: &Result<quic::QuicHeader, Counter>,
-    want: &Result<(Form, &[u8]), Counter>,
-) -> bool {
+fn same(got: &Result<quic::QuicHeader, Counter>, want: &Result<(Form, &[u8]), Counter>) -> bool {
     match (got, want) {
         (Ok(h), Ok((form, dcid))) => h.form == *form && h.dcid() == *dcid,
         (Err(a), Err(b)) => a == b,
@@ -286,7 +299,11 @@ fn describe(r: &Result<quic::QuicHeader, Counter>) -> String {
     match r {
         Ok(h) => format!(
             "Ok({}, {:02x?})",
-            if h.form == Form::Long { "long" } else { "short" },
+            if h.form == Form::Long {
+                "long"
+            } else {
+                "short"
+            },
             h.dcid()
         ),
         Err(c) => format!("Err({c:?})"),
@@ -321,7 +338,10 @@ fn check_xdp_payload(layout: &CidLayout, prog: &[Insn], payload: &[u8], workers:
             Form::Long if known_bug_longer_lookalike(layout, h.dcid()) => {}
             Form::Long => assert_eq!(cbpf, Some(kernel), "XDP and cBPF disagree (long)"),
             Form::Short => {
-                if let Some(w) = layout.worker_of(h.dcid()).filter(|&w| u32::from(w) < workers) {
+                if let Some(w) = layout
+                    .worker_of(h.dcid())
+                    .filter(|&w| u32::from(w) < workers)
+                {
                     assert_eq!(cbpf, Some(u32::from(w)), "XDP and cBPF disagree (short)");
                 }
             }
@@ -332,7 +352,11 @@ fn check_xdp_payload(layout: &CidLayout, prog: &[Insn], payload: &[u8], workers:
 /// The reference for `locate_udp`: Ethernet, up to two 802.1Q/802.1ad tags, IPv4 without
 /// fragmentation (options skipped) or IPv6 with UDP as the first next header.
 fn reference_locate_udp(frame: &[u8]) -> Option<(usize, u16)> {
-    let be16 = |at: usize| frame.get(at..at + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+    let be16 = |at: usize| {
+        frame
+            .get(at..at + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+    };
     let mut ether_type = be16(12)?;
     let mut offset = 14;
     for _ in 0..2 {
@@ -397,7 +421,10 @@ fn check_xdp_frame(layout: &CidLayout, frame: &[u8]) {
         assert!(got.is_err(), "empty UDP payload parsed as QUIC");
         return;
     }
-    let want = reference_parse(&frame[payload_at..payload_at + payload_len], layout.cid_len());
+    let want = reference_parse(
+        &frame[payload_at..payload_at + payload_len],
+        layout.cid_len(),
+    );
     assert!(
         same(&got, &want),
         "xdp parse in frame {} != reference {}",

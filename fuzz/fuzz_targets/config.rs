@@ -50,14 +50,18 @@ fuzz_target!(|input: &[u8]| {
     );
     match first {
         Ok(config) => check_config(&config),
-        Err(ConfigError::Syntax(e)) => assert!(
-            e.location().is_some(),
-            "YAML error without a location: {e}"
-        ),
+        Err(ConfigError::Syntax(e)) => {
+            assert!(e.location().is_some(), "YAML error without a location: {e}")
+        }
         Err(ConfigError::Invalid(problems)) => {
             assert!(!problems.is_empty(), "Invalid with no problem listed");
             for p in &problems {
-                assert!(is_field_path(&p.path), "not a field path: {:?} ({})", p.path, p.message);
+                assert!(
+                    is_field_path(&p.path),
+                    "not a field path: {:?} ({})",
+                    p.path,
+                    p.message
+                );
                 assert!(!p.message.is_empty(), "empty message at {}", p.path);
             }
         }
@@ -100,9 +104,8 @@ fn may_read_devices(yaml: &str) -> bool {
 /// `line` up to its first `#` that starts the line or follows a space or tab.
 fn without_comment(line: &str) -> &str {
     let bytes = line.as_bytes();
-    let cut = (0..bytes.len()).find(|&i| {
-        bytes[i] == b'#' && (i == 0 || bytes[i - 1] == b' ' || bytes[i - 1] == b'\t')
-    });
+    let cut = (0..bytes.len())
+        .find(|&i| bytes[i] == b'#' && (i == 0 || bytes[i - 1] == b' ' || bytes[i - 1] == b'\t'));
     cut.map_or(line, |i| &line[..i])
 }
 
@@ -138,7 +141,10 @@ fn check_config(config: &spooky::config::Config) {
         panic!("accepted quic section makes no CID layout: {e:?} ({q:?})");
     }
     let names: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
-    assert!(names.windows(2).all(|w| w[0] < w[1]), "pools not sorted: {names:?}");
+    assert!(
+        names.windows(2).all(|w| w[0] < w[1]),
+        "pools not sorted: {names:?}"
+    );
     assert!(!config.upstreams.is_empty());
     let mut ids = HashSet::new();
     for up in &config.upstreams {

@@ -77,12 +77,18 @@ fn check_request(list: &[Header], first_hop: &Hop) {
         assert!(!CONNECTION_SPECIFIC.contains(&name.as_ref()));
     }
     let first = |n: &[u8]| list.iter().find(|h| h.name() == n).map(|h| h.value());
-    let want_authority = first(b":authority").or_else(|| first(b"host")).unwrap_or(b"");
+    let want_authority = first(b":authority")
+        .or_else(|| first(b"host"))
+        .unwrap_or(b"");
     assert_eq!(head.authority.as_ref(), want_authority);
 
-    let hops = MODES
-        .iter()
-        .flat_map(|&mode| [false, true].map(|via| Hop { mode, via, ..*first_hop }));
+    let hops = MODES.iter().flat_map(|&mode| {
+        [false, true].map(|via| Hop {
+            mode,
+            via,
+            ..*first_hop
+        })
+    });
     let lenient = known_bug_lenient_validation(&head);
     for hop in std::iter::once(*first_hop).chain(hops) {
         let req = match to_h2_request(&head, &hop) {
@@ -175,7 +181,10 @@ fn known_bug_lenient_validation(head: &spooky::bridge::RequestHead) -> bool {
             None => {
                 let end = a.iter().position(|&b| b == b':').unwrap_or(a.len());
                 let host = &a[..end];
-                (host.iter().all(|&b| unreserved(b) || sub_delim(b)), &a[end..])
+                (
+                    host.iter().all(|&b| unreserved(b) || sub_delim(b)),
+                    &a[end..],
+                )
             }
         };
         let port_ok = match rest.split_first() {
@@ -204,7 +213,9 @@ fn check_trailers(list: &[Header]) {
             assert!(!has_pseudo, "pseudo-header accepted in trailers");
             assert_eq!(map.len(), list.len(), "a trailer field was lost");
             let back = trailers_to_h3(&map);
-            assert!(back.iter().all(|h| !CONNECTION_SPECIFIC.contains(&h.name())));
+            assert!(back
+                .iter()
+                .all(|h| !CONNECTION_SPECIFIC.contains(&h.name())));
         }
         Err(_) => {
             // Also the regular fields alone, so that a pseudo-header does not hide the rest.

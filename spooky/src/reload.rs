@@ -35,6 +35,11 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     if old.steering.pin_path != new.steering.pin_path {
         v.push("steering.pin_path needs a restart".to_owned());
     }
+    if (old.steering.initial_rate, old.steering.initial_burst)
+        != (new.steering.initial_rate, new.steering.initial_burst)
+    {
+        v.push("steering.initial_rate / steering.initial_burst need a restart".to_owned());
+    }
     if old.admin != new.admin {
         v.push("admin settings need a restart".to_owned());
     }

@@ -34,6 +34,9 @@ struct Outcome {
     coverage: Option<u64>,
     features: Option<u64>,
     corpus: Option<u64>,
+    /// Seconds libFuzzer reports having fuzzed (`Done N runs in S second(s)`).
+    fuzzed_secs: Option<u64>,
+    /// Wall-clock seconds of the whole `cargo fuzz run`, build check included.
     elapsed_secs: f64,
     /// `Some` when the run failed: the crash (or hang) input, when libFuzzer wrote one.
     failure: Option<Option<PathBuf>>,
@@ -185,6 +188,7 @@ fn run_one(root: &Path, fuzz_dir: &Path, target: &str, seconds: u64) -> Result<O
         coverage: None,
         features: None,
         corpus: None,
+        fuzzed_secs: None,
         elapsed_secs: 0.0,
         failure: None,
     };
@@ -241,6 +245,12 @@ fn observe(line: &str, o: &mut Outcome, crash: &mut Option<PathBuf>, root: &Path
                 _ => {}
             }
         }
+    } else if let Some(done) = line.strip_prefix("Done ") {
+        // `Done 1234567 runs in 20 second(s)`
+        o.fuzzed_secs = done
+            .split_once(" runs in ")
+            .and_then(|(_, secs)| secs.split_whitespace().next())
+            .and_then(|secs| secs.parse().ok());
     } else if let Some((_, path)) = line.split_once("Test unit written to ") {
         let path = PathBuf::from(path.trim());
         *crash = Some(if path.is_absolute() {
@@ -259,11 +269,12 @@ fn summary_line(o: &Outcome) -> String {
         Some(None) => "FAILED".to_string(),
     };
     format!(
-        "{}: {} executions in {:.0} s ({}/s), coverage {} edges / {} features, corpus {}: {verdict}",
+        "{}: {} executions in {} s ({}/s; {:.0} s with the build check), coverage {} edges / {} features, corpus {}: {verdict}",
         o.target,
         show(o.executions),
-        o.elapsed_secs,
+        show(o.fuzzed_secs),
         show(o.exec_per_sec),
+        o.elapsed_secs,
         show(o.coverage),
         show(o.features),
         show(o.corpus),

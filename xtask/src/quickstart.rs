@@ -107,7 +107,8 @@ pub fn run(once: bool) -> Result<()> {
     eprintln!(
         "\nSpooky is serving HTTP/3 on udp/9889 with two HTTP/2 demo backends.\n\
          Try: target/release/spooky get -i --ca config/certs/ca.crt --connect 127.0.0.1:9889 https://localhost:9889/size/1000\n\
-         or any HTTP/3 client (aioquic's examples/http3_client.py --ca-certs config/certs/ca.crt https://localhost:9889/)."
+         or any HTTP/3 client (aioquic's examples/http3_client.py --ca-certs config/certs/ca.crt https://localhost:9889/).\n\
+         Metrics: curl -s http://127.0.0.1:9900/metrics   Status: target/release/spooky status"
     );
     if once {
         return Ok(());

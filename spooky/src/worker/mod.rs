@@ -386,7 +386,7 @@ impl Worker {
             }
         };
         if let Some(&slot) = self.by_cid.get(&hdr.dcid) {
-            self.feed(slot, data, from);
+            let _ = self.feed(slot, data, from);
             return;
         }
         // Not a connection of ours: whose is it? Initial and 0-RTT packets carry the client's
@@ -559,32 +559,45 @@ impl Worker {
         self.conns[slot] = Some(Conn::new(quic, from, gen, aliases, handshake_deadline));
         *self.per_ip.entry(from.ip()).or_insert(0) += 1;
         self.stats
-            .connections_accepted
-            .fetch_add(1, Ordering::Relaxed);
-        self.stats
             .connections_active
             .fetch_add(1, Ordering::Relaxed);
-        self.feed(slot, data, from);
+        if self.feed(slot, data, from) {
+            self.stats
+                .connections_accepted
+                .fetch_add(1, Ordering::Relaxed);
+        } else if let Some(conn) = self.conns.get_mut(slot).and_then(Option::take) {
+            // The Initial did not decrypt (forged or corrupt): keep no state for it.
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            self.remove(slot, conn);
+        }
     }
 
     fn live_conns(&self) -> usize {
         self.conns.len() - self.free.len()
     }
 
-    fn feed(&mut self, slot: usize, data: &mut [u8], from: SocketAddr) {
+    /// Feeds a datagram to connection `slot`; false when quiche refused it.
+    fn feed(&mut self, slot: usize, data: &mut [u8], from: SocketAddr) -> bool {
         let local = self.local;
         let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
-            return;
+            return false;
         };
         let info = quiche::RecvInfo { from, to: local };
-        if let Err(e) = conn.quic.recv(data, info) {
-            tracing::trace!(error = %e, "recv failed");
-        }
-        conn.peer = from;
+        let ok = match conn.quic.recv(data, info) {
+            Ok(_) => {
+                conn.peer = from;
+                true
+            }
+            Err(e) => {
+                tracing::trace!(error = %e, "recv failed");
+                false
+            }
+        };
         if !conn.touched {
             conn.touched = true;
             self.touched.push(slot);
         }
+        ok
     }
 
     fn fire_timers(&mut self) {

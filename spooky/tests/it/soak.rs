@@ -184,7 +184,7 @@ fn soak_mixed_load_with_restarts_reloads_and_a_flood() {
                                 failed.fetch_add(1, Ordering::Relaxed);
                             }
                         }
-                        if i % 200 == 0 {
+                        if i.is_multiple_of(200) {
                             c.close();
                             c = client(addr);
                         }
