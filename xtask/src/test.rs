@@ -55,6 +55,9 @@ pub fn run(extra: &[String]) -> Result<()> {
             .args(["test", "--workspace"])
             .args(extra),
     )?;
+    // A short smoke run of every fuzz target (the long runs are `cargo xtask fuzz`).
+    eprintln!("==> fuzz smoke (20 s per target)");
+    crate::fuzz::run(None, 20)?;
     eprintln!(
         "all checks passed in {:.0}s",
         started.elapsed().as_secs_f64()
