@@ -316,6 +316,9 @@ def config_seeds():
     write("config", "full-every-section.yaml", FULL.encode())
     write("config", "many-rule-errors.yaml", INVALID.encode())
     write("config", "shape-errors.yaml", SHAPE_ERROR.encode())
+    # Known bug (reported): a second document, even an empty one, gives an error with no line.
+    minimal = (ROOT / "config/examples/minimal.yaml").read_text()
+    write("config", "known-bug-two-documents.yaml", (minimal + "---\n").encode())
 
 
 if __name__ == "__main__":

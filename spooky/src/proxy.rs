@@ -18,6 +18,9 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Instant;
 
+/// Smallest DATA frame the request pump waits for window to send (unless less remains).
+const MIN_DATA_FRAME: usize = 4096;
+
 /// Everything a request task needs, moved into it.
 pub struct Job {
     pub ctx: Rc<WorkerCtx>,
@@ -426,13 +429,22 @@ async fn pump_request(
             ReqEvent::Data(mut data) => {
                 while !data.is_empty() {
                     send.reserve_capacity(data.len());
-                    let cap = match poll_fn(|cx| send.poll_capacity(cx)).await {
-                        Some(Ok(n)) => n,
-                        Some(Err(e)) => return Err(Failure::Reset(format!("request body: {e}"))),
-                        None => {
-                            return Err(Failure::Reset(
-                                "request body: upstream stream closed".into(),
-                            ))
+                    // Wait for a window worth a frame: trickling tiny DATA frames wastes both
+                    // sides' CPU and trips h2's small-frame flood protection on echoing peers.
+                    let want = data.len().min(MIN_DATA_FRAME);
+                    let mut small_grants = 0;
+                    let cap = loop {
+                        match poll_fn(|cx| send.poll_capacity(cx)).await {
+                            Some(Ok(n)) if n >= want || (n > 0 && small_grants >= 16) => break n,
+                            Some(Ok(_)) => small_grants += 1,
+                            Some(Err(e)) => {
+                                return Err(Failure::Reset(format!("request body: {e}")))
+                            }
+                            None => {
+                                return Err(Failure::Reset(
+                                    "request body: upstream stream closed".into(),
+                                ))
+                            }
                         }
                     };
                     let chunk = data.split_to(cap.min(data.len()));

@@ -224,6 +224,8 @@ struct Worker {
     out: Vec<u8>,
     /// UDP GSO works on this socket (turned off at the first refusal).
     gso: bool,
+    /// UDP GRO is on for this socket.
+    gro: bool,
     touched: Vec<usize>,
     rate_window: Cell<(Instant, u32)>,
 }
@@ -242,6 +244,7 @@ impl Worker {
             .map_err(|e| e.to_string())?;
         let local = setup.socket.local_addr().map_err(|e| e.to_string())?;
         let socket = tokio::net::UdpSocket::from_std(setup.socket).map_err(|e| e.to_string())?;
+        let gro = udp::enable_gro(&socket);
 
         let stats = shared.stats[setup.index].clone();
         let ctx = Rc::new(build_ctx(
@@ -272,6 +275,7 @@ impl Worker {
             recv_buf: vec![0; MAX_DATAGRAM],
             out: vec![0; MAX_DATAGRAM],
             gso: true,
+            gro,
             touched: Vec::new(),
             rate_window: Cell::new((Instant::now(), 0)),
         })
@@ -361,10 +365,26 @@ impl Worker {
     fn recv_batch(&mut self) {
         for _ in 0..RECV_BATCH {
             let mut buf = std::mem::take(&mut self.recv_buf);
-            match self.socket.try_recv_from(&mut buf) {
-                Ok((len, from)) => {
-                    self.stats.packets_in.fetch_add(1, Ordering::Relaxed);
-                    self.on_datagram(&mut buf[..len], from, false);
+            let received = if self.gro {
+                self.socket.try_io(tokio::io::Interest::READABLE, || {
+                    udp::recv_gro(&self.socket, &mut buf)
+                })
+            } else {
+                self.socket
+                    .try_recv_from(&mut buf)
+                    .map(|(n, from)| (n, from, None))
+            };
+            match received {
+                Ok((len, from, seg)) => {
+                    // A GRO buffer holds several datagrams of `seg` bytes (the last shorter).
+                    let seg = seg.unwrap_or(len).max(1);
+                    let mut off = 0;
+                    while off < len {
+                        let end = (off + seg).min(len);
+                        self.stats.packets_in.fetch_add(1, Ordering::Relaxed);
+                        self.on_datagram(&mut buf[off..end], from, false);
+                        off = end;
+                    }
                     self.recv_buf = buf;
                 }
                 Err(_) => {
