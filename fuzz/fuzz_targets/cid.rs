@@ -225,23 +225,12 @@ fn check_cbpf_payload(layout: &CidLayout, prog: &[Insn], pkt: &[u8], workers: u3
         return;
     }
     match pkt.get(6..6 + dcid_len) {
-        Some(dcid) if known_bug_longer_lookalike(layout, dcid) => {
-            assert!(got.is_some_and(|w| w < live), "long header: {got:?}")
-        }
         Some(dcid) => assert_eq!(got, Some(steer(layout, dcid, workers)), "long header"),
         None => assert!(
             got.is_none_or(|w| w < live),
             "truncated long header: {got:?}"
         ),
     }
-}
-
-/// KNOWN BUG (reported; delete this function and its two uses once fixed): for a DCID
-/// longer than `cid_len` whose first octet carries our layout, `worker_of` (so `steer`, so
-/// user space and the eBPF programs) reads the worker byte, while the classic BPF program
-/// requires the exact length and hashes. Reproducer: `fuzz/corpus/cid/known-bug-long-lookalike`.
-fn known_bug_longer_lookalike(layout: &CidLayout, dcid: &[u8]) -> bool {
-    dcid.len() > layout.cid_len() && layout.worker_of(dcid).is_some()
 }
 
 /// The XDP parser's answer, written over a slice from RFC 9000 §17 / RFC 9369.
@@ -335,7 +324,6 @@ fn check_xdp_payload(layout: &CidLayout, prog: &[Insn], payload: &[u8], workers:
         let kernel = steer(layout, h.dcid(), workers);
         let cbpf = interpret(prog, payload);
         match h.form {
-            Form::Long if known_bug_longer_lookalike(layout, h.dcid()) => {}
             Form::Long => assert_eq!(cbpf, Some(kernel), "XDP and cBPF disagree (long)"),
             Form::Short => {
                 if let Some(w) = layout

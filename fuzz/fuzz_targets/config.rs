@@ -50,7 +50,6 @@ fuzz_target!(|input: &[u8]| {
     );
     match first {
         Ok(config) => check_config(&config),
-        Err(ConfigError::Syntax(_)) if known_bug_many_documents(yaml) => {}
         Err(ConfigError::Syntax(e)) => {
             assert!(e.location().is_some(), "YAML error without a location: {e}")
         }
@@ -69,15 +68,6 @@ fuzz_target!(|input: &[u8]| {
         Err(e @ ConfigError::Read { .. }) => panic!("parse read a file as the config: {e}"),
     }
 });
-
-/// KNOWN BUG (reported; delete this function and its use once fixed): a file with a second
-/// YAML document (even an empty one after a trailing `---`) after a well-shaped first one is
-/// refused with serde_yaml's "deserializing from YAML containing more than one document is
-/// not supported", which has no location. Reproducer:
-/// `fuzz/corpus/config/known-bug-two-documents.yaml`.
-fn known_bug_many_documents(yaml: &str) -> bool {
-    serde_yaml::Deserializer::from_str(yaml).nth(1).is_some()
-}
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/config")

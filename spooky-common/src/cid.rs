@@ -134,11 +134,11 @@ impl CidLayout {
         len
     }
 
-    /// The worker a destination connection ID names, when it is one of ours: long enough,
-    /// first octet carrying this layout's length, and not the unroutable generation.
+    /// The worker a destination connection ID names, when it is one of ours: exactly this
+    /// layout's length, first octet carrying that length, and not the unroutable generation.
     /// `None` means "client-chosen": place it with [`fnv1a32`].
     pub fn worker_of(&self, dcid: &[u8]) -> Option<u8> {
-        if dcid.len() < self.cid_len() {
+        if dcid.len() != self.cid_len() {
             return None;
         }
         let first = dcid[0];

@@ -117,11 +117,84 @@ fn is_tchar(b: u8) -> bool {
         )
 }
 
+/// RFC 9110 §5.5 field values: visible characters, obs-text, spaces and tabs inside; no
+/// control characters (so no NUL, CR, LF) and no DEL; no surrounding whitespace.
 fn valid_value(v: &[u8]) -> bool {
     let bad_edge = |b: &u8| *b == b' ' || *b == b'\t';
-    !v.iter().any(|&b| b == 0 || b == b'\r' || b == b'\n')
+    v.iter().all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f))
         && !v.first().is_some_and(bad_edge)
         && !v.last().is_some_and(bad_edge)
+}
+
+/// RFC 3986 scheme: a letter, then letters, digits, `+`, `-`, `.`.
+fn valid_scheme(s: &[u8]) -> bool {
+    s.first().is_some_and(u8::is_ascii_alphabetic)
+        && s.iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+}
+
+/// An HTTP authority without userinfo: a registered name (unreserved, sub-delims and
+/// percent-encoding) or a bracketed IPv6 literal, then an optional `:port` of digits. Nothing
+/// that could start a path, query or fragment, so routing and the upstream see the same host.
+fn valid_authority(a: &[u8]) -> bool {
+    let (host, port) = if a.first() == Some(&b'[') {
+        let Some(end) = a.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = &a[1..end];
+        if literal.is_empty()
+            || !literal
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        {
+            return false;
+        }
+        (&a[..=end], &a[end + 1..])
+    } else {
+        match a.iter().rposition(|&b| b == b':') {
+            Some(i) => (&a[..i], &a[i..]),
+            None => (a, &a[a.len()..]),
+        }
+    };
+    let host_ok = host.first() == Some(&b'[')
+        || (!host.is_empty()
+            && host.iter().all(|&b| {
+                b.is_ascii_alphanumeric()
+                    || matches!(
+                        b,
+                        b'-' | b'.'
+                            | b'_'
+                            | b'~'
+                            | b'%'
+                            | b'!'
+                            | b'$'
+                            | b'&'
+                            | b'\''
+                            | b'('
+                            | b')'
+                            | b'*'
+                            | b'+'
+                            | b','
+                            | b';'
+                            | b'='
+                    )
+            }));
+    let port_ok = match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    host_ok && port_ok
+}
+
+/// A request target the upstream will see exactly as routing saw it: what `http` parses back
+/// unchanged, with no fragment.
+fn valid_path(p: &[u8]) -> bool {
+    p.starts_with(b"/")
+        && !p.contains(&b'#')
+        && p.iter().all(|b| b.is_ascii_graphic())
+        && http::uri::PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(p))
+            .is_ok_and(|pq| pq.as_str().as_bytes() == p)
 }
 
 fn lossy(b: &[u8]) -> String {
@@ -218,12 +291,11 @@ pub fn validate_request(list: &[Header]) -> Result<RequestHead, RequestError> {
     }
     let scheme = scheme.ok_or(RequestError::MissingPseudo(":scheme"))?;
     let path = path.ok_or(RequestError::MissingPseudo(":path"))?;
-    if path.is_empty()
-        || !(path.starts_with(b"/") || (path.as_ref() == b"*" && method == Method::OPTIONS))
-    {
+    let asterisk = path.as_ref() == b"*" && method == Method::OPTIONS;
+    if !asterisk && !valid_path(&path) {
         return Err(RequestError::BadTarget);
     }
-    if !path.iter().all(|b| b.is_ascii_graphic()) {
+    if !valid_scheme(&scheme) {
         return Err(RequestError::BadTarget);
     }
     let authority = match (authority, host) {
@@ -237,7 +309,7 @@ pub fn validate_request(list: &[Header]) -> Result<RequestHead, RequestError> {
         (None, Some(h)) => h,
         (None, None) => Bytes::new(),
     };
-    if !authority.iter().all(|b| b.is_ascii_graphic()) || authority.contains(&b'@') {
+    if !authority.is_empty() && !valid_authority(&authority) {
         return Err(RequestError::BadTarget);
     }
     Ok(RequestHead {
@@ -295,6 +367,11 @@ pub fn to_h2_request(head: &RequestHead, hop: &Hop) -> Result<Request<()>, Conve
         &head.authority
     });
     uri.extend_from_slice(&head.path);
+    if head.path.as_ref() == b"*" {
+        return Err(ConvertError(
+            "the asterisk form is answered by Spooky, not forwarded".into(),
+        ));
+    }
     let uri = Uri::from_maybe_shared(Bytes::from(uri)).map_err(|e| ConvertError(e.to_string()))?;
 
     let mut headers = HeaderMap::with_capacity(head.fields.len() + 4);
@@ -560,6 +637,88 @@ mod tests {
         for (list, want) in cases {
             assert_eq!(validate_request(&list).unwrap_err(), want);
         }
+    }
+
+    #[test]
+    fn targets_that_would_reach_the_backend_differently_are_refused() {
+        let target = |authority: &str, path: &str, scheme: &str| {
+            validate_request(&h(&[
+                (":method", "GET"),
+                (":scheme", scheme),
+                (":authority", authority),
+                (":path", path),
+            ]))
+        };
+        // Found by the request_head fuzz target: an authority carrying a path or query would
+        // route on `:path` but reach the backend as another path.
+        assert_eq!(
+            target("public.example.com/admin?", "/x", "https").unwrap_err(),
+            RequestError::BadTarget
+        );
+        assert_eq!(
+            target("a.example.com", "/a#b", "https").unwrap_err(),
+            RequestError::BadTarget
+        );
+        assert_eq!(
+            target("a.example.com", "/", "ht)ps").unwrap_err(),
+            RequestError::BadTarget
+        );
+        for bad in [
+            "a{b}.com",
+            "user@host",
+            "a.com:80:80",
+            "a.com:port",
+            "[zz::1]",
+            "a b",
+        ] {
+            assert_eq!(
+                target(bad, "/", "https").unwrap_err(),
+                RequestError::BadTarget,
+                "{bad}"
+            );
+        }
+        for good in [
+            "example.com",
+            "example.com:443",
+            "[2001:db8::1]:8443",
+            "127.0.0.1",
+            "xn--bcher-kva.example",
+            "a_b.internal",
+        ] {
+            let head = target(good, "/p?q=1&r=%20", "https").unwrap();
+            let req = to_h2_request(
+                &head,
+                &Hop {
+                    client_ip: "192.0.2.1".parse().unwrap(),
+                    mode: ForwardedMode::Off,
+                    via: false,
+                },
+            )
+            .unwrap();
+            assert_eq!(req.uri().authority().unwrap().as_str(), good);
+            assert_eq!(req.uri().path_and_query().unwrap().as_str(), "/p?q=1&r=%20");
+        }
+        // Control characters other than tab, and DEL, are not field values.
+        assert!(validate_request(&with(&[("x-a", "a\u{1}b")])).is_err());
+        assert!(validate_request(&with(&[("x-a", "a\u{7f}b")])).is_err());
+        assert!(validate_request(&with(&[("x-a", "a\tb")])).is_ok());
+        // OPTIONS * validates but is never forwarded.
+        let head = validate_request(&h(&[
+            (":method", "OPTIONS"),
+            (":scheme", "https"),
+            (":authority", "example.com"),
+            (":path", "*"),
+        ]))
+        .unwrap();
+        assert!(to_h2_request(
+            &head,
+            &Hop {
+                client_ip: "192.0.2.1".parse().unwrap(),
+                mode: ForwardedMode::Off,
+                via: false
+            }
+        )
+        .is_err());
     }
 
     #[test]

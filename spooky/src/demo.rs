@@ -374,6 +374,9 @@ async fn send_all(
     while !data.is_empty() {
         send.reserve_capacity(data.len());
         let cap = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+            // Capacity can be reported as 0 (window used up): wait for more rather than send
+            // an empty DATA frame, which peers count as abuse (h2 allows 100 per connection).
+            Some(Ok(0)) => continue,
             Some(Ok(n)) => n,
             Some(Err(e)) => return Err(e),
             None => return Ok(()),

@@ -108,7 +108,21 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// [`ConfigError::Syntax`] when the text is not a configuration's shape,
 /// [`ConfigError::Invalid`] listing every broken rule.
 pub fn parse(yaml: &str, base_dir: &Path) -> Result<Config, ConfigError> {
-    let raw: RawConfig = serde_yaml::from_str(yaml)?;
+    // Read the first document; serde_yaml refuses a second one without saying where, so the
+    // check for it is ours.
+    let mut documents = serde_yaml::Deserializer::from_str(yaml);
+    let raw: RawConfig = match documents.next() {
+        Some(first) => serde::Deserialize::deserialize(first)?,
+        None => serde_yaml::from_str(yaml)?,
+    };
+    if documents.next().is_some() {
+        return Err(ConfigError::Invalid(vec![FieldError {
+            path: "(file)".to_owned(),
+            message:
+                "holds more than one YAML document (a `---` separator); Spooky reads exactly one"
+                    .to_owned(),
+        }]));
+    }
     let mut errs = Errors::default();
     match build_config(&raw, base_dir, &mut errs) {
         Some(config) if errs.0.is_empty() => Ok(config),
@@ -1976,6 +1990,16 @@ workers: 4
         );
         let c = ok(&format!("steering: {{xdp_mode: native}}\n{ONE_UPSTREAM}"));
         assert_eq!(c.steering.xdp_mode, XdpMode::Native);
+    }
+
+    #[test]
+    fn a_second_yaml_document_is_named() {
+        let yaml = format!("{HEAD}{ONE_UPSTREAM}---\n");
+        let err = parse(&yaml, Path::new("/")).unwrap_err().to_string();
+        assert!(
+            err.contains("(file): holds more than one YAML document"),
+            "{err}"
+        );
     }
 
     #[test]

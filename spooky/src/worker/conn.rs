@@ -216,6 +216,12 @@ impl Conn {
                 return;
             }
         };
+        if head.path.as_ref() == b"*" {
+            // OPTIONS * asks about the server itself: Spooky answers it.
+            self.answer_local(h3c, ctx, sid, 200, "ok", more_frames);
+            ctx.record_local(self.peer, 200, Some(&head), started);
+            return;
+        }
         if head.method == http::Method::CONNECT {
             self.answer_local(h3c, ctx, sid, 501, "CONNECT is not supported", more_frames);
             ctx.record_local(self.peer, 501, Some(&head), started);
