@@ -184,7 +184,11 @@ fn valid_authority(a: &[u8]) -> bool {
         Some((b':', digits)) => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
         Some(_) => false,
     };
-    host_ok && port_ok
+    // And the `http` crate must read it back unchanged (it builds the upstream URI).
+    host_ok
+        && port_ok
+        && http::uri::Authority::from_maybe_shared(Bytes::copy_from_slice(a))
+            .is_ok_and(|parsed| parsed.as_str().as_bytes() == a)
 }
 
 /// A request target the upstream will see exactly as routing saw it: what `http` parses back
