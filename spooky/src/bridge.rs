@@ -316,14 +316,49 @@ pub fn validate_request(list: &[Header]) -> Result<RequestHead, RequestError> {
     if !authority.is_empty() && !valid_authority(&authority) {
         return Err(RequestError::BadTarget);
     }
-    Ok(RequestHead {
+    let head = RequestHead {
         method,
         scheme,
         authority,
         path,
         fields,
         content_length,
-    })
+    };
+    // The upstream must see exactly the target routing saw: build the URI as the conversion
+    // will, and refuse what does not read back unchanged.
+    if !asterisk {
+        let uri = upstream_uri(&head).map_err(|_| RequestError::BadTarget)?;
+        let same_authority = head.authority.is_empty()
+            || uri
+                .authority()
+                .is_some_and(|a| a.as_str().as_bytes() == head.authority.as_ref());
+        let same_path = uri
+            .path_and_query()
+            .is_some_and(|p| p.as_str().as_bytes() == head.path.as_ref());
+        if !same_authority || !same_path {
+            return Err(RequestError::BadTarget);
+        }
+    }
+    Ok(head)
+}
+
+/// The absolute URI the upstream request carries.
+fn upstream_uri(head: &RequestHead) -> Result<Uri, ConvertError> {
+    let scheme: &[u8] = if head.scheme.is_empty() {
+        b"https"
+    } else {
+        &head.scheme
+    };
+    let mut uri = Vec::with_capacity(scheme.len() + 3 + head.authority.len() + head.path.len());
+    uri.extend_from_slice(scheme);
+    uri.extend_from_slice(b"://");
+    uri.extend_from_slice(if head.authority.is_empty() {
+        b"localhost"
+    } else {
+        &head.authority
+    });
+    uri.extend_from_slice(&head.path);
+    Uri::from_maybe_shared(Bytes::from(uri)).map_err(|e| ConvertError(e.to_string()))
 }
 
 fn parse_content_length(v: &[u8]) -> Result<u64, RequestError> {
@@ -357,26 +392,12 @@ pub struct ConvertError(String);
 /// [`ConvertError`] when the URI or a field cannot be represented (already validated input
 /// makes this rare).
 pub fn to_h2_request(head: &RequestHead, hop: &Hop) -> Result<Request<()>, ConvertError> {
-    let scheme: &[u8] = if head.scheme.is_empty() {
-        b"https"
-    } else {
-        &head.scheme
-    };
-    let mut uri = Vec::with_capacity(scheme.len() + 3 + head.authority.len() + head.path.len());
-    uri.extend_from_slice(scheme);
-    uri.extend_from_slice(b"://");
-    uri.extend_from_slice(if head.authority.is_empty() {
-        b"localhost"
-    } else {
-        &head.authority
-    });
-    uri.extend_from_slice(&head.path);
     if head.path.as_ref() == b"*" {
         return Err(ConvertError(
             "the asterisk form is answered by Spooky, not forwarded".into(),
         ));
     }
-    let uri = Uri::from_maybe_shared(Bytes::from(uri)).map_err(|e| ConvertError(e.to_string()))?;
+    let uri = upstream_uri(head)?;
 
     let mut headers = HeaderMap::with_capacity(head.fields.len() + 4);
     let rewrite = hop.mode == ForwardedMode::Replace;
