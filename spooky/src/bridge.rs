@@ -281,7 +281,7 @@ pub fn validate_request(list: &[Header]) -> Result<RequestHead, RequestError> {
         // Plain CONNECT carries no :scheme/:path; Spooky does not tunnel (the caller answers
         // 501), but the head itself is well-formed.
         let authority = authority.ok_or(RequestError::MissingPseudo(":authority"))?;
-        if scheme.is_some() || path.is_some() {
+        if scheme.is_some() || path.is_some() || !valid_authority(&authority) {
             return Err(RequestError::BadTarget);
         }
         return Ok(RequestHead {
