@@ -374,6 +374,10 @@ async fn exchange(
             }
         };
         let Some(chunk) = chunk else { break };
+        if chunk.is_empty() {
+            // h2 hands over the empty frame that carried END_STREAM.
+            continue;
+        }
         let n = chunk.len();
         job.bytes_out.set(job.bytes_out.get() + n as u64);
         job.io.borrow_mut().push_resp(chunk);

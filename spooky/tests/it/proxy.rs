@@ -48,6 +48,24 @@ fn uploads_of_every_size_are_echoed_intact() {
 }
 
 #[test]
+fn many_echoes_reuse_one_backend_connection() {
+    // One client connection lands on one worker, which keeps one HTTP/2 connection to the
+    // backend: a frame pattern that peers count against the connection's lifetime (h2 allows
+    // 100 empty non-final DATA frames) must not make the 101st request fail.
+    let b = backend("b1");
+    let p = one_pool(&[("b1", b.addr)], "");
+    let mut c = client(p.addr);
+    for i in 0..250u32 {
+        let body = format!("echo {i}").into_bytes();
+        let req = Request::new("POST", "localhost", "/echo").body(body.clone());
+        let r = c.request(&req, T).unwrap();
+        assert_eq!(r.status, 200, "request {i}");
+        assert!(r.finished, "request {i}: stream not finished cleanly");
+        assert!(r.body == body, "request {i}: echoed body differs");
+    }
+}
+
+#[test]
 fn trailers_pass_in_both_directions() {
     let b = backend("b1");
     let p = one_pool(&[("b1", b.addr)], "");
