@@ -223,7 +223,9 @@ fn try_spooky_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
     // UDP to the QUIC port: from here on, malformed means dropped.
     let header: UdpHdr = pkt.read(udp.offset).ok_or(Counter::DropTruncated)?;
     let udp_len = usize::from(u16::from_be_bytes(header.len));
-    if udp_len < UDP_HDR_LEN || udp.offset + udp_len > pkt.len() {
+    // `<=`: an empty payload is cut short too, whatever bytes follow it in the frame
+    // (Ethernet pads short frames to 60 bytes).
+    if udp_len <= UDP_HDR_LEN || udp.offset + udp_len > pkt.len() {
         return Err(Counter::DropTruncated);
     }
     let payload = udp.offset + UDP_HDR_LEN;

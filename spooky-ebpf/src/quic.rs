@@ -48,6 +48,9 @@ impl QuicHeader {
 
 /// Parses the QUIC header of a UDP payload of `payload_len` bytes at `offset` in `pkt`.
 /// `short_dcid_len` is the length of our connection IDs (short headers carry no length).
+/// The caller has dropped empty payloads: with `payload_len` 0 the first byte read would be
+/// whatever follows the datagram in the frame. (Checking it here instead makes LLVM emit a
+/// copy of an uninitialised register that the verifier refuses.)
 ///
 /// # Errors
 /// The drop counter naming why the packet is invalid: fixed bit clear, DCID length above 20,

@@ -549,6 +549,17 @@ fn xdp_table_ipv4_ipv6_vlan_and_quic_forms() {
             worker: None,
         },
         Case {
+            name: "empty UDP payload in a frame padded to the Ethernet minimum",
+            packet: {
+                let mut p = udp4(&[]);
+                p.resize(60, 0);
+                p
+            },
+            action: XdpAction::Drop,
+            counters: &[DropTruncated],
+            worker: None,
+        },
+        Case {
             name: "short header with 5 of 16 DCID bytes",
             packet: udp4(&short_header(0x41, &ours)[..6]),
             action: XdpAction::Drop,
