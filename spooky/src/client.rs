@@ -310,6 +310,19 @@ impl Client {
         self.flush()
     }
 
+    /// Writes raw bytes on request stream `sid`, below HTTP/3 (for crafting frames that
+    /// quiche's HTTP/3 API would not send, such as a HEADERS frame cut short). Use a stream id
+    /// HTTP/3 will not pick itself: the next one after the last [`Client::send`] is taken
+    /// by the next `send`.
+    ///
+    /// # Errors
+    /// When quiche refuses the write.
+    pub fn send_raw(&mut self, sid: u64, data: &[u8], fin: bool) -> Result<(), ClientError> {
+        self.conn.stream_send(sid, data, fin)?;
+        self.responses.entry(sid).or_default();
+        self.flush()
+    }
+
     /// The response of stream `sid` so far.
     pub fn response(&self, sid: u64) -> Option<&Response> {
         self.responses.get(&sid)

@@ -287,7 +287,7 @@ pub fn render(shared: &Shared, generation: u64, extra: &[(String, String, u64)])
         );
     }
 
-    let worker_metrics: [WorkerMetric; 10] = [
+    let worker_metrics: [WorkerMetric; 11] = [
         ("spooky_quic_connections_active", "gauge", "Open QUIC connections.", |w| w.connections_active.load(Ordering::Relaxed)),
         ("spooky_http3_streams_active", "gauge", "Open HTTP/3 request streams.", |w| w.streams_active.load(Ordering::Relaxed)),
         ("spooky_quic_connections_accepted_total", "counter", "QUIC connections accepted (handshakes started).", |w| w.connections_accepted.load(Ordering::Relaxed)),
@@ -298,6 +298,7 @@ pub fn render(shared: &Shared, generation: u64, extra: &[(String, String, u64)])
         ("spooky_udp_datagrams_sent_total", "counter", "UDP datagrams sent.", |w| w.packets_out.load(Ordering::Relaxed)),
         ("spooky_packets_dropped_total", "counter", "Datagrams dropped in user space (unparseable, unknown connection, short Initial, bad token).", |w| w.dropped.load(Ordering::Relaxed)),
         ("spooky_http3_requests_total", "counter", "HTTP/3 request heads received.", |w| w.requests.load(Ordering::Relaxed)),
+        ("spooky_http3_request_head_timeouts_total", "counter", "Request streams reset because their head did not arrive within quic.request_header_timeout.", |w| w.request_head_timeouts.load(Ordering::Relaxed)),
     ];
     for (name, kind, help, get) in worker_metrics {
         head(&mut out, name, kind, help);

@@ -40,6 +40,8 @@ pub struct WorkerStats {
     /// Configuration snapshots this worker has swapped in since start (reloads).
     pub snapshots_applied: AtomicU64,
     pub requests: AtomicU64,
+    /// Request streams reset because their head did not arrive in time.
+    pub request_head_timeouts: AtomicU64,
 }
 
 /// Read-only state shared by all workers.

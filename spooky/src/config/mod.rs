@@ -64,6 +64,9 @@ pub enum RetryMode {
 pub struct Quic {
     pub idle_timeout: Duration,
     pub handshake_timeout: Duration,
+    /// A request stream must deliver its complete HEADERS frame within this long of being
+    /// opened, or it is reset with `H3_REQUEST_REJECTED` (slowloris on request heads).
+    pub request_header_timeout: Duration,
     pub max_concurrent_streams: u64,
     pub initial_max_data: u64,
     pub initial_max_stream_data: u64,

@@ -96,6 +96,7 @@ pub(super) struct RawListenTls {
 pub(super) struct RawQuic {
     pub idle_timeout: RawDuration,
     pub handshake_timeout: RawDuration,
+    pub request_header_timeout: RawDuration,
     pub max_concurrent_streams: i64,
     pub initial_max_data: RawSize,
     pub initial_max_stream_data: RawSize,
@@ -117,6 +118,7 @@ impl Default for RawQuic {
         Self {
             idle_timeout: RawDuration::Millis(30_000),
             handshake_timeout: RawDuration::Millis(10_000),
+            request_header_timeout: RawDuration::Millis(10_000),
             max_concurrent_streams: 100,
             initial_max_data: RawSize::Bytes(10 * 1024 * 1024),
             initial_max_stream_data: RawSize::Bytes(1024 * 1024),

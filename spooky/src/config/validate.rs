@@ -257,6 +257,11 @@ fn build_quic(raw: &RawQuic, errs: &mut Errors) -> Option<Quic> {
     let idle_timeout = positive_duration(errs, "quic.idle_timeout", &raw.idle_timeout);
     let handshake_timeout =
         positive_duration(errs, "quic.handshake_timeout", &raw.handshake_timeout);
+    let request_header_timeout = positive_duration(
+        errs,
+        "quic.request_header_timeout",
+        &raw.request_header_timeout,
+    );
     let max_concurrent_streams = errs.check(
         "quic.max_concurrent_streams",
         int_in(raw.max_concurrent_streams, 1, 1 << 60),
@@ -290,6 +295,7 @@ fn build_quic(raw: &RawQuic, errs: &mut Errors) -> Option<Quic> {
     Some(Quic {
         idle_timeout: idle_timeout?,
         handshake_timeout: handshake_timeout?,
+        request_header_timeout: request_header_timeout?,
         max_concurrent_streams: max_concurrent_streams?,
         initial_max_data: initial_max_data?,
         initial_max_stream_data: initial_max_stream_data?,
@@ -1101,6 +1107,7 @@ mod tests {
             Quic {
                 idle_timeout: Duration::from_secs(30),
                 handshake_timeout: Duration::from_secs(10),
+                request_header_timeout: Duration::from_secs(10),
                 max_concurrent_streams: 100,
                 initial_max_data: 10 << 20,
                 initial_max_stream_data: 1 << 20,
@@ -1199,6 +1206,7 @@ listen:
 quic:
   idle_timeout: 45s
   handshake_timeout: 2500
+  request_header_timeout: 3s
   max_concurrent_streams: 50
   initial_max_data: 20MiB
   initial_max_stream_data: 65536
@@ -1243,6 +1251,7 @@ workers: 4
         assert_eq!(c.listen.addr, "[::1]:443".parse().unwrap());
         assert_eq!(c.quic.idle_timeout, Duration::from_secs(45));
         assert_eq!(c.quic.handshake_timeout, Duration::from_millis(2500));
+        assert_eq!(c.quic.request_header_timeout, Duration::from_secs(3));
         assert_eq!(c.quic.max_concurrent_streams, 50);
         assert_eq!(c.quic.initial_max_data, 20 << 20);
         assert_eq!(c.quic.initial_max_stream_data, 65536);
@@ -1772,10 +1781,11 @@ workers: 4
     fn quic_rules() {
         let quic = |body: &str| problems(&format!("quic: {{{body}}}\n{ONE_UPSTREAM}"));
         assert_eq!(
-            quic("idle_timeout: 0, handshake_timeout: -5"),
+            quic("idle_timeout: 0, handshake_timeout: -5, request_header_timeout: 0ms"),
             [
                 "quic.idle_timeout: must be greater than 0",
                 "quic.handshake_timeout: must not be negative, got -5",
+                "quic.request_header_timeout: must be greater than 0",
             ]
         );
         assert_eq!(

@@ -3,6 +3,7 @@
 //! off. New requests are validated ([`crate::bridge`]), routed, and handed to a proxy task
 //! ([`crate::proxy`]); local answers (400, 404, 501) never reach a backend.
 
+use super::heads::PendingHeads;
 use super::stream::{SharedStream, StreamIo, REQ_BUF_LIMIT};
 use super::WorkerCtx;
 use crate::bridge::{
@@ -34,6 +35,8 @@ pub struct Conn {
     /// Streams whose response is fully written but maybe not yet acknowledged: a draining
     /// connection closes only once quiche has collected them.
     lingering: Vec<u64>,
+    /// Request streams whose head has not arrived yet (`quic.request_header_timeout`).
+    heads: PendingHeads,
 }
 
 impl Conn {
@@ -58,6 +61,7 @@ impl Conn {
             goaway_sent: false,
             max_request_id: 0,
             lingering: Vec::new(),
+            heads: PendingHeads::default(),
         }
     }
 
@@ -93,6 +97,12 @@ impl Conn {
         let quic = &mut self.quic;
         self.lingering
             .retain(|sid| quic.stream_capacity(*sid).is_ok());
+        // Before HTTP/3 consumes them: streams with data are open, head or not.
+        let now = Instant::now();
+        for sid in self.quic.readable() {
+            self.heads.opened(sid, now);
+        }
+        self.expire_heads(ctx, now);
         // Two rounds: reading a blocked body may surface `Finished`, flushing may unblock reads.
         for _ in 0..2 {
             self.poll_events(&mut h3c, ctx, slot);
@@ -109,6 +119,27 @@ impl Conn {
             }
         }
         self.h3 = Some(h3c);
+    }
+
+    /// When the oldest stream still waiting for its request head runs out of time.
+    pub fn head_deadline(&self, timeout: std::time::Duration) -> Option<Instant> {
+        self.heads.next_deadline(timeout)
+    }
+
+    /// Resets the request streams whose head is overdue; the rest of the connection carries
+    /// on. `H3_REQUEST_REJECTED`: nothing of the request was processed, a client may retry.
+    fn expire_heads(&mut self, ctx: &Rc<WorkerCtx>, now: Instant) {
+        let timeout = ctx.shared.config.quic.request_header_timeout;
+        for sid in self.heads.expire(now, timeout) {
+            if self.streams.contains_key(&sid) || self.quic.stream_capacity(sid).is_err() {
+                continue; // answered, or already gone
+            }
+            tracing::debug!(peer = %self.peer, stream = sid, ?timeout, "request head timed out");
+            ctx.shared.stats[ctx.index]
+                .request_head_timeouts
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.reset(sid, H3_REQUEST_REJECTED);
+        }
     }
 
     fn poll_events(&mut self, h3c: &mut h3::Connection, ctx: &Rc<WorkerCtx>, slot: usize) {
@@ -131,6 +162,8 @@ impl Conn {
                             }
                         }
                     } else {
+                        self.heads.opened(sid, Instant::now());
+                        self.heads.arrived(sid);
                         self.on_request(h3c, ctx, slot, sid, &list, more_frames);
                     }
                 }
@@ -149,6 +182,7 @@ impl Conn {
                     }
                 }
                 Ok((sid, h3::Event::Reset(_))) => {
+                    self.heads.arrived(sid);
                     if let Some(io) = self.streams.remove(&sid) {
                         io.borrow_mut().abort_client();
                     }

@@ -10,6 +10,7 @@
 //! kept in an ordered set.
 
 mod conn;
+mod heads;
 pub mod stream;
 mod udp;
 
@@ -664,6 +665,10 @@ impl Worker {
                 continue;
             }
             let mut deadline = conn.quic.timeout_instant();
+            let heads = conn.head_deadline(self.ctx.shared.config.quic.request_header_timeout);
+            if let Some(h) = heads {
+                deadline = Some(deadline.map_or(h, |d| d.min(h)));
+            }
             if !conn.quic.is_established() {
                 if Instant::now() >= conn.handshake_deadline {
                     tracing::debug!(peer = %conn.peer, "handshake timed out");

@@ -1,5 +1,5 @@
 //! Hostile input and faults: limits (header list size, body size, connections per address,
-//! handshake timeout, idle request bodies), request-smuggling attempts, and backends that
+//! handshake timeout, request heads that never complete, idle request bodies), request-smuggling attempts, and backends that
 //! reset mid-response or answer with malformed HTTP/2.
 
 use crate::support::*;
@@ -207,6 +207,58 @@ fn a_handshake_that_never_finishes_is_dropped_after_the_timeout() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[test]
+fn a_request_head_that_never_completes_is_reset_and_others_are_unaffected() {
+    let b = backend("b1");
+    let p = one_pool(
+        b.addr,
+        "",
+        "quic:\n  retry: off\n  request_header_timeout: 500ms\n",
+    );
+    let mut c = client(p.addr);
+    // Stream 0: a good request still running when the slow head times out.
+    let good = c.send(&Request::get("localhost", "/delay/1500")).unwrap();
+    assert_eq!(good, 0);
+    // Stream 4: a HEADERS frame (type 0x01) announcing 200 bytes, of which 10 ever come.
+    let slow = good + 4;
+    let mut frame = vec![0x01, 0x40, 200];
+    frame.extend_from_slice(&[0u8; 10]);
+    c.send_raw(slow, &frame, false).unwrap();
+    let started = Instant::now();
+    let r = c.wait(slow, T).unwrap();
+    let waited = started.elapsed();
+    assert_eq!(r.status, 0, "no response for a request never received");
+    assert_eq!(
+        r.reset,
+        Some(spooky::bridge::H3_REQUEST_REJECTED),
+        "reset with H3_REQUEST_REJECTED"
+    );
+    assert!(
+        waited >= Duration::from_millis(450) && waited < Duration::from_secs(5),
+        "reset after {waited:?}, timeout 500ms"
+    );
+    assert_eq!(
+        p.stats_sum(|s| s.request_head_timeouts.load(Ordering::Relaxed)),
+        1
+    );
+    // The connection and its other stream carry on; other clients never noticed.
+    let r = c.wait(good, T).unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.finished);
+    let mut other = client(p.addr);
+    for _ in 0..3 {
+        let r = other
+            .request(&Request::get("localhost", "/size/5"), T)
+            .unwrap();
+        assert_eq!(r.status, 200);
+    }
+    // A head that completes in time is not touched by the clock.
+    assert_eq!(
+        p.stats_sum(|s| s.request_head_timeouts.load(Ordering::Relaxed)),
+        1
+    );
 }
 
 #[test]
