@@ -23,6 +23,7 @@ pub mod loadgen;
 pub mod metrics;
 pub mod privilege;
 pub mod proxy;
+pub mod readahead;
 pub mod reload;
 pub mod routing;
 pub mod server;

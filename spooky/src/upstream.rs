@@ -246,6 +246,7 @@ impl Connector {
                 Ok(Ok(s)) => s,
             };
         let _ = tcp.set_nodelay(true);
+        let tcp = crate::readahead::ReadAhead::new(tcp);
         let mut builder = h2::client::Builder::new();
         builder
             .initial_window_size(STREAM_WINDOW)

@@ -4,7 +4,7 @@
 //! ([`crate::proxy`]); local answers (400, 404, 501) never reach a backend.
 
 use super::heads::PendingHeads;
-use super::stream::{SharedStream, StreamIo, REQ_BUF_LIMIT};
+use super::stream::{QuicConn, SharedStream, StreamIo, REQ_BUF_LIMIT};
 use super::WorkerCtx;
 use crate::bridge::{
     self, H3_MESSAGE_ERROR, H3_NO_ERROR, H3_REQUEST_CANCELLED, H3_REQUEST_REJECTED,
@@ -18,7 +18,7 @@ use std::rc::Rc;
 use std::time::Instant;
 
 pub struct Conn {
-    pub quic: quiche::Connection,
+    pub quic: QuicConn,
     h3: Option<h3::Connection>,
     pub peer: SocketAddr,
     /// The client address the connection was accepted from (per-address limits).
@@ -41,7 +41,7 @@ pub struct Conn {
 
 impl Conn {
     pub fn new(
-        quic: quiche::Connection,
+        quic: QuicConn,
         peer: SocketAddr,
         gen: u64,
         aliases: Vec<ConnectionId<'static>>,
@@ -466,7 +466,9 @@ impl Conn {
             let Some(chunk) = io.resp_body.front_mut() else {
                 break;
             };
-            match h3c.send_body(&mut self.quic, sid, chunk, last) {
+            // Zero-copy: quiche keeps a reference to the chunk until the client acknowledges it.
+            let mut zc = chunk.clone();
+            match h3c.send_body_zc(&mut self.quic, sid, &mut zc, last) {
                 Ok(n) => {
                     let whole = n == chunk.len();
                     let _ = chunk.split_to(n);

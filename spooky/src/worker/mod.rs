@@ -555,7 +555,13 @@ impl Worker {
             self.new_cid()
         };
         let odcid_ref = odcid.as_ref();
-        let quic = match quiche::accept(&scid, odcid_ref, self.local, from, &mut self.qconfig) {
+        let quic = match quiche::accept_with_buf_factory::<stream::BytesFactory>(
+            &scid,
+            odcid_ref,
+            self.local,
+            from,
+            &mut self.qconfig,
+        ) {
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(peer = %from, error = %e, "accept failed");

@@ -14,6 +14,27 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 
+/// quiche buffers stream data as `Bytes`: response bodies go from the backend's HTTP/2 frames
+/// into QUIC packets without being copied into quiche first (`send_body_zc`).
+#[derive(Clone, Debug, Default)]
+pub struct BytesFactory;
+
+impl quiche::BufFactory for BytesFactory {
+    type Buf = Bytes;
+    type DgramBuf = Vec<u8>;
+
+    fn buf_from_slice(buf: &[u8]) -> Bytes {
+        Bytes::copy_from_slice(buf)
+    }
+
+    fn dgram_buf_from_slice(buf: &[u8]) -> Vec<u8> {
+        buf.to_vec()
+    }
+}
+
+/// A client connection on a worker.
+pub type QuicConn = quiche::Connection<BytesFactory>;
+
 /// Most request-body bytes buffered per stream between client and backend.
 pub const REQ_BUF_LIMIT: usize = 256 * 1024;
 /// Most response-body bytes buffered per stream between backend and client.
