@@ -24,7 +24,7 @@ pub struct PendingHeads {
 
 /// Client-initiated bidirectional streams (ids 0, 4, 8, …) carry requests.
 fn is_request_stream(sid: u64) -> bool {
-    sid % 4 == 0
+    sid.is_multiple_of(4)
 }
 
 impl PendingHeads {
