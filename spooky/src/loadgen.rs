@@ -73,6 +73,10 @@ pub struct LoadOptions {
     pub hard_timeout: Duration,
     /// Processes to read CPU time and memory of, as (name, pid).
     pub watch: Vec<(String, u32)>,
+    /// Ask the kernel to coalesce received datagrams (UDP GRO). On loopback this also spares
+    /// the sender: without it, the kernel splits the server's GSO batches into datagrams in
+    /// the sending process's context, charging the client's receive work to the server.
+    pub gro: bool,
 }
 
 impl Default for LoadOptions {
@@ -96,6 +100,7 @@ impl Default for LoadOptions {
             ca: None,
             hard_timeout: Duration::from_secs(120),
             watch: Vec::new(),
+            gro: true,
         }
     }
 }

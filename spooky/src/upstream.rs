@@ -8,6 +8,7 @@
 //! to HTTP status codes in [`UpstreamError::status`]: one place.
 
 use crate::config::{Backend, BackendTls};
+use crate::readahead::ReadAhead;
 use bytes::Bytes;
 use h2::client::SendRequest;
 use std::cell::{Cell, RefCell};
@@ -246,7 +247,6 @@ impl Connector {
                 Ok(Ok(s)) => s,
             };
         let _ = tcp.set_nodelay(true);
-        let tcp = crate::readahead::ReadAhead::new(tcp);
         let mut builder = h2::client::Builder::new();
         builder
             .initial_window_size(STREAM_WINDOW)
@@ -256,7 +256,7 @@ impl Connector {
         match &self.tls {
             None => {
                 let (send, conn) = builder
-                    .handshake::<_, Bytes>(tcp)
+                    .handshake::<_, Bytes>(ReadAhead::h2_frames(tcp))
                     .await
                     .map_err(|e| UpstreamError::new(ErrorKind::Handshake, b, e))?;
                 spawn_driver(conn, closed, b.clone());
@@ -264,7 +264,7 @@ impl Connector {
             }
             Some((cfg, name)) => {
                 let connector = tokio_rustls::TlsConnector::from(cfg.clone());
-                let hs = connector.connect(name.clone(), tcp);
+                let hs = connector.connect(name.clone(), ReadAhead::new(tcp));
                 let tls = match tokio::time::timeout(self.connect_timeout, hs).await {
                     Err(_) => {
                         return Err(UpstreamError::new(

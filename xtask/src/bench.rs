@@ -57,6 +57,11 @@ struct Args {
     /// Let every process run on every CPU instead of pinning.
     #[arg(long)]
     unpinned: bool,
+    /// Run spooky-load without UDP GRO (`spooky-load --no-gro`): on loopback the kernel then
+    /// splits each proxy's GSO batches in the proxy's own sendmsg, charging the client's
+    /// receive work to the proxy.
+    #[arg(long)]
+    no_gro: bool,
 }
 
 /// One workload.
@@ -213,6 +218,7 @@ pub fn run(args: &[String]) -> Result<()> {
             proxy_cpu,
             load_cpu,
             quick: a.quick,
+            no_gro: a.no_gro,
         },
         &chosen,
         &proxies,
@@ -252,6 +258,7 @@ struct RunCtx<'a> {
     proxy_cpu: Option<usize>,
     load_cpu: Option<usize>,
     quick: bool,
+    no_gro: bool,
 }
 
 /// A count-mode run through one proxy whose request count must equal nginx's exactly.
@@ -450,6 +457,9 @@ fn load_run(
         .args(["--connect", &format!("127.0.0.1:{port}")])
         .args(args)
         .args(["--kv", &kv_path.to_string_lossy()]);
+    if ctx.no_gro {
+        cmd.arg("--no-gro");
+    }
     for (name, pid) in watch {
         cmd.args(["--watch", &format!("{name}={pid}")]);
     }

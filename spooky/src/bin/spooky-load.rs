@@ -57,6 +57,10 @@ struct Args {
     /// Verify the server certificate against this CA (PEM). Without it, no verification.
     #[arg(long)]
     ca: Option<PathBuf>,
+    /// Receive datagrams one by one, without UDP GRO (by default the socket asks the kernel to
+    /// coalesce them, as QUIC stacks such as quic-go and msquic do).
+    #[arg(long)]
+    no_gro: bool,
     /// Give up this long after the planned end.
     #[arg(long, value_parser = loadgen::parse_duration, default_value = "60s")]
     timeout: Duration,
@@ -148,6 +152,7 @@ fn main() -> Result<()> {
         max_handshakes: a.max_handshakes.max(1),
         ca: a.ca.clone(),
         hard_timeout: a.timeout,
+        gro: !a.no_gro,
         watch,
     };
     let r = loadgen::run(&opts)?;

@@ -79,6 +79,8 @@ struct Worker<'a> {
     opts: &'a LoadOptions,
     plan: &'a Plan,
     socket: tokio::net::UdpSocket,
+    /// The socket delivers GRO-coalesced buffers.
+    gro: bool,
     local: SocketAddr,
     quic_cfg: quiche::Config,
     h3_cfg: h3::Config,
@@ -131,6 +133,7 @@ impl<'a> Worker<'a> {
         sock.set_nonblocking(true)?;
         sock.bind(&bind.into())?;
         let std_sock: std::net::UdpSocket = sock.into();
+        let gro = opts.gro && crate::worker::udp::enable_gro(&std_sock);
         let socket = tokio::net::UdpSocket::from_std(std_sock)?;
         let local = socket.local_addr()?;
 
@@ -177,6 +180,7 @@ impl<'a> Worker<'a> {
             opts,
             plan,
             socket,
+            gro,
             local,
             quic_cfg: cfg,
             h3_cfg: h3::Config::new()?,
@@ -329,42 +333,61 @@ impl<'a> Worker<'a> {
 
     fn receive(&mut self) -> Result<(), LoadError> {
         for _ in 0..RECV_BATCH {
-            let (len, from) = match self.socket.try_recv_from(&mut self.buf) {
+            let received = if self.gro {
+                let (socket, buf) = (&self.socket, &mut self.buf);
+                socket.try_io(tokio::io::Interest::READABLE, || {
+                    crate::worker::udp::recv_gro(socket, buf)
+                })
+            } else {
+                self.socket
+                    .try_recv_from(&mut self.buf)
+                    .map(|(n, from)| (n, from, None))
+            };
+            let (len, from, seg) = match received {
                 Ok(r) => r,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
                 Err(e) => return Err(e.into()),
             };
-            let Some(pkt) = self.buf.get_mut(..len) else {
-                continue;
-            };
-            let idx = match quiche::Header::from_slice(pkt, SCID_LEN) {
-                Ok(hdr) => {
-                    let key: Option<[u8; SCID_LEN]> = hdr.dcid.as_ref().try_into().ok();
-                    key.and_then(|k| self.by_cid.get(&k).copied())
-                }
-                Err(_) => None,
-            };
-            let Some(idx) = idx else { continue };
-            let Some(Some(conn)) = self.conns.get_mut(idx) else {
-                continue;
-            };
-            let Some(pkt) = self.buf.get_mut(..len) else {
-                continue;
-            };
-            let _ = conn.quic.recv(
-                pkt,
-                quiche::RecvInfo {
-                    from,
-                    to: self.local,
-                },
-            );
-            if !conn.dirty {
-                conn.dirty = true;
-                self.dirty.push(idx);
+            // A GRO buffer holds several datagrams of `seg` bytes (the last shorter).
+            let seg = seg.unwrap_or(len).max(1);
+            let mut off = 0;
+            while off < len {
+                let end = (off + seg).min(len);
+                self.on_datagram(off, end, from);
+                off = end;
             }
         }
         Ok(())
+    }
+
+    /// One datagram, `buf[start..end]`.
+    fn on_datagram(&mut self, start: usize, end: usize, from: SocketAddr) {
+        let Some(pkt) = self.buf.get_mut(start..end) else {
+            return;
+        };
+        let idx = match quiche::Header::from_slice(pkt, SCID_LEN) {
+            Ok(hdr) => {
+                let key: Option<[u8; SCID_LEN]> = hdr.dcid.as_ref().try_into().ok();
+                key.and_then(|k| self.by_cid.get(&k).copied())
+            }
+            Err(_) => None,
+        };
+        let Some(idx) = idx else { return };
+        let Some(Some(conn)) = self.conns.get_mut(idx) else {
+            return;
+        };
+        let _ = conn.quic.recv(
+            pkt,
+            quiche::RecvInfo {
+                from,
+                to: self.local,
+            },
+        );
+        if !conn.dirty {
+            conn.dirty = true;
+            self.dirty.push(idx);
+        }
     }
 
     fn expire_timers(&mut self, now: Instant) {

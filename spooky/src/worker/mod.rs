@@ -12,7 +12,7 @@
 mod conn;
 mod heads;
 pub mod stream;
-mod udp;
+pub(crate) mod udp;
 
 use crate::health::TrafficOutcome;
 use crate::lb::Balancer;
