@@ -221,12 +221,10 @@ struct Worker {
     kernel_places_initials: bool,
     draining: Option<Instant>,
     stats: Arc<WorkerStats>,
-    recv_buf: Vec<u8>,
+    recv_buf: udp::RecvBatch,
     out: Vec<u8>,
     /// UDP GSO works on this socket (turned off at the first refusal).
     gso: bool,
-    /// UDP GRO is on for this socket.
-    gro: bool,
     touched: Vec<usize>,
     rate_window: Cell<(Instant, u32)>,
 }
@@ -245,7 +243,10 @@ impl Worker {
             .map_err(|e| e.to_string())?;
         let local = setup.socket.local_addr().map_err(|e| e.to_string())?;
         let socket = tokio::net::UdpSocket::from_std(setup.socket).map_err(|e| e.to_string())?;
-        let gro = udp::enable_gro(&socket);
+        // Coalesced receives where the kernel supports them; `recv_batch` handles both.
+        if !udp::enable_gro(&socket) {
+            tracing::debug!(worker = setup.index, "UDP GRO not available");
+        }
 
         let stats = shared.stats[setup.index].clone();
         let ctx = Rc::new(build_ctx(
@@ -273,10 +274,9 @@ impl Worker {
             kernel_places_initials: setup.kernel_places_initials,
             draining: None,
             stats,
-            recv_buf: vec![0; MAX_DATAGRAM],
+            recv_buf: udp::RecvBatch::new(MAX_DATAGRAM),
             out: vec![0; MAX_DATAGRAM],
             gso: true,
-            gro,
             touched: Vec::new(),
             rate_window: Cell::new((Instant::now(), 0)),
         })
@@ -364,34 +364,32 @@ impl Worker {
     }
 
     fn recv_batch(&mut self) {
-        for _ in 0..RECV_BATCH {
-            let mut buf = std::mem::take(&mut self.recv_buf);
-            let received = if self.gro {
-                self.socket.try_io(tokio::io::Interest::READABLE, || {
-                    udp::recv_gro(&self.socket, &mut buf)
-                })
-            } else {
-                self.socket
-                    .try_recv_from(&mut buf)
-                    .map(|(n, from)| (n, from, None))
-            };
-            match received {
-                Ok((len, from, seg)) => {
-                    // A GRO buffer holds several datagrams of `seg` bytes (the last shorter).
-                    let seg = seg.unwrap_or(len).max(1);
-                    let mut off = 0;
-                    while off < len {
-                        let end = (off + seg).min(len);
-                        self.stats.packets_in.fetch_add(1, Ordering::Relaxed);
-                        self.on_datagram(&mut buf[off..end], from, false);
-                        off = end;
-                    }
-                    self.recv_buf = buf;
+        // Up to `RECV_BATCH` messages (each a datagram, or several coalesced by GRO) per
+        // wakeup, `udp::BATCH` per `recvmmsg`.
+        for _ in 0..RECV_BATCH / udp::BATCH {
+            let mut batch = std::mem::take(&mut self.recv_buf);
+            let received = self
+                .socket
+                .try_io(tokio::io::Interest::READABLE, || batch.recv(&self.socket));
+            let n = received.unwrap_or(0);
+            for i in 0..n {
+                let Some((r, data)) = batch.message(i) else {
+                    continue;
+                };
+                // A GRO buffer holds several datagrams of `seg` bytes (the last shorter).
+                let len = data.len();
+                let seg = r.seg.unwrap_or(len).max(1);
+                let mut off = 0;
+                while off < len {
+                    let end = (off + seg).min(len);
+                    self.stats.packets_in.fetch_add(1, Ordering::Relaxed);
+                    self.on_datagram(&mut data[off..end], r.from, false);
+                    off = end;
                 }
-                Err(_) => {
-                    self.recv_buf = buf;
-                    break;
-                }
+            }
+            self.recv_buf = batch;
+            if n < udp::BATCH {
+                break;
             }
         }
     }

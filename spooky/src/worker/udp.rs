@@ -84,8 +84,7 @@ pub fn recv_gro(
     buf: &mut [u8],
 ) -> std::io::Result<(usize, SocketAddr, Option<usize>)> {
     // SAFETY: sockaddr_storage is plain data (all-zero valid); msghdr points at `storage`,
-    // `iov` (into `buf`) and `control`, all alive for the call; CMSG_* walk stays within
-    // `msg_controllen` as the kernel set it.
+    // `iov` (into `buf`) and `control`, all alive for the call.
     unsafe {
         let mut storage: libc::sockaddr_storage = std::mem::zeroed();
         let mut iov = libc::iovec {
@@ -104,8 +103,20 @@ pub fn recv_gro(
         if n < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let mut seg = None;
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        let from = sender(&storage)?;
+        Ok((n as usize, from, gro_segment(&msg)))
+    }
+}
+
+/// The GRO segment size in a received message's control data, if the kernel coalesced.
+///
+/// # Safety
+/// `msg` must be a message the kernel just filled, its control pointer still valid.
+unsafe fn gro_segment(msg: &libc::msghdr) -> Option<usize> {
+    let mut seg = None;
+    // SAFETY: the CMSG_* walk stays within `msg_controllen` as the kernel set it.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(msg);
         while !cmsg.is_null() {
             if (*cmsg).cmsg_level == SOL_UDP && (*cmsg).cmsg_type == UDP_GRO {
                 let size = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
@@ -113,28 +124,182 @@ pub fn recv_gro(
                     seg = Some(size as usize);
                 }
             }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            cmsg = libc::CMSG_NXTHDR(msg, cmsg);
         }
-        let from = match i32::from(storage.ss_family) {
+    }
+    seg
+}
+
+/// The sender address the kernel wrote into `storage`.
+fn sender(storage: &libc::sockaddr_storage) -> std::io::Result<SocketAddr> {
+    // SAFETY: the family field says which sockaddr type the storage holds; both fit in it.
+    unsafe {
+        match i32::from(storage.ss_family) {
             libc::AF_INET => {
-                let sin = &*(&storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>();
-                SocketAddr::from((
+                let sin = &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>();
+                Ok(SocketAddr::from((
                     u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
                     u16::from_be(sin.sin_port),
-                ))
+                )))
             }
             libc::AF_INET6 => {
                 let sin6 =
-                    &*(&storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>();
-                SocketAddr::V6(std::net::SocketAddrV6::new(
+                    &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>();
+                Ok(SocketAddr::V6(std::net::SocketAddrV6::new(
                     sin6.sin6_addr.s6_addr.into(),
                     u16::from_be(sin6.sin6_port),
                     sin6.sin6_flowinfo,
                     sin6.sin6_scope_id,
-                ))
+                )))
             }
-            _ => return Err(std::io::Error::other("sender is not an IP address")),
-        };
-        Ok((n as usize, from, seg))
+            _ => Err(std::io::Error::other("sender is not an IP address")),
+        }
+    }
+}
+
+/// Datagrams per `recvmmsg`.
+pub const BATCH: usize = 16;
+
+/// One message of a [`RecvBatch`]: `len` bytes from `from`, `seg`-byte datagrams if the kernel
+/// coalesced several (GRO).
+#[derive(Clone, Copy)]
+pub struct Received {
+    pub len: usize,
+    pub from: SocketAddr,
+    pub seg: Option<usize>,
+}
+
+/// Buffers for receiving up to [`BATCH`] messages with one `recvmmsg`, each up to `slot`
+/// bytes (a GRO-coalesced message can be up to 64 KiB). The default is empty (a placeholder
+/// while a batch is being read; receiving into it fails).
+#[derive(Default)]
+pub struct RecvBatch {
+    buf: Vec<u8>,
+    slot: usize,
+    addrs: Vec<libc::sockaddr_storage>,
+    controls: Vec<[u64; 8]>,
+    got: Vec<Received>,
+}
+
+impl RecvBatch {
+    pub fn new(slot: usize) -> Self {
+        Self {
+            buf: vec![0; slot * BATCH],
+            slot,
+            // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
+            addrs: vec![unsafe { std::mem::zeroed() }; BATCH],
+            controls: vec![[0u64; 8]; BATCH],
+            got: Vec::with_capacity(BATCH),
+        }
+    }
+
+    /// Receives what is queued, up to [`BATCH`] messages; returns how many.
+    ///
+    /// # Errors
+    /// The `recvmmsg` error (`WouldBlock` when nothing is queued).
+    pub fn recv(&mut self, socket: &impl AsRawFd) -> std::io::Result<usize> {
+        self.got.clear();
+        let slot = self.slot;
+        if slot == 0 || self.buf.len() < slot * BATCH {
+            return Err(std::io::Error::other("receive batch without buffers"));
+        }
+        let mut iovs: [libc::iovec; BATCH] = std::array::from_fn(|i| libc::iovec {
+            iov_base: self.buf[i * slot..].as_mut_ptr().cast(),
+            iov_len: slot,
+        });
+        // SAFETY: mmsghdr is plain data; every pointer set below refers to `iovs`, `addrs`,
+        // `controls` or `buf`, all alive and unmoved for the call; each iovec covers its own
+        // `slot`-byte part of `buf`; the kernel writes at most the lengths given.
+        unsafe {
+            let mut msgs: [libc::mmsghdr; BATCH] = std::mem::zeroed();
+            for (i, m) in msgs.iter_mut().enumerate() {
+                m.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+                m.msg_hdr.msg_namelen =
+                    std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+                m.msg_hdr.msg_iov = &mut iovs[i];
+                m.msg_hdr.msg_iovlen = 1;
+                m.msg_hdr.msg_control = self.controls[i].as_mut_ptr().cast();
+                m.msg_hdr.msg_controllen = std::mem::size_of::<[u64; 8]>();
+            }
+            let n = libc::recvmmsg(
+                socket.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                BATCH as libc::c_uint,
+                0,
+                std::ptr::null_mut(),
+            );
+            if n < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            for (i, m) in msgs.iter().take(n as usize).enumerate() {
+                let Ok(from) = sender(&self.addrs[i]) else {
+                    continue;
+                };
+                self.got.push(Received {
+                    len: m.msg_len as usize,
+                    from,
+                    seg: gro_segment(&m.msg_hdr),
+                });
+            }
+        }
+        Ok(self.got.len())
+    }
+
+    /// Message `i` of the last [`RecvBatch::recv`] and its bytes.
+    pub fn message(&mut self, i: usize) -> Option<(Received, &mut [u8])> {
+        let r = *self.got.get(i)?;
+        let start = i * self.slot;
+        Some((r, &mut self.buf[start..start + r.len.min(self.slot)]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::UdpSocket;
+
+    #[test]
+    fn one_recvmmsg_returns_queued_datagrams_in_order_with_their_senders() {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = rx.local_addr().unwrap();
+        // More than one batch's worth, of different sizes, from two senders.
+        let sent: Vec<(Vec<u8>, SocketAddr)> = (0..BATCH + 3)
+            .map(|i| {
+                let s = if i % 2 == 0 { &a } else { &b };
+                let data = vec![i as u8; 100 + i * 37];
+                s.send_to(&data, to).unwrap();
+                (data, s.local_addr().unwrap())
+            })
+            .collect();
+        rx.set_nonblocking(true).unwrap();
+        let mut batch = RecvBatch::new(2048);
+        let mut got = Vec::new();
+        let mut calls = 0;
+        while got.len() < sent.len() {
+            let n = match batch.recv(&rx) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => panic!("recvmmsg: {e}"),
+            };
+            calls += 1;
+            assert!(n <= BATCH);
+            for i in 0..n {
+                let (r, data) = batch.message(i).unwrap();
+                assert_eq!(r.len, data.len());
+                assert_eq!(r.seg, None, "GRO is off on this socket");
+                got.push((data.to_vec(), r.from));
+            }
+            assert!(batch.message(n).is_none());
+        }
+        assert!(got == sent, "datagrams differ, or their order or senders");
+        assert_eq!(calls, 2, "{BATCH} per call, then the rest");
+    }
+
+    #[test]
+    fn the_empty_placeholder_refuses_to_receive() {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert!(RecvBatch::default().recv(&rx).is_err());
     }
 }
