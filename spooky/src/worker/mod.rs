@@ -207,7 +207,9 @@ struct Worker {
     local: SocketAddr,
     qconfig: quiche::Config,
     h3config: quiche::h3::Config,
-    conns: Vec<Option<Conn>>,
+    /// Connections by slot. Boxed: a `Conn` (with its quiche connection) is kilobytes, and
+    /// a slab of them inline would grow by copying and keep up to twice the room it needs.
+    conns: Vec<Option<Box<Conn>>>,
     free: Vec<usize>,
     next_gen: u64,
     by_cid: HashMap<ConnectionId<'static>, usize>,
@@ -581,7 +583,13 @@ impl Worker {
             aliases.push(client_dcid);
         }
         let handshake_deadline = Instant::now() + self.ctx.shared.config.quic.handshake_timeout;
-        self.conns[slot] = Some(Conn::new(quic, from, gen, aliases, handshake_deadline));
+        self.conns[slot] = Some(Box::new(Conn::new(
+            quic,
+            from,
+            gen,
+            aliases,
+            handshake_deadline,
+        )));
         *self.per_ip.entry(from.ip()).or_insert(0) += 1;
         self.stats
             .connections_active
@@ -809,7 +817,7 @@ impl Worker {
         }
     }
 
-    fn remove(&mut self, slot: usize, mut conn: Conn) {
+    fn remove(&mut self, slot: usize, mut conn: Box<Conn>) {
         for cid in conn.aliases.drain(..) {
             if self.by_cid.get(&cid) == Some(&slot) {
                 self.by_cid.remove(&cid);
