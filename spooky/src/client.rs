@@ -160,6 +160,37 @@ fn from_h3(list: &[h3::Header]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The QUIC settings of Spooky's HTTP/3 clients (this one and `spooky-load`): ALPN `h3`,
+/// peer verification against `ca` when `verify`, windows large enough for 1 MiB bodies.
+///
+/// # Errors
+/// When quiche refuses a setting or cannot read `ca`.
+pub fn quic_config(
+    verify: bool,
+    ca: Option<&std::path::Path>,
+    idle_timeout: Duration,
+    max_streams_bidi: u64,
+    active_cid_limit: u64,
+) -> Result<quiche::Config, quiche::Error> {
+    let mut cfg = quiche::Config::new(quiche::PROTOCOL_VERSION)?;
+    cfg.set_application_protos(h3::APPLICATION_PROTOCOL)?;
+    cfg.verify_peer(verify);
+    if let Some(ca) = ca {
+        cfg.load_verify_locations_from_file(&ca.to_string_lossy())?;
+    }
+    cfg.set_max_idle_timeout(idle_timeout.as_millis() as u64);
+    cfg.set_max_recv_udp_payload_size(65527);
+    cfg.set_max_send_udp_payload_size(1350);
+    cfg.set_initial_max_data(64 << 20);
+    cfg.set_initial_max_stream_data_bidi_local(16 << 20);
+    cfg.set_initial_max_stream_data_bidi_remote(16 << 20);
+    cfg.set_initial_max_stream_data_uni(1 << 20);
+    cfg.set_initial_max_streams_bidi(max_streams_bidi);
+    cfg.set_initial_max_streams_uni(100);
+    cfg.set_active_connection_id_limit(active_cid_limit);
+    Ok(cfg)
+}
+
 impl Client {
     /// Connects to `peer` and finishes the handshake (and HTTP/3 setup) within `timeout`.
     ///
@@ -178,22 +209,7 @@ impl Client {
         .parse()
         .map_err(|_| ClientError::Timeout("bind"))?;
         let socket = UdpSocket::bind(bind)?;
-        let mut cfg = quiche::Config::new(quiche::PROTOCOL_VERSION)?;
-        cfg.set_application_protos(h3::APPLICATION_PROTOCOL)?;
-        cfg.verify_peer(opts.verify);
-        if let Some(ca) = &opts.ca {
-            cfg.load_verify_locations_from_file(&ca.to_string_lossy())?;
-        }
-        cfg.set_max_idle_timeout(opts.idle_timeout.as_millis() as u64);
-        cfg.set_max_recv_udp_payload_size(65527);
-        cfg.set_max_send_udp_payload_size(1350);
-        cfg.set_initial_max_data(64 << 20);
-        cfg.set_initial_max_stream_data_bidi_local(16 << 20);
-        cfg.set_initial_max_stream_data_bidi_remote(16 << 20);
-        cfg.set_initial_max_stream_data_uni(1 << 20);
-        cfg.set_initial_max_streams_bidi(1000);
-        cfg.set_initial_max_streams_uni(100);
-        cfg.set_active_connection_id_limit(4);
+        let mut cfg = quic_config(opts.verify, opts.ca.as_deref(), opts.idle_timeout, 1000, 4)?;
         let mut scid = [0u8; 16];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut scid)
             .map_err(|_| ClientError::Timeout("rng"))?;

@@ -137,22 +137,13 @@ impl<'a> Worker<'a> {
         let socket = tokio::net::UdpSocket::from_std(std_sock)?;
         let local = socket.local_addr()?;
 
-        let mut cfg = quiche::Config::new(quiche::PROTOCOL_VERSION)?;
-        cfg.set_application_protos(h3::APPLICATION_PROTOCOL)?;
-        cfg.verify_peer(opts.ca.is_some());
-        if let Some(ca) = &opts.ca {
-            cfg.load_verify_locations_from_file(&ca.to_string_lossy())?;
-        }
-        cfg.set_max_idle_timeout(30_000);
-        cfg.set_max_recv_udp_payload_size(65527);
-        cfg.set_max_send_udp_payload_size(1350);
-        cfg.set_initial_max_data(64 << 20);
-        cfg.set_initial_max_stream_data_bidi_local(16 << 20);
-        cfg.set_initial_max_stream_data_bidi_remote(16 << 20);
-        cfg.set_initial_max_stream_data_uni(1 << 20);
-        cfg.set_initial_max_streams_bidi(100);
-        cfg.set_initial_max_streams_uni(100);
-        cfg.set_active_connection_id_limit(2);
+        let mut cfg = crate::client::quic_config(
+            opts.ca.is_some(),
+            opts.ca.as_deref(),
+            Duration::from_secs(30),
+            100,
+            2,
+        )?;
         cfg.set_max_connection_window(64 << 20);
         cfg.set_max_stream_window(16 << 20);
 

@@ -404,16 +404,7 @@ fn spooky_drops_to_an_unprivileged_user_and_keeps_serving() {
     );
     let cfg = dir.join("spooky.yaml");
     std::fs::write(&cfg, yaml).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_spooky"))
-        .args([
-            "--config",
-            cfg.to_str().unwrap(),
-            "--workers",
-            "2",
-            "--no-pin",
-        ])
-        .spawn()
-        .unwrap();
+    let mut child = spawn_spooky(&cfg, 2);
     let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
     let deadline = Instant::now() + T;
     while std::net::TcpStream::connect(admin).is_err() {

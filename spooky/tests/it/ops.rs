@@ -709,16 +709,7 @@ fn the_binary_reloads_on_sighup_and_exits_0_on_sigterm() {
         std::fs::write(&cfg, text).unwrap();
     };
     write(&[("b1", b1.addr, 1)]);
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_spooky"))
-        .args([
-            "--config",
-            cfg.to_str().unwrap(),
-            "--workers",
-            "1",
-            "--no-pin",
-        ])
-        .spawn()
-        .unwrap();
+    let mut child = spawn_spooky(&cfg, 1);
     let admin_addr: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
     let deadline = Instant::now() + T;
     while TcpStream::connect(admin_addr).is_err() {

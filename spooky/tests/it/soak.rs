@@ -129,16 +129,7 @@ fn soak_mixed_load_with_restarts_reloads_and_a_flood() {
         .port();
     let pins = unique_pin_path();
     write_config(&cfg, port, admin_port, &pins, &addrs);
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_spooky"))
-        .args([
-            "--config",
-            cfg.to_str().unwrap(),
-            "--workers",
-            "2",
-            "--no-pin",
-        ])
-        .spawn()
-        .unwrap();
+    let mut child = spawn_spooky(&cfg, 2);
     let pid = child.id();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();

@@ -224,6 +224,16 @@ pub fn proxy(upstreams: &str, extra: &str, workers: usize) -> Proxy {
 }
 
 /// An HTTP/3 client connected to `addr`, verifying Spooky's certificate with the demo CA.
+/// Starts the real `spooky` binary on `config` with `workers` unpinned workers.
+pub fn spawn_spooky(config: &std::path::Path, workers: usize) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_spooky"))
+        .arg("--config")
+        .arg(config)
+        .args(["--workers", &workers.to_string(), "--no-pin"])
+        .spawn()
+        .expect("start spooky")
+}
+
 pub fn client(addr: SocketAddr) -> Client {
     let opts = ClientOptions {
         verify: true,
