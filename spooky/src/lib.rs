@@ -12,14 +12,11 @@
 pub mod access_log;
 pub mod admin;
 pub mod bridge;
-pub mod client;
 pub mod config;
-pub mod demo;
 pub mod ebpf;
 pub mod health;
 pub mod health_board;
 pub mod lb;
-pub mod loadgen;
 pub mod metrics;
 pub mod privilege;
 pub mod proxy;

@@ -4,8 +4,8 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use spooky::client::{Client, ClientOptions, Request};
 use spooky::config::Config;
+use spooky_peers::client::{Client, ClientOptions, Request};
 use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 use std::process::ExitCode;

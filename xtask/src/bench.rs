@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: Spooky against Envoy and Caddy as HTTP/3 → HTTP/2 reverse proxies in
-//! front of one nginx, measured with `spooky-load` (see `spooky::loadgen` and
+//! front of one nginx, measured with `spooky-load` (see `spooky_peers::loadgen` and
 //! docs/benchmarks.md).
 //!
 //! Pinned mode (the default on a machine with at least 2 CPUs): the proxy under test runs
@@ -51,7 +51,7 @@ struct Args {
     /// Also write the SVG chart here (e.g. docs/benchmarks.svg).
     #[arg(long)]
     chart: Option<PathBuf>,
-    /// Do not run `cargo build --release -p spooky --bins` first.
+    /// Do not run `cargo build --release -p spooky -p spooky-peers --bins` first.
     #[arg(long)]
     no_build: bool,
     /// Let every process run on every CPU instead of pinning.
@@ -163,12 +163,20 @@ pub fn run(args: &[String]) -> Result<()> {
 
     // Prerequisites, idempotently.
     let bins = peers::ensure()?;
-    let certs = crate::certs::generate(&root.join("config/certs"))?;
+    let certs = spooky_peers::certs::generate(&root.join("config/certs"))?;
     if !a.no_build {
-        eprintln!("bench: cargo build --release -p spooky --bins");
+        eprintln!("bench: cargo build --release -p spooky -p spooky-peers --bins");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let ok = Command::new(cargo)
-            .args(["build", "--release", "-p", "spooky", "--bins"])
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "spooky",
+                "-p",
+                "spooky-peers",
+                "--bins",
+            ])
             .current_dir(&root)
             .status()?
             .success();
@@ -184,7 +192,7 @@ pub fn run(args: &[String]) -> Result<()> {
     for b in [&spooky, &load] {
         if !b.is_file() {
             bail!(
-                "{} missing: build with cargo build --release -p spooky --bins",
+                "{} missing: build with cargo build --release -p spooky -p spooky-peers --bins",
                 b.display()
             );
         }

@@ -2,7 +2,6 @@
 //! (idempotently, see `setup`), so a fresh Debian 12 machine needs nothing but Rust and root.
 
 mod bench;
-mod certs;
 mod ebpf;
 mod fuzz;
 mod quickstart;
@@ -74,7 +73,7 @@ fn main() -> Result<()> {
             println!("eBPF object: {}", obj.display());
             Ok(())
         }
-        Task::Certs { dir } => certs::generate(&dir).map(|_| ()),
+        Task::Certs { dir } => spooky_peers::certs::generate(&dir).map(|_| ()),
         Task::Quickstart { once } => quickstart::run(once),
         Task::Bench { args } => bench::run(&args),
         Task::Fuzz { target, seconds } => fuzz::run(target.as_deref(), seconds),

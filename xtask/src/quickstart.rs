@@ -4,8 +4,9 @@
 //! HTTP/3 request through it and prints the answer. Then it keeps serving until Ctrl-C
 //! (or stops at once with `--once`), ending only the processes it started.
 
-use crate::{certs, ebpf, setup, workspace_root};
+use crate::{ebpf, setup, workspace_root};
 use anyhow::{bail, Context, Result};
+use spooky_peers::certs;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -44,7 +45,15 @@ pub fn run(once: bool) -> Result<()> {
     certs::generate(&root.join("config/certs"))?;
     eprintln!("==> building spooky (release)");
     let status = Command::new("cargo")
-        .args(["build", "--release", "-p", "spooky", "--bins"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "spooky",
+            "-p",
+            "spooky-peers",
+            "--bins",
+        ])
         .current_dir(&root)
         .status()?;
     if !status.success() {

@@ -3,8 +3,9 @@
 //! Tests that need root (eBPF, network namespaces) fail loudly without it; they are not
 //! skipped.
 
-use crate::{certs, ebpf, setup, workspace_root};
+use crate::{ebpf, setup, workspace_root};
 use anyhow::{bail, Context, Result};
+use spooky_peers::certs;
 use std::process::Command;
 use std::time::Instant;
 

@@ -74,40 +74,6 @@ pub fn enable_gro(socket: &impl AsRawFd) -> bool {
     rc == 0
 }
 
-/// Receives one (possibly GRO-coalesced) buffer: its length, the sender, and the segment size
-/// when several datagrams were coalesced (each `seg` bytes, the last possibly shorter).
-///
-/// # Errors
-/// The `recvmsg` error (`WouldBlock` when nothing is queued).
-pub fn recv_gro(
-    socket: &impl AsRawFd,
-    buf: &mut [u8],
-) -> std::io::Result<(usize, SocketAddr, Option<usize>)> {
-    // SAFETY: sockaddr_storage is plain data (all-zero valid); msghdr points at `storage`,
-    // `iov` (into `buf`) and `control`, all alive for the call.
-    unsafe {
-        let mut storage: libc::sockaddr_storage = std::mem::zeroed();
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
-        let mut control = [0u64; 8];
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_name = (&mut storage as *mut libc::sockaddr_storage).cast();
-        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = std::mem::size_of_val(&control);
-        let n = libc::recvmsg(socket.as_raw_fd(), &mut msg, 0);
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let from = sender(&storage)?;
-        Ok((n as usize, from, gro_segment(&msg)))
-    }
-}
-
 /// The GRO segment size in a received message's control data, if the kernel coalesced.
 ///
 /// # Safety

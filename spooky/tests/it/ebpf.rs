@@ -1175,7 +1175,7 @@ fn poll_status(
 
 #[test]
 fn sk_reuseport_tier_on_loopback_has_no_misroutes() {
-    use spooky::client::Request;
+    use spooky_peers::client::Request;
     let b1 = crate::support::backend("b1");
     let b2 = crate::support::backend("b2");
     let pin = unique_pin("loopback");

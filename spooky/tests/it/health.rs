@@ -3,8 +3,8 @@
 //! connections and workers.
 
 use crate::support::*;
-use spooky::client::Request;
-use spooky::demo::DemoOptions;
+use spooky_peers::client::Request;
+use spooky_peers::demo::DemoOptions;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,7 @@ fn checked_pool(
     s
 }
 
-fn backend_of(c: &mut spooky::client::Client, path: &str, authority: &str) -> (u16, String) {
+fn backend_of(c: &mut spooky_peers::client::Client, path: &str, authority: &str) -> (u16, String) {
     let r = c.request(&Request::get(authority, path), T).unwrap();
     (r.status, r.header("x-backend").unwrap_or("").to_string())
 }

@@ -3,7 +3,7 @@
 //! reset mid-response or answer with malformed HTTP/2.
 
 use crate::support::*;
-use spooky::client::{Client, ClientOptions, Request};
+use spooky_peers::client::{Client, ClientOptions, Request};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::Ordering;

@@ -9,9 +9,9 @@
 //! namespaces are deleted by a Drop guard even when a test fails.
 
 use crate::support::{certs_dir, init_logging, pool};
-use spooky::client::{Client, ClientOptions, Request};
 use spooky::server::{RunOptions, Running};
 use spooky::status::Status;
+use spooky_peers::client::{Client, ClientOptions, Request};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

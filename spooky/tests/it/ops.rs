@@ -2,8 +2,8 @@
 //! set changes, certificate rotation, an invalid file), SIGHUP and SIGTERM on the real binary.
 
 use crate::support::*;
-use spooky::client::{Client, ClientOptions, Request};
-use spooky::demo::DemoOptions;
+use spooky_peers::client::{Client, ClientOptions, Request};
+use spooky_peers::demo::DemoOptions;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -13,7 +13,7 @@
 
 use crate::support::*;
 use serde_json::Value;
-use spooky::client::Request;
+use spooky_peers::client::Request;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};

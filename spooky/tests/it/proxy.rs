@@ -2,8 +2,8 @@
 //! 2 workers, classic BPF steering) → in-process `h2` demo backends.
 
 use crate::support::*;
-use spooky::client::Request;
-use spooky::demo::DemoOptions;
+use spooky_peers::client::Request;
+use spooky_peers::demo::DemoOptions;
 use std::time::{Duration, Instant};
 
 fn one_pool(backends: &[(&str, std::net::SocketAddr)], extra: &str) -> Proxy {

@@ -5,8 +5,8 @@
 //! memory growth after warm-up; prints the RSS slope.
 
 use crate::support::*;
-use spooky::client::Request;
-use spooky::demo::DemoOptions;
+use spooky_peers::client::Request;
+use spooky_peers::demo::DemoOptions;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

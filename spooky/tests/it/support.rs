@@ -4,12 +4,9 @@
 
 #![allow(dead_code)]
 
-#[path = "../../../xtask/src/certs.rs"]
-mod certs_gen;
-
-use spooky::client::{Client, ClientOptions};
-use spooky::demo::{DemoOptions, DemoStats};
 use spooky::server::{RunOptions, Running};
+use spooky_peers::client::{Client, ClientOptions};
+use spooky_peers::demo::{DemoOptions, DemoStats};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -26,14 +23,15 @@ pub fn repo_root() -> PathBuf {
 pub fn certs_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        certs_gen::generate(&repo_root().join("config/certs")).expect("generate demo certificates")
+        spooky_peers::certs::generate(&repo_root().join("config/certs"))
+            .expect("generate demo certificates")
     })
     .clone()
 }
 
 /// Issues a new `NAME.crt`/`NAME.key` in `dir` from the CA there (`ca.key`).
 pub fn issue_cert(dir: &std::path::Path, name: &str, common_name: &str) -> PathBuf {
-    certs_gen::issue(dir, name, common_name).unwrap()
+    spooky_peers::certs::issue(dir, name, common_name).unwrap()
 }
 
 /// Logs go to the test's captured output; `RUST_LOG` picks the level (default warn).
@@ -75,7 +73,7 @@ pub struct Backend {
     pub id: String,
     pub addr: SocketAddr,
     pub stats: Arc<DemoStats>,
-    pub server: spooky::demo::DemoServer,
+    pub server: spooky_peers::demo::DemoServer,
 }
 
 impl Backend {
@@ -106,7 +104,7 @@ pub fn backend_with(opts: DemoOptions) -> Backend {
 /// A demo backend on a given address (e.g. restarting one that was killed).
 pub fn backend_at(addr: SocketAddr, opts: DemoOptions) -> Backend {
     let id = opts.id.clone();
-    let server = spooky::demo::spawn(addr, opts).unwrap();
+    let server = spooky_peers::demo::spawn(addr, opts).unwrap();
     Backend {
         id,
         addr: server.addr,
@@ -245,7 +243,7 @@ pub fn client(addr: SocketAddr) -> Client {
 
 /// The `/size/N` body.
 pub fn pattern(n: usize) -> Vec<u8> {
-    (0..n).map(spooky::demo::pattern_byte).collect()
+    (0..n).map(spooky_peers::demo::pattern_byte).collect()
 }
 
 pub const T: Duration = Duration::from_secs(20);

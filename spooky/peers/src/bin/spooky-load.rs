@@ -1,10 +1,10 @@
 //! `spooky-load https://localhost:9889/path -c 10 -m 10 -D 10s`: an h2load-style HTTP/3 load
-//! generator (see `spooky::loadgen`). Prints a summary, or the whole report as JSON with
+//! generator (see `spooky_peers::loadgen`). Prints a summary, or the whole report as JSON with
 //! `--json`.
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use spooky::loadgen::{self, LoadOptions};
+use spooky_peers::loadgen::{self, LoadOptions};
 use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -2,9 +2,9 @@
 //! (`spooky.crt`, `spooky.key`) and one for TLS demo backends (`backend.crt`, `backend.key`),
 //! all for `localhost`, `127.0.0.1` and `::1`. Existing files are kept (idempotent).
 //!
-//! This file is also compiled into spooky's integration tests (`#[path]`), so the tests and
-//! the quickstart use the very same generator; [`issue`] makes further certificates from the
-//! same CA (the tests rotate Spooky's certificate with it).
+//! `cargo xtask certs`, the quickstart, the benchmarks and the tests all use this generator;
+//! [`issue`] makes further certificates from the same CA (the tests rotate Spooky's
+//! certificate with it).
 
 use anyhow::{Context, Result};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};

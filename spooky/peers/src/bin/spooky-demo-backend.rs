@@ -17,11 +17,11 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let opts = spooky::demo::DemoOptions {
+    let opts = spooky_peers::demo::DemoOptions {
         id: args.id.clone(),
         goaway_every: None,
     };
-    let server = spooky::demo::spawn(args.listen, opts)?;
+    let server = spooky_peers::demo::spawn(args.listen, opts)?;
     eprintln!(
         "demo backend {} listening on {} (h2c)",
         args.id, server.addr

@@ -133,7 +133,7 @@ impl<'a> Worker<'a> {
         sock.set_nonblocking(true)?;
         sock.bind(&bind.into())?;
         let std_sock: std::net::UdpSocket = sock.into();
-        let gro = opts.gro && crate::worker::udp::enable_gro(&std_sock);
+        let gro = opts.gro && crate::udp::enable_gro(&std_sock);
         let socket = tokio::net::UdpSocket::from_std(std_sock)?;
         let local = socket.local_addr()?;
 
@@ -327,7 +327,7 @@ impl<'a> Worker<'a> {
             let received = if self.gro {
                 let (socket, buf) = (&self.socket, &mut self.buf);
                 socket.try_io(tokio::io::Interest::READABLE, || {
-                    crate::worker::udp::recv_gro(socket, buf)
+                    crate::udp::recv_gro(socket, buf)
                 })
             } else {
                 self.socket
