@@ -19,7 +19,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use quiche::h3::{Header, NameValue};
-use spooky::bridge::{to_h2_request, trailers_to_h2, trailers_to_h3, validate_request, Hop};
+use spooky::http::bridge::{to_h2_request, trailers_to_h2, trailers_to_h3, validate_request, Hop};
 use spooky::config::ForwardedMode;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

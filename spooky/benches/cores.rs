@@ -7,8 +7,8 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use quiche::h3::Header;
-use spooky::bridge::{to_h2_request, validate_request, Hop};
 use spooky::config::{ForwardedMode, HashKey, LoadBalancing, Route};
+use spooky::http::bridge::{to_h2_request, validate_request, Hop};
 use spooky::lb::{Balancer, Candidates};
 use spooky::routing::RouteTable;
 use spooky_common::CidLayout;

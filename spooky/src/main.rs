@@ -131,7 +131,7 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 fn status(pin_path: &std::path::Path, json: bool) -> ExitCode {
-    match spooky::status::read(pin_path) {
+    match spooky::ops::status::read(pin_path) {
         Ok(status) if json => match serde_json::to_string_pretty(&status) {
             Ok(text) => {
                 println!("{text}");
@@ -143,7 +143,7 @@ fn status(pin_path: &std::path::Path, json: bool) -> ExitCode {
             }
         },
         Ok(status) => {
-            print!("{}", spooky::status::render(&status));
+            print!("{}", spooky::ops::status::render(&status));
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -168,7 +168,7 @@ fn run(args: &RunArgs) -> ExitCode {
             XdpModeArg::Auto => spooky::config::XdpMode::Auto,
         };
     }
-    let log_reloader = match spooky::telemetry::init(&config.log.level, config.log.format) {
+    let log_reloader = match spooky::ops::telemetry::init(&config.log.level, config.log.format) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("spooky: {e}");
@@ -188,7 +188,7 @@ fn run(args: &RunArgs) -> ExitCode {
 fn serve(
     config: Config,
     args: &RunArgs,
-    log_reloader: spooky::telemetry::LevelReloader,
+    log_reloader: spooky::ops::telemetry::LevelReloader,
 ) -> Result<()> {
     let opts = spooky::server::RunOptions {
         workers: args.workers,

@@ -7,7 +7,7 @@
 //! (HMAC with a per-process key), the QUIC configuration, per-worker counters.
 
 use crate::config::Config;
-use crate::health_board::HealthBoard;
+use crate::health::checker::HealthBoard;
 use crate::routing::RouteTable;
 use quiche::ConnectionId;
 use ring::hmac;
@@ -56,8 +56,8 @@ pub struct Shared {
     pub health: HealthBoard,
     pub stats: Vec<Arc<WorkerStats>>,
     /// Request metrics (process-wide, kept across reloads).
-    pub metrics: Arc<crate::metrics::Metrics>,
-    pub access_log: Arc<crate::access_log::AccessLogger>,
+    pub metrics: Arc<crate::ops::metrics::Metrics>,
+    pub access_log: Arc<crate::ops::access_log::AccessLogger>,
 }
 
 /// Why the proxy could not start.
@@ -86,7 +86,7 @@ pub enum StartError {
     #[error("{0}")]
     Config(String),
     #[error("dropping privileges: {0}")]
-    Privilege(#[from] crate::privilege::PrivilegeError),
+    Privilege(#[from] crate::ops::privilege::PrivilegeError),
     #[error("access log: {0}")]
     AccessLog(String),
     #[error("cannot start thread: {0}")]
@@ -111,9 +111,9 @@ impl Shared {
         let stats = (0..workers)
             .map(|_| Arc::new(WorkerStats::default()))
             .collect();
-        let metrics = Arc::new(crate::metrics::Metrics::new(workers));
+        let metrics = Arc::new(crate::ops::metrics::Metrics::new(workers));
         let access_log = Arc::new(
-            crate::access_log::AccessLogger::start(&config.log.access, metrics.clone())
+            crate::ops::access_log::AccessLogger::start(&config.log.access, metrics.clone())
                 .map_err(|e| StartError::AccessLog(e.to_string()))?,
         );
         let process = Process {
@@ -198,8 +198,8 @@ struct Process {
     token_key: hmac::Key,
     rng: ring::rand::SystemRandom,
     stats: Vec<Arc<WorkerStats>>,
-    metrics: Arc<crate::metrics::Metrics>,
-    access_log: Arc<crate::access_log::AccessLogger>,
+    metrics: Arc<crate::ops::metrics::Metrics>,
+    access_log: Arc<crate::ops::access_log::AccessLogger>,
 }
 
 /// The QUIC configuration of a worker (each worker builds its own: quiche's TLS context is
@@ -351,7 +351,7 @@ pub struct Running {
     /// valid across reloads; use `live.current()` for the configuration in force).
     pub shared: Arc<Shared>,
     /// The configuration in force, reloads, admin API state.
-    pub live: Arc<crate::reload::Live>,
+    pub live: Arc<crate::ops::reload::Live>,
     /// Where the admin listener listens, when enabled.
     pub admin_addr: Option<SocketAddr>,
     admin_stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -359,7 +359,7 @@ pub struct Running {
     pub steering: crate::steering::Mode,
     shutdown: watch::Sender<bool>,
     workers: Vec<std::thread::JoinHandle<Result<(), String>>>,
-    control: Arc<std::sync::Mutex<Option<crate::health_board::Control>>>,
+    control: Arc<std::sync::Mutex<Option<crate::health::checker::Control>>>,
     /// Kept alive while running; detached (XDP off, pins removed) after the workers stop.
     kernel_steering: Option<crate::steering::Steering>,
 }
@@ -467,35 +467,35 @@ fn start_inner(
         receivers.push(rx);
     }
     let admin_listener = match shared.config.admin.addr {
-        Some(addr) => {
-            Some(crate::admin::bind(addr).map_err(|source| StartError::Admin { addr, source })?)
-        }
+        Some(addr) => Some(
+            crate::ops::admin::bind(addr).map_err(|source| StartError::Admin { addr, source })?,
+        ),
         None => None,
     };
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
     if let Some(user) = &shared.config.user {
         let pins = kernel_steering.pin_path().map(std::path::Path::to_path_buf);
-        let (uid, gid) = crate::privilege::drop_to(user, pins.as_deref())?;
+        let (uid, gid) = crate::ops::privilege::drop_to(user, pins.as_deref())?;
         tracing::info!(%user, uid, gid, "dropped privileges");
     }
     let control = Arc::new(std::sync::Mutex::new(Some(
-        crate::health_board::Control::start(shared.clone()).map_err(StartError::Thread)?,
+        crate::health::checker::Control::start(shared.clone()).map_err(StartError::Thread)?,
     )));
     let applier_control = control.clone();
-    let applier: crate::reload::Applier = Box::new(move |old, config| {
+    let applier: crate::ops::reload::Applier = Box::new(move |old, config| {
         let next = Arc::new(Shared::next(old, config).map_err(|e| e.to_string())?);
         let mut guard = applier_control
             .lock()
             .map_err(|_| "control thread state poisoned".to_owned())?;
         let carry = guard.take().map(|c| c.stop()).unwrap_or_default();
         *guard = Some(
-            crate::health_board::Control::start_with(next.clone(), carry)
+            crate::health::checker::Control::start_with(next.clone(), carry)
                 .map_err(|e| format!("cannot restart the health checker: {e}"))?,
         );
         Ok(next)
     });
     let (live, updates) =
-        crate::reload::Live::new(shared.clone(), path, steering.to_string(), applier);
+        crate::ops::reload::Live::new(shared.clone(), path, steering.to_string(), applier);
     if let Some(ebpf_metrics) = kernel_steering.ebpf_metrics() {
         live.set_extra_metrics(ebpf_metrics);
     }
@@ -517,7 +517,7 @@ fn start_inner(
                     match tokio::net::TcpListener::from_std(listener) {
                         Ok(l) => {
                             tokio::select! {
-                                () = crate::admin::serve(l, live) => {}
+                                () = crate::ops::admin::serve(l, live) => {}
                                 _ = admin_stopped => {}
                             }
                         }
@@ -533,7 +533,7 @@ fn start_inner(
     let pin = opts.pin && cpus >= workers;
     let mut handles = Vec::with_capacity(workers);
     for (index, (socket, inbox)) in sockets.into_iter().zip(receivers).enumerate() {
-        let setup = crate::worker::WorkerSetup {
+        let setup = crate::quic::worker::WorkerSetup {
             index,
             socket,
             cpu: pin.then_some(index),
@@ -546,7 +546,7 @@ fn start_inner(
         };
         let h = std::thread::Builder::new()
             .name(format!("spooky-w{index}"))
-            .spawn(move || crate::worker::run(setup))
+            .spawn(move || crate::quic::worker::run(setup))
             .map_err(StartError::Thread)?;
         handles.push(h);
     }

@@ -171,7 +171,7 @@ fn build_config(raw: &RawConfig, base: &Path, errs: &mut Errors) -> Option<Confi
         None => Some(None),
         Some(u) => errs.check(
             "user",
-            crate::privilege::lookup(u)
+            crate::ops::privilege::lookup(u)
                 .map(|_| Some(u.clone()))
                 .map_err(|e| e.to_string()),
         ),

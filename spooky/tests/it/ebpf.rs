@@ -10,7 +10,7 @@
 // test functions themselves).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use spooky::ebpf::{EbpfPrograms, Stats, XdpAction, OBJECT};
+use spooky::steering::ebpf::{EbpfPrograms, Stats, XdpAction, OBJECT};
 use spooky_common::cid::{steer, CidLayout};
 use spooky_common::maps::{
     Counter, SteeringConfig, WorkerEntry, CONFIG_MAP, CPUS_MAP, FLAG_REDIRECT_CPU,
@@ -1160,11 +1160,11 @@ fn ebpf_proxy(
 fn poll_status(
     pin: &std::path::Path,
     what: &str,
-    done: impl Fn(&spooky::status::Status) -> bool,
-) -> spooky::status::Status {
+    done: impl Fn(&spooky::ops::status::Status) -> bool,
+) -> spooky::ops::status::Status {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        let status = spooky::status::read(pin).expect("read pinned maps");
+        let status = spooky::ops::status::read(pin).expect("read pinned maps");
         if done(&status) {
             return status;
         }
@@ -1309,7 +1309,7 @@ fn stale_pins_are_replaced_and_only_our_own_are_removed() {
     let ids = |pin: &std::path::Path| -> Vec<u32> {
         PINNED_MAPS
             .iter()
-            .map(|n| spooky::ebpf::pinned_map_id(&pin.join(n)).expect("pinned"))
+            .map(|n| spooky::steering::ebpf::pinned_map_id(&pin.join(n)).expect("pinned"))
             .collect()
     };
     let first_ids = ids(&pin);
@@ -1322,7 +1322,7 @@ fn stale_pins_are_replaced_and_only_our_own_are_removed() {
     let second_ids = ids(&pin);
     first.shutdown();
     assert_eq!(ids(&pin), second_ids);
-    assert_eq!(spooky::status::read(&pin).unwrap().workers.len(), 2);
+    assert_eq!(spooky::ops::status::read(&pin).unwrap().workers.len(), 2);
     second.shutdown();
     assert!(!pin.exists(), "pins left after the last shutdown");
 }

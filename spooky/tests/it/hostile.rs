@@ -232,7 +232,7 @@ fn a_request_head_that_never_completes_is_reset_and_others_are_unaffected() {
     assert_eq!(r.status, 0, "no response for a request never received");
     assert_eq!(
         r.reset,
-        Some(spooky::bridge::H3_REQUEST_REJECTED),
+        Some(spooky::http::bridge::H3_REQUEST_REJECTED),
         "reset with H3_REQUEST_REJECTED"
     );
     assert!(

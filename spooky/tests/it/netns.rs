@@ -9,8 +9,8 @@
 //! namespaces are deleted by a Drop guard even when a test fails.
 
 use crate::support::{certs_dir, init_logging, pool};
+use spooky::ops::status::Status;
 use spooky::server::{RunOptions, Running};
-use spooky::status::Status;
 use spooky_peers::client::{Client, ClientOptions, Request};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -286,7 +286,7 @@ fn status_json(pin: &Path) -> serde_json::Value {
 fn status_until(pin: &Path, what: &str, done: impl Fn(&Status) -> bool) -> Status {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let status = spooky::status::read(pin).expect("read pinned maps");
+        let status = spooky::ops::status::read(pin).expect("read pinned maps");
         if done(&status) {
             return status;
         }
@@ -493,7 +493,7 @@ fn xdp_end_to_end(mode: &str, native: bool) {
     );
 
     // A worker marked dead in the pinned map gets no new connections.
-    let mut maps = spooky::ebpf::PinnedMaps::open(&pin).unwrap();
+    let mut maps = spooky::steering::ebpf::PinnedMaps::open(&pin).unwrap();
     let mut w1 = maps.worker(1).unwrap();
     w1.alive = 0;
     maps.set_worker(1, &w1).unwrap();
@@ -507,7 +507,7 @@ fn xdp_end_to_end(mode: &str, native: bool) {
     );
     assert_eq!(accepted_after[0], accepted_by[0] + 24);
     assert_eq!(stat_sum(&running, |s| &s.misrouted), 0);
-    let status = spooky::status::read(&pin).unwrap();
+    let status = spooky::ops::status::read(&pin).unwrap();
     assert!(!status.workers[1].alive);
     assert_eq!(total(&status, "redirect_failed"), 0, "{status:#?}");
 
@@ -983,7 +983,7 @@ fn xdp_initial_flood_is_dropped_while_legitimate_clients_are_served() {
         "xdp: {limited} Initials rate-limited of {} sent (at most {allowed} may pass), {junk_dropped} junk dropped of {} sent; status: {}",
         sent.initials,
         sent.junk,
-        spooky::status::render(&status)
+        spooky::ops::status::render(&status)
     );
     assert!(
         limited + allowed >= sent.initials - sent.send_errors,

@@ -42,7 +42,7 @@ pub struct HealthBoard {
     reports: mpsc::UnboundedSender<Report>,
     inbox: Mutex<Option<mpsc::UnboundedReceiver<Report>>>,
     /// The `backends` BPF map, when eBPF steering runs: [`publish`] mirrors into it.
-    bpf: OnceLock<Arc<Mutex<crate::ebpf::BackendsMap>>>,
+    bpf: OnceLock<Arc<Mutex<crate::steering::ebpf::BackendsMap>>>,
 }
 
 impl HealthBoard {
@@ -72,7 +72,7 @@ impl HealthBoard {
 
     /// From now on, [`publish`] also writes each backend's health into `map` (the pinned
     /// `backends` BPF map). Only the first call takes effect.
-    pub fn mirror_to_bpf(&self, map: crate::ebpf::BackendsMap) {
+    pub fn mirror_to_bpf(&self, map: crate::steering::ebpf::BackendsMap) {
         let _ = self.bpf.set(Arc::new(Mutex::new(map)));
     }
 

@@ -3,7 +3,7 @@
 //! dropped and counted (`spooky_access_log_dropped_total`), never waited for.
 
 use crate::config::AccessLog;
-use crate::metrics::Metrics;
+use crate::ops::metrics::Metrics;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;

@@ -7,10 +7,12 @@
 //! by default. Failure classification lives here, as [`UpstreamError`] kinds, and the mapping
 //! to HTTP status codes in [`UpstreamError::status`]: one place.
 
+pub mod readahead;
+
 use crate::config::{Backend, BackendTls};
-use crate::readahead::ReadAhead;
 use bytes::Bytes;
 use h2::client::SendRequest;
+use readahead::ReadAhead;
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;

@@ -1,14 +1,14 @@
 //! One client QUIC connection on its worker: HTTP/3 events in (request heads, bodies,
 //! trailers, resets), buffered response data out, resuming partial writes where quiche left
-//! off. New requests are validated ([`crate::bridge`]), routed, and handed to a proxy task
-//! ([`crate::proxy`]); local answers (400, 404, 501) never reach a backend.
+//! off. New requests are validated ([`crate::http::bridge`]), routed, and handed to a proxy task
+//! ([`crate::http::forward`]); local answers (400, 404, 501) never reach a backend.
 
 use super::heads::PendingHeads;
-use super::stream::{QuicConn, SharedStream, StreamIo, REQ_BUF_LIMIT};
-use super::WorkerCtx;
-use crate::bridge::{
+use super::worker::WorkerCtx;
+use crate::http::bridge::{
     self, H3_MESSAGE_ERROR, H3_NO_ERROR, H3_REQUEST_CANCELLED, H3_REQUEST_REJECTED,
 };
+use crate::http::exchange::{QuicConn, SharedStream, StreamIo, REQ_BUF_LIMIT};
 use bytes::Bytes;
 use quiche::h3::{self, NameValue};
 use quiche::ConnectionId;
@@ -303,7 +303,7 @@ impl Conn {
             io.borrow_mut().req_fin = true;
         }
         self.streams.insert(sid, io.clone());
-        let job = crate::proxy::Job {
+        let job = crate::http::forward::Job {
             ctx: ctx.clone(),
             io,
             head,
@@ -316,7 +316,7 @@ impl Conn {
             bytes_out: std::cell::Cell::new(0),
             body_sent: std::cell::Cell::new(false),
         };
-        tokio::task::spawn_local(crate::proxy::run(job));
+        tokio::task::spawn_local(crate::http::forward::run(job));
     }
 
     /// Answers a request locally; the request body, if any, is not read.

@@ -21,9 +21,11 @@
 //! object cannot be loaded (not root, BPF unavailable), classic BPF is used and the reason
 //! logged. Anything asked for explicitly either works or fails start-up with the reason.
 
+pub mod ebpf;
+
 use crate::config::XdpMode;
-use crate::ebpf::{EbpfError, EbpfPrograms, StatsReader, WorkerCountersMap};
 use crate::server::{RunOptions, Shared, WorkerStats};
+use ebpf::{EbpfError, EbpfPrograms, StatsReader, WorkerCountersMap};
 use spooky_common::cid::{FNV_OFFSET, FNV_PRIME};
 use spooky_common::maps::{
     BackendEntry, SteeringConfig, WorkerCounters, WorkerEntry, FLAG_REDIRECT_CPU,
@@ -207,7 +209,7 @@ impl Steering {
     /// `Send + Sync` and can be called from the admin thread at scrape time. The descriptor
     /// was opened when steering was attached, so this works after privileges are dropped. A
     /// failed read yields no lines (and a debug log), never an error page.
-    pub fn ebpf_metrics(&self) -> Option<crate::reload::ExtraMetrics> {
+    pub fn ebpf_metrics(&self) -> Option<crate::ops::reload::ExtraMetrics> {
         let reader = self.kernel.as_ref()?.stats.clone()?;
         Some(Box::new(move || match reader.read() {
             Ok(stats) => stats.metric_lines(),
@@ -504,7 +506,7 @@ impl Pins {
     /// Removes the pins that are still ours (a newer process may have replaced them).
     fn remove(&mut self) {
         for (path, id) in self.pinned.drain(..) {
-            match crate::ebpf::pinned_map_id(&path) {
+            match crate::steering::ebpf::pinned_map_id(&path) {
                 Ok(current) if current == id => {
                     if let Err(e) = std::fs::remove_file(&path) {
                         tracing::warn!(path = %path.display(), error = %e, "cannot unpin");

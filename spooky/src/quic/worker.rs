@@ -9,10 +9,7 @@
 //! quiche produced. Proxy tasks wake the loop through [`WorkerCtx::wake`]; quiche timers are
 //! kept in an ordered set.
 
-mod conn;
-mod heads;
-pub mod stream;
-pub(crate) mod udp;
+use super::{conn, udp};
 
 use crate::health::TrafficOutcome;
 use crate::lb::Balancer;
@@ -60,9 +57,9 @@ pub struct WorkerCtx {
     pub pools: Vec<Vec<Rc<BackendPool>>>,
     pub balancers: Vec<RefCell<Balancer>>,
     /// `[upstream][backend]`, plus one last series per upstream for answers without a backend.
-    pub route_metrics: Vec<Vec<Arc<crate::metrics::RouteMetrics>>>,
+    pub route_metrics: Vec<Vec<Arc<crate::ops::metrics::RouteMetrics>>>,
     /// Answers given before any upstream was chosen (malformed, no route).
-    pub local_metrics: Arc<crate::metrics::RouteMetrics>,
+    pub local_metrics: Arc<crate::ops::metrics::RouteMetrics>,
     pub stats: Arc<WorkerStats>,
     /// Shared by every snapshot's context, so tasks of an old snapshot still wake the loop.
     wakeup: Rc<Wakeup>,
@@ -87,10 +84,10 @@ impl WorkerCtx {
         &self,
         peer: SocketAddr,
         status: u16,
-        head: Option<&crate::bridge::RequestHead>,
+        head: Option<&crate::http::bridge::RequestHead>,
         started: Instant,
     ) {
-        let outcome = crate::metrics::Outcome {
+        let outcome = crate::ops::metrics::Outcome {
             status,
             total: started.elapsed(),
             upstream: None,
@@ -99,7 +96,7 @@ impl WorkerCtx {
         };
         self.local_metrics.record(self.index, &outcome);
         if self.shared.access_log.enabled() {
-            self.shared.access_log.log(crate::access_log::Record {
+            self.shared.access_log.log(crate::ops::access_log::Record {
                 time: std::time::SystemTime::now(),
                 client: peer,
                 host: head
@@ -555,7 +552,7 @@ impl Worker {
             self.new_cid()
         };
         let odcid_ref = odcid.as_ref();
-        let quic = match quiche::accept_with_buf_factory::<stream::BytesFactory>(
+        let quic = match quiche::accept_with_buf_factory::<crate::http::exchange::BytesFactory>(
             &scid,
             odcid_ref,
             self.local,
@@ -863,7 +860,7 @@ impl Worker {
             if let Some(conn) = c {
                 let _ = conn
                     .quic
-                    .close(true, crate::bridge::H3_NO_ERROR, b"shutdown");
+                    .close(true, crate::http::bridge::H3_NO_ERROR, b"shutdown");
                 if !conn.touched {
                     conn.touched = true;
                     self.touched.push(slot);

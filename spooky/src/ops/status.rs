@@ -7,8 +7,8 @@
 //! [`read`] collects a [`Status`] (serialisable: `--json`); [`render`] makes the table.
 //! Reading needs CAP_BPF (root), like `bpftool`.
 
-use crate::ebpf::{EbpfError, PinnedMaps};
 use crate::health::HealthState;
+use crate::steering::ebpf::{EbpfError, PinnedMaps};
 use crate::steering::Mode;
 use serde::Serialize;
 use spooky_common::maps::{Counter, CONFIG_MAP};

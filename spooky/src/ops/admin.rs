@@ -11,7 +11,7 @@
 //! With `admin.token` set, `POST /reload` needs `Authorization: Bearer TOKEN` (and so do the
 //! reads with `admin.token_for_reads`). HTTP/1.1 connections carry one request each.
 
-use crate::reload::Live;
+use crate::ops::reload::Live;
 use bytes::Bytes;
 use std::fmt::Write as _;
 use std::net::SocketAddr;

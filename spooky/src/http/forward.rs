@@ -1,16 +1,16 @@
 //! One task per request (on the worker's `LocalSet`): route, pick a backend, open an HTTP/2
 //! stream on the worker's pool, pump the request body and trailers up and the response head,
-//! body and trailers down through the stream's bounded buffers ([`crate::worker::stream`]).
+//! body and trailers down through the stream's bounded buffers ([`crate::http::exchange`]).
 //! Failures before the response head become 502/503/504 with one log line naming the
 //! upstream, the backend and the cause; failures after it reset the client stream, so a
 //! truncated response never looks complete.
 
-use crate::bridge::{self, Hop, RequestHead, H3_INTERNAL_ERROR};
 use crate::health::TrafficOutcome;
+use crate::http::bridge::{self, Hop, RequestHead, H3_INTERNAL_ERROR};
+use crate::http::exchange::{ReqEvent, SharedStream};
 use crate::lb::{self, Candidates};
+use crate::quic::worker::WorkerCtx;
 use crate::upstream::{BackendPool, ErrorKind, UpstreamError};
-use crate::worker::stream::{ReqEvent, SharedStream};
-use crate::worker::WorkerCtx;
 use bytes::Bytes;
 use std::cell::Cell;
 use std::future::poll_fn;
@@ -41,7 +41,7 @@ pub struct Job {
 }
 
 /// Counts a request as in flight to a backend for as long as it lives.
-struct InFlight<'a>(&'a crate::metrics::RouteMetrics, usize);
+struct InFlight<'a>(&'a crate::ops::metrics::RouteMetrics, usize);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
@@ -97,7 +97,7 @@ pub async fn run(job: Job) {
             // The client went away before any answer (nginx's 499).
             io.status = 499;
         }
-        let outcome = crate::metrics::Outcome {
+        let outcome = crate::ops::metrics::Outcome {
             status: io.status,
             total: job.started.elapsed(),
             upstream: job.upstream_latency.get(),
@@ -115,7 +115,7 @@ pub async fn run(job: Job) {
                 .get()
                 .and_then(|b| upstream.backends.get(b))
                 .map(|b| b.id.clone());
-            ctx.shared.access_log.log(crate::access_log::Record {
+            ctx.shared.access_log.log(crate::ops::access_log::Record {
                 time: std::time::SystemTime::now(),
                 client: job.peer,
                 host: job.head.authority_str().to_owned(),

@@ -70,7 +70,7 @@ pub struct Live {
     extra_metrics: Mutex<Option<ExtraMetrics>>,
     reloading: Mutex<()>,
     /// Reloads the log filter (level) in place.
-    log_level: Mutex<Option<crate::telemetry::LevelReloader>>,
+    log_level: Mutex<Option<crate::ops::telemetry::LevelReloader>>,
 }
 
 impl Live {
@@ -120,7 +120,7 @@ impl Live {
     }
 
     /// Installs the function that changes the log filter on reload.
-    pub fn set_log_reloader(&self, f: crate::telemetry::LevelReloader) {
+    pub fn set_log_reloader(&self, f: crate::ops::telemetry::LevelReloader) {
         *self.log_level.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
     }
 
@@ -133,7 +133,7 @@ impl Live {
             .as_ref()
             .map(|f| f())
             .unwrap_or_default();
-        crate::metrics::render(&self.current(), self.generation(), &extra)
+        crate::ops::metrics::render(&self.current(), self.generation(), &extra)
     }
 
     /// Re-reads the configuration file and applies it.
