@@ -17,8 +17,8 @@
 //! - `write` then `worker_of` round-trips the worker, and `steer` returns it when in range;
 //! - the classic BPF reuseport program is well formed (the kernel's checks) and `interpret`
 //!   agrees with `steer` on the packet as a UDP payload;
-//! - the XDP parser (`spooky-ebpf/src/quic.rs` and `packet.rs`, compiled here for the host:
-//!   its reads take a plain address window, not an XDP context) agrees with a slice-based
+//! - the XDP parser (`spooky_common::packet` and `quic`, the kernel program's own code: its
+//!   reads take a plain address window, not an XDP context) agrees with a slice-based
 //!   reference on the payload and on the frame, and its DCID steers like the cBPF program.
 
 #![no_main]
@@ -31,17 +31,9 @@ use spooky_common::cid::{
 };
 use spooky_common::maps::Counter;
 
-// The kernel program's own parsing code, built for the host. `quic.rs` names
-// `crate::packet::Packet`, which these two declarations provide.
-#[allow(dead_code)]
-#[path = "../../spooky-ebpf/src/packet.rs"]
-mod packet;
-#[allow(dead_code)]
-#[path = "../../spooky-ebpf/src/quic.rs"]
-mod quic;
-
-use packet::{locate_udp, Packet, UDP_HDR_LEN};
-use quic::Form;
+// The kernel program's own parsing code (it lives in spooky-common for both).
+use spooky_common::packet::{locate_udp, Packet, UDP_HDR_LEN};
+use spooky_common::quic::{self, Form};
 
 const PREAMBLE: usize = 7;
 
@@ -271,9 +263,7 @@ fn xdp_parse(
     payload_len: usize,
     short_dcid_len: usize,
 ) -> Result<quic::QuicHeader, Counter> {
-    let start = bytes.as_ptr() as usize;
-    let pkt = Packet::new(start, start + bytes.len());
-    quic::parse(&pkt, offset, payload_len, short_dcid_len)
+    quic::parse(&Packet::over(bytes), offset, payload_len, short_dcid_len)
 }
 
 fn same(got: &Result<quic::QuicHeader, Counter>, want: &Result<(Form, &[u8]), Counter>) -> bool {
@@ -380,8 +370,7 @@ fn reference_locate_udp(frame: &[u8]) -> Option<(usize, u16)> {
 /// The XDP program's walk over a whole frame: down to UDP, the UDP length checks, then the
 /// QUIC header inside the UDP payload (the glue mirrors `try_spooky_xdp`).
 fn check_xdp_frame(layout: &CidLayout, frame: &[u8]) {
-    let start = frame.as_ptr() as usize;
-    let pkt = Packet::new(start, start + frame.len());
+    let pkt = Packet::over(frame);
     let got = locate_udp(&pkt).map(|l| (l.offset, l.dst_port));
     assert_eq!(got, reference_locate_udp(frame), "locate_udp");
     let Some((udp_offset, _)) = got else {

@@ -1,7 +1,7 @@
-//! Fuzz target `config`: arbitrary UTF-8 through `spooky::config::parse`.
+//! Fuzz target `config`: arbitrary UTF-8 through `spooky::config::parse_with`.
 //!
 //! Checked:
-//! - `parse` never panics;
+//! - validation never panics;
 //! - every error says where: a YAML/shape error carries serde's location (line and column),
 //!   a rule error lists at least one problem, each with a field path;
 //! - the same text gives the same answer twice (no order that depends on hashing);
@@ -13,36 +13,70 @@
 //! Relative TLS paths resolve against `fuzz/fixtures/config/`, which holds placeholder PEM
 //! files under the names the shipped configs use, so valid configurations reach `Ok`.
 //!
-//! `parse` does I/O: it reads the TLS files a configuration names and resolves backend host
-//! names. The fuzzer must do neither to the outside world, so:
-//! - `getaddrinfo` is replaced in this binary by a stub that always fails (no DNS query ever
-//!   leaves the machine; `host:port` backends then fail with "cannot resolve");
-//! - inputs whose strings could name a device or kernel file (`dev`, `proc`, `sys`, `fd`:
-//!   `/dev/zero` would be read forever) are skipped, see [`may_read_devices`].
+//! Validation's I/O goes through [`Fixtures`], an in-memory `config::Env`: it serves the
+//! fixture files (read once at start) and nothing else, resolves no host name and knows one
+//! user, so the fuzzer never touches the filesystem, the network or the user database.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use spooky::config::{parse, ConfigError};
+use spooky::config::{parse_with, ConfigError, Env};
 use spooky_common::CidLayout;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
-/// Substrings that a path to something other than a regular file would contain.
-const DEVICE_HINTS: [&str; 4] = ["dev", "proc", "sys", "fd"];
-/// What the YAML parser takes as a line break (YAML 1.1, as libyaml reads it).
-const LINE_BREAKS: [char; 5] = ['\n', '\r', '\u{85}', '\u{2028}', '\u{2029}'];
+/// The fixture files by path, and the one user this "machine" has.
+struct Fixtures {
+    files: HashMap<PathBuf, Vec<u8>>,
+}
+
+impl Env for Fixtures {
+    fn read(&self, path: &Path) -> std::io::Result<Vec<u8>> {
+        self.files
+            .get(path)
+            .cloned()
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+    }
+
+    fn resolve(&self, _host: &str, _port: u16) -> std::io::Result<Vec<SocketAddr>> {
+        Err(std::io::Error::other("no resolver while fuzzing"))
+    }
+
+    fn user(&self, name: &str) -> Option<(u32, u32)> {
+        (name == "spooky").then_some((998, 998))
+    }
+}
+
+/// Every file under `fuzz/fixtures/config`, by the path `parse_with` will ask for.
+fn fixtures() -> &'static Fixtures {
+    static FIXTURES: OnceLock<Fixtures> = OnceLock::new();
+    FIXTURES.get_or_init(|| {
+        let mut files = HashMap::new();
+        let mut dirs = vec![base()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).expect("fixture directory").flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else {
+                    let bytes = std::fs::read(&path).expect("fixture file");
+                    files.insert(path, bytes);
+                }
+            }
+        }
+        Fixtures { files }
+    })
+}
 
 fuzz_target!(|input: &[u8]| {
     let Ok(yaml) = std::str::from_utf8(input) else {
         return;
     };
-    if may_read_devices(yaml) {
-        return;
-    }
-    let base = fixtures();
-    let first = parse(yaml, &base);
-    let second = parse(yaml, &base);
+    let (base, env) = (base(), fixtures());
+    let first = parse_with(yaml, &base, env);
+    let second = parse_with(yaml, &base, env);
     assert_eq!(
         describe(&first),
         describe(&second),
@@ -70,7 +104,7 @@ fuzz_target!(|input: &[u8]| {
     }
 });
 
-fn fixtures() -> PathBuf {
+fn base() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/config")
 }
 
@@ -78,48 +112,6 @@ fn describe(r: &Result<spooky::config::Config, ConfigError>) -> String {
     match r {
         Ok(c) => format!("{c:?}"),
         Err(e) => e.to_string(),
-    }
-}
-
-/// Whether any string in the document might lead `parse` to open a device or kernel file.
-/// Without a backslash every scalar is (up to folding) a piece of the text itself, so the
-/// text is searched, comments left out (so that the shipped, commented configs are not
-/// skipped: a hint after ` #` inside a quoted path would sit in a directory named `… #`,
-/// which does not exist); with one, a double-quoted escape could spell a hint, so the
-/// document is loaded as a `serde_yaml::Value` and every scalar, key and tag searched (a text
-/// that does not even load as a `Value` is skipped).
-fn may_read_devices(yaml: &str) -> bool {
-    let hinted = |s: &str| DEVICE_HINTS.iter().any(|h| s.contains(h));
-    if yaml.split(LINE_BREAKS).map(without_comment).any(hinted) {
-        return true;
-    }
-    if !yaml.contains('\\') {
-        return false;
-    }
-    match serde_yaml::from_str::<serde_yaml::Value>(yaml) {
-        Ok(value) => value_hinted(&value, &hinted),
-        Err(_) => true,
-    }
-}
-
-/// `line` up to its first `#` that starts the line or follows a space or tab.
-fn without_comment(line: &str) -> &str {
-    let bytes = line.as_bytes();
-    let cut = (0..bytes.len())
-        .find(|&i| bytes[i] == b'#' && (i == 0 || bytes[i - 1] == b' ' || bytes[i - 1] == b'\t'));
-    cut.map_or(line, |i| &line[..i])
-}
-
-fn value_hinted(value: &serde_yaml::Value, hinted: &dyn Fn(&str) -> bool) -> bool {
-    use serde_yaml::Value;
-    match value {
-        Value::String(s) => hinted(s),
-        Value::Sequence(items) => items.iter().any(|v| value_hinted(v, hinted)),
-        Value::Mapping(map) => map
-            .iter()
-            .any(|(k, v)| value_hinted(k, hinted) || value_hinted(v, hinted)),
-        Value::Tagged(t) => hinted(&t.tag.to_string()) || value_hinted(&t.value, hinted),
-        Value::Null | Value::Bool(_) | Value::Number(_) => false,
     }
 }
 
@@ -162,20 +154,4 @@ fn check_config(config: &spooky::config::Config) {
     if let Some(w) = config.workers {
         assert!(w >= 1);
     }
-}
-
-/// Replaces the C library's resolver for this binary (the linker binds std's call to this
-/// definition): always "name does not resolve", so fuzzing never sends a DNS query.
-///
-/// # Safety
-/// Called by std with valid pointers; it touches none of them.
-#[no_mangle]
-pub unsafe extern "C" fn getaddrinfo(
-    _node: *const std::ffi::c_char,
-    _service: *const std::ffi::c_char,
-    _hints: *const std::ffi::c_void,
-    _res: *mut *mut std::ffi::c_void,
-) -> std::ffi::c_int {
-    const EAI_NONAME: std::ffi::c_int = -2;
-    EAI_NONAME
 }

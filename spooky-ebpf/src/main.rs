@@ -27,9 +27,6 @@
 #![no_std]
 #![no_main]
 
-mod packet;
-mod quic;
-
 use aya_ebpf::{
     bindings::{sk_action, xdp_action, BPF_ANY},
     btf_maps::{Array, CpuMap, LruHashMap, PerCpuArray, ReusePortSockArray},
@@ -44,11 +41,8 @@ use spooky_common::{
         WorkerEntry, COUNTER_COUNT, FLAG_REDIRECT_CPU, MAX_BACKENDS, MAX_CPUS,
         MAX_INITIAL_PREFIXES, MAX_WORKERS,
     },
-};
-
-use crate::{
     packet::{locate_udp, Packet, UdpHdr, UDP_HDR_LEN},
-    quic::{Form, QuicHeader},
+    quic::{self, Form, QuicHeader},
 };
 
 /// `spooky_common::maps::CONFIG_MAP`.

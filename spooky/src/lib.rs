@@ -1,5 +1,20 @@
-//! Spooky: an HTTP/3 edge proxy. The binary (`main.rs`) is a thin CLI over this library.
+//! Spooky: an HTTP/3 edge proxy. The binary (`main.rs`) is a thin CLI over [`app`].
+//!
+//! The modules, top to bottom; each uses only modules below it (checked by `cargo xtask
+//! test`, see `docs/architecture.md`):
+//!
+//! | layer | modules |
+//! |---|---|
+//! | wiring | [`app`] (imported by nothing) |
+//! | data plane | [`quic`] (sans-IO endpoint, worker loop, connections), [`http`] (bridge, exchange, outcome, request task) |
+//! | control | [`ops`] (admin, metrics, access log, reload, status, logging, privileges), [`health`] (state machine, checker) |
+//! | data plane | [`upstream`] (HTTP/2 pools to backends) |
+//! | control | [`steering`] (tiers, classic BPF, pins, the kernel object) |
+//! | state | [`snapshot`] (per configuration), [`board`] and [`stats`] (per process) |
+//! | sans-IO cores | [`routing`], [`lb`], [`config`] |
 
+pub mod app;
+pub mod board;
 pub mod config;
 pub mod health;
 pub mod http;
@@ -7,6 +22,7 @@ pub mod lb;
 pub mod ops;
 pub mod quic;
 pub mod routing;
-pub mod server;
+pub mod snapshot;
+pub mod stats;
 pub mod steering;
 pub mod upstream;

@@ -190,14 +190,14 @@ fn serve(
     args: &RunArgs,
     log_reloader: spooky::ops::telemetry::LevelReloader,
 ) -> Result<()> {
-    let opts = spooky::server::RunOptions {
+    let opts = spooky::app::RunOptions {
         workers: args.workers,
         iface: args.iface.clone(),
         pin: !args.no_pin,
     };
-    let running = spooky::server::start_from(config, &opts, Some(args.config.clone()))
+    let running = spooky::app::start_from(config, &opts, Some(args.config.clone()))
         .context("cannot start")?;
-    running.live.set_log_reloader(log_reloader);
+    running.reloader().set_log_reloader(log_reloader);
     tracing::info!(listen = %running.local_addr, "spooky is serving HTTP/3");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -220,14 +220,14 @@ fn serve(
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading the configuration");
                     // The outcome is logged by the reload itself.
-                    let _ = running.live.reload();
+                    let _ = running.reloader().reload();
                 }
             }
         }
         anyhow::Ok(())
     })?;
     running.begin_shutdown();
-    running.join().map_err(|e| anyhow::anyhow!(e))?;
+    running.join()?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -4,6 +4,7 @@
 mod bench;
 mod ebpf;
 mod fuzz;
+mod layers;
 mod quickstart;
 mod setup;
 mod test;

@@ -33,6 +33,7 @@ pub fn run(extra: &[String]) -> Result<()> {
     if !crate::is_root() {
         eprintln!("WARNING: not running as root: the eBPF and network-namespace tests will FAIL (they need CAP_BPF/CAP_NET_ADMIN)");
     }
+    crate::layers::check(&workspace_root())?;
     ebpf::build(true)?;
     certs::generate(&workspace_root().join("config/certs"))?;
     step(

@@ -3,8 +3,10 @@
 //! field path. Nothing downstream re-parses strings: durations are [`Duration`], addresses
 //! [`SocketAddr`], choices enums.
 //!
-//! This module does no network I/O except resolving backend host names once at load time.
+//! Validation is sans-IO: what it must read, resolve or look up goes through an [`Env`]
+//! ([`System`] in the proxy, an in-memory one in tests and the fuzzer).
 
+pub mod env;
 mod raw;
 mod validate;
 
@@ -12,7 +14,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use validate::{load, parse, ConfigError, FieldError};
+pub use env::{Env, System};
+pub use validate::{load, load_with, parse, parse_with, ConfigError, FieldError};
 
 /// The whole validated configuration.
 #[derive(Clone, Debug, PartialEq)]
@@ -28,9 +31,23 @@ pub struct Config {
     pub steering: Steering,
     pub admin: Admin,
     /// Switch to this user once sockets are bound and kernel programs loaded (`None`: stay).
-    pub user: Option<String>,
+    pub user: Option<User>,
     /// Worker count from the file (`--workers` overrides); `None` = one per online CPU.
     pub workers: Option<usize>,
+}
+
+/// A user of this machine, looked up when the configuration was loaded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl std::fmt::Display for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
 }
 
 /// Where clients reach us.

@@ -4,13 +4,14 @@
 //! [`Errors`] collector; it returns `Some(typed)` when its section is valid and `None` otherwise,
 //! after recording every problem it found. Defaults live in `raw`, not here.
 //!
-//! The only I/O is reading the TLS files named in the config (to check they parse) and
-//! resolving backend host names once.
+//! Validation does no I/O of its own: reading the TLS files the configuration names (to check
+//! they parse), resolving backend host names and looking up `user` go through an [`Env`]
+//! ([`System`] for the real thing).
 
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use spooky_common::cid::{
     CidLayout, LayoutError, MAX_CID_LEN, MAX_SERVER_ID_LEN, MIN_NONCE_LEN, UNROUTABLE_GENERATION,
 };
 
+use super::env::{Env, System};
 use super::raw::{
     RawAdmin, RawBackend, RawBackendTls, RawConfig, RawDuration, RawHealthCheck, RawListen,
     RawLoadBalancing, RawLog, RawPassiveHealth, RawProxy, RawQuic, RawRoute, RawServerId, RawSize,
@@ -27,7 +29,7 @@ use super::raw::{
 use super::{
     AccessLog, Admin, Backend, BackendTls, Config, ForwardedMode, HashKey, HealthCheck, Listen,
     ListenTls, LoadBalancing, Log, LogFormat, PassiveHealth, Proxy, Quic, RetryMode, Route,
-    Steering, Upstream, UpstreamTimeouts, XdpMode,
+    Steering, Upstream, UpstreamTimeouts, User, XdpMode,
 };
 
 /// Why a configuration was refused.
@@ -91,15 +93,26 @@ impl fmt::Display for InvalidList<'_> {
 /// # Errors
 /// [`ConfigError::Read`] when the file cannot be read; otherwise as [`parse`].
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let yaml = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    load_with(path, &System)
+}
+
+/// [`load`] with the I/O of `env`.
+///
+/// # Errors
+/// As [`load`].
+pub fn load_with(path: &Path, env: &dyn Env) -> Result<Config, ConfigError> {
+    let read = |source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    let bytes = env.read(path).map_err(read)?;
+    let yaml = String::from_utf8(bytes)
+        .map_err(|e| read(io::Error::new(io::ErrorKind::InvalidData, e)))?;
     let base_dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
-    parse(&yaml, base_dir)
+    parse_with(&yaml, base_dir, env)
 }
 
 /// Validates configuration text; relative paths in it resolve against `base_dir`.
@@ -108,6 +121,14 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// [`ConfigError::Syntax`] when the text is not a configuration's shape,
 /// [`ConfigError::Invalid`] listing every broken rule.
 pub fn parse(yaml: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+    parse_with(yaml, base_dir, &System)
+}
+
+/// [`parse`] with the I/O of `env` (tests and the fuzzer give one that touches nothing).
+///
+/// # Errors
+/// As [`parse`].
+pub fn parse_with(yaml: &str, base_dir: &Path, env: &dyn Env) -> Result<Config, ConfigError> {
     // Read the first document; serde_yaml refuses a second one without saying where, so the
     // check for it is ours.
     let mut documents = serde_yaml::Deserializer::from_str(yaml);
@@ -124,10 +145,20 @@ pub fn parse(yaml: &str, base_dir: &Path) -> Result<Config, ConfigError> {
         }]));
     }
     let mut errs = Errors::default();
-    match build_config(&raw, base_dir, &mut errs) {
+    let io = Io {
+        base: base_dir,
+        env,
+    };
+    match build_config(&raw, &io, &mut errs) {
         Some(config) if errs.0.is_empty() => Ok(config),
         _ => Err(ConfigError::Invalid(errs.0)),
     }
+}
+
+/// Where relative paths start, and the I/O to reach what the configuration names.
+struct Io<'a> {
+    base: &'a Path,
+    env: &'a dyn Env,
 }
 
 /// The collector every check writes into.
@@ -148,7 +179,7 @@ impl Errors {
     }
 }
 
-fn build_config(raw: &RawConfig, base: &Path, errs: &mut Errors) -> Option<Config> {
+fn build_config(raw: &RawConfig, io: &Io<'_>, errs: &mut Errors) -> Option<Config> {
     let version = errs.check(
         "version",
         if raw.version == 1 {
@@ -160,20 +191,27 @@ fn build_config(raw: &RawConfig, base: &Path, errs: &mut Errors) -> Option<Confi
             ))
         },
     );
-    let listen = build_listen(&raw.listen, base, errs);
+    let listen = build_listen(&raw.listen, io, errs);
     let quic = build_quic(&raw.quic, errs);
     let proxy = build_proxy(&raw.proxy, errs);
-    let upstreams = build_upstreams(raw, base, errs);
+    let upstreams = build_upstreams(raw, io, errs);
     let log = build_log(&raw.log, errs);
     let steering = build_steering(&raw.steering, errs);
     let admin = build_admin(&raw.admin, errs);
     let user = match &raw.user {
         None => Some(None),
-        Some(u) => errs.check(
+        Some(name) => errs.check(
             "user",
-            crate::ops::privilege::lookup(u)
-                .map(|_| Some(u.clone()))
-                .map_err(|e| e.to_string()),
+            io.env
+                .user(name)
+                .map(|(uid, gid)| {
+                    Some(User {
+                        name: name.clone(),
+                        uid,
+                        gid,
+                    })
+                })
+                .ok_or_else(|| format!("user {name:?} does not exist")),
         ),
     };
     let workers = match raw.workers {
@@ -230,7 +268,7 @@ fn build_admin(raw: &RawAdmin, errs: &mut Errors) -> Option<Admin> {
     })
 }
 
-fn build_listen(raw: &RawListen, base: &Path, errs: &mut Errors) -> Option<Listen> {
+fn build_listen(raw: &RawListen, io: &Io<'_>, errs: &mut Errors) -> Option<Listen> {
     errs.check(
         "listen.protocol",
         one_of(&raw.protocol, "protocol", &[("http3", ())]),
@@ -242,8 +280,8 @@ fn build_listen(raw: &RawListen, base: &Path, errs: &mut Errors) -> Option<Liste
             .parse::<IpAddr>()
             .map_err(|_| format!("invalid IP address \"{}\"", raw.address)),
     );
-    let cert = errs.check("listen.tls.cert", check_certs(base, &raw.tls.cert));
-    let key = errs.check("listen.tls.key", check_key(base, &raw.tls.key));
+    let cert = errs.check("listen.tls.cert", check_certs(io, &raw.tls.cert));
+    let key = errs.check("listen.tls.key", check_key(io, &raw.tls.key));
     Some(Listen {
         addr: SocketAddr::new(ip?, port?),
         tls: ListenTls {
@@ -428,7 +466,7 @@ fn build_proxy(raw: &RawProxy, errs: &mut Errors) -> Option<Proxy> {
     })
 }
 
-fn build_upstreams(raw: &RawConfig, base: &Path, errs: &mut Errors) -> Option<Vec<Upstream>> {
+fn build_upstreams(raw: &RawConfig, io: &Io<'_>, errs: &mut Errors) -> Option<Vec<Upstream>> {
     if raw.upstream.is_empty() {
         errs.push("upstream", "at least one upstream is required");
         return None;
@@ -440,7 +478,7 @@ fn build_upstreams(raw: &RawConfig, base: &Path, errs: &mut Errors) -> Option<Ve
     let mut all_ok = true;
     for (name, up) in &raw.upstream {
         let path = format!("upstream.{name}");
-        let built = build_upstream(name, up, &path, base, errs);
+        let built = build_upstream(name, up, &path, io, errs);
         for (i, b) in up.backends.iter().enumerate() {
             let here = format!("{path}.backends[{i}]");
             if let Some(first) = ids.get(b.id.as_str()) {
@@ -483,7 +521,7 @@ fn build_upstream(
     name: &str,
     raw: &RawUpstream,
     path: &str,
-    base: &Path,
+    io: &Io<'_>,
     errs: &mut Errors,
 ) -> Option<Upstream> {
     let name_ok = !name.is_empty()
@@ -507,7 +545,7 @@ fn build_upstream(
         .backends
         .iter()
         .enumerate()
-        .map(|(i, b)| build_backend(b, &format!("{backends_path}[{i}]"), base, errs))
+        .map(|(i, b)| build_backend(b, &format!("{backends_path}[{i}]"), io, errs))
         .collect();
     let timeouts = build_timeouts(&raw.timeouts, &format!("{path}.timeouts"), errs);
     let passive_health =
@@ -653,7 +691,7 @@ fn is_token_char(c: u8) -> bool {
     c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c)
 }
 
-fn build_backend(raw: &RawBackend, path: &str, base: &Path, errs: &mut Errors) -> Option<Backend> {
+fn build_backend(raw: &RawBackend, path: &str, io: &Io<'_>, errs: &mut Errors) -> Option<Backend> {
     let id_ok = (1..=64).contains(&raw.id.len())
         && raw
             .id
@@ -668,7 +706,10 @@ fn build_backend(raw: &RawBackend, path: &str, base: &Path, errs: &mut Errors) -
             ),
         );
     }
-    let address = errs.check(&format!("{path}.address"), resolve_address(&raw.address));
+    let address = errs.check(
+        &format!("{path}.address"),
+        resolve_address(io, &raw.address),
+    );
     let weight = errs.check(&format!("{path}.weight"), int_in(raw.weight, 1, 10_000));
     let health_check = build_health_check(
         raw.health_check.as_ref(),
@@ -677,7 +718,7 @@ fn build_backend(raw: &RawBackend, path: &str, base: &Path, errs: &mut Errors) -
     );
     let tls = match &raw.tls {
         None => Some(None),
-        Some(t) => build_backend_tls(t, &raw.address, &format!("{path}.tls"), base, errs).map(Some),
+        Some(t) => build_backend_tls(t, &raw.address, &format!("{path}.tls"), io, errs).map(Some),
     };
     if !id_ok {
         return None;
@@ -693,7 +734,7 @@ fn build_backend(raw: &RawBackend, path: &str, base: &Path, errs: &mut Errors) -
 }
 
 /// A socket address literal, or `host:port` resolved once (the first address wins).
-fn resolve_address(text: &str) -> Result<SocketAddr, String> {
+fn resolve_address(io: &Io<'_>, text: &str) -> Result<SocketAddr, String> {
     if let Ok(addr) = text.parse::<SocketAddr>() {
         return if addr.port() == 0 {
             Err(format!("port must not be 0 in \"{text}\""))
@@ -710,9 +751,10 @@ fn resolve_address(text: &str) -> Result<SocketAddr, String> {
     if port == 0 {
         return Err(format!("port must not be 0 in \"{text}\""));
     }
-    (host, port)
-        .to_socket_addrs()
+    io.env
+        .resolve(host, port)
         .map_err(|e| format!("cannot resolve \"{text}\": {e}"))?
+        .into_iter()
         .next()
         .ok_or_else(|| format!("\"{text}\" resolved to no address"))
 }
@@ -729,7 +771,7 @@ fn build_backend_tls(
     raw: &RawBackendTls,
     address: &str,
     path: &str,
-    base: &Path,
+    io: &Io<'_>,
     errs: &mut Errors,
 ) -> Option<BackendTls> {
     let (server_name, origin) = match &raw.server_name {
@@ -748,7 +790,7 @@ fn build_backend_tls(
     let ca = match &raw.ca {
         None => Some(None),
         Some(ca) => errs
-            .check(&format!("{path}.ca"), check_certs(base, ca))
+            .check(&format!("{path}.ca"), check_certs(io, ca))
             .map(Some),
     };
     Some(BackendTls {
@@ -1003,8 +1045,8 @@ fn show(d: Duration) -> String {
 }
 
 /// Reads a PEM file that must hold at least one certificate; returns its resolved path.
-fn check_certs(base: &Path, written: &Path) -> Result<PathBuf, String> {
-    let (path, bytes) = read_pem(base, written)?;
+fn check_certs(io: &Io<'_>, written: &Path) -> Result<PathBuf, String> {
+    let (path, bytes) = read_pem(io, written)?;
     let mut count = 0;
     for cert in rustls_pemfile::certs(&mut bytes.as_slice()) {
         cert.map_err(|e| format!("invalid PEM in \"{}\": {e}", written.display()))?;
@@ -1017,8 +1059,8 @@ fn check_certs(base: &Path, written: &Path) -> Result<PathBuf, String> {
 }
 
 /// Reads a PEM file that must hold a private key; returns its resolved path.
-fn check_key(base: &Path, written: &Path) -> Result<PathBuf, String> {
-    let (path, bytes) = read_pem(base, written)?;
+fn check_key(io: &Io<'_>, written: &Path) -> Result<PathBuf, String> {
+    let (path, bytes) = read_pem(io, written)?;
     match rustls_pemfile::private_key(&mut bytes.as_slice()) {
         Ok(Some(_)) => Ok(path),
         Ok(None) => Err(format!("no PEM private key in \"{}\"", written.display())),
@@ -1027,10 +1069,12 @@ fn check_key(base: &Path, written: &Path) -> Result<PathBuf, String> {
 }
 
 /// Messages name the path as written, so they read the same on every machine.
-fn read_pem(base: &Path, written: &Path) -> Result<(PathBuf, Vec<u8>), String> {
-    let path = base.join(written);
-    let bytes =
-        std::fs::read(&path).map_err(|e| format!("cannot read \"{}\": {e}", written.display()))?;
+fn read_pem(io: &Io<'_>, written: &Path) -> Result<(PathBuf, Vec<u8>), String> {
+    let path = io.base.join(written);
+    let bytes = io
+        .env
+        .read(&path)
+        .map_err(|e| format!("cannot read \"{}\": {e}", written.display()))?;
     Ok((path, bytes))
 }
 

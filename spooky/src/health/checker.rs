@@ -1,331 +1,331 @@
-//! Where backend health lives at run time. The [`HealthBoard`] is read by every worker on the
-//! request path (one relaxed atomic load per backend, never a lock) and written only by the
-//! control thread ([`Control`]), which runs the [`crate::health`] state machines: one active
-//! prober per backend for the whole process (HTTP/2 GET to `health_check.path`), plus the
-//! passive reports workers send from real traffic. Every transition is logged at info.
+//! The health checker: one control thread for the whole life of the process. It runs the
+//! state machine ([`super::BackendHealth`]) of every backend of the configuration in force and
+//! publishes each backend's state on the health board (`board`), and into the `backends` BPF
+//! map when eBPF steering runs. Its inputs: one active prober per backend (HTTP/2 GET to
+//! `health_check.path` every `interval`), the passive reports workers send from real traffic
+//! ([`Reporter`]), a 100 ms tick (ejection cooldowns, in-flight counts), and new snapshots
+//! after a reload ([`Checker::follow`]).
+//!
+//! A reload restarts nothing: a backend that keeps its identity (pool, id, address) and its
+//! health settings keeps its machine, its latency statistics and its prober; new backends get
+//! a prober, removed ones lose theirs. Every transition is logged at info.
 
-use crate::config::Config;
-use crate::health::{BackendHealth, LatencyStats, TrafficOutcome, Transition};
-use crate::server::Shared;
+use super::{BackendHealth, LatencyStats, TrafficOutcome, Transition};
+use crate::board::{BackendKey, BackendSlot};
+use crate::config::{Backend, Upstream};
+use crate::snapshot::{Follower, Snapshot};
+use crate::stats::Metrics;
+use crate::steering::ebpf::BackendsMap;
 use crate::upstream::{BackendPool, Connector};
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, watch};
 
-/// A passive-health report from a worker.
-pub struct Report {
-    pub upstream: usize,
-    pub backend: usize,
-    pub outcome: TrafficOutcome,
-    pub latency: Option<Duration>,
+/// A passive-health observation from a worker.
+struct Report {
+    slot: Arc<BackendSlot>,
+    outcome: TrafficOutcome,
+    latency: Option<Duration>,
 }
 
-/// Published health of one backend.
-#[derive(Default, Debug)]
-pub struct BackendSlot {
-    pub available: AtomicBool,
-    pub state: AtomicU32,
-    pub consecutive_failures: AtomicU32,
-    pub ewma_latency_us: AtomicU64,
-    pub last_latency_us: AtomicU64,
-    pub probes_ok: AtomicU64,
-    pub probes_failed: AtomicU64,
-}
+/// Where workers send what real traffic says about a backend (never blocks).
+#[derive(Clone)]
+pub struct Reporter(mpsc::UnboundedSender<Report>);
 
-/// The published health of every backend, `[upstream][backend]` flattened.
-pub struct HealthBoard {
-    offsets: Vec<usize>,
-    slots: Vec<BackendSlot>,
-    reports: mpsc::UnboundedSender<Report>,
-    inbox: Mutex<Option<mpsc::UnboundedReceiver<Report>>>,
-    /// The `backends` BPF map, when eBPF steering runs: [`publish`] mirrors into it.
-    bpf: OnceLock<Arc<Mutex<crate::steering::ebpf::BackendsMap>>>,
-}
-
-impl HealthBoard {
-    /// Every backend starts available (optimistic start, as the state machine does).
-    pub fn new(config: &Config) -> Self {
-        let mut offsets = Vec::with_capacity(config.upstreams.len());
-        let mut n = 0;
-        for up in &config.upstreams {
-            offsets.push(n);
-            n += up.backends.len();
-        }
-        let slots = (0..n)
-            .map(|_| BackendSlot {
-                available: AtomicBool::new(true),
-                ..Default::default()
-            })
-            .collect();
-        let (tx, rx) = mpsc::unbounded_channel();
-        Self {
-            offsets,
-            slots,
-            reports: tx,
-            inbox: Mutex::new(Some(rx)),
-            bpf: OnceLock::new(),
-        }
-    }
-
-    /// From now on, [`publish`] also writes each backend's health into `map` (the pinned
-    /// `backends` BPF map). Only the first call takes effect.
-    pub fn mirror_to_bpf(&self, map: crate::steering::ebpf::BackendsMap) {
-        let _ = self.bpf.set(Arc::new(Mutex::new(map)));
-    }
-
-    /// After a reload: keep mirroring into the BPF map the previous board wrote to.
-    pub fn inherit_bpf(&self, previous: &HealthBoard) {
-        if let Some(map) = previous.bpf.get() {
-            // Backends past the new count were removed: clear their entries.
-            if let Ok(mut m) = map.lock() {
-                if let Err(e) = m.clear_from(self.slots.len()) {
-                    tracing::debug!(error = %e, "cannot clear removed backends from the BPF map");
-                }
-            }
-            let _ = self.bpf.set(map.clone());
-        }
-    }
-
-    /// The flattened index of a backend (its `backends` map key).
-    fn index(&self, upstream: usize, backend: usize) -> Option<usize> {
-        Some(self.offsets.get(upstream)? + backend)
-    }
-
-    /// The published slot of a backend.
-    pub fn slot(&self, upstream: usize, backend: usize) -> Option<&BackendSlot> {
-        self.slots.get(self.offsets.get(upstream)? + backend)
-    }
-
-    /// Whether a backend may receive new requests.
-    pub fn is_available(&self, upstream: usize, backend: usize) -> bool {
-        self.slot(upstream, backend)
-            .is_some_and(|s| s.available.load(Ordering::Relaxed))
-    }
-
-    /// Sends a passive-health observation to the control thread (never blocks).
+impl Reporter {
+    /// One observation about the backend whose slot is `slot`.
     pub fn report(
         &self,
-        upstream: usize,
-        backend: usize,
+        slot: &Arc<BackendSlot>,
         outcome: TrafficOutcome,
         latency: Option<Duration>,
     ) {
-        let _ = self.reports.send(Report {
-            upstream,
-            backend,
+        let _ = self.0.send(Report {
+            slot: slot.clone(),
             outcome,
             latency,
         });
     }
 }
 
-/// The control thread: health state machines and probers.
-pub struct Control {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<Vec<Carry>>>,
+/// The running checker.
+pub struct Checker {
+    stop: Option<oneshot::Sender<()>>,
+    snapshots: Arc<watch::Sender<Arc<Snapshot>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// Health state handed from one configuration's control thread to the next, for backends
-/// that keep their pool, id, address and health settings.
-pub struct Carry {
-    upstream: String,
-    id: String,
-    address: std::net::SocketAddr,
-    check: crate::config::HealthCheck,
-    passive: crate::config::PassiveHealth,
-    machine: BackendHealth,
-    latency: LatencyStats,
-}
-
-impl Control {
-    /// Starts the control thread for `shared`.
+impl Checker {
+    /// Starts the checker thread on `snapshot`. `bpf`: the `backends` map to mirror into.
     ///
     /// # Errors
     /// When the thread cannot be spawned.
-    pub fn start(shared: Arc<Shared>) -> std::io::Result<Self> {
-        Self::start_with(shared, Vec::new())
+    pub fn start(
+        snapshot: Arc<Snapshot>,
+        metrics: Arc<Metrics>,
+        bpf: Option<BackendsMap>,
+    ) -> std::io::Result<(Self, Reporter)> {
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let (snap_tx, snap_rx) = watch::channel(snapshot);
+        let (report_tx, report_rx) = mpsc::unbounded_channel();
+        let thread = std::thread::Builder::new()
+            .name("spooky-health".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "health checker: no runtime; health checks are off");
+                        return;
+                    }
+                };
+                let local = tokio::task::LocalSet::new();
+                let state = Rc::new(RefCell::new(State {
+                    tracked: HashMap::new(),
+                    metrics,
+                    bpf,
+                    published: 0,
+                }));
+                local.block_on(&rt, run(state, snap_rx, report_rx, stop_rx));
+            })?;
+        Ok((
+            Self {
+                stop: Some(stop_tx),
+                snapshots: Arc::new(snap_tx),
+                thread: Some(thread),
+            },
+            Reporter(report_tx),
+        ))
     }
 
-    /// Starts the control thread for `shared`, continuing the health state in `carry`.
-    ///
-    /// # Errors
-    /// When the thread cannot be spawned.
-    pub fn start_with(shared: Arc<Shared>, carry: Vec<Carry>) -> std::io::Result<Self> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let thread = std::thread::Builder::new().name("spooky-control".into()).spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!(error = %e, "control thread: no runtime; health checks are off");
-                    return Vec::new();
-                }
-            };
-            let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, control_main(shared, carry, rx))
-        })?;
-        Ok(Self {
-            stop: Some(tx),
-            thread: Some(thread),
+    /// What makes the checker follow a new snapshot (after a reload); it may outlive the
+    /// checker (then it does nothing).
+    pub fn follower(&self) -> Follower {
+        let snapshots = self.snapshots.clone();
+        Box::new(move |next| {
+            let _ = snapshots.send(next.clone());
         })
     }
 
-    /// Stops the control thread, waits for it, and returns its health state.
-    pub fn stop(mut self) -> Vec<Carry> {
+    /// Stops the thread and waits for it.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
-        self.thread
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or_default()
-    }
-}
-
-struct Tracked {
-    upstream: usize,
-    backend: usize,
-    machine: BackendHealth,
-    latency: LatencyStats,
-}
-
-type Machines = Rc<RefCell<Vec<Vec<Tracked>>>>;
-
-async fn control_main(
-    shared: Arc<Shared>,
-    mut carry: Vec<Carry>,
-    mut stop: tokio::sync::oneshot::Receiver<()>,
-) -> Vec<Carry> {
-    let cfg = &shared.config;
-    let mut carried = 0;
-    let machines: Machines = Rc::new(RefCell::new(
-        cfg.upstreams
-            .iter()
-            .enumerate()
-            .map(|(u, up)| {
-                up.backends
-                    .iter()
-                    .enumerate()
-                    .map(|(b, be)| {
-                        let kept = carry.iter().position(|c| {
-                            c.upstream == up.name
-                                && c.id == be.id
-                                && c.address == be.address
-                                && c.check == be.health_check
-                                && c.passive == up.passive_health
-                        });
-                        let (machine, latency) = match kept {
-                            Some(i) => {
-                                carried += 1;
-                                let c = carry.swap_remove(i);
-                                (c.machine, c.latency)
-                            }
-                            None => (
-                                BackendHealth::new(&be.health_check, &up.passive_health),
-                                LatencyStats::new(),
-                            ),
-                        };
-                        Tracked {
-                            upstream: u,
-                            backend: b,
-                            machine,
-                            latency,
-                        }
-                    })
-                    .collect()
-            })
-            .collect(),
-    ));
-    if carried > 0 {
-        tracing::debug!(
-            carried,
-            "health state carried over from the previous configuration"
-        );
-    }
-    for t in machines.borrow().iter().flatten() {
-        publish(&shared, t, None, "start");
-    }
-    for (u, up) in cfg.upstreams.iter().enumerate() {
-        for (b, be) in up.backends.iter().enumerate() {
-            if !be.health_check.enabled {
-                continue;
-            }
-            let tls = shared
-                .backend_tls
-                .get(u)
-                .and_then(|r| r.get(b))
-                .cloned()
-                .flatten();
-            match Connector::new(be, tls, up.timeouts.connect) {
-                Ok(c) => {
-                    tokio::task::spawn_local(prober(
-                        shared.clone(),
-                        machines.clone(),
-                        u,
-                        b,
-                        BackendPool::new(c),
-                    ));
-                }
-                Err(e) => tracing::error!(backend = %be.id, error = %e, "cannot probe backend"),
-            }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
-    let Some(mut inbox) = shared.health.inbox.lock().ok().and_then(|mut g| g.take()) else {
-        tracing::error!("health inbox already taken");
-        return Vec::new();
-    };
+}
+
+impl Drop for Checker {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// What decides whether a backend keeps its machine and prober across a reload.
+#[derive(Clone, PartialEq)]
+struct Settings {
+    check: crate::config::HealthCheck,
+    passive: crate::config::PassiveHealth,
+    tls: Option<crate::config::BackendTls>,
+    address_text: String,
+    connect_timeout: Duration,
+}
+
+impl Settings {
+    fn of(up: &Upstream, b: &Backend) -> Self {
+        Self {
+            check: b.health_check.clone(),
+            passive: up.passive_health.clone(),
+            tls: b.tls.clone(),
+            address_text: b.address_text.clone(),
+            connect_timeout: up.timeouts.connect,
+        }
+    }
+}
+
+/// One backend the checker follows.
+struct Tracked {
+    slot: Arc<BackendSlot>,
+    settings: Settings,
+    machine: BackendHealth,
+    latency: LatencyStats,
+    prober: Option<tokio::task::JoinHandle<()>>,
+    /// Its index in the `backends` BPF map (position in the configuration).
+    index: usize,
+    upstream: usize,
+    backend: usize,
+}
+
+struct State {
+    tracked: HashMap<BackendKey, Tracked>,
+    metrics: Arc<Metrics>,
+    bpf: Option<BackendsMap>,
+    /// Entries written to the BPF map by the last reconcile.
+    published: usize,
+}
+
+type Shared = Rc<RefCell<State>>;
+
+async fn run(
+    state: Shared,
+    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    mut reports: mpsc::UnboundedReceiver<Report>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let first = snapshots.borrow_and_update().clone();
+    reconcile(&state, &first);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
-            _ = &mut stop => return into_carry(&shared, &machines),
-            Some(r) = inbox.recv() => {
-                let mut m = machines.borrow_mut();
-                if let Some(t) = m.get_mut(r.upstream).and_then(|row| row.get_mut(r.backend)) {
+            _ = &mut stop => break,
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let next = snapshots.borrow_and_update().clone();
+                reconcile(&state, &next);
+            }
+            Some(r) = reports.recv() => {
+                let mut st = state.borrow_mut();
+                let State { tracked, metrics, bpf, .. } = &mut *st;
+                if let Some(t) = tracked.get_mut(&r.slot.key) {
                     if let Some(lat) = r.latency {
                         t.latency.record(lat);
                     }
                     let tr = t.machine.on_traffic(r.outcome, Instant::now());
-                    publish(&shared, t, tr, "passive");
+                    publish(t, metrics, bpf.as_mut(), tr, "passive");
                 }
             }
             _ = tick.tick() => {
                 let now = Instant::now();
-                for t in machines.borrow_mut().iter_mut().flatten() {
+                let mut st = state.borrow_mut();
+                let State { tracked, metrics, bpf, .. } = &mut *st;
+                for t in tracked.values_mut() {
                     let tr = t.machine.poll(now);
-                    publish(&shared, t, tr, "cooldown");
+                    publish(t, metrics, bpf.as_mut(), tr, "cooldown");
                 }
             }
         }
     }
+    for t in state.borrow_mut().tracked.values_mut() {
+        if let Some(p) = t.prober.take() {
+            p.abort();
+        }
+    }
 }
 
-fn into_carry(shared: &Shared, machines: &Machines) -> Vec<Carry> {
-    let taken = std::mem::take(&mut *machines.borrow_mut());
-    taken
-        .into_iter()
-        .flatten()
-        .filter_map(|t| {
-            let up = shared.config.upstreams.get(t.upstream)?;
-            let be = up.backends.get(t.backend)?;
-            Some(Carry {
-                upstream: up.name.clone(),
-                id: be.id.clone(),
-                address: be.address,
-                check: be.health_check.clone(),
-                passive: up.passive_health.clone(),
-                machine: t.machine,
-                latency: t.latency,
-            })
-        })
-        .collect()
+/// Makes the tracked set match `snapshot`: keeps what is unchanged, starts what is new,
+/// stops what is gone, and republishes everything.
+fn reconcile(state: &Shared, snapshot: &Arc<Snapshot>) {
+    let mut old = std::mem::take(&mut state.borrow_mut().tracked);
+    let mut next = HashMap::new();
+    let (mut kept, mut index) = (0usize, 0usize);
+    for (u, up) in snapshot.config.upstreams.iter().enumerate() {
+        for (b, backend) in up.backends.iter().enumerate() {
+            let Some(plan) = snapshot.backend(u, b) else {
+                continue;
+            };
+            let key = plan.slot.key.clone();
+            let settings = Settings::of(up, backend);
+            let tracked = match old.remove(&key) {
+                Some(mut t) if t.settings == settings => {
+                    kept += 1;
+                    t.slot = plan.slot.clone();
+                    t
+                }
+                previous => {
+                    if let Some(p) = previous.and_then(|mut t| t.prober.take()) {
+                        p.abort();
+                    }
+                    let prober = backend.health_check.enabled.then(|| {
+                        let connector =
+                            Connector::new(backend, plan.tls.clone(), up.timeouts.connect);
+                        tokio::task::spawn_local(prober(
+                            state.clone(),
+                            key.clone(),
+                            ProbeTarget::of(backend),
+                            BackendPool::new(connector),
+                        ))
+                    });
+                    Tracked {
+                        slot: plan.slot.clone(),
+                        machine: BackendHealth::new(&backend.health_check, &up.passive_health),
+                        latency: LatencyStats::new(),
+                        settings,
+                        prober,
+                        index: 0,
+                        upstream: 0,
+                        backend: 0,
+                    }
+                }
+            };
+            next.insert(
+                key,
+                Tracked {
+                    index,
+                    upstream: u,
+                    backend: b,
+                    ..tracked
+                },
+            );
+            index += 1;
+        }
+    }
+    for t in old.values_mut() {
+        if let Some(p) = t.prober.take() {
+            p.abort();
+        }
+    }
+    if kept > 0 {
+        tracing::debug!(
+            kept,
+            "health state carried over from the previous configuration"
+        );
+    }
+    let mut st = state.borrow_mut();
+    st.tracked = next;
+    let State {
+        tracked,
+        metrics,
+        bpf,
+        published,
+    } = &mut *st;
+    for t in tracked.values_mut() {
+        publish(t, metrics, bpf.as_mut(), None, "start");
+    }
+    if let Some(map) = bpf.as_mut() {
+        // Backends past the new count were removed: clear their entries.
+        if index < *published {
+            if let Err(e) = map.clear_from(index) {
+                tracing::debug!(error = %e, "cannot clear removed backends from the BPF map");
+            }
+        }
+    }
+    *published = index;
 }
 
-fn publish(shared: &Shared, t: &Tracked, tr: Option<Transition>, source: &str) {
-    let Some(slot) = shared.health.slot(t.upstream, t.backend) else {
-        return;
-    };
+/// Writes `t`'s state on the board (and into the BPF map), and logs a transition.
+fn publish(
+    t: &Tracked,
+    metrics: &Metrics,
+    bpf: Option<&mut BackendsMap>,
+    tr: Option<Transition>,
+    source: &str,
+) {
+    let slot = &t.slot;
     slot.available
         .store(t.machine.is_available(), Ordering::Relaxed);
     slot.state
@@ -336,42 +336,30 @@ fn publish(shared: &Shared, t: &Tracked, tr: Option<Transition>, source: &str) {
         .store(t.latency.ewma_us(), Ordering::Relaxed);
     slot.last_latency_us
         .store(t.latency.last_us(), Ordering::Relaxed);
-    let up = shared.config.upstreams.get(t.upstream);
-    let backend = up.and_then(|up| up.backends.get(t.backend));
-    if let (Some(map), Some(index), Some(up), Some(backend)) = (
-        shared.health.bpf.get(),
-        shared.health.index(t.upstream, t.backend),
-        up,
-        backend,
-    ) {
+    if let Some(map) = bpf {
+        let key = &slot.key;
         let mut entry = spooky_common::maps::BackendEntry::named(
             t.upstream as u32,
             t.backend as u32,
-            up.name.as_bytes(),
-            backend.id.as_bytes(),
+            key.pool.as_bytes(),
+            key.id.as_bytes(),
         );
         entry.state = t.machine.state().as_u32();
         entry.consecutive_failures = t.machine.consecutive_failures();
         entry.last_latency_us = t.latency.last_us();
         entry.ewma_latency_us = t.latency.ewma_us();
-        // Refreshed every 100 ms by the control loop's tick (workers count in-flight requests
-        // in their own metric shards).
-        let in_flight = shared
-            .metrics
-            .route(&up.name, &backend.id)
-            .in_flight_total();
+        // Refreshed every 100 ms by the tick (workers count in-flight requests in their own
+        // metric shards).
+        let in_flight = metrics.route(&key.pool, &key.id).in_flight_total();
         entry.in_flight = u32::try_from(in_flight.max(0)).unwrap_or(u32::MAX);
-        if let Ok(mut map) = map.lock() {
-            if let Err(e) = map.publish(index, &entry) {
-                tracing::debug!(error = %e, "cannot mirror backend health into the BPF map");
-            }
+        if let Err(e) = map.publish(t.index, &entry) {
+            tracing::debug!(error = %e, "cannot mirror backend health into the BPF map");
         }
     }
     if let Some(tr) = tr {
-        let up = &shared.config.upstreams[t.upstream];
         tracing::info!(
-            backend = %up.backends[t.backend].id,
-            upstream = %up.name,
+            backend = %slot.key.id,
+            upstream = %slot.key.pool,
             from = %tr.from,
             to = %tr.to,
             cause = %tr.cause,
@@ -381,56 +369,73 @@ fn publish(shared: &Shared, t: &Tracked, tr: Option<Transition>, source: &str) {
     }
 }
 
-/// Probes one backend forever: GET `health_check.path` every `interval`, `timeout` each.
-async fn prober(shared: Arc<Shared>, machines: Machines, u: usize, b: usize, pool: BackendPool) {
-    let up = &shared.config.upstreams[u];
-    let backend = &up.backends[b];
-    let check = &backend.health_check;
-    let mut tick = tokio::time::interval(check.interval);
+/// What a prober asks, and of whom.
+struct ProbeTarget {
+    uri: String,
+    interval: Duration,
+    timeout: Duration,
+    expected: Vec<(u16, u16)>,
+}
+
+impl ProbeTarget {
+    fn of(backend: &Backend) -> Self {
+        let check = &backend.health_check;
+        let authority = backend
+            .tls
+            .as_ref()
+            .map_or(backend.address_text.clone(), |t| t.server_name.clone());
+        let scheme = if backend.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        Self {
+            uri: format!("{scheme}://{authority}{}", check.path),
+            interval: check.interval,
+            timeout: check.timeout,
+            expected: check.expected_status.clone(),
+        }
+    }
+}
+
+/// Probes one backend until aborted: GET the health path every `interval`, `timeout` each.
+async fn prober(state: Shared, key: BackendKey, target: ProbeTarget, pool: BackendPool) {
+    let mut tick = tokio::time::interval(target.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let authority = backend
-        .tls
-        .as_ref()
-        .map_or(backend.address_text.clone(), |t| t.server_name.clone());
-    let scheme = if backend.tls.is_some() {
-        "https"
-    } else {
-        "http"
-    };
-    let uri = format!("{scheme}://{authority}{}", check.path);
     loop {
         tick.tick().await;
         let started = Instant::now();
-        let result = tokio::time::timeout(check.timeout, probe_once(&pool, &uri)).await;
+        let result = tokio::time::timeout(target.timeout, probe_once(&pool, &target.uri)).await;
         let (ok, detail) = match result {
-            Err(_) => (false, format!("timed out after {:?}", check.timeout)),
+            Err(_) => (false, format!("timed out after {:?}", target.timeout)),
             Ok(Err(e)) => (false, e),
             Ok(Ok(status)) => {
-                let ok = check
-                    .expected_status
+                let ok = target
+                    .expected
                     .iter()
                     .any(|(lo, hi)| (*lo..=*hi).contains(&status));
                 (ok, format!("status {status}"))
             }
         };
-        let mut m = machines.borrow_mut();
-        if let Some(t) = m.get_mut(u).and_then(|row| row.get_mut(b)) {
-            if ok {
-                t.latency.record(started.elapsed());
-            } else {
-                tracing::debug!(backend = %backend.id, upstream = %up.name, %detail, "health probe failed");
-            }
-            if let Some(slot) = shared.health.slot(u, b) {
-                let counter = if ok {
-                    &slot.probes_ok
-                } else {
-                    &slot.probes_failed
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-            }
-            let tr = t.machine.on_probe(ok, Instant::now());
-            publish(&shared, t, tr, "probe");
+        let mut st = state.borrow_mut();
+        let State {
+            tracked,
+            metrics,
+            bpf,
+            ..
+        } = &mut *st;
+        let Some(t) = tracked.get_mut(&key) else {
+            return;
+        };
+        if ok {
+            t.latency.record(started.elapsed());
+            t.slot.probes_ok.fetch_add(1, Ordering::Relaxed);
+        } else {
+            tracing::debug!(backend = %key.id, upstream = %key.pool, %detail, "health probe failed");
+            t.slot.probes_failed.fetch_add(1, Ordering::Relaxed);
         }
+        let tr = t.machine.on_probe(ok, Instant::now());
+        publish(t, metrics, bpf.as_mut(), tr, "probe");
     }
 }
 

@@ -1,10 +1,28 @@
-//! The state one request stream shares between its worker's QUIC loop and its proxy task,
-//! both on the same thread (`Rc<RefCell<…>>`, no locks). Both directions are bounded
-//! buffers: the loop stops reading the client's body when `req` is full (QUIC flow control
-//! then pushes back on the client), and the task stops reading the backend's body when
-//! `resp` is full (HTTP/2 flow control pushes back on the backend).
+//! The state of one request stream between the worker's QUIC loop and the stream's request
+//! task, both on the worker's thread (`Rc<RefCell<…>>`, no locks).
+//!
+//! Each direction has one writer. The loop holds the [`LoopEnd`]: it writes the request
+//! (body chunks, end, trailers, the client going away) and drains the response into quiche.
+//! The task holds the [`TaskEnd`]: it reads the request and writes the response (head, body
+//! chunks, end or reset). Each half is a small state machine whose transitions are checked
+//! (modelled on h2's stream `State`): a call out of order is refused with a
+//! [`TransitionError`] and changes nothing.
+//!
+//! ```text
+//! request (loop writes, task reads)        response (task writes, loop writes into quiche)
+//!
+//!   Open ──end──► Ended ──task reads──► Taken     head:  Waiting ──respond──► Ready ──► Written
+//!    │                                            end:   Open ──finish──► Finishing ──► Written
+//!    └──over the limit──► TooLarge                       Open/Finishing ──reset──► Reset(code)
+//! ```
+//!
+//! Both directions are bounded: the loop stops reading the client's body while
+//! [`REQ_BUF_LIMIT`] bytes wait for the task (QUIC flow control then pushes back on the
+//! client), and the task stops reading the backend while [`RESP_BUF_LIMIT`] bytes wait for the
+//! loop (HTTP/2 flow control pushes back on the backend). The client going away (stream reset,
+//! STOP_SENDING, connection closed) is a flag either side may read and only the loop sets.
 
-use crate::server::WorkerStats;
+use crate::stats::WorkerStats;
 use bytes::Bytes;
 use quiche::h3::Header;
 use std::cell::RefCell;
@@ -14,34 +32,60 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 
-/// quiche buffers stream data as `Bytes`: response bodies go from the backend's HTTP/2 frames
-/// into QUIC packets without being copied into quiche first (`send_body_zc`).
-#[derive(Clone, Debug, Default)]
-pub struct BytesFactory;
-
-impl quiche::BufFactory for BytesFactory {
-    type Buf = Bytes;
-    type DgramBuf = Vec<u8>;
-
-    fn buf_from_slice(buf: &[u8]) -> Bytes {
-        Bytes::copy_from_slice(buf)
-    }
-
-    fn dgram_buf_from_slice(buf: &[u8]) -> Vec<u8> {
-        buf.to_vec()
-    }
-}
-
-/// A client connection on a worker.
-pub type QuicConn = quiche::Connection<BytesFactory>;
-
 /// Most request-body bytes buffered per stream between client and backend.
 pub const REQ_BUF_LIMIT: usize = 256 * 1024;
 /// Most response-body bytes buffered per stream between backend and client.
 pub const RESP_BUF_LIMIT: usize = 256 * 1024;
 
-/// What the proxy task gets next from the client side.
-pub enum ReqEvent {
+/// A call that the current state does not allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("stream state: {call} not allowed in {state}")]
+pub struct TransitionError {
+    pub call: &'static str,
+    pub state: &'static str,
+}
+
+fn refuse<T>(call: &'static str, state: &'static str) -> Result<T, TransitionError> {
+    Err(TransitionError { call, state })
+}
+
+/// Where the request body stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Request {
+    /// Body bytes may still arrive.
+    Open,
+    /// The client ended the body; the task has not seen the end yet.
+    Ended(Option<http::HeaderMap>),
+    /// The task has seen the end.
+    Taken,
+    /// The body grew past the pool's limit (the task answers 413).
+    TooLarge,
+}
+
+/// Where the response head stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Head {
+    Waiting,
+    Ready(Vec<Header>),
+    Written,
+}
+
+/// Where the end of the response stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum End {
+    /// More body may come from the task.
+    Open,
+    /// The task gave everything; trailers (if any) follow the queued body.
+    Finishing(Option<Vec<Header>>),
+    /// The end is written into quiche.
+    Written,
+    /// The task asked for the stream to be reset with this HTTP/3 code.
+    Reset(u64),
+}
+
+/// What the task reads next from the request.
+#[derive(Debug)]
+pub enum RequestEvent {
     Data(Bytes),
     /// The body ended, with optional trailers.
     End(Option<http::HeaderMap>),
@@ -51,135 +95,468 @@ pub enum ReqEvent {
     TooLarge,
 }
 
-#[derive(Default)]
-pub struct StreamIo {
-    // client → backend
-    pub req: VecDeque<Bytes>,
-    pub req_buffered: usize,
-    pub req_fin: bool,
-    pub req_trailers: Option<http::HeaderMap>,
-    pub req_received: u64,
-    pub req_expected: Option<u64>,
-    /// The pool's `max_request_body`; past it the loop stops reading and sets `req_too_large`.
-    pub req_limit: Option<u64>,
-    pub req_too_large: bool,
-    /// The loop stopped reading because `req` was full; the task asks for more when it drains.
-    pub req_read_blocked: bool,
+/// Why the loop refused a piece of the request body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyError {
+    /// Past the pool's `max_request_body`: stop reading, the task answers 413.
+    TooLarge,
+    /// The body does not match `content-length`: the request is malformed.
+    LengthMismatch,
+    /// The body had already ended (a transition the state does not allow).
+    Ended,
+}
+
+struct State {
+    request: Request,
+    req_queue: VecDeque<Bytes>,
+    req_buffered: usize,
+    req_received: u64,
+    req_expected: Option<u64>,
+    req_limit: Option<u64>,
+    /// The loop stopped reading because the queue was full.
+    req_read_blocked: bool,
     req_waker: Option<Waker>,
 
-    // backend → client
-    pub resp_head: Option<Vec<Header>>,
-    pub resp_body: VecDeque<Bytes>,
-    pub resp_buffered: usize,
-    pub resp_trailers: Option<Vec<Header>>,
-    pub resp_fin: bool,
-    /// Reset the client stream with this HTTP/3 error code instead of finishing it.
-    pub resp_reset: Option<u64>,
+    head: Head,
+    end: End,
+    resp_queue: VecDeque<Bytes>,
+    resp_buffered: usize,
     resp_waker: Option<Waker>,
 
-    // loop-side progress
-    pub head_sent: bool,
-    pub resp_done: bool,
-    /// The client side is gone (stream reset, STOP_SENDING or connection closed).
-    pub client_gone: bool,
-    pub task_done: bool,
-    /// Response status, for logs and metrics.
-    pub status: u16,
-    pub bytes_out: u64,
-    /// The worker's counters: `streams_active` counts live `StreamIo`s.
-    stats: Option<Arc<WorkerStats>>,
+    client_gone: bool,
+    task_done: bool,
+    /// `streams_active` counts live exchanges.
+    stats: Arc<WorkerStats>,
 }
 
-impl Drop for StreamIo {
+impl Drop for State {
     fn drop(&mut self) {
-        if let Some(s) = &self.stats {
-            s.streams_active.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.stats.streams_active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-pub type SharedStream = Rc<RefCell<StreamIo>>;
-
-impl StreamIo {
-    pub fn new(expected: Option<u64>, stats: Arc<WorkerStats>) -> SharedStream {
-        stats.streams_active.fetch_add(1, Ordering::Relaxed);
-        let mut io = StreamIo::default();
-        io.req_expected = expected;
-        io.stats = Some(stats);
-        Rc::new(RefCell::new(io))
-    }
-
-    /// Loop side: a body chunk from the client.
-    pub fn push_req(&mut self, data: Bytes) {
-        self.req_received += data.len() as u64;
-        self.req_buffered += data.len();
-        self.req.push_back(data);
-        self.wake_req();
-    }
-
-    pub fn wake_req(&mut self) {
+impl State {
+    fn wake_req(&mut self) {
         if let Some(w) = self.req_waker.take() {
             w.wake();
         }
     }
 
-    pub fn wake_resp(&mut self) {
+    fn wake_resp(&mut self) {
         if let Some(w) = self.resp_waker.take() {
             w.wake();
         }
     }
+}
 
-    /// Loop side: the client is gone; wake the task so it stops.
-    pub fn abort_client(&mut self) {
-        self.client_gone = true;
-        self.wake_req();
-        self.wake_resp();
+/// What the loop knows of a new request stream.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestShape {
+    /// `content-length`, when the client declared one.
+    pub expected: Option<u64>,
+    /// The pool's `max_request_body`.
+    pub limit: Option<u64>,
+    /// The HEADERS frame did not end the stream: a body (or trailers) follows.
+    pub body_follows: bool,
+}
+
+/// A new exchange: the loop's end and the task's end.
+pub fn new(shape: RequestShape, stats: Arc<WorkerStats>) -> (LoopEnd, TaskEnd) {
+    stats.streams_active.fetch_add(1, Ordering::Relaxed);
+    let state = Rc::new(RefCell::new(State {
+        request: if shape.body_follows {
+            Request::Open
+        } else {
+            Request::Ended(None)
+        },
+        req_queue: VecDeque::new(),
+        req_buffered: 0,
+        req_received: 0,
+        req_expected: shape.expected,
+        req_limit: shape.limit,
+        req_read_blocked: false,
+        req_waker: None,
+        head: Head::Waiting,
+        end: End::Open,
+        resp_queue: VecDeque::new(),
+        resp_buffered: 0,
+        resp_waker: None,
+        client_gone: false,
+        task_done: false,
+        stats,
+    }));
+    (LoopEnd(state.clone()), TaskEnd(state))
+}
+
+/// An exchange answered by the loop itself, without a task: the whole response is ready.
+pub fn local(
+    head: Vec<Header>,
+    body: Bytes,
+    body_follows: bool,
+    stats: Arc<WorkerStats>,
+) -> LoopEnd {
+    let shape = RequestShape {
+        body_follows,
+        ..RequestShape::default()
+    };
+    let (loop_end, task) = new(shape, stats);
+    // A fresh exchange accepts a whole response.
+    let _ = task.respond(head);
+    if !body.is_empty() {
+        let _ = task.push_body(body);
+    }
+    let _ = task.finish(None);
+    drop(task);
+    loop_end
+}
+
+/// The QUIC loop's end of an exchange (clones are handles on the same end).
+#[derive(Clone)]
+pub struct LoopEnd(Rc<RefCell<State>>);
+
+/// What the loop should write into quiche next.
+#[derive(Debug)]
+pub enum Pending {
+    /// Nothing now.
+    Nothing,
+    /// Write the head; `fin` when nothing follows it.
+    Head { fields: Vec<Header>, fin: bool },
+    /// Write this chunk (zero-copy); `fin` when it is the last thing on the stream.
+    Body { chunk: Bytes, fin: bool },
+    /// Write the trailers, with fin.
+    Trailers(Vec<Header>),
+    /// End the stream with an empty fin.
+    Fin,
+    /// Reset the stream with this HTTP/3 code.
+    Reset(u64),
+}
+
+impl LoopEnd {
+    /// A body chunk from the client.
+    ///
+    /// # Errors
+    /// [`BodyError`] when the chunk breaks the pool's limit or the declared length, or the
+    /// body had ended; the chunk is then not queued.
+    pub fn push_request(&self, data: Bytes) -> Result<(), BodyError> {
+        let mut s = self.0.borrow_mut();
+        match s.request {
+            Request::Open => {}
+            Request::TooLarge => return Err(BodyError::TooLarge),
+            Request::Ended(_) | Request::Taken => return Err(BodyError::Ended),
+        }
+        if s.task_done {
+            // Answered already: what arrives is dropped.
+            return Ok(());
+        }
+        let received = s.req_received + data.len() as u64;
+        if s.req_limit.is_some_and(|limit| received > limit) {
+            s.req_received = received;
+            s.request = Request::TooLarge;
+            s.wake_req();
+            return Err(BodyError::TooLarge);
+        }
+        if s.req_expected.is_some_and(|n| received > n) {
+            return Err(BodyError::LengthMismatch);
+        }
+        s.req_received = received;
+        s.req_buffered += data.len();
+        s.req_queue.push_back(data);
+        s.wake_req();
+        Ok(())
     }
 
-    /// Task side: the next request event, or `Pending` with the waker kept.
-    pub fn poll_req(&mut self, waker: &Waker) -> Poll<ReqEvent> {
-        if self.req_too_large {
-            return Poll::Ready(ReqEvent::TooLarge);
+    /// The client ended the body, with `trailers` if it sent some.
+    ///
+    /// # Errors
+    /// [`BodyError::LengthMismatch`] when the body is shorter than `content-length` said,
+    /// [`BodyError::Ended`] for trailers after the end. A second end without trailers (the
+    /// stream's FIN after trailers or after a HEADERS-only request) changes nothing.
+    pub fn end_request(&self, trailers: Option<http::HeaderMap>) -> Result<(), BodyError> {
+        let mut s = self.0.borrow_mut();
+        match (&s.request, &trailers) {
+            (Request::Open, _) => {}
+            // Nobody reads on: the task answers 413.
+            (Request::TooLarge, _) => return Ok(()),
+            // The stream's FIN after trailers, or after a request without a body.
+            (Request::Ended(_) | Request::Taken, None) => return Ok(()),
+            (Request::Ended(_) | Request::Taken, Some(_)) => return Err(BodyError::Ended),
         }
-        if let Some(chunk) = self.req.pop_front() {
-            self.req_buffered -= chunk.len();
-            return Poll::Ready(ReqEvent::Data(chunk));
+        if s.req_expected.is_some_and(|n| n != s.req_received) {
+            return Err(BodyError::LengthMismatch);
         }
-        if self.client_gone {
-            return Poll::Ready(ReqEvent::Aborted);
-        }
-        if self.req_fin {
-            return Poll::Ready(ReqEvent::End(self.req_trailers.take()));
-        }
-        self.req_waker = Some(waker.clone());
-        Poll::Pending
+        s.request = Request::Ended(trailers);
+        s.wake_req();
+        Ok(())
     }
 
-    /// Task side: ready when the response buffer has room (`Ok`) or the client left (`Err`).
-    pub fn poll_resp_room(&mut self, waker: &Waker) -> Poll<Result<(), ()>> {
-        if self.client_gone {
-            return Poll::Ready(Err(()));
-        }
-        if self.resp_buffered < RESP_BUF_LIMIT {
-            return Poll::Ready(Ok(()));
-        }
-        self.resp_waker = Some(waker.clone());
-        Poll::Pending
+    /// Whether the loop may read more of the client's body now; when not, it is marked
+    /// blocked and the task wakes the loop once it has taken some.
+    pub fn room_for_request(&self) -> bool {
+        let mut s = self.0.borrow_mut();
+        let room = s.req_buffered < REQ_BUF_LIMIT;
+        s.req_read_blocked = !room;
+        room
     }
 
-    /// Task side: a response body chunk.
-    pub fn push_resp(&mut self, data: Bytes) {
-        self.resp_buffered += data.len();
-        self.resp_body.push_back(data);
+    /// The loop stopped reading for lack of room and there is room again.
+    pub fn wants_reading(&self) -> bool {
+        let s = self.0.borrow();
+        s.req_read_blocked && s.req_buffered < REQ_BUF_LIMIT
     }
 
-    /// Task side: a whole local response (404, 502, …).
-    pub fn respond_local(&mut self, status: u16, fields: Vec<Header>, body: Bytes) {
-        self.status = status;
-        self.resp_head = Some(fields);
-        if !body.is_empty() {
-            self.push_resp(body);
+    /// The request body is still open (more may be read).
+    pub fn request_open(&self) -> bool {
+        self.0.borrow().request == Request::Open
+    }
+
+    /// The client is gone: wake the task so it stops.
+    pub fn abort(&self) {
+        let mut s = self.0.borrow_mut();
+        s.client_gone = true;
+        s.wake_req();
+        s.wake_resp();
+    }
+
+    /// The next thing to write into quiche (the head, a chunk, the end) or a reset.
+    pub fn pending(&self) -> Pending {
+        let s = self.0.borrow();
+        if let End::Reset(code) = s.end {
+            return Pending::Reset(code);
         }
-        self.resp_fin = true;
+        match (&s.head, &s.end) {
+            (Head::Waiting, _) => Pending::Nothing,
+            (Head::Ready(fields), end) => Pending::Head {
+                fields: fields.clone(),
+                fin: matches!(end, End::Finishing(None)) && s.resp_queue.is_empty(),
+            },
+            (Head::Written, End::Written) => Pending::Nothing,
+            (Head::Written, end) => match s.resp_queue.front() {
+                Some(chunk) => Pending::Body {
+                    chunk: chunk.clone(),
+                    fin: s.resp_queue.len() == 1 && matches!(end, End::Finishing(None)),
+                },
+                None => match end {
+                    End::Finishing(Some(t)) => Pending::Trailers(t.clone()),
+                    End::Finishing(None) => Pending::Fin,
+                    _ => Pending::Nothing,
+                },
+            },
+        }
+    }
+
+    /// The head went into quiche (with fin when [`Pending::Head`] said so).
+    ///
+    /// # Errors
+    /// A [`TransitionError`] when no head was ready.
+    pub fn head_written(&self, fin: bool) -> Result<(), TransitionError> {
+        let mut s = self.0.borrow_mut();
+        if !matches!(s.head, Head::Ready(_)) {
+            return refuse("head_written", "no head ready");
+        }
+        s.head = Head::Written;
+        if fin {
+            s.end = End::Written;
+        }
+        Ok(())
+    }
+
+    /// `n` bytes of the front chunk went into quiche; `fin` when that ended the stream.
+    ///
+    /// # Errors
+    /// A [`TransitionError`] when no chunk was queued or `n` is longer than it.
+    pub fn body_written(&self, n: usize, fin: bool) -> Result<(), TransitionError> {
+        let mut s = self.0.borrow_mut();
+        if s.head != Head::Written {
+            return refuse("body_written", "head not written");
+        }
+        let Some(front) = s.resp_queue.front_mut() else {
+            return refuse("body_written", "no chunk queued");
+        };
+        if n > front.len() {
+            return refuse("body_written", "shorter chunk");
+        }
+        let whole = n == front.len();
+        let _ = front.split_to(n);
+        if whole {
+            s.resp_queue.pop_front();
+        }
+        s.resp_buffered -= n;
+        if fin && whole && s.resp_queue.is_empty() {
+            s.end = End::Written;
+        }
+        s.wake_resp();
+        Ok(())
+    }
+
+    /// The trailers or the empty fin went into quiche.
+    ///
+    /// # Errors
+    /// A [`TransitionError`] when the task had not finished or body is still queued.
+    pub fn end_written(&self) -> Result<(), TransitionError> {
+        let mut s = self.0.borrow_mut();
+        if !matches!(s.end, End::Finishing(_)) || !s.resp_queue.is_empty() {
+            return refuse("end_written", "response not finishing");
+        }
+        s.end = End::Written;
+        Ok(())
+    }
+
+    /// The whole response is in quiche and the task is gone: the exchange is over.
+    pub fn complete(&self) -> bool {
+        let s = self.0.borrow();
+        s.end == End::Written && s.task_done
+    }
+
+    /// The client's body was not read to its end (a complete response may stop it early).
+    pub fn request_unfinished(&self) -> bool {
+        matches!(self.0.borrow().request, Request::Open | Request::TooLarge)
+    }
+
+    /// The client is gone (the loop set it).
+    pub fn client_gone(&self) -> bool {
+        self.0.borrow().client_gone
     }
 }
+
+/// The request task's end of an exchange; the task is done when it is dropped.
+pub struct TaskEnd(Rc<RefCell<State>>);
+
+impl Drop for TaskEnd {
+    fn drop(&mut self) {
+        let mut s = self.0.borrow_mut();
+        s.task_done = true;
+    }
+}
+
+impl TaskEnd {
+    /// The next request event, or `Pending` with the waker kept.
+    pub fn poll_request(&self, waker: &Waker) -> Poll<RequestEvent> {
+        let mut s = self.0.borrow_mut();
+        if s.request == Request::TooLarge {
+            return Poll::Ready(RequestEvent::TooLarge);
+        }
+        if let Some(chunk) = s.req_queue.pop_front() {
+            s.req_buffered -= chunk.len();
+            return Poll::Ready(RequestEvent::Data(chunk));
+        }
+        if s.client_gone {
+            return Poll::Ready(RequestEvent::Aborted);
+        }
+        if let Request::Ended(_) = s.request {
+            let Request::Ended(trailers) = std::mem::replace(&mut s.request, Request::Taken) else {
+                return Poll::Pending;
+            };
+            return Poll::Ready(RequestEvent::End(trailers));
+        }
+        s.req_waker = Some(waker.clone());
+        Poll::Pending
+    }
+
+    /// The whole request is already here and has no body: the head can carry END_STREAM.
+    pub fn request_is_empty(&self) -> bool {
+        let s = self.0.borrow();
+        matches!(s.request, Request::Ended(None)) && s.req_queue.is_empty()
+    }
+
+    /// The loop is waiting for the task to take body bytes before reading more.
+    pub fn loop_read_blocked(&self) -> bool {
+        self.0.borrow().req_read_blocked
+    }
+
+    /// Request-body bytes received from the client so far.
+    pub fn request_bytes(&self) -> u64 {
+        self.0.borrow().req_received
+    }
+
+    /// The pool's body limit (for the 413's log line).
+    pub fn request_limit(&self) -> Option<u64> {
+        self.0.borrow().req_limit
+    }
+
+    /// Ready when the response queue has room (`Ok`) or the client left (`Err`).
+    pub fn poll_response_room(&self, waker: &Waker) -> Poll<Result<(), ClientGone>> {
+        let mut s = self.0.borrow_mut();
+        if s.client_gone {
+            return Poll::Ready(Err(ClientGone));
+        }
+        if s.resp_buffered < RESP_BUF_LIMIT {
+            return Poll::Ready(Ok(()));
+        }
+        s.resp_waker = Some(waker.clone());
+        Poll::Pending
+    }
+
+    /// Whether the head has been given.
+    pub fn responded(&self) -> bool {
+        self.0.borrow().head != Head::Waiting
+    }
+
+    /// The response head.
+    ///
+    /// # Errors
+    /// A [`TransitionError`] when a head was given already.
+    pub fn respond(&self, fields: Vec<Header>) -> Result<(), TransitionError> {
+        let mut s = self.0.borrow_mut();
+        if s.head != Head::Waiting {
+            return refuse("respond", "head given");
+        }
+        s.head = Head::Ready(fields);
+        Ok(())
+    }
+
+    /// A response body chunk.
+    ///
+    /// # Errors
+    /// A [`TransitionError`] before the head or after the end.
+    pub fn push_body(&self, data: Bytes) -> Result<(), TransitionError> {
+        let mut s = self.0.borrow_mut();
+        if s.head == Head::Waiting {
+            return refuse("push_body", "no head");
+        }
+        if s.end != End::Open {
+            return refuse("push_body", "response ended");
+        }
+        s.resp_buffered += data.len();
+        s.resp_queue.push_back(data);
+        Ok(())
+    }
+
+    /// The response is complete, with optional trailers.
+    ///
+    /// # Errors
+    /// A [`TransitionError`] before the head or after the end.
+    pub fn finish(&self, trailers: Option<Vec<Header>>) -> Result<(), TransitionError> {
+        let mut s = self.0.borrow_mut();
+        if s.head == Head::Waiting {
+            return refuse("finish", "no head");
+        }
+        if s.end != End::Open {
+            return refuse("finish", "response ended");
+        }
+        s.end = End::Finishing(trailers);
+        Ok(())
+    }
+
+    /// Reset the client stream with `code` instead of finishing it (a failure after the head).
+    ///
+    /// # Errors
+    /// A [`TransitionError`] when the end was already written.
+    pub fn reset(&self, code: u64) -> Result<(), TransitionError> {
+        let mut s = self.0.borrow_mut();
+        match s.end {
+            End::Written => refuse("reset", "response written"),
+            End::Reset(_) => Ok(()),
+            _ => {
+                s.end = End::Reset(code);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The client went away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientGone;
+
+#[cfg(test)]
+mod tests;

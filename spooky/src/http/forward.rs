@@ -1,47 +1,88 @@
-//! One task per request (on the worker's `LocalSet`): route, pick a backend, open an HTTP/2
-//! stream on the worker's pool, pump the request body and trailers up and the response head,
-//! body and trailers down through the stream's bounded buffers ([`crate::http::exchange`]).
-//! Failures before the response head become 502/503/504 with one log line naming the
-//! upstream, the backend and the cause; failures after it reset the client stream, so a
-//! truncated response never looks complete.
+//! The request task, one per forwarded request (on the worker's `LocalSet`): pick a backend,
+//! open an HTTP/2 stream on the worker's pool, pump the request body and trailers up and the
+//! response head, body and trailers down through the stream's bounded exchange
+//! ([`super::exchange`]). How a failure is answered, logged and counted is
+//! [`super::outcome`]'s decision; this file only finds out what happened.
 
-use crate::health::TrafficOutcome;
-use crate::http::bridge::{self, Hop, RequestHead, H3_INTERNAL_ERROR};
-use crate::http::exchange::{ReqEvent, SharedStream};
+use super::bridge::{self, Hop, RequestHead};
+use super::exchange::{RequestEvent, TaskEnd};
+use super::outcome::{self, Failure, Finished, Reaction};
+use super::{ConnRef, Forwarder};
 use crate::lb::{self, Candidates};
-use crate::quic::worker::WorkerCtx;
+use crate::stats::RouteMetrics;
 use crate::upstream::{BackendPool, ErrorKind, UpstreamError};
 use bytes::Bytes;
 use std::cell::Cell;
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Smallest DATA frame the request pump waits for window to send (unless less remains).
 const MIN_DATA_FRAME: usize = 4096;
 
 /// Everything a request task needs, moved into it.
 pub struct Job {
-    pub ctx: Rc<WorkerCtx>,
-    pub io: SharedStream,
-    pub head: RequestHead,
-    pub peer: SocketAddr,
-    pub upstream: usize,
+    fwd: Rc<Forwarder>,
+    task: TaskEnd,
+    head: RequestHead,
+    peer: SocketAddr,
+    upstream: usize,
     /// Wakes the worker loop to flush this connection.
-    pub conn: (usize, u64),
+    conn: ConnRef,
     /// When the request head arrived.
-    pub started: Instant,
-    /// The backend finally used, time to its response head, response body bytes relayed.
-    pub chosen: Cell<Option<usize>>,
-    pub upstream_latency: Cell<Option<std::time::Duration>>,
-    pub bytes_out: Cell<u64>,
+    started: Instant,
+    /// The backend finally used, time to its response head, response status and body bytes.
+    chosen: Cell<Option<usize>>,
+    upstream_latency: Cell<Option<Duration>>,
+    status: Cell<u16>,
+    bytes_out: Cell<u64>,
     /// Request body bytes went upstream (a refused stream is then not retried).
-    pub body_sent: Cell<bool>,
+    body_sent: Cell<bool>,
+}
+
+impl Job {
+    pub fn new(
+        fwd: Rc<Forwarder>,
+        task: TaskEnd,
+        head: RequestHead,
+        peer: SocketAddr,
+        upstream: usize,
+        conn: ConnRef,
+        started: Instant,
+    ) -> Self {
+        Self {
+            fwd,
+            task,
+            head,
+            peer,
+            upstream,
+            conn,
+            started,
+            chosen: Cell::new(None),
+            upstream_latency: Cell::new(None),
+            status: Cell::new(0),
+            bytes_out: Cell::new(0),
+            body_sent: Cell::new(false),
+        }
+    }
+
+    fn wake(&self) {
+        self.fwd.services.wakeup.wake(self.conn);
+    }
+
+    fn pool_name(&self) -> &str {
+        self.fwd
+            .snapshot
+            .config
+            .upstreams
+            .get(self.upstream)
+            .map_or("", |u| u.name.as_str())
+    }
 }
 
 /// Counts a request as in flight to a backend for as long as it lives.
-struct InFlight<'a>(&'a crate::ops::metrics::RouteMetrics, usize);
+struct InFlight<'a>(&'a RouteMetrics, usize);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
@@ -49,94 +90,64 @@ impl Drop for InFlight<'_> {
     }
 }
 
-enum Failure {
-    /// Answer locally with this status (nothing sent to the client yet).
-    Local(u16, String, Option<u32>),
-    /// Something went wrong after the head went out: reset the client stream.
-    Reset(String),
-    /// The client went away: nothing to answer.
-    ClientGone,
-}
-
 /// Runs one request to completion.
 pub async fn run(job: Job) {
     let result = forward(&job).await;
-    let ctx = &job.ctx;
-    let upstream = &ctx.shared.config.upstreams[job.upstream];
-    {
-        let mut io = job.io.borrow_mut();
-        match result {
-            Ok(backend) => {
-                tracing::debug!(upstream = %upstream.name, backend = %backend, status = io.status,
-                    elapsed_us = job.started.elapsed().as_micros() as u64, "request done");
-            }
-            Err(Failure::Local(status, cause, retry_after)) => {
-                let reason = match status {
-                    503 => "no healthy backend",
-                    504 => "upstream timed out",
-                    408 => "request body timed out",
-                    413 => "request body too large",
-                    _ => "bad gateway",
-                };
-                let (fields, body) = bridge::local_response(status, reason, retry_after);
-                if io.resp_head.is_none() {
-                    io.respond_local(status, fields, body);
-                } else {
-                    io.resp_reset = Some(H3_INTERNAL_ERROR);
+    match result {
+        Ok(backend) => {
+            tracing::debug!(upstream = job.pool_name(), backend = %backend, status = job.status.get(),
+                elapsed_us = job.started.elapsed().as_micros() as u64, "request done");
+        }
+        Err(failure) => {
+            match failure.reaction(job.task.responded()) {
+                Reaction::Nothing => {}
+                Reaction::Answer {
+                    status,
+                    fields,
+                    body,
+                    ..
+                } => {
+                    job.status.set(status);
+                    // A fresh response: these transitions are allowed.
+                    let _ = job.task.respond(fields);
+                    if !body.is_empty() {
+                        let _ = job.task.push_body(body);
+                    }
+                    let _ = job.task.finish(None);
                 }
-                tracing::warn!(upstream = %upstream.name, status, cause = %cause, "request failed");
+                Reaction::Reset(code) => {
+                    let _ = job.task.reset(code);
+                }
             }
-            Err(Failure::Reset(cause)) => {
-                io.resp_reset = Some(H3_INTERNAL_ERROR);
-                tracing::warn!(upstream = %upstream.name, cause = %cause, "response aborted; client stream reset");
-            }
-            Err(Failure::ClientGone) => {}
-        }
-        io.task_done = true;
-        if io.status == 0 {
-            // The client went away before any answer (nginx's 499).
-            io.status = 499;
-        }
-        let outcome = crate::ops::metrics::Outcome {
-            status: io.status,
-            total: job.started.elapsed(),
-            upstream: job.upstream_latency.get(),
-            bytes_in: io.req_received,
-            bytes_out: job.bytes_out.get(),
-        };
-        let row = &ctx.route_metrics[job.upstream];
-        let series = job.chosen.get().and_then(|b| row.get(b)).or(row.last());
-        if let Some(series) = series {
-            series.record(ctx.index, &outcome);
-        }
-        if ctx.shared.access_log.enabled() {
-            let backend = job
-                .chosen
-                .get()
-                .and_then(|b| upstream.backends.get(b))
-                .map(|b| b.id.clone());
-            ctx.shared.access_log.log(crate::ops::access_log::Record {
-                time: std::time::SystemTime::now(),
-                client: job.peer,
-                host: job.head.authority_str().to_owned(),
-                method: job.head.method.to_string(),
-                path: job.head.path_str().to_owned(),
-                status: outcome.status,
-                bytes_in: outcome.bytes_in,
-                bytes_out: outcome.bytes_out,
-                duration: outcome.total,
-                pool: upstream.name.clone(),
-                backend: backend.unwrap_or_default(),
-                worker: ctx.index,
-            });
+            failure.log(job.peer, Some(job.pool_name()));
         }
     }
-    ctx.wake(job.conn);
+    if job.status.get() == 0 {
+        job.status.set(outcome::CLIENT_CLOSED);
+    }
+    outcome::record(
+        &job.fwd,
+        &Finished {
+            peer: job.peer,
+            head: Some(&job.head),
+            upstream: Some(job.upstream),
+            backend: job.chosen.get(),
+            status: job.status.get(),
+            started: job.started,
+            upstream_latency: job.upstream_latency.get(),
+            bytes_in: job.task.request_bytes(),
+            bytes_out: job.bytes_out.get(),
+        },
+    );
+    let (fwd, conn) = (job.fwd.clone(), job.conn);
+    // The task's end goes first, so the loop sees the exchange complete when it wakes.
+    drop(job);
+    fwd.services.wakeup.wake(conn);
 }
 
 /// The key a consistent-hash pool hashes for this request.
 fn request_hash(job: &Job) -> u64 {
-    let upstream = &job.ctx.shared.config.upstreams[job.upstream];
+    let upstream = &job.fwd.snapshot.config.upstreams[job.upstream];
     match &upstream.load_balancing {
         crate::config::LoadBalancing::ConsistentHash { key, .. } => {
             lb::request_hash(key, job.peer.ip(), job.head.path_str(), |name| {
@@ -153,15 +164,16 @@ fn request_hash(job: &Job) -> u64 {
 }
 
 fn pick(job: &Job, exclude: Option<usize>) -> Result<usize, Failure> {
-    let ctx = &job.ctx;
-    let upstream = &ctx.shared.config.upstreams[job.upstream];
-    let pools = &ctx.pools[job.upstream];
+    let fwd = &job.fwd;
+    let upstream = &fwd.snapshot.config.upstreams[job.upstream];
+    let pools = &fwd.pools[job.upstream];
+    let plans = &fwd.snapshot.backends[job.upstream];
     let mut healthy: Vec<bool> = (0..pools.len())
-        .map(|b| ctx.shared.health.is_available(job.upstream, b) && Some(b) != exclude)
+        .map(|b| plans.get(b).is_some_and(|p| p.slot.is_available()) && Some(b) != exclude)
         .collect();
     let in_flight: Vec<u32> = pools.iter().map(|p| p.in_flight() as u32).collect();
     let hash = request_hash(job);
-    let mut balancer = ctx.balancers[job.upstream].borrow_mut();
+    let mut balancer = fwd.balancers[job.upstream].borrow_mut();
     if let Some(b) = balancer.pick(
         &Candidates {
             healthy: &healthy,
@@ -186,26 +198,24 @@ fn pick(job: &Job, exclude: Option<usize>) -> Result<usize, Failure> {
             return Ok(b);
         }
     }
-    Err(Failure::Local(
-        503,
-        format!("no healthy backend in upstream {}", upstream.name),
-        Some(1),
-    ))
+    Err(Failure::NoHealthyBackend {
+        pool: upstream.name.clone(),
+    })
 }
 
 async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
-    let ctx = &job.ctx;
-    let cfg = &ctx.shared.config;
-    let upstream = &cfg.upstreams[job.upstream];
+    let fwd = &job.fwd;
+    let cfg = &fwd.snapshot.config;
     let hop = Hop {
         client_ip: job.peer.ip(),
         mode: cfg.proxy.forwarded,
         via: cfg.proxy.via,
     };
     let fail = |backend: usize, e: UpstreamError| {
-        ctx.report(job.upstream, backend, &e);
-        tracing::warn!(upstream = %upstream.name, backend = %e.backend, kind = ?e.kind, cause = %e.detail, "upstream failure");
-        Failure::Local(e.status(), e.to_string(), None)
+        outcome::log_upstream(job.pool_name(), &e);
+        let f = Failure::Upstream(e);
+        fwd.report_failure(job.upstream, backend, &f);
+        f
     };
     // At most one switch to another backend (refused TCP connect) and one retry on a fresh
     // connection (stream refused before processing), in any order.
@@ -214,13 +224,9 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
     let mut refreshed = false;
     loop {
         job.chosen.set(Some(backend));
-        let pool = ctx.pools[job.upstream][backend].clone();
-        let request = bridge::to_h2_request(&job.head, &hop)
-            .map_err(|e| Failure::Local(502, e.to_string(), None))?;
-        let end_of_stream = {
-            let io = job.io.borrow();
-            io.req_fin && io.req.is_empty() && io.req_trailers.is_none()
-        };
+        let pool = fwd.pools[job.upstream][backend].clone();
+        let request = bridge::to_h2_request(&job.head, &hop).map_err(Failure::Convert)?;
+        let end_of_stream = job.task.request_is_empty();
         let lease = match pool.checkout(refreshed).await {
             Ok(l) => l,
             Err(e) => {
@@ -255,6 +261,7 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
                 refreshed = true;
             }
             Err(Attempt::Refused(e)) => return Err(fail(backend, e)),
+            Err(Attempt::Upstream(e)) => return Err(fail(backend, e)),
             Err(Attempt::Failed(f)) => return Err(f),
         }
         drop(lease);
@@ -265,6 +272,8 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
 enum Attempt {
     /// The stream was refused before the backend processed it: safe to retry.
     Refused(UpstreamError),
+    /// The backend failed before its response head.
+    Upstream(UpstreamError),
     Failed(Failure),
 }
 
@@ -284,15 +293,14 @@ async fn exchange(
     send: h2::SendStream<Bytes>,
     end_of_stream: bool,
 ) -> Result<(), Attempt> {
-    let ctx = &job.ctx;
-    let upstream = &ctx.shared.config.upstreams[job.upstream];
+    let fwd = &job.fwd;
+    let worker = fwd.services.worker;
+    let timeouts = &fwd.snapshot.config.upstreams[job.upstream].timeouts;
     let backend_name = pool.connector.backend.clone();
-    let metrics_row = &ctx.route_metrics[job.upstream];
-    let _in_flight = metrics_row.get(backend).map(|m| {
-        m.in_flight(ctx.index, 1);
-        InFlight(m, ctx.index)
+    let _in_flight = fwd.route_metrics[job.upstream].get(backend).map(|m| {
+        m.in_flight(worker, 1);
+        InFlight(m, worker)
     });
-    let timeouts = &upstream.timeouts;
     let started = Instant::now();
 
     let mut pump = std::pin::pin!(pump_request(job, send, timeouts.idle));
@@ -309,59 +317,49 @@ async fn exchange(
     };
     let response = match response {
         Err(_) => {
-            let e = UpstreamError::new(
+            return Err(Attempt::Upstream(UpstreamError::new(
                 ErrorKind::ResponseTimeout,
                 &backend_name,
                 format!("no response head within {:?}", timeouts.response_head),
-            );
-            ctx.report(job.upstream, backend, &e);
-            tracing::warn!(upstream = %upstream.name, backend = %backend_name, cause = %e.detail, "upstream timeout");
-            return Err(Failure::Local(504, e.to_string(), None).into());
+            )));
         }
         Ok(Err(e)) => {
             let e = UpstreamError::from_h2(&e, &backend_name);
             if e.kind == ErrorKind::Refused {
                 return Err(Attempt::Refused(e));
             }
-            ctx.report(job.upstream, backend, &e);
-            tracing::warn!(upstream = %upstream.name, backend = %backend_name, kind = ?e.kind, cause = %e.detail, "upstream failure");
-            return Err(Failure::Local(e.status(), e.to_string(), None).into());
+            return Err(Attempt::Upstream(e));
         }
         Ok(Ok(r)) => r,
     };
     job.upstream_latency.set(Some(started.elapsed()));
     let (parts, mut body) = response.into_parts();
     let status = parts.status.as_u16();
-    ctx.report_outcome(
-        job.upstream,
-        backend,
-        if status >= 500 {
-            TrafficOutcome::ServerError
-        } else {
-            TrafficOutcome::Success
-        },
-        started.elapsed(),
-    );
-    {
-        let mut io = job.io.borrow_mut();
-        io.status = status;
-        io.resp_head = Some(bridge::response_to_h3(parts.status, &parts.headers));
-    }
-    ctx.wake(job.conn);
+    fwd.report_response(job.upstream, backend, status, started.elapsed());
+    job.status.set(status);
+    // The first response head of this exchange.
+    let _ = job
+        .task
+        .respond(bridge::response_to_h3(parts.status, &parts.headers));
+    job.wake();
 
     // Body down, while the request body may still be going up.
     loop {
         let next = async {
-            poll_fn(|cx| job.io.borrow_mut().poll_resp_room(cx.waker()))
+            poll_fn(|cx| job.task.poll_response_room(cx.waker()))
                 .await
                 .map_err(|_| Failure::ClientGone)?;
             match tokio::time::timeout(timeouts.idle, body.data()).await {
-                Err(_) => Err(Failure::Reset(format!(
-                    "backend {backend_name}: response body idle for {:?}",
-                    timeouts.idle
-                ))),
+                Err(_) => Err(Failure::Broken {
+                    cause: format!(
+                        "backend {backend_name}: response body idle for {:?}",
+                        timeouts.idle
+                    ),
+                }),
                 Ok(None) => Ok(None),
-                Ok(Some(Err(e))) => Err(Failure::Reset(format!("backend {backend_name}: {e}"))),
+                Ok(Some(Err(e))) => Err(Failure::Broken {
+                    cause: format!("backend {backend_name}: {e}"),
+                }),
                 Ok(Some(Ok(chunk))) => Ok(Some(chunk)),
             }
         };
@@ -380,23 +378,30 @@ async fn exchange(
         }
         let n = chunk.len();
         job.bytes_out.set(job.bytes_out.get() + n as u64);
-        job.io.borrow_mut().push_resp(chunk);
+        // The head went out above and the end only comes after this loop.
+        let _ = job.task.push_body(chunk);
         let _ = body.flow_control().release_capacity(n);
-        ctx.wake(job.conn);
+        job.wake();
     }
     let trailers = match tokio::time::timeout(timeouts.idle, body.trailers()).await {
         Err(_) => {
-            return Err(Failure::Reset(format!("backend {backend_name}: trailers idle")).into())
+            return Err(Failure::Broken {
+                cause: format!("backend {backend_name}: trailers idle"),
+            }
+            .into())
         }
-        Ok(Err(e)) => return Err(Failure::Reset(format!("backend {backend_name}: {e}")).into()),
+        Ok(Err(e)) => {
+            return Err(Failure::Broken {
+                cause: format!("backend {backend_name}: {e}"),
+            }
+            .into())
+        }
         Ok(Ok(t)) => t,
     };
-    {
-        let mut io = job.io.borrow_mut();
-        io.resp_trailers = trailers.as_ref().map(bridge::trailers_to_h3);
-        io.resp_fin = true;
-    }
-    ctx.wake(job.conn);
+    let _ = job
+        .task
+        .finish(trailers.as_ref().map(bridge::trailers_to_h3));
+    job.wake();
     // The response is complete: a request body still being sent is cancelled upstream when
     // `pump` is dropped on return (RFC 9113 §8.1 allows the early response).
     Ok(())
@@ -407,30 +412,27 @@ async fn exchange(
 async fn pump_request(
     job: &Job,
     mut send: h2::SendStream<Bytes>,
-    idle: std::time::Duration,
+    idle: Duration,
 ) -> Result<(), Failure> {
+    let broken = |what: &str, e: &dyn std::fmt::Display| Failure::Broken {
+        cause: format!("request {what}: {e}"),
+    };
     loop {
-        let event = match tokio::time::timeout(
-            idle,
-            poll_fn(|cx| job.io.borrow_mut().poll_req(cx.waker())),
-        )
-        .await
-        {
-            Ok(ev) => ev,
-            Err(_) => {
-                send.send_reset(h2::Reason::CANCEL);
-                return Err(Failure::Local(408, "request body idle".into(), None));
-            }
-        };
-        {
-            // The loop may have stopped reading from the client for lack of room.
-            let blocked = job.io.borrow().req_read_blocked;
-            if blocked {
-                job.ctx.wake(job.conn);
-            }
+        let event =
+            match tokio::time::timeout(idle, poll_fn(|cx| job.task.poll_request(cx.waker()))).await
+            {
+                Ok(ev) => ev,
+                Err(_) => {
+                    send.send_reset(h2::Reason::CANCEL);
+                    return Err(Failure::BodyIdle { idle });
+                }
+            };
+        // The loop may have stopped reading from the client for lack of room.
+        if job.task.loop_read_blocked() {
+            job.wake();
         }
         match event {
-            ReqEvent::Data(mut data) => {
+            RequestEvent::Data(mut data) => {
                 while !data.is_empty() {
                     send.reserve_capacity(data.len());
                     // Wait for a window worth a frame: trickling tiny DATA frames wastes both
@@ -441,45 +443,35 @@ async fn pump_request(
                         match poll_fn(|cx| send.poll_capacity(cx)).await {
                             Some(Ok(n)) if n >= want || (n > 0 && small_grants >= 16) => break n,
                             Some(Ok(_)) => small_grants += 1,
-                            Some(Err(e)) => {
-                                return Err(Failure::Reset(format!("request body: {e}")))
-                            }
-                            None => {
-                                return Err(Failure::Reset(
-                                    "request body: upstream stream closed".into(),
-                                ))
-                            }
+                            Some(Err(e)) => return Err(broken("body", &e)),
+                            None => return Err(broken("body", &"upstream stream closed")),
                         }
                     };
                     let chunk = data.split_to(cap.min(data.len()));
                     job.body_sent.set(true);
-                    if let Err(e) = send.send_data(chunk, false) {
-                        return Err(Failure::Reset(format!("request body: {e}")));
-                    }
+                    send.send_data(chunk, false)
+                        .map_err(|e| broken("body", &e))?;
                 }
             }
-            ReqEvent::End(Some(trailers)) => {
+            RequestEvent::End(Some(trailers)) => {
                 return send
                     .send_trailers(trailers)
-                    .map_err(|e| Failure::Reset(format!("request trailers: {e}")));
+                    .map_err(|e| broken("trailers", &e));
             }
-            ReqEvent::End(None) => {
+            RequestEvent::End(None) => {
                 return send
                     .send_data(Bytes::new(), true)
-                    .map_err(|e| Failure::Reset(format!("request end: {e}")));
+                    .map_err(|e| broken("end", &e));
             }
-            ReqEvent::Aborted => {
+            RequestEvent::Aborted => {
                 send.send_reset(h2::Reason::CANCEL);
                 return Err(Failure::ClientGone);
             }
-            ReqEvent::TooLarge => {
+            RequestEvent::TooLarge => {
                 send.send_reset(h2::Reason::CANCEL);
-                let limit = job.io.borrow().req_limit.unwrap_or(0);
-                return Err(Failure::Local(
-                    413,
-                    format!("request body over {limit} bytes"),
-                    None,
-                ));
+                return Err(Failure::BodyTooLarge {
+                    limit: job.task.request_limit().unwrap_or(0),
+                });
             }
         }
     }

@@ -1,7 +1,319 @@
-//! The HTTP side of the data plane: request validation and HTTP/3 ↔ HTTP/2 conversion
-//! ([`bridge`]), the per-stream exchange between the QUIC loop and the request task
-//! ([`exchange`]), and the request task ([`forward`]).
+//! The HTTP side of the data plane, below the QUIC loop and above the backend pools:
+//!
+//! | module | what |
+//! |---|---|
+//! | [`bridge`] | sans-IO: request validation (RFC 9114 §4.3), HTTP/3 ↔ HTTP/2 field conversion |
+//! | [`exchange`] | the state of one request stream between the QUIC loop and its request task |
+//! | [`outcome`] | every failure → status, HTTP/3 code, health, log line; the metrics/access-log record |
+//! | `forward` | the request task: pick a backend, open an HTTP/2 stream, relay both ways |
+//!
+//! A worker keeps one [`Forwarder`] per configuration snapshot: its pools, balancers and
+//! metric series for that snapshot, plus the process-lifetime [`Services`]. The QUIC
+//! connection asks [`Forwarder::admit`] what to do with a request head and spawns
+//! [`Forwarder::spawn`] for those that go to a backend.
 
 pub mod bridge;
 pub mod exchange;
-pub mod forward;
+mod forward;
+pub mod outcome;
+
+use crate::health::checker::Reporter;
+use crate::health::TrafficOutcome;
+use crate::lb::Balancer;
+use crate::ops::access_log::AccessLogger;
+use crate::snapshot::Snapshot;
+use crate::stats::{Metrics, RouteMetrics, WorkerStats};
+use crate::upstream::{BackendPool, Connector};
+use bridge::RequestHead;
+use exchange::{RequestShape, TaskEnd};
+use outcome::Failure;
+use quiche::h3::{Header, NameValue};
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// A client connection on a worker: its slot and the slot's generation (a reused slot gets a
+/// new one, so a late wake-up for a closed connection is ignored).
+pub type ConnRef = (usize, u64);
+
+/// Connections that request tasks asked the loop to service.
+#[derive(Default)]
+pub struct Wakeup {
+    dirty: RefCell<Vec<ConnRef>>,
+    notify: Notify,
+}
+
+impl Wakeup {
+    /// Asks the loop to service `conn` soon.
+    pub fn wake(&self, conn: ConnRef) {
+        self.dirty.borrow_mut().push(conn);
+        self.notify.notify_one();
+    }
+
+    /// The connections asked for since the last call.
+    pub fn take(&self) -> Vec<ConnRef> {
+        std::mem::take(&mut *self.dirty.borrow_mut())
+    }
+
+    /// Resolves when a task asked for service.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: a wake-up that arrives meanwhile is kept for the next call.
+    pub async fn notified(&self) {
+        self.notify.notified().await;
+    }
+}
+
+/// What one worker's request tasks use for the whole life of the process.
+pub struct Services {
+    pub worker: usize,
+    pub stats: Arc<WorkerStats>,
+    pub metrics: Arc<Metrics>,
+    pub access_log: Arc<AccessLogger>,
+    pub health: Reporter,
+    pub wakeup: Wakeup,
+}
+
+/// One success in this many is sent to the health checker (as a latency sample).
+const SUCCESS_SAMPLE: u32 = 32;
+
+/// A worker's forwarding state for one configuration snapshot.
+pub struct Forwarder {
+    pub services: Rc<Services>,
+    pub snapshot: Arc<Snapshot>,
+    /// `[upstream][backend]`.
+    pools: Vec<Vec<Rc<BackendPool>>>,
+    balancers: Vec<RefCell<Balancer>>,
+    /// `[upstream][backend]`, plus one last series per upstream for answers without a backend.
+    route_metrics: Vec<Vec<Arc<RouteMetrics>>>,
+    /// Answers given before any upstream was chosen (malformed, no route).
+    local_metrics: Arc<RouteMetrics>,
+    /// `[upstream][backend]`: (last outcome sent was a failure, successes seen) for passive
+    /// health sampling.
+    passive: Vec<Vec<Cell<(bool, u32)>>>,
+}
+
+/// What to do with a request head.
+pub enum Admission {
+    /// Send it to upstream `upstream`; the exchange has this shape.
+    Forward {
+        head: RequestHead,
+        upstream: usize,
+        shape: RequestShape,
+    },
+    /// Answer it with `OPTIONS *`'s answer.
+    Options(RequestHead),
+    /// Refuse it (a local answer); the head, when it was valid.
+    Refuse(Failure, Option<RequestHead>),
+}
+
+impl Forwarder {
+    /// The forwarding state for `snapshot`. Pools of `previous` are kept for backends whose
+    /// id, address, TLS settings and connect timeout did not change, so their connections
+    /// carry over a reload.
+    pub fn new(
+        services: Rc<Services>,
+        snapshot: Arc<Snapshot>,
+        previous: Option<&Forwarder>,
+    ) -> Self {
+        let cfg = &snapshot.config;
+        let mut pools = Vec::with_capacity(cfg.upstreams.len());
+        let mut balancers = Vec::with_capacity(cfg.upstreams.len());
+        for (u, up) in cfg.upstreams.iter().enumerate() {
+            let mut row = Vec::with_capacity(up.backends.len());
+            for (b, backend) in up.backends.iter().enumerate() {
+                let reuse = previous.and_then(|p| p.pool_for(backend, up.timeouts.connect));
+                row.push(reuse.unwrap_or_else(|| {
+                    let tls = snapshot.backend(u, b).and_then(|p| p.tls.clone());
+                    Rc::new(BackendPool::new(Connector::new(
+                        backend,
+                        tls,
+                        up.timeouts.connect,
+                    )))
+                }));
+            }
+            pools.push(row);
+            let weights: Vec<u32> = up.backends.iter().map(|b| b.weight).collect();
+            let ids: Vec<&str> = up.backends.iter().map(|b| b.id.as_str()).collect();
+            let seed = 0x5eed_0000 + services.worker as u64 * 7919 + u as u64;
+            balancers.push(RefCell::new(Balancer::with_ids(
+                &up.load_balancing,
+                &weights,
+                &ids,
+                seed,
+            )));
+        }
+        let metrics = &services.metrics;
+        let route_metrics = cfg
+            .upstreams
+            .iter()
+            .map(|up| {
+                let mut row: Vec<_> = up
+                    .backends
+                    .iter()
+                    .map(|b| metrics.route(&up.name, &b.id))
+                    .collect();
+                row.push(metrics.route(&up.name, ""));
+                row
+            })
+            .collect();
+        let local_metrics = metrics.route("", "");
+        let passive = cfg
+            .upstreams
+            .iter()
+            .map(|up| up.backends.iter().map(|_| Cell::new((false, 0))).collect())
+            .collect();
+        Self {
+            services,
+            snapshot,
+            pools,
+            balancers,
+            route_metrics,
+            local_metrics,
+            passive,
+        }
+    }
+
+    /// The pool of this forwarder for the same backend, reached the same way.
+    fn pool_for(
+        &self,
+        backend: &crate::config::Backend,
+        connect: Duration,
+    ) -> Option<Rc<BackendPool>> {
+        let cfg = &self.snapshot.config;
+        cfg.upstreams.iter().zip(&self.pools).find_map(|(ou, row)| {
+            ou.backends.iter().zip(row).find_map(|(ob, pool)| {
+                let same = ob.id == backend.id
+                    && ob.address == backend.address
+                    && ob.tls == backend.tls
+                    && ou.timeouts.connect == connect;
+                same.then(|| pool.clone())
+            })
+        })
+    }
+
+    /// What to do with a request head `list` (`more_frames`: a body or trailers follow):
+    /// the checks of RFC 9114 §4.3 and the limits, then routing.
+    pub fn admit(&self, list: &[Header], more_frames: bool) -> Admission {
+        let proxy = &self.snapshot.config.proxy;
+        // RFC 9114 §4.2.2: the size of a field section counts each field's name, value and 32.
+        let size: u64 = list
+            .iter()
+            .map(|h| (h.name().len() + h.value().len() + 32) as u64)
+            .sum();
+        if size > proxy.max_header_list_size {
+            return Admission::Refuse(Failure::HeadersTooLarge { size }, None);
+        }
+        let head = match bridge::validate_request(list) {
+            Ok(h) => h,
+            Err(e) => return Admission::Refuse(Failure::Malformed(e), None),
+        };
+        if head.path.as_ref() == b"*" {
+            return Admission::Options(head);
+        }
+        if head.method == http::Method::CONNECT {
+            return Admission::Refuse(Failure::Connect, Some(head));
+        }
+        if !more_frames && head.content_length.is_some_and(|n| n > 0) {
+            return Admission::Refuse(Failure::BodyMissing, Some(head));
+        }
+        let Some(upstream) = self
+            .snapshot
+            .routes
+            .lookup(Some(head.authority_str()), head.path_str())
+        else {
+            return Admission::Refuse(Failure::NoRoute, Some(head));
+        };
+        let limit = self
+            .snapshot
+            .config
+            .upstreams
+            .get(upstream)
+            .and_then(|u| u.max_request_body);
+        if let (Some(limit), Some(declared)) = (limit, head.content_length) {
+            if declared > limit {
+                return Admission::Refuse(Failure::BodyTooLarge { limit }, Some(head));
+            }
+        }
+        let shape = RequestShape {
+            expected: head.content_length,
+            limit,
+            body_follows: more_frames,
+        };
+        Admission::Forward {
+            head,
+            upstream,
+            shape,
+        }
+    }
+
+    /// Starts the request task of an admitted request on the worker's `LocalSet`.
+    pub fn spawn(
+        self: &Rc<Self>,
+        task: TaskEnd,
+        head: RequestHead,
+        upstream: usize,
+        peer: SocketAddr,
+        conn: ConnRef,
+        started: Instant,
+    ) {
+        let job = forward::Job::new(self.clone(), task, head, peer, upstream, conn, started);
+        tokio::task::spawn_local(forward::run(job));
+    }
+
+    /// The metric series of (`upstream`, `backend`): the backend's, the pool's when no backend
+    /// was used, Spooky's own when no pool was chosen.
+    fn series(&self, upstream: Option<usize>, backend: Option<usize>) -> &RouteMetrics {
+        let Some(row) = upstream.and_then(|u| self.route_metrics.get(u)) else {
+            return &self.local_metrics;
+        };
+        backend
+            .and_then(|b| row.get(b))
+            .or(row.last())
+            .map_or(&self.local_metrics, |s| s)
+    }
+
+    /// Passive health: what a failure says about backend `backend` of `upstream`.
+    fn report_failure(&self, upstream: usize, backend: usize, failure: &Failure) {
+        if let Some(outcome) = failure.passive_health() {
+            self.report(upstream, backend, outcome, None);
+        }
+    }
+
+    /// Passive health: the outcome of a response head, with its latency.
+    ///
+    /// Successes matter to the health checker only after a failure (they reset the failure
+    /// count) and as latency samples, so a worker sends the first success after a failure and
+    /// then one in [`SUCCESS_SAMPLE`]: the checker is not woken for every request.
+    fn report_response(&self, upstream: usize, backend: usize, status: u16, latency: Duration) {
+        let outcome = outcome::response_health(status);
+        let Some(cell) = self.passive.get(upstream).and_then(|r| r.get(backend)) else {
+            return;
+        };
+        let (after_failure, successes) = cell.get();
+        if outcome == TrafficOutcome::Success {
+            cell.set((false, successes.wrapping_add(1)));
+            if !after_failure && successes % SUCCESS_SAMPLE != 0 {
+                return;
+            }
+        } else {
+            cell.set((true, successes));
+        }
+        self.report(upstream, backend, outcome, Some(latency));
+    }
+
+    fn report(
+        &self,
+        upstream: usize,
+        backend: usize,
+        outcome: TrafficOutcome,
+        latency: Option<Duration>,
+    ) {
+        if let Some(plan) = self.snapshot.backend(upstream, backend) {
+            self.services.health.report(&plan.slot, outcome, latency);
+        }
+    }
+}

@@ -3,12 +3,10 @@
 //! dropped and counted (`spooky_access_log_dropped_total`), never waited for.
 
 use crate::config::AccessLog;
-use crate::ops::metrics::Metrics;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Lines buffered between workers and the writer.
@@ -34,7 +32,7 @@ pub struct Record {
 /// The sending side, shared by all workers.
 pub struct AccessLogger {
     tx: Option<SyncSender<Record>>,
-    metrics: Arc<Metrics>,
+    dropped: AtomicU64,
 }
 
 impl AccessLogger {
@@ -42,9 +40,14 @@ impl AccessLogger {
     ///
     /// # Errors
     /// When the file cannot be opened for appending or the thread cannot start.
-    pub fn start(dest: &AccessLog, metrics: Arc<Metrics>) -> std::io::Result<Self> {
+    pub fn start(dest: &AccessLog) -> std::io::Result<Self> {
         let mut out: Box<dyn Write + Send> = match dest {
-            AccessLog::Off => return Ok(Self { tx: None, metrics }),
+            AccessLog::Off => {
+                return Ok(Self {
+                    tx: None,
+                    dropped: AtomicU64::new(0),
+                })
+            }
             AccessLog::Stdout => Box::new(std::io::stdout()),
             AccessLog::File(path) => Box::new(
                 std::fs::OpenOptions::new()
@@ -69,8 +72,13 @@ impl AccessLogger {
             })?;
         Ok(Self {
             tx: Some(tx),
-            metrics,
+            dropped: AtomicU64::new(0),
         })
+    }
+
+    /// Lines dropped because the writer fell behind.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     /// Whether lines are wanted at all (skip building them otherwise).
@@ -82,9 +90,7 @@ impl AccessLogger {
     pub fn log(&self, r: Record) {
         if let Some(tx) = &self.tx {
             if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(r) {
-                self.metrics
-                    .access_log_dropped
-                    .fetch_add(1, Ordering::Relaxed);
+                self.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
     }

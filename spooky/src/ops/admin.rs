@@ -6,12 +6,14 @@
 //! | `GET /healthz` | 200 while the process runs |
 //! | `GET /readyz` | 200 when listening and every pool has a healthy backend, else 503 naming the pools |
 //! | `GET /status` | JSON: steering mode, workers, pools, backend health, config generation |
-//! | `POST /reload` | re-reads the configuration file; 200 with a summary, or 400 with every error |
+//! | `POST /reload` | re-reads the configuration file: 200 with a summary once every worker runs it; 400 with every error of a bad file, 409 when a change needs a restart, 500 when workers did not switch (nothing changed) |
 //!
 //! With `admin.token` set, `POST /reload` needs `Authorization: Bearer TOKEN` (and so do the
 //! reads with `admin.token_for_reads`). HTTP/1.1 connections carry one request each.
 
-use crate::ops::reload::Live;
+use super::reload::ReloadError;
+use super::Ops;
+use crate::health::HealthState;
 use bytes::Bytes;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -43,25 +45,25 @@ impl Answer {
 }
 
 /// Serves the admin API on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, live: Arc<Live>) {
+pub async fn serve(listener: TcpListener, ops: Arc<Ops>) {
     loop {
         let Ok((tcp, peer)) = listener.accept().await else {
             continue;
         };
-        let live = live.clone();
+        let ops = ops.clone();
         tokio::task::spawn_local(async move {
-            if let Err(e) = connection(tcp, &live).await {
+            if let Err(e) = connection(tcp, &ops).await {
                 tracing::debug!(%peer, error = %e, "admin connection ended");
             }
         });
     }
 }
 
-async fn connection(mut tcp: TcpStream, live: &Arc<Live>) -> std::io::Result<()> {
+async fn connection(mut tcp: TcpStream, ops: &Ops) -> std::io::Result<()> {
     let mut preface = [0u8; 3];
     let n = tcp.peek(&mut preface).await?;
     if &preface[..n] == b"PRI" {
-        return h2c(tcp, live).await;
+        return h2c(tcp, ops).await;
     }
     let mut buf = Vec::with_capacity(1024);
     let head_end = loop {
@@ -109,7 +111,7 @@ async fn connection(mut tcp: TcpStream, live: &Arc<Live>) -> std::io::Result<()>
         }
         have += n;
     }
-    let answer = handle(live, method, path, auth.as_deref());
+    let answer = handle(ops, method, path, auth.as_deref());
     write_h1(&mut tcp, &answer).await
 }
 
@@ -148,7 +150,7 @@ async fn write_h1(tcp: &mut TcpStream, a: &Answer) -> std::io::Result<()> {
     tcp.shutdown().await
 }
 
-async fn h2c(tcp: TcpStream, live: &Arc<Live>) -> std::io::Result<()> {
+async fn h2c(tcp: TcpStream, ops: &Ops) -> std::io::Result<()> {
     let mut conn = h2::server::handshake(tcp)
         .await
         .map_err(std::io::Error::other)?;
@@ -160,7 +162,7 @@ async fn h2c(tcp: TcpStream, live: &Arc<Live>) -> std::io::Result<()> {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let answer = handle(
-            live,
+            ops,
             req.method().as_str(),
             req.uri().path(),
             auth.as_deref(),
@@ -182,8 +184,8 @@ async fn h2c(tcp: TcpStream, live: &Arc<Live>) -> std::io::Result<()> {
     Ok(())
 }
 
-fn authorized(live: &Live, auth: Option<&str>) -> bool {
-    let Some(token) = live.current().config.admin.token.clone() else {
+fn authorized(ops: &Ops, auth: Option<&str>) -> bool {
+    let Some(token) = ops.reloader.current().config.admin.token.clone() else {
         return true;
     };
     let Some(given) = auth.and_then(|a| a.strip_prefix("Bearer ")) else {
@@ -199,34 +201,38 @@ fn authorized(live: &Live, auth: Option<&str>) -> bool {
 }
 
 /// Answers one admin request.
-pub fn handle(live: &Live, method: &str, path: &str, auth: Option<&str>) -> Answer {
+pub fn handle(ops: &Ops, method: &str, path: &str, auth: Option<&str>) -> Answer {
     let path = path.split('?').next().unwrap_or("");
-    let reads_need_token = live.current().config.admin.token_for_reads;
+    let reads_need_token = ops.reloader.current().config.admin.token_for_reads;
     match (method, path) {
         ("POST", "/reload") => {
-            if !authorized(live, auth) {
+            if !authorized(ops, auth) {
                 return Answer::text(401, "missing or wrong bearer token\n");
             }
-            match live.reload() {
+            match ops.reloader.reload() {
                 Ok(summary) => Answer::text(200, format!("{summary}\n")),
-                Err(e) => Answer::text(400, format!("{e}\n")),
+                // A bad configuration is the caller's to fix (400, or 409 when it needs a
+                // restart); workers that did not switch are ours (500).
+                Err(e @ ReloadError::NeedsRestart(_)) => Answer::text(409, format!("{e}\n")),
+                Err(e) if e.is_client_error() => Answer::text(400, format!("{e}\n")),
+                Err(e) => Answer::text(500, format!("{e}\n")),
             }
         }
         (_, "/reload") => Answer::text(405, "use POST\n"),
-        ("GET" | "HEAD", _) if reads_need_token && !authorized(live, auth) => {
+        ("GET" | "HEAD", _) if reads_need_token && !authorized(ops, auth) => {
             Answer::text(401, "missing or wrong bearer token\n")
         }
         ("GET" | "HEAD", "/healthz") => Answer::text(200, "ok\n"),
-        ("GET" | "HEAD", "/readyz") => readyz(live),
+        ("GET" | "HEAD", "/readyz") => readyz(ops),
         ("GET" | "HEAD", "/metrics") => Answer {
             status: 200,
             content_type: "text/plain; version=0.0.4; charset=utf-8",
-            body: live.metrics_text(),
+            body: super::metrics::render(ops),
         },
         ("GET" | "HEAD", "/status") => Answer {
             status: 200,
             content_type: "application/json",
-            body: status_json(live),
+            body: status_json(ops),
         },
         ("GET" | "HEAD", _) => Answer::text(
             404,
@@ -236,15 +242,15 @@ pub fn handle(live: &Live, method: &str, path: &str, auth: Option<&str>) -> Answ
     }
 }
 
-fn readyz(live: &Live) -> Answer {
-    let shared = live.current();
-    let down: Vec<&str> = shared
+fn readyz(ops: &Ops) -> Answer {
+    let snapshot = ops.reloader.current();
+    let down: Vec<&str> = snapshot
         .config
         .upstreams
         .iter()
-        .enumerate()
-        .filter(|(u, up)| !(0..up.backends.len()).any(|b| shared.health.is_available(*u, b)))
-        .map(|(_, up)| up.name.as_str())
+        .zip(&snapshot.backends)
+        .filter(|(_, plans)| !plans.iter().any(|p| p.slot.is_available()))
+        .map(|(up, _)| up.name.as_str())
         .collect();
     if down.is_empty() {
         Answer::text(200, "ready\n")
@@ -253,9 +259,9 @@ fn readyz(live: &Live) -> Answer {
     }
 }
 
-fn status_json(live: &Live) -> String {
-    let shared = live.current();
-    let workers: Vec<serde_json::Value> = shared
+fn status_json(ops: &Ops) -> String {
+    let snapshot = ops.reloader.current();
+    let workers: Vec<serde_json::Value> = ops
         .stats
         .iter()
         .enumerate()
@@ -269,26 +275,26 @@ fn status_json(live: &Live) -> String {
             })
         })
         .collect();
-    let pools: Vec<serde_json::Value> = shared
+    let pools: Vec<serde_json::Value> = snapshot
         .config
         .upstreams
         .iter()
-        .enumerate()
-        .map(|(u, up)| {
+        .zip(&snapshot.backends)
+        .map(|(up, plans)| {
             let backends: Vec<serde_json::Value> = up
                 .backends
                 .iter()
-                .enumerate()
-                .map(|(b, be)| {
-                    let slot = shared.health.slot(u, b);
-                    let state = slot.map_or(0, |s| s.state.load(Ordering::Relaxed));
+                .zip(plans)
+                .map(|(be, plan)| {
+                    let slot = &plan.slot;
+                    let state = slot.state.load(Ordering::Relaxed);
                     serde_json::json!({
                         "id": be.id,
                         "address": be.address.to_string(),
-                        "state": crate::health::HealthState::from_u32(state).map_or("unknown".to_owned(), |s| s.to_string()),
-                        "available": shared.health.is_available(u, b),
-                        "consecutive_failures": slot.map_or(0, |s| s.consecutive_failures.load(Ordering::Relaxed)),
-                        "ewma_latency_us": slot.map_or(0, |s| s.ewma_latency_us.load(Ordering::Relaxed)),
+                        "state": HealthState::from_u32(state).map_or("unknown".to_owned(), |s| s.to_string()),
+                        "available": slot.is_available(),
+                        "consecutive_failures": slot.consecutive_failures.load(Ordering::Relaxed),
+                        "ewma_latency_us": slot.ewma_latency_us.load(Ordering::Relaxed),
                     })
                 })
                 .collect();
@@ -296,9 +302,9 @@ fn status_json(live: &Live) -> String {
         })
         .collect();
     let v = serde_json::json!({
-        "mode": live.mode(),
-        "generation": live.generation(),
-        "listen": shared.config.listen.addr.to_string(),
+        "mode": ops.mode,
+        "generation": snapshot.generation,
+        "listen": snapshot.config.listen.addr.to_string(),
         "workers": workers,
         "pools": pools,
     });

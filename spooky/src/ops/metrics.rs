@@ -1,161 +1,14 @@
-//! Request metrics and their Prometheus text exposition.
-//!
-//! Hot-path cost: a request's outcome is a handful of relaxed atomic adds on the recording
-//! worker's own shard (cache-line aligned, so workers never write the same line); nothing is
-//! locked per request. Shards are summed at scrape time. Series are created when a
-//! configuration is built (a mutex, off the request path) and live for the whole process, so a
-//! reload keeps counting into the same series for pools and backends that keep their names.
+//! The Prometheus text exposition (format 0.0.4) of everything Spooky counts: request series
+//! (`stats::Metrics`), worker counters (`stats::WorkerStats`), backend health (the slots of the
+//! snapshot in force), reloads, the access log, and the XDP program's per-CPU counters.
+//! Counting itself lives in `stats`; this module only reads and formats, at scrape time.
 
-use crate::server::Shared;
+use super::Ops;
+use crate::stats::{HistogramTotals, WorkerStats, BUCKETS_S};
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::Ordering;
 
-/// Histogram bucket bounds, seconds.
-pub const BUCKETS_S: [f64; 14] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
-
-#[derive(Default)]
-struct Histogram {
-    /// Non-cumulative counts per bucket; the last is +Inf.
-    buckets: [AtomicU64; BUCKETS_S.len() + 1],
-    sum_us: AtomicU64,
-    count: AtomicU64,
-}
-
-impl Histogram {
-    fn record(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        let i = BUCKETS_S
-            .iter()
-            .position(|b| s <= *b)
-            .unwrap_or(BUCKETS_S.len());
-        if let Some(b) = self.buckets.get(i) {
-            b.fetch_add(1, Ordering::Relaxed);
-        }
-        self.sum_us
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-#[derive(Default)]
-#[repr(align(64))]
-struct Shard {
-    requests: [AtomicU64; 5],
-    duration: Histogram,
-    upstream: Histogram,
-    bytes_in: AtomicU64,
-    bytes_out: AtomicU64,
-    in_flight: std::sync::atomic::AtomicI64,
-}
-
-/// The series of one (pool, backend) pair; `backend` is empty for answers Spooky gave
-/// itself (no route, malformed request, no healthy backend), `pool` empty when no pool was
-/// chosen.
-pub struct RouteMetrics {
-    pub pool: String,
-    pub backend: String,
-    shards: Box<[Shard]>,
-}
-
-/// What one finished request contributes.
-#[derive(Debug, Clone, Copy)]
-pub struct Outcome {
-    pub status: u16,
-    pub total: Duration,
-    /// Time to the backend's response head, when a backend answered.
-    pub upstream: Option<Duration>,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-}
-
-impl RouteMetrics {
-    /// Records a finished request on `worker`'s shard.
-    pub fn record(&self, worker: usize, o: &Outcome) {
-        let Some(shard) = self.shards.get(worker).or_else(|| self.shards.first()) else {
-            return;
-        };
-        let class = usize::from(o.status / 100).saturating_sub(1).min(4);
-        if let Some(c) = shard.requests.get(class) {
-            c.fetch_add(1, Ordering::Relaxed);
-        }
-        shard.duration.record(o.total);
-        if let Some(u) = o.upstream {
-            shard.upstream.record(u);
-        }
-        shard.bytes_in.fetch_add(o.bytes_in, Ordering::Relaxed);
-        shard.bytes_out.fetch_add(o.bytes_out, Ordering::Relaxed);
-    }
-
-    /// A request to this backend started (`+1`) or ended (`-1`) on `worker`.
-    pub fn in_flight(&self, worker: usize, delta: i64) {
-        if let Some(shard) = self.shards.get(worker) {
-            shard.in_flight.fetch_add(delta, Ordering::Relaxed);
-        }
-    }
-
-    /// Requests in flight, all workers.
-    pub fn in_flight_total(&self) -> i64 {
-        self.shards
-            .iter()
-            .map(|s| s.in_flight.load(Ordering::Relaxed))
-            .sum()
-    }
-
-    fn sum(&self, f: impl Fn(&Shard) -> u64) -> u64 {
-        self.shards.iter().map(f).sum()
-    }
-}
-
-/// Process-wide metrics registry.
-pub struct Metrics {
-    workers: usize,
-    series: Mutex<Vec<Arc<RouteMetrics>>>,
-    pub reloads_ok: AtomicU64,
-    pub reloads_failed: AtomicU64,
-    pub access_log_dropped: AtomicU64,
-}
-
-impl Metrics {
-    pub fn new(workers: usize) -> Self {
-        Self {
-            workers: workers.max(1),
-            series: Mutex::new(Vec::new()),
-            reloads_ok: AtomicU64::new(0),
-            reloads_failed: AtomicU64::new(0),
-            access_log_dropped: AtomicU64::new(0),
-        }
-    }
-
-    /// The series for (`pool`, `backend`), created on first use.
-    pub fn route(&self, pool: &str, backend: &str) -> Arc<RouteMetrics> {
-        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = series
-            .iter()
-            .find(|s| s.pool == pool && s.backend == backend)
-        {
-            return s.clone();
-        }
-        let s = Arc::new(RouteMetrics {
-            pool: pool.to_owned(),
-            backend: backend.to_owned(),
-            shards: (0..self.workers).map(|_| Shard::default()).collect(),
-        });
-        series.push(s.clone());
-        s
-    }
-
-    fn snapshot(&self) -> Vec<Arc<RouteMetrics>> {
-        self.series
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-}
 
 fn esc(v: &str) -> String {
     v.replace('\\', "\\\\")
@@ -168,32 +21,15 @@ fn head(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-fn histogram(
-    out: &mut String,
-    name: &str,
-    labels: &str,
-    series: &RouteMetrics,
-    pick: fn(&Shard) -> &Histogram,
-) {
+fn histogram(out: &mut String, name: &str, labels: &str, h: &HistogramTotals) {
     let mut cumulative = 0;
     for (i, bound) in BUCKETS_S.iter().enumerate() {
-        cumulative += series.sum(|s| {
-            pick(s)
-                .buckets
-                .get(i)
-                .map_or(0, |b| b.load(Ordering::Relaxed))
-        });
+        cumulative += h.buckets.get(i).copied().unwrap_or(0);
         let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
     }
-    cumulative += series.sum(|s| {
-        pick(s)
-            .buckets
-            .get(BUCKETS_S.len())
-            .map_or(0, |b| b.load(Ordering::Relaxed))
-    });
+    cumulative += h.buckets.get(BUCKETS_S.len()).copied().unwrap_or(0);
     let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {cumulative}");
-    let sum_us = series.sum(|s| pick(s).sum_us.load(Ordering::Relaxed));
-    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", sum_us as f64 / 1e6);
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum_us as f64 / 1e6);
     let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
 }
 
@@ -202,15 +38,22 @@ type WorkerMetric = (
     &'static str,
     &'static str,
     &'static str,
-    fn(&crate::server::WorkerStats) -> u64,
+    fn(&WorkerStats) -> u64,
 );
 
 /// Renders every metric in the Prometheus text format (version 0.0.4).
-pub fn render(shared: &Shared, generation: u64, extra: &[(String, String, u64)]) -> String {
+pub fn render(ops: &Ops) -> String {
     let mut out = String::with_capacity(16 * 1024);
-    let series = shared.metrics.snapshot();
-    let labels =
-        |s: &RouteMetrics| format!("pool=\"{}\",backend=\"{}\"", esc(&s.pool), esc(&s.backend));
+    let snapshot = ops.reloader.current();
+    let series: Vec<_> = ops
+        .metrics
+        .all()
+        .into_iter()
+        .map(|s| {
+            let labels = format!("pool=\"{}\",backend=\"{}\"", esc(&s.pool), esc(&s.backend));
+            (labels, !s.backend.is_empty(), s.totals())
+        })
+        .collect();
 
     head(
         &mut out,
@@ -218,13 +61,11 @@ pub fn render(shared: &Shared, generation: u64, extra: &[(String, String, u64)])
         "counter",
         "Requests answered, by pool, backend (empty: answered by Spooky) and status class.",
     );
-    for s in &series {
-        for (i, class) in CLASSES.iter().enumerate() {
-            let n = s.sum(|sh| sh.requests.get(i).map_or(0, |c| c.load(Ordering::Relaxed)));
+    for (labels, _, t) in &series {
+        for (class, n) in CLASSES.iter().zip(t.requests) {
             let _ = writeln!(
                 out,
-                "spooky_requests_total{{{},class=\"{class}\"}} {n}",
-                labels(s)
+                "spooky_requests_total{{{labels},class=\"{class}\"}} {n}"
             );
         }
     }
@@ -234,13 +75,12 @@ pub fn render(shared: &Shared, generation: u64, extra: &[(String, String, u64)])
         "histogram",
         "From request head received to response handed to QUIC.",
     );
-    for s in &series {
+    for (labels, _, t) in &series {
         histogram(
             &mut out,
             "spooky_request_duration_seconds",
-            &labels(s),
-            s,
-            |sh| &sh.duration,
+            labels,
+            &t.duration,
         );
     }
     head(
@@ -249,13 +89,12 @@ pub fn render(shared: &Shared, generation: u64, extra: &[(String, String, u64)])
         "histogram",
         "From request sent to the backend to its response head.",
     );
-    for s in series.iter().filter(|s| !s.backend.is_empty()) {
+    for (labels, _, t) in series.iter().filter(|s| s.1) {
         histogram(
             &mut out,
             "spooky_upstream_response_seconds",
-            &labels(s),
-            s,
-            |sh| &sh.upstream,
+            labels,
+            &t.upstream,
         );
     }
     head(
@@ -264,12 +103,11 @@ pub fn render(shared: &Shared, generation: u64, extra: &[(String, String, u64)])
         "counter",
         "Request body bytes received from clients.",
     );
-    for s in &series {
+    for (labels, _, t) in &series {
         let _ = writeln!(
             out,
-            "spooky_request_body_bytes_total{{{}}} {}",
-            labels(s),
-            s.sum(|sh| sh.bytes_in.load(Ordering::Relaxed))
+            "spooky_request_body_bytes_total{{{labels}}} {}",
+            t.bytes_in
         );
     }
     head(
@@ -278,12 +116,11 @@ pub fn render(shared: &Shared, generation: u64, extra: &[(String, String, u64)])
         "counter",
         "Response body bytes received from backends for clients.",
     );
-    for s in &series {
+    for (labels, _, t) in &series {
         let _ = writeln!(
             out,
-            "spooky_response_body_bytes_total{{{}}} {}",
-            labels(s),
-            s.sum(|sh| sh.bytes_out.load(Ordering::Relaxed))
+            "spooky_response_body_bytes_total{{{labels}}} {}",
+            t.bytes_out
         );
     }
 
@@ -302,7 +139,7 @@ pub fn render(shared: &Shared, generation: u64, extra: &[(String, String, u64)])
     ];
     for (name, kind, help, get) in worker_metrics {
         head(&mut out, name, kind, help);
-        for (i, w) in shared.stats.iter().enumerate() {
+        for (i, w) in ops.stats.iter().enumerate() {
             let _ = writeln!(out, "{name}{{worker=\"{i}\"}} {}", get(w));
         }
     }
@@ -313,17 +150,16 @@ pub fn render(shared: &Shared, generation: u64, extra: &[(String, String, u64)])
         "gauge",
         "0 healthy, 1 unhealthy, 2 ejected, 3 recovering.",
     );
-    let mut backend_rows = Vec::new();
-    for (u, up) in shared.config.upstreams.iter().enumerate() {
-        for (b, be) in up.backends.iter().enumerate() {
-            if let Some(slot) = shared.health.slot(u, b) {
-                backend_rows.push((
-                    format!("pool=\"{}\",backend=\"{}\"", esc(&up.name), esc(&be.id)),
-                    slot,
-                ));
-            }
-        }
-    }
+    let backend_rows: Vec<_> = snapshot
+        .backends
+        .iter()
+        .flatten()
+        .map(|plan| {
+            let key = &plan.slot.key;
+            let labels = format!("pool=\"{}\",backend=\"{}\"", esc(&key.pool), esc(&key.id));
+            (labels, &plan.slot)
+        })
+        .collect();
     for (l, slot) in &backend_rows {
         let _ = writeln!(
             out,
@@ -350,13 +186,8 @@ pub fn render(shared: &Shared, generation: u64, extra: &[(String, String, u64)])
         "gauge",
         "Requests in flight to the backend, all workers.",
     );
-    for s in series.iter().filter(|s| !s.backend.is_empty()) {
-        let _ = writeln!(
-            out,
-            "spooky_backend_in_flight{{{}}} {}",
-            labels(s),
-            s.in_flight_total()
-        );
+    for (labels, _, t) in series.iter().filter(|s| s.1) {
+        let _ = writeln!(out, "spooky_backend_in_flight{{{labels}}} {}", t.in_flight);
     }
     head(
         &mut out,
@@ -390,7 +221,7 @@ pub fn render(shared: &Shared, generation: u64, extra: &[(String, String, u64)])
         );
     }
 
-    let m = &shared.metrics;
+    let (reloads_ok, reloads_failed) = ops.reloader.counts();
     head(
         &mut out,
         "spooky_config_reloads_total",
@@ -399,13 +230,11 @@ pub fn render(shared: &Shared, generation: u64, extra: &[(String, String, u64)])
     );
     let _ = writeln!(
         out,
-        "spooky_config_reloads_total{{result=\"success\"}} {}",
-        m.reloads_ok.load(Ordering::Relaxed)
+        "spooky_config_reloads_total{{result=\"success\"}} {reloads_ok}"
     );
     let _ = writeln!(
         out,
-        "spooky_config_reloads_total{{result=\"failure\"}} {}",
-        m.reloads_failed.load(Ordering::Relaxed)
+        "spooky_config_reloads_total{{result=\"failure\"}} {reloads_failed}"
     );
     head(
         &mut out,
@@ -413,7 +242,7 @@ pub fn render(shared: &Shared, generation: u64, extra: &[(String, String, u64)])
         "gauge",
         "Configuration generation in force (1 at start, +1 per successful reload).",
     );
-    let _ = writeln!(out, "spooky_config_generation {generation}");
+    let _ = writeln!(out, "spooky_config_generation {}", snapshot.generation);
     head(
         &mut out,
         "spooky_access_log_dropped_total",
@@ -423,9 +252,10 @@ pub fn render(shared: &Shared, generation: u64, extra: &[(String, String, u64)])
     let _ = writeln!(
         out,
         "spooky_access_log_dropped_total {}",
-        m.access_log_dropped.load(Ordering::Relaxed)
+        ops.access_log.dropped()
     );
 
+    let extra = ops.ebpf.as_ref().map(|f| f()).unwrap_or_default();
     if !extra.is_empty() {
         head(
             &mut out,
@@ -433,7 +263,7 @@ pub fn render(shared: &Shared, generation: u64, extra: &[(String, String, u64)])
             "counter",
             "Per-CPU counters of the XDP program, summed (see docs/ebpf.md).",
         );
-        for (counter, cpu, v) in extra {
+        for (counter, cpu, v) in &extra {
             let _ = writeln!(
                 out,
                 "spooky_ebpf_packets_total{{counter=\"{}\",cpu=\"{}\"}} {v}",

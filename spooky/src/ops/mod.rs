@@ -1,5 +1,6 @@
-//! Operating Spooky: the admin listener, metrics, the access log, live reload, `spooky
-//! status`, logging and privilege dropping.
+//! Operating Spooky: the admin listener ([`admin`]), the Prometheus exposition
+//! ([`metrics`]), the access log ([`access_log`]), live reload ([`reload`]), `spooky status`
+//! ([`status`]), logging ([`telemetry`]) and dropping privileges ([`privilege`]).
 
 pub mod access_log;
 pub mod admin;
@@ -8,3 +9,27 @@ pub mod privilege;
 pub mod reload;
 pub mod status;
 pub mod telemetry;
+
+use crate::stats::{Metrics, WorkerStats};
+use crate::steering::ExtraMetrics;
+use std::sync::Arc;
+
+/// What the admin listener reads and does: the reloader (and through it the snapshot in
+/// force), the process's counters, and the kernel programs' counters.
+pub struct Ops {
+    pub reloader: Arc<reload::Reloader>,
+    pub stats: Vec<Arc<WorkerStats>>,
+    pub metrics: Arc<Metrics>,
+    pub access_log: Arc<access_log::AccessLogger>,
+    /// The XDP counters (eBPF tiers).
+    pub ebpf: Option<ExtraMetrics>,
+    /// The steering mode, as logged at start.
+    pub mode: String,
+}
+
+impl Ops {
+    /// `/metrics` text.
+    pub fn metrics_text(&self) -> String {
+        metrics::render(self)
+    }
+}

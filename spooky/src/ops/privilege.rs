@@ -7,14 +7,12 @@
 //! is handed to the new user first so that a clean shutdown can still unpin. Configuration
 //! reloads must be able to read the configuration, certificate and key files as that user.
 
-use std::ffi::CString;
+use crate::config::User;
 use std::path::Path;
 
 /// Why the switch failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PrivilegeError {
-    #[error("user {0:?} does not exist")]
-    NoSuchUser(String),
     #[error("switching to user {user:?} needs root (running as uid {uid})")]
     NotRoot { user: String, uid: u32 },
     #[error("{call} failed: {source}")]
@@ -22,38 +20,6 @@ pub enum PrivilegeError {
         call: &'static str,
         source: std::io::Error,
     },
-}
-
-/// The uid and gid of `user`.
-///
-/// # Errors
-/// [`PrivilegeError::NoSuchUser`] when there is no such user.
-pub fn lookup(user: &str) -> Result<(u32, u32), PrivilegeError> {
-    let name = CString::new(user).map_err(|_| PrivilegeError::NoSuchUser(user.to_owned()))?;
-    let mut pwd: libc::passwd = unsafe_zeroed_passwd();
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    let mut result: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: every pointer refers to live, correctly sized storage owned by this frame;
-    // getpwnam_r writes only within `pwd` and `buf`.
-    let rc = unsafe {
-        libc::getpwnam_r(
-            name.as_ptr(),
-            &mut pwd,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    if rc != 0 || result.is_null() {
-        return Err(PrivilegeError::NoSuchUser(user.to_owned()));
-    }
-    Ok((pwd.pw_uid, pwd.pw_gid))
-}
-
-fn unsafe_zeroed_passwd() -> libc::passwd {
-    // SAFETY: passwd is a plain C struct of integers and pointers; all-zero is a valid value
-    // (null pointers) that getpwnam_r overwrites.
-    unsafe { std::mem::zeroed() }
 }
 
 fn check(call: &'static str, rc: libc::c_int) -> Result<(), PrivilegeError> {
@@ -71,10 +37,10 @@ fn check(call: &'static str, rc: libc::c_int) -> Result<(), PrivilegeError> {
 /// `pin_dir`, when it exists, is handed to the user first (with everything pinned in it).
 ///
 /// # Errors
-/// [`PrivilegeError`] when the user is unknown, the process is not root, or a call fails;
+/// [`PrivilegeError`] when the process is not root, or a call fails;
 /// the process keeps its identity then.
-pub fn drop_to(user: &str, pin_dir: Option<&Path>) -> Result<(u32, u32), PrivilegeError> {
-    let (uid, gid) = lookup(user)?;
+pub fn drop_to(user: &User, pin_dir: Option<&Path>) -> Result<(u32, u32), PrivilegeError> {
+    let (uid, gid) = (user.uid, user.gid);
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
     if euid == uid {
@@ -82,7 +48,7 @@ pub fn drop_to(user: &str, pin_dir: Option<&Path>) -> Result<(u32, u32), Privile
     }
     if euid != 0 {
         return Err(PrivilegeError::NotRoot {
-            user: user.to_owned(),
+            user: user.name.clone(),
             uid: euid,
         });
     }
@@ -119,18 +85,4 @@ fn chown_tree(dir: &Path, uid: u32, gid: u32) -> Result<(), PrivilegeError> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn known_and_unknown_users() {
-        assert_eq!(lookup("root").unwrap(), (0, 0));
-        assert!(matches!(
-            lookup("no-such-user-spooky"),
-            Err(PrivilegeError::NoSuchUser(_))
-        ));
-    }
 }

@@ -1,20 +1,198 @@
-//! Live configuration: the snapshot in force ([`Live::current`]) and reloads.
+//! Live reload, all or nothing (SIGHUP or `POST /reload`).
 //!
-//! A reload (SIGHUP or `POST /reload`) reads and validates the file again. An invalid file, or
-//! one that changes a setting that needs a restart (listen address, worker count, connection-ID
-//! layout, steering), is refused with the reason and nothing changes. A valid one becomes a new
-//! [`Shared`] snapshot: health state carries over for backends that keep their id and address,
-//! the control thread restarts its probers, and every worker receives the snapshot over a
-//! `watch` channel and swaps it in between two batches of packets. New requests follow the
-//! new routes, pools and balancers; requests in flight finish on the snapshot they started
-//! with; QUIC connections stay up; new handshakes use the new certificate.
+//! 1. The file is read and validated again; a setting that needs a restart (listen address,
+//!    worker count, connection-ID layout, steering, admin, user, access log) refuses the
+//!    reload.
+//! 2. The whole new [`Snapshot`] is built — routes, TLS client configurations, health slots,
+//!    and one QUIC configuration per worker — before anything is published.
+//! 3. Two phases with the workers ([`switch`]): each is asked to *prepare* (build its pools and
+//!    balancers for the new snapshot and keep them ready) and answers; only when every worker
+//!    has answered yes are they all told to *commit*, and each confirms. A worker that says no,
+//!    or does not answer in time, aborts the reload for all of them.
+//! 4. Then the snapshot becomes current, the health checker follows it, the log level changes.
+//!
+//! If any step fails nothing changes, and the caller gets the typed reason: a problem with the
+//! configuration ([`ReloadError::is_client_error`]: the admin answers 4xx) or an internal one
+//! (5xx). Requests in flight finish on the snapshot they started with; QUIC connections stay
+//! up; new handshakes use the new certificate.
 
-use crate::config::Config;
-use crate::server::Shared;
+use super::telemetry::LevelReloader;
+use crate::board::HealthBoard;
+use crate::config::{Config, ConfigError};
+use crate::snapshot::{Follower, QuicConfigError, Snapshot, SnapshotError};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, RwLock};
-use tokio::sync::watch;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// How long workers have to answer each phase.
+const WORKER_ANSWER: Duration = Duration::from_secs(2);
+
+/// What the reload coordinator tells one worker.
+#[derive(Debug)]
+pub enum Command<U> {
+    /// Build what you need from `update` and keep it ready; answer on `reply`.
+    Prepare {
+        generation: u64,
+        update: U,
+        reply: std_mpsc::Sender<Answer>,
+    },
+    /// Switch to the prepared `generation`; confirm on `reply`.
+    Commit {
+        generation: u64,
+        reply: std_mpsc::Sender<Answer>,
+    },
+    /// Forget the prepared `generation`.
+    Abort { generation: u64 },
+}
+
+/// A worker's answer to a phase.
+#[derive(Debug)]
+pub struct Answer {
+    pub worker: usize,
+    /// `Err` with the reason when the worker cannot do it.
+    pub result: Result<(), String>,
+}
+
+/// What a worker gets with a new snapshot: the snapshot and its own QUIC configuration.
+pub struct WorkerUpdate {
+    pub snapshot: Arc<Snapshot>,
+    pub quic: quiche::Config,
+}
+
+impl std::fmt::Debug for WorkerUpdate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerUpdate")
+            .field("generation", &self.snapshot.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The coordinator's line to one worker.
+pub type Link<U> = mpsc::UnboundedSender<Command<U>>;
+
+/// Why the workers did not switch.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SwitchError {
+    #[error("worker {0} is gone")]
+    Gone(usize),
+    #[error("worker {worker} cannot take the new configuration: {reason}")]
+    Refused { worker: usize, reason: String },
+    #[error("workers {0:?} did not answer within {WORKER_ANSWER:?}; nothing changed")]
+    NoAnswer(Vec<usize>),
+    /// The commit went out but not every worker confirmed it: those listed may still run the
+    /// previous configuration.
+    #[error("workers {0:?} did not confirm the switch within {WORKER_ANSWER:?}")]
+    Unconfirmed(Vec<usize>),
+}
+
+/// Makes every worker of `links` switch to `generation`, with `updates[i]` for worker `i`,
+/// or none of them. Blocks for at most twice `wait`.
+///
+/// # Errors
+/// [`SwitchError`]; all but [`SwitchError::Unconfirmed`] leave every worker as it was.
+pub fn switch<U>(
+    links: &[Link<U>],
+    updates: Vec<U>,
+    generation: u64,
+    wait: Duration,
+) -> Result<(), SwitchError> {
+    let abort_all = || {
+        for link in links {
+            let _ = link.send(Command::Abort { generation });
+        }
+    };
+    let (tx, rx) = std_mpsc::channel();
+    for (worker, (link, update)) in links.iter().zip(updates).enumerate() {
+        let prepare = Command::Prepare {
+            generation,
+            update,
+            reply: tx.clone(),
+        };
+        if link.send(prepare).is_err() {
+            abort_all();
+            return Err(SwitchError::Gone(worker));
+        }
+    }
+    if let Err(e) = collect(&rx, links.len(), wait) {
+        abort_all();
+        return Err(match e {
+            Missing::Refused(worker, reason) => SwitchError::Refused { worker, reason },
+            Missing::Silent(workers) => SwitchError::NoAnswer(workers),
+        });
+    }
+    for link in links {
+        let _ = link.send(Command::Commit {
+            generation,
+            reply: tx.clone(),
+        });
+    }
+    collect(&rx, links.len(), wait).map_err(|e| match e {
+        Missing::Refused(worker, _) => SwitchError::Unconfirmed(vec![worker]),
+        Missing::Silent(workers) => SwitchError::Unconfirmed(workers),
+    })
+}
+
+enum Missing {
+    Refused(usize, String),
+    Silent(Vec<usize>),
+}
+
+/// Waits for `n` positive answers, one per worker.
+fn collect(rx: &std_mpsc::Receiver<Answer>, n: usize, wait: Duration) -> Result<(), Missing> {
+    let deadline = Instant::now() + wait;
+    let mut answered = vec![false; n];
+    while answered.iter().any(|a| !a) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(Answer { worker, result }) => {
+                if let Err(reason) = result {
+                    return Err(Missing::Refused(worker, reason));
+                }
+                if let Some(a) = answered.get_mut(worker) {
+                    *a = true;
+                }
+            }
+            Err(_) => {
+                let silent = (0..n).filter(|w| !answered[*w]).collect();
+                return Err(Missing::Silent(silent));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Why a reload did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("this process was started without a configuration file")]
+    NoFile,
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{}", .0.join("; "))]
+    NeedsRestart(Vec<String>),
+    #[error("{0}")]
+    Snapshot(#[from] SnapshotError),
+    #[error("{0}")]
+    Workers(#[from] SwitchError),
+}
+
+impl ReloadError {
+    /// Whether the request or the configuration is at fault (4xx), not Spooky (5xx).
+    pub fn is_client_error(&self) -> bool {
+        match self {
+            ReloadError::NoFile | ReloadError::Config(_) | ReloadError::NeedsRestart(_) => true,
+            // What the configuration names (routes, TLS files, certificate and key) is the
+            // operator's to fix; quiche refusing a setting it validated is ours.
+            ReloadError::Snapshot(SnapshotError::Quic(QuicConfigError::Setting(_)))
+            | ReloadError::Snapshot(SnapshotError::Quic(QuicConfigError::H3(_))) => false,
+            ReloadError::Snapshot(_) => true,
+            ReloadError::Workers(_) => false,
+        }
+    }
+}
 
 /// Settings a reload cannot change, compared between the running and the new config.
 pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
@@ -52,112 +230,87 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     v
 }
 
-/// Extra metrics lines a kernel-steering backend can contribute (the XDP counters).
-pub type ExtraMetrics = Box<dyn Fn() -> Vec<(String, String, u64)> + Send + Sync>;
-
-/// What applies a validated config: builds the next snapshot and hands it to the health
-/// checker (the server provides it).
-pub type Applier = Box<dyn Fn(&Arc<Shared>, Config) -> Result<Arc<Shared>, String> + Send + Sync>;
-
 /// The configuration in force and the means to change it.
-pub struct Live {
-    current: RwLock<Arc<Shared>>,
-    generation: AtomicU64,
+pub struct Reloader {
     path: Option<PathBuf>,
-    mode: String,
-    to_workers: watch::Sender<Arc<Shared>>,
-    applier: Applier,
-    extra_metrics: Mutex<Option<ExtraMetrics>>,
-    reloading: Mutex<()>,
-    /// Reloads the log filter (level) in place.
-    log_level: Mutex<Option<crate::ops::telemetry::LevelReloader>>,
+    current: RwLock<Arc<Snapshot>>,
+    board: Arc<HealthBoard>,
+    workers: Vec<Link<WorkerUpdate>>,
+    /// Told about every snapshot that became current (the health checker follows).
+    on_commit: Follower,
+    log_level: Mutex<Option<LevelReloader>>,
+    one_at_a_time: Mutex<()>,
+    reloads_ok: AtomicU64,
+    reloads_failed: AtomicU64,
 }
 
-impl Live {
-    /// The starting snapshot; `path` is where reloads read from (`None`: reload refused).
+impl Reloader {
+    /// The reloader of a process that started on `snapshot`; `path` is where reloads read
+    /// from (`None`: reloads are refused).
     pub fn new(
-        shared: Arc<Shared>,
+        snapshot: Arc<Snapshot>,
         path: Option<PathBuf>,
-        mode: String,
-        applier: Applier,
-    ) -> (Arc<Self>, watch::Receiver<Arc<Shared>>) {
-        let (tx, rx) = watch::channel(shared.clone());
-        let live = Arc::new(Self {
-            current: RwLock::new(shared),
-            generation: AtomicU64::new(1),
+        board: Arc<HealthBoard>,
+        workers: Vec<Link<WorkerUpdate>>,
+        on_commit: Follower,
+    ) -> Self {
+        Self {
             path,
-            mode,
-            to_workers: tx,
-            applier,
-            extra_metrics: Mutex::new(None),
-            reloading: Mutex::new(()),
+            current: RwLock::new(snapshot),
+            board,
+            workers,
+            on_commit,
             log_level: Mutex::new(None),
-        });
-        (live, rx)
+            one_at_a_time: Mutex::new(()),
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
+        }
     }
 
     /// The snapshot in force.
-    pub fn current(&self) -> Arc<Shared> {
+    pub fn current(&self) -> Arc<Snapshot> {
         self.current
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
-    /// 1 at start, +1 per successful reload.
+    /// The configuration generation in force: 1 at start, +1 per successful reload.
     pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Relaxed)
+        self.current().generation
     }
 
-    /// The steering mode, as logged at start.
-    pub fn mode(&self) -> String {
-        self.mode.clone()
-    }
-
-    /// Installs the XDP-counter source for `/metrics`.
-    pub fn set_extra_metrics(&self, f: ExtraMetrics) {
-        *self.extra_metrics.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
+    /// Reloads that succeeded and that failed.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.reloads_ok.load(Ordering::Relaxed),
+            self.reloads_failed.load(Ordering::Relaxed),
+        )
     }
 
     /// Installs the function that changes the log filter on reload.
-    pub fn set_log_reloader(&self, f: crate::ops::telemetry::LevelReloader) {
+    pub fn set_log_reloader(&self, f: LevelReloader) {
         *self.log_level.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
-    }
-
-    /// `/metrics` text.
-    pub fn metrics_text(&self) -> String {
-        let extra = self
-            .extra_metrics
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|f| f())
-            .unwrap_or_default();
-        crate::ops::metrics::render(&self.current(), self.generation(), &extra)
     }
 
     /// Re-reads the configuration file and applies it.
     ///
     /// # Errors
-    /// Every validation error, or the restart-only settings that changed; nothing changes then.
-    pub fn reload(&self) -> Result<String, String> {
+    /// [`ReloadError`]; nothing changed then.
+    pub fn reload(&self) -> Result<String, ReloadError> {
         let result = match &self.path {
-            None => Err("this process was started without a configuration file".to_owned()),
+            None => Err(ReloadError::NoFile),
             Some(path) => Config::from_path(path)
-                .map_err(|e| e.to_string())
+                .map_err(ReloadError::from)
                 .and_then(|c| self.apply(c)),
         };
-        let shared = self.current();
         match &result {
             Ok(summary) => {
-                shared.metrics.reloads_ok.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(generation = self.generation(), %summary, "configuration reloaded");
+                self.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%summary, "configuration reloaded");
             }
             Err(e) => {
-                shared
-                    .metrics
-                    .reloads_failed
-                    .fetch_add(1, Ordering::Relaxed);
+                self.reloads_failed.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, "configuration reload refused; the running configuration stays");
             }
         }
@@ -167,9 +320,9 @@ impl Live {
     /// Applies an already validated configuration.
     ///
     /// # Errors
-    /// The restart-only settings that changed, or what building the snapshot refused.
-    pub fn apply(&self, mut config: Config) -> Result<String, String> {
-        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
+    /// [`ReloadError`]; nothing changed then (except for [`SwitchError::Unconfirmed`]).
+    pub fn apply(&self, mut config: Config) -> Result<String, ReloadError> {
+        let _one = self.one_at_a_time.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.current();
         if config.steering.xdp_mode != old.config.steering.xdp_mode {
             tracing::warn!("steering.xdp_mode changes take effect at the next start");
@@ -177,45 +330,36 @@ impl Live {
         }
         let refused = restart_only_changes(&old.config, &config);
         if !refused.is_empty() {
-            return Err(refused.join("; "));
+            return Err(ReloadError::NeedsRestart(refused));
         }
-        let level_changed = old.config.log.level != config.log.level;
-        let level = config.log.level.clone();
-        let next = (self.applier)(&old, config)?;
-        if level_changed {
-            if let Some(f) = self
-                .log_level
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_ref()
-            {
-                f(&level)?;
+        let level = (old.config.log.level != config.log.level).then(|| config.log.level.clone());
+        let generation = old.generation + 1;
+        let next = Arc::new(Snapshot::build(config, &self.board, generation)?);
+        let updates = (0..self.workers.len())
+            .map(|_| {
+                Ok(WorkerUpdate {
+                    snapshot: next.clone(),
+                    quic: next.quic_config()?,
+                })
+            })
+            .collect::<Result<Vec<_>, SnapshotError>>()?;
+        switch(&self.workers, updates, generation, WORKER_ANSWER)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = next.clone();
+        (self.on_commit)(&next);
+        if let Some(level) = level {
+            let guard = self.log_level.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(Err(e)) = guard.as_ref().map(|f| f(&level)) {
+                // The level was validated with the file; this only fails if tracing refuses.
+                tracing::warn!(error = %e, "log level not changed");
             }
         }
         let backends: usize = next.config.upstreams.iter().map(|u| u.backends.len()).sum();
-        let summary = format!(
-            "generation {}: {} upstreams, {} backends",
-            self.generation() + 1,
-            next.config.upstreams.len(),
-            backends
-        );
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = next.clone();
-        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        let _ = self.to_workers.send(next.clone());
-        // Return once every worker runs the new snapshot (they swap between two batches of
-        // packets, so this takes microseconds unless a worker is stuck or gone).
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        while next
-            .stats
-            .iter()
-            .any(|w| w.snapshots_applied.load(Ordering::Acquire) + 1 < generation)
-        {
-            if std::time::Instant::now() > deadline {
-                tracing::warn!("reload: not every worker took the new configuration within 2 s");
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        Ok(summary)
+        Ok(format!(
+            "generation {generation}: {} upstreams, {backends} backends",
+            next.config.upstreams.len()
+        ))
     }
 }
+
+#[cfg(test)]
+mod tests;

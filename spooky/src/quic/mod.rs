@@ -1,7 +1,19 @@
 //! The QUIC side of the data plane: one worker per CPU, each owning a UDP socket of the
 //! listener's reuseport group and its QUIC connections.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`endpoint`] | sans-IO: what to do with a datagram for no known connection (forward, Version Negotiation, Retry, refuse, accept) |
+//! | [`token`] | sans-IO: Retry and stateless-reset tokens, time passed in |
+//! | `conn` | one client connection: HTTP/3 events in, responses out |
+//! | `heads` | the request-header clock (`quic.request_header_timeout`) |
+//! | `send`, `udp` | the socket: GSO batches out, `recvmmsg` with GRO in |
+//! | [`worker`] | the loop that does the I/O around all of it |
 
 mod conn;
+pub mod endpoint;
 mod heads;
-pub(crate) mod udp;
+mod send;
+pub mod token;
+mod udp;
 pub mod worker;

@@ -3,23 +3,23 @@
 //! requests over its connections up to each peer's stream limit, opens more connections when
 //! they are saturated, and forgets connections that closed or received GOAWAY.
 //!
-//! Transport is h2c (prior knowledge) or TLS with ALPN `h2` through rustls, verification on
-//! by default. Failure classification lives here, as [`UpstreamError`] kinds, and the mapping
-//! to HTTP status codes in [`UpstreamError::status`]: one place.
+//! Transport is h2c (prior knowledge) or TLS with ALPN `h2` through rustls (the client
+//! configuration comes built from the snapshot). What went wrong is classified here, as
+//! [`UpstreamError`] kinds; what a kind means for the client (502 or 504), for the backend's
+//! health and for the logs is decided in one place, `http::outcome`.
 
 pub mod readahead;
 
-use crate::config::{Backend, BackendTls};
+use crate::config::Backend;
+use crate::snapshot::TlsPlan;
 use bytes::Bytes;
 use h2::client::SendRequest;
 use readahead::ReadAhead;
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
-use tokio_rustls::rustls;
 
 /// Most connections a worker opens to one backend.
 const MAX_CONNS_PER_BACKEND: usize = 16;
@@ -69,15 +69,6 @@ impl UpstreamError {
         }
     }
 
-    /// The status Spooky answers with when this happens before the response head: timeouts
-    /// are 504, everything else 502.
-    pub fn status(&self) -> u16 {
-        match self.kind {
-            ErrorKind::ConnectTimeout | ErrorKind::ResponseTimeout | ErrorKind::IdleTimeout => 504,
-            _ => 502,
-        }
-    }
-
     /// Classifies an h2 error seen on a request stream.
     pub fn from_h2(err: &h2::Error, backend: &Rc<str>) -> Self {
         let refused = (err.is_go_away() && err.is_remote())
@@ -93,94 +84,6 @@ impl UpstreamError {
         };
         Self::new(kind, backend, err)
     }
-
-    /// Whether this counts as a passive health failure of the backend.
-    pub fn is_backend_failure(&self) -> bool {
-        !matches!(self.kind, ErrorKind::Refused)
-    }
-}
-
-/// Builds the rustls client configuration for a TLS backend (ALPN h2).
-///
-/// # Errors
-/// A message when the CA file cannot be read or holds no certificate.
-pub fn tls_config(tls: &BackendTls) -> Result<Arc<rustls::ClientConfig>, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?;
-    let mut config = if tls.verify {
-        let mut roots = rustls::RootCertStore::empty();
-        match &tls.ca {
-            Some(path) => {
-                let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-                for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                    let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
-                    roots
-                        .add(cert)
-                        .map_err(|e| format!("{}: {e}", path.display()))?;
-                }
-                if roots.is_empty() {
-                    return Err(format!("{}: no certificate", path.display()));
-                }
-            }
-            None => {
-                let native = rustls_native_certs::load_native_certs();
-                for cert in native.certs {
-                    let _ = roots.add(cert);
-                }
-            }
-        }
-        builder.with_root_certificates(roots).with_no_client_auth()
-    } else {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerify))
-            .with_no_client_auth()
-    };
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
-}
-
-/// Accepts any certificate: only with `tls.verify: false`, which is logged loudly at start.
-#[derive(Debug)]
-struct NoVerify;
-
-impl rustls::client::danger::ServerCertVerifier for NoVerify {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &rustls::pki_types::CertificateDer<'_>,
-        _dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        _message: &[u8],
-        _cert: &rustls::pki_types::CertificateDer<'_>,
-        _dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }
 
 /// How to reach one backend: address, optional TLS, connect timeout.
@@ -188,37 +91,19 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
 pub struct Connector {
     pub backend: Rc<str>,
     pub addr: SocketAddr,
-    pub tls: Option<(
-        Arc<rustls::ClientConfig>,
-        rustls::pki_types::ServerName<'static>,
-    )>,
+    pub tls: Option<TlsPlan>,
     pub connect_timeout: Duration,
 }
 
 impl Connector {
-    /// A connector for `backend`, with its TLS configuration already built (`tls_config`).
-    ///
-    /// # Errors
-    /// A message when the configured server name is not a valid DNS name or IP.
-    pub fn new(
-        backend: &Backend,
-        tls: Option<Arc<rustls::ClientConfig>>,
-        connect_timeout: Duration,
-    ) -> Result<Self, String> {
-        let tls = match (tls, &backend.tls) {
-            (Some(cfg), Some(t)) => {
-                let name = rustls::pki_types::ServerName::try_from(t.server_name.clone())
-                    .map_err(|e| format!("server_name {:?}: {e}", t.server_name))?;
-                Some((cfg, name))
-            }
-            _ => None,
-        };
-        Ok(Self {
+    /// A connector for `backend`, with its TLS plan from the snapshot.
+    pub fn new(backend: &Backend, tls: Option<TlsPlan>, connect_timeout: Duration) -> Self {
+        Self {
             backend: Rc::from(backend.id.as_str()),
             addr: backend.address,
             tls,
             connect_timeout,
-        })
+        }
     }
 
     /// Opens one HTTP/2 connection and spawns its driver on the current `LocalSet`.
@@ -264,9 +149,9 @@ impl Connector {
                 spawn_driver(conn, closed, b.clone());
                 Ok(send)
             }
-            Some((cfg, name)) => {
-                let connector = tokio_rustls::TlsConnector::from(cfg.clone());
-                let hs = connector.connect(name.clone(), ReadAhead::new(tcp));
+            Some(plan) => {
+                let connector = tokio_rustls::TlsConnector::from(plan.config.clone());
+                let hs = connector.connect(plan.server_name.clone(), ReadAhead::new(tcp));
                 let tls = match tokio::time::timeout(self.connect_timeout, hs).await {
                     Err(_) => {
                         return Err(UpstreamError::new(

@@ -1241,7 +1241,7 @@ fn sk_reuseport_tier_on_loopback_has_no_misroutes() {
         "XDP is not attached"
     );
     // `/metrics` carries every XDP counter on every CPU (all zero in this tier).
-    let metrics = p.running.as_ref().unwrap().live.metrics_text();
+    let metrics = p.running.as_ref().unwrap().metrics_text();
     for counter in Counter::ALL {
         let line = format!(
             "spooky_ebpf_packets_total{{counter=\"{}\",cpu=\"0\"}} 0",

@@ -210,8 +210,7 @@ fn consistent_hash_keeps_a_key_on_one_backend_across_connections_and_workers() {
         .running
         .as_ref()
         .unwrap()
-        .shared
-        .stats
+        .worker_stats()
         .iter()
         .filter(|s| {
             s.connections_accepted

@@ -9,8 +9,8 @@
 //! namespaces are deleted by a Drop guard even when a test fails.
 
 use crate::support::{certs_dir, init_logging, pool};
+use spooky::app::{RunOptions, Running};
 use spooky::ops::status::Status;
-use spooky::server::{RunOptions, Running};
 use spooky_peers::client::{Client, ClientOptions, Request};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -238,7 +238,7 @@ fn start_in(ns: &Netns, yaml: String, workers: usize, iface: bool) -> Running {
     in_netns(&ns.server, move || {
         let config = spooky::config::parse(&yaml, &crate::support::repo_root())
             .unwrap_or_else(|e| panic!("config: {e}\n{yaml}"));
-        spooky::server::start(
+        spooky::app::start(
             config,
             &RunOptions {
                 workers: Some(workers),
@@ -250,10 +250,9 @@ fn start_in(ns: &Netns, yaml: String, workers: usize, iface: bool) -> Running {
     })
 }
 
-fn stat_sum(running: &Running, f: impl Fn(&spooky::server::WorkerStats) -> &AtomicU64) -> u64 {
+fn stat_sum(running: &Running, f: impl Fn(&spooky::stats::WorkerStats) -> &AtomicU64) -> u64 {
     running
-        .shared
-        .stats
+        .worker_stats()
         .iter()
         .map(|s| f(s).load(Ordering::Relaxed))
         .sum()
@@ -263,11 +262,10 @@ use std::sync::atomic::AtomicU64;
 
 fn per_worker(
     running: &Running,
-    f: impl Fn(&spooky::server::WorkerStats) -> &AtomicU64,
+    f: impl Fn(&spooky::stats::WorkerStats) -> &AtomicU64,
 ) -> Vec<u64> {
     running
-        .shared
-        .stats
+        .worker_stats()
         .iter()
         .map(|s| f(s).load(Ordering::Relaxed))
         .collect()
@@ -649,7 +647,7 @@ fn xdp_on_a_missing_interface_or_without_privilege_is_an_error() {
     );
     let err = in_netns(&ns.server, move || {
         let config = spooky::config::parse(&yaml, &crate::support::repo_root()).unwrap();
-        spooky::server::start(
+        spooky::app::start(
             config,
             &RunOptions {
                 workers: Some(2),
@@ -1012,7 +1010,7 @@ fn xdp_initial_flood_is_dropped_while_legitimate_clients_are_served() {
     assert_eq!(json_counter(&json, "drop_initial_rate_limited"), limited);
     assert_eq!(json_counter(&json, "drop_fixed_bit"), junk_dropped);
     assert_eq!(json["initial_rate"], FLOOD_RATE);
-    let metrics = running.live.metrics_text();
+    let metrics = running.metrics_text();
     assert_eq!(
         metrics_counter(&metrics, "drop_initial_rate_limited"),
         limited,

@@ -528,16 +528,16 @@ fn reload_under_load_changes_backends_and_certificate_without_a_failed_request()
     let port = free_udp_port();
     write_config(&cfg, port, &dir, &[("b1", b1.addr, 1)]);
     init_logging();
-    let running = spooky::server::start_file(
+    let running = spooky::app::start_file(
         &cfg,
-        &spooky::server::RunOptions {
+        &spooky::app::RunOptions {
             workers: Some(2),
             iface: None,
             pin: false,
         },
     )
     .unwrap();
-    let live = running.live.clone();
+    let live = running.reloader();
     let addr = running.local_addr;
     let first_cert = peer_cert(addr);
     assert_eq!(first_cert, pem_der(&dir.join("spooky.crt")));
@@ -652,7 +652,7 @@ fn reload_under_load_changes_backends_and_certificate_without_a_failed_request()
     // 4. An invalid file mid-load is refused and nothing changes.
     std::fs::write(&cfg, "version: 1\nlisten: {port: 0}\n").unwrap();
     let err = live.reload().unwrap_err();
-    assert!(err.contains("listen"), "{err}");
+    assert!(err.to_string().contains("listen"), "{err}");
     assert_eq!(live.generation(), 4);
 
     // 5. Rotate the certificate: new handshakes get the new one.
@@ -675,8 +675,7 @@ fn reload_under_load_changes_backends_and_certificate_without_a_failed_request()
     );
     // The loaders' connections stayed up: only they and the two certificate probes connected.
     let accepted: u64 = running
-        .shared
-        .stats
+        .worker_stats()
         .iter()
         .map(|s| s.connections_accepted.load(Ordering::Relaxed))
         .sum();

@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use spooky::server::{RunOptions, Running};
+use spooky::app::{RunOptions, Running};
 use spooky_peers::client::{Client, ClientOptions};
 use spooky_peers::demo::{DemoOptions, DemoStats};
 use std::net::SocketAddr;
@@ -143,12 +143,11 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn stats_sum(&self, f: impl Fn(&spooky::server::WorkerStats) -> u64) -> u64 {
+    pub fn stats_sum(&self, f: impl Fn(&spooky::stats::WorkerStats) -> u64) -> u64 {
         self.running
             .as_ref()
             .unwrap()
-            .shared
-            .stats
+            .worker_stats()
             .iter()
             .map(|s| f(s))
             .sum()
@@ -206,7 +205,7 @@ pub fn proxy(upstreams: &str, extra: &str, workers: usize) -> Proxy {
     let yaml = config_yaml(port, upstreams, extra);
     let config = spooky::config::parse(&yaml, &repo_root())
         .unwrap_or_else(|e| panic!("test config invalid: {e}\n{yaml}"));
-    let running = spooky::server::start(
+    let running = spooky::app::start(
         config,
         &RunOptions {
             workers: Some(workers),

@@ -1,11 +1,14 @@
 //! Bounds-checked reads of packet memory, and the Ethernet (+ 802.1Q/802.1ad) / IPv4 / IPv6
 //! walk down to a UDP header. Every read checks `start + offset + len <= end` first, which is
 //! the shape the verifier accepts; offsets stay small and bounded (no unbounded loops).
-//! QUIC itself lives in `quic.rs`.
+//! QUIC itself lives in [`crate::quic`].
+//!
+//! The XDP program runs this code on packet memory; host tests and the fuzzer run the very
+//! same code on a byte slice ([`Packet::over`]).
 
 use core::mem::size_of;
 
-use spooky_common::maps::SourcePrefix;
+use crate::maps::SourcePrefix;
 
 /// A window of packet memory: `[start, end)` as the kernel hands it to the program.
 #[derive(Clone, Copy)]
@@ -21,10 +24,24 @@ impl Packet {
         Self { start, end }
     }
 
+    /// The window over `bytes` (host code: tests, fuzzing). The packet must not outlive
+    /// `bytes`, which its reads borrow from.
+    #[inline(always)]
+    pub fn over(bytes: &[u8]) -> Self {
+        let start = bytes.as_ptr() as usize;
+        Self::new(start, start + bytes.len())
+    }
+
     /// Bytes in the window.
     #[inline(always)]
     pub const fn len(&self) -> usize {
         self.end - self.start
+    }
+
+    /// Whether the window is empty.
+    #[inline(always)]
+    pub const fn is_empty(&self) -> bool {
+        self.end == self.start
     }
 
     /// A pointer to a `T` at `offset`, when all of it lies inside the packet.
@@ -187,4 +204,59 @@ fn ipv6_payload(pkt: &Packet, offset: usize) -> Option<(usize, SourcePrefix)> {
         return None;
     }
     Some((offset + size_of::<Ipv6Hdr>(), SourcePrefix::ipv6(&ip.src)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ethernet (+ `vlan` tags) + IPv4 (IHL `ihl` words, fragment field `frag`) + UDP to `port`.
+    fn ipv4(vlan: usize, ihl: u8, frag: u16, port: u16) -> ([u8; 128], usize) {
+        let mut f = [0u8; 128];
+        let mut at = 12;
+        for _ in 0..vlan {
+            f[at..at + 2].copy_from_slice(&ETH_P_8021Q.to_be_bytes());
+            at += 4;
+        }
+        f[at..at + 2].copy_from_slice(&ETH_P_IPV4.to_be_bytes());
+        at += 2;
+        f[at] = 0x40 | ihl;
+        f[at + 6..at + 8].copy_from_slice(&frag.to_be_bytes());
+        f[at + 9] = IPPROTO_UDP;
+        f[at + 12..at + 16].copy_from_slice(&[192, 0, 2, 7]);
+        let udp = at + usize::from(ihl) * 4;
+        f[udp + 2..udp + 4].copy_from_slice(&port.to_be_bytes());
+        (f, udp)
+    }
+
+    #[test]
+    fn the_udp_header_is_found_through_vlan_tags_and_ip_options() {
+        for (vlan, ihl) in [(0, 5), (1, 5), (2, 7)] {
+            let (frame, udp) = ipv4(vlan, ihl, 0, 443);
+            let loc = locate_udp(&Packet::over(&frame)).map(|l| (l.offset, l.dst_port));
+            assert_eq!(loc, Some((udp, 443)), "{vlan} tags, IHL {ihl}");
+        }
+    }
+
+    #[test]
+    fn fragments_short_headers_and_other_protocols_are_not_udp() {
+        let (more_fragments, _) = ipv4(0, 5, 0x2000, 443);
+        assert!(locate_udp(&Packet::over(&more_fragments)).is_none());
+        let (later_fragment, _) = ipv4(0, 5, 0x0010, 443);
+        assert!(locate_udp(&Packet::over(&later_fragment)).is_none());
+        let (bad_ihl, _) = ipv4(0, 4, 0, 443);
+        assert!(locate_udp(&Packet::over(&bad_ihl)).is_none());
+        let (frame, _) = ipv4(0, 5, 0, 443);
+        assert!(
+            locate_udp(&Packet::over(&frame[..30])).is_none(),
+            "cut short"
+        );
+        let mut v6 = [0u8; 80];
+        v6[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
+        v6[14] = 0x60;
+        v6[20] = 0; // hop-by-hop options first: not parsed, passes
+        assert!(locate_udp(&Packet::over(&v6)).is_none());
+        v6[20] = IPPROTO_UDP;
+        assert!(locate_udp(&Packet::over(&v6)).is_some_and(|l| l.offset == 14 + 40));
+    }
 }

@@ -3,7 +3,7 @@
 //! RFC 9369 for version 2). Invalid packets come back as the drop counter that names why.
 //! Placing the DCID on a worker is `spooky_common::cid::steer`, not here.
 
-use spooky_common::{cid::MAX_CID_LEN, maps::Counter};
+use crate::{cid::MAX_CID_LEN, maps::Counter};
 
 use crate::packet::Packet;
 
@@ -132,4 +132,76 @@ fn copy_dcid(
     }
     header.dcid_len = i;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A long-header packet: first byte, version, DCID, a zero-length SCID, zero padding.
+    fn long(first: u8, version: u32, dcid: &[u8]) -> [u8; 1400] {
+        let mut p = [0u8; 1400];
+        p[0] = first;
+        p[1..5].copy_from_slice(&version.to_be_bytes());
+        p[5] = dcid.len() as u8;
+        p[6..6 + dcid.len()].copy_from_slice(dcid);
+        p
+    }
+
+    fn parse_bytes(bytes: &[u8], payload_len: usize) -> Result<QuicHeader, Counter> {
+        parse(&Packet::over(bytes), 0, payload_len, 16)
+    }
+
+    #[test]
+    fn headers_are_classified_as_the_kernel_program_sees_them() {
+        let dcid = [7u8; 16];
+        let mut short = [0u8; 40];
+        short[0] = 0x40;
+        short[1..17].copy_from_slice(&dcid);
+        let h = parse_bytes(&short, 40).unwrap_or_else(|c| panic!("{}", c as u32));
+        assert!(h.form == Form::Short && !h.initial && h.dcid() == dcid);
+
+        let v1_initial = long(0xc0, QUIC_V1, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        let h = parse_bytes(&v1_initial, 1200).unwrap_or_else(|c| panic!("{}", c as u32));
+        assert!(h.form == Form::Long && h.initial && h.dcid() == [1, 2, 3, 4, 5, 6, 7, 8]);
+        // Version 2 Initials have type bits 0b01; 0b00 is 0-RTT there.
+        let v2_initial = long(0xd0, QUIC_V2, &[9; 8]);
+        assert!(parse_bytes(&v2_initial, 1200).is_ok_and(|h| h.initial));
+        let v2_zero_rtt = long(0xc0, QUIC_V2, &[9; 8]);
+        assert!(parse_bytes(&v2_zero_rtt, 1200).is_ok_and(|h| !h.initial));
+        let handshake = long(0xe0, QUIC_V1, &[9; 8]);
+        assert!(parse_bytes(&handshake, 100).is_ok_and(|h| !h.initial));
+    }
+
+    #[test]
+    fn invalid_packets_name_their_drop_counter() {
+        let mut no_fixed_bit = [0u8; 40];
+        no_fixed_bit[0] = 0x80;
+        assert!(matches!(
+            parse_bytes(&no_fixed_bit, 40),
+            Err(Counter::DropFixedBit)
+        ));
+        let short_initial = long(0xc0, QUIC_V1, &[1; 8]);
+        assert!(matches!(
+            parse_bytes(&short_initial, 1199),
+            Err(Counter::DropShortInitial)
+        ));
+        let mut too_long = long(0xc0, QUIC_V1, &[1; 8]);
+        too_long[5] = 21;
+        assert!(matches!(
+            parse_bytes(&too_long, 1200),
+            Err(Counter::DropDcidTooLong)
+        ));
+        // The payload ends inside the DCID.
+        let cut = long(0xe0, QUIC_V1, &[1; 8]);
+        assert!(matches!(
+            parse_bytes(&cut[..10], 10),
+            Err(Counter::DropTruncated)
+        ));
+        let short = [0x40u8, 1, 2, 3];
+        assert!(matches!(
+            parse_bytes(&short, 4),
+            Err(Counter::DropTruncated)
+        ));
+    }
 }

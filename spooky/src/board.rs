@@ -1,0 +1,110 @@
+//! The health board: the published health of every backend, for the whole process. One
+//! [`BackendSlot`] of relaxed atomics per backend, written only by the health checker and
+//! read by workers on the request path (one atomic load per candidate, never a lock).
+//!
+//! A slot belongs to a backend's identity ([`BackendKey`]: pool name, backend id, address),
+//! not to a configuration: a reload that keeps a backend keeps its slot, so its health (an
+//! ejection, say) stays in force without a gap, and requests still running on the previous
+//! snapshot report to the same slot. A slot nobody references any more is forgotten.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+/// Which backend a slot is about.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BackendKey {
+    pub pool: String,
+    pub id: String,
+    pub address: SocketAddr,
+}
+
+/// Published health of one backend.
+#[derive(Debug)]
+pub struct BackendSlot {
+    pub key: BackendKey,
+    pub available: AtomicBool,
+    /// `health::HealthState::as_u32`.
+    pub state: AtomicU32,
+    pub consecutive_failures: AtomicU32,
+    pub ewma_latency_us: AtomicU64,
+    pub last_latency_us: AtomicU64,
+    pub probes_ok: AtomicU64,
+    pub probes_failed: AtomicU64,
+}
+
+impl BackendSlot {
+    /// Every backend starts available (the optimistic start of the health state machine).
+    fn new(key: BackendKey) -> Self {
+        Self {
+            key,
+            available: AtomicBool::new(true),
+            state: AtomicU32::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ewma_latency_us: AtomicU64::new(0),
+            last_latency_us: AtomicU64::new(0),
+            probes_ok: AtomicU64::new(0),
+            probes_failed: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the backend may receive new requests.
+    pub fn is_available(&self) -> bool {
+        self.available.load(Ordering::Relaxed)
+    }
+}
+
+/// Every backend's slot, by identity.
+#[derive(Default)]
+pub struct HealthBoard {
+    slots: Mutex<Vec<Weak<BackendSlot>>>,
+}
+
+impl HealthBoard {
+    /// The slot of `key`: the one already published if any snapshot still holds it, else a
+    /// new one (available). Called when a snapshot is built, never on the request path.
+    pub fn slot(&self, key: BackendKey) -> Arc<BackendSlot> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.retain(|w| w.strong_count() > 0);
+        if let Some(s) = slots
+            .iter()
+            .filter_map(Weak::upgrade)
+            .find(|s| s.key == key)
+        {
+            return s;
+        }
+        let s = Arc::new(BackendSlot::new(key));
+        slots.push(Arc::downgrade(&s));
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(id: &str) -> BackendKey {
+        BackendKey {
+            pool: "api".into(),
+            id: id.into(),
+            address: "127.0.0.1:7001".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_backend_keeps_its_slot_while_referenced() {
+        let board = HealthBoard::default();
+        let a = board.slot(key("a"));
+        a.available.store(false, Ordering::Relaxed);
+        let again = board.slot(key("a"));
+        assert!(Arc::ptr_eq(&a, &again));
+        assert!(!again.is_available(), "the published state carries over");
+        let moved = board.slot(BackendKey {
+            address: "127.0.0.1:7002".parse().unwrap(),
+            ..key("a")
+        });
+        assert!(moved.is_available(), "another address is another backend");
+        drop((a, again));
+        assert!(board.slot(key("a")).is_available(), "forgotten, then new");
+    }
+}

@@ -1,0 +1,408 @@
+//! How a request ends, in one place. Every way a request can fail is a [`Failure`]; this
+//! module alone decides what follows from one: the status and short body Spooky answers with
+//! (or the HTTP/3 code its stream is reset with when the response head already went out), the
+//! STOP_SENDING code, what it says about the backend's health, and its log line. It also
+//! turns every finished request — answered by a backend or by Spooky — into its metrics and
+//! access-log record ([`record`]). The QUIC connection and the request task ask this module;
+//! no other file writes a status code.
+//!
+//! Stream-level protocol errors that get no HTTP answer at all (a request head that never
+//! completes, malformed trailers, a body that contradicts `content-length`) are
+//! [`StreamError`]s, with their HTTP/3 codes here too.
+
+use super::bridge::{
+    self, ConvertError, RequestError, RequestHead, H3_INTERNAL_ERROR, H3_MESSAGE_ERROR,
+    H3_REQUEST_CANCELLED, H3_REQUEST_REJECTED,
+};
+use super::Forwarder;
+use crate::health::TrafficOutcome;
+use crate::ops::access_log;
+use crate::stats::Outcome;
+use crate::upstream::{ErrorKind, UpstreamError};
+use bytes::Bytes;
+use quiche::h3::Header;
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Status recorded for a request whose client went away before any answer (nginx's 499).
+pub const CLIENT_CLOSED: u16 = 499;
+
+/// Why a request did not get a backend's complete response.
+#[derive(Debug)]
+pub enum Failure {
+    /// The field section is larger than `proxy.max_header_list_size`.
+    HeadersTooLarge { size: u64 },
+    /// RFC 9114 §4.3: malformed.
+    Malformed(RequestError),
+    /// `content-length` announced a body that the stream (ended by HEADERS) does not carry.
+    BodyMissing,
+    /// No pool routes this host and path.
+    NoRoute,
+    /// CONNECT is not supported.
+    Connect,
+    /// The body is larger than the pool's `max_request_body` (declared, or as it arrived).
+    BodyTooLarge { limit: u64 },
+    /// The client's body went silent for the pool's idle timeout.
+    BodyIdle { idle: Duration },
+    /// No backend of the pool may take the request.
+    NoHealthyBackend { pool: String },
+    /// The head could not be expressed in HTTP/2.
+    Convert(ConvertError),
+    /// Talking to the backend failed.
+    Upstream(UpstreamError),
+    /// After the response head went out: the rest cannot be delivered (the backend reset,
+    /// went silent, or the request body could not be sent).
+    Broken { cause: String },
+    /// The client went away: there is nobody to answer.
+    ClientGone,
+}
+
+/// What to do with the client's stream once a failure is known.
+#[derive(Debug)]
+pub enum Reaction {
+    /// Nothing (the client is gone).
+    Nothing,
+    /// Answer with this response; afterwards send STOP_SENDING with the code, if any.
+    Answer {
+        status: u16,
+        fields: Vec<Header>,
+        body: Bytes,
+        stop_sending: Option<u64>,
+    },
+    /// Reset the stream with this HTTP/3 code (the head went out already).
+    Reset(u64),
+}
+
+impl Failure {
+    /// The status Spooky answers with (or records, for a client that left).
+    pub fn status(&self) -> u16 {
+        match self {
+            Failure::HeadersTooLarge { .. } => 431,
+            Failure::Malformed(_) | Failure::BodyMissing => 400,
+            Failure::NoRoute => 404,
+            Failure::Connect => 501,
+            Failure::BodyTooLarge { .. } => 413,
+            Failure::BodyIdle { .. } => 408,
+            Failure::NoHealthyBackend { .. } => 503,
+            Failure::Upstream(e) if is_timeout(e.kind) => 504,
+            Failure::Convert(_) | Failure::Upstream(_) | Failure::Broken { .. } => 502,
+            Failure::ClientGone => CLIENT_CLOSED,
+        }
+    }
+
+    /// The short body of the answer.
+    fn text(&self) -> Cow<'static, str> {
+        match self {
+            Failure::HeadersTooLarge { .. } => "request header fields too large".into(),
+            Failure::Malformed(e) => format!("malformed request: {e}").into(),
+            Failure::BodyMissing => "malformed request: content-length mismatch".into(),
+            Failure::NoRoute => "no route".into(),
+            Failure::Connect => "CONNECT is not supported".into(),
+            Failure::BodyTooLarge { .. } => "request body too large".into(),
+            Failure::BodyIdle { .. } => "request body timed out".into(),
+            Failure::NoHealthyBackend { .. } => "no healthy backend".into(),
+            Failure::Upstream(e) if is_timeout(e.kind) => "upstream timed out".into(),
+            _ => "bad gateway".into(),
+        }
+    }
+
+    /// What the client's stream gets, given whether the response head went out already.
+    pub fn reaction(&self, head_sent: bool) -> Reaction {
+        match self {
+            Failure::ClientGone => Reaction::Nothing,
+            Failure::Broken { .. } => Reaction::Reset(H3_INTERNAL_ERROR),
+            _ if head_sent => Reaction::Reset(H3_INTERNAL_ERROR),
+            _ => {
+                let status = self.status();
+                let retry_after = matches!(self, Failure::NoHealthyBackend { .. }).then_some(1);
+                let (fields, body) = bridge::local_response(status, &self.text(), retry_after);
+                Reaction::Answer {
+                    status,
+                    fields,
+                    body,
+                    // A malformed request is not read further.
+                    stop_sending: matches!(self, Failure::Malformed(_)).then_some(H3_MESSAGE_ERROR),
+                }
+            }
+        }
+    }
+
+    /// What the failure says about the backend: `None` when it says nothing (a refused
+    /// stream is retried; the client's own mistakes are not the backend's).
+    pub fn passive_health(&self) -> Option<TrafficOutcome> {
+        match self {
+            Failure::Upstream(e) => upstream_health(e.kind),
+            _ => None,
+        }
+    }
+
+    /// One log line. Answers Spooky gives before choosing a pool are at info/debug (clients'
+    /// mistakes); failures of a chosen pool at warn, naming it.
+    pub fn log(&self, peer: SocketAddr, pool: Option<&str>) {
+        let status = self.status();
+        match (self, pool) {
+            (Failure::ClientGone, _) => {}
+            (Failure::NoRoute, _) => tracing::debug!(%peer, status, "no route"),
+            (Failure::Broken { cause }, pool) => tracing::warn!(
+                upstream = pool.unwrap_or(""),
+                %cause,
+                "response aborted; client stream reset"
+            ),
+            (_, None) => {
+                tracing::info!(%peer, status, reason = %self.text(), detail = ?self, "request refused")
+            }
+            (_, Some(pool)) => {
+                let cause = self.cause();
+                tracing::warn!(upstream = pool, status, %cause, "request failed");
+            }
+        }
+    }
+
+    fn cause(&self) -> String {
+        match self {
+            Failure::Upstream(e) => e.to_string(),
+            Failure::NoHealthyBackend { pool } => format!("no healthy backend in upstream {pool}"),
+            Failure::BodyTooLarge { limit } => format!("request body over {limit} bytes"),
+            Failure::BodyIdle { idle } => format!("request body idle for {idle:?}"),
+            Failure::Convert(e) => e.to_string(),
+            other => other.text().into_owned(),
+        }
+    }
+}
+
+/// Logs a failure talking to a backend where it happens (the request may still succeed on
+/// another backend or a fresh connection).
+pub fn log_upstream(pool: &str, e: &UpstreamError) {
+    tracing::warn!(upstream = %pool, backend = %e.backend, kind = ?e.kind, cause = %e.detail, "upstream failure");
+}
+
+fn is_timeout(kind: ErrorKind) -> bool {
+    matches!(
+        kind,
+        ErrorKind::ConnectTimeout | ErrorKind::ResponseTimeout | ErrorKind::IdleTimeout
+    )
+}
+
+fn upstream_health(kind: ErrorKind) -> Option<TrafficOutcome> {
+    match kind {
+        ErrorKind::Refused => None,
+        k if is_timeout(k) => Some(TrafficOutcome::Timeout),
+        ErrorKind::Connect | ErrorKind::Tls | ErrorKind::Handshake => {
+            Some(TrafficOutcome::ConnectFailure)
+        }
+        _ => Some(TrafficOutcome::ServerError),
+    }
+}
+
+/// What a backend's response status says about the backend.
+pub fn response_health(status: u16) -> TrafficOutcome {
+    if status >= 500 {
+        TrafficOutcome::ServerError
+    } else {
+        TrafficOutcome::Success
+    }
+}
+
+/// The answer to `OPTIONS *`: a question about Spooky itself, answered by Spooky.
+pub fn options_answer() -> (u16, Vec<Header>, Bytes) {
+    let (fields, body) = bridge::local_response(200, "ok", None);
+    (200, fields, body)
+}
+
+/// Request-stream errors that get no HTTP answer, only an HTTP/3 stream error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamError {
+    /// The request head did not arrive within `quic.request_header_timeout`: nothing of the
+    /// request was processed, the client may retry.
+    HeadTimeout,
+    /// Trailers that are not valid, or HEADERS after the trailers.
+    BadTrailers,
+    /// The body contradicts `content-length`.
+    LengthMismatch,
+    /// The body went past the pool's limit: stop the upload (the task answers 413).
+    StopUpload,
+    /// Writing the response into the stream failed.
+    WriteFailed,
+}
+
+impl StreamError {
+    /// The HTTP/3 error code the stream is reset (or stopped) with.
+    pub fn code(self) -> u64 {
+        match self {
+            StreamError::HeadTimeout | StreamError::StopUpload => H3_REQUEST_REJECTED,
+            StreamError::BadTrailers | StreamError::LengthMismatch => H3_MESSAGE_ERROR,
+            StreamError::WriteFailed => H3_REQUEST_CANCELLED,
+        }
+    }
+}
+
+/// A finished request, as metrics and the access log see it.
+pub struct Finished<'a> {
+    pub peer: SocketAddr,
+    pub head: Option<&'a RequestHead>,
+    /// The pool and the backend finally used, when there were any.
+    pub upstream: Option<usize>,
+    pub backend: Option<usize>,
+    pub status: u16,
+    pub started: Instant,
+    /// Time to the backend's response head.
+    pub upstream_latency: Option<Duration>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// Records a finished request: its metric series (pool and backend, the pool alone, or
+/// Spooky's own answers) and its access-log line.
+pub fn record(fwd: &Forwarder, f: &Finished<'_>) {
+    let outcome = Outcome {
+        status: f.status,
+        total: f.started.elapsed(),
+        upstream: f.upstream_latency,
+        bytes_in: f.bytes_in,
+        bytes_out: f.bytes_out,
+    };
+    let worker = fwd.services.worker;
+    fwd.series(f.upstream, f.backend).record(worker, &outcome);
+    let log = &fwd.services.access_log;
+    if !log.enabled() {
+        return;
+    }
+    let up = f
+        .upstream
+        .and_then(|u| fwd.snapshot.config.upstreams.get(u));
+    let backend = up.zip(f.backend).and_then(|(up, b)| up.backends.get(b));
+    log.log(access_log::Record {
+        time: std::time::SystemTime::now(),
+        client: f.peer,
+        host: f
+            .head
+            .map(|h| h.authority_str().to_owned())
+            .unwrap_or_default(),
+        method: f.head.map(|h| h.method.to_string()).unwrap_or_default(),
+        path: f.head.map(|h| h.path_str().to_owned()).unwrap_or_default(),
+        status: outcome.status,
+        bytes_in: outcome.bytes_in,
+        bytes_out: outcome.bytes_out,
+        duration: outcome.total,
+        pool: up.map(|u| u.name.clone()).unwrap_or_default(),
+        backend: backend.map(|b| b.id.clone()).unwrap_or_default(),
+        worker,
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::rc::Rc;
+
+    fn upstream(kind: ErrorKind) -> Failure {
+        Failure::Upstream(UpstreamError::new(kind, &Rc::from("b1"), "detail"))
+    }
+
+    fn answered(f: &Failure) -> (u16, String, Option<u64>, Option<String>) {
+        match f.reaction(false) {
+            Reaction::Answer {
+                status,
+                fields,
+                body,
+                stop_sending,
+            } => {
+                let field = |n: &[u8]| {
+                    fields
+                        .iter()
+                        .find(|h| quiche::h3::NameValue::name(*h) == n)
+                        .map(|h| {
+                            String::from_utf8_lossy(quiche::h3::NameValue::value(h)).into_owned()
+                        })
+                };
+                assert_eq!(field(b":status"), Some(status.to_string()));
+                (
+                    status,
+                    String::from_utf8_lossy(&body).trim_end().to_owned(),
+                    stop_sending,
+                    field(b"retry-after"),
+                )
+            }
+            other => panic!("{f:?} answered with {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_failure_has_its_answer() {
+        use ErrorKind::*;
+        type Row = (
+            Failure,
+            u16,
+            &'static str,
+            Option<u64>,
+            Option<&'static str>,
+            Option<TrafficOutcome>,
+        );
+        #[rustfmt::skip]
+        let rows: Vec<Row> = vec![
+            (Failure::HeadersTooLarge { size: 99_999 }, 431, "request header fields too large", None, None, None),
+            (Failure::Malformed(RequestError::BadTe), 400, "malformed request: te header other than \"trailers\"", Some(H3_MESSAGE_ERROR), None, None),
+            (Failure::BodyMissing, 400, "malformed request: content-length mismatch", None, None, None),
+            (Failure::NoRoute, 404, "no route", None, None, None),
+            (Failure::Connect, 501, "CONNECT is not supported", None, None, None),
+            (Failure::BodyTooLarge { limit: 10 }, 413, "request body too large", None, None, None),
+            (Failure::BodyIdle { idle: Duration::from_secs(1) }, 408, "request body timed out", None, None, None),
+            (Failure::NoHealthyBackend { pool: "api".into() }, 503, "no healthy backend", None, Some("1"), None),
+            (upstream(Connect), 502, "bad gateway", None, None, Some(TrafficOutcome::ConnectFailure)),
+            (upstream(Tls), 502, "bad gateway", None, None, Some(TrafficOutcome::ConnectFailure)),
+            (upstream(Handshake), 502, "bad gateway", None, None, Some(TrafficOutcome::ConnectFailure)),
+            (upstream(ConnectTimeout), 504, "upstream timed out", None, None, Some(TrafficOutcome::Timeout)),
+            (upstream(ResponseTimeout), 504, "upstream timed out", None, None, Some(TrafficOutcome::Timeout)),
+            (upstream(IdleTimeout), 504, "upstream timed out", None, None, Some(TrafficOutcome::Timeout)),
+            (upstream(Reset), 502, "bad gateway", None, None, Some(TrafficOutcome::ServerError)),
+            (upstream(Protocol), 502, "bad gateway", None, None, Some(TrafficOutcome::ServerError)),
+            (upstream(Refused), 502, "bad gateway", None, None, None),
+        ];
+        for (f, status, text, stop, retry_after, health) in rows {
+            let (s, t, st, ra) = answered(&f);
+            assert_eq!(
+                (s, t.as_str(), st, ra.as_deref()),
+                (status, text, stop, retry_after),
+                "{f:?}"
+            );
+            assert_eq!(f.status(), status);
+            assert_eq!(f.passive_health(), health, "{f:?}");
+            // Once the head is out, every one of them resets the stream instead.
+            assert!(
+                matches!(f.reaction(true), Reaction::Reset(H3_INTERNAL_ERROR)),
+                "{f:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn after_the_head_or_without_a_client() {
+        let broken = Failure::Broken {
+            cause: "backend reset".into(),
+        };
+        assert!(matches!(
+            broken.reaction(false),
+            Reaction::Reset(H3_INTERNAL_ERROR)
+        ));
+        assert_eq!(broken.status(), 502);
+        assert!(matches!(
+            Failure::ClientGone.reaction(false),
+            Reaction::Nothing
+        ));
+        assert_eq!(Failure::ClientGone.status(), CLIENT_CLOSED);
+    }
+
+    #[test]
+    fn responses_and_stream_errors() {
+        assert_eq!(response_health(200), TrafficOutcome::Success);
+        assert_eq!(response_health(404), TrafficOutcome::Success);
+        assert_eq!(response_health(503), TrafficOutcome::ServerError);
+        assert_eq!(options_answer().0, 200);
+        assert_eq!(StreamError::HeadTimeout.code(), H3_REQUEST_REJECTED);
+        assert_eq!(StreamError::StopUpload.code(), H3_REQUEST_REJECTED);
+        assert_eq!(StreamError::BadTrailers.code(), H3_MESSAGE_ERROR);
+        assert_eq!(StreamError::LengthMismatch.code(), H3_MESSAGE_ERROR);
+        assert_eq!(StreamError::WriteFailed.code(), H3_REQUEST_CANCELLED);
+    }
+}

@@ -1,0 +1,290 @@
+//! The QUIC endpoint's admission decision, sans-IO: what a worker does with a datagram whose
+//! destination connection ID names none of its connections. A function of the packet header,
+//! the source address, the time and the endpoint's state (counts of open connections, the
+//! new-connection rate, draining), returning a [`Decision`]; the worker loop does the I/O the
+//! decision asks for (forward, send Version Negotiation or Retry, hand the Initial to quiche).
+//!
+//! The rules, in order:
+//! 1. Whose packet is it? Initial and 0-RTT packets carry the client's DCID: the kernel
+//!    placed them (eBPF tiers) or `steer(DCID)` names the worker (classic BPF). Every other
+//!    packet must carry a DCID we issued, whose worker byte names the owner. A packet owned by
+//!    another worker is forwarded to it (once: a forwarded packet is never forwarded again).
+//! 2. Anything but an Initial for an unknown connection is dropped (a connection that is
+//!    gone, or junk).
+//! 3. An unsupported version gets Version Negotiation.
+//! 4. A draining endpoint takes no new connection.
+//! 5. An Initial must come in a datagram of at least 1200 bytes (RFC 9000 §14.1).
+//! 6. Connection limits: this worker's share of `quic.max_connections` and of
+//!    `quic.max_connections_per_ip`.
+//! 7. A token must be a valid Retry token of ours; without one, a Retry is sent when
+//!    `quic.retry` asks for it (always, or above a new-connection rate).
+//! 8. Otherwise: accept.
+
+use super::token::{self, TokenKey};
+use crate::config::RetryMode;
+use quiche::{ConnectionId, Header, Type};
+use spooky_common::cid::{steer, CidLayout};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+/// RFC 9000 §14.1: a client's datagram carrying an Initial is at least this long.
+pub const MIN_INITIAL_DATAGRAM: usize = 1200;
+/// How long a Retry token stays valid.
+pub const TOKEN_LIFETIME: Duration = Duration::from_secs(30);
+
+/// The time, as the endpoint needs it: a monotonic instant for rates, Unix seconds for
+/// tokens (which outlive the process's clock).
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    pub instant: Instant,
+    pub unix_secs: u64,
+}
+
+impl Now {
+    /// The current time (the worker loop's only clock read for admission).
+    pub fn read() -> Self {
+        Self {
+            instant: Instant::now(),
+            unix_secs: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        }
+    }
+}
+
+/// The limits a worker enforces on new connections (its share of the process's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most open connections on this worker.
+    pub connections: usize,
+    /// Most open connections from one client address on this worker.
+    pub per_address: u32,
+    pub retry: RetryMode,
+}
+
+impl Limits {
+    /// Worker `workers`'s share of the configured limits: a client's connections spread over
+    /// the workers by connection ID, so each enforces its part.
+    pub fn share(quic: &crate::config::Quic, workers: usize) -> Self {
+        let workers = workers.max(1);
+        Self {
+            connections: quic.max_connections / workers,
+            per_address: u32::try_from(quic.max_connections_per_ip.div_ceil(workers))
+                .unwrap_or(u32::MAX),
+            retry: quic.retry,
+        }
+    }
+}
+
+/// Why a datagram was dropped without an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Not a QUIC packet header.
+    Unparseable,
+    /// Not an Initial, and no connection of ours has its DCID (gone, or junk).
+    UnknownConnection,
+    /// An Initial in a datagram under 1200 bytes.
+    ShortInitial,
+    /// A token that is not a valid Retry token of ours.
+    InvalidToken,
+    /// The endpoint is shutting down and takes no new connection.
+    Draining,
+}
+
+/// Why a new connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// This worker holds its share of `quic.max_connections`.
+    Full,
+    /// The client address holds its share of `quic.max_connections_per_ip` here.
+    PerAddress,
+}
+
+/// What to do with a datagram for no known connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Drop(DropReason),
+    /// Another worker owns it: hand it over (a misroute).
+    Forward {
+        owner: usize,
+    },
+    /// Answer with Version Negotiation.
+    NegotiateVersion,
+    /// Answer with a Retry carrying this token (the loop picks the new source CID).
+    Retry {
+        token: Vec<u8>,
+    },
+    Refuse(Refusal),
+    /// Accept a new connection. `odcid` is set when the client came back with a valid Retry
+    /// token: the original DCID, and the packet's DCID is the CID we chose in the Retry.
+    Accept {
+        odcid: Option<ConnectionId<'static>>,
+    },
+}
+
+/// One worker's admission state.
+#[derive(Debug)]
+pub struct Endpoint {
+    worker: usize,
+    workers: usize,
+    kernel_places_initials: bool,
+    layout: CidLayout,
+    limits: Limits,
+    open: usize,
+    per_address: HashMap<IpAddr, u32>,
+    /// Start of the current one-second window and the connections accepted in it.
+    window: (Instant, u32),
+    draining: bool,
+}
+
+impl Endpoint {
+    /// Worker `worker` of `workers`. `kernel_places_initials`: an eBPF program places
+    /// client-chosen DCIDs (skipping dead workers), so an Initial that reaches this worker is
+    /// this worker's.
+    pub fn new(
+        worker: usize,
+        workers: usize,
+        kernel_places_initials: bool,
+        layout: CidLayout,
+        limits: Limits,
+        now: Instant,
+    ) -> Self {
+        Self {
+            worker,
+            workers: workers.max(1),
+            kernel_places_initials,
+            layout,
+            limits,
+            open: 0,
+            per_address: HashMap::new(),
+            window: (now, 0),
+            draining: false,
+        }
+    }
+
+    /// New limits (a configuration reload); open connections stay.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    /// From now on no new connection is accepted.
+    pub fn drain(&mut self) {
+        self.draining = true;
+    }
+
+    /// Connections open on this worker.
+    pub fn open(&self) -> usize {
+        self.open
+    }
+
+    /// A connection from `ip` was opened (after [`Decision::Accept`]).
+    pub fn opened(&mut self, ip: IpAddr) {
+        self.open += 1;
+        *self.per_address.entry(ip).or_insert(0) += 1;
+    }
+
+    /// A connection from `ip` is gone.
+    pub fn closed(&mut self, ip: IpAddr) {
+        self.open = self.open.saturating_sub(1);
+        if let Some(n) = self.per_address.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_address.remove(&ip);
+            }
+        }
+    }
+
+    /// Decides for a datagram of `datagram_len` bytes from `from` whose header is `hdr` and
+    /// whose DCID names none of this worker's connections. `forwarded`: another worker
+    /// handed it over.
+    pub fn admit(
+        &mut self,
+        hdr: &Header<'_>,
+        datagram_len: usize,
+        from: SocketAddr,
+        forwarded: bool,
+        key: &TokenKey,
+        now: Now,
+    ) -> Decision {
+        let client_chosen = matches!(hdr.ty, Type::Initial | Type::ZeroRTT);
+        let owner = if client_chosen && self.kernel_places_initials {
+            Some(self.worker)
+        } else if client_chosen {
+            Some(steer(&self.layout, &hdr.dcid, self.workers as u32) as usize)
+        } else {
+            self.layout
+                .worker_of(&hdr.dcid)
+                .map(usize::from)
+                .filter(|w| *w < self.workers)
+        };
+        match owner {
+            Some(owner) if owner != self.worker && !forwarded => {
+                return Decision::Forward { owner };
+            }
+            Some(_) if hdr.ty == Type::Initial => {}
+            _ => return Decision::Drop(DropReason::UnknownConnection),
+        }
+        if !quiche::version_is_supported(hdr.version) {
+            return Decision::NegotiateVersion;
+        }
+        if self.draining {
+            return Decision::Drop(DropReason::Draining);
+        }
+        if datagram_len < MIN_INITIAL_DATAGRAM {
+            return Decision::Drop(DropReason::ShortInitial);
+        }
+        if self.open > self.limits.connections {
+            return Decision::Refuse(Refusal::Full);
+        }
+        if self
+            .per_address
+            .get(&from.ip())
+            .is_some_and(|n| *n >= self.limits.per_address)
+        {
+            return Decision::Refuse(Refusal::PerAddress);
+        }
+        let given = hdr.token.as_deref().unwrap_or(&[]);
+        let odcid = if given.is_empty() {
+            if self.retry_wanted(now.instant) {
+                return Decision::Retry {
+                    token: token::mint(key, &hdr.dcid, &from, now.unix_secs),
+                };
+            }
+            None
+        } else {
+            match token::validate(key, given, &from, now.unix_secs, TOKEN_LIFETIME) {
+                Ok(odcid) => Some(odcid),
+                Err(_) => return Decision::Drop(DropReason::InvalidToken),
+            }
+        };
+        self.count_new_connection(now.instant);
+        Decision::Accept { odcid }
+    }
+
+    fn retry_wanted(&self, now: Instant) -> bool {
+        match self.limits.retry {
+            RetryMode::Off => false,
+            RetryMode::Always => true,
+            RetryMode::Auto {
+                new_connections_per_sec,
+            } => {
+                let (start, count) = self.window;
+                now.saturating_duration_since(start) < Duration::from_secs(1)
+                    && count >= new_connections_per_sec
+            }
+        }
+    }
+
+    fn count_new_connection(&mut self, now: Instant) {
+        let (start, count) = self.window;
+        self.window = if now.saturating_duration_since(start) >= Duration::from_secs(1) {
+            (now, 1)
+        } else {
+            (start, count.saturating_add(1))
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,289 @@
+//! Table tests of the admission decision with literal packets: each row is a datagram (built
+//! byte by byte below), where it came from, the endpoint's state, and the decision expected.
+
+use super::*;
+
+const V1: u32 = 1;
+/// A version nobody speaks (reserved for version-negotiation tests, RFC 9000 §15).
+const GREASE: u32 = 0x1a2a_3a4a;
+const NOW_UNIX: u64 = 1_764_000_000;
+
+/// Worker 1 of 4; 16-byte CIDs with a 2-byte server id.
+fn layout() -> CidLayout {
+    CidLayout::new(16, 2, 0).unwrap()
+}
+
+fn key() -> TokenKey {
+    TokenKey::from_bytes(b"endpoint test key")
+}
+
+fn client() -> SocketAddr {
+    "192.0.2.7:50000".parse().unwrap()
+}
+
+fn limits() -> Limits {
+    Limits {
+        connections: 100,
+        per_address: 2,
+        retry: RetryMode::Off,
+    }
+}
+
+fn endpoint(kernel: bool) -> Endpoint {
+    Endpoint::new(1, 4, kernel, layout(), limits(), Instant::now())
+}
+
+fn now() -> Now {
+    Now {
+        instant: Instant::now(),
+        unix_secs: NOW_UNIX,
+    }
+}
+
+/// A QUIC varint.
+fn varint(v: u64, out: &mut Vec<u8>) {
+    match v {
+        0..=63 => out.push(v as u8),
+        64..=16383 => out.extend_from_slice(&(0x4000 | v as u16).to_be_bytes()),
+        _ => out.extend_from_slice(&(0x8000_0000 | v as u32).to_be_bytes()),
+    }
+}
+
+/// A long-header packet of type `ty` (0 Initial, 1 0-RTT, 2 Handshake), padded to `len`.
+fn long(ty: u8, version: u32, dcid: &[u8], token: &[u8], len: usize) -> Vec<u8> {
+    let mut p = vec![0xc0 | (ty << 4)];
+    p.extend_from_slice(&version.to_be_bytes());
+    p.push(dcid.len() as u8);
+    p.extend_from_slice(dcid);
+    p.push(8);
+    p.extend_from_slice(&[0xcc; 8]);
+    if ty == 0 {
+        varint(token.len() as u64, &mut p);
+        p.extend_from_slice(token);
+    }
+    varint(1100, &mut p);
+    p.resize(len.max(p.len()), 0);
+    p
+}
+
+fn initial(dcid: &[u8], token: &[u8], len: usize) -> Vec<u8> {
+    long(0, V1, dcid, token, len)
+}
+
+fn short(dcid: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x40];
+    p.extend_from_slice(dcid);
+    p.extend_from_slice(&[0x55; 40]);
+    p
+}
+
+/// A CID of ours naming `worker`.
+fn our_cid(worker: u8) -> Vec<u8> {
+    let mut out = [0u8; 20];
+    let n = layout().write(&[0xaa, 0xbb], worker, &[0x11; 20], &mut out);
+    out[..n].to_vec()
+}
+
+/// A client-chosen DCID that `steer` places on `worker` of 4.
+fn client_dcid_for(worker: usize) -> Vec<u8> {
+    (0u8..=255)
+        .map(|i| vec![0x80, i, 3, 4, 5, 6, 7, 8])
+        .find(|d| steer(&layout(), d, 4) as usize == worker)
+        .unwrap()
+}
+
+fn decide(ep: &mut Endpoint, mut pkt: Vec<u8>, forwarded: bool) -> Decision {
+    let len = pkt.len();
+    let hdr = Header::from_slice(&mut pkt, layout().cid_len()).unwrap();
+    ep.admit(&hdr, len, client(), forwarded, &key(), now())
+}
+
+#[test]
+fn who_owns_a_packet() {
+    let mine = client_dcid_for(1);
+    let theirs = client_dcid_for(3);
+    #[rustfmt::skip]
+    let rows: Vec<(&str, bool, Vec<u8>, bool, Decision)> = vec![
+        ("Initial hashed here", false, initial(&mine, &[], 1200), false, Decision::Accept { odcid: None }),
+        ("Initial hashed elsewhere", false, initial(&theirs, &[], 1200), false, Decision::Forward { owner: 3 }),
+        ("forwarded Initial is never forwarded again", false, initial(&theirs, &[], 1200), true, Decision::Accept { odcid: None }),
+        ("kernel placed the Initial", true, initial(&theirs, &[], 1200), false, Decision::Accept { odcid: None }),
+        ("0-RTT hashed elsewhere", false, long(1, V1, &theirs, &[], 1200), false, Decision::Forward { owner: 3 }),
+        ("0-RTT for no connection", false, long(1, V1, &mine, &[], 1200), false, Decision::Drop(DropReason::UnknownConnection)),
+        ("short header naming worker 2", false, short(&our_cid(2)), false, Decision::Forward { owner: 2 }),
+        ("short header naming a worker past the count", false, short(&our_cid(9)), false, Decision::Drop(DropReason::UnknownConnection)),
+        ("short header for a connection that is gone", false, short(&our_cid(1)), false, Decision::Drop(DropReason::UnknownConnection)),
+        ("short header, not our layout", false, short(&[0xe0; 16]), false, Decision::Drop(DropReason::UnknownConnection)),
+        ("Handshake naming worker 0", true, long(2, V1, &our_cid(0), &[], 100), false, Decision::Forward { owner: 0 }),
+        ("Handshake for no connection here", true, long(2, V1, &our_cid(1), &[], 100), false, Decision::Drop(DropReason::UnknownConnection)),
+    ];
+    for (what, kernel, pkt, forwarded, want) in rows {
+        assert_eq!(
+            decide(&mut endpoint(kernel), pkt, forwarded),
+            want,
+            "{what}"
+        );
+    }
+}
+
+#[test]
+fn initials_are_checked_in_order() {
+    let mine = client_dcid_for(1);
+    #[rustfmt::skip]
+    let rows: Vec<(&str, Vec<u8>, Decision)> = vec![
+        ("unknown version, any size", long(0, GREASE, &mine, &[], 100), Decision::NegotiateVersion),
+        ("short Initial", initial(&mine, &[], 1199), Decision::Drop(DropReason::ShortInitial)),
+        ("1200 bytes", initial(&mine, &[], 1200), Decision::Accept { odcid: None }),
+        ("a token that is not ours", initial(&mine, &[9; 40], 1300), Decision::Drop(DropReason::InvalidToken)),
+    ];
+    for (what, pkt, want) in rows {
+        assert_eq!(decide(&mut endpoint(false), pkt, false), want, "{what}");
+    }
+}
+
+#[test]
+fn a_retry_token_comes_back_as_the_original_dcid() {
+    let mine = client_dcid_for(1);
+    let mut ep = endpoint(false);
+    ep.set_limits(Limits {
+        retry: RetryMode::Always,
+        ..limits()
+    });
+    let Decision::Retry { token } = decide(&mut ep, initial(&mine, &[], 1200), false) else {
+        panic!("no Retry");
+    };
+    // The client's second Initial carries the token and the CID we chose in the Retry.
+    let retry_scid = our_cid(1);
+    let d = decide(&mut ep, initial(&retry_scid, &token, 1250), false);
+    assert_eq!(
+        d,
+        Decision::Accept {
+            odcid: Some(ConnectionId::from_vec(mine))
+        }
+    );
+    // The same token from another address is refused.
+    let mut pkt = initial(&retry_scid, &token, 1250);
+    let len = pkt.len();
+    let hdr = Header::from_slice(&mut pkt, 16).unwrap();
+    let elsewhere: SocketAddr = "192.0.2.8:50000".parse().unwrap();
+    assert_eq!(
+        ep.admit(&hdr, len, elsewhere, false, &key(), now()),
+        Decision::Drop(DropReason::InvalidToken)
+    );
+    // And after its lifetime.
+    let later = Now {
+        unix_secs: NOW_UNIX + TOKEN_LIFETIME.as_secs() + 1,
+        ..now()
+    };
+    assert_eq!(
+        ep.admit(&hdr, len, client(), false, &key(), later),
+        Decision::Drop(DropReason::InvalidToken)
+    );
+}
+
+#[test]
+fn retry_above_the_new_connection_rate() {
+    let mine = client_dcid_for(1);
+    let start = Instant::now();
+    let mut ep = Endpoint::new(
+        1,
+        4,
+        false,
+        layout(),
+        Limits {
+            retry: RetryMode::Auto {
+                new_connections_per_sec: 3,
+            },
+            per_address: 100,
+            ..limits()
+        },
+        start,
+    );
+    let at = |ms: u64| Now {
+        instant: start + Duration::from_millis(ms),
+        unix_secs: NOW_UNIX,
+    };
+    let mut decide_at = |ms: u64| {
+        let mut pkt = initial(&mine, &[], 1200);
+        let hdr = Header::from_slice(&mut pkt, 16).unwrap();
+        ep.admit(&hdr, 1200, client(), false, &key(), at(ms))
+    };
+    for ms in [0, 10, 20] {
+        assert_eq!(decide_at(ms), Decision::Accept { odcid: None }, "{ms} ms");
+    }
+    assert!(matches!(decide_at(30), Decision::Retry { .. }));
+    // A new one-second window: no Retry again until the rate is reached.
+    assert_eq!(decide_at(1031), Decision::Accept { odcid: None });
+}
+
+#[test]
+fn connection_limits_per_worker_and_per_address() {
+    let mine = client_dcid_for(1);
+    let mut ep = Endpoint::new(
+        1,
+        4,
+        false,
+        layout(),
+        Limits {
+            connections: 3,
+            ..limits()
+        },
+        Instant::now(),
+    );
+    let ip = client().ip();
+    ep.opened(ip);
+    ep.opened(ip);
+    assert_eq!(
+        decide(&mut ep, initial(&mine, &[], 1200), false),
+        Decision::Refuse(Refusal::PerAddress)
+    );
+    ep.closed(ip);
+    assert_eq!(
+        decide(&mut ep, initial(&mine, &[], 1200), false),
+        Decision::Accept { odcid: None }
+    );
+    for other in 1..=3u8 {
+        ep.opened(IpAddr::from([198, 51, 100, other]));
+    }
+    // 4 open, above this worker's share of 3.
+    assert_eq!(ep.open(), 4);
+    assert_eq!(
+        decide(&mut ep, initial(&mine, &[], 1200), false),
+        Decision::Refuse(Refusal::Full)
+    );
+}
+
+#[test]
+fn a_draining_endpoint_accepts_nothing_but_still_negotiates_versions() {
+    let mine = client_dcid_for(1);
+    let mut ep = endpoint(false);
+    ep.drain();
+    assert_eq!(
+        decide(&mut ep, initial(&mine, &[], 1200), false),
+        Decision::Drop(DropReason::Draining)
+    );
+    assert_eq!(
+        decide(&mut ep, long(0, GREASE, &mine, &[], 1200), false),
+        Decision::NegotiateVersion
+    );
+}
+
+#[test]
+fn limits_are_shared_between_workers() {
+    let quic = crate::config::Quic {
+        idle_timeout: Duration::from_secs(30),
+        handshake_timeout: Duration::from_secs(10),
+        request_header_timeout: Duration::from_secs(10),
+        max_concurrent_streams: 100,
+        initial_max_data: 1 << 20,
+        initial_max_stream_data: 1 << 20,
+        max_connections: 1000,
+        max_connections_per_ip: 10,
+        retry: RetryMode::Off,
+        cid_len: 16,
+        server_id: vec![1, 2],
+        generation: 0,
+    };
+    let l = Limits::share(&quic, 4);
+    assert_eq!((l.connections, l.per_address), (250, 3));
+}

@@ -1,0 +1,140 @@
+//! A worker's socket and what goes out of it: the packets quiche produces for a connection,
+//! batched so that equal-size packets to the same peer reach the kernel in one `sendmsg` with
+//! `UDP_SEGMENT` (GSO), and single datagrams (Version Negotiation, Retry). A socket whose
+//! kernel refuses GSO falls back to one datagram per call, for good.
+
+use super::conn::QuicConn;
+use super::udp;
+use crate::stats::WorkerStats;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Largest UDP payload we receive or send.
+pub const MAX_DATAGRAM: usize = 65535;
+
+/// The worker's socket and its send buffer.
+pub struct Sender {
+    pub socket: tokio::net::UdpSocket,
+    /// Room for one GSO batch (or one datagram).
+    pub out: Vec<u8>,
+    /// UDP GSO works on this socket (turned off at the first refusal).
+    gso: bool,
+    stats: Arc<WorkerStats>,
+    worker: usize,
+}
+
+impl Sender {
+    pub fn new(socket: tokio::net::UdpSocket, stats: Arc<WorkerStats>, worker: usize) -> Self {
+        Self {
+            socket,
+            out: vec![0; MAX_DATAGRAM],
+            gso: true,
+            stats,
+            worker,
+        }
+    }
+
+    /// Sends `out[..len]` to `to` now if the socket takes it (answers to strangers are not
+    /// worth waiting for).
+    pub fn send_now(&self, len: usize, to: SocketAddr) {
+        if let Some(buf) = self.out.get(..len) {
+            if self.socket.try_send_to(buf, to).is_ok() {
+                self.stats.packets_out.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Sends everything quiche has for `quic`, batching equal-size packets to the same peer
+    /// into GSO sends.
+    pub async fn flush(&mut self, quic: &mut QuicConn) {
+        let max = quic.max_send_udp_payload_size().min(self.out.len());
+        loop {
+            // Fill a batch: packets of `seg` bytes (the last may be shorter) to `dst`.
+            let (mut used, mut seg, mut count, mut dst) = (0usize, 0usize, 0usize, None);
+            let mut odd: Option<(usize, usize, SocketAddr)> = None;
+            let mut done = false;
+            while count < udp::MAX_SEGMENTS && used + max <= self.out.len() {
+                match quic.send(&mut self.out[used..used + max]) {
+                    Ok((len, info)) => {
+                        let fits = dst.is_none_or(|d| d == info.to) && (count == 0 || len <= seg);
+                        if !fits {
+                            // Sent alone after the batch.
+                            odd = Some((used, len, info.to));
+                            break;
+                        }
+                        if count == 0 {
+                            seg = len;
+                            dst = Some(info.to);
+                        }
+                        used += len;
+                        count += 1;
+                        if len < seg || !self.gso {
+                            break;
+                        }
+                    }
+                    Err(quiche::Error::Done) => {
+                        done = true;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "quic send failed");
+                        let _ = quic.close(false, 0x1, b"");
+                        done = true;
+                        break;
+                    }
+                }
+            }
+            if let Some(to) = dst {
+                self.send_batch(0, used, seg, count, to).await;
+            }
+            if let Some((at, len, to)) = odd {
+                self.send_batch(at, len, len, 1, to).await;
+            }
+            if done || (dst.is_none() && odd.is_none()) {
+                break;
+            }
+        }
+    }
+
+    /// Sends `out[at..at + len]` as `count` datagrams of `seg` bytes to `to`.
+    async fn send_batch(
+        &mut self,
+        at: usize,
+        len: usize,
+        seg: usize,
+        count: usize,
+        to: SocketAddr,
+    ) {
+        self.stats
+            .packets_out
+            .fetch_add(count as u64, Ordering::Relaxed);
+        let buf = &self.out[at..at + len];
+        if count > 1 && self.gso {
+            loop {
+                let sent = self.socket.try_io(tokio::io::Interest::WRITABLE, || {
+                    udp::send_gso(&self.socket, buf, seg, to)
+                });
+                match sent {
+                    Ok(_) => return,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if self.socket.writable().await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::info!(worker = self.worker, error = %e, "UDP GSO refused; sending datagrams one by one");
+                        self.gso = false;
+                        break;
+                    }
+                }
+            }
+        }
+        for chunk in buf.chunks(seg.max(1)) {
+            if let Err(e) = self.socket.send_to(chunk, to).await {
+                tracing::debug!(error = %e, %to, "send failed");
+                return;
+            }
+        }
+    }
+}

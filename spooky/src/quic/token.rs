@@ -1,0 +1,223 @@
+//! Address-validation tokens (Retry) and stateless-reset tokens, sans-IO: the time is passed
+//! in, the key is the caller's.
+//!
+//! A Retry token is `unix seconds (8) | odcid length (1) | odcid | tag (16)`, the tag a
+//! truncated HMAC-SHA256 over everything before it and the client's address and port, so a
+//! token is only good from the address it was minted for, for the original DCID it names,
+//! for `lifetime` after it was minted. A stateless-reset token is the HMAC of one of our
+//! connection IDs under a label of its own.
+
+use quiche::ConnectionId;
+use ring::hmac;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Bytes of the truncated tag.
+const TAG_LEN: usize = 16;
+/// Longest connection ID a token can carry (QUIC v1).
+const MAX_ODCID: usize = 20;
+
+/// The process's token key (HMAC-SHA256).
+pub struct TokenKey(hmac::Key);
+
+impl TokenKey {
+    /// A fresh random key.
+    ///
+    /// # Errors
+    /// When the system has no randomness to give.
+    pub fn generate(rng: &dyn ring::rand::SecureRandom) -> Result<Self, ring::error::Unspecified> {
+        hmac::Key::generate(hmac::HMAC_SHA256, rng).map(Self)
+    }
+
+    /// A key from raw bytes (tests, and key files).
+    pub fn from_bytes(bytes: &[u8]) -> Self {
+        Self(hmac::Key::new(hmac::HMAC_SHA256, bytes))
+    }
+}
+
+fn address_bytes(addr: &SocketAddr) -> ([u8; 18], usize) {
+    let mut out = [0u8; 18];
+    let n = match addr.ip() {
+        std::net::IpAddr::V4(ip) => {
+            out[..4].copy_from_slice(&ip.octets());
+            4
+        }
+        std::net::IpAddr::V6(ip) => {
+            out[..16].copy_from_slice(&ip.octets());
+            16
+        }
+    };
+    out[n..n + 2].copy_from_slice(&addr.port().to_be_bytes());
+    (out, n + 2)
+}
+
+fn tag(key: &TokenKey, body: &[u8], peer: &SocketAddr) -> hmac::Tag {
+    let (addr, len) = address_bytes(peer);
+    let mut ctx = hmac::Context::with_key(&key.0);
+    ctx.update(body);
+    ctx.update(&addr[..len]);
+    ctx.sign()
+}
+
+/// A Retry token for a client at `peer` whose first Initial carried `odcid`, minted at
+/// `now_unix` (seconds since the epoch).
+pub fn mint(key: &TokenKey, odcid: &[u8], peer: &SocketAddr, now_unix: u64) -> Vec<u8> {
+    let odcid = &odcid[..odcid.len().min(MAX_ODCID)];
+    let mut t = Vec::with_capacity(8 + 1 + odcid.len() + TAG_LEN);
+    t.extend_from_slice(&now_unix.to_be_bytes());
+    t.push(odcid.len() as u8);
+    t.extend_from_slice(odcid);
+    let tag = tag(key, &t, peer);
+    t.extend_from_slice(&tag.as_ref()[..TAG_LEN]);
+    t
+}
+
+/// Why a token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenError {
+    /// Not the shape of one of our tokens.
+    Malformed,
+    /// The tag does not match (forged, or minted for another address).
+    Forged,
+    /// Older than the lifetime (or minted in the future).
+    Expired,
+}
+
+/// The original DCID carried by `token`, when it is ours, was minted for `peer`, and is at
+/// most `lifetime` old at `now_unix`.
+///
+/// # Errors
+/// [`TokenError`] naming why the token is refused.
+pub fn validate(
+    key: &TokenKey,
+    token: &[u8],
+    peer: &SocketAddr,
+    now_unix: u64,
+    lifetime: Duration,
+) -> Result<ConnectionId<'static>, TokenError> {
+    let minted = token
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+        .ok_or(TokenError::Malformed)?;
+    let len = usize::from(*token.get(8).ok_or(TokenError::Malformed)?);
+    let body_len = 9 + len;
+    if len > MAX_ODCID || token.len() != body_len + TAG_LEN {
+        return Err(TokenError::Malformed);
+    }
+    let (body, given) = token.split_at(body_len);
+    let want = tag(key, body, peer);
+    // Constant time over the truncated tag.
+    let diff = want.as_ref()[..TAG_LEN]
+        .iter()
+        .zip(given)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    if diff != 0 {
+        return Err(TokenError::Forged);
+    }
+    if minted > now_unix || now_unix - minted > lifetime.as_secs() {
+        return Err(TokenError::Expired);
+    }
+    Ok(ConnectionId::from_vec(body[9..].to_vec()))
+}
+
+/// The stateless-reset token of one of our connection IDs.
+pub fn reset_token(key: &TokenKey, cid: &[u8]) -> u128 {
+    let mut ctx = hmac::Context::with_key(&key.0);
+    ctx.update(b"reset");
+    ctx.update(cid);
+    let tag = ctx.sign();
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&tag.as_ref()[..16]);
+    u128::from_be_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_764_000_000;
+    const LIFE: Duration = Duration::from_secs(30);
+
+    fn key() -> TokenKey {
+        TokenKey::from_bytes(b"a fixed test key of thirty-two b")
+    }
+
+    fn peer() -> SocketAddr {
+        "192.0.2.1:4433".parse().unwrap()
+    }
+
+    #[test]
+    fn a_token_round_trips_within_its_lifetime() {
+        let t = mint(&key(), &[7; 12], &peer(), NOW);
+        assert_eq!(t.len(), 8 + 1 + 12 + TAG_LEN);
+        let odcid = validate(&key(), &t, &peer(), NOW + 30, LIFE).unwrap();
+        assert_eq!(odcid.as_ref(), &[7; 12]);
+    }
+
+    #[test]
+    fn a_token_is_bound_to_address_port_key_and_time() {
+        let t = mint(&key(), &[7; 12], &peer(), NOW);
+        let other_port: SocketAddr = "192.0.2.1:4434".parse().unwrap();
+        let other_ip: SocketAddr = "192.0.2.2:4433".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8::1]:4433".parse().unwrap();
+        assert_eq!(
+            validate(&key(), &t, &other_port, NOW, LIFE),
+            Err(TokenError::Forged)
+        );
+        assert_eq!(
+            validate(&key(), &t, &other_ip, NOW, LIFE),
+            Err(TokenError::Forged)
+        );
+        assert_eq!(
+            validate(&key(), &t, &v6, NOW, LIFE),
+            Err(TokenError::Forged)
+        );
+        let other_key = TokenKey::from_bytes(b"another key");
+        assert_eq!(
+            validate(&other_key, &t, &peer(), NOW, LIFE),
+            Err(TokenError::Forged)
+        );
+        assert_eq!(
+            validate(&key(), &t, &peer(), NOW + 31, LIFE),
+            Err(TokenError::Expired)
+        );
+        assert_eq!(
+            validate(&key(), &t, &peer(), NOW - 1, LIFE),
+            Err(TokenError::Expired)
+        );
+    }
+
+    #[test]
+    fn tampered_and_truncated_tokens_are_refused() {
+        let t = mint(&key(), &[7; 12], &peer(), NOW);
+        for i in 0..t.len() {
+            let mut forged = t.clone();
+            forged[i] ^= 1;
+            assert!(
+                validate(&key(), &forged, &peer(), NOW, LIFE).is_err(),
+                "byte {i}"
+            );
+        }
+        for n in 0..t.len() {
+            assert!(
+                validate(&key(), &t[..n], &peer(), NOW, LIFE).is_err(),
+                "{n} bytes"
+            );
+        }
+        let mut longer = t.clone();
+        longer.push(0);
+        assert_eq!(
+            validate(&key(), &longer, &peer(), NOW, LIFE),
+            Err(TokenError::Malformed)
+        );
+    }
+
+    #[test]
+    fn reset_tokens_differ_per_cid_and_key() {
+        let a = reset_token(&key(), &[1; 16]);
+        assert_eq!(a, reset_token(&key(), &[1; 16]));
+        assert_ne!(a, reset_token(&key(), &[2; 16]));
+        assert_ne!(a, reset_token(&TokenKey::from_bytes(b"other"), &[1; 16]));
+    }
+}

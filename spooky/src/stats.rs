@@ -1,0 +1,254 @@
+//! Counters that live as long as the process, written on the request path and read at scrape
+//! time: each worker's [`WorkerStats`], and the per-(pool, backend) request series of the
+//! [`Metrics`] registry. Exposition (the Prometheus text) is `ops::metrics`; this module only
+//! counts.
+//!
+//! Hot-path cost: a request's outcome is a handful of relaxed atomic adds on the recording
+//! worker's own shard (cache-line aligned, so workers never write the same line); nothing is
+//! locked per request. Series are created when a configuration is built (a mutex, off the
+//! request path) and live for the whole process, so a reload keeps counting into the same
+//! series for pools and backends that keep their names.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Counters of one worker, written only by that worker (relaxed atomics), read at scrape time.
+#[derive(Default, Debug)]
+pub struct WorkerStats {
+    pub packets_in: AtomicU64,
+    pub packets_out: AtomicU64,
+    pub dropped: AtomicU64,
+    pub misrouted: AtomicU64,
+    pub retry_sent: AtomicU64,
+    pub refused: AtomicU64,
+    pub connections_accepted: AtomicU64,
+    pub connections_active: AtomicU64,
+    pub streams_active: AtomicU64,
+    /// Configuration snapshots this worker has switched to since start (reloads).
+    pub snapshots_applied: AtomicU64,
+    pub requests: AtomicU64,
+    /// Request streams reset because their head did not arrive in time.
+    pub request_head_timeouts: AtomicU64,
+}
+
+/// Histogram bucket bounds, seconds.
+pub const BUCKETS_S: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Buckets including +Inf.
+const BUCKETS: usize = BUCKETS_S.len() + 1;
+
+#[derive(Default)]
+struct Histogram {
+    /// Non-cumulative counts per bucket; the last is +Inf.
+    buckets: [AtomicU64; BUCKETS],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    fn record(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        let i = BUCKETS_S
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(BUCKETS_S.len());
+        if let Some(b) = self.buckets.get(i) {
+            b.fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn add_to(&self, t: &mut HistogramTotals) {
+        for (sum, b) in t.buckets.iter_mut().zip(&self.buckets) {
+            *sum += b.load(Ordering::Relaxed);
+        }
+        t.sum_us += self.sum_us.load(Ordering::Relaxed);
+    }
+}
+
+#[derive(Default)]
+#[repr(align(64))]
+struct Shard {
+    /// By status class: 1xx … 5xx.
+    requests: [AtomicU64; 5],
+    duration: Histogram,
+    upstream: Histogram,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    in_flight: AtomicI64,
+}
+
+/// What one finished request contributes.
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome {
+    pub status: u16,
+    pub total: Duration,
+    /// Time to the backend's response head, when a backend answered.
+    pub upstream: Option<Duration>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// The series of one (pool, backend) pair; `backend` is empty for answers Spooky gave
+/// itself (no route, malformed request, no healthy backend), `pool` empty when no pool was
+/// chosen.
+pub struct RouteMetrics {
+    pub pool: String,
+    pub backend: String,
+    shards: Box<[Shard]>,
+}
+
+/// A histogram summed over the workers: counts per bucket (not cumulative; the last is +Inf).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct HistogramTotals {
+    pub buckets: [u64; BUCKETS],
+    pub sum_us: u64,
+}
+
+/// A series summed over the workers, at scrape time.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Totals {
+    /// By status class: 1xx … 5xx.
+    pub requests: [u64; 5],
+    pub duration: HistogramTotals,
+    pub upstream: HistogramTotals,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub in_flight: i64,
+}
+
+impl RouteMetrics {
+    /// Records a finished request on `worker`'s shard.
+    pub fn record(&self, worker: usize, o: &Outcome) {
+        let Some(shard) = self.shards.get(worker).or_else(|| self.shards.first()) else {
+            return;
+        };
+        let class = usize::from(o.status / 100).saturating_sub(1).min(4);
+        if let Some(c) = shard.requests.get(class) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        shard.duration.record(o.total);
+        if let Some(u) = o.upstream {
+            shard.upstream.record(u);
+        }
+        shard.bytes_in.fetch_add(o.bytes_in, Ordering::Relaxed);
+        shard.bytes_out.fetch_add(o.bytes_out, Ordering::Relaxed);
+    }
+
+    /// A request to this backend started (`+1`) or ended (`-1`) on `worker`.
+    pub fn in_flight(&self, worker: usize, delta: i64) {
+        if let Some(shard) = self.shards.get(worker) {
+            shard.in_flight.fetch_add(delta, Ordering::Relaxed);
+        }
+    }
+
+    /// Requests in flight, all workers.
+    pub fn in_flight_total(&self) -> i64 {
+        self.shards
+            .iter()
+            .map(|s| s.in_flight.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Everything, summed over the workers.
+    pub fn totals(&self) -> Totals {
+        let mut t = Totals::default();
+        for s in self.shards.iter() {
+            for (sum, c) in t.requests.iter_mut().zip(&s.requests) {
+                *sum += c.load(Ordering::Relaxed);
+            }
+            s.duration.add_to(&mut t.duration);
+            s.upstream.add_to(&mut t.upstream);
+            t.bytes_in += s.bytes_in.load(Ordering::Relaxed);
+            t.bytes_out += s.bytes_out.load(Ordering::Relaxed);
+            t.in_flight += s.in_flight.load(Ordering::Relaxed);
+        }
+        t
+    }
+}
+
+/// Process-wide registry of request series.
+pub struct Metrics {
+    workers: usize,
+    series: Mutex<Vec<Arc<RouteMetrics>>>,
+}
+
+impl Metrics {
+    pub fn new(workers: usize) -> Self {
+        Self {
+            workers: workers.max(1),
+            series: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The series for (`pool`, `backend`), created on first use.
+    pub fn route(&self, pool: &str, backend: &str) -> Arc<RouteMetrics> {
+        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = series
+            .iter()
+            .find(|s| s.pool == pool && s.backend == backend)
+        {
+            return s.clone();
+        }
+        let s = Arc::new(RouteMetrics {
+            pool: pool.to_owned(),
+            backend: backend.to_owned(),
+            shards: (0..self.workers).map(|_| Shard::default()).collect(),
+        });
+        series.push(s.clone());
+        s
+    }
+
+    /// Every series, in creation order.
+    pub fn all(&self) -> Vec<Arc<RouteMetrics>> {
+        self.series
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_sum_their_workers_shards() {
+        let m = Metrics::new(2);
+        let s = m.route("api", "a1");
+        assert!(
+            Arc::ptr_eq(&s, &m.route("api", "a1")),
+            "one series per pair"
+        );
+        let ok = Outcome {
+            status: 200,
+            total: Duration::from_millis(3),
+            upstream: Some(Duration::from_micros(400)),
+            bytes_in: 10,
+            bytes_out: 100,
+        };
+        s.record(0, &ok);
+        s.record(
+            1,
+            &Outcome {
+                status: 503,
+                upstream: None,
+                ..ok
+            },
+        );
+        s.in_flight(0, 1);
+        s.in_flight(1, 1);
+        s.in_flight(1, -1);
+        let t = s.totals();
+        assert_eq!(t.requests, [0, 1, 0, 0, 1]);
+        assert_eq!(t.duration.buckets.iter().sum::<u64>(), 2);
+        // 3 ms falls in the 5 ms bucket (index 3).
+        assert_eq!(t.duration.buckets[3], 2);
+        assert_eq!(t.upstream.buckets[0], 1, "400 µs in the 0.5 ms bucket");
+        assert_eq!(t.upstream.sum_us, 400);
+        assert_eq!((t.bytes_in, t.bytes_out, t.in_flight), (20, 200, 1));
+        assert_eq!(m.all().len(), 1);
+    }
+}
