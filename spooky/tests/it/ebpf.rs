@@ -314,6 +314,7 @@ fn dcid_hashing_to(worker: u32) -> Vec<u8> {
 // Tests.
 
 #[test]
+#[ignore = "needs root"]
 fn object_is_embedded_and_loads_into_the_kernel() {
     assert!(
         OBJECT.len() > 1024,
@@ -353,6 +354,7 @@ fn object_is_embedded_and_loads_into_the_kernel() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn xdp_table_ipv4_ipv6_vlan_and_quic_forms() {
     let programs = load_configured(0);
     let ours = our_cid(3);
@@ -732,6 +734,7 @@ fn xdp_table_ipv4_ipv6_vlan_and_quic_forms() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn xdp_steers_every_dcid_like_user_space() {
     let programs = load_configured(0);
     let layout = layout();
@@ -789,6 +792,7 @@ fn xdp_steers_every_dcid_like_user_space() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn xdp_redirects_to_the_owning_workers_cpu_when_enabled() {
     let mut programs = load_configured(FLAG_REDIRECT_CPU);
     programs.enable_cpu(0, 192).expect("cpumap entry for CPU 0");
@@ -867,6 +871,7 @@ fn xdp_redirects_to_the_owning_workers_cpu_when_enabled() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn xdp_without_configuration_passes_everything() {
     let programs = load();
     let cases = vec![
@@ -889,6 +894,7 @@ fn xdp_without_configuration_passes_everything() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn xdp_with_port_but_no_workers_counts_without_steering() {
     let mut programs = load();
     programs
@@ -917,6 +923,7 @@ fn xdp_with_port_but_no_workers_counts_without_steering() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn xdp_counts_on_the_cpu_it_ran_on() {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -967,6 +974,7 @@ fn reuseport_socket(port: u16) -> std::net::UdpSocket {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn reuseport_picks_the_owning_workers_socket() {
     let mut programs = load_configured(0);
     let first = reuseport_socket(0);
@@ -1034,6 +1042,7 @@ fn reuseport_picks_the_owning_workers_socket() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn reuseport_skips_dead_workers_for_new_connections_only() {
     let mut programs = load_configured(0);
     let first = reuseport_socket(0);
@@ -1174,6 +1183,7 @@ fn poll_status(
 }
 
 #[test]
+#[ignore = "needs root"]
 fn sk_reuseport_tier_on_loopback_has_no_misroutes() {
     use spooky_peers::client::Request;
     let b1 = crate::support::backend("b1");
@@ -1291,6 +1301,7 @@ fn sk_reuseport_tier_on_loopback_has_no_misroutes() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn stale_pins_are_replaced_and_only_our_own_are_removed() {
     use spooky_common::maps::PINNED_MAPS;
     let b1 = crate::support::backend("b1");
@@ -1432,6 +1443,7 @@ fn flood_one_prefix(
 }
 
 #[test]
+#[ignore = "needs root"]
 fn xdp_rate_limits_initials_per_ipv4_24() {
     use spooky_common::maps::SourcePrefix;
     let programs = load_rate_limited(FLOOD_RATE, FLOOD_BURST);
@@ -1527,6 +1539,7 @@ fn xdp_rate_limits_initials_per_ipv4_24() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn xdp_rate_limits_initials_per_ipv6_56() {
     use spooky_common::maps::SourcePrefix;
     use std::net::Ipv6Addr;
@@ -1598,6 +1611,7 @@ fn xdp_rate_limits_initials_per_ipv6_56() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn xdp_initial_rate_zero_limits_nothing() {
     let programs = load_rate_limited(0, 1);
     let flood = initials(FLOOD * 5, |p| from_v4([192, 0, 2, 9], udp4(p)));
@@ -1615,6 +1629,7 @@ fn xdp_initial_rate_zero_limits_nothing() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn xdp_initial_limit_refills_at_the_rate() {
     // 50 per second with a burst of 5: after the burst, waiting 100 ms buys ~5 more Initials
     // (not all 40: the rate holds), and a different source's bucket is its own.

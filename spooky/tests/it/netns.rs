@@ -521,11 +521,13 @@ fn xdp_end_to_end(mode: &str, native: bool) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn xdp_native_steers_every_packet_to_its_worker() {
     xdp_end_to_end("native", true);
 }
 
 #[test]
+#[ignore = "needs root"]
 fn xdp_generic_steers_every_packet_to_its_worker() {
     xdp_end_to_end("generic", false);
 }
@@ -561,6 +563,7 @@ fn unprivileged_config(ns: &Netns, port: u16, backend: SocketAddr, pin: &Path) -
 /// The unprivileged tier: the real binary as `nobody` falls back to classic BPF (logged),
 /// serves every request, and pins nothing.
 #[test]
+#[ignore = "needs root"]
 fn unprivileged_binary_uses_classic_bpf_and_serves() {
     init_logging();
     let ns = Netns::new();
@@ -635,6 +638,7 @@ fn unprivileged_binary_uses_classic_bpf_and_serves() {
 
 /// A requested XDP mode that cannot be had is a start-up error, never a downgrade.
 #[test]
+#[ignore = "needs root"]
 fn xdp_on_a_missing_interface_or_without_privilege_is_an_error() {
     init_logging();
     let ns = Netns::new();
@@ -890,6 +894,7 @@ fn json_counter(json: &serde_json::Value, name: &str) -> u64 {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn xdp_initial_flood_is_dropped_while_legitimate_clients_are_served() {
     let _exclusive = FLOOD_EXCLUSIVE.write().unwrap_or_else(|p| p.into_inner());
     init_logging();

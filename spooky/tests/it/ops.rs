@@ -686,6 +686,79 @@ fn reload_under_load_changes_backends_and_certificate_without_a_failed_request()
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A reload whose file validates but cannot be built — the key of another certificate: both
+/// files parse, BoringSSL refuses the pair — answers 400 naming the key, and every worker
+/// stays on the configuration it had: the generation, each worker's switch count, the
+/// certificate served and the routing all stay. A good file afterwards reloads as usual.
+#[test]
+fn a_reload_that_cannot_be_built_answers_400_and_changes_nothing() {
+    let b1 = backend("b1");
+    let b2 = backend("b2");
+    let dir = tempdir("reload-unbuildable");
+    for f in ["ca.crt", "ca.key", "spooky.crt", "spooky.key"] {
+        std::fs::copy(certs_dir().join(f), dir.join(f)).unwrap();
+    }
+    crate::support::issue_cert(&dir, "other", "another certificate");
+    let cfg = dir.join("spooky.yaml");
+    let port = free_udp_port();
+    write_config(&cfg, port, &dir, &[("b1", b1.addr, 1)]);
+    init_logging();
+    let running = spooky::app::start_file(
+        &cfg,
+        &spooky::app::RunOptions {
+            workers: Some(2),
+            iface: None,
+            pin: false,
+        },
+    )
+    .unwrap();
+    let admin_addr = running.admin_addr.unwrap();
+    let addr = running.local_addr;
+    let first_cert = peer_cert(addr);
+    let switches = |running: &spooky::app::Running| -> Vec<u64> {
+        running
+            .worker_stats()
+            .iter()
+            .map(|w| w.snapshots_applied.load(Ordering::Acquire))
+            .collect()
+    };
+    let answered_by = |n: usize| -> Vec<String> {
+        let mut c = client(addr);
+        (0..n)
+            .map(|_| {
+                let r = c.request(&Request::get("localhost", "/"), T).unwrap();
+                assert_eq!(r.status, 200);
+                r.header("x-backend").unwrap_or("").to_owned()
+            })
+            .collect()
+    };
+
+    // New backends, and a key that is not the certificate's.
+    write_config(&cfg, port, &dir, &[("b2", b2.addr, 1)]);
+    let yaml = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, yaml.replace("spooky.key", "other.key")).unwrap();
+    let (status, body) = admin(admin_addr, "POST", "/reload", None);
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("other.key"),
+        "the answer names the key: {body}"
+    );
+    assert_eq!(running.reloader().generation(), 1);
+    assert_eq!(switches(&running), [0, 0], "a worker switched");
+    assert_eq!(peer_cert(addr), first_cert);
+    assert_eq!(answered_by(4), ["b1"; 4]);
+
+    write_config(&cfg, port, &dir, &[("b2", b2.addr, 1)]);
+    let (status, body) = admin(admin_addr, "POST", "/reload", None);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(running.reloader().generation(), 2);
+    assert_eq!(switches(&running), [1, 1]);
+    assert_eq!(answered_by(4), ["b2"; 4]);
+    running.begin_shutdown();
+    running.join().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn the_binary_reloads_on_sighup_and_exits_0_on_sigterm() {
     let b1 = backend("b1");
