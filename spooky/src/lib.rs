@@ -14,15 +14,15 @@
 //! | sans-IO cores | [`routing`], [`lb`], [`config`] |
 
 pub mod app;
-pub mod board;
+mod board;
 pub mod config;
-pub mod health;
+mod health;
 pub mod http;
 pub mod lb;
 pub mod ops;
-pub mod quic;
+mod quic;
 pub mod routing;
-pub mod snapshot;
+mod snapshot;
 pub mod stats;
 pub mod steering;
-pub mod upstream;
+mod upstream;

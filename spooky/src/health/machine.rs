@@ -2,8 +2,8 @@
 //!
 //! [`BackendHealth`] is driven by events with the time passed in: active probe results
 //! ([`BackendHealth::on_probe`]), outcomes of real traffic ([`BackendHealth::on_traffic`],
-//! passive health) and timer polls ([`BackendHealth::poll`], due at
-//! [`BackendHealth::next_deadline`]). Every call that changes the state returns a
+//! passive health) and timer polls ([`BackendHealth::poll`], which the checker runs every
+//! 100 ms). Every call that changes the state returns a
 //! [`Transition`] to log and to mirror into the `backends` BPF map.
 //!
 //! ```text
@@ -210,7 +210,9 @@ impl BackendHealth {
         self.probe_failures.max(self.traffic_failures)
     }
 
-    /// When [`BackendHealth::poll`] has something to do: the end of the current ejection.
+    /// When [`BackendHealth::poll`] has something to do: the end of the current ejection
+    /// (the checker polls every 100 ms instead; tests use it to check the ejection's end).
+    #[cfg(test)]
     pub fn next_deadline(&self) -> Option<Instant> {
         self.ejected_until
     }
@@ -322,35 +324,16 @@ fn merge(first: Option<Transition>, second: Option<Transition>) -> Option<Transi
     }
 }
 
-/// Upper bounds (µs, inclusive) of the latency histogram buckets; a last `+Inf` bucket follows.
-/// Prometheus' default buckets (5 ms … 10 s) with 0.5, 1 and 2.5 ms added for a fast LAN.
-pub const LATENCY_BUCKETS_US: [u64; 14] = [
-    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
-    2_500_000, 5_000_000, 10_000_000,
-];
-
 /// Weight of the newest sample in the EWMA.
 pub const EWMA_ALPHA: f64 = 0.2;
 
-/// One cumulative histogram bucket, as Prometheus exposes it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Bucket {
-    /// Inclusive upper bound in µs; `None` is `+Inf`.
-    pub le_us: Option<u64>,
-    /// Samples at or below `le_us` (cumulative).
-    pub cumulative: u64,
-}
-
-/// Request latency of one backend: last sample, EWMA (α = [`EWMA_ALPHA`]; the first sample
-/// seeds it) and a histogram over [`LATENCY_BUCKETS_US`].
+/// Request latency of one backend: last sample and EWMA (α = [`EWMA_ALPHA`]; the first
+/// sample seeds it).
 #[derive(Clone, Debug, Default)]
 pub struct LatencyStats {
     last_us: u64,
     ewma_us: f64,
     count: u64,
-    sum_us: u64,
-    /// Per-bucket (not cumulative) counts; the last is `+Inf`.
-    counts: [u64; LATENCY_BUCKETS_US.len() + 1],
 }
 
 impl LatencyStats {
@@ -369,11 +352,6 @@ impl LatencyStats {
             self.ewma_us + EWMA_ALPHA * (us as f64 - self.ewma_us)
         };
         self.count = self.count.saturating_add(1);
-        self.sum_us = self.sum_us.saturating_add(us);
-        let bucket = LATENCY_BUCKETS_US.partition_point(|&le| le < us);
-        if let Some(c) = self.counts.get_mut(bucket) {
-            *c = c.saturating_add(1);
-        }
     }
 
     /// The exponentially weighted moving average in µs (0 before the first sample).
@@ -384,30 +362,6 @@ impl LatencyStats {
     /// The latest sample in µs (0 before the first sample).
     pub fn last_us(&self) -> u64 {
         self.last_us
-    }
-
-    /// Number of samples (the histogram's `_count`).
-    pub fn count(&self) -> u64 {
-        self.count
-    }
-
-    /// Sum of all samples in µs (the histogram's `_sum`).
-    pub fn sum_us(&self) -> u64 {
-        self.sum_us
-    }
-
-    /// The cumulative buckets, in increasing bound order, ending with `+Inf` (= `count`).
-    pub fn buckets(&self) -> impl Iterator<Item = Bucket> + '_ {
-        let bounds = LATENCY_BUCKETS_US.iter().map(|&b| Some(b)).chain([None]);
-        bounds
-            .zip(self.counts.iter())
-            .scan(0u64, |acc, (le_us, &n)| {
-                *acc = acc.saturating_add(n);
-                Some(Bucket {
-                    le_us,
-                    cumulative: *acc,
-                })
-            })
     }
 }
 
@@ -703,9 +657,9 @@ mod tests {
     }
 
     #[test]
-    fn latency_ewma_and_histogram() {
+    fn latency_ewma() {
         let mut l = LatencyStats::new();
-        assert_eq!((l.ewma_us(), l.last_us(), l.count()), (0, 0, 0));
+        assert_eq!((l.ewma_us(), l.last_us()), (0, 0));
         l.record(Duration::from_micros(1_000));
         assert_eq!(l.ewma_us(), 1_000);
         l.record(Duration::from_micros(2_000)); // 1000 + 0.2 × 1000
@@ -713,49 +667,8 @@ mod tests {
         l.record(Duration::from_micros(200)); // 1200 − 0.2 × 1000
         assert_eq!(l.ewma_us(), 1_000);
         assert_eq!(l.last_us(), 200);
-        l.record(Duration::from_micros(500)); // on the bound: counted in `le=500`
-        l.record(Duration::from_secs(60)); // `+Inf`
         l.record(Duration::MAX); // saturates
-        assert_eq!(l.count(), 6);
-        assert_eq!(l.sum_us(), u64::MAX);
-        let b: Vec<Bucket> = l.buckets().collect();
-        assert_eq!(b.len(), LATENCY_BUCKETS_US.len() + 1);
-        assert_eq!(
-            b[0],
-            Bucket {
-                le_us: Some(500),
-                cumulative: 2
-            }
-        );
-        assert_eq!(
-            b[1],
-            Bucket {
-                le_us: Some(1_000),
-                cumulative: 3
-            }
-        );
-        assert_eq!(
-            b[2],
-            Bucket {
-                le_us: Some(2_500),
-                cumulative: 4
-            }
-        );
-        assert_eq!(
-            b[13],
-            Bucket {
-                le_us: Some(10_000_000),
-                cumulative: 4
-            }
-        );
-        assert_eq!(
-            b[14],
-            Bucket {
-                le_us: None,
-                cumulative: 6
-            }
-        );
-        assert!(b.windows(2).all(|w| w[0].cumulative <= w[1].cumulative));
+        assert_eq!(l.last_us(), u64::MAX);
     }
 
     /// Property: over random event sequences the invariants hold.

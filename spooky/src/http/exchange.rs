@@ -304,11 +304,6 @@ impl LoopEnd {
         s.req_read_blocked && s.req_buffered < REQ_BUF_LIMIT
     }
 
-    /// The request body is still open (more may be read).
-    pub fn request_open(&self) -> bool {
-        self.0.borrow().request == Request::Open
-    }
-
     /// The client is gone: wake the task so it stops.
     pub fn abort(&self) {
         let mut s = self.0.borrow_mut();

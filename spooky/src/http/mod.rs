@@ -13,9 +13,9 @@
 //! [`Forwarder::spawn`] for those that go to a backend.
 
 pub mod bridge;
-pub mod exchange;
+pub(crate) mod exchange;
 mod forward;
-pub mod outcome;
+pub(crate) mod outcome;
 
 use crate::health::checker::Reporter;
 use crate::health::TrafficOutcome;
@@ -37,11 +37,11 @@ use tokio::sync::Notify;
 
 /// A client connection on a worker: its slot and the slot's generation (a reused slot gets a
 /// new one, so a late wake-up for a closed connection is ignored).
-pub type ConnRef = (usize, u64);
+pub(crate) type ConnRef = (usize, u64);
 
 /// Connections that request tasks asked the loop to service.
 #[derive(Default)]
-pub struct Wakeup {
+pub(crate) struct Wakeup {
     dirty: RefCell<Vec<ConnRef>>,
     notify: Notify,
 }
@@ -68,7 +68,7 @@ impl Wakeup {
 }
 
 /// What one worker's request tasks use for the whole life of the process.
-pub struct Services {
+pub(crate) struct Services {
     pub worker: usize,
     pub stats: Arc<WorkerStats>,
     pub metrics: Arc<Metrics>,
@@ -81,7 +81,7 @@ pub struct Services {
 const SUCCESS_SAMPLE: u32 = 32;
 
 /// A worker's forwarding state for one configuration snapshot.
-pub struct Forwarder {
+pub(crate) struct Forwarder {
     pub services: Rc<Services>,
     pub snapshot: Arc<Snapshot>,
     /// `[upstream][backend]`.
@@ -97,7 +97,7 @@ pub struct Forwarder {
 }
 
 /// What to do with a request head.
-pub enum Admission {
+pub(crate) enum Admission {
     /// Send it to upstream `upstream`; the exchange has this shape.
     Forward {
         head: RequestHead,

@@ -161,6 +161,8 @@ impl Failure {
 
     fn cause(&self) -> String {
         match self {
+            Failure::HeadersTooLarge { size } => format!("request header list of {size} bytes"),
+            Failure::Malformed(e) => format!("malformed request: {e}"),
             Failure::Upstream(e) => e.to_string(),
             Failure::NoHealthyBackend { pool } => format!("no healthy backend in upstream {pool}"),
             Failure::BodyTooLarge { limit } => format!("request body over {limit} bytes"),
@@ -178,10 +180,7 @@ pub fn log_upstream(pool: &str, e: &UpstreamError) {
 }
 
 fn is_timeout(kind: ErrorKind) -> bool {
-    matches!(
-        kind,
-        ErrorKind::ConnectTimeout | ErrorKind::ResponseTimeout | ErrorKind::IdleTimeout
-    )
+    matches!(kind, ErrorKind::ConnectTimeout | ErrorKind::ResponseTimeout)
 }
 
 fn upstream_health(kind: ErrorKind) -> Option<TrafficOutcome> {
@@ -354,7 +353,6 @@ mod tests {
             (upstream(Handshake), 502, "bad gateway", None, None, Some(TrafficOutcome::ConnectFailure)),
             (upstream(ConnectTimeout), 504, "upstream timed out", None, None, Some(TrafficOutcome::Timeout)),
             (upstream(ResponseTimeout), 504, "upstream timed out", None, None, Some(TrafficOutcome::Timeout)),
-            (upstream(IdleTimeout), 504, "upstream timed out", None, None, Some(TrafficOutcome::Timeout)),
             (upstream(Reset), 502, "bad gateway", None, None, Some(TrafficOutcome::ServerError)),
             (upstream(Protocol), 502, "bad gateway", None, None, Some(TrafficOutcome::ServerError)),
             (upstream(Refused), 502, "bad gateway", None, None, None),

@@ -2,10 +2,10 @@
 //! ([`metrics`]), the access log ([`access_log`]), live reload ([`reload`]), `spooky status`
 //! ([`status`]), logging ([`telemetry`]) and dropping privileges ([`privilege`]).
 
-pub mod access_log;
-pub mod admin;
-pub mod metrics;
-pub mod privilege;
+pub(crate) mod access_log;
+pub(crate) mod admin;
+pub(crate) mod metrics;
+pub(crate) mod privilege;
 pub mod reload;
 pub mod status;
 pub mod telemetry;
@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 /// What the admin listener reads and does: the reloader (and through it the snapshot in
 /// force), the process's counters, and the kernel programs' counters.
-pub struct Ops {
+pub(crate) struct Ops {
     pub reloader: Arc<reload::Reloader>,
     pub stats: Vec<Arc<WorkerStats>>,
     pub metrics: Arc<Metrics>,

@@ -80,8 +80,6 @@ impl Limits {
 /// Why a datagram was dropped without an answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropReason {
-    /// Not a QUIC packet header.
-    Unparseable,
     /// Not an Initial, and no connection of ours has its DCID (gone, or junk).
     UnknownConnection,
     /// An Initial in a datagram under 1200 bytes.

@@ -29,7 +29,8 @@ impl TokenKey {
         hmac::Key::generate(hmac::HMAC_SHA256, rng).map(Self)
     }
 
-    /// A key from raw bytes (tests, and key files).
+    /// A key from raw bytes (tests).
+    #[cfg(test)]
     pub fn from_bytes(bytes: &[u8]) -> Self {
         Self(hmac::Key::new(hmac::HMAC_SHA256, bytes))
     }

@@ -170,7 +170,7 @@ impl From<EbpfError> for SteeringError {
 /// The steering in force; keep it alive while the proxy runs. [`Steering::detach`] (or
 /// dropping it) detaches XDP, stops the counters thread and removes the pins this process
 /// made.
-pub struct Steering {
+pub(crate) struct Steering {
     mode: Mode,
     kernel: Option<Kernel>,
 }
@@ -197,10 +197,10 @@ struct Kernel {
 }
 
 /// Extra metrics lines the kernel programs contribute: (counter, cpu, value).
-pub type ExtraMetrics = Box<dyn Fn() -> Vec<(String, String, u64)> + Send + Sync>;
+pub(crate) type ExtraMetrics = Box<dyn Fn() -> Vec<(String, String, u64)> + Send + Sync>;
 
 /// What steering is set up from.
-pub struct Plan<'a> {
+pub(crate) struct Plan<'a> {
     pub layout: CidLayout,
     /// This process's connection-ID generation.
     pub generation: u8,
@@ -280,7 +280,10 @@ impl Drop for Steering {
 ///
 /// # Errors
 /// [`SteeringError`] when the requested mode cannot be had: never a silent downgrade.
-pub fn attach(sockets: &[std::net::UdpSocket], plan: &Plan<'_>) -> Result<Steering, SteeringError> {
+pub(crate) fn attach(
+    sockets: &[std::net::UdpSocket],
+    plan: &Plan<'_>,
+) -> Result<Steering, SteeringError> {
     let Some(first) = sockets.first() else {
         return Err(SteeringError::NoSockets);
     };

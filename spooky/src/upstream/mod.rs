@@ -45,8 +45,6 @@ pub enum ErrorKind {
     Reset,
     /// The response head did not arrive in time.
     ResponseTimeout,
-    /// A body went silent for longer than the idle timeout.
-    IdleTimeout,
     /// The backend sent something that is not valid HTTP/2 or HTTP.
     Protocol,
 }

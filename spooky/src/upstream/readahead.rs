@@ -58,6 +58,7 @@ impl<T> ReadAhead<T> {
         }
     }
 
+    #[cfg(test)]
     pub fn get_ref(&self) -> &T {
         &self.inner
     }
