@@ -1,0 +1,460 @@
+//! The `upstream` section: pools, their routes, load balancing, timeouts and passive health,
+//! and each backend (address, TLS, active health check).
+
+use super::*;
+
+pub(super) fn build_upstreams(
+    raw: &RawConfig,
+    io: &Io<'_>,
+    errs: &mut Errors,
+) -> Option<Vec<Upstream>> {
+    if raw.upstream.is_empty() {
+        errs.push("upstream", "at least one upstream is required");
+        return None;
+    }
+    // First place each backend id and each (host, path_prefix) was seen.
+    let mut ids: HashMap<&str, String> = HashMap::new();
+    let mut routes: HashMap<(Option<String>, String), &str> = HashMap::new();
+    let mut upstreams = Vec::with_capacity(raw.upstream.len());
+    let mut all_ok = true;
+    for (name, up) in &raw.upstream {
+        let path = format!("upstream.{name}");
+        let built = build_upstream(name, up, &path, io, errs);
+        for (i, b) in up.backends.iter().enumerate() {
+            let here = format!("{path}.backends[{i}]");
+            if let Some(first) = ids.get(b.id.as_str()) {
+                errs.push(
+                    format!("{here}.id"),
+                    format!("duplicate backend id \"{}\" (first used at {first})", b.id),
+                );
+            } else {
+                ids.insert(&b.id, here);
+            }
+        }
+        match built {
+            Some(u) => {
+                let key = (u.route.host.clone(), u.route.path_prefix.clone());
+                if let Some(other) = routes.get(&key) {
+                    let host = match &u.route.host {
+                        Some(h) => format!("host \"{h}\""),
+                        None => "any host".to_owned(),
+                    };
+                    errs.push(
+                        format!("{path}.route"),
+                        format!(
+                            "upstreams \"{other}\" and \"{name}\" both route {host} with \
+                             path_prefix \"{}\"",
+                            u.route.path_prefix
+                        ),
+                    );
+                } else {
+                    routes.insert(key, name);
+                }
+                upstreams.push(u);
+            }
+            None => all_ok = false,
+        }
+    }
+    all_ok.then_some(upstreams)
+}
+
+fn build_upstream(
+    name: &str,
+    raw: &RawUpstream,
+    path: &str,
+    io: &Io<'_>,
+    errs: &mut Errors,
+) -> Option<Upstream> {
+    let name_ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-');
+    if !name_ok {
+        errs.push(
+            path,
+            format!("invalid upstream name \"{name}\" (use letters, digits, '_' and '-')"),
+        );
+    }
+    let route = build_route(&raw.route, &format!("{path}.route"), errs);
+    let load_balancing =
+        build_load_balancing(&raw.load_balancing, &format!("{path}.load_balancing"), errs);
+    let backends_path = format!("{path}.backends");
+    if raw.backends.is_empty() {
+        errs.push(&backends_path, "at least one backend is required");
+    }
+    let backends: Vec<Option<Backend>> = raw
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| build_backend(b, &format!("{backends_path}[{i}]"), io, errs))
+        .collect();
+    let timeouts = build_timeouts(&raw.timeouts, &format!("{path}.timeouts"), errs);
+    let passive_health =
+        build_passive_health(&raw.passive_health, &format!("{path}.passive_health"), errs);
+    let max_request_body = match &raw.max_request_body {
+        None => Some(None),
+        Some(size) => size_in(errs, &format!("{path}.max_request_body"), size).map(Some),
+    };
+    if !name_ok || raw.backends.is_empty() {
+        return None;
+    }
+    Some(Upstream {
+        name: name.to_owned(),
+        route: route?,
+        load_balancing: load_balancing?,
+        backends: backends.into_iter().collect::<Option<Vec<_>>>()?,
+        timeouts: timeouts?,
+        passive_health: passive_health?,
+        fail_open: raw.fail_open,
+        max_request_body: max_request_body?,
+    })
+}
+
+fn build_route(raw: &RawRoute, path: &str, errs: &mut Errors) -> Option<Route> {
+    let path_prefix = errs.check(
+        &format!("{path}.path_prefix"),
+        if raw.path_prefix.starts_with('/') {
+            Ok(raw.path_prefix.clone())
+        } else {
+            Err(format!("must start with '/', got \"{}\"", raw.path_prefix))
+        },
+    );
+    let host = match &raw.host {
+        None => Some(None),
+        Some(h) => errs.check(&format!("{path}.host"), route_host(h)).map(Some),
+    };
+    Some(Route {
+        host: host?,
+        path_prefix: path_prefix?,
+    })
+}
+
+/// Lower-cases and checks a route host: an exact name (or IP literal) or `*.suffix`.
+fn route_host(raw: &str) -> Result<String, String> {
+    let host = raw.to_ascii_lowercase();
+    if let Some(suffix) = host.strip_prefix("*.") {
+        if is_dns_name(suffix) {
+            return Ok(host);
+        }
+    } else if host.contains('*') {
+        return Err(format!(
+            "invalid host \"{raw}\" (a wildcard must be the whole first label, as in \
+             \"*.example.com\")"
+        ));
+    } else if is_dns_name(&host)
+        || host.parse::<IpAddr>().is_ok()
+        || host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .is_some_and(|h| h.parse::<Ipv6Addr>().is_ok())
+    {
+        return Ok(host);
+    }
+    Err(format!(
+        "invalid host \"{raw}\" (expected a name like \"example.com\" or \"*.example.com\")"
+    ))
+}
+
+/// Dot-separated labels of 1..=63 letters, digits, `-` or `_`; 253 bytes at most.
+fn is_dns_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        })
+}
+
+fn build_load_balancing(
+    raw: &RawLoadBalancing,
+    path: &str,
+    errs: &mut Errors,
+) -> Option<LoadBalancing> {
+    const TYPES: [&str; 4] = ["random", "round-robin", "consistent-hash", "least-request"];
+    let kind = errs.check(
+        &format!("{path}.type"),
+        one_of(&raw.kind, "load balancing type", &TYPES.map(|t| (t, t))),
+    )?;
+    if kind != "consistent-hash" {
+        for (field, set) in [
+            ("replicas", raw.replicas.is_some()),
+            ("key", raw.key.is_some()),
+        ] {
+            if set {
+                errs.push(
+                    format!("{path}.{field}"),
+                    "only applies to type consistent-hash",
+                );
+            }
+        }
+    }
+    match kind {
+        "random" => Some(LoadBalancing::Random),
+        "round-robin" => Some(LoadBalancing::RoundRobin),
+        "least-request" => Some(LoadBalancing::LeastRequest),
+        _ => {
+            let replicas = errs.check(
+                &format!("{path}.replicas"),
+                int_in(raw.replicas.unwrap_or(DEFAULT_REPLICAS), 1, 10_000),
+            );
+            let key = match &raw.key {
+                None => Some(HashKey::ClientIp),
+                Some(k) => errs.check(&format!("{path}.key"), hash_key(k)),
+            };
+            Some(LoadBalancing::ConsistentHash {
+                replicas: replicas?,
+                key: key?,
+            })
+        }
+    }
+}
+
+fn hash_key(raw: &str) -> Result<HashKey, String> {
+    let named = |name: &str| !name.is_empty() && name.bytes().all(is_token_char);
+    match raw.split_once(':') {
+        None if raw == "client-ip" => Ok(HashKey::ClientIp),
+        None if raw == "path" => Ok(HashKey::Path),
+        Some(("header", name)) if named(name) => Ok(HashKey::Header(name.to_ascii_lowercase())),
+        Some(("cookie", name)) if named(name) => Ok(HashKey::Cookie(name.to_owned())),
+        Some(("header" | "cookie", name)) => {
+            Err(format!("invalid name \"{name}\" in hash key \"{raw}\""))
+        }
+        _ => Err(format!(
+            "unknown hash key \"{raw}\" (allowed: client-ip, header:NAME, cookie:NAME, path)"
+        )),
+    }
+}
+
+/// RFC 9110 `tchar`: what header and cookie names are made of.
+fn is_token_char(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c)
+}
+
+fn build_backend(raw: &RawBackend, path: &str, io: &Io<'_>, errs: &mut Errors) -> Option<Backend> {
+    let id_ok = (1..=64).contains(&raw.id.len())
+        && raw
+            .id
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(&c));
+    if !id_ok {
+        errs.push(
+            format!("{path}.id"),
+            format!(
+                "invalid backend id \"{}\" (1 to 64 letters, digits, '_', '.' and '-')",
+                raw.id
+            ),
+        );
+    }
+    let address = errs.check(
+        &format!("{path}.address"),
+        resolve_address(io, &raw.address),
+    );
+    let weight = errs.check(&format!("{path}.weight"), int_in(raw.weight, 1, 10_000));
+    let health_check = build_health_check(
+        raw.health_check.as_ref(),
+        &format!("{path}.health_check"),
+        errs,
+    );
+    let tls = match &raw.tls {
+        None => Some(None),
+        Some(t) => build_backend_tls(t, &raw.address, &format!("{path}.tls"), io, errs).map(Some),
+    };
+    if !id_ok {
+        return None;
+    }
+    Some(Backend {
+        id: raw.id.clone(),
+        address: address?,
+        address_text: raw.address.clone(),
+        weight: weight?,
+        health_check: health_check?,
+        tls: tls?,
+    })
+}
+
+/// A socket address literal, or `host:port` resolved once (the first address wins).
+fn resolve_address(io: &Io<'_>, text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return if addr.port() == 0 {
+            Err(format!("port must not be 0 in \"{text}\""))
+        } else {
+            Ok(addr)
+        };
+    }
+    let invalid = || format!("invalid socket address \"{text}\"");
+    let (host, port) = text.rsplit_once(':').ok_or_else(invalid)?;
+    let port: u16 = port.parse().map_err(|_| invalid())?;
+    if !is_dns_name(host) {
+        return Err(invalid());
+    }
+    if port == 0 {
+        return Err(format!("port must not be 0 in \"{text}\""));
+    }
+    io.env
+        .resolve(host, port)
+        .map_err(|e| format!("cannot resolve \"{text}\": {e}"))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| format!("\"{text}\" resolved to no address"))
+}
+
+/// The host part of a backend address: `[::1]:443` → `::1`, `api:443` → `api`.
+fn host_part(address: &str) -> &str {
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
+fn build_backend_tls(
+    raw: &RawBackendTls,
+    address: &str,
+    path: &str,
+    io: &Io<'_>,
+    errs: &mut Errors,
+) -> Option<BackendTls> {
+    let (server_name, origin) = match &raw.server_name {
+        Some(n) => (n.as_str(), ""),
+        None => (
+            host_part(address),
+            " (taken from address; set tls.server_name)",
+        ),
+    };
+    let server_name = errs.check(
+        &format!("{path}.server_name"),
+        rustls::pki_types::ServerName::try_from(server_name)
+            .map(|_| server_name.to_owned())
+            .map_err(|_| format!("invalid server name \"{server_name}\"{origin}")),
+    );
+    let ca = match &raw.ca {
+        None => Some(None),
+        Some(ca) => errs
+            .check(&format!("{path}.ca"), check_certs(io, ca))
+            .map(Some),
+    };
+    Some(BackendTls {
+        server_name: server_name?,
+        ca: ca?,
+        verify: raw.verify,
+    })
+}
+
+fn build_health_check(
+    raw: Option<&RawHealthCheck>,
+    path: &str,
+    errs: &mut Errors,
+) -> Option<HealthCheck> {
+    let (raw, enabled) = match raw {
+        Some(r) => (r, r.enabled),
+        None => (&RawHealthCheck::default(), false),
+    };
+    let check_path = errs.check(
+        &format!("{path}.path"),
+        if raw.path.starts_with('/') {
+            Ok(raw.path.clone())
+        } else {
+            Err(format!("must start with '/', got \"{}\"", raw.path))
+        },
+    );
+    let interval = positive_duration(errs, &format!("{path}.interval"), &raw.interval);
+    let timeout = positive_duration(errs, &format!("{path}.timeout"), &raw.timeout);
+    if let (Some(i), Some(t)) = (interval, timeout) {
+        if t > i {
+            errs.push(
+                format!("{path}.timeout"),
+                format!("must not exceed interval ({}), got {}", show(i), show(t)),
+            );
+        }
+    }
+    let healthy = errs.check(
+        &format!("{path}.healthy_threshold"),
+        int_in(raw.healthy_threshold, 1, 1000),
+    );
+    let unhealthy = errs.check(
+        &format!("{path}.unhealthy_threshold"),
+        int_in(raw.unhealthy_threshold, 1, 1000),
+    );
+    let expected = expected_status(
+        &raw.expected_status,
+        &format!("{path}.expected_status"),
+        errs,
+    );
+    Some(HealthCheck {
+        enabled,
+        path: check_path?,
+        interval: interval?,
+        timeout: timeout?,
+        healthy_threshold: healthy?,
+        unhealthy_threshold: unhealthy?,
+        expected_status: expected?,
+    })
+}
+
+fn expected_status(
+    raw: &[RawStatusRange],
+    path: &str,
+    errs: &mut Errors,
+) -> Option<Vec<(u16, u16)>> {
+    if raw.is_empty() {
+        errs.push(path, "must list at least one status or [low, high] range");
+        return None;
+    }
+    let ranges: Vec<Option<(u16, u16)>> = raw
+        .iter()
+        .enumerate()
+        .map(|(i, r)| errs.check(&format!("{path}[{i}]"), status_range(r)))
+        .collect();
+    ranges.into_iter().collect()
+}
+
+fn status_range(raw: &RawStatusRange) -> Result<(u16, u16), String> {
+    let (low, high) = match raw {
+        RawStatusRange::Single(s) => (*s, *s),
+        RawStatusRange::Pair(v) => match v.as_slice() {
+            [low, high] => (*low, *high),
+            _ => {
+                return Err(format!(
+                    "expected a status or a [low, high] pair, got {v:?}"
+                ))
+            }
+        },
+    };
+    let status = |s: i64| u16::try_from(s).ok().filter(|s| (100..=599).contains(s));
+    match (status(low), status(high)) {
+        (Some(l), Some(h)) if l <= h => Ok((l, h)),
+        (Some(_), Some(_)) => Err(format!("range [{low}, {high}] is reversed")),
+        _ => Err(format!(
+            "statuses must be between 100 and 599, got [{low}, {high}]"
+        )),
+    }
+}
+
+fn build_timeouts(raw: &RawTimeouts, path: &str, errs: &mut Errors) -> Option<UpstreamTimeouts> {
+    let connect = positive_duration(errs, &format!("{path}.connect"), &raw.connect);
+    let response_head =
+        positive_duration(errs, &format!("{path}.response_head"), &raw.response_head);
+    let idle = positive_duration(errs, &format!("{path}.idle"), &raw.idle);
+    Some(UpstreamTimeouts {
+        connect: connect?,
+        response_head: response_head?,
+        idle: idle?,
+    })
+}
+
+fn build_passive_health(
+    raw: &RawPassiveHealth,
+    path: &str,
+    errs: &mut Errors,
+) -> Option<PassiveHealth> {
+    let failures = errs.check(
+        &format!("{path}.consecutive_failures"),
+        int_in(raw.consecutive_failures, 1, 1000),
+    );
+    let cooldown = positive_duration(errs, &format!("{path}.cooldown"), &raw.cooldown);
+    Some(PassiveHealth {
+        consecutive_failures: failures?,
+        cooldown: cooldown?,
+    })
+}
