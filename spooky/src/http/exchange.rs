@@ -25,7 +25,7 @@
 use crate::stats::WorkerStats;
 use bytes::Bytes;
 use quiche::h3::Header;
-use std::cell::RefCell;
+use std::cell::{Ref, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -219,12 +219,12 @@ pub struct LoopEnd(Rc<RefCell<State>>);
 pub enum Pending {
     /// Nothing now.
     Nothing,
-    /// Write the head; `fin` when nothing follows it.
-    Head { fields: Vec<Header>, fin: bool },
+    /// Write the head ([`LoopEnd::head_fields`]); `fin` when nothing follows it.
+    Head { fin: bool },
     /// Write this chunk (zero-copy); `fin` when it is the last thing on the stream.
     Body { chunk: Bytes, fin: bool },
-    /// Write the trailers, with fin.
-    Trailers(Vec<Header>),
+    /// Write the trailers ([`LoopEnd::trailer_fields`]), with fin.
+    Trailers,
     /// End the stream with an empty fin.
     Fin,
     /// Reset the stream with this HTTP/3 code.
@@ -320,8 +320,7 @@ impl LoopEnd {
         }
         match (&s.head, &s.end) {
             (Head::Waiting, _) => Pending::Nothing,
-            (Head::Ready(fields), end) => Pending::Head {
-                fields: fields.clone(),
+            (Head::Ready(_), end) => Pending::Head {
                 fin: matches!(end, End::Finishing(None)) && s.resp_queue.is_empty(),
             },
             (Head::Written, End::Written) => Pending::Nothing,
@@ -331,12 +330,31 @@ impl LoopEnd {
                     fin: s.resp_queue.len() == 1 && matches!(end, End::Finishing(None)),
                 },
                 None => match end {
-                    End::Finishing(Some(t)) => Pending::Trailers(t.clone()),
+                    End::Finishing(Some(_)) => Pending::Trailers,
                     End::Finishing(None) => Pending::Fin,
                     _ => Pending::Nothing,
                 },
             },
         }
+    }
+
+    /// The response head the task gave, while it waits to be written (borrowed: release it
+    /// before the next call on this end).
+    pub fn head_fields(&self) -> Option<Ref<'_, [Header]>> {
+        Ref::filter_map(self.0.borrow(), |s| match &s.head {
+            Head::Ready(fields) => Some(fields.as_slice()),
+            _ => None,
+        })
+        .ok()
+    }
+
+    /// The trailers the task gave, while they wait to be written (borrowed, as above).
+    pub fn trailer_fields(&self) -> Option<Ref<'_, [Header]>> {
+        Ref::filter_map(self.0.borrow(), |s| match &s.end {
+            End::Finishing(Some(t)) => Some(t.as_slice()),
+            _ => None,
+        })
+        .ok()
     }
 
     /// The head went into quiche (with fin when [`Pending::Head`] said so).

@@ -367,8 +367,12 @@ impl Conn {
                     self.reset(sid, code);
                     return;
                 }
-                Pending::Head { fields, fin } => {
-                    match h3c.send_response(&mut self.quic, sid, &fields, fin) {
+                Pending::Head { fin } => {
+                    let sent = match s.head_fields() {
+                        Some(fields) => h3c.send_response(&mut self.quic, sid, &fields, fin),
+                        None => break Ok(()),
+                    };
+                    match sent {
                         Ok(()) => s.head_written(fin),
                         Err(e) => break Err(e),
                     }
@@ -388,8 +392,12 @@ impl Conn {
                         Err(e) => break Err(e),
                     }
                 }
-                Pending::Trailers(t) => {
-                    match h3c.send_additional_headers(&mut self.quic, sid, &t, true, true) {
+                Pending::Trailers => {
+                    let sent = match s.trailer_fields() {
+                        Some(t) => h3c.send_additional_headers(&mut self.quic, sid, &t, true, true),
+                        None => break Ok(()),
+                    };
+                    match sent {
                         Ok(()) => s.end_written(),
                         Err(e) => break Err(e),
                     }

@@ -343,12 +343,11 @@ impl Worker {
     /// One datagram from `from` (possibly several coalesced QUIC packets): to its
     /// connection, or whatever the endpoint decides.
     fn on_datagram(&mut self, data: &mut [u8], from: SocketAddr, forwarded: bool) {
-        let stats = self.services.stats.clone();
         let len = data.len();
         let hdr = match quiche::Header::from_slice(data, self.layout.cid_len()) {
             Ok(h) => h,
             Err(_) => {
-                stats.dropped.fetch_add(1, Ordering::Relaxed);
+                self.services.stats.dropped.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         };
@@ -359,6 +358,7 @@ impl Worker {
         let decision =
             self.endpoint
                 .admit(&hdr, len, from, forwarded, &self.token_key, Now::read());
+        let stats = &self.services.stats;
         match decision {
             Decision::Drop(DropReason::Draining) => {}
             Decision::Drop(_) => {
