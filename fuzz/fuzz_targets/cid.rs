@@ -4,30 +4,35 @@
 //! Ethernet frame):
 //!
 //! ```text
-//! byte 0     cid_len          byte 3..5  workers (u16, little endian)
-//! byte 1     server_id_len    byte 5     worker (for `CidLayout::write`)
-//! byte 2     generation       byte 6     length of the output buffer given to `write`
+//! byte 0     cid_len          byte 3     workers of the newest generation (mod 64)
+//! byte 1     server_id_len    byte 4     workers of a draining generation (mod 64; 0: none)
+//! byte 2     generation       byte 5     worker (for `CidLayout::write`)
+//!                             byte 6     length of the output buffer given to `write`
 //! ```
 //!
-//! Checked, for the layout the preamble names (bytes folded into the legal ranges):
+//! Checked, for the layout the preamble names (bytes folded into the legal ranges; its
+//! generation is the newest, the one before it drains, as during a takeover):
 //! - `CidLayout::new` accepts exactly the layouts the QUIC-LB rules allow (raw bytes);
 //! - `fnv1a32` is FNV-1a over at most the first 20 bytes;
-//! - `worker_of` / `steer` never panic, `steer` < workers, `worker_of` only claims IDs whose
-//!   first octet carries this layout;
-//! - `write` then `worker_of` round-trips the worker, and `steer` returns it when in range;
+//! - `worker_of` / `place` never panic, `place` names a worker its generation has, only
+//!   claims IDs whose first octet carries a routable generation, and hashes new connections
+//!   onto the newest generation;
+//! - `write` then `worker_of` round-trips the worker, and `place` returns it when in range;
 //! - the classic BPF reuseport program is well formed (the kernel's checks) and `interpret`
-//!   agrees with `steer` on the packet as a UDP payload;
+//!   agrees with `place` on every packet the XDP parser accepts;
 //! - the XDP parser (`spooky_common::packet` and `quic`, the kernel program's own code: its
 //!   reads take a plain address window, not an XDP context) agrees with a slice-based
-//!   reference on the payload and on the frame, and its DCID steers like the cBPF program.
+//!   reference on the payload and on the frame.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use spooky::steering::{interpret, reuseport_program, Insn};
+use spooky::steering::{
+    interpret, reuseport_program, GenerationSockets, Insn, SocketTable, NO_CHOICE,
+};
 use spooky_common::cid::{
-    fnv1a32, fnv1a32_step, steer, CidLayout, LayoutError, FNV_OFFSET, MAX_CID_LEN,
-    MAX_SERVER_ID_LEN, MIN_NONCE_LEN, UNROUTABLE_GENERATION,
+    fnv1a32, fnv1a32_step, place, Arrival, CidLayout, LayoutError, Place, FNV_OFFSET,
+    MAX_CID_LEN, MAX_SERVER_ID_LEN, MIN_NONCE_LEN, UNROUTABLE_GENERATION,
 };
 use spooky_common::maps::Counter;
 
@@ -41,22 +46,60 @@ fuzz_target!(|input: &[u8]| {
     let Some((pre, data)) = input.split_first_chunk::<PREAMBLE>() else {
         return;
     };
-    let [cid_len, sid_len, generation, w0, w1, worker, out_len] = *pre;
-    let workers = u32::from(u16::from_le_bytes([w0, w1]));
+    let [cid_len, sid_len, generation, newest_workers, draining_workers, worker, out_len] = *pre;
 
     check_layout_rules(cid_len, sid_len, generation);
     check_fnv(data);
 
     let layout = legal_layout(cid_len, sid_len, generation);
-    check_worker_of_and_steer(&layout, data, workers);
-    check_write(&layout, data, worker, out_len, workers);
+    let table = takeover_table(&layout, newest_workers % 64, draining_workers % 64);
+    for arrival in [Arrival::NewConnection, Arrival::Existing] {
+        check_worker_of_and_place(&layout, &table, data, arrival);
+    }
+    check_write(&layout, &table, data, worker, out_len);
 
-    let prog = reuseport_program(&layout, workers);
+    let prog = reuseport_program(&layout, &table);
     check_program_shape(&prog);
-    check_cbpf_payload(&layout, &prog, data, workers);
-    check_xdp_payload(&layout, &prog, data, workers);
+    check_xdp_payload(&layout, &table, &prog, data);
     check_xdp_frame(&layout, data);
 });
+
+/// The socket group during a takeover: the drainer (the generation before the layout's)
+/// joined first, so its workers are sockets `0..draining`; the newest's follow.
+fn takeover_table(layout: &CidLayout, newest: u8, draining: u8) -> SocketTable {
+    let newest_gen = layout.generation();
+    let old_gen = (newest_gen + UNROUTABLE_GENERATION - 1) % UNROUTABLE_GENERATION;
+    let mut generations = Vec::new();
+    if draining > 0 {
+        generations.push(GenerationSockets {
+            generation: old_gen,
+            sockets: (0..u32::from(draining)).collect(),
+        });
+    }
+    let base = u32::from(draining);
+    generations.push(GenerationSockets {
+        generation: newest_gen,
+        sockets: (base..base + u32::from(newest)).collect(),
+    });
+    SocketTable {
+        newest: newest_gen,
+        generations,
+    }
+}
+
+fn workers_of(table: &SocketTable) -> impl Fn(u8) -> u32 + '_ {
+    |g| table.of(g).map_or(0, |s| s.len() as u32)
+}
+
+/// The socket index `place` picks in `table`, or `NO_CHOICE`.
+fn placed_socket(layout: &CidLayout, table: &SocketTable, dcid: &[u8], arrival: Arrival) -> u32 {
+    match place(layout, dcid, arrival, table.newest, workers_of(table)) {
+        Place::Worker {
+            generation, worker, ..
+        } => table.of(generation).expect("placed on a live generation")[worker as usize],
+        Place::Unowned => NO_CHOICE,
+    }
+}
 
 /// The reference for `CidLayout::new`: QUIC-LB plaintext layout within a QUIC v1 CID.
 fn check_layout_rules(cid_len: u8, sid_len: u8, generation: u8) {
@@ -107,7 +150,7 @@ fn check_fnv(data: &[u8]) {
     assert_eq!(fnv1a32(data), want);
 }
 
-fn check_worker_of_and_steer(layout: &CidLayout, dcid: &[u8], workers: u32) {
+fn check_worker_of_and_place(layout: &CidLayout, table: &SocketTable, dcid: &[u8], arrival: Arrival) {
     let named = layout.worker_of(dcid);
     if let Some(w) = named {
         assert!(dcid.len() >= layout.cid_len());
@@ -115,19 +158,34 @@ fn check_worker_of_and_steer(layout: &CidLayout, dcid: &[u8], workers: u32) {
         assert_ne!(dcid[0] >> 5, UNROUTABLE_GENERATION);
         assert_eq!(dcid[layout.worker_offset()], w);
     }
-    let s = steer(layout, dcid, workers);
-    if workers == 0 {
-        assert_eq!(s, 0);
-        return;
-    }
-    assert!(s < workers, "steer {s} >= workers {workers}");
-    match named {
-        Some(w) if u32::from(w) < workers => assert_eq!(s, u32::from(w)),
-        _ => assert_eq!(s, fnv1a32(dcid) % workers),
+    let workers = workers_of(table);
+    let got = place(layout, dcid, arrival, table.newest, &workers);
+    let ours = layout.generation_of(dcid);
+    match got {
+        Place::Worker {
+            generation,
+            worker,
+            by_cid,
+        } => {
+            assert!(worker < workers(generation), "{got:?} past its generation");
+            if by_cid {
+                assert_eq!(arrival, Arrival::Existing);
+                assert_eq!(ours, Some(generation));
+                assert_eq!(dcid.get(layout.worker_offset()), Some(&(worker as u8)));
+            } else {
+                assert!(arrival == Arrival::NewConnection || ours.is_none());
+                assert_eq!(generation, table.newest);
+                assert_eq!(worker, fnv1a32(dcid) % workers(table.newest));
+            }
+        }
+        Place::Unowned => assert!(
+            workers(table.newest) == 0 || (arrival == Arrival::Existing && ours.is_some()),
+            "unowned {dcid:02x?}"
+        ),
     }
 }
 
-fn check_write(layout: &CidLayout, data: &[u8], worker: u8, out_len: u8, workers: u32) {
+fn check_write(layout: &CidLayout, table: &SocketTable, data: &[u8], worker: u8, out_len: u8) {
     let mut out = [0u8; 2 * MAX_CID_LEN];
     let out_len = usize::from(out_len) % (out.len() + 1);
     let (server_id, nonce) = data.split_at(data.len().min(layout.server_id_len()));
@@ -145,8 +203,16 @@ fn check_write(layout: &CidLayout, data: &[u8], worker: u8, out_len: u8, workers
     }
     assert_eq!(&cid[layout.worker_offset() + 1..], &nonce[..nonce_len]);
     assert_eq!(layout.worker_of(cid), Some(worker));
-    if u32::from(worker) < workers {
-        assert_eq!(steer(layout, cid, workers), u32::from(worker));
+    let got = place(layout, cid, Arrival::Existing, table.newest, workers_of(table));
+    if u32::from(worker) < workers_of(table)(layout.generation()) {
+        let want = Place::Worker {
+            generation: layout.generation(),
+            worker: u32::from(worker),
+            by_cid: true,
+        };
+        assert_eq!(got, want);
+    } else {
+        assert_eq!(got, Place::Unowned);
     }
 }
 
@@ -182,47 +248,6 @@ fn check_program_shape(prog: &[Insn]) {
         }
     }
     assert!(matches!(prog.last().map(|i| i.code), Some(0x06 | 0x16)));
-}
-
-/// `interpret(prog, payload)` against `steer` on the DCID the payload carries.
-///
-/// Long headers: the decision for a whole DCID must be exactly `steer`'s; a DCID longer than
-/// 20 bytes goes to socket 0; a DCID cut off by the end of the datagram may abort (`None`) or
-/// pick a live worker (user space drops such a packet anyway). Short headers carry our IDs:
-/// when the DCID names a worker in range, that worker; anything else is user space's to drop
-/// (an out-of-range answer makes the kernel fall back to its own hash).
-fn check_cbpf_payload(layout: &CidLayout, prog: &[Insn], pkt: &[u8], workers: u32) {
-    let got = interpret(prog, pkt);
-    let live = workers.max(1);
-    let Some(&first) = pkt.first() else {
-        assert_eq!(got, None);
-        return;
-    };
-    if first & 0x80 == 0 {
-        let dcid = pkt.get(1..1 + layout.cid_len());
-        if let Some(w) = dcid.and_then(|d| layout.worker_of(d)) {
-            if u32::from(w) < workers {
-                assert_eq!(got, Some(u32::from(w)), "short header, our worker");
-            }
-        }
-        return;
-    }
-    let Some(&dcid_len) = pkt.get(5) else {
-        assert_eq!(got, None, "long header cut before the DCID length");
-        return;
-    };
-    let dcid_len = usize::from(dcid_len);
-    if dcid_len > MAX_CID_LEN {
-        assert_eq!(got, Some(0), "DCID longer than 20");
-        return;
-    }
-    match pkt.get(6..6 + dcid_len) {
-        Some(dcid) => assert_eq!(got, Some(steer(layout, dcid, workers)), "long header"),
-        None => assert!(
-            got.is_none_or(|w| w < live),
-            "truncated long header: {got:?}"
-        ),
-    }
 }
 
 /// The XDP parser's answer, written over a slice from RFC 9000 §17 / RFC 9369.
@@ -299,9 +324,9 @@ fn describe_reference(r: &Result<(Form, &[u8]), Counter>) -> String {
     }
 }
 
-/// The XDP parser on the datagram as a bare UDP payload, and the worker its DCID steers to
-/// against the classic BPF program's choice for the same payload.
-fn check_xdp_payload(layout: &CidLayout, prog: &[Insn], payload: &[u8], workers: u32) {
+/// The XDP parser on the datagram as a bare UDP payload; for every packet it accepts, the
+/// classic BPF program picks the socket `place` picks for the DCID and arrival it parsed.
+fn check_xdp_payload(layout: &CidLayout, table: &SocketTable, prog: &[Insn], payload: &[u8]) {
     let got = xdp_parse(payload, 0, payload.len(), layout.cid_len());
     let want = reference_parse(payload, layout.cid_len());
     assert!(
@@ -311,19 +336,18 @@ fn check_xdp_payload(layout: &CidLayout, prog: &[Insn], payload: &[u8], workers:
         describe_reference(&want)
     );
     if let Ok(h) = &got {
-        let kernel = steer(layout, h.dcid(), workers);
-        let cbpf = interpret(prog, payload);
-        match h.form {
-            Form::Long => assert_eq!(cbpf, Some(kernel), "XDP and cBPF disagree (long)"),
-            Form::Short => {
-                if let Some(w) = layout
-                    .worker_of(h.dcid())
-                    .filter(|&w| u32::from(w) < workers)
-                {
-                    assert_eq!(cbpf, Some(u32::from(w)), "XDP and cBPF disagree (short)");
-                }
-            }
-        }
+        let arrival = if h.new_connection {
+            Arrival::NewConnection
+        } else {
+            Arrival::Existing
+        };
+        let want = placed_socket(layout, table, h.dcid(), arrival);
+        assert_eq!(
+            interpret(prog, payload),
+            Some(want),
+            "cBPF and place disagree ({arrival:?}, {:02x?})",
+            h.dcid()
+        );
     }
 }
 

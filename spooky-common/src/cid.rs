@@ -134,30 +134,107 @@ impl CidLayout {
         len
     }
 
+    /// The same layout for another generation (a process taking over from this one).
+    ///
+    /// # Errors
+    /// [`LayoutError::Generation`] for the reserved generation.
+    pub const fn with_generation(&self, generation: u8) -> Result<Self, LayoutError> {
+        Self::new(self.cid_len, self.server_id_len, generation)
+    }
+
     /// The worker a destination connection ID names, when it is one of ours: exactly this
     /// layout's length, first octet carrying that length, and not the unroutable generation.
-    /// `None` means "client-chosen": place it with [`fnv1a32`].
+    /// `None` means "client-chosen": place it with [`fnv1a32`]. Any generation is accepted
+    /// (see [`CidLayout::generation_of`]).
     pub fn worker_of(&self, dcid: &[u8]) -> Option<u8> {
+        self.generation_of(dcid)?;
+        dcid.get(self.worker_offset()).copied()
+    }
+
+    /// The generation a destination connection ID carries, when it has this layout.
+    pub fn generation_of(&self, dcid: &[u8]) -> Option<u8> {
         if dcid.len() != self.cid_len() {
             return None;
         }
-        let first = dcid[0];
-        if first & 0x1f != self.cid_len - 1 || first >> 5 == UNROUTABLE_GENERATION {
+        let first = *dcid.first()?;
+        let generation = first >> 5;
+        if first & 0x1f != self.cid_len - 1 || generation == UNROUTABLE_GENERATION {
             return None;
         }
-        Some(dcid[self.worker_offset()])
+        Some(generation)
     }
 }
 
-/// The worker a packet with destination connection ID `dcid` belongs to, among `workers`
-/// workers: the worker byte for our IDs (when in range), else `fnv1a32(dcid) % workers`.
-pub fn steer(layout: &CidLayout, dcid: &[u8], workers: u32) -> u32 {
-    if workers == 0 {
-        return 0;
+/// The generation after `generation`: the next value of 0..=6, wrapping, never the reserved 7.
+pub const fn next_generation(generation: u8) -> u8 {
+    (generation + 1) % UNROUTABLE_GENERATION
+}
+
+/// What steering knows of a packet besides its DCID.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arrival {
+    /// A client Initial without a token: a new connection, whose DCID the client chose.
+    NewConnection,
+    /// Any other packet: its DCID is one we issued (a short header, Handshake, 0-RTT, or an
+    /// Initial that carries a Retry token: the DCID is the Retry's source ID), or junk.
+    Existing,
+}
+
+/// Where a packet belongs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Place {
+    /// Worker `worker` of the process that owns `generation`; `by_cid`: one of our
+    /// connection IDs named it (else the DCID was hashed).
+    Worker {
+        generation: u8,
+        worker: u32,
+        by_cid: bool,
+    },
+    /// One of our connection IDs whose generation no live process owns (a process that
+    /// finished or crashed), or that names a worker that generation does not have.
+    Unowned,
+}
+
+/// The one placement rule, for the kernel programs, the classic BPF generator and user space
+/// alike. `newest` is the generation new connections go to; `workers(g)` is the number of
+/// workers of the live process of generation `g`, 0 when no live process owns it.
+///
+/// - A new connection goes to the newest generation, worker `fnv1a32(dcid) % workers`.
+/// - Any other packet whose DCID is one of ours goes to the generation and worker it names,
+///   when that generation is live and has that worker; otherwise nobody owns it.
+/// - Any other packet whose DCID is not ours goes where a new connection with it would.
+#[inline(always)]
+pub fn place<F: Fn(u8) -> u32>(
+    layout: &CidLayout,
+    dcid: &[u8],
+    arrival: Arrival,
+    newest: u8,
+    workers: F,
+) -> Place {
+    if arrival == Arrival::Existing {
+        if let Some(generation) = layout.generation_of(dcid) {
+            let worker = match dcid.get(layout.worker_offset()) {
+                Some(w) => *w as u32,
+                None => return Place::Unowned,
+            };
+            return if worker < workers(generation) {
+                Place::Worker {
+                    generation,
+                    worker,
+                    by_cid: true,
+                }
+            } else {
+                Place::Unowned
+            };
+        }
     }
-    match layout.worker_of(dcid) {
-        Some(w) if (w as u32) < workers => w as u32,
-        _ => fnv1a32(dcid) % workers,
+    match fnv1a32(dcid).checked_rem(workers(newest)) {
+        Some(worker) => Place::Worker {
+            generation: newest,
+            worker,
+            by_cid: false,
+        },
+        None => Place::Unowned,
     }
 }
 
@@ -191,23 +268,105 @@ mod tests {
         assert_eq!(out[3], 7);
         assert_eq!(&out[4..16], &[0x55; 12]);
         assert_eq!(l.worker_of(&out[..16]), Some(7));
-        assert_eq!(steer(&l, &out[..16], 8), 7);
+        assert_eq!(l.generation_of(&out[..16]), Some(1));
+    }
+
+    /// Generation 1 has 8 workers, 2 has 3 (the newest); the others are not live.
+    fn live(g: u8) -> u32 {
+        match g {
+            1 => 8,
+            2 => 3,
+            _ => 0,
+        }
+    }
+
+    fn ours(generation: u8, worker: u8) -> [u8; 16] {
+        let mut id = [0u8; 16];
+        let l = layout()
+            .with_generation(generation)
+            .unwrap_or_else(|e| unreachable!("{e:?}"));
+        assert_eq!(l.write(&[1, 2], worker, &[0; 16], &mut id), 16);
+        id
     }
 
     #[test]
-    fn foreign_ids_are_hashed() {
+    fn our_ids_go_to_the_worker_and_generation_they_name() {
         let l = layout();
-        let client = [0x11u8; 8];
-        assert_eq!(l.worker_of(&client), None);
-        assert_eq!(steer(&l, &client, 3), fnv1a32(&client) % 3);
-        // Right length bits but the unroutable generation.
+        for (g, w) in [(1, 7), (2, 0), (2, 2)] {
+            let id = ours(g, w);
+            assert_eq!(
+                place(&l, &id, Arrival::Existing, 2, live),
+                Place::Worker {
+                    generation: g,
+                    worker: u32::from(w),
+                    by_cid: true
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn our_ids_nobody_owns_are_unowned_never_hashed() {
+        let l = layout();
+        // A generation no live process has (finished or crashed), and a worker its
+        // generation does not have: hashing either onto a live worker would hand a stranger's
+        // packet to a process that cannot decrypt it; unowned, it gets a Stateless Reset.
+        assert_eq!(
+            place(&l, &ours(5, 0), Arrival::Existing, 2, live),
+            Place::Unowned
+        );
+        assert_eq!(
+            place(&l, &ours(2, 3), Arrival::Existing, 2, live),
+            Place::Unowned
+        );
+        // Right length bits but the unroutable generation: not ours, hashed.
         let mut id = [0u8; 16];
         id[0] = (7 << 5) | 15;
         assert_eq!(l.worker_of(&id), None);
-        // Our layout, but a worker index beyond the live count falls back to the hash.
-        let mut ours = [0u8; 16];
-        assert_eq!(l.write(&[1, 2], 9, &[0; 16], &mut ours), 16);
-        assert_eq!(steer(&l, &ours, 4), fnv1a32(&ours) % 4);
+        assert!(matches!(
+            place(&l, &id, Arrival::Existing, 2, live),
+            Place::Worker {
+                generation: 2,
+                by_cid: false,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn new_connections_and_foreign_ids_hash_onto_the_newest() {
+        let l = layout();
+        let client = [0x11u8; 8];
+        assert_eq!(l.worker_of(&client), None);
+        let want = Place::Worker {
+            generation: 2,
+            worker: fnv1a32(&client) % 3,
+            by_cid: false,
+        };
+        assert_eq!(place(&l, &client, Arrival::NewConnection, 2, live), want);
+        assert_eq!(place(&l, &client, Arrival::Existing, 2, live), want);
+        // A new connection whose client-chosen DCID happens to look like ours is still new.
+        let lookalike = ours(1, 7);
+        assert_eq!(
+            place(&l, &lookalike, Arrival::NewConnection, 2, live),
+            Place::Worker {
+                generation: 2,
+                worker: fnv1a32(&lookalike) % 3,
+                by_cid: false
+            }
+        );
+        // No live newest generation: nobody takes it.
+        assert_eq!(
+            place(&l, &client, Arrival::NewConnection, 4, live),
+            Place::Unowned
+        );
+    }
+
+    #[test]
+    fn generations_wrap_around_the_reserved_one() {
+        assert_eq!(next_generation(0), 1);
+        assert_eq!(next_generation(5), 6);
+        assert_eq!(next_generation(6), 0);
     }
 
     #[test]

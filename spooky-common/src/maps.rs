@@ -17,29 +17,38 @@ pub const REUSEPORT_PROGRAM: &str = "spooky_reuseport";
 pub const CONFIG_MAP: &str = "config";
 /// `PerCpuArray<u64, COUNTER_COUNT>`: per-CPU packet counters, indexed by [`Counter`].
 pub const STATS_MAP: &str = "stats";
-/// `PerCpuArray<u64, MAX_WORKERS>`: per-CPU count of QUIC packets steered to each worker.
+/// `PerCpuArray<u64, SLOTS>`: per-CPU count of QUIC packets steered to each worker, by
+/// [`slot`].
 pub const WORKER_STATS_MAP: &str = "worker_stats";
-/// `Array<WorkerEntry, MAX_WORKERS>`: worker index → CPU, liveness, generation.
+/// `Array<WorkerEntry, SLOTS>`: a worker's CPU and liveness, by [`slot`] (generation, worker).
 pub const WORKERS_MAP: &str = "workers";
+/// `Array<GenerationEntry, MAX_GENERATIONS>`: the processes steering knows, by generation.
+pub const GENERATIONS_MAP: &str = "generations";
 /// `CpuMap<MAX_CPUS>`: the CPUs XDP may redirect to (entry per CPU, queue size > 0 to enable).
 pub const CPUS_MAP: &str = "cpus";
-/// `ReusePortSockArray<MAX_WORKERS>`: worker index → that worker's UDP socket.
+/// `ReusePortSockArray<SLOTS>`: [`slot`] (generation, worker) → that worker's UDP socket.
 pub const SOCKETS_MAP: &str = "sockets";
 /// `Array<BackendEntry, MAX_BACKENDS>`: flattened backend index → published health, written
 /// by the health checker (user space); for operators (`bpftool`, `spooky status`).
 pub const BACKENDS_MAP: &str = "backends";
-/// `Array<WorkerCounters, MAX_WORKERS>`: user-space counters of each worker (packets received,
-/// misroutes, connections, requests), mirrored by the steering thread for `spooky status`.
+/// `Array<WorkerCounters, SLOTS>`: user-space counters of each worker (packets received,
+/// misroutes, connections, requests) by [`slot`], mirrored by the steering thread for
+/// `spooky status`.
 pub const WORKER_COUNTERS_MAP: &str = "worker_counters";
 
 /// `LruHashMap<SourcePrefix, InitialBucket, MAX_INITIAL_PREFIXES>`: the Initial-flood
 /// defense's state, one rate-limit bucket per client source prefix (/24, /56), written by XDP.
 pub const INITIAL_LIMITS_MAP: &str = "initial_limits";
 
-/// The maps pinned under the pin path while Spooky runs (file name = map name).
-pub const PINNED_MAPS: [&str; 7] = [
+/// The maps pinned under the pin path while Spooky runs (file name = map name). Every map is
+/// pinned: a process taking over loads its programs onto these same maps, so the sockets,
+/// workers and limits of the process it replaces stay in force while that one drains.
+pub const PINNED_MAPS: [&str; 10] = [
     CONFIG_MAP,
+    GENERATIONS_MAP,
     WORKERS_MAP,
+    SOCKETS_MAP,
+    CPUS_MAP,
     BACKENDS_MAP,
     STATS_MAP,
     WORKER_STATS_MAP,
@@ -47,8 +56,22 @@ pub const PINNED_MAPS: [&str; 7] = [
     INITIAL_LIMITS_MAP,
 ];
 
+/// Layout version of the maps: a process refuses to take over maps pinned by a Spooky
+/// whose layouts differ (it says so; a full restart is needed then).
+pub const MAPS_ABI: u32 = 2;
+
 /// Most workers the steering can address: the CID carries the worker index in one byte.
 pub const MAX_WORKERS: u32 = 256;
+/// Generations (3 bits of the CID; 7 is reserved, so 0..=6 are used).
+pub const MAX_GENERATIONS: u32 = 8;
+/// Entries of the per-worker maps: one per (generation, worker).
+pub const SLOTS: u32 = MAX_GENERATIONS * MAX_WORKERS;
+
+/// The index of worker `worker` of generation `generation` in the per-worker maps.
+#[inline(always)]
+pub const fn slot(generation: u8, worker: u32) -> u32 {
+    (generation as u32 & (MAX_GENERATIONS - 1)) * MAX_WORKERS + (worker & (MAX_WORKERS - 1))
+}
 /// Entries of the CPU map (CPU ids the XDP program may redirect to).
 pub const MAX_CPUS: u32 = 256;
 /// Entries of the backends map (backends of all upstreams together).
@@ -77,13 +100,13 @@ pub struct SteeringConfig {
     pub cid_len: u8,
     /// Server id length inside the connection ID.
     pub server_id_len: u8,
-    /// Generation of this process's connection IDs.
+    /// The newest generation: the process new connections go to.
     pub generation: u8,
     /// The steering mode in force, one of the `MODE_*` constants.
     pub mode: u8,
     /// Always zero (explicit padding).
     pub reserved: [u8; 2],
-    /// Number of workers (`steer` places hashed DCIDs among them); 0 disables steering.
+    /// Number of workers of the newest generation; 0 disables steering.
     pub workers: u32,
     /// `FLAG_*` bits.
     pub flags: u32,
@@ -100,11 +123,42 @@ pub struct SteeringConfig {
     /// Initial packets a prefix may send at once above the rate (`steering.initial_burst`;
     /// 0 is read as 1).
     pub initial_burst: u32,
+    /// [`MAPS_ABI`] of the Spooky that wrote this entry.
+    pub abi: u32,
+    /// Always zero (explicit padding).
+    pub reserved2: u32,
 }
 
 /// Bytes of [`SteeringConfig::iface`] (`IFNAMSIZ`).
 pub const IFACE_LEN: usize = 16;
-const _: () = assert!(size_of::<SteeringConfig>() == 32 + IFACE_LEN);
+const _: () = assert!(size_of::<SteeringConfig>() == 40 + IFACE_LEN);
+
+/// One process steering knows, an entry of [`GENERATIONS_MAP`] (index = its generation).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GenerationEntry {
+    /// Its number of workers; 0 when no live process owns the generation.
+    pub workers: u32,
+    /// 1 while it takes new connections (the newest); 0 while it drains.
+    pub accepting: u32,
+    /// Its process id (for operators).
+    pub pid: u32,
+    /// When it started, seconds since the epoch (for operators).
+    pub started: u32,
+}
+const _: () = assert!(size_of::<GenerationEntry>() == 16);
+
+impl GenerationEntry {
+    /// The workers of a live generation, 0 for one nobody owns.
+    #[inline(always)]
+    pub const fn live_workers(&self) -> u32 {
+        if self.workers > MAX_WORKERS {
+            MAX_WORKERS
+        } else {
+            self.workers
+        }
+    }
+}
 
 /// [`SteeringConfig::mode`]: not written (no Spooky has configured the maps).
 pub const MODE_NONE: u8 = 0;
@@ -228,7 +282,7 @@ impl InitialBucket {
 
 const NANOS_PER_SEC: u64 = 1_000_000_000;
 
-/// One worker, an entry of [`WORKERS_MAP`] (index = worker index).
+/// One worker, an entry of [`WORKERS_MAP`] (index = [`slot`] of its generation and index).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WorkerEntry {
@@ -391,10 +445,14 @@ pub enum Counter {
     PassedQuic = 12,
     /// Dropped: a client Initial over its source prefix's rate limit.
     DropInitialRateLimited = 13,
+    /// One of our connection IDs whose generation no live process owns (a process that
+    /// finished or crashed): passed without a choice of socket, for user space to answer with
+    /// a Stateless Reset.
+    UnknownGeneration = 14,
 }
 
 /// Number of counters in [`STATS_MAP`].
-pub const COUNTER_COUNT: u32 = 14;
+pub const COUNTER_COUNT: u32 = 15;
 
 impl Counter {
     /// Every counter, in index order.
@@ -413,6 +471,7 @@ impl Counter {
         Counter::RedirectFailed,
         Counter::PassedQuic,
         Counter::DropInitialRateLimited,
+        Counter::UnknownGeneration,
     ];
 
     /// The map index of this counter.
@@ -438,6 +497,7 @@ impl Counter {
             Counter::RedirectFailed => "redirect_failed",
             Counter::PassedQuic => "passed_quic",
             Counter::DropInitialRateLimited => "drop_initial_rate_limited",
+            Counter::UnknownGeneration => "unknown_generation",
         }
     }
 }
@@ -457,6 +517,8 @@ mod pod {
     unsafe impl aya::Pod for super::SteeringConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::WorkerEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::GenerationEntry {}
     // SAFETY: as above (byte arrays are integers too).
     unsafe impl aya::Pod for super::BackendEntry {}
     // SAFETY: as above.

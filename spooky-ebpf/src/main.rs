@@ -3,7 +3,7 @@
 //! - `spooky_xdp` (XDP): parses Ethernet (+ VLAN) / IPv4 / IPv6 / UDP; UDP to the configured
 //!   QUIC port is classified as a long or short QUIC header, invalid QUIC is dropped (fixed bit
 //!   clear, DCID longer than 20, short client Initial, truncated header), valid QUIC is placed
-//!   on its worker with `spooky_common::cid::steer` and, when enabled, redirected to that
+//!   on its worker with `spooky_common::cid::place` and, when enabled, redirected to that
 //!   worker's CPU through the `cpus` CPU map. Everything else passes. Every outcome is counted
 //!   in the per-CPU `stats` map.
 //!   Before a client Initial is placed, it passes the Initial-flood defense: a rate limit per
@@ -13,10 +13,16 @@
 //! - `spooky_reuseport` (`sk_reuseport`): picks the owning worker's socket from `sockets` by
 //!   the same decision.
 //!
-//! Placement and liveness: a packet whose DCID is one of ours goes to the worker it names,
-//! alive or not (a draining worker keeps its connections). A client-chosen DCID is hashed onto
-//! a worker; when the `workers` map marks that worker dead (`alive == 0`) the next live worker
-//! in index order takes it, so a dead worker gets no new connections.
+//! Placement, generations and liveness: every process has a generation (3 bits of its
+//! connection IDs) and its workers have slots `generation × 256 + worker` in `workers`,
+//! `sockets` and the per-worker counters; `generations` says which generations a live process
+//! owns and `config.generation` is the newest. A packet whose DCID is one of ours goes to the
+//! generation and worker it names — the process that is draining keeps its connections while
+//! the newest takes new ones — alive or not; one whose generation nobody owns any more is
+//! counted (`unknown_generation`) and passed without a choice of socket, for user space to
+//! answer with a Stateless Reset. A new connection (an Initial without a token) is hashed onto
+//! a worker of the newest generation; when `workers` marks that worker dead (`alive == 0`) the
+//! next live worker in index order takes it, so a dead worker gets no new connections.
 //!
 //! `backends` and `worker_counters` are declared here only so that they exist with BTF in the
 //! object (user space writes them, operators read them); no program touches them.
@@ -35,11 +41,11 @@ use aya_ebpf::{
     programs::{SkReuseportContext, XdpContext},
 };
 use spooky_common::{
-    fnv1a32,
+    cid::{self, Arrival, Place},
     maps::{
-        BackendEntry, Counter, InitialBucket, SourcePrefix, SteeringConfig, WorkerCounters,
-        WorkerEntry, COUNTER_COUNT, FLAG_REDIRECT_CPU, MAX_BACKENDS, MAX_CPUS,
-        MAX_INITIAL_PREFIXES, MAX_WORKERS,
+        slot, BackendEntry, Counter, GenerationEntry, InitialBucket, SourcePrefix,
+        SteeringConfig, WorkerCounters, WorkerEntry, COUNTER_COUNT, FLAG_REDIRECT_CPU,
+        MAX_BACKENDS, MAX_CPUS, MAX_GENERATIONS, MAX_INITIAL_PREFIXES, MAX_WORKERS, SLOTS,
     },
     packet::{locate_udp, Packet, UdpHdr, UDP_HDR_LEN},
     quic::{self, Form, QuicHeader},
@@ -55,11 +61,15 @@ static STATS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
 
 /// `spooky_common::maps::WORKER_STATS_MAP`.
 #[btf_map(name = "worker_stats")]
-static WORKER_STATS: PerCpuArray<u64, { MAX_WORKERS as usize }> = PerCpuArray::new();
+static WORKER_STATS: PerCpuArray<u64, { SLOTS as usize }> = PerCpuArray::new();
 
 /// `spooky_common::maps::WORKERS_MAP`.
 #[btf_map(name = "workers")]
-static WORKERS: Array<WorkerEntry, { MAX_WORKERS as usize }> = Array::new();
+static WORKERS: Array<WorkerEntry, { SLOTS as usize }> = Array::new();
+
+/// `spooky_common::maps::GENERATIONS_MAP`.
+#[btf_map(name = "generations")]
+static GENERATIONS: Array<GenerationEntry, { MAX_GENERATIONS as usize }> = Array::new();
 
 /// `spooky_common::maps::CPUS_MAP`.
 #[btf_map(name = "cpus")]
@@ -67,7 +77,7 @@ static CPUS: CpuMap<{ MAX_CPUS as usize }> = CpuMap::new();
 
 /// `spooky_common::maps::SOCKETS_MAP`.
 #[btf_map(name = "sockets")]
-static SOCKETS: ReusePortSockArray<{ MAX_WORKERS as usize }> = ReusePortSockArray::new();
+static SOCKETS: ReusePortSockArray<{ SLOTS as usize }> = ReusePortSockArray::new();
 
 /// `spooky_common::maps::BACKENDS_MAP`.
 #[btf_map(name = "backends")]
@@ -75,7 +85,7 @@ static BACKENDS: Array<BackendEntry, { MAX_BACKENDS as usize }> = Array::new();
 
 /// `spooky_common::maps::WORKER_COUNTERS_MAP`.
 #[btf_map(name = "worker_counters")]
-static WORKER_COUNTERS: Array<WorkerCounters, { MAX_WORKERS as usize }> = Array::new();
+static WORKER_COUNTERS: Array<WorkerCounters, { SLOTS as usize }> = Array::new();
 
 /// `spooky_common::maps::INITIAL_LIMITS_MAP`.
 #[btf_map(name = "initial_limits")]
@@ -92,10 +102,10 @@ fn count(counter: Counter) {
     }
 }
 
-/// Adds one to this CPU's packet count of `worker`.
+/// Adds one to this CPU's packet count of the worker at `index` ([`slot`]).
 #[inline(always)]
-fn count_worker(worker: u32) {
-    if let Some(slot) = WORKER_STATS.get_ptr_mut(worker) {
+fn count_worker(index: u32) {
+    if let Some(slot) = WORKER_STATS.get_ptr_mut(index) {
         // SAFETY: as in `count`.
         unsafe { *slot += 1 };
     }
@@ -111,16 +121,25 @@ fn config() -> Option<SteeringConfig> {
     Some(config)
 }
 
-/// Whether `worker` takes new connections (a worker missing from the map does not).
+/// Whether worker `index` ([`slot`]) takes new connections (one missing from the map does
+/// not).
 #[inline(always)]
-fn is_alive(worker: u32) -> bool {
-    WORKERS.get(worker).is_some_and(WorkerEntry::is_alive)
+fn is_alive(index: u32) -> bool {
+    WORKERS.get(index).is_some_and(WorkerEntry::is_alive)
 }
 
-/// The first live worker at or after `hashed` (wrapping) among `workers`; `hashed` itself
-/// when none is alive.
+/// The workers of the live process of `generation`, 0 when no live process owns it.
 #[inline(always)]
-fn live_worker(hashed: u32, workers: u32) -> u32 {
+fn workers_of(generation: u8) -> u32 {
+    GENERATIONS
+        .get(u32::from(generation))
+        .map_or(0, GenerationEntry::live_workers)
+}
+
+/// The first live worker of `generation` at or after `hashed` (wrapping) among `workers`;
+/// `hashed` itself when none is alive.
+#[inline(always)]
+fn live_worker(generation: u8, hashed: u32, workers: u32) -> u32 {
     let mut step = 0;
     while step < MAX_WORKERS {
         if step >= workers {
@@ -130,7 +149,7 @@ fn live_worker(hashed: u32, workers: u32) -> u32 {
         let Some(candidate) = hashed.wrapping_add(step).checked_rem(workers) else {
             break;
         };
-        if is_alive(candidate) {
+        if is_alive(slot(generation, candidate)) {
             return candidate;
         }
         step += 1;
@@ -138,48 +157,74 @@ fn live_worker(hashed: u32, workers: u32) -> u32 {
     hashed
 }
 
-/// Where a packet goes: the worker, and whether one of our connection IDs named it.
+/// Where a packet goes: the (generation, worker) slot, and whether one of our connection
+/// IDs named it.
 #[derive(Clone, Copy)]
 struct Placement {
-    worker: u32,
+    slot: u32,
     by_cid: bool,
 }
 
-/// The worker that owns `dcid` when steering is configured (valid CID layout and at least
-/// one worker): the worker our CID names, else the first live worker from its hash.
+/// The owner of a packet with `dcid` (`spooky_common::cid::place`, the rule user space and
+/// the classic BPF program follow too): by the generation and worker our CID names, or, for
+/// a new connection, the first live worker of the newest generation from its hash. `Err`
+/// with [`Counter::UnknownGeneration`] for a CID of ours that no live process owns; `None`
+/// when steering is not configured.
 #[inline(always)]
-fn place(config: &SteeringConfig, dcid: &[u8]) -> Option<Placement> {
+fn place(
+    config: &SteeringConfig,
+    dcid: &[u8],
+    new_connection: bool,
+) -> Option<Result<Placement, Counter>> {
     let layout = config.layout().ok()?;
     if config.workers == 0 {
         return None;
     }
-    let workers = config.workers.min(MAX_WORKERS);
-    // `spooky_common::cid::steer`, spelled out to look at the worker byte only once.
-    if let Some(named) = layout.worker_of(dcid).map(u32::from) {
-        if named < workers {
-            return Some(Placement {
-                worker: named,
-                by_cid: true,
-            });
+    let arrival = if new_connection {
+        Arrival::NewConnection
+    } else {
+        Arrival::Existing
+    };
+    let newest = config.generation;
+    Some(match cid::place(&layout, dcid, arrival, newest, workers_of) {
+        Place::Worker {
+            generation,
+            worker,
+            by_cid: true,
+        } => Ok(Placement {
+            slot: slot(generation, worker),
+            by_cid: true,
+        }),
+        Place::Worker {
+            generation, worker, ..
+        } => {
+            let worker = live_worker(generation, worker, workers_of(generation));
+            Ok(Placement {
+                slot: slot(generation, worker),
+                by_cid: false,
+            })
         }
-    }
-    let hashed = fnv1a32(dcid).checked_rem(workers)?;
-    Some(Placement {
-        worker: live_worker(hashed, workers),
-        by_cid: false,
+        Place::Unowned => Err(Counter::UnknownGeneration),
     })
 }
 
-/// [`place`] for XDP, counting how the worker was decided.
+/// [`place`] for XDP, counting how the worker was decided; `None` when nobody owns it.
 #[inline(always)]
-fn owning_worker(config: &SteeringConfig, header: &QuicHeader) -> Option<u32> {
-    let placement = place(config, header.dcid())?;
-    count(if placement.by_cid {
-        Counter::SteeredByCid
-    } else {
-        Counter::SteeredByHash
-    });
-    Some(placement.worker)
+fn owning_slot(config: &SteeringConfig, header: &QuicHeader) -> Option<u32> {
+    match place(config, header.dcid(), header.new_connection)? {
+        Ok(placement) => {
+            count(if placement.by_cid {
+                Counter::SteeredByCid
+            } else {
+                Counter::SteeredByHash
+            });
+            Some(placement.slot)
+        }
+        Err(counter) => {
+            count(counter);
+            None
+        }
+    }
 }
 
 #[xdp]
@@ -236,13 +281,13 @@ fn try_spooky_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
         Form::Short => Counter::QuicShort,
         Form::Long => Counter::QuicLong,
     });
-    let Some(worker) = owning_worker(&config, &quic) else {
+    let Some(slot) = owning_slot(&config, &quic) else {
         count(Counter::PassedQuic);
         return Ok(xdp_action::XDP_PASS);
     };
-    count_worker(worker);
+    count_worker(slot);
     if config.has(FLAG_REDIRECT_CPU) {
-        if let Some(action) = redirect(worker) {
+        if let Some(action) = redirect(slot) {
             count(Counter::Redirected);
             return Ok(action);
         }
@@ -296,10 +341,11 @@ fn initial_allowed(config: &SteeringConfig, source: &SourcePrefix) -> bool {
     }
 }
 
-/// Redirects to `worker`'s CPU when the worker is alive and its CPU is in the CPU map.
+/// Redirects to the CPU of the worker at `index` ([`slot`]) when it is alive and its CPU is in
+/// the CPU map.
 #[inline(always)]
-fn redirect(worker: u32) -> Option<u32> {
-    let entry = WORKERS.get(worker)?;
+fn redirect(index: u32) -> Option<u32> {
+    let entry = WORKERS.get(index)?;
     if !entry.is_alive() {
         return None;
     }
@@ -326,8 +372,8 @@ fn try_spooky_reuseport(ctx: &SkReuseportContext) -> Option<()> {
     let pkt = Packet::new(ctx.data(), ctx.data_end());
     let payload_len = ctx.len().checked_sub(UDP_HDR_LEN)?;
     let quic = quic::parse(&pkt, UDP_HDR_LEN, payload_len, usize::from(config.cid_len)).ok()?;
-    let placement = place(&config, quic.dcid())?;
-    SOCKETS.select_reuseport(ctx, placement.worker).ok()
+    let placement = place(&config, quic.dcid(), quic.new_connection)?.ok()?;
+    SOCKETS.select_reuseport(ctx, placement.slot).ok()
 }
 
 #[cfg(not(test))]

@@ -153,8 +153,16 @@ fn cid_codec(c: &mut Criterion) {
     g.bench_function("decode_worker", |b| {
         b.iter(|| layout.worker_of(black_box(&cid)))
     });
-    g.bench_function("steer", |b| {
-        b.iter(|| spooky_common::cid::steer(&layout, black_box(&cid), black_box(2)))
+    g.bench_function("place", |b| {
+        b.iter(|| {
+            spooky_common::cid::place(
+                &layout,
+                black_box(&cid),
+                spooky_common::cid::Arrival::Existing,
+                0,
+                |_| black_box(2),
+            )
+        })
     });
     g.finish();
 }

@@ -10,7 +10,7 @@
 //! | control | [`ops`] (admin, metrics, access log, reload, status, logging, privileges), [`health`] (state machine, checker) |
 //! | data plane | [`upstream`] (HTTP/2 pools to backends) |
 //! | control | [`steering`] (tiers, classic BPF, pins, the kernel object) |
-//! | state | [`snapshot`] (per configuration), [`board`] and [`stats`] (per process) |
+//! | state | [`snapshot`] (per configuration), [`board`], [`keys`] and [`stats`] (per process) |
 //! | sans-IO cores | [`routing`], [`lb`], [`config`] |
 
 pub mod app;
@@ -18,6 +18,7 @@ mod board;
 pub mod config;
 mod health;
 pub mod http;
+pub mod keys;
 pub mod lb;
 pub mod ops;
 mod quic;

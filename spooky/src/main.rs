@@ -43,6 +43,15 @@ struct RunArgs {
     /// Do not pin worker k to CPU k.
     #[arg(long)]
     no_pin: bool,
+    /// Take over from the Spooky running on this configuration's control socket: this
+    /// process serves new connections, the running one drains and exits (zero-downtime
+    /// upgrades and restarts; see docs/upgrades.md).
+    #[arg(long)]
+    takeover: bool,
+    /// Go to the background once serving (for `ExecReload=` of a systemd unit: the command
+    /// returns when the new process serves, with its status).
+    #[arg(long)]
+    detach: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -69,6 +78,11 @@ enum Command {
         #[arg(long, short, default_value = "config/config.yaml")]
         config: PathBuf,
     },
+    /// Manage the key file (`quic.key_file`).
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
     /// Send one HTTP/3 request and print the response (a small curl for HTTP/3).
     Get {
         /// https://HOST[:PORT]/PATH
@@ -88,10 +102,24 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum KeysAction {
+    /// A new token key; the current one stays valid for tokens until the next rotation.
+    /// Creates the file when it does not exist. Reload (SIGHUP) every Spooky that reads it.
+    Rotate {
+        /// The key file.
+        #[arg(long)]
+        file: PathBuf,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Check { config }) => check(&config),
+        Some(Command::Keys {
+            action: KeysAction::Rotate { file },
+        }) => rotate_keys(&file),
         Some(Command::Status { pin_path, json }) => status(&pin_path, json),
         Some(Command::Get {
             url,
@@ -102,7 +130,7 @@ fn main() -> ExitCode {
         }) => match get(&url, connect, insecure, ca, include) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("spooky get: {e:#}");
+                eprintln!("spooky get: {}", explain(&e));
                 ExitCode::from(1)
             }
         },
@@ -154,6 +182,19 @@ fn status(pin_path: &std::path::Path, json: bool) -> ExitCode {
 }
 
 fn run(args: &RunArgs) -> ExitCode {
+    // Before any thread exists: fork, and let the parent report the child's start.
+    let started = if args.detach {
+        match detach() {
+            Ok(Detached::Parent(code)) => return code,
+            Ok(Detached::Child(pipe)) => Some(pipe),
+            Err(e) => {
+                eprintln!("spooky: cannot go to the background: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        None
+    };
     let mut config = match Config::from_path(&args.config) {
         Ok(c) => c,
         Err(e) => {
@@ -175,11 +216,12 @@ fn run(args: &RunArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match serve(config, args, log_reloader) {
+    match serve(config, args, log_reloader, started) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("spooky: {e:#}");
+            let why = explain(&e);
+            tracing::error!("{why}");
+            eprintln!("spooky: {why}");
             ExitCode::from(1)
         }
     }
@@ -189,16 +231,24 @@ fn serve(
     config: Config,
     args: &RunArgs,
     log_reloader: spooky::ops::telemetry::LevelReloader,
+    started: Option<std::fs::File>,
 ) -> Result<()> {
     let opts = spooky::app::RunOptions {
         workers: args.workers,
         iface: args.iface.clone(),
         pin: !args.no_pin,
+        takeover: args.takeover,
     };
     let running = spooky::app::start_from(config, &opts, Some(args.config.clone()))
         .context("cannot start")?;
     running.reloader().set_log_reloader(log_reloader);
-    tracing::info!(listen = %running.local_addr, "spooky is serving HTTP/3");
+    tracing::info!(listen = %running.local_addr, generation = running.generation, "spooky is serving HTTP/3");
+    notify_systemd();
+    if let Some(mut pipe) = started {
+        use std::io::Write;
+        let _ = pipe.write_all(&[1]);
+    }
+    let mut handed_over = running.handed_over();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -222,6 +272,12 @@ fn serve(
                     // The outcome is logged by the reload itself.
                     let _ = running.reloader().reload();
                 }
+                r = handed_over.changed() => {
+                    if r.is_err() || *handed_over.borrow() {
+                        tracing::info!("a successor serves: draining, then exiting");
+                        break;
+                    }
+                }
             }
         }
         anyhow::Ok(())
@@ -230,6 +286,116 @@ fn serve(
     running.join()?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The error and its causes, each said once (our errors' messages already name their cause).
+fn explain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+/// Tells systemd (`Type=notify`, `NotifyAccess=all`) that this process serves and is the
+/// service's main process now (after a takeover, the successor is).
+fn notify_systemd() {
+    use std::os::unix::net::UnixDatagram;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let message = format!("READY=1\nMAINPID={}\n", std::process::id());
+    let Ok(socket) = UnixDatagram::unbound() else {
+        return;
+    };
+    let path = path.to_string_lossy().into_owned();
+    let sent = match path.strip_prefix('@') {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+                .and_then(|addr| socket.send_to_addr(message.as_bytes(), &addr))
+        }
+        None => socket.send_to(message.as_bytes(), &path),
+    };
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+enum Detached {
+    /// The parent: exit with the child's start status.
+    Parent(ExitCode),
+    /// The child: write one byte `1` here once serving.
+    Child(std::fs::File),
+}
+
+/// Forks: the parent waits until the child serves (exit 0) or fails (exit 1); the child
+/// leaves the parent's session.
+fn detach() -> std::io::Result<Detached> {
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the descriptors are fresh and owned by nobody else.
+    let (mut read, write) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    // SAFETY: no other thread exists yet (this runs first in main), so the child is a
+    // complete copy of this single thread.
+    match unsafe { libc::fork() } {
+        -1 => Err(std::io::Error::last_os_error()),
+        0 => {
+            drop(read);
+            // SAFETY: plain syscall; the child leaves the parent's session and terminal.
+            unsafe { libc::setsid() };
+            Ok(Detached::Child(write))
+        }
+        _ => {
+            drop(write);
+            let mut byte = [0u8; 1];
+            let served = matches!(read.read(&mut byte), Ok(1)) && byte[0] == 1;
+            Ok(Detached::Parent(if served {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }))
+        }
+    }
+}
+
+fn rotate_keys(file: &std::path::Path) -> ExitCode {
+    let rng = ring::rand::SystemRandom::new();
+    let result = if file.exists() {
+        spooky::keys::Keys::rotate_file(file, &rng).map(|_| "rotated the token key")
+    } else {
+        spooky::keys::Keys::load_or_create(file, &rng).map(|_| "created")
+    };
+    match result {
+        Ok(what) => {
+            println!(
+                "{}: {what}; reload every Spooky that reads it (SIGHUP)",
+                file.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("spooky keys: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn get(

@@ -10,6 +10,7 @@
 
 use crate::board::{BackendKey, BackendSlot, HealthBoard};
 use crate::config::{BackendTls, Config};
+use crate::keys::{KeyError, KeyRing, Keys};
 use crate::routing::{RouteError, RouteTable};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,6 +23,8 @@ pub struct Snapshot {
     pub routes: RouteTable,
     /// `[upstream][backend]`, in the configuration's order.
     pub backends: Vec<Vec<BackendPlan>>,
+    /// The stateless-reset and Retry-token keys (from `quic.key_file`).
+    pub keys: KeyRing,
     /// 1 at start, +1 per successful reload.
     pub generation: u64,
 }
@@ -57,6 +60,8 @@ pub enum SnapshotError {
     },
     #[error("listen.tls: {0}")]
     Quic(#[from] QuicConfigError),
+    #[error("quic.key_file: {0}")]
+    Keys(#[from] KeyError),
 }
 
 /// Why a TLS backend's client configuration could not be made.
@@ -99,15 +104,22 @@ pub enum QuicConfigError {
 }
 
 impl Snapshot {
-    /// Builds the snapshot of `config`, taking each backend's health slot from `board`.
+    /// Builds the snapshot of `config`, taking each backend's health slot from `board`, and
+    /// the keys from `quic.key_file` (created when missing) or, without one, `own_keys` (the
+    /// process's random keys).
     ///
     /// # Errors
     /// [`SnapshotError`] naming the part that cannot be built: nothing is published then.
     pub fn build(
         config: Config,
         board: &HealthBoard,
+        own_keys: &Keys,
         generation: u64,
     ) -> Result<Self, SnapshotError> {
+        let keys = match &config.quic.key_file {
+            Some(path) => Keys::load_or_create(path, &ring::rand::SystemRandom::new())?,
+            None => own_keys.clone(),
+        };
         let routes_in: Vec<(usize, &crate::config::Route)> = config
             .upstreams
             .iter()
@@ -144,6 +156,7 @@ impl Snapshot {
             config,
             routes,
             backends,
+            keys: KeyRing::from(&keys),
             generation,
         };
         // Proves the certificate, the key and every QUIC setting before anyone relies on them.

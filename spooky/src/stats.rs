@@ -30,6 +30,11 @@ pub struct WorkerStats {
     pub requests: AtomicU64,
     /// Request streams reset because their head did not arrive in time.
     pub request_head_timeouts: AtomicU64,
+    /// Stateless Resets sent (packets for connections nobody has).
+    pub resets_sent: AtomicU64,
+    /// Packets of another live process (a takeover in progress) that reached this one:
+    /// dropped, never answered (0 while steering works).
+    pub foreign: AtomicU64,
 }
 
 /// Histogram bucket bounds, seconds.

@@ -21,7 +21,7 @@ pub const SPOOKY_LAYERS: &[&[&str]] = &[
     &["upstream"],
     &["steering"],
     &["snapshot"],
-    &["board", "stats"],
+    &["board", "keys", "stats"],
     &["routing", "lb"],
     &["config"],
 ];

@@ -10,7 +10,8 @@ pub const NIGHTLY: &str = "nightly-2026-05-19";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages: quiche's BoringSSL build (cmake, C/C++, libclang), bpf-linker's LLVM,
-/// the kernel tools, and nginx as an independent HTTP/2 backend for the tests.
+/// the kernel tools, nginx as an independent HTTP/2 backend for the tests, and curl (the
+/// takeover tests read the admin endpoint with it).
 const APT_PACKAGES: &[&str] = &[
     "build-essential",
     "cmake",
@@ -23,11 +24,16 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
     "nginx-light",
+    "curl",
 ];
 
-/// Python packages: aioquic (an independent HTTP/3 client) and hypercorn (a strict HTTP/2
-/// server), pinned.
-const PIP_PACKAGES: &[(&str, &str)] = &[("aioquic", "1.7.2"), ("hypercorn", "0.18.0")];
+/// Python packages: aioquic (an independent HTTP/3 client), hypercorn (a strict HTTP/2
+/// server) and curl_cffi (libcurl with ngtcp2: a second independent HTTP/3 client), pinned.
+const PIP_PACKAGES: &[(&str, &str)] = &[
+    ("aioquic", "1.7.2"),
+    ("hypercorn", "0.18.0"),
+    ("curl_cffi", "0.17.0"),
+];
 
 /// Everything.
 pub fn all() -> Result<()> {

@@ -22,6 +22,11 @@ pub enum ClientError {
     Timeout(&'static str),
     #[error("connection closed: {0}")]
     Closed(String),
+    /// The server sent a Stateless Reset: it has no state for the connection (it restarted).
+    #[error("connection reset by the server (stateless reset)")]
+    StatelessReset,
+    #[error("connection timed out (idle timeout)")]
+    IdleTimeout,
 }
 
 /// Connection options.
@@ -375,10 +380,12 @@ impl Client {
     /// When the connection is closed or a socket call fails.
     pub fn pump(&mut self, deadline: Instant) -> Result<(), ClientError> {
         if self.conn.is_closed() {
-            return Err(ClientError::Closed(format!(
-                "{:?}",
-                self.conn.peer_error().or(self.conn.local_error())
-            )));
+            return Err(match (self.conn.peer_error(), self.conn.local_error()) {
+                _ if self.conn.is_timed_out() => ClientError::IdleTimeout,
+                // Closed with no error frame either way: quiche recognised a Stateless Reset.
+                (None, None) => ClientError::StatelessReset,
+                (peer, local) => ClientError::Closed(format!("{:?}", peer.or(local))),
+            });
         }
         let now = Instant::now();
         let wait = self

@@ -34,6 +34,31 @@ pub struct Config {
     pub user: Option<User>,
     /// Worker count from the file (`--workers` overrides); `None` = one per online CPU.
     pub workers: Option<usize>,
+    /// Where a running Spooky waits for its successor (`spooky --takeover`).
+    pub control_socket: ControlSocket,
+}
+
+/// The default control socket.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/spooky/control.sock";
+
+/// Where a running Spooky waits for its successor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ControlSocket {
+    /// No takeover possible (`control_socket: off`).
+    Off,
+    /// At this path. `explicit`: written in the file (a start that cannot bind it fails);
+    /// the default path is skipped with a warning when it cannot be bound.
+    At { path: PathBuf, explicit: bool },
+}
+
+impl ControlSocket {
+    /// The path, unless off.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            ControlSocket::Off => None,
+            ControlSocket::At { path, .. } => Some(path),
+        }
+    }
 }
 
 /// A user of this machine, looked up when the configuration was loaded.
@@ -96,8 +121,12 @@ pub struct Quic {
     pub cid_len: u8,
     /// Server id written into every connection ID (its length is the server id length).
     pub server_id: Vec<u8>,
-    /// QUIC-LB config rotation bits (0..=6).
+    /// The connection-ID generation (QUIC-LB config rotation bits, 0..=6) of the first
+    /// process; each takeover uses the next one.
     pub generation: u8,
+    /// The key file (stateless-reset and Retry-token keys), created when missing; `None`:
+    /// random keys per process, so tokens and resets do not survive a restart.
+    pub key_file: Option<PathBuf>,
 }
 
 /// How `forwarded` / `x-forwarded-*` headers are treated.

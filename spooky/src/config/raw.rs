@@ -39,6 +39,9 @@ pub(super) struct RawConfig {
     pub user: Option<String>,
     #[serde(default)]
     pub workers: Option<i64>,
+    /// `off`, or a path; `None` = the default path.
+    #[serde(default)]
+    pub control_socket: Option<String>,
 }
 
 /// `admin`.
@@ -108,6 +111,8 @@ pub(super) struct RawQuic {
     pub cid_len: i64,
     pub server_id: RawServerId,
     pub generation: i64,
+    /// `None`: random keys per process.
+    pub key_file: Option<PathBuf>,
 }
 
 /// Default for `quic.retry_threshold` (new connections per second per worker).
@@ -129,6 +134,7 @@ impl Default for RawQuic {
             cid_len: 16,
             server_id: RawServerId::Int(1),
             generation: 0,
+            key_file: None,
         }
     }
 }

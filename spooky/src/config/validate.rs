@@ -27,9 +27,9 @@ use super::raw::{
     DEFAULT_RETRY_THRESHOLD,
 };
 use super::{
-    AccessLog, Admin, Backend, BackendTls, Config, ForwardedMode, HashKey, HealthCheck, Listen,
-    ListenTls, LoadBalancing, Log, LogFormat, PassiveHealth, Proxy, Quic, RetryMode, Route,
-    Steering, Upstream, UpstreamTimeouts, User, XdpMode,
+    AccessLog, Admin, Backend, BackendTls, Config, ControlSocket, ForwardedMode, HashKey,
+    HealthCheck, Listen, ListenTls, LoadBalancing, Log, LogFormat, PassiveHealth, Proxy, Quic,
+    RetryMode, Route, Steering, Upstream, UpstreamTimeouts, User, XdpMode,
 };
 
 /// Why a configuration was refused.
@@ -192,7 +192,7 @@ fn build_config(raw: &RawConfig, io: &Io<'_>, errs: &mut Errors) -> Option<Confi
         },
     );
     let listen = build_listen(&raw.listen, io, errs);
-    let quic = build_quic(&raw.quic, errs);
+    let quic = build_quic(&raw.quic, io, errs);
     let proxy = build_proxy(&raw.proxy, errs);
     let upstreams = upstream::build_upstreams(raw, io, errs);
     let log = build_log(&raw.log, errs);
@@ -218,6 +218,18 @@ fn build_config(raw: &RawConfig, io: &Io<'_>, errs: &mut Errors) -> Option<Confi
         None => Some(None),
         Some(n) => errs.check("workers", int_in(n, 1, 4096)).map(Some),
     };
+    let control_socket = match raw.control_socket.as_deref() {
+        None => Some(ControlSocket::At {
+            path: PathBuf::from(super::DEFAULT_CONTROL_SOCKET),
+            explicit: false,
+        }),
+        Some("off") => Some(ControlSocket::Off),
+        Some("") => errs.check("control_socket", Err("empty (a path, or `off`)".to_owned())),
+        Some(path) => Some(ControlSocket::At {
+            path: io.base.join(path),
+            explicit: true,
+        }),
+    };
     Some(Config {
         version: version?,
         listen: listen?,
@@ -229,6 +241,7 @@ fn build_config(raw: &RawConfig, io: &Io<'_>, errs: &mut Errors) -> Option<Confi
         admin: admin?,
         user: user?,
         workers: workers?,
+        control_socket: control_socket?,
     })
 }
 
@@ -291,7 +304,7 @@ fn build_listen(raw: &RawListen, io: &Io<'_>, errs: &mut Errors) -> Option<Liste
     })
 }
 
-fn build_quic(raw: &RawQuic, errs: &mut Errors) -> Option<Quic> {
+fn build_quic(raw: &RawQuic, io: &Io<'_>, errs: &mut Errors) -> Option<Quic> {
     let idle_timeout = positive_duration(errs, "quic.idle_timeout", &raw.idle_timeout);
     let handshake_timeout =
         positive_duration(errs, "quic.handshake_timeout", &raw.handshake_timeout);
@@ -343,6 +356,7 @@ fn build_quic(raw: &RawQuic, errs: &mut Errors) -> Option<Quic> {
         cid_len: cid_len?,
         server_id: server_id?,
         generation: generation?,
+        key_file: raw.key_file.as_ref().map(|f| io.base.join(f)),
     })
 }
 

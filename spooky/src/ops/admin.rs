@@ -304,6 +304,8 @@ fn status_json(ops: &Ops) -> String {
     let v = serde_json::json!({
         "mode": ops.mode,
         "generation": snapshot.generation,
+        "cid_generation": ops.generation,
+        "pid": std::process::id(),
         "listen": snapshot.config.listen.addr.to_string(),
         "workers": workers,
         "pools": pools,

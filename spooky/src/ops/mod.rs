@@ -8,6 +8,7 @@ pub(crate) mod metrics;
 pub(crate) mod privilege;
 pub mod reload;
 pub mod status;
+pub(crate) mod takeover;
 pub mod telemetry;
 
 use crate::stats::{Metrics, WorkerStats};
@@ -25,6 +26,8 @@ pub(crate) struct Ops {
     pub ebpf: Option<ExtraMetrics>,
     /// The steering mode, as logged at start.
     pub mode: String,
+    /// This process's connection-ID generation.
+    pub generation: u8,
 }
 
 impl Ops {

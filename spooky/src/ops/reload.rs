@@ -19,6 +19,7 @@
 use super::telemetry::LevelReloader;
 use crate::board::HealthBoard;
 use crate::config::{Config, ConfigError};
+use crate::keys::Keys;
 use crate::snapshot::{Follower, QuicConfigError, Snapshot, SnapshotError};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -227,6 +228,9 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     if old.log.access != new.log.access {
         v.push("log.access needs a restart".to_owned());
     }
+    if old.control_socket != new.control_socket {
+        v.push("control_socket needs a restart".to_owned());
+    }
     v
 }
 
@@ -235,6 +239,8 @@ pub struct Reloader {
     path: Option<PathBuf>,
     current: RwLock<Arc<Snapshot>>,
     board: Arc<HealthBoard>,
+    /// The process's random keys, for configurations without `quic.key_file`.
+    own_keys: Keys,
     workers: Vec<Link<WorkerUpdate>>,
     /// Told about every snapshot that became current (the health checker follows).
     on_commit: Follower,
@@ -251,6 +257,7 @@ impl Reloader {
         snapshot: Arc<Snapshot>,
         path: Option<PathBuf>,
         board: Arc<HealthBoard>,
+        own_keys: Keys,
         workers: Vec<Link<WorkerUpdate>>,
         on_commit: Follower,
     ) -> Self {
@@ -258,6 +265,7 @@ impl Reloader {
             path,
             current: RwLock::new(snapshot),
             board,
+            own_keys,
             workers,
             on_commit,
             log_level: Mutex::new(None),
@@ -334,7 +342,12 @@ impl Reloader {
         }
         let level = (old.config.log.level != config.log.level).then(|| config.log.level.clone());
         let generation = old.generation + 1;
-        let next = Arc::new(Snapshot::build(config, &self.board, generation)?);
+        let next = Arc::new(Snapshot::build(
+            config,
+            &self.board,
+            &self.own_keys,
+            generation,
+        )?);
         let updates = (0..self.workers.len())
             .map(|_| {
                 Ok(WorkerUpdate {

@@ -1,5 +1,6 @@
 //! `spooky status`: what a running Spooky's pinned BPF maps say — the steering mode, the
-//! Initial rate limit in force, the workers (CPU, liveness, user-space counters), backend
+//! Initial rate limit in force, the generations in use (the newest process, and during a
+//! takeover the one draining), the workers of each (CPU, liveness, user-space counters), backend
 //! health per pool, and the XDP per-CPU counters — read straight from the pins under
 //! `steering.pin_path`. There is no API of the running process involved: the same numbers are
 //! what `bpftool map dump pinned …` prints.
@@ -11,7 +12,7 @@ use crate::health::HealthState;
 use crate::steering::ebpf::{EbpfError, PinnedMaps};
 use crate::steering::Mode;
 use serde::Serialize;
-use spooky_common::maps::{Counter, CONFIG_MAP};
+use spooky_common::maps::{slot, Counter, CONFIG_MAP, MAX_GENERATIONS};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -55,7 +56,11 @@ pub struct Status {
     pub initial_burst: u32,
     /// Source prefixes the rate limit tracks now (entries of `initial_limits`).
     pub initial_prefixes: usize,
-    /// One row per worker.
+    /// The connection-ID generation new connections go to.
+    pub newest_generation: u8,
+    /// Every generation a live process owns (the newest, and any still draining).
+    pub generations: Vec<GenerationStatus>,
+    /// One row per worker of every generation in use.
     pub workers: Vec<WorkerStatus>,
     /// Backend health, per upstream pool in configuration order.
     pub pools: Vec<PoolStatus>,
@@ -63,11 +68,26 @@ pub struct Status {
     pub counters: Vec<CounterStatus>,
 }
 
+/// One process steering knows: an entry of the `generations` map.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct GenerationStatus {
+    pub generation: u8,
+    pub workers: u32,
+    /// Whether it takes new connections (false: it is draining after a takeover).
+    pub accepting: bool,
+    pub pid: u32,
+    /// Start time, seconds since the epoch.
+    pub started: u32,
+}
+
 /// One worker: the `workers` map, XDP's count of packets placed on it, and the user-space
 /// counters from `worker_counters`.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct WorkerStatus {
+    /// Index among its generation's workers.
     pub index: u32,
+    /// Its entry in the per-worker maps (`spooky_common::maps::slot`).
+    pub slot: u32,
     pub cpu: u32,
     pub alive: bool,
     pub generation: u32,
@@ -135,24 +155,23 @@ pub fn read(pin_path: &Path) -> Result<Status, StatusError> {
         || format!("unknown({})", config.mode),
         |m| m.name().to_string(),
     );
+    let mut generations = Vec::new();
     let mut workers = Vec::new();
-    for index in 0..config.workers {
-        let entry = maps.worker(index)?;
-        let counters = maps.worker_counters(index)?;
-        workers.push(WorkerStatus {
-            index,
-            cpu: entry.cpu,
-            alive: entry.is_alive(),
-            generation: entry.generation,
-            xdp_packets: maps.worker_packets(index)?.iter().sum(),
-            packets_in: counters.packets_in,
-            packets_out: counters.packets_out,
-            misrouted: counters.misrouted,
-            dropped: counters.dropped,
-            connections_accepted: counters.connections_accepted,
-            connections_active: counters.connections_active,
-            requests: counters.requests,
+    for generation in 0..MAX_GENERATIONS as u8 {
+        let entry = maps.generation(generation)?;
+        if entry.live_workers() == 0 {
+            continue;
+        }
+        generations.push(GenerationStatus {
+            generation,
+            workers: entry.live_workers(),
+            accepting: entry.accepting != 0,
+            pid: entry.pid,
+            started: entry.started,
         });
+        for index in 0..entry.live_workers() {
+            workers.push(worker_status(&maps, generation, index)?);
+        }
     }
     let mut pools: Vec<PoolStatus> = Vec::new();
     for (index, entry) in maps.backends()?.iter().enumerate() {
@@ -195,9 +214,32 @@ pub fn read(pin_path: &Path) -> Result<Status, StatusError> {
         initial_rate: config.initial_rate,
         initial_burst: config.initial_burst,
         initial_prefixes: maps.initial_limits().len(),
+        newest_generation: config.generation,
+        generations,
         workers,
         pools,
         counters,
+    })
+}
+
+fn worker_status(maps: &PinnedMaps, generation: u8, index: u32) -> Result<WorkerStatus, EbpfError> {
+    let slot = slot(generation, index);
+    let entry = maps.worker(slot)?;
+    let counters = maps.worker_counters(slot)?;
+    Ok(WorkerStatus {
+        index,
+        slot,
+        cpu: entry.cpu,
+        alive: entry.is_alive(),
+        generation: entry.generation,
+        xdp_packets: maps.worker_packets(slot)?.iter().sum(),
+        packets_in: counters.packets_in,
+        packets_out: counters.packets_out,
+        misrouted: counters.misrouted,
+        dropped: counters.dropped,
+        connections_accepted: counters.connections_accepted,
+        connections_active: counters.connections_active,
+        requests: counters.requests,
     })
 }
 
@@ -227,6 +269,27 @@ pub fn render(status: &Status) -> String {
         )
     };
     let _ = writeln!(out, "initial rate limit: {limit}");
+    let _ = writeln!(
+        out,
+        "\ngenerations (new connections go to {})",
+        status.newest_generation
+    );
+    let _ = writeln!(
+        out,
+        "  {:>3} {:>8} {:<9} {:>8} {:>12}",
+        "gen", "workers", "state", "pid", "started"
+    );
+    for g in &status.generations {
+        let _ = writeln!(
+            out,
+            "  {:>3} {:>8} {:<9} {:>8} {:>12}",
+            g.generation,
+            g.workers,
+            if g.accepting { "accepting" } else { "draining" },
+            g.pid,
+            g.started
+        );
+    }
     let _ = writeln!(out, "\nworkers");
     let _ = writeln!(
         out,

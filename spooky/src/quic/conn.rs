@@ -13,6 +13,11 @@ use quiche::h3;
 use quiche::ConnectionId;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Bounds of the wait between a draining connection's GOAWAY and its close.
+const DRAIN_GRACE_MIN: Duration = Duration::from_millis(100);
+const DRAIN_GRACE_MAX: Duration = Duration::from_secs(2);
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -51,8 +56,11 @@ pub struct Conn {
     pub deadline: Option<Instant>,
     pub touched: bool,
     streams: HashMap<u64, LoopEnd>,
-    goaway_sent: bool,
-    max_request_id: u64,
+    /// When GOAWAY went out (draining): the connection closes no sooner than
+    /// [`Conn::drain_deadline`], so that the client hears it before the close.
+    goaway_sent: Option<Instant>,
+    /// The lowest request stream id not seen yet (the GOAWAY id: 0 before any request).
+    next_request_id: u64,
     /// Streams whose response is fully written but maybe not yet acknowledged: a draining
     /// connection closes only once quiche has collected them.
     lingering: Vec<u64>,
@@ -79,8 +87,8 @@ impl Conn {
             deadline: None,
             touched: false,
             streams: HashMap::new(),
-            goaway_sent: false,
-            max_request_id: 0,
+            goaway_sent: None,
+            next_request_id: 0,
             lingering: Vec::new(),
             heads: PendingHeads::default(),
         }
@@ -131,15 +139,31 @@ impl Conn {
             self.flush_streams(&mut h3c);
         }
         if draining {
-            if !self.goaway_sent {
-                let _ = h3c.send_goaway(&mut self.quic, self.max_request_id + 4);
-                self.goaway_sent = true;
+            if self.goaway_sent.is_none() {
+                let _ = h3c.send_goaway(&mut self.quic, self.next_request_id);
+                self.goaway_sent = Some(now);
             }
-            if self.streams.is_empty() && self.lingering.is_empty() {
+            let quiet = self.streams.is_empty() && self.lingering.is_empty();
+            if quiet && self.drain_deadline().is_some_and(|d| now >= d) {
                 let _ = self.quic.close(true, H3_NO_ERROR, b"");
             }
         }
         self.h3 = Some(h3c);
+    }
+
+    /// Draining: the earliest the connection may close, a little over two round trips after
+    /// its GOAWAY (the GOAWAY reaches the client, and a request the client sent before
+    /// hearing it reaches us: RFC 9114 §5.2 lets the client retry it only if it knows). A
+    /// close sent together with the GOAWAY would drop the GOAWAY (quiche sends nothing but
+    /// CONNECTION_CLOSE once closing), and the client could not tell which request to retry.
+    pub fn drain_deadline(&self) -> Option<Instant> {
+        let rtt = self
+            .quic
+            .path_stats()
+            .next()
+            .map_or(Duration::ZERO, |p| p.rtt);
+        let grace = (rtt * 3).clamp(DRAIN_GRACE_MIN, DRAIN_GRACE_MAX);
+        self.goaway_sent.map(|at| at + grace)
     }
 
     /// When the oldest stream still waiting for its request head runs out of time.
@@ -220,7 +244,7 @@ impl Conn {
         list: &[h3::Header],
         more_frames: bool,
     ) {
-        self.max_request_id = self.max_request_id.max(sid);
+        self.next_request_id = self.next_request_id.max(sid + 4);
         let started = Instant::now();
         fwd.services.stats.requests.fetch_add(1, Ordering::Relaxed);
         let stats = &fwd.services.stats;

@@ -5,14 +5,19 @@
 //! decision asks for (forward, send Version Negotiation or Retry, hand the Initial to quiche).
 //!
 //! The rules, in order:
-//! 1. Whose packet is it? Initial and 0-RTT packets carry the client's DCID: the kernel
-//!    placed them (eBPF tiers) or `steer(DCID)` names the worker (classic BPF). Every other
-//!    packet must carry a DCID we issued, whose worker byte names the owner. A packet owned by
-//!    another worker is forwarded to it (once: a forwarded packet is never forwarded again).
-//! 2. Anything but an Initial for an unknown connection is dropped (a connection that is
-//!    gone, or junk).
+//! 1. Whose packet is it? `spooky_common::cid::place`, the rule the kernel programs follow
+//!    too: a new connection (an Initial without a token) goes to the newest generation, by the
+//!    hash of the DCID the client chose (with eBPF steering the kernel already placed it:
+//!    it is this worker's); any other packet goes to the generation and worker its DCID names
+//!    when it is one of ours. A packet of this process owned by another worker is forwarded
+//!    to it (once: a forwarded packet is never forwarded again); one of another live process
+//!    (a takeover in progress) is dropped, never reset.
+//! 2. A short-header packet for a connection nobody has — gone, or of a process that crashed
+//!    or finished — gets a Stateless Reset (RFC 9000 §10.3): 43 bytes, only in answer to a
+//!    larger packet (so never to a reset), at most [`RESETS_PER_SEC`] per second per worker.
+//!    Other packets for unknown connections are dropped.
 //! 3. An unsupported version gets Version Negotiation.
-//! 4. A draining endpoint takes no new connection.
+//! 4. A draining endpoint takes no new connection, except one answering a Retry it sent.
 //! 5. An Initial must come in a datagram of at least 1200 bytes (RFC 9000 §14.1).
 //! 6. Connection limits: this worker's share of `quic.max_connections` and of
 //!    `quic.max_connections_per_ip`.
@@ -20,10 +25,11 @@
 //!    `quic.retry` asks for it (always, or above a new-connection rate).
 //! 8. Otherwise: accept.
 
-use super::token::{self, TokenKey};
+use super::token;
 use crate::config::RetryMode;
+use crate::keys::KeyRing;
 use quiche::{ConnectionId, Header, Type};
-use spooky_common::cid::{steer, CidLayout};
+use spooky_common::cid::{self, Arrival, CidLayout, Place};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -32,6 +38,10 @@ use std::time::{Duration, Instant};
 pub const MIN_INITIAL_DATAGRAM: usize = 1200;
 /// How long a Retry token stays valid.
 pub const TOKEN_LIFETIME: Duration = Duration::from_secs(30);
+/// Bytes of a Stateless Reset we send; we answer only larger packets with one.
+pub const RESET_LEN: usize = 43;
+/// Stateless Resets a worker sends per second at most (and in one burst).
+pub const RESETS_PER_SEC: u32 = 1000;
 
 /// The time, as the endpoint needs it: a monotonic instant for rates, Unix seconds for
 /// tokens (which outlive the process's clock).
@@ -88,6 +98,11 @@ pub enum DropReason {
     InvalidToken,
     /// The endpoint is shutting down and takes no new connection.
     Draining,
+    /// Another live process owns it (its generation): never ours to answer.
+    OtherGeneration,
+    /// A Stateless Reset was due, but the packet is too small to answer or the reset rate
+    /// is spent.
+    ResetWithheld,
 }
 
 /// Why a new connection was refused.
@@ -113,6 +128,10 @@ pub enum Decision {
     Retry {
         token: Vec<u8>,
     },
+    /// Answer with a Stateless Reset of [`RESET_LEN`] bytes ending in this token.
+    Reset {
+        token: u128,
+    },
     Refuse(Refusal),
     /// Accept a new connection. `odcid` is set when the client came back with a valid Retry
     /// token: the original DCID, and the packet's DCID is the CID we chose in the Retry.
@@ -121,11 +140,43 @@ pub enum Decision {
     },
 }
 
+/// The processes steering knows, as one endpoint sees them: its own generation, the newest
+/// one (where new connections go), and the workers of every live generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Generations {
+    pub own: u8,
+    pub newest: u8,
+    /// Workers of the live process of each generation; 0 for generations nobody owns.
+    pub workers: [u32; 8],
+}
+
+impl Generations {
+    /// A process alone: generation `own` with `workers` workers.
+    pub fn alone(own: u8, workers: usize) -> Self {
+        let mut w = [0; 8];
+        if let Some(slot) = w.get_mut(usize::from(own)) {
+            *slot = u32::try_from(workers).unwrap_or(u32::MAX);
+        }
+        Self {
+            own,
+            newest: own,
+            workers: w,
+        }
+    }
+
+    fn workers_of(&self, generation: u8) -> u32 {
+        self.workers
+            .get(usize::from(generation))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
 /// One worker's admission state.
 #[derive(Debug)]
 pub struct Endpoint {
     worker: usize,
-    workers: usize,
+    generations: Generations,
     kernel_places_initials: bool,
     layout: CidLayout,
     limits: Limits,
@@ -133,16 +184,18 @@ pub struct Endpoint {
     per_address: HashMap<IpAddr, u32>,
     /// Start of the current one-second window and the connections accepted in it.
     window: (Instant, u32),
+    /// Start of the current one-second window and the Stateless Resets sent in it.
+    resets: (Instant, u32),
     draining: bool,
 }
 
 impl Endpoint {
-    /// Worker `worker` of `workers`. `kernel_places_initials`: an eBPF program places
-    /// client-chosen DCIDs (skipping dead workers), so an Initial that reaches this worker is
-    /// this worker's.
+    /// Worker `worker` of the process of `generations.own`, whose connection IDs have
+    /// `layout`. `kernel_places_initials`: an eBPF program places new connections (skipping
+    /// dead workers), so a new connection that reaches this worker is this worker's.
     pub fn new(
         worker: usize,
-        workers: usize,
+        generations: Generations,
         kernel_places_initials: bool,
         layout: CidLayout,
         limits: Limits,
@@ -150,15 +203,21 @@ impl Endpoint {
     ) -> Self {
         Self {
             worker,
-            workers: workers.max(1),
+            generations,
             kernel_places_initials,
             layout,
             limits,
             open: 0,
             per_address: HashMap::new(),
             window: (now, 0),
+            resets: (now, 0),
             draining: false,
         }
+    }
+
+    /// The processes steering knows changed (a takeover began or ended).
+    pub fn set_generations(&mut self, generations: Generations) {
+        self.generations = generations;
     }
 
     /// New limits (a configuration reload); open connections stay.
@@ -202,31 +261,46 @@ impl Endpoint {
         datagram_len: usize,
         from: SocketAddr,
         forwarded: bool,
-        key: &TokenKey,
+        keys: &KeyRing,
         now: Now,
     ) -> Decision {
-        let client_chosen = matches!(hdr.ty, Type::Initial | Type::ZeroRTT);
-        let owner = if client_chosen && self.kernel_places_initials {
-            Some(self.worker)
-        } else if client_chosen {
-            Some(steer(&self.layout, &hdr.dcid, self.workers as u32) as usize)
+        let given = hdr.token.as_deref().unwrap_or(&[]);
+        let arrival = if hdr.ty == Type::Initial && given.is_empty() {
+            Arrival::NewConnection
         } else {
-            self.layout
-                .worker_of(&hdr.dcid)
-                .map(usize::from)
-                .filter(|w| *w < self.workers)
+            Arrival::Existing
         };
-        match owner {
-            Some(owner) if owner != self.worker && !forwarded => {
-                return Decision::Forward { owner };
+        let own = self.generations.own;
+        let place = if arrival == Arrival::NewConnection && self.kernel_places_initials {
+            Place::Worker {
+                generation: self.generations.newest,
+                worker: self.worker as u32,
+                by_cid: false,
             }
-            Some(_) if hdr.ty == Type::Initial => {}
+        } else {
+            let g = &self.generations;
+            cid::place(&self.layout, &hdr.dcid, arrival, g.newest, |x| {
+                g.workers_of(x)
+            })
+        };
+        match place {
+            Place::Worker { generation, .. } if generation != own => {
+                return Decision::Drop(DropReason::OtherGeneration);
+            }
+            Place::Worker { worker, .. } if worker as usize != self.worker && !forwarded => {
+                return Decision::Forward {
+                    owner: worker as usize,
+                };
+            }
+            _ if hdr.ty == Type::Short => return self.reset(&hdr.dcid, datagram_len, keys, now),
+            Place::Worker { .. } if hdr.ty == Type::Initial => {}
             _ => return Decision::Drop(DropReason::UnknownConnection),
         }
         if !quiche::version_is_supported(hdr.version) {
             return Decision::NegotiateVersion;
         }
-        if self.draining {
+        if self.draining && (given.is_empty() || self.layout.generation_of(&hdr.dcid) != Some(own))
+        {
             return Decision::Drop(DropReason::Draining);
         }
         if datagram_len < MIN_INITIAL_DATAGRAM {
@@ -242,22 +316,41 @@ impl Endpoint {
         {
             return Decision::Refuse(Refusal::PerAddress);
         }
-        let given = hdr.token.as_deref().unwrap_or(&[]);
         let odcid = if given.is_empty() {
             if self.retry_wanted(now.instant) {
                 return Decision::Retry {
-                    token: token::mint(key, &hdr.dcid, &from, now.unix_secs),
+                    token: token::mint(keys, &hdr.dcid, &from, now.unix_secs),
                 };
             }
             None
         } else {
-            match token::validate(key, given, &from, now.unix_secs, TOKEN_LIFETIME) {
+            match token::validate(keys, given, &from, now.unix_secs, TOKEN_LIFETIME) {
                 Ok(odcid) => Some(odcid),
                 Err(_) => return Decision::Drop(DropReason::InvalidToken),
             }
         };
         self.count_new_connection(now.instant);
         Decision::Accept { odcid }
+    }
+
+    /// A Stateless Reset for `dcid`, when the packet is large enough to answer and the rate
+    /// allows.
+    fn reset(&mut self, dcid: &[u8], datagram_len: usize, keys: &KeyRing, now: Now) -> Decision {
+        let (start, sent) = self.resets;
+        let (start, sent) =
+            if now.instant.saturating_duration_since(start) >= Duration::from_secs(1) {
+                (now.instant, 0)
+            } else {
+                (start, sent)
+            };
+        if datagram_len <= RESET_LEN || sent >= RESETS_PER_SEC {
+            self.resets = (start, sent);
+            return Decision::Drop(DropReason::ResetWithheld);
+        }
+        self.resets = (start, sent + 1);
+        Decision::Reset {
+            token: token::reset_token(keys, dcid),
+        }
     }
 
     fn retry_wanted(&self, now: Instant) -> bool {

@@ -1,5 +1,5 @@
 //! Address-validation tokens (Retry) and stateless-reset tokens, sans-IO: the time is passed
-//! in, the key is the caller's.
+//! in, the keys are the caller's ([`KeyRing`], from the key file).
 //!
 //! A Retry token is `unix seconds (8) | odcid length (1) | odcid | tag (16)`, the tag a
 //! truncated HMAC-SHA256 over everything before it and the client's address and port, so a
@@ -7,6 +7,7 @@
 //! for `lifetime` after it was minted. A stateless-reset token is the HMAC of one of our
 //! connection IDs under a label of its own.
 
+use crate::keys::KeyRing;
 use quiche::ConnectionId;
 use ring::hmac;
 use std::net::SocketAddr;
@@ -16,25 +17,6 @@ use std::time::Duration;
 const TAG_LEN: usize = 16;
 /// Longest connection ID a token can carry (QUIC v1).
 const MAX_ODCID: usize = 20;
-
-/// The process's token key (HMAC-SHA256).
-pub struct TokenKey(hmac::Key);
-
-impl TokenKey {
-    /// A fresh random key.
-    ///
-    /// # Errors
-    /// When the system has no randomness to give.
-    pub fn generate(rng: &dyn ring::rand::SecureRandom) -> Result<Self, ring::error::Unspecified> {
-        hmac::Key::generate(hmac::HMAC_SHA256, rng).map(Self)
-    }
-
-    /// A key from raw bytes (tests).
-    #[cfg(test)]
-    pub fn from_bytes(bytes: &[u8]) -> Self {
-        Self(hmac::Key::new(hmac::HMAC_SHA256, bytes))
-    }
-}
 
 fn address_bytes(addr: &SocketAddr) -> ([u8; 18], usize) {
     let mut out = [0u8; 18];
@@ -52,23 +34,23 @@ fn address_bytes(addr: &SocketAddr) -> ([u8; 18], usize) {
     (out, n + 2)
 }
 
-fn tag(key: &TokenKey, body: &[u8], peer: &SocketAddr) -> hmac::Tag {
+fn tag(key: &hmac::Key, body: &[u8], peer: &SocketAddr) -> hmac::Tag {
     let (addr, len) = address_bytes(peer);
-    let mut ctx = hmac::Context::with_key(&key.0);
+    let mut ctx = hmac::Context::with_key(key);
     ctx.update(body);
     ctx.update(&addr[..len]);
     ctx.sign()
 }
 
 /// A Retry token for a client at `peer` whose first Initial carried `odcid`, minted at
-/// `now_unix` (seconds since the epoch).
-pub fn mint(key: &TokenKey, odcid: &[u8], peer: &SocketAddr, now_unix: u64) -> Vec<u8> {
+/// `now_unix` (seconds since the epoch) with the current token key.
+pub fn mint(keys: &KeyRing, odcid: &[u8], peer: &SocketAddr, now_unix: u64) -> Vec<u8> {
     let odcid = &odcid[..odcid.len().min(MAX_ODCID)];
     let mut t = Vec::with_capacity(8 + 1 + odcid.len() + TAG_LEN);
     t.extend_from_slice(&now_unix.to_be_bytes());
     t.push(odcid.len() as u8);
     t.extend_from_slice(odcid);
-    let tag = tag(key, &t, peer);
+    let tag = tag(&keys.token, &t, peer);
     t.extend_from_slice(&tag.as_ref()[..TAG_LEN]);
     t
 }
@@ -84,13 +66,13 @@ pub enum TokenError {
     Expired,
 }
 
-/// The original DCID carried by `token`, when it is ours, was minted for `peer`, and is at
-/// most `lifetime` old at `now_unix`.
+/// The original DCID carried by `token`, when it is ours (minted with the current or the
+/// previous token key), was minted for `peer`, and is at most `lifetime` old at `now_unix`.
 ///
 /// # Errors
 /// [`TokenError`] naming why the token is refused.
 pub fn validate(
-    key: &TokenKey,
+    keys: &KeyRing,
     token: &[u8],
     peer: &SocketAddr,
     now_unix: u64,
@@ -107,13 +89,16 @@ pub fn validate(
         return Err(TokenError::Malformed);
     }
     let (body, given) = token.split_at(body_len);
-    let want = tag(key, body, peer);
-    // Constant time over the truncated tag.
-    let diff = want.as_ref()[..TAG_LEN]
-        .iter()
-        .zip(given)
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-    if diff != 0 {
+    let matches = |key: &hmac::Key| {
+        let want = tag(key, body, peer);
+        // Constant time over the truncated tag.
+        want.as_ref()[..TAG_LEN]
+            .iter()
+            .zip(given)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    };
+    if !matches(&keys.token) && !keys.previous_token.as_ref().is_some_and(matches) {
         return Err(TokenError::Forged);
     }
     if minted > now_unix || now_unix - minted > lifetime.as_secs() {
@@ -123,8 +108,8 @@ pub fn validate(
 }
 
 /// The stateless-reset token of one of our connection IDs.
-pub fn reset_token(key: &TokenKey, cid: &[u8]) -> u128 {
-    let mut ctx = hmac::Context::with_key(&key.0);
+pub fn reset_token(keys: &KeyRing, cid: &[u8]) -> u128 {
+    let mut ctx = hmac::Context::with_key(&keys.reset);
     ctx.update(b"reset");
     ctx.update(cid);
     let tag = ctx.sign();
@@ -136,12 +121,25 @@ pub fn reset_token(key: &TokenKey, cid: &[u8]) -> u128 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys::Keys;
 
     const NOW: u64 = 1_764_000_000;
     const LIFE: Duration = Duration::from_secs(30);
 
-    fn key() -> TokenKey {
-        TokenKey::from_bytes(b"a fixed test key of thirty-two b")
+    fn keys(text_token: &str) -> KeyRing {
+        let hex = |c: &str| c.repeat(64);
+        KeyRing::from(
+            &Keys::parse(&format!(
+                "reset: {}\ntoken: {}\n",
+                hex("a"),
+                hex(text_token)
+            ))
+            .unwrap(),
+        )
+    }
+
+    fn key() -> KeyRing {
+        keys("1")
     }
 
     fn peer() -> SocketAddr {
@@ -174,9 +172,8 @@ mod tests {
             validate(&key(), &t, &v6, NOW, LIFE),
             Err(TokenError::Forged)
         );
-        let other_key = TokenKey::from_bytes(b"another key");
         assert_eq!(
-            validate(&other_key, &t, &peer(), NOW, LIFE),
+            validate(&keys("2"), &t, &peer(), NOW, LIFE),
             Err(TokenError::Forged)
         );
         assert_eq!(
@@ -186,6 +183,27 @@ mod tests {
         assert_eq!(
             validate(&key(), &t, &peer(), NOW - 1, LIFE),
             Err(TokenError::Expired)
+        );
+    }
+
+    #[test]
+    fn the_previous_key_is_accepted_until_the_next_rotation() {
+        let rng = ring::rand::SystemRandom::new();
+        let first = Keys::generate(&rng).unwrap();
+        let once = first.rotated(&rng).unwrap();
+        let twice = once.rotated(&rng).unwrap();
+        let t = mint(&KeyRing::from(&first), &[7; 8], &peer(), NOW);
+        assert!(validate(&KeyRing::from(&first), &t, &peer(), NOW, LIFE).is_ok());
+        assert!(validate(&KeyRing::from(&once), &t, &peer(), NOW, LIFE).is_ok());
+        assert_eq!(
+            validate(&KeyRing::from(&twice), &t, &peer(), NOW, LIFE),
+            Err(TokenError::Forged)
+        );
+        // New tokens are minted with the newest key only.
+        let newer = mint(&KeyRing::from(&once), &[7; 8], &peer(), NOW);
+        assert_eq!(
+            validate(&KeyRing::from(&first), &newer, &peer(), NOW, LIFE),
+            Err(TokenError::Forged)
         );
     }
 
@@ -215,10 +233,10 @@ mod tests {
     }
 
     #[test]
-    fn reset_tokens_differ_per_cid_and_key() {
+    fn reset_tokens_differ_per_cid_and_key_and_ignore_the_token_key() {
         let a = reset_token(&key(), &[1; 16]);
         assert_eq!(a, reset_token(&key(), &[1; 16]));
         assert_ne!(a, reset_token(&key(), &[2; 16]));
-        assert_ne!(a, reset_token(&TokenKey::from_bytes(b"other"), &[1; 16]));
+        assert_eq!(a, reset_token(&keys("2"), &[1; 16]), "same reset key");
     }
 }

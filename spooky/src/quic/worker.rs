@@ -11,13 +11,14 @@
 //! two phases of [`crate::ops::reload::switch`].
 
 use super::conn::{BytesFactory, Conn};
-use super::endpoint::{Decision, DropReason, Endpoint, Limits, Now};
+use super::endpoint::{Decision, DropReason, Endpoint, Generations, Limits, Now, RESET_LEN};
 use super::send::{Sender, MAX_DATAGRAM};
-use super::token::{self, TokenKey};
+use super::token;
 use super::udp;
 use crate::http::{Forwarder, Services};
 use crate::ops::reload::{Answer, Command, WorkerUpdate};
 use crate::snapshot::Snapshot;
+use crate::steering::{self, ProbeBoard};
 use quiche::ConnectionId;
 use spooky_common::CidLayout;
 use std::collections::{BTreeSet, HashMap};
@@ -44,7 +45,6 @@ pub struct WorkerSetup {
     pub socket: std::net::UdpSocket,
     pub cpu: Option<usize>,
     pub layout: CidLayout,
-    pub token_key: Arc<TokenKey>,
     pub rng: ring::rand::SystemRandom,
     /// What its request tasks use for the whole process.
     pub services: Services,
@@ -58,6 +58,10 @@ pub struct WorkerSetup {
     /// eBPF steering is in force: the kernel places client-chosen DCIDs (skipping workers
     /// marked dead), so an Initial that reaches this worker is this worker's.
     pub kernel_places_initials: bool,
+    /// The processes steering knows (this one, and one it takes over from or hands over to).
+    pub generations: watch::Receiver<Generations>,
+    /// Where probes of the classic BPF tier are reported.
+    pub probes: Arc<ProbeBoard>,
 }
 
 /// Why a worker could not run.
@@ -134,7 +138,6 @@ struct Worker {
     local: SocketAddr,
     endpoint: Endpoint,
     layout: CidLayout,
-    token_key: Arc<TokenKey>,
     rng: ring::rand::SystemRandom,
     /// Connections by slot. Boxed: a `Conn` (with its quiche connection) is kilobytes, and
     /// a slab of them inline would grow by copying and keep up to twice the room it needs.
@@ -147,6 +150,8 @@ struct Worker {
     peers: Vec<mpsc::Sender<Forwarded>>,
     shutdown: watch::Receiver<bool>,
     commands: mpsc::UnboundedReceiver<Command<WorkerUpdate>>,
+    generations: watch::Receiver<Generations>,
+    probes: Arc<ProbeBoard>,
     draining: Option<Instant>,
     recv_buf: udp::RecvBatch,
     touched: Vec<usize>,
@@ -168,6 +173,7 @@ impl Worker {
             .h3_config()
             .map_err(|source| WorkerError::H3 { worker, source })?;
         let services = Rc::new(setup.services);
+        let generations = *setup.generations.borrow();
         let limits = Limits::share(&setup.snapshot.config.quic, setup.workers);
         let fwd = Rc::new(Forwarder::new(services.clone(), setup.snapshot, None));
         Ok(Self {
@@ -183,14 +189,13 @@ impl Worker {
             local,
             endpoint: Endpoint::new(
                 worker,
-                setup.workers,
+                generations,
                 setup.kernel_places_initials,
                 setup.layout,
                 limits,
                 Instant::now(),
             ),
             layout: setup.layout,
-            token_key: setup.token_key,
             rng: setup.rng,
             conns: Vec::new(),
             free: Vec::new(),
@@ -201,6 +206,8 @@ impl Worker {
             peers: setup.peers,
             shutdown: setup.shutdown,
             commands: setup.commands,
+            generations: setup.generations,
+            probes: setup.probes,
             draining: None,
             recv_buf: udp::RecvBatch::new(MAX_DATAGRAM),
             touched: Vec::new(),
@@ -222,6 +229,13 @@ impl Worker {
                 }
                 () = services.wakeup.notified() => {}
                 Some(cmd) = self.commands.recv() => self.on_command(cmd),
+                r = self.generations.changed() => {
+                    if r.is_ok() {
+                        let g = *self.generations.borrow_and_update();
+                        tracing::debug!(worker = self.index, ?g, "generations changed");
+                        self.endpoint.set_generations(g);
+                    }
+                }
                 Some(fwd) = self.inbox.recv() => {
                     let mut data = fwd.data;
                     self.on_datagram(&mut data, fwd.from, true);
@@ -344,6 +358,13 @@ impl Worker {
     /// connection, or whatever the endpoint decides.
     fn on_datagram(&mut self, data: &mut [u8], from: SocketAddr, forwarded: bool) {
         let len = data.len();
+        // Probes of the classic BPF tier (QUIC never starts with a zero byte).
+        if data.first() == Some(&0) {
+            if let Some(index) = steering::probe_index(data) {
+                self.probes.report(index, self.index);
+                return;
+            }
+        }
         let hdr = match quiche::Header::from_slice(data, self.layout.cid_len()) {
             Ok(h) => h,
             Err(_) => {
@@ -355,12 +376,20 @@ impl Worker {
             let _ = self.feed(slot, data, from);
             return;
         }
-        let decision =
-            self.endpoint
-                .admit(&hdr, len, from, forwarded, &self.token_key, Now::read());
+        let decision = self.endpoint.admit(
+            &hdr,
+            len,
+            from,
+            forwarded,
+            &self.cur.fwd.snapshot.keys,
+            Now::read(),
+        );
         let stats = &self.services.stats;
         match decision {
             Decision::Drop(DropReason::Draining) => {}
+            Decision::Drop(DropReason::OtherGeneration) => {
+                stats.foreign.fetch_add(1, Ordering::Relaxed);
+            }
             Decision::Drop(_) => {
                 stats.dropped.fetch_add(1, Ordering::Relaxed);
             }
@@ -382,6 +411,16 @@ impl Worker {
             Decision::Refuse(reason) => {
                 stats.refused.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(client = %from.ip(), ?reason, "connection refused");
+            }
+            Decision::Reset { token } => {
+                let out = &mut self.tx.out[..RESET_LEN];
+                let _ = ring::rand::SecureRandom::fill(&self.rng, &mut out[..RESET_LEN - 16]);
+                // A short header: form bit clear, fixed bit set, the rest unpredictable.
+                out[0] = 0x40 | (out[0] & 0x3f);
+                out[RESET_LEN - 16..].copy_from_slice(&token.to_be_bytes());
+                self.tx.send_now(RESET_LEN, from);
+                stats.resets_sent.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(worker = self.index, peer = %from, "stateless reset sent");
             }
             Decision::Retry { token } => {
                 let new_scid = self.new_cid();
@@ -429,6 +468,9 @@ impl Worker {
         } else {
             self.new_cid()
         };
+        // The first connection ID's reset token goes in the transport parameters.
+        let reset = token::reset_token(&self.cur.fwd.snapshot.keys, &scid);
+        self.cur.qconfig.set_stateless_reset_token(Some(reset));
         let quic = match quiche::accept_with_buf_factory::<BytesFactory>(
             &scid,
             odcid.as_ref(),
@@ -545,8 +587,12 @@ impl Worker {
                 continue;
             }
             let mut deadline = conn.quic.timeout_instant();
-            if let Some(h) = conn.head_deadline(quic_cfg.request_header_timeout) {
-                deadline = Some(deadline.map_or(h, |d| d.min(h)));
+            // A draining connection wakes up to close when its GOAWAY grace ends (past it,
+            // the last stream's end closes it).
+            let draining = conn.drain_deadline().filter(|d| *d > Instant::now());
+            let head = conn.head_deadline(quic_cfg.request_header_timeout);
+            for d in [head, draining].into_iter().flatten() {
+                deadline = Some(deadline.map_or(d, |x| x.min(d)));
             }
             if !conn.quic.is_established() {
                 if Instant::now() >= conn.handshake_deadline {
@@ -582,7 +628,7 @@ impl Worker {
         }
         while conn.quic.scids_left() > 0 && conn.aliases.len() < 8 {
             let cid = self.new_cid();
-            let reset = token::reset_token(&self.token_key, &cid);
+            let reset = token::reset_token(&self.cur.fwd.snapshot.keys, &cid);
             if conn.quic.new_scid(&cid, reset, false).is_err() {
                 break;
             }

@@ -17,14 +17,18 @@ use aya::{
         ReusePortSockArray,
     },
     pin::PinError,
-    programs::{xdp::XdpLinkId, ProgramError, SkReuseport, Xdp, XdpMode},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+        ProgramError, SkReuseport, Xdp, XdpMode,
+    },
     Ebpf, EbpfLoader, TestRun, TestRunOptions,
 };
 use spooky_common::maps::{
-    BackendEntry, Counter, InitialBucket, SourcePrefix, SteeringConfig, WorkerCounters,
-    WorkerEntry, BACKENDS_MAP, CONFIG_MAP, COUNTER_COUNT, CPUS_MAP, INITIAL_LIMITS_MAP,
-    MAX_WORKERS, REUSEPORT_PROGRAM, SOCKETS_MAP, STATS_MAP, WORKERS_MAP, WORKER_COUNTERS_MAP,
-    WORKER_STATS_MAP, XDP_PROGRAM,
+    BackendEntry, Counter, GenerationEntry, InitialBucket, SourcePrefix, SteeringConfig,
+    WorkerCounters, WorkerEntry, BACKENDS_MAP, CONFIG_MAP, COUNTER_COUNT, CPUS_MAP,
+    GENERATIONS_MAP, INITIAL_LIMITS_MAP, PINNED_MAPS, REUSEPORT_PROGRAM, SLOTS, SOCKETS_MAP,
+    STATS_MAP, WORKERS_MAP, WORKER_COUNTERS_MAP, WORKER_STATS_MAP, XDP_PROGRAM,
 };
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
@@ -103,6 +107,9 @@ pub enum EbpfError {
         #[source]
         source: MapError,
     },
+    /// Handing the XDP link from one process to the next failed.
+    #[error("XDP link: {0}")]
+    Link(String),
 }
 
 /// An XDP verdict (`enum xdp_action`).
@@ -240,15 +247,37 @@ impl EbpfPrograms {
         Self::load_from(OBJECT)
     }
 
+    /// Loads the embedded [`OBJECT`] onto the maps pinned under `dir` (each at `dir/NAME`):
+    /// maps already pinned there are reused — a process taking over shares its
+    /// predecessor's sockets, workers and limits — and the others are created and pinned.
+    ///
+    /// # Errors
+    /// As [`Self::load`], and when a pin cannot be made.
+    pub fn load_pinned(dir: &Path) -> Result<Self, EbpfError> {
+        let paths: Vec<(&'static str, PathBuf)> = PINNED_MAPS
+            .iter()
+            .map(|name| (*name, dir.join(name)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        Self::load_with(&mut loader, OBJECT)
+    }
+
     /// [`Self::load`] for an object given as bytes.
     ///
     /// # Errors
     /// As [`Self::load`].
     pub fn load_from(object: &[u8]) -> Result<Self, EbpfError> {
+        Self::load_with(&mut EbpfLoader::new(), object)
+    }
+
+    fn load_with(loader: &mut EbpfLoader<'_>, object: &[u8]) -> Result<Self, EbpfError> {
         if object.is_empty() {
             return Err(EbpfError::ObjectMissing);
         }
-        let ebpf = EbpfLoader::new().load(object).map_err(EbpfError::Load)?;
+        let ebpf = loader.load(object).map_err(EbpfError::Load)?;
         let mut programs = Self { ebpf };
         programs
             .xdp_mut()?
@@ -317,6 +346,40 @@ impl EbpfPrograms {
         let mut map: Array<&mut MapData, SteeringConfig> = self.map_mut(CONFIG_MAP)?;
         map.set(0, config, 0)
             .map_err(|source| map_error(CONFIG_MAP, source))
+    }
+
+    /// The steering configuration (`config[0]`).
+    ///
+    /// # Errors
+    /// [`EbpfError::Map`] / [`EbpfError::MapMissing`] when the map cannot be read.
+    pub fn config(&self) -> Result<SteeringConfig, EbpfError> {
+        let map: Array<&MapData, SteeringConfig> = self.map(CONFIG_MAP)?;
+        map.get(&0, 0)
+            .map_err(|source| map_error(CONFIG_MAP, source))
+    }
+
+    /// Writes the entry of `generation` (`generations[generation]`).
+    ///
+    /// # Errors
+    /// [`EbpfError::Map`] when the write fails.
+    pub fn set_generation(
+        &mut self,
+        generation: u8,
+        entry: &GenerationEntry,
+    ) -> Result<(), EbpfError> {
+        let mut map: Array<&mut MapData, GenerationEntry> = self.map_mut(GENERATIONS_MAP)?;
+        map.set(u32::from(generation), entry, 0)
+            .map_err(|source| map_error(GENERATIONS_MAP, source))
+    }
+
+    /// The entry of `generation`.
+    ///
+    /// # Errors
+    /// [`EbpfError::Map`] when the map cannot be read.
+    pub fn generation(&self, generation: u8) -> Result<GenerationEntry, EbpfError> {
+        let map: Array<&MapData, GenerationEntry> = self.map(GENERATIONS_MAP)?;
+        map.get(&u32::from(generation), 0)
+            .map_err(|source| map_error(GENERATIONS_MAP, source))
     }
 
     /// Writes worker `index`'s entry (`workers[index]`).
@@ -466,6 +529,40 @@ impl EbpfPrograms {
     pub fn attach_xdp(&mut self, iface: &str, mode: XdpMode) -> Result<XdpLinkId, EbpfError> {
         self.xdp_mut()?
             .attach(iface, mode)
+            .map_err(|source| program_error(XDP_PROGRAM, source))
+    }
+
+    /// Pins the XDP link `link` at `path` and lets go of it: the link (and so the program on
+    /// the interface) outlives this process until a successor adopts it
+    /// ([`Self::adopt_xdp_link`]).
+    ///
+    /// # Errors
+    /// [`EbpfError::Program`] / [`EbpfError::Pin`] when the link cannot be taken or pinned.
+    pub fn pin_xdp_link(&mut self, link: XdpLinkId, path: &Path) -> Result<(), EbpfError> {
+        let link = self
+            .xdp_mut()?
+            .take_link(link)
+            .map_err(|source| program_error(XDP_PROGRAM, source))?;
+        let fd_link = FdLink::try_from(link).map_err(|e| EbpfError::Link(e.to_string()))?;
+        fd_link.pin(path).map_err(|source| EbpfError::Pin {
+            name: XDP_PROGRAM,
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(())
+    }
+
+    /// Takes the XDP link pinned at `path` by a predecessor and puts this object's XDP
+    /// program on it, atomically (`BPF_LINK_UPDATE`: the interface is never without one).
+    ///
+    /// # Errors
+    /// [`EbpfError::Link`] when there is no such link or the kernel refuses the update.
+    pub fn adopt_xdp_link(&mut self, path: &Path) -> Result<XdpLinkId, EbpfError> {
+        let pinned = PinnedLink::from_pin(path).map_err(|e| EbpfError::Link(e.to_string()))?;
+        let fd_link = pinned.unpin().map_err(|e| EbpfError::Link(e.to_string()))?;
+        let link = XdpLink::try_from(fd_link).map_err(|e| EbpfError::Link(e.to_string()))?;
+        self.xdp_mut()?
+            .attach_to_link(link)
             .map_err(|source| program_error(XDP_PROGRAM, source))
     }
 

@@ -1,21 +1,23 @@
-//! Kernel steering of QUIC packets to the worker that owns their connection: choosing the
-//! tier, attaching it, and undoing it on shutdown (see the tiers in `docs/architecture.md`
-//! and the operator's view in `docs/ebpf.md`).
+//! Kernel steering of QUIC packets to the process and worker that own their connection:
+//! choosing the tier, attaching it, handing it over to a successor, and undoing it on
+//! shutdown (see the tiers in `docs/architecture.md`, the operator's view in `docs/ebpf.md`,
+//! upgrades in `docs/upgrades.md`).
 //!
-//! - Classic BPF (always available, no privilege): a program on the SO_REUSEPORT group that
-//!   returns the worker index read from the DCID's worker byte (short headers, and long
-//!   headers whose DCID is one of ours), or `fnv1a32(DCID) % workers` for client-chosen
-//!   DCIDs — the same decision as [`spooky_common::cid::steer`], which the unit tests check by
-//!   running the program in an interpreter here. A packet that still lands on the wrong worker
-//!   is forwarded in user space and counted as misrouted.
-//! - eBPF (root): the `spooky_reuseport` program picks the worker's socket from the
-//!   `sockets` map and skips workers marked dead in `workers`; with an interface, XDP also
-//!   runs there and redirects each QUIC packet to its worker's CPU. The maps are pinned under
-//!   `steering.pin_path` while Spooky runs; a thread mirrors the workers' user-space counters
-//!   into `worker_counters`, and the health checker mirrors backend health into `backends`.
-//!   The XDP program also rate-limits client Initials per source prefix
-//!   (`steering.initial_rate` / `initial_burst`, written into the `config` map here), and its
-//!   per-CPU counters feed `/metrics` through [`Steering::ebpf_metrics`].
+//! Every tier follows one placement rule, `spooky_common::cid::place`: a packet whose DCID is
+//! one of ours goes to the process of the generation it names (the one draining keeps its
+//! connections) and the worker it names; a new connection goes to the newest process.
+//!
+//! - Classic BPF (always available, no privilege): [`cbpf`]'s program on the SO_REUSEPORT
+//!   group returns the owning socket's index in the group ([`classic`] keeps its table
+//!   true across takeovers). A packet that still lands on the wrong worker is forwarded in
+//!   user space and counted as misrouted.
+//! - eBPF (root, [`kernel`]): the `spooky_reuseport` program picks the socket from the
+//!   `sockets` map by (generation, worker) and skips workers marked dead; with an interface,
+//!   XDP also runs there and redirects each QUIC packet to its worker's CPU. The maps are
+//!   pinned under `steering.pin_path`; a thread mirrors the workers' user-space counters into
+//!   `worker_counters`, and the health checker mirrors backend health into `backends`. The
+//!   XDP program also rate-limits client Initials per source prefix, and its per-CPU counters
+//!   feed `/metrics` through [`Steering::ebpf_metrics`].
 //!
 //! The only automatic choice is the unprivileged default: without `--iface`, when the eBPF
 //! object cannot be loaded (not root, BPF unavailable), classic BPF is used and the reason
@@ -24,30 +26,25 @@
 pub mod ebpf;
 
 mod cbpf;
+mod classic;
+mod kernel;
 mod pins;
 
-pub use cbpf::{interpret, reuseport_program, Insn};
-
-use crate::config::XdpMode;
-use crate::stats::WorkerStats;
-use cbpf::attach_cbpf;
-use ebpf::{BackendsMap, EbpfError, EbpfPrograms, StatsReader, WorkerCountersMap};
-use pins::Pins;
-use spooky_common::maps::{
-    SteeringConfig, WorkerCounters, WorkerEntry, FLAG_REDIRECT_CPU, MODE_SK_REUSEPORT,
-    MODE_XDP_GENERIC, MODE_XDP_NATIVE,
+pub use cbpf::{
+    interpret, probe, probe_index, reuseport_program, GenerationSockets, Insn, SocketTable,
+    NO_CHOICE,
 };
+pub use classic::ProbeBoard;
+
+use classic::Classic;
+use ebpf::{BackendsMap, EbpfError};
+use kernel::Kernel;
+use pins::Pins;
+use spooky_common::maps::{MODE_SK_REUSEPORT, MODE_XDP_GENERIC, MODE_XDP_NATIVE};
 use spooky_common::CidLayout;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc};
-use std::time::Duration;
-
-/// Frames each CPU map entry may queue for its CPU.
-const CPU_QUEUE_SIZE: u32 = 2048;
-/// How often the steering thread copies the workers' counters into `worker_counters`.
-const COUNTERS_PERIOD: Duration = Duration::from_millis(100);
+use std::sync::Arc;
 
 /// The steering mode in force.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +128,16 @@ pub enum SteeringError {
         #[source]
         source: Box<EbpfError>,
     },
+    /// `--iface` needs the maps pinned, and the pin path cannot be made (not root).
+    #[error("--iface {iface}: XDP steering needs root (CAP_BPF + CAP_NET_ADMIN): pin path {}: {reason}", path.display())]
+    PinsUnavailable {
+        /// The interface asked for.
+        iface: String,
+        /// `steering.pin_path`.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// The interface does not exist (in this network namespace).
     #[error("--iface {0}: no such network interface")]
     NoInterface(String),
@@ -159,6 +166,20 @@ pub enum SteeringError {
     /// The steering thread could not be started.
     #[error("cannot start the steering thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// Another live Spooky steers with the maps pinned there.
+    #[error("another Spooky (pid {pid}) steers with the maps pinned at {}: take over from it (`spooky --takeover`) or stop it first", path.display())]
+    Busy {
+        /// Its process id.
+        pid: u32,
+        /// `steering.pin_path`.
+        path: PathBuf,
+    },
+    /// Taking over the predecessor's steering is not possible.
+    #[error("takeover: {0}")]
+    Takeover(String),
+    /// A probe of the classic tier was never reported.
+    #[error("classic BPF: the probe for socket {0} was not received")]
+    Probe(u32),
 }
 
 impl From<EbpfError> for SteeringError {
@@ -167,33 +188,20 @@ impl From<EbpfError> for SteeringError {
     }
 }
 
-/// The steering in force; keep it alive while the proxy runs. [`Steering::detach`] (or
-/// dropping it) detaches XDP, stops the counters thread and removes the pins this process
-/// made.
-pub(crate) struct Steering {
-    mode: Mode,
-    kernel: Option<Kernel>,
-}
-
-impl fmt::Debug for Steering {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Steering")
-            .field("mode", &self.mode)
-            .finish_non_exhaustive()
-    }
-}
-
-/// What the eBPF tiers hold while running.
-struct Kernel {
-    programs: EbpfPrograms,
-    xdp: Option<(String, aya::programs::xdp::XdpLinkId)>,
-    pins: Pins,
-    counters: Option<CountersThread>,
-    /// The `stats` map through a descriptor of its own, opened at attach time (while still
-    /// privileged), for `/metrics`.
-    stats: Option<Arc<StatsReader>>,
-    /// The `backends` map, until the health checker takes it.
-    backends: Option<BackendsMap>,
+/// What a process taking over learns of the one it replaces (sent over the control socket).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Predecessor {
+    pub generation: u8,
+    pub workers: u32,
+    pub pid: u32,
+    /// Its steering mode's name (`Mode::name`).
+    pub mode: String,
+    /// The interface its XDP program is on.
+    pub iface: Option<String>,
+    /// Its workers' socket indices in the reuseport group (classic BPF).
+    pub sockets: Vec<u32>,
+    /// It pinned its XDP link for the successor to adopt.
+    pub xdp_link: bool,
 }
 
 /// Extra metrics lines the kernel programs contribute: (counter, cpu, value).
@@ -201,17 +209,46 @@ pub(crate) type ExtraMetrics = Box<dyn Fn() -> Vec<(String, String, u64)> + Send
 
 /// What steering is set up from.
 pub(crate) struct Plan<'a> {
+    /// Our connection IDs' layout; its generation is ours.
     pub layout: CidLayout,
-    /// This process's connection-ID generation.
-    pub generation: u8,
-    pub server_id_len: u8,
     pub settings: &'a crate::config::Steering,
     /// `--iface`: attach XDP there.
     pub iface: Option<&'a str>,
     /// Workers are pinned to CPUs 0..N.
     pub pin: bool,
     /// The workers' counters, mirrored into `worker_counters`.
-    pub stats: &'a [Arc<WorkerStats>],
+    pub stats: &'a [Arc<crate::stats::WorkerStats>],
+    /// The process this one takes over from.
+    pub predecessor: Option<&'a Predecessor>,
+    /// Where workers report probes (classic BPF).
+    pub probes: Arc<ProbeBoard>,
+}
+
+/// The tier in force.
+enum Tier {
+    Classic(Classic),
+    Kernel(Box<Kernel>),
+}
+
+/// The steering in force; keep it alive while the proxy runs. [`Steering::detach`] (or
+/// dropping it) stops it: the last process out detaches XDP and removes the pins; one that
+/// handed over leaves them to its successor.
+pub(crate) struct Steering {
+    mode: Mode,
+    iface: Option<String>,
+    workers: u32,
+    generation: u8,
+    tier: Option<Tier>,
+    handed_over: bool,
+}
+
+impl fmt::Debug for Steering {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Steering")
+            .field("mode", &self.mode)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Steering {
@@ -222,7 +259,10 @@ impl Steering {
 
     /// Where the maps are pinned (eBPF tiers only).
     pub fn pin_path(&self) -> Option<&Path> {
-        self.kernel.as_ref().map(|k| k.pins.dir.as_path())
+        match &self.tier {
+            Some(Tier::Kernel(k)) => Some(k.pin_dir()),
+            _ => None,
+        }
     }
 
     /// The `spooky_ebpf_packets_total{counter,cpu}` source for `/metrics` (eBPF tiers only):
@@ -231,7 +271,10 @@ impl Steering {
     /// was opened when steering was attached, so this works after privileges are dropped. A
     /// failed read yields no lines (and a debug log), never an error page.
     pub fn ebpf_metrics(&self) -> Option<ExtraMetrics> {
-        let reader = self.kernel.as_ref()?.stats.clone()?;
+        let Some(Tier::Kernel(k)) = &self.tier else {
+            return None;
+        };
+        let reader = k.stats.clone()?;
         Some(Box::new(move || match reader.read() {
             Ok(stats) => stats.metric_lines(),
             Err(e) => {
@@ -243,29 +286,76 @@ impl Steering {
 
     /// The `backends` map for the health checker to publish into (eBPF tiers; once).
     pub fn take_backends(&mut self) -> Option<BackendsMap> {
-        self.kernel.as_mut()?.backends.take()
+        match &mut self.tier {
+            Some(Tier::Kernel(k)) => k.backends.take(),
+            _ => None,
+        }
     }
 
-    /// Detaches XDP, writes the final counters, removes our pins. Idempotent.
+    /// Hands over to a successor: what it needs to know of us (and, with XDP, our link
+    /// pinned for it). From now on stopping leaves the maps and the link to it.
+    ///
+    /// # Errors
+    /// [`SteeringError`] when the XDP link cannot be pinned.
+    pub fn handover(&mut self) -> Result<Predecessor, SteeringError> {
+        let (sockets, xdp_link) = match &mut self.tier {
+            Some(Tier::Classic(c)) => (c.own_sockets(), false),
+            Some(Tier::Kernel(k)) => ((0..self.workers).collect(), k.handover()?),
+            None => (Vec::new(), false),
+        };
+        self.handed_over = true;
+        Ok(Predecessor {
+            generation: self.generation,
+            workers: self.workers,
+            pid: std::process::id(),
+            mode: self.mode.name().to_owned(),
+            iface: self.iface.clone(),
+            sockets,
+            xdp_link,
+        })
+    }
+
+    /// We serve as a successor (the predecessor was told): stopping from now on is ours.
+    pub fn confirm(&mut self) {
+        if let Some(Tier::Kernel(k)) = &mut self.tier {
+            k.confirmed = true;
+        }
+    }
+
+    /// The successor never served: steering is ours again (the XDP link comes back).
+    pub fn handover_aborted(&mut self) {
+        self.handed_over = false;
+        let taken = match &mut self.tier {
+            Some(Tier::Kernel(k)) => k.take_back(),
+            Some(Tier::Classic(c)) => c.take_back(),
+            None => Ok(()),
+        };
+        if let Err(e) = taken {
+            tracing::warn!(error = %e, "cannot take steering back after a failed handover");
+        }
+    }
+
+    /// The predecessor has left: forget it (eBPF) or find our sockets again (classic BPF).
+    ///
+    /// # Errors
+    /// [`SteeringError`] when the maps cannot be written or a probe went unanswered.
+    pub fn predecessor_gone(&mut self, p: &Predecessor) -> Result<(), SteeringError> {
+        match &mut self.tier {
+            Some(Tier::Classic(c)) => c.predecessor_gone(),
+            Some(Tier::Kernel(k)) => k.predecessor_gone(p),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops steering (see [`Steering`]). Idempotent.
     pub fn detach(mut self) {
         self.detach_inner();
     }
 
     fn detach_inner(&mut self) {
-        let Some(mut kernel) = self.kernel.take() else {
-            return;
-        };
-        if let Some(counters) = kernel.counters.take() {
-            counters.stop();
+        if let Some(Tier::Kernel(k)) = self.tier.take() {
+            k.detach(self.handed_over, self.mode);
         }
-        if let Some((iface, link)) = kernel.xdp.take() {
-            match kernel.programs.detach_xdp(link) {
-                Ok(()) => tracing::info!(iface, "XDP detached"),
-                Err(e) => tracing::warn!(iface, error = %e, "cannot detach XDP"),
-            }
-        }
-        kernel.pins.remove();
-        tracing::info!(mode = self.mode.name(), "eBPF steering detached");
     }
 }
 
@@ -276,7 +366,7 @@ impl Drop for Steering {
 }
 
 /// Attaches the steering asked for (`plan.iface`, `steering.xdp_mode` in the config) to the
-/// reuseport group `sockets` (index = worker index).
+/// reuseport group `sockets` (index = worker index), next to `plan.predecessor`'s.
 ///
 /// # Errors
 /// [`SteeringError`] when the requested mode cannot be had: never a silent downgrade.
@@ -284,238 +374,68 @@ pub(crate) fn attach(
     sockets: &[std::net::UdpSocket],
     plan: &Plan<'_>,
 ) -> Result<Steering, SteeringError> {
-    let Some(first) = sockets.first() else {
+    if sockets.is_empty() {
         return Err(SteeringError::NoSockets);
-    };
-    let programs = match (EbpfPrograms::load(), plan.iface) {
-        (Ok(programs), _) => programs,
-        (Err(source), Some(iface)) => {
-            return Err(SteeringError::Unavailable {
-                iface: iface.to_string(),
-                source: Box::new(source),
-            })
+    }
+    let predecessor_kernel = plan
+        .predecessor
+        .is_some_and(|p| p.mode != Mode::ClassicBpf.name());
+    if let Some(p) = plan.predecessor {
+        if p.iface.as_deref() != plan.iface {
+            return Err(SteeringError::Takeover(format!(
+                "the running Spooky steers with XDP on {:?}; take over with the same --iface ({:?} asked)",
+                p.iface, plan.iface
+            )));
         }
-        (Err(reason), None) => {
+    }
+    let generation = plan.layout.generation();
+    let workers = sockets.len() as u32;
+    let steering = |mode, tier| Steering {
+        mode,
+        iface: plan.iface.map(str::to_owned),
+        workers,
+        generation,
+        tier: Some(tier),
+        handed_over: false,
+    };
+    // A successor keeps its predecessor's tier: a classic predecessor's sockets are known
+    // only by their places in the group, which the eBPF maps do not hold.
+    let classic = || -> Result<Steering, SteeringError> {
+        let classic = Classic::attach(sockets, plan.layout, plan.predecessor, plan.probes.clone())?;
+        Ok(steering(Mode::ClassicBpf, Tier::Classic(classic)))
+    };
+    // A successor keeps its predecessor's tier: a classic predecessor's sockets are known
+    // only by their places in the group, which the eBPF maps do not hold.
+    if plan.predecessor.is_some() && !predecessor_kernel {
+        tracing::info!("the predecessor steers with classic BPF: so does this process");
+        return classic();
+    }
+    let kernel = Pins::prepare(&plan.settings.pin_path, plan.predecessor.is_some())
+        .and_then(|pins| Kernel::attach(pins, sockets, plan));
+    match kernel {
+        Ok((k, mode)) => Ok(steering(mode, Tier::Kernel(Box::new(k)))),
+        // Refusals that are answers, not a lack of privilege.
+        Err(e @ (SteeringError::Busy { .. } | SteeringError::Takeover(_))) => Err(e),
+        Err(e) if plan.iface.is_some() || predecessor_kernel => Err(match e {
+            SteeringError::Ebpf(source) if plan.iface.is_some() => SteeringError::Unavailable {
+                iface: plan.iface.unwrap_or_default().to_owned(),
+                source,
+            },
+            SteeringError::PinPath { path, reason } if plan.iface.is_some() => {
+                SteeringError::PinsUnavailable {
+                    iface: plan.iface.unwrap_or_default().to_owned(),
+                    path,
+                    reason,
+                }
+            }
+            other => other,
+        }),
+        Err(reason) => {
             tracing::info!(
                 %reason,
                 "eBPF steering unavailable (not root, or no BPF): using classic BPF steering"
             );
-            let prog = reuseport_program(&plan.layout, sockets.len() as u32);
-            attach_cbpf(first, &prog).map_err(SteeringError::Classic)?;
-            return Ok(Steering {
-                mode: Mode::ClassicBpf,
-                kernel: None,
-            });
-        }
-    };
-    let (kernel, mode) = attach_ebpf(programs, sockets, plan)?;
-    Ok(Steering {
-        mode,
-        kernel: Some(kernel),
-    })
-}
-
-/// The CPU worker `index` runs on (pinned: its own; else spread over the CPUs).
-fn worker_cpu(index: usize, workers: usize, pin: bool) -> u32 {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let pinned = pin && cpus >= workers;
-    let cpu = if pinned { index } else { index % cpus };
-    u32::try_from(cpu).unwrap_or(0)
-}
-
-fn attach_ebpf(
-    mut programs: EbpfPrograms,
-    sockets: &[std::net::UdpSocket],
-    plan: &Plan<'_>,
-) -> Result<(Kernel, Mode), SteeringError> {
-    let workers = sockets.len();
-    let port = sockets
-        .first()
-        .and_then(|s| s.local_addr().ok())
-        .map_or(0, |a| a.port());
-    let layout = &plan.layout;
-    let generation = plan.generation;
-    let mut config = SteeringConfig {
-        quic_port: port,
-        cid_len: layout.cid_len() as u8,
-        server_id_len: plan.server_id_len,
-        generation,
-        mode: MODE_SK_REUSEPORT,
-        reserved: [0; 2],
-        workers: workers as u32,
-        flags: 0,
-        pid: std::process::id(),
-        ifindex: 0,
-        iface: [0; spooky_common::maps::IFACE_LEN],
-        initial_rate: plan.settings.initial_rate,
-        initial_burst: plan.settings.initial_burst,
-    };
-    programs.set_config(&config)?;
-    for (index, socket) in sockets.iter().enumerate() {
-        let entry = WorkerEntry {
-            cpu: worker_cpu(index, workers, plan.pin),
-            alive: 1,
-            generation: u32::from(generation),
-        };
-        programs.set_worker(index as u32, &entry)?;
-        programs.set_worker_socket(index as u32, socket)?;
-    }
-    if let Some(first) = sockets.first() {
-        programs.attach_reuseport(first)?;
-    }
-    let xdp = match plan.iface {
-        None => None,
-        Some(iface) => {
-            let ifindex = interface_index(iface)?;
-            for index in 0..workers {
-                programs.enable_cpu(worker_cpu(index, workers, plan.pin), CPU_QUEUE_SIZE)?;
-            }
-            // Redirect only once the CPU map is filled.
-            config.flags = FLAG_REDIRECT_CPU;
-            config.ifindex = ifindex;
-            config.iface = SteeringConfig::iface_name(iface.as_bytes());
-            programs.set_config(&config)?;
-            let (link, native) = attach_xdp(&mut programs, iface, plan.settings.xdp_mode)?;
-            config.mode = if native {
-                MODE_XDP_NATIVE
-            } else {
-                MODE_XDP_GENERIC
-            };
-            programs.set_config(&config)?;
-            Some((iface.to_string(), link))
-        }
-    };
-    let pins = Pins::create(&programs, &plan.settings.pin_path)?;
-    let backends = programs.take_backends()?;
-    let counters = CountersThread::start(programs.take_worker_counters()?, plan.stats.to_vec())
-        .map_err(SteeringError::Thread)?;
-    tracing::info!(pin_path = %pins.dir.display(), "eBPF maps pinned");
-    let mode = Mode::from_code(config.mode).unwrap_or(Mode::SkReuseport);
-    let stats = match programs.stats_reader() {
-        Ok(reader) => Some(Arc::new(reader)),
-        Err(e) => {
-            tracing::warn!(error = %e, "XDP counters not available to /metrics");
-            None
-        }
-    };
-    let kernel = Kernel {
-        programs,
-        xdp,
-        pins,
-        counters: Some(counters),
-        stats,
-        backends: Some(backends),
-    };
-    Ok((kernel, mode))
-}
-
-fn interface_index(iface: &str) -> Result<u32, SteeringError> {
-    let name =
-        std::ffi::CString::new(iface).map_err(|_| SteeringError::NoInterface(iface.to_string()))?;
-    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if index == 0 {
-        return Err(SteeringError::NoInterface(iface.to_string()));
-    }
-    Ok(index)
-}
-
-/// Attaches XDP in `mode`; `Auto` tries native, then generic, and logs which it got.
-/// Returns the link and whether it is native.
-fn attach_xdp(
-    programs: &mut EbpfPrograms,
-    iface: &str,
-    mode: XdpMode,
-) -> Result<(aya::programs::xdp::XdpLinkId, bool), SteeringError> {
-    use aya::programs::XdpMode as Flags;
-    let fail = |mode: &'static str| {
-        let iface = iface.to_string();
-        move |source| SteeringError::XdpAttach {
-            iface,
-            mode,
-            source: Box::new(source),
-        }
-    };
-    match mode {
-        XdpMode::Native => {
-            let link = programs
-                .attach_xdp(iface, Flags::Driver)
-                .map_err(fail("native"))?;
-            Ok((link, true))
-        }
-        XdpMode::Generic => {
-            let link = programs
-                .attach_xdp(iface, Flags::Skb)
-                .map_err(fail("generic"))?;
-            Ok((link, false))
-        }
-        XdpMode::Auto => match programs.attach_xdp(iface, Flags::Driver) {
-            Ok(link) => {
-                tracing::info!(iface, "xdp_mode auto: attached in native (driver) mode");
-                Ok((link, true))
-            }
-            Err(native_error) => {
-                let link = programs
-                    .attach_xdp(iface, Flags::Skb)
-                    .map_err(fail("generic (after native failed)"))?;
-                tracing::info!(
-                    iface,
-                    native_error = %native_error,
-                    "xdp_mode auto: native mode refused, attached in generic (SKB) mode"
-                );
-                Ok((link, false))
-            }
-        },
-    }
-}
-
-/// The thread copying the workers' counters into `worker_counters` every
-/// [`COUNTERS_PERIOD`], and once more when stopped.
-struct CountersThread {
-    stop: mpsc::Sender<()>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl CountersThread {
-    fn start(mut map: WorkerCountersMap, stats: Vec<Arc<WorkerStats>>) -> std::io::Result<Self> {
-        let (stop, stopped) = mpsc::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("spooky-steering".into())
-            .spawn(move || loop {
-                write_counters(&mut map, &stats);
-                match stopped.recv_timeout(COUNTERS_PERIOD) {
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {
-                        write_counters(&mut map, &stats);
-                        return;
-                    }
-                }
-            })?;
-        Ok(Self { stop, thread })
-    }
-
-    fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = self.thread.join();
-    }
-}
-
-fn write_counters(map: &mut WorkerCountersMap, stats: &[Arc<WorkerStats>]) {
-    for (index, s) in stats.iter().enumerate() {
-        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        let counters = WorkerCounters {
-            packets_in: load(&s.packets_in),
-            packets_out: load(&s.packets_out),
-            misrouted: load(&s.misrouted),
-            dropped: load(&s.dropped),
-            connections_accepted: load(&s.connections_accepted),
-            connections_active: load(&s.connections_active),
-            requests: load(&s.requests),
-        };
-        if let Err(e) = map.set(index as u32, &counters) {
-            tracing::debug!(worker = index, error = %e, "cannot write worker counters");
+            classic()
         }
     }
 }

@@ -1,77 +1,147 @@
-//! The pins of the eBPF tiers: every map of `PINNED_MAPS` under `steering.pin_path` while
-//! Spooky runs (so `bpftool` and `spooky status` can read them), the BPF filesystem mounted
-//! when the path is below `/sys/fs/bpf` and nothing is, and only our own pins removed at exit.
+//! The pins of the eBPF tiers: every map of `PINNED_MAPS` lives at `steering.pin_path/NAME`
+//! while Spooky runs, so `bpftool` and `spooky status` can read them and a process taking
+//! over loads its programs onto the same maps (and adopts the XDP link its predecessor pinned
+//! at [`XDP_LINK_PIN`]). The BPF filesystem is mounted when the path is below `/sys/fs/bpf`
+//! and nothing is. The last process out removes the pins; one that handed over leaves them.
 
-use super::ebpf::{self, EbpfPrograms};
+use super::ebpf::{pinned_map_id, PinnedMaps};
 use super::SteeringError;
-use spooky_common::maps::PINNED_MAPS;
+use spooky_common::maps::{MAPS_ABI, PINNED_MAPS};
 use std::path::{Path, PathBuf};
 
 /// `statfs` magic of the BPF filesystem.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Where the BPF filesystem is mounted when a pin path below it has none.
 const BPF_FS_ROOT: &str = "/sys/fs/bpf";
+/// Where a process handing over pins its XDP link for its successor.
+pub(super) const XDP_LINK_PIN: &str = "xdp_link";
 
-/// The pins this process made: `(path, map id)`.
+/// The pin directory of this process's maps.
 pub(super) struct Pins {
     pub(super) dir: PathBuf,
-    pinned: Vec<(PathBuf, u32)>,
+    /// The pins our maps had when loaded: `(path, map id)`. Only those are removed at the
+    /// end, never a newer process's.
+    ours: Vec<(PathBuf, u32)>,
 }
 
 impl Pins {
-    /// Pins every map of [`PINNED_MAPS`] under `dir`, mounting the BPF filesystem at
-    /// `/sys/fs/bpf` when `dir` is below it and nothing is mounted there, and replacing pins
-    /// a crashed process left behind.
-    pub(super) fn create(programs: &EbpfPrograms, dir: &Path) -> Result<Self, SteeringError> {
+    /// Makes `dir` ready for the maps. A fresh start refuses when a live Spooky's maps are
+    /// pinned there, and removes pins a crashed one left; a takeover needs its predecessor's
+    /// pins, with this build's map layouts.
+    pub(super) fn prepare(dir: &Path, takeover: bool) -> Result<Self, SteeringError> {
         ensure_bpffs(dir)?;
         std::fs::create_dir_all(dir).map_err(|e| SteeringError::PinPath {
             path: dir.to_path_buf(),
             reason: format!("cannot create the directory: {e}"),
         })?;
-        let mut pins = Self {
+        let pins = Self {
             dir: dir.to_path_buf(),
-            pinned: Vec::new(),
+            ours: Vec::new(),
         };
-        for name in PINNED_MAPS {
-            if let Err(e) = pins.pin(programs, name) {
-                pins.remove();
-                return Err(e);
+        let pinned = PinnedMaps::open(dir).and_then(|m| m.config());
+        if takeover {
+            let config = pinned.map_err(|e| {
+                SteeringError::Takeover(format!(
+                    "no steering maps of the running Spooky at {}: {e}",
+                    dir.display()
+                ))
+            })?;
+            if config.abi != MAPS_ABI {
+                return Err(SteeringError::Takeover(format!(
+                    "the running Spooky's kernel maps at {} have layout {}, this build's {MAPS_ABI}: \
+                     a takeover cannot keep its connections; stop it and start this one",
+                    dir.display(),
+                    config.abi
+                )));
+            }
+            return Ok(pins);
+        }
+        if let Ok(config) = &pinned {
+            if config.pid != std::process::id() && process_alive(config.pid) {
+                return Err(SteeringError::Busy {
+                    pid: config.pid,
+                    path: dir.to_path_buf(),
+                });
             }
         }
-        Ok(pins)
-    }
-
-    fn pin(&mut self, programs: &EbpfPrograms, name: &'static str) -> Result<(), SteeringError> {
-        let path = self.dir.join(name);
-        if path.exists() {
-            tracing::warn!(path = %path.display(), "replacing a stale pin (left by a process that did not shut down cleanly, or another Spooky using the same pin path)");
+        let stale: Vec<PathBuf> = PINNED_MAPS
+            .iter()
+            .chain([XDP_LINK_PIN].iter())
+            .map(|n| dir.join(n))
+            .filter(|p| p.exists())
+            .collect();
+        if !stale.is_empty() {
+            tracing::warn!(path = %dir.display(), pins = stale.len(), "removing pins a Spooky that did not shut down cleanly left");
+        }
+        for path in stale {
             std::fs::remove_file(&path).map_err(|e| SteeringError::PinPath {
                 path: path.clone(),
                 reason: format!("cannot remove the stale pin: {e}"),
             })?;
         }
-        let id = programs.pin_map(name, &self.dir)?;
-        self.pinned.push((path, id));
-        Ok(())
+        Ok(pins)
     }
 
-    /// Removes the pins that are still ours (a newer process may have replaced them).
-    pub(super) fn remove(&mut self) {
-        for (path, id) in self.pinned.drain(..) {
-            match ebpf::pinned_map_id(&path) {
-                Ok(current) if current == id => {
-                    if let Err(e) = std::fs::remove_file(&path) {
-                        tracing::warn!(path = %path.display(), error = %e, "cannot unpin");
-                    }
-                }
-                _ => {
-                    tracing::debug!(path = %path.display(), "pin replaced by another process; left alone")
-                }
+    /// Notes which maps are pinned now (ours, once loaded onto the pins).
+    pub(super) fn record(&mut self) {
+        self.ours = PINNED_MAPS
+            .iter()
+            .map(|n| self.dir.join(n))
+            .filter_map(|path| pinned_map_id(&path).ok().map(|id| (path, id)))
+            .collect();
+    }
+
+    /// Removes every pin of `dir` (a fresh start that failed: they are all its own).
+    pub(super) fn remove_all(dir: &Path) {
+        for name in PINNED_MAPS.iter().chain([XDP_LINK_PIN].iter()) {
+            let _ = std::fs::remove_file(dir.join(name));
+        }
+        let _ = std::fs::remove_dir(dir);
+    }
+
+    /// Where this process pins its XDP link for a successor.
+    pub(super) fn xdp_link(&self) -> PathBuf {
+        self.dir.join(XDP_LINK_PIN)
+    }
+
+    /// Removes our pins (the last process out); pins another process replaced them with
+    /// stay.
+    pub(super) fn remove(&self) {
+        let link = self.dir.join(XDP_LINK_PIN);
+        let ours = self
+            .ours
+            .iter()
+            .filter(|(path, id)| pinned_map_id(path).is_ok_and(|now| now == *id))
+            .map(|(path, _)| path)
+            .chain(std::iter::once(&link));
+        for path in ours {
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot unpin"),
             }
         }
-        // Only succeeds when empty: another process's pins keep the directory.
+        // Only succeeds when empty.
         let _ = std::fs::remove_dir(&self.dir);
     }
+}
+
+/// Whether a Spooky with process id `pid` runs: the process exists, is not a zombie (killed,
+/// not yet reaped), and is a `spooky` (a dead Spooky's pid may have been reused).
+fn process_alive(pid: u32) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // `pid (comm) state …`: comm may hold spaces and parentheses, so split at the last `)`.
+    let Some((head, tail)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let comm = head.split_once('(').map_or("", |(_, c)| c);
+    let state = tail.trim_start().chars().next();
+    comm.starts_with("spooky") && !matches!(state, Some('Z' | 'X'))
 }
 
 /// The filesystem type of `path`.

@@ -11,10 +11,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use spooky::steering::ebpf::{EbpfPrograms, Stats, XdpAction, OBJECT};
-use spooky_common::cid::{steer, CidLayout};
+use spooky_common::cid::{fnv1a32, CidLayout};
 use spooky_common::maps::{
-    Counter, SteeringConfig, WorkerEntry, CONFIG_MAP, CPUS_MAP, FLAG_REDIRECT_CPU,
-    INITIAL_LIMITS_MAP, MAX_WORKERS, SOCKETS_MAP, STATS_MAP, WORKERS_MAP, WORKER_STATS_MAP,
+    slot, Counter, GenerationEntry, SteeringConfig, WorkerEntry, CONFIG_MAP, CPUS_MAP,
+    FLAG_REDIRECT_CPU, GENERATIONS_MAP, INITIAL_LIMITS_MAP, SLOTS, SOCKETS_MAP, STATS_MAP,
+    WORKERS_MAP, WORKER_STATS_MAP,
 };
 
 const QUIC_PORT: u16 = 4433;
@@ -45,6 +46,8 @@ fn config(flags: u32) -> SteeringConfig {
         iface: [0; 16],
         initial_rate: 0,
         initial_burst: 0,
+        abi: spooky_common::maps::MAPS_ABI,
+        reserved2: 0,
     }
 }
 
@@ -62,22 +65,43 @@ fn load() -> EbpfPrograms {
     })
 }
 
-/// Loads the programs and writes the test configuration (4 live workers on CPU 0).
-fn load_configured(flags: u32) -> EbpfPrograms {
-    let mut programs = load();
-    programs.set_config(&config(flags)).expect("write config");
-    for worker in 0..WORKERS {
+/// Worker `worker`'s entry in the per-worker maps (of the test's generation).
+fn at(worker: u32) -> u32 {
+    slot(GENERATION, worker)
+}
+
+/// Registers generation `generation` with `workers` live workers on CPU 0.
+fn register(programs: &mut EbpfPrograms, generation: u8, workers: u32, accepting: bool) {
+    programs
+        .set_generation(
+            generation,
+            &GenerationEntry {
+                workers,
+                accepting: u32::from(accepting),
+                pid: 1,
+                started: 0,
+            },
+        )
+        .expect("write generation");
+    for worker in 0..workers {
         programs
             .set_worker(
-                worker,
+                slot(generation, worker),
                 &WorkerEntry {
                     cpu: 0,
                     alive: 1,
-                    generation: GENERATION.into(),
+                    generation: generation.into(),
                 },
             )
             .expect("write worker");
     }
+}
+
+/// Loads the programs and writes the test configuration (4 live workers on CPU 0).
+fn load_configured(flags: u32) -> EbpfPrograms {
+    let mut programs = load();
+    programs.set_config(&config(flags)).expect("write config");
+    register(&mut programs, GENERATION, WORKERS, true);
     programs
 }
 
@@ -226,7 +250,7 @@ struct Case {
 fn snapshot(programs: &EbpfPrograms) -> (Stats, Vec<u64>) {
     let stats = programs.stats().expect("read stats");
     let workers = (0..WORKERS)
-        .map(|w| programs.worker_packets(w).expect("read worker_stats"))
+        .map(|w| programs.worker_packets(at(w)).expect("read worker_stats"))
         .collect();
     (stats, workers)
 }
@@ -287,15 +311,22 @@ const SHORT_HASHED: &[Counter] = &[QuicShort, SteeredByHash, PassedQuic];
 const LONG_HASHED: &[Counter] = &[QuicLong, SteeredByHash, PassedQuic];
 const LONG_BY_CID: &[Counter] = &[QuicLong, SteeredByCid, PassedQuic];
 const NON_QUIC: &[Counter] = &[PassedNonQuic];
+const UNOWNED: &[Counter] = &[QuicShort, UnknownGeneration, PassedQuic];
+
+/// Where a new connection with client-chosen `dcid` goes: `fnv1a32(dcid) % workers` of the
+/// newest generation (`spooky_common::cid::place`).
+fn hashed(dcid: &[u8]) -> u32 {
+    fnv1a32(dcid) % WORKERS
+}
 
 fn hashed_worker(dcid: &[u8]) -> Option<u32> {
-    Some(steer(&layout(), dcid, WORKERS))
+    Some(hashed(dcid))
 }
 
 /// Where a client-chosen `dcid` lands when the workers in `dead` take no new connections:
 /// its hashed worker, else the next live one.
 fn live_hashed_worker(dcid: &[u8], dead: &[u32]) -> u32 {
-    let hashed = steer(&layout(), dcid, WORKERS);
+    let hashed = hashed(dcid);
     (0..WORKERS)
         .map(|step| (hashed + step) % WORKERS)
         .find(|w| !dead.contains(w))
@@ -306,7 +337,7 @@ fn live_hashed_worker(dcid: &[u8], dead: &[u32]) -> u32 {
 fn dcid_hashing_to(worker: u32) -> Vec<u8> {
     (0u8..=255)
         .map(|n| vec![n, 0x42, 0x17, 0x99, 0x55, 0x01, 0x02, 0x03])
-        .find(|d| steer(&layout(), d, WORKERS) == worker)
+        .find(|d| hashed(d) == worker)
         .expect("some DCID hashes onto the worker")
 }
 
@@ -332,6 +363,7 @@ fn object_is_embedded_and_loads_into_the_kernel() {
         STATS_MAP,
         WORKER_STATS_MAP,
         WORKERS_MAP,
+        GENERATIONS_MAP,
         CPUS_MAP,
         SOCKETS_MAP,
         INITIAL_LIMITS_MAP,
@@ -359,7 +391,15 @@ fn xdp_table_ipv4_ipv6_vlan_and_quic_forms() {
     let programs = load_configured(0);
     let ours = our_cid(3);
     let foreign = [0x00u8; CID_LEN as usize];
-    let out_of_range = our_cid(9); // worker 9 with 4 workers: hashed
+    let out_of_range = our_cid(9); // worker 9 with 4 workers: nobody's
+    let unowned_generation = {
+        let mut cid = vec![0u8; CID_LEN as usize];
+        let other = CidLayout::new(CID_LEN, SERVER_ID_LEN, 5).unwrap();
+        other.write(&[0xab, 0xcd], 1, &[0x5a; 20], &mut cid);
+        cid
+    };
+    let mut retried = initial_v1(&ours, 1200);
+    retried[6 + ours.len() + 1 + 8] = 4; // token length 4 after the 8-byte SCID
     let cases = vec![
         Case {
             name: "ipv4 short header, our CID",
@@ -435,11 +475,32 @@ fn xdp_table_ipv4_ipv6_vlan_and_quic_forms() {
             worker: hashed_worker(&foreign),
         },
         Case {
-            name: "short header, our CID naming worker 9 of 4: hashed",
+            name: "short header, our CID naming worker 9 of 4: nobody's (passed unsteered)",
             packet: udp4(&short_header(0x41, &out_of_range)),
             action: XdpAction::Pass,
-            counters: SHORT_HASHED,
-            worker: hashed_worker(&out_of_range),
+            counters: UNOWNED,
+            worker: None,
+        },
+        Case {
+            name: "short header, our CID of a generation no process owns: passed unsteered",
+            packet: udp4(&short_header(0x41, &unowned_generation)),
+            action: XdpAction::Pass,
+            counters: UNOWNED,
+            worker: None,
+        },
+        Case {
+            name: "Initial with a token (answering our Retry): by its DCID, ours",
+            packet: udp4(&retried),
+            action: XdpAction::Pass,
+            counters: LONG_BY_CID,
+            worker: Some(3),
+        },
+        Case {
+            name: "Initial without a token whose DCID looks like ours: a new connection, hashed",
+            packet: udp4(&initial_v1(&ours, 1200)),
+            action: XdpAction::Pass,
+            counters: LONG_HASHED,
+            worker: hashed_worker(&ours),
         },
         Case {
             name: "ipv4 client Initial v1, 1200 bytes",
@@ -737,7 +798,6 @@ fn xdp_table_ipv4_ipv6_vlan_and_quic_forms() {
 #[ignore = "needs root"]
 fn xdp_steers_every_dcid_like_user_space() {
     let programs = load_configured(0);
-    let layout = layout();
     let mut expected = [0u64; WORKERS as usize];
     // A small deterministic generator (xorshift) for varied DCIDs.
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
@@ -757,7 +817,7 @@ fn xdp_steers_every_dcid_like_user_space() {
         };
         let run = programs.run_xdp(&packet).expect("test run");
         assert_eq!(run.action, XdpAction::Pass, "dcid {dcid:02x?}");
-        expected[steer(&layout, &dcid, WORKERS) as usize] += 1;
+        expected[hashed(&dcid) as usize] += 1;
     }
     for worker in 0..(WORKERS as u8) {
         let packet = udp4(&short_header(0x41, &our_cid(worker)));
@@ -765,12 +825,12 @@ fn xdp_steers_every_dcid_like_user_space() {
         expected[worker as usize] += 1;
     }
     let got: Vec<u64> = (0..WORKERS)
-        .map(|w| programs.worker_packets(w).expect("worker_stats"))
+        .map(|w| programs.worker_packets(at(w)).expect("worker_stats"))
         .collect();
     assert_eq!(
         got,
         expected.to_vec(),
-        "per-worker counts: kernel vs spooky_common::cid::steer"
+        "per-worker counts: kernel vs spooky_common::cid::place"
     );
     let stats = programs.stats().expect("stats");
     assert_eq!(stats.total(SteeredByHash), 200);
@@ -785,7 +845,7 @@ fn xdp_steers_every_dcid_like_user_space() {
     }
     assert!(
         programs
-            .worker_packets(MAX_WORKERS - 1)
+            .worker_packets(SLOTS - 1)
             .expect("last worker slot")
             == 0
     );
@@ -799,7 +859,7 @@ fn xdp_redirects_to_the_owning_workers_cpu_when_enabled() {
     // Worker 1 is dead; worker 2 runs on a CPU that is not in the CPU map.
     programs
         .set_worker(
-            1,
+            at(1),
             &WorkerEntry {
                 cpu: 0,
                 alive: 0,
@@ -809,7 +869,7 @@ fn xdp_redirects_to_the_owning_workers_cpu_when_enabled() {
         .expect("worker 1");
     programs
         .set_worker(
-            2,
+            at(2),
             &WorkerEntry {
                 cpu: 1,
                 alive: 1,
@@ -991,7 +1051,7 @@ fn reuseport_picks_the_owning_workers_socket() {
         .expect("config");
     for (worker, socket) in sockets.iter().enumerate() {
         programs
-            .set_worker_socket(worker as u32, socket)
+            .set_worker_socket(at(worker as u32), socket)
             .expect("sockets map");
     }
     programs
@@ -1014,7 +1074,7 @@ fn reuseport_picks_the_owning_workers_socket() {
     }
     for n in 0..8u8 {
         let dcid = [n, 0x42, 0x17, 0x99, n, 0x01, 0x02, 0x03];
-        let worker = steer(&layout(), &dcid, WORKERS);
+        let worker = hashed(&dcid);
         datagrams.push((format!("Initial #{n}"), initial_v1(&dcid, 1200), worker));
     }
     let mut buf = [0u8; 2048];
@@ -1059,14 +1119,14 @@ fn reuseport_skips_dead_workers_for_new_connections_only() {
         .expect("config");
     for (worker, socket) in sockets.iter().enumerate() {
         programs
-            .set_worker_socket(worker as u32, socket)
+            .set_worker_socket(at(worker as u32), socket)
             .expect("sockets map");
     }
     // Workers 1 and 2 take no new connections.
     for dead in [1, 2] {
         programs
             .set_worker(
-                dead,
+                at(dead),
                 &WorkerEntry {
                     cpu: 0,
                     alive: 0,
@@ -1123,6 +1183,212 @@ fn reuseport_skips_dead_workers_for_new_connections_only() {
             let stray = socket.recv(&mut buf);
             socket.set_nonblocking(false).expect("blocking");
             assert!(stray.is_err(), "{name}: also reached worker {other}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Two generations at once: a takeover in progress (generation 1 drains, 2 is the newest).
+
+const NEWEST: u8 = 2;
+const NEWEST_WORKERS: u32 = 2;
+
+/// One of our connection IDs of `generation` naming `worker`.
+fn cid_of(generation: u8, worker: u8) -> Vec<u8> {
+    let mut cid = vec![0u8; CID_LEN as usize];
+    let layout = CidLayout::new(CID_LEN, SERVER_ID_LEN, generation).unwrap();
+    assert_eq!(
+        layout.write(&[0xab, 0xcd], worker, &[0x5a; 20], &mut cid),
+        cid.len()
+    );
+    cid
+}
+
+/// An Initial carrying a Retry token, to `dcid` (the Retry's source ID: ours).
+fn retried_initial(dcid: &[u8]) -> Vec<u8> {
+    let mut p = initial_v1(dcid, 1200);
+    p[6 + dcid.len() + 1 + 8] = 4;
+    p
+}
+
+/// The programs as during a takeover: generation 1 (4 workers) draining, 2 (2) the newest.
+fn load_takeover() -> EbpfPrograms {
+    let mut programs = load_configured(0);
+    register(&mut programs, GENERATION, WORKERS, false);
+    register(&mut programs, NEWEST, NEWEST_WORKERS, true);
+    programs
+        .set_config(&SteeringConfig {
+            generation: NEWEST,
+            workers: NEWEST_WORKERS,
+            ..config(0)
+        })
+        .expect("config");
+    programs
+}
+
+/// Every (generation, worker) slot in use.
+fn takeover_slots() -> Vec<u32> {
+    (0..WORKERS)
+        .map(|w| slot(GENERATION, w))
+        .chain((0..NEWEST_WORKERS).map(|w| slot(NEWEST, w)))
+        .collect()
+}
+
+/// Runs `packet` and returns the slot XDP counted it for (None: none) and the counters that
+/// went up besides `Packets`.
+fn placed(programs: &EbpfPrograms, packet: &[u8]) -> (Option<u32>, Vec<Counter>) {
+    let slots = takeover_slots();
+    let count = |p: &EbpfPrograms| -> Vec<u64> {
+        slots
+            .iter()
+            .map(|s| p.worker_packets(*s).unwrap())
+            .collect()
+    };
+    let (stats_before, before) = (programs.stats().unwrap(), count(programs));
+    let run = programs.run_xdp(packet).expect("test run");
+    assert_eq!(run.action, XdpAction::Pass);
+    let (stats_after, after) = (programs.stats().unwrap(), count(programs));
+    let hits: Vec<u32> = slots
+        .iter()
+        .zip(before.iter().zip(&after))
+        .filter(|(_, (b, a))| a > b)
+        .map(|(s, _)| *s)
+        .collect();
+    assert!(hits.len() <= 1, "counted on several workers: {hits:?}");
+    let counters = Counter::ALL
+        .into_iter()
+        .filter(|c| *c != Packets && stats_after.total(*c) > stats_before.total(*c))
+        .collect();
+    (hits.first().copied(), counters)
+}
+
+#[test]
+#[ignore = "needs root"]
+fn xdp_places_both_generations_during_a_takeover() {
+    let mut programs = load_takeover();
+    let by_cid = vec![QuicShort, SteeredByCid, PassedQuic];
+    // The drainer keeps every connection it has, by the generation in the CID…
+    for w in 0..WORKERS as u8 {
+        let got = placed(
+            &programs,
+            &udp4(&short_header(0x41, &cid_of(GENERATION, w))),
+        );
+        assert_eq!(got, (Some(slot(GENERATION, u32::from(w))), by_cid.clone()));
+    }
+    // …and its handshakes in flight, including those answering its Retry.
+    let got = placed(&programs, &udp4(&retried_initial(&cid_of(GENERATION, 3))));
+    assert_eq!(got.0, Some(slot(GENERATION, 3)), "{got:?}");
+    let got = placed(
+        &programs,
+        &udp4(&long_header(QUIC_V1, 0x20, &cid_of(GENERATION, 2), 60)),
+    );
+    assert_eq!(got.0, Some(slot(GENERATION, 2)), "{got:?}");
+    // The newest has its own…
+    for w in 0..NEWEST_WORKERS as u8 {
+        let got = placed(&programs, &udp4(&short_header(0x41, &cid_of(NEWEST, w))));
+        assert_eq!(got, (Some(slot(NEWEST, u32::from(w))), by_cid.clone()));
+    }
+    // …and every new connection, by hash over its workers only.
+    for n in 0..16u8 {
+        let dcid = [n, 0x42, 0x17, 0x99, n, 0x01, 0x02, 0x03];
+        let got = placed(&programs, &udp6(&initial_v1(&dcid, 1200)));
+        let want = slot(NEWEST, fnv1a32(&dcid) % NEWEST_WORKERS);
+        assert_eq!(got, (Some(want), vec![QuicLong, SteeredByHash, PassedQuic]));
+    }
+    // A worker the newest does not have, and a generation nobody owns: nobody's.
+    let unowned = vec![QuicShort, PassedQuic, UnknownGeneration];
+    for cid in [cid_of(NEWEST, 3), cid_of(5, 0), cid_of(0, 0)] {
+        assert_eq!(
+            placed(&programs, &udp4(&short_header(0x41, &cid))),
+            (None, unowned.clone())
+        );
+    }
+    // The drainer exits: its generation is forgotten, and its IDs are nobody's.
+    programs
+        .set_generation(GENERATION, &GenerationEntry::default())
+        .unwrap();
+    let got = placed(
+        &programs,
+        &udp4(&short_header(0x41, &cid_of(GENERATION, 1))),
+    );
+    assert_eq!(got, (None, unowned));
+}
+
+#[test]
+#[ignore = "needs root"]
+fn reuseport_places_both_generations_during_a_takeover() {
+    let mut programs = load_takeover();
+    let first = reuseport_socket(0);
+    let port = first.local_addr().expect("local addr").port();
+    // The drainer's 4 sockets joined the group first, the newest's 2 after.
+    let mut sockets = vec![first];
+    for _ in 1..WORKERS + NEWEST_WORKERS {
+        sockets.push(reuseport_socket(port));
+    }
+    programs
+        .set_config(&SteeringConfig {
+            quic_port: port,
+            generation: NEWEST,
+            workers: NEWEST_WORKERS,
+            ..config(0)
+        })
+        .expect("config");
+    let slots = takeover_slots();
+    for (socket, at) in sockets.iter().zip(&slots) {
+        programs
+            .set_worker_socket(*at, socket)
+            .expect("sockets map");
+    }
+    programs
+        .attach_reuseport(&sockets[0])
+        .expect("attach sk_reuseport");
+    let index_of = |generation: u8, worker: u32| {
+        slots
+            .iter()
+            .position(|s| *s == slot(generation, worker))
+            .unwrap()
+    };
+    let mut cases: Vec<(String, Vec<u8>, usize)> = Vec::new();
+    for w in 0..WORKERS {
+        cases.push((
+            format!("drainer's worker {w}"),
+            short_header(0x41, &cid_of(GENERATION, w as u8)),
+            index_of(GENERATION, w),
+        ));
+    }
+    cases.push((
+        "drainer's Retry continuation".into(),
+        retried_initial(&cid_of(GENERATION, 1)),
+        index_of(GENERATION, 1),
+    ));
+    for w in 0..NEWEST_WORKERS {
+        cases.push((
+            format!("newest's worker {w}"),
+            short_header(0x41, &cid_of(NEWEST, w as u8)),
+            index_of(NEWEST, w),
+        ));
+    }
+    for n in 0..8u8 {
+        let dcid = [n, 0x42, 0x17, 0x99, n, 0x01, 0x02, 0x03];
+        cases.push((
+            format!("new connection #{n}"),
+            initial_v1(&dcid, 1200),
+            index_of(NEWEST, fnv1a32(&dcid) % NEWEST_WORKERS),
+        ));
+    }
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("client socket");
+    let mut buf = [0u8; 2048];
+    for (name, datagram, index) in &cases {
+        client.send_to(datagram, ("127.0.0.1", port)).expect("send");
+        let n = sockets[*index]
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("{name}: socket {index} got nothing: {e}"));
+        assert_eq!(&buf[..n], &datagram[..], "{name}");
+        for (other, socket) in sockets.iter().enumerate() {
+            socket.set_nonblocking(true).expect("nonblocking");
+            let stray = socket.recv(&mut buf);
+            socket.set_nonblocking(false).expect("blocking");
+            assert!(stray.is_err(), "{name}: also reached socket {other}");
         }
     }
 }

@@ -18,3 +18,4 @@ mod peers;
 mod proxy;
 mod soak;
 mod support;
+mod takeover;

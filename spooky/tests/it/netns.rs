@@ -18,14 +18,14 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-const SERVER_V4: &str = "192.0.2.1";
+pub const SERVER_V4: &str = "192.0.2.1";
 const CLIENT_V4: &str = "192.0.2.2";
-const SERVER_V6: &str = "2001:db8::1";
+pub const SERVER_V6: &str = "2001:db8::1";
 const CLIENT_V6: &str = "2001:db8::2";
 const T: Duration = Duration::from_secs(20);
 
 /// Runs `program args`, failing the test with its output when it fails.
-fn run(program: &str, args: &[&str]) -> String {
+pub fn run(program: &str, args: &[&str]) -> String {
     let out = Command::new(program)
         .args(args)
         .output()
@@ -180,10 +180,11 @@ fn pin_path(name: &str) -> PathBuf {
 fn config_yaml(port: u16, backends: &[(&str, SocketAddr)], pin: &Path, xdp_mode: &str) -> String {
     let certs = certs_dir();
     format!(
-        "version: 1\nlisten:\n  protocol: http3\n  address: \"::\"\n  port: {port}\n  tls:\n    cert: {}\n    key: {}\nquic:\n  retry: off\nsteering:\n  pin_path: {}\n  xdp_mode: {xdp_mode}\nupstream:\n{}",
+        "version: 1\nlisten:\n  protocol: http3\n  address: \"::\"\n  port: {port}\n  tls:\n    cert: {}\n    key: {}\nquic:\n  retry: off\nsteering:\n  pin_path: {}\n  xdp_mode: {xdp_mode}\ncontrol_socket: {}\nupstream:\n{}",
         certs.join("spooky.crt").display(),
         certs.join("spooky.key").display(),
         pin.display(),
+        crate::support::unique_control_socket().display(),
         pool("main", "/", None, "round-robin", backends, ""),
     )
 }
@@ -244,6 +245,7 @@ fn start_in(ns: &Netns, yaml: String, workers: usize, iface: bool) -> Running {
                 workers: Some(workers),
                 iface,
                 pin: true,
+                takeover: false,
             },
         )
         .unwrap_or_else(|e| panic!("spooky did not start in the server namespace: {e}"))
@@ -533,7 +535,7 @@ fn xdp_generic_steers_every_packet_to_its_worker() {
 }
 
 /// `setpriv` arguments running what follows as `nobody` with no capabilities.
-const UNPRIVILEGED: [&str; 7] = [
+pub const UNPRIVILEGED: [&str; 7] = [
     "setpriv",
     "--reuid=65534",
     "--regid=65534",
@@ -657,6 +659,7 @@ fn xdp_on_a_missing_interface_or_without_privilege_is_an_error() {
                 workers: Some(2),
                 iface: Some("nosuchif0".into()),
                 pin: false,
+                takeover: false,
             },
         )
         .err()

@@ -485,9 +485,10 @@ fn write_config(path: &Path, port: u16, cert_dir: &Path, backends: &[(&str, Sock
         ));
     }
     let yaml = format!(
-        "version: 1\nlisten:\n  protocol: http3\n  address: 127.0.0.1\n  port: {port}\n  tls:\n    cert: {}\n    key: {}\nadmin:\n  address: 127.0.0.1:0\nsteering:\n  pin_path: /sys/fs/bpf/spooky-test-{port}\nquic:\n  retry: off\nupstream:\n{pools}",
+        "version: 1\nlisten:\n  protocol: http3\n  address: 127.0.0.1\n  port: {port}\n  tls:\n    cert: {}\n    key: {}\nadmin:\n  address: 127.0.0.1:0\nsteering:\n  pin_path: /sys/fs/bpf/spooky-test-{port}\nquic:\n  retry: off\ncontrol_socket: {}\nupstream:\n{pools}",
         cert_dir.join("spooky.crt").display(),
-        cert_dir.join("spooky.key").display()
+        cert_dir.join("spooky.key").display(),
+        path.with_extension("sock").display()
     );
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, yaml).unwrap();
@@ -534,6 +535,7 @@ fn reload_under_load_changes_backends_and_certificate_without_a_failed_request()
             workers: Some(2),
             iface: None,
             pin: false,
+            takeover: false,
         },
     )
     .unwrap();
@@ -709,6 +711,7 @@ fn a_reload_that_cannot_be_built_answers_400_and_changes_nothing() {
             workers: Some(2),
             iface: None,
             pin: false,
+            takeover: false,
         },
     )
     .unwrap();

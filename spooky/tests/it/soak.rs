@@ -57,7 +57,7 @@ fn write_config(
     let yaml = config_yaml(
         port,
         &pool,
-        &format!("admin:\n  address: 127.0.0.1:{admin_port}\nsteering:\n  pin_path: {}\nquic:\n  handshake_timeout: 2s\n  retry: auto\n  retry_threshold: 200\nlog:\n  level: warn\n", pins.display()),
+        &format!("admin:\n  address: 127.0.0.1:{admin_port}\nsteering:\n  pin_path: {}\ncontrol_socket: {}\nquic:\n  handshake_timeout: 2s\n  retry: auto\n  retry_threshold: 200\nlog:\n  level: warn\n", pins.display(), path.with_extension("sock").display()),
     );
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, yaml).unwrap();

@@ -56,6 +56,13 @@ pub fn unique_pin_path() -> PathBuf {
     ))
 }
 
+/// A control socket path no other proxy of this test run uses.
+pub fn unique_control_socket() -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("spooky-test-{}-{n}.sock", std::process::id()))
+}
+
 /// A UDP port that was free a moment ago on 127.0.0.1.
 pub fn free_udp_port() -> u16 {
     let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -191,6 +198,13 @@ pub fn config_yaml(port: u16, upstreams: &str, extra: &str) -> String {
             unique_pin_path().display()
         ));
     }
+    if !extra.contains("control_socket:") {
+        // …and listens for a successor on a control socket of its own.
+        admin.push_str(&format!(
+            "control_socket: {}\n",
+            unique_control_socket().display()
+        ));
+    }
     format!(
         "version: 1\nlisten:\n  protocol: http3\n  address: 127.0.0.1\n  port: {port}\n  tls:\n    cert: {}\n    key: {}\n{admin}{extra}\nupstream:\n{upstreams}",
         certs.join("spooky.crt").display(),
@@ -211,6 +225,7 @@ pub fn proxy(upstreams: &str, extra: &str, workers: usize) -> Proxy {
             workers: Some(workers),
             iface: None,
             pin: false,
+            takeover: false,
         },
     )
     .unwrap();

@@ -80,6 +80,7 @@ fn minimal_config_gets_every_default() {
             cid_len: 16,
             server_id: vec![0, 1],
             generation: 0,
+            key_file: None,
         }
     );
     assert_eq!(

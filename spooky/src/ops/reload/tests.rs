@@ -153,12 +153,14 @@ fn a_snapshot_that_cannot_be_built_leaves_the_old_one_in_force_and_says_why() {
         crate::config::parse(&yaml, &dir).unwrap()
     };
     let board = Arc::new(HealthBoard::default());
-    let first = Arc::new(Snapshot::build(config("spooky.key"), &board, 1).unwrap());
+    let keys = Keys::generate(&ring::rand::SystemRandom::new()).unwrap();
+    let first = Arc::new(Snapshot::build(config("spooky.key"), &board, &keys, 1).unwrap());
     let (followed_tx, followed) = std_mpsc::channel();
     let reloader = Reloader::new(
         first.clone(),
         None,
         board,
+        keys,
         Vec::new(),
         Box::new(move |s: &Arc<Snapshot>| {
             let _ = followed_tx.send(s.generation);

@@ -13,8 +13,9 @@ fn layout() -> CidLayout {
     CidLayout::new(16, 2, 0).unwrap()
 }
 
-fn key() -> TokenKey {
-    TokenKey::from_bytes(b"endpoint test key")
+fn key() -> KeyRing {
+    let hex = "5".repeat(64);
+    KeyRing::from(&crate::keys::Keys::parse(&format!("reset: {hex}\ntoken: {hex}\n")).unwrap())
 }
 
 fn client() -> SocketAddr {
@@ -30,7 +31,14 @@ fn limits() -> Limits {
 }
 
 fn endpoint(kernel: bool) -> Endpoint {
-    Endpoint::new(1, 4, kernel, layout(), limits(), Instant::now())
+    Endpoint::new(
+        1,
+        Generations::alone(0, 4),
+        kernel,
+        layout(),
+        limits(),
+        Instant::now(),
+    )
 }
 
 fn now() -> Now {
@@ -88,8 +96,15 @@ fn our_cid(worker: u8) -> Vec<u8> {
 fn client_dcid_for(worker: usize) -> Vec<u8> {
     (0u8..=255)
         .map(|i| vec![0x80, i, 3, 4, 5, 6, 7, 8])
-        .find(|d| steer(&layout(), d, 4) as usize == worker)
+        .find(|d| spooky_common::cid::fnv1a32(d) % 4 == worker as u32)
         .unwrap()
+}
+
+/// The reset a short header with `dcid` gets.
+fn reset(dcid: &[u8]) -> Decision {
+    Decision::Reset {
+        token: crate::quic::token::reset_token(&key(), dcid),
+    }
 }
 
 fn decide(ep: &mut Endpoint, mut pkt: Vec<u8>, forwarded: bool) -> Decision {
@@ -110,10 +125,11 @@ fn who_owns_a_packet() {
         ("kernel placed the Initial", true, initial(&theirs, &[], 1200), false, Decision::Accept { odcid: None }),
         ("0-RTT hashed elsewhere", false, long(1, V1, &theirs, &[], 1200), false, Decision::Forward { owner: 3 }),
         ("0-RTT for no connection", false, long(1, V1, &mine, &[], 1200), false, Decision::Drop(DropReason::UnknownConnection)),
+        ("0-RTT naming worker 2", true, long(1, V1, &our_cid(2), &[], 1200), false, Decision::Forward { owner: 2 }),
         ("short header naming worker 2", false, short(&our_cid(2)), false, Decision::Forward { owner: 2 }),
-        ("short header naming a worker past the count", false, short(&our_cid(9)), false, Decision::Drop(DropReason::UnknownConnection)),
-        ("short header for a connection that is gone", false, short(&our_cid(1)), false, Decision::Drop(DropReason::UnknownConnection)),
-        ("short header, not our layout", false, short(&[0xe0; 16]), false, Decision::Drop(DropReason::UnknownConnection)),
+        ("short header naming a worker past the count", false, short(&our_cid(9)), false, reset(&our_cid(9))),
+        ("short header for a connection that is gone", false, short(&our_cid(1)), false, reset(&our_cid(1))),
+        ("short header, not our layout, hashed here", false, short(&[0xe1; 16]), false, reset(&[0xe1; 16])),
         ("Handshake naming worker 0", true, long(2, V1, &our_cid(0), &[], 100), false, Decision::Forward { owner: 0 }),
         ("Handshake for no connection here", true, long(2, V1, &our_cid(1), &[], 100), false, Decision::Drop(DropReason::UnknownConnection)),
     ];
@@ -187,7 +203,7 @@ fn retry_above_the_new_connection_rate() {
     let start = Instant::now();
     let mut ep = Endpoint::new(
         1,
-        4,
+        Generations::alone(0, 4),
         false,
         layout(),
         Limits {
@@ -221,7 +237,7 @@ fn connection_limits_per_worker_and_per_address() {
     let mine = client_dcid_for(1);
     let mut ep = Endpoint::new(
         1,
-        4,
+        Generations::alone(0, 4),
         false,
         layout(),
         Limits {
@@ -283,7 +299,129 @@ fn limits_are_shared_between_workers() {
         cid_len: 16,
         server_id: vec![1, 2],
         generation: 0,
+        key_file: None,
     };
     let l = Limits::share(&quic, 4);
     assert_eq!((l.connections, l.per_address), (250, 3));
+}
+
+/// Generation 2 drains with 4 workers; this endpoint is worker 1 of generation 3 (2 workers),
+/// the newest.
+fn after_takeover() -> Endpoint {
+    let mut workers = [0; 8];
+    workers[2] = 4;
+    workers[3] = 2;
+    let g = Generations {
+        own: 3,
+        newest: 3,
+        workers,
+    };
+    Endpoint::new(1, g, false, layout_of(3), limits(), Instant::now())
+}
+
+fn layout_of(generation: u8) -> CidLayout {
+    CidLayout::new(16, 2, generation).unwrap()
+}
+
+fn cid_of(generation: u8, worker: u8) -> Vec<u8> {
+    let mut out = [0u8; 20];
+    let n = layout_of(generation).write(&[0xaa, 0xbb], worker, &[0x22; 20], &mut out);
+    out[..n].to_vec()
+}
+
+#[test]
+fn generations_decide_who_answers() {
+    let mut ep = after_takeover();
+    // The drainer's packets are never answered here, whatever reached this worker.
+    assert_eq!(
+        decide(&mut ep, short(&cid_of(2, 1)), false),
+        Decision::Drop(DropReason::OtherGeneration)
+    );
+    // Ours for the other worker: forwarded; ours for a gone connection: reset.
+    assert_eq!(
+        decide(&mut ep, short(&cid_of(3, 0)), false),
+        Decision::Forward { owner: 0 }
+    );
+    assert_eq!(
+        decide(&mut ep, short(&cid_of(3, 1)), false),
+        reset(&cid_of(3, 1))
+    );
+    // A generation nobody owns any more (a crashed process): reset.
+    assert_eq!(
+        decide(&mut ep, short(&cid_of(5, 1)), false),
+        reset(&cid_of(5, 1))
+    );
+    // When the drainer is gone, its connections are answered with resets too.
+    ep.set_generations(Generations::alone(3, 2));
+    assert_eq!(
+        decide(&mut ep, short(&cid_of(2, 1)), false),
+        reset(&cid_of(2, 1))
+    );
+}
+
+#[test]
+fn resets_are_small_rate_limited_and_never_answer_a_reset() {
+    let mut ep = endpoint(false);
+    let gone = our_cid(1);
+    // 1 + 16 + 26 = 43 bytes: could be a reset itself; not answered.
+    let mut tiny = short(&gone);
+    tiny.truncate(RESET_LEN);
+    assert_eq!(
+        decide(&mut ep, tiny, false),
+        Decision::Drop(DropReason::ResetWithheld)
+    );
+    let start = Instant::now();
+    let at = |ms: u64| Now {
+        instant: start + Duration::from_millis(ms),
+        unix_secs: NOW_UNIX,
+    };
+    let mut pkt = short(&gone);
+    let len = pkt.len();
+    let hdr = Header::from_slice(&mut pkt, 16).unwrap();
+    let answered = (0..RESETS_PER_SEC + 10)
+        .filter(|_| {
+            matches!(
+                ep.admit(&hdr, len, client(), false, &key(), at(10)),
+                Decision::Reset { .. }
+            )
+        })
+        .count();
+    assert_eq!(
+        answered, RESETS_PER_SEC as usize,
+        "the rest of the second is withheld"
+    );
+    assert!(matches!(
+        ep.admit(&hdr, len, client(), false, &key(), at(1011)),
+        Decision::Reset { .. }
+    ));
+}
+
+#[test]
+fn a_drainer_still_takes_the_answers_to_its_retries() {
+    let mine = client_dcid_for(1);
+    let mut ep = endpoint(false);
+    ep.set_limits(Limits {
+        retry: RetryMode::Always,
+        ..limits()
+    });
+    let Decision::Retry { token } = decide(&mut ep, initial(&mine, &[], 1200), false) else {
+        panic!("no Retry");
+    };
+    ep.drain();
+    let retry_scid = our_cid(1);
+    assert_eq!(
+        decide(&mut ep, initial(&retry_scid, &token, 1250), false),
+        Decision::Accept {
+            odcid: Some(ConnectionId::from_vec(mine.clone()))
+        }
+    );
+    // A new connection is not taken, nor a token whose DCID is not one of ours.
+    assert_eq!(
+        decide(&mut ep, initial(&mine, &[], 1200), false),
+        Decision::Drop(DropReason::Draining)
+    );
+    assert_eq!(
+        decide(&mut ep, initial(&mine, &token, 1250), false),
+        Decision::Drop(DropReason::Draining)
+    );
 }

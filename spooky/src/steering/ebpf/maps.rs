@@ -117,6 +117,7 @@ impl WorkerCountersMap {
 pub struct PinnedMaps {
     dir: PathBuf,
     config: Array<MapData, SteeringConfig>,
+    generations: Array<MapData, GenerationEntry>,
     workers: Array<MapData, WorkerEntry>,
     backends: Array<MapData, BackendEntry>,
     stats: PerCpuArray<MapData, u64>,
@@ -153,6 +154,7 @@ impl PinnedMaps {
         Ok(Self {
             dir: dir.to_path_buf(),
             config: open_pinned(dir, CONFIG_MAP)?,
+            generations: open_pinned(dir, GENERATIONS_MAP)?,
             workers: open_pinned(dir, WORKERS_MAP)?,
             backends: open_pinned(dir, BACKENDS_MAP)?,
             stats: open_pinned(dir, STATS_MAP)?,
@@ -184,7 +186,17 @@ impl PinnedMaps {
             .map_err(|source| map_error(CONFIG_MAP, source))
     }
 
-    /// Worker `index`'s entry.
+    /// The entry of `generation`.
+    ///
+    /// # Errors
+    /// [`EbpfError::Map`] when the read fails.
+    pub fn generation(&self, generation: u8) -> Result<GenerationEntry, EbpfError> {
+        self.generations
+            .get(&u32::from(generation), 0)
+            .map_err(|source| map_error(GENERATIONS_MAP, source))
+    }
+
+    /// Worker `index`'s entry (`index`: `spooky_common::maps::slot`).
     ///
     /// # Errors
     /// [`EbpfError::Map`] when `index` is out of range or the read fails.
@@ -243,7 +255,7 @@ impl PinnedMaps {
     /// # Errors
     /// [`EbpfError::Map`] when `worker` is out of range or the read fails.
     pub fn worker_packets(&self, worker: u32) -> Result<Vec<u64>, EbpfError> {
-        if worker >= MAX_WORKERS {
+        if worker >= SLOTS {
             return Ok(Vec::new());
         }
         let values = self

@@ -1,32 +1,42 @@
 //! Starting and stopping Spooky: the one module that wires everything together, and that no
 //! other module imports (the `spooky` binary and the integration tests call it).
 //!
-//! Start-up, in order: the process-lifetime state (counters, the metrics registry, the
-//! health board, the token key, the access-log writer); the first configuration
-//! [`Snapshot`]; one UDP socket per worker in a SO_REUSEPORT group, with the steering tier
-//! attached; the admin listener; the privilege drop; the health checker; the workers. Nothing
-//! keeps running when a step fails. Shutdown: workers drain (GOAWAY, in-flight requests get
-//! `proxy.shutdown_grace`), then the admin listener, the checker and the kernel steering stop.
+//! Start-up, in order: (a successor: the running process's state, over its control socket);
+//! the process-lifetime state (counters, the metrics registry, the health board, random keys,
+//! the access-log writer); the first configuration [`Snapshot`]; one UDP socket per worker in
+//! a SO_REUSEPORT group, with the steering tier attached (next to the predecessor's, for a
+//! successor); the admin listener (the predecessor's, for a successor); the control socket;
+//! the privilege drop; the health checker; the workers. Nothing keeps running when a step
+//! fails. Shutdown: workers drain (GOAWAY, in-flight requests get `proxy.shutdown_grace`),
+//! then the admin listener, the checker and the kernel steering stop. A takeover
+//! ([`takeover`]) is a shutdown that begins once the successor serves.
+
+mod takeover;
 
 use crate::board::HealthBoard;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, ControlSocket as ControlSetting};
 use crate::health::checker::Checker;
 use crate::http::{Services, Wakeup};
+use crate::keys::Keys;
 use crate::ops::access_log::AccessLogger;
 use crate::ops::privilege::PrivilegeError;
 use crate::ops::reload::{Link, Reloader, WorkerUpdate};
+use crate::ops::takeover::{ControlSocket, TakeoverError};
 use crate::ops::Ops;
-use crate::quic::token::TokenKey;
+use crate::quic::endpoint::Generations;
 pub use crate::quic::worker::WorkerError;
 use crate::quic::worker::{self, WorkerSetup};
 pub use crate::snapshot::SnapshotError;
 use crate::snapshot::{QuicConfigError, Snapshot};
 use crate::stats::{Metrics, WorkerStats};
-use crate::steering::{self, Mode, Steering, SteeringError};
+use crate::steering::{self, Mode, ProbeBoard, SteeringError};
+use spooky_common::cid::next_generation;
 use spooky_common::CidLayout;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use takeover::{Live, Successor};
 use tokio::sync::{mpsc, watch};
 
 /// What `start` was asked to do beyond the config.
@@ -36,6 +46,8 @@ pub struct RunOptions {
     pub iface: Option<String>,
     /// Pin worker k to CPU k (default on when there are at least as many CPUs as workers).
     pub pin: bool,
+    /// Take over from the Spooky listening on the configuration's control socket.
+    pub takeover: bool,
 }
 
 /// Why Spooky could not start.
@@ -73,6 +85,8 @@ pub enum StartError {
     Randomness,
     #[error("cannot start thread: {0}")]
     Thread(#[source] std::io::Error),
+    #[error("{0}")]
+    Takeover(#[from] TakeoverError),
 }
 
 /// A running Spooky: its workers, its control threads, and the handle to stop it.
@@ -81,13 +95,12 @@ pub struct Running {
     pub steering: Mode,
     /// Where the admin listener listens, when enabled.
     pub admin_addr: Option<SocketAddr>,
+    /// This process's connection-ID generation.
+    pub generation: u8,
     ops: Arc<Ops>,
-    admin_stop: Option<tokio::sync::oneshot::Sender<()>>,
-    shutdown: watch::Sender<bool>,
+    live: Arc<Live>,
     workers: Vec<std::thread::JoinHandle<Result<(), WorkerError>>>,
     checker: Option<Checker>,
-    /// Kept alive while running; detached (XDP off, pins removed) after the workers stop.
-    kernel_steering: Option<Steering>,
 }
 
 impl Running {
@@ -109,7 +122,12 @@ impl Running {
     /// Starts graceful shutdown: GOAWAY to clients, in-flight requests finish within the
     /// configured grace, then connections close.
     pub fn begin_shutdown(&self) {
-        let _ = self.shutdown.send(true);
+        let _ = self.live.shutdown.send(true);
+    }
+
+    /// Turns true once a successor serves (this process is draining then).
+    pub fn handed_over(&self) -> watch::Receiver<bool> {
+        self.live.handed_over.subscribe()
     }
 
     /// Waits for every worker to finish, then stops the rest.
@@ -124,14 +142,22 @@ impl Running {
                 first_err.get_or_insert(e);
             }
         }
-        if let Some(stop) = self.admin_stop.take() {
+        self.live
+            .stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some((_, stop)) = self.live.admin.lock().ok().and_then(|mut a| a.take()) {
             let _ = stop.send(());
         }
         if let Some(c) = self.checker.take() {
             c.stop();
         }
-        if let Some(s) = self.kernel_steering.take() {
+        let steering = self.live.steering.lock().ok().and_then(|mut s| s.take());
+        if let Some(s) = steering {
             s.detach();
+        }
+        // Last: our connections and sockets are gone, so the successor may forget us.
+        if let Ok(mut successor) = self.live.successor.lock() {
+            successor.take();
         }
         first_err.map_or(Ok(()), Err)
     }
@@ -186,7 +212,8 @@ pub fn bind_group(
 }
 
 /// Starts Spooky on `config`, which came from `path` (reloads read that file again;
-/// command-line overrides of steering settings stay in force).
+/// command-line overrides of steering settings stay in force). With `opts.takeover`, takes
+/// over from the Spooky listening on the configuration's control socket.
 ///
 /// # Errors
 /// As [`start`].
@@ -204,13 +231,30 @@ pub fn start_from(
         .unwrap_or(cpus)
         .clamp(1, 255);
     let pin = opts.pin && cpus >= workers;
+    let successor = match (opts.takeover, config.control_socket.path()) {
+        (false, _) => None,
+        (true, Some(control)) => Some(Successor::begin(control)?),
+        (true, None) => {
+            return Err(TakeoverError::Refused(
+                "control_socket is off: there is no running Spooky to take over from".into(),
+            )
+            .into())
+        }
+    };
+    let predecessor = successor.as_ref().map(|s| s.predecessor.clone());
     let quic = &config.quic;
-    let layout = CidLayout::new(quic.cid_len, quic.server_id.len() as u8, quic.generation)
+    let generation = predecessor
+        .as_ref()
+        .map_or(quic.generation, |p| next_generation(p.generation));
+    let layout = CidLayout::new(quic.cid_len, quic.server_id.len() as u8, generation)
         .map_err(StartError::Layout)?;
 
     // Process-lifetime state.
     let rng = ring::rand::SystemRandom::new();
-    let token_key = Arc::new(TokenKey::generate(&rng).map_err(|_| StartError::Randomness)?);
+    let own_keys = match &successor {
+        Some(s) => s.keys.clone(),
+        None => Keys::generate(&rng).map_err(|_| StartError::Randomness)?,
+    };
     let stats: Vec<Arc<WorkerStats>> = (0..workers)
         .map(|_| Arc::new(WorkerStats::default()))
         .collect();
@@ -218,15 +262,29 @@ pub fn start_from(
     let board = Arc::new(HealthBoard::default());
     let access_log =
         Arc::new(AccessLogger::start(&config.log.access).map_err(StartError::AccessLog)?);
+    let probes = Arc::new(ProbeBoard::default());
 
     // The first snapshot, complete before anything uses it.
-    let snapshot = Arc::new(Snapshot::build(config, &board, 1)?);
+    let snapshot = Arc::new(Snapshot::build(config, &board, &own_keys, 1)?);
     let cfg = &snapshot.config;
     let quic_configs = (0..workers)
         .map(|_| snapshot.quic_config())
         .collect::<Result<Vec<_>, QuicConfigError>>()
         .map_err(SnapshotError::from)?;
 
+    // A fresh start claims the control socket first: a second Spooky stops here.
+    let control = match (&successor, &cfg.control_socket) {
+        (None, ControlSetting::At { path, explicit }) => match ControlSocket::bind(path) {
+            Ok(c) => Some(c),
+            Err(e @ TakeoverError::Running(_)) => return Err(e.into()),
+            Err(e) if *explicit => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(error = %e, "no control socket: this Spooky cannot be taken over");
+                None
+            }
+        },
+        _ => None,
+    };
     let sockets = bind_group(cfg.listen.addr, workers)?;
     let local_addr = sockets
         .first()
@@ -236,21 +294,29 @@ pub fn start_from(
         &sockets,
         &steering::Plan {
             layout,
-            generation: cfg.quic.generation,
-            server_id_len: cfg.quic.server_id.len() as u8,
             settings: &cfg.steering,
             iface: opts.iface.as_deref(),
             pin,
             stats: &stats,
+            predecessor: predecessor.as_ref(),
+            probes: probes.clone(),
         },
     )?;
     let mode = kernel_steering.mode();
-    tracing::info!(mode = %mode, workers, listen = %local_addr, "steering mode");
+    tracing::info!(mode = %mode, workers, generation, listen = %local_addr, "steering mode");
 
+    let inherited = successor.as_ref().and_then(|s| s.admin.as_ref());
     let admin_listener = match cfg.admin.addr {
-        Some(addr) => Some(
-            crate::ops::admin::bind(addr).map_err(|source| StartError::Admin { addr, source })?,
-        ),
+        Some(addr) => match inherited.filter(|l| same_listener(l, addr)) {
+            Some(l) => Some(
+                l.try_clone()
+                    .map_err(|source| StartError::Admin { addr, source })?,
+            ),
+            None => Some(
+                crate::ops::admin::bind(addr)
+                    .map_err(|source| StartError::Admin { addr, source })?,
+            ),
+        },
         None => None,
     };
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
@@ -267,7 +333,14 @@ pub fn start_from(
     )
     .map_err(StartError::Thread)?;
 
+    let mut known = Generations::alone(generation, workers);
+    if let Some(p) = &predecessor {
+        if let Some(w) = known.workers.get_mut(usize::from(p.generation)) {
+            *w = p.workers;
+        }
+    }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (generations_tx, generations_rx) = watch::channel(known);
     let mut peers = Vec::with_capacity(workers);
     let mut inboxes = Vec::with_capacity(workers);
     let mut links: Vec<Link<WorkerUpdate>> = Vec::with_capacity(workers);
@@ -284,6 +357,7 @@ pub fn start_from(
         snapshot.clone(),
         path,
         board,
+        own_keys.clone(),
         links,
         checker.follower(),
     ));
@@ -294,11 +368,30 @@ pub fn start_from(
         access_log: access_log.clone(),
         ebpf: kernel_steering.ebpf_metrics(),
         mode: mode.to_string(),
+        generation,
     });
-    let admin_stop = match admin_listener {
-        Some(listener) => Some(start_admin(listener, ops.clone(), admin_addr)?),
+    let admin = match admin_listener {
+        Some(listener) => {
+            let handle = listener.try_clone().map_err(|source| StartError::Admin {
+                addr: admin_addr.unwrap_or(local_addr),
+                source,
+            })?;
+            Some((handle, start_admin(listener, ops.clone(), admin_addr)?))
+        }
         None => None,
     };
+    let live = Arc::new(Live {
+        steering: Mutex::new(Some(kernel_steering)),
+        admin: Mutex::new(admin),
+        shutdown: shutdown_tx,
+        generations: generations_tx,
+        handed_over: watch::channel(false).0,
+        stats: stats.clone(),
+        successor: Mutex::new(None),
+        stopping: AtomicBool::new(false),
+        predecessor_draining: AtomicBool::new(predecessor.is_some()),
+        keys: own_keys.clone(),
+    });
 
     let mut handles = Vec::with_capacity(workers);
     let per_worker = sockets
@@ -313,7 +406,6 @@ pub fn start_from(
             socket,
             cpu: pin.then_some(index),
             layout,
-            token_key: token_key.clone(),
             rng: rng.clone(),
             services: Services {
                 worker: index,
@@ -330,6 +422,8 @@ pub fn start_from(
             shutdown: shutdown_rx.clone(),
             commands,
             kernel_places_initials: mode.is_ebpf(),
+            generations: generations_rx.clone(),
+            probes: probes.clone(),
         };
         let h = std::thread::Builder::new()
             .name(format!("spooky-w{index}"))
@@ -337,17 +431,45 @@ pub fn start_from(
             .map_err(StartError::Thread)?;
         handles.push(h);
     }
+
+    // A successor serves now: the predecessor may drain; we take its control socket.
+    let control = match (successor, predecessor) {
+        (Some(successor), Some(p)) => {
+            let stream = successor.ready(generation, workers as u32)?;
+            if let Ok(mut steering) = live.steering.lock() {
+                if let Some(s) = steering.as_mut() {
+                    s.confirm();
+                }
+            }
+            takeover::watch_predecessor(stream, p, live.clone());
+            match cfg.control_socket.path() {
+                Some(path) => Some(ControlSocket::bind_over(path)?),
+                None => None,
+            }
+        }
+        _ => control,
+    };
+    if let Some(control) = control {
+        tracing::info!(path = %control.path().display(), "control socket (takeover)");
+        takeover::serve_control(control, live.clone()).map_err(StartError::Thread)?;
+    }
     Ok(Running {
         local_addr,
         steering: mode,
         admin_addr,
+        generation,
         ops,
-        admin_stop,
-        shutdown: shutdown_tx,
+        live,
         workers: handles,
         checker: Some(checker),
-        kernel_steering: Some(kernel_steering),
     })
+}
+
+/// Whether `listener` listens where `addr` asks (port 0: any port).
+fn same_listener(listener: &std::net::TcpListener, addr: SocketAddr) -> bool {
+    listener
+        .local_addr()
+        .is_ok_and(|l| l.ip() == addr.ip() && (addr.port() == 0 || l.port() == addr.port()))
 }
 
 /// The admin listener's thread; returns what stops it.

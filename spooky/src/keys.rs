@@ -1,0 +1,290 @@
+//! The secrets that must outlive a process: the stateless-reset key and the address-validation
+//! (Retry token) key, from the key file (`quic.key_file`). Every process that reads the same
+//! file — the next Spooky after an upgrade or a crash, or another host of a fleet that shares
+//! it — accepts the others' Retry tokens and can reset the others' connections.
+//!
+//! The file is YAML with hex keys, created (mode 0600) when it does not exist:
+//!
+//! ```yaml
+//! reset: 64 hex digits
+//! token: 64 hex digits
+//! previous_token: 64 hex digits   # after a rotation: still accepted, never minted with
+//! ```
+//!
+//! Rotation (`spooky keys rotate --file F`, then a reload) moves `token` to `previous_token`
+//! and makes a new `token`: tokens minted before it stay valid for one more rotation. The
+//! reset key does not rotate: resets must match the tokens clients were given with their
+//! connection IDs, for as long as those connections may live.
+
+use ring::hmac;
+use ring::rand::SecureRandom;
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Bytes of one key.
+const KEY_LEN: usize = 32;
+
+/// One secret key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret([u8; KEY_LEN]);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+impl Secret {
+    fn random(rng: &dyn SecureRandom) -> Result<Self, KeyError> {
+        let mut b = [0u8; KEY_LEN];
+        rng.fill(&mut b).map_err(|_| KeyError::Randomness)?;
+        Ok(Self(b))
+    }
+
+    fn hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn from_hex(name: &str, text: &str) -> Result<Self, KeyError> {
+        let bad = || KeyError::Malformed(format!("{name}: not {} hex digits", 2 * KEY_LEN));
+        let text = text.trim();
+        if text.len() != 2 * KEY_LEN || !text.is_ascii() {
+            return Err(bad());
+        }
+        let mut out = [0u8; KEY_LEN];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        }
+        Ok(Self(out))
+    }
+
+    /// The HMAC-SHA256 key made of this secret.
+    pub fn hmac(&self) -> hmac::Key {
+        hmac::Key::new(hmac::HMAC_SHA256, &self.0)
+    }
+}
+
+/// The keys of a process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Keys {
+    /// Stateless-reset tokens of our connection IDs.
+    pub reset: Secret,
+    /// Retry tokens are minted with this one and accepted with it…
+    pub token: Secret,
+    /// …or with this one (the key before the last rotation).
+    pub previous_token: Option<Secret>,
+}
+
+/// The keys as the data plane uses them: HMAC-SHA256 keys, built once per snapshot.
+pub struct KeyRing {
+    pub reset: hmac::Key,
+    pub token: hmac::Key,
+    pub previous_token: Option<hmac::Key>,
+}
+
+impl From<&Keys> for KeyRing {
+    fn from(k: &Keys) -> Self {
+        Self {
+            reset: k.reset.hmac(),
+            token: k.token.hmac(),
+            previous_token: k.previous_token.as_ref().map(Secret::hmac),
+        }
+    }
+}
+
+/// Why keys could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("the system has no randomness to make a key")]
+    Randomness,
+    #[error("{0}")]
+    Malformed(String),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeys {
+    reset: String,
+    token: String,
+    previous_token: Option<String>,
+}
+
+impl Keys {
+    /// New random keys.
+    ///
+    /// # Errors
+    /// [`KeyError::Randomness`].
+    pub fn generate(rng: &dyn SecureRandom) -> Result<Self, KeyError> {
+        Ok(Self {
+            reset: Secret::random(rng)?,
+            token: Secret::random(rng)?,
+            previous_token: None,
+        })
+    }
+
+    /// The keys in a key file's text.
+    ///
+    /// # Errors
+    /// [`KeyError::Malformed`] naming the field.
+    pub fn parse(text: &str) -> Result<Self, KeyError> {
+        let raw: RawKeys =
+            serde_yaml::from_str(text).map_err(|e| KeyError::Malformed(e.to_string()))?;
+        Ok(Self {
+            reset: Secret::from_hex("reset", &raw.reset)?,
+            token: Secret::from_hex("token", &raw.token)?,
+            previous_token: raw
+                .previous_token
+                .as_deref()
+                .map(|t| Secret::from_hex("previous_token", t))
+                .transpose()?,
+        })
+    }
+
+    /// The key file's text.
+    pub fn to_text(&self) -> String {
+        let mut s = String::from(
+            "# Spooky's keys: stateless resets and Retry tokens. Keep it secret (mode 0600);\n\
+             # share it across a fleet so that every host accepts the others' tokens.\n",
+        );
+        s.push_str(&format!(
+            "reset: {}\ntoken: {}\n",
+            self.reset.hex(),
+            self.token.hex()
+        ));
+        if let Some(p) = &self.previous_token {
+            s.push_str(&format!("previous_token: {}\n", p.hex()));
+        }
+        s
+    }
+
+    /// These keys after a rotation: a new token key, the current one kept as the previous.
+    ///
+    /// # Errors
+    /// [`KeyError::Randomness`].
+    pub fn rotated(&self, rng: &dyn SecureRandom) -> Result<Self, KeyError> {
+        Ok(Self {
+            reset: self.reset.clone(),
+            token: Secret::random(rng)?,
+            previous_token: Some(self.token.clone()),
+        })
+    }
+
+    /// The keys in the file at `path`, which is created with new keys (mode 0600) when it
+    /// does not exist.
+    ///
+    /// # Errors
+    /// [`KeyError`] when the file cannot be read, written or parsed.
+    pub fn load_or_create(path: &Path, rng: &dyn SecureRandom) -> Result<Self, KeyError> {
+        let io = |source| KeyError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text).map_err(|e| match e {
+                KeyError::Malformed(m) => KeyError::Malformed(format!("{}: {m}", path.display())),
+                other => other,
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let keys = Self::generate(rng)?;
+                write_private(path, &keys.to_text()).map_err(io)?;
+                tracing::info!(path = %path.display(), "created the key file");
+                Ok(keys)
+            }
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    /// Rotates the token key of the file at `path` (see [`Keys::rotated`]).
+    ///
+    /// # Errors
+    /// [`KeyError`] when the file cannot be read, parsed or written.
+    pub fn rotate_file(path: &Path, rng: &dyn SecureRandom) -> Result<Self, KeyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let next = Self::parse(&text)?.rotated(rng)?;
+        write_private(path, &next.to_text()).map_err(|source| KeyError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(next)
+    }
+}
+
+/// Writes `text` to `path` readable by its owner only, replacing it atomically.
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_key_file_round_trips_and_rotates() {
+        let rng = ring::rand::SystemRandom::new();
+        let keys = Keys::generate(&rng).unwrap();
+        assert_eq!(Keys::parse(&keys.to_text()).unwrap(), keys);
+        let rotated = keys.rotated(&rng).unwrap();
+        assert_eq!(rotated.reset, keys.reset, "the reset key stays");
+        assert_eq!(rotated.previous_token.as_ref(), Some(&keys.token));
+        assert_ne!(rotated.token, keys.token);
+        let twice = rotated.rotated(&rng).unwrap();
+        assert_eq!(twice.previous_token.as_ref(), Some(&rotated.token));
+        assert_eq!(Keys::parse(&twice.to_text()).unwrap(), twice);
+    }
+
+    #[test]
+    fn malformed_files_name_the_field() {
+        let good = "0".repeat(64);
+        let e = Keys::parse(&format!("reset: {good}\ntoken: abc\n")).unwrap_err();
+        assert!(e.to_string().contains("token"), "{e}");
+        let e = Keys::parse(&format!("reset: {good}\n")).unwrap_err();
+        assert!(e.to_string().contains("token"), "{e}");
+        let e = Keys::parse(&format!("reset: {good}\ntoken: {good}\nextra: 1\n")).unwrap_err();
+        assert!(e.to_string().contains("extra"), "{e}");
+        assert!(format!(
+            "{:?}",
+            Keys::parse(&format!("reset: {good}\ntoken: {good}\n"))
+        )
+        .contains("Secret(…)"));
+    }
+
+    #[test]
+    fn a_missing_file_is_created_private_and_then_read_back() {
+        let rng = ring::rand::SystemRandom::new();
+        let dir = std::env::temp_dir().join(format!("spooky-keys-{}", std::process::id()));
+        let path = dir.join("sub/keys.yaml");
+        let _ = std::fs::remove_dir_all(&dir);
+        let first = Keys::load_or_create(&path, &rng).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(Keys::load_or_create(&path, &rng).unwrap(), first);
+        let rotated = Keys::rotate_file(&path, &rng).unwrap();
+        assert_eq!(Keys::load_or_create(&path, &rng).unwrap(), rotated);
+        assert_eq!(rotated.previous_token, Some(first.token));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

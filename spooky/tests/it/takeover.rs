@@ -1,0 +1,602 @@
+//! Upgrades, restarts and crashes, end to end: the real `spooky` binary in a server network
+//! namespace, clients in a client namespace (see `netns`), on each steering tier:
+//!
+//! - classic BPF: the binary as `nobody` (no privileges, so no eBPF);
+//! - sk_reuseport: as root without `--iface`;
+//! - XDP: as root with `--iface` on the server's veth.
+//!
+//! A takeover (`spooky --takeover`) is run three times in a row under a steady aioquic load
+//! (`spooky/tests/peers/h3_load.py`: 24 clients opening connection after connection, plus a
+//! 64 MiB download checked byte for byte): not one request may fail, and every predecessor
+//! must drain and exit 0. A crash (`kill -9`) is followed by a fresh start with the same key
+//! file: clients of the dead process get a Stateless Reset at once (quiche's client, and curl
+//! through curl_cffi, which then retries on a new connection) instead of waiting out the idle
+//! timeout. A Retry token minted before a restart is accepted after it.
+
+use crate::netns::{in_netns, run, Netns, SERVER_V4, UNPRIVILEGED};
+use crate::support::{certs_dir, init_logging, pool};
+use spooky_peers::client::{Client, ClientError, ClientOptions, Request};
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+const PORT: u16 = 4443;
+const ADMIN: &str = "127.0.0.1:9901";
+/// Where `nobody` may read (the repository may be below a directory it cannot enter).
+const NOBODY: &str = "65534:65534";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tier {
+    Classic,
+    SkReuseport,
+    Xdp,
+}
+
+/// A server namespace with a backend and a configuration directory for Spooky.
+struct Site {
+    ns: Netns,
+    tier: Tier,
+    dir: PathBuf,
+    pin: PathBuf,
+    _backend: crate::support::Backend,
+}
+
+impl Site {
+    fn new(tier: Tier) -> Self {
+        Self::with_quic(tier, "")
+    }
+
+    /// A site whose `quic:` section also has `quic` (indented lines).
+    fn with_quic(tier: Tier, quic: &str) -> Self {
+        init_logging();
+        let ns = Netns::new();
+        let backend = in_netns(&ns.server, || crate::support::backend("b1"));
+        let dir = std::env::temp_dir().join(format!("spooky-takeover-{}", ns.server));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("run")).unwrap();
+        for f in ["spooky.crt", "spooky.key"] {
+            std::fs::copy(certs_dir().join(f), dir.join(f)).unwrap();
+        }
+        // `ip netns exec` mounts a fresh /sys for each command, so a BPF filesystem under
+        // /sys/fs/bpf would not outlive one process: the pins go on one of our own.
+        let bpffs = dir.join("bpf");
+        std::fs::create_dir_all(&bpffs).unwrap();
+        run("mount", &["-t", "bpf", "bpf", &bpffs.display().to_string()]);
+        let pin = bpffs.join("spooky");
+        let yaml = format!(
+            "version: 1\nlisten:\n  protocol: http3\n  address: \"::\"\n  port: {PORT}\n  tls:\n    cert: {dir}/spooky.crt\n    key: {dir}/spooky.key\nadmin:\n  address: {ADMIN}\nquic:\n  key_file: {dir}/run/keys.yaml\n{quic}steering:\n  pin_path: {pin}\ncontrol_socket: {dir}/run/control.sock\nupstream:\n{pools}",
+            dir = dir.display(),
+            pin = pin.display(),
+            pools = pool("main", "/", None, "round-robin", &[("b1", backend.addr)], ""),
+        );
+        std::fs::write(dir.join("config.yaml"), yaml).unwrap();
+        run("chmod", &["-R", "a+rX", &dir.display().to_string()]);
+        run("chown", &[NOBODY, &dir.join("run").display().to_string()]);
+        Self {
+            ns,
+            tier,
+            dir,
+            pin,
+            _backend: backend,
+        }
+    }
+
+    /// Starts process `n` of this site (with `--takeover` when `takeover`).
+    fn spawn(&self, n: usize, takeover: bool) -> Proc {
+        let log = self.dir.join(format!("spooky-{n}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns.server]);
+        if self.tier == Tier::Classic {
+            cmd.args(UNPRIVILEGED);
+        }
+        cmd.arg(env!("CARGO_BIN_EXE_spooky"))
+            .arg("--config")
+            .arg(self.dir.join("config.yaml"))
+            .args(["--workers", "2", "--no-pin"]);
+        if self.tier == Tier::Xdp {
+            cmd.args(["--iface", &self.ns.server_if]);
+        }
+        if takeover {
+            cmd.arg("--takeover");
+        }
+        let child = cmd
+            .env(
+                "RUST_LOG",
+                std::env::var("SPOOKY_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("spawn spooky under ip netns exec");
+        Proc { child, log }
+    }
+
+    /// Runs `args` of the `spooky` binary in the server namespace (as root).
+    fn spooky(&self, args: &[&str]) -> String {
+        let mut all = vec![
+            "netns",
+            "exec",
+            &self.ns.server,
+            env!("CARGO_BIN_EXE_spooky"),
+        ];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// `spooky status --json` of the pins (eBPF tiers).
+    fn status(&self) -> serde_json::Value {
+        let pin = self.pin.display().to_string();
+        let out = self.spooky(&["status", "--pin-path", &pin, "--json"]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status JSON ({e}): {out}"))
+    }
+
+    /// The admin `/metrics` text of whichever process serves it now.
+    fn metrics(&self) -> String {
+        let url = format!("http://{ADMIN}/metrics");
+        run(
+            "ip",
+            &["netns", "exec", &self.ns.server, "curl", "-sf", &url],
+        )
+    }
+
+    /// The aioquic load, from the client namespace; returns once it is under way.
+    fn load(&self) -> Load {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.ns.client, "python3"])
+            .arg(crate::support::repo_root().join("spooky/tests/peers/h3_load.py"))
+            .args(["--host", SERVER_V4, "--port", &PORT.to_string(), "--ca"])
+            .arg(certs_dir().join("ca.crt"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python3 (aioquic) cannot be started: run cargo xtask setup");
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        assert_eq!(
+            line.trim(),
+            "started",
+            "the aioquic load did not get going: {line}"
+        );
+        Load {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.join("bpf")).status();
+        if std::env::var_os("SPOOKY_TEST_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// One Spooky process (our child: `ip netns exec` and `setpriv` exec into it).
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until it logs that it serves.
+    fn wait_serving(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.log().contains("spooky is serving HTTP/3") {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("spooky exited ({status}) before serving:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "spooky never served:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for it to exit (at most `within`).
+    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "spooky (pid {}) still running after {within:?}:\n{}",
+                self.child.id(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        // SAFETY: signalling our own child, by its pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.signal(libc::SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The running aioquic load.
+struct Load {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Load {
+    /// Stops it and returns its report.
+    fn stop(mut self) -> serde_json::Value {
+        writeln!(self.stdin, "stop").unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        let _ = self.child.wait();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("load report ({e}): {line}"))
+    }
+}
+
+/// Three takeovers in a row under load on `tier`: no failed request, every predecessor
+/// drains and exits 0, the successor serves the same address and admin listener.
+fn takeovers_under_load(tier: Tier) {
+    let site = Site::new(tier);
+    let mut current = site.spawn(0, false);
+    current.wait_serving();
+    let load = site.load();
+    let first_generation = 0u64;
+    for n in 1..=3 {
+        let mut next = site.spawn(n, true);
+        next.wait_serving();
+        let status = current.wait_exit(Duration::from_secs(120));
+        let log = current.log();
+        assert!(
+            status.success(),
+            "process {} exited with {status}:\n{log}",
+            n - 1
+        );
+        assert!(
+            log.contains("handed over; draining"),
+            "no handover logged:\n{log}"
+        );
+        current = next;
+        // The new process carries the load alone for a while.
+        std::thread::sleep(Duration::from_secs(1));
+        if tier != Tier::Classic {
+            let status = site.status();
+            let generations = status["generations"].as_array().unwrap();
+            assert_eq!(
+                generations.len(),
+                1,
+                "the predecessor is still known: {status:#}"
+            );
+            assert_eq!(generations[0]["generation"], first_generation + n as u64);
+            assert_eq!(generations[0]["accepting"], true);
+        }
+    }
+    let report = load.stop();
+    eprintln!("{tier:?}: {report}");
+    assert_eq!(
+        report["failed"], 0,
+        "requests failed across the takeovers: {report:#}"
+    );
+    assert_eq!(
+        report["download"]["ok"], true,
+        "the 64 MiB download: {report:#}"
+    );
+    assert!(report["ok"].as_u64().unwrap() > 100, "{report:#}");
+    // The admin listener went from process to process: the last one answers on it.
+    let metrics = site.metrics();
+    assert!(
+        metrics.contains("spooky_quic_connections_accepted_total"),
+        "{metrics}"
+    );
+    if tier == Tier::Classic {
+        assert!(
+            current
+                .log()
+                .contains("re-attached after the predecessor left"),
+            "{}",
+            current.log()
+        );
+    }
+    current.signal(libc::SIGTERM);
+    let status = current.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "{}", current.log());
+    assert!(
+        !site.pin.join("config").exists(),
+        "pins left after the last process"
+    );
+}
+
+#[test]
+#[ignore = "needs root"]
+fn three_takeovers_under_load_lose_nothing_with_classic_bpf() {
+    takeovers_under_load(Tier::Classic);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn three_takeovers_under_load_lose_nothing_with_sk_reuseport() {
+    takeovers_under_load(Tier::SkReuseport);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn three_takeovers_under_load_lose_nothing_with_xdp() {
+    takeovers_under_load(Tier::Xdp);
+}
+
+/// quiche's client in the client namespace, connected to the site.
+fn quiche_client() -> Client {
+    let opts = ClientOptions {
+        verify: true,
+        ca: Some(certs_dir().join("ca.crt")),
+        ..Default::default()
+    };
+    let addr = SocketAddr::new(SERVER_V4.parse().unwrap(), PORT);
+    Client::connect(addr, &opts, Duration::from_secs(10)).expect("connect")
+}
+
+/// curl (libcurl with ngtcp2, through curl_cffi) in the client namespace: one HTTP/3 GET on a
+/// fresh connection, then, after a line on stdin, a second GET on the same handle.
+const CURL_TWICE: &str = r#"
+import sys, time
+from curl_cffi import requests, CurlHttpVersion, CurlOpt
+s = requests.Session(
+    http_version=CurlHttpVersion.V3ONLY,
+    verify=sys.argv[2],
+    curl_options={CurlOpt.RESOLVE: [sys.argv[3]]},
+)
+r = s.get(sys.argv[1], timeout=10)
+print(r.status_code, len(r.content), flush=True)
+sys.stdin.readline()
+t = time.monotonic()
+r = s.get(sys.argv[1], timeout=10)
+print(r.status_code, len(r.content), round(time.monotonic() - t, 3), flush=True)
+"#;
+
+/// A `kill -9`, then a fresh start on the same key file: the dead process's clients get a
+/// Stateless Reset from the new one instead of waiting out their idle timeout.
+#[test]
+#[ignore = "needs root"]
+fn after_a_crash_the_next_process_resets_the_dead_ones_connections() {
+    let site = Site::new(Tier::SkReuseport);
+    let mut first = site.spawn(0, false);
+    first.wait_serving();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let client = std::thread::spawn({
+        let netns = site.ns.client.clone();
+        move || {
+            in_netns(&netns, move || {
+                let mut c = quiche_client();
+                let get = Request::get("localhost", "/size/100");
+                let r = c.request(&get, Duration::from_secs(10)).unwrap();
+                assert_eq!(r.status, 200);
+                ready_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
+                let started = Instant::now();
+                let err = c
+                    .request(&get, Duration::from_secs(20))
+                    .expect_err("a request on a connection of a dead process");
+                (err, started.elapsed())
+            })
+        }
+    });
+    // curl's connection, through curl_cffi.
+    let url = format!("https://localhost:{PORT}/size/100");
+    let mut curl = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &site.ns.client,
+            "python3",
+            "-c",
+            CURL_TWICE,
+            &url,
+        ])
+        .arg(certs_dir().join("ca.crt"))
+        .arg(format!("localhost:{PORT}:{SERVER_V4}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 (curl_cffi)");
+    let mut curl_out = BufReader::new(curl.stdout.take().unwrap());
+    let mut line = String::new();
+    curl_out.read_line(&mut line).unwrap();
+    assert_eq!(
+        line.split_whitespace().next(),
+        Some("200"),
+        "curl over HTTP/3: {line}"
+    );
+    ready_rx.recv().unwrap();
+
+    first.signal(libc::SIGKILL);
+    first.wait_exit(Duration::from_secs(10));
+    let mut second = site.spawn(1, false);
+    second.wait_serving();
+    let log = second.log();
+    assert!(
+        log.contains("did not shut down cleanly"),
+        "stale pins not noticed:\n{log}"
+    );
+
+    go_tx.send(()).unwrap();
+    let (err, took) = client.join().unwrap();
+    assert!(
+        matches!(err, ClientError::StatelessReset),
+        "quiche's client: {err} after {took:?}"
+    );
+    eprintln!("quiche client: stateless reset after {took:?}");
+    // curl learns of the reset and sends the request again on a new connection.
+    writeln!(curl.stdin.as_mut().unwrap(), "go").unwrap();
+    let mut line = String::new();
+    curl_out.read_line(&mut line).unwrap();
+    let _ = curl.wait();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(
+        fields.first(),
+        Some(&"200"),
+        "curl's second request: {line}"
+    );
+    eprintln!("curl: second request answered after {}s", fields[2]);
+    let metrics = site.metrics();
+    let resets: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("spooky_quic_stateless_resets_sent_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(resets >= 2, "resets sent: {resets}\n{metrics}");
+    second.signal(libc::SIGTERM);
+    assert!(second.wait_exit(Duration::from_secs(30)).success());
+}
+
+/// The key file outlives the process: a Retry token minted before a restart is accepted by the
+/// next process (quiche's client answers the Retry after the restart).
+#[test]
+#[ignore = "needs root"]
+fn a_retry_token_from_before_a_restart_is_accepted_after_it() {
+    let site = Site::with_quic(Tier::SkReuseport, "  retry: always\n");
+    let mut first = site.spawn(0, false);
+    first.wait_serving();
+    let keys = site.dir.join("run/keys.yaml");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&keys)
+            .expect("key file created")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "key file mode {mode:o}");
+    let netns = site.ns.client.clone();
+    let (retry_tx, retry_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let handshake =
+        std::thread::spawn(move || in_netns(&netns, move || retry_then_handshake(retry_tx, go_rx)));
+    retry_rx.recv().unwrap();
+    first.signal(libc::SIGTERM);
+    assert!(first.wait_exit(Duration::from_secs(30)).success());
+    let mut second = site.spawn(1, false);
+    second.wait_serving();
+    go_tx.send(()).unwrap();
+    handshake.join().unwrap();
+    // It took the token: it sent no Retry of its own.
+    let metrics = site.metrics();
+    let retries: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("spooky_quic_retry_sent_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(retries, 0, "{metrics}");
+    second.signal(libc::SIGTERM);
+    assert!(second.wait_exit(Duration::from_secs(30)).success());
+}
+
+/// A quiche client by hand: sends its Initial, takes the server's Retry, then (after `go`)
+/// answers it with the token and completes the handshake (a refused token would be dropped,
+/// and the handshake would never complete).
+fn retry_then_handshake(retry: std::sync::mpsc::Sender<()>, go: std::sync::mpsc::Receiver<()>) {
+    let server = SocketAddr::new(SERVER_V4.parse().unwrap(), PORT);
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    let local = socket.local_addr().unwrap();
+    let mut config = quiche::Config::new(quiche::PROTOCOL_VERSION).unwrap();
+    config
+        .set_application_protos(quiche::h3::APPLICATION_PROTOCOL)
+        .unwrap();
+    config
+        .load_verify_locations_from_file(certs_dir().join("ca.crt").to_str().unwrap())
+        .unwrap();
+    config.verify_peer(true);
+    config.set_max_idle_timeout(10_000);
+    config.set_initial_max_data(1 << 20);
+    config.set_initial_max_streams_bidi(10);
+    let scid = [0x5c; 16];
+    let mut conn = quiche::connect(
+        Some("localhost"),
+        &quiche::ConnectionId::from_ref(&scid),
+        local,
+        server,
+        &mut config,
+    )
+    .unwrap();
+    let mut out = [0u8; 1500];
+    let mut buf = [0u8; 65535];
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let flush = |conn: &mut quiche::Connection, out: &mut [u8]| {
+        while let Ok((n, info)) = conn.send(out) {
+            socket.send_to(&out[..n], info.to).unwrap();
+        }
+    };
+    flush(&mut conn, &mut out);
+    // The Retry.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let retry_packet = loop {
+        assert!(Instant::now() < deadline, "no Retry from the server");
+        if let Ok((n, _)) = socket.recv_from(&mut buf) {
+            let hdr = quiche::Header::from_slice(&mut buf[..n], quiche::MAX_CONN_ID_LEN).unwrap();
+            assert_eq!(hdr.ty, quiche::Type::Retry, "expected a Retry first");
+            break buf[..n].to_vec();
+        }
+    };
+    // A ClientHello with a post-quantum key share spans two Initials, and each got a Retry:
+    // let the others go before the restart.
+    while socket.recv_from(&mut buf).is_ok() {}
+    retry.send(()).unwrap();
+    go.recv().unwrap();
+    // The restarted server gets the Initial that carries the old process's token.
+    let mut retry_packet = retry_packet;
+    conn.recv(
+        &mut retry_packet,
+        quiche::RecvInfo {
+            from: server,
+            to: local,
+        },
+    )
+    .unwrap();
+    let (n, info) = conn.send(&mut out).expect("an Initial answering the Retry");
+    let hdr = quiche::Header::from_slice(&mut out[..n], quiche::MAX_CONN_ID_LEN).unwrap();
+    assert!(
+        hdr.token.is_some_and(|t| !t.is_empty()),
+        "quiche did not take the Retry"
+    );
+    socket.send_to(&out[..n], info.to).unwrap();
+    flush(&mut conn, &mut out);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !conn.is_established() {
+        assert!(
+            Instant::now() < deadline && !conn.is_closed(),
+            "the handshake after the restart did not complete: {:?}",
+            conn.peer_error()
+        );
+        match socket.recv_from(&mut buf) {
+            Ok((n, from)) => {
+                let _ = conn.recv(&mut buf[..n], quiche::RecvInfo { from, to: local });
+            }
+            Err(_) => conn.on_timeout(),
+        }
+        flush(&mut conn, &mut out);
+    }
+    let _ = conn.close(true, 0x100, b"");
+    flush(&mut conn, &mut out);
+}
