@@ -101,6 +101,11 @@ pub struct Running {
     live: Arc<Live>,
     workers: Vec<std::thread::JoinHandle<Result<(), WorkerError>>>,
     checker: Option<Checker>,
+    /// A second handle on every worker's socket: a worker that has drained does not take its
+    /// socket out of the SO_REUSEPORT group, which would move another socket into its place
+    /// (the classic BPF program of a successor addresses sockets by place). All of them leave
+    /// together, once every worker is done.
+    group: Vec<std::net::UdpSocket>,
 }
 
 impl Running {
@@ -155,6 +160,7 @@ impl Running {
         if let Some(s) = steering {
             s.detach();
         }
+        self.group.clear();
         // Last: our connections and sockets are gone, so the successor may forget us.
         if let Ok(mut successor) = self.live.successor.lock() {
             successor.take();
@@ -393,6 +399,14 @@ pub fn start_from(
         keys: own_keys.clone(),
     });
 
+    let group = sockets
+        .iter()
+        .map(std::net::UdpSocket::try_clone)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| StartError::Bind {
+            addr: local_addr,
+            source,
+        })?;
     let mut handles = Vec::with_capacity(workers);
     let per_worker = sockets
         .into_iter()
@@ -462,6 +476,7 @@ pub fn start_from(
         live,
         workers: handles,
         checker: Some(checker),
+        group,
     })
 }
 

@@ -16,6 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// How long a successor's hello waits for this process's own predecessor to be gone.
+const PREDECESSOR_WAIT: Duration = Duration::from_secs(10);
+
 /// What a running process shares with its control thread.
 pub(super) struct Live {
     pub steering: Mutex<Option<Steering>>,
@@ -108,20 +111,32 @@ pub(super) fn watch_predecessor(stream: UnixStream, predecessor: Predecessor, li
         .spawn(move || {
             takeover::wait_closed(stream);
             tracing::info!(pid = predecessor.pid, generation = predecessor.generation, "the predecessor has finished");
-            live.predecessor_draining.store(false, Ordering::Relaxed);
-            let gone = live
-                .steering
-                .lock()
-                .ok()
-                .and_then(|mut s| s.as_mut().map(|s| s.predecessor_gone(&predecessor)));
-            if let Some(Err(e)) = gone {
-                tracing::warn!(error = %e, "steering still knows the predecessor; misroutes are forwarded in user space");
+            // Classic BPF finds its sockets' places with probes: on a busy machine one may be
+            // late, so try a few times.
+            for attempt in 1..=5 {
+                let gone = live
+                    .steering
+                    .lock()
+                    .ok()
+                    .and_then(|mut s| s.as_mut().map(|s| s.predecessor_gone(&predecessor)));
+                match gone {
+                    Some(Err(e)) if attempt < 5 => {
+                        tracing::info!(error = %e, attempt, "steering: trying again to forget the predecessor");
+                        std::thread::sleep(Duration::from_millis(500));
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "steering still knows the predecessor; misroutes are forwarded in user space");
+                    }
+                    _ => break,
+                }
             }
             live.generations.send_modify(|g| {
                 if let Some(w) = g.workers.get_mut(usize::from(predecessor.generation)) {
                     *w = 0;
                 }
             });
+            // Only now is our steering about us alone: a successor may come.
+            live.predecessor_draining.store(false, Ordering::Relaxed);
         });
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot watch the predecessor");
@@ -174,6 +189,13 @@ fn hand_over(mut stream: UnixStream, live: &Live) -> Result<(), TakeoverError> {
     let (Message::Hello { pid }, _) = takeover::recv(&mut stream)? else {
         return Err(TakeoverError::Malformed("no Hello".into()));
     };
+    // Our own predecessor may be finishing (its last connections, or our steering forgetting
+    // it): a successor waits a little for that rather than being refused at once.
+    let deadline = std::time::Instant::now() + PREDECESSOR_WAIT;
+    while live.predecessor_draining.load(Ordering::Relaxed) && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let refusal = if *live.shutdown.borrow() {
         Some("this Spooky is shutting down".to_owned())
     } else if live.predecessor_draining.load(Ordering::Relaxed) {
