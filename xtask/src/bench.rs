@@ -14,6 +14,7 @@
 
 mod peers;
 mod report;
+mod upgrade;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -33,8 +34,8 @@ struct Args {
     /// Short runs (2 s measured, 1 s warm-up, 300 idle connections) to check the harness.
     #[arg(long)]
     quick: bool,
-    /// Scenarios, comma-separated: small, download, upload, handshake, idle.
-    #[arg(long, default_value = "small,download,upload,handshake,idle")]
+    /// Scenarios, comma-separated: small, download, upload, handshake, idle, upgrade.
+    #[arg(long, default_value = "small,download,upload,handshake,idle,upgrade")]
     scenarios: String,
     /// Proxies, comma-separated: spooky, envoy, caddy.
     #[arg(long, default_value = "spooky,envoy,caddy")]
@@ -127,6 +128,15 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
             load_args: s(&["-c", idle_conns, "-m", "1", "--interval", "5s"]),
             warm_up: if quick { 3.0 } else { 5.0 },
             duration: if quick { 2.0 } else { 5.0 },
+        },
+        // Its own load and timing: see `upgrade.rs`.
+        Scenario {
+            name: "upgrade",
+            unit: "req",
+            path: "/100b",
+            load_args: Vec::new(),
+            warm_up: 0.0,
+            duration: 0.0,
         },
     ]
 }
@@ -232,12 +242,12 @@ pub fn run(args: &[String]) -> Result<()> {
         &proxies,
     );
     let _ = std::fs::remove_dir_all(&dir);
-    let (results, checks) = result?;
+    let (results, checks, upgrades) = result?;
 
     let env = Env::collect(&bins, &spooky, pinned, &root, args);
-    let json = report::json(&env, &results, &checks);
+    let json = report::json(&env, &results, &checks, &upgrades);
     std::fs::write(out.join("results.json"), json)?;
-    let md = report::markdown(&env, &results, &checks);
+    let md = report::markdown(&env, &results, &checks, &upgrades);
     std::fs::write(out.join("results.md"), &md)?;
     let svg = report::svg(&results, &env);
     std::fs::write(out.join("chart.svg"), &svg)?;
@@ -290,19 +300,18 @@ fn free_port(udp: bool) -> Result<u16> {
     Ok(port)
 }
 
-fn run_all(
-    ctx: &RunCtx<'_>,
-    chosen: &[&Scenario],
-    proxies: &[ProxyKind],
-) -> Result<(Vec<RunResult>, Vec<CountCheck>)> {
+type Results = (Vec<RunResult>, Vec<CountCheck>, Vec<upgrade::Outcome>);
+
+fn run_all(ctx: &RunCtx<'_>, chosen: &[&Scenario], proxies: &[ProxyKind]) -> Result<Results> {
     let nginx_port = free_port(false)?;
     let mut nginx = peers::Nginx::start(&ctx.bins.nginx, ctx.dir, nginx_port, ctx.load_cpu)?;
     let nginx_worker = nginx.worker_pid().context("no nginx worker process")?;
     let mut results = Vec::new();
     let mut checks = Vec::new();
+    let mut upgrades = Vec::new();
     for &kind in proxies {
         // The count check: N requests in count mode, N lines in nginx's log.
-        let mut proxy = start_ready(ctx, kind, nginx.port)?;
+        let mut proxy = start_ready(ctx, kind, nginx.port, false)?;
         let n = if ctx.quick { 500 } else { 5000 };
         let before = nginx.logged_requests();
         let kv = load_run(
@@ -330,6 +339,15 @@ fn run_all(
         proxy.0.stop();
     }
     for sc in chosen {
+        if sc.name == "upgrade" {
+            for &kind in proxies.iter().filter(|k| **k != ProxyKind::Caddy) {
+                eprintln!("bench: upgrade through {}", kind.name());
+                let o = upgrade::run(ctx, kind, nginx.port)?;
+                eprintln!("bench:   {o:?}");
+                upgrades.push(o);
+            }
+            continue;
+        }
         for &kind in proxies {
             let load_avg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
             eprintln!(
@@ -342,7 +360,7 @@ fn run_all(
                     .collect::<Vec<_>>()
                     .join(" ")
             );
-            let (mut proxy, port) = start_ready(ctx, kind, nginx.port)?;
+            let (mut proxy, port) = start_ready(ctx, kind, nginx.port, false)?;
             let pid = proxy.pid();
             let rss_base = report::status_kib(pid, "VmRSS:");
             let logged_before = nginx.logged_requests();
@@ -390,11 +408,17 @@ fn run_all(
         }
     }
     nginx.stop();
-    Ok((results, checks))
+    Ok((results, checks, upgrades))
 }
 
-/// Starts a proxy on a fresh port and waits until a request through it succeeds.
-fn start_ready(ctx: &RunCtx<'_>, kind: ProxyKind, nginx_port: u16) -> Result<(peers::Proc, u16)> {
+/// Starts a proxy on a fresh port and waits until a request through it succeeds;
+/// `upgradable`: so that a second process can take over from it (Envoy: hot restart on).
+fn start_ready(
+    ctx: &RunCtx<'_>,
+    kind: ProxyKind,
+    nginx_port: u16,
+    upgradable: bool,
+) -> Result<(peers::Proc, u16)> {
     let port = free_port(true)?;
     let setup = ProxySetup {
         dir: ctx.dir,
@@ -403,6 +427,7 @@ fn start_ready(ctx: &RunCtx<'_>, kind: ProxyKind, nginx_port: u16) -> Result<(pe
         port,
         backend_port: nginx_port,
         cpu: ctx.proxy_cpu,
+        upgradable,
     };
     let mut proc = peers::start_proxy(kind, ctx.bins, ctx.spooky, &setup)?;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -453,19 +478,43 @@ fn load_run(
     watch: &[(&str, u32)],
     kv_path: &Path,
 ) -> Result<HashMap<String, String>> {
-    let mut cmd = match ctx.load_cpu {
+    load_run_with(
+        ctx.load,
+        ctx.load_cpu,
+        ctx.no_gro,
+        port,
+        path,
+        args,
+        watch,
+        kv_path,
+    )
+}
+
+/// [`load_run`] with the parts of the context it needs, for a thread of its own.
+#[allow(clippy::too_many_arguments)]
+fn load_run_with(
+    load: &Path,
+    load_cpu: Option<usize>,
+    no_gro: bool,
+    port: u16,
+    path: &str,
+    args: &[String],
+    watch: &[(&str, u32)],
+    kv_path: &Path,
+) -> Result<HashMap<String, String>> {
+    let mut cmd = match load_cpu {
         Some(cpu) => {
             let mut c = Command::new("taskset");
-            c.args(["-c", &cpu.to_string()]).arg(ctx.load);
+            c.args(["-c", &cpu.to_string()]).arg(load);
             c
         }
-        None => Command::new(ctx.load),
+        None => Command::new(load),
     };
     cmd.arg(format!("https://localhost:{port}{path}"))
         .args(["--connect", &format!("127.0.0.1:{port}")])
         .args(args)
         .args(["--kv", &kv_path.to_string_lossy()]);
-    if ctx.no_gro {
+    if no_gro {
         cmd.arg("--no-gro");
     }
     for (name, pid) in watch {

@@ -11,7 +11,8 @@
 //! must drain and exit 0. A crash (`kill -9`) is followed by a fresh start with the same key
 //! file: clients of the dead process get a Stateless Reset at once (quiche's client, and curl
 //! through curl_cffi, which then retries on a new connection) instead of waiting out the idle
-//! timeout. A Retry token minted before a restart is accepted after it.
+//! timeout. A Retry token minted before a restart is accepted after it, and after one rotation
+//! of the token key, but not after two.
 
 use crate::netns::{in_netns, run, Netns, SERVER_V4, UNPRIVILEGED};
 use crate::support::{certs_dir, init_logging, pool};
@@ -402,7 +403,12 @@ fn after_a_crash_the_next_process_resets_the_dead_ones_connections() {
                 let err = c
                     .request(&get, Duration::from_secs(20))
                     .expect_err("a request on a connection of a dead process");
-                (err, started.elapsed())
+                let took = started.elapsed();
+                // The client reconnects, and the new process serves it.
+                let mut fresh = quiche_client();
+                let r = fresh.request(&get, Duration::from_secs(10)).unwrap();
+                assert_eq!(r.status, 200, "a new connection after the reset");
+                (err, took)
             })
         }
     });
@@ -450,6 +456,8 @@ fn after_a_crash_the_next_process_resets_the_dead_ones_connections() {
         matches!(err, ClientError::StatelessReset),
         "quiche's client: {err} after {took:?}"
     );
+    // Not the idle timeout (30 s): the reset answers the first packet.
+    assert!(took < Duration::from_secs(1), "the reset took {took:?}");
     eprintln!("quiche client: stateless reset after {took:?}");
     // curl learns of the reset and sends the request again on a new connection.
     writeln!(curl.stdin.as_mut().unwrap(), "go").unwrap();
@@ -462,7 +470,9 @@ fn after_a_crash_the_next_process_resets_the_dead_ones_connections() {
         Some(&"200"),
         "curl's second request: {line}"
     );
-    eprintln!("curl: second request answered after {}s", fields[2]);
+    let curl_took: f64 = fields[2].parse().unwrap();
+    assert!(curl_took < 1.0, "curl's second request took {curl_took} s");
+    eprintln!("curl: second request answered after {curl_took}s");
     let metrics = site.metrics();
     let resets: u64 = metrics
         .lines()
@@ -474,11 +484,13 @@ fn after_a_crash_the_next_process_resets_the_dead_ones_connections() {
     assert!(second.wait_exit(Duration::from_secs(30)).success());
 }
 
-/// The key file outlives the process: a Retry token minted before a restart is accepted by the
-/// next process (quiche's client answers the Retry after the restart).
+/// The key file outlives the process: Retry tokens minted before a restart are accepted after
+/// it; after one rotation of the token key (`spooky keys rotate`, then a reload) a token of the
+/// old key is still accepted, after a second one it is refused (dropped: the handshake never
+/// completes).
 #[test]
 #[ignore = "needs root"]
-fn a_retry_token_from_before_a_restart_is_accepted_after_it() {
+fn retry_tokens_survive_a_restart_and_one_key_rotation() {
     let site = Site::with_quic(Tier::SkReuseport, "  retry: always\n");
     let mut first = site.spawn(0, false);
     first.wait_serving();
@@ -489,19 +501,46 @@ fn a_retry_token_from_before_a_restart_is_accepted_after_it() {
             .permissions(),
     );
     assert_eq!(mode & 0o777, 0o600, "key file mode {mode:o}");
+    // Three clients, each holding a token of the first process.
     let netns = site.ns.client.clone();
-    let (retry_tx, retry_rx) = std::sync::mpsc::channel::<()>();
-    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-    let handshake =
-        std::thread::spawn(move || in_netns(&netns, move || retry_then_handshake(retry_tx, go_rx)));
-    retry_rx.recv().unwrap();
+    let mut clients = in_netns(&netns, || {
+        (0..3).map(|_| RetriedClient::new()).collect::<Vec<_>>()
+    });
     first.signal(libc::SIGTERM);
     assert!(first.wait_exit(Duration::from_secs(30)).success());
     let mut second = site.spawn(1, false);
     second.wait_serving();
-    go_tx.send(()).unwrap();
-    handshake.join().unwrap();
-    // It took the token: it sent no Retry of its own.
+    let file = keys.display().to_string();
+    let mut reloads = 0;
+    let mut rotate = |second: &Proc| {
+        site.spooky(&["keys", "rotate", "--file", &file]);
+        second.signal(libc::SIGHUP);
+        reloads += 1;
+        let want = format!("spooky_config_reloads_total{{result=\"success\"}} {reloads}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !site.metrics().contains(&want) {
+            assert!(Instant::now() < deadline, "reload {reloads} not applied");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let z = clients.pop().unwrap();
+    let y = clients.pop().unwrap();
+    let x = clients.pop().unwrap();
+    assert!(
+        x.answer(Duration::from_secs(10)),
+        "a token from before the restart was refused"
+    );
+    rotate(&second);
+    assert!(
+        y.answer(Duration::from_secs(10)),
+        "a token of the previous key was refused"
+    );
+    rotate(&second);
+    assert!(
+        !z.answer(Duration::from_secs(3)),
+        "a token of a rotated-out key was accepted"
+    );
+    // The second process took the tokens it accepted: it sent no Retry of its own.
     let metrics = site.metrics();
     let retries: u64 = metrics
         .lines()
@@ -513,92 +552,121 @@ fn a_retry_token_from_before_a_restart_is_accepted_after_it() {
     assert!(second.wait_exit(Duration::from_secs(30)).success());
 }
 
-/// A quiche client by hand: sends its Initial, takes the server's Retry, then (after `go`)
-/// answers it with the token and completes the handshake (a refused token would be dropped,
-/// and the handshake would never complete).
-fn retry_then_handshake(retry: std::sync::mpsc::Sender<()>, go: std::sync::mpsc::Receiver<()>) {
-    let server = SocketAddr::new(SERVER_V4.parse().unwrap(), PORT);
-    let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-    let local = socket.local_addr().unwrap();
-    let mut config = quiche::Config::new(quiche::PROTOCOL_VERSION).unwrap();
-    config
-        .set_application_protos(quiche::h3::APPLICATION_PROTOCOL)
-        .unwrap();
-    config
-        .load_verify_locations_from_file(certs_dir().join("ca.crt").to_str().unwrap())
-        .unwrap();
-    config.verify_peer(true);
-    config.set_max_idle_timeout(10_000);
-    config.set_initial_max_data(1 << 20);
-    config.set_initial_max_streams_bidi(10);
-    let scid = [0x5c; 16];
-    let mut conn = quiche::connect(
-        Some("localhost"),
-        &quiche::ConnectionId::from_ref(&scid),
-        local,
-        server,
-        &mut config,
-    )
-    .unwrap();
-    let mut out = [0u8; 1500];
-    let mut buf = [0u8; 65535];
-    socket
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let flush = |conn: &mut quiche::Connection, out: &mut [u8]| {
-        while let Ok((n, info)) = conn.send(out) {
-            socket.send_to(&out[..n], info.to).unwrap();
-        }
-    };
-    flush(&mut conn, &mut out);
-    // The Retry.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let retry_packet = loop {
-        assert!(Instant::now() < deadline, "no Retry from the server");
-        if let Ok((n, _)) = socket.recv_from(&mut buf) {
-            let hdr = quiche::Header::from_slice(&mut buf[..n], quiche::MAX_CONN_ID_LEN).unwrap();
-            assert_eq!(hdr.ty, quiche::Type::Retry, "expected a Retry first");
-            break buf[..n].to_vec();
-        }
-    };
-    // A ClientHello with a post-quantum key share spans two Initials, and each got a Retry:
-    // let the others go before the restart.
-    while socket.recv_from(&mut buf).is_ok() {}
-    retry.send(()).unwrap();
-    go.recv().unwrap();
-    // The restarted server gets the Initial that carries the old process's token.
-    let mut retry_packet = retry_packet;
-    conn.recv(
-        &mut retry_packet,
-        quiche::RecvInfo {
-            from: server,
-            to: local,
-        },
-    )
-    .unwrap();
-    let (n, info) = conn.send(&mut out).expect("an Initial answering the Retry");
-    let hdr = quiche::Header::from_slice(&mut out[..n], quiche::MAX_CONN_ID_LEN).unwrap();
-    assert!(
-        hdr.token.is_some_and(|t| !t.is_empty()),
-        "quiche did not take the Retry"
-    );
-    socket.send_to(&out[..n], info.to).unwrap();
-    flush(&mut conn, &mut out);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !conn.is_established() {
-        assert!(
-            Instant::now() < deadline && !conn.is_closed(),
-            "the handshake after the restart did not complete: {:?}",
-            conn.peer_error()
-        );
-        match socket.recv_from(&mut buf) {
-            Ok((n, from)) => {
-                let _ = conn.recv(&mut buf[..n], quiche::RecvInfo { from, to: local });
-            }
-            Err(_) => conn.on_timeout(),
-        }
-        flush(&mut conn, &mut out);
+/// A quiche client driven by hand that has sent its Initial and holds the server's Retry.
+struct RetriedClient {
+    conn: quiche::Connection,
+    socket: std::net::UdpSocket,
+    local: SocketAddr,
+    retry: Vec<u8>,
+}
+
+impl RetriedClient {
+    fn server() -> SocketAddr {
+        SocketAddr::new(SERVER_V4.parse().unwrap(), PORT)
     }
-    let _ = conn.close(true, 0x100, b"");
-    flush(&mut conn, &mut out);
+
+    fn flush(&mut self) {
+        let mut out = [0u8; 1500];
+        while let Ok((n, info)) = self.conn.send(&mut out) {
+            self.socket.send_to(&out[..n], info.to).unwrap();
+        }
+    }
+
+    /// Sends an Initial (call in the client namespace) and keeps the Retry that answers it.
+    fn new() -> Self {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let local = socket.local_addr().unwrap();
+        let mut config = quiche::Config::new(quiche::PROTOCOL_VERSION).unwrap();
+        config
+            .set_application_protos(quiche::h3::APPLICATION_PROTOCOL)
+            .unwrap();
+        config
+            .load_verify_locations_from_file(certs_dir().join("ca.crt").to_str().unwrap())
+            .unwrap();
+        config.verify_peer(true);
+        config.set_max_idle_timeout(10_000);
+        config.set_initial_max_data(1 << 20);
+        config.set_initial_max_streams_bidi(10);
+        let mut scid = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut scid).unwrap();
+        let conn = quiche::connect(
+            Some("localhost"),
+            &quiche::ConnectionId::from_ref(&scid),
+            local,
+            Self::server(),
+            &mut config,
+        )
+        .unwrap();
+        let mut c = Self {
+            conn,
+            socket,
+            local,
+            retry: Vec::new(),
+        };
+        c.flush();
+        let mut buf = [0u8; 65535];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while c.retry.is_empty() {
+            assert!(Instant::now() < deadline, "no Retry from the server");
+            if let Ok((n, _)) = c.socket.recv_from(&mut buf) {
+                let hdr =
+                    quiche::Header::from_slice(&mut buf[..n], quiche::MAX_CONN_ID_LEN).unwrap();
+                assert_eq!(hdr.ty, quiche::Type::Retry, "expected a Retry first");
+                c.retry = buf[..n].to_vec();
+            }
+        }
+        // A ClientHello with a post-quantum key share spans two Initials, and each got a
+        // Retry: let the others go.
+        while c.socket.recv_from(&mut buf).is_ok() {}
+        c
+    }
+
+    /// Answers the Retry with its token now; whether the handshake completes `within`.
+    fn answer(mut self, within: Duration) -> bool {
+        let (server, local) = (Self::server(), self.local);
+        let mut retry = std::mem::take(&mut self.retry);
+        self.conn
+            .recv(
+                &mut retry,
+                quiche::RecvInfo {
+                    from: server,
+                    to: local,
+                },
+            )
+            .unwrap();
+        let mut out = [0u8; 1500];
+        let (n, info) = self
+            .conn
+            .send(&mut out)
+            .expect("an Initial answering the Retry");
+        let hdr = quiche::Header::from_slice(&mut out[..n], quiche::MAX_CONN_ID_LEN).unwrap();
+        assert!(
+            hdr.token.is_some_and(|t| !t.is_empty()),
+            "quiche did not take the Retry"
+        );
+        self.socket.send_to(&out[..n], info.to).unwrap();
+        self.flush();
+        let mut buf = [0u8; 65535];
+        let deadline = Instant::now() + within;
+        while !self.conn.is_established() {
+            if Instant::now() >= deadline || self.conn.is_closed() {
+                return false;
+            }
+            match self.socket.recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    let _ = self
+                        .conn
+                        .recv(&mut buf[..n], quiche::RecvInfo { from, to: local });
+                }
+                Err(_) => self.conn.on_timeout(),
+            }
+            self.flush();
+        }
+        let _ = self.conn.close(true, 0x100, b"");
+        self.flush();
+        true
+    }
 }

@@ -373,6 +373,8 @@ pub struct ProxySetup<'a> {
     pub port: u16,
     pub backend_port: u16,
     pub cpu: Option<usize>,
+    /// A second process will take over from this one (the `upgrade` scenario).
+    pub upgradable: bool,
 }
 
 /// Writes the configuration of `kind` into the run directory and starts it.
@@ -396,13 +398,18 @@ listen:
 quic:
   retry: "off"
   max_concurrent_streams: 100
+steering:
+  pin_path: /sys/fs/bpf/spooky-bench-{pid}
+control_socket: {dir}/spooky-control.sock
 upstream:
   nginx:
     route: {{path_prefix: /}}
     backends:
       - {{id: nginx, address: "127.0.0.1:{be}"}}
 log: {{level: warn, format: text}}
-"#
+"#,
+                pid = std::process::id(),
+                dir = s.dir.display(),
             );
             let path = s.dir.join("spooky.yaml");
             std::fs::write(&path, conf)?;
@@ -478,21 +485,23 @@ log: {{level: warn, format: text}}
             let path = s.dir.join("envoy.yaml");
             std::fs::write(&path, conf)?;
             let p = path.to_string_lossy().to_string();
-            Proc::start(
-                "envoy",
-                s.cpu,
-                &[
-                    &bins.envoy.to_string_lossy(),
-                    "-c",
-                    &p,
-                    "--concurrency",
-                    "1",
-                    "--log-level",
-                    "warn",
-                    "--disable-hot-restart",
-                ],
-                &log,
-            )
+            let bin = bins.envoy.to_string_lossy();
+            let mut cmd = vec![&*bin, "-c", &p, "--concurrency", "1", "--log-level", "warn"];
+            if s.upgradable {
+                cmd.extend([
+                    "--base-id",
+                    super::upgrade::ENVOY_BASE_ID,
+                    "--restart-epoch",
+                    "0",
+                    "--drain-time-s",
+                    "5",
+                    "--parent-shutdown-time-s",
+                    "10",
+                ]);
+            } else {
+                cmd.push("--disable-hot-restart");
+            }
+            Proc::start("envoy", s.cpu, &cmd, &log)
         }
         ProxyKind::Caddy => {
             let d = s.dir.display();

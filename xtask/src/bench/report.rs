@@ -3,6 +3,7 @@
 //! has no JSON crate) and an SVG bar chart drawn without external tools.
 
 use super::peers::PeerBins;
+use super::upgrade::Outcome;
 use super::CountCheck;
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -252,7 +253,12 @@ fn num(v: f64) -> String {
 }
 
 /// The whole run as JSON.
-pub fn json(env: &Env, results: &[RunResult], checks: &[CountCheck]) -> String {
+pub fn json(
+    env: &Env,
+    results: &[RunResult],
+    checks: &[CountCheck],
+    upgrades: &[Outcome],
+) -> String {
     let mut s = String::from("{\n");
     let _ = writeln!(
         s,
@@ -286,12 +292,27 @@ pub fn json(env: &Env, results: &[RunResult], checks: &[CountCheck]) -> String {
         );
         s.push_str(if i + 1 < results.len() { ",\n" } else { "\n" });
     }
+    s.push_str("  ],\n  \"upgrades\": [\n");
+    for (i, u) in upgrades.iter().enumerate() {
+        let _ = write!(
+            s,
+            "    {{\"proxy\": \"{}\", \"method\": \"{}\", \"requests_per_second\": {}, \"p50_ms\": {}, \"p99_ms\": {}, \"max_ms\": {}, \"failed\": {}, \"unanswered\": {}, \"old_exit_s\": {}, \"note\": \"{}\"}}",
+            u.proxy, esc(u.method), num(u.rps), num(u.p50_ms), num(u.p99_ms), num(u.max_ms),
+            u.failed, u.unanswered, u.old_exit_s.map_or("null".to_string(), num), esc(&u.note)
+        );
+        s.push_str(if i + 1 < upgrades.len() { ",\n" } else { "\n" });
+    }
     s.push_str("  ]\n}\n");
     s
 }
 
 /// The Markdown report (also printed).
-pub fn markdown(env: &Env, results: &[RunResult], checks: &[CountCheck]) -> String {
+pub fn markdown(
+    env: &Env,
+    results: &[RunResult],
+    checks: &[CountCheck],
+    upgrades: &[Outcome],
+) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "Date: {}  ", env.date);
     let _ = writeln!(
@@ -357,6 +378,25 @@ pub fn markdown(env: &Env, results: &[RunResult], checks: &[CountCheck]) -> Stri
                 r.rss_base_kib as f64 / 1024.0,
                 r.rss_end_kib as f64 / 1024.0,
                 r.kib_per_connection()
+            );
+        }
+    }
+    if !upgrades.is_empty() {
+        s.push_str("\nUpgrade: 100 B requests at a fixed rate (20 connections, 10 ms between a response and the next request), a new process of the proxy started 0.5 s into a 2 s window:\n\n| proxy | how | req/s | p50 ms | p99 ms | max ms | failed | unanswered | old process gone after s | |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n");
+        for u in upgrades {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.0} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {} |",
+                u.proxy,
+                u.method,
+                u.rps,
+                u.p50_ms,
+                u.p99_ms,
+                u.max_ms,
+                u.failed,
+                u.unanswered,
+                u.old_exit_s.map_or("-".to_string(), |t| format!("{t:.2}")),
+                u.note
             );
         }
     }
