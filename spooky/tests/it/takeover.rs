@@ -86,6 +86,11 @@ impl Site {
 
     /// Starts process `n` of this site (with `--takeover` when `takeover`).
     fn spawn(&self, n: usize, takeover: bool) -> Proc {
+        self.spawn_with_env(n, takeover, &[])
+    }
+
+    /// [`Site::spawn`] with environment variables.
+    fn spawn_with_env(&self, n: usize, takeover: bool, env: &[(&str, &std::path::Path)]) -> Proc {
         let log = self.dir.join(format!("spooky-{n}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new("ip");
@@ -104,6 +109,9 @@ impl Site {
         }
         if takeover {
             cmd.arg("--takeover");
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
         }
         let child = cmd
             .env(
@@ -295,6 +303,17 @@ fn takeovers_under_load(tier: Tier) {
             );
             assert_eq!(generations[0]["generation"], first_generation + n as u64);
             assert_eq!(generations[0]["accepting"], true);
+            // XDP stayed on the interface, with the newest process's program.
+            let want = if tier == Tier::Xdp {
+                "xdp-"
+            } else {
+                "sk-reuseport"
+            };
+            assert!(
+                status["mode"].as_str().unwrap().starts_with(want),
+                "{status:#}"
+            );
+            assert_eq!(status["pid"], u64::from(current.child.id()), "{status:#}");
         }
     }
     let report = load.stop();
@@ -348,6 +367,73 @@ fn three_takeovers_under_load_lose_nothing_with_sk_reuseport() {
 #[ignore = "needs root"]
 fn three_takeovers_under_load_lose_nothing_with_xdp() {
     takeovers_under_load(Tier::Xdp);
+}
+
+/// The systemd way: `spooky --takeover --detach` returns 0 once the new process serves, and
+/// each process tells `$NOTIFY_SOCKET` it is ready and is the service's main process.
+#[test]
+#[ignore = "needs root"]
+fn a_detached_takeover_returns_once_the_successor_serves_and_notifies_systemd() {
+    let site = Site::new(Tier::SkReuseport);
+    let notify_path = site.dir.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let notified = || {
+        let mut buf = [0u8; 256];
+        let n = notify.recv(&mut buf).expect("no sd_notify message");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let mut first = site.spawn_with_env(0, false, &[("NOTIFY_SOCKET", &notify_path)]);
+    first.wait_serving();
+    let first_pid = first.child.id();
+    assert_eq!(notified(), format!("READY=1\nMAINPID={first_pid}\n"));
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &site.ns.server,
+            env!("CARGO_BIN_EXE_spooky"),
+        ])
+        .arg("--config")
+        .arg(site.dir.join("config.yaml"))
+        .args(["--workers", "2", "--no-pin", "--takeover", "--detach"])
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "spooky --takeover --detach: {}",
+        out.status
+    );
+    // It serves by now: its notification is there, and the admin listener is its own.
+    let message = notified();
+    let pid: u32 = message
+        .strip_prefix("READY=1\nMAINPID=")
+        .and_then(|m| m.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{message:?}"));
+    assert_ne!(pid, first_pid);
+    let status = site.status();
+    assert_eq!(status["pid"], u64::from(pid), "{status:#}");
+    assert!(
+        first.wait_exit(Duration::from_secs(30)).success(),
+        "{}",
+        first.log()
+    );
+    // The detached process is ours to stop: by its pid.
+    // SAFETY: signalling the process this test started (through --detach).
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the detached spooky did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// quiche's client in the client namespace, connected to the site.
