@@ -6,6 +6,7 @@
 //! Validation is sans-IO: what it must read, resolve or look up goes through an [`Env`]
 //! ([`System`] in the proxy, an in-memory one in tests and the fuzzer).
 
+mod earlier;
 pub mod env;
 mod raw;
 mod validate;

@@ -133,8 +133,8 @@ pub fn parse_with(yaml: &str, base_dir: &Path, env: &dyn Env) -> Result<Config, 
     // check for it is ours.
     let mut documents = serde_yaml::Deserializer::from_str(yaml);
     let raw: RawConfig = match documents.next() {
-        Some(first) => serde::Deserialize::deserialize(first)?,
-        None => serde_yaml::from_str(yaml)?,
+        Some(first) => serde::Deserialize::deserialize(first).map_err(shape_error)?,
+        None => serde_yaml::from_str(yaml).map_err(shape_error)?,
     };
     if documents.next().is_some() {
         return Err(ConfigError::Invalid(vec![FieldError {
@@ -152,6 +152,14 @@ pub fn parse_with(yaml: &str, base_dir: &Path, env: &dyn Env) -> Result<Config, 
     match build_config(&raw, &io, &mut errs) {
         Some(config) if errs.0.is_empty() => Ok(config),
         _ => Err(ConfigError::Invalid(errs.0)),
+    }
+}
+
+/// A serde error; a key of an earlier Spooky version is reported with its replacement.
+fn shape_error(e: serde_yaml::Error) -> ConfigError {
+    match super::earlier::renamed_key(&e) {
+        Some((path, message)) => ConfigError::Invalid(vec![FieldError { path, message }]),
+        None => ConfigError::Syntax(e),
     }
 }
 
@@ -485,6 +493,8 @@ fn build_log(raw: &RawLog, errs: &mut Errors) -> Option<Log> {
         "log.level",
         if raw.level.trim().is_empty() {
             Err("must not be empty".to_owned())
+        } else if let Some(problem) = super::earlier::log_level_problem(&raw.level) {
+            Err(problem)
         } else {
             tracing_subscriber::EnvFilter::try_new(&raw.level)
                 .map(|_| raw.level.clone())

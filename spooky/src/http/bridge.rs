@@ -59,15 +59,21 @@ pub enum RequestError {
     BadTarget,
     #[error("invalid :method")]
     BadMethod,
+    /// RFC 9114 §4.3.1: an `https` request names its authority (`:authority` or `host`).
+    #[error("no :authority and no host")]
+    MissingAuthority,
+    /// Only `https` is served (the client reached us over QUIC).
+    #[error(":scheme {0:?} is not https")]
+    UnsupportedScheme(String),
 }
 
 /// A validated request head.
 #[derive(Debug, Clone)]
 pub struct RequestHead {
     pub method: Method,
-    /// `https` or `http`, as the client wrote it.
+    /// `https` (empty for CONNECT, which carries none).
     pub scheme: Bytes,
-    /// From `:authority`, else from `host`; may be empty only if neither was sent.
+    /// From `:authority`, else from `host`; never empty.
     pub authority: Bytes,
     pub path: Bytes,
     /// Regular fields in arrival order, `host` removed (it travels as `:authority`).
@@ -302,6 +308,9 @@ pub fn validate_request(list: &[Header]) -> Result<RequestHead, RequestError> {
     if !valid_scheme(&scheme) {
         return Err(RequestError::BadTarget);
     }
+    if scheme.as_ref() != b"https" {
+        return Err(RequestError::UnsupportedScheme(lossy(&scheme)));
+    }
     let authority = match (authority, host) {
         (Some(a), Some(h)) if !a.eq_ignore_ascii_case(&h) => {
             return Err(RequestError::HostMismatch {
@@ -311,9 +320,9 @@ pub fn validate_request(list: &[Header]) -> Result<RequestHead, RequestError> {
         }
         (Some(a), _) => a,
         (None, Some(h)) => h,
-        (None, None) => Bytes::new(),
+        (None, None) => return Err(RequestError::MissingAuthority),
     };
-    if !authority.is_empty() && !valid_authority(&authority) {
+    if !valid_authority(&authority) {
         return Err(RequestError::BadTarget);
     }
     let head = RequestHead {
@@ -352,11 +361,10 @@ fn upstream_uri(head: &RequestHead) -> Result<Uri, ConvertError> {
     let mut uri = Vec::with_capacity(scheme.len() + 3 + head.authority.len() + head.path.len());
     uri.extend_from_slice(scheme);
     uri.extend_from_slice(b"://");
-    uri.extend_from_slice(if head.authority.is_empty() {
-        b"localhost"
-    } else {
-        &head.authority
-    });
+    if head.authority.is_empty() {
+        return Err(ConvertError("no authority".into()));
+    }
+    uri.extend_from_slice(&head.authority);
     uri.extend_from_slice(&head.path);
     Uri::from_maybe_shared(Bytes::from(uri)).map_err(|e| ConvertError(e.to_string()))
 }

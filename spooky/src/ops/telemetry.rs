@@ -19,7 +19,11 @@ pub fn init(level: &str, format: LogFormat) -> Result<LevelReloader, String> {
     let filter = EnvFilter::try_new(from_env.as_deref().unwrap_or(level))
         .map_err(|e| format!("log filter: {e}"))?;
     let (filter, handle) = reload::Layer::<EnvFilter, Registry>::new(filter);
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colour only for a terminal: a file or a pipe gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     let result = match format {
         LogFormat::Text => tracing_subscriber::registry()
             .with(filter)

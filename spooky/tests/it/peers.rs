@@ -424,6 +424,14 @@ fn aioquic_malformed_requests_are_rejected_and_the_connection_keeps_working() {
                 [":method", "GET"], [":scheme", "https"], [":authority", "localhost"]
             ] }),
         ),
+        (
+            "neither :authority nor host (RFC 9114 §4.3.1)",
+            serde_json::json!({ "path": "/", "authority": null }),
+        ),
+        (
+            ":scheme http",
+            serde_json::json!({ "path": "/", "scheme": "http" }),
+        ),
     ];
     let mut plan = Vec::new();
     for (_, req) in &bad {

@@ -290,6 +290,14 @@ fn takeovers_under_load(tier: Tier) {
             log.contains("handed over; draining"),
             "no handover logged:\n{log}"
         );
+        assert!(
+            log.contains("draining connections="),
+            "no drain progress:\n{log}"
+        );
+        assert!(
+            !log.contains('\u{1b}'),
+            "colour codes in a log file:\n{log}"
+        );
         current = next;
         // The new process carries the load alone for a while.
         std::thread::sleep(Duration::from_secs(1));

@@ -1069,3 +1069,32 @@ fn unreadable_file_exits_with_2() {
         )
     );
 }
+
+#[test]
+fn names_of_earlier_versions_are_refused_naming_the_replacement() {
+    let hc = |key: &str| {
+        ONE_UPSTREAM.replace(
+            "address: \"127.0.0.1:7001\"}",
+            &format!("address: \"127.0.0.1:7001\", health_check: {{path: /h, {key}: 3}}}}"),
+        )
+    };
+    assert_eq!(
+        problems(&hc("timeout_ms")),
+        [
+            "upstream.api.backends[0].health_check.timeout_ms: `timeout_ms` is a key of earlier \
+          Spooky versions: write `timeout` (a duration, e.g. `timeout: 1500ms`)"
+        ]
+    );
+    assert!(problems(&hc("failure_threshold"))[0].ends_with("write `unhealthy_threshold`"));
+    assert!(problems(&hc("success_threshold"))[0].ends_with("write `healthy_threshold`"));
+    let passive = ONE_UPSTREAM.replace(
+        "    backends:",
+        "    passive_health: {failure_threshold: 3}\n    backends:",
+    );
+    assert!(problems(&passive)[0].ends_with("write `consecutive_failures`"));
+    let levels = problems(&format!("{ONE_UPSTREAM}log: {{level: poltergeist}}\n"));
+    assert_eq!(
+        levels,
+        ["log.level: `poltergeist` is a log level name of earlier Spooky versions: write `trace`"]
+    );
+}

@@ -211,6 +211,29 @@ fn host_alone_becomes_the_authority_and_is_not_forwarded() {
     assert!(head.field("host").is_none());
 }
 
+#[test]
+fn a_request_without_authority_or_host_and_other_schemes_are_refused() {
+    // RFC 9114 §4.3.1: an https request names its authority; nothing is made up for it.
+    let list = h(&[(":method", "GET"), (":scheme", "https"), (":path", "/")]);
+    assert_eq!(
+        validate_request(&list).unwrap_err(),
+        RequestError::MissingAuthority
+    );
+    for scheme in ["http", "ftp", "HTTPS"] {
+        let list = h(&[
+            (":method", "GET"),
+            (":scheme", scheme),
+            (":authority", "example.com"),
+            (":path", "/"),
+        ]);
+        assert_eq!(
+            validate_request(&list).unwrap_err(),
+            RequestError::UnsupportedScheme(scheme.to_owned()),
+            "{scheme}"
+        );
+    }
+}
+
 fn hop(mode: ForwardedMode) -> Hop {
     Hop {
         client_ip: "192.0.2.7".parse().unwrap(),
