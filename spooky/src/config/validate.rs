@@ -274,6 +274,18 @@ fn build_admin(raw: &RawAdmin, errs: &mut Errors) -> Option<Admin> {
         }
         t => Some(t.clone()),
     };
+    // Anyone who reaches a non-loopback admin address could reload the configuration.
+    if let (Some(Some(a)), None) = (&addr, &raw.token) {
+        if !a.ip().is_loopback() {
+            errs.check::<()>(
+                "admin.token",
+                Err(format!(
+                    "required with a non-loopback admin.address ({a}): set a token of at least \
+                     16 characters, or listen on 127.0.0.1"
+                )),
+            );
+        }
+    }
     let token_for_reads = errs.check(
         "admin.token_for_reads",
         if raw.token_for_reads && raw.token.is_none() {

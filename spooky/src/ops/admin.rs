@@ -10,21 +10,40 @@
 //!
 //! With `admin.token` set, `POST /reload` needs `Authorization: Bearer TOKEN` (and so do the
 //! reads with `admin.token_for_reads`). HTTP/1.1 connections carry one request each.
+//!
+//! Bounded: at most [`MAX_CONNECTIONS`] at once (more are closed at once and counted in
+//! `spooky_admin_connections_refused_total`), an HTTP/1.1 exchange must be over within
+//! [`H1_TIMEOUT`] and an h2c connection within [`H2_TIMEOUT`], and a failing `accept` (out of
+//! file descriptors, say) backs off instead of spinning.
 
 use super::reload::ReloadError;
 use super::Ops;
 use crate::health::HealthState;
 use bytes::Bytes;
+use std::cell::Cell;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Largest request head / body the admin listener reads.
 const MAX_HEAD: usize = 16 * 1024;
 const MAX_BODY: usize = 64 * 1024;
+/// Admin connections served at once.
+pub const MAX_CONNECTIONS: usize = 64;
+/// An HTTP/1.1 exchange (head, body, answer) must be over within this.
+pub const H1_TIMEOUT: Duration = Duration::from_secs(10);
+/// An h2c connection lives at most this long.
+pub const H2_TIMEOUT: Duration = Duration::from_secs(60);
+/// The wait after a failed `accept`.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Admin connections closed because [`MAX_CONNECTIONS`] were open.
+pub static CONNECTIONS_REFUSED: AtomicU64 = AtomicU64::new(0);
 
 /// One admin answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,25 +65,57 @@ impl Answer {
 
 /// Serves the admin API on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, ops: Arc<Ops>) {
+    let open = Rc::new(Cell::new(0usize));
     loop {
-        let Ok((tcp, peer)) = listener.accept().await else {
-            continue;
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin listener: accept failed; backing off");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
         };
-        let ops = ops.clone();
+        if open.get() >= MAX_CONNECTIONS {
+            CONNECTIONS_REFUSED.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, "admin connection refused: too many open");
+            continue;
+        }
+        open.set(open.get() + 1);
+        let (ops, open) = (ops.clone(), open.clone());
         tokio::task::spawn_local(async move {
             if let Err(e) = connection(tcp, &ops).await {
                 tracing::debug!(%peer, error = %e, "admin connection ended");
             }
+            open.set(open.get() - 1);
         });
     }
 }
 
-async fn connection(mut tcp: TcpStream, ops: &Ops) -> std::io::Result<()> {
+async fn connection(tcp: TcpStream, ops: &Ops) -> std::io::Result<()> {
     let mut preface = [0u8; 3];
-    let n = tcp.peek(&mut preface).await?;
-    if &preface[..n] == b"PRI" {
-        return h2c(tcp, ops).await;
-    }
+    let n = tokio::time::timeout(H1_TIMEOUT, tcp.peek(&mut preface))
+        .await
+        .map_err(|_| std::io::ErrorKind::TimedOut)??;
+    let (limit, served) = if &preface[..n] == b"PRI" {
+        (
+            H2_TIMEOUT,
+            tokio::time::timeout(H2_TIMEOUT, h2c(tcp, ops)).await,
+        )
+    } else {
+        (
+            H1_TIMEOUT,
+            tokio::time::timeout(H1_TIMEOUT, h1(tcp, ops)).await,
+        )
+    };
+    served.map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("not over within {limit:?}"),
+        )
+    })?
+}
+
+async fn h1(mut tcp: TcpStream, ops: &Ops) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let head_end = loop {
         if let Some(i) = find(&buf, b"\r\n\r\n") {

@@ -256,6 +256,17 @@ pub fn render(ops: &Ops) -> String {
         "spooky_access_log_dropped_total {}",
         ops.access_log.dropped()
     );
+    head(
+        &mut out,
+        "spooky_admin_connections_refused_total",
+        "counter",
+        "Admin connections closed at once because the admin listener had its maximum open.",
+    );
+    let _ = writeln!(
+        out,
+        "spooky_admin_connections_refused_total {}",
+        super::admin::CONNECTIONS_REFUSED.load(Ordering::Relaxed)
+    );
 
     let extra = ops.ebpf.as_ref().map(|f| f()).unwrap_or_default();
     if !extra.is_empty() {

@@ -4,6 +4,8 @@
 
 pub(crate) mod access_log;
 pub(crate) mod admin;
+/// The admin listener's bounds (see `admin`).
+pub use admin::{H1_TIMEOUT as ADMIN_H1_TIMEOUT, MAX_CONNECTIONS as ADMIN_MAX_CONNECTIONS};
 pub(crate) mod metrics;
 pub(crate) mod privilege;
 pub mod reload;

@@ -832,3 +832,55 @@ fn the_binary_reloads_on_sighup_and_exits_0_on_sigterm() {
     assert_eq!(status.code(), Some(0));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The admin listener is bounded: connections beyond its maximum are closed at once and
+/// counted, a client that never finishes its request is cut off after the timeout, and the
+/// listener keeps answering everyone else.
+#[test]
+fn the_admin_listener_caps_connections_and_times_out_silent_clients() {
+    let b1 = backend("b1");
+    let p = proxy(
+        &pool("main", "/", None, "round-robin", &[("b1", b1.addr)], ""),
+        "",
+        1,
+    );
+    let addr = p.running.as_ref().unwrap().admin_addr.unwrap();
+    let max = spooky::ops::ADMIN_MAX_CONNECTIONS;
+    // Silent clients: connected, a partial request head, nothing more.
+    let silent: Vec<TcpStream> = (0..max)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // One more is closed without an answer.
+    let mut extra = TcpStream::connect(addr).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = extra.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "over the cap: closed at once, no answer");
+    // The silent ones are cut off by the timeout (and not before it).
+    let started = Instant::now();
+    for mut s in silent {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        assert!(out.is_empty(), "a silent client got an answer");
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited < spooky::ops::ADMIN_H1_TIMEOUT + Duration::from_secs(5),
+        "silent clients held for {waited:?}"
+    );
+    // Room again: the listener answers, and counted the refusal.
+    let (status, metrics) = admin(addr, "GET", "/metrics", None);
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("spooky_admin_connections_refused_total 1"),
+        "{metrics}"
+    );
+}

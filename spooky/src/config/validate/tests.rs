@@ -1098,3 +1098,22 @@ fn names_of_earlier_versions_are_refused_naming_the_replacement() {
         ["log.level: `poltergeist` is a log level name of earlier Spooky versions: write `trace`"]
     );
 }
+
+#[test]
+fn a_non_loopback_admin_address_needs_a_token() {
+    let problems = problems(&format!(
+        "{ONE_UPSTREAM}admin: {{address: \"0.0.0.0:9900\"}}\n"
+    ));
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0]
+            .starts_with("admin.token: required with a non-loopback admin.address (0.0.0.0:9900)"),
+        "{problems:?}"
+    );
+    ok(&format!(
+        "{ONE_UPSTREAM}admin: {{address: \"0.0.0.0:9900\", token: 0123456789abcdef}}\n"
+    ));
+    ok(&format!(
+        "{ONE_UPSTREAM}admin: {{address: \"[::1]:9900\"}}\n"
+    ));
+}
