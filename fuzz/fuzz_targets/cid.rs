@@ -243,7 +243,7 @@ fn check_program_shape(prog: &[Insn]) {
             }
             0x60 | 0x02 => assert!(ins.k < BPF_MEMWORDS, "scratch slot {} at {pc}", ins.k),
             0x94 => assert_ne!(ins.k, 0, "mod by zero at {pc}"),
-            0x30 | 0x00 | 0x07 | 0xac | 0x24 | 0x54 | 0x74 | 0x06 | 0x16 => {}
+            0x20 | 0x30 | 0x50 | 0x00 | 0x07 | 0x0c | 0xac | 0x24 | 0x54 | 0x74 | 0x06 | 0x16 => {}
             code => panic!("unexpected opcode {code:#x} at {pc}"),
         }
     }
@@ -277,6 +277,23 @@ fn reference_parse(payload: &[u8], short_dcid_len: usize) -> Result<(Form, &[u8]
         (version == 1 && packet_type == 0) || (version == 0x6b33_43cf && packet_type == 1);
     if initial && payload.len() < quic::MIN_INITIAL_DATAGRAM {
         return Err(Counter::DropShortInitial);
+    }
+    if initial {
+        // The SCID length and the token length behind the SCID (two-byte reads each).
+        let scid_at = 6 + dcid_len;
+        let scid_len = usize::from(
+            *payload
+                .get(scid_at..scid_at + 2)
+                .ok_or(Counter::DropTruncated)?
+                .first()
+                .ok_or(Counter::DropTruncated)?,
+        );
+        if scid_len > MAX_CID_LEN {
+            return Err(Counter::DropDcidTooLong);
+        }
+        payload
+            .get(scid_at + scid_len..scid_at + scid_len + 2)
+            .ok_or(Counter::DropTruncated)?;
     }
     Ok((Form::Long, dcid))
 }
