@@ -494,9 +494,9 @@ log: {{level: warn, format: text}}
                     "--restart-epoch",
                     "0",
                     "--drain-time-s",
-                    "5",
+                    "2",
                     "--parent-shutdown-time-s",
-                    "10",
+                    "4",
                 ]);
             } else {
                 cmd.push("--disable-hot-restart");

@@ -382,7 +382,7 @@ pub fn markdown(
         }
     }
     if !upgrades.is_empty() {
-        s.push_str("\nUpgrade: 100 B requests at a fixed rate (20 connections, 10 ms between a response and the next request), a new process of the proxy started 0.5 s into a 2 s window:\n\n| proxy | how | req/s | p50 ms | p99 ms | max ms | failed | unanswered | old process gone after s | |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n");
+        s.push_str("\nUpgrade: 100 B requests at a fixed rate (20 connections, 10 ms between a response and the next request), a new process of the proxy started 0.5 s into an 8 s window (Envoy: `--drain-time-s 2 --parent-shutdown-time-s 4`):\n\n| proxy | how | req/s | p50 ms | p99 ms | max ms | failed | unanswered | old process gone after s | |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n");
         for u in upgrades {
             let _ = writeln!(
                 s,
