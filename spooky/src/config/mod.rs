@@ -211,6 +211,12 @@ pub struct UpstreamTimeouts {
 pub struct PassiveHealth {
     pub consecutive_failures: u32,
     pub cooldown: Duration,
+    /// Whether a 5xx answer counts as a failure (else only connect failures, resets and
+    /// timeouts do: a client can make a backend answer 5xx).
+    pub server_errors: bool,
+    /// Most backends of the pool passive health may have ejected at once, in percent (at
+    /// least one backend may always be ejected).
+    pub max_ejection_percent: u32,
 }
 
 /// One backend server.

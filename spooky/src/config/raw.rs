@@ -248,6 +248,8 @@ impl Default for RawTimeouts {
 pub(super) struct RawPassiveHealth {
     pub consecutive_failures: i64,
     pub cooldown: RawDuration,
+    pub server_errors: bool,
+    pub max_ejection_percent: i64,
 }
 
 impl Default for RawPassiveHealth {
@@ -255,6 +257,8 @@ impl Default for RawPassiveHealth {
         Self {
             consecutive_failures: 5,
             cooldown: RawDuration::Millis(30_000),
+            server_errors: false,
+            max_ejection_percent: 50,
         }
     }
 }

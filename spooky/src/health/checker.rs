@@ -32,9 +32,22 @@ struct Report {
     latency: Option<Duration>,
 }
 
+/// Reports the checker holds at most before workers' reports are dropped (and counted in
+/// [`REPORTS_DROPPED`]): a flood of failures cannot grow the queue without bound.
+pub const REPORT_QUEUE: usize = 4096;
+/// Reports the checker takes in one go; a backend they touch is published once for all.
+const REPORT_BATCH: usize = 256;
+
+/// Passive ejections not made because the pool had as many backends ejected as its
+/// `max_ejection_percent` allows.
+pub static EJECTIONS_WITHHELD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Passive-health reports dropped because the checker's queue was full.
+pub static REPORTS_DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Where workers send what real traffic says about a backend (never blocks).
 #[derive(Clone)]
-pub struct Reporter(mpsc::UnboundedSender<Report>);
+pub struct Reporter(mpsc::Sender<Report>);
 
 impl Reporter {
     /// One observation about the backend whose slot is `slot`.
@@ -44,11 +57,14 @@ impl Reporter {
         outcome: TrafficOutcome,
         latency: Option<Duration>,
     ) {
-        let _ = self.0.send(Report {
+        let sent = self.0.try_send(Report {
             slot: slot.clone(),
             outcome,
             latency,
         });
+        if let Err(mpsc::error::TrySendError::Full(_)) = sent {
+            REPORTS_DROPPED.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -71,7 +87,7 @@ impl Checker {
     ) -> std::io::Result<(Self, Reporter)> {
         let (stop_tx, stop_rx) = oneshot::channel();
         let (snap_tx, snap_rx) = watch::channel(snapshot);
-        let (report_tx, report_rx) = mpsc::unbounded_channel();
+        let (report_tx, report_rx) = mpsc::channel(REPORT_QUEUE);
         let thread = std::thread::Builder::new()
             .name("spooky-health".into())
             .spawn(move || {
@@ -182,7 +198,7 @@ type Shared = Rc<RefCell<State>>;
 async fn run(
     state: Shared,
     mut snapshots: watch::Receiver<Arc<Snapshot>>,
-    mut reports: mpsc::UnboundedReceiver<Report>,
+    mut reports: mpsc::Receiver<Report>,
     mut stop: oneshot::Receiver<()>,
 ) {
     let first = snapshots.borrow_and_update().clone();
@@ -198,15 +214,49 @@ async fn run(
                 let next = snapshots.borrow_and_update().clone();
                 reconcile(&state, &next);
             }
-            Some(r) = reports.recv() => {
+            Some(first) = reports.recv() => {
+                // What is queued, at once: a backend is published once for the batch, unless
+                // its state changes (each transition is published and logged).
+                let mut batch = vec![first];
+                while batch.len() < REPORT_BATCH {
+                    match reports.try_recv() {
+                        Ok(r) => batch.push(r),
+                        Err(_) => break,
+                    }
+                }
                 let mut st = state.borrow_mut();
                 let State { tracked, metrics, bpf, .. } = &mut *st;
-                if let Some(t) = tracked.get_mut(&r.slot.key) {
+                let mut touched: Vec<BackendKey> = Vec::new();
+                let now = Instant::now();
+                for r in batch {
+                    let room = ejection_room(tracked, &r.slot.key);
+                    let Some(t) = tracked.get_mut(&r.slot.key) else {
+                        continue;
+                    };
                     if let Some(lat) = r.latency {
                         t.latency.record(lat);
                     }
-                    let tr = t.machine.on_traffic(r.outcome, Instant::now());
-                    publish(t, metrics, bpf.as_mut(), tr, "passive");
+                    t.machine.allow_ejection(room);
+                    let tr = t.machine.on_traffic(r.outcome, now);
+                    if t.machine.take_withheld() {
+                        EJECTIONS_WITHHELD.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            upstream = %t.slot.key.pool,
+                            backend = %t.slot.key.id,
+                            max_ejection_percent = t.settings.passive.max_ejection_percent,
+                            "ejection withheld: the pool has as many backends ejected as allowed"
+                        );
+                    }
+                    match tr {
+                        Some(tr) => publish(t, metrics, bpf.as_mut(), Some(tr), "passive"),
+                        None if !touched.contains(&r.slot.key) => touched.push(r.slot.key.clone()),
+                        None => {}
+                    }
+                }
+                for key in touched {
+                    if let Some(t) = tracked.get(&key) {
+                        publish(t, metrics, bpf.as_mut(), None, "passive");
+                    }
                 }
             }
             _ = tick.tick() => {
@@ -225,6 +275,21 @@ async fn run(
             p.abort();
         }
     }
+}
+
+/// Whether the pool of backend `key` may have one more backend ejected: fewer are ejected
+/// than its `max_ejection_percent` allows (at least one may always be).
+fn ejection_room(tracked: &HashMap<BackendKey, Tracked>, key: &BackendKey) -> bool {
+    let Some(me) = tracked.get(key) else {
+        return false;
+    };
+    let (mut pool, mut ejected) = (0usize, 0usize);
+    for t in tracked.values().filter(|t| t.upstream == me.upstream) {
+        pool += 1;
+        ejected += usize::from(t.machine.state() == super::HealthState::Ejected);
+    }
+    let allowed = (pool * me.settings.passive.max_ejection_percent as usize / 100).max(1);
+    ejected < allowed
 }
 
 /// Makes the tracked set match `snapshot`: keeps what is unchanged, starts what is new,
@@ -459,4 +524,30 @@ async fn probe_once(pool: &BackendPool, uri: &str) -> Result<u16, String> {
         }
     }
     Ok(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_report_queue_drops_and_counts_instead_of_growing() {
+        let (tx, mut rx) = mpsc::channel(REPORT_QUEUE);
+        let reporter = Reporter(tx);
+        let slot = crate::board::HealthBoard::default().slot(BackendKey {
+            pool: "p".into(),
+            id: "b".into(),
+            address: ([127, 0, 0, 1], 1).into(),
+        });
+        let before = REPORTS_DROPPED.load(Ordering::Relaxed);
+        for _ in 0..REPORT_QUEUE + 10 {
+            reporter.report(&slot, TrafficOutcome::ServerError, None);
+        }
+        assert!(REPORTS_DROPPED.load(Ordering::Relaxed) - before >= 10);
+        let mut queued = 0;
+        while rx.try_recv().is_ok() {
+            queued += 1;
+        }
+        assert_eq!(queued, REPORT_QUEUE);
+    }
 }

@@ -174,6 +174,10 @@ pub struct BackendHealth {
     probe_failures: u32,
     traffic_failures: u32,
     ejected_until: Option<Instant>,
+    /// A failure streak may eject (the pool's `max_ejection_percent` allows it).
+    may_eject: bool,
+    /// An ejection was due but not allowed.
+    withheld: bool,
 }
 
 impl BackendHealth {
@@ -191,7 +195,20 @@ impl BackendHealth {
             probe_failures: 0,
             traffic_failures: 0,
             ejected_until: None,
+            may_eject: true,
+            withheld: false,
         }
+    }
+
+    /// Whether a failure streak may eject this backend now (the checker says no when the
+    /// pool has as many backends ejected as `max_ejection_percent` allows).
+    pub fn allow_ejection(&mut self, may: bool) {
+        self.may_eject = may;
+    }
+
+    /// Whether an ejection was due but withheld since the last call.
+    pub fn take_withheld(&mut self) -> bool {
+        std::mem::take(&mut self.withheld)
     }
 
     /// Current state.
@@ -284,6 +301,11 @@ impl BackendHealth {
         self.traffic_failures = self.traffic_failures.saturating_add(1);
         let count = self.traffic_failures;
         if self.eject_after == 0 || count < self.eject_after {
+            return None;
+        }
+        if !self.may_eject {
+            // Said once per streak; a later failure ejects once there is room.
+            self.withheld = count == self.eject_after;
             return None;
         }
         // A cooldown too long for `Instant` (not a real configuration) ends at the next poll.

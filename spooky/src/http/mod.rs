@@ -289,7 +289,13 @@ impl Forwarder {
     /// count) and as latency samples, so a worker sends the first success after a failure and
     /// then one in [`SUCCESS_SAMPLE`]: the checker is not woken for every request.
     fn report_response(&self, upstream: usize, backend: usize, status: u16, latency: Duration) {
-        let outcome = outcome::response_health(status);
+        let server_errors = self
+            .snapshot
+            .config
+            .upstreams
+            .get(upstream)
+            .is_some_and(|u| u.passive_health.server_errors);
+        let outcome = outcome::response_health(status, server_errors);
         let Some(cell) = self.passive.get(upstream).and_then(|r| r.get(backend)) else {
             return;
         };

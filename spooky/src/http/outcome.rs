@@ -194,9 +194,10 @@ fn upstream_health(kind: ErrorKind) -> Option<TrafficOutcome> {
     }
 }
 
-/// What a backend's response status says about the backend.
-pub fn response_health(status: u16) -> TrafficOutcome {
-    if status >= 500 {
+/// What a backend's response status says about the backend: a 5xx is a failure only where
+/// the pool counts them (`passive_health.server_errors`), since a client can provoke one.
+pub fn response_health(status: u16, server_errors: bool) -> TrafficOutcome {
+    if status >= 500 && server_errors {
         TrafficOutcome::ServerError
     } else {
         TrafficOutcome::Success
@@ -393,9 +394,10 @@ mod tests {
 
     #[test]
     fn responses_and_stream_errors() {
-        assert_eq!(response_health(200), TrafficOutcome::Success);
-        assert_eq!(response_health(404), TrafficOutcome::Success);
-        assert_eq!(response_health(503), TrafficOutcome::ServerError);
+        assert_eq!(response_health(200, true), TrafficOutcome::Success);
+        assert_eq!(response_health(404, true), TrafficOutcome::Success);
+        assert_eq!(response_health(503, true), TrafficOutcome::ServerError);
+        assert_eq!(response_health(503, false), TrafficOutcome::Success);
         assert_eq!(options_answer().0, 200);
         assert_eq!(StreamError::HeadTimeout.code(), H3_REQUEST_REJECTED);
         assert_eq!(StreamError::StopUpload.code(), H3_REQUEST_REJECTED);

@@ -258,6 +258,28 @@ pub fn render(ops: &Ops) -> String {
     );
     head(
         &mut out,
+        "spooky_health_reports_dropped_total",
+        "counter",
+        "Passive-health reports from workers dropped because the health checker's queue was full.",
+    );
+    let _ = writeln!(
+        out,
+        "spooky_health_reports_dropped_total {}",
+        crate::health::checker::REPORTS_DROPPED.load(Ordering::Relaxed)
+    );
+    head(
+        &mut out,
+        "spooky_health_ejections_withheld_total",
+        "counter",
+        "Passive ejections not made because the pool had as many backends ejected as upstream.NAME.passive_health.max_ejection_percent allows.",
+    );
+    let _ = writeln!(
+        out,
+        "spooky_health_ejections_withheld_total {}",
+        crate::health::checker::EJECTIONS_WITHHELD.load(Ordering::Relaxed)
+    );
+    head(
+        &mut out,
         "spooky_admin_connections_refused_total",
         "counter",
         "Admin connections closed at once because the admin listener had its maximum open.",

@@ -458,3 +458,115 @@ fn spooky_drops_to_an_unprivileged_user_and_keeps_serving() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The health state of every backend, from `/metrics` (`spooky_backend_health_state`).
+fn backend_states(p: &Proxy) -> Vec<(String, u64)> {
+    let text = p.running.as_ref().unwrap().metrics_text();
+    text.lines()
+        .filter(|l| l.starts_with("spooky_backend_health_state{"))
+        .filter_map(|l| {
+            let backend = l.split("backend=\"").nth(1)?.split('"').next()?.to_owned();
+            Some((backend, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Passive health belongs to the backends: a client that makes them answer 5xx ejects none
+/// of them (unless the pool counts 5xx), and backends that really fail are ejected only up to
+/// the pool's `max_ejection_percent`; the ejection held back is counted.
+#[test]
+fn clients_cannot_eject_backends_and_ejections_are_capped_per_pool() {
+    let backends: Vec<Backend> = (0..4).map(|i| backend(&format!("b{i}"))).collect();
+    let addrs: Vec<(String, SocketAddr)> =
+        backends.iter().map(|b| (b.id.clone(), b.addr)).collect();
+    let named: Vec<(&str, SocketAddr)> = addrs.iter().map(|(i, a)| (i.as_str(), *a)).collect();
+    let passive = "passive_health:\n  consecutive_failures: 2\n  cooldown: 1m";
+    let p = proxy(
+        &pool("main", "/", None, "round-robin", &named, passive),
+        "",
+        1,
+    );
+    let mut c = client(p.addr);
+    for _ in 0..40 {
+        let r = c
+            .request(&Request::get("localhost", "/status/503"), T)
+            .unwrap();
+        assert_eq!(r.status, 503);
+    }
+    assert!(
+        backend_states(&p).iter().all(|(_, s)| *s == 0),
+        "5xx answers a client asked for ejected a backend: {:?}",
+        backend_states(&p)
+    );
+    drop(p);
+
+    // Counting 5xx is a choice a pool can make.
+    let p = proxy(
+        &pool(
+            "main",
+            "/",
+            None,
+            "round-robin",
+            &named,
+            "passive_health:\n  consecutive_failures: 2\n  cooldown: 1m\n  server_errors: true\n  max_ejection_percent: 100",
+        ),
+        "",
+        1,
+    );
+    let mut c = client(p.addr);
+    for _ in 0..16 {
+        let _ = c
+            .request(&Request::get("localhost", "/status/503"), T)
+            .unwrap();
+    }
+    let deadline = Instant::now() + T;
+    while backend_states(&p).iter().filter(|(_, s)| *s == 2).count() < 4 {
+        assert!(Instant::now() < deadline, "{:?}", backend_states(&p));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(p);
+
+    // Three of four backends down, at most half of the pool may be ejected.
+    let dead: Vec<(String, SocketAddr)> = (0..3)
+        .map(|i| (format!("dead{i}"), dead_tcp_addr()))
+        .chain([("alive".to_string(), backends[0].addr)])
+        .collect();
+    let named: Vec<(&str, SocketAddr)> = dead.iter().map(|(i, a)| (i.as_str(), *a)).collect();
+    let p = proxy(
+        &pool(
+            "main",
+            "/",
+            None,
+            "round-robin",
+            &named,
+            "passive_health:\n  consecutive_failures: 1\n  cooldown: 1m\n  max_ejection_percent: 50",
+        ),
+        "",
+        1,
+    );
+    let withheld = |p: &Proxy| -> u64 {
+        let text = p.running.as_ref().unwrap().metrics_text();
+        text.lines()
+            .find(|l| l.starts_with("spooky_health_ejections_withheld_total "))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = withheld(&p);
+    let mut c = client(p.addr);
+    let deadline = Instant::now() + T;
+    while withheld(&p) == before {
+        assert!(Instant::now() < deadline, "{:?}", backend_states(&p));
+        let _ = c.request(&Request::get("localhost", "/"), T).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let states = backend_states(&p);
+    assert_eq!(
+        states.iter().filter(|(_, s)| *s == 2).count(),
+        2,
+        "half of four may be ejected: {states:?}"
+    );
+    assert!(
+        states.iter().any(|(b, s)| b == "alive" && *s == 0),
+        "{states:?}"
+    );
+}

@@ -131,7 +131,9 @@ fn minimal_config_gets_every_default() {
         up.passive_health,
         PassiveHealth {
             consecutive_failures: 5,
-            cooldown: Duration::from_secs(30)
+            cooldown: Duration::from_secs(30),
+            server_errors: false,
+            max_ejection_percent: 50,
         }
     );
     assert!(!up.fail_open);

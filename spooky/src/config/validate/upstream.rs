@@ -453,8 +453,14 @@ fn build_passive_health(
         int_in(raw.consecutive_failures, 1, 1000),
     );
     let cooldown = positive_duration(errs, &format!("{path}.cooldown"), &raw.cooldown);
+    let max_ejection_percent = errs.check(
+        &format!("{path}.max_ejection_percent"),
+        int_in(raw.max_ejection_percent, 1, 100),
+    );
     Some(PassiveHealth {
         consecutive_failures: failures?,
         cooldown: cooldown?,
+        server_errors: raw.server_errors,
+        max_ejection_percent: max_ejection_percent?,
     })
 }

@@ -17,6 +17,8 @@ fn passive(consecutive_failures: u32) -> config::PassiveHealth {
     config::PassiveHealth {
         consecutive_failures,
         cooldown: Duration::from_secs(30),
+        server_errors: true,
+        max_ejection_percent: 100,
     }
 }
 
@@ -348,4 +350,21 @@ fn random_event_sequences_keep_invariants() {
             }
         }
     }
+}
+
+#[test]
+fn an_ejection_the_pool_cannot_afford_is_withheld_once_per_streak_and_made_when_it_can() {
+    let t0 = Instant::now();
+    let mut h = BackendHealth::new(&check(false), &passive(2));
+    h.allow_ejection(false);
+    assert_eq!(h.on_traffic(TrafficOutcome::Timeout, at(t0, 0)), None);
+    assert_eq!(h.on_traffic(TrafficOutcome::Timeout, at(t0, 0)), None);
+    assert!(h.take_withheld(), "the due ejection was withheld");
+    assert_eq!(h.on_traffic(TrafficOutcome::Timeout, at(t0, 1)), None);
+    assert!(!h.take_withheld(), "said once per streak");
+    assert!(h.is_available());
+    // Room again: the streak goes on and the next failure ejects.
+    h.allow_ejection(true);
+    let ejected = h.on_traffic(TrafficOutcome::Timeout, at(t0, 2)).unwrap();
+    assert_eq!(ejected.to, HealthState::Ejected);
 }
