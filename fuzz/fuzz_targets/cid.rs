@@ -275,7 +275,8 @@ fn reference_parse(payload: &[u8], short_dcid_len: usize) -> Result<(Form, &[u8]
     let packet_type = (first >> 4) & 0b11;
     let initial =
         (version == 1 && packet_type == 0) || (version == 0x6b33_43cf && packet_type == 1);
-    if initial && payload.len() < quic::MIN_INITIAL_DATAGRAM {
+    let unknown_version = version != 1 && version != 0x6b33_43cf && version != 0;
+    if (initial || unknown_version) && payload.len() < quic::MIN_INITIAL_DATAGRAM {
         return Err(Counter::DropShortInitial);
     }
     if initial {
@@ -368,9 +369,10 @@ fn check_xdp_payload(layout: &CidLayout, table: &SocketTable, prog: &[Insn], pay
     }
 }
 
-/// The reference for `locate_udp`: Ethernet, up to two 802.1Q/802.1ad tags, IPv4 without
-/// fragmentation (options skipped) or IPv6 with UDP as the first next header.
-fn reference_locate_udp(frame: &[u8]) -> Option<(usize, u16)> {
+/// The reference for `locate_udp`: Ethernet, up to two 802.1Q/802.1ad tags, IPv4 (options
+/// skipped; a first fragment marked, a later one refused) or IPv6 through up to four
+/// hop-by-hop, routing, destination-options and fragment headers.
+fn reference_locate_udp(frame: &[u8]) -> Option<(usize, u16, bool)> {
     let be16 = |at: usize| {
         frame
             .get(at..at + 2)
@@ -385,36 +387,60 @@ fn reference_locate_udp(frame: &[u8]) -> Option<(usize, u16)> {
         ether_type = be16(offset + 2)?;
         offset += 4;
     }
-    let udp = match ether_type {
+    let (udp, fragment) = match ether_type {
         0x0800 => {
             let ip = frame.get(offset..offset + 20)?;
             let ihl = usize::from(ip[0] & 0x0f) * 4;
             let frag = u16::from_be_bytes([ip[6], ip[7]]);
-            if ip[0] >> 4 != 4 || ip[9] != 17 || ihl < 20 || frag & 0x3fff != 0 {
+            if ip[0] >> 4 != 4 || ip[9] != 17 || ihl < 20 || frag & 0x1fff != 0 {
                 return None;
             }
-            offset + ihl
+            (offset + ihl, frag & 0x2000 != 0)
         }
         0x86dd => {
             let ip = frame.get(offset..offset + 40)?;
-            if ip[0] >> 4 != 6 || ip[6] != 17 {
+            if ip[0] >> 4 != 6 {
                 return None;
             }
-            offset + 40
+            let (mut next, mut at, mut fragment) = (ip[6], offset + 40, false);
+            for _ in 0..4 {
+                match next {
+                    17 => break,
+                    0 | 43 | 60 => {
+                        let h = frame.get(at..at + 2)?;
+                        next = h[0];
+                        at += (usize::from(h[1]) + 1) * 8;
+                    }
+                    44 => {
+                        let h = frame.get(at..at + 4)?;
+                        if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
+                            return None;
+                        }
+                        fragment = true;
+                        next = h[0];
+                        at += 8;
+                    }
+                    _ => return None,
+                }
+            }
+            if next != 17 {
+                return None;
+            }
+            (at, fragment)
         }
         _ => return None,
     };
     frame.get(udp..udp + 8)?;
-    Some((udp, be16(udp + 2)?))
+    Some((udp, be16(udp + 2)?, fragment))
 }
 
 /// The XDP program's walk over a whole frame: down to UDP, the UDP length checks, then the
 /// QUIC header inside the UDP payload (the glue mirrors `try_spooky_xdp`).
 fn check_xdp_frame(layout: &CidLayout, frame: &[u8]) {
     let pkt = Packet::over(frame);
-    let got = locate_udp(&pkt).map(|l| (l.offset, l.dst_port));
+    let got = locate_udp(&pkt).map(|l| (l.offset, l.dst_port, l.fragment));
     assert_eq!(got, reference_locate_udp(frame), "locate_udp");
-    let Some((udp_offset, _)) = got else {
+    let Some((udp_offset, _, _)) = got else {
         return;
     };
     let udp_len = frame

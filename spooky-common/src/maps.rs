@@ -58,7 +58,7 @@ pub const PINNED_MAPS: [&str; 10] = [
 
 /// Layout version of the maps: a process refuses to take over maps pinned by a Spooky
 /// whose layouts differ (it says so; a full restart is needed then).
-pub const MAPS_ABI: u32 = 2;
+pub const MAPS_ABI: u32 = 3;
 
 /// Most workers the steering can address: the CID carries the worker index in one byte.
 pub const MAX_WORKERS: u32 = 256;
@@ -449,10 +449,13 @@ pub enum Counter {
     /// finished or crashed): passed without a choice of socket, for user space to answer with
     /// a Stateless Reset.
     UnknownGeneration = 14,
+    /// Dropped: an IP fragment of a datagram to the QUIC port (QUIC forbids IP fragmentation,
+    /// RFC 9000 §14; a first fragment is where its UDP header shows the port).
+    DropFragment = 15,
 }
 
 /// Number of counters in [`STATS_MAP`].
-pub const COUNTER_COUNT: u32 = 15;
+pub const COUNTER_COUNT: u32 = 16;
 
 impl Counter {
     /// Every counter, in index order.
@@ -472,6 +475,7 @@ impl Counter {
         Counter::PassedQuic,
         Counter::DropInitialRateLimited,
         Counter::UnknownGeneration,
+        Counter::DropFragment,
     ];
 
     /// The map index of this counter.
@@ -498,6 +502,7 @@ impl Counter {
             Counter::PassedQuic => "passed_quic",
             Counter::DropInitialRateLimited => "drop_initial_rate_limited",
             Counter::UnknownGeneration => "unknown_generation",
+            Counter::DropFragment => "drop_fragment",
         }
     }
 }

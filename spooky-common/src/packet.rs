@@ -132,6 +132,12 @@ const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_UDP: u8 = 17;
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DEST_OPTS: u8 = 60;
+/// Most IPv6 extension headers walked before the UDP header.
+const MAX_IPV6_EXTENSIONS: usize = 4;
 /// Most VLAN tags walked (802.1ad outer + 802.1Q inner).
 const MAX_VLAN_TAGS: usize = 2;
 
@@ -145,12 +151,16 @@ pub struct UdpLocation {
     pub dst_port: u16,
     /// The source address's /24 (IPv4) or /56 (IPv6).
     pub source: SourcePrefix,
+    /// The datagram is the first fragment of a fragmented one (QUIC forbids IP
+    /// fragmentation: RFC 9000 §14).
+    pub fragment: bool,
 }
 
-/// Walks Ethernet, up to two VLAN tags, IPv4 (any IHL) or IPv6 down to a UDP header.
-/// `None` for anything else: not IP, not UDP, IPv4 fragments (later fragments carry no UDP
-/// header, and a first fragment no whole payload), IPv6 with extension headers, headers cut
-/// short. Such packets are "not QUIC" and pass.
+/// Walks Ethernet, up to two VLAN tags, IPv4 (any IHL) or IPv6 (through up to four
+/// hop-by-hop, routing, destination-options and fragment headers) down to a UDP header.
+/// A first fragment is found and marked ([`UdpLocation::fragment`]). `None` for anything
+/// else: not IP, not UDP, a later fragment (it carries no UDP header), headers cut short.
+/// Such packets are "not QUIC" and pass.
 #[inline(always)]
 pub fn locate_udp(pkt: &Packet) -> Option<UdpLocation> {
     let eth: EthHdr = pkt.read(0)?;
@@ -163,7 +173,7 @@ pub fn locate_udp(pkt: &Packet) -> Option<UdpLocation> {
         offset += size_of::<VlanHdr>();
         tags += 1;
     }
-    let (udp_offset, source) = match ether_type {
+    let (udp_offset, source, fragment) = match ether_type {
         ETH_P_IPV4 => ipv4_payload(pkt, offset)?,
         ETH_P_IPV6 => ipv6_payload(pkt, offset)?,
         _ => return None,
@@ -173,13 +183,14 @@ pub fn locate_udp(pkt: &Packet) -> Option<UdpLocation> {
         offset: udp_offset,
         dst_port: u16::from_be_bytes(udp.dst_port),
         source,
+        fragment,
     })
 }
 
-/// Offset of the UDP header after the IPv4 header at `offset` (options skipped by IHL), and
-/// the source's /24.
+/// Offset of the UDP header after the IPv4 header at `offset` (options skipped by IHL), the
+/// source's /24, and whether it is a first fragment.
 #[inline(always)]
-fn ipv4_payload(pkt: &Packet, offset: usize) -> Option<(usize, SourcePrefix)> {
+fn ipv4_payload(pkt: &Packet, offset: usize) -> Option<(usize, SourcePrefix, bool)> {
     let ip: Ipv4Hdr = pkt.read(offset)?;
     if ip.version_ihl >> 4 != 4 || ip.protocol != IPPROTO_UDP {
         return None;
@@ -188,22 +199,52 @@ fn ipv4_payload(pkt: &Packet, offset: usize) -> Option<(usize, SourcePrefix)> {
     if ihl < size_of::<Ipv4Hdr>() {
         return None;
     }
-    // More-fragments flag or a fragment offset: not a whole datagram.
-    if u16::from_be_bytes(ip.frag_off) & 0x3fff != 0 {
+    let frag = u16::from_be_bytes(ip.frag_off);
+    // A later fragment carries no UDP header; a first one (more-fragments set) does.
+    if frag & 0x1fff != 0 {
         return None;
     }
-    Some((offset + ihl, SourcePrefix::ipv4(ip.src)))
+    let first_fragment = frag & 0x2000 != 0;
+    Some((offset + ihl, SourcePrefix::ipv4(ip.src), first_fragment))
 }
 
-/// Offset of the UDP header after the IPv6 header at `offset` (UDP as the first next header),
-/// and the source's /56.
+/// Offset of the UDP header after the IPv6 header at `offset` and its extension headers, the
+/// source's /56, and whether it is a first fragment.
 #[inline(always)]
-fn ipv6_payload(pkt: &Packet, offset: usize) -> Option<(usize, SourcePrefix)> {
+fn ipv6_payload(pkt: &Packet, offset: usize) -> Option<(usize, SourcePrefix, bool)> {
     let ip: Ipv6Hdr = pkt.read(offset)?;
-    if ip.version_class_flow[0] >> 4 != 6 || ip.next_header != IPPROTO_UDP {
+    if ip.version_class_flow[0] >> 4 != 6 {
         return None;
     }
-    Some((offset + size_of::<Ipv6Hdr>(), SourcePrefix::ipv6(&ip.src)))
+    let source = SourcePrefix::ipv6(&ip.src);
+    let mut next = ip.next_header;
+    let mut at = offset + size_of::<Ipv6Hdr>();
+    let mut fragment = false;
+    let mut walked = 0;
+    while walked < MAX_IPV6_EXTENSIONS {
+        match next {
+            IPPROTO_UDP => return Some((at, source, fragment)),
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
+                // Next header, then the length in 8-byte units beyond the first 8.
+                let [nh, len]: [u8; 2] = pkt.read(at)?;
+                next = nh;
+                at += (usize::from(len) + 1) * 8;
+            }
+            IPV6_FRAGMENT => {
+                let [nh, _, off_hi, off_lo]: [u8; 4] = pkt.read(at)?;
+                // A later fragment carries no UDP header.
+                if u16::from_be_bytes([off_hi, off_lo]) & 0xfff8 != 0 {
+                    return None;
+                }
+                fragment = true;
+                next = nh;
+                at += 8;
+            }
+            _ => return None,
+        }
+        walked += 1;
+    }
+    (next == IPPROTO_UDP).then_some((at, source, fragment))
 }
 
 #[cfg(test)]
@@ -239,9 +280,12 @@ mod tests {
     }
 
     #[test]
-    fn fragments_short_headers_and_other_protocols_are_not_udp() {
-        let (more_fragments, _) = ipv4(0, 5, 0x2000, 443);
-        assert!(locate_udp(&Packet::over(&more_fragments)).is_none());
+    fn first_fragments_are_marked_later_ones_and_other_protocols_are_not_udp() {
+        let (more_fragments, udp) = ipv4(0, 5, 0x2000, 443);
+        let loc = locate_udp(&Packet::over(&more_fragments));
+        assert!(loc.is_some_and(|l| l.fragment && l.offset == udp && l.dst_port == 443));
+        let (whole, _) = ipv4(0, 5, 0x4000, 443); // don't-fragment: a whole datagram
+        assert!(locate_udp(&Packet::over(&whole)).is_some_and(|l| !l.fragment));
         let (later_fragment, _) = ipv4(0, 5, 0x0010, 443);
         assert!(locate_udp(&Packet::over(&later_fragment)).is_none());
         let (bad_ihl, _) = ipv4(0, 4, 0, 443);
@@ -251,12 +295,45 @@ mod tests {
             locate_udp(&Packet::over(&frame[..30])).is_none(),
             "cut short"
         );
-        let mut v6 = [0u8; 80];
-        v6[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
-        v6[14] = 0x60;
-        v6[20] = 0; // hop-by-hop options first: not parsed, passes
-        assert!(locate_udp(&Packet::over(&v6)).is_none());
-        v6[20] = IPPROTO_UDP;
-        assert!(locate_udp(&Packet::over(&v6)).is_some_and(|l| l.offset == 14 + 40));
+    }
+
+    /// Ethernet + IPv6 whose next headers are `chain` (each extension 8 bytes, a fragment
+    /// header with offset `frag_off`), then UDP to port 443.
+    fn ipv6(chain: &[u8], frag_off: u16) -> ([u8; 160], usize) {
+        let mut f = [0u8; 160];
+        f[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
+        f[14] = 0x60;
+        let mut next_at = 20;
+        let mut at = 14 + 40;
+        for &h in chain {
+            f[next_at] = h;
+            if h == IPV6_FRAGMENT {
+                f[at + 2..at + 4].copy_from_slice(&frag_off.to_be_bytes());
+            }
+            next_at = at;
+            at += 8;
+        }
+        f[next_at] = IPPROTO_UDP;
+        f[at + 2..at + 4].copy_from_slice(&443u16.to_be_bytes());
+        (f, at)
+    }
+
+    #[test]
+    fn ipv6_extension_headers_are_walked_and_fragments_marked() {
+        let (plain, udp) = ipv6(&[], 0);
+        assert!(locate_udp(&Packet::over(&plain)).is_some_and(|l| l.offset == udp && !l.fragment));
+        let (ext, udp) = ipv6(&[IPV6_HOP_BY_HOP, IPV6_DEST_OPTS], 0);
+        assert!(locate_udp(&Packet::over(&ext)).is_some_and(|l| l.offset == udp && !l.fragment));
+        let (first, udp) = ipv6(&[IPV6_FRAGMENT], 0x0001); // offset 0, more fragments
+        assert!(locate_udp(&Packet::over(&first)).is_some_and(|l| l.offset == udp && l.fragment));
+        let (later, _) = ipv6(&[IPV6_FRAGMENT], 0x0008);
+        assert!(locate_udp(&Packet::over(&later)).is_none());
+        let (deep, _) = ipv6(&[IPV6_HOP_BY_HOP; 5], 0);
+        assert!(
+            locate_udp(&Packet::over(&deep)).is_none(),
+            "more than four extensions"
+        );
+        let (tcp, _) = ipv6(&[6], 0);
+        assert!(locate_udp(&Packet::over(&tcp)).is_none());
     }
 }

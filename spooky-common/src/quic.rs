@@ -40,8 +40,10 @@ pub struct QuicHeader {
     /// An Initial without a token: a new connection, its DCID chosen by the client (an
     /// Initial that carries a token answers our Retry, and its DCID is ours).
     pub new_connection: bool,
-    /// Always zero.
-    pub reserved: u8,
+    /// A long header of a version that is neither 1 nor 2 (nor 0, Version Negotiation): held
+    /// to an Initial's rules (1200 bytes, the rate limit), since it asks for Version
+    /// Negotiation.
+    pub unknown_version: bool,
     /// Destination connection ID, `dcid_len` bytes used.
     pub dcid: [u8; MAX_CID_LEN],
 }
@@ -84,7 +86,7 @@ pub fn parse(
             form: Form::Short,
             initial: false,
             new_connection: false,
-            reserved: 0,
+            unknown_version: false,
             dcid: [0; MAX_CID_LEN],
             dcid_len: 0,
         };
@@ -104,7 +106,9 @@ pub fn parse(
         return Err(Counter::DropTruncated);
     }
     let initial = is_initial(version, first);
-    if initial && payload_len < MIN_INITIAL_DATAGRAM {
+    let unknown_version = version != QUIC_V1 && version != QUIC_V2 && version != 0;
+    // RFC 9000 §14.1 for Initials, §5.2.2 for unknown versions (no amplification).
+    if (initial || unknown_version) && payload_len < MIN_INITIAL_DATAGRAM {
         return Err(Counter::DropShortInitial);
     }
     let new_connection = initial && !has_token(pkt, offset + LONG_PREFIX_LEN + dcid_len)?;
@@ -112,7 +116,7 @@ pub fn parse(
         form: Form::Long,
         initial,
         new_connection,
-        reserved: 0,
+        unknown_version,
         dcid: [0; MAX_CID_LEN],
         dcid_len: 0,
     };

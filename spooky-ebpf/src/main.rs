@@ -259,6 +259,9 @@ fn try_spooky_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
     if udp.dst_port != config.quic_port {
         return pass_non_quic();
     }
+    if udp.fragment {
+        return Err(Counter::DropFragment);
+    }
     // UDP to the QUIC port: from here on, malformed means dropped.
     let header: UdpHdr = pkt.read(udp.offset).ok_or(Counter::DropTruncated)?;
     let udp_len = usize::from(u16::from_be_bytes(header.len));
@@ -274,7 +277,7 @@ fn try_spooky_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
         udp_len - UDP_HDR_LEN,
         usize::from(config.cid_len),
     )?;
-    if quic.initial && !initial_allowed(&config, &udp.source) {
+    if (quic.initial || quic.unknown_version) && !initial_allowed(&config, &udp.source) {
         return Err(Counter::DropInitialRateLimited);
     }
     count(match quic.form {

@@ -32,6 +32,8 @@ pub struct WorkerStats {
     pub request_head_timeouts: AtomicU64,
     /// Stateless Resets sent (packets for connections nobody has).
     pub resets_sent: AtomicU64,
+    /// Version Negotiation packets sent.
+    pub negotiations_sent: AtomicU64,
     /// Packets of another live process (a takeover in progress) that reached this one:
     /// dropped, never answered (0 while steering works).
     pub foreign: AtomicU64,

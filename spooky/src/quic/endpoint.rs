@@ -16,7 +16,9 @@
 //!    or finished — gets a Stateless Reset (RFC 9000 §10.3): 43 bytes, only in answer to a
 //!    larger packet (so never to a reset), at most [`RESETS_PER_SEC`] per second per worker.
 //!    Other packets for unknown connections are dropped.
-//! 3. An unsupported version gets Version Negotiation.
+//! 3. An unsupported version gets Version Negotiation, only in answer to a datagram of at least
+//!    1200 bytes (RFC 9000 §5.2.2: no amplification) and at most [`NEGOTIATIONS_PER_SEC`] per
+//!    second per worker.
 //! 4. A draining endpoint takes no new connection, except one answering a Retry it sent.
 //! 5. An Initial must come in a datagram of at least 1200 bytes (RFC 9000 §14.1).
 //! 6. Connection limits: this worker's share of `quic.max_connections` and of
@@ -42,6 +44,39 @@ pub const TOKEN_LIFETIME: Duration = Duration::from_secs(30);
 pub const RESET_LEN: usize = 43;
 /// Stateless Resets a worker sends per second at most (and in one burst).
 pub const RESETS_PER_SEC: u32 = 1000;
+/// Version Negotiation packets a worker sends per second at most (and in one burst).
+pub const NEGOTIATIONS_PER_SEC: u32 = 1000;
+
+/// At most `limit` events per second (a window restarting every second).
+#[derive(Debug, Clone, Copy)]
+struct PerSecond {
+    start: Instant,
+    taken: u32,
+    limit: u32,
+}
+
+impl PerSecond {
+    fn new(limit: u32, now: Instant) -> Self {
+        Self {
+            start: now,
+            taken: 0,
+            limit,
+        }
+    }
+
+    /// Whether one more may happen at `now` (and counts it if so).
+    fn take(&mut self, now: Instant) -> bool {
+        if now.saturating_duration_since(self.start) >= Duration::from_secs(1) {
+            self.start = now;
+            self.taken = 0;
+        }
+        if self.taken >= self.limit {
+            return false;
+        }
+        self.taken += 1;
+        true
+    }
+}
 
 /// The time, as the endpoint needs it: a monotonic instant for rates, Unix seconds for
 /// tokens (which outlive the process's clock).
@@ -103,6 +138,10 @@ pub enum DropReason {
     /// A Stateless Reset was due, but the packet is too small to answer or the reset rate
     /// is spent.
     ResetWithheld,
+    /// An unsupported version in a datagram under 1200 bytes: no Version Negotiation.
+    ShortUnknownVersion,
+    /// Version Negotiation was due, but the rate is spent.
+    NegotiationWithheld,
 }
 
 /// Why a new connection was refused.
@@ -184,8 +223,10 @@ pub struct Endpoint {
     per_address: HashMap<IpAddr, u32>,
     /// Start of the current one-second window and the connections accepted in it.
     window: (Instant, u32),
-    /// Start of the current one-second window and the Stateless Resets sent in it.
-    resets: (Instant, u32),
+    /// Stateless Resets sent in the current second.
+    resets: PerSecond,
+    /// Version Negotiation packets sent in the current second.
+    negotiations: PerSecond,
     draining: bool,
 }
 
@@ -210,7 +251,8 @@ impl Endpoint {
             open: 0,
             per_address: HashMap::new(),
             window: (now, 0),
-            resets: (now, 0),
+            resets: PerSecond::new(RESETS_PER_SEC, now),
+            negotiations: PerSecond::new(NEGOTIATIONS_PER_SEC, now),
             draining: false,
         }
     }
@@ -297,6 +339,12 @@ impl Endpoint {
             _ => return Decision::Drop(DropReason::UnknownConnection),
         }
         if !quiche::version_is_supported(hdr.version) {
+            if datagram_len < MIN_INITIAL_DATAGRAM {
+                return Decision::Drop(DropReason::ShortUnknownVersion);
+            }
+            if !self.negotiations.take(now.instant) {
+                return Decision::Drop(DropReason::NegotiationWithheld);
+            }
             return Decision::NegotiateVersion;
         }
         if self.draining && (given.is_empty() || self.layout.generation_of(&hdr.dcid) != Some(own))
@@ -336,18 +384,9 @@ impl Endpoint {
     /// A Stateless Reset for `dcid`, when the packet is large enough to answer and the rate
     /// allows.
     fn reset(&mut self, dcid: &[u8], datagram_len: usize, keys: &KeyRing, now: Now) -> Decision {
-        let (start, sent) = self.resets;
-        let (start, sent) =
-            if now.instant.saturating_duration_since(start) >= Duration::from_secs(1) {
-                (now.instant, 0)
-            } else {
-                (start, sent)
-            };
-        if datagram_len <= RESET_LEN || sent >= RESETS_PER_SEC {
-            self.resets = (start, sent);
+        if datagram_len <= RESET_LEN || !self.resets.take(now.instant) {
             return Decision::Drop(DropReason::ResetWithheld);
         }
-        self.resets = (start, sent + 1);
         Decision::Reset {
             token: token::reset_token(keys, dcid),
         }

@@ -406,6 +406,7 @@ impl Worker {
             Decision::NegotiateVersion => {
                 if let Ok(n) = quiche::negotiate_version(&hdr.scid, &hdr.dcid, &mut self.tx.out) {
                     self.tx.send_now(n, from);
+                    stats.negotiations_sent.fetch_add(1, Ordering::Relaxed);
                 }
             }
             Decision::Refuse(reason) => {

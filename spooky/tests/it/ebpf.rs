@@ -116,6 +116,8 @@ const ETH_8021AD: u16 = 0x88a8;
 const PROTO_UDP: u8 = 17;
 const PROTO_TCP: u8 = 6;
 const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DEST_OPTS: u8 = 60;
 
 fn eth(ether_type: u16, payload: &[u8]) -> Vec<u8> {
     let mut frame = vec![0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01];
@@ -719,19 +721,66 @@ fn xdp_table_ipv4_ipv6_vlan_and_quic_forms() {
             worker: None,
         },
         Case {
-            name: "ipv4 first fragment (MF) to the QUIC port",
+            name: "ipv4 first fragment (MF) to the QUIC port: QUIC forbids fragments",
             packet: eth(
                 ETH_IPV4,
                 &ipv4_full(
                     PROTO_UDP,
                     0,
                     0x2000,
-                    &udp(QUIC_PORT, &short_header(0x01, &ours)),
+                    &udp(QUIC_PORT, &short_header(0x41, &ours)),
                 ),
+            ),
+            action: XdpAction::Drop,
+            counters: &[DropFragment],
+            worker: None,
+        },
+        Case {
+            name: "ipv4 first fragment to another port: not ours",
+            packet: eth(
+                ETH_IPV4,
+                &ipv4_full(PROTO_UDP, 0, 0x2000, &udp(53, &[0; 40])),
             ),
             action: XdpAction::Pass,
             counters: NON_QUIC,
             worker: None,
+        },
+        Case {
+            name: "ipv6 first fragment (fragment header) to the QUIC port",
+            packet: eth(ETH_IPV6, &{
+                let mut ext = vec![PROTO_UDP, 0, 0, 1, 0, 0, 0, 7];
+                ext.extend_from_slice(&udp(QUIC_PORT, &short_header(0x41, &ours)));
+                ipv6(IPV6_FRAGMENT, &ext)
+            }),
+            action: XdpAction::Drop,
+            counters: &[DropFragment],
+            worker: None,
+        },
+        Case {
+            name: "ipv6 hop-by-hop and destination options, then UDP: walked and steered",
+            packet: eth(ETH_IPV6, &{
+                let mut ext = vec![IPV6_DEST_OPTS, 0, 1, 4, 0, 0, 0, 0];
+                ext.extend_from_slice(&[PROTO_UDP, 0, 1, 4, 0, 0, 0, 0]);
+                ext.extend_from_slice(&udp(QUIC_PORT, &short_header(0x41, &ours)));
+                ipv6(IPV6_HOP_BY_HOP, &ext)
+            }),
+            action: XdpAction::Pass,
+            counters: SHORT,
+            worker: Some(3),
+        },
+        Case {
+            name: "unknown version in 100 bytes: no Version Negotiation to amplify",
+            packet: udp4(&long_header(0x1a2a_3a4a, 0, &CLIENT_DCID, 100)),
+            action: XdpAction::Drop,
+            counters: &[DropShortInitial],
+            worker: None,
+        },
+        Case {
+            name: "unknown version in 1200 bytes: placed like a new connection",
+            packet: udp4(&long_header(0x1a2a_3a4a, 0, &CLIENT_DCID, 1200)),
+            action: XdpAction::Pass,
+            counters: LONG_HASHED,
+            worker: hashed_worker(&CLIENT_DCID),
         },
         Case {
             name: "ipv4 later fragment",
@@ -1874,6 +1923,23 @@ fn xdp_rate_limits_initials_per_ipv6_56() {
         },
     ];
     run_table(&programs, &cases);
+}
+
+/// Datagrams of unknown versions ask for Version Negotiation: they count against the same
+/// per-prefix limit as Initials (otherwise a flood of them would bypass it).
+#[test]
+#[ignore = "needs root"]
+fn xdp_rate_limits_unknown_versions_like_initials() {
+    let programs = load_rate_limited(1, 2);
+    let frame = from_v4(
+        [192, 0, 2, 9],
+        udp4(&long_header(0x1a2a_3a4a, 0, &CLIENT_DCID, 1200)),
+    );
+    let before = programs.stats().unwrap();
+    let (passed, dropped) = run_all(&programs, &vec![frame; 10]);
+    let after = programs.stats().unwrap();
+    assert_eq!((passed, dropped), (2, 8), "a burst of 2, then the limit");
+    assert_eq!(delta(&before, &after, DropInitialRateLimited), 8);
 }
 
 #[test]

@@ -570,3 +570,38 @@ fn clients_cannot_eject_backends_and_ejections_are_capped_per_pool() {
         "{states:?}"
     );
 }
+
+/// RFC 9000 §5.2.2: a datagram of an unknown version under 1200 bytes gets no Version
+/// Negotiation (no amplification); one of 1200 bytes does.
+#[test]
+fn version_negotiation_only_answers_full_size_datagrams() {
+    let b1 = backend("b1");
+    let p = one_pool(b1.addr, "", "");
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let datagram = |len: usize| {
+        let mut d = vec![0xc0u8];
+        d.extend_from_slice(&0x1a2a_3a4au32.to_be_bytes());
+        d.push(8);
+        d.extend_from_slice(&[0x11; 8]);
+        d.push(8);
+        d.extend_from_slice(&[0x22; 8]);
+        d.resize(len, 0);
+        d
+    };
+    let mut buf = [0u8; 1500];
+    sock.send_to(&datagram(100), p.addr).unwrap();
+    assert!(
+        sock.recv_from(&mut buf).is_err(),
+        "a 100-byte datagram of an unknown version was answered"
+    );
+    sock.send_to(&datagram(1200), p.addr).unwrap();
+    let (n, _) = sock
+        .recv_from(&mut buf)
+        .expect("no Version Negotiation for a 1200-byte datagram");
+    assert_eq!(&buf[1..5], &[0, 0, 0, 0], "a Version Negotiation packet");
+    assert!(n < 1200, "smaller than what it answers");
+    let sent = p.stats_sum(|w| w.negotiations_sent.load(Ordering::Relaxed));
+    assert_eq!(sent, 1);
+}

@@ -108,9 +108,13 @@ fn reset(dcid: &[u8]) -> Decision {
 }
 
 fn decide(ep: &mut Endpoint, mut pkt: Vec<u8>, forwarded: bool) -> Decision {
+    decide_at(ep, &mut pkt, forwarded, now())
+}
+
+fn decide_at(ep: &mut Endpoint, pkt: &mut [u8], forwarded: bool, at: Now) -> Decision {
     let len = pkt.len();
-    let hdr = Header::from_slice(&mut pkt, layout().cid_len()).unwrap();
-    ep.admit(&hdr, len, client(), forwarded, &key(), now())
+    let hdr = Header::from_slice(pkt, layout().cid_len()).unwrap();
+    ep.admit(&hdr, len, client(), forwarded, &key(), at)
 }
 
 #[test]
@@ -147,7 +151,8 @@ fn initials_are_checked_in_order() {
     let mine = client_dcid_for(1);
     #[rustfmt::skip]
     let rows: Vec<(&str, Vec<u8>, Decision)> = vec![
-        ("unknown version, any size", long(0, GREASE, &mine, &[], 100), Decision::NegotiateVersion),
+        ("unknown version, small: no amplification", long(0, GREASE, &mine, &[], 1199), Decision::Drop(DropReason::ShortUnknownVersion)),
+        ("unknown version, 1200 bytes", long(0, GREASE, &mine, &[], 1200), Decision::NegotiateVersion),
         ("short Initial", initial(&mine, &[], 1199), Decision::Drop(DropReason::ShortInitial)),
         ("1200 bytes", initial(&mine, &[], 1200), Decision::Accept { odcid: None }),
         ("a token that is not ours", initial(&mine, &[9; 40], 1300), Decision::Drop(DropReason::InvalidToken)),
@@ -423,5 +428,35 @@ fn a_drainer_still_takes_the_answers_to_its_retries() {
     assert_eq!(
         decide(&mut ep, initial(&mine, &token, 1250), false),
         Decision::Drop(DropReason::Draining)
+    );
+}
+
+#[test]
+fn version_negotiation_is_rate_limited() {
+    let mine = client_dcid_for(1);
+    let mut ep = endpoint(false);
+    let t0 = Instant::now();
+    let at = |ms: u64| Now {
+        instant: t0 + Duration::from_millis(ms),
+        unix_secs: 1_000_000,
+    };
+    let mut answered = 0;
+    for _ in 0..NEGOTIATIONS_PER_SEC + 50 {
+        let mut pkt = long(0, GREASE, &mine, &[], 1200);
+        if decide_at(&mut ep, &mut pkt, false, at(10)) == Decision::NegotiateVersion {
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, NEGOTIATIONS_PER_SEC);
+    let mut pkt = long(0, GREASE, &mine, &[], 1200);
+    assert_eq!(
+        decide_at(&mut ep, &mut pkt, false, at(10)),
+        Decision::Drop(DropReason::NegotiationWithheld)
+    );
+    // The next second allows again.
+    let mut pkt = long(0, GREASE, &mine, &[], 1200);
+    assert_eq!(
+        decide_at(&mut ep, &mut pkt, false, at(1_100)),
+        Decision::NegotiateVersion
     );
 }
