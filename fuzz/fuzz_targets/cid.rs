@@ -15,7 +15,7 @@
 //! - `CidLayout::new` accepts exactly the layouts the QUIC-LB rules allow (raw bytes);
 //! - `fnv1a32` is FNV-1a over at most the first 20 bytes;
 //! - `worker_of` / `place` never panic, `place` names a worker its generation has, only
-//!   claims IDs whose first octet carries a routable generation, and hashes new connections
+//!   claims IDs whose first octet carries a routable generation, and hashes every other DCID
 //!   onto the newest generation;
 //! - `write` then `worker_of` round-trips the worker, and `place` returns it when in range;
 //! - the classic BPF reuseport program is well formed (the kernel's checks) and `interpret`
@@ -31,7 +31,7 @@ use spooky::steering::{
     interpret, reuseport_program, GenerationSockets, Insn, SocketTable, NO_CHOICE,
 };
 use spooky_common::cid::{
-    fnv1a32, fnv1a32_step, place, Arrival, CidLayout, LayoutError, Place, FNV_OFFSET,
+    fnv1a32, fnv1a32_step, place, CidLayout, LayoutError, Place, FNV_OFFSET,
     MAX_CID_LEN, MAX_SERVER_ID_LEN, MIN_NONCE_LEN, UNROUTABLE_GENERATION,
 };
 use spooky_common::maps::Counter;
@@ -53,8 +53,8 @@ fuzz_target!(|input: &[u8]| {
 
     let layout = legal_layout(cid_len, sid_len, generation);
     let table = takeover_table(&layout, newest_workers % 64, draining_workers % 64);
-    for arrival in [Arrival::NewConnection, Arrival::Existing] {
-        check_worker_of_and_place(&layout, &table, data, arrival);
+    for initial in [false, true] {
+        check_worker_of_and_place(&layout, &table, data, initial);
     }
     check_write(&layout, &table, data, worker, out_len);
 
@@ -92,8 +92,8 @@ fn workers_of(table: &SocketTable) -> impl Fn(u8) -> u32 + '_ {
 }
 
 /// The socket index `place` picks in `table`, or `NO_CHOICE`.
-fn placed_socket(layout: &CidLayout, table: &SocketTable, dcid: &[u8], arrival: Arrival) -> u32 {
-    match place(layout, dcid, arrival, table.newest, workers_of(table)) {
+fn placed_socket(layout: &CidLayout, table: &SocketTable, dcid: &[u8], initial: bool) -> u32 {
+    match place(layout, dcid, initial, table.newest, workers_of(table)) {
         Place::Worker {
             generation, worker, ..
         } => table.of(generation).expect("placed on a live generation")[worker as usize],
@@ -150,7 +150,7 @@ fn check_fnv(data: &[u8]) {
     assert_eq!(fnv1a32(data), want);
 }
 
-fn check_worker_of_and_place(layout: &CidLayout, table: &SocketTable, dcid: &[u8], arrival: Arrival) {
+fn check_worker_of_and_place(layout: &CidLayout, table: &SocketTable, dcid: &[u8], initial: bool) {
     let named = layout.worker_of(dcid);
     if let Some(w) = named {
         assert!(dcid.len() >= layout.cid_len());
@@ -159,7 +159,7 @@ fn check_worker_of_and_place(layout: &CidLayout, table: &SocketTable, dcid: &[u8
         assert_eq!(dcid[layout.worker_offset()], w);
     }
     let workers = workers_of(table);
-    let got = place(layout, dcid, arrival, table.newest, &workers);
+    let got = place(layout, dcid, initial, table.newest, &workers);
     let ours = layout.generation_of(dcid);
     match got {
         Place::Worker {
@@ -169,17 +169,16 @@ fn check_worker_of_and_place(layout: &CidLayout, table: &SocketTable, dcid: &[u8
         } => {
             assert!(worker < workers(generation), "{got:?} past its generation");
             if by_cid {
-                assert_eq!(arrival, Arrival::Existing);
                 assert_eq!(ours, Some(generation));
                 assert_eq!(dcid.get(layout.worker_offset()), Some(&(worker as u8)));
             } else {
-                assert!(arrival == Arrival::NewConnection || ours.is_none());
+                assert!(ours.is_none() || initial, "our ID hashed: {dcid:02x?}");
                 assert_eq!(generation, table.newest);
                 assert_eq!(worker, fnv1a32(dcid) % workers(table.newest));
             }
         }
         Place::Unowned => assert!(
-            workers(table.newest) == 0 || (arrival == Arrival::Existing && ours.is_some()),
+            workers(table.newest) == 0 || (ours.is_some() && !initial),
             "unowned {dcid:02x?}"
         ),
     }
@@ -203,7 +202,7 @@ fn check_write(layout: &CidLayout, table: &SocketTable, data: &[u8], worker: u8,
     }
     assert_eq!(&cid[layout.worker_offset() + 1..], &nonce[..nonce_len]);
     assert_eq!(layout.worker_of(cid), Some(worker));
-    let got = place(layout, cid, Arrival::Existing, table.newest, workers_of(table));
+    let got = place(layout, cid, false, table.newest, workers_of(table));
     if u32::from(worker) < workers_of(table)(layout.generation()) {
         let want = Place::Worker {
             generation: layout.generation(),
@@ -279,23 +278,6 @@ fn reference_parse(payload: &[u8], short_dcid_len: usize) -> Result<(Form, &[u8]
     if (initial || unknown_version) && payload.len() < quic::MIN_INITIAL_DATAGRAM {
         return Err(Counter::DropShortInitial);
     }
-    if initial {
-        // The SCID length and the token length behind the SCID (two-byte reads each).
-        let scid_at = 6 + dcid_len;
-        let scid_len = usize::from(
-            *payload
-                .get(scid_at..scid_at + 2)
-                .ok_or(Counter::DropTruncated)?
-                .first()
-                .ok_or(Counter::DropTruncated)?,
-        );
-        if scid_len > MAX_CID_LEN {
-            return Err(Counter::DropDcidTooLong);
-        }
-        payload
-            .get(scid_at + scid_len..scid_at + scid_len + 2)
-            .ok_or(Counter::DropTruncated)?;
-    }
     Ok((Form::Long, dcid))
 }
 
@@ -343,7 +325,7 @@ fn describe_reference(r: &Result<(Form, &[u8]), Counter>) -> String {
 }
 
 /// The XDP parser on the datagram as a bare UDP payload; for every packet it accepts, the
-/// classic BPF program picks the socket `place` picks for the DCID and arrival it parsed.
+/// classic BPF program picks the socket `place` picks for the DCID it parsed.
 fn check_xdp_payload(layout: &CidLayout, table: &SocketTable, prog: &[Insn], payload: &[u8]) {
     let got = xdp_parse(payload, 0, payload.len(), layout.cid_len());
     let want = reference_parse(payload, layout.cid_len());
@@ -354,16 +336,11 @@ fn check_xdp_payload(layout: &CidLayout, table: &SocketTable, prog: &[Insn], pay
         describe_reference(&want)
     );
     if let Ok(h) = &got {
-        let arrival = if h.new_connection {
-            Arrival::NewConnection
-        } else {
-            Arrival::Existing
-        };
-        let want = placed_socket(layout, table, h.dcid(), arrival);
+        let want = placed_socket(layout, table, h.dcid(), h.initial);
         assert_eq!(
             interpret(prog, payload),
             Some(want),
-            "cBPF and place disagree ({arrival:?}, {:02x?})",
+            "cBPF and place disagree ({:02x?})",
             h.dcid()
         );
     }

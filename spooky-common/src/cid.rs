@@ -170,16 +170,6 @@ pub const fn next_generation(generation: u8) -> u8 {
     (generation + 1) % UNROUTABLE_GENERATION
 }
 
-/// What steering knows of a packet besides its DCID.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Arrival {
-    /// A client Initial without a token: a new connection, whose DCID the client chose.
-    NewConnection,
-    /// Any other packet: its DCID is one we issued (a short header, Handshake, 0-RTT, or an
-    /// Initial that carries a Retry token: the DCID is the Retry's source ID), or junk.
-    Existing,
-}
-
 /// Where a packet belongs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Place {
@@ -199,33 +189,38 @@ pub enum Place {
 /// alike. `newest` is the generation new connections go to; `workers(g)` is the number of
 /// workers of the live process of generation `g`, 0 when no live process owns it.
 ///
-/// - A new connection goes to the newest generation, worker `fnv1a32(dcid) % workers`.
-/// - Any other packet whose DCID is one of ours goes to the generation and worker it names,
-///   when that generation is live and has that worker; otherwise nobody owns it.
-/// - Any other packet whose DCID is not ours goes where a new connection with it would.
+/// - A packet whose DCID is one of ours goes to the generation and worker it names, when that
+///   generation is live and has that worker. This includes a client's Initials after its
+///   first flight (they carry the CID we chose) and the Initial answering a Retry.
+/// - Any other DCID is a client's choice (a new connection's first Initials): worker
+///   `fnv1a32(dcid) % workers` of the newest generation.
+/// - A DCID of ours that no live generation owns (a crashed or finished process's) is
+///   nobody's, except on an Initial (`initial`): a client may choose a DCID that only looks
+///   like ours, and it is hashed like any other.
+///
+/// A client-chosen DCID that looks like one of ours *and* names a live worker is placed by
+/// its worker byte; the process there takes the new connection (even while draining).
 #[inline(always)]
 pub fn place<F: Fn(u8) -> u32>(
     layout: &CidLayout,
     dcid: &[u8],
-    arrival: Arrival,
+    initial: bool,
     newest: u8,
     workers: F,
 ) -> Place {
-    if arrival == Arrival::Existing {
-        if let Some(generation) = layout.generation_of(dcid) {
-            let worker = match dcid.get(layout.worker_offset()) {
-                Some(w) => *w as u32,
-                None => return Place::Unowned,
+    if let Some(generation) = layout.generation_of(dcid) {
+        let worker = dcid
+            .get(layout.worker_offset())
+            .map_or(u32::MAX, |w| *w as u32);
+        if worker < workers(generation) {
+            return Place::Worker {
+                generation,
+                worker,
+                by_cid: true,
             };
-            return if worker < workers(generation) {
-                Place::Worker {
-                    generation,
-                    worker,
-                    by_cid: true,
-                }
-            } else {
-                Place::Unowned
-            };
+        }
+        if !initial {
+            return Place::Unowned;
         }
     }
     match fnv1a32(dcid).checked_rem(workers(newest)) {
@@ -295,7 +290,7 @@ mod tests {
         for (g, w) in [(1, 7), (2, 0), (2, 2)] {
             let id = ours(g, w);
             assert_eq!(
-                place(&l, &id, Arrival::Existing, 2, live),
+                place(&l, &id, false, 2, live),
                 Place::Worker {
                     generation: g,
                     worker: u32::from(w),
@@ -311,20 +306,14 @@ mod tests {
         // A generation no live process has (finished or crashed), and a worker its
         // generation does not have: hashing either onto a live worker would hand a stranger's
         // packet to a process that cannot decrypt it; unowned, it gets a Stateless Reset.
-        assert_eq!(
-            place(&l, &ours(5, 0), Arrival::Existing, 2, live),
-            Place::Unowned
-        );
-        assert_eq!(
-            place(&l, &ours(2, 3), Arrival::Existing, 2, live),
-            Place::Unowned
-        );
+        assert_eq!(place(&l, &ours(5, 0), false, 2, live), Place::Unowned);
+        assert_eq!(place(&l, &ours(2, 3), false, 2, live), Place::Unowned);
         // Right length bits but the unroutable generation: not ours, hashed.
         let mut id = [0u8; 16];
         id[0] = (7 << 5) | 15;
         assert_eq!(l.worker_of(&id), None);
         assert!(matches!(
-            place(&l, &id, Arrival::Existing, 2, live),
+            place(&l, &id, false, 2, live),
             Place::Worker {
                 generation: 2,
                 by_cid: false,
@@ -343,23 +332,22 @@ mod tests {
             worker: fnv1a32(&client) % 3,
             by_cid: false,
         };
-        assert_eq!(place(&l, &client, Arrival::NewConnection, 2, live), want);
-        assert_eq!(place(&l, &client, Arrival::Existing, 2, live), want);
-        // A new connection whose client-chosen DCID happens to look like ours is still new.
-        let lookalike = ours(1, 7);
-        assert_eq!(
-            place(&l, &lookalike, Arrival::NewConnection, 2, live),
-            Place::Worker {
-                generation: 2,
-                worker: fnv1a32(&lookalike) % 3,
-                by_cid: false
-            }
-        );
+        assert_eq!(place(&l, &client, true, 2, live), want);
+        assert_eq!(place(&l, &client, false, 2, live), want);
+        // An Initial whose client-chosen DCID only looks like ours (a generation nobody owns,
+        // or a worker it does not have) is a new connection: hashed.
+        for lookalike in [ours(5, 0), ours(2, 3)] {
+            assert_eq!(
+                place(&l, &lookalike, true, 2, live),
+                Place::Worker {
+                    generation: 2,
+                    worker: fnv1a32(&lookalike) % 3,
+                    by_cid: false
+                }
+            );
+        }
         // No live newest generation: nobody takes it.
-        assert_eq!(
-            place(&l, &client, Arrival::NewConnection, 4, live),
-            Place::Unowned
-        );
+        assert_eq!(place(&l, &client, true, 4, live), Place::Unowned);
     }
 
     #[test]

@@ -37,13 +37,12 @@ pub struct QuicHeader {
     pub form: Form,
     /// A long-header Initial (v1 or v2): what the Initial rate limit counts.
     pub initial: bool,
-    /// An Initial without a token: a new connection, its DCID chosen by the client (an
-    /// Initial that carries a token answers our Retry, and its DCID is ours).
-    pub new_connection: bool,
     /// A long header of a version that is neither 1 nor 2 (nor 0, Version Negotiation): held
     /// to an Initial's rules (1200 bytes, the rate limit), since it asks for Version
     /// Negotiation.
     pub unknown_version: bool,
+    /// Always zero.
+    pub reserved: u8,
     /// Destination connection ID, `dcid_len` bytes used.
     pub dcid: [u8; MAX_CID_LEN],
 }
@@ -85,8 +84,8 @@ pub fn parse(
         let mut header = QuicHeader {
             form: Form::Short,
             initial: false,
-            new_connection: false,
             unknown_version: false,
+            reserved: 0,
             dcid: [0; MAX_CID_LEN],
             dcid_len: 0,
         };
@@ -111,37 +110,16 @@ pub fn parse(
     if (initial || unknown_version) && payload_len < MIN_INITIAL_DATAGRAM {
         return Err(Counter::DropShortInitial);
     }
-    let new_connection = initial && !has_token(pkt, offset + LONG_PREFIX_LEN + dcid_len)?;
     let mut header = QuicHeader {
         form: Form::Long,
         initial,
-        new_connection,
         unknown_version,
+        reserved: 0,
         dcid: [0; MAX_CID_LEN],
         dcid_len: 0,
     };
     copy_dcid(pkt, offset + LONG_PREFIX_LEN, dcid_len, &mut header)?;
     Ok(header)
-}
-
-/// Whether the Initial whose source CID length byte is at `scid_at` carries a token: the
-/// token length is a varint after the source CID, and a zero length is the one-byte `0x00`.
-///
-/// Both reads take two bytes: the SCID length and the byte after it; the SCID's last byte
-/// (or, without an SCID, its length) and the token length after it. A one-byte read at a
-/// variable offset compiles to a `ptr >= end` check, which the verifier does not take as a
-/// bound.
-#[inline(always)]
-fn has_token(pkt: &Packet, scid_at: usize) -> Result<bool, Counter> {
-    let [scid_len, _] = pkt.read::<[u8; 2]>(scid_at).ok_or(Counter::DropTruncated)?;
-    let scid_len = usize::from(scid_len);
-    if scid_len > MAX_CID_LEN {
-        return Err(Counter::DropDcidTooLong);
-    }
-    let [_, token_len] = pkt
-        .read::<[u8; 2]>(scid_at + scid_len)
-        .ok_or(Counter::DropTruncated)?;
-    Ok(token_len != 0)
 }
 
 /// Whether a long header of `version` with first byte `first` is an Initial packet.
@@ -177,8 +155,7 @@ fn copy_dcid(
 mod tests {
     use super::*;
 
-    /// A long-header packet: first byte, version, DCID, a zero-length SCID, zero padding (for
-    /// an Initial: an empty token).
+    /// A long-header packet: first byte, version, DCID, a zero-length SCID, zero padding.
     fn long(first: u8, version: u32, dcid: &[u8]) -> [u8; 1400] {
         let mut p = [0u8; 1400];
         p[0] = first;
@@ -204,20 +181,21 @@ mod tests {
         let v1_initial = long(0xc0, QUIC_V1, &[1, 2, 3, 4, 5, 6, 7, 8]);
         let h = parse_bytes(&v1_initial, 1200).unwrap_or_else(|c| panic!("{}", c as u32));
         assert!(h.form == Form::Long && h.initial && h.dcid() == [1, 2, 3, 4, 5, 6, 7, 8]);
-        assert!(h.new_connection, "no token");
-        // The same Initial answering a Retry: SCID of 3 bytes, then a 2-byte token.
-        let mut retried = v1_initial;
-        retried[14] = 3;
-        retried[18] = 2;
-        let h = parse_bytes(&retried, 1200).unwrap_or_else(|c| panic!("{}", c as u32));
-        assert!(h.initial && !h.new_connection, "a token");
+        assert!(!h.unknown_version);
+        // Other versions ask for Version Negotiation: held to an Initial's size.
+        let grease = long(0xc0, 0x1a2a_3a4a, &[1; 8]);
+        assert!(parse_bytes(&grease, 1200).is_ok_and(|h| h.unknown_version && !h.initial));
+        assert_eq!(
+            parse_bytes(&grease, 1199).err().map(|c| c as u32),
+            Some(Counter::DropShortInitial as u32)
+        );
         // Version 2 Initials have type bits 0b01; 0b00 is 0-RTT there.
         let v2_initial = long(0xd0, QUIC_V2, &[9; 8]);
         assert!(parse_bytes(&v2_initial, 1200).is_ok_and(|h| h.initial));
         let v2_zero_rtt = long(0xc0, QUIC_V2, &[9; 8]);
         assert!(parse_bytes(&v2_zero_rtt, 1200).is_ok_and(|h| !h.initial));
         let handshake = long(0xe0, QUIC_V1, &[9; 8]);
-        assert!(parse_bytes(&handshake, 100).is_ok_and(|h| !h.initial && !h.new_connection));
+        assert!(parse_bytes(&handshake, 100).is_ok_and(|h| !h.initial && !h.unknown_version));
     }
 
     #[test]

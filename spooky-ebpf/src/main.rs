@@ -41,7 +41,7 @@ use aya_ebpf::{
     programs::{SkReuseportContext, XdpContext},
 };
 use spooky_common::{
-    cid::{self, Arrival, Place},
+    cid::{self, Place},
     maps::{
         slot, BackendEntry, Counter, GenerationEntry, InitialBucket, SourcePrefix,
         SteeringConfig, WorkerCounters, WorkerEntry, COUNTER_COUNT, FLAG_REDIRECT_CPU,
@@ -174,19 +174,14 @@ struct Placement {
 fn place(
     config: &SteeringConfig,
     dcid: &[u8],
-    new_connection: bool,
+    initial: bool,
 ) -> Option<Result<Placement, Counter>> {
     let layout = config.layout().ok()?;
     if config.workers == 0 {
         return None;
     }
-    let arrival = if new_connection {
-        Arrival::NewConnection
-    } else {
-        Arrival::Existing
-    };
     let newest = config.generation;
-    Some(match cid::place(&layout, dcid, arrival, newest, workers_of) {
+    Some(match cid::place(&layout, dcid, initial, newest, workers_of) {
         Place::Worker {
             generation,
             worker,
@@ -211,7 +206,7 @@ fn place(
 /// [`place`] for XDP, counting how the worker was decided; `None` when nobody owns it.
 #[inline(always)]
 fn owning_slot(config: &SteeringConfig, header: &QuicHeader) -> Option<u32> {
-    match place(config, header.dcid(), header.new_connection)? {
+    match place(config, header.dcid(), header.initial)? {
         Ok(placement) => {
             count(if placement.by_cid {
                 Counter::SteeredByCid
@@ -375,7 +370,7 @@ fn try_spooky_reuseport(ctx: &SkReuseportContext) -> Option<()> {
     let pkt = Packet::new(ctx.data(), ctx.data_end());
     let payload_len = ctx.len().checked_sub(UDP_HDR_LEN)?;
     let quic = quic::parse(&pkt, UDP_HDR_LEN, payload_len, usize::from(config.cid_len)).ok()?;
-    let placement = place(&config, quic.dcid(), quic.new_connection)?.ok()?;
+    let placement = place(&config, quic.dcid(), quic.initial)?.ok()?;
     SOCKETS.select_reuseport(ctx, placement.slot).ok()
 }
 

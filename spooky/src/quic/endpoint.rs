@@ -6,10 +6,9 @@
 //!
 //! The rules, in order:
 //! 1. Whose packet is it? `spooky_common::cid::place`, the rule the kernel programs follow
-//!    too: a new connection (an Initial without a token) goes to the newest generation, by the
-//!    hash of the DCID the client chose (with eBPF steering the kernel already placed it:
-//!    it is this worker's); any other packet goes to the generation and worker its DCID names
-//!    when it is one of ours. A packet of this process owned by another worker is forwarded
+//!    too: a packet whose DCID is one of ours goes to the generation and worker it names; any
+//!    other DCID (a client's first Initials) to the newest generation, by its hash (with eBPF
+//!    steering the kernel already placed a client's first Initials: they are this worker's). A packet of this process owned by another worker is forwarded
 //!    to it (once: a forwarded packet is never forwarded again); one of another live process
 //!    (a takeover in progress) is dropped, never reset.
 //! 2. A short-header packet for a connection nobody has — gone, or of a process that crashed
@@ -19,7 +18,8 @@
 //! 3. An unsupported version gets Version Negotiation, only in answer to a datagram of at least
 //!    1200 bytes (RFC 9000 §5.2.2: no amplification) and at most [`NEGOTIATIONS_PER_SEC`] per
 //!    second per worker.
-//! 4. A draining endpoint takes no new connection, except one answering a Retry it sent.
+//! 4. A draining endpoint takes no new connection, except one the steering still sends it by
+//!    its generation (answering a Retry it sent, or a client DCID that looks like its own).
 //! 5. An Initial must come in a datagram of at least 1200 bytes (RFC 9000 §14.1).
 //! 6. Connection limits: this worker's share of `quic.max_connections` and of
 //!    `quic.max_connections_per_ip`.
@@ -31,7 +31,7 @@ use super::token;
 use crate::config::RetryMode;
 use crate::keys::KeyRing;
 use quiche::{ConnectionId, Header, Type};
-use spooky_common::cid::{self, Arrival, CidLayout, Place};
+use spooky_common::cid::{self, CidLayout, Place};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -307,21 +307,22 @@ impl Endpoint {
         now: Now,
     ) -> Decision {
         let given = hdr.token.as_deref().unwrap_or(&[]);
-        let arrival = if hdr.ty == Type::Initial && given.is_empty() {
-            Arrival::NewConnection
-        } else {
-            Arrival::Existing
-        };
         let own = self.generations.own;
-        let place = if arrival == Arrival::NewConnection && self.kernel_places_initials {
+        let ours = self.layout.generation_of(&hdr.dcid) == Some(own);
+        // A client's first Initials (no token, a DCID it chose). The kernel programs placed
+        // them, by its hash or, for a DCID that only looks like one of ours, by its worker
+        // byte: the worker they reached takes them.
+        let fresh = hdr.ty == Type::Initial && given.is_empty();
+        let place = if fresh && self.kernel_places_initials {
             Place::Worker {
-                generation: self.generations.newest,
+                generation: if ours { own } else { self.generations.newest },
                 worker: self.worker as u32,
                 by_cid: false,
             }
         } else {
             let g = &self.generations;
-            cid::place(&self.layout, &hdr.dcid, arrival, g.newest, |x| {
+            let initial = hdr.ty == Type::Initial;
+            cid::place(&self.layout, &hdr.dcid, initial, g.newest, |x| {
                 g.workers_of(x)
             })
         };
@@ -347,8 +348,10 @@ impl Endpoint {
             }
             return Decision::NegotiateVersion;
         }
-        if self.draining && (given.is_empty() || self.layout.generation_of(&hdr.dcid) != Some(own))
-        {
+        // Draining, only what the steering still sends here by our generation: the answer to
+        // a Retry we sent, or a client's first Initial whose DCID happens to look like ours
+        // (its connection gets GOAWAY at once and the client moves on).
+        if self.draining && !ours {
             return Decision::Drop(DropReason::Draining);
         }
         if datagram_len < MIN_INITIAL_DATAGRAM {

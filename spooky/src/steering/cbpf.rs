@@ -1,11 +1,10 @@
 //! The classic BPF program of the unprivileged tier. Attached to the SO_REUSEPORT group, it
 //! returns the index (in the group) of the socket that owns a packet, by the one placement
-//! rule, [`spooky_common::cid::place`]: a new connection (an Initial without a token) goes to
-//! the newest generation's worker `fnv1a32(DCID) % workers`; any other packet whose DCID is
-//! one of ours goes to the generation and worker it names; a DCID of ours that no live
-//! generation owns gets no choice (an index past the group, so the kernel hashes it and user
-//! space answers with a Stateless Reset); any other DCID goes where a new connection with it
-//! would. Which socket each worker is comes from a [`SocketTable`].
+//! rule, [`spooky_common::cid::place`]: a packet whose DCID is one of ours goes to the
+//! generation and worker it names; a DCID of ours that no live generation owns gets no choice
+//! (an index past the group, so the kernel hashes it and user space answers with a Stateless
+//! Reset); any other DCID (a new connection's) goes to the newest generation's worker
+//! `fnv1a32(DCID) % workers`. Which socket each worker is comes from a [`SocketTable`].
 //!
 //! The group's order is the order sockets joined it, and a socket that leaves is replaced by
 //! the last one, so a table can go stale when a process leaves the group. A probe finds the
@@ -54,8 +53,6 @@ const RET_K: u16 = 0x06;
 pub const NO_CHOICE: u32 = u32::MAX;
 /// The first 8 bytes of a probe; the 9th is the socket index it asks for.
 pub const PROBE_MAGIC: [u8; 8] = *b"\0SPOOKY\0";
-const QUIC_V1: u32 = 1;
-const QUIC_V2: u32 = 0x6b33_43cf;
 
 /// Scratch memory cells of the program.
 const M_HASH: u32 = 0;
@@ -64,6 +61,10 @@ const M_DCID_AT: u32 = 2;
 const M_FIRST: u32 = 3;
 const M_GENERATION: u32 = 4;
 const M_WORKER: u32 = 5;
+/// 1 for a v1 or v2 Initial (its DCID may be a client's that only looks like ours).
+const M_INITIAL: u32 = 6;
+const QUIC_V1: u32 = 1;
+const QUIC_V2: u32 = 0x6b33_43cf;
 
 /// The sockets of one live generation: `sockets[w]` is worker `w`'s index in the group.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -219,6 +220,8 @@ pub fn reuseport_program(layout: &CidLayout, table: &SocketTable) -> Vec<Insn> {
         a.label(),
     );
 
+    a.op(LD_IMM, 0);
+    a.op(ST, M_INITIAL);
     // A probe: `PROBE_MAGIC ‖ k` → socket k.
     a.op(LD_W_ABS, 0);
     a.jump_unless(JMP_JEQ_K, word(&PROBE_MAGIC[..4]), not_probe);
@@ -244,7 +247,7 @@ pub fn reuseport_program(layout: &CidLayout, table: &SocketTable) -> Vec<Insn> {
     a.op(LD_B_ABS, 5);
     a.op(ST, M_DCID_LEN);
     a.jump_if(JMP_JGT_K, MAX_CID_LEN as u32, junk);
-    // An Initial (v1: type bits 00, v2: 01) without a token is a new connection.
+    // An Initial (v1: type bits 00, v2: 01)?
     let (v2, initial) = (a.label(), a.label());
     a.op(LD_W_ABS, 1);
     a.jump_if(JMP_JEQ_K, QUIC_V2, v2);
@@ -258,18 +261,10 @@ pub fn reuseport_program(layout: &CidLayout, table: &SocketTable) -> Vec<Insn> {
     a.op(ALU_AND_K, 0x30);
     a.jump_unless(JMP_JEQ_K, 0x10, existing);
     a.here(initial);
-    // SCID length at 6 + dcid_len; the token length (a varint, 0x00 for none) after the SCID.
-    a.op(LD_MEM, M_DCID_LEN);
-    a.op(TAX, 0);
-    a.op(LD_B_IND, 6);
-    a.jump_if(JMP_JGT_K, MAX_CID_LEN as u32, junk);
-    a.op(ALU_ADD_X, 0);
-    a.op(TAX, 0);
-    a.op(LD_B_IND, 7);
-    a.jump_if(JMP_JEQ_K, 0, hash);
-
-    // Any other packet: one of our IDs (this length, these length bits, a routable
-    // generation) goes to the worker it names, if its generation is live.
+    a.op(LD_IMM, 1);
+    a.op(ST, M_INITIAL);
+    // One of our IDs (this length, these length bits, a routable generation) goes to the
+    // worker it names, if its generation is live; any other DCID is hashed.
     a.here(existing);
     a.op(LD_MEM, M_DCID_LEN);
     a.jump_unless(JMP_JEQ_K, cid_len, hash);
@@ -294,7 +289,11 @@ pub fn reuseport_program(layout: &CidLayout, table: &SocketTable) -> Vec<Insn> {
         a.ja(unowned);
         a.here(next);
     }
+    // Ours by the look, but nobody's: an Initial's DCID is a client's choice (hashed), any
+    // other packet gets no choice.
     a.here(unowned);
+    a.op(LD_MEM, M_INITIAL);
+    a.jump_if(JMP_JEQ_K, 1, hash);
     a.op(RET_K, NO_CHOICE);
 
     // Hash: M[hash] = FNV-1a over the DCID bytes, then % the newest generation's workers.

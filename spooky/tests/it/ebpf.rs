@@ -498,11 +498,18 @@ fn xdp_table_ipv4_ipv6_vlan_and_quic_forms() {
             worker: Some(3),
         },
         Case {
-            name: "Initial without a token whose DCID looks like ours: a new connection, hashed",
-            packet: udp4(&initial_v1(&ours, 1200)),
+            name: "Initial whose client-chosen DCID looks like ours but names no worker: hashed",
+            packet: udp4(&initial_v1(&out_of_range, 1200)),
             action: XdpAction::Pass,
             counters: LONG_HASHED,
-            worker: hashed_worker(&ours),
+            worker: hashed_worker(&out_of_range),
+        },
+        Case {
+            name: "Initial without a token carrying our CID (a client's later Initial): by CID",
+            packet: udp4(&initial_v1(&ours, 1200)),
+            action: XdpAction::Pass,
+            counters: LONG_BY_CID,
+            worker: Some(3),
         },
         Case {
             name: "ipv4 client Initial v1, 1200 bytes",

@@ -67,7 +67,7 @@ impl Site {
         run("mount", &["-t", "bpf", "bpf", &bpffs.display().to_string()]);
         let pin = bpffs.join("spooky");
         let yaml = format!(
-            "version: 1\nlisten:\n  protocol: http3\n  address: \"::\"\n  port: {PORT}\n  tls:\n    cert: {dir}/spooky.crt\n    key: {dir}/spooky.key\nadmin:\n  address: {ADMIN}\nquic:\n  key_file: {dir}/run/keys.yaml\n{quic}steering:\n  pin_path: {pin}\ncontrol_socket: {dir}/run/control.sock\nproxy:\n  shutdown_grace: 120s\nupstream:\n{pools}",
+            "version: 1\nlisten:\n  protocol: http3\n  address: \"::\"\n  port: {PORT}\n  tls:\n    cert: {dir}/spooky.crt\n    key: {dir}/spooky.key\nadmin:\n  address: {ADMIN}\nquic:\n  key_file: {dir}/run/keys.yaml\n{quic}steering:\n  pin_path: {pin}\ncontrol_socket: {dir}/run/control.sock\nproxy:\n  shutdown_grace: 300s\nupstream:\n{pools}",
             dir = dir.display(),
             pin = pin.display(),
             pools = pool("main", "/", None, "round-robin", &[("b1", backend.addr)], ""),
@@ -96,7 +96,7 @@ impl Site {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns.server]);
         // (The 64 MiB download may outlast the default 30 s drain when the machine is busy:
-        // `proxy.shutdown_grace` is 120 s here.)
+        // `proxy.shutdown_grace` is 300 s here.)
         if self.tier == Tier::Classic {
             cmd.args(UNPRIVILEGED);
         }
@@ -279,7 +279,7 @@ fn takeovers_under_load(tier: Tier) {
     for n in 1..=3 {
         let mut next = site.spawn(n, true);
         next.wait_serving();
-        let status = current.wait_exit(Duration::from_secs(120));
+        let status = current.wait_exit(Duration::from_secs(300));
         let log = current.log();
         assert!(
             status.success(),

@@ -431,6 +431,36 @@ fn a_drainer_still_takes_the_answers_to_its_retries() {
     );
 }
 
+/// A client's Initials after its first flight carry the CID we chose and no token: they go
+/// by that CID (to the connection's worker), never where the hash of it would land; with
+/// kernel placement a first Initial is taken where the kernel put it, and a draining worker
+/// takes one whose client-chosen DCID merely looks like its own generation's.
+#[test]
+fn initials_are_placed_by_our_cid_and_lookalikes_are_taken_where_they_land() {
+    // Classic placement: worker 1 sees a token-less Initial naming worker 3: forwarded there.
+    let mut ep = endpoint(false);
+    assert_eq!(
+        decide(&mut ep, initial(&our_cid(3), &[], 1200), false),
+        Decision::Forward { owner: 3 }
+    );
+    // Kernel placement: a first Initial is this worker's, whatever its DCID looks like.
+    let mut ep = endpoint(true);
+    assert_eq!(
+        decide(&mut ep, initial(&our_cid(3), &[], 1200), false),
+        Decision::Accept { odcid: None }
+    );
+    ep.drain();
+    assert_eq!(
+        decide(&mut ep, initial(&our_cid(3), &[], 1200), false),
+        Decision::Accept { odcid: None },
+        "a lookalike of our generation reached the drainer: taken"
+    );
+    assert_eq!(
+        decide(&mut ep, initial(&client_dcid_for(1), &[], 1200), false),
+        Decision::Drop(DropReason::Draining)
+    );
+}
+
 #[test]
 fn version_negotiation_is_rate_limited() {
     let mine = client_dcid_for(1);
