@@ -30,6 +30,8 @@ pub struct WorkerStats {
     pub requests: AtomicU64,
     /// Request streams reset because their head did not arrive in time.
     pub request_head_timeouts: AtomicU64,
+    /// Response streams reset because the client took nothing for `quic.send_timeout`.
+    pub send_timeouts: AtomicU64,
     /// Stateless Resets sent (packets for connections nobody has).
     pub resets_sent: AtomicU64,
     /// Version Negotiation packets sent.

@@ -110,6 +110,9 @@ pub struct Quic {
     /// A request stream must deliver its complete HEADERS frame within this long of being
     /// opened, or it is reset with `H3_REQUEST_REJECTED` (slowloris on request heads).
     pub request_header_timeout: Duration,
+    /// A response stream the client lets take no byte for this long is reset, with the
+    /// backend stream behind it (a client that never reads holds nothing for ever).
+    pub send_timeout: Duration,
     pub max_concurrent_streams: u64,
     pub initial_max_data: u64,
     pub initial_max_stream_data: u64,

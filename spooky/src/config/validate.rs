@@ -328,6 +328,7 @@ fn build_quic(raw: &RawQuic, io: &Io<'_>, errs: &mut Errors) -> Option<Quic> {
     let idle_timeout = positive_duration(errs, "quic.idle_timeout", &raw.idle_timeout);
     let handshake_timeout =
         positive_duration(errs, "quic.handshake_timeout", &raw.handshake_timeout);
+    let send_timeout = positive_duration(errs, "quic.send_timeout", &raw.send_timeout);
     let request_header_timeout = positive_duration(
         errs,
         "quic.request_header_timeout",
@@ -367,6 +368,7 @@ fn build_quic(raw: &RawQuic, io: &Io<'_>, errs: &mut Errors) -> Option<Quic> {
         idle_timeout: idle_timeout?,
         handshake_timeout: handshake_timeout?,
         request_header_timeout: request_header_timeout?,
+        send_timeout: send_timeout?,
         max_concurrent_streams: max_concurrent_streams?,
         initial_max_data: initial_max_data?,
         initial_max_stream_data: initial_max_stream_data?,

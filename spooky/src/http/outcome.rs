@@ -224,6 +224,9 @@ pub enum StreamError {
     StopUpload,
     /// Writing the response into the stream failed.
     WriteFailed,
+    /// The client took no byte of the response for `quic.send_timeout` (it never reads, or
+    /// withholds flow-control credit): the stream and the backend's are released.
+    SendTimeout,
 }
 
 impl StreamError {
@@ -232,7 +235,7 @@ impl StreamError {
         match self {
             StreamError::HeadTimeout | StreamError::StopUpload => H3_REQUEST_REJECTED,
             StreamError::BadTrailers | StreamError::LengthMismatch => H3_MESSAGE_ERROR,
-            StreamError::WriteFailed => H3_REQUEST_CANCELLED,
+            StreamError::WriteFailed | StreamError::SendTimeout => H3_REQUEST_CANCELLED,
         }
     }
 }

@@ -66,6 +66,9 @@ pub struct Conn {
     lingering: Vec<u64>,
     /// Request streams whose head has not arrived yet (`quic.request_header_timeout`).
     heads: PendingHeads,
+    /// Response streams with data waiting that quiche cannot take (the client's flow control
+    /// is closed): since when nothing was taken (`quic.send_timeout`).
+    stalled: HashMap<u64, Instant>,
 }
 
 impl Conn {
@@ -91,6 +94,7 @@ impl Conn {
             next_request_id: 0,
             lingering: Vec::new(),
             heads: PendingHeads::default(),
+            stalled: HashMap::new(),
         }
     }
 
@@ -132,6 +136,7 @@ impl Conn {
             self.heads.opened(sid, now);
         }
         self.expire_heads(fwd, now);
+        self.expire_stalled(fwd, now);
         // Two rounds: reading a blocked body may surface `Finished`, flushing may unblock reads.
         for _ in 0..2 {
             self.poll_events(&mut h3c, fwd, slot);
@@ -164,6 +169,32 @@ impl Conn {
             .map_or(Duration::ZERO, |p| p.rtt);
         let grace = (rtt * 3).clamp(DRAIN_GRACE_MIN, DRAIN_GRACE_MAX);
         self.goaway_sent.map(|at| at + grace)
+    }
+
+    /// When the longest-stalled response stream runs out of `timeout`.
+    pub fn send_deadline(&self, timeout: Duration) -> Option<Instant> {
+        self.stalled.values().min().map(|since| *since + timeout)
+    }
+
+    /// Resets the response streams the client has let take nothing for `timeout`, and the
+    /// backend streams behind them.
+    fn expire_stalled(&mut self, fwd: &Forwarder, now: Instant) {
+        let timeout = fwd.snapshot.config.quic.send_timeout;
+        let expired: Vec<u64> = self
+            .stalled
+            .iter()
+            .filter(|(_, since)| now.saturating_duration_since(**since) >= timeout)
+            .map(|(sid, _)| *sid)
+            .collect();
+        for sid in expired {
+            self.stalled.remove(&sid);
+            tracing::debug!(peer = %self.peer, stream = sid, ?timeout, "response stalled: reset");
+            fwd.services
+                .stats
+                .send_timeouts
+                .fetch_add(1, Ordering::Relaxed);
+            self.fail_stream(sid, StreamError::SendTimeout);
+        }
     }
 
     /// When the oldest stream still waiting for its request head runs out of time.
@@ -367,6 +398,7 @@ impl Conn {
     }
 
     fn reset(&mut self, sid: u64, code: u64) {
+        self.stalled.remove(&sid);
         let _ = self
             .quic
             .stream_shutdown(sid, quiche::Shutdown::Write, code);
@@ -381,8 +413,10 @@ impl Conn {
         };
         if s.client_gone() {
             self.streams.remove(&sid);
+            self.stalled.remove(&sid);
             return;
         }
+        let mut progress = false;
         let written = loop {
             let step = match s.pending() {
                 Pending::Nothing => break Ok(()),
@@ -397,7 +431,10 @@ impl Conn {
                         None => break Ok(()),
                     };
                     match sent {
-                        Ok(()) => s.head_written(fin),
+                        Ok(()) => {
+                            progress = true;
+                            s.head_written(fin)
+                        }
                         Err(e) => break Err(e),
                     }
                 }
@@ -407,6 +444,7 @@ impl Conn {
                     // acknowledges it.
                     match h3c.send_body_zc(&mut self.quic, sid, &mut chunk, fin) {
                         Ok(n) => {
+                            progress |= n > 0;
                             let step = s.body_written(n, fin);
                             if n < len {
                                 break step.map_err(|_| h3::Error::InternalError);
@@ -437,7 +475,18 @@ impl Conn {
             }
         };
         match written {
-            Ok(()) | Err(h3::Error::StreamBlocked | h3::Error::Done) => {}
+            Ok(()) => {
+                self.stalled.remove(&sid);
+            }
+            Err(h3::Error::StreamBlocked | h3::Error::Done) => {
+                // Something waits that quiche would not take: the clock runs from the last
+                // byte taken.
+                let now = Instant::now();
+                let since = self.stalled.entry(sid).or_insert(now);
+                if progress {
+                    *since = now;
+                }
+            }
             Err(e) => {
                 tracing::debug!(stream = sid, error = %e, "writing the response failed");
                 self.fail_stream(sid, StreamError::WriteFailed);

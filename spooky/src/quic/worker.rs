@@ -592,7 +592,8 @@ impl Worker {
             // the last stream's end closes it).
             let draining = conn.drain_deadline().filter(|d| *d > Instant::now());
             let head = conn.head_deadline(quic_cfg.request_header_timeout);
-            for d in [head, draining].into_iter().flatten() {
+            let stalled = conn.send_deadline(quic_cfg.send_timeout);
+            for d in [head, stalled, draining].into_iter().flatten() {
                 deadline = Some(deadline.map_or(d, |x| x.min(d)));
             }
             if !conn.quic.is_established() {

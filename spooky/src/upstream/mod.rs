@@ -23,9 +23,12 @@ use tokio::net::TcpStream;
 
 /// Most connections a worker opens to one backend.
 const MAX_CONNS_PER_BACKEND: usize = 16;
-/// HTTP/2 receive windows towards backends: per stream and per connection.
-const STREAM_WINDOW: u32 = 1 << 20;
-const CONN_WINDOW: u32 = 16 << 20;
+/// HTTP/2 receive windows towards backends: per stream and per connection. The stream window
+/// bounds what one response may hold in h2's buffers while its client does not read; the
+/// connection window is as large as HTTP/2 allows, so that streams whose clients do not read
+/// never hold up the others on the same backend connection (head-of-line blocking).
+const STREAM_WINDOW: u32 = 256 << 10;
+const CONN_WINDOW: u32 = (1 << 31) - 1;
 
 /// What went wrong talking to a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -605,3 +605,68 @@ fn version_negotiation_only_answers_full_size_datagrams() {
     let sent = p.stats_sum(|w| w.negotiations_sent.load(Ordering::Relaxed));
     assert_eq!(sent, 1);
 }
+
+/// A client that never reads (aioquic with its flow-control credit withheld): each of its
+/// stalled response streams is reset after `quic.send_timeout`, with the backend stream behind
+/// it, counted; another client is served meanwhile.
+#[test]
+fn streams_a_client_never_reads_are_reset_with_their_backend_streams() {
+    let b1 = backend("b1");
+    let p = one_pool(b1.addr, "", "quic:\n  retry: off\n  send_timeout: 2s\n");
+    let stall = std::process::Command::new("python3")
+        .arg(repo_root().join("spooky/tests/peers/h3_stall.py"))
+        .args(["--port", &p.addr.port().to_string(), "--ca"])
+        .arg(certs_dir().join("ca.crt"))
+        .args(["--connections", "4", "--streams", "25", "--wait", "6"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 (aioquic) cannot be started: run cargo xtask setup");
+    // Another client, on the same backend, while the streams are stalled.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut c = client(p.addr);
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        let started = Instant::now();
+        let r = c
+            .request(&Request::get("localhost", "/size/1000"), T)
+            .unwrap();
+        assert_eq!(r.status, 200);
+        slowest = slowest.max(started.elapsed());
+    }
+    eprintln!("the other client's slowest request: {slowest:?}");
+    let out = stall.wait_with_output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("h3_stall.py: {e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(report["error"], serde_json::Value::Null, "{report}");
+    assert_eq!(report["reset"], 100, "every stalled stream reset: {report}");
+    assert_eq!(report["ended"], 0, "{report}");
+    assert_eq!(
+        report["reset_codes"],
+        serde_json::json!([0x10c]),
+        "H3_REQUEST_CANCELLED: {report}"
+    );
+    let first = report["first_reset_s"].as_f64().unwrap();
+    assert!(first >= 1.5, "reset before the send timeout: {report}");
+    let metrics = p.running.as_ref().unwrap().metrics_text();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(
+        value("spooky_http3_send_timeouts_total"),
+        100.0,
+        "{metrics}"
+    );
+    // The backend streams were released with them.
+    let deadline = Instant::now() + T;
+    while value("spooky_backend_in_flight{") != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "backend streams still held:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -69,6 +69,7 @@ fn minimal_config_gets_every_default() {
             idle_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             request_header_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(30),
             max_concurrent_streams: 100,
             initial_max_data: 10 << 20,
             initial_max_stream_data: 1 << 20,
