@@ -238,6 +238,7 @@ fn serve(
         iface: args.iface.clone(),
         pin: !args.no_pin,
         takeover: args.takeover,
+        lock_down: true,
     };
     let running = spooky::app::start_from(config, &opts, Some(args.config.clone()))
         .context("cannot start")?;

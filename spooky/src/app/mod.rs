@@ -48,6 +48,10 @@ pub struct RunOptions {
     pub pin: bool,
     /// Take over from the Spooky listening on the configuration's control socket.
     pub takeover: bool,
+    /// Give up every capability and set `no_new_privs` once the privileged set-up is done,
+    /// before the workers start (the binary does; tests that start Spooky in their own
+    /// process, and then need root themselves, do not).
+    pub lock_down: bool,
 }
 
 /// Why Spooky could not start.
@@ -330,6 +334,15 @@ pub fn start_from(
         let pins = kernel_steering.pin_path().map(Path::to_path_buf);
         let (uid, gid) = crate::ops::privilege::drop_to(user, pins.as_deref())?;
         tracing::info!(%user, uid, gid, "dropped privileges");
+    }
+    if opts.lock_down {
+        crate::ops::privilege::lock_down()?;
+        // SAFETY: geteuid has no preconditions.
+        if cfg.user.is_none() && unsafe { libc::geteuid() } == 0 {
+            tracing::warn!(
+                "serving as root (with no capabilities left): set `user:` to a service user"
+            );
+        }
     }
 
     let (checker, reporter) = Checker::start(

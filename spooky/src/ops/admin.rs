@@ -357,6 +357,9 @@ fn status_json(ops: &Ops) -> String {
         "generation": snapshot.generation,
         "cid_generation": ops.generation,
         "pid": std::process::id(),
+        // SAFETY: geteuid has no preconditions.
+        "uid": unsafe { libc::geteuid() },
+        "capabilities": format!("{:#x}", super::privilege::effective_capabilities()),
         "listen": snapshot.config.listen.addr.to_string(),
         "workers": workers,
         "pools": pools,

@@ -3,9 +3,14 @@
 //!
 //! What still works afterwards, and why: the UDP and admin sockets are already bound; BPF maps
 //! are updated through file descriptors opened while privileged (Linux checks privileges when
-//! maps and programs are created, not when an open map is read or written); the pin directory
-//! is handed to the new user first so that a clean shutdown can still unpin. Configuration
-//! reloads must be able to read the configuration, certificate and key files as that user.
+//! maps and programs are created, not when an open map is read or written); the pin
+//! directory (not the pins in it, which stay root's) is handed to the new user so that a clean
+//! shutdown can still unpin. Configuration reloads must be able to read the configuration,
+//! certificate and key files as that user.
+//!
+//! Then, with or without `user:`, [`lock_down`]: no capability is kept (effective, permitted,
+//! inheritable, ambient), and `no_new_privs` is set, so nothing the process runs later can
+//! gain any.
 
 use crate::config::User;
 use std::path::Path;
@@ -53,7 +58,15 @@ pub fn drop_to(user: &User, pin_dir: Option<&Path>) -> Result<(u32, u32), Privil
         });
     }
     if let Some(dir) = pin_dir.filter(|d| d.is_dir()) {
-        chown_tree(dir, uid, gid)?;
+        // The directory only: the maps pinned in it stay root's, so that the service user
+        // cannot open them anew (and rewrite `config` or `workers`); our own descriptors,
+        // opened before, keep working.
+        std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(|source| {
+            PrivilegeError::Sys {
+                call: "chown",
+                source,
+            }
+        })?;
     }
     // SAFETY: plain syscalls on integers; glibc applies setgid/setuid to every thread.
     unsafe {
@@ -71,18 +84,69 @@ pub fn drop_to(user: &User, pin_dir: Option<&Path>) -> Result<(u32, u32), Privil
     Ok((uid, gid))
 }
 
-fn chown_tree(dir: &Path, uid: u32, gid: u32) -> Result<(), PrivilegeError> {
-    let chown = |p: &Path| -> Result<(), PrivilegeError> {
-        std::os::unix::fs::chown(p, Some(uid), Some(gid)).map_err(|source| PrivilegeError::Sys {
-            call: "chown",
-            source,
-        })
+/// The header and data of the `capset` system call (`_LINUX_CAPABILITY_VERSION_3`: two
+/// 32-bit words per set).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// Gives up every capability (effective, permitted, inheritable, ambient) and sets
+/// `no_new_privs`. Called once everything privileged is done: sockets bound, kernel programs
+/// loaded and attached, maps opened.
+///
+/// # Errors
+/// [`PrivilegeError::Sys`] naming the call that failed.
+pub fn lock_down() -> Result<(), PrivilegeError> {
+    // SAFETY: plain prctl calls with integer arguments.
+    unsafe {
+        check(
+            "prctl(PR_CAP_AMBIENT_CLEAR_ALL)",
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ),
+        )?;
+    }
+    let header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
     };
-    chown(dir)?;
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            chown(&e.path())?;
-        }
+    let data = [CapData::default(); 2];
+    // SAFETY: `header` and `data` are valid for the kernel's reads (version 3: two data
+    // words); capset only reads them.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()) };
+    check("capset", i32::from(rc != 0) * -1)?;
+    // SAFETY: as above.
+    unsafe {
+        check(
+            "prctl(PR_SET_NO_NEW_PRIVS)",
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
+        )?;
     }
     Ok(())
+}
+
+/// The process's effective capabilities (the low 64 bits).
+pub fn effective_capabilities() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0)
 }

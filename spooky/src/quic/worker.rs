@@ -405,8 +405,9 @@ impl Worker {
             }
             Decision::NegotiateVersion => {
                 if let Ok(n) = quiche::negotiate_version(&hdr.scid, &hdr.dcid, &mut self.tx.out) {
-                    self.tx.send_now(n, from);
+                    // Counted first: whoever sees the packet sees the count.
                     stats.negotiations_sent.fetch_add(1, Ordering::Relaxed);
+                    self.tx.send_now(n, from);
                 }
             }
             Decision::Refuse(reason) => {

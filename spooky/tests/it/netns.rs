@@ -246,6 +246,7 @@ fn start_in(ns: &Netns, yaml: String, workers: usize, iface: bool) -> Running {
                 iface,
                 pin: true,
                 takeover: false,
+                lock_down: false,
             },
         )
         .unwrap_or_else(|e| panic!("spooky did not start in the server namespace: {e}"))
@@ -660,6 +661,7 @@ fn xdp_on_a_missing_interface_or_without_privilege_is_an_error() {
                 iface: Some("nosuchif0".into()),
                 pin: false,
                 takeover: false,
+                lock_down: false,
             },
         )
         .err()

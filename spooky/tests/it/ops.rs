@@ -536,6 +536,7 @@ fn reload_under_load_changes_backends_and_certificate_without_a_failed_request()
             iface: None,
             pin: false,
             takeover: false,
+            lock_down: false,
         },
     )
     .unwrap();
@@ -712,6 +713,7 @@ fn a_reload_that_cannot_be_built_answers_400_and_changes_nothing() {
             iface: None,
             pin: false,
             takeover: false,
+            lock_down: false,
         },
     )
     .unwrap();

@@ -226,6 +226,7 @@ pub fn proxy(upstreams: &str, extra: &str, workers: usize) -> Proxy {
             iface: None,
             pin: false,
             takeover: false,
+            lock_down: false,
         },
     )
     .unwrap();

@@ -3,8 +3,8 @@
 client that nobody on the team wrote, behaving like a well-mannered browser.
 
 `--users` clients run at once. Each opens a connection (verifying the server's certificate
-with --ca), sends `--per-connection` GETs of `--path` one after the other, closes it and
-opens the next, until told to stop: a line `stop` (or end of file) on stdin. One more client
+with --ca), sends `--per-connection` GETs of `--path` one after the other (`--pause` seconds
+between a response and the next request), closes it and opens the next, until told to stop: a line `stop` (or end of file) on stdin. One more client
 downloads `--download` bytes once (`/size/N`) and checks every byte.
 
 It honours GOAWAY as RFC 9114 §5.2 asks: no new request on a connection that received one,
@@ -243,6 +243,7 @@ class Load:
                             self.fail(f"user {n}: no answer within {self.args.timeout}s")
                             return
                         self.max_latency = max(self.max_latency, time.monotonic() - started)
+                        await asyncio.sleep(self.args.pause)
                         if client.not_processed(ex):
                             self.retried += 1
                         elif ex.status == 200 and ex.ended and ex.body_len == self.args.size:
@@ -275,7 +276,7 @@ class Load:
             async with self.connect() as client:
                 assert isinstance(client, LoadClient)
                 ex = client.get(f"/size/{self.args.download}", self.args.authority)
-                deadline = time.monotonic() + 120
+                deadline = time.monotonic() + self.args.download_within
                 while not ex.done.done() and time.monotonic() < deadline:
                     if ex.body_len > 0:
                         self.download_started.set()
@@ -338,6 +339,10 @@ def main() -> int:
     p.add_argument("--size", type=int, default=2000, help="bytes per GET")
     p.add_argument("--download", type=int, default=64 << 20, help="bytes, 0: none")
     p.add_argument("--timeout", type=float, default=15.0, help="seconds per request")
+    p.add_argument("--pause", type=float, default=0.05, help="seconds between requests")
+    p.add_argument(
+        "--download-within", type=float, default=280.0, help="seconds for the download"
+    )
     args = p.parse_args()
     result = asyncio.run(Load(args).run())
     json.dump(result, sys.stdout)
