@@ -130,7 +130,7 @@ pub fn lock_down() -> Result<(), PrivilegeError> {
     // SAFETY: `header` and `data` are valid for the kernel's reads (version 3: two data
     // words); capset only reads them.
     let rc = unsafe { libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()) };
-    check("capset", i32::from(rc != 0) * -1)?;
+    check("capset", if rc == 0 { 0 } else { -1 })?;
     // SAFETY: as above.
     unsafe {
         check(
