@@ -207,14 +207,7 @@ fn hand_over(mut stream: UnixStream, live: &Live) -> Result<(), TakeoverError> {
         None
     };
     if let Some(reason) = refusal {
-        takeover::send(
-            &mut stream,
-            &Message::Refused {
-                reason: reason.clone(),
-            },
-            None,
-        )?;
-        return Err(TakeoverError::Refused(reason));
+        return Err(refuse(&mut stream, reason));
     }
     let handed = {
         let mut steering = live.steering.lock().unwrap_or_else(|p| p.into_inner());
@@ -223,15 +216,10 @@ fn hand_over(mut stream: UnixStream, live: &Live) -> Result<(), TakeoverError> {
     let predecessor = match handed {
         Some(Ok(p)) => p,
         Some(Err(e)) => {
-            let reason = format!("cannot hand over steering: {e}");
-            takeover::send(
+            return Err(refuse(
                 &mut stream,
-                &Message::Refused {
-                    reason: reason.clone(),
-                },
-                None,
-            )?;
-            return Err(TakeoverError::Refused(reason));
+                format!("cannot hand over steering: {e}"),
+            ))
         }
         None => return Err(TakeoverError::Refused("not running".into())),
     };
@@ -295,6 +283,17 @@ fn hand_over(mut stream: UnixStream, live: &Live) -> Result<(), TakeoverError> {
     );
     log_drain(&live.stats);
     Ok(())
+}
+
+/// Tells the successor why it cannot take over; the error to return.
+fn refuse(stream: &mut UnixStream, reason: String) -> TakeoverError {
+    let refused = Message::Refused {
+        reason: reason.clone(),
+    };
+    match takeover::send(stream, &refused, None) {
+        Ok(()) => TakeoverError::Refused(reason),
+        Err(e) => e,
+    }
 }
 
 /// Logs the drain's progress every second until nothing is left.

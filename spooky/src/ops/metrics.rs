@@ -247,50 +247,32 @@ pub fn render(ops: &Ops) -> String {
         "Configuration generation in force (1 at start, +1 per successful reload).",
     );
     let _ = writeln!(out, "spooky_config_generation {}", snapshot.generation);
-    head(
-        &mut out,
-        "spooky_access_log_dropped_total",
-        "counter",
-        "Access-log lines dropped because the writer fell behind.",
-    );
-    let _ = writeln!(
-        out,
-        "spooky_access_log_dropped_total {}",
-        ops.access_log.dropped()
-    );
-    head(
-        &mut out,
-        "spooky_health_reports_dropped_total",
-        "counter",
-        "Passive-health reports from workers dropped because the health checker's queue was full.",
-    );
-    let _ = writeln!(
-        out,
-        "spooky_health_reports_dropped_total {}",
-        crate::health::checker::REPORTS_DROPPED.load(Ordering::Relaxed)
-    );
-    head(
-        &mut out,
-        "spooky_health_ejections_withheld_total",
-        "counter",
-        "Passive ejections not made because the pool had as many backends ejected as upstream.NAME.passive_health.max_ejection_percent allows.",
-    );
-    let _ = writeln!(
-        out,
-        "spooky_health_ejections_withheld_total {}",
-        crate::health::checker::EJECTIONS_WITHHELD.load(Ordering::Relaxed)
-    );
-    head(
-        &mut out,
-        "spooky_admin_connections_refused_total",
-        "counter",
-        "Admin connections closed at once because the admin listener had its maximum open.",
-    );
-    let _ = writeln!(
-        out,
-        "spooky_admin_connections_refused_total {}",
-        super::admin::CONNECTIONS_REFUSED.load(Ordering::Relaxed)
-    );
+    let process_counters: [(&str, &str, u64); 4] = [
+        (
+            "spooky_access_log_dropped_total",
+            "Access-log lines dropped because the writer fell behind.",
+            ops.access_log.dropped(),
+        ),
+        (
+            "spooky_health_reports_dropped_total",
+            "Passive-health reports from workers dropped because the health checker's queue was full.",
+            crate::health::checker::REPORTS_DROPPED.load(Ordering::Relaxed),
+        ),
+        (
+            "spooky_health_ejections_withheld_total",
+            "Passive ejections not made because the pool had as many backends ejected as upstream.NAME.passive_health.max_ejection_percent allows.",
+            crate::health::checker::EJECTIONS_WITHHELD.load(Ordering::Relaxed),
+        ),
+        (
+            "spooky_admin_connections_refused_total",
+            "Admin connections closed at once because the admin listener had its maximum open.",
+            super::admin::CONNECTIONS_REFUSED.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, help, value) in process_counters {
+        head(&mut out, name, "counter", help);
+        let _ = writeln!(out, "{name} {value}");
+    }
 
     let extra = ops.ebpf.as_ref().map(|f| f()).unwrap_or_default();
     if !extra.is_empty() {

@@ -544,12 +544,9 @@ fn clients_cannot_eject_backends_and_ejections_are_capped_per_pool() {
         "",
         1,
     );
-    let withheld = |p: &Proxy| -> u64 {
+    let withheld = |p: &Proxy| {
         let text = p.running.as_ref().unwrap().metrics_text();
-        text.lines()
-            .find(|l| l.starts_with("spooky_health_ejections_withheld_total "))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0)
+        metric_sum(&text, "spooky_health_ejections_withheld_total ")
     };
     let before = withheld(&p);
     let mut c = client(p.addr);
@@ -648,13 +645,7 @@ fn streams_a_client_never_reads_are_reset_with_their_backend_streams() {
     let first = report["first_reset_s"].as_f64().unwrap();
     assert!(first >= 1.5, "reset before the send timeout: {report}");
     let metrics = p.running.as_ref().unwrap().metrics_text();
-    let value = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
+    let value = |name: &str| metric_sum(&metrics, name);
     assert_eq!(
         value("spooky_http3_send_timeouts_total"),
         100.0,

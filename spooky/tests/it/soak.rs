@@ -259,13 +259,7 @@ fn soak_mixed_load_with_restarts_reloads_and_a_flood() {
         s.read_to_string(&mut out).unwrap();
         out
     };
-    let sum = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
+    let sum = |name: &str| crate::support::metric_sum(&metrics, name);
     eprintln!(
         "soak: {secs}s, {} ok, {} failed, {restarted} backend restarts, {reloads} reloads, retry sent {}, dropped {}, rss warm {warm_rss} KiB final {final_rss} KiB, slope {slope:.1} KiB/min",
         ok.load(Ordering::Relaxed),

@@ -63,6 +63,15 @@ pub fn unique_control_socket() -> PathBuf {
     std::env::temp_dir().join(format!("spooky-test-{}-{n}.sock", std::process::id()))
 }
 
+/// The sum of the Prometheus samples in `text` whose series starts with `prefix` (a metric
+/// name, or a name and the first labels).
+pub fn metric_sum(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// A UDP port that was free a moment ago on 127.0.0.1.
 pub fn free_udp_port() -> u16 {
     let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
