@@ -240,7 +240,11 @@ pub fn start_from(
         .or(config.workers)
         .unwrap_or(cpus)
         .clamp(1, 255);
-    let pin = opts.pin && cpus >= workers;
+    // Worker k is pinned to the k-th CPU this process may run on (its affinity: a cpuset or
+    // `taskset` may allow other CPUs than 0..N), when there are enough of them.
+    let allowed = allowed_cpus();
+    let pinned: Option<Vec<usize>> = (opts.pin && cpus >= workers && allowed.len() >= workers)
+        .then(|| allowed[..workers].to_vec());
     let successor = match (opts.takeover, config.control_socket.path()) {
         (false, _) => None,
         (true, Some(control)) => Some(Successor::begin(control)?),
@@ -306,7 +310,7 @@ pub fn start_from(
             layout,
             settings: &cfg.steering,
             iface: opts.iface.as_deref(),
-            pin,
+            cpus: pinned.as_deref(),
             stats: &stats,
             predecessor: predecessor.as_ref(),
             probes: probes.clone(),
@@ -431,7 +435,7 @@ pub fn start_from(
             index,
             workers,
             socket,
-            cpu: pin.then_some(index),
+            cpu: pinned.as_ref().and_then(|c| c.get(index).copied()),
             layout,
             rng: rng.clone(),
             services: Services {
@@ -491,6 +495,22 @@ pub fn start_from(
         checker: Some(checker),
         group,
     })
+}
+
+/// The CPUs this process may run on (`sched_getaffinity`), in order.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: `set` is plain data the call fills; 0 names the calling thread.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; the size is the set's.
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return Vec::new();
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `set` is initialised; the index is below CPU_SETSIZE.
+        .filter(|cpu| unsafe { libc::CPU_ISSET(*cpu, &set) })
+        .collect()
 }
 
 /// Whether `listener` listens where `addr` asks (port 0: any port).

@@ -48,6 +48,8 @@ pub struct Status {
     pub quic_port: u16,
     /// Interface index XDP is attached to (0: none), in Spooky's network namespace.
     pub ifindex: u32,
+    /// XDP redirects each packet to its worker's CPU (the workers are pinned).
+    pub cpu_redirect: bool,
     /// Its name (None without XDP).
     pub iface: Option<String>,
     /// Initial-flood defense: client Initials per second per source prefix (0: off).
@@ -209,6 +211,7 @@ pub fn read(pin_path: &Path) -> Result<Status, StatusError> {
         pid: config.pid,
         quic_port: config.quic_port,
         ifindex: config.ifindex,
+        cpu_redirect: config.has(spooky_common::maps::FLAG_REDIRECT_CPU),
         iface: (config.ifindex != 0)
             .then(|| String::from_utf8_lossy(config.iface_bytes()).into_owned()),
         initial_rate: config.initial_rate,
@@ -253,11 +256,12 @@ pub fn render(status: &Status) -> String {
     };
     let _ = writeln!(
         out,
-        "steering: {}   pid: {}   quic port: {}   xdp interface: {}   pins: {}",
+        "steering: {}   pid: {}   quic port: {}   xdp interface: {}   cpu redirect: {}   pins: {}",
         status.mode,
         status.pid,
         status.quic_port,
         iface,
+        if status.cpu_redirect { "on" } else { "off" },
         status.pin_path.display()
     );
     let limit = if status.initial_rate == 0 {

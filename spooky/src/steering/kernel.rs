@@ -47,14 +47,19 @@ pub(super) struct Kernel {
     pub(super) confirmed: bool,
 }
 
-/// The CPU worker `index` runs on (pinned: its own; else spread over the CPUs).
-fn worker_cpu(index: usize, workers: usize, pin: bool) -> u32 {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let pinned = pin && cpus >= workers;
-    let cpu = if pinned { index } else { index % cpus };
-    u32::try_from(cpu).unwrap_or(0)
+/// The CPU worker `index` is pinned to (0 when the workers are not pinned: no CPU redirect
+/// then).
+fn worker_cpu(plan: &Plan<'_>, index: usize) -> u32 {
+    plan.cpus
+        .and_then(|c| c.get(index))
+        .map_or(0, |cpu| u32::try_from(*cpu).unwrap_or(0))
+}
+
+/// The running kernel's (major, minor) version.
+fn kernel_version() -> Option<(u32, u32)> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
 fn now_secs() -> u32 {
@@ -100,7 +105,7 @@ impl Kernel {
         for (index, socket) in sockets.iter().enumerate() {
             let at = slot(generation, index as u32);
             let entry = WorkerEntry {
-                cpu: worker_cpu(index, workers, plan.pin),
+                cpu: worker_cpu(plan, index),
                 alive: 1,
                 generation: u32::from(generation),
             };
@@ -142,10 +147,6 @@ impl Kernel {
             None => None,
             Some(iface) => {
                 let ifindex = interface_index(iface)?;
-                for index in 0..workers {
-                    programs.enable_cpu(worker_cpu(index, workers, plan.pin), CPU_QUEUE_SIZE)?;
-                }
-                config.flags = FLAG_REDIRECT_CPU;
                 config.ifindex = ifindex;
                 config.iface = SteeringConfig::iface_name(iface.as_bytes());
                 let adopted = plan.predecessor.is_some_and(|p| p.xdp_link);
@@ -163,6 +164,29 @@ impl Kernel {
                 } else {
                     MODE_XDP_GENERIC
                 };
+                // Redirect each packet to its worker's CPU only where that CPU is known (the
+                // workers are pinned, to CPUs this process may use) and the kernel can
+                // (generic-mode cpumap redirect needs Linux 5.15).
+                let old_generic = !native && kernel_version().is_some_and(|v| v < (5, 15));
+                match plan.cpus {
+                    Some(cpus) if !old_generic => {
+                        for cpu in cpus.iter().take(workers) {
+                            let cpu = u32::try_from(*cpu).unwrap_or(0);
+                            programs.enable_cpu(cpu, CPU_QUEUE_SIZE)?;
+                        }
+                        config.flags = FLAG_REDIRECT_CPU;
+                    }
+                    Some(_) => tracing::info!(
+                        iface,
+                        "XDP CPU redirect off: generic-mode cpumap redirect needs Linux 5.15 \
+                         (XDP still parses, drops and counts)"
+                    ),
+                    None => tracing::info!(
+                        iface,
+                        "XDP CPU redirect off: the workers are not pinned (--no-pin, or fewer \
+                         usable CPUs than workers); XDP still parses, drops and counts"
+                    ),
+                }
                 Some((iface.to_string(), link))
             }
         };

@@ -215,7 +215,9 @@ pub(crate) struct Plan<'a> {
     /// `--iface`: attach XDP there.
     pub iface: Option<&'a str>,
     /// Workers are pinned to CPUs 0..N.
-    pub pin: bool,
+    /// The CPU each worker is pinned to (index = worker), from the process's allowed CPUs;
+    /// `None` when the workers are not pinned (then XDP does not redirect to CPUs).
+    pub cpus: Option<&'a [usize]>,
     /// The workers' counters, mirrored into `worker_counters`.
     pub stats: &'a [Arc<crate::stats::WorkerStats>],
     /// The process this one takes over from.

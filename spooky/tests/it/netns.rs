@@ -235,6 +235,11 @@ fn traffic(ns: &Netns, port: u16, connections: usize, requests: usize) -> usize 
 
 /// Spooky in the server namespace: `workers` pinned workers, XDP on the server veth.
 fn start_in(ns: &Netns, yaml: String, workers: usize, iface: bool) -> Running {
+    start_pinned(ns, yaml, workers, iface, true)
+}
+
+/// [`start_in`], with the workers pinned or not.
+fn start_pinned(ns: &Netns, yaml: String, workers: usize, iface: bool, pin: bool) -> Running {
     let iface = iface.then(|| ns.server_if.clone());
     in_netns(&ns.server, move || {
         let config = spooky::config::parse(&yaml, &crate::support::repo_root())
@@ -244,7 +249,7 @@ fn start_in(ns: &Netns, yaml: String, workers: usize, iface: bool) -> Running {
             &RunOptions {
                 workers: Some(workers),
                 iface,
-                pin: true,
+                pin,
                 takeover: false,
                 lock_down: false,
             },
@@ -375,6 +380,7 @@ fn xdp_end_to_end(mode: &str, native: bool) {
     assert!(status.ifindex > 0);
     let redirected = status.counter("redirected").unwrap();
     assert!(redirected.total > 0, "{status:#?}");
+    assert!(status.cpu_redirect, "pinned workers: CPU redirect on");
     assert_eq!(total(&status, "redirect_failed"), 0, "{status:#?}");
     assert_eq!(total(&status, "passed_quic"), 0, "{status:#?}");
     assert_eq!(
@@ -533,6 +539,36 @@ fn xdp_native_steers_every_packet_to_its_worker() {
 #[ignore = "needs root"]
 fn xdp_generic_steers_every_packet_to_its_worker() {
     xdp_end_to_end("generic", false);
+}
+
+/// Workers that are not pinned run on any CPU: XDP then parses, drops, counts and places, but
+/// does not redirect to a CPU (it would pick CPUs the workers may not be on).
+#[test]
+#[ignore = "needs root"]
+fn xdp_without_pinned_workers_does_not_redirect_to_cpus() {
+    init_logging();
+    let ns = Netns::new();
+    let backend = in_netns(&ns.server, || crate::support::backend("b1"));
+    let pin = pin_path("unpinned");
+    let port = 4437;
+    let running = start_pinned(
+        &ns,
+        config_yaml(port, &[("b1", backend.addr)], &pin, "native"),
+        2,
+        true,
+        false,
+    );
+    let ok = traffic(&ns, port, 8, 4);
+    assert_eq!(ok, 32);
+    let status = status_until(&pin, "no requests counted", |s| {
+        s.workers.iter().map(|w| w.requests).sum::<u64>() == 32
+    });
+    assert!(!status.cpu_redirect, "{status:#?}");
+    assert_eq!(total(&status, "redirected"), 0, "{status:#?}");
+    assert!(total(&status, "passed_quic") > 0, "{status:#?}");
+    assert!(total(&status, "steered_by_cid") > 0, "{status:#?}");
+    assert_eq!(stat_sum(&running, |s| &s.misrouted), 0);
+    drop(running);
 }
 
 /// `setpriv` arguments running what follows as `nobody` with no capabilities.
