@@ -31,7 +31,7 @@ use spooky::steering::{
     interpret, reuseport_program, GenerationSockets, Insn, SocketTable, NO_CHOICE,
 };
 use spooky_common::cid::{
-    fnv1a32, fnv1a32_step, place, CidLayout, LayoutError, Place, FNV_OFFSET,
+    fnv1a32, fnv1a32_keyed, fnv1a32_step, place, CidLayout, LayoutError, Place, FNV_OFFSET,
     MAX_CID_LEN, MAX_SERVER_ID_LEN, MIN_NONCE_LEN, UNROUTABLE_GENERATION,
 };
 use spooky_common::maps::Counter;
@@ -84,6 +84,8 @@ fn takeover_table(layout: &CidLayout, newest: u8, draining: u8) -> SocketTable {
     SocketTable {
         newest: newest_gen,
         generations,
+        // A key that varies with the input.
+        hash_key: u32::from(newest).wrapping_mul(0x9e37_79b9) ^ u32::from(draining),
     }
 }
 
@@ -93,7 +95,7 @@ fn workers_of(table: &SocketTable) -> impl Fn(u8) -> u32 + '_ {
 
 /// The socket index `place` picks in `table`, or `NO_CHOICE`.
 fn placed_socket(layout: &CidLayout, table: &SocketTable, dcid: &[u8], initial: bool) -> u32 {
-    match place(layout, dcid, initial, table.newest, workers_of(table)) {
+    match place(layout, dcid, initial, table.hash_key, table.newest, workers_of(table)) {
         Place::Worker {
             generation, worker, ..
         } => table.of(generation).expect("placed on a live generation")[worker as usize],
@@ -159,7 +161,7 @@ fn check_worker_of_and_place(layout: &CidLayout, table: &SocketTable, dcid: &[u8
         assert_eq!(dcid[layout.worker_offset()], w);
     }
     let workers = workers_of(table);
-    let got = place(layout, dcid, initial, table.newest, &workers);
+    let got = place(layout, dcid, initial, table.hash_key, table.newest, &workers);
     let ours = layout.generation_of(dcid);
     match got {
         Place::Worker {
@@ -174,7 +176,8 @@ fn check_worker_of_and_place(layout: &CidLayout, table: &SocketTable, dcid: &[u8
             } else {
                 assert!(ours.is_none() || initial, "our ID hashed: {dcid:02x?}");
                 assert_eq!(generation, table.newest);
-                assert_eq!(worker, fnv1a32(dcid) % workers(table.newest));
+                let hash = fnv1a32_keyed(table.hash_key, dcid);
+                assert_eq!(worker, hash % workers(table.newest));
             }
         }
         Place::Unowned => assert!(
@@ -202,7 +205,7 @@ fn check_write(layout: &CidLayout, table: &SocketTable, data: &[u8], worker: u8,
     }
     assert_eq!(&cid[layout.worker_offset() + 1..], &nonce[..nonce_len]);
     assert_eq!(layout.worker_of(cid), Some(worker));
-    let got = place(layout, cid, false, table.newest, workers_of(table));
+    let got = place(layout, cid, false, table.hash_key, table.newest, workers_of(table));
     if u32::from(worker) < workers_of(table)(layout.generation()) {
         let want = Place::Worker {
             generation: layout.generation(),

@@ -30,11 +30,21 @@ pub const fn fnv1a32_step(hash: u32, byte: u8) -> u32 {
     (hash ^ byte as u32).wrapping_mul(FNV_PRIME)
 }
 
-/// FNV-1a (32 bit) of `bytes`: the one hash kernel and user space use to place a client-chosen
-/// connection ID on a worker (`fnv1a32(dcid) % live_workers`).
+/// FNV-1a (32 bit) of `bytes`.
 #[inline(always)]
 pub fn fnv1a32(bytes: &[u8]) -> u32 {
-    let mut hash = FNV_OFFSET;
+    fnv1a32_keyed(0, bytes)
+}
+
+/// FNV-1a (32 bit) of `bytes` from the offset basis `FNV_OFFSET ^ key`: the one hash kernel and
+/// user space use to place a client-chosen connection ID on a worker
+/// (`fnv1a32_keyed(key, dcid) % live_workers`). The key is drawn at random when a process
+/// starts, so a client cannot choose DCIDs that all land on one worker. (FNV with a secret
+/// basis is no MAC: it hides the mapping from a blind sender, it does not resist one that
+/// can observe which worker answered.)
+#[inline(always)]
+pub fn fnv1a32_keyed(key: u32, bytes: &[u8]) -> u32 {
+    let mut hash = FNV_OFFSET ^ key;
     let mut i = 0;
     while i < bytes.len() && i < MAX_CID_LEN {
         hash = fnv1a32_step(hash, bytes[i]);
@@ -193,7 +203,7 @@ pub enum Place {
 ///   generation is live and has that worker. This includes a client's Initials after its
 ///   first flight (they carry the CID we chose) and the Initial answering a Retry.
 /// - Any other DCID is a client's choice (a new connection's first Initials): worker
-///   `fnv1a32(dcid) % workers` of the newest generation.
+///   `fnv1a32_keyed(key, dcid) % workers` of the newest generation.
 /// - A DCID of ours that no live generation owns (a crashed or finished process's) is
 ///   nobody's, except on an Initial (`initial`): a client may choose a DCID that only looks
 ///   like ours, and it is hashed like any other.
@@ -205,6 +215,7 @@ pub fn place<F: Fn(u8) -> u32>(
     layout: &CidLayout,
     dcid: &[u8],
     initial: bool,
+    key: u32,
     newest: u8,
     workers: F,
 ) -> Place {
@@ -223,7 +234,7 @@ pub fn place<F: Fn(u8) -> u32>(
             return Place::Unowned;
         }
     }
-    match fnv1a32(dcid).checked_rem(workers(newest)) {
+    match fnv1a32_keyed(key, dcid).checked_rem(workers(newest)) {
         Some(worker) => Place::Worker {
             generation: newest,
             worker,
@@ -290,7 +301,7 @@ mod tests {
         for (g, w) in [(1, 7), (2, 0), (2, 2)] {
             let id = ours(g, w);
             assert_eq!(
-                place(&l, &id, false, 2, live),
+                place(&l, &id, false, 0, 2, live),
                 Place::Worker {
                     generation: g,
                     worker: u32::from(w),
@@ -306,14 +317,14 @@ mod tests {
         // A generation no live process has (finished or crashed), and a worker its
         // generation does not have: hashing either onto a live worker would hand a stranger's
         // packet to a process that cannot decrypt it; unowned, it gets a Stateless Reset.
-        assert_eq!(place(&l, &ours(5, 0), false, 2, live), Place::Unowned);
-        assert_eq!(place(&l, &ours(2, 3), false, 2, live), Place::Unowned);
+        assert_eq!(place(&l, &ours(5, 0), false, 0, 2, live), Place::Unowned);
+        assert_eq!(place(&l, &ours(2, 3), false, 0, 2, live), Place::Unowned);
         // Right length bits but the unroutable generation: not ours, hashed.
         let mut id = [0u8; 16];
         id[0] = (7 << 5) | 15;
         assert_eq!(l.worker_of(&id), None);
         assert!(matches!(
-            place(&l, &id, false, 2, live),
+            place(&l, &id, false, 0, 2, live),
             Place::Worker {
                 generation: 2,
                 by_cid: false,
@@ -332,13 +343,13 @@ mod tests {
             worker: fnv1a32(&client) % 3,
             by_cid: false,
         };
-        assert_eq!(place(&l, &client, true, 2, live), want);
-        assert_eq!(place(&l, &client, false, 2, live), want);
+        assert_eq!(place(&l, &client, true, 0, 2, live), want);
+        assert_eq!(place(&l, &client, false, 0, 2, live), want);
         // An Initial whose client-chosen DCID only looks like ours (a generation nobody owns,
         // or a worker it does not have) is a new connection: hashed.
         for lookalike in [ours(5, 0), ours(2, 3)] {
             assert_eq!(
-                place(&l, &lookalike, true, 2, live),
+                place(&l, &lookalike, true, 0, 2, live),
                 Place::Worker {
                     generation: 2,
                     worker: fnv1a32(&lookalike) % 3,
@@ -347,7 +358,7 @@ mod tests {
             );
         }
         // No live newest generation: nobody takes it.
-        assert_eq!(place(&l, &client, true, 4, live), Place::Unowned);
+        assert_eq!(place(&l, &client, true, 0, 4, live), Place::Unowned);
     }
 
     #[test]
@@ -365,5 +376,29 @@ mod tests {
         assert_eq!(CidLayout::new(16, 0, 0), Err(LayoutError::ServerIdLen));
         assert_eq!(CidLayout::new(16, 2, 7), Err(LayoutError::Generation));
         assert!(CidLayout::new(8, 2, 6).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod keyed {
+    use super::*;
+
+    #[test]
+    fn the_key_moves_client_dcids_between_workers() {
+        let l = match CidLayout::new(16, 2, 0) {
+            Ok(l) => l,
+            Err(e) => unreachable!("{e:?}"),
+        };
+        let dcids: [[u8; 8]; 64] = core::array::from_fn(|n| [n as u8, 7, 7, 7, 7, 7, 7, 7]);
+        let on = |key: u32| -> [Place; 64] {
+            core::array::from_fn(|i| place(&l, &dcids[i], true, key, 0, |_| 8))
+        };
+        assert_eq!(on(0), on(0));
+        assert_ne!(
+            on(0),
+            on(0x5eed_1234),
+            "a different key, a different mapping"
+        );
+        assert_eq!(fnv1a32_keyed(0, b"foobar"), fnv1a32(b"foobar"));
     }
 }

@@ -58,7 +58,7 @@ pub const PINNED_MAPS: [&str; 10] = [
 
 /// Layout version of the maps: a process refuses to take over maps pinned by a Spooky
 /// whose layouts differ (it says so; a full restart is needed then).
-pub const MAPS_ABI: u32 = 3;
+pub const MAPS_ABI: u32 = 4;
 
 /// Most workers the steering can address: the CID carries the worker index in one byte.
 pub const MAX_WORKERS: u32 = 256;
@@ -125,8 +125,10 @@ pub struct SteeringConfig {
     pub initial_burst: u32,
     /// [`MAPS_ABI`] of the Spooky that wrote this entry.
     pub abi: u32,
-    /// Always zero (explicit padding).
-    pub reserved2: u32,
+    /// Key of the hash that places client-chosen connection IDs
+    /// (`spooky_common::cid::fnv1a32_keyed`), drawn at random by the process that wrote this
+    /// entry.
+    pub hash_key: u32,
 }
 
 /// Bytes of [`SteeringConfig::iface`] (`IFNAMSIZ`).

@@ -181,7 +181,7 @@ fn place(
         return None;
     }
     let newest = config.generation;
-    Some(match cid::place(&layout, dcid, initial, newest, workers_of) {
+    Some(match cid::place(&layout, dcid, initial, config.hash_key, newest, workers_of) {
         Place::Worker {
             generation,
             worker,

@@ -154,7 +154,9 @@ fn cid_codec(c: &mut Criterion) {
         b.iter(|| layout.worker_of(black_box(&cid)))
     });
     g.bench_function("place", |b| {
-        b.iter(|| spooky_common::cid::place(&layout, black_box(&cid), false, 0, |_| black_box(2)))
+        b.iter(|| {
+            spooky_common::cid::place(&layout, black_box(&cid), false, 0, 0, |_| black_box(2))
+        })
     });
     g.finish();
 }

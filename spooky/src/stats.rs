@@ -36,6 +36,8 @@ pub struct WorkerStats {
     pub resets_sent: AtomicU64,
     /// Version Negotiation packets sent.
     pub negotiations_sent: AtomicU64,
+    /// Token-less Initials for no connection of ours whose DCID looks like one of ours.
+    pub lookalike_initials: AtomicU64,
     /// Packets of another live process (a takeover in progress) that reached this one:
     /// dropped, never answered (0 while steering works).
     pub foreign: AtomicU64,

@@ -277,6 +277,10 @@ pub fn start_from(
     let access_log =
         Arc::new(AccessLogger::start(&config.log.access).map_err(StartError::AccessLog)?);
     let probes = Arc::new(ProbeBoard::default());
+    // Drawn per process: nobody outside can aim client-chosen DCIDs at one worker.
+    let mut key = [0u8; 4];
+    ring::rand::SecureRandom::fill(&rng, &mut key).map_err(|_| StartError::Randomness)?;
+    let hash_key = u32::from_le_bytes(key);
 
     // The first snapshot, complete before anything uses it.
     let snapshot = Arc::new(Snapshot::build(config, &board, &own_keys, 1)?);
@@ -311,6 +315,7 @@ pub fn start_from(
             settings: &cfg.steering,
             iface: opts.iface.as_deref(),
             cpus: pinned.as_deref(),
+            hash_key,
             stats: &stats,
             predecessor: predecessor.as_ref(),
             probes: probes.clone(),
@@ -357,6 +362,7 @@ pub fn start_from(
     .map_err(StartError::Thread)?;
 
     let mut known = Generations::alone(generation, workers);
+    known.hash_key = hash_key;
     if let Some(p) = &predecessor {
         if let Some(w) = known.workers.get_mut(usize::from(p.generation)) {
             *w = p.workers;

@@ -124,7 +124,7 @@ pub fn render(ops: &Ops) -> String {
         );
     }
 
-    let worker_metrics: [WorkerMetric; 15] = [
+    let worker_metrics: [WorkerMetric; 16] = [
         ("spooky_quic_connections_active", "gauge", "Open QUIC connections.", |w| w.connections_active.load(Ordering::Relaxed)),
         ("spooky_http3_streams_active", "gauge", "Open HTTP/3 request streams.", |w| w.streams_active.load(Ordering::Relaxed)),
         ("spooky_quic_connections_accepted_total", "counter", "QUIC connections accepted (handshakes started).", |w| w.connections_accepted.load(Ordering::Relaxed)),
@@ -135,6 +135,7 @@ pub fn render(ops: &Ops) -> String {
         ("spooky_udp_datagrams_sent_total", "counter", "UDP datagrams sent.", |w| w.packets_out.load(Ordering::Relaxed)),
         ("spooky_packets_dropped_total", "counter", "Datagrams dropped in user space (unparseable, unknown connection, short Initial, bad token).", |w| w.dropped.load(Ordering::Relaxed)),
         ("spooky_http3_requests_total", "counter", "HTTP/3 request heads received.", |w| w.requests.load(Ordering::Relaxed)),
+        ("spooky_quic_lookalike_initials_total", "counter", "Client Initials without a token, for no connection here, whose DCID looks like one of ours: a later Initial of a connection nobody has (its process restarted), or a DCID chosen to look like ours to aim at a worker (the kernel places those by their worker byte).", |w| w.lookalike_initials.load(Ordering::Relaxed)),
         ("spooky_http3_send_timeouts_total", "counter", "Response streams reset (with their backend streams) because the client took no byte for quic.send_timeout.", |w| w.send_timeouts.load(Ordering::Relaxed)),
         ("spooky_quic_version_negotiations_sent_total", "counter", "Version Negotiation packets sent (only for datagrams of at least 1200 bytes, at most 1000 per second per worker).", |w| w.negotiations_sent.load(Ordering::Relaxed)),
         ("spooky_quic_stateless_resets_sent_total", "counter", "Stateless Resets sent for packets of connections this process does not have (a crashed or replaced predecessor's).", |w| w.resets_sent.load(Ordering::Relaxed)),

@@ -187,6 +187,9 @@ pub struct Generations {
     pub newest: u8,
     /// Workers of the live process of each generation; 0 for generations nobody owns.
     pub workers: [u32; 8],
+    /// Key of the hash placing client-chosen DCIDs (`cid::fnv1a32_keyed`), the one the
+    /// steering uses.
+    pub hash_key: u32,
 }
 
 impl Generations {
@@ -200,6 +203,7 @@ impl Generations {
             own,
             newest: own,
             workers: w,
+            hash_key: 0,
         }
     }
 
@@ -322,9 +326,14 @@ impl Endpoint {
         } else {
             let g = &self.generations;
             let initial = hdr.ty == Type::Initial;
-            cid::place(&self.layout, &hdr.dcid, initial, g.newest, |x| {
-                g.workers_of(x)
-            })
+            cid::place(
+                &self.layout,
+                &hdr.dcid,
+                initial,
+                g.hash_key,
+                g.newest,
+                |x| g.workers_of(x),
+            )
         };
         match place {
             Place::Worker { generation, .. } if generation != own => {

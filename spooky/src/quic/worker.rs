@@ -385,6 +385,10 @@ impl Worker {
             Now::read(),
         );
         let stats = &self.services.stats;
+        let fresh = hdr.ty == quiche::Type::Initial && hdr.token.as_ref().is_none_or(Vec::is_empty);
+        if fresh && !forwarded && self.layout.generation_of(&hdr.dcid).is_some() {
+            stats.lookalike_initials.fetch_add(1, Ordering::Relaxed);
+        }
         match decision {
             Decision::Drop(DropReason::Draining) => {}
             Decision::Drop(DropReason::OtherGeneration) => {

@@ -79,6 +79,8 @@ pub struct GenerationSockets {
 pub struct SocketTable {
     pub newest: u8,
     pub generations: Vec<GenerationSockets>,
+    /// Key of the hash placing client-chosen DCIDs (`cid::fnv1a32_keyed`).
+    pub hash_key: u32,
 }
 
 impl SocketTable {
@@ -90,6 +92,7 @@ impl SocketTable {
                 generation,
                 sockets: (0..workers).collect(),
             }],
+            hash_key: 0,
         }
     }
 
@@ -296,14 +299,15 @@ pub fn reuseport_program(layout: &CidLayout, table: &SocketTable) -> Vec<Insn> {
     a.jump_if(JMP_JEQ_K, 1, hash);
     a.op(RET_K, NO_CHOICE);
 
-    // Hash: M[hash] = FNV-1a over the DCID bytes, then % the newest generation's workers.
+    // Hash: M[hash] = FNV-1a from the keyed basis over the DCID bytes, then % the newest
+    // generation's workers.
     a.here(hash);
     let newest = table.of(table.newest).unwrap_or(&[]);
     if newest.is_empty() {
         a.op(RET_K, NO_CHOICE);
     } else {
         let done = a.label();
-        a.op(LD_IMM, FNV_OFFSET);
+        a.op(LD_IMM, FNV_OFFSET ^ table.hash_key);
         a.op(ST, M_HASH);
         for idx in 0..MAX_CID_LEN as u32 {
             a.op(LD_MEM, M_DCID_LEN);

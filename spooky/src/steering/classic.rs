@@ -56,6 +56,7 @@ impl Classic {
     pub(super) fn attach(
         sockets: &[UdpSocket],
         layout: CidLayout,
+        hash_key: u32,
         predecessor: Option<&Predecessor>,
         probes: Arc<ProbeBoard>,
     ) -> Result<Self, SteeringError> {
@@ -63,7 +64,10 @@ impl Classic {
         let workers = sockets.len() as u32;
         let generation = layout.generation();
         let table = match predecessor {
-            None => SocketTable::alone(generation, workers),
+            None => SocketTable {
+                hash_key,
+                ..SocketTable::alone(generation, workers)
+            },
             Some(p) => {
                 let base = p.sockets.len() as u32;
                 SocketTable {
@@ -78,6 +82,7 @@ impl Classic {
                             sockets: (base..base + workers).collect(),
                         },
                     ],
+                    hash_key,
                 }
             }
         };
@@ -123,6 +128,7 @@ impl Classic {
                 generation: self.layout.generation(),
                 sockets,
             }],
+            hash_key: self.table.hash_key,
         };
         self.install()?;
         tracing::info!(table = ?self.table, "classic BPF program re-attached after the predecessor left");

@@ -141,7 +141,7 @@ impl Kernel {
             initial_rate: plan.settings.initial_rate,
             initial_burst: plan.settings.initial_burst,
             abi: MAPS_ABI,
-            reserved2: 0,
+            hash_key: plan.hash_key,
         };
         let xdp = match plan.iface {
             None => None,

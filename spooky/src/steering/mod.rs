@@ -215,6 +215,8 @@ pub(crate) struct Plan<'a> {
     /// `--iface`: attach XDP there.
     pub iface: Option<&'a str>,
     /// Workers are pinned to CPUs 0..N.
+    /// Key of the hash placing client-chosen DCIDs (`spooky_common::cid::fnv1a32_keyed`).
+    pub hash_key: u32,
     /// The CPU each worker is pinned to (index = worker), from the process's allowed CPUs;
     /// `None` when the workers are not pinned (then XDP does not redirect to CPUs).
     pub cpus: Option<&'a [usize]>,
@@ -403,7 +405,13 @@ pub(crate) fn attach(
     // A successor keeps its predecessor's tier: a classic predecessor's sockets are known
     // only by their places in the group, which the eBPF maps do not hold.
     let classic = || -> Result<Steering, SteeringError> {
-        let classic = Classic::attach(sockets, plan.layout, plan.predecessor, plan.probes.clone())?;
+        let classic = Classic::attach(
+            sockets,
+            plan.layout,
+            plan.hash_key,
+            plan.predecessor,
+            plan.probes.clone(),
+        )?;
         Ok(steering(Mode::ClassicBpf, Tier::Classic(classic)))
     };
     // A successor keeps its predecessor's tier: a classic predecessor's sockets are known

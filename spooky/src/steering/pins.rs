@@ -4,7 +4,7 @@
 //! at [`XDP_LINK_PIN`]). The BPF filesystem is mounted when the path is below `/sys/fs/bpf`
 //! and nothing is. The last process out removes the pins; one that handed over leaves them.
 
-use super::ebpf::{pinned_map_id, PinnedMaps};
+use super::ebpf::PinnedMaps;
 use super::SteeringError;
 use spooky_common::maps::{MAPS_ABI, PINNED_MAPS};
 use std::path::{Path, PathBuf};
@@ -19,9 +19,10 @@ pub(super) const XDP_LINK_PIN: &str = "xdp_link";
 /// The pin directory of this process's maps.
 pub(super) struct Pins {
     pub(super) dir: PathBuf,
-    /// The pins our maps had when loaded: `(path, map id)`. Only those are removed at the
-    /// end, never a newer process's.
-    ours: Vec<(PathBuf, u32)>,
+    /// The pins our maps had when loaded: `(path, inode)`. Only those are removed at the
+    /// end, never a newer process's. (Inodes, not map ids: after dropping privileges the
+    /// process may not open the root-owned pins any more, but it can still look at them.)
+    ours: Vec<(PathBuf, u64)>,
 }
 
 impl Pins {
@@ -87,7 +88,7 @@ impl Pins {
         self.ours = PINNED_MAPS
             .iter()
             .map(|n| self.dir.join(n))
-            .filter_map(|path| pinned_map_id(&path).ok().map(|id| (path, id)))
+            .filter_map(|path| inode(&path).map(|ino| (path, ino)))
             .collect();
     }
 
@@ -111,7 +112,7 @@ impl Pins {
         let ours = self
             .ours
             .iter()
-            .filter(|(path, id)| pinned_map_id(path).is_ok_and(|now| now == *id))
+            .filter(|(path, ino)| inode(path) == Some(*ino))
             .map(|(path, _)| path)
             .chain(std::iter::once(&link));
         for path in ours {
@@ -124,6 +125,12 @@ impl Pins {
         // Only succeeds when empty.
         let _ = std::fs::remove_dir(&self.dir);
     }
+}
+
+/// The inode of `path`, when it exists.
+fn inode(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.ino())
 }
 
 /// Whether a Spooky with process id `pid` runs: the process exists, is not a zombie (killed,

@@ -47,7 +47,7 @@ fn config(flags: u32) -> SteeringConfig {
         initial_rate: 0,
         initial_burst: 0,
         abi: spooky_common::maps::MAPS_ABI,
-        reserved2: 0,
+        hash_key: 0,
     }
 }
 
@@ -905,6 +905,40 @@ fn xdp_steers_every_dcid_like_user_space() {
             .expect("last worker slot")
             == 0
     );
+}
+
+/// Client-chosen DCIDs are hashed with the key in `config` (drawn per process): the kernel's
+/// placement is `fnv1a32_keyed(key, dcid) % workers`, and a different key moves them.
+#[test]
+#[ignore = "needs root"]
+fn xdp_hashes_client_dcids_with_the_configured_key() {
+    let mut programs = load_configured(0);
+    let key = 0x5eed_c0de;
+    programs
+        .set_config(&SteeringConfig {
+            hash_key: key,
+            ..config(0)
+        })
+        .expect("config");
+    let counts = |p: &EbpfPrograms| -> Vec<u64> {
+        (0..WORKERS)
+            .map(|w| p.worker_packets(at(w)).expect("worker_stats"))
+            .collect()
+    };
+    let (mut got, mut want, mut unkeyed) = (Vec::new(), Vec::new(), Vec::new());
+    for n in 0..64u8 {
+        let d = [n, 3, 1, 4, 1, 5, 9, 2];
+        let before = counts(&programs);
+        programs
+            .run_xdp(&udp4(&initial_v1(&d, 1200)))
+            .expect("test run");
+        let after = counts(&programs);
+        got.push((0..WORKERS).find(|w| after[*w as usize] > before[*w as usize]));
+        want.push(Some(spooky_common::cid::fnv1a32_keyed(key, &d) % WORKERS));
+        unkeyed.push(Some(hashed(&d)));
+    }
+    assert_eq!(got, want, "placement by the keyed hash");
+    assert_ne!(got, unkeyed, "the key changes where DCIDs land");
 }
 
 #[test]

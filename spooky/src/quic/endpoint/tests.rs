@@ -321,6 +321,7 @@ fn after_takeover() -> Endpoint {
         own: 3,
         newest: 3,
         workers,
+        hash_key: 0,
     };
     Endpoint::new(1, g, false, layout_of(3), limits(), Instant::now())
 }

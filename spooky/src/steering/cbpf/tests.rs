@@ -12,7 +12,14 @@ fn layout(generation: u8) -> CidLayout {
 /// Where `place` says a packet with `dcid` belongs, as a socket index of `table`.
 fn expected(table: &SocketTable, dcid: &[u8], initial: bool) -> u32 {
     let workers = |g| table.of(g).map_or(0, |s| s.len() as u32);
-    match cid::place(&layout(0), dcid, initial, table.newest, workers) {
+    match cid::place(
+        &layout(0),
+        dcid,
+        initial,
+        table.hash_key,
+        table.newest,
+        workers,
+    ) {
         Place::Worker {
             generation, worker, ..
         } => table.of(generation).unwrap()[worker as usize],
@@ -65,6 +72,7 @@ fn tables() -> Vec<SocketTable> {
                     sockets: vec![4, 5],
                 },
             ],
+            hash_key: 0x5eed_0001,
         },
         // After the drainer left: the group's order changed, a probe found it.
         SocketTable {
@@ -73,6 +81,7 @@ fn tables() -> Vec<SocketTable> {
                 generation: 3,
                 sockets: vec![1, 0],
             }],
+            hash_key: 0xdead_beef,
         },
     ]
 }
