@@ -12,6 +12,7 @@
 //! ([`takeover`]) is a shutdown that begins once the successor serves.
 
 mod takeover;
+mod watchdog;
 
 use crate::board::HealthBoard;
 use crate::config::{Config, ConfigError, ControlSocket as ControlSetting};
@@ -105,11 +106,6 @@ pub struct Running {
     live: Arc<Live>,
     workers: Vec<std::thread::JoinHandle<Result<(), WorkerError>>>,
     checker: Option<Checker>,
-    /// A second handle on every worker's socket: a worker that has drained does not take its
-    /// socket out of the SO_REUSEPORT group, which would move another socket into its place
-    /// (the classic BPF program of a successor addresses sockets by place). All of them leave
-    /// together, once every worker is done.
-    group: Vec<std::net::UdpSocket>,
 }
 
 impl Running {
@@ -132,6 +128,15 @@ impl Running {
     /// configured grace, then connections close.
     pub fn begin_shutdown(&self) {
         let _ = self.live.shutdown.send(true);
+    }
+
+    /// Ends worker `index` at once, as a crash would (for tests of what a dead worker does
+    /// to the rest).
+    #[doc(hidden)]
+    pub fn kill_worker(&self, index: usize) {
+        if let Some(kill) = self.live.kills.get(index) {
+            kill.notify_one();
+        }
     }
 
     /// Turns true once a successor serves (this process is draining then).
@@ -164,7 +169,9 @@ impl Running {
         if let Some(s) = steering {
             s.detach();
         }
-        self.group.clear();
+        if let Ok(mut group) = self.live.group.lock() {
+            group.clear();
+        }
         // Last: our connections and sockets are gone, so the successor may forget us.
         if let Ok(mut successor) = self.live.successor.lock() {
             successor.take();
@@ -368,6 +375,7 @@ pub fn start_from(
             *w = p.workers;
         }
     }
+    let dead_workers = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (generations_tx, generations_rx) = watch::channel(known);
     let mut peers = Vec::with_capacity(workers);
@@ -398,6 +406,7 @@ pub fn start_from(
         ebpf: kernel_steering.ebpf_metrics(),
         mode: mode.to_string(),
         generation,
+        dead_workers: dead_workers.clone(),
     });
     let admin = match admin_listener {
         Some(listener) => {
@@ -420,16 +429,25 @@ pub fn start_from(
         stopping: AtomicBool::new(false),
         predecessor_draining: AtomicBool::new(predecessor.is_some()),
         keys: own_keys.clone(),
+        dead: dead_workers.clone(),
+        group: Mutex::new(Vec::new()),
+        kills: (0..workers)
+            .map(|_| Arc::new(tokio::sync::Notify::new()))
+            .collect(),
     });
 
     let group = sockets
         .iter()
-        .map(std::net::UdpSocket::try_clone)
+        .map(|s| s.try_clone().map(Some))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|source| StartError::Bind {
             addr: local_addr,
             source,
         })?;
+    if let Ok(mut g) = live.group.lock() {
+        *g = group;
+    }
+    let (deaths_tx, deaths_rx) = std::sync::mpsc::channel::<usize>();
     let mut handles = Vec::with_capacity(workers);
     let per_worker = sockets
         .into_iter()
@@ -461,13 +479,23 @@ pub fn start_from(
             kernel_places_initials: mode.is_ebpf(),
             generations: generations_rx.clone(),
             probes: probes.clone(),
+            kill: live.kills[index].clone(),
+        };
+        let death = watchdog::Death {
+            index,
+            to: deaths_tx.clone(),
         };
         let h = std::thread::Builder::new()
             .name(format!("spooky-w{index}"))
-            .spawn(move || worker::run(setup))
+            .spawn(move || {
+                let _death = death;
+                worker::run(setup)
+            })
             .map_err(StartError::Thread)?;
         handles.push(h);
     }
+    drop(deaths_tx);
+    watchdog::watch(deaths_rx, live.clone()).map_err(StartError::Thread)?;
 
     // A successor serves now: the predecessor may drain; we take its control socket.
     let control = match (successor, predecessor) {
@@ -499,7 +527,6 @@ pub fn start_from(
         live,
         workers: handles,
         checker: Some(checker),
-        group,
     })
 }
 

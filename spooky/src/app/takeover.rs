@@ -38,6 +38,15 @@ pub(super) struct Live {
     pub predecessor_draining: AtomicBool,
     /// This process's own keys (used without `quic.key_file`), for a successor.
     pub keys: Keys,
+    /// Bit `i`: worker `i` died while serving.
+    pub dead: Arc<std::sync::atomic::AtomicU64>,
+    /// A second handle on every worker's socket: a worker that has drained does not take its
+    /// socket out of the SO_REUSEPORT group, which would move another socket into its place
+    /// (the classic BPF program of a successor addresses sockets by place). They leave
+    /// together, once every worker is done, or one by one when a worker dies.
+    pub group: Mutex<Vec<Option<std::net::UdpSocket>>>,
+    /// What ends each worker at once (`Running::kill_worker`).
+    pub kills: Vec<Arc<tokio::sync::Notify>>,
 }
 
 /// A process starting as a successor: what the running one told it.

@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /healthz` | 200 while the process runs |
-//! | `GET /readyz` | 200 when listening and every pool has a healthy backend, else 503 naming the pools |
+//! | `GET /readyz` | 200 when listening, every worker runs and every pool has a healthy backend, else 503 naming the dead workers or the pools |
 //! | `GET /status` | JSON: steering mode, workers, pools, backend health, config generation |
 //! | `POST /reload` | re-reads the configuration file: 200 with a summary once every worker runs it; 400 with every error of a bad file, 409 when a change needs a restart, 500 when workers did not switch (nothing changed) |
 //!
@@ -303,6 +303,17 @@ fn readyz(ops: &Ops) -> Answer {
         .filter(|(_, plans)| !plans.iter().any(|p| p.slot.is_available()))
         .map(|(up, _)| up.name.as_str())
         .collect();
+    let dead = ops.dead_workers();
+    if !dead.is_empty() {
+        let list: Vec<String> = dead.iter().map(ToString::to_string).collect();
+        return Answer::text(
+            503,
+            format!(
+                "worker(s) {} died: restart Spooky (spooky --takeover keeps the connections of the others)\n",
+                list.join(", ")
+            ),
+        );
+    }
     if down.is_empty() {
         Answer::text(200, "ready\n")
     } else {
@@ -323,6 +334,7 @@ fn status_json(ops: &Ops) -> String {
                 "streams": w.streams_active.load(Ordering::Relaxed),
                 "accepted": w.connections_accepted.load(Ordering::Relaxed),
                 "misrouted": w.misrouted.load(Ordering::Relaxed),
+                "alive": !ops.dead_workers().contains(&i),
             })
         })
         .collect();

@@ -30,6 +30,16 @@ pub(crate) struct Ops {
     pub mode: String,
     /// This process's connection-ID generation.
     pub generation: u8,
+    /// Bit `i` set: worker `i` died (its thread ended while the process serves).
+    pub dead_workers: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Ops {
+    /// The workers that died, in index order.
+    pub fn dead_workers(&self) -> Vec<usize> {
+        let bits = self.dead_workers.load(std::sync::atomic::Ordering::Relaxed);
+        (0..64).filter(|i| bits & (1 << i) != 0).collect()
+    }
 }
 
 impl Ops {

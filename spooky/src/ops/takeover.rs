@@ -304,6 +304,7 @@ mod tests {
             mode: "classic-bpf".into(),
             iface: None,
             sockets: vec![0, 1, 2, 3],
+            in_group: 4,
             xdp_link: false,
         }
     }

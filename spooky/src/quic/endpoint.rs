@@ -190,6 +190,9 @@ pub struct Generations {
     /// Key of the hash placing client-chosen DCIDs (`cid::fnv1a32_keyed`), the one the
     /// steering uses.
     pub hash_key: u32,
+    /// Bit `w`: worker `w` of this process died. New connections go around it; packets of
+    /// its connections are nobody's (they get a Stateless Reset).
+    pub dead: u64,
 }
 
 impl Generations {
@@ -204,7 +207,21 @@ impl Generations {
             newest: own,
             workers: w,
             hash_key: 0,
+            dead: 0,
         }
+    }
+
+    fn is_dead(&self, generation: u8, worker: u32) -> bool {
+        generation == self.own && worker < 64 && self.dead & (1 << worker) != 0
+    }
+
+    /// The first live worker of this process at or after `worker` (wrapping).
+    fn live_from(&self, worker: u32) -> u32 {
+        let n = self.workers_of(self.own);
+        (0..n)
+            .map(|step| (worker + step) % n.max(1))
+            .find(|w| !self.is_dead(self.own, *w))
+            .unwrap_or(worker)
     }
 
     fn workers_of(&self, generation: u8) -> u32 {
@@ -334,6 +351,24 @@ impl Endpoint {
                 g.newest,
                 |x| g.workers_of(x),
             )
+        };
+        // A dead worker of ours: its connections are gone, new ones go to the next live one.
+        let place = match place {
+            Place::Worker {
+                generation,
+                worker,
+                by_cid: true,
+            } if self.generations.is_dead(generation, worker) => Place::Unowned,
+            Place::Worker {
+                generation,
+                worker,
+                by_cid: false,
+            } if self.generations.is_dead(generation, worker) => Place::Worker {
+                generation,
+                worker: self.generations.live_from(worker),
+                by_cid: false,
+            },
+            other => other,
         };
         match place {
             Place::Worker { generation, .. } if generation != own => {

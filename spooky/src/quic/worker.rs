@@ -62,6 +62,9 @@ pub struct WorkerSetup {
     pub generations: watch::Receiver<Generations>,
     /// Where probes of the classic BPF tier are reported.
     pub probes: Arc<ProbeBoard>,
+    /// Ends the worker at once, as a crash would (`app::Running::kill_worker`, for tests of
+    /// what happens when a worker dies).
+    pub kill: Arc<tokio::sync::Notify>,
 }
 
 /// Why a worker could not run.
@@ -87,6 +90,8 @@ pub enum WorkerError {
     },
     #[error("worker thread panicked")]
     Panicked,
+    #[error("worker {0} was killed (test hook)")]
+    Killed(usize),
 }
 
 /// Runs a worker on the current thread until shutdown completes.
@@ -105,8 +110,7 @@ pub fn run(setup: WorkerSetup) -> Result<(), WorkerError> {
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let mut worker = Worker::new(setup)?;
-        worker.run().await;
-        Ok(())
+        worker.run().await
     })
 }
 
@@ -152,6 +156,7 @@ struct Worker {
     commands: mpsc::UnboundedReceiver<Command<WorkerUpdate>>,
     generations: watch::Receiver<Generations>,
     probes: Arc<ProbeBoard>,
+    kill: Arc<tokio::sync::Notify>,
     draining: Option<Instant>,
     recv_buf: udp::RecvBatch,
     touched: Vec<usize>,
@@ -208,15 +213,17 @@ impl Worker {
             commands: setup.commands,
             generations: setup.generations,
             probes: setup.probes,
+            kill: setup.kill,
             draining: None,
             recv_buf: udp::RecvBatch::new(MAX_DATAGRAM),
             touched: Vec::new(),
         })
     }
 
-    async fn run(&mut self) {
+    async fn run(&mut self) -> Result<(), WorkerError> {
         tracing::debug!(worker = self.index, local = %self.local, "worker running");
         let services = self.services.clone();
+        let kill = self.kill.clone();
         loop {
             let next_timer = self.timers.first().map(|(t, _)| *t);
             let grace_end = self.draining;
@@ -251,12 +258,13 @@ impl Worker {
                 () = sleep_until(grace_end) => {
                     self.close_all();
                 }
+                () = kill.notified() => return Err(WorkerError::Killed(self.index)),
             }
             self.service_dirty();
             self.service_touched().await;
             if self.draining.is_some() && self.conns.iter().all(Option::is_none) {
                 tracing::info!(worker = self.index, "worker drained");
-                return;
+                return Ok(());
             }
         }
     }

@@ -48,6 +48,8 @@ pub(super) struct Classic {
     /// Where probes are sent: our own address.
     target: SocketAddr,
     workers: u32,
+    /// Bit `w`: worker `w` died (its socket left the group).
+    dead: u64,
 }
 
 impl Classic {
@@ -69,7 +71,12 @@ impl Classic {
                 ..SocketTable::alone(generation, workers)
             },
             Some(p) => {
-                let base = p.sockets.len() as u32;
+                // Ours join after the predecessor's live workers' sockets.
+                let base = if p.in_group > 0 {
+                    p.in_group
+                } else {
+                    p.sockets.len() as u32
+                };
                 SocketTable {
                     newest: generation,
                     generations: vec![
@@ -94,6 +101,7 @@ impl Classic {
             probes,
             target: probe_target(local),
             workers,
+            dead: 0,
         };
         classic.install()?;
         Ok(classic)
@@ -105,6 +113,13 @@ impl Classic {
     }
 
     /// Our sockets' indices in the group, for a successor.
+    /// How many sockets of ours the group holds (our live workers').
+    pub(super) fn in_group(&self) -> u32 {
+        (0..self.workers)
+            .filter(|w| *w >= 64 || self.dead & (1 << w) == 0)
+            .count() as u32
+    }
+
     pub(super) fn own_sockets(&self) -> Vec<u32> {
         self.table
             .of(self.layout.generation())
@@ -135,13 +150,36 @@ impl Classic {
         Ok(())
     }
 
+    /// Worker `index` died and its socket left the group: find our sockets' places again,
+    /// and send what hashes onto the dead worker (and what names it) to the next live one.
+    pub(super) fn worker_died(&mut self, index: u32) -> Result<(), SteeringError> {
+        if index < 64 {
+            self.dead |= 1 << index;
+        }
+        let sockets = self.probe()?;
+        let generation = self.layout.generation();
+        self.table
+            .generations
+            .retain(|g| g.generation != generation);
+        self.table.generations.push(GenerationSockets {
+            generation,
+            sockets,
+        });
+        self.install()?;
+        tracing::info!(table = ?self.table, "classic BPF program re-attached around the dead worker");
+        Ok(())
+    }
+
     /// Which group index each of our workers' sockets has now, by probing indices
-    /// `0..workers` (the group holds only our sockets).
+    /// `0..live workers` (the group holds only our live workers' sockets); a dead worker gets
+    /// the socket of the next live one.
     fn probe(&self) -> Result<Vec<u32>, SteeringError> {
         let sender = UdpSocket::bind(SocketAddr::new(unspecified_like(self.target.ip()), 0))
             .map_err(SteeringError::Classic)?;
+        let dead = |w: u32| w < 64 && self.dead & (1 << w) != 0;
+        let live = (0..self.workers).filter(|w| !dead(*w)).count() as u32;
         let mut sockets: Vec<Option<u32>> = vec![None; self.workers as usize];
-        for index in 0..self.workers {
+        for index in 0..live {
             let byte = u8::try_from(index).map_err(|_| SteeringError::Probe(index))?;
             let mut found = false;
             for _ in 0..PROBE_TRIES {
@@ -169,10 +207,15 @@ impl Classic {
                 return Err(SteeringError::Probe(index));
             }
         }
-        sockets
-            .into_iter()
-            .enumerate()
-            .map(|(w, s)| s.ok_or(SteeringError::Probe(w as u32)))
+        // Dead workers: the socket of the next live worker.
+        let n = self.workers;
+        (0..n)
+            .map(|w| {
+                (0..n)
+                    .map(|step| (w + step) % n)
+                    .find_map(|x| sockets.get(x as usize).copied().flatten())
+                    .ok_or(SteeringError::Probe(w))
+            })
             .collect()
     }
 }

@@ -382,6 +382,16 @@ impl EbpfPrograms {
             .map_err(|source| map_error(GENERATIONS_MAP, source))
     }
 
+    /// Worker `index`'s entry (`workers[index]`).
+    ///
+    /// # Errors
+    /// [`EbpfError::Map`] when `index` is out of range or the read fails.
+    pub fn worker(&self, index: u32) -> Result<WorkerEntry, EbpfError> {
+        let map: Array<&MapData, WorkerEntry> = self.map(WORKERS_MAP)?;
+        map.get(&index, 0)
+            .map_err(|source| map_error(WORKERS_MAP, source))
+    }
+
     /// Writes worker `index`'s entry (`workers[index]`).
     ///
     /// # Errors

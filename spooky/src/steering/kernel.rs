@@ -303,6 +303,18 @@ impl Kernel {
         Ok(())
     }
 
+    /// Worker `index` died: it takes no new connection (the programs go around it); its
+    /// socket, once closed, leaves the `sockets` map by itself.
+    pub(super) fn worker_died(&mut self, index: u32) -> Result<(), SteeringError> {
+        let at = slot(self.generation, index);
+        let entry = WorkerEntry {
+            alive: 0,
+            ..self.programs.worker(at)?
+        };
+        self.programs.set_worker(at, &entry)?;
+        Ok(())
+    }
+
     /// Stops: writes the final counters; unless `handed_over`, detaches XDP and removes the
     /// pins (the last process out).
     pub(super) fn detach(mut self, handed_over: bool, mode: Mode) {

@@ -198,8 +198,12 @@ pub struct Predecessor {
     pub mode: String,
     /// The interface its XDP program is on.
     pub iface: Option<String>,
-    /// Its workers' socket indices in the reuseport group (classic BPF).
+    /// Its workers' socket indices in the reuseport group (classic BPF; a dead worker's is
+    /// the next live worker's).
     pub sockets: Vec<u32>,
+    /// How many sockets it has in the group (its live workers'): a successor's come after.
+    #[serde(default)]
+    pub in_group: u32,
     /// It pinned its XDP link for the successor to adopt.
     pub xdp_link: bool,
 }
@@ -302,10 +306,10 @@ impl Steering {
     /// # Errors
     /// [`SteeringError`] when the XDP link cannot be pinned.
     pub fn handover(&mut self) -> Result<Predecessor, SteeringError> {
-        let (sockets, xdp_link) = match &mut self.tier {
-            Some(Tier::Classic(c)) => (c.own_sockets(), false),
-            Some(Tier::Kernel(k)) => ((0..self.workers).collect(), k.handover()?),
-            None => (Vec::new(), false),
+        let (sockets, in_group, xdp_link) = match &mut self.tier {
+            Some(Tier::Classic(c)) => (c.own_sockets(), c.in_group(), false),
+            Some(Tier::Kernel(k)) => ((0..self.workers).collect(), 0, k.handover()?),
+            None => (Vec::new(), 0, false),
         };
         self.handed_over = true;
         Ok(Predecessor {
@@ -315,6 +319,7 @@ impl Steering {
             mode: self.mode.name().to_owned(),
             iface: self.iface.clone(),
             sockets,
+            in_group,
             xdp_link,
         })
     }
@@ -348,6 +353,33 @@ impl Steering {
             Some(Tier::Classic(c)) => c.predecessor_gone(),
             Some(Tier::Kernel(k)) => k.predecessor_gone(p),
             None => Ok(()),
+        }
+    }
+
+    /// Worker `index` died (its socket is closed): steer around it. Before its socket is
+    /// closed, `before_close` (kernel tiers); classic BPF finds the group's order again after.
+    ///
+    /// # Errors
+    /// [`SteeringError`] when the maps cannot be written or a probe went unanswered.
+    pub fn worker_died(
+        &mut self,
+        index: u32,
+        close_socket: impl FnOnce(),
+    ) -> Result<(), SteeringError> {
+        match &mut self.tier {
+            Some(Tier::Kernel(k)) => {
+                let marked = k.worker_died(index);
+                close_socket();
+                marked
+            }
+            Some(Tier::Classic(c)) => {
+                close_socket();
+                c.worker_died(index)
+            }
+            None => {
+                close_socket();
+                Ok(())
+            }
         }
     }
 

@@ -661,3 +661,78 @@ fn streams_a_client_never_reads_are_reset_with_their_backend_streams() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A worker that dies while serving: its clients get a Stateless Reset on their next packet
+/// (not a wait for the idle timeout), new connections go to the live workers only, `/readyz`
+/// says 503 naming it, and the process keeps serving.
+#[test]
+#[ignore = "needs root"]
+fn a_dead_worker_is_steered_around_and_its_clients_are_reset() {
+    let b1 = backend("b1");
+    let p = one_pool(b1.addr, "", "quic:\n  retry: off\n");
+    let running = p.running.as_ref().unwrap();
+    let admin = running.admin_addr.unwrap();
+    // A connection, and the worker that has it.
+    let mut doomed = client(p.addr);
+    let get = Request::get("localhost", "/size/100");
+    assert_eq!(doomed.request(&get, T).unwrap().status, 200);
+    let owner = running
+        .worker_stats()
+        .iter()
+        .position(|w| w.connections_active.load(Ordering::Relaxed) == 1)
+        .expect("one worker holds the connection");
+    running.kill_worker(owner);
+    let deadline = Instant::now() + T;
+    loop {
+        let (status, body) = http_get(admin, "/readyz");
+        if status == 503 {
+            assert!(body.contains(&format!("worker(s) {owner} died")), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "/readyz still {status}: {body}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Its client learns at once.
+    let started = Instant::now();
+    let err = doomed
+        .request(&get, Duration::from_secs(20))
+        .expect_err("a request on the dead worker's connection");
+    assert!(
+        matches!(err, spooky_peers::client::ClientError::StatelessReset),
+        "{err} after {:?}",
+        started.elapsed()
+    );
+    // New connections are all served, by the live worker, without a misroute.
+    let misrouted = p.stats_sum(|w| w.misrouted.load(Ordering::Relaxed));
+    for _ in 0..20 {
+        let mut c = client(p.addr);
+        assert_eq!(c.request(&get, T).unwrap().status, 200);
+        c.close();
+    }
+    let accepted = running.worker_stats()[owner]
+        .connections_accepted
+        .load(Ordering::Relaxed);
+    assert_eq!(accepted, 1, "the dead worker took no new connection");
+    assert_eq!(
+        p.stats_sum(|w| w.misrouted.load(Ordering::Relaxed)),
+        misrouted,
+        "misrouted packets"
+    );
+}
+
+/// `GET path` on the admin listener: (status, body).
+fn http_get(admin: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(admin).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nhost: a\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        out.split_once("\r\n\r\n").map_or("", |b| b.1).to_string(),
+    )
+}

@@ -322,6 +322,7 @@ fn after_takeover() -> Endpoint {
         newest: 3,
         workers,
         hash_key: 0,
+        dead: 0,
     };
     Endpoint::new(1, g, false, layout_of(3), limits(), Instant::now())
 }
@@ -490,5 +491,26 @@ fn version_negotiation_is_rate_limited() {
     assert_eq!(
         decide_at(&mut ep, &mut pkt, false, at(1_100)),
         Decision::NegotiateVersion
+    );
+}
+
+#[test]
+fn a_dead_workers_connections_are_reset_and_new_ones_go_around_it() {
+    let mut ep = endpoint(false);
+    let mut g = Generations::alone(0, 4);
+    g.dead = 1 << 3;
+    ep.set_generations(g);
+    // Its connections: nobody's (a short header gets a Stateless Reset).
+    let mut pkt = vec![0x41];
+    pkt.extend_from_slice(&our_cid(3));
+    pkt.resize(60, 0);
+    assert!(matches!(
+        decide(&mut ep, pkt, false),
+        Decision::Reset { .. }
+    ));
+    // A new connection hashed onto it goes to the next live worker (0, wrapping).
+    assert_eq!(
+        decide(&mut ep, initial(&client_dcid_for(3), &[], 1200), false),
+        Decision::Forward { owner: 0 }
     );
 }
