@@ -13,7 +13,8 @@ const LEVELS: [(&str, &str); 6] = [
     ("poltergeist", "trace"),
 ];
 
-/// Keys of earlier versions: (old name, where it was, what to write now).
+/// Keys of earlier versions: (old name, where it was, what to write now). "Where" is a part
+/// of the field path that must contain the key, empty for anywhere, `TOP` for the top level.
 const KEYS: [(&str, &str, &str); 7] = [
     (
         "timeout_ms",
@@ -39,10 +40,13 @@ const KEYS: [(&str, &str, &str); 7] = [
     ("success_threshold", "", "`healthy_threshold`"),
     (
         "backends",
-        "(top level)",
+        TOP,
         "`upstream: {NAME: {backends: [...]}}` (backends belong to a pool)",
     ),
 ];
+
+/// The `where` of a key that sat at the top level of the file.
+const TOP: &str = "(top level)";
 
 /// What is wrong with a `log.level` directive list, when a part of it is a seasonal level of
 /// an earlier version or a bare word that is not a level (tracing would read it as a target
@@ -70,19 +74,21 @@ pub(super) fn log_level_problem(filter: &str) -> Option<String> {
 /// the key is one of an earlier version.
 pub(super) fn renamed_key(err: &serde_yaml::Error) -> Option<(String, String)> {
     let text = err.to_string();
-    let (path, rest) = match text.split_once(": unknown field `") {
-        Some((path, rest)) => (path.to_owned(), rest),
-        None => (
-            "(top level)".to_owned(),
-            text.strip_prefix("unknown field `")?,
-        ),
+    let (parent, rest) = match text.split_once(": unknown field `") {
+        Some((parent, rest)) => (Some(parent), rest),
+        None => (None, text.strip_prefix("unknown field `")?),
     };
     let key = rest.split('`').next()?;
-    let (_, _, now) = KEYS
-        .iter()
-        .find(|(old, within, _)| *old == key && (within.is_empty() || path.contains(within)))?;
+    let (_, _, now) = KEYS.iter().find(|(old, within, _)| {
+        *old == key
+            && match parent {
+                None => within.is_empty() || *within == TOP,
+                Some(parent) => within.is_empty() || parent.contains(within),
+            }
+    })?;
+    let path = parent.map_or_else(|| key.to_owned(), |parent| format!("{parent}.{key}"));
     Some((
-        format!("{path}.{key}"),
+        path,
         format!("`{key}` is a key of earlier Spooky versions: write {now}"),
     ))
 }

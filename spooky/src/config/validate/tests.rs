@@ -1095,6 +1095,13 @@ fn names_of_earlier_versions_are_refused_naming_the_replacement() {
         "    passive_health: {failure_threshold: 3}\n    backends:",
     );
     assert!(problems(&passive)[0].ends_with("write `consecutive_failures`"));
+    // A key of the top level is named by itself (found by the config fuzz target).
+    let top = problems(&format!("{ONE_UPSTREAM}backends: []\n"));
+    assert_eq!(top.len(), 1, "{top:?}");
+    assert!(
+        top[0].starts_with("backends: `backends` is a key of earlier Spooky versions"),
+        "{top:?}"
+    );
     let levels = problems(&format!("{ONE_UPSTREAM}log: {{level: poltergeist}}\n"));
     assert_eq!(
         levels,
