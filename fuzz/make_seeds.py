@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes the committed seed corpus: fuzz/corpus/{cid,request_head,config}/.
+"""Writes the committed seed corpus: fuzz/corpus/{cid,request_head,response_head,endpoint,config}/.
 
 Run it from anywhere (`python3 fuzz/make_seeds.py`); it replaces the seeds it owns and leaves
 other files alone. The formats are described at the top of each fuzz target. The config seeds
@@ -309,6 +309,105 @@ upstream:
 """
 
 
+# --- endpoint ----------------------------------------------------------------------------
+
+def endpoint_preamble(flags=0, workers=4, worker=2, dead=0, generation=0, max_conns=3, per_address=2,
+                      hash_key=0x5EED1234):
+    return bytes([flags, workers - 1, worker, dead, generation, max_conns, per_address]) + struct.pack("<I", hash_key)
+
+
+RETRY_ALWAYS, RETRY_AUTO = 1 << 2, 2 << 2
+FORWARDED, LATER, CLOSE_OLDEST, SECOND_ADDRESS, NEAR_FIRST = 1, 2, 4, 8, 16
+
+
+def datagram(packet, size=1200, ctl=0):
+    """One record: the header bytes given, padded (by the target) to `size` bytes."""
+    return bytes([ctl]) + struct.pack("<H", max(0, size - len(packet))) + bytes([len(packet)]) + packet
+
+
+def initial_header(dcid=CLIENT_DCID, version=1, token=b""):
+    first = 0xC3 if version == 1 else 0xD3
+    return long_header(first, version, dcid, CLIENT_SCID, bytes([len(token)]) + token + bytes.fromhex("449e") + bytes(4))
+
+
+def client_dcid(n):
+    return bytes([0x83, 0x94, 0xC8, 0xF0, n, 0x51, 0x57, 0x08])
+
+
+def endpoint_seeds():
+    p = endpoint_preamble()
+    write("endpoint", "initials-up-to-the-limits", p + b"".join([
+        datagram(initial_header(client_dcid(1))),
+        datagram(initial_header(client_dcid(2))),
+        datagram(initial_header(client_dcid(3))),  # third from one address: over per_address 2
+        datagram(initial_header(client_dcid(4)), ctl=SECOND_ADDRESS),  # the share of 3 is full
+        datagram(initial_header(client_dcid(5)), ctl=CLOSE_OLDEST | SECOND_ADDRESS),
+        datagram(initial_header(client_dcid(6)), size=1199),  # too short for an Initial
+        datagram(initial_header(client_dcid(7), version=0x6B3343CF), ctl=CLOSE_OLDEST | LATER),
+    ]))
+    write("endpoint", "retry-always", endpoint_preamble(flags=RETRY_ALWAYS) + b"".join([
+        datagram(initial_header(client_dcid(1))),
+        datagram(initial_header(client_dcid(2), token=bytes(range(40)))),  # a forged token
+        datagram(initial_header(client_dcid(3)), ctl=SECOND_ADDRESS | LATER),
+    ]))
+    write("endpoint", "retry-auto-ipv6", endpoint_preamble(flags=RETRY_AUTO | 16, max_conns=50, per_address=50)
+          + b"".join(datagram(initial_header(client_dcid(n)), ctl=LATER if n % 3 == 0 else 0) for n in range(6)))
+    write("endpoint", "ipv6-one-64", endpoint_preamble(flags=16, per_address=2) + b"".join([
+        datagram(initial_header(client_dcid(1))),
+        datagram(initial_header(client_dcid(2)), ctl=NEAR_FIRST),
+        datagram(initial_header(client_dcid(3)), ctl=NEAR_FIRST),  # the /64 holds 2 already
+        datagram(initial_header(client_dcid(4)), ctl=SECOND_ADDRESS),
+    ]))
+    write("endpoint", "version-negotiation", p + b"".join([
+        datagram(long_header(0xC0, 0x1A2A3A4A, CLIENT_DCID, CLIENT_SCID, bytes(8))),
+        datagram(long_header(0xC0, 0x1A2A3A4A, CLIENT_DCID, CLIENT_SCID, bytes(8)), size=1199),
+        datagram(long_header(0xC0, 0, CLIENT_DCID, CLIENT_SCID, bytes(8))),  # a VN packet itself
+    ]))
+    write("endpoint", "short-headers-every-worker", endpoint_preamble(dead=0b1000) + b"".join(
+        [datagram(short_ours(w), size=60) for w in range(6)]
+        + [datagram(short_ours(1), size=60, ctl=FORWARDED), datagram(short_ours(3), size=21)]))
+    write("endpoint", "draining-takeover", endpoint_preamble(flags=2 | 32, generation=5) + b"".join([
+        datagram(initial_header(client_dcid(1))),
+        datagram(long_header(0xE2, 1, our_cid(1, generation=5), CLIENT_SCID, bytes(8)), size=300),
+        datagram(short_ours(0, our_cid(0, generation=6)), size=60),
+        datagram(initial_header(our_cid(2, generation=5))),
+    ]))
+    # Found by the target: a per-address limit of 0 let each address's first connection in.
+    write("endpoint", "zero-per-address", endpoint_preamble(per_address=0) + datagram(initial_header()))
+    write("endpoint", "kernel-placed-initials", endpoint_preamble(flags=1, workers=2, worker=1) + b"".join([
+        datagram(initial_header(client_dcid(n)), ctl=n & FORWARDED) for n in range(4)]))
+
+
+# --- response_head -----------------------------------------------------------------------
+
+def response(status, fields):
+    out = struct.pack("<H", status)
+    for name, value in fields:
+        name, value = name.encode(), value.encode()
+        out += bytes([len(name)]) + name + bytes([len(value)]) + value
+    return out
+
+
+def response_head_seeds():
+    write("response_head", "ok-html", response(200, [
+        ("content-type", "text/html; charset=utf-8"), ("content-length", "1024"),
+        ("cache-control", "max-age=60"), ("set-cookie", "a=1"), ("set-cookie", "b=2"),
+        ("date", "Mon, 30 Nov 2026 08:00:00 GMT"), ("server", "nginx/1.26.0"),
+    ]))
+    write("response_head", "hop-by-hop-fields", response(502, [
+        ("connection", "close"), ("keep-alive", "timeout=5"), ("proxy-connection", "keep-alive"),
+        ("transfer-encoding", "chunked"), ("upgrade", "h2c"), ("x-kept", "yes"),
+    ]))
+    write("response_head", "grpc-trailers", response(200, [
+        ("grpc-status", "0"), ("grpc-message", ""), ("content-type", "application/grpc"),
+    ]))
+    write("response_head", "informational-and-odd-status", response(103, [("link", "</s.css>; rel=preload")]))
+    write("response_head", "status-999", response(999, [("X-Upper", "v"), ("empty", "")]))
+    write("response_head", "status-out-of-range", response(1000, [("a", "b")]))
+    # Found by the target: surrounding whitespace in a backend's value.
+    write("response_head", "ows-value", response(200, [("set-cookie", " a=1\t"), ("x", "a \t b")]))
+
+
 def config_seeds():
     for path in [ROOT / "config/config.yaml", *sorted((ROOT / "config/examples").glob("*.yaml"))]:
         name = "shipped-" + path.stem if path.parent.name == "config" else "example-" + path.stem
@@ -319,14 +418,19 @@ def config_seeds():
     # Known bug (reported): a second document, even an empty one, gives an error with no line.
     minimal = (ROOT / "config/examples/minimal.yaml").read_text()
     write("config", "known-bug-two-documents.yaml", (minimal + "---\n").encode())
+    # Found by the fuzz target: an earlier version's key at the top level had no field path.
+    write("config", "earlier-top-level-backends.yaml", (minimal + "backends: []\n").encode())
 
 
 if __name__ == "__main__":
-    for target in ("cid", "request_head", "config"):
+    TARGETS = ("cid", "request_head", "response_head", "endpoint", "config")
+    for target in TARGETS:
         (CORPUS / target).mkdir(parents=True, exist_ok=True)
     cid_seeds()
     request_head_seeds()
+    response_head_seeds()
+    endpoint_seeds()
     config_seeds()
-    for target in ("cid", "request_head", "config"):
+    for target in TARGETS:
         files = sorted((CORPUS / target).iterdir())
         print(f"{target}: {len(files)} seeds, {sum(f.stat().st_size for f in files)} bytes")

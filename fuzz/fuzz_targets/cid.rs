@@ -95,7 +95,14 @@ fn workers_of(table: &SocketTable) -> impl Fn(u8) -> u32 + '_ {
 
 /// The socket index `place` picks in `table`, or `NO_CHOICE`.
 fn placed_socket(layout: &CidLayout, table: &SocketTable, dcid: &[u8], initial: bool) -> u32 {
-    match place(layout, dcid, initial, table.hash_key, table.newest, workers_of(table)) {
+    match place(
+        layout,
+        dcid,
+        initial,
+        table.hash_key,
+        table.newest,
+        workers_of(table),
+    ) {
         Place::Worker {
             generation, worker, ..
         } => table.of(generation).expect("placed on a live generation")[worker as usize],
@@ -161,7 +168,14 @@ fn check_worker_of_and_place(layout: &CidLayout, table: &SocketTable, dcid: &[u8
         assert_eq!(dcid[layout.worker_offset()], w);
     }
     let workers = workers_of(table);
-    let got = place(layout, dcid, initial, table.hash_key, table.newest, &workers);
+    let got = place(
+        layout,
+        dcid,
+        initial,
+        table.hash_key,
+        table.newest,
+        &workers,
+    );
     let ours = layout.generation_of(dcid);
     match got {
         Place::Worker {
@@ -205,7 +219,14 @@ fn check_write(layout: &CidLayout, table: &SocketTable, data: &[u8], worker: u8,
     }
     assert_eq!(&cid[layout.worker_offset() + 1..], &nonce[..nonce_len]);
     assert_eq!(layout.worker_of(cid), Some(worker));
-    let got = place(layout, cid, false, table.hash_key, table.newest, workers_of(table));
+    let got = place(
+        layout,
+        cid,
+        false,
+        table.hash_key,
+        table.newest,
+        workers_of(table),
+    );
     if u32::from(worker) < workers_of(table)(layout.generation()) {
         let want = Place::Worker {
             generation: layout.generation(),

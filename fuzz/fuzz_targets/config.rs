@@ -56,7 +56,10 @@ fn fixtures() -> &'static Fixtures {
         let mut files = HashMap::new();
         let mut dirs = vec![base()];
         while let Some(dir) = dirs.pop() {
-            for entry in std::fs::read_dir(&dir).expect("fixture directory").flatten() {
+            for entry in std::fs::read_dir(&dir)
+                .expect("fixture directory")
+                .flatten()
+            {
                 let path = entry.path();
                 if path.is_dir() {
                     dirs.push(path);

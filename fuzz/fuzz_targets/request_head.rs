@@ -6,11 +6,12 @@
 //!
 //! Checked:
 //! - `validate_request` never panics; a head it accepts has no pseudo-header, `host` or
-//!   connection-specific field left among its regular fields, and its authority is
-//!   `:authority` (else `host`, else empty);
+//!   connection-specific field left among its regular fields, its authority is `:authority`
+//!   (else `host`) and never empty (RFC 9114 §4.3.1), and its scheme is `https` (empty only
+//!   for CONNECT);
 //! - every accepted head converts with `to_h2_request` in every forwarded mode, with and without
 //!   `via`; the HTTP/2 request has no `host` field, its `:authority` (the URI's authority)
-//!   equals the validated authority (`localhost` when there was none), its path is the
+//!   equals the validated authority, its path is the
 //!   validated path, its method the validated method, and the hop headers appear once;
 //! - `trailers_to_h2` never panics, refuses pseudo-headers, and keeps every field it accepts;
 //!   HTTP/2 headers go back to HTTP/3 with `trailers_to_h3` and are accepted again.
@@ -19,8 +20,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use quiche::h3::{Header, NameValue};
-use spooky::http::bridge::{to_h2_request, trailers_to_h2, trailers_to_h3, validate_request, Hop};
 use spooky::config::ForwardedMode;
+use spooky::http::bridge::{to_h2_request, trailers_to_h2, trailers_to_h3, validate_request, Hop};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 const MODES: [ForwardedMode; 3] = [
@@ -77,10 +78,17 @@ fn check_request(list: &[Header], first_hop: &Hop) {
         assert!(!CONNECTION_SPECIFIC.contains(&name.as_ref()));
     }
     let first = |n: &[u8]| list.iter().find(|h| h.name() == n).map(|h| h.value());
-    let want_authority = first(b":authority")
-        .or_else(|| first(b"host"))
-        .unwrap_or(b"");
-    assert_eq!(head.authority.as_ref(), want_authority);
+    let want_authority = first(b":authority").or_else(|| first(b"host"));
+    assert_eq!(Some(head.authority.as_ref()), want_authority);
+    assert!(
+        !head.authority.is_empty(),
+        "an empty authority was accepted"
+    );
+    if head.method == http::Method::CONNECT {
+        assert!(head.scheme.is_empty() && head.path.is_empty());
+    } else {
+        assert_eq!(head.scheme.as_ref(), b"https", "a scheme other than https");
+    }
 
     let hops = MODES.iter().flat_map(|&mode| {
         [false, true].map(|via| Hop {
@@ -100,14 +108,9 @@ fn check_request(list: &[Header], first_hop: &Hop) {
         assert!(req.headers().get("host").is_none(), "host sent upstream");
         assert!(!asterisk, "OPTIONS * was converted for upstream");
         let authority = req.uri().authority().map(|a| a.as_str());
-        let want = if head.authority.is_empty() {
-            &b"localhost"[..]
-        } else {
-            head.authority.as_ref()
-        };
         assert_eq!(
             authority.map(str::as_bytes),
-            Some(want),
+            Some(head.authority.as_ref()),
             ":authority upstream differs from the validated one"
         );
         if !head.path.is_empty() {

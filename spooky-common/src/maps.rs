@@ -118,7 +118,8 @@ pub struct SteeringConfig {
     /// name says which one an operator should look for).
     pub iface: [u8; IFACE_LEN],
     /// Initial-flood defense: client Initial packets per second allowed from one source
-    /// prefix (/24 IPv4, /56 IPv6); 0 turns the limit off (`steering.initial_rate`).
+    /// prefix (/24 IPv4, /56 IPv6; [`WIDE_PREFIX_FACTOR`] times that from a /16 or /48); 0
+    /// turns the limit off (`steering.initial_rate`).
     pub initial_rate: u32,
     /// Initial packets a prefix may send at once above the rate (`steering.initial_burst`;
     /// 0 is read as 1).
@@ -207,6 +208,14 @@ impl SteeringConfig {
 pub const FAMILY_IPV4: u32 = 4;
 /// [`SourcePrefix::family`] of an IPv6 source (prefix: the first 7 bytes, a /56).
 pub const FAMILY_IPV6: u32 = 6;
+/// [`SourcePrefix::family`] of an IPv4 source's wider prefix (the first 2 bytes, a /16).
+pub const FAMILY_IPV4_WIDE: u32 = 0x0410;
+/// [`SourcePrefix::family`] of an IPv6 source's wider prefix (the first 6 bytes, a /48).
+pub const FAMILY_IPV6_WIDE: u32 = 0x0630;
+/// The wider prefixes (/16, /48) are allowed this many times a narrow prefix's rate and burst:
+/// a /16 holds 256 /24s, so a flood spread over many of them is held back, while up to 16
+/// /24s of one network at full rate (a large NAT, a cloud region) are not.
+pub const WIDE_PREFIX_FACTOR: u32 = 16;
 /// Bytes of an IPv4 source address kept in [`SourcePrefix::prefix`] (/24).
 pub const IPV4_PREFIX_BYTES: usize = 3;
 /// Bytes of an IPv6 source address kept in [`SourcePrefix::prefix`] (/56).
@@ -240,6 +249,23 @@ impl SourcePrefix {
         Self {
             family: FAMILY_IPV6,
             prefix: [src[0], src[1], src[2], src[3], src[4], src[5], src[6], 0],
+        }
+    }
+
+    /// The wider prefix holding this one: the /16 of a /24, the /48 of a /56 (a wider prefix
+    /// is its own).
+    #[inline(always)]
+    pub const fn wider(&self) -> Self {
+        let p = self.prefix;
+        match self.family {
+            FAMILY_IPV4 | FAMILY_IPV4_WIDE => Self {
+                family: FAMILY_IPV4_WIDE,
+                prefix: [p[0], p[1], 0, 0, 0, 0, 0, 0],
+            },
+            _ => Self {
+                family: FAMILY_IPV6_WIDE,
+                prefix: [p[0], p[1], p[2], p[3], p[4], p[5], 0, 0],
+            },
         }
     }
 }

@@ -70,6 +70,40 @@ impl Packet {
     }
 }
 
+/// What [`crate::quic::parse`] reads: packet memory ([`Packet`], the XDP program's) or a copy
+/// of a packet's first bytes (`[u8]`: the sk_reuseport program's, which `bpf_skb_load_bytes`
+/// fills whether or not the bytes are in the socket buffer's linear area).
+pub trait Bytes {
+    /// The byte at `offset`, when it is there.
+    fn byte(&self, offset: usize) -> Option<u8>;
+    /// The `N` bytes at `offset`, when all are there.
+    fn array<const N: usize>(&self, offset: usize) -> Option<[u8; N]>;
+}
+
+impl Bytes for Packet {
+    #[inline(always)]
+    fn byte(&self, offset: usize) -> Option<u8> {
+        Packet::byte(self, offset)
+    }
+
+    #[inline(always)]
+    fn array<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        self.read(offset)
+    }
+}
+
+impl Bytes for [u8] {
+    #[inline(always)]
+    fn byte(&self, offset: usize) -> Option<u8> {
+        self.get(offset).copied()
+    }
+
+    #[inline(always)]
+    fn array<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        self.get(offset..offset.checked_add(N)?)?.try_into().ok()
+    }
+}
+
 /// Ethernet II header.
 #[repr(C)]
 #[derive(Clone, Copy)]

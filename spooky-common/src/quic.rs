@@ -5,7 +5,7 @@
 
 use crate::{cid::MAX_CID_LEN, maps::Counter};
 
-use crate::packet::Packet;
+use crate::packet::Bytes;
 
 const HEADER_FORM_LONG: u8 = 0x80;
 const FIXED_BIT: u8 = 0x40;
@@ -57,6 +57,10 @@ impl QuicHeader {
     }
 }
 
+/// Every byte [`parse`] reads: first byte, version, DCID length, the longest DCID. A copy of
+/// this many bytes of the UDP payload is enough to parse it.
+pub const HEADER_BYTES: usize = LONG_PREFIX_LEN + MAX_CID_LEN;
+
 /// Parses the QUIC header of a UDP payload of `payload_len` bytes at `offset` in `pkt`.
 /// `short_dcid_len` is the length of our connection IDs (short headers carry no length).
 /// The caller has dropped empty payloads: with `payload_len` 0 the first byte read would be
@@ -67,8 +71,8 @@ impl QuicHeader {
 /// The drop counter naming why the packet is invalid: fixed bit clear, DCID length above 20,
 /// client Initial in a datagram under 1200 bytes, header cut short.
 #[inline(always)]
-pub fn parse(
-    pkt: &Packet,
+pub fn parse<B: Bytes + ?Sized>(
+    pkt: &B,
     offset: usize,
     payload_len: usize,
     short_dcid_len: usize,
@@ -95,7 +99,7 @@ pub fn parse(
     if payload_len < LONG_PREFIX_LEN {
         return Err(Counter::DropTruncated);
     }
-    let version: [u8; 4] = pkt.read(offset + 1).ok_or(Counter::DropTruncated)?;
+    let version: [u8; 4] = pkt.array(offset + 1).ok_or(Counter::DropTruncated)?;
     let version = u32::from_be_bytes(version);
     let dcid_len = usize::from(pkt.byte(offset + 5).ok_or(Counter::DropTruncated)?);
     if dcid_len > MAX_CID_LEN {
@@ -133,8 +137,8 @@ fn is_initial(version: u32, first: u8) -> bool {
 /// Copies `len` (at most [`MAX_CID_LEN`]) bytes at `offset` into `header.dcid`, one
 /// bounds-checked byte at a time (a loop of at most 20 steps).
 #[inline(always)]
-fn copy_dcid(
-    pkt: &Packet,
+fn copy_dcid<B: Bytes + ?Sized>(
+    pkt: &B,
     offset: usize,
     len: usize,
     header: &mut QuicHeader,
@@ -154,6 +158,7 @@ fn copy_dcid(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::packet::Packet;
 
     /// A long-header packet: first byte, version, DCID, a zero-length SCID, zero padding.
     fn long(first: u8, version: u32, dcid: &[u8]) -> [u8; 1400] {
@@ -196,6 +201,31 @@ mod tests {
         assert!(parse_bytes(&v2_zero_rtt, 1200).is_ok_and(|h| !h.initial));
         let handshake = long(0xe0, QUIC_V1, &[9; 8]);
         assert!(parse_bytes(&handshake, 100).is_ok_and(|h| !h.initial && !h.unknown_version));
+    }
+
+    /// The sk_reuseport program parses a copy of the first [`HEADER_BYTES`]: the same answer
+    /// as parsing the packet itself.
+    #[test]
+    fn a_copy_of_the_first_header_bytes_parses_like_the_packet() {
+        let mut short = [0u8; 40];
+        short[0] = 0x40;
+        short[1..17].copy_from_slice(&[7; 16]);
+        let packets: [(&[u8], usize); 5] = [
+            (&long(0xc0, QUIC_V1, &[1; 20]), 1200),
+            (&long(0xc0, QUIC_V1, &[1; 8]), 1199),
+            (&long(0xe0, 0x1a2a_3a4a, &[3; 4]), 1300),
+            (&short, 40),
+            (&long(0xe0, QUIC_V2, &[]), 60),
+        ];
+        for (bytes, payload_len) in packets {
+            let whole = parse_bytes(bytes, payload_len);
+            let copy = parse(&bytes[..HEADER_BYTES], 0, payload_len, 16);
+            match (whole, copy) {
+                (Ok(a), Ok(b)) => assert!(a.dcid() == b.dcid() && a.form == b.form),
+                (Err(a), Err(b)) => assert_eq!(a as u32, b as u32),
+                _ => panic!("the copy parsed differently"),
+            }
+        }
     }
 
     #[test]

@@ -7,11 +7,13 @@
 //!   worker's CPU through the `cpus` CPU map. Everything else passes. Every outcome is counted
 //!   in the per-CPU `stats` map.
 //!   Before a client Initial is placed, it passes the Initial-flood defense: a rate limit per
-//!   source prefix (/24, /56) kept in the `initial_limits` LRU hash (see [`initial_allowed`]);
-//!   over the limit it is dropped and counted as `drop_initial_rate_limited`. Other packets
+//!   source prefix (/24, /56) and per wider prefix (/16, /48, at `WIDE_PREFIX_FACTOR` times the
+//!   rate and burst) kept in the `initial_limits` LRU hash (see [`initial_allowed`]); over
+//!   either limit it is dropped and counted as `drop_initial_rate_limited`. Other packets
 //!   (Handshake, 0-RTT, short headers) are never rate-limited.
 //! - `spooky_reuseport` (`sk_reuseport`): picks the owning worker's socket from `sockets` by
-//!   the same decision.
+//!   the same decision, parsing a copy of the QUIC header made with `bpf_skb_load_bytes` (the
+//!   header need not be in the socket buffer's linear area).
 //!
 //! Placement, generations and liveness: every process has a generation (3 bits of its
 //! connection IDs) and its workers have slots `generation × 256 + worker` in `workers`,
@@ -36,7 +38,8 @@
 use aya_ebpf::{
     bindings::{sk_action, xdp_action, BPF_ANY},
     btf_maps::{Array, CpuMap, LruHashMap, PerCpuArray, ReusePortSockArray},
-    helpers::bpf_ktime_get_ns,
+    cty::c_void,
+    helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes},
     macros::{btf_map, sk_reuseport, xdp},
     programs::{SkReuseportContext, XdpContext},
 };
@@ -46,6 +49,7 @@ use spooky_common::{
         slot, BackendEntry, Counter, GenerationEntry, InitialBucket, SourcePrefix,
         SteeringConfig, WorkerCounters, WorkerEntry, COUNTER_COUNT, FLAG_REDIRECT_CPU,
         MAX_BACKENDS, MAX_CPUS, MAX_GENERATIONS, MAX_INITIAL_PREFIXES, MAX_WORKERS, SLOTS,
+        WIDE_PREFIX_FACTOR,
     },
     packet::{locate_udp, Packet, UdpHdr, UDP_HDR_LEN},
     quic::{self, Form, QuicHeader},
@@ -272,8 +276,17 @@ fn try_spooky_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
         udp_len - UDP_HDR_LEN,
         usize::from(config.cid_len),
     )?;
-    if (quic.initial || quic.unknown_version) && !initial_allowed(&config, &udp.source) {
-        return Err(Counter::DropInitialRateLimited);
+    if quic.initial || quic.unknown_version {
+        let (rate, burst) = (config.initial_rate, config.initial_burst);
+        let wide = (
+            rate.saturating_mul(WIDE_PREFIX_FACTOR),
+            burst.max(1).saturating_mul(WIDE_PREFIX_FACTOR),
+        );
+        if !initial_allowed(&udp.source, rate, burst)
+            || !initial_allowed(&udp.source.wider(), wide.0, wide.1)
+        {
+            return Err(Counter::DropInitialRateLimited);
+        }
     }
     count(match quic.form {
         Form::Short => Counter::QuicShort,
@@ -296,8 +309,7 @@ fn try_spooky_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
 }
 
 /// The Initial-flood defense: whether a client Initial from `source` is within the prefix's
-/// rate (`config.initial_rate` per second, bursts of `config.initial_burst`; rate 0 = no
-/// limit). The decision is `InitialBucket::admit` (GCRA: one timestamp per prefix).
+/// `rate` per second, in bursts of `burst` (rate 0 = no limit). The decision is `InitialBucket::admit` (GCRA: one timestamp per prefix).
 ///
 /// Concurrency: the bucket is shared by all CPUs and updated with a plain load and store of
 /// its one `u64`, not atomically. Two CPUs deciding for the same prefix at the same instant
@@ -305,9 +317,8 @@ fn try_spooky_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
 /// than the limit for that race; a lost update never admits less, is never torn (an aligned
 /// 8-byte store), and the next decision starts from a valid state. Accepted imprecision:
 /// exact on one CPU, at worst `CPUs ×` the rate when every CPU races on the same prefix.
-#[inline(always)]
-fn initial_allowed(config: &SteeringConfig, source: &SourcePrefix) -> bool {
-    let rate = config.initial_rate;
+#[inline(never)]
+fn initial_allowed(source: &SourcePrefix, rate: u32, burst: u32) -> bool {
     if rate == 0 {
         return true;
     }
@@ -319,7 +330,7 @@ fn initial_allowed(config: &SteeringConfig, source: &SourcePrefix) -> bool {
             // `InitialBucket` is one aligned u64, so the read and the write are single
             // loads and stores (see the concurrency note above).
             let bucket = unsafe { slot.read() };
-            match bucket.admit(now, rate, config.initial_burst) {
+            match bucket.admit(now, rate, burst) {
                 Some(next) => {
                     // SAFETY: as above.
                     unsafe { slot.write(next) };
@@ -331,7 +342,7 @@ fn initial_allowed(config: &SteeringConfig, source: &SourcePrefix) -> bool {
         None => {
             // A prefix not seen (or evicted): a full bucket, of which this packet takes one.
             // When the insert fails (a racing insert from another CPU), let it through.
-            if let Some(next) = InitialBucket::default().admit(now, rate, config.initial_burst) {
+            if let Some(next) = InitialBucket::default().admit(now, rate, burst) {
                 let _ = INITIAL_LIMITS.insert(source, next, u64::from(BPF_ANY));
             }
             true
@@ -366,10 +377,30 @@ fn try_spooky_reuseport(ctx: &SkReuseportContext) -> Option<()> {
         return None;
     }
     let config = config()?;
-    // For UDP the data starts at the UDP header.
-    let pkt = Packet::new(ctx.data(), ctx.data_end());
+    // A copy of the QUIC header, read with `bpf_skb_load_bytes`: the socket buffer's linear
+    // area may end at the UDP header (drivers that split headers from payload, GRO, a
+    // sender's UDP GSO), so direct reads would miss the DCID. A payload shorter than the
+    // copy cannot be a QUIC packet (header protection samples 20 bytes after a packet number
+    // that follows the DCID, RFC 9001 §5.4.2): the kernel's hash decides, the worker drops it.
     let payload_len = ctx.len().checked_sub(UDP_HDR_LEN)?;
-    let quic = quic::parse(&pkt, UDP_HDR_LEN, payload_len, usize::from(config.cid_len)).ok()?;
+    if payload_len < quic::HEADER_BYTES {
+        return None;
+    }
+    let mut head = [0u8; quic::HEADER_BYTES];
+    // SAFETY: the helper writes at most `head.len()` bytes into `head`; for UDP the socket
+    // buffer's data starts at the UDP header.
+    let loaded = unsafe {
+        bpf_skb_load_bytes(
+            ctx.md as *const c_void,
+            UDP_HDR_LEN as u32,
+            head.as_mut_ptr().cast(),
+            quic::HEADER_BYTES as u32,
+        )
+    };
+    if loaded != 0 {
+        return None;
+    }
+    let quic = quic::parse(&head[..], 0, payload_len, usize::from(config.cid_len)).ok()?;
     let placement = place(&config, quic.dcid(), quic.initial)?.ok()?;
     SOCKETS.select_reuseport(ctx, placement.slot).ok()
 }

@@ -21,7 +21,7 @@ pub mod http;
 pub mod keys;
 pub mod lb;
 pub mod ops;
-mod quic;
+pub mod quic;
 pub mod routing;
 mod snapshot;
 pub mod stats;

@@ -16,7 +16,7 @@ use std::time::Instant;
 use crate::setup::{self, NIGHTLY};
 
 /// Every fuzz target, in the order a full run goes through them.
-pub const TARGETS: &[&str] = &["cid", "request_head", "config"];
+pub const TARGETS: &[&str] = &["cid", "request_head", "response_head", "endpoint", "config"];
 
 /// No sanitizer: the code under test is safe Rust (the one `unsafe` read, in the XDP packet
 /// walk, is checked against a slice-based reference instead), so AddressSanitizer would find
@@ -25,6 +25,11 @@ const SANITIZER: &str = "none";
 
 /// Longest time one input may take before libFuzzer reports it as a hang.
 const INPUT_TIMEOUT_SECS: u64 = 10;
+
+/// Fewest executions per second of fuzzing a run must reach. The slowest target (`config`)
+/// does about 25,000/s on the 2-core CI machine; a target that does far fewer is stuck (a
+/// slow input loop, a setup redone per input) and a smoke run of it proves little.
+const MIN_EXECUTIONS_PER_SEC: u64 = 1_000;
 
 /// What one target's run amounted to.
 struct Outcome {
@@ -38,8 +43,15 @@ struct Outcome {
     fuzzed_secs: Option<u64>,
     /// Wall-clock seconds of the whole `cargo fuzz run`, build check included.
     elapsed_secs: f64,
-    /// `Some` when the run failed: the crash (or hang) input, when libFuzzer wrote one.
-    failure: Option<Option<PathBuf>>,
+    failure: Option<Failure>,
+}
+
+/// Why a target's run failed.
+enum Failure {
+    /// It crashed or hung; the input, when libFuzzer wrote one.
+    Crash(Option<PathBuf>),
+    /// It ran, but fewer than this many inputs.
+    TooFew(u64),
 }
 
 /// Runs `target` (every target when `None`) for `seconds` each.
@@ -88,12 +100,18 @@ pub fn run(target: Option<&str>, seconds: u64) -> Result<()> {
     }
     for o in &failed {
         match &o.failure {
-            Some(Some(input)) => eprintln!(
+            Some(Failure::Crash(Some(input))) => eprintln!(
                 "fuzz: {} FAILED; input: {}\n      reproduce: cargo +{NIGHTLY} fuzz run --fuzz-dir fuzz --sanitizer {SANITIZER} {} {}",
                 o.target,
                 input.display(),
                 o.target,
                 input.display()
+            ),
+            Some(Failure::TooFew(min)) => eprintln!(
+                "fuzz: {} FAILED: {} executions, fewer than {min} ({MIN_EXECUTIONS_PER_SEC} per \
+                 second); see its log in fuzz/target/logs/",
+                o.target,
+                o.executions.unwrap_or(0)
             ),
             _ => eprintln!(
                 "fuzz: {} FAILED without writing an input; see its log in fuzz/target/logs/",
@@ -214,8 +232,11 @@ fn run_one(root: &Path, fuzz_dir: &Path, target: &str, seconds: u64) -> Result<O
     }
     let status = child.wait().context("waiting for cargo fuzz")?;
     outcome.elapsed_secs = started.elapsed().as_secs_f64();
+    let min = MIN_EXECUTIONS_PER_SEC * seconds;
     if !status.success() {
-        outcome.failure = Some(crash_input);
+        outcome.failure = Some(Failure::Crash(crash_input));
+    } else if outcome.executions.unwrap_or(0) < min {
+        outcome.failure = Some(Failure::TooFew(min));
     }
     eprintln!("fuzz: {}", summary_line(&outcome));
     Ok(outcome)
@@ -265,8 +286,9 @@ fn summary_line(o: &Outcome) -> String {
     let show = |v: Option<u64>| v.map_or_else(|| "?".to_string(), |v| v.to_string());
     let verdict = match &o.failure {
         None => "ok".to_string(),
-        Some(Some(input)) => format!("FAILED, input {}", input.display()),
-        Some(None) => "FAILED".to_string(),
+        Some(Failure::Crash(Some(input))) => format!("FAILED, input {}", input.display()),
+        Some(Failure::Crash(None)) => "FAILED".to_string(),
+        Some(Failure::TooFew(min)) => format!("FAILED, fewer than {min} executions"),
     };
     format!(
         "{}: {} executions in {} s ({}/s; {:.0} s with the build check), coverage {} edges / {} features, corpus {}: {verdict}",

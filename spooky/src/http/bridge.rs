@@ -337,10 +337,9 @@ pub fn validate_request(list: &[Header]) -> Result<RequestHead, RequestError> {
     // will, and refuse what does not read back unchanged.
     if !asterisk {
         let uri = upstream_uri(&head).map_err(|_| RequestError::BadTarget)?;
-        let same_authority = head.authority.is_empty()
-            || uri
-                .authority()
-                .is_some_and(|a| a.as_str().as_bytes() == head.authority.as_ref());
+        let same_authority = uri
+            .authority()
+            .is_some_and(|a| a.as_str().as_bytes() == head.authority.as_ref());
         let same_path = uri
             .path_and_query()
             .is_some_and(|p| p.as_str().as_bytes() == head.path.as_ref());
@@ -506,12 +505,16 @@ pub fn trailers_to_h3(headers: &HeaderMap) -> Vec<Header> {
     out
 }
 
+/// A backend's fields for the client, without connection-specific ones. Values lose
+/// surrounding spaces and tabs: HTTP/2 and HTTP/3 forbid them (RFC 9113 §8.2.1, RFC 9114
+/// §4.2), the h2 crate lets them through, and a strict client would reject the response.
 fn push_fields(out: &mut Vec<Header>, headers: &HeaderMap) {
     for (name, value) in headers {
         if CONNECTION_SPECIFIC.contains(&name.as_str()) {
             continue;
         }
-        out.push(Header::new(name.as_str().as_bytes(), value.as_bytes()));
+        let value = value.as_bytes().trim_ascii();
+        out.push(Header::new(name.as_str().as_bytes(), value));
     }
 }
 

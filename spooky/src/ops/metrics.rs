@@ -128,7 +128,7 @@ pub fn render(ops: &Ops) -> String {
         ("spooky_quic_connections_active", "gauge", "Open QUIC connections.", |w| w.connections_active.load(Ordering::Relaxed)),
         ("spooky_http3_streams_active", "gauge", "Open HTTP/3 request streams.", |w| w.streams_active.load(Ordering::Relaxed)),
         ("spooky_quic_connections_accepted_total", "counter", "QUIC connections accepted (handshakes started).", |w| w.connections_accepted.load(Ordering::Relaxed)),
-        ("spooky_quic_connections_refused_total", "counter", "New connections refused by quic.max_connections.", |w| w.refused.load(Ordering::Relaxed)),
+        ("spooky_quic_connections_refused_total", "counter", "New connections refused by quic.max_connections or quic.max_connections_per_ip.", |w| w.refused.load(Ordering::Relaxed)),
         ("spooky_quic_retry_sent_total", "counter", "Retry packets sent (address validation).", |w| w.retry_sent.load(Ordering::Relaxed)),
         ("spooky_misrouted_packets_total", "counter", "Packets that reached a worker other than their connection's owner (0 when kernel steering works).", |w| w.misrouted.load(Ordering::Relaxed)),
         ("spooky_udp_datagrams_received_total", "counter", "UDP datagrams received.", |w| w.packets_in.load(Ordering::Relaxed)),

@@ -268,8 +268,11 @@ pub fn render(status: &Status) -> String {
         "off".to_string()
     } else {
         format!(
-            "{}/s per prefix, burst {} ({} prefixes tracked)",
-            status.initial_rate, status.initial_burst, status.initial_prefixes
+            "{}/s per prefix (/24, /56), burst {}; {}× per /16 and /48 ({} prefixes tracked)",
+            status.initial_rate,
+            status.initial_burst,
+            spooky_common::maps::WIDE_PREFIX_FACTOR,
+            status.initial_prefixes
         )
     };
     let _ = writeln!(out, "initial rate limit: {limit}");

@@ -103,18 +103,20 @@ impl Now {
 pub struct Limits {
     /// Most open connections on this worker.
     pub connections: usize,
-    /// Most open connections from one client address on this worker.
+    /// Most open connections from one client address on this worker (an IPv6 client counts
+    /// by its /64, see [`address_key`]).
     pub per_address: u32,
     pub retry: RetryMode,
 }
 
 impl Limits {
-    /// Worker `workers`'s share of the configured limits: a client's connections spread over
-    /// the workers by connection ID, so each enforces its part.
+    /// One worker's share of the configured limits (`ceil(limit / workers)`, so never 0): a
+    /// client's connections spread over the workers by connection ID, so each enforces its
+    /// part.
     pub fn share(quic: &crate::config::Quic, workers: usize) -> Self {
         let workers = workers.max(1);
         Self {
-            connections: quic.max_connections / workers,
+            connections: quic.max_connections.div_ceil(workers),
             per_address: u32::try_from(quic.max_connections_per_ip.div_ceil(workers))
                 .unwrap_or(u32::MAX),
             retry: quic.retry,
@@ -232,6 +234,19 @@ impl Generations {
     }
 }
 
+/// What the per-address connection limit counts by: an IPv4 address, or an IPv6 client's /64
+/// (one subscriber's prefix: a host that owns a /64 can use any of its 2^64 addresses, so
+/// counting /128s would not limit it). An IPv4-mapped IPv6 address counts as its IPv4 address.
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        },
+    }
+}
+
 /// One worker's admission state.
 #[derive(Debug)]
 pub struct Endpoint {
@@ -241,6 +256,7 @@ pub struct Endpoint {
     layout: CidLayout,
     limits: Limits,
     open: usize,
+    /// Open connections by [`address_key`].
     per_address: HashMap<IpAddr, u32>,
     /// Start of the current one-second window and the connections accepted in it.
     window: (Instant, u32),
@@ -301,13 +317,13 @@ impl Endpoint {
     /// A connection from `ip` was opened (after [`Decision::Accept`]).
     pub fn opened(&mut self, ip: IpAddr) {
         self.open += 1;
-        *self.per_address.entry(ip).or_insert(0) += 1;
+        *self.per_address.entry(address_key(ip)).or_insert(0) += 1;
     }
 
     /// A connection from `ip` is gone.
     pub fn closed(&mut self, ip: IpAddr) {
         self.open = self.open.saturating_sub(1);
-        if let Some(n) = self.per_address.get_mut(&ip) {
+        if let Some(n) = self.per_address.get_mut(&address_key(ip)) {
             *n -= 1;
             if *n == 0 {
                 self.per_address.remove(&ip);
@@ -401,14 +417,11 @@ impl Endpoint {
         if datagram_len < MIN_INITIAL_DATAGRAM {
             return Decision::Drop(DropReason::ShortInitial);
         }
-        if self.open > self.limits.connections {
+        if self.open >= self.limits.connections {
             return Decision::Refuse(Refusal::Full);
         }
-        if self
-            .per_address
-            .get(&from.ip())
-            .is_some_and(|n| *n >= self.limits.per_address)
-        {
+        let from_here = self.per_address.get(&address_key(from.ip()));
+        if from_here.copied().unwrap_or(0) >= self.limits.per_address {
             return Decision::Refuse(Refusal::PerAddress);
         }
         let odcid = if given.is_empty() {

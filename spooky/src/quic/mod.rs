@@ -14,6 +14,6 @@ mod conn;
 pub mod endpoint;
 mod heads;
 mod send;
-pub mod token;
+pub(crate) mod token;
 mod udp;
-pub mod worker;
+pub(crate) mod worker;

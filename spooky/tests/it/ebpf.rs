@@ -1126,6 +1126,23 @@ fn reuseport_socket(port: u16) -> std::net::UdpSocket {
 #[test]
 #[ignore = "needs root"]
 fn reuseport_picks_the_owning_workers_socket() {
+    reuseport_places_every_datagram(false);
+}
+
+/// A client sending with UDP GSO (`UDP_SEGMENT`) builds paged datagrams: on loopback the
+/// socket lookup sees only the UDP header in the linear area, the QUIC header sits in page
+/// fragments, as on NICs that split headers from payload. The program must read it anyway
+/// (`bpf_skb_load_bytes`), not fall back to the kernel's hash.
+#[test]
+#[ignore = "needs root"]
+fn reuseport_reads_the_dcid_of_a_paged_datagram() {
+    reuseport_places_every_datagram(true);
+}
+
+/// Sends short headers for every worker and Initials to a reuseport group with the program
+/// attached, and checks each reaches its worker's socket and no other; `paged`: from a
+/// socket with `UDP_SEGMENT` set, whose datagrams are paged.
+fn reuseport_places_every_datagram(paged: bool) {
     let mut programs = load_configured(0);
     let first = reuseport_socket(0);
     let port = first.local_addr().expect("local addr").port();
@@ -1149,6 +1166,21 @@ fn reuseport_picks_the_owning_workers_socket() {
         .expect("attach sk_reuseport");
 
     let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("client socket");
+    if paged {
+        use std::os::fd::AsRawFd;
+        let segment: libc::c_int = 1400;
+        // SAFETY: a valid socket and a pointer to a live c_int of the length given.
+        let rc = unsafe {
+            libc::setsockopt(
+                client.as_raw_fd(),
+                libc::SOL_UDP,
+                libc::UDP_SEGMENT,
+                (&raw const segment).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
+    }
     let mut datagrams: Vec<(String, Vec<u8>, u32)> = Vec::new();
     for worker in 0..(WORKERS as u8) {
         // Several per worker: the kernel's own hash would scatter them.
@@ -1695,7 +1727,8 @@ fn stale_pins_are_replaced_and_only_our_own_are_removed() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The Initial-flood defense: a rate limit per source prefix (/24, /56) on client Initials.
+// The Initial-flood defense: a rate limit per source prefix (/24, /56) on client Initials,
+// and per wider prefix (/16, /48) at WIDE_PREFIX_FACTOR times the rate and burst.
 
 /// `frame` (from `udp4`/`eth(ETH_IPV4, ..)`) with the IPv4 source address `src`.
 fn from_v4(src: [u8; 4], mut frame: Vec<u8>) -> Vec<u8> {
@@ -1757,7 +1790,8 @@ const FLOOD_BURST: u32 = 16;
 const FLOOD: usize = 40;
 
 /// A flood from one prefix: exactly the burst passes, the rest is dropped and counted; the
-/// hosts of the prefix share one bucket, and the bucket is in the `initial_limits` map.
+/// hosts of the prefix share one bucket, and the bucket is in the `initial_limits` map, with
+/// the bucket of its wider prefix.
 fn flood_one_prefix(
     programs: &EbpfPrograms,
     what: &str,
@@ -1786,16 +1820,77 @@ fn flood_one_prefix(
     );
     assert_eq!(delta(&before, &after, Packets), FLOOD as u64, "{what}");
     let limits = programs.initial_limits().expect("read initial_limits");
-    let bucket = limits
-        .iter()
-        .find(|(k, _)| *k == key)
-        .unwrap_or_else(|| panic!("{what}: no bucket for {key:?} in {limits:?}"));
-    assert!(bucket.1.tat_ns > 0, "{what}: {bucket:?}");
+    for key in [key, key.wider()] {
+        let bucket = limits
+            .iter()
+            .find(|(k, _)| *k == key)
+            .unwrap_or_else(|| panic!("{what}: no bucket for {key:?} in {limits:?}"));
+        assert!(bucket.1.tat_ns > 0, "{what}: {bucket:?}");
+    }
     assert_eq!(
         limits.len(),
-        1,
-        "{what}: one prefix, one bucket: {limits:?}"
+        2,
+        "{what}: one prefix, its bucket and its wider prefix's: {limits:?}"
     );
+}
+
+/// A flood spread over many narrow prefixes of one wider prefix (one Initial from each of 40
+/// /24s of a /16, or /56s of a /48): each narrow bucket lets its one through, the wider one
+/// holds the flood to `WIDE_PREFIX_FACTOR ×` the burst; the next wider prefix is unaffected.
+#[test]
+#[ignore = "needs root"]
+fn xdp_rate_limits_initials_per_ipv4_16_and_ipv6_48() {
+    use spooky_common::maps::{SourcePrefix, WIDE_PREFIX_FACTOR};
+    let burst = 1;
+    let wide_burst = u64::from(burst * WIDE_PREFIX_FACTOR);
+    let spread_v4: Vec<Vec<u8>> = initials(FLOOD, udp4)
+        .into_iter()
+        .enumerate()
+        .map(|(i, f)| from_v4([10, 1, i as u8, 5], f))
+        .collect();
+    let spread_v6: Vec<Vec<u8>> = initials(FLOOD, udp6)
+        .into_iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let src = std::net::Ipv6Addr::new(0x2001, 0xdb8, 5, (i as u16) << 8, 0, 0, 0, 1);
+            from_v6(src, f)
+        })
+        .collect();
+    for (what, spread, next) in [
+        (
+            "ipv4 /16",
+            spread_v4,
+            from_v4([10, 2, 0, 5], initials(1, udp4).remove(0)),
+        ),
+        (
+            "ipv6 /48",
+            spread_v6,
+            from_v6(
+                "2001:db8:6::1".parse().unwrap(),
+                initials(1, udp6).remove(0),
+            ),
+        ),
+    ] {
+        let programs = load_rate_limited(FLOOD_RATE, burst);
+        let before = programs.stats().unwrap();
+        let (passed, dropped) = run_all(&programs, &spread);
+        let after = programs.stats().unwrap();
+        assert_eq!(
+            (passed, dropped),
+            (wide_burst, FLOOD as u64 - wide_burst),
+            "{what}"
+        );
+        assert_eq!(
+            delta(&before, &after, DropInitialRateLimited),
+            FLOOD as u64 - wide_burst,
+            "{what}"
+        );
+        let limits = programs.initial_limits().expect("read initial_limits");
+        let wide: Vec<&(SourcePrefix, _)> =
+            limits.iter().filter(|(k, _)| k.wider() == *k).collect();
+        assert_eq!(wide.len(), 1, "{what}: one wider prefix: {limits:?}");
+        assert_eq!(run_all(&programs, &[next]), (1, 0), "{what}: the next one");
+    }
 }
 
 #[test]

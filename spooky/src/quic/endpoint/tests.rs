@@ -263,14 +263,56 @@ fn connection_limits_per_worker_and_per_address() {
         decide(&mut ep, initial(&mine, &[], 1200), false),
         Decision::Accept { odcid: None }
     );
-    for other in 1..=3u8 {
+    for other in 1..=2u8 {
         ep.opened(IpAddr::from([198, 51, 100, other]));
     }
-    // 4 open, above this worker's share of 3.
-    assert_eq!(ep.open(), 4);
+    // 3 open: this worker's share of 3 is taken.
+    assert_eq!(ep.open(), 3);
     assert_eq!(
         decide(&mut ep, initial(&mine, &[], 1200), false),
         Decision::Refuse(Refusal::Full)
+    );
+}
+
+#[test]
+fn an_ipv6_client_counts_by_its_64_and_a_zero_limit_refuses_the_first() {
+    let mine = client_dcid_for(1);
+    let mut ep = endpoint(false);
+    // limits(): 2 per address. Two addresses of one /64 fill it; another /64 is apart.
+    ep.opened("2001:db8:1:2::7".parse().unwrap());
+    ep.opened("2001:db8:1:2:ffff::8".parse().unwrap());
+    let from = |ip: &str| SocketAddr::new(ip.parse().unwrap(), 4433);
+    let decide_from = |ep: &mut Endpoint, ip: &str| {
+        let mut buf = initial(&mine, &[], 1200);
+        let hdr = Header::from_slice(&mut buf, layout().cid_len()).unwrap();
+        ep.admit(&hdr, 1200, from(ip), false, &key(), now())
+    };
+    assert_eq!(
+        decide_from(&mut ep, "2001:db8:1:2::9"),
+        Decision::Refuse(Refusal::PerAddress)
+    );
+    assert_eq!(
+        decide_from(&mut ep, "2001:db8:1:3::7"),
+        Decision::Accept { odcid: None }
+    );
+    ep.closed("2001:db8:1:2::7".parse().unwrap());
+    assert_eq!(
+        decide_from(&mut ep, "2001:db8:1:2::9"),
+        Decision::Accept { odcid: None }
+    );
+    // An IPv4-mapped address is its IPv4 address.
+    assert_eq!(
+        address_key("::ffff:192.0.2.7".parse().unwrap()),
+        "192.0.2.7".parse::<IpAddr>().unwrap()
+    );
+    // A limit of 0 (not configurable, but the type allows it) refuses even the first.
+    ep.set_limits(Limits {
+        per_address: 0,
+        ..limits()
+    });
+    assert_eq!(
+        decide_from(&mut ep, "198.51.100.1"),
+        Decision::Refuse(Refusal::PerAddress)
     );
 }
 
