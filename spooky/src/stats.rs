@@ -32,6 +32,11 @@ pub struct WorkerStats {
     pub request_head_timeouts: AtomicU64,
     /// Response streams reset because the client took nothing for `quic.send_timeout`.
     pub send_timeouts: AtomicU64,
+    /// Stalled response streams reset because their connection or client address held
+    /// `quic.max_stalled_streams(_per_ip)` already.
+    pub stalled_shed: AtomicU64,
+    /// Above `proxy.memory_limit`: requests answered 503 and stalled streams reset.
+    pub memory_shed: AtomicU64,
     /// Stateless Resets sent (packets for connections nobody has).
     pub resets_sent: AtomicU64,
     /// Version Negotiation packets sent.

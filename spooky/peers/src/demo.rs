@@ -44,6 +44,25 @@ pub struct DemoOptions {
 #[derive(Default, Debug)]
 pub struct DemoStats {
     pub requests: AtomicU64,
+    /// Requests being answered now: a stream whose response is still being sent (a reset
+    /// from the proxy ends it).
+    pub streams_open: AtomicU64,
+}
+
+/// Counts one stream in [`DemoStats::streams_open`] while it lives.
+struct OpenStream(Arc<DemoStats>);
+
+impl OpenStream {
+    fn new(stats: &Arc<DemoStats>) -> Self {
+        stats.streams_open.fetch_add(1, Ordering::Relaxed);
+        Self(stats.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.streams_open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Serves on `listener` forever (on the current `LocalSet`).
@@ -90,7 +109,7 @@ pub async fn serve_until_drained(
 async fn connection(
     tcp: tokio::net::TcpStream,
     opts: &Rc<DemoOptions>,
-    stats: &DemoStats,
+    stats: &Arc<DemoStats>,
     drain: &mut tokio::sync::watch::Receiver<bool>,
 ) {
     let mut conn = match h2::server::Builder::new()
@@ -123,7 +142,9 @@ async fn connection(
         stats.requests.fetch_add(1, Ordering::Relaxed);
         let goaway = opts.goaway_every.is_some_and(|n| served.is_multiple_of(n));
         let opts = opts.clone();
+        let open = OpenStream::new(stats);
         tokio::task::spawn_local(async move {
+            let _open = open;
             let _ = handle(req, respond, &opts).await;
         });
         if goaway {
@@ -386,7 +407,8 @@ async fn send_all(
             Some(Ok(0)) => continue,
             Some(Ok(n)) => n,
             Some(Err(e)) => return Err(e),
-            None => return Ok(()),
+            // The stream is over (the peer reset it): stop producing the rest.
+            None => return Err(h2::Reason::CANCEL.into()),
         };
         let chunk = data.split_to(cap.min(data.len()));
         send.send_data(chunk, end && data.is_empty())?;

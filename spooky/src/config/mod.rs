@@ -120,6 +120,12 @@ pub struct Quic {
     /// Most connections one client address may hold (checked per worker, so across the
     /// process this is approximate).
     pub max_connections_per_ip: usize,
+    /// Response streams one connection may hold stalled (the client takes nothing on the
+    /// whole connection); more are reset with `H3_EXCESSIVE_LOAD`.
+    pub max_stalled_streams: u32,
+    /// The same over all connections from one client address (an IPv6 client: its /64); each
+    /// worker enforces its share.
+    pub max_stalled_streams_per_ip: u32,
     pub retry: RetryMode,
     /// Total connection ID length (bytes).
     pub cid_len: u8,
@@ -154,6 +160,9 @@ pub struct Proxy {
     pub shutdown_grace: Duration,
     /// Largest request header list accepted (bytes, as HTTP/3 counts it).
     pub max_header_list_size: u64,
+    /// Resident memory above which new requests get 503 and stalled streams are reset;
+    /// `None`: no limit.
+    pub memory_limit: Option<u64>,
 }
 
 /// One upstream pool.

@@ -106,6 +106,8 @@ pub(super) struct RawQuic {
     pub initial_max_stream_data: RawSize,
     pub max_connections: i64,
     pub max_connections_per_ip: i64,
+    pub max_stalled_streams: i64,
+    pub max_stalled_streams_per_ip: i64,
     pub retry: String,
     /// Only meaningful with `retry: auto`; `None` = 1000.
     pub retry_threshold: Option<i64>,
@@ -131,6 +133,8 @@ impl Default for RawQuic {
             initial_max_stream_data: RawSize::Bytes(1024 * 1024),
             max_connections: 100_000,
             max_connections_per_ip: 1000,
+            max_stalled_streams: 16,
+            max_stalled_streams_per_ip: 256,
             retry: "auto".to_owned(),
             retry_threshold: None,
             cid_len: 16,
@@ -149,6 +153,8 @@ pub(super) struct RawProxy {
     pub via: bool,
     pub shutdown_grace: RawDuration,
     pub max_header_list_size: RawSize,
+    /// `None`: no memory limit.
+    pub memory_limit: Option<RawSize>,
 }
 
 impl Default for RawProxy {
@@ -158,6 +164,7 @@ impl Default for RawProxy {
             via: true,
             shutdown_grace: RawDuration::Millis(30_000),
             max_header_list_size: RawSize::Bytes(64 * 1024),
+            memory_limit: None,
         }
     }
 }

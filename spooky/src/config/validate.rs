@@ -352,6 +352,14 @@ fn build_quic(raw: &RawQuic, io: &Io<'_>, errs: &mut Errors) -> Option<Quic> {
         "quic.max_connections_per_ip",
         int_in(raw.max_connections_per_ip, 1, 100_000_000),
     );
+    let max_stalled_streams = errs.check(
+        "quic.max_stalled_streams",
+        int_in(raw.max_stalled_streams, 1, 1 << 30),
+    );
+    let max_stalled_streams_per_ip = errs.check(
+        "quic.max_stalled_streams_per_ip",
+        int_in(raw.max_stalled_streams_per_ip, 1, 1 << 30),
+    );
     let retry = build_retry(raw, errs);
     let cid_len = errs.check("quic.cid_len", int_in::<u8>(raw.cid_len, 0, 255));
     let server_id = errs.check("quic.server_id", parse_server_id(&raw.server_id));
@@ -374,6 +382,8 @@ fn build_quic(raw: &RawQuic, io: &Io<'_>, errs: &mut Errors) -> Option<Quic> {
         initial_max_stream_data: initial_max_stream_data?,
         max_connections: max_connections?,
         max_connections_per_ip: max_connections_per_ip?,
+        max_stalled_streams: max_stalled_streams?,
+        max_stalled_streams_per_ip: max_stalled_streams_per_ip?,
         retry: retry?,
         cid_len: cid_len?,
         server_id: server_id?,
@@ -494,11 +504,16 @@ fn build_proxy(raw: &RawProxy, errs: &mut Errors) -> Option<Proxy> {
         "proxy.max_header_list_size",
         &raw.max_header_list_size,
     );
+    let memory_limit = match &raw.memory_limit {
+        None => Some(None),
+        Some(limit) => size_in(errs, "proxy.memory_limit", limit).map(Some),
+    };
     Some(Proxy {
         forwarded: forwarded?,
         via: raw.via,
         shutdown_grace: shutdown_grace?,
         max_header_list_size: max_header_list_size?,
+        memory_limit: memory_limit?,
     })
 }
 

@@ -20,6 +20,8 @@ pub const H3_REQUEST_REJECTED: u64 = 0x10b;
 pub const H3_REQUEST_CANCELLED: u64 = 0x10c;
 /// HTTP/3 `H3_INTERNAL_ERROR`.
 pub const H3_INTERNAL_ERROR: u64 = 0x102;
+/// HTTP/3 `H3_EXCESSIVE_LOAD`: the peer behaves in a way that generates excessive load.
+pub const H3_EXCESSIVE_LOAD: u64 = 0x107;
 /// HTTP/3 `H3_NO_ERROR`.
 pub const H3_NO_ERROR: u64 = 0x100;
 

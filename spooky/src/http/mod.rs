@@ -196,9 +196,16 @@ impl Forwarder {
     }
 
     /// What to do with a request head `list` (`more_frames`: a body or trailers follow):
-    /// the checks of RFC 9114 §4.3 and the limits, then routing.
+    /// the memory limit, the checks of RFC 9114 §4.3 and the limits, then routing.
     pub fn admit(&self, list: &[Header], more_frames: bool) -> Admission {
         let proxy = &self.snapshot.config.proxy;
+        if crate::ops::memory::over(proxy.memory_limit) {
+            self.services
+                .stats
+                .memory_shed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Admission::Refuse(Failure::Overloaded, None);
+        }
         // RFC 9114 §4.2.2: the size of a field section counts each field's name, value and 32.
         let size: u64 = list
             .iter()

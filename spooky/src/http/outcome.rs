@@ -11,8 +11,8 @@
 //! [`StreamError`]s, with their HTTP/3 codes here too.
 
 use super::bridge::{
-    self, ConvertError, RequestError, RequestHead, H3_INTERNAL_ERROR, H3_MESSAGE_ERROR,
-    H3_REQUEST_CANCELLED, H3_REQUEST_REJECTED,
+    self, ConvertError, RequestError, RequestHead, H3_EXCESSIVE_LOAD, H3_INTERNAL_ERROR,
+    H3_MESSAGE_ERROR, H3_REQUEST_CANCELLED, H3_REQUEST_REJECTED,
 };
 use super::Forwarder;
 use crate::health::TrafficOutcome;
@@ -47,6 +47,8 @@ pub enum Failure {
     BodyIdle { idle: Duration },
     /// No backend of the pool may take the request.
     NoHealthyBackend { pool: String },
+    /// The process is above `proxy.memory_limit`: new requests are shed.
+    Overloaded,
     /// The head could not be expressed in HTTP/2.
     Convert(ConvertError),
     /// Talking to the backend failed.
@@ -84,7 +86,7 @@ impl Failure {
             Failure::Connect => 501,
             Failure::BodyTooLarge { .. } => 413,
             Failure::BodyIdle { .. } => 408,
-            Failure::NoHealthyBackend { .. } => 503,
+            Failure::NoHealthyBackend { .. } | Failure::Overloaded => 503,
             Failure::Upstream(e) if is_timeout(e.kind) => 504,
             Failure::Convert(_) | Failure::Upstream(_) | Failure::Broken { .. } => 502,
             Failure::ClientGone => CLIENT_CLOSED,
@@ -102,6 +104,7 @@ impl Failure {
             Failure::BodyTooLarge { .. } => "request body too large".into(),
             Failure::BodyIdle { .. } => "request body timed out".into(),
             Failure::NoHealthyBackend { .. } => "no healthy backend".into(),
+            Failure::Overloaded => "overloaded".into(),
             Failure::Upstream(e) if is_timeout(e.kind) => "upstream timed out".into(),
             _ => "bad gateway".into(),
         }
@@ -115,7 +118,9 @@ impl Failure {
             _ if head_sent => Reaction::Reset(H3_INTERNAL_ERROR),
             _ => {
                 let status = self.status();
-                let retry_after = matches!(self, Failure::NoHealthyBackend { .. }).then_some(1);
+                let retry_after =
+                    matches!(self, Failure::NoHealthyBackend { .. } | Failure::Overloaded)
+                        .then_some(1);
                 let (fields, body) = bridge::local_response(status, &self.text(), retry_after);
                 Reaction::Answer {
                     status,
@@ -227,6 +232,9 @@ pub enum StreamError {
     /// The client took no byte of the response for `quic.send_timeout` (it never reads, or
     /// withholds flow-control credit): the stream and the backend's are released.
     SendTimeout,
+    /// A stalled response stream over `quic.max_stalled_streams(_per_ip)`, or held while the
+    /// process is above `proxy.memory_limit`: released with the backend's.
+    Shed,
 }
 
 impl StreamError {
@@ -236,6 +244,7 @@ impl StreamError {
             StreamError::HeadTimeout | StreamError::StopUpload => H3_REQUEST_REJECTED,
             StreamError::BadTrailers | StreamError::LengthMismatch => H3_MESSAGE_ERROR,
             StreamError::WriteFailed | StreamError::SendTimeout => H3_REQUEST_CANCELLED,
+            StreamError::Shed => H3_EXCESSIVE_LOAD,
         }
     }
 }

@@ -124,7 +124,7 @@ pub fn render(ops: &Ops) -> String {
         );
     }
 
-    let worker_metrics: [WorkerMetric; 16] = [
+    let worker_metrics: [WorkerMetric; 18] = [
         ("spooky_quic_connections_active", "gauge", "Open QUIC connections.", |w| w.connections_active.load(Ordering::Relaxed)),
         ("spooky_http3_streams_active", "gauge", "Open HTTP/3 request streams.", |w| w.streams_active.load(Ordering::Relaxed)),
         ("spooky_quic_connections_accepted_total", "counter", "QUIC connections accepted (handshakes started).", |w| w.connections_accepted.load(Ordering::Relaxed)),
@@ -140,6 +140,8 @@ pub fn render(ops: &Ops) -> String {
         ("spooky_quic_version_negotiations_sent_total", "counter", "Version Negotiation packets sent (only for datagrams of at least 1200 bytes, at most 1000 per second per worker).", |w| w.negotiations_sent.load(Ordering::Relaxed)),
         ("spooky_quic_stateless_resets_sent_total", "counter", "Stateless Resets sent for packets of connections this process does not have (a crashed or replaced predecessor's).", |w| w.resets_sent.load(Ordering::Relaxed)),
         ("spooky_quic_foreign_packets_total", "counter", "Packets of another live Spooky generation that reached this process during a takeover (dropped unanswered; 0 while steering works).", |w| w.foreign.load(Ordering::Relaxed)),
+        ("spooky_http3_stalled_streams_shed_total", "counter", "Stalled response streams reset with H3_EXCESSIVE_LOAD (with their backend streams) because their connection or client address held quic.max_stalled_streams(_per_ip) already.", |w| w.stalled_shed.load(Ordering::Relaxed)),
+        ("spooky_memory_shed_total", "counter", "Above proxy.memory_limit: requests answered 503 and stalled response streams reset.", |w| w.memory_shed.load(Ordering::Relaxed)),
         ("spooky_http3_request_head_timeouts_total", "counter", "Request streams reset because their head did not arrive within quic.request_header_timeout.", |w| w.request_head_timeouts.load(Ordering::Relaxed)),
     ];
     for (name, kind, help, get) in worker_metrics {
@@ -148,6 +150,17 @@ pub fn render(ops: &Ops) -> String {
             let _ = writeln!(out, "{name}{{worker=\"{i}\"}} {}", get(w));
         }
     }
+    head(
+        &mut out,
+        "spooky_process_resident_memory_bytes",
+        "gauge",
+        "Resident memory of the process (what proxy.memory_limit is compared with).",
+    );
+    let _ = writeln!(
+        out,
+        "spooky_process_resident_memory_bytes {}",
+        super::memory::resident()
+    );
 
     head(
         &mut out,

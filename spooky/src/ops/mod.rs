@@ -1,11 +1,13 @@
 //! Operating Spooky: the admin listener ([`admin`]), the Prometheus exposition
 //! ([`metrics`]), the access log ([`access_log`]), live reload ([`reload`]), `spooky status`
-//! ([`status`]), logging ([`telemetry`]) and dropping privileges ([`privilege`]).
+//! ([`status`]), logging ([`telemetry`]), dropping privileges ([`privilege`]) and the
+//! process's resident memory ([`memory`]).
 
 pub(crate) mod access_log;
 pub(crate) mod admin;
 /// The admin listener's bounds (see `admin`).
 pub use admin::{H1_TIMEOUT as ADMIN_H1_TIMEOUT, MAX_CONNECTIONS as ADMIN_MAX_CONNECTIONS};
+pub(crate) mod memory;
 pub(crate) mod metrics;
 pub(crate) mod privilege;
 pub mod reload;

@@ -4,6 +4,7 @@
 //! ([`Forwarder::admit`]); answers Spooky gives itself never reach a backend.
 
 use super::heads::PendingHeads;
+use super::stall::{StallBook, STALL_GRACE};
 use crate::http::bridge::{self, H3_NO_ERROR};
 use crate::http::exchange::{self, BodyError, LoopEnd, Pending};
 use crate::http::outcome::{self, Finished, Reaction, StreamError};
@@ -11,7 +12,7 @@ use crate::http::{Admission, ConnRef, Forwarder};
 use bytes::Bytes;
 use quiche::h3;
 use quiche::ConnectionId;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -69,6 +70,20 @@ pub struct Conn {
     /// Response streams with data waiting that quiche cannot take (the client's flow control
     /// is closed): since when nothing was taken (`quic.send_timeout`).
     stalled: HashMap<u64, Instant>,
+    /// The stalled streams this connection holds (see `stall`), counted in `stalls`.
+    held: HashSet<u64>,
+    /// Held streams per client address, shared by the worker's connections.
+    stalls: Rc<StallBook>,
+    /// When a response stream last took a byte (or the connection was opened).
+    last_taken: Instant,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        for _ in self.held.drain() {
+            self.stalls.release(self.ip);
+        }
+    }
 }
 
 impl Conn {
@@ -78,6 +93,7 @@ impl Conn {
         gen: u64,
         aliases: Vec<ConnectionId<'static>>,
         handshake_deadline: Instant,
+        stalls: Rc<StallBook>,
     ) -> Self {
         Self {
             quic,
@@ -95,6 +111,9 @@ impl Conn {
             lingering: Vec::new(),
             heads: PendingHeads::default(),
             stalled: HashMap::new(),
+            held: HashSet::new(),
+            stalls,
+            last_taken: Instant::now(),
         }
     }
 
@@ -137,6 +156,7 @@ impl Conn {
         }
         self.expire_heads(fwd, now);
         self.expire_stalled(fwd, now);
+        self.police_stalled(fwd, now);
         // Two rounds: reading a blocked body may surface `Finished`, flushing may unblock reads.
         for _ in 0..2 {
             self.poll_events(&mut h3c, fwd, slot);
@@ -171,9 +191,76 @@ impl Conn {
         self.goaway_sent.map(|at| at + grace)
     }
 
-    /// When the longest-stalled response stream runs out of `timeout`.
-    pub fn send_deadline(&self, timeout: Duration) -> Option<Instant> {
-        self.stalled.values().min().map(|since| *since + timeout)
+    /// When a stalled response stream next needs a look: it runs out of `timeout`, or (not
+    /// held yet) it and its connection have taken nothing for [`STALL_GRACE`]. With a memory
+    /// limit (`recheck`), held streams are looked at every [`STALL_GRACE`] too: they are the
+    /// first to go when the process is over it.
+    pub fn send_deadline(&self, timeout: Duration, recheck: bool) -> Option<Instant> {
+        let next_check = Instant::now() + STALL_GRACE;
+        self.stalled
+            .iter()
+            .map(|(sid, since)| {
+                let expires = *since + timeout;
+                if !self.held.contains(sid) {
+                    expires.min((*since).max(self.last_taken) + STALL_GRACE)
+                } else if recheck {
+                    expires.min(next_check)
+                } else {
+                    expires
+                }
+            })
+            .min()
+    }
+
+    /// The stream stopped being stalled (it took data, ended or was reset).
+    fn unstall(&mut self, sid: u64) {
+        self.stalled.remove(&sid);
+        if self.held.remove(&sid) {
+            self.stalls.release(self.ip);
+        }
+    }
+
+    /// Streams stalled for [`STALL_GRACE`] on a connection that took nothing for as long
+    /// become held, within `quic.max_stalled_streams` and this worker's share of
+    /// `quic.max_stalled_streams_per_ip`; past either they are reset with their backend
+    /// streams (`H3_EXCESSIVE_LOAD`). Above `proxy.memory_limit` every stream stalled for the
+    /// grace is reset.
+    fn police_stalled(&mut self, fwd: &Forwarder, now: Instant) {
+        let config = &fwd.snapshot.config;
+        let over_memory = crate::ops::memory::over(config.proxy.memory_limit);
+        let starved = now.saturating_duration_since(self.last_taken) >= STALL_GRACE;
+        if !starved && !over_memory {
+            return;
+        }
+        let mut due: Vec<(Instant, u64)> = self
+            .stalled
+            .iter()
+            .filter(|(sid, since)| {
+                now.saturating_duration_since(**since) >= STALL_GRACE
+                    && (over_memory || !self.held.contains(sid))
+            })
+            .map(|(sid, since)| (*since, *sid))
+            .collect();
+        // The longest-stalled are held first.
+        due.sort_unstable();
+        let per_ip = self.stalls.share(config.quic.max_stalled_streams_per_ip);
+        for (_, sid) in due {
+            let stats = &fwd.services.stats;
+            if over_memory {
+                stats.memory_shed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(peer = %self.peer, stream = sid, "stalled stream shed: over proxy.memory_limit");
+            } else if self.held.len() >= config.quic.max_stalled_streams as usize
+                || self.stalls.held(self.ip) >= per_ip
+            {
+                stats.stalled_shed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(peer = %self.peer, stream = sid, "stalled stream shed: too many held");
+            } else {
+                self.held.insert(sid);
+                self.stalls.hold(self.ip);
+                continue;
+            }
+            self.fail_stream(sid, StreamError::Shed);
+        }
     }
 
     /// Resets the response streams the client has let take nothing for `timeout`, and the
@@ -187,7 +274,7 @@ impl Conn {
             .map(|(sid, _)| *sid)
             .collect();
         for sid in expired {
-            self.stalled.remove(&sid);
+            self.unstall(sid);
             tracing::debug!(peer = %self.peer, stream = sid, ?timeout, "response stalled: reset");
             fwd.services
                 .stats
@@ -398,7 +485,7 @@ impl Conn {
     }
 
     fn reset(&mut self, sid: u64, code: u64) {
-        self.stalled.remove(&sid);
+        self.unstall(sid);
         let _ = self
             .quic
             .stream_shutdown(sid, quiche::Shutdown::Write, code);
@@ -413,7 +500,7 @@ impl Conn {
         };
         if s.client_gone() {
             self.streams.remove(&sid);
-            self.stalled.remove(&sid);
+            self.unstall(sid);
             return;
         }
         let mut progress = false;
@@ -474,18 +561,19 @@ impl Conn {
                 break Err(h3::Error::InternalError);
             }
         };
+        let now = Instant::now();
+        if progress {
+            self.last_taken = now;
+        }
         match written {
-            Ok(()) => {
-                self.stalled.remove(&sid);
-            }
+            Ok(()) => self.unstall(sid),
             Err(h3::Error::StreamBlocked | h3::Error::Done) => {
                 // Something waits that quiche would not take: the clock runs from the last
                 // byte taken.
-                let now = Instant::now();
-                let since = self.stalled.entry(sid).or_insert(now);
                 if progress {
-                    *since = now;
+                    self.unstall(sid);
                 }
+                self.stalled.entry(sid).or_insert(now);
             }
             Err(e) => {
                 tracing::debug!(stream = sid, error = %e, "writing the response failed");

@@ -7,6 +7,7 @@
 //! | [`token`] | sans-IO: Retry and stateless-reset tokens, time passed in |
 //! | `conn` | one client connection: HTTP/3 events in, responses out |
 //! | `heads` | the request-header clock (`quic.request_header_timeout`) |
+//! | `stall` | stalled response streams a client may hold (`quic.max_stalled_streams`) |
 //! | `send`, `udp` | the socket: GSO batches out, `recvmmsg` with GRO in |
 //! | [`worker`] | the loop that does the I/O around all of it |
 
@@ -14,6 +15,7 @@ mod conn;
 pub mod endpoint;
 mod heads;
 mod send;
+mod stall;
 pub(crate) mod token;
 mod udp;
 pub(crate) mod worker;

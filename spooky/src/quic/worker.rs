@@ -13,6 +13,7 @@
 use super::conn::{BytesFactory, Conn};
 use super::endpoint::{Decision, DropReason, Endpoint, Generations, Limits, Now, RESET_LEN};
 use super::send::{Sender, MAX_DATAGRAM};
+use super::stall::StallBook;
 use super::token;
 use super::udp;
 use crate::http::{Forwarder, Services};
@@ -160,6 +161,8 @@ struct Worker {
     draining: Option<Instant>,
     recv_buf: udp::RecvBatch,
     touched: Vec<usize>,
+    /// Stalled response streams held per client address (`quic.max_stalled_streams_per_ip`).
+    stalls: Rc<StallBook>,
 }
 
 impl Worker {
@@ -217,6 +220,7 @@ impl Worker {
             draining: None,
             recv_buf: udp::RecvBatch::new(MAX_DATAGRAM),
             touched: Vec::new(),
+            stalls: Rc::new(StallBook::new(setup.workers)),
         })
     }
 
@@ -519,6 +523,7 @@ impl Worker {
             gen,
             aliases,
             handshake_deadline,
+            self.stalls.clone(),
         )));
         self.endpoint.opened(from.ip());
         let stats = self.services.stats.clone();
@@ -605,7 +610,8 @@ impl Worker {
             // the last stream's end closes it).
             let draining = conn.drain_deadline().filter(|d| *d > Instant::now());
             let head = conn.head_deadline(quic_cfg.request_header_timeout);
-            let stalled = conn.send_deadline(quic_cfg.send_timeout);
+            let memory_limit = fwd.snapshot.config.proxy.memory_limit.is_some();
+            let stalled = conn.send_deadline(quic_cfg.send_timeout, memory_limit);
             for d in [head, stalled, draining].into_iter().flatten() {
                 deadline = Some(deadline.map_or(d, |x| x.min(d)));
             }

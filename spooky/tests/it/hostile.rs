@@ -609,7 +609,12 @@ fn version_negotiation_only_answers_full_size_datagrams() {
 #[test]
 fn streams_a_client_never_reads_are_reset_with_their_backend_streams() {
     let b1 = backend("b1");
-    let p = one_pool(b1.addr, "", "quic:\n  retry: off\n  send_timeout: 2s\n");
+    // Caps above what the probe holds: this test is about the timeout alone.
+    let p = one_pool(
+        b1.addr,
+        "",
+        "quic:\n  retry: off\n  send_timeout: 2s\n  max_stalled_streams: 25\n",
+    );
     let stall = std::process::Command::new("python3")
         .arg(repo_root().join("spooky/tests/peers/h3_stall.py"))
         .args(["--port", &p.addr.port().to_string(), "--ca"])
@@ -651,15 +656,136 @@ fn streams_a_client_never_reads_are_reset_with_their_backend_streams() {
         100.0,
         "{metrics}"
     );
-    // The backend streams were released with them.
+    // The backend streams were released with them: the backend is sending nothing.
+    wait_for_backend_streams(&b1, 0);
+}
+
+/// Runs `h3_stall.py` (aioquic, flow-control credit withheld) against `port`.
+fn stall_probe(port: u16, connections: u32, streams: u32, wait_s: u32) -> std::process::Child {
+    std::process::Command::new("python3")
+        .arg(repo_root().join("spooky/tests/peers/h3_stall.py"))
+        .args(["--port", &port.to_string(), "--ca"])
+        .arg(certs_dir().join("ca.crt"))
+        .args(["--connections", &connections.to_string()])
+        .args(["--streams", &streams.to_string()])
+        .args(["--wait", &wait_s.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 (aioquic) cannot be started: run cargo xtask setup")
+}
+
+fn stall_report(probe: std::process::Child) -> serde_json::Value {
+    let out = probe.wait_with_output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("h3_stall.py: {e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(report["error"], serde_json::Value::Null, "{report}");
+    report
+}
+
+/// The never-reading client again, with low caps and one worker so that the counts are
+/// exact: a connection holds `quic.max_stalled_streams` (4) stalled streams, the client's
+/// address `quic.max_stalled_streams_per_ip` (6); the other 24 of its 30 streams are reset
+/// with `H3_EXCESSIVE_LOAD` about a second after they stall (not after the 30 s send
+/// timeout), with their backend streams; another client is served meanwhile.
+#[test]
+fn stalled_streams_are_capped_per_connection_and_per_address() {
+    let b1 = backend("b1");
+    let p = proxy(
+        &pool("main", "/", None, "round-robin", &[("b1", b1.addr)], ""),
+        "quic:\n  retry: off\n  send_timeout: 30s\n  max_stalled_streams: 4\n  \
+         max_stalled_streams_per_ip: 6\n",
+        1,
+    );
+    let probe = stall_probe(p.addr.port(), 3, 10, 6);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut c = client(p.addr);
+    for _ in 0..20 {
+        let r = c
+            .request(&Request::get("localhost", "/size/1000"), T)
+            .unwrap();
+        assert_eq!(r.status, 200);
+    }
+    // While the probe still runs: the shed streams' backend streams are released, the 6
+    // held ones remain.
+    wait_for_backend_streams(&b1, 6);
+    let report = stall_report(probe);
+    assert_eq!(report["reset"], 24, "30 streams, 6 held: {report}");
+    assert_eq!(report["ended"], 0, "{report}");
+    assert_eq!(
+        report["reset_codes"],
+        serde_json::json!([0x107]),
+        "H3_EXCESSIVE_LOAD: {report}"
+    );
+    let first = report["first_reset_s"].as_f64().unwrap();
+    assert!(first >= 0.9, "reset before the stall grace: {report}");
+    let metrics = p.running.as_ref().unwrap().metrics_text();
+    let value = |name: &str| metric_sum(&metrics, name);
+    assert_eq!(
+        value("spooky_http3_stalled_streams_shed_total"),
+        24.0,
+        "{metrics}"
+    );
+    assert_eq!(value("spooky_http3_send_timeouts_total"), 0.0, "{metrics}");
+    // The probe closed its connections on exit: the held streams go too.
+    wait_for_backend_streams(&b1, 0);
+}
+
+/// Waits until `backend` is sending `n` responses (requests answered in full or reset by
+/// the proxy are over).
+fn wait_for_backend_streams(backend: &Backend, n: u64) {
     let deadline = Instant::now() + T;
-    while value("spooky_backend_in_flight{") != 0.0 {
+    loop {
+        let open = backend.stats.streams_open.load(Ordering::Relaxed);
+        if open == n {
+            return;
+        }
         assert!(
             Instant::now() < deadline,
-            "backend streams still held:\n{metrics}"
+            "the backend still sends {open} responses, want {n}"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Above `proxy.memory_limit` (lowered by a reload below what the process holds): new
+/// requests get 503 with `retry-after`, held stalled streams are reset with
+/// `H3_EXCESSIVE_LOAD`, both counted; lifting the limit restores service.
+#[test]
+fn above_the_memory_limit_requests_are_shed_and_stalled_streams_reset() {
+    let b1 = backend("b1");
+    let p = one_pool(
+        b1.addr,
+        "",
+        "quic:\n  retry: off\n  max_stalled_streams: 100\n",
+    );
+    let running = p.running.as_ref().unwrap();
+    let probe = stall_probe(p.addr.port(), 1, 10, 5);
+    // Held by then (a second of stall), and nothing sheds them: no cap is reached.
+    std::thread::sleep(Duration::from_secs(2));
+    let live = running.reloader();
+    let mut config = live.current().config.clone();
+    config.proxy.memory_limit = Some(1 << 20);
+    live.apply(config.clone()).unwrap();
+    let mut c = client(p.addr);
+    let get = Request::get("localhost", "/size/100");
+    let r = c.request(&get, T).unwrap();
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    let report = stall_report(probe);
+    assert_eq!(report["reset"], 10, "{report}");
+    wait_for_backend_streams(&b1, 0);
+    assert_eq!(
+        report["reset_codes"],
+        serde_json::json!([0x107]),
+        "{report}"
+    );
+    let metrics = running.metrics_text();
+    let value = |name: &str| metric_sum(&metrics, name);
+    assert_eq!(value("spooky_memory_shed_total"), 11.0, "{metrics}");
+    assert!(value("spooky_process_resident_memory_bytes") > f64::from(1 << 20));
+    config.proxy.memory_limit = None;
+    live.apply(config).unwrap();
+    assert_eq!(c.request(&get, T).unwrap().status, 200);
 }
 
 /// A worker that dies while serving: its clients get a Stateless Reset on their next packet

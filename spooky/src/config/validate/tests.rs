@@ -75,6 +75,8 @@ fn minimal_config_gets_every_default() {
             initial_max_stream_data: 1 << 20,
             max_connections: 100_000,
             max_connections_per_ip: 1000,
+            max_stalled_streams: 16,
+            max_stalled_streams_per_ip: 256,
             retry: RetryMode::Auto {
                 new_connections_per_sec: 1000
             },
@@ -91,6 +93,7 @@ fn minimal_config_gets_every_default() {
             via: true,
             shutdown_grace: Duration::from_secs(30),
             max_header_list_size: 64 << 10,
+            memory_limit: None,
         }
     );
     assert_eq!(
@@ -176,6 +179,8 @@ quic:
   initial_max_data: 20MiB
   initial_max_stream_data: 65536
   max_connections: 10
+  max_stalled_streams: 4
+  max_stalled_streams_per_ip: 40
   retry: always
   cid_len: 20
   server_id: "0x0a0b0c"
@@ -185,6 +190,7 @@ proxy:
   via: false
   shutdown_grace: 1m
   max_header_list_size: 32KiB
+  memory_limit: 512MiB
 upstream:
   web:
     load_balancing: {type: consistent-hash, replicas: 40, key: "header:X-User"}
@@ -221,6 +227,13 @@ workers: 4
     assert_eq!(c.quic.initial_max_data, 20 << 20);
     assert_eq!(c.quic.initial_max_stream_data, 65536);
     assert_eq!(c.quic.max_connections, 10);
+    assert_eq!(
+        (
+            c.quic.max_stalled_streams,
+            c.quic.max_stalled_streams_per_ip
+        ),
+        (4, 40)
+    );
     assert_eq!(c.quic.retry, RetryMode::Always);
     assert_eq!((c.quic.cid_len, c.quic.generation), (20, 6));
     assert_eq!(c.quic.server_id, vec![0x0a, 0x0b, 0x0c]);
@@ -231,6 +244,7 @@ workers: 4
             via: false,
             shutdown_grace: Duration::from_secs(60),
             max_header_list_size: 32 << 10,
+            memory_limit: Some(512 << 20),
         }
     );
     // Sorted by name.
@@ -767,6 +781,17 @@ fn quic_rules() {
                 "quic.initial_max_stream_data: invalid size \"1PiB\" (use bytes as an integer, or an integer with a unit: B, KB, KiB, MB, MiB, GB, GiB, e.g. \"64KiB\")",
             ]
         );
+    assert_eq!(
+        quic("max_stalled_streams: 0, max_stalled_streams_per_ip: -1"),
+        [
+            "quic.max_stalled_streams: must be between 1 and 1073741824, got 0",
+            "quic.max_stalled_streams_per_ip: must be between 1 and 1073741824, got -1",
+        ]
+    );
+    assert_eq!(
+        problems(&format!("proxy: {{memory_limit: 0}}\n{ONE_UPSTREAM}")),
+        ["proxy.memory_limit: must be between 1 and 4611686018427387903 bytes, got 0"]
+    );
     assert_eq!(
         quic("retry: sometimes"),
         ["quic.retry: unknown retry mode \"sometimes\" (allowed: off, always, auto)"]

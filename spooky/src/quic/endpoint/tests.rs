@@ -343,6 +343,8 @@ fn limits_are_shared_between_workers() {
         initial_max_stream_data: 1 << 20,
         max_connections: 1000,
         max_connections_per_ip: 10,
+        max_stalled_streams: 16,
+        max_stalled_streams_per_ip: 256,
         retry: RetryMode::Off,
         cid_len: 16,
         server_id: vec![1, 2],
