@@ -239,6 +239,8 @@ pub fn start_from(
     opts: &RunOptions,
     path: Option<PathBuf>,
 ) -> Result<Running, StartError> {
+    // Before any thread starts: those started ahead of the lock-down drop their own.
+    crate::ops::privilege::plan_lock_down(opts.lock_down);
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);

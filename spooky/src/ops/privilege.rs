@@ -14,6 +14,7 @@
 
 use crate::config::User;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Why the switch failed.
 #[derive(Debug, thiserror::Error)]
@@ -141,12 +142,43 @@ pub fn lock_down() -> Result<(), PrivilegeError> {
     Ok(())
 }
 
-/// The process's effective capabilities (the low 64 bits).
+/// Whether this process will [`lock_down`] once started (set at the start of start-up).
+static LOCK_DOWN_PLANNED: AtomicBool = AtomicBool::new(false);
+
+/// Says whether the process will lock down: helper threads started before that give up
+/// their own capabilities at once ([`lock_down_helper_thread`]). Capabilities belong to
+/// threads, and a thread keeps those it was created with.
+pub fn plan_lock_down(planned: bool) {
+    LOCK_DOWN_PLANNED.store(planned, Ordering::Relaxed);
+}
+
+/// Called first by a helper thread started before the lock-down (the access-log writer, the
+/// steering counters): when the process will lock down, gives up this thread's capabilities
+/// now (it needs none: it writes to descriptors opened before).
+pub fn lock_down_helper_thread() {
+    if LOCK_DOWN_PLANNED.load(Ordering::Relaxed) {
+        if let Err(e) = lock_down() {
+            tracing::warn!(error = %e, "a helper thread could not give up its capabilities");
+        }
+    }
+}
+
+/// The effective capabilities (the low 64 bits) of any of the process's threads: their
+/// union, so a thread that kept one shows.
 pub fn effective_capabilities() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0)
+    let capeff = |status: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    let mut union = 0;
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for task in tasks.flatten() {
+            union |=
+                capeff(&std::fs::read_to_string(task.path().join("status")).unwrap_or_default());
+        }
+    }
+    union | capeff(&std::fs::read_to_string("/proc/self/status").unwrap_or_default())
 }

@@ -445,13 +445,16 @@ impl CountersThread {
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("spooky-steering".into())
-            .spawn(move || loop {
-                write_counters(&mut map, &stats, generation);
-                match stopped.recv_timeout(COUNTERS_PERIOD) {
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {
-                        write_counters(&mut map, &stats, generation);
-                        return;
+            .spawn(move || {
+                crate::ops::privilege::lock_down_helper_thread();
+                loop {
+                    write_counters(&mut map, &stats, generation);
+                    match stopped.recv_timeout(COUNTERS_PERIOD) {
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                            write_counters(&mut map, &stats, generation);
+                            return;
+                        }
                     }
                 }
             })?;
