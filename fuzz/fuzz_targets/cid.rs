@@ -15,9 +15,11 @@
 //! - `CidLayout::new` accepts exactly the layouts the QUIC-LB rules allow (raw bytes);
 //! - `fnv1a32` is FNV-1a over at most the first 20 bytes;
 //! - `worker_of` / `place` never panic, `place` names a worker its generation has, only
-//!   claims IDs whose first octet carries a routable generation, and hashes every other DCID
-//!   onto the newest generation;
+//!   claims IDs whose first octet carries a routable generation (never for an Initial: its
+//!   worker byte is not trusted, it is hashed within the live generation it names), and
+//!   hashes every other DCID onto the newest generation;
 //! - `write` then `worker_of` round-trips the worker, and `place` returns it when in range;
+//!   `write_placed` mints an ID whose Initials `place` puts on its worker;
 //! - the classic BPF reuseport program is well formed (the kernel's checks) and `interpret`
 //!   agrees with `place` on every packet the XDP parser accepts;
 //! - the XDP parser (`spooky_common::packet` and `quic`, the kernel program's own code: its
@@ -185,13 +187,19 @@ fn check_worker_of_and_place(layout: &CidLayout, table: &SocketTable, dcid: &[u8
         } => {
             assert!(worker < workers(generation), "{got:?} past its generation");
             if by_cid {
+                assert!(
+                    !initial,
+                    "an Initial placed by its worker byte: {dcid:02x?}"
+                );
                 assert_eq!(ours, Some(generation));
                 assert_eq!(dcid.get(layout.worker_offset()), Some(&(worker as u8)));
             } else {
                 assert!(ours.is_none() || initial, "our ID hashed: {dcid:02x?}");
-                assert_eq!(generation, table.newest);
+                // An Initial that looks like ours stays in the generation it names, if live.
+                let within = ours.filter(|g| initial && workers(*g) > 0);
+                assert_eq!(generation, within.unwrap_or(table.newest));
                 let hash = fnv1a32_keyed(table.hash_key, dcid);
-                assert_eq!(worker, hash % workers(table.newest));
+                assert_eq!(worker, hash % workers(generation));
             }
         }
         Place::Unowned => assert!(
@@ -219,6 +227,38 @@ fn check_write(layout: &CidLayout, table: &SocketTable, data: &[u8], worker: u8,
     }
     assert_eq!(&cid[layout.worker_offset() + 1..], &nonce[..nonce_len]);
     assert_eq!(layout.worker_of(cid), Some(worker));
+    // Minted for Initials: the hash that places Initials names the worker.
+    let live = workers_of(table)(layout.generation());
+    if live > 0 && u32::from(worker) < live {
+        let mut placed = [0u8; MAX_CID_LEN];
+        let mut draws = 0u32;
+        let fill = |nonce: &mut [u8]| {
+            draws += 1;
+            for (i, b) in nonce.iter_mut().enumerate() {
+                *b = data.get(i).copied().unwrap_or(0)
+                    ^ (draws.wrapping_mul(0x9e37_79b9) >> (i % 4 * 8)) as u8;
+            }
+        };
+        let n = layout.write_placed(server_id, worker, table.hash_key, live, fill, &mut placed);
+        assert_eq!(n, layout.cid_len());
+        let got = place(
+            layout,
+            &placed[..n],
+            true,
+            table.hash_key,
+            table.newest,
+            workers_of(table),
+        );
+        let want = Place::Worker {
+            generation: layout.generation(),
+            worker: u32::from(worker),
+            by_cid: false,
+        };
+        assert_eq!(
+            got, want,
+            "a minted ID's Initials go elsewhere ({draws} draws)"
+        );
+    }
     let got = place(
         layout,
         cid,

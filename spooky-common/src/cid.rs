@@ -38,10 +38,11 @@ pub fn fnv1a32(bytes: &[u8]) -> u32 {
 
 /// FNV-1a (32 bit) of `bytes` from the offset basis `FNV_OFFSET ^ key`: the one hash kernel and
 /// user space use to place a client-chosen connection ID on a worker
-/// (`fnv1a32_keyed(key, dcid) % live_workers`). The key is drawn at random when a process
-/// starts, so a client cannot choose DCIDs that all land on one worker. (FNV with a secret
-/// basis is no MAC: it hides the mapping from a blind sender, it does not resist one that
-/// can observe which worker answered.)
+/// (`fnv1a32_keyed(key, dcid) % live_workers`). The key is a secret (derived from the reset
+/// key, so it is the same along a chain of takeovers), so a client cannot choose DCIDs that
+/// land on a worker of its choice. (FNV with a secret basis is no MAC: it hides the mapping
+/// from a blind sender, it does not resist one that can observe which worker answered; and
+/// no DCID-keyed hash spreads a flood that repeats one DCID.)
 #[inline(always)]
 pub fn fnv1a32_keyed(key: u32, bytes: &[u8]) -> u32 {
     let mut hash = FNV_OFFSET ^ key;
@@ -144,6 +145,38 @@ impl CidLayout {
         len
     }
 
+    /// Writes a connection ID for worker `worker` of `workers` (as [`Self::write`]) that the
+    /// Initial rule of [`place`] puts on that worker: `fnv1a32_keyed(key, id) % workers ==
+    /// worker`. An Initial's worker byte is never trusted (a client may choose a DCID that
+    /// only looks like ours), so the IDs a client's Initials carry, the handshake's and a
+    /// Retry's, are made to hash where they belong. Nonces are drawn with `fill` until one
+    /// does (about `workers` draws); after `64 × workers` draws the last is kept (a chance
+    /// below e⁻⁶⁴) and the worker its Initials reach forwards them. Returns the length
+    /// written, 0 as [`Self::write`] does.
+    pub fn write_placed(
+        &self,
+        server_id: &[u8],
+        worker: u8,
+        key: u32,
+        workers: u32,
+        mut fill: impl FnMut(&mut [u8]),
+        out: &mut [u8],
+    ) -> usize {
+        let mut nonce = [0u8; MAX_CID_LEN];
+        let tries = 64 * workers.max(1);
+        let mut n = 0;
+        for _ in 0..tries {
+            fill(&mut nonce);
+            n = self.write(server_id, worker, &nonce, out);
+            if n == 0
+                || fnv1a32_keyed(key, &out[..n]).checked_rem(workers) == Some(u32::from(worker))
+            {
+                break;
+            }
+        }
+        n
+    }
+
     /// The same layout for another generation (a process taking over from this one).
     ///
     /// # Errors
@@ -199,17 +232,18 @@ pub enum Place {
 /// alike. `newest` is the generation new connections go to; `workers(g)` is the number of
 /// workers of the live process of generation `g`, 0 when no live process owns it.
 ///
-/// - A packet whose DCID is one of ours goes to the generation and worker it names, when that
-///   generation is live and has that worker. This includes a client's Initials after its
-///   first flight (they carry the CID we chose) and the Initial answering a Retry.
-/// - Any other DCID is a client's choice (a new connection's first Initials): worker
-///   `fnv1a32_keyed(key, dcid) % workers` of the newest generation.
-/// - A DCID of ours that no live generation owns (a crashed or finished process's) is
-///   nobody's, except on an Initial (`initial`): a client may choose a DCID that only looks
-///   like ours, and it is hashed like any other.
-///
-/// A client-chosen DCID that looks like one of ours *and* names a live worker is placed by
-/// its worker byte; the process there takes the new connection (even while draining).
+/// - A packet other than an Initial whose DCID is one of ours goes to the generation and
+///   worker it names, when that generation is live and has that worker; else nobody's (a
+///   crashed or finished process's connection: user space answers with a Stateless Reset).
+/// - An Initial (`initial`) whose DCID is one of ours by the look never has its worker byte
+///   trusted: a client may choose a DCID that only looks like ours to aim at one worker. It
+///   is hashed onto a worker of the generation it names, `fnv1a32_keyed(key, dcid) %
+///   workers(g)`, when that generation is live. The IDs we hand out for Initials (the
+///   handshake's, a Retry's) are minted to hash onto their own worker
+///   ([`CidLayout::write_placed`]), so the client's later Initials and the answer to a Retry
+///   still reach the worker that has their connection.
+/// - Any other DCID is a client's choice (a new connection's first Initials and 0-RTT):
+///   worker `fnv1a32_keyed(key, dcid) % workers` of the newest generation.
 #[inline(always)]
 pub fn place<F: Fn(u8) -> u32>(
     layout: &CidLayout,
@@ -220,17 +254,25 @@ pub fn place<F: Fn(u8) -> u32>(
     workers: F,
 ) -> Place {
     if let Some(generation) = layout.generation_of(dcid) {
-        let worker = dcid
-            .get(layout.worker_offset())
-            .map_or(u32::MAX, |w| *w as u32);
-        if worker < workers(generation) {
-            return Place::Worker {
-                generation,
-                worker,
-                by_cid: true,
-            };
-        }
-        if !initial {
+        if initial {
+            if let Some(worker) = fnv1a32_keyed(key, dcid).checked_rem(workers(generation)) {
+                return Place::Worker {
+                    generation,
+                    worker,
+                    by_cid: false,
+                };
+            }
+        } else {
+            let worker = dcid
+                .get(layout.worker_offset())
+                .map_or(u32::MAX, |w| *w as u32);
+            if worker < workers(generation) {
+                return Place::Worker {
+                    generation,
+                    worker,
+                    by_cid: true,
+                };
+            }
             return Place::Unowned;
         }
     }
@@ -345,20 +387,61 @@ mod tests {
         };
         assert_eq!(place(&l, &client, true, 0, 2, live), want);
         assert_eq!(place(&l, &client, false, 0, 2, live), want);
-        // An Initial whose client-chosen DCID only looks like ours (a generation nobody owns,
-        // or a worker it does not have) is a new connection: hashed.
-        for lookalike in [ours(5, 0), ours(2, 3)] {
+        // An Initial whose DCID looks like ours of a generation nobody owns is a new
+        // connection: hashed onto the newest.
+        let lookalike = ours(5, 0);
+        assert_eq!(
+            place(&l, &lookalike, true, 0, 2, live),
+            Place::Worker {
+                generation: 2,
+                worker: fnv1a32(&lookalike) % 3,
+                by_cid: false
+            }
+        );
+        // One of a live generation is hashed onto that generation's workers: its worker
+        // byte (here 3, which generation 2 does not even have) is not trusted.
+        for (g, w, workers) in [(2, 3, 3), (2, 0, 3), (1, 7, 8)] {
+            let lookalike = ours(g, w);
             assert_eq!(
                 place(&l, &lookalike, true, 0, 2, live),
                 Place::Worker {
-                    generation: 2,
-                    worker: fnv1a32(&lookalike) % 3,
+                    generation: g,
+                    worker: fnv1a32(&lookalike) % workers,
                     by_cid: false
                 }
             );
         }
         // No live newest generation: nobody takes it.
         assert_eq!(place(&l, &client, true, 0, 4, live), Place::Unowned);
+    }
+
+    #[test]
+    fn minted_ids_hash_onto_their_own_worker() {
+        let l = layout();
+        let mut seed = 1u32;
+        let mut fill = |buf: &mut [u8]| {
+            for b in buf.iter_mut() {
+                seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                *b = (seed >> 16) as u8;
+            }
+        };
+        for (key, workers) in [(0, 3), (0x5eed_1234, 8), (7, 256), (9, 1)] {
+            for worker in [0, workers - 1, workers / 2] {
+                let mut id = [0u8; 20];
+                let n = l.write_placed(&[1, 2], worker as u8, key, workers, &mut fill, &mut id);
+                assert_eq!(n, 16);
+                assert_eq!(l.worker_of(&id[..n]), Some(worker as u8));
+                assert_eq!(
+                    place(&l, &id[..n], true, key, 1, |_| workers),
+                    Place::Worker {
+                        generation: 1,
+                        worker,
+                        by_cid: false
+                    },
+                    "key {key:#x}, {workers} workers"
+                );
+            }
+        }
     }
 
     #[test]

@@ -164,6 +164,17 @@ impl Keys {
         s
     }
 
+    /// The key of the hash that places Initials on workers (`cid::fnv1a32_keyed`), derived
+    /// from the reset key: processes that follow each other pass their keys on, so they place
+    /// alike, and the connection IDs one minted to hash onto its workers still do while a
+    /// successor's steering places them.
+    pub fn cid_hash_key(&self) -> u32 {
+        let tag = hmac::sign(&self.reset.hmac(), b"spooky: connection ID placement");
+        let mut key = [0u8; 4];
+        key.copy_from_slice(&tag.as_ref()[..4]);
+        u32::from_le_bytes(key)
+    }
+
     /// These keys after a rotation: a new token key, the current one kept as the previous.
     ///
     /// # Errors
@@ -241,6 +252,21 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_placement_key_follows_the_reset_key_through_token_rotations() {
+        let rng = ring::rand::SystemRandom::new();
+        let keys = Keys::generate(&rng).unwrap();
+        let key = keys.cid_hash_key();
+        assert_eq!(keys.clone().cid_hash_key(), key, "passed on: the same");
+        assert_eq!(keys.rotated(&rng).unwrap().cid_hash_key(), key);
+        let other = Keys::generate(&rng).unwrap();
+        assert_ne!(
+            other.cid_hash_key(),
+            key,
+            "another process's keys: another key"
+        );
+    }
 
     #[test]
     fn a_key_file_round_trips_and_rotates() {

@@ -286,10 +286,9 @@ pub fn start_from(
     let access_log =
         Arc::new(AccessLogger::start(&config.log.access).map_err(StartError::AccessLog)?);
     let probes = Arc::new(ProbeBoard::default());
-    // Drawn per process: nobody outside can aim client-chosen DCIDs at one worker.
-    let mut key = [0u8; 4];
-    ring::rand::SecureRandom::fill(&rng, &mut key).map_err(|_| StartError::Randomness)?;
-    let hash_key = u32::from_le_bytes(key);
+    // Secret, so nobody outside can aim client-chosen DCIDs at one worker; the same along a
+    // chain of takeovers (the keys are passed on), so each process's minted IDs stay placed.
+    let hash_key = own_keys.cid_hash_key();
 
     // The first snapshot, complete before anything uses it.
     let snapshot = Arc::new(Snapshot::build(config, &board, &own_keys, 1)?);

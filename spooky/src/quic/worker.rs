@@ -441,7 +441,7 @@ impl Worker {
                 tracing::debug!(worker = self.index, peer = %from, "stateless reset sent");
             }
             Decision::Retry { token } => {
-                let new_scid = self.new_cid();
+                let new_scid = self.new_cid(true);
                 if let Ok(n) = quiche::retry(
                     &hdr.scid,
                     &hdr.dcid,
@@ -461,14 +461,26 @@ impl Worker {
         }
     }
 
-    fn new_cid(&self) -> ConnectionId<'static> {
-        let mut nonce = [0u8; 20];
-        let _ = ring::rand::SecureRandom::fill(&self.rng, &mut nonce);
+    /// A connection ID of this worker. `for_initials`: one a client's Initials will carry
+    /// (the handshake's, a Retry's), minted so that the placement of Initials, which hashes
+    /// them and never trusts their worker byte, brings them here (`CidLayout::write_placed`).
+    fn new_cid(&self, for_initials: bool) -> ConnectionId<'static> {
         let mut cid = [0u8; 20];
         let server_id = &self.cur.fwd.snapshot.config.quic.server_id;
-        let n = self
-            .layout
-            .write(server_id, self.index as u8, &nonce, &mut cid);
+        let fill = |nonce: &mut [u8]| {
+            let _ = ring::rand::SecureRandom::fill(&self.rng, nonce);
+        };
+        let n = if for_initials {
+            let key = self.generations.borrow().hash_key;
+            let workers = u32::try_from(self.peers.len()).unwrap_or(u32::MAX);
+            self.layout
+                .write_placed(server_id, self.index as u8, key, workers, fill, &mut cid)
+        } else {
+            let mut nonce = [0u8; 20];
+            fill(&mut nonce);
+            self.layout
+                .write(server_id, self.index as u8, &nonce, &mut cid)
+        };
         ConnectionId::from_vec(cid[..n].to_vec())
     }
 
@@ -484,7 +496,7 @@ impl Worker {
         let scid = if odcid.is_some() {
             client_dcid.clone()
         } else {
-            self.new_cid()
+            self.new_cid(true)
         };
         // The first connection ID's reset token goes in the transport parameters.
         let reset = token::reset_token(&self.cur.fwd.snapshot.keys, &scid);
@@ -648,7 +660,7 @@ impl Worker {
             return;
         }
         while conn.quic.scids_left() > 0 && conn.aliases.len() < 8 {
-            let cid = self.new_cid();
+            let cid = self.new_cid(false);
             let reset = token::reset_token(&self.cur.fwd.snapshot.keys, &cid);
             if conn.quic.new_scid(&cid, reset, false).is_err() {
                 break;

@@ -15,7 +15,7 @@
 //! The unit tests check the program against `place` by running it in the interpreter here
 //! ([`interpret`]); the integration tests run it in the kernel.
 
-use spooky_common::cid::{FNV_OFFSET, FNV_PRIME};
+use spooky_common::cid::{FNV_OFFSET, FNV_PRIME, UNROUTABLE_GENERATION};
 use spooky_common::{CidLayout, MAX_CID_LEN};
 use std::os::fd::AsRawFd;
 
@@ -225,6 +225,9 @@ pub fn reuseport_program(layout: &CidLayout, table: &SocketTable) -> Vec<Insn> {
 
     a.op(LD_IMM, 0);
     a.op(ST, M_INITIAL);
+    // No generation yet: 7 (unroutable) is nobody's.
+    a.op(LD_IMM, u32::from(UNROUTABLE_GENERATION));
+    a.op(ST, M_GENERATION);
     // A probe: `PROBE_MAGIC ‖ k` → socket k.
     a.op(LD_W_ABS, 0);
     a.jump_unless(JMP_JEQ_K, word(&PROBE_MAGIC[..4]), not_probe);
@@ -267,7 +270,8 @@ pub fn reuseport_program(layout: &CidLayout, table: &SocketTable) -> Vec<Insn> {
     a.op(LD_IMM, 1);
     a.op(ST, M_INITIAL);
     // One of our IDs (this length, these length bits, a routable generation) goes to the
-    // worker it names, if its generation is live; any other DCID is hashed.
+    // worker it names, if its generation is live; any other DCID is hashed. An Initial's
+    // worker byte is not trusted: it is hashed within the generation its DCID names.
     a.here(existing);
     a.op(LD_MEM, M_DCID_LEN);
     a.jump_unless(JMP_JEQ_K, cid_len, hash);
@@ -281,6 +285,8 @@ pub fn reuseport_program(layout: &CidLayout, table: &SocketTable) -> Vec<Insn> {
     a.op(ALU_RSH_K, 5);
     a.jump_if(JMP_JEQ_K, 7, hash);
     a.op(ST, M_GENERATION);
+    a.op(LD_MEM, M_INITIAL);
+    a.jump_if(JMP_JEQ_K, 1, hash);
     a.op(LD_B_IND, w_off);
     a.op(ST, M_WORKER);
     for g in &table.generations {
@@ -299,34 +305,45 @@ pub fn reuseport_program(layout: &CidLayout, table: &SocketTable) -> Vec<Insn> {
     a.jump_if(JMP_JEQ_K, 1, hash);
     a.op(RET_K, NO_CHOICE);
 
-    // Hash: M[hash] = FNV-1a from the keyed basis over the DCID bytes, then % the newest
-    // generation's workers.
+    // Hash: M[hash] = FNV-1a from the keyed basis over the DCID bytes, then % the workers of
+    // the generation an Initial's DCID names (when it is live), else of the newest.
     a.here(hash);
     let newest = table.of(table.newest).unwrap_or(&[]);
-    if newest.is_empty() {
-        a.op(RET_K, NO_CHOICE);
-    } else {
-        let done = a.label();
-        a.op(LD_IMM, FNV_OFFSET ^ table.hash_key);
+    let done = a.label();
+    a.op(LD_IMM, FNV_OFFSET ^ table.hash_key);
+    a.op(ST, M_HASH);
+    for idx in 0..MAX_CID_LEN as u32 {
+        a.op(LD_MEM, M_DCID_LEN);
+        a.jump_unless(JMP_JGT_K, idx, done);
+        a.op(LD_MEM, M_DCID_AT);
+        a.op(TAX, 0);
+        a.op(LD_B_IND, idx);
+        a.op(TAX, 0);
+        a.op(LD_MEM, M_HASH);
+        a.op(ALU_XOR_X, 0);
+        a.op(ALU_MUL_K, FNV_PRIME);
         a.op(ST, M_HASH);
-        for idx in 0..MAX_CID_LEN as u32 {
-            a.op(LD_MEM, M_DCID_LEN);
-            a.jump_unless(JMP_JGT_K, idx, done);
-            a.op(LD_MEM, M_DCID_AT);
-            a.op(TAX, 0);
-            a.op(LD_B_IND, idx);
-            a.op(TAX, 0);
-            a.op(LD_MEM, M_HASH);
-            a.op(ALU_XOR_X, 0);
-            a.op(ALU_MUL_K, FNV_PRIME);
-            a.op(ST, M_HASH);
+    }
+    a.here(done);
+    for g in &table.generations {
+        if g.generation == table.newest || g.sockets.is_empty() {
+            continue; // the newest is the fall-through below
         }
-        a.here(done);
+        let next = a.label();
+        a.op(LD_MEM, M_GENERATION);
+        a.jump_unless(JMP_JEQ_K, u32::from(g.generation), next);
+        a.op(LD_MEM, M_HASH);
+        a.op(ALU_MOD_K, g.sockets.len() as u32);
+        a.lookup(&g.sockets);
+        a.op(RET_K, NO_CHOICE);
+        a.here(next);
+    }
+    if !newest.is_empty() {
         a.op(LD_MEM, M_HASH);
         a.op(ALU_MOD_K, newest.len() as u32);
         a.lookup(newest);
-        a.op(RET_K, NO_CHOICE);
     }
+    a.op(RET_K, NO_CHOICE);
 
     // Not QUIC we can read (a connection ID longer than QUIC allows): user space drops it.
     a.here(junk);

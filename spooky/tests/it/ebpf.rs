@@ -206,6 +206,22 @@ fn our_cid(worker: u8) -> Vec<u8> {
     cid
 }
 
+/// One of our connection IDs for `worker` as a worker mints the ones Initials carry: the
+/// keyed hash (key 0, as `config` sets it) of it names `worker`.
+fn placed_cid(worker: u8) -> Vec<u8> {
+    let mut cid = vec![0u8; CID_LEN as usize];
+    let mut seed = u32::from(worker) + 1;
+    let fill = |nonce: &mut [u8]| {
+        for b in nonce.iter_mut() {
+            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            *b = (seed >> 16) as u8;
+        }
+    };
+    let n = layout().write_placed(&[0xab, 0xcd], worker, 0, WORKERS, fill, &mut cid);
+    assert_eq!(n, CID_LEN as usize);
+    cid
+}
+
 /// A short-header packet (fixed bit set unless `first` says otherwise) with `dcid`.
 fn short_header(first: u8, dcid: &[u8]) -> Vec<u8> {
     let mut p = vec![first];
@@ -400,8 +416,18 @@ fn xdp_table_ipv4_ipv6_vlan_and_quic_forms() {
         other.write(&[0xab, 0xcd], 1, &[0x5a; 20], &mut cid);
         cid
     };
-    let mut retried = initial_v1(&ours, 1200);
-    retried[6 + ours.len() + 1 + 8] = 4; // token length 4 after the 8-byte SCID
+    let minted = placed_cid(3);
+    let mut retried = initial_v1(&minted, 1200);
+    retried[6 + minted.len() + 1 + 8] = 4; // token length 4 after the 8-byte SCID
+                                           // One naming worker 3 whose hash says another: an Initial's worker byte is not trusted.
+    let lookalike = (0u8..=255)
+        .map(|n| {
+            let mut cid = our_cid(3);
+            cid[CID_LEN as usize - 1] = n;
+            cid
+        })
+        .find(|cid| hashed(cid) != 3)
+        .unwrap();
     let cases = vec![
         Case {
             name: "ipv4 short header, our CID",
@@ -491,10 +517,10 @@ fn xdp_table_ipv4_ipv6_vlan_and_quic_forms() {
             worker: None,
         },
         Case {
-            name: "Initial with a token (answering our Retry): by its DCID, ours",
+            name: "Initial with a token (answering our Retry, to the CID we minted): hashed, there",
             packet: udp4(&retried),
             action: XdpAction::Pass,
-            counters: LONG_BY_CID,
+            counters: LONG_HASHED,
             worker: Some(3),
         },
         Case {
@@ -505,11 +531,18 @@ fn xdp_table_ipv4_ipv6_vlan_and_quic_forms() {
             worker: hashed_worker(&out_of_range),
         },
         Case {
-            name: "Initial without a token carrying our CID (a client's later Initial): by CID",
-            packet: udp4(&initial_v1(&ours, 1200)),
+            name: "Initial without a token to a CID we minted (a client's later Initial): there",
+            packet: udp4(&initial_v1(&minted, 1200)),
             action: XdpAction::Pass,
-            counters: LONG_BY_CID,
+            counters: LONG_HASHED,
             worker: Some(3),
+        },
+        Case {
+            name: "Initial whose DCID looks like ours, naming worker 3: hashed, not aimed",
+            packet: udp4(&initial_v1(&lookalike, 1200)),
+            action: XdpAction::Pass,
+            counters: LONG_HASHED,
+            worker: hashed_worker(&lookalike),
         },
         Case {
             name: "ipv4 client Initial v1, 1200 bytes",

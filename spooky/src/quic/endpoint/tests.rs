@@ -92,6 +92,21 @@ fn our_cid(worker: u8) -> Vec<u8> {
     out[..n].to_vec()
 }
 
+/// A CID of ours for `worker` as the worker mints the ones Initials carry: its hash (key 0, 4
+/// workers) places it on `worker`.
+fn placed_cid(worker: u8) -> Vec<u8> {
+    let mut out = [0u8; 20];
+    let mut seed = 7u32;
+    let fill = |buf: &mut [u8]| {
+        for b in buf.iter_mut() {
+            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            *b = (seed >> 16) as u8;
+        }
+    };
+    let n = layout().write_placed(&[0xaa, 0xbb], worker, 0, 4, fill, &mut out);
+    out[..n].to_vec()
+}
+
 /// A client-chosen DCID that `steer` places on `worker` of 4.
 fn client_dcid_for(worker: usize) -> Vec<u8> {
     (0u8..=255)
@@ -174,7 +189,7 @@ fn a_retry_token_comes_back_as_the_original_dcid() {
         panic!("no Retry");
     };
     // The client's second Initial carries the token and the CID we chose in the Retry.
-    let retry_scid = our_cid(1);
+    let retry_scid = placed_cid(1);
     let d = decide(&mut ep, initial(&retry_scid, &token, 1250), false);
     assert_eq!(
         d,
@@ -460,7 +475,7 @@ fn a_drainer_still_takes_the_answers_to_its_retries() {
         panic!("no Retry");
     };
     ep.drain();
-    let retry_scid = our_cid(1);
+    let retry_scid = placed_cid(1);
     assert_eq!(
         decide(&mut ep, initial(&retry_scid, &token, 1250), false),
         Decision::Accept {
@@ -478,18 +493,35 @@ fn a_drainer_still_takes_the_answers_to_its_retries() {
     );
 }
 
-/// A client's Initials after its first flight carry the CID we chose and no token: they go
-/// by that CID (to the connection's worker), never where the hash of it would land; with
-/// kernel placement a first Initial is taken where the kernel put it, and a draining worker
-/// takes one whose client-chosen DCID merely looks like its own generation's.
+/// An Initial's worker byte is never trusted: a client's Initials after its first flight
+/// carry the CID we minted, which hashes onto its worker; a DCID that only looks like ours
+/// goes where its hash says, whatever worker it names. With kernel placement a first
+/// Initial is taken where the kernel put it, and a draining worker takes one whose
+/// client-chosen DCID merely looks like its own generation's.
 #[test]
-fn initials_are_placed_by_our_cid_and_lookalikes_are_taken_where_they_land() {
-    // Classic placement: worker 1 sees a token-less Initial naming worker 3: forwarded there.
+fn initials_are_placed_by_hash_and_our_minted_cids_hash_onto_their_worker() {
+    // Classic placement: worker 1 sees a token-less Initial to a CID minted for worker 3:
+    // forwarded there.
     let mut ep = endpoint(false);
     assert_eq!(
-        decide(&mut ep, initial(&our_cid(3), &[], 1200), false),
+        decide(&mut ep, initial(&placed_cid(3), &[], 1200), false),
         Decision::Forward { owner: 3 }
     );
+    // A lookalike naming worker 3 goes where its hash says (here: worker 2), not to 3.
+    let lookalike = our_cid(3);
+    let hashed = spooky_common::cid::fnv1a32(&lookalike) % 4;
+    assert_ne!(
+        hashed, 3,
+        "pick a lookalike whose hash differs from its worker byte"
+    );
+    let want = if hashed == 1 {
+        Decision::Accept { odcid: None }
+    } else {
+        Decision::Forward {
+            owner: hashed as usize,
+        }
+    };
+    assert_eq!(decide(&mut ep, initial(&lookalike, &[], 1200), false), want);
     // Kernel placement: a first Initial is this worker's, whatever its DCID looks like.
     let mut ep = endpoint(true);
     assert_eq!(
