@@ -22,7 +22,9 @@
 //! - `admit` never panics;
 //! - `Forward` only for a datagram no other worker forwarded, to another worker of this
 //!   process that is alive;
-//! - a Stateless Reset only answers a short header, in a datagram larger than a reset;
+//! - a Stateless Reset only answers a short header, in a datagram larger than a reset, and
+//!   never one whose DCID has our layout and another server id (dropped as `OtherServer`,
+//!   only for such DCIDs and never for an Initial);
 //! - Version Negotiation only answers a long header of an unsupported version in a datagram of
 //!   at least 1200 bytes;
 //! - `Accept` only for an Initial of a supported version in a datagram of at least 1200 bytes,
@@ -50,6 +52,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 const PREAMBLE: usize = 11;
+/// Our server id (the Retry round trip writes our IDs with it).
+const SERVER_ID: [u8; 2] = [0x5a, 0x5a];
 const CID_LEN: u8 = 16;
 const UNIX_START: u64 = 1_764_000_000;
 
@@ -96,6 +100,7 @@ fuzz_target!(|input: &[u8]| {
         setup.limits,
         start,
     );
+    endpoint.set_server_id(&SERVER_ID);
     if setup.draining {
         endpoint.drain();
     }
@@ -231,6 +236,9 @@ fn check(
         Decision::Reset { .. } => {
             assert_eq!(hdr.ty, Type::Short, "a reset answers a long header");
             assert!(len > RESET_LEN, "a reset answers a {len}-byte datagram");
+            let theirs = setup.layout.generation_of(&hdr.dcid).is_some()
+                && hdr.dcid.get(1..3) != Some(&SERVER_ID[..]);
+            assert!(!theirs, "a reset for another server's connection");
         }
         Decision::NegotiateVersion => {
             assert_ne!(hdr.ty, Type::Short);
@@ -276,6 +284,15 @@ fn check(
         }
         Decision::Refuse(_) => assert_eq!(hdr.ty, Type::Initial, "refused a non-Initial"),
         Decision::Drop(DropReason::ShortInitial) => assert!(len < MIN_INITIAL_DATAGRAM),
+        Decision::Drop(DropReason::OtherServer) => {
+            assert_ne!(hdr.ty, Type::Initial, "an Initial's DCID is the client's");
+            assert!(setup.layout.generation_of(&hdr.dcid).is_some());
+            assert_ne!(
+                hdr.dcid.get(1..3),
+                Some(&SERVER_ID[..]),
+                "our own server id"
+            );
+        }
         Decision::Drop(_) => {}
     }
 }
@@ -294,7 +311,7 @@ fn retry_round_trip(
     let mut scid = [0u8; CID_LEN as usize];
     let written = setup
         .layout
-        .write(&[0x5a, 0x5a], setup.worker as u8, &[0xa5; 13], &mut scid);
+        .write(&SERVER_ID, setup.worker as u8, &[0xa5; 13], &mut scid);
     assert_eq!(written, scid.len(), "the layout writes a whole CID");
     let other = client(!setup.ipv6, 0);
     let stolen = answer(hdr.version, &scid, token);

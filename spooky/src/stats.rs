@@ -43,6 +43,9 @@ pub struct WorkerStats {
     pub negotiations_sent: AtomicU64,
     /// Token-less Initials for no connection of ours whose DCID looks like one of ours.
     pub lookalike_initials: AtomicU64,
+    /// Packets whose DCID is in our layout with another server id (a fleet's load balancer
+    /// sent another server's packet here): dropped, never reset.
+    pub other_server: AtomicU64,
     /// Packets of another live process (a takeover in progress) that reached this one:
     /// dropped, never answered (0 while steering works).
     pub foreign: AtomicU64,

@@ -124,7 +124,7 @@ pub fn render(ops: &Ops) -> String {
         );
     }
 
-    let worker_metrics: [WorkerMetric; 18] = [
+    let worker_metrics: [WorkerMetric; 19] = [
         ("spooky_quic_connections_active", "gauge", "Open QUIC connections.", |w| w.connections_active.load(Ordering::Relaxed)),
         ("spooky_http3_streams_active", "gauge", "Open HTTP/3 request streams.", |w| w.streams_active.load(Ordering::Relaxed)),
         ("spooky_quic_connections_accepted_total", "counter", "QUIC connections accepted (handshakes started).", |w| w.connections_accepted.load(Ordering::Relaxed)),
@@ -142,6 +142,7 @@ pub fn render(ops: &Ops) -> String {
         ("spooky_quic_foreign_packets_total", "counter", "Packets of another live Spooky generation that reached this process during a takeover (dropped unanswered; 0 while steering works).", |w| w.foreign.load(Ordering::Relaxed)),
         ("spooky_http3_stalled_streams_shed_total", "counter", "Stalled response streams reset with H3_EXCESSIVE_LOAD (with their backend streams) because their connection or client address held quic.max_stalled_streams(_per_ip) already.", |w| w.stalled_shed.load(Ordering::Relaxed)),
         ("spooky_memory_shed_total", "counter", "Above proxy.memory_limit: requests answered 503 and stalled response streams reset.", |w| w.memory_shed.load(Ordering::Relaxed)),
+        ("spooky_quic_other_server_packets_total", "counter", "Packets whose DCID has our layout and another server id (another server's connection, sent here by a fleet's load balancer): dropped, never answered with a Stateless Reset.", |w| w.other_server.load(Ordering::Relaxed)),
         ("spooky_http3_request_head_timeouts_total", "counter", "Request streams reset because their head did not arrive within quic.request_header_timeout.", |w| w.request_head_timeouts.load(Ordering::Relaxed)),
     ];
     for (name, kind, help, get) in worker_metrics {

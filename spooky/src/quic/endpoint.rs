@@ -144,6 +144,9 @@ pub enum DropReason {
     ShortUnknownVersion,
     /// Version Negotiation was due, but the rate is spent.
     NegotiationWithheld,
+    /// A DCID in our layout with another server id: another server's connection (a fleet's
+    /// load balancer sent it here). Never answered: a Stateless Reset from us would end it.
+    OtherServer,
 }
 
 /// Why a new connection was refused.
@@ -265,6 +268,8 @@ pub struct Endpoint {
     /// Version Negotiation packets sent in the current second.
     negotiations: PerSecond,
     draining: bool,
+    /// Our server id as it appears in our connection IDs (empty: not checked).
+    server_id: Vec<u8>,
 }
 
 impl Endpoint {
@@ -291,7 +296,28 @@ impl Endpoint {
             resets: PerSecond::new(RESETS_PER_SEC, now),
             negotiations: PerSecond::new(NEGOTIATIONS_PER_SEC, now),
             draining: false,
+            server_id: Vec::new(),
         }
+    }
+
+    /// Our server id (`quic.server_id`), padded or cut to the layout's length as
+    /// `CidLayout::write` does: packets other than Initials whose DCID carries our layout and
+    /// another server id are dropped ([`DropReason::OtherServer`]), never reset.
+    pub fn set_server_id(&mut self, server_id: &[u8]) {
+        let len = self.layout.server_id_len();
+        self.server_id = (0..len)
+            .map(|i| server_id.get(i).copied().unwrap_or(0))
+            .collect();
+    }
+
+    /// Whether `dcid` is in our layout with a server id that is not ours.
+    fn other_server(&self, dcid: &[u8]) -> bool {
+        let end = 1 + self.server_id.len();
+        !self.server_id.is_empty()
+            && self.layout.generation_of(dcid).is_some()
+            && dcid
+                .get(1..end)
+                .is_some_and(|id| id != self.server_id.as_slice())
     }
 
     /// The processes steering knows changed (a takeover began or ended).
@@ -344,6 +370,9 @@ impl Endpoint {
         now: Now,
     ) -> Decision {
         let given = hdr.token.as_deref().unwrap_or(&[]);
+        if hdr.ty != Type::Initial && self.other_server(&hdr.dcid) {
+            return Decision::Drop(DropReason::OtherServer);
+        }
         let own = self.generations.own;
         let ours = self.layout.generation_of(&hdr.dcid) == Some(own);
         // A client's first Initials (no token, a DCID it chose). The kernel programs placed

@@ -183,6 +183,15 @@ impl Worker {
         let services = Rc::new(setup.services);
         let generations = *setup.generations.borrow();
         let limits = Limits::share(&setup.snapshot.config.quic, setup.workers);
+        let mut endpoint = Endpoint::new(
+            worker,
+            generations,
+            setup.kernel_places_initials,
+            setup.layout,
+            limits,
+            Instant::now(),
+        );
+        endpoint.set_server_id(&setup.snapshot.config.quic.server_id);
         let fwd = Rc::new(Forwarder::new(services.clone(), setup.snapshot, None));
         Ok(Self {
             index: worker,
@@ -195,14 +204,7 @@ impl Worker {
             },
             staged: None,
             local,
-            endpoint: Endpoint::new(
-                worker,
-                generations,
-                setup.kernel_places_initials,
-                setup.layout,
-                limits,
-                Instant::now(),
-            ),
+            endpoint,
             layout: setup.layout,
             rng: setup.rng,
             conns: Vec::new(),
@@ -405,6 +407,9 @@ impl Worker {
             Decision::Drop(DropReason::Draining) => {}
             Decision::Drop(DropReason::OtherGeneration) => {
                 stats.foreign.fetch_add(1, Ordering::Relaxed);
+            }
+            Decision::Drop(DropReason::OtherServer) => {
+                stats.other_server.fetch_add(1, Ordering::Relaxed);
             }
             Decision::Drop(_) => {
                 stats.dropped.fetch_add(1, Ordering::Relaxed);

@@ -590,3 +590,29 @@ fn a_dead_workers_connections_are_reset_and_new_ones_go_around_it() {
         Decision::Forward { owner: 0 }
     );
 }
+
+/// A short header for another server's connection (our layout, another server id: a fleet's
+/// load balancer misrouted it) is dropped, never reset: our reset would end that connection
+/// if the fleet shares its keys. Initials are not concerned (their DCID is the client's).
+#[test]
+fn another_servers_packets_are_dropped_never_reset() {
+    let mut ep = endpoint(false);
+    ep.set_server_id(&[0xaa, 0xbb]);
+    let mut theirs = [0u8; 20];
+    let n = layout().write(&[0x01, 0x02], 1, &[0x11; 20], &mut theirs);
+    assert_eq!(
+        decide(&mut ep, short(&theirs[..n]), false),
+        Decision::Drop(DropReason::OtherServer)
+    );
+    // Ours (server id aabb) for worker 1 with no connection: reset as before.
+    assert_eq!(
+        decide(&mut ep, short(&our_cid(1)), false),
+        reset(&our_cid(1))
+    );
+    // Unchecked without a server id.
+    let mut ep = endpoint(false);
+    assert_eq!(
+        decide(&mut ep, short(&theirs[..n]), false),
+        reset(&theirs[..n])
+    );
+}
