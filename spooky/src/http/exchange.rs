@@ -19,7 +19,9 @@
 //! Both directions are bounded: the loop stops reading the client's body while
 //! [`REQ_BUF_LIMIT`] bytes wait for the task (QUIC flow control then pushes back on the
 //! client), and the task stops reading the backend while [`RESP_BUF_LIMIT`] bytes wait for the
-//! loop (HTTP/2 flow control pushes back on the backend). The client going away (stream reset,
+//! loop (HTTP/2 flow control pushes back on the backend) — or, sooner, once it holds
+//! [`RESP_AHEAD`] bytes more than the client's flow-control credit lets quiche take, so that a
+//! client that reads nothing holds little here. The client going away (stream reset,
 //! STOP_SENDING, connection closed) is a flag either side may read and only the loop sets.
 
 use crate::stats::WorkerStats;
@@ -36,6 +38,10 @@ use std::task::{Poll, Waker};
 pub const REQ_BUF_LIMIT: usize = 256 * 1024;
 /// Most response-body bytes buffered per stream between backend and client.
 pub const RESP_BUF_LIMIT: usize = 256 * 1024;
+/// Response-body bytes buffered ahead of what the client can take now (its flow-control
+/// credit, as quiche's stream capacity says): a client that takes nothing has at most this
+/// much of its response waiting here, not [`RESP_BUF_LIMIT`].
+pub const RESP_AHEAD: usize = 32 * 1024;
 
 /// A call that the current state does not allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -121,6 +127,9 @@ struct State {
     end: End,
     resp_queue: VecDeque<Bytes>,
     resp_buffered: usize,
+    /// The task reads the backend while `resp_buffered` is below this: what the client can
+    /// take now plus [`RESP_AHEAD`], at most [`RESP_BUF_LIMIT`] (set by the loop).
+    resp_limit: usize,
     resp_waker: Option<Waker>,
 
     client_gone: bool,
@@ -180,6 +189,7 @@ pub fn new(shape: RequestShape, stats: Arc<WorkerStats>) -> (LoopEnd, TaskEnd) {
         end: End::Open,
         resp_queue: VecDeque::new(),
         resp_buffered: 0,
+        resp_limit: RESP_BUF_LIMIT,
         resp_waker: None,
         client_gone: false,
         task_done: false,
@@ -373,6 +383,17 @@ impl LoopEnd {
         Ok(())
     }
 
+    /// The client can take `capacity` more bytes of this stream now (quiche's stream
+    /// capacity): the task may buffer that much plus [`RESP_AHEAD`], at most
+    /// [`RESP_BUF_LIMIT`]; woken when that opens room.
+    pub fn set_client_room(&self, capacity: usize) {
+        let mut s = self.0.borrow_mut();
+        s.resp_limit = capacity.saturating_add(RESP_AHEAD).min(RESP_BUF_LIMIT);
+        if s.resp_buffered < s.resp_limit {
+            s.wake_resp();
+        }
+    }
+
     /// `n` bytes of the front chunk went into quiche; `fin` when that ended the stream.
     ///
     /// # Errors
@@ -492,7 +513,7 @@ impl TaskEnd {
         if s.client_gone {
             return Poll::Ready(Err(ClientGone));
         }
-        if s.resp_buffered < RESP_BUF_LIMIT {
+        if s.resp_buffered < s.resp_limit {
             return Poll::Ready(Ok(()));
         }
         s.resp_waker = Some(waker.clone());

@@ -565,6 +565,10 @@ impl Conn {
         if progress {
             self.last_taken = now;
         }
+        // Read from the backend no further ahead of the client than it lets us.
+        if let Ok(capacity) = self.quic.stream_capacity(sid) {
+            s.set_client_room(capacity);
+        }
         match written {
             Ok(()) => self.unstall(sid),
             Err(h3::Error::StreamBlocked | h3::Error::Done) => {

@@ -216,6 +216,27 @@ fn the_response_queue_is_bounded() {
     assert_eq!(task.poll_response_room(Waker::noop()), Poll::Ready(Ok(())));
 }
 
+/// A client that takes nothing has at most `RESP_AHEAD` of its response waiting here; room
+/// follows the credit it gives, up to `RESP_BUF_LIMIT`.
+#[test]
+fn the_response_queue_follows_the_clients_credit() {
+    let (lp, task) = new(shape(None, None), stats());
+    task.respond(head("200")).unwrap();
+    lp.head_written(false).unwrap();
+    lp.set_client_room(0);
+    task.push_body(Bytes::from(vec![0; RESP_AHEAD])).unwrap();
+    assert!(task.poll_response_room(Waker::noop()).is_pending());
+    // Credit for 1 KiB more: room again, and so on up to the limit whatever the credit.
+    lp.set_client_room(1024);
+    assert_eq!(task.poll_response_room(Waker::noop()), Poll::Ready(Ok(())));
+    task.push_body(Bytes::from(vec![0; 1024])).unwrap();
+    assert!(task.poll_response_room(Waker::noop()).is_pending());
+    lp.set_client_room(usize::MAX);
+    task.push_body(Bytes::from(vec![0; RESP_BUF_LIMIT - RESP_AHEAD - 1024]))
+        .unwrap();
+    assert!(task.poll_response_room(Waker::noop()).is_pending());
+}
+
 #[test]
 fn live_exchanges_are_counted() {
     let s = stats();
