@@ -1,7 +1,11 @@
 //! The process's resident memory, for `proxy.memory_limit`: read from `/proc/self/statm` at
 //! most every [`SAMPLE_EVERY`] by whichever worker asks first (no thread of its own), and
 //! shared by all. Above the limit a worker answers new requests 503 and resets the response
-//! streams its clients have stalled (see `quic::conn`).
+//! streams its clients have stalled (see `quic::conn`). Memory the allocator has freed but
+//! kept still counts as resident, so before a sample above the limit is believed the
+//! allocator is asked to give free memory back (`malloc_trim`, at most every
+//! [`SAMPLE_EVERY`]): otherwise a process would stay "over" once the load that grew it is
+//! gone.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -14,6 +18,8 @@ pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 static RESIDENT: AtomicU64 = AtomicU64::new(0);
 /// When it was taken, milliseconds since [`epoch`] plus one (0: never).
 static SAMPLED_AT: AtomicU64 = AtomicU64::new(0);
+/// When free memory was last given back, as [`SAMPLED_AT`].
+static TRIMMED_AT: AtomicU64 = AtomicU64::new(0);
 
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -23,25 +29,44 @@ fn epoch() -> Instant {
 /// The process's resident memory in bytes (at most [`SAMPLE_EVERY`] old); 0 when
 /// `/proc/self/statm` cannot be read.
 pub fn resident() -> u64 {
-    let now = epoch().elapsed().as_millis() as u64 + 1;
-    let at = SAMPLED_AT.load(Ordering::Relaxed);
-    let stale = at == 0 || now.saturating_sub(at) >= SAMPLE_EVERY.as_millis() as u64;
-    // One worker refreshes; the others use the sample it replaces.
-    if stale
-        && SAMPLED_AT
-            .compare_exchange(at, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
-        if let Some(bytes) = read_statm() {
-            RESIDENT.store(bytes, Ordering::Relaxed);
-        }
+    if claim(&SAMPLED_AT) {
+        sample();
     }
     RESIDENT.load(Ordering::Relaxed)
 }
 
-/// Whether the process is above `limit` (never without one).
+/// Whether the process is above `limit` (never without one). A sample above it is checked
+/// again after free memory went back to the system.
 pub fn over(limit: Option<u64>) -> bool {
-    limit.is_some_and(|limit| resident() > limit)
+    let Some(limit) = limit else {
+        return false;
+    };
+    if resident() <= limit {
+        return false;
+    }
+    if claim(&TRIMMED_AT) {
+        // SAFETY: malloc_trim has no preconditions; it only returns free memory.
+        unsafe { libc::malloc_trim(0) };
+        sample();
+    }
+    RESIDENT.load(Ordering::Relaxed) > limit
+}
+
+/// Whether the caller may act now on the timestamp `at` (last acted [`SAMPLE_EVERY`] or more
+/// ago); one caller wins, the others go on without acting.
+fn claim(at: &AtomicU64) -> bool {
+    let now = epoch().elapsed().as_millis() as u64 + 1;
+    let last = at.load(Ordering::Relaxed);
+    let due = last == 0 || now.saturating_sub(last) >= SAMPLE_EVERY.as_millis() as u64;
+    due && at
+        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+        .is_ok()
+}
+
+fn sample() {
+    if let Some(bytes) = read_statm() {
+        RESIDENT.store(bytes, Ordering::Relaxed);
+    }
 }
 
 /// Resident bytes from `/proc/self/statm` (its second field, in pages).
