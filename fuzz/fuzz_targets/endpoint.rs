@@ -75,6 +75,7 @@ struct Setup {
     retry: RetryMode,
     limits: Limits,
     ipv6: bool,
+    hash_key: u32,
 }
 
 fuzz_target!(|input: &[u8]| {
@@ -85,7 +86,7 @@ fuzz_target!(|input: &[u8]| {
     let own = setup.layout.generation();
     let mut generations = Generations::alone(own, setup.workers);
     generations.dead = setup.dead;
-    generations.hash_key = u32::from_le_bytes([pre[7], pre[8], pre[9], pre[10]]);
+    generations.hash_key = setup.hash_key;
     if pre[0] & 32 != 0 {
         let next = (own + 1) % 7;
         generations.newest = next;
@@ -173,6 +174,7 @@ fn setup(pre: &[u8; PREAMBLE]) -> Setup {
             retry,
         },
         ipv6: pre[0] & 16 != 0,
+        hash_key: u32::from_le_bytes([pre[7], pre[8], pre[9], pre[10]]),
     }
 }
 
@@ -297,9 +299,10 @@ fn check(
     }
 }
 
-/// The client answers a Retry: an Initial to the CID the server chose (one of this worker's),
-/// carrying the token, from the same address; it must be accepted with the original DCID.
-/// The same token from another address must not be.
+/// The client answers a Retry: an Initial to the CID the server chose (one of this worker's,
+/// minted as the worker mints it so that Initials to it hash here), carrying the token, from
+/// the same address; it must be accepted with the original DCID. The same token from another
+/// address must not be.
 fn retry_round_trip(
     setup: &Setup,
     endpoint: &mut Endpoint,
@@ -309,9 +312,24 @@ fn retry_round_trip(
     now: Now,
 ) {
     let mut scid = [0u8; CID_LEN as usize];
-    let written = setup
-        .layout
-        .write(&SERVER_ID, setup.worker as u8, &[0xa5; 13], &mut scid);
+    // Nonces as random as the worker's: every bit of every byte varies from draw to draw
+    // (FNV modulo a power of two only sees the low bits of each byte).
+    let mut draw = 0u32;
+    let fill = |nonce: &mut [u8]| {
+        draw += 1;
+        for (i, b) in nonce.iter_mut().enumerate() {
+            let x = draw.wrapping_mul(0x9e37_79b9) ^ (i as u32 + 1).wrapping_mul(0x85eb_ca6b);
+            *b = (x ^ (x >> 15)).wrapping_mul(0x2c1b_3c6d).to_le_bytes()[3];
+        }
+    };
+    let written = setup.layout.write_placed(
+        &SERVER_ID,
+        setup.worker as u8,
+        setup.hash_key,
+        setup.workers as u32,
+        fill,
+        &mut scid,
+    );
     assert_eq!(written, scid.len(), "the layout writes a whole CID");
     let other = client(!setup.ipv6, 0);
     let stolen = answer(hdr.version, &scid, token);
