@@ -420,6 +420,8 @@ def config_seeds():
     write("config", "known-bug-two-documents.yaml", (minimal + "---\n").encode())
     # Found by the fuzz target: an earlier version's key at the top level had no field path.
     write("config", "earlier-top-level-backends.yaml", (minimal + "backends: []\n").encode())
+    # Found by the target: a multi-line upstream name went into the field path as it was.
+    write("config", "upstream-name-multiline.yaml", minimal.replace("upstream:\n", "upstream:\n  ? |\n    a\n    b\n  :\n    backends: [{id: x, address: \"127.0.0.1:1\"}]\n", 1).encode())
 
 
 if __name__ == "__main__":

@@ -87,6 +87,8 @@ pub(super) fn renamed_key(err: &serde_yaml::Error) -> Option<(String, String)> {
             }
     })?;
     let path = parent.map_or_else(|| key.to_owned(), |parent| format!("{parent}.{key}"));
+    // A path through a multi-line YAML key stays on one line.
+    let path = path.escape_debug().to_string();
     Some((
         path,
         format!("`{key}` is a key of earlier Spooky versions: write {now}"),

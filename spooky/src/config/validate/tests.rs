@@ -410,13 +410,23 @@ fn upstream_names_are_restricted() {
     let yaml = ONE_UPSTREAM.replace("api:", "\"a.b c\":");
     assert_eq!(
         problems(&yaml),
-        ["upstream.a.b c: invalid upstream name \"a.b c\" (use letters, digits, '_' and '-')"]
+        ["upstream.\"a.b c\": invalid upstream name \"a.b c\" (use letters, digits, '_' and '-')"]
     );
     let yaml = ONE_UPSTREAM.replace("api:", "\"\":");
     assert_eq!(
         problems(&yaml),
-        ["upstream.: invalid upstream name \"\" (use letters, digits, '_' and '-')"]
+        ["upstream.\"\": invalid upstream name \"\" (use letters, digits, '_' and '-')"]
     );
+    // A multi-line YAML key (found by the config fuzz target): quoted, one line.
+    let yaml = ONE_UPSTREAM.replace("api:", "? |\n    a\n    b\n  :");
+    let found = problems(&yaml);
+    assert!(
+        found
+            .iter()
+            .any(|p| p.starts_with("upstream.\"a\\nb\\n\": invalid")),
+        "{found:?}"
+    );
+    assert!(found.iter().all(|p| !p.contains('\n')), "{found:?}");
     ok(&ONE_UPSTREAM.replace("api:", "Api_2-x:"));
 }
 

@@ -18,7 +18,12 @@ pub(super) fn build_upstreams(
     let mut upstreams = Vec::with_capacity(raw.upstream.len());
     let mut all_ok = true;
     for (name, up) in &raw.upstream {
-        let path = format!("upstream.{name}");
+        // A name that is not one (spaces, dots, a multi-line YAML key) is quoted in paths.
+        let path = if valid_name(name) {
+            format!("upstream.{name}")
+        } else {
+            format!("upstream.{name:?}")
+        };
         let built = build_upstream(name, up, &path, io, errs);
         for (i, b) in up.backends.iter().enumerate() {
             let here = format!("{path}.backends[{i}]");
@@ -58,6 +63,14 @@ pub(super) fn build_upstreams(
     all_ok.then_some(upstreams)
 }
 
+/// Letters, digits, `_` and `-`; not empty.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+}
+
 fn build_upstream(
     name: &str,
     raw: &RawUpstream,
@@ -65,14 +78,10 @@ fn build_upstream(
     io: &Io<'_>,
     errs: &mut Errors,
 ) -> Option<Upstream> {
-    let name_ok = !name.is_empty()
-        && name
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-');
-    if !name_ok {
+    if !valid_name(name) {
         errs.push(
             path,
-            format!("invalid upstream name \"{name}\" (use letters, digits, '_' and '-')"),
+            format!("invalid upstream name {name:?} (use letters, digits, '_' and '-')"),
         );
     }
     let route = build_route(&raw.route, &format!("{path}.route"), errs);
@@ -95,7 +104,7 @@ fn build_upstream(
         None => Some(None),
         Some(size) => size_in(errs, &format!("{path}.max_request_body"), size).map(Some),
     };
-    if !name_ok || raw.backends.is_empty() {
+    if !valid_name(name) || raw.backends.is_empty() {
         return None;
     }
     Some(Upstream {
