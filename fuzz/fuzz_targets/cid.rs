@@ -234,9 +234,16 @@ fn check_write(layout: &CidLayout, table: &SocketTable, data: &[u8], worker: u8,
         let mut draws = 0u32;
         let fill = |nonce: &mut [u8]| {
             draws += 1;
+            // Every byte mixed on its own: FNV modulo a power of two is linear in the low
+            // bits of the bytes, so bytes that repeat one pattern can cancel out.
             for (i, b) in nonce.iter_mut().enumerate() {
-                *b = data.get(i).copied().unwrap_or(0)
-                    ^ (draws.wrapping_mul(0x9e37_79b9) >> (i % 4 * 8)) as u8;
+                let mut x = draws
+                    .wrapping_mul(0x9e37_79b9)
+                    .wrapping_add((i as u32 + 1).wrapping_mul(0x85eb_ca6b));
+                x ^= x >> 15;
+                x = x.wrapping_mul(0x2c1b_3c6d);
+                x ^= x >> 12;
+                *b = data.get(i).copied().unwrap_or(0) ^ (x >> 24) as u8;
             }
         };
         let n = layout.write_placed(server_id, worker, table.hash_key, live, fill, &mut placed);
