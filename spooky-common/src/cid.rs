@@ -41,8 +41,10 @@ pub fn fnv1a32(bytes: &[u8]) -> u32 {
 /// (`fnv1a32_keyed(key, dcid) % live_workers`). The key is a secret (derived from the reset
 /// key, so it is the same along a chain of takeovers), so a client cannot choose DCIDs that
 /// land on a worker of its choice. (FNV with a secret basis is no MAC: it hides the mapping
-/// from a blind sender, it does not resist one that can observe which worker answered; and
-/// no DCID-keyed hash spreads a flood that repeats one DCID.)
+/// from a blind sender, it does not resist one that can observe which worker answered; no
+/// DCID-keyed hash spreads a flood that repeats one DCID; and modulo a power of two FNV-1a is
+/// linear in the low bits of the bytes, so DCIDs can be made to land together, on a worker
+/// only the key names. Random DCIDs, clients' and ours, are spread evenly.)
 #[inline(always)]
 pub fn fnv1a32_keyed(key: u32, bytes: &[u8]) -> u32 {
     let mut hash = FNV_OFFSET ^ key;
