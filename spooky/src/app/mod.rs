@@ -327,6 +327,7 @@ pub fn start_from(
             stats: &stats,
             predecessor: predecessor.as_ref(),
             probes: probes.clone(),
+            thread_start: crate::ops::privilege::lock_down_helper_thread,
         },
     )?;
     let mode = kernel_steering.mode();

@@ -201,6 +201,7 @@ impl Kernel {
             programs.take_worker_counters()?,
             plan.stats.to_vec(),
             generation,
+            plan.thread_start,
         )
         .map_err(SteeringError::Thread)?;
         tracing::info!(pin_path = %pins.dir.display(), generation, "eBPF maps pinned");
@@ -441,12 +442,13 @@ impl CountersThread {
         mut map: WorkerCountersMap,
         stats: Vec<Arc<WorkerStats>>,
         generation: u8,
+        thread_start: fn(),
     ) -> std::io::Result<Self> {
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("spooky-steering".into())
             .spawn(move || {
-                crate::ops::privilege::lock_down_helper_thread();
+                thread_start();
                 loop {
                     write_counters(&mut map, &stats, generation);
                     match stopped.recv_timeout(COUNTERS_PERIOD) {

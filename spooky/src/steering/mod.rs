@@ -218,7 +218,6 @@ pub(crate) struct Plan<'a> {
     pub settings: &'a crate::config::Steering,
     /// `--iface`: attach XDP there.
     pub iface: Option<&'a str>,
-    /// Workers are pinned to CPUs 0..N.
     /// Key of the hash placing client-chosen DCIDs (`spooky_common::cid::fnv1a32_keyed`).
     pub hash_key: u32,
     /// The CPU each worker is pinned to (index = worker), from the process's allowed CPUs;
@@ -230,6 +229,9 @@ pub(crate) struct Plan<'a> {
     pub predecessor: Option<&'a Predecessor>,
     /// Where workers report probes (classic BPF).
     pub probes: Arc<ProbeBoard>,
+    /// Run first on the thread steering starts (the counters' copier): the process gives up
+    /// that thread's capabilities there when it locks down.
+    pub thread_start: fn(),
 }
 
 /// The tier in force.
