@@ -239,8 +239,10 @@ pub fn start_from(
     opts: &RunOptions,
     path: Option<PathBuf>,
 ) -> Result<Running, StartError> {
-    // Before any thread starts: those started ahead of the lock-down drop their own.
-    crate::ops::privilege::plan_lock_down(opts.lock_down);
+    // Before any thread starts: those started ahead of the lock-down drop their own. Not
+    // with `user:`: switching user clears every thread's capabilities anyway, and glibc
+    // aborts the process when a thread cannot follow the switch (no CAP_SETGID left).
+    crate::ops::privilege::plan_lock_down(opts.lock_down && config.user.is_none());
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);

@@ -145,9 +145,11 @@ pub fn lock_down() -> Result<(), PrivilegeError> {
 /// Whether this process will [`lock_down`] once started (set at the start of start-up).
 static LOCK_DOWN_PLANNED: AtomicBool = AtomicBool::new(false);
 
-/// Says whether the process will lock down: helper threads started before that give up
-/// their own capabilities at once ([`lock_down_helper_thread`]). Capabilities belong to
-/// threads, and a thread keeps those it was created with.
+/// Says whether the process will lock down as root (no `user:`): helper threads started
+/// before that give up their own capabilities at once ([`lock_down_helper_thread`]).
+/// Capabilities belong to threads, and a thread keeps those it was created with. With
+/// `user:` they must not: glibc switches every thread's user, aborting the process if one
+/// cannot (a thread without CAP_SETGID), and the switch clears all threads' capabilities.
 pub fn plan_lock_down(planned: bool) {
     LOCK_DOWN_PLANNED.store(planned, Ordering::Relaxed);
 }
