@@ -615,14 +615,7 @@ fn streams_a_client_never_reads_are_reset_with_their_backend_streams() {
         "",
         "quic:\n  retry: off\n  send_timeout: 2s\n  max_stalled_streams: 25\n",
     );
-    let stall = std::process::Command::new("python3")
-        .arg(repo_root().join("spooky/tests/peers/h3_stall.py"))
-        .args(["--port", &p.addr.port().to_string(), "--ca"])
-        .arg(certs_dir().join("ca.crt"))
-        .args(["--connections", "4", "--streams", "25", "--wait", "6"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3 (aioquic) cannot be started: run cargo xtask setup");
+    let stall = stall_probe(p.addr.port(), 4, 25, 6);
     // Another client, on the same backend, while the streams are stalled.
     std::thread::sleep(Duration::from_millis(500));
     let mut c = client(p.addr);
@@ -636,10 +629,7 @@ fn streams_a_client_never_reads_are_reset_with_their_backend_streams() {
         slowest = slowest.max(started.elapsed());
     }
     eprintln!("the other client's slowest request: {slowest:?}");
-    let out = stall.wait_with_output().unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("h3_stall.py: {e}: {}", String::from_utf8_lossy(&out.stdout)));
-    assert_eq!(report["error"], serde_json::Value::Null, "{report}");
+    let report = stall_report(stall);
     assert_eq!(report["reset"], 100, "every stalled stream reset: {report}");
     assert_eq!(report["ended"], 0, "{report}");
     assert_eq!(

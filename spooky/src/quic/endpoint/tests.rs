@@ -177,8 +177,9 @@ fn initials_are_checked_in_order() {
     }
 }
 
-#[test]
-fn a_retry_token_comes_back_as_the_original_dcid() {
+/// Worker 1 with Retry always on, a client's first Initial (to `mine`, hashed here), and the
+/// token of the Retry it got: (endpoint, `mine`, token).
+fn retried() -> (Endpoint, Vec<u8>, Vec<u8>) {
     let mine = client_dcid_for(1);
     let mut ep = endpoint(false);
     ep.set_limits(Limits {
@@ -188,6 +189,12 @@ fn a_retry_token_comes_back_as_the_original_dcid() {
     let Decision::Retry { token } = decide(&mut ep, initial(&mine, &[], 1200), false) else {
         panic!("no Retry");
     };
+    (ep, mine, token)
+}
+
+#[test]
+fn a_retry_token_comes_back_as_the_original_dcid() {
+    let (mut ep, mine, token) = retried();
     // The client's second Initial carries the token and the CID we chose in the Retry.
     let retry_scid = placed_cid(1);
     let d = decide(&mut ep, initial(&retry_scid, &token, 1250), false);
@@ -465,15 +472,7 @@ fn resets_are_small_rate_limited_and_never_answer_a_reset() {
 
 #[test]
 fn a_drainer_still_takes_the_answers_to_its_retries() {
-    let mine = client_dcid_for(1);
-    let mut ep = endpoint(false);
-    ep.set_limits(Limits {
-        retry: RetryMode::Always,
-        ..limits()
-    });
-    let Decision::Retry { token } = decide(&mut ep, initial(&mine, &[], 1200), false) else {
-        panic!("no Retry");
-    };
+    let (mut ep, mine, token) = retried();
     ep.drain();
     let retry_scid = placed_cid(1);
     assert_eq!(
