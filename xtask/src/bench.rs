@@ -1,20 +1,25 @@
 //! `cargo xtask bench`: Spooky against Envoy and Caddy as HTTP/3 → HTTP/2 reverse proxies in
-//! front of one nginx, measured with `spooky-load` (see `spooky_peers::loadgen` and
-//! docs/benchmarks.md).
+//! front of one nginx, measured with two load generators: oha (independent, quinn-based;
+//! the headline figures) and the in-tree `spooky-load` (see `spooky_peers::loadgen` and
+//! docs/benchmarks.md), plus the XDP program's packet rate in the kernel.
 //!
 //! Pinned mode (the default on a machine with at least 2 CPUs): the proxy under test runs
-//! alone on CPU 1, the load generator and nginx share CPU 0. Each (scenario, proxy) pair gets
-//! a freshly started proxy, so peak RSS belongs to that scenario. CPU time of the proxy, of
-//! nginx and of the load generator is read from /proc/PID/stat by the load generator at the
-//! instants its measurement window opens and closes. Every run's request count is checked
-//! against nginx's access log.
+//! alone on CPU 1, the load generator and nginx share CPU 0. Each (scenario, generator,
+//! proxy, run) gets a freshly started proxy, so peak RSS belongs to that run. Runs are
+//! interleaved (run 1 of every proxy, then run 2, ...) and reported as median, min and max.
+//! CPU time of the proxy, of nginx and of the generator is read from /proc/PID/stat
+//! (`measure.rs`); CPU used by anything else flags the run as noisy. Every run's request
+//! count is checked against nginx's access log.
 //!
 //! Writes `results.json`, `results.md` and `chart.svg` into the output directory
 //! (`target/bench` by default); `--chart PATH` writes the chart there too.
 
+mod measure;
+mod oha;
 mod peers;
 mod report;
 mod upgrade;
+mod xdp;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -22,7 +27,7 @@ use peers::{PeerBins, ProxyKind, ProxySetup};
 use report::{Env, RunResult};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[derive(Parser, Debug)]
@@ -34,12 +39,27 @@ struct Args {
     /// Short runs (2 s measured, 1 s warm-up, 300 idle connections) to check the harness.
     #[arg(long)]
     quick: bool,
-    /// Scenarios, comma-separated: small, download, upload, handshake, idle, upgrade.
-    #[arg(long, default_value = "small,download,upload,handshake,idle,upgrade")]
+    /// Scenarios, comma-separated: small, download, upload, handshake, idle, rate, upgrade,
+    /// xdp.
+    #[arg(
+        long,
+        default_value = "small,download,upload,handshake,idle,rate,upgrade,xdp"
+    )]
     scenarios: String,
-    /// Proxies, comma-separated: spooky, envoy, caddy.
-    #[arg(long, default_value = "spooky,envoy,caddy")]
+    /// Proxies, comma-separated: spooky, envoy, envoy-nogro (Envoy without `prefer_gro`,
+    /// oha runs only), caddy.
+    #[arg(long, default_value = "spooky,envoy,envoy-nogro,caddy")]
     proxies: String,
+    /// Load generators, comma-separated: oha, spooky-load.
+    #[arg(long, default_value = "oha,spooky-load")]
+    generators: String,
+    /// Runs of every (scenario, generator, proxy); figures are their median, min and max.
+    #[arg(long, default_value_t = 3)]
+    runs: u32,
+    /// Requests per second of the `rate` scenario (default: half of the slowest proxy's
+    /// median oha rate in `small` in this run, or 2,000 without it).
+    #[arg(long)]
+    rate: Option<f64>,
     /// Measured seconds per run (default 10, quick 2).
     #[arg(long)]
     duration: Option<f64>,
@@ -71,9 +91,37 @@ struct Scenario {
     /// What the headline efficiency counts: "req" or "MiB".
     unit: &'static str,
     path: &'static str,
+    /// spooky-load's arguments; empty: spooky-load does not run this scenario.
     load_args: Vec<String>,
+    /// oha's shape: (connections, requests in flight per connection); `None`: oha cannot
+    /// run it (its HTTP/3 client reuses connections, and holds none idle).
+    oha: Option<(u32, u32)>,
     warm_up: f64,
     duration: f64,
+}
+
+/// Which load generator drives a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Generator {
+    Oha,
+    SpookyLoad,
+}
+
+impl Generator {
+    pub fn name(self) -> &'static str {
+        match self {
+            Generator::Oha => "oha",
+            Generator::SpookyLoad => "spooky-load",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Generator> {
+        match s {
+            "oha" => Some(Generator::Oha),
+            "spooky-load" => Some(Generator::SpookyLoad),
+            _ => None,
+        }
+    }
 }
 
 fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
@@ -85,6 +133,7 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
             unit: "req",
             path: "/100b",
             load_args: s(&["-c", "10", "-m", "10"]),
+            oha: Some((10, 10)),
             warm_up,
             duration,
         },
@@ -93,6 +142,7 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
             unit: "MiB",
             path: "/1m",
             load_args: s(&["-c", "10", "-m", "1"]),
+            oha: Some((10, 1)),
             warm_up,
             duration,
         },
@@ -110,6 +160,7 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
                 "--data-size",
                 "1048576",
             ]),
+            oha: Some((10, 1)),
             warm_up,
             duration,
         },
@@ -118,6 +169,7 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
             unit: "req",
             path: "/100b",
             load_args: s(&["-c", "16", "-m", "1", "--new-connection"]),
+            oha: None,
             warm_up,
             duration,
         },
@@ -126,8 +178,19 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
             unit: "req",
             path: "/100b",
             load_args: s(&["-c", idle_conns, "-m", "1", "--interval", "5s"]),
+            oha: None,
             warm_up: if quick { 3.0 } else { 5.0 },
             duration: if quick { 2.0 } else { 5.0 },
+        },
+        // Open loop: the same request rate for every proxy (oha `-q`, latency corrected).
+        Scenario {
+            name: "rate",
+            unit: "req",
+            path: "/100b",
+            load_args: Vec::new(),
+            oha: Some((10, 10)),
+            warm_up,
+            duration,
         },
         // Its own load and timing: see `upgrade.rs`.
         Scenario {
@@ -135,6 +198,17 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
             unit: "req",
             path: "/100b",
             load_args: Vec::new(),
+            oha: None,
+            warm_up: 0.0,
+            duration: 0.0,
+        },
+        // The XDP program in the kernel, no traffic: see `xdp.rs`.
+        Scenario {
+            name: "xdp",
+            unit: "Mpps",
+            path: "",
+            load_args: Vec::new(),
+            oha: None,
             warm_up: 0.0,
             duration: 0.0,
         },
@@ -170,6 +244,14 @@ pub fn run(args: &[String]) -> Result<()> {
         .split(',')
         .map(|p| ProxyKind::parse(p.trim()).with_context(|| format!("unknown proxy {p:?}")))
         .collect::<Result<Vec<_>>>()?;
+    let generators = a
+        .generators
+        .split(',')
+        .map(|g| Generator::parse(g.trim()).with_context(|| format!("unknown generator {g:?}")))
+        .collect::<Result<Vec<_>>>()?;
+    if a.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
 
     // Prerequisites, idempotently.
     let bins = peers::ensure()?;
@@ -197,6 +279,11 @@ pub fn run(args: &[String]) -> Result<()> {
     let target_dir = std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| root.join("target"));
+    let oha_bin = if generators.contains(&Generator::Oha) {
+        Some(oha::ensure(&target_dir)?)
+    } else {
+        None
+    };
     let spooky = target_dir.join("release/spooky");
     let load = target_dir.join("release/spooky-load");
     for b in [&spooky, &load] {
@@ -224,11 +311,15 @@ pub fn run(args: &[String]) -> Result<()> {
     };
     let dir = base.join(format!("spooky-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    let body = dir.join("upload-1m.bin");
+    std::fs::write(&body, vec![b'u'; 1 << 20])?;
     let result = run_all(
         &RunCtx {
             bins: &bins,
             spooky: &spooky,
             load: &load,
+            oha: oha_bin.as_deref(),
+            upload_body: &body,
             dir: &dir,
             cert: &certs.join("spooky.crt"),
             key: &certs.join("spooky.key"),
@@ -237,19 +328,25 @@ pub fn run(args: &[String]) -> Result<()> {
             load_cpu,
             quick: a.quick,
             no_gro: a.no_gro,
+            runs: a.runs,
+            rate: a.rate,
         },
         &chosen,
         &proxies,
+        &generators,
     );
     let _ = std::fs::remove_dir_all(&dir);
-    let (results, checks, upgrades) = result?;
+    let mut results = result?;
+    if chosen.iter().any(|s| s.name == "xdp") {
+        results.xdp = xdp::run(&root, a.no_build)?;
+    }
 
-    let env = Env::collect(&bins, &spooky, pinned, &root, args);
-    let json = report::json(&env, &results, &checks, &upgrades);
+    let env = Env::collect(&bins, &spooky, oha_bin.as_deref(), pinned, &root, args);
+    let json = report::json(&env, &results);
     std::fs::write(out.join("results.json"), json)?;
-    let md = report::markdown(&env, &results, &checks, &upgrades);
+    let md = report::markdown(&env, &results);
     std::fs::write(out.join("results.md"), &md)?;
-    let svg = report::svg(&results, &env);
+    let svg = report::svg(&results.runs, &env);
     std::fs::write(out.join("chart.svg"), &svg)?;
     if let Some(c) = &a.chart {
         let c = if c.is_absolute() {
@@ -269,6 +366,8 @@ struct RunCtx<'a> {
     bins: &'a PeerBins,
     spooky: &'a Path,
     load: &'a Path,
+    oha: Option<&'a Path>,
+    upload_body: &'a Path,
     dir: &'a Path,
     cert: &'a Path,
     key: &'a Path,
@@ -277,6 +376,8 @@ struct RunCtx<'a> {
     load_cpu: Option<usize>,
     quick: bool,
     no_gro: bool,
+    runs: u32,
+    rate: Option<f64>,
 }
 
 /// A count-mode run through one proxy whose request count must equal nginx's exactly.
@@ -300,16 +401,28 @@ fn free_port(udp: bool) -> Result<u16> {
     Ok(port)
 }
 
-type Results = (Vec<RunResult>, Vec<CountCheck>, Vec<upgrade::Outcome>);
+/// Everything one harness run measured.
+#[derive(Default)]
+pub struct Results {
+    pub runs: Vec<RunResult>,
+    pub checks: Vec<CountCheck>,
+    pub upgrades: Vec<upgrade::Outcome>,
+    /// Requests per second of the `rate` scenario.
+    pub rate: Option<f64>,
+    pub xdp: Vec<xdp::Case>,
+}
 
-fn run_all(ctx: &RunCtx<'_>, chosen: &[&Scenario], proxies: &[ProxyKind]) -> Result<Results> {
+fn run_all(
+    ctx: &RunCtx<'_>,
+    chosen: &[&Scenario],
+    proxies: &[ProxyKind],
+    generators: &[Generator],
+) -> Result<Results> {
     let nginx_port = free_port(false)?;
     let mut nginx = peers::Nginx::start(&ctx.bins.nginx, ctx.dir, nginx_port, ctx.load_cpu)?;
     let nginx_worker = nginx.worker_pid().context("no nginx worker process")?;
-    let mut results = Vec::new();
-    let mut checks = Vec::new();
-    let mut upgrades = Vec::new();
-    for &kind in proxies {
+    let mut res = Results::default();
+    for &kind in proxies.iter().filter(|k| !k.oha_only()) {
         // The count check: N requests in count mode, N lines in nginx's log.
         let mut proxy = start_ready(ctx, kind, nginx.port, false)?;
         let n = if ctx.quick { 500 } else { 5000 };
@@ -330,7 +443,7 @@ fn run_all(ctx: &RunCtx<'_>, chosen: &[&Scenario], proxies: &[ProxyKind]) -> Res
             &ctx.dir.join("count.kv"),
         )?;
         let after = nginx.logged_requests();
-        checks.push(CountCheck {
+        res.checks.push(CountCheck {
             proxy: kind.name(),
             requested: n,
             client_completed: kv_u64(&kv, "completed_total"),
@@ -338,32 +451,171 @@ fn run_all(ctx: &RunCtx<'_>, chosen: &[&Scenario], proxies: &[ProxyKind]) -> Res
         });
         proxy.0.stop();
     }
-    for sc in chosen {
-        if sc.name == "upgrade" {
-            for &kind in proxies.iter().filter(|k| **k != ProxyKind::Caddy) {
-                eprintln!("bench: upgrade through {}", kind.name());
-                let o = upgrade::run(ctx, kind, nginx.port)?;
-                eprintln!("bench:   {o:?}");
-                upgrades.push(o);
+    let steady = |sc: &&&Scenario| !matches!(sc.name, "upgrade" | "xdp" | "rate");
+    for run in 1..=ctx.runs {
+        for sc in chosen.iter().filter(steady) {
+            for &generator in generators {
+                for &kind in proxies {
+                    if let Some(r) = one_run(
+                        ctx,
+                        sc,
+                        generator,
+                        kind,
+                        &mut nginx,
+                        nginx_worker,
+                        run,
+                        None,
+                    )? {
+                        res.runs.push(r);
+                    }
+                }
             }
-            continue;
         }
-        for &kind in proxies {
-            let load_avg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-            eprintln!(
-                "bench: {} through {} (loadavg {})",
-                sc.name,
-                kind.name(),
-                load_avg
-                    .split_whitespace()
-                    .take(3)
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            );
-            let (mut proxy, port) = start_ready(ctx, kind, nginx.port, false)?;
-            let pid = proxy.pid();
-            let rss_base = report::status_kib(pid, "VmRSS:");
-            let logged_before = nginx.logged_requests();
+    }
+    if let Some(sc) = chosen.iter().find(|s| s.name == "rate") {
+        let rate = ctx.rate.unwrap_or_else(|| half_the_slowest(&res.runs));
+        res.rate = Some(rate);
+        for run in 1..=ctx.runs {
+            for &kind in proxies {
+                let r = one_run(
+                    ctx,
+                    sc,
+                    Generator::Oha,
+                    kind,
+                    &mut nginx,
+                    nginx_worker,
+                    run,
+                    Some(rate),
+                )?;
+                res.runs.extend(r);
+            }
+        }
+    }
+    if chosen.iter().any(|s| s.name == "upgrade") {
+        let kinds = [ProxyKind::Spooky, ProxyKind::Envoy];
+        for &kind in proxies.iter().filter(|k| kinds.contains(k)) {
+            eprintln!("bench: upgrade through {}", kind.name());
+            let o = upgrade::run(ctx, kind, nginx.port)?;
+            eprintln!("bench:   {o:?}");
+            res.upgrades.push(o);
+        }
+    }
+    nginx.stop();
+    Ok(res)
+}
+
+/// Half of the slowest proxy's median oha rate for 100 B requests (2,000/s without one).
+fn half_the_slowest(runs: &[RunResult]) -> f64 {
+    let mut by_proxy: HashMap<&str, Vec<f64>> = HashMap::new();
+    for r in runs
+        .iter()
+        .filter(|r| r.scenario == "small" && r.generator == "oha" && r.ok)
+    {
+        by_proxy.entry(&r.proxy).or_default().push(r.rps);
+    }
+    by_proxy
+        .values_mut()
+        .map(|v| report::median(v))
+        .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.min(x))))
+        .map_or(2000.0, |slowest| (slowest / 2.0).round())
+}
+
+/// One run of `sc` through a fresh `kind`, or `None` when the generator does not drive that
+/// scenario or proxy.
+#[allow(clippy::too_many_arguments)]
+fn one_run(
+    ctx: &RunCtx<'_>,
+    sc: &Scenario,
+    generator: Generator,
+    kind: ProxyKind,
+    nginx: &mut peers::Nginx,
+    nginx_worker: u32,
+    run: u32,
+    rate: Option<f64>,
+) -> Result<Option<RunResult>> {
+    let oha_shape = match generator {
+        Generator::Oha => match (sc.oha, ctx.oha) {
+            (Some(shape), Some(bin)) => Some((shape, bin)),
+            _ => return Ok(None),
+        },
+        Generator::SpookyLoad if sc.load_args.is_empty() || kind.oha_only() => return Ok(None),
+        Generator::SpookyLoad => None,
+    };
+    let load_avg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load_avg: String = load_avg
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
+    eprintln!(
+        "bench: {} / {} / {} run {run} (loadavg {load_avg})",
+        sc.name,
+        generator.name(),
+        kind.name(),
+    );
+    let (mut proxy, port) = start_ready(ctx, kind, nginx.port, false)?;
+    let pid = proxy.pid();
+    let rss_base = report::status_kib(pid, "VmRSS:");
+    let tag = format!("{}-{}-{}-{run}", sc.name, generator.name(), kind.name());
+    let logged_before = nginx.logged_requests();
+    // (VmHWM, VmRSS, running) of the proxy as the window closed.
+    let at_end = std::cell::Cell::new((0, 0, false));
+    let measured = match oha_shape {
+        Some(((connections, parallel), bin)) => {
+            // The warm-up: spooky-load, the same kind of requests.
+            let warm_args = if sc.load_args.is_empty() {
+                vec!["-c".into(), "10".into(), "-m".into(), "10".into()]
+            } else {
+                sc.load_args.clone()
+            };
+            let mut warm_args = warm_args;
+            warm_args.extend(["-D".into(), format!("{}s", sc.warm_up)]);
+            let warm_kv = ctx.dir.join(format!("{tag}-warm.kv"));
+            let _ = load_command(ctx, port, sc.path, &warm_args, &[], &warm_kv).status();
+            let logged_warm = nginx.logged_requests();
+            let json = ctx.dir.join(format!("{tag}.json"));
+            let command = oha::OhaRun {
+                bin,
+                cpu: ctx.load_cpu,
+                ca: ctx.ca,
+                port,
+                path: sc.path,
+                connections,
+                parallel,
+                seconds: sc.duration,
+                rate,
+                upload: (sc.name == "upload").then_some(ctx.upload_body),
+                json_out: json.clone(),
+            }
+            .command();
+            // oha's deadline plus a little: the figures are taken then, and the proxy is
+            // told to stop so that oha's connections close.
+            let window = Duration::from_secs_f64(sc.duration + 0.2);
+            let end = || {
+                at_end.set((
+                    report::status_kib(pid, "VmHWM:"),
+                    report::status_kib(pid, "VmRSS:"),
+                    measure::running(pid),
+                ));
+                proxy.terminate();
+            };
+            measure::run(command, pid, nginx_worker, Some(window), end)
+                .and_then(|(_, w)| Ok((oha::parse(&json)?, w)))
+                .map(|(o, w)| {
+                    let in_flight = u64::from(connections * parallel);
+                    RunResult::from_oha(
+                        sc.name,
+                        sc.unit,
+                        kind.name(),
+                        sc.duration,
+                        &o,
+                        &w,
+                        in_flight,
+                    )
+                    .with_logged(nginx.logged_requests().saturating_sub(logged_warm))
+                })
+        }
+        None => {
             let mut args = sc.load_args.clone();
             args.extend([
                 "--warm-up".into(),
@@ -372,43 +624,40 @@ fn run_all(ctx: &RunCtx<'_>, chosen: &[&Scenario], proxies: &[ProxyKind]) -> Res
                 format!("{}s", sc.duration),
             ]);
             let watch = [("proxy", pid), ("nginx", nginx_worker)];
-            let kv = load_run(
-                ctx,
-                port,
-                sc.path,
-                &args,
-                &watch,
-                &ctx.dir.join(format!("{}-{}.kv", sc.name, kind.name())),
-            );
-            let logged = nginx.logged_requests().saturating_sub(logged_before);
-            let alive = proxy.alive();
-            proxy.stop();
-            if !nginx.alive() {
-                bail!("nginx died; see its log in {}", ctx.dir.display());
-            }
-            let kv = match kv {
-                Ok(kv) => kv,
-                Err(e) => {
-                    eprintln!("bench: {} / {}: {e:#}", sc.name, kind.name());
-                    HashMap::new()
-                }
-            };
-            let r = RunResult::from_kv(
-                sc.name,
-                sc.unit,
-                kind.name(),
-                &kv,
-                rss_base,
-                logged,
-                alive,
-                load_avg.trim(),
-            );
-            eprintln!("bench:   {}", r.one_line());
-            results.push(r);
+            let kv_path = ctx.dir.join(format!("{tag}.kv"));
+            let cmd = load_command(ctx, port, sc.path, &args, &watch, &kv_path);
+            measure::run(cmd, pid, nginx_worker, None, || ()).and_then(|(out, w)| {
+                let kv = read_kv(&kv_path, &out)?;
+                Ok(RunResult::from_kv(sc.name, sc.unit, kind.name(), &kv, &w)
+                    .with_logged(nginx.logged_requests().saturating_sub(logged_before)))
+            })
         }
+    };
+    let (hwm, rss_end, running_at_end) = at_end.get();
+    // A proxy stopped at the end of an oha window: whether it ran until then.
+    let alive = if proxy.terminated() {
+        running_at_end
+    } else {
+        proxy.alive()
+    };
+    proxy.stop();
+    if !nginx.alive() {
+        bail!("nginx died; see its log in {}", ctx.dir.display());
     }
-    nginx.stop();
-    Ok((results, checks, upgrades))
+    let mut r = measured.unwrap_or_else(|e| {
+        eprintln!("bench: {tag}: {e:#}");
+        RunResult::failed(sc.name, sc.unit, kind.name(), generator.name())
+    });
+    r.run = run;
+    r.rss_base_kib = rss_base;
+    if r.generator == "oha" {
+        r.hwm_kib = hwm;
+        r.rss_end_kib = rss_end;
+    }
+    r.proxy_survived = alive;
+    r.loadavg = load_avg;
+    eprintln!("bench:   {}", r.one_line());
+    Ok(Some(r))
 }
 
 /// Starts a proxy on a fresh port and waits until a request through it succeeds;
@@ -478,7 +727,20 @@ fn load_run(
     watch: &[(&str, u32)],
     kv_path: &Path,
 ) -> Result<HashMap<String, String>> {
-    load_run_with(
+    let out = load_command(ctx, port, path, args, watch, kv_path).output()?;
+    read_kv(kv_path, &out)
+}
+
+/// The spooky-load command line (pinned with the backend when the run is pinned).
+fn load_command(
+    ctx: &RunCtx<'_>,
+    port: u16,
+    path: &str,
+    args: &[String],
+    watch: &[(&str, u32)],
+    kv_path: &Path,
+) -> Command {
+    load_command_with(
         ctx.load,
         ctx.load_cpu,
         ctx.no_gro,
@@ -490,9 +752,9 @@ fn load_run(
     )
 }
 
-/// [`load_run`] with the parts of the context it needs, for a thread of its own.
+/// [`load_command`] with the parts of the context it needs, for a thread of its own.
 #[allow(clippy::too_many_arguments)]
-fn load_run_with(
+fn load_command_with(
     load: &Path,
     load_cpu: Option<usize>,
     no_gro: bool,
@@ -501,7 +763,7 @@ fn load_run_with(
     args: &[String],
     watch: &[(&str, u32)],
     kv_path: &Path,
-) -> Result<HashMap<String, String>> {
+) -> Command {
     let mut cmd = match load_cpu {
         Some(cpu) => {
             let mut c = Command::new("taskset");
@@ -513,14 +775,24 @@ fn load_run_with(
     cmd.arg(format!("https://localhost:{port}{path}"))
         .args(["--connect", &format!("127.0.0.1:{port}")])
         .args(args)
-        .args(["--kv", &kv_path.to_string_lossy()]);
+        .args(["--kv", &kv_path.to_string_lossy()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::File::create(kv_path.with_extension("log"))
+                .map_or_else(|_| Stdio::null(), Stdio::from),
+        );
     if no_gro {
         cmd.arg("--no-gro");
     }
     for (name, pid) in watch {
         cmd.args(["--watch", &format!("{name}={pid}")]);
     }
-    let out = cmd.output()?;
+    cmd
+}
+
+/// spooky-load's flat `key=value` report.
+fn read_kv(kv_path: &Path, out: &std::process::Output) -> Result<HashMap<String, String>> {
     let text = std::fs::read_to_string(kv_path).unwrap_or_default();
     let kv: HashMap<String, String> = text
         .lines()
@@ -528,10 +800,8 @@ fn load_run_with(
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     if kv.is_empty() {
-        bail!(
-            "spooky-load failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        let log = std::fs::read_to_string(kv_path.with_extension("log")).unwrap_or_default();
+        bail!("spooky-load failed ({}): {}", out.status, log.trim());
     }
     Ok(kv)
 }

@@ -2150,7 +2150,8 @@ fn xdp_initial_limit_refills_at_the_rate() {
 }
 
 /// Packets per second of the XDP program, measured in the kernel with `BPF_PROG_TEST_RUN`
-/// and `repeat` (no NIC involved). Run in release mode and read the numbers:
+/// and `repeat` (no NIC involved). `cargo xtask bench -- --scenarios xdp` runs it and
+/// records the figures; by hand, in release mode:
 /// `cargo test -p spooky --release --test it ebpf::xdp_benchmark -- --ignored --nocapture`.
 #[test]
 #[ignore = "benchmark: run explicitly with --ignored --nocapture"]
@@ -2231,5 +2232,7 @@ fn xdp_benchmark() {
             format!("{action:?}"),
             1_000.0 / ns
         );
+        // For `cargo xtask bench` (scenario xdp).
+        println!("xdp-bench: {name}|{action:?}|{ns}");
     }
 }

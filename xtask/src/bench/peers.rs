@@ -126,6 +126,7 @@ pub fn version_of(bin: &Path, args: &[&str]) -> String {
 /// A child process, killed by PID when dropped.
 pub struct Proc {
     child: Child,
+    terminated: std::cell::Cell<bool>,
 }
 
 impl Proc {
@@ -151,7 +152,10 @@ impl Proc {
             .stderr(err)
             .spawn()
             .with_context(|| format!("cannot start {name} ({prog})"))?;
-        Ok(Proc { child })
+        Ok(Proc {
+            child,
+            terminated: std::cell::Cell::new(false),
+        })
     }
 
     /// The PID (`taskset` execs the program, so it is the program's).
@@ -162,6 +166,19 @@ impl Proc {
     /// Whether it is still running.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Asks it to stop (SIGTERM, by PID); [`Proc::stop`] still reaps it.
+    pub fn terminate(&self) {
+        self.terminated.set(true);
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+    }
+
+    /// Whether [`Proc::terminate`] was called.
+    pub fn terminated(&self) -> bool {
+        self.terminated.get()
     }
 
     /// Kills it and reaps it.
@@ -342,7 +359,11 @@ fn wait_tcp(port: u16, within: Duration) -> Result<()> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProxyKind {
     Spooky,
+    /// Envoy as its QUIC example configures it (`prefer_gro: true`).
     Envoy,
+    /// Envoy with `prefer_gro: false` (its `recvmmsg` path), for clients that do not
+    /// coalesce.
+    EnvoyNoGro,
     Caddy,
 }
 
@@ -351,14 +372,22 @@ impl ProxyKind {
         match self {
             ProxyKind::Spooky => "spooky",
             ProxyKind::Envoy => "envoy",
+            ProxyKind::EnvoyNoGro => "envoy-nogro",
             ProxyKind::Caddy => "caddy",
         }
+    }
+
+    /// Measured with the independent generator only (the variant is about clients that do
+    /// not coalesce).
+    pub fn oha_only(self) -> bool {
+        self == ProxyKind::EnvoyNoGro
     }
 
     pub fn parse(s: &str) -> Option<ProxyKind> {
         match s {
             "spooky" => Some(ProxyKind::Spooky),
             "envoy" => Some(ProxyKind::Envoy),
+            "envoy-nogro" => Some(ProxyKind::EnvoyNoGro),
             "caddy" => Some(ProxyKind::Caddy),
             _ => None,
         }
@@ -429,7 +458,8 @@ log: {{level: warn, format: text}}
                 &log,
             )
         }
-        ProxyKind::Envoy => {
+        ProxyKind::Envoy | ProxyKind::EnvoyNoGro => {
+            let gro = kind == ProxyKind::Envoy;
             let conf = format!(
                 r#"static_resources:
   listeners:
@@ -437,7 +467,7 @@ log: {{level: warn, format: text}}
     address: {{socket_address: {{protocol: UDP, address: 127.0.0.1, port_value: {port}}}}}
     udp_listener_config:
       quic_options: {{}}
-      downstream_socket_config: {{prefer_gro: true}}
+      downstream_socket_config: {{prefer_gro: {gro}}}
     filter_chains:
     - transport_socket:
         name: envoy.transport_sockets.quic
@@ -482,7 +512,7 @@ log: {{level: warn, format: text}}
         - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {be}}}}}}}
 "#
             );
-            let path = s.dir.join("envoy.yaml");
+            let path = s.dir.join(format!("{}.yaml", kind.name()));
             std::fs::write(&path, conf)?;
             let p = path.to_string_lossy().to_string();
             let bin = bins.envoy.to_string_lossy();

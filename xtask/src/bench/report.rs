@@ -1,10 +1,12 @@
-//! Results of a benchmark run: one [`RunResult`] per (scenario, proxy), the machine and
-//! versions ([`Env`]), and their renderings: a Markdown table, JSON (written by hand: xtask
-//! has no JSON crate) and an SVG bar chart drawn without external tools.
+//! Results of a benchmark run: one [`RunResult`] per (scenario, generator, proxy, run),
+//! their [`Summary`] (median, min, max over the runs), the machine and versions ([`Env`]),
+//! and their renderings: Markdown tables, JSON (written by hand) and an SVG bar chart drawn
+//! without external tools.
 
+use super::measure::Window;
+use super::oha::OhaReport;
 use super::peers::PeerBins;
-use super::upgrade::Outcome;
-use super::CountCheck;
+use super::Results;
 use std::collections::HashMap;
 use std::fmt::Write;
 use std::path::Path;
@@ -22,13 +24,17 @@ pub fn status_kib(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// One scenario through one proxy.
+/// One run of one scenario through one proxy, driven by one generator.
 #[derive(Debug, Clone, Default)]
 pub struct RunResult {
     pub scenario: String,
     /// "req" or "MiB": what `per_cpu_second` counts.
     pub unit: String,
     pub proxy: String,
+    /// "oha" or "spooky-load".
+    pub generator: String,
+    /// 1, 2, ...
+    pub run: u32,
     pub ok: bool,
     pub window_s: f64,
     pub requests: u64,
@@ -53,6 +59,9 @@ pub struct RunResult {
     pub nginx_logged: u64,
     pub proxy_survived: bool,
     pub loadavg: String,
+    /// CPU of other processes during the run, % of one CPU (see `measure.rs`).
+    pub other_cpu_pct: f64,
+    pub noisy: bool,
 }
 
 fn f(kv: &HashMap<String, String>, k: &str) -> f64 {
@@ -71,21 +80,30 @@ fn watched(kv: &HashMap<String, String>, name: &str) -> Option<String> {
 }
 
 impl RunResult {
-    #[allow(clippy::too_many_arguments)]
+    /// A run that produced no figures.
+    pub fn failed(scenario: &str, unit: &str, proxy: &str, generator: &str) -> RunResult {
+        RunResult {
+            scenario: scenario.into(),
+            unit: unit.into(),
+            proxy: proxy.into(),
+            generator: generator.into(),
+            ..Default::default()
+        }
+    }
+
+    /// From spooky-load's report (its own window, which leaves the warm-up out).
     pub fn from_kv(
         scenario: &str,
         unit: &str,
         proxy: &str,
         kv: &HashMap<String, String>,
-        rss_base_kib: u64,
-        nginx_logged: u64,
-        proxy_survived: bool,
-        loadavg: &str,
+        w: &Window,
     ) -> RunResult {
         let mut r = RunResult {
             scenario: scenario.into(),
             unit: unit.into(),
             proxy: proxy.into(),
+            generator: "spooky-load".into(),
             ok: !kv.is_empty(),
             window_s: f(kv, "window_seconds"),
             requests: u(kv, "requests"),
@@ -102,10 +120,8 @@ impl RunResult {
             loadgen_cpu_pct: f(kv, "loadgen_cpu_percent"),
             sent_total: u(kv, "sent_total"),
             completed_total: u(kv, "completed_total"),
-            rss_base_kib,
-            nginx_logged,
-            proxy_survived,
-            loadavg: loadavg.into(),
+            other_cpu_pct: w.other_fraction() * 100.0,
+            noisy: w.noisy(),
             ..Default::default()
         };
         if let Some(p) = watched(kv, "proxy") {
@@ -128,6 +144,61 @@ impl RunResult {
         r
     }
 
+    /// From oha's report and the harness's CPU window around the oha process. Rates are
+    /// over the requested `seconds` (oha's own `requestsPerSec` divides by its whole run,
+    /// which includes closing the connections). `in_flight`: oha's concurrency, the most
+    /// requests it may have sent and not counted when the time was up.
+    pub fn from_oha(
+        scenario: &str,
+        unit: &str,
+        proxy: &str,
+        seconds: f64,
+        o: &OhaReport,
+        w: &Window,
+        in_flight: u64,
+    ) -> RunResult {
+        let mib = if scenario == "upload" {
+            o.ok as f64
+        } else {
+            o.body_bytes as f64 / (1024.0 * 1024.0)
+        };
+        let pct = |cpu_s: f64| 100.0 * cpu_s / w.seconds.max(1e-9);
+        let mut r = RunResult {
+            scenario: scenario.into(),
+            unit: unit.into(),
+            proxy: proxy.into(),
+            generator: "oha".into(),
+            ok: o.ok > 0,
+            window_s: seconds,
+            requests: o.ok,
+            rps: o.ok as f64 / seconds,
+            mib_s: mib / seconds,
+            p50_ms: o.p50_ms,
+            p99_ms: o.p99_ms,
+            p999_ms: o.p999_ms,
+            errors: o.failed,
+            proxy_cpu_s: w.proxy_cpu_s,
+            proxy_cpu_pct: pct(w.proxy_cpu_s),
+            nginx_cpu_pct: pct(w.nginx_cpu_s),
+            loadgen_cpu_pct: pct(w.generator_cpu_s),
+            completed_total: o.ok,
+            sent_total: o.ok + o.failed + in_flight,
+            other_cpu_pct: w.other_fraction() * 100.0,
+            noisy: w.noisy(),
+            ..Default::default()
+        };
+        let amount = if unit == "MiB" { mib } else { o.ok as f64 };
+        if w.proxy_cpu_s > 0.0 {
+            r.per_cpu_second = amount / w.proxy_cpu_s;
+        }
+        r
+    }
+
+    pub fn with_logged(mut self, nginx_logged: u64) -> RunResult {
+        self.nginx_logged = nginx_logged;
+        self
+    }
+
     /// Whether nginx saw a number of requests the client's figures allow: at least every
     /// answered one, at most every one sent.
     pub fn count_consistent(&self) -> bool {
@@ -144,7 +215,7 @@ impl RunResult {
 
     pub fn one_line(&self) -> String {
         format!(
-            "{:.0} req/s, {:.1} MiB/s, p99 {:.2} ms, proxy CPU {:.0}%, {:.0} {}/CPU-s, RSS {} KiB, errors {}, nginx saw {} (client: {} done, {} sent)",
+            "{:.0} req/s, {:.1} MiB/s, p99 {:.2} ms, proxy CPU {:.0}%, {:.0} {}/CPU-s, RSS {} KiB, errors {}, nginx saw {} (client: {} done, {} sent), other CPU {:.0}%{}",
             self.rps,
             self.mib_s,
             self.p99_ms,
@@ -155,7 +226,9 @@ impl RunResult {
             self.errors,
             self.nginx_logged,
             self.completed_total,
-            self.sent_total
+            self.sent_total,
+            self.other_cpu_pct,
+            if self.noisy { " NOISY" } else { "" }
         )
     }
 }
@@ -170,6 +243,7 @@ pub struct Env {
     pub envoy: String,
     pub caddy: String,
     pub nginx: String,
+    pub oha: String,
     pub pinned: bool,
     pub command: String,
 }
@@ -186,6 +260,7 @@ impl Env {
     pub fn collect(
         bins: &PeerBins,
         spooky: &Path,
+        oha: Option<&Path>,
         pinned: bool,
         root: &Path,
         args: &[String],
@@ -234,6 +309,7 @@ impl Env {
                 .unwrap_or("")
                 .to_string(),
             nginx: super::peers::version_of(&bins.nginx, &["-v"]),
+            oha: oha.map_or_else(String::new, |b| super::peers::version_of(b, &["--version"])),
             pinned,
             command,
         }
@@ -252,22 +328,153 @@ fn num(v: f64) -> String {
     }
 }
 
+/// The median of `v` (sorted in place; NaN for none).
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Median, min and max of one figure over the runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Stat {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Stat {
+    fn of(mut v: Vec<f64>) -> Stat {
+        let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        Stat {
+            median: median(&mut v),
+            min,
+            max,
+        }
+    }
+
+    /// `median (min–max)`.
+    fn show(&self, decimals: usize) -> String {
+        if !self.median.is_finite() {
+            return "-".into();
+        }
+        format!(
+            "{:.d$} ({:.d$}–{:.d$})",
+            self.median,
+            self.min,
+            self.max,
+            d = decimals
+        )
+    }
+
+    fn json(&self) -> String {
+        format!(
+            "{{\"median\": {}, \"min\": {}, \"max\": {}}}",
+            num(self.median),
+            num(self.min),
+            num(self.max)
+        )
+    }
+}
+
+/// The runs of one (scenario, generator, proxy).
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub scenario: String,
+    pub generator: String,
+    pub proxy: String,
+    pub unit: String,
+    /// Runs with figures, and all runs.
+    pub good_runs: usize,
+    pub runs: usize,
+    pub noisy_runs: usize,
+    pub per_cpu_second: Stat,
+    pub rps: Stat,
+    pub mib_s: Stat,
+    pub p50_ms: Stat,
+    pub p99_ms: Stat,
+    pub p999_ms: Stat,
+    pub proxy_cpu_pct: Stat,
+    /// Proxy CPU milliseconds per 1,000 requests.
+    pub cpu_ms_per_1k: Stat,
+    pub kib_per_connection: Stat,
+    pub open_connections: u64,
+    pub hwm_kib: u64,
+    pub errors: u64,
+    pub counts_ok: bool,
+}
+
+/// One [`Summary`] per (scenario, generator, proxy), in the order of their first run.
+pub fn summarize(runs: &[RunResult]) -> Vec<Summary> {
+    let mut keys: Vec<(&str, &str, &str)> = Vec::new();
+    for r in runs {
+        let k = (r.scenario.as_str(), r.generator.as_str(), r.proxy.as_str());
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    keys.into_iter()
+        .map(|(sc, g, p)| {
+            let all: Vec<&RunResult> = runs
+                .iter()
+                .filter(|r| r.scenario == sc && r.generator == g && r.proxy == p)
+                .collect();
+            let good: Vec<&RunResult> = all.iter().copied().filter(|r| r.ok).collect();
+            let stat =
+                |f: &dyn Fn(&RunResult) -> f64| Stat::of(good.iter().map(|r| f(r)).collect());
+            Summary {
+                scenario: sc.into(),
+                generator: g.into(),
+                proxy: p.into(),
+                unit: all[0].unit.clone(),
+                good_runs: good.len(),
+                runs: all.len(),
+                noisy_runs: all.iter().filter(|r| r.noisy).count(),
+                per_cpu_second: stat(&|r| r.per_cpu_second),
+                rps: stat(&|r| r.rps),
+                mib_s: stat(&|r| r.mib_s),
+                p50_ms: stat(&|r| r.p50_ms),
+                p99_ms: stat(&|r| r.p99_ms),
+                p999_ms: stat(&|r| r.p999_ms),
+                proxy_cpu_pct: stat(&|r| r.proxy_cpu_pct),
+                cpu_ms_per_1k: stat(&|r| {
+                    if r.requests > 0 {
+                        1e6 * r.proxy_cpu_s / r.requests as f64
+                    } else {
+                        f64::NAN
+                    }
+                }),
+                kib_per_connection: stat(&|r| r.kib_per_connection()),
+                open_connections: good.iter().map(|r| r.open_connections).max().unwrap_or(0),
+                hwm_kib: all.iter().map(|r| r.hwm_kib).max().unwrap_or(0),
+                errors: all.iter().map(|r| r.errors).sum(),
+                counts_ok: good.iter().all(|r| r.count_consistent()),
+            }
+        })
+        .collect()
+}
+
 /// The whole run as JSON.
-pub fn json(
-    env: &Env,
-    results: &[RunResult],
-    checks: &[CountCheck],
-    upgrades: &[Outcome],
-) -> String {
+pub fn json(env: &Env, res: &Results) -> String {
     let mut s = String::from("{\n");
     let _ = writeln!(
         s,
-        "  \"env\": {{\"date\": \"{}\", \"nproc\": {}, \"cpu_model\": \"{}\", \"kernel\": \"{}\", \"spooky\": \"{}\", \"envoy\": \"{}\", \"caddy\": \"{}\", \"nginx\": \"{}\", \"pinned\": {}, \"command\": \"{}\"}},",
+        "  \"env\": {{\"date\": \"{}\", \"nproc\": {}, \"cpu_model\": \"{}\", \"kernel\": \"{}\", \"spooky\": \"{}\", \"envoy\": \"{}\", \"caddy\": \"{}\", \"nginx\": \"{}\", \"oha\": \"{}\", \"pinned\": {}, \"command\": \"{}\"}},",
         esc(&env.date), env.nproc, esc(&env.cpu_model), esc(&env.kernel), esc(&env.spooky),
-        esc(&env.envoy), esc(&env.caddy), esc(&env.nginx), env.pinned, esc(&env.command)
+        esc(&env.envoy), esc(&env.caddy), esc(&env.nginx), esc(&env.oha), env.pinned,
+        esc(&env.command)
+    );
+    let _ = writeln!(
+        s,
+        "  \"fixed_rate_per_second\": {},",
+        res.rate.map_or("null".into(), num)
     );
     s.push_str("  \"count_checks\": [\n");
-    for (i, c) in checks.iter().enumerate() {
+    for (i, c) in res.checks.iter().enumerate() {
         let _ = writeln!(
             s,
             "    {{\"proxy\": \"{}\", \"requested\": {}, \"client_completed\": {}, \"nginx_logged\": {}}}{}",
@@ -275,44 +482,136 @@ pub fn json(
             c.requested,
             c.client_completed,
             c.nginx_logged,
-            if i + 1 < checks.len() { "," } else { "" }
+            if i + 1 < res.checks.len() { "," } else { "" }
         );
     }
-    s.push_str("  ],\n  \"results\": [\n");
-    for (i, r) in results.iter().enumerate() {
+    s.push_str("  ],\n  \"summaries\": [\n");
+    let sums = summarize(&res.runs);
+    for (i, m) in sums.iter().enumerate() {
         let _ = write!(
             s,
-            "    {{\"scenario\": \"{}\", \"proxy\": \"{}\", \"ok\": {}, \"window_s\": {}, \"requests\": {}, \"requests_per_second\": {}, \"mib_per_second\": {}, \"p50_ms\": {}, \"p99_ms\": {}, \"p999_ms\": {}, \"errors\": {}, \"proxy_cpu_seconds\": {}, \"proxy_cpu_percent\": {}, \"unit\": \"{}\", \"per_proxy_cpu_second\": {}, \"proxy_rss_base_kib\": {}, \"proxy_rss_end_kib\": {}, \"proxy_hwm_kib\": {}, \"open_connections\": {}, \"kib_per_connection\": {}, \"nginx_cpu_percent\": {}, \"loadgen_cpu_percent\": {}, \"sent_total\": {}, \"completed_total\": {}, \"nginx_logged\": {}, \"count_consistent\": {}, \"proxy_survived\": {}, \"loadavg\": \"{}\"}}",
-            r.scenario, r.proxy, r.ok, num(r.window_s), r.requests, num(r.rps), num(r.mib_s),
-            num(r.p50_ms), num(r.p99_ms), num(r.p999_ms), r.errors, num(r.proxy_cpu_s),
-            num(r.proxy_cpu_pct), r.unit, num(r.per_cpu_second), r.rss_base_kib, r.rss_end_kib,
-            r.hwm_kib, r.open_connections, num(r.kib_per_connection()), num(r.nginx_cpu_pct),
-            num(r.loadgen_cpu_pct), r.sent_total, r.completed_total, r.nginx_logged,
-            r.count_consistent(), r.proxy_survived, esc(&r.loadavg)
+            "    {{\"scenario\": \"{}\", \"generator\": \"{}\", \"proxy\": \"{}\", \"unit\": \"{}\", \"runs\": {}, \"good_runs\": {}, \"noisy_runs\": {}, \"per_proxy_cpu_second\": {}, \"requests_per_second\": {}, \"mib_per_second\": {}, \"p50_ms\": {}, \"p99_ms\": {}, \"p999_ms\": {}, \"proxy_cpu_percent\": {}, \"proxy_cpu_ms_per_1000_requests\": {}, \"kib_per_connection\": {}, \"proxy_peak_rss_kib\": {}, \"errors\": {}, \"counts_consistent\": {}}}",
+            m.scenario, m.generator, m.proxy, m.unit, m.runs, m.good_runs, m.noisy_runs,
+            m.per_cpu_second.json(), m.rps.json(), m.mib_s.json(), m.p50_ms.json(),
+            m.p99_ms.json(), m.p999_ms.json(), m.proxy_cpu_pct.json(), m.cpu_ms_per_1k.json(),
+            m.kib_per_connection.json(), m.hwm_kib, m.errors, m.counts_ok
         );
-        s.push_str(if i + 1 < results.len() { ",\n" } else { "\n" });
+        s.push_str(if i + 1 < sums.len() { ",\n" } else { "\n" });
+    }
+    s.push_str("  ],\n  \"runs\": [\n");
+    for (i, r) in res.runs.iter().enumerate() {
+        let _ = write!(
+            s,
+            "    {{\"scenario\": \"{}\", \"generator\": \"{}\", \"proxy\": \"{}\", \"run\": {}, \"ok\": {}, \"window_s\": {}, \"requests\": {}, \"requests_per_second\": {}, \"mib_per_second\": {}, \"p50_ms\": {}, \"p99_ms\": {}, \"p999_ms\": {}, \"errors\": {}, \"proxy_cpu_seconds\": {}, \"proxy_cpu_percent\": {}, \"unit\": \"{}\", \"per_proxy_cpu_second\": {}, \"proxy_rss_base_kib\": {}, \"proxy_rss_end_kib\": {}, \"proxy_hwm_kib\": {}, \"open_connections\": {}, \"kib_per_connection\": {}, \"nginx_cpu_percent\": {}, \"loadgen_cpu_percent\": {}, \"sent_total\": {}, \"completed_total\": {}, \"nginx_logged\": {}, \"count_consistent\": {}, \"proxy_survived\": {}, \"loadavg\": \"{}\", \"other_cpu_percent\": {}, \"noisy\": {}}}",
+            r.scenario, r.generator, r.proxy, r.run, r.ok, num(r.window_s), r.requests,
+            num(r.rps), num(r.mib_s), num(r.p50_ms), num(r.p99_ms), num(r.p999_ms), r.errors,
+            num(r.proxy_cpu_s), num(r.proxy_cpu_pct), r.unit, num(r.per_cpu_second),
+            r.rss_base_kib, r.rss_end_kib, r.hwm_kib, r.open_connections,
+            num(r.kib_per_connection()), num(r.nginx_cpu_pct), num(r.loadgen_cpu_pct),
+            r.sent_total, r.completed_total, r.nginx_logged, r.count_consistent(),
+            r.proxy_survived, esc(&r.loadavg), num(r.other_cpu_pct), r.noisy
+        );
+        s.push_str(if i + 1 < res.runs.len() { ",\n" } else { "\n" });
+    }
+    s.push_str("  ],\n  \"xdp\": [\n");
+    for (i, c) in res.xdp.iter().enumerate() {
+        let _ = write!(
+            s,
+            "    {{\"packet\": \"{}\", \"verdict\": \"{}\", \"ns_per_packet\": {}, \"mpps\": {}}}",
+            esc(&c.packet),
+            esc(&c.verdict),
+            num(c.ns_per_packet),
+            num(c.mpps)
+        );
+        s.push_str(if i + 1 < res.xdp.len() { ",\n" } else { "\n" });
     }
     s.push_str("  ],\n  \"upgrades\": [\n");
-    for (i, u) in upgrades.iter().enumerate() {
+    for (i, u) in res.upgrades.iter().enumerate() {
         let _ = write!(
             s,
             "    {{\"proxy\": \"{}\", \"method\": \"{}\", \"requests_per_second\": {}, \"p50_ms\": {}, \"p99_ms\": {}, \"max_ms\": {}, \"failed\": {}, \"unanswered\": {}, \"old_exit_s\": {}, \"note\": \"{}\"}}",
             u.proxy, esc(u.method), num(u.rps), num(u.p50_ms), num(u.p99_ms), num(u.max_ms),
             u.failed, u.unanswered, u.old_exit_s.map_or("null".to_string(), num), esc(&u.note)
         );
-        s.push_str(if i + 1 < upgrades.len() { ",\n" } else { "\n" });
+        s.push_str(if i + 1 < res.upgrades.len() {
+            ",\n"
+        } else {
+            "\n"
+        });
     }
     s.push_str("  ]\n}\n");
     s
 }
 
+/// The table of one generator's steady-state scenarios.
+fn steady_table(s: &mut String, sums: &[&Summary]) {
+    s.push_str("| scenario | proxy | per proxy CPU-s | req/s | MiB/s | p50 ms | p99 ms | p99.9 ms | proxy CPU % | proxy peak RSS MiB | errors | runs | nginx count |\n");
+    s.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n");
+    for m in sums {
+        let d = if m.unit == "MiB" { 1 } else { 0 };
+        let runs = format!(
+            "{}/{}{}",
+            m.good_runs,
+            m.runs,
+            if m.noisy_runs > 0 {
+                format!(", {} NOISY", m.noisy_runs)
+            } else {
+                String::new()
+            }
+        );
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} |",
+            m.scenario,
+            m.proxy,
+            m.per_cpu_second.show(d),
+            m.unit,
+            m.rps.show(0),
+            m.mib_s.show(1),
+            m.p50_ms.show(2),
+            m.p99_ms.show(2),
+            m.p999_ms.show(2),
+            m.proxy_cpu_pct.show(0),
+            m.hwm_kib as f64 / 1024.0,
+            m.errors,
+            runs,
+            if m.counts_ok { "ok" } else { "MISMATCH" },
+        );
+    }
+}
+
+/// Spooky's median per proxy CPU-second over each other proxy's, per scenario.
+fn ratios(s: &mut String, sums: &[&Summary]) {
+    let spooky: Vec<&&Summary> = sums.iter().filter(|m| m.proxy == "spooky").collect();
+    let mut lines = Vec::new();
+    for sp in spooky {
+        let others: Vec<String> = sums
+            .iter()
+            .filter(|m| m.scenario == sp.scenario && m.proxy != "spooky")
+            .filter(|m| m.per_cpu_second.median > 0.0)
+            .map(|m| {
+                format!(
+                    "{:.2}× {}",
+                    sp.per_cpu_second.median / m.per_cpu_second.median,
+                    m.proxy
+                )
+            })
+            .collect();
+        if !others.is_empty() {
+            lines.push(format!("{}: {}", sp.scenario, others.join(", ")));
+        }
+    }
+    if !lines.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nSpooky per proxy CPU-second, median over median: {}.",
+            lines.join("; ")
+        );
+    }
+}
+
 /// The Markdown report (also printed).
-pub fn markdown(
-    env: &Env,
-    results: &[RunResult],
-    checks: &[CountCheck],
-    upgrades: &[Outcome],
-) -> String {
+pub fn markdown(env: &Env, res: &Results) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "Date: {}  ", env.date);
     let _ = writeln!(
@@ -322,68 +621,108 @@ pub fn markdown(
     );
     let _ = writeln!(
         s,
-        "Versions: spooky {}; Envoy {}; Caddy {}; {}  ",
-        env.spooky, env.envoy, env.caddy, env.nginx
+        "Versions: spooky {}; Envoy {}; Caddy {}; {}; {}  ",
+        env.spooky, env.envoy, env.caddy, env.nginx, env.oha
     );
     let _ = writeln!(
         s,
         "Mode: {}  ",
         if env.pinned {
-            "pinned (proxy alone on CPU 1; spooky-load and nginx on CPU 0)"
+            "pinned (proxy alone on CPU 1; the load generator and nginx on CPU 0)"
         } else {
             "unpinned"
         }
     );
     let _ = writeln!(s, "Command: `{}`\n", env.command);
-    s.push_str("| scenario | proxy | req/s | MiB/s | p50 ms | p99 ms | p99.9 ms | proxy CPU % | per proxy CPU-s | proxy RSS end / peak MiB | errors | nginx CPU % | load CPU % | nginx count |\n");
-    s.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
-    for r in results {
-        let per = if r.unit == "MiB" {
-            format!("{:.0} MiB", r.per_cpu_second)
-        } else {
-            format!("{:.0} req", r.per_cpu_second)
-        };
+    let _ = writeln!(
+        s,
+        "Each cell: median (min–max) over the runs. A run is NOISY when other processes used more than {:.0} % of a CPU during it.\n",
+        super::measure::NOISY_CPU_FRACTION * 100.0
+    );
+    let sums = summarize(&res.runs);
+    for (generator, title) in [
+        (
+            "oha",
+            "Independent generator: oha (quinn + h3), one socket per connection",
+        ),
+        (
+            "spooky-load",
+            "In-tree generator: spooky-load (quiche), one socket for all connections",
+        ),
+    ] {
+        let rows: Vec<&Summary> = sums
+            .iter()
+            .filter(|m| m.generator == generator && !matches!(m.scenario.as_str(), "idle" | "rate"))
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let _ = writeln!(s, "### {title}\n");
+        steady_table(&mut s, &rows);
+        ratios(&mut s, &rows);
+        s.push('\n');
+    }
+    let rate: Vec<&Summary> = sums.iter().filter(|m| m.scenario == "rate").collect();
+    if !rate.is_empty() {
         let _ = writeln!(
             s,
-            "| {} | {} | {:.0} | {:.1} | {:.2} | {:.2} | {:.2} | {:.0} | {} | {:.1} / {:.1} | {} | {:.0} | {:.0} | {} ({}..{}) |",
-            r.scenario,
-            r.proxy,
-            r.rps,
-            r.mib_s,
-            r.p50_ms,
-            r.p99_ms,
-            r.p999_ms,
-            r.proxy_cpu_pct,
-            per,
-            r.rss_end_kib as f64 / 1024.0,
-            r.hwm_kib as f64 / 1024.0,
-            r.errors,
-            r.nginx_cpu_pct,
-            r.loadgen_cpu_pct,
-            if r.count_consistent() { "ok" } else { "MISMATCH" },
-            r.completed_total,
-            r.sent_total,
+            "### Fixed rate: {:.0} requests/s of 100 B for every proxy (oha `-q`, `--latency-correction`, 10 connections × 10 streams)\n",
+            res.rate.unwrap_or(0.0)
         );
-    }
-    let idle: Vec<&RunResult> = results.iter().filter(|r| r.scenario == "idle").collect();
-    if !idle.is_empty() {
-        s.push_str("\nIdle connections (memory of the proxy with the connections open):\n\n");
-        s.push_str("| proxy | connections | RSS before MiB | RSS with connections MiB | KiB per connection |\n|---|---:|---:|---:|---:|\n");
-        for r in idle {
+        s.push_str("| proxy | req/s done | p50 ms | p99 ms | p99.9 ms | proxy CPU % | proxy CPU ms per 1,000 req | errors | runs |\n|---|---:|---:|---:|---:|---:|---:|---:|---|\n");
+        for m in rate {
             let _ = writeln!(
                 s,
-                "| {} | {} | {:.1} | {:.1} | {:.1} |",
-                r.proxy,
-                r.open_connections,
-                r.rss_base_kib as f64 / 1024.0,
-                r.rss_end_kib as f64 / 1024.0,
-                r.kib_per_connection()
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {}/{}{} |",
+                m.proxy,
+                m.rps.show(0),
+                m.p50_ms.show(2),
+                m.p99_ms.show(2),
+                m.p999_ms.show(2),
+                m.proxy_cpu_pct.show(0),
+                m.cpu_ms_per_1k.show(1),
+                m.errors,
+                m.good_runs,
+                m.runs,
+                if m.noisy_runs > 0 { ", NOISY" } else { "" }
             );
         }
+        s.push('\n');
     }
-    if !upgrades.is_empty() {
-        s.push_str("\nUpgrade: 100 B requests at a fixed rate (20 connections, 10 ms between a response and the next request), a new process of the proxy started 0.5 s into an 8 s window (Envoy: `--drain-time-s 2 --parent-shutdown-time-s 4`):\n\n| proxy | how | req/s | p50 ms | p99 ms | max ms | failed | unanswered | old process gone after s | |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n");
-        for u in upgrades {
+    let idle: Vec<&Summary> = sums.iter().filter(|m| m.scenario == "idle").collect();
+    if !idle.is_empty() {
+        s.push_str(
+            "### Idle connections (spooky-load; memory of the proxy with the connections open)\n\n",
+        );
+        s.push_str("| proxy | connections | KiB per connection | proxy peak RSS MiB | runs |\n|---|---:|---:|---:|---|\n");
+        for m in idle {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.1} | {}/{} |",
+                m.proxy,
+                m.open_connections,
+                m.kib_per_connection.show(1),
+                m.hwm_kib as f64 / 1024.0,
+                m.good_runs,
+                m.runs
+            );
+        }
+        s.push('\n');
+    }
+    if !res.xdp.is_empty() {
+        s.push_str("### XDP program, one CPU, in the kernel (`BPF_PROG_TEST_RUN`, repeat 5,000,000)\n\n| packet | verdict | ns per packet | Mpps |\n|---|---|---:|---:|\n");
+        for c in &res.xdp {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.0} | {:.1} |",
+                c.packet, c.verdict, c.ns_per_packet, c.mpps
+            );
+        }
+        s.push('\n');
+    }
+    if !res.upgrades.is_empty() {
+        s.push_str("### Upgrade\n\n100 B requests at a fixed rate (20 connections, 10 ms between a response and the next request), a new process of the proxy started 0.5 s into an 8 s window (Envoy: `--drain-time-s 2 --parent-shutdown-time-s 4`):\n\n| proxy | how | req/s | p50 ms | p99 ms | max ms | failed | unanswered | old process gone after s | |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n");
+        for u in &res.upgrades {
             let _ = writeln!(
                 s,
                 "| {} | {} | {:.0} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {} |",
@@ -399,10 +738,11 @@ pub fn markdown(
                 u.note
             );
         }
+        s.push('\n');
     }
-    if !checks.is_empty() {
-        s.push_str("\nCount check (count mode, `-n`, no warm-up): requests answered per the load generator vs lines in nginx's access log:\n\n| proxy | requested | answered | nginx logged | |\n|---|---:|---:|---:|---|\n");
-        for c in checks {
+    if !res.checks.is_empty() {
+        s.push_str("### Count check\n\nCount mode (`spooky-load -n`, no warm-up): requests answered per the load generator vs lines in nginx's access log:\n\n| proxy | requested | answered | nginx logged | |\n|---|---:|---:|---:|---|\n");
+        for c in &res.checks {
             let _ = writeln!(
                 s,
                 "| {} | {} | {} | {} | {} |",
@@ -421,21 +761,32 @@ pub fn markdown(
     s
 }
 
-const COLORS: [(&str, &str); 3] = [
+const COLORS: [(&str, &str); 4] = [
     ("spooky", "#7b3fbf"),
     ("envoy", "#d9822b"),
+    ("envoy-nogro", "#f0b27a"),
     ("caddy", "#2b8a3e"),
 ];
 
 /// One chart panel: title, unit line, and (proxy, value) bars.
 type Panel = (String, String, Vec<(String, f64)>);
 
-/// Bar chart panels, one per scenario: requests or MiB per proxy CPU-second (higher is
-/// better), and KiB per idle connection (lower is better).
-pub fn svg(results: &[RunResult], env: &Env) -> String {
+/// Bar chart panels, one per scenario: median requests or MiB per proxy CPU-second (higher
+/// is better; the oha runs where there are any), and KiB per idle connection (lower is
+/// better).
+pub fn svg(runs: &[RunResult], env: &Env) -> String {
+    let sums = summarize(runs);
     let mut panels: Vec<Panel> = Vec::new();
     for sc in ["small", "download", "upload", "handshake", "idle"] {
-        let rows: Vec<&RunResult> = results.iter().filter(|r| r.scenario == sc).collect();
+        let of = |g: &str| -> Vec<&Summary> {
+            sums.iter()
+                .filter(|m| m.scenario == sc && m.generator == g)
+                .collect()
+        };
+        let (rows, generator) = match of("oha") {
+            r if !r.is_empty() => (r, "oha"),
+            _ => (of("spooky-load"), "spooky-load"),
+        };
         if rows.is_empty() {
             continue;
         }
@@ -448,16 +799,16 @@ pub fn svg(results: &[RunResult], env: &Env) -> String {
         };
         let bars = rows
             .iter()
-            .map(|r| {
+            .map(|m| {
                 let v = if sc == "idle" {
-                    r.kib_per_connection()
+                    m.kib_per_connection.median
                 } else {
-                    r.per_cpu_second
+                    m.per_cpu_second.median
                 };
-                (r.proxy.clone(), v)
+                (m.proxy.clone(), v)
             })
             .collect();
-        panels.push((title.into(), unit.into(), bars));
+        panels.push((title.into(), format!("{unit}, {generator}"), bars));
     }
     let pw = 230.0;
     let ph = 260.0;

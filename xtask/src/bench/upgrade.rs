@@ -52,7 +52,9 @@ pub fn run(ctx: &RunCtx<'_>, kind: ProxyKind, nginx_port: u16) -> Result<Outcome
     let method = match kind {
         ProxyKind::Spooky => "spooky --takeover",
         ProxyKind::Envoy => "hot restart (--restart-epoch 1)",
-        ProxyKind::Caddy => bail!("caddy has no handover between processes"),
+        ProxyKind::Caddy | ProxyKind::EnvoyNoGro => {
+            bail!("the upgrade scenario runs Spooky and Envoy only")
+        }
     };
     let (mut old, port) = super::start_ready(ctx, kind, nginx_port, true)?;
     let load = {
@@ -79,7 +81,7 @@ pub fn run(ctx: &RunCtx<'_>, kind: ProxyKind, nginx_port: u16) -> Result<Outcome
         let ctx_load = ctx.load.to_path_buf();
         let (load_cpu, no_gro) = (ctx.load_cpu, ctx.no_gro);
         std::thread::spawn(move || {
-            super::load_run_with(
+            let out = super::load_command_with(
                 &ctx_load,
                 load_cpu,
                 no_gro,
@@ -89,6 +91,8 @@ pub fn run(ctx: &RunCtx<'_>, kind: ProxyKind, nginx_port: u16) -> Result<Outcome
                 &[],
                 &kv_path,
             )
+            .output()?;
+            super::read_kv(&kv_path, &out)
         })
     };
     std::thread::sleep(Duration::from_secs_f64(WARM_UP_S + HANDOVER_AT_S));
@@ -184,6 +188,8 @@ fn start_successor(ctx: &RunCtx<'_>, kind: ProxyKind) -> Result<peers::Proc> {
             ],
             &log,
         ),
-        ProxyKind::Caddy => bail!("caddy has no handover between processes"),
+        ProxyKind::Caddy | ProxyKind::EnvoyNoGro => {
+            bail!("the upgrade scenario runs Spooky and Envoy only")
+        }
     }
 }
