@@ -553,9 +553,18 @@ fn one_run(
         generator.name(),
         kind.name(),
     );
-    let (mut proxy, port) = start_ready(ctx, kind, nginx.port, false)?;
+    let (mut proxy, port, admin) = start_ready_admin(ctx, kind, nginx.port)?;
     let pid = proxy.pid();
     let rss_base = report::status_kib(pid, "VmRSS:");
+    // Spooky's datagram counters, to see how many packets the client sends per packet it
+    // gets (its ACK rate).
+    let datagrams = || {
+        (kind == ProxyKind::Spooky)
+            .then(|| peers::spooky_datagrams(admin))
+            .flatten()
+    };
+    let datagrams_before = datagrams();
+    let datagrams_after = std::cell::Cell::new(None);
     let tag = format!("{}-{}-{}-{run}", sc.name, generator.name(), kind.name());
     let logged_before = nginx.logged_requests();
     // (VmHWM, VmRSS, running) of the proxy as the window closed.
@@ -592,6 +601,7 @@ fn one_run(
             // told to stop so that oha's connections close.
             let window = Duration::from_secs_f64(sc.duration + 0.2);
             let end = || {
+                datagrams_after.set(datagrams());
                 at_end.set((
                     report::status_kib(pid, "VmHWM:"),
                     report::status_kib(pid, "VmRSS:"),
@@ -626,7 +636,8 @@ fn one_run(
             let watch = [("proxy", pid), ("nginx", nginx_worker)];
             let kv_path = ctx.dir.join(format!("{tag}.kv"));
             let cmd = load_command(ctx, port, sc.path, &args, &watch, &kv_path);
-            measure::run(cmd, pid, nginx_worker, None, || ()).and_then(|(out, w)| {
+            let end = || datagrams_after.set(datagrams());
+            measure::run(cmd, pid, nginx_worker, None, end).and_then(|(out, w)| {
                 let kv = read_kv(&kv_path, &out)?;
                 Ok(RunResult::from_kv(sc.name, sc.unit, kind.name(), &kv, &w)
                     .with_logged(nginx.logged_requests().saturating_sub(logged_before)))
@@ -650,6 +661,10 @@ fn one_run(
     });
     r.run = run;
     r.rss_base_kib = rss_base;
+    if let (Some((in0, out0)), Some((in1, out1))) = (datagrams_before, datagrams_after.get()) {
+        r.datagrams_in = in1.saturating_sub(in0);
+        r.datagrams_out = out1.saturating_sub(out0);
+    }
     if r.generator == "oha" {
         r.hwm_kib = hwm;
         r.rss_end_kib = rss_end;
@@ -668,8 +683,27 @@ fn start_ready(
     nginx_port: u16,
     upgradable: bool,
 ) -> Result<(peers::Proc, u16)> {
+    start_ready_with(ctx, kind, nginx_port, upgradable).map(|(p, port, _)| (p, port))
+}
+
+/// [`start_ready`], also returning the admin port (Spooky's metrics).
+fn start_ready_admin(
+    ctx: &RunCtx<'_>,
+    kind: ProxyKind,
+    nginx_port: u16,
+) -> Result<(peers::Proc, u16, u16)> {
+    start_ready_with(ctx, kind, nginx_port, false)
+}
+
+fn start_ready_with(
+    ctx: &RunCtx<'_>,
+    kind: ProxyKind,
+    nginx_port: u16,
+    upgradable: bool,
+) -> Result<(peers::Proc, u16, u16)> {
     let port = free_port(true)?;
     let setup = ProxySetup {
+        admin_port: free_port(false)?,
         dir: ctx.dir,
         cert: ctx.cert,
         key: ctx.key,
@@ -705,7 +739,7 @@ fn start_ready(
             ])
             .output()?;
         if probe.status.success() {
-            return Ok((proc, port));
+            return Ok((proc, port, setup.admin_port));
         }
         if Instant::now() > deadline {
             bail!(

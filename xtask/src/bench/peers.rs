@@ -326,6 +326,28 @@ impl Drop for Nginx {
     }
 }
 
+/// Spooky's `spooky_udp_datagrams_received_total` and `spooky_udp_datagrams_sent_total`,
+/// from its admin listener.
+pub fn spooky_datagrams(admin_port: u16) -> Option<(u64, u64)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", admin_port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let sum = |name: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    Some((
+        sum("spooky_udp_datagrams_received_total"),
+        sum("spooky_udp_datagrams_sent_total"),
+    ))
+}
+
 fn children_of(parent: u32) -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -396,6 +418,8 @@ impl ProxyKind {
 
 /// Where the proxy finds its certificate and backend.
 pub struct ProxySetup<'a> {
+    /// Spooky's admin listener (metrics), on 127.0.0.1.
+    pub admin_port: u16,
     pub dir: &'a Path,
     pub cert: &'a Path,
     pub key: &'a Path,
@@ -430,6 +454,7 @@ quic:
 steering:
   pin_path: /sys/fs/bpf/spooky-bench-{pid}
 control_socket: {dir}/spooky-control.sock
+admin: {{address: "127.0.0.1:{admin}"}}
 upstream:
   nginx:
     route: {{path_prefix: /}}
@@ -439,6 +464,7 @@ log: {{level: warn, format: text}}
 "#,
                 pid = std::process::id(),
                 dir = s.dir.display(),
+                admin = s.admin_port,
             );
             let path = s.dir.join("spooky.yaml");
             std::fs::write(&path, conf)?;

@@ -59,6 +59,9 @@ pub struct RunResult {
     pub nginx_logged: u64,
     pub proxy_survived: bool,
     pub loadavg: String,
+    /// Spooky only: datagrams it received and sent during the run (its metrics).
+    pub datagrams_in: u64,
+    pub datagrams_out: u64,
     /// CPU of other processes during the run, % of one CPU (see `measure.rs`).
     pub other_cpu_pct: f64,
     pub noisy: bool,
@@ -402,6 +405,8 @@ pub struct Summary {
     /// Proxy CPU milliseconds per 1,000 requests.
     pub cpu_ms_per_1k: Stat,
     pub kib_per_connection: Stat,
+    /// Spooky only: datagrams received per 100 sent (NaN for other proxies).
+    pub in_per_100_out: Stat,
     pub open_connections: u64,
     pub hwm_kib: u64,
     pub errors: u64,
@@ -449,6 +454,12 @@ pub fn summarize(runs: &[RunResult]) -> Vec<Summary> {
                     }
                 }),
                 kib_per_connection: stat(&|r| r.kib_per_connection()),
+                in_per_100_out: Stat::of(
+                    good.iter()
+                        .filter(|r| r.datagrams_out > 0)
+                        .map(|r| 100.0 * r.datagrams_in as f64 / r.datagrams_out as f64)
+                        .collect(),
+                ),
                 open_connections: good.iter().map(|r| r.open_connections).max().unwrap_or(0),
                 hwm_kib: all.iter().map(|r| r.hwm_kib).max().unwrap_or(0),
                 errors: all.iter().map(|r| r.errors).sum(),
@@ -502,14 +513,15 @@ pub fn json(env: &Env, res: &Results) -> String {
     for (i, r) in res.runs.iter().enumerate() {
         let _ = write!(
             s,
-            "    {{\"scenario\": \"{}\", \"generator\": \"{}\", \"proxy\": \"{}\", \"run\": {}, \"ok\": {}, \"window_s\": {}, \"requests\": {}, \"requests_per_second\": {}, \"mib_per_second\": {}, \"p50_ms\": {}, \"p99_ms\": {}, \"p999_ms\": {}, \"errors\": {}, \"proxy_cpu_seconds\": {}, \"proxy_cpu_percent\": {}, \"unit\": \"{}\", \"per_proxy_cpu_second\": {}, \"proxy_rss_base_kib\": {}, \"proxy_rss_end_kib\": {}, \"proxy_hwm_kib\": {}, \"open_connections\": {}, \"kib_per_connection\": {}, \"nginx_cpu_percent\": {}, \"loadgen_cpu_percent\": {}, \"sent_total\": {}, \"completed_total\": {}, \"nginx_logged\": {}, \"count_consistent\": {}, \"proxy_survived\": {}, \"loadavg\": \"{}\", \"other_cpu_percent\": {}, \"noisy\": {}}}",
+            "    {{\"scenario\": \"{}\", \"generator\": \"{}\", \"proxy\": \"{}\", \"run\": {}, \"ok\": {}, \"window_s\": {}, \"requests\": {}, \"requests_per_second\": {}, \"mib_per_second\": {}, \"p50_ms\": {}, \"p99_ms\": {}, \"p999_ms\": {}, \"errors\": {}, \"proxy_cpu_seconds\": {}, \"proxy_cpu_percent\": {}, \"unit\": \"{}\", \"per_proxy_cpu_second\": {}, \"proxy_rss_base_kib\": {}, \"proxy_rss_end_kib\": {}, \"proxy_hwm_kib\": {}, \"open_connections\": {}, \"kib_per_connection\": {}, \"nginx_cpu_percent\": {}, \"loadgen_cpu_percent\": {}, \"sent_total\": {}, \"completed_total\": {}, \"nginx_logged\": {}, \"count_consistent\": {}, \"proxy_survived\": {}, \"loadavg\": \"{}\", \"other_cpu_percent\": {}, \"noisy\": {}, \"spooky_datagrams_in\": {}, \"spooky_datagrams_out\": {}}}",
             r.scenario, r.generator, r.proxy, r.run, r.ok, num(r.window_s), r.requests,
             num(r.rps), num(r.mib_s), num(r.p50_ms), num(r.p99_ms), num(r.p999_ms), r.errors,
             num(r.proxy_cpu_s), num(r.proxy_cpu_pct), r.unit, num(r.per_cpu_second),
             r.rss_base_kib, r.rss_end_kib, r.hwm_kib, r.open_connections,
             num(r.kib_per_connection()), num(r.nginx_cpu_pct), num(r.loadgen_cpu_pct),
             r.sent_total, r.completed_total, r.nginx_logged, r.count_consistent(),
-            r.proxy_survived, esc(&r.loadavg), num(r.other_cpu_pct), r.noisy
+            r.proxy_survived, esc(&r.loadavg), num(r.other_cpu_pct), r.noisy, r.datagrams_in,
+            r.datagrams_out
         );
         s.push_str(if i + 1 < res.runs.len() { ",\n" } else { "\n" });
     }
@@ -660,6 +672,30 @@ pub fn markdown(env: &Env, res: &Results) -> String {
         let _ = writeln!(s, "### {title}\n");
         steady_table(&mut s, &rows);
         ratios(&mut s, &rows);
+        s.push('\n');
+    }
+    let acks: Vec<&Summary> = sums
+        .iter()
+        .filter(|m| m.in_per_100_out.median.is_finite())
+        .filter(|m| matches!(m.scenario.as_str(), "download" | "upload"))
+        .collect();
+    if !acks.is_empty() {
+        s.push_str("### What the clients send back (Spooky's datagram counters)
+
+Datagrams Spooky received per 100 it sent, over the whole run (in a download nearly all of them are the client's ACKs; in an upload the client's data):
+
+| scenario | generator | received per 100 sent |
+|---|---|---:|
+");
+        for m in acks {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} |",
+                m.scenario,
+                m.generator,
+                m.in_per_100_out.show(1)
+            );
+        }
         s.push('\n');
     }
     let rate: Vec<&Summary> = sums.iter().filter(|m| m.scenario == "rate").collect();
