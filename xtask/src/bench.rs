@@ -96,6 +96,8 @@ struct Scenario {
     /// oha's shape: (connections, requests in flight per connection); `None`: oha cannot
     /// run it (its HTTP/3 client reuses connections, and holds none idle).
     oha: Option<(u32, u32)>,
+    /// oha's fixed rate for this scenario (`-q`), when it has one of its own.
+    oha_rate: Option<f64>,
     warm_up: f64,
     duration: f64,
 }
@@ -126,7 +128,7 @@ impl Generator {
 
 fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-    let idle_conns = if quick { "300" } else { "1000" };
+    let idle_conns: u32 = if quick { 300 } else { 1000 };
     vec![
         Scenario {
             name: "small",
@@ -134,6 +136,7 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
             path: "/100b",
             load_args: s(&["-c", "10", "-m", "10"]),
             oha: Some((10, 10)),
+            oha_rate: None,
             warm_up,
             duration,
         },
@@ -143,6 +146,7 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
             path: "/1m",
             load_args: s(&["-c", "10", "-m", "1"]),
             oha: Some((10, 1)),
+            oha_rate: None,
             warm_up,
             duration,
         },
@@ -161,6 +165,7 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
                 "1048576",
             ]),
             oha: Some((10, 1)),
+            oha_rate: None,
             warm_up,
             duration,
         },
@@ -170,6 +175,7 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
             path: "/100b",
             load_args: s(&["-c", "16", "-m", "1", "--new-connection"]),
             oha: None,
+            oha_rate: None,
             warm_up,
             duration,
         },
@@ -177,8 +183,11 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
             name: "idle",
             unit: "req",
             path: "/100b",
-            load_args: s(&["-c", idle_conns, "-m", "1", "--interval", "5s"]),
-            oha: None,
+            load_args: s(&["-c", &idle_conns.to_string(), "-m", "1", "--interval", "5s"]),
+            // The same with oha: that many connections, a request on each every 5 s on
+            // average (`-q`).
+            oha: Some((idle_conns, 1)),
+            oha_rate: Some(f64::from(idle_conns) / 5.0),
             warm_up: if quick { 3.0 } else { 5.0 },
             duration: if quick { 2.0 } else { 5.0 },
         },
@@ -189,6 +198,7 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
             path: "/100b",
             load_args: Vec::new(),
             oha: Some((10, 10)),
+            oha_rate: None,
             warm_up,
             duration,
         },
@@ -199,6 +209,7 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
             path: "/100b",
             load_args: Vec::new(),
             oha: None,
+            oha_rate: None,
             warm_up: 0.0,
             duration: 0.0,
         },
@@ -209,6 +220,7 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
             path: "",
             load_args: Vec::new(),
             oha: None,
+            oha_rate: None,
             warm_up: 0.0,
             duration: 0.0,
         },
@@ -336,6 +348,8 @@ pub fn run(args: &[String]) -> Result<()> {
         &generators,
     );
     let _ = std::fs::remove_dir_all(&dir);
+    // Spooky keeps its pinned maps when it stops (for bpftool, and for a successor).
+    let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/spooky-bench-{}", std::process::id()));
     let mut results = result?;
     if chosen.iter().any(|s| s.name == "xdp") {
         results.xdp = xdp::run(&root, a.no_build)?;
@@ -571,7 +585,8 @@ fn one_run(
     let at_end = std::cell::Cell::new((0, 0, false));
     let measured = match oha_shape {
         Some(((connections, parallel), bin)) => {
-            // The warm-up: spooky-load, the same kind of requests.
+            // The warm-up: spooky-load, the same kind of requests (none before the idle
+            // connections: their memory is measured from the proxy's RSS before them).
             let warm_args = if sc.load_args.is_empty() {
                 vec!["-c".into(), "10".into(), "-m".into(), "10".into()]
             } else {
@@ -580,7 +595,9 @@ fn one_run(
             let mut warm_args = warm_args;
             warm_args.extend(["-D".into(), format!("{}s", sc.warm_up)]);
             let warm_kv = ctx.dir.join(format!("{tag}-warm.kv"));
-            let _ = load_command(ctx, port, sc.path, &warm_args, &[], &warm_kv).status();
+            if sc.name != "idle" {
+                let _ = load_command(ctx, port, sc.path, &warm_args, &[], &warm_kv).status();
+            }
             let logged_warm = nginx.logged_requests();
             let json = ctx.dir.join(format!("{tag}.json"));
             let command = oha::OhaRun {
@@ -592,7 +609,7 @@ fn one_run(
                 connections,
                 parallel,
                 seconds: sc.duration,
-                rate,
+                rate: rate.or(sc.oha_rate),
                 upload: (sc.name == "upload").then_some(ctx.upload_body),
                 json_out: json.clone(),
             }
@@ -613,7 +630,7 @@ fn one_run(
                 .and_then(|(_, w)| Ok((oha::parse(&json)?, w)))
                 .map(|(o, w)| {
                     let in_flight = u64::from(connections * parallel);
-                    RunResult::from_oha(
+                    let mut r = RunResult::from_oha(
                         sc.name,
                         sc.unit,
                         kind.name(),
@@ -622,7 +639,11 @@ fn one_run(
                         &w,
                         in_flight,
                     )
-                    .with_logged(nginx.logged_requests().saturating_sub(logged_warm))
+                    .with_logged(nginx.logged_requests().saturating_sub(logged_warm));
+                    if sc.name == "idle" {
+                        r.open_connections = u64::from(connections);
+                    }
+                    r
                 })
         }
         None => {

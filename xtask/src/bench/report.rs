@@ -728,13 +728,14 @@ Datagrams Spooky received per 100 it sent, over the whole run (in a download nea
     let idle: Vec<&Summary> = sums.iter().filter(|m| m.scenario == "idle").collect();
     if !idle.is_empty() {
         s.push_str(
-            "### Idle connections (spooky-load; memory of the proxy with the connections open)\n\n",
+            "### Idle connections (memory of the proxy with the connections open, over its RSS before them)\n\n",
         );
-        s.push_str("| proxy | connections | KiB per connection | proxy peak RSS MiB | runs |\n|---|---:|---:|---:|---|\n");
+        s.push_str("| generator | proxy | connections | KiB per connection | proxy peak RSS MiB | runs |\n|---|---|---:|---:|---:|---|\n");
         for m in idle {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {:.1} | {}/{} |",
+                "| {} | {} | {} | {} | {:.1} | {}/{} |",
+                m.generator,
                 m.proxy,
                 m.open_connections,
                 m.kib_per_connection.show(1),
