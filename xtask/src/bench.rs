@@ -18,6 +18,7 @@ mod measure;
 mod oha;
 mod peers;
 mod report;
+mod steering;
 mod upgrade;
 mod xdp;
 
@@ -40,10 +41,10 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Scenarios, comma-separated: small, download, upload, handshake, idle, rate, upgrade,
-    /// xdp.
+    /// xdp, steering.
     #[arg(
         long,
-        default_value = "small,download,upload,handshake,idle,rate,upgrade,xdp"
+        default_value = "small,download,upload,handshake,idle,rate,upgrade,xdp,steering"
     )]
     scenarios: String,
     /// Proxies, comma-separated: spooky, envoy, envoy-nogro (Envoy without `prefer_gro`,
@@ -205,6 +206,17 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
         // Its own load and timing: see `upgrade.rs`.
         Scenario {
             name: "upgrade",
+            unit: "req",
+            path: "/100b",
+            load_args: Vec::new(),
+            oha: None,
+            oha_rate: None,
+            warm_up: 0.0,
+            duration: 0.0,
+        },
+        // Spooky with and without XDP, a client in a namespace: see `steering.rs`.
+        Scenario {
+            name: "steering",
             unit: "req",
             path: "/100b",
             load_args: Vec::new(),
@@ -424,6 +436,7 @@ pub struct Results {
     /// Requests per second of the `rate` scenario.
     pub rate: Option<f64>,
     pub xdp: Vec<xdp::Case>,
+    pub steering: Vec<steering::Outcome>,
 }
 
 fn run_all(
@@ -465,7 +478,7 @@ fn run_all(
         });
         proxy.0.stop();
     }
-    let steady = |sc: &&&Scenario| !matches!(sc.name, "upgrade" | "xdp" | "rate");
+    let steady = |sc: &&&Scenario| !matches!(sc.name, "upgrade" | "xdp" | "rate" | "steering");
     for run in 1..=ctx.runs {
         for sc in chosen.iter().filter(steady) {
             for &generator in generators {
@@ -504,6 +517,13 @@ fn run_all(
                 res.runs.extend(r);
             }
         }
+    }
+    if chosen.iter().any(|s| s.name == "steering") {
+        let rate = res
+            .rate
+            .or(ctx.rate)
+            .unwrap_or_else(|| half_the_slowest(&res.runs));
+        res.steering = steering::run(ctx, rate)?;
     }
     if chosen.iter().any(|s| s.name == "upgrade") {
         let kinds = [ProxyKind::Spooky, ProxyKind::Envoy];
@@ -612,6 +632,8 @@ fn one_run(
                 rate: rate.or(sc.oha_rate),
                 upload: (sc.name == "upload").then_some(ctx.upload_body),
                 json_out: json.clone(),
+                netns: None,
+                connect_to: None,
             }
             .command();
             // oha's deadline plus a little: the figures are taken then, and the proxy is

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 pub const NOISY_CPU_FRACTION: f64 = 0.10;
 
 /// Clock ticks per second of /proc's CPU times.
-fn ticks_per_second() -> f64 {
+pub fn ticks_per_second() -> f64 {
     Command::new("getconf")
         .arg("CLK_TCK")
         .output()
@@ -53,6 +53,28 @@ fn machine_ticks() -> u64 {
                 .filter_map(|x| x.parse().ok())
                 .collect();
             Some(v.first()? + v.get(1)? + v.get(2)?)
+        })
+        .unwrap_or(0)
+}
+
+/// Idle + iowait ticks of one CPU, or of all of them. The kernel keeps these exactly (it
+/// measures idle time when a CPU goes idle); the busy categories are only sampled at each
+/// tick, so busy time is best taken as wall time minus this.
+pub fn cpu_idle_ticks(cpu: Option<usize>) -> u64 {
+    let name = cpu.map_or_else(|| "cpu".to_string(), |c| format!("cpu{c}"));
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let line = s
+                .lines()
+                .find(|l| l.split_whitespace().next() == Some(name.as_str()))?
+                .to_string();
+            let v: Vec<u64> = line
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            Some(v.get(3)? + v.get(4)?)
         })
         .unwrap_or(0)
 }

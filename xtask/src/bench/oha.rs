@@ -68,19 +68,26 @@ pub struct OhaRun<'a> {
     /// `PUT` with this file as the body.
     pub upload: Option<&'a Path>,
     pub json_out: PathBuf,
+    /// Run inside this network namespace (`ip netns exec`).
+    pub netns: Option<String>,
+    /// Connect to this address instead of what `localhost` resolves to.
+    pub connect_to: Option<&'a str>,
 }
 
 impl OhaRun<'_> {
     /// The command, pinned when asked.
     pub fn command(&self) -> Command {
-        let mut c = match self.cpu {
-            Some(cpu) => {
-                let mut c = Command::new("taskset");
-                c.args(["-c", &cpu.to_string()]).arg(self.bin);
-                c
-            }
-            None => Command::new(self.bin),
-        };
+        // `ip netns exec` and `taskset` both exec: the PID is oha's.
+        let mut argv: Vec<String> = Vec::new();
+        if let Some(ns) = &self.netns {
+            argv.extend(["ip", "netns", "exec", ns].map(String::from));
+        }
+        if let Some(cpu) = self.cpu {
+            argv.extend(["taskset".to_string(), "-c".to_string(), cpu.to_string()]);
+        }
+        argv.push(self.bin.to_string_lossy().into_owned());
+        let mut c = Command::new(&argv[0]);
+        c.args(&argv[1..]);
         c.arg(format!("https://localhost:{}{}", self.port, self.path))
             .args(["--http-version", "3", "--ipv4", "--no-tui"])
             .arg("--cacert")
@@ -97,6 +104,10 @@ impl OhaRun<'_> {
             .stderr(self.log_file());
         if let Some(q) = self.rate {
             c.args(["-q", &format!("{q:.0}"), "--latency-correction"]);
+        }
+        if let Some(addr) = self.connect_to {
+            let p = self.port;
+            c.args(["--connect-to", &format!("localhost:{p}:{addr}:{p}")]);
         }
         if let Some(body) = self.upload {
             c.args(["-m", "PUT", "-D"]).arg(body);

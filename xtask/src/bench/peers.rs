@@ -206,6 +206,17 @@ pub struct Nginx {
 
 impl Nginx {
     pub fn start(bin: &Path, dir: &Path, port: u16, cpu: Option<usize>) -> Result<Nginx> {
+        Nginx::start_in(bin, dir, port, cpu, None)
+    }
+
+    /// [`Nginx::start`] inside network namespace `netns` (`ip netns exec`, which execs).
+    pub fn start_in(
+        bin: &Path,
+        dir: &Path,
+        port: u16,
+        cpu: Option<usize>,
+        netns: Option<&str>,
+    ) -> Result<Nginx> {
         let www = dir.join("www");
         std::fs::create_dir_all(www.join("upload"))?;
         std::fs::create_dir_all(dir.join("nginx-tmp"))?;
@@ -248,18 +259,14 @@ http {{
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf)?;
         let conf_s = conf_path.to_string_lossy().to_string();
-        let proc = Proc::start(
-            "nginx",
-            cpu,
-            &[
-                &bin.to_string_lossy(),
-                "-c",
-                &conf_s,
-                "-e",
-                &format!("{d}/nginx-error.log"),
-            ],
-            &dir.join("nginx.out"),
-        )?;
+        let bin_s = bin.to_string_lossy().to_string();
+        let err_log = format!("{d}/nginx-error.log");
+        let mut cmd: Vec<&str> = Vec::new();
+        if let Some(ns) = netns {
+            cmd.extend(["ip", "netns", "exec", ns]);
+        }
+        cmd.extend([bin_s.as_str(), "-c", &conf_s, "-e", &err_log]);
+        let proc = Proc::start("nginx", cpu, &cmd, &dir.join("nginx.out"))?;
         let n = Nginx {
             proc,
             port,
@@ -267,7 +274,20 @@ http {{
             pid_file: dir.join("nginx.pid"),
             stopped: false,
         };
-        wait_tcp(port, Duration::from_secs(10)).context("nginx did not come up")?;
+        match netns {
+            None => wait_tcp(port, Duration::from_secs(10)).context("nginx did not come up")?,
+            // Its port is in the other namespace: wait for its worker instead.
+            Some(_) => {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while n.worker_pid().is_none() {
+                    if Instant::now() > deadline {
+                        bail!("nginx did not come up in {}", netns.unwrap_or_default());
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
         Ok(n)
     }
 

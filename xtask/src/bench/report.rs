@@ -537,6 +537,20 @@ pub fn json(env: &Env, res: &Results) -> String {
         );
         s.push_str(if i + 1 < res.xdp.len() { ",\n" } else { "\n" });
     }
+    s.push_str("  ],\n  \"steering\": [\n");
+    for (i, o) in res.steering.iter().enumerate() {
+        let _ = write!(
+            s,
+            "    {{\"mode\": \"{}\", \"run\": {}, \"rate\": {}, \"requests_per_second\": {}, \"p50_ms\": {}, \"p99_ms\": {}, \"errors\": {}, \"spooky_us_per_request\": {}, \"cpu1_us_per_request\": {}, \"machine_us_per_request\": {}, \"xdp_redirects_per_request\": {}}}",
+            o.mode, o.run, num(o.rate), num(o.rps), num(o.p50_ms), num(o.p99_ms), o.errors,
+            num(o.spooky_us), num(o.cpu1_us), num(o.machine_us), num(o.xdp_redirects_per_request)
+        );
+        s.push_str(if i + 1 < res.steering.len() {
+            ",\n"
+        } else {
+            "\n"
+        });
+    }
     s.push_str("  ],\n  \"upgrades\": [\n");
     for (i, u) in res.upgrades.iter().enumerate() {
         let _ = write!(
@@ -742,6 +756,38 @@ Datagrams Spooky received per 100 it sent, over the whole run (in a download nea
                 m.hwm_kib as f64 / 1024.0,
                 m.good_runs,
                 m.runs
+            );
+        }
+        s.push('\n');
+    }
+    if !res.steering.is_empty() {
+        let rate = res.steering[0].rate;
+        let _ = writeln!(
+            s,
+            "### Steering: Spooky with and without XDP, the client in a network namespace behind a veth ({rate:.0} requests/s of 100 B, oha `-q`, 8 s)\n"
+        );
+        s.push_str("| mode | req/s done | p50 ms | p99 ms | errors | µs CPU per request: Spooky | all of CPU 1 | whole machine | XDP redirects per request | runs |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+        for mode in ["xdp", "sk_reuseport"] {
+            let rows: Vec<&super::steering::Outcome> =
+                res.steering.iter().filter(|o| o.mode == mode).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let st = |f: &dyn Fn(&super::steering::Outcome) -> f64| {
+                Stat::of(rows.iter().map(|o| f(o)).collect())
+            };
+            let _ = writeln!(
+                s,
+                "| {mode} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                st(&|o| o.rps).show(0),
+                st(&|o| o.p50_ms).show(2),
+                st(&|o| o.p99_ms).show(2),
+                rows.iter().map(|o| o.errors).sum::<u64>(),
+                st(&|o| o.spooky_us).show(1),
+                st(&|o| o.cpu1_us).show(1),
+                st(&|o| o.machine_us).show(1),
+                st(&|o| o.xdp_redirects_per_request).show(2),
+                rows.len()
             );
         }
         s.push('\n');
