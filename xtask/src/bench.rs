@@ -651,7 +651,9 @@ fn one_run(
             measure::run(command, pid, nginx_worker, Some(window), end)
                 .and_then(|(_, w)| Ok((oha::parse(&json)?, w)))
                 .map(|(o, w)| {
-                    let in_flight = u64::from(connections * parallel);
+                    // oha's requests in flight at its deadline, and the warm-up's at its end
+                    // (their lines may reach nginx's log after the warm-up was counted).
+                    let in_flight = 2 * u64::from(connections * parallel);
                     let mut r = RunResult::from_oha(
                         sc.name,
                         sc.unit,

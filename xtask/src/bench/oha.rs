@@ -136,6 +136,8 @@ pub struct OhaReport {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub p999_ms: f64,
+    /// What the failures were: `N× kind` for each kind oha names (statuses included).
+    pub failure_kinds: String,
 }
 
 /// Reads the report oha wrote.
@@ -154,14 +156,24 @@ pub fn parse(path: &Path) -> Result<OhaReport> {
             }
         }
     }
+    let mut kinds = Vec::new();
+    if let Some(codes) = v["statusCodeDistribution"].as_object() {
+        for (code, n) in codes.iter().filter(|(c, _)| !c.starts_with('2')) {
+            kinds.push(format!("{}× status {code}", n.as_u64().unwrap_or(0)));
+        }
+    }
     if let Some(errs) = v["errorDistribution"].as_object() {
         // Requests still in flight when the time was up are not failures.
-        r.failed += errs
+        for (e, n) in errs
             .iter()
             .filter(|(e, _)| !e.contains("aborted due to deadline"))
-            .filter_map(|(_, n)| n.as_u64())
-            .sum::<u64>();
+        {
+            let n = n.as_u64().unwrap_or(0);
+            r.failed += n;
+            kinds.push(format!("{n}× {e}"));
+        }
     }
+    r.failure_kinds = kinds.join("; ");
     r.body_bytes = v["summary"]["totalData"].as_u64().unwrap_or(0);
     // Seconds in the percentile table.
     let pct = |k: &str| v["latencyPercentiles"][k].as_f64().unwrap_or(f64::NAN) * 1000.0;

@@ -59,6 +59,8 @@ pub struct RunResult {
     pub nginx_logged: u64,
     pub proxy_survived: bool,
     pub loadavg: String,
+    /// What failed, by kind (oha runs).
+    pub failure_kinds: String,
     /// Spooky only: datagrams it received and sent during the run (its metrics).
     pub datagrams_in: u64,
     pub datagrams_out: u64,
@@ -188,6 +190,7 @@ impl RunResult {
             sent_total: o.ok + o.failed + in_flight,
             other_cpu_pct: w.other_fraction() * 100.0,
             noisy: w.noisy(),
+            failure_kinds: o.failure_kinds.clone(),
             ..Default::default()
         };
         let amount = if unit == "MiB" { mib } else { o.ok as f64 };
@@ -232,7 +235,11 @@ impl RunResult {
             self.sent_total,
             self.other_cpu_pct,
             if self.noisy { " NOISY" } else { "" }
-        )
+        ) + &if self.failure_kinds.is_empty() {
+            String::new()
+        } else {
+            format!(" (failures: {})", self.failure_kinds)
+        }
     }
 }
 
@@ -513,7 +520,7 @@ pub fn json(env: &Env, res: &Results) -> String {
     for (i, r) in res.runs.iter().enumerate() {
         let _ = write!(
             s,
-            "    {{\"scenario\": \"{}\", \"generator\": \"{}\", \"proxy\": \"{}\", \"run\": {}, \"ok\": {}, \"window_s\": {}, \"requests\": {}, \"requests_per_second\": {}, \"mib_per_second\": {}, \"p50_ms\": {}, \"p99_ms\": {}, \"p999_ms\": {}, \"errors\": {}, \"proxy_cpu_seconds\": {}, \"proxy_cpu_percent\": {}, \"unit\": \"{}\", \"per_proxy_cpu_second\": {}, \"proxy_rss_base_kib\": {}, \"proxy_rss_end_kib\": {}, \"proxy_hwm_kib\": {}, \"open_connections\": {}, \"kib_per_connection\": {}, \"nginx_cpu_percent\": {}, \"loadgen_cpu_percent\": {}, \"sent_total\": {}, \"completed_total\": {}, \"nginx_logged\": {}, \"count_consistent\": {}, \"proxy_survived\": {}, \"loadavg\": \"{}\", \"other_cpu_percent\": {}, \"noisy\": {}, \"spooky_datagrams_in\": {}, \"spooky_datagrams_out\": {}}}",
+            "    {{\"scenario\": \"{}\", \"generator\": \"{}\", \"proxy\": \"{}\", \"run\": {}, \"ok\": {}, \"window_s\": {}, \"requests\": {}, \"requests_per_second\": {}, \"mib_per_second\": {}, \"p50_ms\": {}, \"p99_ms\": {}, \"p999_ms\": {}, \"errors\": {}, \"proxy_cpu_seconds\": {}, \"proxy_cpu_percent\": {}, \"unit\": \"{}\", \"per_proxy_cpu_second\": {}, \"proxy_rss_base_kib\": {}, \"proxy_rss_end_kib\": {}, \"proxy_hwm_kib\": {}, \"open_connections\": {}, \"kib_per_connection\": {}, \"nginx_cpu_percent\": {}, \"loadgen_cpu_percent\": {}, \"sent_total\": {}, \"completed_total\": {}, \"nginx_logged\": {}, \"count_consistent\": {}, \"proxy_survived\": {}, \"loadavg\": \"{}\", \"other_cpu_percent\": {}, \"noisy\": {}, \"spooky_datagrams_in\": {}, \"spooky_datagrams_out\": {}, \"failure_kinds\": \"{}\"}}",
             r.scenario, r.generator, r.proxy, r.run, r.ok, num(r.window_s), r.requests,
             num(r.rps), num(r.mib_s), num(r.p50_ms), num(r.p99_ms), num(r.p999_ms), r.errors,
             num(r.proxy_cpu_s), num(r.proxy_cpu_pct), r.unit, num(r.per_cpu_second),
@@ -521,7 +528,7 @@ pub fn json(env: &Env, res: &Results) -> String {
             num(r.kib_per_connection()), num(r.nginx_cpu_pct), num(r.loadgen_cpu_pct),
             r.sent_total, r.completed_total, r.nginx_logged, r.count_consistent(),
             r.proxy_survived, esc(&r.loadavg), num(r.other_cpu_pct), r.noisy, r.datagrams_in,
-            r.datagrams_out
+            r.datagrams_out, esc(&r.failure_kinds)
         );
         s.push_str(if i + 1 < res.runs.len() { ",\n" } else { "\n" });
     }
@@ -819,6 +826,28 @@ Datagrams Spooky received per 100 it sent, over the whole run (in a download nea
                 u.unanswered,
                 u.old_exit_s.map_or("-".to_string(), |t| format!("{t:.2}")),
                 u.note
+            );
+        }
+        s.push('\n');
+    }
+    let failed: Vec<&RunResult> = res.runs.iter().filter(|r| !r.ok || r.errors > 0).collect();
+    if !failed.is_empty() {
+        s.push_str("### Runs with failures\n\n| scenario | generator | proxy | run | answered | failed | what |\n|---|---|---|---:|---:|---:|---|\n");
+        for r in failed {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                r.scenario,
+                r.generator,
+                r.proxy,
+                r.run,
+                r.completed_total,
+                r.errors,
+                if r.failure_kinds.is_empty() {
+                    "-"
+                } else {
+                    &r.failure_kinds
+                }
             );
         }
         s.push('\n');
