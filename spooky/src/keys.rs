@@ -76,11 +76,21 @@ pub struct Keys {
     pub previous_token: Option<Secret>,
 }
 
+/// Bytes of TLS session-ticket key material: BoringSSL's `SSL_CTX_set_tlsext_ticket_keys`
+/// takes a 16-byte key name, a 16-byte HMAC key and a 16-byte AES key.
+pub const TICKET_KEY_LEN: usize = 48;
+
 /// The keys as the data plane uses them: HMAC-SHA256 keys, built once per snapshot.
 pub struct KeyRing {
     pub reset: hmac::Key,
     pub token: hmac::Key,
     pub previous_token: Option<hmac::Key>,
+    /// Session tickets (resumption and 0-RTT): the same for every worker, and for the
+    /// processes that follow each other (the keys are passed on), so a ticket one worker
+    /// issued resumes on any. Derived from the token key: `spooky keys rotate` (then a
+    /// reload) rotates it too; tickets sealed with the old one then fall back to a full
+    /// handshake.
+    pub ticket: [u8; TICKET_KEY_LEN],
 }
 
 impl From<&Keys> for KeyRing {
@@ -89,8 +99,20 @@ impl From<&Keys> for KeyRing {
             reset: k.reset.hmac(),
             token: k.token.hmac(),
             previous_token: k.previous_token.as_ref().map(Secret::hmac),
+            ticket: ticket_key(&k.token),
         }
     }
+}
+
+/// Session-ticket key material derived from `token` (two HMAC-SHA256 outputs, truncated).
+fn ticket_key(token: &Secret) -> [u8; TICKET_KEY_LEN] {
+    let key = token.hmac();
+    let first = hmac::sign(&key, b"spooky: session tickets, part 1");
+    let second = hmac::sign(&key, b"spooky: session tickets, part 2");
+    let mut out = [0u8; TICKET_KEY_LEN];
+    out[..32].copy_from_slice(first.as_ref());
+    out[32..].copy_from_slice(&second.as_ref()[..TICKET_KEY_LEN - 32]);
+    out
 }
 
 /// Why keys could not be had.
@@ -266,6 +288,26 @@ mod tests {
             key,
             "another process's keys: another key"
         );
+    }
+
+    #[test]
+    fn the_ticket_key_is_shared_by_copies_and_changes_with_a_rotation() {
+        let rng = ring::rand::SystemRandom::new();
+        let keys = Keys::generate(&rng).unwrap();
+        let ticket = KeyRing::from(&keys).ticket;
+        assert_eq!(
+            KeyRing::from(&keys.clone()).ticket,
+            ticket,
+            "every worker: the same"
+        );
+        assert_ne!(
+            ticket[..16],
+            ticket[16..32],
+            "name, HMAC and AES parts differ"
+        );
+        assert_ne!(KeyRing::from(&keys.rotated(&rng).unwrap()).ticket, ticket);
+        let other = Keys::generate(&rng).unwrap();
+        assert_ne!(KeyRing::from(&other).ticket, ticket);
     }
 
     #[test]

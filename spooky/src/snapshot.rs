@@ -9,7 +9,7 @@
 //! and what each worker builds from a snapshot for itself (connection pools, balancers).
 
 use crate::board::{BackendKey, BackendSlot, HealthBoard};
-use crate::config::{BackendTls, Config};
+use crate::config::{BackendTls, Config, EarlyData};
 use crate::keys::{KeyError, KeyRing, Keys};
 use crate::routing::{RouteError, RouteTable};
 use std::path::PathBuf;
@@ -205,6 +205,15 @@ impl Snapshot {
         q.set_disable_active_migration(false);
         q.set_max_connection_window(quic.initial_max_data.max(25 << 20));
         q.set_max_stream_window(quic.initial_max_stream_data.max(16 << 20));
+        // One ticket key for every worker (and for a successor): a ticket resumes wherever
+        // the new connection lands.
+        q.set_ticket_key(&self.keys.ticket)?;
+        if quic.early_data != EarlyData::Off {
+            // How much a client may send in 0-RTT is what it remembers of our transport
+            // parameters (`initial_max_data`, `initial_max_stream_data`): QUIC, not TLS,
+            // bounds early data.
+            q.enable_early_data();
+        }
         Ok(q)
     }
 

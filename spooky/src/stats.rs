@@ -49,6 +49,14 @@ pub struct WorkerStats {
     /// Packets of another live process (a takeover in progress) that reached this one:
     /// dropped, never answered (0 while steering works).
     pub foreign: AtomicU64,
+    /// Handshakes completed by resuming a session (a ticket; 0-RTT or not).
+    pub resumed: AtomicU64,
+    /// Requests received in 0-RTT and forwarded at once, with `early-data: 1`.
+    pub early_forwarded: AtomicU64,
+    /// Requests received in 0-RTT held until the handshake completed (`early_data: defer`).
+    pub early_deferred: AtomicU64,
+    /// Requests received in 0-RTT answered 425 Too Early (`early_data: reject`).
+    pub early_rejected: AtomicU64,
 }
 
 /// Histogram bucket bounds, seconds.

@@ -15,7 +15,8 @@
 //! | `/reset/N` | 200 announcing 2N bytes, N bytes sent, then the stream is reset |
 //! | anything else | 200 `hello from ID: METHOD PATH` |
 //!
-//! Every response carries `x-backend: ID`.
+//! Every response carries `x-backend: ID`. A HEAD request gets the headers the GET would
+//! (for the routes answered in one piece), without the body.
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
@@ -352,7 +353,18 @@ async fn handle(
             format!("hello from {}: {} {}\n", opts.id, req.method(), path),
         ),
     };
+    let head = req.method() == http::Method::HEAD;
     drain(req.into_body()).await;
+    if head {
+        // The GET's headers, no body (RFC 9110 §9.3.2).
+        let resp = builder
+            .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+            .header("content-length", body.len())
+            .body(())
+            .unwrap_or_default();
+        respond.send_response(resp, true)?;
+        return Ok(());
+    }
     respond_body(respond, builder, status, body)
 }
 

@@ -102,6 +102,22 @@ pub enum RetryMode {
     },
 }
 
+/// What Spooky does with requests a resuming client sends in 0-RTT (TLS early data), which
+/// an attacker who recorded them can replay. Requests with a safe method (GET, HEAD,
+/// OPTIONS, TRACE) are forwarded at once with `early-data: 1` (RFC 8470), so a backend can
+/// answer 425 itself; the setting decides the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EarlyData {
+    /// No 0-RTT: resumed connections still skip the certificate, but send nothing early.
+    Off,
+    /// Requests with other methods wait for the handshake to complete (a replay never
+    /// completes it, so such a request reaches a backend at most once).
+    Defer,
+    /// Requests with other methods are answered 425 Too Early; the client repeats them
+    /// after the handshake.
+    Reject,
+}
+
 /// QUIC transport settings.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Quic {
@@ -127,6 +143,8 @@ pub struct Quic {
     /// worker enforces its share.
     pub max_stalled_streams_per_ip: u32,
     pub retry: RetryMode,
+    /// 0-RTT (`quic.early_data`).
+    pub early_data: EarlyData,
     /// Total connection ID length (bytes).
     pub cid_len: u8,
     /// Server id written into every connection ID (its length is the server id length).

@@ -111,6 +111,8 @@ pub(super) struct RawQuic {
     pub retry: String,
     /// Only meaningful with `retry: auto`; `None` = 1000.
     pub retry_threshold: Option<i64>,
+    /// `off`, `defer` or `reject`.
+    pub early_data: String,
     pub cid_len: i64,
     pub server_id: RawServerId,
     pub generation: i64,
@@ -137,6 +139,7 @@ impl Default for RawQuic {
             max_stalled_streams_per_ip: 256,
             retry: "auto".to_owned(),
             retry_threshold: None,
+            early_data: "defer".to_owned(),
             cid_len: 16,
             server_id: RawServerId::Int(1),
             generation: 0,

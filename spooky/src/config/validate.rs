@@ -27,9 +27,9 @@ use super::raw::{
     DEFAULT_RETRY_THRESHOLD,
 };
 use super::{
-    AccessLog, Admin, Backend, BackendTls, Config, ControlSocket, ForwardedMode, HashKey,
-    HealthCheck, Listen, ListenTls, LoadBalancing, Log, LogFormat, PassiveHealth, Proxy, Quic,
-    RetryMode, Route, Steering, Upstream, UpstreamTimeouts, User, XdpMode,
+    AccessLog, Admin, Backend, BackendTls, Config, ControlSocket, EarlyData, ForwardedMode,
+    HashKey, HealthCheck, Listen, ListenTls, LoadBalancing, Log, LogFormat, PassiveHealth, Proxy,
+    Quic, RetryMode, Route, Steering, Upstream, UpstreamTimeouts, User, XdpMode,
 };
 
 /// Why a configuration was refused.
@@ -361,6 +361,18 @@ fn build_quic(raw: &RawQuic, io: &Io<'_>, errs: &mut Errors) -> Option<Quic> {
         int_in(raw.max_stalled_streams_per_ip, 1, 1 << 30),
     );
     let retry = build_retry(raw, errs);
+    let early_data = errs.check(
+        "quic.early_data",
+        one_of(
+            &raw.early_data,
+            "0-RTT mode",
+            &[
+                ("off", EarlyData::Off),
+                ("defer", EarlyData::Defer),
+                ("reject", EarlyData::Reject),
+            ],
+        ),
+    );
     let cid_len = errs.check("quic.cid_len", int_in::<u8>(raw.cid_len, 0, 255));
     let server_id = errs.check("quic.server_id", parse_server_id(&raw.server_id));
     let max_generation = i64::from(UNROUTABLE_GENERATION) - 1;
@@ -385,6 +397,7 @@ fn build_quic(raw: &RawQuic, io: &Io<'_>, errs: &mut Errors) -> Option<Quic> {
         max_stalled_streams: max_stalled_streams?,
         max_stalled_streams_per_ip: max_stalled_streams_per_ip?,
         retry: retry?,
+        early_data: early_data?,
         cid_len: cid_len?,
         server_id: server_id?,
         generation: generation?,

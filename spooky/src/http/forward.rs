@@ -91,8 +91,19 @@ impl Drop for InFlight<'_> {
 }
 
 /// Runs one request to completion.
-pub async fn run(job: Job) {
-    let result = forward(&job).await;
+pub async fn run(job: Job, gate: Option<super::HandshakeGate>) {
+    // 0-RTT could be a replay: nothing goes upstream before the handshake proves the client
+    // is live. A connection that dies first (a replay never completes) drops the gate's
+    // sender.
+    let live = match gate {
+        Some(mut gate) => gate.wait_for(|done| *done).await.is_ok(),
+        None => true,
+    };
+    let result = if live {
+        forward(&job).await
+    } else {
+        Err(Failure::ClientGone)
+    };
     match result {
         Ok(backend) => {
             tracing::debug!(upstream = job.pool_name(), backend = %backend, status = job.status.get(),

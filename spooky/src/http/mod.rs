@@ -39,6 +39,10 @@ use tokio::sync::Notify;
 /// new one, so a late wake-up for a closed connection is ignored).
 pub(crate) type ConnRef = (usize, u64);
 
+/// Opens (`true`) when the connection's handshake is complete; its sender goes away with
+/// the connection. A request that arrived in 0-RTT with an unsafe method waits on it.
+pub(crate) type HandshakeGate = tokio::sync::watch::Receiver<bool>;
+
 /// Connections that request tasks asked the loop to service.
 #[derive(Default)]
 pub(crate) struct Wakeup {
@@ -257,7 +261,10 @@ impl Forwarder {
         }
     }
 
-    /// Starts the request task of an admitted request on the worker's `LocalSet`.
+    /// Starts the request task of an admitted request on the worker's `LocalSet`; with a
+    /// `gate` (a request that came in 0-RTT), it contacts no backend before the gate says
+    /// the handshake is complete.
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn(
         self: &Rc<Self>,
         task: TaskEnd,
@@ -266,9 +273,10 @@ impl Forwarder {
         peer: SocketAddr,
         conn: ConnRef,
         started: Instant,
+        gate: Option<HandshakeGate>,
     ) {
         let job = forward::Job::new(self.clone(), task, head, peer, upstream, conn, started);
-        tokio::task::spawn_local(forward::run(job));
+        tokio::task::spawn_local(forward::run(job, gate));
     }
 
     /// The metric series of (`upstream`, `backend`): the backend's, the pool's when no backend

@@ -49,6 +49,9 @@ pub enum Failure {
     NoHealthyBackend { pool: String },
     /// The process is above `proxy.memory_limit`: new requests are shed.
     Overloaded,
+    /// A request with an unsafe method arrived in 0-RTT and `quic.early_data` is `reject`
+    /// (RFC 8470 §5.2: 425, the client repeats it after the handshake).
+    TooEarly,
     /// The head could not be expressed in HTTP/2.
     Convert(ConvertError),
     /// Talking to the backend failed.
@@ -87,6 +90,7 @@ impl Failure {
             Failure::BodyTooLarge { .. } => 413,
             Failure::BodyIdle { .. } => 408,
             Failure::NoHealthyBackend { .. } | Failure::Overloaded => 503,
+            Failure::TooEarly => 425,
             Failure::Upstream(e) if is_timeout(e.kind) => 504,
             Failure::Convert(_) | Failure::Upstream(_) | Failure::Broken { .. } => 502,
             Failure::ClientGone => CLIENT_CLOSED,
@@ -105,6 +109,7 @@ impl Failure {
             Failure::BodyIdle { .. } => "request body timed out".into(),
             Failure::NoHealthyBackend { .. } => "no healthy backend".into(),
             Failure::Overloaded => "overloaded".into(),
+            Failure::TooEarly => "too early: repeat the request after the handshake".into(),
             Failure::Upstream(e) if is_timeout(e.kind) => "upstream timed out".into(),
             _ => "bad gateway".into(),
         }

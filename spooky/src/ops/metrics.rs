@@ -124,7 +124,7 @@ pub fn render(ops: &Ops) -> String {
         );
     }
 
-    let worker_metrics: [WorkerMetric; 19] = [
+    let worker_metrics: [WorkerMetric; 23] = [
         ("spooky_quic_connections_active", "gauge", "Open QUIC connections.", |w| w.connections_active.load(Ordering::Relaxed)),
         ("spooky_http3_streams_active", "gauge", "Open HTTP/3 request streams.", |w| w.streams_active.load(Ordering::Relaxed)),
         ("spooky_quic_connections_accepted_total", "counter", "QUIC connections accepted (handshakes started).", |w| w.connections_accepted.load(Ordering::Relaxed)),
@@ -144,6 +144,10 @@ pub fn render(ops: &Ops) -> String {
         ("spooky_memory_shed_total", "counter", "Above proxy.memory_limit: requests answered 503 and stalled response streams reset.", |w| w.memory_shed.load(Ordering::Relaxed)),
         ("spooky_quic_other_server_packets_total", "counter", "Packets whose DCID has our layout and another server id (another server's connection, sent here by a fleet's load balancer): dropped, never answered with a Stateless Reset.", |w| w.other_server.load(Ordering::Relaxed)),
         ("spooky_http3_request_head_timeouts_total", "counter", "Request streams reset because their head did not arrive within quic.request_header_timeout.", |w| w.request_head_timeouts.load(Ordering::Relaxed)),
+        ("spooky_quic_resumed_handshakes_total", "counter", "Handshakes completed by resuming a TLS session (a session ticket), with or without 0-RTT.", |w| w.resumed.load(Ordering::Relaxed)),
+        ("spooky_http3_early_data_forwarded_total", "counter", "Requests received in 0-RTT and forwarded at once with early-data: 1 (safe methods).", |w| w.early_forwarded.load(Ordering::Relaxed)),
+        ("spooky_http3_early_data_deferred_total", "counter", "Requests received in 0-RTT held until the handshake completed (other methods, quic.early_data: defer).", |w| w.early_deferred.load(Ordering::Relaxed)),
+        ("spooky_http3_early_data_rejected_total", "counter", "Requests received in 0-RTT answered 425 Too Early (other methods, quic.early_data: reject).", |w| w.early_rejected.load(Ordering::Relaxed)),
     ];
     for (name, kind, help, get) in worker_metrics {
         head(&mut out, name, kind, help);

@@ -5,10 +5,11 @@
 
 use super::heads::PendingHeads;
 use super::stall::{StallBook, STALL_GRACE};
-use crate::http::bridge::{self, H3_NO_ERROR};
+use crate::config::EarlyData;
+use crate::http::bridge::{self, RequestHead, H3_NO_ERROR};
 use crate::http::exchange::{self, BodyError, LoopEnd, Pending};
-use crate::http::outcome::{self, Finished, Reaction, StreamError};
-use crate::http::{Admission, ConnRef, Forwarder};
+use crate::http::outcome::{self, Failure, Finished, Reaction, StreamError};
+use crate::http::{Admission, ConnRef, Forwarder, HandshakeGate};
 use bytes::Bytes;
 use quiche::h3;
 use quiche::ConnectionId;
@@ -22,6 +23,7 @@ const DRAIN_GRACE_MAX: Duration = Duration::from_secs(2);
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
+use tokio::sync::watch;
 
 /// quiche buffers stream data as `Bytes`: response bodies go from the backend's HTTP/2 frames
 /// into QUIC packets without being copied into quiche first (`send_body_zc`).
@@ -76,6 +78,8 @@ pub struct Conn {
     stalls: Rc<StallBook>,
     /// When a response stream last took a byte (or the connection was opened).
     last_taken: Instant,
+    /// Opened when the handshake completes (requests held back from 0-RTT wait on it).
+    handshake: watch::Sender<bool>,
 }
 
 impl Drop for Conn {
@@ -114,6 +118,7 @@ impl Conn {
             held: HashSet::new(),
             stalls,
             last_taken: Instant::now(),
+            handshake: watch::channel(false).0,
         }
     }
 
@@ -141,6 +146,12 @@ impl Conn {
                     let _ = self.quic.close(true, 0x101, b"h3 setup");
                     return;
                 }
+            }
+        }
+        if self.quic.is_established() && !*self.handshake.borrow() {
+            self.handshake.send_replace(true);
+            if self.quic.is_resumed() {
+                fwd.services.stats.resumed.fetch_add(1, Ordering::Relaxed);
             }
         }
         let Some(mut h3c) = self.h3.take() else {
@@ -353,6 +364,40 @@ impl Conn {
         }
     }
 
+    /// A request that arrived in 0-RTT can be a replay (RFC 8470, RFC 9001 §4.6.1): a
+    /// safe method goes on at once, marked `early-data: 1` so the backend may answer 425
+    /// itself; another waits for the handshake (the returned gate) or is refused with 425,
+    /// as `quic.early_data` says.
+    fn early_data(
+        &self,
+        head: &mut RequestHead,
+        fwd: &Forwarder,
+    ) -> Result<Option<HandshakeGate>, Failure> {
+        if !self.quic.is_in_early_data() {
+            return Ok(None);
+        }
+        let stats = &fwd.services.stats;
+        if head.method.is_safe() {
+            // A client that is itself an intermediary may have marked it already.
+            if head.field("early-data").is_none() {
+                head.fields
+                    .push((Bytes::from_static(b"early-data"), Bytes::from_static(b"1")));
+            }
+            stats.early_forwarded.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        }
+        match fwd.snapshot.config.quic.early_data {
+            EarlyData::Reject => {
+                stats.early_rejected.fetch_add(1, Ordering::Relaxed);
+                Err(Failure::TooEarly)
+            }
+            EarlyData::Defer | EarlyData::Off => {
+                stats.early_deferred.fetch_add(1, Ordering::Relaxed);
+                Ok(Some(self.handshake.subscribe()))
+            }
+        }
+    }
+
     fn on_request(
         &mut self,
         h3c: &mut h3::Connection,
@@ -366,17 +411,25 @@ impl Conn {
         let started = Instant::now();
         fwd.services.stats.requests.fetch_add(1, Ordering::Relaxed);
         let stats = &fwd.services.stats;
-        let (status, fields, body, stop_sending, head) = match fwd.admit(list, more_frames) {
+        let admission = match fwd.admit(list, more_frames) {
             Admission::Forward {
-                head,
+                mut head,
                 upstream,
                 shape,
-            } => {
-                let (loop_end, task) = exchange::new(shape, stats.clone());
-                self.streams.insert(sid, loop_end);
-                fwd.spawn(task, head, upstream, self.peer, conn, started);
-                return;
-            }
+            } => match self.early_data(&mut head, fwd) {
+                Ok(gate) => {
+                    let (loop_end, task) = exchange::new(shape, stats.clone());
+                    self.streams.insert(sid, loop_end);
+                    fwd.spawn(task, head, upstream, self.peer, conn, started, gate);
+                    return;
+                }
+                Err(failure) => Admission::Refuse(failure, Some(head)),
+            },
+            other => other,
+        };
+        let (status, fields, body, stop_sending, head) = match admission {
+            // Taken care of above.
+            Admission::Forward { .. } => return,
             Admission::Options(head) => {
                 let (status, fields, body) = outcome::options_answer();
                 (status, fields, body, None, Some(head))

@@ -22,6 +22,14 @@ added after the pseudo-headers), `upload` (a body of that many bytes of the patt
 `i % 251`) and `fields` (a complete list of [name, value] that replaces the pseudo-headers
 and `headers`).
 
+Resumption and 0-RTT (`--resume N`): the first batch of the plan runs on a fresh connection,
+which keeps the server's session ticket; then N new connections each resume with that ticket
+and send the second batch at once, before their handshake completes (in 0-RTT when the
+ticket allows it; `--hold-handshake S` makes those connections read nothing for S seconds,
+so their handshake is surely incomplete while the server handles the early requests). The
+JSON then also has "resumptions": one {"resumed", "early_data",
+"responses", "error"} per resumed connection (`early_data`: the server accepted 0-RTT).
+
 Prints one JSON object: {"responses": [...], "error": null or text}. Responses are listed in
 plan order, each {"status", "headers", "body_len", "sha256", "body", "ended", "reset", "trailers"}
 (`body` is the text of bodies up to 64 KiB, null beyond):
@@ -199,6 +207,98 @@ async def run(args: argparse.Namespace, plan: list[list[dict[str, Any]]]) -> dic
     return {"responses": responses, "error": error}
 
 
+class HeldHandshake(H3Client):
+    """A client that reads nothing from the server for its first `HOLD` seconds: its
+    handshake cannot complete before then, so what it sent in 0-RTT is processed by the
+    server as early data (on loopback the handshake would otherwise often be complete by the
+    time the server looks at the requests)."""
+
+    HOLD = 0.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._release = self._loop.time() + self.HOLD
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        if self._loop.time() < self._release:
+            # call_at keeps the datagrams in their order.
+            self._loop.call_at(self._release, super().datagram_received, data, addr)
+        else:
+            super().datagram_received(data, addr)
+
+
+async def run_resumed(args: argparse.Namespace, plan: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """The first batch on a fresh connection, the second in 0-RTT on `args.resume` resumed
+    connections (see the module's docstring)."""
+    tickets: list[Any] = []
+
+    def config() -> QuicConfiguration:
+        c = QuicConfiguration(
+            is_client=True,
+            alpn_protocols=H3_ALPN,
+            server_name=args.server_name,
+            verify_mode=ssl.CERT_REQUIRED,
+            max_data=32 << 20,
+            max_stream_data=16 << 20,
+        )
+        c.load_verify_locations(cafile=args.ca)
+        return c
+
+    async def one(batch: list[dict[str, Any]], ticket: Any) -> dict[str, Any]:
+        c = config()
+        c.session_ticket = ticket
+        out: dict[str, Any] = {"responses": [], "error": None, "resumed": False, "early_data": False}
+        try:
+            async with connect(
+                args.host,
+                args.port,
+                configuration=c,
+                create_protocol=H3Client if ticket is None else HeldHandshake,
+                session_ticket_handler=tickets.append,
+                wait_connected=ticket is None,
+            ) as client:
+                assert isinstance(client, H3Client)
+                # With a ticket and no wait, these go out with the ClientHello: 0-RTT.
+                exchanges = [client.start(req, args.authority) for req in batch]
+                try:
+                    await asyncio.wait_for(
+                        asyncio.gather(*(ex.done for ex in exchanges)), args.timeout
+                    )
+                except asyncio.TimeoutError:
+                    out["error"] = f"timed out after {args.timeout}s"
+                out["responses"] = [ex.to_json() for ex in exchanges]
+                tls = client._quic.tls
+                out["resumed"] = bool(tls.session_resumed)
+                out["early_data"] = bool(tls.early_data_accepted)
+                if ticket is None:
+                    # The ticket comes after the handshake: give it a moment.
+                    for _ in range(100):
+                        if tickets:
+                            break
+                        await asyncio.sleep(0.01)
+                if client.terminated is not None:
+                    out["error"] = client.terminated
+                client.close()
+        except (ConnectionError, OSError, ssl.SSLError) as e:
+            out["error"] = f"{type(e).__name__}: {e}"
+        return out
+
+    HeldHandshake.HOLD = args.hold_handshake
+    first = await one(plan[0], None)
+    result: dict[str, Any] = {"responses": first["responses"], "error": first["error"], "resumptions": []}
+    if first["error"] is not None:
+        return result
+    if not tickets:
+        result["error"] = "the server sent no session ticket"
+        return result
+    for _ in range(args.resume):
+        r = await one(plan[1], tickets[-1])
+        result["resumptions"].append(r)
+        if r["error"] is not None and result["error"] is None:
+            result["error"] = f"resumed connection: {r['error']}"
+    return result
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--host", default="127.0.0.1")
@@ -213,6 +313,18 @@ def main() -> int:
     p.add_argument("--header", action="append", default=[], help="'name: value', sent as is")
     p.add_argument("--upload", type=int, default=0, help="body size in bytes")
     p.add_argument("--parallel", type=int, default=1, help="copies of the request at once")
+    p.add_argument(
+        "--hold-handshake",
+        type=float,
+        default=0.0,
+        help="resumed connections read nothing from the server for this many seconds",
+    )
+    p.add_argument(
+        "--resume",
+        type=int,
+        default=0,
+        help="resumed connections sending the plan's second batch in 0-RTT",
+    )
     args = p.parse_args()
     if args.plan is not None:
         plan = json.loads(args.plan)
@@ -230,7 +342,12 @@ def main() -> int:
             "upload": args.upload,
         }
         plan = [[req] * args.parallel]
-    result = asyncio.run(run(args, plan))
+    if args.resume:
+        if len(plan) != 2:
+            p.error("--resume needs a plan of exactly two batches")
+        result = asyncio.run(run_resumed(args, plan))
+    else:
+        result = asyncio.run(run(args, plan))
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
     return 0 if result["error"] is None else 1

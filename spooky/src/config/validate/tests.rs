@@ -80,6 +80,7 @@ fn minimal_config_gets_every_default() {
             retry: RetryMode::Auto {
                 new_connections_per_sec: 1000
             },
+            early_data: EarlyData::Defer,
             cid_len: 16,
             server_id: vec![0, 1],
             generation: 0,
@@ -805,6 +806,10 @@ fn quic_rules() {
     assert_eq!(
         quic("retry: sometimes"),
         ["quic.retry: unknown retry mode \"sometimes\" (allowed: off, always, auto)"]
+    );
+    assert_eq!(
+        quic("early_data: always"),
+        ["quic.early_data: unknown 0-RTT mode \"always\" (allowed: off, defer, reject)"]
     );
     assert_eq!(
         quic("retry: off, retry_threshold: 5"),

@@ -368,6 +368,7 @@ fn limits_are_shared_between_workers() {
         max_stalled_streams: 16,
         max_stalled_streams_per_ip: 256,
         retry: RetryMode::Off,
+        early_data: crate::config::EarlyData::Defer,
         cid_len: 16,
         server_id: vec![1, 2],
         generation: 0,
