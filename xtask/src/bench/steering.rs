@@ -281,7 +281,11 @@ log: {{level: info, format: text}}
         p99_ms: o.p99_ms,
         errors: o.failed,
         spooky_us: us(p1.saturating_sub(p0) as f64),
-        cpu1_us: us(busy(c1.saturating_sub(c0), 1.0)),
+        // Unpinned, "CPU 1" is every CPU.
+        cpu1_us: us(busy(
+            c1.saturating_sub(c0),
+            if cpu1.is_some() { 1.0 } else { cpus },
+        )),
         machine_us: us(busy(m1.saturating_sub(m0), cpus)),
         xdp_redirects_per_request: match (redirects0, redirects1) {
             (Some(a), Some(b)) => b.saturating_sub(a) as f64 / n,
