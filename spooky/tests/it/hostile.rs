@@ -416,16 +416,21 @@ fn spooky_drops_to_an_unprivileged_user_and_keeps_serving() {
         assert!(Instant::now() < deadline, "spooky did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
-    let uid_line = status
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .unwrap()
-        .to_string();
-    assert!(
-        uid_line.split_whitespace().skip(1).all(|u| u == "65534"),
-        "{uid_line}"
-    );
+    // The admin socket accepts connections into its backlog as soon as it listens, which
+    // is before the switch: wait for the switch itself (it must come, and soon).
+    let uid_line = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+        status
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .unwrap()
+            .to_string()
+    };
+    let switched = |line: &str| line.split_whitespace().skip(1).all(|u| u == "65534");
+    while !switched(&uid_line()) {
+        assert!(Instant::now() < deadline, "still {}", uid_line());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let mut c = client(format!("127.0.0.1:{port}").parse().unwrap());
     for _ in 0..20 {
         assert_eq!(
