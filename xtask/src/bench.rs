@@ -127,6 +127,22 @@ impl Generator {
     }
 }
 
+impl Scenario {
+    /// A scenario that brings its own load (or none): no generator arguments, no windows.
+    fn own(name: &'static str, unit: &'static str, path: &'static str) -> Scenario {
+        Scenario {
+            name,
+            unit,
+            path,
+            load_args: Vec::new(),
+            oha: None,
+            oha_rate: None,
+            warm_up: 0.0,
+            duration: 0.0,
+        }
+    }
+}
+
 fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let idle_conns: u32 = if quick { 300 } else { 1000 };
@@ -204,38 +220,11 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
             duration,
         },
         // Its own load and timing: see `upgrade.rs`.
-        Scenario {
-            name: "upgrade",
-            unit: "req",
-            path: "/100b",
-            load_args: Vec::new(),
-            oha: None,
-            oha_rate: None,
-            warm_up: 0.0,
-            duration: 0.0,
-        },
+        Scenario::own("upgrade", "req", "/100b"),
         // Spooky with and without XDP, a client in a namespace: see `steering.rs`.
-        Scenario {
-            name: "steering",
-            unit: "req",
-            path: "/100b",
-            load_args: Vec::new(),
-            oha: None,
-            oha_rate: None,
-            warm_up: 0.0,
-            duration: 0.0,
-        },
+        Scenario::own("steering", "req", "/100b"),
         // The XDP program in the kernel, no traffic: see `xdp.rs`.
-        Scenario {
-            name: "xdp",
-            unit: "Mpps",
-            path: "",
-            load_args: Vec::new(),
-            oha: None,
-            oha_rate: None,
-            warm_up: 0.0,
-            duration: 0.0,
-        },
+        Scenario::own("xdp", "Mpps", ""),
     ]
 }
 

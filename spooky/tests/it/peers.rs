@@ -418,6 +418,15 @@ fn aioquic_resumed(proxy: SocketAddr, first: &Value, early: &Value, n: usize) ->
     v
 }
 
+/// A two-worker proxy in front of `b` with `quic.early_data: mode`.
+fn early_data_proxy(b: &Backend, mode: &str) -> Proxy {
+    proxy(
+        &pool_of("main", "/", &[h2c(&b.id, b.addr)]),
+        &format!("quic:\n  retry: off\n  early_data: {mode}\n"),
+        2,
+    )
+}
+
 /// The 0-RTT counters of `p`: (resumed handshakes, forwarded, deferred, rejected).
 fn early_counters(p: &Proxy) -> [u64; 4] {
     [
@@ -472,11 +481,7 @@ fn aioquic_zero_rtt_get_is_marked_and_post_waits_for_the_handshake() {
 #[test]
 fn aioquic_zero_rtt_post_gets_425_when_early_data_is_reject() {
     let b = backend("b1");
-    let p = proxy(
-        &pool_of("main", "/", &[h2c(&b.id, b.addr)]),
-        "quic:\n  retry: off\n  early_data: reject\n",
-        2,
-    );
+    let p = early_data_proxy(&b, "reject");
     let v = aioquic_resumed(
         p.addr,
         &serde_json::json!([get("/")]),
@@ -508,11 +513,7 @@ fn aioquic_zero_rtt_post_gets_425_when_early_data_is_reject() {
 #[test]
 fn aioquic_resumes_without_0rtt_when_early_data_is_off() {
     let b = backend("b1");
-    let p = proxy(
-        &pool_of("main", "/", &[h2c(&b.id, b.addr)]),
-        "quic:\n  retry: off\n  early_data: off\n",
-        2,
-    );
+    let p = early_data_proxy(&b, "off");
     let v = aioquic_resumed(
         p.addr,
         &serde_json::json!([get("/")]),

@@ -171,7 +171,8 @@ class H3Client(QuicConnectionProtocol):
         return ex
 
 
-async def run(args: argparse.Namespace, plan: list[list[dict[str, Any]]]) -> dict[str, Any]:
+def client_config(args: argparse.Namespace) -> QuicConfiguration:
+    """HTTP/3, the server's certificate verified against --ca."""
     config = QuicConfiguration(
         is_client=True,
         alpn_protocols=H3_ALPN,
@@ -181,6 +182,11 @@ async def run(args: argparse.Namespace, plan: list[list[dict[str, Any]]]) -> dic
         max_stream_data=16 << 20,
     )
     config.load_verify_locations(cafile=args.ca)
+    return config
+
+
+async def run(args: argparse.Namespace, plan: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    config = client_config(args)
     responses: list[dict[str, Any]] = []
     error: str | None = None
     try:
@@ -232,20 +238,8 @@ async def run_resumed(args: argparse.Namespace, plan: list[list[dict[str, Any]]]
     connections (see the module's docstring)."""
     tickets: list[Any] = []
 
-    def config() -> QuicConfiguration:
-        c = QuicConfiguration(
-            is_client=True,
-            alpn_protocols=H3_ALPN,
-            server_name=args.server_name,
-            verify_mode=ssl.CERT_REQUIRED,
-            max_data=32 << 20,
-            max_stream_data=16 << 20,
-        )
-        c.load_verify_locations(cafile=args.ca)
-        return c
-
     async def one(batch: list[dict[str, Any]], ticket: Any) -> dict[str, Any]:
-        c = config()
+        c = client_config(args)
         c.session_ticket = ticket
         out: dict[str, Any] = {"responses": [], "error": None, "resumed": False, "early_data": False}
         try:
