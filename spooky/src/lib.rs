@@ -6,7 +6,7 @@
 //! | layer | modules |
 //! |---|---|
 //! | wiring | [`app`] (imported by nothing) |
-//! | data plane | [`quic`] (sans-IO endpoint, worker loop, connections), [`http`] (bridge, exchange, outcome, request task) |
+//! | data plane | [`quic`] (sans-IO endpoint, worker loop, connections), [`tcp`] (TLS over TCP: HTTP/2 and HTTP/1.1 on the workers), [`http`] (bridge, exchange, outcome, request task) |
 //! | control | [`ops`] (admin, metrics, access log, reload, status, logging, privileges), [`health`] (state machine, checker) |
 //! | data plane | [`upstream`] (HTTP/2 pools to backends) |
 //! | control | [`steering`] (tiers, classic BPF, pins, the kernel object) |
@@ -26,4 +26,5 @@ pub mod routing;
 mod snapshot;
 pub mod stats;
 pub mod steering;
+pub mod tcp;
 mod upstream;

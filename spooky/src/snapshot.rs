@@ -27,6 +27,10 @@ pub struct Snapshot {
     pub keys: KeyRing,
     /// 1 at start, +1 per successful reload.
     pub generation: u64,
+    /// The TLS server configuration of the TCP listener (ALPN h2 and http/1.1), when on.
+    pub tcp_tls: Option<Arc<rustls::ServerConfig>>,
+    /// The `alt-svc` field every response carries, when on: `h3=":PORT"; ma=SECONDS`.
+    pub alt_svc: Option<http::HeaderValue>,
 }
 
 /// Told about every snapshot that becomes current (the health checker follows).
@@ -62,6 +66,8 @@ pub enum SnapshotError {
     Quic(#[from] QuicConfigError),
     #[error("quic.key_file: {0}")]
     Keys(#[from] KeyError),
+    #[error("listen.tls (TCP): {0}")]
+    TcpTls(String),
 }
 
 /// Why a TLS backend's client configuration could not be made.
@@ -152,16 +158,26 @@ impl Snapshot {
             }
             backends.push(row);
         }
-        let snapshot = Self {
+        // Digits, quotes, `=`, `;` and spaces only: always a valid field value.
+        let alt_svc = config.listen.alt_svc.and_then(|max_age| {
+            let port = config.listen.addr.port();
+            http::HeaderValue::try_from(format!("h3=\":{port}\"; ma={}", max_age.as_secs())).ok()
+        });
+        let mut snapshot = Self {
             config,
             routes,
             backends,
             keys: KeyRing::from(&keys),
             generation,
+            tcp_tls: None,
+            alt_svc,
         };
         // Proves the certificate, the key and every QUIC setting before anyone relies on them.
         snapshot.quic_config()?;
         snapshot.h3_config()?;
+        if snapshot.config.listen.tcp.is_some() {
+            snapshot.tcp_tls = Some(tcp_tls(&snapshot.config.listen.tls)?);
+        }
         Ok(snapshot)
     }
 
@@ -232,6 +248,35 @@ impl Snapshot {
 /// Spooky answers with 431 per request, so that only absurd sections cost a connection.
 fn hard_header_cap(limit: u64) -> u64 {
     limit.saturating_mul(4).max(256 * 1024)
+}
+
+/// The TCP listener's rustls server configuration: the listener's certificate chain and key,
+/// ALPN h2 then http/1.1, TLS 1.2 and 1.3, stateless session tickets.
+fn tcp_tls(tls: &crate::config::ListenTls) -> Result<Arc<rustls::ServerConfig>, SnapshotError> {
+    let err = |what: &str, e: &dyn std::fmt::Display| SnapshotError::TcpTls(format!("{what}: {e}"));
+    let cert_pem =
+        std::fs::read(&tls.cert).map_err(|e| err(&tls.cert.display().to_string(), &e))?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| err(&tls.cert.display().to_string(), &e))?;
+    let key_pem = std::fs::read(&tls.key).map_err(|e| err(&tls.key.display().to_string(), &e))?;
+    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+        .map_err(|e| err(&tls.key.display().to_string(), &e))?
+        .ok_or_else(|| err(&tls.key.display().to_string(), &"no private key"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| err("protocol versions", &e))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            let files = format!("{} and {}", tls.cert.display(), tls.key.display());
+            err(&files, &e)
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.ticketer =
+        rustls::crypto::ring::Ticketer::new().map_err(|e| err("session tickets", &e))?;
+    Ok(Arc::new(config))
 }
 
 /// The rustls client configuration (ALPN h2) and server name of a TLS backend.

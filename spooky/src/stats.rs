@@ -13,6 +13,34 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// The protocol a client spoke for a request (a metrics label and an access-log field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/3 over QUIC.
+    H3,
+    /// HTTP/2 over TLS over TCP.
+    H2,
+    /// HTTP/1.1 over TLS over TCP.
+    H1,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 3] = [Protocol::H3, Protocol::H2, Protocol::H1];
+
+    /// Its ALPN name, which is also its label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Protocol::H3 => "h3",
+            Protocol::H2 => "h2",
+            Protocol::H1 => "http/1.1",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// Counters of one worker, written only by that worker (relaxed atomics), read at scrape time.
 #[derive(Default, Debug)]
 pub struct WorkerStats {
@@ -57,6 +85,15 @@ pub struct WorkerStats {
     pub early_deferred: AtomicU64,
     /// Requests received in 0-RTT answered 425 Too Early (`early_data: reject`).
     pub early_rejected: AtomicU64,
+    /// TCP connections accepted, open now, refused over `listen.tcp.max_connections`.
+    pub tcp_accepted: AtomicU64,
+    pub tcp_active: AtomicU64,
+    pub tcp_refused: AtomicU64,
+    /// TLS handshakes over TCP that failed or did not finish within `listen.tcp.header_timeout`.
+    pub tcp_handshake_failures: AtomicU64,
+    /// HTTP/1.1 requests refused as request smuggling (bare LF, content-length with
+    /// transfer-encoding, two content-lengths).
+    pub http1_smuggling_refused: AtomicU64,
 }
 
 /// Histogram bucket bounds, seconds.
@@ -98,8 +135,8 @@ impl Histogram {
 #[derive(Default)]
 #[repr(align(64))]
 struct Shard {
-    /// By status class: 1xx … 5xx.
-    requests: [AtomicU64; 5],
+    /// By protocol ([`Protocol`] order), then status class: 1xx … 5xx.
+    requests: [[AtomicU64; 5]; 3],
     duration: Histogram,
     upstream: Histogram,
     bytes_in: AtomicU64,
@@ -110,6 +147,7 @@ struct Shard {
 /// What one finished request contributes.
 #[derive(Debug, Clone, Copy)]
 pub struct Outcome {
+    pub protocol: Protocol,
     pub status: u16,
     pub total: Duration,
     /// Time to the backend's response head, when a backend answered.
@@ -137,8 +175,8 @@ pub struct HistogramTotals {
 /// A series summed over the workers, at scrape time.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Totals {
-    /// By status class: 1xx … 5xx.
-    pub requests: [u64; 5],
+    /// By protocol ([`Protocol::ALL`] order), then status class: 1xx … 5xx.
+    pub requests: [[u64; 5]; 3],
     pub duration: HistogramTotals,
     pub upstream: HistogramTotals,
     pub bytes_in: u64,
@@ -153,7 +191,7 @@ impl RouteMetrics {
             return;
         };
         let class = usize::from(o.status / 100).saturating_sub(1).min(4);
-        if let Some(c) = shard.requests.get(class) {
+        if let Some(c) = shard.requests[o.protocol.index()].get(class) {
             c.fetch_add(1, Ordering::Relaxed);
         }
         shard.duration.record(o.total);
@@ -183,8 +221,10 @@ impl RouteMetrics {
     pub fn totals(&self) -> Totals {
         let mut t = Totals::default();
         for s in self.shards.iter() {
-            for (sum, c) in t.requests.iter_mut().zip(&s.requests) {
-                *sum += c.load(Ordering::Relaxed);
+            for (sums, counts) in t.requests.iter_mut().zip(&s.requests) {
+                for (sum, c) in sums.iter_mut().zip(counts) {
+                    *sum += c.load(Ordering::Relaxed);
+                }
             }
             s.duration.add_to(&mut t.duration);
             s.upstream.add_to(&mut t.upstream);
@@ -250,6 +290,7 @@ mod tests {
             "one series per pair"
         );
         let ok = Outcome {
+            protocol: Protocol::H3,
             status: 200,
             total: Duration::from_millis(3),
             upstream: Some(Duration::from_micros(400)),
@@ -265,17 +306,28 @@ mod tests {
                 ..ok
             },
         );
+        s.record(
+            1,
+            &Outcome {
+                protocol: Protocol::H1,
+                ..ok
+            },
+        );
         s.in_flight(0, 1);
         s.in_flight(1, 1);
         s.in_flight(1, -1);
         let t = s.totals();
-        assert_eq!(t.requests, [0, 1, 0, 0, 1]);
-        assert_eq!(t.duration.buckets.iter().sum::<u64>(), 2);
+        assert_eq!(
+            t.requests,
+            [[0, 1, 0, 0, 1], [0; 5], [0, 1, 0, 0, 0]],
+            "by protocol (h3, h2, http/1.1), then class"
+        );
+        assert_eq!(t.duration.buckets.iter().sum::<u64>(), 3);
         // 3 ms falls in the 5 ms bucket (index 3).
-        assert_eq!(t.duration.buckets[3], 2);
-        assert_eq!(t.upstream.buckets[0], 1, "400 µs in the 0.5 ms bucket");
-        assert_eq!(t.upstream.sum_us, 400);
-        assert_eq!((t.bytes_in, t.bytes_out, t.in_flight), (20, 200, 1));
+        assert_eq!(t.duration.buckets[3], 3);
+        assert_eq!(t.upstream.buckets[0], 2, "400 µs in the 0.5 ms bucket");
+        assert_eq!(t.upstream.sum_us, 800);
+        assert_eq!((t.bytes_in, t.bytes_out, t.in_flight), (30, 300, 1));
         assert_eq!(m.all().len(), 1);
     }
 }

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 pub const SPOOKY_LAYERS: &[&[&str]] = &[
     &["app"],
     &["quic"],
+    &["tcp"],
     &["http"],
     &["ops"],
     &["health"],

@@ -74,6 +74,12 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("listen.tcp: cannot listen on TCP {addr}: {source}")]
+    BindTcp {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("steering: {0}")]
     Steering(#[from] SteeringError),
     #[error("admin listener {addr}: {source}")]
@@ -97,6 +103,8 @@ pub enum StartError {
 /// A running Spooky: its workers, its control threads, and the handle to stop it.
 pub struct Running {
     pub local_addr: SocketAddr,
+    /// Where the TLS-over-TCP listener listens, when on.
+    pub tcp_addr: Option<SocketAddr>,
     pub steering: Mode,
     /// Where the admin listener listens, when enabled.
     pub admin_addr: Option<SocketAddr>,
@@ -228,6 +236,55 @@ pub fn bind_group(
     Ok(out)
 }
 
+/// Binds `workers` TCP listening sockets on `addr` in one SO_REUSEPORT group, one per worker.
+///
+/// # Errors
+/// [`StartError::BindTcp`] naming the address.
+pub fn bind_tcp_group(
+    addr: SocketAddr,
+    workers: usize,
+) -> Result<Vec<std::net::TcpListener>, StartError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let mut out: Vec<std::net::TcpListener> = Vec::with_capacity(workers);
+    // Port 0: the first socket picks one, the others join it.
+    let mut addr = addr;
+    for _ in 0..workers {
+        let bind_err = |source| StartError::BindTcp { addr, source };
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+            .map_err(bind_err)?;
+        s.set_reuse_address(true).map_err(bind_err)?;
+        s.set_reuse_port(true).map_err(bind_err)?;
+        if addr.is_ipv6() {
+            let _ = s.set_only_v6(false);
+        }
+        s.set_nonblocking(true).map_err(bind_err)?;
+        s.bind(&addr.into()).map_err(bind_err)?;
+        s.listen(1024).map_err(bind_err)?;
+        let l: std::net::TcpListener = s.into();
+        if let Ok(a) = l.local_addr() {
+            addr = a;
+        }
+        out.push(l);
+    }
+    Ok(out)
+}
+
+/// At a takeover both processes' TCP listeners are in one SO_REUSEPORT group, and the
+/// predecessor closes its own: with `net.ipv4.tcp_migrate_req` (Linux 5.14) the kernel moves
+/// connections still in their accept queues to ours instead of resetting them. Set here,
+/// in our network namespace, when we can.
+fn enable_tcp_migration() {
+    const PATH: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+    match std::fs::read_to_string(PATH) {
+        Ok(v) if v.trim() == "1" => {}
+        Ok(_) => match std::fs::write(PATH, "1") {
+            Ok(()) => tracing::info!("set net.ipv4.tcp_migrate_req = 1: TCP connections queued at the predecessor's listeners move to ours"),
+            Err(e) => tracing::warn!(error = %e, "cannot set net.ipv4.tcp_migrate_req: TCP connections queued at the predecessor when it stops listening are reset"),
+        },
+        Err(e) => tracing::warn!(error = %e, "no net.ipv4.tcp_migrate_req (Linux before 5.14?): TCP connections queued at the predecessor when it stops listening are reset"),
+    }
+}
+
 /// Starts Spooky on `config`, which came from `path` (reloads read that file again;
 /// command-line overrides of steering settings stay in force). With `opts.takeover`, takes
 /// over from the Spooky listening on the configuration's control socket.
@@ -314,6 +371,25 @@ pub fn start_from(
         _ => None,
     };
     let sockets = bind_group(cfg.listen.addr, workers)?;
+    let tcp_listeners = match &cfg.listen.tcp {
+        Some(tcp) => {
+            if successor.is_some() {
+                enable_tcp_migration();
+            }
+            bind_tcp_group(tcp.addr, workers)?
+                .into_iter()
+                .map(Some)
+                .collect()
+        }
+        None => (0..workers).map(|_| None).collect::<Vec<_>>(),
+    };
+    let tcp_addr = tcp_listeners
+        .first()
+        .and_then(|l| l.as_ref())
+        .and_then(|l| l.local_addr().ok());
+    if let Some(a) = tcp_addr {
+        tracing::info!(listen = %a, "TLS over TCP (HTTP/2, HTTP/1.1)");
+    }
     let local_addr = sockets
         .first()
         .and_then(|s| s.local_addr().ok())
@@ -455,14 +531,16 @@ pub fn start_from(
     let mut handles = Vec::with_capacity(workers);
     let per_worker = sockets
         .into_iter()
+        .zip(tcp_listeners)
         .zip(inboxes)
         .zip(commands)
         .zip(quic_configs);
-    for (index, (((socket, inbox), commands), quic)) in per_worker.enumerate() {
+    for (index, ((((socket, tcp), inbox), commands), quic)) in per_worker.enumerate() {
         let setup = WorkerSetup {
             index,
             workers,
             socket,
+            tcp,
             cpu: pinned.as_ref().and_then(|c| c.get(index).copied()),
             layout,
             rng: rng.clone(),
@@ -524,6 +602,7 @@ pub fn start_from(
     }
     Ok(Running {
         local_addr,
+        tcp_addr,
         steering: mode,
         admin_addr,
         generation,

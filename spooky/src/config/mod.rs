@@ -82,6 +82,24 @@ pub struct Listen {
     /// `address` and `port` together.
     pub addr: SocketAddr,
     pub tls: ListenTls,
+    /// HTTP/2 and HTTP/1.1 over TLS over TCP; `None` when turned off.
+    pub tcp: Option<Tcp>,
+    /// How long clients may remember that HTTP/3 is here (`alt-svc`'s `ma`); `None`: no
+    /// `alt-svc` field.
+    pub alt_svc: Option<Duration>,
+}
+
+/// The TLS-over-TCP listener (`listen.tcp`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tcp {
+    /// The listener's address: `listen.address` and `listen.tcp.port`.
+    pub addr: SocketAddr,
+    /// The TLS handshake and each request head must arrive within this.
+    pub header_timeout: Duration,
+    /// A connection that reads and writes nothing for this long is closed.
+    pub idle_timeout: Duration,
+    /// Open TCP connections at most (shared out over the workers).
+    pub max_connections: usize,
 }
 
 /// Our certificate chain and key (PEM files, checked readable and parseable at load time).

@@ -75,6 +75,51 @@ pub(super) struct RawListen {
     #[serde(default = "default_listen_address")]
     pub address: String,
     pub tls: RawListenTls,
+    #[serde(default)]
+    pub tcp: RawTcp,
+    #[serde(default)]
+    pub alt_svc: RawAltSvc,
+}
+
+/// `listen.tcp`: HTTP/2 and HTTP/1.1 over TLS over TCP, on by default.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawTcp {
+    pub enabled: bool,
+    /// `None`: `listen.port`.
+    pub port: Option<i64>,
+    pub header_timeout: RawDuration,
+    pub idle_timeout: RawDuration,
+    pub max_connections: i64,
+}
+
+impl Default for RawTcp {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            port: None,
+            header_timeout: RawDuration::Millis(10_000),
+            idle_timeout: RawDuration::Millis(60_000),
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// `listen.alt_svc`: the `alt-svc` field on every response.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawAltSvc {
+    pub enabled: bool,
+    pub max_age: RawDuration,
+}
+
+impl Default for RawAltSvc {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_age: RawDuration::Millis(86_400_000),
+        }
+    }
 }
 
 fn default_protocol() -> String {

@@ -29,7 +29,7 @@ use super::raw::{
 use super::{
     AccessLog, Admin, Backend, BackendTls, Config, ControlSocket, EarlyData, ForwardedMode,
     HashKey, HealthCheck, Listen, ListenTls, LoadBalancing, Log, LogFormat, PassiveHealth, Proxy,
-    Quic, RetryMode, Route, Steering, Upstream, UpstreamTimeouts, User, XdpMode,
+    Quic, RetryMode, Route, Steering, Tcp, Upstream, UpstreamTimeouts, User, XdpMode,
 };
 
 /// Why a configuration was refused.
@@ -315,11 +315,39 @@ fn build_listen(raw: &RawListen, io: &Io<'_>, errs: &mut Errors) -> Option<Liste
     );
     let cert = errs.check("listen.tls.cert", check_certs(io, &raw.tls.cert));
     let key = errs.check("listen.tls.key", check_key(io, &raw.tls.key));
+    let t = &raw.tcp;
+    let tcp_port = match t.port {
+        None => port,
+        Some(p) => errs.check("listen.tcp.port", int_in::<u16>(p, 1, 65535)),
+    };
+    let header_timeout = positive_duration(errs, "listen.tcp.header_timeout", &t.header_timeout);
+    let idle_timeout = positive_duration(errs, "listen.tcp.idle_timeout", &t.idle_timeout);
+    let max_connections = errs.check(
+        "listen.tcp.max_connections",
+        int_in::<usize>(t.max_connections, 1, 10_000_000),
+    );
+    let max_age = duration(errs, "listen.alt_svc.max_age", &raw.alt_svc.max_age);
+    let tcp = match (t.enabled, ip) {
+        (false, _) => Some(None),
+        (true, Some(ip)) => Some(Some(Tcp {
+            addr: SocketAddr::new(ip, tcp_port?),
+            header_timeout: header_timeout?,
+            idle_timeout: idle_timeout?,
+            max_connections: max_connections?,
+        })),
+        (true, None) => None,
+    };
     Some(Listen {
         addr: SocketAddr::new(ip?, port?),
         tls: ListenTls {
             cert: cert?,
             key: key?,
+        },
+        tcp: tcp?,
+        alt_svc: if raw.alt_svc.enabled {
+            Some(max_age?)
+        } else {
+            None
         },
     })
 }

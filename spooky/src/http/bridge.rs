@@ -26,7 +26,7 @@ pub const H3_EXCESSIVE_LOAD: u64 = 0x107;
 pub const H3_NO_ERROR: u64 = 0x100;
 
 /// Header fields that are connection-specific in HTTP/1.1 and malformed in HTTP/2 and 3.
-const CONNECTION_SPECIFIC: &[&str] = &[
+pub const CONNECTION_SPECIFIC: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-connection",

@@ -134,6 +134,11 @@ struct State {
 
     client_gone: bool,
     task_done: bool,
+    /// Set by a loop end that waits as a future (the TCP front); the QUIC loop is woken
+    /// through [`crate::http::Wakeup`] instead and leaves these empty. `loop_resp_waker`:
+    /// the task gave something to write; `loop_req_waker`: the task took request bytes.
+    loop_resp_waker: Option<Waker>,
+    loop_req_waker: Option<Waker>,
     /// `streams_active` counts live exchanges.
     stats: Arc<WorkerStats>,
 }
@@ -153,6 +158,18 @@ impl State {
 
     fn wake_resp(&mut self) {
         if let Some(w) = self.resp_waker.take() {
+            w.wake();
+        }
+    }
+
+    fn wake_loop_resp(&mut self) {
+        if let Some(w) = self.loop_resp_waker.take() {
+            w.wake();
+        }
+    }
+
+    fn wake_loop_req(&mut self) {
+        if let Some(w) = self.loop_req_waker.take() {
             w.wake();
         }
     }
@@ -193,6 +210,8 @@ pub fn new(shape: RequestShape, stats: Arc<WorkerStats>) -> (LoopEnd, TaskEnd) {
         resp_waker: None,
         client_gone: false,
         task_done: false,
+        loop_resp_waker: None,
+        loop_req_waker: None,
         stats,
     }));
     (LoopEnd(state.clone()), TaskEnd(state))
@@ -450,6 +469,23 @@ impl LoopEnd {
     pub fn client_gone(&self) -> bool {
         self.0.borrow().client_gone
     }
+
+    /// For a loop end awaited as a future: `waker` is woken when the task gives the loop
+    /// something to write (a head, body, the end, a reset) or goes away.
+    pub fn wake_on_response(&self, waker: &Waker) {
+        self.0.borrow_mut().loop_resp_waker = Some(waker.clone());
+    }
+
+    /// For a loop end awaited as a future: `waker` is woken when the task takes request
+    /// bytes (so there may be room again, [`Self::wants_reading`]) or goes away.
+    pub fn wake_on_request_room(&self, waker: &Waker) {
+        self.0.borrow_mut().loop_req_waker = Some(waker.clone());
+    }
+
+    /// The task is gone (its response is complete, or it never will be).
+    pub fn task_done(&self) -> bool {
+        self.0.borrow().task_done
+    }
 }
 
 /// The request task's end of an exchange; the task is done when it is dropped.
@@ -459,6 +495,8 @@ impl Drop for TaskEnd {
     fn drop(&mut self) {
         let mut s = self.0.borrow_mut();
         s.task_done = true;
+        s.wake_loop_resp();
+        s.wake_loop_req();
     }
 }
 
@@ -471,6 +509,9 @@ impl TaskEnd {
         }
         if let Some(chunk) = s.req_queue.pop_front() {
             s.req_buffered -= chunk.len();
+            if s.req_read_blocked {
+                s.wake_loop_req();
+            }
             return Poll::Ready(RequestEvent::Data(chunk));
         }
         if s.client_gone {
@@ -535,6 +576,7 @@ impl TaskEnd {
             return refuse("respond", "head given");
         }
         s.head = Head::Ready(fields);
+        s.wake_loop_resp();
         Ok(())
     }
 
@@ -552,6 +594,7 @@ impl TaskEnd {
         }
         s.resp_buffered += data.len();
         s.resp_queue.push_back(data);
+        s.wake_loop_resp();
         Ok(())
     }
 
@@ -568,6 +611,7 @@ impl TaskEnd {
             return refuse("finish", "response ended");
         }
         s.end = End::Finishing(trailers);
+        s.wake_loop_resp();
         Ok(())
     }
 
@@ -582,6 +626,7 @@ impl TaskEnd {
             End::Reset(_) => Ok(()),
             _ => {
                 s.end = End::Reset(code);
+                s.wake_loop_resp();
                 Ok(())
             }
         }

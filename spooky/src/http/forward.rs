@@ -7,7 +7,7 @@
 use super::bridge::{self, Hop, RequestHead};
 use super::exchange::{RequestEvent, TaskEnd};
 use super::outcome::{self, Failure, Finished, Reaction};
-use super::{ConnRef, Forwarder};
+use super::{Client, Forwarder};
 use crate::lb::{self, Candidates};
 use crate::stats::RouteMetrics;
 use crate::upstream::{BackendPool, ErrorKind, UpstreamError};
@@ -26,10 +26,9 @@ pub struct Job {
     fwd: Rc<Forwarder>,
     task: TaskEnd,
     head: RequestHead,
+    client: Client,
     peer: SocketAddr,
     upstream: usize,
-    /// Wakes the worker loop to flush this connection.
-    conn: ConnRef,
     /// When the request head arrived.
     started: Instant,
     /// The backend finally used, time to its response head, response status and body bytes.
@@ -46,18 +45,17 @@ impl Job {
         fwd: Rc<Forwarder>,
         task: TaskEnd,
         head: RequestHead,
-        peer: SocketAddr,
+        client: Client,
         upstream: usize,
-        conn: ConnRef,
         started: Instant,
     ) -> Self {
         Self {
             fwd,
             task,
             head,
-            peer,
+            client,
+            peer: client.peer,
             upstream,
-            conn,
             started,
             chosen: Cell::new(None),
             upstream_latency: Cell::new(None),
@@ -67,8 +65,12 @@ impl Job {
         }
     }
 
+    /// Asks the QUIC loop to flush this connection (over TCP the exchange wakes the
+    /// connection itself).
     fn wake(&self) {
-        self.fwd.services.wakeup.wake(self.conn);
+        if let Some(conn) = self.client.conn {
+            self.fwd.services.wakeup.wake(conn);
+        }
     }
 
     fn pool_name(&self) -> &str {
@@ -120,6 +122,8 @@ pub async fn run(job: Job, gate: Option<super::HandshakeGate>) {
                 } => {
                     job.status.set(status);
                     // A fresh response: these transitions are allowed.
+                    let mut fields = fields;
+                    job.fwd.finish_head(&mut fields);
                     let _ = job.task.respond(fields);
                     if !body.is_empty() {
                         let _ = job.task.push_body(body);
@@ -140,6 +144,7 @@ pub async fn run(job: Job, gate: Option<super::HandshakeGate>) {
         &job.fwd,
         &Finished {
             peer: job.peer,
+            protocol: job.client.protocol,
             head: Some(&job.head),
             upstream: Some(job.upstream),
             backend: job.chosen.get(),
@@ -150,10 +155,12 @@ pub async fn run(job: Job, gate: Option<super::HandshakeGate>) {
             bytes_out: job.bytes_out.get(),
         },
     );
-    let (fwd, conn) = (job.fwd.clone(), job.conn);
+    let (fwd, conn) = (job.fwd.clone(), job.client.conn);
     // The task's end goes first, so the loop sees the exchange complete when it wakes.
     drop(job);
-    fwd.services.wakeup.wake(conn);
+    if let Some(conn) = conn {
+        fwd.services.wakeup.wake(conn);
+    }
 }
 
 /// The key a consistent-hash pool hashes for this request.
@@ -349,9 +356,9 @@ async fn exchange(
     fwd.report_response(job.upstream, backend, status, started.elapsed());
     job.status.set(status);
     // The first response head of this exchange.
-    let _ = job
-        .task
-        .respond(bridge::response_to_h3(parts.status, &parts.headers));
+    let mut fields = bridge::response_to_h3(parts.status, &parts.headers);
+    fwd.finish_head(&mut fields);
+    let _ = job.task.respond(fields);
     job.wake();
 
     // Body down, while the request body may still be going up.

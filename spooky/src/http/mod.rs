@@ -22,6 +22,7 @@ use crate::health::TrafficOutcome;
 use crate::lb::Balancer;
 use crate::ops::access_log::AccessLogger;
 use crate::snapshot::Snapshot;
+pub(crate) use crate::stats::Protocol;
 use crate::stats::{Metrics, RouteMetrics, WorkerStats};
 use crate::upstream::{BackendPool, Connector};
 use bridge::RequestHead;
@@ -38,6 +39,16 @@ use tokio::sync::Notify;
 /// A client connection on a worker: its slot and the slot's generation (a reused slot gets a
 /// new one, so a late wake-up for a closed connection is ignored).
 pub(crate) type ConnRef = (usize, u64);
+
+/// Who sent a request and how.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Client {
+    pub peer: SocketAddr,
+    pub protocol: Protocol,
+    /// The QUIC connection to wake when the response moves; `None` over TCP, where the
+    /// exchange wakes the connection's own futures.
+    pub conn: Option<ConnRef>,
+}
 
 /// Opens (`true`) when the connection's handshake is complete; its sender goes away with
 /// the connection. A request that arrived in 0-RTT with an unsafe method waits on it.
@@ -264,19 +275,26 @@ impl Forwarder {
     /// Starts the request task of an admitted request on the worker's `LocalSet`; with a
     /// `gate` (a request that came in 0-RTT), it contacts no backend before the gate says
     /// the handshake is complete.
-    #[allow(clippy::too_many_arguments)]
     pub fn spawn(
         self: &Rc<Self>,
         task: TaskEnd,
         head: RequestHead,
         upstream: usize,
-        peer: SocketAddr,
-        conn: ConnRef,
+        client: Client,
         started: Instant,
         gate: Option<HandshakeGate>,
     ) {
-        let job = forward::Job::new(self.clone(), task, head, peer, upstream, conn, started);
+        let job = forward::Job::new(self.clone(), task, head, client, upstream, started);
         tokio::task::spawn_local(forward::run(job, gate));
+    }
+
+    /// Completes a response head for the client: Spooky's `alt-svc` (`listen.alt_svc`) in
+    /// place of any the backend sent.
+    pub fn finish_head(&self, fields: &mut Vec<Header>) {
+        if let Some(alt_svc) = &self.snapshot.alt_svc {
+            fields.retain(|h| h.name() != b"alt-svc");
+            fields.push(Header::new(b"alt-svc", alt_svc.as_bytes()));
+        }
     }
 
     /// The metric series of (`upstream`, `backend`): the backend's, the pool's when no backend

@@ -17,7 +17,7 @@ use super::bridge::{
 use super::Forwarder;
 use crate::health::TrafficOutcome;
 use crate::ops::access_log;
-use crate::stats::Outcome;
+use crate::stats::{Outcome, Protocol};
 use crate::upstream::{ErrorKind, UpstreamError};
 use bytes::Bytes;
 use quiche::h3::Header;
@@ -257,6 +257,7 @@ impl StreamError {
 /// A finished request, as metrics and the access log see it.
 pub struct Finished<'a> {
     pub peer: SocketAddr,
+    pub protocol: Protocol,
     pub head: Option<&'a RequestHead>,
     /// The pool and the backend finally used, when there were any.
     pub upstream: Option<usize>,
@@ -273,6 +274,7 @@ pub struct Finished<'a> {
 /// Spooky's own answers) and its access-log line.
 pub fn record(fwd: &Forwarder, f: &Finished<'_>) {
     let outcome = Outcome {
+        protocol: f.protocol,
         status: f.status,
         total: f.started.elapsed(),
         upstream: f.upstream_latency,
@@ -292,6 +294,7 @@ pub fn record(fwd: &Forwarder, f: &Finished<'_>) {
     log.log(access_log::Record {
         time: std::time::SystemTime::now(),
         client: f.peer,
+        protocol: f.protocol.label(),
         host: f
             .head
             .map(|h| h.authority_str().to_owned())

@@ -17,6 +17,8 @@ const QUEUE: usize = 65_536;
 pub struct Record {
     pub time: SystemTime,
     pub client: SocketAddr,
+    /// `h3`, `h2` or `http/1.1`.
+    pub protocol: &'static str,
     pub host: String,
     pub method: String,
     pub path: String,
@@ -141,6 +143,8 @@ pub fn format_line(r: &Record) -> String {
     json_str(&mut s, &rfc3339(r.time));
     s.push_str(",\"client\":");
     json_str(&mut s, &r.client.to_string());
+    s.push_str(",\"protocol\":");
+    json_str(&mut s, r.protocol);
     s.push_str(",\"host\":");
     json_str(&mut s, &r.host);
     s.push_str(",\"method\":");
@@ -170,6 +174,7 @@ mod tests {
         let r = Record {
             time: UNIX_EPOCH + Duration::from_millis(1_764_100_000_123),
             client: "192.0.2.1:5000".parse().unwrap(),
+            protocol: "h2",
             host: "example.com".into(),
             method: "GET".into(),
             path: "/a\"b".into(),
@@ -185,6 +190,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["time"], "2025-11-25T19:46:40.123Z");
         assert_eq!(v["path"], "/a\"b");
+        assert_eq!(v["protocol"], "h2");
         assert_eq!(v["status"], 200);
         assert_eq!(v["duration_ms"], 1.5);
         assert_eq!(v["worker"], 1);

@@ -4,7 +4,7 @@
 //! Counting itself lives in `stats`; this module only reads and formats, at scrape time.
 
 use super::Ops;
-use crate::stats::{HistogramTotals, WorkerStats, BUCKETS_S};
+use crate::stats::{HistogramTotals, Protocol, WorkerStats, BUCKETS_S};
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 
@@ -59,14 +59,18 @@ pub fn render(ops: &Ops) -> String {
         &mut out,
         "spooky_requests_total",
         "counter",
-        "Requests answered, by pool, backend (empty: answered by Spooky) and status class.",
+        "Requests answered, by pool, backend (empty: answered by Spooky), client protocol \
+         (h3, h2, http/1.1) and status class.",
     );
     for (labels, _, t) in &series {
-        for (class, n) in CLASSES.iter().zip(t.requests) {
-            let _ = writeln!(
-                out,
-                "spooky_requests_total{{{labels},class=\"{class}\"}} {n}"
-            );
+        for (protocol, counts) in Protocol::ALL.iter().zip(t.requests) {
+            let protocol = protocol.label();
+            for (class, n) in CLASSES.iter().zip(counts) {
+                let _ = writeln!(
+                    out,
+                    "spooky_requests_total{{{labels},protocol=\"{protocol}\",class=\"{class}\"}} {n}"
+                );
+            }
         }
     }
     head(
@@ -124,7 +128,7 @@ pub fn render(ops: &Ops) -> String {
         );
     }
 
-    let worker_metrics: [WorkerMetric; 23] = [
+    let worker_metrics: [WorkerMetric; 28] = [
         ("spooky_quic_connections_active", "gauge", "Open QUIC connections.", |w| w.connections_active.load(Ordering::Relaxed)),
         ("spooky_http3_streams_active", "gauge", "Open HTTP/3 request streams.", |w| w.streams_active.load(Ordering::Relaxed)),
         ("spooky_quic_connections_accepted_total", "counter", "QUIC connections accepted (handshakes started).", |w| w.connections_accepted.load(Ordering::Relaxed)),
@@ -148,6 +152,11 @@ pub fn render(ops: &Ops) -> String {
         ("spooky_http3_early_data_forwarded_total", "counter", "Requests received in 0-RTT and forwarded at once with early-data: 1 (safe methods).", |w| w.early_forwarded.load(Ordering::Relaxed)),
         ("spooky_http3_early_data_deferred_total", "counter", "Requests received in 0-RTT held until the handshake completed (other methods, quic.early_data: defer).", |w| w.early_deferred.load(Ordering::Relaxed)),
         ("spooky_http3_early_data_rejected_total", "counter", "Requests received in 0-RTT answered 425 Too Early (other methods, quic.early_data: reject).", |w| w.early_rejected.load(Ordering::Relaxed)),
+        ("spooky_tcp_connections_accepted_total", "counter", "TLS-over-TCP connections accepted (listen.tcp).", |w| w.tcp_accepted.load(Ordering::Relaxed)),
+        ("spooky_tcp_connections_active", "gauge", "Open TLS-over-TCP connections.", |w| w.tcp_active.load(Ordering::Relaxed)),
+        ("spooky_tcp_connections_refused_total", "counter", "TCP connections closed at once because listen.tcp.max_connections were open.", |w| w.tcp_refused.load(Ordering::Relaxed)),
+        ("spooky_tcp_tls_handshake_failures_total", "counter", "TLS handshakes over TCP that failed or did not finish within listen.tcp.header_timeout.", |w| w.tcp_handshake_failures.load(Ordering::Relaxed)),
+        ("spooky_http1_smuggling_refused_total", "counter", "HTTP/1.1 requests answered 400 as request smuggling (bare LF, content-length with transfer-encoding, two content-lengths); they never reach a backend.", |w| w.http1_smuggling_refused.load(Ordering::Relaxed)),
     ];
     for (name, kind, help, get) in worker_metrics {
         head(&mut out, name, kind, help);

@@ -9,7 +9,7 @@ use crate::config::EarlyData;
 use crate::http::bridge::{self, RequestHead, H3_NO_ERROR};
 use crate::http::exchange::{self, BodyError, LoopEnd, Pending};
 use crate::http::outcome::{self, Failure, Finished, Reaction, StreamError};
-use crate::http::{Admission, ConnRef, Forwarder, HandshakeGate};
+use crate::http::{Admission, Client, ConnRef, Forwarder, HandshakeGate, Protocol};
 use bytes::Bytes;
 use quiche::h3;
 use quiche::ConnectionId;
@@ -420,14 +420,19 @@ impl Conn {
                 Ok(gate) => {
                     let (loop_end, task) = exchange::new(shape, stats.clone());
                     self.streams.insert(sid, loop_end);
-                    fwd.spawn(task, head, upstream, self.peer, conn, started, gate);
+                    let client = Client {
+                        peer: self.peer,
+                        protocol: Protocol::H3,
+                        conn: Some(conn),
+                    };
+                    fwd.spawn(task, head, upstream, client, started, gate);
                     return;
                 }
                 Err(failure) => Admission::Refuse(failure, Some(head)),
             },
             other => other,
         };
-        let (status, fields, body, stop_sending, head) = match admission {
+        let (status, mut fields, body, stop_sending, head) = match admission {
             // Taken care of above.
             Admission::Forward { .. } => return,
             Admission::Options(head) => {
@@ -449,6 +454,7 @@ impl Conn {
             }
         };
         // Answered here; the request body, if any, is not read.
+        fwd.finish_head(&mut fields);
         self.streams.insert(
             sid,
             exchange::local(fields, body, more_frames, stats.clone()),
@@ -461,6 +467,7 @@ impl Conn {
             fwd,
             &Finished {
                 peer: self.peer,
+                protocol: Protocol::H3,
                 head: head.as_ref(),
                 upstream: None,
                 backend: None,

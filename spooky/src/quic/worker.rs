@@ -20,6 +20,7 @@ use crate::http::{Forwarder, Services};
 use crate::ops::reload::{Answer, Command, WorkerUpdate};
 use crate::snapshot::Snapshot;
 use crate::steering::{self, ProbeBoard};
+use crate::tcp;
 use quiche::ConnectionId;
 use spooky_common::CidLayout;
 use std::collections::{BTreeSet, HashMap};
@@ -44,6 +45,8 @@ pub struct WorkerSetup {
     pub index: usize,
     pub workers: usize,
     pub socket: std::net::UdpSocket,
+    /// Its socket of the TCP listener's SO_REUSEPORT group, when `listen.tcp` is on.
+    pub tcp: Option<std::net::TcpListener>,
     pub cpu: Option<usize>,
     pub layout: CidLayout,
     pub rng: ring::rand::SystemRandom,
@@ -73,6 +76,12 @@ pub struct WorkerSetup {
 pub enum WorkerError {
     #[error("worker {worker}: cannot start its runtime: {source}")]
     Runtime {
+        worker: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("worker {worker}: TCP listener: {source}")]
+    Tcp {
         worker: usize,
         #[source]
         source: std::io::Error,
@@ -163,6 +172,8 @@ struct Worker {
     touched: Vec<usize>,
     /// Stalled response streams held per client address (`quic.max_stalled_streams_per_ip`).
     stalls: Rc<StallBook>,
+    /// The TLS-over-TCP front on this worker, when `listen.tcp` is on.
+    tcp: Option<tcp::Front>,
 }
 
 impl Worker {
@@ -193,7 +204,15 @@ impl Worker {
         );
         endpoint.set_server_id(&setup.snapshot.config.quic.server_id);
         let fwd = Rc::new(Forwarder::new(services.clone(), setup.snapshot, None));
+        let tcp = match setup.tcp {
+            Some(listener) => Some(
+                tcp::Front::start(listener, fwd.clone(), setup.workers)
+                    .map_err(|source| WorkerError::Tcp { worker, source })?,
+            ),
+            None => None,
+        };
         Ok(Self {
+            tcp,
             index: worker,
             tx: Sender::new(socket, services.stats.clone(), worker),
             services,
@@ -230,9 +249,16 @@ impl Worker {
         tracing::debug!(worker = self.index, local = %self.local, "worker running");
         let services = self.services.clone();
         let kill = self.kill.clone();
+        let tcp = self.tcp.clone();
         loop {
             let next_timer = self.timers.first().map(|(t, _)| *t);
             let grace_end = self.draining;
+            let tcp_drained = async {
+                match &tcp {
+                    Some(front) => front.all_closed().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
                 r = self.tx.socket.readable() => {
@@ -265,10 +291,12 @@ impl Worker {
                     self.close_all();
                 }
                 () = kill.notified() => return Err(WorkerError::Killed(self.index)),
+                () = tcp_drained, if self.draining.is_some() => {}
             }
             self.service_dirty();
             self.service_touched().await;
-            if self.draining.is_some() && self.conns.iter().all(Option::is_none) {
+            let tcp_open = self.tcp.as_ref().map_or(0, tcp::Front::open);
+            if self.draining.is_some() && self.conns.iter().all(Option::is_none) && tcp_open == 0 {
                 tracing::info!(worker = self.index, "worker drained");
                 return Ok(());
             }
@@ -315,6 +343,9 @@ impl Worker {
                             Limits::share(&next.fwd.snapshot.config.quic, self.peers.len());
                         self.endpoint.set_limits(limits);
                         self.cur = next;
+                        if let Some(front) = &self.tcp {
+                            front.set_forwarder(self.cur.fwd.clone());
+                        }
                         self.services
                             .stats
                             .snapshots_applied
@@ -698,10 +729,14 @@ impl Worker {
         tracing::info!(
             worker = self.index,
             connections = self.endpoint.open(),
+            tcp_connections = self.tcp.as_ref().map_or(0, tcp::Front::open),
             ?grace,
             "draining"
         );
         self.endpoint.drain();
+        if let Some(front) = &self.tcp {
+            front.drain();
+        }
         self.draining = Some(Instant::now() + grace);
         self.touch_all();
     }
@@ -711,6 +746,9 @@ impl Worker {
             let _ = c
                 .quic
                 .close(true, crate::http::bridge::H3_NO_ERROR, b"shutdown");
+        }
+        if let Some(front) = &self.tcp {
+            front.close_all();
         }
         self.touch_all();
         self.draining = Some(Instant::now() + Duration::from_secs(3600));

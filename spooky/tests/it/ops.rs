@@ -245,7 +245,7 @@ fn metrics_count_exactly_the_requests_sent() {
         metric(
             &m,
             &format!(
-                "spooky_requests_total{{backend=\"{backend}\",class=\"{class}\",pool=\"{pool}\"}}"
+                "spooky_requests_total{{backend=\"{backend}\",class=\"{class}\",pool=\"{pool}\",protocol=\"h3\"}}"
             ),
         )
     };

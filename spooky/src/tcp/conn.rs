@@ -1,0 +1,233 @@
+//! One TCP connection: the TLS handshake (within `listen.tcp.header_timeout`), the protocol
+//! ALPN chose, hyper serving it, and its end: idle for `listen.tcp.idle_timeout`, or the
+//! front draining (HTTP/2 GOAWAY, HTTP/1.1 `connection: close` after the request in
+//! progress), or closing.
+
+use super::request::{self, ConnCtx};
+use super::strict::Strict;
+use super::{Front, Open, Phase};
+use crate::http::Protocol;
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::cell::Cell;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Serves one accepted connection to its end.
+pub(super) async fn serve(
+    front: Front,
+    open: Open,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+) {
+    let fwd = front.forwarder();
+    let (Some(tcp), Some(tls)) = (
+        fwd.snapshot.config.listen.tcp.clone(),
+        fwd.snapshot.tcp_tls.clone(),
+    ) else {
+        return;
+    };
+    let activity = Rc::new(Cell::new(0u64));
+    let stream = Counted {
+        inner: stream,
+        bytes: activity.clone(),
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let tls = match tokio::time::timeout(tcp.header_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            fwd.services
+                .stats
+                .tcp_handshake_failures
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            fwd.services
+                .stats
+                .tcp_handshake_failures
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, "TLS handshake did not finish within listen.tcp.header_timeout");
+            return;
+        }
+    };
+    let protocol = match tls.get_ref().1.alpn_protocol() {
+        Some(b"h2") => Protocol::H2,
+        _ => Protocol::H1,
+    };
+    let proxy = &fwd.snapshot.config.proxy;
+    // hyper's smallest read buffer is 8 KiB.
+    let max_head = usize::try_from(proxy.max_header_list_size)
+        .unwrap_or(usize::MAX)
+        .max(8192);
+    let ctx = Rc::new(ConnCtx {
+        front: front.clone(),
+        peer,
+        protocol,
+    });
+    let service = hyper::service::service_fn(move |req| request::handle(ctx.clone(), req));
+    let ended = match protocol {
+        Protocol::H2 => {
+            let conn = http2::Builder::new(LocalExec)
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(
+                    u32::try_from(fwd.snapshot.config.quic.max_concurrent_streams)
+                        .unwrap_or(u32::MAX),
+                )
+                .max_header_list_size(u32::try_from(max_head).unwrap_or(u32::MAX))
+                .serve_connection(TokioIo::new(tls), service);
+            let conn = std::pin::pin!(conn);
+            let graceful = |c: Pin<&mut _>| http2::Connection::graceful_shutdown(c);
+            drive(&front, conn, graceful, &activity, tcp.idle_timeout).await
+        }
+        _ => {
+            let refused = Rc::new(Cell::new(None));
+            let io = Strict::new(tls, max_head, refused.clone());
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(tcp.header_timeout)
+                .max_buf_size(max_head)
+                .serve_connection(TokioIo::new(io), service);
+            let conn = std::pin::pin!(conn);
+            let graceful = |c: Pin<&mut _>| http1::Connection::graceful_shutdown(c);
+            let ended = drive(&front, conn, graceful, &activity, tcp.idle_timeout).await;
+            if let Some(why) = refused.get() {
+                let stats = &front.forwarder().services.stats;
+                stats
+                    .http1_smuggling_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%peer, reason = why.text(), "HTTP/1.1 request refused as request smuggling (400, connection closed)");
+            }
+            ended
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(%peer, protocol = protocol.label(), error = %e, "TCP connection ended with an error");
+    }
+    drop(open);
+}
+
+/// Runs `conn` until it ends, the front closes, or it idles out; starts a graceful shutdown
+/// when the front drains or the connection is idle, and ends it when it stays idle.
+async fn drive<C>(
+    front: &Front,
+    mut conn: Pin<&mut C>,
+    graceful: impl Fn(Pin<&mut C>),
+    activity: &Cell<u64>,
+    idle: std::time::Duration,
+) -> Result<(), hyper::Error>
+where
+    C: Future<Output = Result<(), hyper::Error>>,
+{
+    let mut phase = front.0.phase.subscribe();
+    let mut shutting_down = false;
+    let mut seen = activity.get();
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => return r,
+            r = phase.changed() => {
+                let now = r.map_or(Phase::Closing, |()| *phase.borrow_and_update());
+                match now {
+                    Phase::Closing => return Ok(()),
+                    Phase::Draining if !shutting_down => {
+                        shutting_down = true;
+                        graceful(conn.as_mut());
+                    }
+                    _ => {}
+                }
+            }
+            () = tokio::time::sleep(idle) => {
+                let now = activity.get();
+                if now == seen {
+                    if shutting_down {
+                        return Ok(());
+                    }
+                    shutting_down = true;
+                    graceful(conn.as_mut());
+                }
+                seen = now;
+            }
+        }
+    }
+}
+
+/// Runs hyper's HTTP/2 stream tasks on the worker's `LocalSet`.
+#[derive(Clone, Copy)]
+pub(super) struct LocalExec;
+
+impl<F> hyper::rt::Executor<F> for LocalExec
+where
+    F: Future + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::task::spawn_local(fut);
+    }
+}
+
+/// The TCP stream, counting the bytes it moves (the idle check compares counts).
+pub(super) struct Counted {
+    inner: tokio::net::TcpStream,
+    bytes: Rc<Cell<u64>>,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        this.bytes.set(this.bytes.get() + n as u64);
+        r
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            this.bytes.set(this.bytes.get() + n as u64);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            this.bytes.set(this.bytes.get() + n as u64);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,186 @@
+//! The TLS-over-TCP front: HTTP/2 and HTTP/1.1 clients (browsers before they learn of
+//! HTTP/3, networks that block UDP) on the same port number as QUIC.
+//!
+//! Each worker owns one listening socket of an SO_REUSEPORT group, so the kernel spreads TCP
+//! connections over the workers as it spreads QUIC connections. A connection lives on the
+//! worker that accepted it: rustls terminates TLS, hyper (ALPN `h2`, else HTTP/1.1 behind
+//! [`strict`]) parses requests, and each request goes through the worker's [`Forwarder`] as
+//! an HTTP/3 request does: the same admission checks, routing, load balancing, health,
+//! forwarding headers, metrics (label `protocol`) and access log, and the same request task
+//! ([`crate::http`]) relaying through an exchange.
+//!
+//! | module | what |
+//! |---|---|
+//! | this file | [`Front`]: the accept loop, connection limit, drain |
+//! | `conn` | one connection: TLS handshake, protocol, hyper, idle and shutdown |
+//! | `request` | one request: hyper's request → admission → exchange → hyper's response |
+//! | [`strict`] | refuses HTTP/1.1 request smuggling before hyper sees it |
+
+mod conn;
+mod request;
+pub mod strict;
+
+use crate::http::Forwarder;
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+
+/// Where the front stands; connections follow it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    /// No new connections; open ones finish their requests (HTTP/2 GOAWAY, HTTP/1.1
+    /// `connection: close`) and close.
+    Draining,
+    /// Close every connection now.
+    Closing,
+}
+
+/// One worker's TCP front (clones are handles on the same front).
+#[derive(Clone)]
+pub struct Front(Rc<Inner>);
+
+struct Inner {
+    /// The forwarder of the current configuration; a connection takes it per request.
+    fwd: RefCell<Rc<Forwarder>>,
+    phase: watch::Sender<Phase>,
+    /// Connections open on this worker, and the most it keeps.
+    open: Cell<usize>,
+    max: usize,
+    /// Notified when a connection closes.
+    closed: Notify,
+}
+
+impl Front {
+    /// Starts accepting on `listener` (this worker's socket of the group), on the current
+    /// thread's `LocalSet`. `share` of `listen.tcp.max_connections` is this worker's.
+    ///
+    /// # Errors
+    /// When the socket cannot be registered with the runtime.
+    pub(crate) fn start(
+        listener: std::net::TcpListener,
+        fwd: Rc<Forwarder>,
+        share: usize,
+    ) -> std::io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let max = fwd
+            .snapshot
+            .config
+            .listen
+            .tcp
+            .as_ref()
+            .map_or(0, |t| t.max_connections.div_ceil(share.max(1)));
+        let front = Front(Rc::new(Inner {
+            fwd: RefCell::new(fwd),
+            phase: watch::Sender::new(Phase::Serving),
+            open: Cell::new(0),
+            max,
+            closed: Notify::new(),
+        }));
+        tokio::task::spawn_local(accept_loop(front.clone(), listener));
+        Ok(front)
+    }
+
+    /// New requests use `fwd` (a reload was committed).
+    pub(crate) fn set_forwarder(&self, fwd: Rc<Forwarder>) {
+        *self.0.fwd.borrow_mut() = fwd;
+    }
+
+    fn forwarder(&self) -> Rc<Forwarder> {
+        self.0.fwd.borrow().clone()
+    }
+
+    /// Stops accepting (the listening socket closes) and lets open connections finish.
+    pub fn drain(&self) {
+        self.0.phase.send_if_modified(|p| {
+            let was = *p == Phase::Serving;
+            if was {
+                *p = Phase::Draining;
+            }
+            was
+        });
+    }
+
+    /// Closes every connection now (the grace period is over).
+    pub fn close_all(&self) {
+        self.0.phase.send_replace(Phase::Closing);
+    }
+
+    /// Open connections.
+    pub fn open(&self) -> usize {
+        self.0.open.get()
+    }
+
+    /// Resolves when no connection is open.
+    pub async fn all_closed(&self) {
+        while self.0.open.get() > 0 {
+            self.0.closed.notified().await;
+        }
+    }
+}
+
+/// Counts a connection as open for as long as it lives.
+struct Open {
+    front: Front,
+}
+
+impl Open {
+    fn new(front: &Front) -> Self {
+        front.0.open.set(front.0.open.get() + 1);
+        let stats = &front.forwarder().services.stats;
+        stats.tcp_accepted.fetch_add(1, Ordering::Relaxed);
+        stats.tcp_active.fetch_add(1, Ordering::Relaxed);
+        Self {
+            front: front.clone(),
+        }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        let inner = &self.front.0;
+        inner.open.set(inner.open.get().saturating_sub(1));
+        let fwd = inner.fwd.borrow();
+        fwd.services
+            .stats
+            .tcp_active
+            .fetch_sub(1, Ordering::Relaxed);
+        inner.closed.notify_one();
+    }
+}
+
+/// Accepts until the front drains; dropping the listener then closes the socket.
+async fn accept_loop(front: Front, listener: tokio::net::TcpListener) {
+    let mut phase = front.0.phase.subscribe();
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            r = phase.wait_for(|p| *p != Phase::Serving) => {
+                let _ = r;
+                break;
+            }
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                if front.0.open.get() >= front.0.max {
+                    let stats = &front.forwarder().services.stats;
+                    stats.tcp_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, "TCP connection refused: listen.tcp.max_connections are open");
+                    continue;
+                }
+                let _ = stream.set_nodelay(true);
+                let open = Open::new(&front);
+                tokio::task::spawn_local(conn::serve(front.clone(), open, stream, peer));
+            }
+            Err(e) => {
+                // Out of descriptors or memory: wait instead of spinning.
+                tracing::warn!(error = %e, "TCP accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tracing::debug!("TCP listener closed");
+}

@@ -1,0 +1,316 @@
+//! One request over TCP, as hyper hands it over: its head becomes the HTTP/3-style field
+//! list the forwarder admits (connection-specific fields of HTTP/1.1 dropped), an admitted
+//! request gets an exchange and the same request task an HTTP/3 request gets, and the
+//! exchange's loop end is driven here as futures: [`pump`] moves the request body in, the
+//! service waits for the response head, and [`ResponseBody`] hands the body to hyper.
+
+use super::Front;
+use crate::http::exchange::{self, LoopEnd, Pending};
+use crate::http::outcome::{self, Finished, Reaction};
+use crate::http::{bridge, Admission, Client, Protocol};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use hyper::body::Incoming;
+use quiche::h3::{Header, NameValue};
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+/// What every request of one connection shares.
+pub(super) struct ConnCtx {
+    pub front: Front,
+    pub peer: SocketAddr,
+    pub protocol: Protocol,
+}
+
+/// The response stopped short (the backend failed after its head, or the client left):
+/// hyper resets the HTTP/2 stream, or closes the HTTP/1.1 connection mid-body.
+#[derive(Debug, thiserror::Error)]
+#[error("response aborted")]
+pub(super) struct Aborted;
+
+/// Serves one request: admission, then a request task or a local answer.
+///
+/// # Errors
+/// [`Aborted`] when there will be no response head.
+pub(super) async fn handle(
+    ctx: Rc<ConnCtx>,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Aborted> {
+    let started = Instant::now();
+    let fwd = ctx.front.forwarder();
+    let stats = &fwd.services.stats;
+    let (parts, body) = req.into_parts();
+    let more_frames = !body.is_end_stream();
+    let list = h3_fields(&parts);
+    let local = match fwd.admit(&list, more_frames) {
+        Admission::Forward {
+            head,
+            upstream,
+            shape,
+        } => {
+            let (end, task) = exchange::new(shape, stats.clone());
+            // hyper and h2 buffer on their own: hold little here.
+            end.set_client_room(0);
+            let client = Client {
+                peer: ctx.peer,
+                protocol: ctx.protocol,
+                conn: None,
+            };
+            fwd.spawn(task, head, upstream, client, started, None);
+            if more_frames {
+                tokio::task::spawn_local(pump(body, end.clone()));
+            }
+            return respond(end).await;
+        }
+        Admission::Options(head) => {
+            let (status, fields, body) = outcome::options_answer();
+            (status, fields, body, Some(head))
+        }
+        Admission::Refuse(failure, head) => {
+            failure.log(ctx.peer, None);
+            // Nothing was sent yet: every failure is answered.
+            let Reaction::Answer {
+                status,
+                fields,
+                body,
+                ..
+            } = failure.reaction(false)
+            else {
+                return Err(Aborted);
+            };
+            (status, fields, body, head)
+        }
+    };
+    let (status, mut fields, body, head) = local;
+    outcome::record(
+        &fwd,
+        &Finished {
+            peer: ctx.peer,
+            protocol: ctx.protocol,
+            head: head.as_ref(),
+            upstream: None,
+            backend: None,
+            status,
+            started,
+            upstream_latency: None,
+            bytes_in: 0,
+            bytes_out: 0,
+        },
+    );
+    // The request body, if any, is not read: hyper discards it or closes.
+    fwd.finish_head(&mut fields);
+    let end = exchange::local(fields, body, false, stats.clone());
+    respond(end).await
+}
+
+/// Waits for the response head on `end`, and makes hyper's response of it.
+async fn respond(end: LoopEnd) -> Result<Response<ResponseBody>, Aborted> {
+    // Dropped before the head (the client reset the stream): the task learns it.
+    let mut body = ResponseBody {
+        end: end.clone(),
+        done: false,
+    };
+    let (fields, fin) = poll_fn(|cx| match end.pending() {
+        Pending::Head { fin } => {
+            let fields = end.head_fields().map(|f| f.to_vec()).unwrap_or_default();
+            Poll::Ready(
+                end.head_written(fin)
+                    .map(|()| (fields, fin))
+                    .map_err(|_| Aborted),
+            )
+        }
+        Pending::Nothing if !end.task_done() => {
+            end.wake_on_response(cx.waker());
+            Poll::Pending
+        }
+        _ => Poll::Ready(Err(Aborted)),
+    })
+    .await?;
+    body.done = fin;
+    let mut status = StatusCode::BAD_GATEWAY;
+    let mut headers = HeaderMap::with_capacity(fields.len() + 1);
+    for h in &fields {
+        if h.name() == b":status" {
+            status = std::str::from_utf8(h.value())
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(StatusCode::BAD_GATEWAY);
+            continue;
+        }
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(h.name()),
+            HeaderValue::from_bytes(h.value()),
+        ) {
+            headers.append(n, v);
+        }
+    }
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    Ok(response)
+}
+
+/// The request head as the forwarder admits it: pseudo-fields from the request line (or
+/// HTTP/2's own), then the fields, without HTTP/1.1's connection-specific ones (RFC 9110
+/// §7.6.1: those named in `connection` too; `te` only as `trailers`).
+fn h3_fields(parts: &http::request::Parts) -> Vec<Header> {
+    let mut out = Vec::with_capacity(parts.headers.len() + 4);
+    out.push(Header::new(b":method", parts.method.as_str().as_bytes()));
+    let connect = parts.method == http::Method::CONNECT;
+    if !connect {
+        out.push(Header::new(b":scheme", b"https"));
+    }
+    // HTTP/2's :authority, or HTTP/1.1's absolute form; otherwise the Host field says.
+    if let Some(a) = parts.uri.authority() {
+        out.push(Header::new(b":authority", a.as_str().as_bytes()));
+    }
+    if !connect {
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        out.push(Header::new(b":path", path.as_bytes()));
+    }
+    let named: Vec<&[u8]> = parts
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .collect();
+    for (name, value) in &parts.headers {
+        let n = name.as_str();
+        if bridge::CONNECTION_SPECIFIC.contains(&n)
+            || (n == "te" && !value.as_bytes().eq_ignore_ascii_case(b"trailers"))
+            || named.iter().any(|c| c.eq_ignore_ascii_case(n.as_bytes()))
+        {
+            continue;
+        }
+        out.push(Header::new(n.as_bytes(), value.as_bytes()));
+    }
+    out
+}
+
+/// Moves the client's request body into the exchange, while there is room there.
+async fn pump(mut body: Incoming, end: LoopEnd) {
+    loop {
+        let room = poll_fn(|cx| {
+            if end.task_done() || end.client_gone() {
+                return Poll::Ready(false);
+            }
+            if end.room_for_request() || end.wants_reading() {
+                return Poll::Ready(true);
+            }
+            end.wake_on_request_room(cx.waker());
+            Poll::Pending
+        })
+        .await;
+        if !room {
+            return;
+        }
+        let frame = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        let pushed = match frame {
+            None => end.end_request(None),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => end.push_request(data),
+                Err(frame) => match frame.into_trailers() {
+                    Ok(trailers) => end.end_request(Some(trailers)),
+                    Err(_) => Ok(()),
+                },
+            },
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "request body broken off");
+                end.abort();
+                return;
+            }
+        };
+        match pushed {
+            Ok(()) if end.request_unfinished() => {}
+            Ok(()) => return,
+            // Over the pool's limit: the task answers 413.
+            Err(exchange::BodyError::TooLarge) => return,
+            Err(_) => {
+                end.abort();
+                return;
+            }
+        }
+    }
+}
+
+/// The response body, taken from the exchange as hyper asks for it.
+pub(super) struct ResponseBody {
+    end: LoopEnd,
+    /// The end was handed to hyper (or the response was given up).
+    done: bool,
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Aborted;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Aborted>>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        let end = &this.end;
+        let frame = match end.pending() {
+            Pending::Body { chunk, fin } => {
+                let _ = end.body_written(chunk.len(), fin);
+                this.done = fin;
+                Ok(Frame::data(chunk))
+            }
+            Pending::Trailers => {
+                let map = end
+                    .trailer_fields()
+                    .map(|t| {
+                        t.iter()
+                            .filter_map(|h| {
+                                Some((
+                                    HeaderName::from_bytes(h.name()).ok()?,
+                                    HeaderValue::from_bytes(h.value()).ok()?,
+                                ))
+                            })
+                            .collect::<HeaderMap>()
+                    })
+                    .unwrap_or_default();
+                let _ = end.end_written();
+                this.done = true;
+                Ok(Frame::trailers(map))
+            }
+            Pending::Fin => {
+                let _ = end.end_written();
+                this.done = true;
+                return Poll::Ready(None);
+            }
+            Pending::Nothing if !end.task_done() => {
+                end.wake_on_response(cx.waker());
+                return Poll::Pending;
+            }
+            // Reset by the task, or the task ended without finishing.
+            _ => {
+                this.done = true;
+                Err(Aborted)
+            }
+        };
+        Poll::Ready(Some(frame))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if !self.done {
+            // hyper gave up on the response: the client reset the stream or left.
+            self.end.abort();
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! A strict reading of an HTTP/1.1 client's bytes, in front of hyper.
+//!
+//! hyper parses HTTP/1.1 leniently where RFC 9112 lets a recipient choose: a bare LF ends a
+//! line, `content-length` beside `transfer-encoding` is dropped (the latter wins), and two
+//! equal `content-length` fields count as one. Each of these is a request-smuggling vector
+//! when an intermediary in front of Spooky reads the same bytes differently, so Spooky
+//! refuses them (RFC 9112 §6.3 allows it; §2.2 makes bare LF optional).
+//!
+//! [`Strict`] wraps the client stream and follows the message framing: each request head
+//! (and each chunk-size line and trailer section) is parsed with `httparse`, the parser
+//! hyper itself uses, and checked before any of its bytes reach hyper; body bytes are counted
+//! through untouched. A head that breaks a rule is never handed on: hyper gets the bytes
+//! before it, then [`REFUSAL`], a line it cannot parse, so hyper answers `400 Bad Request`
+//! and closes the connection after the responses already due. Whatever the client sent
+//! after that is never read.
+//!
+//! What hyper refuses on its own (a malformed head, obs-fold, an invalid `content-length`, a
+//! `transfer-encoding` not ending in chunked, a head over its buffer) is handed on as it is:
+//! hyper answers it and closes, so this reader stops checking there.
+
+use bytes::{Buf, BytesMut};
+use std::cell::Cell;
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// What hyper reads in place of a refused head: not a request line, so hyper answers 400.
+pub const REFUSAL: &[u8] = b"\x00 refused\r\n\r\n";
+
+/// Headers parsed per head at most (hyper's own limit is 100; more is left to hyper).
+const MAX_HEADERS: usize = 128;
+/// Longest chunk-size line (with extensions) held for checking before handing on.
+const MAX_CHUNK_LINE: usize = 16 * 1024;
+/// Read size from the client.
+const READ_SIZE: usize = 16 * 1024;
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// A line ends in LF without CR.
+    BareLf,
+    /// Both `content-length` and `transfer-encoding`.
+    LengthAndChunked,
+    /// More than one `content-length` field.
+    TwoLengths,
+}
+
+impl Refusal {
+    pub fn text(self) -> &'static str {
+        match self {
+            Refusal::BareLf => "a line ends in a bare LF",
+            Refusal::LengthAndChunked => "both content-length and transfer-encoding",
+            Refusal::TwoLengths => "more than one content-length field",
+        }
+    }
+}
+
+/// Where the reader is in the client's byte stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// At the start of a request head.
+    Head,
+    /// Inside a body of known length: this many bytes remain.
+    Body(u64),
+    /// At a chunk-size line.
+    ChunkSize,
+    /// Inside a chunk: this many bytes remain.
+    ChunkData(u64),
+    /// At the CRLF that ends a chunk.
+    ChunkEnd,
+    /// At the trailer section of a chunked body.
+    Trailers,
+    /// Hyper refuses what comes now: hand everything on unchecked.
+    Unchecked,
+    /// A head was refused: nothing more is handed on after [`REFUSAL`].
+    Refused,
+}
+
+/// The client stream, checked (see the module documentation).
+pub struct Strict<IO> {
+    inner: IO,
+    state: State,
+    /// Bytes read from the client, not yet handed to hyper.
+    held: BytesMut,
+    /// How many bytes at the front of `held` are checked and may be handed on.
+    cleared: usize,
+    /// Longest head held for checking; longer ones go to hyper, which answers 431.
+    max_head: usize,
+    /// The refusal line still to hand on (its unsent tail).
+    refusal: &'static [u8],
+    /// What was refused, once something was (shared with whoever logs it).
+    refused: Rc<Cell<Option<Refusal>>>,
+    eof: bool,
+}
+
+impl<IO> Strict<IO> {
+    /// `inner`, checked; `refused` learns what was refused.
+    pub fn new(inner: IO, max_head: usize, refused: Rc<Cell<Option<Refusal>>>) -> Self {
+        Self {
+            inner,
+            state: State::Head,
+            held: BytesMut::new(),
+            cleared: 0,
+            max_head,
+            refusal: &[],
+            refused,
+            eof: false,
+        }
+    }
+
+    fn refuse(&mut self, why: Refusal) {
+        self.state = State::Refused;
+        self.refused.set(Some(why));
+        self.refusal = REFUSAL;
+    }
+
+    /// Checks as much of `held` as can be checked now, moving `cleared` on.
+    fn advance(&mut self) {
+        loop {
+            let rest = &self.held[self.cleared..];
+            if rest.is_empty() && !matches!(self.state, State::Refused) {
+                return;
+            }
+            match self.state {
+                State::Refused => return,
+                State::Unchecked => {
+                    self.cleared = self.held.len();
+                    return;
+                }
+                State::Body(n) | State::ChunkData(n) => {
+                    let take = (rest.len() as u64).min(n);
+                    self.cleared += take as usize;
+                    let left = n - take;
+                    self.state = match (self.state, left) {
+                        (State::Body(_), 0) => State::Head,
+                        (State::Body(_), _) => State::Body(left),
+                        (_, 0) => State::ChunkEnd,
+                        _ => State::ChunkData(left),
+                    };
+                }
+                State::ChunkEnd => match rest {
+                    [b'\r', b'\n', ..] => {
+                        self.cleared += 2;
+                        self.state = State::ChunkSize;
+                    }
+                    [b'\n', ..] => return self.refuse(Refusal::BareLf),
+                    [b'\r'] => return,
+                    _ => self.state = State::Unchecked,
+                },
+                State::ChunkSize => match httparse::parse_chunk_size(rest) {
+                    // httparse refuses a bare LF here; say why rather than leave it to hyper.
+                    _ if line_has_bare_lf(rest) => return self.refuse(Refusal::BareLf),
+                    Ok(httparse::Status::Complete((used, size))) => {
+                        if has_bare_lf(&rest[..used]) {
+                            return self.refuse(Refusal::BareLf);
+                        }
+                        self.cleared += used;
+                        self.state = if size == 0 {
+                            State::Trailers
+                        } else {
+                            State::ChunkData(size)
+                        };
+                    }
+                    Ok(httparse::Status::Partial) if rest.len() <= MAX_CHUNK_LINE => return,
+                    _ => self.state = State::Unchecked,
+                },
+                State::Trailers => {
+                    if rest.starts_with(b"\r\n") {
+                        self.cleared += 2;
+                        self.state = State::Head;
+                        continue;
+                    }
+                    if rest.starts_with(b"\n") {
+                        return self.refuse(Refusal::BareLf);
+                    }
+                    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                    match httparse::parse_headers(rest, &mut headers) {
+                        Ok(httparse::Status::Complete((used, _))) => {
+                            if has_bare_lf(&rest[..used]) {
+                                return self.refuse(Refusal::BareLf);
+                            }
+                            self.cleared += used;
+                            self.state = State::Head;
+                        }
+                        Ok(httparse::Status::Partial) if rest.len() <= self.max_head => return,
+                        _ => self.state = State::Unchecked,
+                    }
+                }
+                State::Head => {
+                    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                    let mut req = httparse::Request::new(&mut headers);
+                    match req.parse(rest) {
+                        Ok(httparse::Status::Complete(used)) => {
+                            if has_bare_lf(&rest[..used]) {
+                                return self.refuse(Refusal::BareLf);
+                            }
+                            let framing = match framing(req.headers) {
+                                Ok(f) => f,
+                                Err(why) => return self.refuse(why),
+                            };
+                            self.cleared += used;
+                            self.state = match framing {
+                                Framing::Chunked => State::ChunkSize,
+                                Framing::Length(0) => State::Head,
+                                Framing::Length(n) => State::Body(n),
+                                // hyper refuses it.
+                                Framing::Invalid => State::Unchecked,
+                            };
+                        }
+                        Ok(httparse::Status::Partial) => {
+                            // A bare LF in a head that is not complete yet: no need to wait.
+                            if has_bare_lf(rest) {
+                                return self.refuse(Refusal::BareLf);
+                            }
+                            if rest.len() <= self.max_head {
+                                return;
+                            }
+                            self.state = State::Unchecked;
+                        }
+                        Err(_) => self.state = State::Unchecked,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How a request's body is delimited.
+enum Framing {
+    Length(u64),
+    Chunked,
+    /// Something hyper refuses (an unparseable length, a coding other than chunked last).
+    Invalid,
+}
+
+fn framing(headers: &[httparse::Header<'_>]) -> Result<Framing, Refusal> {
+    let mut length = None;
+    let mut lengths = 0;
+    let mut chunked = None;
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            lengths += 1;
+            length = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok());
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            // The last coding of the last field decides (RFC 9112 §6.1).
+            let last = h.value.rsplit(|&b| b == b',').next().unwrap_or_default();
+            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        }
+    }
+    if lengths > 1 {
+        return Err(Refusal::TwoLengths);
+    }
+    match (chunked, lengths) {
+        (Some(_), 1) => Err(Refusal::LengthAndChunked),
+        (Some(true), _) => Ok(Framing::Chunked),
+        (Some(false), _) => Ok(Framing::Invalid),
+        (None, 0) => Ok(Framing::Length(0)),
+        (None, _) => Ok(length.map_or(Framing::Invalid, Framing::Length)),
+    }
+}
+
+/// Whether the first line of `bytes` (if it is complete) ends in a bare LF.
+fn line_has_bare_lf(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .position(|&b| b == b'\n')
+        .is_some_and(|i| i == 0 || bytes[i - 1] != b'\r')
+}
+
+/// Whether an LF in `bytes` is not preceded by CR.
+fn has_bare_lf(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && (i == 0 || bytes[i - 1] != b'\r'))
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Strict<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.cleared > 0 {
+                let n = this.cleared.min(buf.remaining());
+                buf.put_slice(&this.held[..n]);
+                this.held.advance(n);
+                this.cleared -= n;
+                return Poll::Ready(Ok(()));
+            }
+            if this.state == State::Refused {
+                let n = this.refusal.len().min(buf.remaining());
+                buf.put_slice(&this.refusal[..n]);
+                this.refusal = &this.refusal[n..];
+                // After the refusal line: end of file.
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                // What is held is an incomplete head or line: hyper sees it, then the end.
+                let n = this.held.len().min(buf.remaining());
+                buf.put_slice(&this.held[..n]);
+                this.held.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            // Body bytes with nothing held go straight to hyper's buffer.
+            if let (State::Body(left) | State::ChunkData(left), true) =
+                (this.state, this.held.is_empty())
+            {
+                let want = usize::try_from(left)
+                    .unwrap_or(usize::MAX)
+                    .min(buf.remaining());
+                let mut direct = ReadBuf::new(buf.initialize_unfilled_to(want));
+                std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, &mut direct))?;
+                let n = direct.filled().len();
+                buf.advance(n);
+                if n > 0 {
+                    this.state = match (this.state, left - n as u64) {
+                        (State::Body(_), 0) => State::Head,
+                        (State::Body(_), l) => State::Body(l),
+                        (_, 0) => State::ChunkEnd,
+                        (_, l) => State::ChunkData(l),
+                    };
+                }
+                return Poll::Ready(Ok(()));
+            }
+            this.held.reserve(READ_SIZE);
+            let before = this.held.len();
+            this.held.resize(before + READ_SIZE, 0);
+            let mut rb = ReadBuf::new(&mut this.held[before..]);
+            let polled = Pin::new(&mut this.inner).poll_read(cx, &mut rb);
+            let n = rb.filled().len();
+            this.held.truncate(before + n);
+            std::task::ready!(polled)?;
+            if n == 0 {
+                this.eof = true;
+            } else {
+                this.advance();
+            }
+        }
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Strict<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests;
