@@ -318,7 +318,8 @@ fn build_listen(raw: &RawListen, io: &Io<'_>, errs: &mut Errors) -> Option<Liste
     let t = &raw.tcp;
     let tcp_port = match t.port {
         None => port,
-        Some(p) => errs.check("listen.tcp.port", int_in::<u16>(p, 1, 65535)),
+        // 0: any free port (tests; `spooky` logs the one it got).
+        Some(p) => errs.check("listen.tcp.port", int_in::<u16>(p, 0, 65535)),
     };
     let header_timeout = positive_duration(errs, "listen.tcp.header_timeout", &t.header_timeout);
     let idle_timeout = positive_duration(errs, "listen.tcp.idle_timeout", &t.idle_timeout);

@@ -253,6 +253,8 @@ impl Worker {
         loop {
             let next_timer = self.timers.first().map(|(t, _)| *t);
             let grace_end = self.draining;
+            // Only while draining with TCP connections open: it resolves at once otherwise.
+            let tcp_waits = self.draining.is_some() && tcp.as_ref().is_some_and(|t| t.open() > 0);
             let tcp_drained = async {
                 match &tcp {
                     Some(front) => front.all_closed().await,
@@ -291,7 +293,7 @@ impl Worker {
                     self.close_all();
                 }
                 () = kill.notified() => return Err(WorkerError::Killed(self.index)),
-                () = tcp_drained, if self.draining.is_some() => {}
+                () = tcp_drained, if tcp_waits => {}
             }
             self.service_dirty();
             self.service_touched().await;

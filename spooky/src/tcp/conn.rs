@@ -4,7 +4,7 @@
 //! progress), or closing.
 
 use super::request::{self, ConnCtx};
-use super::strict::Strict;
+use super::strict::{Refusal, Strict};
 use super::{Front, Open, Phase};
 use crate::http::Protocol;
 use hyper::server::conn::{http1, http2};
@@ -88,8 +88,14 @@ pub(super) async fn serve(
             drive(&front, conn, graceful, &activity, tcp.idle_timeout).await
         }
         _ => {
-            let refused = Rc::new(Cell::new(None));
-            let io = Strict::new(tls, max_head, refused.clone());
+            let stats = fwd.services.stats.clone();
+            let on_refusal = Box::new(move |why: Refusal| {
+                stats
+                    .http1_smuggling_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%peer, reason = why.text(), "HTTP/1.1 request refused as request smuggling (400, connection closed)");
+            });
+            let io = Strict::new(tls, max_head, on_refusal);
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(tcp.header_timeout)
@@ -97,15 +103,7 @@ pub(super) async fn serve(
                 .serve_connection(TokioIo::new(io), service);
             let conn = std::pin::pin!(conn);
             let graceful = |c: Pin<&mut _>| http1::Connection::graceful_shutdown(c);
-            let ended = drive(&front, conn, graceful, &activity, tcp.idle_timeout).await;
-            if let Some(why) = refused.get() {
-                let stats = &front.forwarder().services.stats;
-                stats
-                    .http1_smuggling_refused
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::info!(%peer, reason = why.text(), "HTTP/1.1 request refused as request smuggling (400, connection closed)");
-            }
-            ended
+            drive(&front, conn, graceful, &activity, tcp.idle_timeout).await
         }
     };
     if let Err(e) = ended {

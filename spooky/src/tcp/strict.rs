@@ -19,10 +19,8 @@
 //! hyper answers it and closes, so this reader stops checking there.
 
 use bytes::{Buf, BytesMut};
-use std::cell::Cell;
 use std::io;
 use std::pin::Pin;
-use std::rc::Rc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -90,14 +88,14 @@ pub struct Strict<IO> {
     max_head: usize,
     /// The refusal line still to hand on (its unsent tail).
     refusal: &'static [u8],
-    /// What was refused, once something was (shared with whoever logs it).
-    refused: Rc<Cell<Option<Refusal>>>,
+    /// Told what was refused, when it is (it logs and counts).
+    on_refusal: Box<dyn Fn(Refusal)>,
     eof: bool,
 }
 
 impl<IO> Strict<IO> {
-    /// `inner`, checked; `refused` learns what was refused.
-    pub fn new(inner: IO, max_head: usize, refused: Rc<Cell<Option<Refusal>>>) -> Self {
+    /// `inner`, checked; `on_refusal` is called once if a head is refused.
+    pub fn new(inner: IO, max_head: usize, on_refusal: Box<dyn Fn(Refusal)>) -> Self {
         Self {
             inner,
             state: State::Head,
@@ -105,14 +103,14 @@ impl<IO> Strict<IO> {
             cleared: 0,
             max_head,
             refusal: &[],
-            refused,
+            on_refusal,
             eof: false,
         }
     }
 
     fn refuse(&mut self, why: Refusal) {
         self.state = State::Refused;
-        self.refused.set(Some(why));
+        (self.on_refusal)(why);
         self.refusal = REFUSAL;
     }
 

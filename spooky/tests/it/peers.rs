@@ -24,10 +24,6 @@ use std::time::{Duration, Instant};
 /// How long a peer may take to come up.
 const STARTUP: Duration = Duration::from_secs(20);
 
-fn peers_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/peers")
-}
-
 fn sha256_hex(data: &[u8]) -> String {
     ring::digest::digest(&ring::digest::SHA256, data)
         .as_ref()
@@ -184,22 +180,6 @@ fn start_proxy(upstreams: &str) -> Proxy {
 
 // ---------------------------------------------------------------------------------------------
 // aioquic, the independent HTTP/3 client
-
-fn python_has(module: &str) -> bool {
-    Command::new("python3")
-        .args(["-c", &format!("import {module}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn require_python(module: &str, package: &str) {
-    assert!(
-        python_has(module),
-        "python3 cannot import {module}: {package} not installed: run cargo xtask setup"
-    );
-}
 
 /// One response as the aioquic client saw it.
 #[derive(Debug)]

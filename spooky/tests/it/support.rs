@@ -72,10 +72,17 @@ pub fn metric_sum(text: &str, prefix: &str) -> f64 {
         .sum()
 }
 
-/// A UDP port that was free a moment ago on 127.0.0.1.
+/// A port number that was free a moment ago on 127.0.0.1, over UDP and TCP.
 pub fn free_udp_port() -> u16 {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.local_addr().unwrap().port()
+    // Free over TCP too: Spooky's TCP listener takes the same port number by default.
+    for _ in 0..100 {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no port free over both UDP and TCP on 127.0.0.1");
 }
 
 /// A TCP address where nothing listens (bound, then closed).
@@ -192,7 +199,8 @@ impl Drop for Proxy {
 }
 
 /// The full YAML of a test config around `upstreams` (already indented pools) and `extra`
-/// top-level sections. The admin listener takes a free loopback port unless `extra` has an
+/// top-level sections. The TCP listener takes a free port (the UDP port number may be taken
+/// over TCP by another test's connection). The admin listener takes a free loopback port unless `extra` has an
 /// `admin:` section.
 pub fn config_yaml(port: u16, upstreams: &str, extra: &str) -> String {
     let certs = certs_dir();
@@ -215,7 +223,7 @@ pub fn config_yaml(port: u16, upstreams: &str, extra: &str) -> String {
         ));
     }
     format!(
-        "version: 1\nlisten:\n  protocol: http3\n  address: 127.0.0.1\n  port: {port}\n  tls:\n    cert: {}\n    key: {}\n{admin}{extra}\nupstream:\n{upstreams}",
+        "version: 1\nlisten:\n  protocol: http3\n  address: 127.0.0.1\n  port: {port}\n  tls:\n    cert: {}\n    key: {}\n  tcp:\n    port: 0\n{admin}{extra}\nupstream:\n{upstreams}",
         certs.join("spooky.crt").display(),
         certs.join("spooky.key").display(),
     )
@@ -226,8 +234,15 @@ pub fn proxy(upstreams: &str, extra: &str, workers: usize) -> Proxy {
     init_logging();
     let port = free_udp_port();
     let yaml = config_yaml(port, upstreams, extra);
-    let config = spooky::config::parse(&yaml, &repo_root())
+    let mut config = spooky::config::parse(&yaml, &repo_root())
         .unwrap_or_else(|e| panic!("test config invalid: {e}\n{yaml}"));
+    config.workers = Some(workers);
+    proxy_from(config)
+}
+
+/// Starts Spooky on `config` with the number of workers it names (2 if none), unpinned.
+pub fn proxy_from(config: spooky::config::Config) -> Proxy {
+    let workers = config.workers.unwrap_or(2);
     let running = spooky::app::start(
         config,
         &RunOptions {
@@ -271,3 +286,25 @@ pub fn pattern(n: usize) -> Vec<u8> {
 }
 
 pub const T: Duration = Duration::from_secs(20);
+
+fn python_has(module: &str) -> bool {
+    std::process::Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Fails the test, naming the package, when python3 cannot import `module`.
+pub fn require_python(module: &str, package: &str) {
+    assert!(
+        python_has(module),
+        "python3 cannot import {module}: {package} not installed: run cargo xtask setup"
+    );
+}
+
+/// The directory of the test peers' scripts and configurations.
+pub fn peers_dir() -> PathBuf {
+    repo_root().join("spooky/tests/peers")
+}

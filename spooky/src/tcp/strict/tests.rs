@@ -31,7 +31,8 @@ fn through(data: &[u8], step: usize) -> (Vec<u8>, Option<Refusal>) {
         .build()
         .unwrap();
     rt.block_on(async {
-        let refused = Rc::new(Cell::new(None));
+        let refused = std::rc::Rc::new(std::cell::Cell::new(None));
+        let seen = refused.clone();
         let mut s = Strict::new(
             Trickle {
                 data: data.to_vec(),
@@ -39,7 +40,7 @@ fn through(data: &[u8], step: usize) -> (Vec<u8>, Option<Refusal>) {
                 step,
             },
             64 * 1024,
-            refused.clone(),
+            Box::new(move |why| seen.set(Some(why))),
         );
         let mut out = Vec::new();
         s.read_to_end(&mut out).await.unwrap();

@@ -1,0 +1,433 @@
+//! The TLS-over-TCP listener (`listen.tcp`), against clients nobody on the team wrote:
+//!
+//! - Debian's `curl` over HTTP/2 and HTTP/1.1 gets what the HTTP/3 client gets, and sees
+//!   `alt-svc`;
+//! - libcurl through curl_cffi (`spooky/tests/peers/altsvc_client.py`) with an alt-svc cache
+//!   goes over TCP first and over HTTP/3 after;
+//! - raw HTTP/1.1 request-smuggling probes over rustls are answered 400 and reach no backend;
+//! - draining finishes requests in flight (HTTP/1.1 `connection: close`) and refuses new
+//!   connections; silent and slow clients are cut off.
+
+use crate::support::*;
+use spooky_peers::client::Request;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(10);
+
+fn tcp_addr(p: &Proxy) -> SocketAddr {
+    p.running
+        .as_ref()
+        .and_then(|r| r.tcp_addr)
+        .expect("the TCP listener is on by default")
+}
+
+fn one_pool(b: &Backend) -> String {
+    pool("main", "/", None, "round-robin", &[("b1", b.addr)], "")
+}
+
+/// One response as curl saw it.
+#[derive(Debug)]
+struct Curled {
+    status: u16,
+    /// curl's `%{http_version}`: `1.1`, `2`.
+    version: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Curled {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Debian's curl against Spooky's TCP listener at `addr` (as `localhost`, verified with the
+/// demo CA), speaking `proto` (`--http2` or `--http1.1`); `extra` are more curl arguments.
+fn curl(addr: SocketAddr, proto: &str, path: &str, extra: &[&str]) -> Curled {
+    let dir = std::env::temp_dir().join(format!(
+        "spooky-curl-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (head, body) = (dir.join("head"), dir.join("body"));
+    let out = Command::new("curl")
+        .args(["-sS", proto, "--max-time", "20"])
+        .arg("--cacert")
+        .arg(certs_dir().join("ca.crt"))
+        .args(["--resolve", &format!("localhost:{}:127.0.0.1", addr.port())])
+        .arg("-D")
+        .arg(&head)
+        .arg("-o")
+        .arg(&body)
+        .args(["-w", "%{http_version}"])
+        .args(extra)
+        .arg(format!("https://localhost:{}{path}", addr.port()))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("curl cannot be started ({e}): run cargo xtask setup"));
+    assert!(
+        out.status.success(),
+        "curl {proto} {path} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let head = std::fs::read_to_string(&head).unwrap();
+    let body = std::fs::read(&body).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {head:?}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    Curled {
+        status,
+        version: String::from_utf8_lossy(&out.stdout).into_owned(),
+        headers,
+        body,
+    }
+}
+
+static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Requests answered over `protocol` (`h3`, `h2`, `http/1.1`) with a 2xx from backend b1.
+fn answered(p: &Proxy, protocol: &str) -> f64 {
+    let text = p.running.as_ref().unwrap().metrics_text();
+    metric_sum(
+        &text,
+        &format!(
+            "spooky_requests_total{{pool=\"main\",backend=\"b1\",protocol=\"{protocol}\",class=\"2xx\"}}"
+        ),
+    )
+}
+
+#[test]
+fn curl_over_tcp_gets_what_http3_clients_get_and_sees_alt_svc() {
+    let b = backend("b1");
+    let p = proxy(&one_pool(&b), "quic:\n  retry: off\n", 2);
+    let tcp = tcp_addr(&p);
+    let alt_svc = format!("h3=\":{}\"; ma=86400", p.addr.port());
+    let upload: Vec<u8> = pattern(300_000);
+    let upload_file = std::env::temp_dir().join(format!("spooky-up-{}", std::process::id()));
+    std::fs::write(&upload_file, &upload).unwrap();
+    let data_arg = format!("@{}", upload_file.display());
+
+    // What the HTTP/3 client gets.
+    let mut h3 = client(p.addr);
+    let hello = h3.request(&Request::get("localhost", "/hello"), T).unwrap();
+    let big = h3
+        .request(&Request::get("localhost", "/size/1000000"), T)
+        .unwrap();
+    let echo = h3
+        .request(
+            &Request::new("POST", "localhost", "/echo").body(upload.clone()),
+            T,
+        )
+        .unwrap();
+    let missing = h3
+        .request(&Request::get("localhost", "/status/404"), T)
+        .unwrap();
+    for r in [&hello, &big, &echo, &missing] {
+        assert_eq!(
+            r.header("alt-svc"),
+            Some(alt_svc.as_str()),
+            "HTTP/3 too: {r:?}"
+        );
+    }
+
+    for (proto, version) in [("--http2", "2"), ("--http1.1", "1.1")] {
+        let r = curl(tcp, proto, "/hello", &[]);
+        assert_eq!(r.version, version, "{proto}: ALPN chose it");
+        assert_eq!((r.status, &r.body), (hello.status, &hello.body), "{proto}");
+        assert_eq!(r.header("x-backend"), Some("b1"));
+        assert_eq!(
+            r.header("alt-svc"),
+            Some(alt_svc.as_str()),
+            "{proto}: {r:?}"
+        );
+
+        let r = curl(tcp, proto, "/size/1000000", &[]);
+        assert_eq!(r.status, 200, "{proto}");
+        assert!(
+            r.body == big.body && r.body == pattern(1_000_000),
+            "{proto}: 1 MB intact"
+        );
+
+        let r = curl(tcp, proto, "/echo", &["--data-binary", &data_arg]);
+        assert_eq!(r.status, 200, "{proto}");
+        assert!(
+            r.body == echo.body && r.body == upload,
+            "{proto}: upload echoed intact"
+        );
+
+        let r = curl(tcp, proto, "/status/404", &[]);
+        assert_eq!(r.status, missing.status, "{proto}");
+        assert_eq!(
+            r.header("alt-svc"),
+            Some(alt_svc.as_str()),
+            "{proto}: on errors too"
+        );
+    }
+    let _ = std::fs::remove_file(&upload_file);
+    // The backend's 404s count as 4xx; the rest as 2xx, each under its protocol.
+    assert_eq!(answered(&p, "h3"), 3.0);
+    assert_eq!(answered(&p, "h2"), 3.0);
+    assert_eq!(answered(&p, "http/1.1"), 3.0);
+}
+
+#[test]
+fn alt_svc_can_be_turned_off_and_tcp_off_means_no_listener() {
+    let b = backend("b1");
+    init_logging();
+    let port = free_udp_port();
+    let yaml = config_yaml(port, &one_pool(&b), "").replace(
+        "  tcp:\n    port: 0\n",
+        "  tcp:\n    port: 0\n  alt_svc:\n    enabled: false\n",
+    );
+    let config = spooky::config::parse(&yaml, &repo_root()).unwrap();
+    let p = proxy_from(config);
+    let r = curl(tcp_addr(&p), "--http2", "/hello", &[]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("alt-svc"), None, "{r:?}");
+    let h3 = client(p.addr)
+        .request(&Request::get("localhost", "/hello"), T)
+        .unwrap();
+    assert_eq!(h3.header("alt-svc"), None);
+    drop(p);
+
+    let yaml = config_yaml(free_udp_port(), &one_pool(&b), "")
+        .replace("  tcp:\n    port: 0\n", "  tcp:\n    enabled: false\n");
+    let p = proxy_from(spooky::config::parse(&yaml, &repo_root()).unwrap());
+    assert_eq!(p.running.as_ref().unwrap().tcp_addr, None);
+    let h3 = client(p.addr)
+        .request(&Request::get("localhost", "/hello"), T)
+        .unwrap();
+    assert_eq!(h3.status, 200, "HTTP/3 serves without TCP");
+}
+
+#[test]
+fn curl_cffi_goes_over_tcp_first_then_over_http3_by_alt_svc() {
+    require_python("curl_cffi", "curl_cffi");
+    let b = backend("b1");
+    let p = proxy(&one_pool(&b), "quic:\n  retry: off\n", 2);
+    let out = Command::new("python3")
+        .arg(peers_dir().join("altsvc_client.py"))
+        .args(["--tcp-port", &tcp_addr(&p).port().to_string()])
+        .args(["--udp-port", &p.addr.port().to_string()])
+        .arg("--ca")
+        .arg(certs_dir().join("ca.crt"))
+        .args(["--requests", "3"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "altsvc_client.py printed no result ({e}): {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let versions: Vec<u64> = v["responses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r["status"], 200, "{r}");
+            assert!(r["body"].as_str().unwrap().starts_with("hello from b1"));
+            r["http_version"].as_u64().unwrap()
+        })
+        .collect();
+    // libcurl's CURL_HTTP_VERSION_2_0 is 3, CURL_HTTP_VERSION_3 is 30.
+    assert_eq!(versions, [3, 30, 30], "TCP first, then HTTP/3 by alt-svc");
+    assert_eq!((answered(&p, "h2"), answered(&p, "h3")), (1.0, 2.0));
+}
+
+/// `read()` once it equals `want`, or what it says after a second.
+fn settled(read: impl Fn() -> u64, want: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while read() != want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    read()
+}
+
+/// A TLS connection to Spooky's TCP listener, offering `alpn`.
+fn tls(addr: SocketAddr, alpn: &[u8]) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(certs_dir().join("ca.crt")).unwrap();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let conn =
+        rustls::ClientConnection::new(Arc::new(config), "localhost".try_into().unwrap()).unwrap();
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(T)).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// Everything the server sends until it closes (a close without close_notify counts as one).
+fn read_all(s: &mut impl Read) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16384];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!(
+                "reading the answer: {e}; so far: {}",
+                String::from_utf8_lossy(&out)
+            ),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn http1_smuggling_probes_are_answered_400_and_reach_no_backend() {
+    let b = backend("b1");
+    let p = proxy(&one_pool(&b), "", 1);
+    let addr = tcp_addr(&p);
+    let refused = || p.stats_sum(|s| s.http1_smuggling_refused.load(Ordering::Relaxed));
+    let probes: [(&str, &[u8], bool); 8] = [
+        ("content-length and transfer-encoding", b"POST /cl-te HTTP/1.1\r\nHost: localhost\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nX", true),
+        ("transfer-encoding then content-length", b"POST /te-cl HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n", true),
+        ("two equal content-lengths", b"POST /cl-cl HTTP/1.1\r\nHost: localhost\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc", true),
+        ("two different content-lengths", b"POST /cl-cl2 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", true),
+        ("bare LF after the request line", b"GET /lf HTTP/1.1\nHost: localhost\r\n\r\n", true),
+        ("bare LF after a field", b"GET /lf2 HTTP/1.1\r\nHost: localhost\n\r\n", true),
+        // hyper's parser refuses these itself.
+        ("obs-fold", b"GET /fold HTTP/1.1\r\nHost: localhost\r\nX-A: 1\r\n 2\r\n\r\n", false),
+        ("transfer-encoding not ending in chunked", b"POST /te HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", false),
+    ];
+    for (what, probe, ours) in probes {
+        let before = refused();
+        let mut s = tls(addr, b"http/1.1");
+        // A good request first, on the same connection: it is answered, then the probe is.
+        s.write_all(b"GET /first HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        s.write_all(probe).unwrap();
+        s.flush().unwrap();
+        let answer = read_all(&mut s);
+        assert!(
+            answer.starts_with("HTTP/1.1 200 OK\r\n"),
+            "{what}: the request before it is served: {answer:?}"
+        );
+        let second = answer
+            .match_indices("HTTP/1.1 ")
+            .nth(1)
+            .map(|(i, _)| &answer[i..]);
+        assert!(
+            second.is_some_and(|r| r.starts_with("HTTP/1.1 400 Bad Request\r\n")),
+            "{what}: answered 400, connection closed: {answer:?}"
+        );
+        assert_eq!(
+            refused() - before,
+            u64::from(ours),
+            "{what}: counted as smuggling"
+        );
+    }
+    assert_eq!(
+        b.served(),
+        probes.len() as u64,
+        "only the good requests reached the backend"
+    );
+}
+
+#[test]
+fn draining_finishes_tcp_requests_in_flight_and_refuses_new_connections() {
+    let b = backend("b1");
+    let mut p = proxy(&one_pool(&b), "", 2);
+    let addr = tcp_addr(&p);
+    let slow =
+        |proto: &'static str| std::thread::spawn(move || curl(addr, proto, "/delay/1500", &[]));
+    let (h2, h1) = (slow("--http2"), slow("--http1.1"));
+    // Both requests are at the backend…
+    let deadline = Instant::now() + T;
+    while p.stats_sum(|s| s.tcp_active.load(Ordering::Relaxed)) < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // …when Spooky is told to stop.
+    p.running.as_ref().unwrap().begin_shutdown();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err(),
+        "a draining Spooky accepts no new TCP connection"
+    );
+    let (h2, h1) = (h2.join().unwrap(), h1.join().unwrap());
+    assert_eq!((h2.status, h2.version.as_str()), (200, "2"), "{h2:?}");
+    assert_eq!((h1.status, h1.version.as_str()), (200, "1.1"), "{h1:?}");
+    assert_eq!(
+        h1.header("connection"),
+        Some("close"),
+        "HTTP/1.1 is told: {h1:?}"
+    );
+    let started = Instant::now();
+    p.shutdown();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the workers end once their connections are done, not at the 30 s grace"
+    );
+}
+
+#[test]
+fn silent_and_slow_clients_are_cut_off_at_the_header_timeout() {
+    let b = backend("b1");
+    init_logging();
+    let yaml = config_yaml(free_udp_port(), &one_pool(&b), "").replace(
+        "  tcp:\n    port: 0\n",
+        "  tcp:\n    port: 0\n    header_timeout: 1s\n",
+    );
+    let p = proxy_from(spooky::config::parse(&yaml, &repo_root()).unwrap());
+    let addr = tcp_addr(&p);
+
+    // No TLS handshake at all.
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(addr).unwrap();
+    silent.set_read_timeout(Some(T)).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(matches!(silent.read(&mut buf), Ok(0) | Err(_)));
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "closed after about 1 s: {waited:?}"
+    );
+    // The worker counts it just after closing.
+    let failures = || p.stats_sum(|s| s.tcp_handshake_failures.load(Ordering::Relaxed));
+    assert_eq!(settled(failures, 1), 1);
+
+    // A request head that never ends.
+    let started = Instant::now();
+    let mut slow = tls(addr, b"http/1.1");
+    slow.write_all(b"GET /never HTTP/1.1\r\nHost: localhost\r\nX-Slow: 1\r\n")
+        .unwrap();
+    slow.flush().unwrap();
+    let _ = read_all(&mut slow);
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(5),
+        "closed after about 1 s: {waited:?}"
+    );
+    assert_eq!(b.served(), 0, "nothing reached the backend");
+}
