@@ -99,6 +99,8 @@ struct Scenario {
     oha: Option<(u32, u32)>,
     /// oha's fixed rate for this scenario (`-q`), when it has one of its own.
     oha_rate: Option<f64>,
+    /// Over the proxy's TCP listener (TLS, HTTP/2) instead of HTTP/3: oha only.
+    tcp: bool,
     warm_up: f64,
     duration: f64,
 }
@@ -137,6 +139,7 @@ impl Scenario {
             load_args: Vec::new(),
             oha: None,
             oha_rate: None,
+            tcp: false,
             warm_up: 0.0,
             duration: 0.0,
         }
@@ -154,6 +157,7 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
             load_args: s(&["-c", "10", "-m", "10"]),
             oha: Some((10, 10)),
             oha_rate: None,
+            tcp: false,
             warm_up,
             duration,
         },
@@ -164,6 +168,7 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
             load_args: s(&["-c", "10", "-m", "1"]),
             oha: Some((10, 1)),
             oha_rate: None,
+            tcp: false,
             warm_up,
             duration,
         },
@@ -183,6 +188,7 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
             ]),
             oha: Some((10, 1)),
             oha_rate: None,
+            tcp: false,
             warm_up,
             duration,
         },
@@ -193,6 +199,7 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
             load_args: s(&["-c", "16", "-m", "1", "--new-connection"]),
             oha: None,
             oha_rate: None,
+            tcp: false,
             warm_up,
             duration,
         },
@@ -205,6 +212,7 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
             // average (`-q`).
             oha: Some((idle_conns, 1)),
             oha_rate: Some(f64::from(idle_conns) / 5.0),
+            tcp: false,
             warm_up: if quick { 3.0 } else { 5.0 },
             duration: if quick { 2.0 } else { 5.0 },
         },
@@ -216,6 +224,30 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
             load_args: Vec::new(),
             oha: Some((10, 10)),
             oha_rate: None,
+            tcp: false,
+            warm_up,
+            duration,
+        },
+        // The same over each proxy's TCP listener: TLS, HTTP/2 (oha `--http2`).
+        Scenario {
+            name: "tcp-small",
+            unit: "req",
+            path: "/100b",
+            load_args: Vec::new(),
+            oha: Some((10, 10)),
+            oha_rate: None,
+            tcp: true,
+            warm_up,
+            duration,
+        },
+        Scenario {
+            name: "tcp-download",
+            unit: "MiB",
+            path: "/1m",
+            load_args: Vec::new(),
+            oha: Some((10, 1)),
+            oha_rate: None,
+            tcp: true,
             warm_up,
             duration,
         },
@@ -604,12 +636,7 @@ fn one_run(
             let mut warm_args = warm_args;
             warm_args.extend(["-D".into(), format!("{}s", sc.warm_up)]);
             let warm_kv = ctx.dir.join(format!("{tag}-warm.kv"));
-            if sc.name != "idle" {
-                let _ = load_command(ctx, port, sc.path, &warm_args, &[], &warm_kv).status();
-            }
-            let logged_warm = nginx.logged_requests();
-            let json = ctx.dir.join(format!("{tag}.json"));
-            let command = oha::OhaRun {
+            let oha_run = |seconds: f64, json_out: PathBuf| oha::OhaRun {
                 bin,
                 cpu: ctx.load_cpu,
                 ca: ctx.ca,
@@ -617,14 +644,24 @@ fn one_run(
                 path: sc.path,
                 connections,
                 parallel,
-                seconds: sc.duration,
+                seconds,
                 rate: rate.or(sc.oha_rate),
                 upload: (sc.name == "upload").then_some(ctx.upload_body),
-                json_out: json.clone(),
+                json_out,
                 netns: None,
                 connect_to: None,
+                http2: sc.tcp,
+            };
+            if sc.tcp {
+                // spooky-load speaks HTTP/3 only: oha itself warms up the TCP path.
+                let warm = oha_run(sc.warm_up, ctx.dir.join(format!("{tag}-warm.json")));
+                let _ = warm.command().status();
+            } else if sc.name != "idle" {
+                let _ = load_command(ctx, port, sc.path, &warm_args, &[], &warm_kv).status();
             }
-            .command();
+            let logged_warm = nginx.logged_requests();
+            let json = ctx.dir.join(format!("{tag}.json"));
+            let command = oha_run(sc.duration, json.clone()).command();
             // oha's deadline plus a little: the figures are taken then, and the proxy is
             // told to stop so that oha's connections close.
             let window = Duration::from_secs_f64(sc.duration + 0.2);

@@ -16,7 +16,14 @@ use std::time::Instant;
 use crate::setup::{self, NIGHTLY};
 
 /// Every fuzz target, in the order a full run goes through them.
-pub const TARGETS: &[&str] = &["cid", "request_head", "response_head", "endpoint", "config"];
+pub const TARGETS: &[&str] = &[
+    "cid",
+    "request_head",
+    "response_head",
+    "endpoint",
+    "config",
+    "http1_strict",
+];
 
 /// No sanitizer: the code under test is safe Rust (the one `unsafe` read, in the XDP packet
 /// walk, is checked against a slice-based reference instead), so AddressSanitizer would find

@@ -204,6 +204,14 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
             old.listen.addr, new.listen.addr
         ));
     }
+    let tcp_listener =
+        |t: &Option<crate::config::Tcp>| t.as_ref().map(|t| (t.addr, t.max_connections));
+    if tcp_listener(&old.listen.tcp) != tcp_listener(&new.listen.tcp) {
+        v.push(
+            "listen.tcp.enabled / listen.tcp.port / listen.tcp.max_connections need a restart"
+                .to_owned(),
+        );
+    }
     if old.workers != new.workers {
         v.push("workers needs a restart".to_owned());
     }

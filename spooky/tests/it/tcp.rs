@@ -431,3 +431,85 @@ fn silent_and_slow_clients_are_cut_off_at_the_header_timeout() {
     );
     assert_eq!(b.served(), 0, "nothing reached the backend");
 }
+
+/// A proxy with one worker and `tcp` settings added under `listen.tcp`.
+fn proxy_with_tcp(b: &Backend, tcp: &str) -> Proxy {
+    init_logging();
+    let yaml = config_yaml(free_udp_port(), &one_pool(b), "workers: 1\n").replace(
+        "  tcp:\n    port: 0\n",
+        &format!("  tcp:\n    port: 0\n{tcp}"),
+    );
+    proxy_from(spooky::config::parse(&yaml, &repo_root()).unwrap())
+}
+
+/// One HTTP/1.1 keep-alive request on `s`; the answer's head and body (by content-length).
+fn keep_alive_get(s: &mut (impl Read + Write), path: &str) -> String {
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    s.flush().unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            if got.len() >= end + 4 + len {
+                return text;
+            }
+        }
+    }
+}
+
+#[test]
+fn idle_connections_are_closed_after_the_idle_timeout() {
+    let b = backend("b1");
+    let p = proxy_with_tcp(&b, "    idle_timeout: 1s\n");
+    let mut s = tls(tcp_addr(&p), b"http/1.1");
+    assert!(keep_alive_get(&mut s, "/hello").starts_with("HTTP/1.1 200"));
+    let started = Instant::now();
+    let rest = read_all(&mut s);
+    let waited = started.elapsed();
+    assert_eq!(rest, "", "nothing more is sent");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(4),
+        "an idle keep-alive connection is closed after 1–2 idle timeouts: {waited:?}"
+    );
+}
+
+#[test]
+fn connections_over_the_limit_are_closed_at_once() {
+    let b = backend("b1");
+    let p = proxy_with_tcp(&b, "    max_connections: 2\n");
+    let addr = tcp_addr(&p);
+    let mut first = tls(addr, b"http/1.1");
+    let mut second = tls(addr, b"http/1.1");
+    assert!(keep_alive_get(&mut first, "/a").starts_with("HTTP/1.1 200"));
+    assert!(keep_alive_get(&mut second, "/b").starts_with("HTTP/1.1 200"));
+    // A third: accepted by the kernel, closed by Spooky before any TLS.
+    let started = Instant::now();
+    let mut third = TcpStream::connect(addr).unwrap();
+    third.set_read_timeout(Some(T)).unwrap();
+    let mut buf = [0u8; 16];
+    assert!(matches!(third.read(&mut buf), Ok(0) | Err(_)));
+    assert!(started.elapsed() < Duration::from_secs(2), "closed at once");
+    let refused = || p.stats_sum(|s| s.tcp_refused.load(Ordering::Relaxed));
+    assert_eq!(settled(refused, 1), 1);
+    // One closes; a new connection is served again.
+    drop(first);
+    let deadline = Instant::now() + T;
+    while p.stats_sum(|s| s.tcp_active.load(Ordering::Relaxed)) > 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut again = tls(addr, b"http/1.1");
+    assert!(keep_alive_get(&mut again, "/c").starts_with("HTTP/1.1 200"));
+    assert!(keep_alive_get(&mut second, "/d").starts_with("HTTP/1.1 200"));
+}

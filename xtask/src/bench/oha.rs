@@ -51,7 +51,7 @@ pub fn ensure(target_dir: &Path) -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// One oha invocation against `https://localhost:PORT{path}` over HTTP/3.
+/// One oha invocation against `https://localhost:PORT{path}` over HTTP/3 (or HTTP/2).
 pub struct OhaRun<'a> {
     pub bin: &'a Path,
     pub cpu: Option<usize>,
@@ -72,6 +72,8 @@ pub struct OhaRun<'a> {
     pub netns: Option<String>,
     /// Connect to this address instead of what `localhost` resolves to.
     pub connect_to: Option<&'a str>,
+    /// HTTP/2 over TLS over TCP instead of HTTP/3.
+    pub http2: bool,
 }
 
 impl OhaRun<'_> {
@@ -89,7 +91,8 @@ impl OhaRun<'_> {
         let mut c = Command::new(&argv[0]);
         c.args(&argv[1..]);
         c.arg(format!("https://localhost:{}{}", self.port, self.path))
-            .args(["--http-version", "3", "--ipv4", "--no-tui"])
+            .args(["--http-version", if self.http2 { "2" } else { "3" }])
+            .args(["--ipv4", "--no-tui"])
             .arg("--cacert")
             .arg(self.ca)
             .args(["-c", &self.connections.to_string()])

@@ -542,6 +542,36 @@ log: {{level: warn, format: text}}
           - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  # The TCP listener on the same port number, as Spooky and Caddy have by default.
+  - name: tcp
+    address: {{socket_address: {{protocol: TCP, address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          common_tls_context:
+            alpn_protocols: ["h2", "http/1.1"]
+            tls_certificates:
+            - certificate_chain: {{filename: "{cert}"}}
+              private_key: {{filename: "{key}"}}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          codec_type: AUTO
+          stat_prefix: bench_tcp
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{prefix: "/"}}
+                route: {{cluster: nginx, timeout: 60s}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
   clusters:
   - name: nginx
     type: STATIC
@@ -588,9 +618,6 @@ log: {{level: warn, format: text}}
 	auto_https disable_redirects
 	skip_install_trust
 	storage file_system {d}/caddy-data
-	servers {{
-		protocols h3
-	}}
 	log default {{
 		level ERROR
 	}}

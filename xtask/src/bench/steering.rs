@@ -234,6 +234,7 @@ log: {{level: info, format: text}}
         json_out: json.clone(),
         netns: Some(ns.client.clone()),
         connect_to: Some(SERVER),
+        http2: false,
     }
     .command();
     let redirects0 = xdp_redirects(ns);
