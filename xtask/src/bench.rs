@@ -21,6 +21,7 @@ mod report;
 mod steering;
 mod upgrade;
 mod xdp;
+mod zero_rtt;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -44,7 +45,7 @@ struct Args {
     /// xdp, steering.
     #[arg(
         long,
-        default_value = "small,download,upload,handshake,idle,rate,upgrade,xdp,steering"
+        default_value = "small,download,upload,handshake,idle,rate,tcp-small,tcp-download,zero-rtt,upgrade,xdp,steering"
     )]
     scenarios: String,
     /// Proxies, comma-separated: spooky, envoy, envoy-nogro (Envoy without `prefer_gro`,
@@ -255,6 +256,8 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
         Scenario::own("upgrade", "req", "/100b"),
         // Spooky with and without XDP, a client in a namespace: see `steering.rs`.
         Scenario::own("steering", "req", "/100b"),
+        // Time to first byte, 0-RTT against a full handshake (aioquic): see `zero_rtt.rs`.
+        Scenario::own("zero-rtt", "ms", "/100b"),
         // The XDP program in the kernel, no traffic: see `xdp.rs`.
         Scenario::own("xdp", "Mpps", ""),
     ]
@@ -458,6 +461,7 @@ pub struct Results {
     pub rate: Option<f64>,
     pub xdp: Vec<xdp::Case>,
     pub steering: Vec<steering::Outcome>,
+    pub zero_rtt: Vec<zero_rtt::Outcome>,
 }
 
 fn run_all(
@@ -499,7 +503,12 @@ fn run_all(
         });
         proxy.0.stop();
     }
-    let steady = |sc: &&&Scenario| !matches!(sc.name, "upgrade" | "xdp" | "rate" | "steering");
+    let steady = |sc: &&&Scenario| {
+        !matches!(
+            sc.name,
+            "upgrade" | "xdp" | "rate" | "steering" | "zero-rtt"
+        )
+    };
     for run in 1..=ctx.runs {
         for sc in chosen.iter().filter(steady) {
             for &generator in generators {
@@ -545,6 +554,14 @@ fn run_all(
             .or(ctx.rate)
             .unwrap_or_else(|| half_the_slowest(&res.runs));
         res.steering = steering::run(ctx, rate)?;
+    }
+    if chosen.iter().any(|s| s.name == "zero-rtt") {
+        for run in 1..=ctx.runs {
+            for &kind in proxies {
+                res.zero_rtt
+                    .push(zero_rtt::run(ctx, kind, nginx.port, run)?);
+            }
+        }
     }
     if chosen.iter().any(|s| s.name == "upgrade") {
         let kinds = [ProxyKind::Spooky, ProxyKind::Envoy];

@@ -147,23 +147,30 @@ impl<IO> Strict<IO> {
                     [b'\r'] => return,
                     _ => self.state = State::Unchecked,
                 },
-                State::ChunkSize => match httparse::parse_chunk_size(rest) {
-                    // httparse refuses a bare LF here; say why rather than leave it to hyper.
-                    _ if line_has_bare_lf(rest) => return self.refuse(Refusal::BareLf),
-                    Ok(httparse::Status::Complete((used, size))) => {
-                        if has_bare_lf(&rest[..used]) {
-                            return self.refuse(Refusal::BareLf);
+                State::ChunkSize => {
+                    let parse = |b: &[u8]| match httparse::parse_chunk_size(b) {
+                        Ok(httparse::Status::Complete((used, _))) => Parsed::Complete(used),
+                        Ok(httparse::Status::Partial) => Parsed::Partial,
+                        Err(_) => Parsed::Invalid,
+                    };
+                    match check(rest, parse, MAX_CHUNK_LINE) {
+                        Check::Refuse => return self.refuse(Refusal::BareLf),
+                        Check::Wait => return,
+                        Check::Unchecked => self.state = State::Unchecked,
+                        Check::Good(used) => {
+                            let size = match httparse::parse_chunk_size(&rest[..used]) {
+                                Ok(httparse::Status::Complete((_, size))) => size,
+                                _ => 0,
+                            };
+                            self.cleared += used;
+                            self.state = if size == 0 {
+                                State::Trailers
+                            } else {
+                                State::ChunkData(size)
+                            };
                         }
-                        self.cleared += used;
-                        self.state = if size == 0 {
-                            State::Trailers
-                        } else {
-                            State::ChunkData(size)
-                        };
                     }
-                    Ok(httparse::Status::Partial) if rest.len() <= MAX_CHUNK_LINE => return,
-                    _ => self.state = State::Unchecked,
-                },
+                }
                 State::Trailers => {
                     if rest.starts_with(b"\r\n") {
                         self.cleared += 2;
@@ -173,28 +180,45 @@ impl<IO> Strict<IO> {
                     if rest.starts_with(b"\n") {
                         return self.refuse(Refusal::BareLf);
                     }
-                    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                    match httparse::parse_headers(rest, &mut headers) {
-                        Ok(httparse::Status::Complete((used, _))) => {
-                            if has_bare_lf(&rest[..used]) {
-                                return self.refuse(Refusal::BareLf);
-                            }
+                    let parse = |b: &[u8]| {
+                        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                        match httparse::parse_headers(b, &mut headers) {
+                            Ok(httparse::Status::Complete((used, _))) => Parsed::Complete(used),
+                            Ok(httparse::Status::Partial) => Parsed::Partial,
+                            Err(_) => Parsed::Invalid,
+                        }
+                    };
+                    match check(rest, parse, self.max_head) {
+                        Check::Refuse => return self.refuse(Refusal::BareLf),
+                        Check::Wait => return,
+                        Check::Unchecked => self.state = State::Unchecked,
+                        Check::Good(used) => {
                             self.cleared += used;
                             self.state = State::Head;
                         }
-                        Ok(httparse::Status::Partial) if rest.len() <= self.max_head => return,
-                        _ => self.state = State::Unchecked,
                     }
                 }
                 State::Head => {
-                    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                    let mut req = httparse::Request::new(&mut headers);
-                    match req.parse(rest) {
-                        Ok(httparse::Status::Complete(used)) => {
-                            if has_bare_lf(&rest[..used]) {
-                                return self.refuse(Refusal::BareLf);
-                            }
-                            let framing = match framing(req.headers) {
+                    let parse = |b: &[u8]| {
+                        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                        match httparse::Request::new(&mut headers).parse(b) {
+                            Ok(httparse::Status::Complete(used)) => Parsed::Complete(used),
+                            Ok(httparse::Status::Partial) => Parsed::Partial,
+                            Err(_) => Parsed::Invalid,
+                        }
+                    };
+                    match check(rest, parse, self.max_head) {
+                        Check::Refuse => return self.refuse(Refusal::BareLf),
+                        Check::Wait => return,
+                        Check::Unchecked => self.state = State::Unchecked,
+                        Check::Good(used) => {
+                            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                            let mut req = httparse::Request::new(&mut headers);
+                            let framing = match req.parse(&rest[..used]) {
+                                Ok(httparse::Status::Complete(_)) => framing(req.headers),
+                                _ => Ok(Framing::Invalid),
+                            };
+                            let framing = match framing {
                                 Ok(f) => f,
                                 Err(why) => return self.refuse(why),
                             };
@@ -207,17 +231,6 @@ impl<IO> Strict<IO> {
                                 Framing::Invalid => State::Unchecked,
                             };
                         }
-                        Ok(httparse::Status::Partial) => {
-                            // A bare LF in a head that is not complete yet: no need to wait.
-                            if has_bare_lf(rest) {
-                                return self.refuse(Refusal::BareLf);
-                            }
-                            if rest.len() <= self.max_head {
-                                return;
-                            }
-                            self.state = State::Unchecked;
-                        }
-                        Err(_) => self.state = State::Unchecked,
                     }
                 }
             }
@@ -261,12 +274,67 @@ fn framing(headers: &[httparse::Header<'_>]) -> Result<Framing, Refusal> {
     }
 }
 
-/// Whether the first line of `bytes` (if it is complete) ends in a bare LF.
-fn line_has_bare_lf(bytes: &[u8]) -> bool {
-    bytes
-        .iter()
-        .position(|&b| b == b'\n')
-        .is_some_and(|i| i == 0 || bytes[i - 1] != b'\r')
+/// What `httparse` says of the bytes at hand.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Parsed {
+    /// A whole head (or line, or trailer section) of this many bytes.
+    Complete(usize),
+    Partial,
+    Invalid,
+}
+
+/// What to do with the bytes at hand.
+enum Check {
+    Refuse,
+    Wait,
+    /// Let them through: hyper refuses them itself.
+    Unchecked,
+    /// A well-formed piece of this many bytes.
+    Good(usize),
+}
+
+/// The one decision for a head, a chunk-size line or a trailer section, made so that it does
+/// not depend on how the bytes arrived: a bare LF is refused if it comes within `max` bytes
+/// and before (or at) the first byte the parser refuses; a piece longer than `max`, or one the
+/// parser refuses first, is left to hyper.
+fn check(rest: &[u8], parse: impl Fn(&[u8]) -> Parsed, max: usize) -> Check {
+    let bare_lf_within = |end: usize| has_bare_lf(&rest[..end.min(max).min(rest.len())]);
+    match parse(rest) {
+        Parsed::Complete(used) if used <= max => {
+            if has_bare_lf(&rest[..used]) {
+                Check::Refuse
+            } else {
+                Check::Good(used)
+            }
+        }
+        Parsed::Complete(_) | Parsed::Partial => {
+            if bare_lf_within(rest.len()) {
+                Check::Refuse
+            } else if rest.len() > max {
+                Check::Unchecked
+            } else {
+                Check::Wait
+            }
+        }
+        Parsed::Invalid => {
+            // The shortest prefix the parser refuses: what a client sending byte by byte
+            // would have been judged on.
+            let (mut partial, mut invalid) = (0, rest.len());
+            while invalid - partial > 1 {
+                let mid = partial + (invalid - partial) / 2;
+                if parse(&rest[..mid]) == Parsed::Invalid {
+                    invalid = mid;
+                } else {
+                    partial = mid;
+                }
+            }
+            if bare_lf_within(invalid) {
+                Check::Refuse
+            } else {
+                Check::Unchecked
+            }
+        }
+    }
 }
 
 /// Whether an LF in `bytes` is not preceded by CR.
