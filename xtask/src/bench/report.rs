@@ -558,6 +558,21 @@ pub fn json(env: &Env, res: &Results) -> String {
             "\n"
         });
     }
+    s.push_str("  ],\n  \"zero_rtt\": [\n");
+    for (i, o) in res.zero_rtt.iter().enumerate() {
+        let _ = write!(
+            s,
+            "    {{\"proxy\": \"{}\", \"run\": {}, \"connections\": {}, \"full_ms\": [{}, {}, {}], \"zero_rtt_ms\": [{}, {}, {}], \"resumed\": {}, \"early_data\": {}, \"failed\": {}, \"cpu_us_per_connection\": {}, \"hwm_kib\": {}}}",
+            o.proxy, o.run, o.connections, num(o.full.0), num(o.full.1), num(o.full.2),
+            num(o.zero_rtt.0), num(o.zero_rtt.1), num(o.zero_rtt.2), o.resumed, o.early_data,
+            o.failed, num(o.cpu_us_per_connection), o.hwm_kib
+        );
+        s.push_str(if i + 1 < res.zero_rtt.len() {
+            ",\n"
+        } else {
+            "\n"
+        });
+    }
     s.push_str("  ],\n  \"upgrades\": [\n");
     for (i, u) in res.upgrades.iter().enumerate() {
         let _ = write!(
