@@ -125,7 +125,16 @@ where
     C: Future<Output = Result<(), hyper::Error>>,
 {
     let mut phase = front.0.phase.subscribe();
+    // The front may have begun to drain during the TLS handshake.
     let mut shutting_down = false;
+    match *phase.borrow_and_update() {
+        Phase::Closing => return Ok(()),
+        Phase::Draining => {
+            shutting_down = true;
+            graceful(conn.as_mut());
+        }
+        Phase::Serving => {}
+    }
     let mut seen = activity.get();
     loop {
         tokio::select! {

@@ -11,7 +11,8 @@
 //! must drain and exit 0. A crash (`kill -9`) is followed by a fresh start with the same key
 //! file: clients of the dead process get a Stateless Reset at once (quiche's client, and curl
 //! through curl_cffi, which then retries on a new connection) instead of waiting out the idle
-//! timeout. A Retry token minted before a restart is accepted after it, and after one rotation
+//! timeout. Beside the HTTP/3 load, curl keeps fetching over TCP (HTTP/2 and HTTP/1.1, four
+//! requests per connection) through the takeovers: not one may fail either. A Retry token minted before a restart is accepted after it, and after one rotation
 //! of the token key, but not after two.
 
 use crate::netns::{in_netns, run, Netns, SERVER_V4, UNPRIVILEGED};
@@ -274,16 +275,87 @@ impl Load {
 
 /// Three takeovers in a row under load on `tier`: no failed request, every predecessor
 /// drains and exits 0, the successor serves the same address and admin listener.
+/// curl over `proto` (`--http2`, `--http1.1`) from the client namespace `ns`, fetching `paths`
+/// on one connection; stdout has one status per line.
+fn curl_tcp(ns: &str, proto: &str, paths: &[&str]) -> std::process::Output {
+    let base = format!("https://localhost:{PORT}");
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, "curl", "-sS", proto])
+        .args(["--max-time", "20", "--cacert"])
+        .arg(certs_dir().join("ca.crt"))
+        .args(["--resolve", &format!("localhost:{PORT}:{SERVER_V4}")])
+        .args(["-w", "%{http_code}\n"]);
+    for path in paths {
+        cmd.args(["-o", "/dev/null"]).arg(format!("{base}{path}"));
+    }
+    cmd.output().expect("curl")
+}
+
+/// curl over `proto` (`--http2`, `--http1.1`) from the client namespace, again and again until
+/// stopped. Each run streams one response for a second (100 chunks 10 ms apart) and then
+/// fetches 100 KB on the same connection: a connection open when a takeover starts is still
+/// open when the old process drains, and one cut under a response in flight shows as a failed
+/// transfer (curl retries only requests that got no byte). Returns (responses with status
+/// 200, everything else: other statuses and curl failures, with what they were).
+fn tcp_load(
+    ns: String,
+    proto: &'static str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(u64, Vec<String>)> {
+    std::thread::spawn(move || {
+        let (mut ok, mut failed) = (0u64, Vec::new());
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let out = curl_tcp(&ns, proto, &["/stream/100/10", "/size/100000"]);
+            let text = String::from_utf8_lossy(&out.stdout);
+            for code in text.lines() {
+                if code == "200" {
+                    ok += 1;
+                } else {
+                    failed.push(format!("{proto}: status {code}"));
+                }
+            }
+            if !out.status.success() {
+                failed.push(format!(
+                    "{proto}: curl {}: {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+        }
+        (ok, failed)
+    })
+}
+
 fn takeovers_under_load(tier: Tier) {
     let site = Site::new(tier);
     let mut current = site.spawn(0, false);
     current.wait_serving();
     let load = site.load();
+    let stop_tcp = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tcp =
+        ["--http2", "--http1.1"].map(|p| tcp_load(site.ns.client.clone(), p, stop_tcp.clone()));
     let first_generation = 0u64;
     for n in 1..=3 {
+        // Two responses streaming over TCP from the process about to be replaced, for 3 s:
+        // they must finish whole after it hands over.
+        let in_flight = ["--http2", "--http1.1"].map(|proto| {
+            let ns = site.ns.client.clone();
+            std::thread::spawn(move || curl_tcp(&ns, proto, &["/stream/300/10"]))
+        });
+        std::thread::sleep(Duration::from_millis(300));
         let mut next = site.spawn(n, true);
         next.wait_serving();
         let status = current.wait_exit(Duration::from_secs(300));
+        for (t, proto) in in_flight.into_iter().zip(["--http2", "--http1.1"]) {
+            let out = t.join().unwrap();
+            assert!(
+                out.status.success() && String::from_utf8_lossy(&out.stdout) == "200\n",
+                "takeover {n}: a response streaming over TCP ({proto}) from the old process \
+                 did not finish: {} {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         let log = current.log();
         assert!(
             status.success(),
@@ -330,6 +402,19 @@ fn takeovers_under_load(tier: Tier) {
     }
     let report = load.stop();
     eprintln!("{tier:?}: {report}");
+    stop_tcp.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut tcp_ok, mut tcp_failed) = (0, Vec::new());
+    for t in tcp {
+        let (ok, failed) = t.join().unwrap();
+        tcp_ok += ok;
+        tcp_failed.extend(failed);
+    }
+    eprintln!("{tier:?}: over TCP {tcp_ok} answered 200, failures: {tcp_failed:?}");
+    assert!(
+        tcp_failed.is_empty(),
+        "requests over TCP failed across the takeovers: {tcp_failed:#?}"
+    );
+    assert!(tcp_ok > 20, "the TCP load ran: {tcp_ok} answered");
     assert_eq!(
         report["failed"], 0,
         "requests failed across the takeovers: {report:#}"
