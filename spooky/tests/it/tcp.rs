@@ -513,3 +513,27 @@ fn connections_over_the_limit_are_closed_at_once() {
     assert!(keep_alive_get(&mut again, "/c").starts_with("HTTP/1.1 200"));
     assert!(keep_alive_get(&mut second, "/d").starts_with("HTTP/1.1 200"));
 }
+
+#[test]
+fn a_reload_reaches_tcp_connections_already_open() {
+    let (b1, b2) = (backend("b1"), backend("b2"));
+    init_logging();
+    let yaml = config_yaml(free_udp_port(), &one_pool(&b1), "workers: 1\n");
+    let p = proxy_from(spooky::config::parse(&yaml, &repo_root()).unwrap());
+    let mut s = tls(tcp_addr(&p), b"http/1.1");
+    assert!(keep_alive_get(&mut s, "/a").contains("x-backend: b1"));
+    // The same file with the pool's backend replaced.
+    let next = yaml.replace(
+        &pool("main", "/", None, "round-robin", &[("b1", b1.addr)], ""),
+        &pool("main", "/", None, "round-robin", &[("b2", b2.addr)], ""),
+    );
+    assert_ne!(next, yaml);
+    let reloader = p.running.as_ref().unwrap().reloader();
+    reloader
+        .apply(spooky::config::parse(&next, &repo_root()).unwrap())
+        .unwrap();
+    // The next request on the same connection goes by the new configuration.
+    let answer = keep_alive_get(&mut s, "/b");
+    assert!(answer.contains("x-backend: b2"), "{answer}");
+    assert_eq!(b2.served(), 1);
+}
