@@ -114,7 +114,7 @@ fn header_conversion(c: &mut Criterion) {
     let hop = Hop {
         client_ip: "192.0.2.7".parse().expect("ip"),
         mode: ForwardedMode::Append,
-        via: true,
+        via: Some("3"),
     };
     let mut g = c.benchmark_group("bridge");
     g.bench_function("validate_request", |b| {

@@ -27,6 +27,15 @@ pub enum Protocol {
 impl Protocol {
     pub const ALL: [Protocol; 3] = [Protocol::H3, Protocol::H2, Protocol::H1];
 
+    /// Its version as `via` names it (RFC 9110 §7.6.3).
+    pub fn version(self) -> &'static str {
+        match self {
+            Protocol::H3 => "3",
+            Protocol::H2 => "2",
+            Protocol::H1 => "1.1",
+        }
+    }
+
     /// Its ALPN name, which is also its label.
     pub fn label(self) -> &'static str {
         match self {

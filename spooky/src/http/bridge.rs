@@ -385,7 +385,9 @@ fn parse_content_length(v: &[u8]) -> Result<u64, RequestError> {
 pub struct Hop {
     pub client_ip: IpAddr,
     pub mode: ForwardedMode,
-    pub via: bool,
+    /// The `via` entry's received-protocol (RFC 9110 §7.6.3: the version the client spoke,
+    /// `3`, `2` or `1.1`), or `None` when `proxy.via` is off.
+    pub via: Option<&'static str>,
 }
 
 /// Why a head could not become an HTTP/2 request.
@@ -426,7 +428,7 @@ pub fn to_h2_request(head: &RequestHead, hop: &Hop) -> Result<Request<()>, Conve
             b"x-forwarded-proto" | b"x-forwarded-host" if hop.mode != ForwardedMode::Off => {
                 continue
             }
-            b"via" if hop.via => {
+            b"via" if hop.via.is_some() => {
                 via_prev = Some(value.as_ref());
                 continue;
             }
@@ -459,8 +461,9 @@ pub fn to_h2_request(head: &RequestHead, hop: &Hop) -> Result<Request<()>, Conve
             insert(&mut headers, "x-forwarded-host", head.authority.to_vec())?;
         }
     }
-    if hop.via {
-        insert(&mut headers, "via", join_hop(via_prev, b"3 spooky"))?;
+    if let Some(version) = hop.via {
+        let ours = format!("{version} spooky");
+        insert(&mut headers, "via", join_hop(via_prev, ours.as_bytes()))?;
     }
 
     let mut req = Request::new(());

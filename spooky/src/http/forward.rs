@@ -227,7 +227,7 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
     let hop = Hop {
         client_ip: job.peer.ip(),
         mode: cfg.proxy.forwarded,
-        via: cfg.proxy.via,
+        via: cfg.proxy.via.then_some(job.client.protocol.version()),
     };
     let fail = |backend: usize, e: UpstreamError| {
         outcome::log_upstream(job.pool_name(), &e);

@@ -139,6 +139,11 @@ fn curl_over_tcp_gets_what_http3_clients_get_and_sees_alt_svc() {
     let missing = h3
         .request(&Request::get("localhost", "/status/404"), T)
         .unwrap();
+    let headers = h3
+        .request(&Request::get("localhost", "/headers"), T)
+        .unwrap();
+    let seen = String::from_utf8_lossy(&headers.body);
+    assert!(seen.lines().any(|l| l == "via: 3 spooky"), "{seen}");
     for r in [&hello, &big, &echo, &missing] {
         assert_eq!(
             r.header("alt-svc"),
@@ -172,6 +177,18 @@ fn curl_over_tcp_gets_what_http3_clients_get_and_sees_alt_svc() {
             "{proto}: upload echoed intact"
         );
 
+        // The same forwarding fields, with `via` naming the protocol the client spoke.
+        let r = curl(tcp, proto, "/headers", &[]);
+        let seen = String::from_utf8_lossy(&r.body).into_owned();
+        for line in ["x-forwarded-for: 127.0.0.1", "x-forwarded-proto: https"] {
+            assert!(
+                seen.lines().any(|l| l == line),
+                "{proto}: {line} in\n{seen}"
+            );
+        }
+        let via = format!("via: {version} spooky");
+        assert!(seen.lines().any(|l| l == via), "{proto}: {via} in\n{seen}");
+
         let r = curl(tcp, proto, "/status/404", &[]);
         assert_eq!(r.status, missing.status, "{proto}");
         assert_eq!(
@@ -182,9 +199,9 @@ fn curl_over_tcp_gets_what_http3_clients_get_and_sees_alt_svc() {
     }
     let _ = std::fs::remove_file(&upload_file);
     // The backend's 404s count as 4xx; the rest as 2xx, each under its protocol.
-    assert_eq!(answered(&p, "h3"), 3.0);
-    assert_eq!(answered(&p, "h2"), 3.0);
-    assert_eq!(answered(&p, "http/1.1"), 3.0);
+    assert_eq!(answered(&p, "h3"), 4.0);
+    assert_eq!(answered(&p, "h2"), 4.0);
+    assert_eq!(answered(&p, "http/1.1"), 4.0);
 }
 
 #[test]

@@ -165,7 +165,7 @@ fn targets_that_would_reach_the_backend_differently_are_refused() {
             &Hop {
                 client_ip: "192.0.2.1".parse().unwrap(),
                 mode: ForwardedMode::Off,
-                via: false,
+                via: None,
             },
         )
         .unwrap();
@@ -189,7 +189,7 @@ fn targets_that_would_reach_the_backend_differently_are_refused() {
         &Hop {
             client_ip: "192.0.2.1".parse().unwrap(),
             mode: ForwardedMode::Off,
-            via: false
+            via: None
         }
     )
     .is_err());
@@ -238,7 +238,7 @@ fn hop(mode: ForwardedMode) -> Hop {
     Hop {
         client_ip: "192.0.2.7".parse().unwrap(),
         mode,
-        via: true,
+        via: Some("3"),
     }
 }
 
@@ -284,7 +284,7 @@ fn replace_and_off_modes() {
     let req = to_h2_request(
         &head,
         &Hop {
-            via: false,
+            via: None,
             ..hop(ForwardedMode::Off)
         },
     )
@@ -300,7 +300,7 @@ fn ipv6_clients_are_quoted_in_forwarded() {
     let hop = Hop {
         client_ip: "2001:db8::1".parse().unwrap(),
         mode: ForwardedMode::Append,
-        via: false,
+        via: None,
     };
     let req = to_h2_request(&head, &hop).unwrap();
     assert_eq!(
