@@ -40,6 +40,14 @@ use tokio::sync::Notify;
 /// new one, so a late wake-up for a closed connection is ignored).
 pub(crate) type ConnRef = (usize, u64);
 
+/// A request Spooky answers itself, ready to send: the head (with `alt-svc`) and the body,
+/// and for HTTP/3 the `STOP_SENDING` code when the request's body is not to be read.
+pub(crate) struct LocalAnswer {
+    pub fields: Vec<Header>,
+    pub body: bytes::Bytes,
+    pub stop_sending: Option<u64>,
+}
+
 /// Who sent a request and how.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Client {
@@ -286,6 +294,60 @@ impl Forwarder {
     ) {
         let job = forward::Job::new(self.clone(), task, head, client, upstream, started);
         tokio::task::spawn_local(forward::run(job, gate));
+    }
+
+    /// The answer to a request that goes to no backend (`OPTIONS *`, or a refusal), over any
+    /// protocol: the refusal logged, the request recorded (metrics, access log), the head
+    /// completed. `None` for [`Admission::Forward`], which is not answered here.
+    pub fn answer_locally(
+        &self,
+        admission: Admission,
+        peer: SocketAddr,
+        protocol: Protocol,
+        started: Instant,
+    ) -> Option<LocalAnswer> {
+        let (status, mut fields, body, stop_sending, head) = match admission {
+            Admission::Forward { .. } => return None,
+            Admission::Options(head) => {
+                let (status, fields, body) = outcome::options_answer();
+                (status, fields, body, None, Some(head))
+            }
+            Admission::Refuse(failure, head) => {
+                failure.log(peer, None);
+                // Nothing was sent yet: every failure before a head is answered.
+                let outcome::Reaction::Answer {
+                    status,
+                    fields,
+                    body,
+                    stop_sending,
+                } = failure.reaction(false)
+                else {
+                    return None;
+                };
+                (status, fields, body, stop_sending, head)
+            }
+        };
+        outcome::record(
+            self,
+            &outcome::Finished {
+                peer,
+                protocol,
+                head: head.as_ref(),
+                upstream: None,
+                backend: None,
+                status,
+                started,
+                upstream_latency: None,
+                bytes_in: 0,
+                bytes_out: 0,
+            },
+        );
+        self.finish_head(&mut fields);
+        Some(LocalAnswer {
+            fields,
+            body,
+            stop_sending,
+        })
     }
 
     /// Completes a response head for the client: Spooky's `alt-svc` (`listen.alt_svc`) in

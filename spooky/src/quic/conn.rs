@@ -8,7 +8,7 @@ use super::stall::{StallBook, STALL_GRACE};
 use crate::config::EarlyData;
 use crate::http::bridge::{self, RequestHead, H3_NO_ERROR};
 use crate::http::exchange::{self, BodyError, LoopEnd, Pending};
-use crate::http::outcome::{self, Failure, Finished, Reaction, StreamError};
+use crate::http::outcome::{Failure, StreamError};
 use crate::http::{Admission, Client, ConnRef, Forwarder, HandshakeGate, Protocol};
 use bytes::Bytes;
 use quiche::h3;
@@ -432,52 +432,18 @@ impl Conn {
             },
             other => other,
         };
-        let (status, mut fields, body, stop_sending, head) = match admission {
-            // Taken care of above.
-            Admission::Forward { .. } => return,
-            Admission::Options(head) => {
-                let (status, fields, body) = outcome::options_answer();
-                (status, fields, body, None, Some(head))
-            }
-            Admission::Refuse(failure, head) => {
-                failure.log(self.peer, None);
-                let Reaction::Answer {
-                    status,
-                    fields,
-                    body,
-                    stop_sending,
-                } = failure.reaction(false)
-                else {
-                    return;
-                };
-                (status, fields, body, stop_sending, head)
-            }
+        let Some(answer) = fwd.answer_locally(admission, self.peer, Protocol::H3, started) else {
+            return;
         };
         // Answered here; the request body, if any, is not read.
-        fwd.finish_head(&mut fields);
         self.streams.insert(
             sid,
-            exchange::local(fields, body, more_frames, stats.clone()),
+            exchange::local(answer.fields, answer.body, more_frames, stats.clone()),
         );
         self.flush_stream(h3c, sid);
-        if let Some(code) = stop_sending {
+        if let Some(code) = answer.stop_sending {
             let _ = self.quic.stream_shutdown(sid, quiche::Shutdown::Read, code);
         }
-        outcome::record(
-            fwd,
-            &Finished {
-                peer: self.peer,
-                protocol: Protocol::H3,
-                head: head.as_ref(),
-                upstream: None,
-                backend: None,
-                status,
-                started,
-                upstream_latency: None,
-                bytes_in: 0,
-                bytes_out: 0,
-            },
-        );
     }
 
     fn read_body(&mut self, h3c: &mut h3::Connection, sid: u64) {

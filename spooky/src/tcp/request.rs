@@ -6,7 +6,6 @@
 
 use super::Front;
 use crate::http::exchange::{self, LoopEnd, Pending};
-use crate::http::outcome::{self, Finished, Reaction};
 use crate::http::{bridge, Admission, Client, Protocol};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
@@ -47,7 +46,7 @@ pub(super) async fn handle(
     let (parts, body) = req.into_parts();
     let more_frames = !body.is_end_stream();
     let list = h3_fields(&parts);
-    let local = match fwd.admit(&list, more_frames) {
+    let admission = match fwd.admit(&list, more_frames) {
         Admission::Forward {
             head,
             upstream,
@@ -67,44 +66,13 @@ pub(super) async fn handle(
             }
             return respond(end).await;
         }
-        Admission::Options(head) => {
-            let (status, fields, body) = outcome::options_answer();
-            (status, fields, body, Some(head))
-        }
-        Admission::Refuse(failure, head) => {
-            failure.log(ctx.peer, None);
-            // Nothing was sent yet: every failure is answered.
-            let Reaction::Answer {
-                status,
-                fields,
-                body,
-                ..
-            } = failure.reaction(false)
-            else {
-                return Err(Aborted);
-            };
-            (status, fields, body, head)
-        }
+        other => other,
     };
-    let (status, mut fields, body, head) = local;
-    outcome::record(
-        &fwd,
-        &Finished {
-            peer: ctx.peer,
-            protocol: ctx.protocol,
-            head: head.as_ref(),
-            upstream: None,
-            backend: None,
-            status,
-            started,
-            upstream_latency: None,
-            bytes_in: 0,
-            bytes_out: 0,
-        },
-    );
+    let answer = fwd
+        .answer_locally(admission, ctx.peer, ctx.protocol, started)
+        .ok_or(Aborted)?;
     // The request body, if any, is not read: hyper discards it or closes.
-    fwd.finish_head(&mut fields);
-    let end = exchange::local(fields, body, false, stats.clone());
+    let end = exchange::local(answer.fields, answer.body, false, stats.clone());
     respond(end).await
 }
 

@@ -148,11 +148,7 @@ impl<IO> Strict<IO> {
                     _ => self.state = State::Unchecked,
                 },
                 State::ChunkSize => {
-                    let parse = |b: &[u8]| match httparse::parse_chunk_size(b) {
-                        Ok(httparse::Status::Complete((used, _))) => Parsed::Complete(used),
-                        Ok(httparse::Status::Partial) => Parsed::Partial,
-                        Err(_) => Parsed::Invalid,
-                    };
+                    let parse = |b: &[u8]| parsed(httparse::parse_chunk_size(b), |(used, _)| used);
                     match check(rest, parse, MAX_CHUNK_LINE) {
                         Check::Refuse => return self.refuse(Refusal::BareLf),
                         Check::Wait => return,
@@ -182,11 +178,7 @@ impl<IO> Strict<IO> {
                     }
                     let parse = |b: &[u8]| {
                         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                        match httparse::parse_headers(b, &mut headers) {
-                            Ok(httparse::Status::Complete((used, _))) => Parsed::Complete(used),
-                            Ok(httparse::Status::Partial) => Parsed::Partial,
-                            Err(_) => Parsed::Invalid,
-                        }
+                        parsed(httparse::parse_headers(b, &mut headers), |(used, _)| used)
                     };
                     match check(rest, parse, self.max_head) {
                         Check::Refuse => return self.refuse(Refusal::BareLf),
@@ -201,11 +193,7 @@ impl<IO> Strict<IO> {
                 State::Head => {
                     let parse = |b: &[u8]| {
                         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                        match httparse::Request::new(&mut headers).parse(b) {
-                            Ok(httparse::Status::Complete(used)) => Parsed::Complete(used),
-                            Ok(httparse::Status::Partial) => Parsed::Partial,
-                            Err(_) => Parsed::Invalid,
-                        }
+                        parsed(httparse::Request::new(&mut headers).parse(b), |used| used)
                     };
                     match check(rest, parse, self.max_head) {
                         Check::Refuse => return self.refuse(Refusal::BareLf),
@@ -281,6 +269,15 @@ enum Parsed {
     Complete(usize),
     Partial,
     Invalid,
+}
+
+/// `httparse`'s verdict as [`Parsed`]; `used` takes the length out of a complete one.
+fn parsed<T, E>(r: Result<httparse::Status<T>, E>, used: impl FnOnce(T) -> usize) -> Parsed {
+    match r {
+        Ok(httparse::Status::Complete(t)) => Parsed::Complete(used(t)),
+        Ok(httparse::Status::Partial) => Parsed::Partial,
+        Err(_) => Parsed::Invalid,
+    }
 }
 
 /// What to do with the bytes at hand.

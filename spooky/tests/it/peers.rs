@@ -239,17 +239,29 @@ fn pairs(v: &Value) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
-/// Runs the aioquic client on one connection to `proxy` with `plan` (a JSON list of batches of
-/// requests, see the script's docstring).
-fn aioquic(proxy: SocketAddr, plan: &Value) -> H3Run {
+/// The aioquic client (`h3_client.py`) towards `proxy` as `localhost`, verified with the demo
+/// CA, giving up after `timeout` seconds.
+fn h3_client(proxy: SocketAddr, timeout: u32) -> Command {
     require_python("aioquic", "aioquic 1.7.2");
-    let out = Command::new("python3")
-        .arg(peers_dir().join("h3_client.py"))
+    let mut c = Command::new("python3");
+    c.arg(peers_dir().join("h3_client.py"))
         .args(["--host", &proxy.ip().to_string()])
         .args(["--port", &proxy.port().to_string()])
         .arg("--ca")
         .arg(certs_dir().join("ca.crt"))
-        .args(["--server-name", "localhost", "--timeout", "60"])
+        .args([
+            "--server-name",
+            "localhost",
+            "--timeout",
+            &timeout.to_string(),
+        ]);
+    c
+}
+
+/// Runs the aioquic client on one connection to `proxy` with `plan` (a JSON list of batches of
+/// requests, see the script's docstring).
+fn aioquic(proxy: SocketAddr, plan: &Value) -> H3Run {
+    let out = h3_client(proxy, 60)
         .arg("--plan")
         .arg(plan.to_string())
         .stdin(Stdio::null())
@@ -371,15 +383,8 @@ fn aioquic_twenty_parallel_requests_on_one_connection() {
 /// handshake is still incomplete). Returns the script's JSON after checking that no
 /// connection failed.
 fn aioquic_resumed(proxy: SocketAddr, first: &Value, early: &Value, n: usize) -> Value {
-    require_python("aioquic", "aioquic 1.7.2");
     let plan = serde_json::json!([first, early]);
-    let out = Command::new("python3")
-        .arg(peers_dir().join("h3_client.py"))
-        .args(["--host", &proxy.ip().to_string()])
-        .args(["--port", &proxy.port().to_string()])
-        .arg("--ca")
-        .arg(certs_dir().join("ca.crt"))
-        .args(["--server-name", "localhost", "--timeout", "30"])
+    let out = h3_client(proxy, 30)
         .args(["--resume", &n.to_string(), "--hold-handshake", "0.3"])
         .arg("--plan")
         .arg(plan.to_string())

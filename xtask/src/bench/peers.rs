@@ -450,6 +450,20 @@ pub struct ProxySetup<'a> {
     pub upgradable: bool,
 }
 
+/// The route and router filter of both Envoy listeners' connection managers, indented for
+/// them: everything to nginx.
+const ENVOY_ROUTES: &str = r#"          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {prefix: "/"}
+                route: {cluster: nginx, timeout: 60s}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"#;
+
 /// Writes the configuration of `kind` into the run directory and starts it.
 pub fn start_proxy(
     kind: ProxyKind,
@@ -506,6 +520,7 @@ log: {{level: warn, format: text}}
         }
         ProxyKind::Envoy | ProxyKind::EnvoyNoGro => {
             let gro = kind == ProxyKind::Envoy;
+            let routes = ENVOY_ROUTES;
             let conf = format!(
                 r#"static_resources:
   listeners:
@@ -531,17 +546,7 @@ log: {{level: warn, format: text}}
           codec_type: HTTP3
           stat_prefix: bench
           http3_protocol_options: {{}}
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{prefix: "/"}}
-                route: {{cluster: nginx, timeout: 60s}}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+{routes}
   # The TCP listener on the same port number, as Spooky and Caddy have by default.
   - name: tcp
     address: {{socket_address: {{protocol: TCP, address: 127.0.0.1, port_value: {port}}}}}
@@ -561,17 +566,7 @@ log: {{level: warn, format: text}}
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           codec_type: AUTO
           stat_prefix: bench_tcp
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{prefix: "/"}}
-                route: {{cluster: nginx, timeout: 60s}}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+{routes}
   clusters:
   - name: nginx
     type: STATIC
