@@ -34,12 +34,13 @@
 //!   token when Retry is always on; `Refuse` only for Initials;
 //! - a Retry only for a tokenless Initial with Retry on; the client's answer (an Initial to the
 //!   CID we chose, carrying the token, from the same address) is accepted with the original
-//!   DCID, and the same token from another address is dropped as invalid.
+//!   DCID; the same token from another address is dropped as invalid, and on an Initial to
+//!   another of this worker's CIDs (a connection ID seen on the path) it is never accepted.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use quiche::{Header, Type};
+use quiche::{ConnectionId, Header, Type};
 use spooky::config::RetryMode;
 use spooky::keys::{KeyRing, Keys};
 use spooky::quic::endpoint::{
@@ -130,15 +131,17 @@ fuzz_target!(|input: &[u8]| {
         };
         let len = packet.len() + usize::from(pad);
         let forwarded = ctl & 1 != 0;
-        let decision = endpoint.admit(&hdr, len, from, forwarded, keys(), now);
+        let decision = endpoint.admit(&hdr, len, from, forwarded, keys(), now, || {
+            ConnectionId::from_vec(mint(&setup, 1))
+        });
         check(&setup, &hdr, len, from, forwarded, &open, &decision);
         match decision {
             Decision::Accept { .. } => {
                 endpoint.opened(from.ip());
                 open.push_back(from.ip());
             }
-            Decision::Retry { token } => {
-                retry_round_trip(&setup, &mut endpoint, &hdr, &token, from, now);
+            Decision::Retry { scid, token } => {
+                retry_round_trip(&setup, &mut endpoint, &hdr, &scid, &token, from, now);
                 endpoint.opened(from.ip());
                 open.push_back(from.ip());
             }
@@ -299,24 +302,15 @@ fn check(
     }
 }
 
-/// The client answers a Retry: an Initial to the CID the server chose (one of this worker's,
-/// minted as the worker mints it so that Initials to it hash here), carrying the token, from
-/// the same address; it must be accepted with the original DCID. The same token from another
-/// address must not be.
-fn retry_round_trip(
-    setup: &Setup,
-    endpoint: &mut Endpoint,
-    hdr: &Header,
-    token: &[u8],
-    from: SocketAddr,
-    now: Now,
-) {
+/// One of this worker's CIDs, minted as the worker mints the ones Initials carry (so that
+/// Initials to it hash here), the nonce drawn from `draw`: every bit of every byte varies from
+/// draw to draw, as the worker's random ones do (FNV modulo a power of two only sees the low
+/// bits of each byte).
+fn mint(setup: &Setup, draw: u32) -> Vec<u8> {
     let mut scid = [0u8; CID_LEN as usize];
-    // Nonces as random as the worker's: every bit of every byte varies from draw to draw
-    // (FNV modulo a power of two only sees the low bits of each byte).
-    let mut draw = 0u32;
+    let mut draw = draw;
     let fill = |nonce: &mut [u8]| {
-        draw += 1;
+        draw = draw.wrapping_add(0x6d2b_79f5);
         for (i, b) in nonce.iter_mut().enumerate() {
             let x = draw.wrapping_mul(0x9e37_79b9) ^ (i as u32 + 1).wrapping_mul(0x85eb_ca6b);
             *b = (x ^ (x >> 15)).wrapping_mul(0x2c1b_3c6d).to_le_bytes()[3];
@@ -331,19 +325,46 @@ fn retry_round_trip(
         &mut scid,
     );
     assert_eq!(written, scid.len(), "the layout writes a whole CID");
+    scid.to_vec()
+}
+
+/// The client answers a Retry: an Initial to the CID the server chose (`scid`, one of this
+/// worker's), carrying the token, from the same address; it must be accepted with the
+/// original DCID. The same token from another address must not be, nor on an Initial to
+/// another of this worker's CIDs.
+fn retry_round_trip(
+    setup: &Setup,
+    endpoint: &mut Endpoint,
+    hdr: &Header,
+    scid: &[u8],
+    token: &[u8],
+    from: SocketAddr,
+    now: Now,
+) {
+    let never = || -> ConnectionId<'static> { panic!("a Retry answered a token") };
     let other = client(!setup.ipv6, 0);
-    let stolen = answer(hdr.version, &scid, token);
+    let stolen = answer(hdr.version, scid, token);
     let mut buf = stolen.clone();
     let stolen_hdr = Header::from_slice(&mut buf, scid.len()).expect("our Initial parses");
-    let d = endpoint.admit(&stolen_hdr, MIN_INITIAL_DATAGRAM, other, false, keys(), now);
+    let d = endpoint.admit(&stolen_hdr, MIN_INITIAL_DATAGRAM, other, false, keys(), now, never);
     assert_eq!(
         d,
         Decision::Drop(DropReason::InvalidToken),
         "a Retry token worked from another address"
     );
+    let victim = mint(setup, 2);
+    if victim != scid {
+        let mut buf = answer(hdr.version, &victim, token);
+        let victim_hdr = Header::from_slice(&mut buf, scid.len()).expect("our Initial parses");
+        let d = endpoint.admit(&victim_hdr, MIN_INITIAL_DATAGRAM, from, false, keys(), now, never);
+        assert!(
+            !matches!(d, Decision::Accept { .. }),
+            "a Retry token was accepted on an Initial to another connection ID"
+        );
+    }
     let mut buf = stolen;
     let answer_hdr = Header::from_slice(&mut buf, scid.len()).expect("our Initial parses");
-    match endpoint.admit(&answer_hdr, MIN_INITIAL_DATAGRAM, from, false, keys(), now) {
+    match endpoint.admit(&answer_hdr, MIN_INITIAL_DATAGRAM, from, false, keys(), now, never) {
         Decision::Accept { odcid: Some(odcid) } => {
             assert_eq!(
                 odcid.as_ref(),

@@ -6,30 +6,53 @@
 //! The XDP program runs this code on packet memory; host tests and the fuzzer run the very
 //! same code on a byte slice ([`Packet::over`]).
 
+use core::marker::PhantomData;
 use core::mem::size_of;
 
 use crate::maps::SourcePrefix;
 
-/// A window of packet memory: `[start, end)` as the kernel hands it to the program.
+/// Types a [`Packet`] may be read as: plain bytes whatever their values.
+///
+/// # Safety
+/// Implement it only for types made of `u8`s and byte arrays: alignment 1, no padding, and
+/// every bit pattern a valid value. [`Packet::read`] copies packet bytes into one.
+pub unsafe trait Plain: Copy {}
+
+// SAFETY: one byte; every value is valid.
+unsafe impl Plain for u8 {}
+// SAFETY: bytes; every value is valid.
+unsafe impl<const N: usize> Plain for [u8; N] {}
+
+/// A window of packet memory: `[start, end)` as the kernel hands it to the program, readable
+/// for `'a`.
 #[derive(Clone, Copy)]
-pub struct Packet {
+pub struct Packet<'a> {
     start: usize,
     end: usize,
+    memory: PhantomData<&'a [u8]>,
 }
 
-impl Packet {
+impl<'a> Packet<'a> {
     /// The window `[start, end)` (from `data()` / `data_end()` of a program context).
+    ///
+    /// # Safety
+    /// Every byte of `[start, end)` must be readable memory for as long as `'a` lasts (for a
+    /// program context: while the program runs), and `start <= end`.
     #[inline(always)]
-    pub const fn new(start: usize, end: usize) -> Self {
-        Self { start, end }
+    pub const unsafe fn new(start: usize, end: usize) -> Self {
+        Self {
+            start,
+            end,
+            memory: PhantomData,
+        }
     }
 
-    /// The window over `bytes` (host code: tests, fuzzing). The packet must not outlive
-    /// `bytes`, which its reads borrow from.
+    /// The window over `bytes` (host code: tests, fuzzing); it borrows them.
     #[inline(always)]
-    pub fn over(bytes: &[u8]) -> Self {
+    pub fn over(bytes: &'a [u8]) -> Self {
         let start = bytes.as_ptr() as usize;
-        Self::new(start, start + bytes.len())
+        // SAFETY: `bytes` is readable for `'a`, and the window is exactly its bytes.
+        unsafe { Self::new(start, start + bytes.len()) }
     }
 
     /// Bytes in the window.
@@ -44,22 +67,16 @@ impl Packet {
         self.end == self.start
     }
 
-    /// A pointer to a `T` at `offset`, when all of it lies inside the packet.
+    /// A copy of the `T` at `offset`, when all of it lies inside the packet.
     #[inline(always)]
-    pub fn ptr_at<T>(&self, offset: usize) -> Option<*const T> {
+    pub fn read<T: Plain>(&self, offset: usize) -> Option<T> {
         if self.start + offset + size_of::<T>() > self.end {
             return None;
         }
-        Some((self.start + offset) as *const T)
-    }
-
-    /// A copy of the `T` at `offset` (every `T` used here is made of byte arrays, so it has
-    /// alignment 1 and every bit pattern is valid).
-    #[inline(always)]
-    pub fn read<T: Copy>(&self, offset: usize) -> Option<T> {
-        let p = self.ptr_at::<T>(offset)?;
-        // SAFETY: `ptr_at` checked that `size_of::<T>()` bytes at `p` are inside the packet;
-        // the header types have alignment 1 and no invalid bit patterns.
+        let p = (self.start + offset) as *const T;
+        // SAFETY: the check above keeps `size_of::<T>()` bytes at `p` inside the window,
+        // readable for `'a` (`new`'s contract); `T: Plain` has alignment 1 (read unaligned
+        // anyway) and no invalid bit patterns.
         Some(unsafe { p.read_unaligned() })
     }
 
@@ -80,7 +97,7 @@ pub trait Bytes {
     fn array<const N: usize>(&self, offset: usize) -> Option<[u8; N]>;
 }
 
-impl Bytes for Packet {
+impl Bytes for Packet<'_> {
     #[inline(always)]
     fn byte(&self, offset: usize) -> Option<u8> {
         Packet::byte(self, offset)
@@ -113,6 +130,9 @@ pub struct EthHdr {
     pub ether_type: [u8; 2],
 }
 
+// SAFETY: byte fields only (`repr(C)`, alignment 1, no padding).
+unsafe impl Plain for EthHdr {}
+
 /// 802.1Q / 802.1ad tag (after the outer EtherType).
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -120,6 +140,9 @@ pub struct VlanHdr {
     pub tci: [u8; 2],
     pub ether_type: [u8; 2],
 }
+
+// SAFETY: byte fields only (`repr(C)`, alignment 1, no padding).
+unsafe impl Plain for VlanHdr {}
 
 /// IPv4 header without options.
 #[repr(C)]
@@ -137,6 +160,9 @@ pub struct Ipv4Hdr {
     pub dst: [u8; 4],
 }
 
+// SAFETY: byte fields only (`repr(C)`, alignment 1, no padding).
+unsafe impl Plain for Ipv4Hdr {}
+
 /// IPv6 fixed header.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -149,6 +175,9 @@ pub struct Ipv6Hdr {
     pub dst: [u8; 16],
 }
 
+// SAFETY: byte fields only (`repr(C)`, alignment 1, no padding).
+unsafe impl Plain for Ipv6Hdr {}
+
 /// UDP header.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -159,7 +188,21 @@ pub struct UdpHdr {
     pub checksum: [u8; 2],
 }
 
+// SAFETY: byte fields only (`repr(C)`, alignment 1, no padding).
+unsafe impl Plain for UdpHdr {}
+
 pub const UDP_HDR_LEN: usize = size_of::<UdpHdr>();
+
+// What `Plain` promises, checked: the header types are their wire sizes, with no padding, at
+// alignment 1.
+const _: () = {
+    use core::mem::align_of;
+    assert!(size_of::<EthHdr>() == 14 && align_of::<EthHdr>() == 1);
+    assert!(size_of::<VlanHdr>() == 4 && align_of::<VlanHdr>() == 1);
+    assert!(size_of::<Ipv4Hdr>() == 20 && align_of::<Ipv4Hdr>() == 1);
+    assert!(size_of::<Ipv6Hdr>() == 40 && align_of::<Ipv6Hdr>() == 1);
+    assert!(size_of::<UdpHdr>() == 8 && align_of::<UdpHdr>() == 1);
+};
 
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -196,7 +239,7 @@ pub struct UdpLocation {
 /// else: not IP, not UDP, a later fragment (it carries no UDP header), headers cut short.
 /// Such packets are "not QUIC" and pass.
 #[inline(always)]
-pub fn locate_udp(pkt: &Packet) -> Option<UdpLocation> {
+pub fn locate_udp(pkt: &Packet<'_>) -> Option<UdpLocation> {
     let eth: EthHdr = pkt.read(0)?;
     let mut ether_type = u16::from_be_bytes(eth.ether_type);
     let mut offset = size_of::<EthHdr>();
@@ -224,7 +267,7 @@ pub fn locate_udp(pkt: &Packet) -> Option<UdpLocation> {
 /// Offset of the UDP header after the IPv4 header at `offset` (options skipped by IHL), the
 /// source's /24, and whether it is a first fragment.
 #[inline(always)]
-fn ipv4_payload(pkt: &Packet, offset: usize) -> Option<(usize, SourcePrefix, bool)> {
+fn ipv4_payload(pkt: &Packet<'_>, offset: usize) -> Option<(usize, SourcePrefix, bool)> {
     let ip: Ipv4Hdr = pkt.read(offset)?;
     if ip.version_ihl >> 4 != 4 || ip.protocol != IPPROTO_UDP {
         return None;
@@ -245,7 +288,7 @@ fn ipv4_payload(pkt: &Packet, offset: usize) -> Option<(usize, SourcePrefix, boo
 /// Offset of the UDP header after the IPv6 header at `offset` and its extension headers, the
 /// source's /56, and whether it is a first fragment.
 #[inline(always)]
-fn ipv6_payload(pkt: &Packet, offset: usize) -> Option<(usize, SourcePrefix, bool)> {
+fn ipv6_payload(pkt: &Packet<'_>, offset: usize) -> Option<(usize, SourcePrefix, bool)> {
     let ip: Ipv6Hdr = pkt.read(offset)?;
     if ip.version_class_flow[0] >> 4 != 6 {
         return None;

@@ -251,7 +251,9 @@ fn try_spooky_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
     let Some(config) = config() else {
         return pass_non_quic();
     };
-    let pkt = Packet::new(ctx.data(), ctx.data_end());
+    // SAFETY: the kernel hands the program `[data, data_end)` of the packet, readable while
+    // it runs; `pkt` does not outlive this call.
+    let pkt = unsafe { Packet::new(ctx.data(), ctx.data_end()) };
     let Some(udp) = locate_udp(&pkt) else {
         return pass_non_quic();
     };

@@ -252,11 +252,15 @@ impl Keys {
     }
 }
 
-/// Writes `text` to `path` readable by its owner only, replacing it atomically.
+/// Writes `text` to `path` readable by its owner only, replacing it atomically; a missing
+/// directory is created for the owner only (0700).
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
     }
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
@@ -349,6 +353,8 @@ mod tests {
         let first = Keys::load_or_create(&path, &rng).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+        let made = std::fs::metadata(dir.join("sub")).unwrap().permissions().mode();
+        assert_eq!(made & 0o777, 0o700, "the directory it made");
         assert_eq!(Keys::load_or_create(&path, &rng).unwrap(), first);
         let rotated = Keys::rotate_file(&path, &rng).unwrap();
         assert_eq!(Keys::load_or_create(&path, &rng).unwrap(), rotated);

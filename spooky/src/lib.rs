@@ -6,7 +6,8 @@
 //! | layer | modules |
 //! |---|---|
 //! | wiring | [`app`] (imported by nothing) |
-//! | data plane | [`quic`] (sans-IO endpoint, worker loop, connections), [`tcp`] (TLS over TCP: HTTP/2 and HTTP/1.1 on the workers), [`http`] (bridge, exchange, outcome, request task) |
+//! | data plane | `worker` (one per CPU: the loop, timers, control messages, both fronts) |
+//! | data plane | [`quic`] (sans-IO endpoint, the QUIC front, connections) and [`tcp`] (TLS over TCP: HTTP/2 and HTTP/1.1), side by side; [`http`] (bridge, exchange, outcome, request task) |
 //! | control | [`ops`] (admin, metrics, access log, reload, status, logging, privileges), [`health`] (state machine, checker) |
 //! | data plane | [`upstream`] (HTTP/2 pools to backends) |
 //! | control | [`steering`] (tiers, classic BPF, pins, the kernel object) |
@@ -28,3 +29,4 @@ pub mod stats;
 pub mod steering;
 pub mod tcp;
 mod upstream;
+mod worker;

@@ -83,6 +83,9 @@ pub struct WorkerStats {
     /// Packets whose DCID is in our layout with another server id (a fleet's load balancer
     /// sent another server's packet here): dropped, never reset.
     pub other_server: AtomicU64,
+    /// Initials whose token is not a valid Retry token of ours for their DCID (forged,
+    /// expired, from another address, or aimed at another connection ID).
+    pub invalid_tokens: AtomicU64,
     /// Packets of another live process (a takeover in progress) that reached this one:
     /// dropped, never answered (0 while steering works).
     pub foreign: AtomicU64,
@@ -103,6 +106,23 @@ pub struct WorkerStats {
     /// HTTP/1.1 requests refused as request smuggling (bare LF, content-length with
     /// transfer-encoding, two content-lengths).
     pub http1_smuggling_refused: AtomicU64,
+    /// Request tasks that ended without finishing their response (a panic): the client's
+    /// stream was reset instead of left hanging.
+    pub tasks_unfinished: AtomicU64,
+    /// 1 while UDP GSO is used on the worker's socket (0 once the device refused it).
+    pub gso_enabled: AtomicU64,
+    /// GSO batches the kernel refused (EMSGSIZE, EINVAL, …) and that went out one datagram
+    /// at a time.
+    pub gso_fallbacks: AtomicU64,
+    /// Client addresses (IPv4, or IPv6 /64) with a QUIC connection open on the worker.
+    pub client_addresses: AtomicU64,
+    /// Requests refused at once (503) because `max_pending_requests` already waited for
+    /// their backend.
+    pub upstream_overflow: AtomicU64,
+    /// Requests that waited the connect timeout for a connection or stream slot (503).
+    pub upstream_pending_timeouts: AtomicU64,
+    /// Requests failed at once during the back-off after a failed connect to their backend.
+    pub upstream_backoff_refusals: AtomicU64,
 }
 
 /// Histogram bucket bounds, seconds.

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 /// rows only; modules of one row do not use each other.
 pub const SPOOKY_LAYERS: &[&[&str]] = &[
     &["app"],
-    &["quic"],
-    &["tcp"],
+    &["worker"],
+    &["quic", "tcp"],
     &["http"],
     &["ops"],
     &["health"],

@@ -17,7 +17,6 @@ mod watchdog;
 use crate::board::HealthBoard;
 use crate::config::{Config, ConfigError, ControlSocket as ControlSetting};
 use crate::health::checker::Checker;
-use crate::http::{Services, Wakeup};
 use crate::keys::Keys;
 use crate::ops::access_log::AccessLogger;
 use crate::ops::privilege::PrivilegeError;
@@ -25,8 +24,8 @@ use crate::ops::reload::{Link, Reloader, WorkerUpdate};
 use crate::ops::takeover::{ControlSocket, TakeoverError};
 use crate::ops::Ops;
 use crate::quic::endpoint::Generations;
-pub use crate::quic::worker::WorkerError;
-use crate::quic::worker::{self, WorkerSetup};
+pub use crate::worker::WorkerError;
+use crate::worker::{self, WorkerSetup};
 pub use crate::snapshot::SnapshotError;
 use crate::snapshot::{QuicConfigError, Snapshot};
 use crate::stats::{Metrics, WorkerStats};
@@ -487,6 +486,7 @@ pub fn start_from(
         mode: mode.to_string(),
         generation,
         dead_workers: dead_workers.clone(),
+        draining: shutdown_rx.clone(),
     });
     let admin = match admin_listener {
         Some(listener) => {
@@ -544,14 +544,10 @@ pub fn start_from(
             cpu: pinned.as_ref().and_then(|c| c.get(index).copied()),
             layout,
             rng: rng.clone(),
-            services: Services {
-                worker: index,
-                stats: stats[index].clone(),
-                metrics: metrics.clone(),
-                access_log: access_log.clone(),
-                health: reporter.clone(),
-                wakeup: Wakeup::default(),
-            },
+            stats: stats[index].clone(),
+            metrics: metrics.clone(),
+            access_log: access_log.clone(),
+            health: reporter.clone(),
             snapshot: snapshot.clone(),
             quic,
             inbox,

@@ -214,6 +214,9 @@ pub struct Upstream {
     pub fail_open: bool,
     /// Largest request body accepted (413 beyond it); `None` = no limit.
     pub max_request_body: Option<u64>,
+    /// Requests that may wait for a connection or a stream slot of one backend (all workers
+    /// together); more get 503 at once.
+    pub max_pending_requests: u32,
 }
 
 /// Which requests a pool takes.

@@ -235,6 +235,16 @@ pub(super) struct RawUpstream {
     pub fail_open: bool,
     #[serde(default)]
     pub max_request_body: Option<RawSize>,
+    /// Requests that may wait for a connection or a stream slot, per backend.
+    #[serde(default = "default_max_pending")]
+    pub max_pending_requests: i64,
+}
+
+/// Default for `upstream.NAME.max_pending_requests` (Envoy's `max_pending_requests` too).
+pub(super) const DEFAULT_MAX_PENDING: i64 = 1024;
+
+fn default_max_pending() -> i64 {
+    DEFAULT_MAX_PENDING
 }
 
 /// `upstream.NAME.load_balancing`.

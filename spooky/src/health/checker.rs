@@ -16,7 +16,7 @@ use crate::config::{Backend, Upstream};
 use crate::snapshot::{Follower, Snapshot};
 use crate::stats::Metrics;
 use crate::steering::ebpf::BackendsMap;
-use crate::upstream::{BackendPool, Connector};
+use crate::upstream::{BackendPool, Connector, PoolLimits};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -322,7 +322,12 @@ fn reconcile(state: &Shared, snapshot: &Arc<Snapshot>) {
                             state.clone(),
                             key.clone(),
                             ProbeTarget::of(backend),
-                            BackendPool::new(connector),
+                            // One probe at a time: it never waits behind another.
+                            Rc::new(BackendPool::new(
+                                connector,
+                                PoolLimits { max_pending: 1 },
+                                None,
+                            )),
                         ))
                     });
                     Tracked {
@@ -464,7 +469,7 @@ impl ProbeTarget {
 }
 
 /// Probes one backend until aborted: GET the health path every `interval`, `timeout` each.
-async fn prober(state: Shared, key: BackendKey, target: ProbeTarget, pool: BackendPool) {
+async fn prober(state: Shared, key: BackendKey, target: ProbeTarget, pool: Rc<BackendPool>) {
     let mut tick = tokio::time::interval(target.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -504,7 +509,7 @@ async fn prober(state: Shared, key: BackendKey, target: ProbeTarget, pool: Backe
     }
 }
 
-async fn probe_once(pool: &BackendPool, uri: &str) -> Result<u16, String> {
+async fn probe_once(pool: &Rc<BackendPool>, uri: &str) -> Result<u16, String> {
     let lease = pool.checkout(false).await.map_err(|e| e.to_string())?;
     let req = http::Request::get(uri)
         .body(())

@@ -23,11 +23,19 @@
 //! [`RESP_AHEAD`] bytes more than the client's flow-control credit lets quiche take, so that a
 //! client that reads nothing holds little here. The client going away (stream reset,
 //! STOP_SENDING, connection closed) is a flag either side may read and only the loop sets.
+//!
+//! Wake-ups are the exchange's business, as in h2's stream state: every change the task makes
+//! that the loop must act on (a head, a chunk, the end, a reset, request bytes taken while the
+//! loop waits for room, the task going away) wakes the loop end itself — the QUIC
+//! connection's [`ConnWaker`], or the wakers a loop end awaited as futures (TCP) left — so no
+//! caller has to remember to. A task that goes away without finishing its response (it
+//! panicked) leaves the stream reset with `H3_INTERNAL_ERROR`, never hanging.
 
+use super::bridge::H3_INTERNAL_ERROR;
 use crate::stats::WorkerStats;
 use bytes::Bytes;
 use quiche::h3::Header;
-use std::cell::{Ref, RefCell};
+use std::cell::{Cell, Ref, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -134,9 +142,10 @@ struct State {
 
     client_gone: bool,
     task_done: bool,
-    /// Set by a loop end that waits as a future (the TCP front); the QUIC loop is woken
-    /// through [`crate::http::Wakeup`] instead and leaves these empty. `loop_resp_waker`:
-    /// the task gave something to write; `loop_req_waker`: the task took request bytes.
+    /// The QUIC connection this stream belongs to: woken for whatever the loop must act on.
+    conn: Option<Rc<ConnWaker>>,
+    /// Set by a loop end that waits as futures (the TCP front). `loop_resp_waker`: the task
+    /// gave something to write; `loop_req_waker`: the task took request bytes.
     loop_resp_waker: Option<Waker>,
     loop_req_waker: Option<Waker>,
     /// `streams_active` counts live exchanges.
@@ -166,11 +175,75 @@ impl State {
         if let Some(w) = self.loop_resp_waker.take() {
             w.wake();
         }
+        if let Some(c) = &self.conn {
+            c.wake();
+        }
     }
 
     fn wake_loop_req(&mut self) {
         if let Some(w) = self.loop_req_waker.take() {
             w.wake();
+        }
+        if let Some(c) = &self.conn {
+            c.wake();
+        }
+    }
+}
+
+/// A QUIC client connection on a worker: its slot and the slot's generation (a reused slot
+/// gets a new one, so a late wake-up for a closed connection is ignored).
+pub(crate) type ConnRef = (usize, u64);
+
+/// The worker loop's list of connections to service, and its doorbell.
+#[derive(Default)]
+pub(crate) struct Wakeup {
+    dirty: RefCell<Vec<Rc<ConnWaker>>>,
+    notify: tokio::sync::Notify,
+}
+
+impl Wakeup {
+    /// The connections woken since the last call; each may be woken again from now on.
+    pub fn take(&self) -> Vec<ConnRef> {
+        std::mem::take(&mut *self.dirty.borrow_mut())
+            .into_iter()
+            .map(|c| {
+                c.queued.set(false);
+                c.conn
+            })
+            .collect()
+    }
+
+    /// Resolves when a connection was woken.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: a wake-up that arrives meanwhile is kept for the next call.
+    pub async fn notified(&self) {
+        self.notify.notified().await;
+    }
+}
+
+/// Wakes one QUIC connection's loop end: puts the connection on the worker's list (once until
+/// the loop takes it) and rings the loop. One per connection, shared by its exchanges.
+pub(crate) struct ConnWaker {
+    conn: ConnRef,
+    queued: Cell<bool>,
+    wakeup: Rc<Wakeup>,
+}
+
+impl ConnWaker {
+    pub fn new(wakeup: Rc<Wakeup>, conn: ConnRef) -> Rc<Self> {
+        Rc::new(Self {
+            conn,
+            queued: Cell::new(false),
+            wakeup,
+        })
+    }
+
+    /// Asks the loop to service the connection soon.
+    pub fn wake(self: &Rc<Self>) {
+        if !self.queued.replace(true) {
+            self.wakeup.dirty.borrow_mut().push(self.clone());
+            self.wakeup.notify.notify_one();
         }
     }
 }
@@ -186,8 +259,13 @@ pub struct RequestShape {
     pub body_follows: bool,
 }
 
-/// A new exchange: the loop's end and the task's end.
-pub fn new(shape: RequestShape, stats: Arc<WorkerStats>) -> (LoopEnd, TaskEnd) {
+/// A new exchange: the loop's end and the task's end. `conn`: the QUIC connection to wake
+/// (none for a loop end awaited as futures).
+pub fn new(
+    shape: RequestShape,
+    stats: Arc<WorkerStats>,
+    conn: Option<Rc<ConnWaker>>,
+) -> (LoopEnd, TaskEnd) {
     stats.streams_active.fetch_add(1, Ordering::Relaxed);
     let state = Rc::new(RefCell::new(State {
         request: if shape.body_follows {
@@ -210,6 +288,7 @@ pub fn new(shape: RequestShape, stats: Arc<WorkerStats>) -> (LoopEnd, TaskEnd) {
         resp_waker: None,
         client_gone: false,
         task_done: false,
+        conn,
         loop_resp_waker: None,
         loop_req_waker: None,
         stats,
@@ -228,7 +307,7 @@ pub fn local(
         body_follows,
         ..RequestShape::default()
     };
-    let (loop_end, task) = new(shape, stats);
+    let (loop_end, task) = new(shape, stats, None);
     // A fresh exchange accepts a whole response.
     let _ = task.respond(head);
     if !body.is_empty() {
@@ -495,6 +574,12 @@ impl Drop for TaskEnd {
     fn drop(&mut self) {
         let mut s = self.0.borrow_mut();
         s.task_done = true;
+        // Gone without finishing (a panic): the client's stream is reset, not left hanging.
+        let unfinished = s.head == Head::Waiting || s.end == End::Open;
+        if unfinished && !s.client_gone && !matches!(s.end, End::Reset(_) | End::Written) {
+            s.end = End::Reset(H3_INTERNAL_ERROR);
+            s.stats.tasks_unfinished.fetch_add(1, Ordering::Relaxed);
+        }
         s.wake_loop_resp();
         s.wake_loop_req();
     }
@@ -533,11 +618,6 @@ impl TaskEnd {
         matches!(s.request, Request::Ended(None)) && s.req_queue.is_empty()
     }
 
-    /// The loop is waiting for the task to take body bytes before reading more.
-    pub fn loop_read_blocked(&self) -> bool {
-        self.0.borrow().req_read_blocked
-    }
-
     /// Request-body bytes received from the client so far.
     pub fn request_bytes(&self) -> u64 {
         self.0.borrow().req_received
@@ -556,6 +636,17 @@ impl TaskEnd {
         }
         if s.resp_buffered < s.resp_limit {
             return Poll::Ready(Ok(()));
+        }
+        s.resp_waker = Some(waker.clone());
+        Poll::Pending
+    }
+
+    /// Ready once the client is gone (for a task that waits on something else, a backend's
+    /// connection say, and must stop when nobody wants the answer any more).
+    pub fn poll_client_gone(&self, waker: &Waker) -> Poll<()> {
+        let mut s = self.0.borrow_mut();
+        if s.client_gone {
+            return Poll::Ready(());
         }
         s.resp_waker = Some(waker.clone());
         Poll::Pending

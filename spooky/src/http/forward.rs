@@ -12,7 +12,7 @@ use crate::lb::{self, Candidates};
 use crate::stats::RouteMetrics;
 use crate::upstream::{BackendPool, ErrorKind, UpstreamError};
 use bytes::Bytes;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -20,6 +20,50 @@ use std::time::{Duration, Instant};
 
 /// Smallest DATA frame the request pump waits for window to send (unless less remains).
 const MIN_DATA_FRAME: usize = 4096;
+/// Request body kept for sending again when a backend refuses a stream before processing it
+/// (REFUSED_STREAM, or above a GOAWAY's last stream id): a body up to this size is retried on
+/// a fresh connection, a longer one is not (the client gets 502).
+pub const REPLAY_LIMIT: usize = 64 * 1024;
+
+/// The request as taken from the exchange so far, for a retry after a refused stream: the
+/// body chunks (as long as they total at most [`REPLAY_LIMIT`]) and the end with its
+/// trailers. Kept until the response head arrives; a retry sends all of it again first.
+#[derive(Default)]
+struct Replay {
+    chunks: Vec<Bytes>,
+    bytes: usize,
+    /// The client's end of the body, once taken (with trailers, if any).
+    end: Option<Option<http::HeaderMap>>,
+    /// Not everything taken is kept (too long, or the response head came): no retry.
+    closed: bool,
+}
+
+impl Replay {
+    /// A chunk taken from the exchange.
+    fn keep(&mut self, chunk: &Bytes) {
+        if self.closed {
+            return;
+        }
+        self.bytes += chunk.len();
+        if self.bytes > REPLAY_LIMIT {
+            self.close();
+        } else {
+            self.chunks.push(chunk.clone());
+        }
+    }
+
+    /// No retry from now on: what was kept goes.
+    fn close(&mut self) {
+        self.closed = true;
+        self.chunks = Vec::new();
+    }
+
+    /// The next attempt's stream may carry END_STREAM on its head: the whole request was
+    /// taken, and it is a head alone.
+    fn head_alone(&self) -> bool {
+        self.chunks.is_empty() && self.bytes == 0 && matches!(self.end, Some(None))
+    }
+}
 
 /// Everything a request task needs, moved into it.
 pub struct Job {
@@ -36,8 +80,8 @@ pub struct Job {
     upstream_latency: Cell<Option<Duration>>,
     status: Cell<u16>,
     bytes_out: Cell<u64>,
-    /// Request body bytes went upstream (a refused stream is then not retried).
-    body_sent: Cell<bool>,
+    /// What of the request was taken from the exchange, for a retry.
+    replay: RefCell<Replay>,
 }
 
 impl Job {
@@ -61,16 +105,18 @@ impl Job {
             upstream_latency: Cell::new(None),
             status: Cell::new(0),
             bytes_out: Cell::new(0),
-            body_sent: Cell::new(false),
+            replay: RefCell::new(Replay::default()),
         }
     }
 
-    /// Asks the QUIC loop to flush this connection (over TCP the exchange wakes the
-    /// connection itself).
-    fn wake(&self) {
-        if let Some(conn) = self.client.conn {
-            self.fwd.services.wakeup.wake(conn);
-        }
+    /// The backend chosen last, by name.
+    fn backend_name(&self) -> Rc<str> {
+        let (u, b) = (self.upstream, self.chosen.get().unwrap_or(0));
+        self.fwd
+            .pools
+            .get(u)
+            .and_then(|row| row.get(b))
+            .map_or_else(|| Rc::from(""), |p| p.connector.backend.clone())
     }
 
     fn pool_name(&self) -> &str {
@@ -155,12 +201,8 @@ pub async fn run(job: Job, gate: Option<super::HandshakeGate>) {
             bytes_out: job.bytes_out.get(),
         },
     );
-    let (fwd, conn) = (job.fwd.clone(), job.client.conn);
-    // The task's end goes first, so the loop sees the exchange complete when it wakes.
+    // Dropping the task's end wakes the loop, which finds the exchange complete.
     drop(job);
-    if let Some(conn) = conn {
-        fwd.services.wakeup.wake(conn);
-    }
 }
 
 /// The key a consistent-hash pool hashes for this request.
@@ -244,8 +286,18 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
         job.chosen.set(Some(backend));
         let pool = fwd.pools[job.upstream][backend].clone();
         let request = bridge::to_h2_request(&job.head, &hop).map_err(Failure::Convert)?;
-        let end_of_stream = job.task.request_is_empty();
-        let lease = match pool.checkout(refreshed).await {
+        let end_of_stream = {
+            let replay = job.replay.borrow();
+            replay.head_alone() || (replay.end.is_none() && job.task.request_is_empty())
+        };
+        // Waiting for a connection or a stream slot ends when the client leaves.
+        let checkout = tokio::select! {
+            r = pool.checkout(refreshed) => r,
+            () = poll_fn(|cx| job.task.poll_client_gone(cx.waker())) => {
+                return Err(Failure::ClientGone);
+            }
+        };
+        let lease = match checkout {
             Ok(l) => l,
             Err(e) => {
                 let connect = matches!(e.kind, ErrorKind::Connect | ErrorKind::ConnectTimeout);
@@ -274,7 +326,7 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
         };
         match exchange(job, backend, &pool, response_fut, send, end_of_stream).await {
             Ok(()) => return Ok(pool.connector.backend.clone()),
-            Err(Attempt::Refused(e)) if !refreshed && !job.body_sent.get() => {
+            Err(Attempt::Refused(e)) if !refreshed && !job.replay.borrow().closed => {
                 tracing::debug!(backend = %e.backend, cause = %e.detail, "stream refused before processing; retrying on a fresh connection");
                 refreshed = true;
             }
@@ -293,6 +345,17 @@ enum Attempt {
     /// The backend failed before its response head.
     Upstream(UpstreamError),
     Failed(Failure),
+}
+
+/// A request-body failure once the response head is out: whatever it was, the request is
+/// broken now (a refusal can no longer be retried).
+fn after_head(a: Attempt) -> Failure {
+    match a {
+        Attempt::Failed(f) => f,
+        Attempt::Refused(e) | Attempt::Upstream(e) => Failure::Broken {
+            cause: format!("request body: {e}"),
+        },
+    }
 }
 
 impl From<Failure> for Attempt {
@@ -350,6 +413,8 @@ async fn exchange(
         }
         Ok(Ok(r)) => r,
     };
+    // Answered: no retry from here on, and the kept body goes.
+    job.replay.borrow_mut().close();
     job.upstream_latency.set(Some(started.elapsed()));
     let (parts, mut body) = response.into_parts();
     let status = parts.status.as_u16();
@@ -359,7 +424,6 @@ async fn exchange(
     let mut fields = bridge::response_to_h3(parts.status, &parts.headers);
     fwd.finish_head(&mut fields);
     let _ = job.task.respond(fields);
-    job.wake();
 
     // Body down, while the request body may still be going up.
     loop {
@@ -385,7 +449,7 @@ async fn exchange(
             r = next => r?,
             r = &mut pump, if !pump_done => {
                 pump_done = true;
-                r?;
+                r.map_err(after_head)?;
                 continue;
             }
         };
@@ -399,8 +463,7 @@ async fn exchange(
         // The head went out above and the end only comes after this loop.
         let _ = job.task.push_body(chunk);
         let _ = body.flow_control().release_capacity(n);
-        job.wake();
-    }
+        }
     let trailers = match tokio::time::timeout(timeouts.idle, body.trailers()).await {
         Err(_) => {
             return Err(Failure::Broken {
@@ -419,36 +482,66 @@ async fn exchange(
     let _ = job
         .task
         .finish(trailers.as_ref().map(bridge::trailers_to_h3));
-    job.wake();
     // The response is complete: a request body still being sent is cancelled upstream when
     // `pump` is dropped on return (RFC 9113 §8.1 allows the early response).
     Ok(())
 }
 
 /// Moves the client's request body and trailers into the HTTP/2 stream, reserving HTTP/2
-/// send capacity before each write so nothing piles up unbounded inside h2.
+/// send capacity before each write so nothing piles up unbounded inside h2. What an earlier
+/// attempt took from the exchange (kept in the job's [`Replay`]) goes first.
 async fn pump_request(
     job: &Job,
     mut send: h2::SendStream<Bytes>,
     idle: Duration,
-) -> Result<(), Failure> {
-    let broken = |what: &str, e: &dyn std::fmt::Display| Failure::Broken {
-        cause: format!("request {what}: {e}"),
-    };
-    loop {
-        let event =
-            match tokio::time::timeout(idle, poll_fn(|cx| job.task.poll_request(cx.waker()))).await
-            {
-                Ok(ev) => ev,
-                Err(_) => {
-                    send.send_reset(h2::Reason::CANCEL);
-                    return Err(Failure::BodyIdle { idle });
-                }
-            };
-        // The loop may have stopped reading from the client for lack of room.
-        if job.task.loop_read_blocked() {
-            job.wake();
+) -> Result<(), Attempt> {
+    let backend = job.backend_name();
+    // A refused stream can be retried (the caller decides); anything else breaks the request.
+    let failed = |what: &str, e: &h2::Error| {
+        let e = UpstreamError::from_h2(e, &backend);
+        if e.kind == ErrorKind::Refused {
+            Attempt::Refused(e)
+        } else {
+            Attempt::Failed(Failure::Broken {
+                cause: format!("request {what}: {e}"),
+            })
         }
+    };
+    let mut replayed = 0;
+    loop {
+        let again = {
+            let replay = job.replay.borrow();
+            match replay.chunks.get(replayed) {
+                Some(chunk) => Some(RequestEvent::Data(chunk.clone())),
+                None => replay.end.clone().map(RequestEvent::End),
+            }
+        };
+        let event = match again {
+            Some(event) => {
+                replayed += 1;
+                event
+            }
+            None => {
+                let polled = poll_fn(|cx| job.task.poll_request(cx.waker()));
+                let event = match tokio::time::timeout(idle, polled).await {
+                    Ok(ev) => ev,
+                    Err(_) => {
+                        send.send_reset(h2::Reason::CANCEL);
+                        return Err(Failure::BodyIdle { idle }.into());
+                    }
+                };
+                let mut replay = job.replay.borrow_mut();
+                match &event {
+                    RequestEvent::Data(chunk) => {
+                        replay.keep(chunk);
+                        replayed = replay.chunks.len();
+                    }
+                    RequestEvent::End(trailers) => replay.end = Some(trailers.clone()),
+                    _ => {}
+                }
+                event
+            }
+        };
         match event {
             RequestEvent::Data(mut data) => {
                 while !data.is_empty() {
@@ -461,35 +554,40 @@ async fn pump_request(
                         match poll_fn(|cx| send.poll_capacity(cx)).await {
                             Some(Ok(n)) if n >= want || (n > 0 && small_grants >= 16) => break n,
                             Some(Ok(_)) => small_grants += 1,
-                            Some(Err(e)) => return Err(broken("body", &e)),
-                            None => return Err(broken("body", &"upstream stream closed")),
+                            Some(Err(e)) => return Err(failed("body", &e)),
+                            None => {
+                                return Err(Failure::Broken {
+                                    cause: "request body: upstream stream closed".into(),
+                                }
+                                .into())
+                            }
                         }
                     };
                     let chunk = data.split_to(cap.min(data.len()));
-                    job.body_sent.set(true);
                     send.send_data(chunk, false)
-                        .map_err(|e| broken("body", &e))?;
+                        .map_err(|e| failed("body", &e))?;
                 }
             }
             RequestEvent::End(Some(trailers)) => {
                 return send
                     .send_trailers(trailers)
-                    .map_err(|e| broken("trailers", &e));
+                    .map_err(|e| failed("trailers", &e));
             }
             RequestEvent::End(None) => {
                 return send
                     .send_data(Bytes::new(), true)
-                    .map_err(|e| broken("end", &e));
+                    .map_err(|e| failed("end", &e));
             }
             RequestEvent::Aborted => {
                 send.send_reset(h2::Reason::CANCEL);
-                return Err(Failure::ClientGone);
+                return Err(Failure::ClientGone.into());
             }
             RequestEvent::TooLarge => {
                 send.send_reset(h2::Reason::CANCEL);
                 return Err(Failure::BodyTooLarge {
                     limit: job.task.request_limit().unwrap_or(0),
-                });
+                }
+                .into());
             }
         }
     }

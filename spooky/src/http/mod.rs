@@ -24,8 +24,9 @@ use crate::ops::access_log::AccessLogger;
 use crate::snapshot::Snapshot;
 pub(crate) use crate::stats::Protocol;
 use crate::stats::{Metrics, RouteMetrics, WorkerStats};
-use crate::upstream::{BackendPool, Connector};
+use crate::upstream::{BackendPool, Connector, PoolLimits};
 use bridge::RequestHead;
+pub(crate) use exchange::{ConnWaker, Wakeup};
 use exchange::{RequestShape, TaskEnd};
 use outcome::Failure;
 use quiche::h3::{Header, NameValue};
@@ -34,11 +35,6 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::Notify;
-
-/// A client connection on a worker: its slot and the slot's generation (a reused slot gets a
-/// new one, so a late wake-up for a closed connection is ignored).
-pub(crate) type ConnRef = (usize, u64);
 
 /// A request Spooky answers itself, ready to send: the head (with `alt-svc`) and the body,
 /// and for HTTP/3 the `STOP_SENDING` code when the request's body is not to be read.
@@ -53,51 +49,23 @@ pub(crate) struct LocalAnswer {
 pub(crate) struct Client {
     pub peer: SocketAddr,
     pub protocol: Protocol,
-    /// The QUIC connection to wake when the response moves; `None` over TCP, where the
-    /// exchange wakes the connection's own futures.
-    pub conn: Option<ConnRef>,
 }
 
 /// Opens (`true`) when the connection's handshake is complete; its sender goes away with
 /// the connection. A request that arrived in 0-RTT with an unsafe method waits on it.
 pub(crate) type HandshakeGate = tokio::sync::watch::Receiver<bool>;
 
-/// Connections that request tasks asked the loop to service.
-#[derive(Default)]
-pub(crate) struct Wakeup {
-    dirty: RefCell<Vec<ConnRef>>,
-    notify: Notify,
-}
-
-impl Wakeup {
-    /// Asks the loop to service `conn` soon.
-    pub fn wake(&self, conn: ConnRef) {
-        self.dirty.borrow_mut().push(conn);
-        self.notify.notify_one();
-    }
-
-    /// The connections asked for since the last call.
-    pub fn take(&self) -> Vec<ConnRef> {
-        std::mem::take(&mut *self.dirty.borrow_mut())
-    }
-
-    /// Resolves when a task asked for service.
-    ///
-    /// # Cancel safety
-    /// Cancel-safe: a wake-up that arrives meanwhile is kept for the next call.
-    pub async fn notified(&self) {
-        self.notify.notified().await;
-    }
-}
-
 /// What one worker's request tasks use for the whole life of the process.
 pub(crate) struct Services {
     pub worker: usize,
+    /// Workers of the process (limits shared among them).
+    pub workers: usize,
     pub stats: Arc<WorkerStats>,
     pub metrics: Arc<Metrics>,
     pub access_log: Arc<AccessLogger>,
     pub health: Reporter,
-    pub wakeup: Wakeup,
+    /// The QUIC connections the worker loop is to service (woken by their exchanges).
+    pub wakeup: Rc<Wakeup>,
 }
 
 /// One success in this many is sent to the health checker (as a latency sample).
@@ -147,16 +115,27 @@ impl Forwarder {
         let mut balancers = Vec::with_capacity(cfg.upstreams.len());
         for (u, up) in cfg.upstreams.iter().enumerate() {
             let mut row = Vec::with_capacity(up.backends.len());
+            // This worker's share of the pool's waiting room, per backend.
+            let limits = PoolLimits {
+                max_pending: (up.max_pending_requests as usize).div_ceil(services.workers.max(1)),
+            };
             for (b, backend) in up.backends.iter().enumerate() {
                 let reuse = previous.and_then(|p| p.pool_for(backend, up.timeouts.connect));
-                row.push(reuse.unwrap_or_else(|| {
-                    let tls = snapshot.backend(u, b).and_then(|p| p.tls.clone());
-                    Rc::new(BackendPool::new(Connector::new(
-                        backend,
-                        tls,
-                        up.timeouts.connect,
-                    )))
-                }));
+                row.push(match reuse {
+                    Some(pool) => {
+                        pool.set_limits(limits);
+                        pool
+                    }
+                    None => {
+                        let tls = snapshot.backend(u, b).and_then(|p| p.tls.clone());
+                        let connector = Connector::new(backend, tls, up.timeouts.connect);
+                        Rc::new(BackendPool::new(
+                            connector,
+                            limits,
+                            Some(services.stats.clone()),
+                        ))
+                    }
+                });
             }
             pools.push(row);
             let weights: Vec<u32> = up.backends.iter().map(|b| b.weight).collect();

@@ -90,6 +90,7 @@ impl Failure {
             Failure::BodyTooLarge { .. } => 413,
             Failure::BodyIdle { .. } => 408,
             Failure::NoHealthyBackend { .. } | Failure::Overloaded => 503,
+            Failure::Upstream(e) if is_busy(e.kind) => 503,
             Failure::TooEarly => 425,
             Failure::Upstream(e) if is_timeout(e.kind) => 504,
             Failure::Convert(_) | Failure::Upstream(_) | Failure::Broken { .. } => 502,
@@ -111,6 +112,7 @@ impl Failure {
             Failure::Overloaded => "overloaded".into(),
             Failure::TooEarly => "too early: repeat the request after the handshake".into(),
             Failure::Upstream(e) if is_timeout(e.kind) => "upstream timed out".into(),
+            Failure::Upstream(e) if is_busy(e.kind) => "upstream busy".into(),
             _ => "bad gateway".into(),
         }
     }
@@ -123,8 +125,9 @@ impl Failure {
             _ if head_sent => Reaction::Reset(H3_INTERNAL_ERROR),
             _ => {
                 let status = self.status();
+                let busy = matches!(self, Failure::Upstream(e) if is_busy(e.kind));
                 let retry_after =
-                    matches!(self, Failure::NoHealthyBackend { .. } | Failure::Overloaded)
+                    (busy || matches!(self, Failure::NoHealthyBackend { .. } | Failure::Overloaded))
                         .then_some(1);
                 let (fields, body) = bridge::local_response(status, &self.text(), retry_after);
                 Reaction::Answer {
@@ -142,6 +145,8 @@ impl Failure {
     /// stream is retried; the client's own mistakes are not the backend's).
     pub fn passive_health(&self) -> Option<TrafficOutcome> {
         match self {
+            // Another request's failure handed on: counted once, where it happened.
+            Failure::Upstream(e) if e.repeat => None,
             Failure::Upstream(e) => upstream_health(e.kind),
             _ => None,
         }
@@ -193,9 +198,16 @@ fn is_timeout(kind: ErrorKind) -> bool {
     matches!(kind, ErrorKind::ConnectTimeout | ErrorKind::ResponseTimeout)
 }
 
+/// The backend cannot take more now (too many waiting, or no slot came free): 503, and
+/// nothing about its health.
+fn is_busy(kind: ErrorKind) -> bool {
+    matches!(kind, ErrorKind::Overflow | ErrorKind::PendingTimeout)
+}
+
 fn upstream_health(kind: ErrorKind) -> Option<TrafficOutcome> {
     match kind {
         ErrorKind::Refused => None,
+        k if is_busy(k) => None,
         k if is_timeout(k) => Some(TrafficOutcome::Timeout),
         ErrorKind::Connect | ErrorKind::Tls | ErrorKind::Handshake => {
             Some(TrafficOutcome::ConnectFailure)
@@ -320,6 +332,13 @@ mod tests {
         Failure::Upstream(UpstreamError::new(kind, &Rc::from("b1"), "detail"))
     }
 
+    /// A failure handed on from another request's connect: counted once, not again.
+    fn repeated(kind: ErrorKind) -> Failure {
+        let mut e = UpstreamError::new(kind, &Rc::from("b1"), "detail");
+        e.repeat = true;
+        Failure::Upstream(e)
+    }
+
     fn answered(f: &Failure) -> (u16, String, Option<u64>, Option<String>) {
         match f.reaction(false) {
             Reaction::Answer {
@@ -377,6 +396,10 @@ mod tests {
             (upstream(Reset), 502, "bad gateway", None, None, Some(TrafficOutcome::ServerError)),
             (upstream(Protocol), 502, "bad gateway", None, None, Some(TrafficOutcome::ServerError)),
             (upstream(Refused), 502, "bad gateway", None, None, None),
+            (upstream(Overflow), 503, "upstream busy", None, Some("1"), None),
+            (upstream(PendingTimeout), 503, "upstream busy", None, Some("1"), None),
+            (repeated(ConnectTimeout), 504, "upstream timed out", None, None, None),
+            (repeated(Connect), 502, "bad gateway", None, None, None),
         ];
         for (f, status, text, stop, retry_after, health) in rows {
             let (s, t, st, ra) = answered(&f);

@@ -303,6 +303,9 @@ fn readyz(ops: &Ops) -> Answer {
         .filter(|(_, plans)| !plans.iter().any(|p| p.slot.is_available()))
         .map(|(up, _)| up.name.as_str())
         .collect();
+    if *ops.draining.borrow() {
+        return Answer::text(503, "draining: shutting down\n");
+    }
     let dead = ops.dead_workers();
     if !dead.is_empty() {
         let list: Vec<String> = dead.iter().map(ToString::to_string).collect();

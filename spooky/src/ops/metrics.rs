@@ -128,12 +128,13 @@ pub fn render(ops: &Ops) -> String {
         );
     }
 
-    let worker_metrics: [WorkerMetric; 28] = [
+    let worker_metrics: &[WorkerMetric] = &[
         ("spooky_quic_connections_active", "gauge", "Open QUIC connections.", |w| w.connections_active.load(Ordering::Relaxed)),
         ("spooky_http3_streams_active", "gauge", "Open HTTP/3 request streams.", |w| w.streams_active.load(Ordering::Relaxed)),
         ("spooky_quic_connections_accepted_total", "counter", "QUIC connections accepted (handshakes started).", |w| w.connections_accepted.load(Ordering::Relaxed)),
         ("spooky_quic_connections_refused_total", "counter", "New connections refused by quic.max_connections or quic.max_connections_per_ip.", |w| w.refused.load(Ordering::Relaxed)),
         ("spooky_quic_retry_sent_total", "counter", "Retry packets sent (address validation).", |w| w.retry_sent.load(Ordering::Relaxed)),
+        ("spooky_quic_invalid_tokens_total", "counter", "Initials dropped because their token is not a valid Retry token of ours for their DCID (forged, expired, minted for another address, or sent to another connection ID than the Retry chose).", |w| w.invalid_tokens.load(Ordering::Relaxed)),
         ("spooky_misrouted_packets_total", "counter", "Packets that reached a worker other than their connection's owner (0 when kernel steering works).", |w| w.misrouted.load(Ordering::Relaxed)),
         ("spooky_udp_datagrams_received_total", "counter", "UDP datagrams received.", |w| w.packets_in.load(Ordering::Relaxed)),
         ("spooky_udp_datagrams_sent_total", "counter", "UDP datagrams sent.", |w| w.packets_out.load(Ordering::Relaxed)),
@@ -156,9 +157,16 @@ pub fn render(ops: &Ops) -> String {
         ("spooky_tcp_connections_active", "gauge", "Open TLS-over-TCP connections.", |w| w.tcp_active.load(Ordering::Relaxed)),
         ("spooky_tcp_connections_refused_total", "counter", "TCP connections closed at once because listen.tcp.max_connections were open.", |w| w.tcp_refused.load(Ordering::Relaxed)),
         ("spooky_tcp_tls_handshake_failures_total", "counter", "TLS handshakes over TCP that failed or did not finish within listen.tcp.header_timeout.", |w| w.tcp_handshake_failures.load(Ordering::Relaxed)),
+        ("spooky_request_tasks_unfinished_total", "counter", "Request tasks that ended without finishing their response (a panic, logged): the client's stream was reset with H3_INTERNAL_ERROR (HTTP/2: RST_STREAM) instead of left hanging.", |w| w.tasks_unfinished.load(Ordering::Relaxed)),
+        ("spooky_upstream_overflow_total", "counter", "Requests answered 503 at once because upstream.NAME.max_pending_requests already waited for their backend (a connection being made, or a stream slot).", |w| w.upstream_overflow.load(Ordering::Relaxed)),
+        ("spooky_upstream_pending_timeouts_total", "counter", "Requests answered 503 after waiting the pool's connect timeout for a connection or a stream slot of their backend.", |w| w.upstream_pending_timeouts.load(Ordering::Relaxed)),
+        ("spooky_upstream_backoff_refusals_total", "counter", "Requests failed at once (502/504, with the connect's error) during the back-off after a failed connect to their backend.", |w| w.upstream_backoff_refusals.load(Ordering::Relaxed)),
+        ("spooky_udp_gso_enabled", "gauge", "1 while UDP GSO (segmentation offload) is used on the worker's socket; 0 once the device refused it (EIO, EOPNOTSUPP).", |w| w.gso_enabled.load(Ordering::Relaxed)),
+        ("spooky_udp_gso_fallbacks_total", "counter", "GSO batches the kernel refused (EMSGSIZE, EINVAL) that went out one datagram per call instead; GSO stays on.", |w| w.gso_fallbacks.load(Ordering::Relaxed)),
+        ("spooky_quic_client_addresses", "gauge", "Client addresses (IPv4, or IPv6 /64) with a QUIC connection open, the keys of the per-address connection limit.", |w| w.client_addresses.load(Ordering::Relaxed)),
         ("spooky_http1_smuggling_refused_total", "counter", "HTTP/1.1 requests answered 400 as request smuggling (bare LF, content-length with transfer-encoding, two content-lengths); they never reach a backend.", |w| w.http1_smuggling_refused.load(Ordering::Relaxed)),
     ];
-    for (name, kind, help, get) in worker_metrics {
+    for &(name, kind, help, get) in worker_metrics {
         head(&mut out, name, kind, help);
         for (i, w) in ops.stats.iter().enumerate() {
             let _ = writeln!(out, "{name}{{worker=\"{i}\"}} {}", get(w));

@@ -34,6 +34,9 @@ pub(crate) struct Ops {
     pub generation: u8,
     /// Bit `i` set: worker `i` died (its thread ended while the process serves).
     pub dead_workers: Arc<std::sync::atomic::AtomicU64>,
+    /// True once the process drains (shutdown): `/readyz` answers 503 from then on, so load
+    /// balancers stop sending new clients.
+    pub draining: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Ops {

@@ -77,8 +77,8 @@ pub type Link<U> = mpsc::UnboundedSender<Command<U>>;
 /// Why the workers did not switch.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SwitchError {
-    #[error("worker {0} is gone")]
-    Gone(usize),
+    #[error("no worker is alive")]
+    NoneAlive,
     #[error("worker {worker} cannot take the new configuration: {reason}")]
     Refused { worker: usize, reason: String },
     #[error("workers {0:?} did not answer within {WORKER_ANSWER:?}; nothing changed")]
@@ -89,8 +89,10 @@ pub enum SwitchError {
     Unconfirmed(Vec<usize>),
 }
 
-/// Makes every worker of `links` switch to `generation`, with `updates[i]` for worker `i`,
-/// or none of them. Blocks for at most twice `wait`.
+/// Makes every live worker of `links` switch to `generation`, with `updates[i]` for worker
+/// `i`, or none of them. A worker that is gone (its thread ended: it died) cannot take
+/// anything and holds nobody's requests: the live ones switch without it, and it is
+/// reported. Blocks for at most twice `wait`.
 ///
 /// # Errors
 /// [`SwitchError`]; all but [`SwitchError::Unconfirmed`] leave every worker as it was.
@@ -99,13 +101,9 @@ pub fn switch<U>(
     updates: Vec<U>,
     generation: u64,
     wait: Duration,
-) -> Result<(), SwitchError> {
-    let abort_all = || {
-        for link in links {
-            let _ = link.send(Command::Abort { generation });
-        }
-    };
+) -> Result<Switched, SwitchError> {
     let (tx, rx) = std_mpsc::channel();
+    let mut gone = Vec::new();
     for (worker, (link, update)) in links.iter().zip(updates).enumerate() {
         let prepare = Command::Prepare {
             generation,
@@ -113,27 +111,47 @@ pub fn switch<U>(
             reply: tx.clone(),
         };
         if link.send(prepare).is_err() {
-            abort_all();
-            return Err(SwitchError::Gone(worker));
+            gone.push(worker);
         }
     }
-    if let Err(e) = collect(&rx, links.len(), wait) {
+    let live: Vec<usize> = (0..links.len()).filter(|w| !gone.contains(w)).collect();
+    if live.is_empty() && !links.is_empty() {
+        return Err(SwitchError::NoneAlive);
+    }
+    let abort_all = || {
+        for link in links {
+            let _ = link.send(Command::Abort { generation });
+        }
+    };
+    if let Err(e) = collect(&rx, &live, wait) {
         abort_all();
         return Err(match e {
             Missing::Refused(worker, reason) => SwitchError::Refused { worker, reason },
             Missing::Silent(workers) => SwitchError::NoAnswer(workers),
         });
     }
-    for link in links {
-        let _ = link.send(Command::Commit {
+    for &w in &live {
+        let commit = Command::Commit {
             generation,
             reply: tx.clone(),
-        });
+        };
+        if links.get(w).is_some_and(|l| l.send(commit).is_err()) {
+            // It died between the phases: it holds nothing any more either.
+            gone.push(w);
+        }
     }
-    collect(&rx, links.len(), wait).map_err(|e| match e {
+    let live: Vec<usize> = live.into_iter().filter(|w| !gone.contains(w)).collect();
+    collect(&rx, &live, wait).map_err(|e| match e {
         Missing::Refused(worker, _) => SwitchError::Unconfirmed(vec![worker]),
         Missing::Silent(workers) => SwitchError::Unconfirmed(workers),
-    })
+    })?;
+    Ok(Switched { gone })
+}
+
+/// A switch that happened: the workers that were gone (dead) and did not take part.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Switched {
+    pub gone: Vec<usize>,
 }
 
 enum Missing {
@@ -141,25 +159,24 @@ enum Missing {
     Silent(Vec<usize>),
 }
 
-/// Waits for `n` positive answers, one per worker.
-fn collect(rx: &std_mpsc::Receiver<Answer>, n: usize, wait: Duration) -> Result<(), Missing> {
+/// Waits for a positive answer from each of `workers`.
+fn collect(
+    rx: &std_mpsc::Receiver<Answer>,
+    workers: &[usize],
+    wait: Duration,
+) -> Result<(), Missing> {
     let deadline = Instant::now() + wait;
-    let mut answered = vec![false; n];
-    while answered.iter().any(|a| !a) {
+    let mut waiting: Vec<usize> = workers.to_vec();
+    while !waiting.is_empty() {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(Answer { worker, result }) => {
                 if let Err(reason) = result {
                     return Err(Missing::Refused(worker, reason));
                 }
-                if let Some(a) = answered.get_mut(worker) {
-                    *a = true;
-                }
+                waiting.retain(|w| *w != worker);
             }
-            Err(_) => {
-                let silent = (0..n).filter(|w| !answered[*w]).collect();
-                return Err(Missing::Silent(silent));
-            }
+            Err(_) => return Err(Missing::Silent(waiting)),
         }
     }
     Ok(())
@@ -364,7 +381,7 @@ impl Reloader {
                 })
             })
             .collect::<Result<Vec<_>, SnapshotError>>()?;
-        switch(&self.workers, updates, generation, WORKER_ANSWER)?;
+        let switched = switch(&self.workers, updates, generation, WORKER_ANSWER)?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = next.clone();
         (self.on_commit)(&next);
         if let Some(level) = level {
@@ -375,10 +392,18 @@ impl Reloader {
             }
         }
         let backends: usize = next.config.upstreams.iter().map(|u| u.backends.len()).sum();
-        Ok(format!(
+        let mut summary = format!(
             "generation {generation}: {} upstreams, {backends} backends",
             next.config.upstreams.len()
-        ))
+        );
+        if !switched.gone.is_empty() {
+            tracing::warn!(workers = ?switched.gone, "reload applied to the live workers only: these died (restart Spooky, with --takeover to keep the others' connections)");
+            summary.push_str(&format!(
+                "; worker(s) {:?} are dead and were skipped",
+                switched.gone
+            ));
+        }
+        Ok(summary)
     }
 }
 

@@ -9,7 +9,7 @@ use crate::config::EarlyData;
 use crate::http::bridge::{self, RequestHead, H3_NO_ERROR};
 use crate::http::exchange::{self, BodyError, LoopEnd, Pending};
 use crate::http::outcome::{Failure, StreamError};
-use crate::http::{Admission, Client, ConnRef, Forwarder, HandshakeGate, Protocol};
+use crate::http::{Admission, Client, ConnWaker, Forwarder, HandshakeGate, Protocol};
 use bytes::Bytes;
 use quiche::h3;
 use quiche::ConnectionId;
@@ -80,6 +80,8 @@ pub struct Conn {
     last_taken: Instant,
     /// Opened when the handshake completes (requests held back from 0-RTT wait on it).
     handshake: watch::Sender<bool>,
+    /// What the connection's exchanges wake when their request tasks move.
+    waker: Rc<ConnWaker>,
 }
 
 impl Drop for Conn {
@@ -98,6 +100,7 @@ impl Conn {
         aliases: Vec<ConnectionId<'static>>,
         handshake_deadline: Instant,
         stalls: Rc<StallBook>,
+        waker: Rc<ConnWaker>,
     ) -> Self {
         Self {
             quic,
@@ -119,6 +122,7 @@ impl Conn {
             stalls,
             last_taken: Instant::now(),
             handshake: watch::channel(false).0,
+            waker,
         }
     }
 
@@ -131,13 +135,7 @@ impl Conn {
     }
 
     /// Processes HTTP/3 events and moves what the request tasks produced into quiche.
-    pub fn service(
-        &mut self,
-        fwd: &Rc<Forwarder>,
-        h3config: &h3::Config,
-        slot: usize,
-        draining: bool,
-    ) {
+    pub fn service(&mut self, fwd: &Rc<Forwarder>, h3config: &h3::Config, draining: bool) {
         if self.h3.is_none() && (self.quic.is_established() || self.quic.is_in_early_data()) {
             match h3::Connection::with_transport(&mut self.quic, h3config) {
                 Ok(h) => self.h3 = Some(h),
@@ -170,7 +168,7 @@ impl Conn {
         self.police_stalled(fwd, now);
         // Two rounds: reading a blocked body may surface `Finished`, flushing may unblock reads.
         for _ in 0..2 {
-            self.poll_events(&mut h3c, fwd, slot);
+            self.poll_events(&mut h3c, fwd);
             self.resume_reads(&mut h3c);
             self.flush_streams(&mut h3c);
         }
@@ -317,7 +315,7 @@ impl Conn {
         }
     }
 
-    fn poll_events(&mut self, h3c: &mut h3::Connection, fwd: &Rc<Forwarder>, slot: usize) {
+    fn poll_events(&mut self, h3c: &mut h3::Connection, fwd: &Rc<Forwarder>) {
         loop {
             match h3c.poll(&mut self.quic) {
                 Ok((sid, h3::Event::Headers { list, more_frames })) => {
@@ -333,7 +331,7 @@ impl Conn {
                     } else {
                         self.heads.opened(sid, Instant::now());
                         self.heads.arrived(sid);
-                        self.on_request(h3c, fwd, (slot, self.gen), sid, &list, more_frames);
+                        self.on_request(h3c, fwd, sid, &list, more_frames);
                     }
                 }
                 Ok((sid, h3::Event::Data)) => self.read_body(h3c, sid),
@@ -402,7 +400,6 @@ impl Conn {
         &mut self,
         h3c: &mut h3::Connection,
         fwd: &Rc<Forwarder>,
-        conn: ConnRef,
         sid: u64,
         list: &[h3::Header],
         more_frames: bool,
@@ -418,12 +415,12 @@ impl Conn {
                 shape,
             } => match self.early_data(&mut head, fwd) {
                 Ok(gate) => {
-                    let (loop_end, task) = exchange::new(shape, stats.clone());
+                    let waker = Some(self.waker.clone());
+                    let (loop_end, task) = exchange::new(shape, stats.clone(), waker);
                     self.streams.insert(sid, loop_end);
                     let client = Client {
                         peer: self.peer,
                         protocol: Protocol::H3,
-                        conn: Some(conn),
                     };
                     fwd.spawn(task, head, upstream, client, started, gate);
                     return;

@@ -23,8 +23,9 @@
 //! 5. An Initial must come in a datagram of at least 1200 bytes (RFC 9000 §14.1).
 //! 6. Connection limits: this worker's share of `quic.max_connections` and of
 //!    `quic.max_connections_per_ip`.
-//! 7. A token must be a valid Retry token of ours; without one, a Retry is sent when
-//!    `quic.retry` asks for it (always, or above a new-connection rate).
+//! 7. A token must be a valid Retry token of ours, on an Initial to the connection ID that
+//!    Retry chose; without one, a Retry is sent when `quic.retry` asks for it (always, or
+//!    above a new-connection rate).
 //! 8. Otherwise: accept.
 
 use super::token;
@@ -133,6 +134,9 @@ pub enum DropReason {
     ShortInitial,
     /// A token that is not a valid Retry token of ours.
     InvalidToken,
+    /// A valid Retry token of ours on an Initial to another connection ID than the one our
+    /// Retry chose (a client trying to take over a connection ID it saw: never accepted).
+    TokenForAnotherCid,
     /// The endpoint is shutting down and takes no new connection.
     Draining,
     /// Another live process owns it (its generation): never ours to answer.
@@ -168,8 +172,10 @@ pub enum Decision {
     },
     /// Answer with Version Negotiation.
     NegotiateVersion,
-    /// Answer with a Retry carrying this token (the loop picks the new source CID).
+    /// Answer with a Retry from source connection ID `scid` carrying `token` (good only on
+    /// an Initial sent to `scid`).
     Retry {
+        scid: ConnectionId<'static>,
         token: Vec<u8>,
     },
     /// Answer with a Stateless Reset of [`RESET_LEN`] bytes ending in this token.
@@ -349,17 +355,25 @@ impl Endpoint {
     /// A connection from `ip` is gone.
     pub fn closed(&mut self, ip: IpAddr) {
         self.open = self.open.saturating_sub(1);
-        if let Some(n) = self.per_address.get_mut(&address_key(ip)) {
-            *n -= 1;
+        let key = address_key(ip);
+        if let Some(n) = self.per_address.get_mut(&key) {
+            *n = n.saturating_sub(1);
             if *n == 0 {
-                self.per_address.remove(&ip);
+                self.per_address.remove(&key);
             }
         }
     }
 
+    /// Client addresses (by [`address_key`]) with a connection open here.
+    pub fn addresses(&self) -> usize {
+        self.per_address.len()
+    }
+
     /// Decides for a datagram of `datagram_len` bytes from `from` whose header is `hdr` and
     /// whose DCID names none of this worker's connections. `forwarded`: another worker
-    /// handed it over.
+    /// handed it over. `retry_scid` mints the source connection ID of a Retry, when one is
+    /// sent (one of this worker's, placed so that the client's next Initials reach it).
+    #[allow(clippy::too_many_arguments)]
     pub fn admit(
         &mut self,
         hdr: &Header<'_>,
@@ -368,6 +382,7 @@ impl Endpoint {
         forwarded: bool,
         keys: &KeyRing,
         now: Now,
+        retry_scid: impl FnOnce() -> ConnectionId<'static>,
     ) -> Decision {
         let given = hdr.token.as_deref().unwrap_or(&[]);
         if hdr.ty != Type::Initial && self.other_server(&hdr.dcid) {
@@ -455,14 +470,17 @@ impl Endpoint {
         }
         let odcid = if given.is_empty() {
             if self.retry_wanted(now.instant) {
-                return Decision::Retry {
-                    token: token::mint(keys, &hdr.dcid, &from, now.unix_secs),
-                };
+                let scid = retry_scid();
+                let token = token::mint(keys, &hdr.dcid, &scid, &from, now.unix_secs);
+                return Decision::Retry { scid, token };
             }
             None
         } else {
             match token::validate(keys, given, &from, now.unix_secs, TOKEN_LIFETIME) {
-                Ok(odcid) => Some(odcid),
+                // Only on an Initial to the ID our Retry chose: the connection takes that ID
+                // as its own, and its reset token goes to the client (see `token`).
+                Ok(v) if v.retry_scid.as_ref() == hdr.dcid.as_ref() => Some(v.odcid),
+                Ok(_) => return Decision::Drop(DropReason::TokenForAnotherCid),
                 Err(_) => return Decision::Drop(DropReason::InvalidToken),
             }
         };

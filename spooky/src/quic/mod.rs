@@ -1,5 +1,5 @@
-//! The QUIC side of the data plane: one worker per CPU, each owning a UDP socket of the
-//! listener's reuseport group and its QUIC connections.
+//! The QUIC side of the data plane: each worker's front owns a UDP socket of the listener's
+//! reuseport group and its QUIC connections; the worker loop (`crate::worker`) drives it.
 //!
 //! | module | what |
 //! |---|---|
@@ -9,7 +9,7 @@
 //! | `heads` | the request-header clock (`quic.request_header_timeout`) |
 //! | `stall` | stalled response streams a client may hold (`quic.max_stalled_streams`) |
 //! | `send`, `udp` | the socket: GSO batches out, `recvmmsg` with GRO in |
-//! | [`worker`] | the loop that does the I/O around all of it |
+//! | [`front`] | a worker's socket and connections: the I/O around all of it, a bounded step at a time |
 
 mod conn;
 pub mod endpoint;
@@ -18,4 +18,4 @@ mod send;
 mod stall;
 pub(crate) mod token;
 mod udp;
-pub(crate) mod worker;
+pub(crate) mod front;

@@ -1,7 +1,14 @@
 //! A worker's socket and what goes out of it: the packets quiche produces for a connection,
 //! batched so that equal-size packets to the same peer reach the kernel in one `sendmsg` with
-//! `UDP_SEGMENT` (GSO), and single datagrams (Version Negotiation, Retry). A socket whose
-//! kernel refuses GSO falls back to one datagram per call, for good.
+//! `UDP_SEGMENT` (GSO), and single datagrams (Version Negotiation, Retry).
+//!
+//! A batch never holds more than [`MAX_GSO_BYTES`], the largest UDP payload over IPv4 (the
+//! kernel refuses a larger GSO send with `EMSGSIZE`, whatever the segment size: a peer with a
+//! `max_udp_payload_size` of 1260 would otherwise fill 52 segments, 65,520 bytes). A batch the
+//! kernel refuses all the same (`EMSGSIZE`, `EINVAL`: a path MTU below the segment size) goes
+//! out one datagram per call, counted, and GSO stays on; only the errors that say the device
+//! cannot segment at all (`EIO`: no checksum offload; `EOPNOTSUPP`, `ENOPROTOOPT`) turn it off
+//! for the socket, logged and shown as `spooky_udp_gso_enabled` 0.
 
 use super::conn::QuicConn;
 use super::udp;
@@ -12,6 +19,8 @@ use std::sync::Arc;
 
 /// Largest UDP payload we receive or send.
 pub const MAX_DATAGRAM: usize = 65535;
+/// Most bytes in one GSO send: the largest UDP payload over IPv4 (65,535 − 20 − 8).
+pub const MAX_GSO_BYTES: usize = 65507;
 
 /// The worker's socket and its send buffer.
 pub struct Sender {
@@ -26,6 +35,7 @@ pub struct Sender {
 
 impl Sender {
     pub fn new(socket: tokio::net::UdpSocket, stats: Arc<WorkerStats>, worker: usize) -> Self {
+        stats.gso_enabled.store(1, Ordering::Relaxed);
         Self {
             socket,
             out: vec![0; MAX_DATAGRAM],
@@ -54,7 +64,8 @@ impl Sender {
             let (mut used, mut seg, mut count, mut dst) = (0usize, 0usize, 0usize, None);
             let mut odd: Option<(usize, usize, SocketAddr)> = None;
             let mut done = false;
-            while count < udp::MAX_SEGMENTS && used + max <= self.out.len() {
+            let room = MAX_GSO_BYTES.min(self.out.len());
+            while count < udp::MAX_SEGMENTS && used + max <= room {
                 match quic.send(&mut self.out[used..used + max]) {
                     Ok((len, info)) => {
                         let fits = dst.is_none_or(|d| d == info.to) && (count == 0 || len <= seg);
@@ -122,9 +133,16 @@ impl Sender {
                             return;
                         }
                     }
-                    Err(e) => {
-                        tracing::info!(worker = self.worker, error = %e, "UDP GSO refused; sending datagrams one by one");
+                    Err(e) if gso_unsupported(&e) => {
+                        tracing::info!(worker = self.worker, error = %e, "UDP GSO refused by the device; sending datagrams one by one from now on");
                         self.gso = false;
+                        self.stats.gso_enabled.store(0, Ordering::Relaxed);
+                        break;
+                    }
+                    Err(e) => {
+                        // This batch only (too large for the path, or a transient error).
+                        tracing::debug!(worker = self.worker, error = %e, count, seg, "UDP GSO send refused; this batch goes one datagram at a time");
+                        self.stats.gso_fallbacks.fetch_add(1, Ordering::Relaxed);
                         break;
                     }
                 }
@@ -137,4 +155,13 @@ impl Sender {
             }
         }
     }
+}
+
+/// Whether a GSO send error says the socket's device cannot segment at all (as opposed to
+/// refusing this one batch).
+fn gso_unsupported(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EIO | libc::EOPNOTSUPP | libc::ENOPROTOOPT)
+    )
 }

@@ -1,11 +1,15 @@
 //! Address-validation tokens (Retry) and stateless-reset tokens, sans-IO: the time is passed
 //! in, the keys are the caller's ([`KeyRing`], from the key file).
 //!
-//! A Retry token is `unix seconds (8) | odcid length (1) | odcid | tag (16)`, the tag a
-//! truncated HMAC-SHA256 over everything before it and the client's address and port, so a
-//! token is only good from the address it was minted for, for the original DCID it names,
-//! for `lifetime` after it was minted. A stateless-reset token is the HMAC of one of our
-//! connection IDs under a label of its own.
+//! A Retry token is `unix seconds (8) | odcid length (1) | odcid | retry SCID length (1) |
+//! retry SCID | tag (16)`, the tag a truncated HMAC-SHA256 over everything before it and the
+//! client's address and port, so a token is only good from the address it was minted for, for
+//! the original DCID it names, for `lifetime` after it was minted, and only on an Initial
+//! sent to the connection ID our Retry chose (RFC 9000 §8.1.4). The last binding matters: the
+//! accepted connection keeps that ID as its own and puts its stateless-reset token in the
+//! transport parameters, so a token good for any DCID would let its holder learn the reset
+//! token of a connection ID it saw on the path, someone else's (RFC 9000 §10.3.2, §21.11). A
+//! stateless-reset token is the HMAC of one of our connection IDs under a label of its own.
 
 use crate::keys::KeyRing;
 use quiche::ConnectionId;
@@ -16,7 +20,7 @@ use std::time::Duration;
 /// Bytes of the truncated tag.
 const TAG_LEN: usize = 16;
 /// Longest connection ID a token can carry (QUIC v1).
-const MAX_ODCID: usize = 20;
+const MAX_CID: usize = 20;
 
 fn address_bytes(addr: &SocketAddr) -> ([u8; 18], usize) {
     let mut out = [0u8; 18];
@@ -42,17 +46,36 @@ fn tag(key: &hmac::Key, body: &[u8], peer: &SocketAddr) -> hmac::Tag {
     ctx.sign()
 }
 
-/// A Retry token for a client at `peer` whose first Initial carried `odcid`, minted at
-/// `now_unix` (seconds since the epoch) with the current token key.
-pub fn mint(keys: &KeyRing, odcid: &[u8], peer: &SocketAddr, now_unix: u64) -> Vec<u8> {
-    let odcid = &odcid[..odcid.len().min(MAX_ODCID)];
-    let mut t = Vec::with_capacity(8 + 1 + odcid.len() + TAG_LEN);
+/// A Retry token for a client at `peer` whose first Initial carried `odcid`, answered with a
+/// Retry whose source connection ID is `retry_scid`, minted at `now_unix` (seconds since the
+/// epoch) with the current token key.
+pub fn mint(
+    keys: &KeyRing,
+    odcid: &[u8],
+    retry_scid: &[u8],
+    peer: &SocketAddr,
+    now_unix: u64,
+) -> Vec<u8> {
+    let odcid = &odcid[..odcid.len().min(MAX_CID)];
+    let retry_scid = &retry_scid[..retry_scid.len().min(MAX_CID)];
+    let mut t = Vec::with_capacity(8 + 2 + odcid.len() + retry_scid.len() + TAG_LEN);
     t.extend_from_slice(&now_unix.to_be_bytes());
     t.push(odcid.len() as u8);
     t.extend_from_slice(odcid);
+    t.push(retry_scid.len() as u8);
+    t.extend_from_slice(retry_scid);
     let tag = tag(&keys.token, &t, peer);
     t.extend_from_slice(&tag.as_ref()[..TAG_LEN]);
     t
+}
+
+/// What a valid Retry token carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Validated {
+    /// The DCID of the client's first Initial.
+    pub odcid: ConnectionId<'static>,
+    /// The source connection ID of our Retry: the DCID the token is good for.
+    pub retry_scid: ConnectionId<'static>,
 }
 
 /// Why a token was refused.
@@ -66,8 +89,9 @@ pub enum TokenError {
     Expired,
 }
 
-/// The original DCID carried by `token`, when it is ours (minted with the current or the
-/// previous token key), was minted for `peer`, and is at most `lifetime` old at `now_unix`.
+/// What `token` carries, when it is ours (minted with the current or the previous token
+/// key), was minted for `peer`, and is at most `lifetime` old at `now_unix`. The caller still
+/// checks that the Initial went to [`Validated::retry_scid`].
 ///
 /// # Errors
 /// [`TokenError`] naming why the token is refused.
@@ -77,15 +101,20 @@ pub fn validate(
     peer: &SocketAddr,
     now_unix: u64,
     lifetime: Duration,
-) -> Result<ConnectionId<'static>, TokenError> {
+) -> Result<Validated, TokenError> {
     let minted = token
         .get(..8)
         .and_then(|b| <[u8; 8]>::try_from(b).ok())
         .map(u64::from_be_bytes)
         .ok_or(TokenError::Malformed)?;
-    let len = usize::from(*token.get(8).ok_or(TokenError::Malformed)?);
-    let body_len = 9 + len;
-    if len > MAX_ODCID || token.len() != body_len + TAG_LEN {
+    let odcid_len = usize::from(*token.get(8).ok_or(TokenError::Malformed)?);
+    if odcid_len > MAX_CID {
+        return Err(TokenError::Malformed);
+    }
+    let scid_at = 9 + odcid_len;
+    let scid_len = usize::from(*token.get(scid_at).ok_or(TokenError::Malformed)?);
+    let body_len = scid_at + 1 + scid_len;
+    if scid_len > MAX_CID || token.len() != body_len + TAG_LEN {
         return Err(TokenError::Malformed);
     }
     let (body, given) = token.split_at(body_len);
@@ -104,7 +133,10 @@ pub fn validate(
     if minted > now_unix || now_unix - minted > lifetime.as_secs() {
         return Err(TokenError::Expired);
     }
-    Ok(ConnectionId::from_vec(body[9..].to_vec()))
+    Ok(Validated {
+        odcid: ConnectionId::from_vec(body[9..scid_at].to_vec()),
+        retry_scid: ConnectionId::from_vec(body[scid_at + 1..].to_vec()),
+    })
 }
 
 /// The stateless-reset token of one of our connection IDs.
@@ -148,15 +180,16 @@ mod tests {
 
     #[test]
     fn a_token_round_trips_within_its_lifetime() {
-        let t = mint(&key(), &[7; 12], &peer(), NOW);
-        assert_eq!(t.len(), 8 + 1 + 12 + TAG_LEN);
-        let odcid = validate(&key(), &t, &peer(), NOW + 30, LIFE).unwrap();
-        assert_eq!(odcid.as_ref(), &[7; 12]);
+        let t = mint(&key(), &[7; 12], &[9; 16], &peer(), NOW);
+        assert_eq!(t.len(), 8 + 2 + 12 + 16 + TAG_LEN);
+        let v = validate(&key(), &t, &peer(), NOW + 30, LIFE).unwrap();
+        assert_eq!(v.odcid.as_ref(), &[7; 12]);
+        assert_eq!(v.retry_scid.as_ref(), &[9; 16]);
     }
 
     #[test]
     fn a_token_is_bound_to_address_port_key_and_time() {
-        let t = mint(&key(), &[7; 12], &peer(), NOW);
+        let t = mint(&key(), &[7; 12], &[9; 16], &peer(), NOW);
         let other_port: SocketAddr = "192.0.2.1:4434".parse().unwrap();
         let other_ip: SocketAddr = "192.0.2.2:4433".parse().unwrap();
         let v6: SocketAddr = "[2001:db8::1]:4433".parse().unwrap();
@@ -192,7 +225,7 @@ mod tests {
         let first = Keys::generate(&rng).unwrap();
         let once = first.rotated(&rng).unwrap();
         let twice = once.rotated(&rng).unwrap();
-        let t = mint(&KeyRing::from(&first), &[7; 8], &peer(), NOW);
+        let t = mint(&KeyRing::from(&first), &[7; 8], &[9; 8], &peer(), NOW);
         assert!(validate(&KeyRing::from(&first), &t, &peer(), NOW, LIFE).is_ok());
         assert!(validate(&KeyRing::from(&once), &t, &peer(), NOW, LIFE).is_ok());
         assert_eq!(
@@ -200,7 +233,7 @@ mod tests {
             Err(TokenError::Forged)
         );
         // New tokens are minted with the newest key only.
-        let newer = mint(&KeyRing::from(&once), &[7; 8], &peer(), NOW);
+        let newer = mint(&KeyRing::from(&once), &[7; 8], &[9; 8], &peer(), NOW);
         assert_eq!(
             validate(&KeyRing::from(&first), &newer, &peer(), NOW, LIFE),
             Err(TokenError::Forged)
@@ -209,7 +242,7 @@ mod tests {
 
     #[test]
     fn tampered_and_truncated_tokens_are_refused() {
-        let t = mint(&key(), &[7; 12], &peer(), NOW);
+        let t = mint(&key(), &[7; 12], &[9; 16], &peer(), NOW);
         for i in 0..t.len() {
             let mut forged = t.clone();
             forged[i] ^= 1;

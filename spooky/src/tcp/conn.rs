@@ -2,6 +2,10 @@
 //! ALPN chose, hyper serving it, and its end: idle for `listen.tcp.idle_timeout`, or the
 //! front draining (HTTP/2 GOAWAY, HTTP/1.1 `connection: close` after the request in
 //! progress), or closing.
+//!
+//! Idle means no request: none in progress and none begun for the idle timeout. Bytes alone
+//! do not count, so a client that only sends HTTP/2 PINGs or SETTINGS (or trickles TLS
+//! records) cannot hold a connection slot for ever.
 
 use super::request::{self, ConnCtx};
 use super::strict::{Refusal, Strict};
@@ -9,15 +13,11 @@ use super::{Front, Open, Phase};
 use crate::http::Protocol;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use std::cell::Cell;
 use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Serves one accepted connection to its end.
 pub(super) async fn serve(
@@ -32,11 +32,6 @@ pub(super) async fn serve(
         fwd.snapshot.tcp_tls.clone(),
     ) else {
         return;
-    };
-    let activity = Rc::new(Cell::new(0u64));
-    let stream = Counted {
-        inner: stream,
-        bytes: activity.clone(),
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let tls = match tokio::time::timeout(tcp.header_timeout, acceptor.accept(stream)).await {
@@ -71,7 +66,10 @@ pub(super) async fn serve(
         front: front.clone(),
         peer,
         protocol,
+        requests: Default::default(),
     });
+    let requests = ctx.clone();
+    let requests = move || requests.requests.get();
     let service = hyper::service::service_fn(move |req| request::handle(ctx.clone(), req));
     let ended = match protocol {
         Protocol::H2 => {
@@ -85,7 +83,7 @@ pub(super) async fn serve(
                 .serve_connection(TokioIo::new(tls), service);
             let conn = std::pin::pin!(conn);
             let graceful = |c: Pin<&mut _>| http2::Connection::graceful_shutdown(c);
-            drive(&front, conn, graceful, &activity, tcp.idle_timeout).await
+            drive(&front, conn, graceful, &requests, tcp.idle_timeout).await
         }
         _ => {
             let stats = fwd.services.stats.clone();
@@ -103,7 +101,7 @@ pub(super) async fn serve(
                 .serve_connection(TokioIo::new(io), service);
             let conn = std::pin::pin!(conn);
             let graceful = |c: Pin<&mut _>| http1::Connection::graceful_shutdown(c);
-            drive(&front, conn, graceful, &activity, tcp.idle_timeout).await
+            drive(&front, conn, graceful, &requests, tcp.idle_timeout).await
         }
     };
     if let Err(e) = ended {
@@ -114,11 +112,12 @@ pub(super) async fn serve(
 
 /// Runs `conn` until it ends, the front closes, or it idles out; starts a graceful shutdown
 /// when the front drains or the connection is idle, and ends it when it stays idle.
+/// `requests` says how many requests the connection has begun and how many are in progress.
 async fn drive<C>(
     front: &Front,
     mut conn: Pin<&mut C>,
     graceful: impl Fn(Pin<&mut C>),
-    activity: &Cell<u64>,
+    requests: &impl Fn() -> (u64, usize),
     idle: std::time::Duration,
 ) -> Result<(), hyper::Error>
 where
@@ -135,7 +134,7 @@ where
         }
         Phase::Serving => {}
     }
-    let mut seen = activity.get();
+    let mut seen = requests().0;
     loop {
         tokio::select! {
             r = conn.as_mut() => return r,
@@ -151,15 +150,15 @@ where
                 }
             }
             () = tokio::time::sleep(idle) => {
-                let now = activity.get();
-                if now == seen {
+                let (begun, open) = requests();
+                if begun == seen && open == 0 {
                     if shutting_down {
                         return Ok(());
                     }
                     shutting_down = true;
                     graceful(conn.as_mut());
                 }
-                seen = now;
+                seen = begun;
             }
         }
     }
@@ -175,66 +174,5 @@ where
 {
     fn execute(&self, fut: F) {
         tokio::task::spawn_local(fut);
-    }
-}
-
-/// The TCP stream, counting the bytes it moves (the idle check compares counts).
-pub(super) struct Counted {
-    inner: tokio::net::TcpStream,
-    bytes: Rc<Cell<u64>>,
-}
-
-impl AsyncRead for Counted {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        this.bytes.set(this.bytes.get() + n as u64);
-        r
-    }
-}
-
-impl AsyncWrite for Counted {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = r {
-            this.bytes.set(this.bytes.get() + n as u64);
-        }
-        r
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = r {
-            this.bytes.set(this.bytes.get() + n as u64);
-        }
-        r
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }

@@ -12,6 +12,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use hyper::body::Incoming;
 use quiche::h3::{Header, NameValue};
+use std::cell::Cell;
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -24,6 +25,27 @@ pub(super) struct ConnCtx {
     pub front: Front,
     pub peer: SocketAddr,
     pub protocol: Protocol,
+    /// Requests begun on the connection and in progress (its idle clock reads them).
+    pub requests: Cell<(u64, usize)>,
+}
+
+/// A request in progress on its connection, from its head until its response is handed
+/// over whole or given up.
+pub(super) struct InProgress(Rc<ConnCtx>);
+
+impl InProgress {
+    fn new(ctx: &Rc<ConnCtx>) -> Self {
+        let (begun, open) = ctx.requests.get();
+        ctx.requests.set((begun + 1, open + 1));
+        Self(ctx.clone())
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        let (begun, open) = self.0.requests.get();
+        self.0.requests.set((begun, open.saturating_sub(1)));
+    }
 }
 
 /// The response stopped short (the backend failed after its head, or the client left):
@@ -41,6 +63,7 @@ pub(super) async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Aborted> {
     let started = Instant::now();
+    let in_progress = InProgress::new(&ctx);
     let fwd = ctx.front.forwarder();
     let stats = &fwd.services.stats;
     let (parts, body) = req.into_parts();
@@ -52,19 +75,18 @@ pub(super) async fn handle(
             upstream,
             shape,
         } => {
-            let (end, task) = exchange::new(shape, stats.clone());
+            let (end, task) = exchange::new(shape, stats.clone(), None);
             // hyper and h2 buffer on their own: hold little here.
             end.set_client_room(0);
             let client = Client {
                 peer: ctx.peer,
                 protocol: ctx.protocol,
-                conn: None,
             };
             fwd.spawn(task, head, upstream, client, started, None);
             if more_frames {
                 tokio::task::spawn_local(pump(body, end.clone()));
             }
-            return respond(end).await;
+            return respond(end, in_progress).await;
         }
         other => other,
     };
@@ -73,15 +95,19 @@ pub(super) async fn handle(
         .ok_or(Aborted)?;
     // The request body, if any, is not read: hyper discards it or closes.
     let end = exchange::local(answer.fields, answer.body, false, stats.clone());
-    respond(end).await
+    respond(end, in_progress).await
 }
 
 /// Waits for the response head on `end`, and makes hyper's response of it.
-async fn respond(end: LoopEnd) -> Result<Response<ResponseBody>, Aborted> {
+async fn respond(
+    end: LoopEnd,
+    in_progress: InProgress,
+) -> Result<Response<ResponseBody>, Aborted> {
     // Dropped before the head (the client reset the stream): the task learns it.
     let mut body = ResponseBody {
         end: end.clone(),
         done: false,
+        _in_progress: in_progress,
     };
     let (fields, fin) = poll_fn(|cx| match end.pending() {
         Pending::Head { fin } => {
@@ -212,6 +238,8 @@ pub(super) struct ResponseBody {
     end: LoopEnd,
     /// The end was handed to hyper (or the response was given up).
     done: bool,
+    /// The request is in progress until hyper drops its body.
+    _in_progress: InProgress,
 }
 
 impl Body for ResponseBody {

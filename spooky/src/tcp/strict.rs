@@ -17,6 +17,12 @@
 //! What hyper refuses on its own (a malformed head, obs-fold, an invalid `content-length`, a
 //! `transfer-encoding` not ending in chunked, a head over its buffer) is handed on as it is:
 //! hyper answers it and closes, so this reader stops checking there.
+//!
+//! The work per byte is bounded however the bytes arrive: new bytes are scanned once for line
+//! ends ([`Scan`]), and a piece is parsed only when it can be judged — a head or trailer
+//! section when its blank line (or a bare LF) has arrived, a chunk-size line at its LF, any
+//! piece once it is longer than its limit. A head trickled a byte at a time costs one scan
+//! and a parse or two, not a parse per read.
 
 use bytes::{Buf, BytesMut};
 use std::io;
@@ -76,10 +82,49 @@ enum State {
     Refused,
 }
 
+/// Where the scan of the piece being held (a head, a trailer section, a chunk-size line)
+/// stands: the bytes looked at so far, and whether the piece can be judged yet.
+#[derive(Debug, Clone, Copy, Default)]
+struct Scan {
+    /// Bytes of the piece scanned.
+    pos: usize,
+    /// Where the line being scanned starts.
+    line_start: usize,
+    /// A line with something in it has ended (leading empty lines before a request line are
+    /// skipped by the parser).
+    content: bool,
+    /// The piece can be judged: its end (or a bare LF) has arrived.
+    ready: bool,
+}
+
+impl Scan {
+    /// Scans the new bytes of `piece`; true once it can be judged. `line`: the piece is one
+    /// line (a chunk size), judged at its first LF; else a section ending in an empty line.
+    fn ready(&mut self, piece: &[u8], line: bool) -> bool {
+        while !self.ready && self.pos < piece.len() {
+            let i = self.pos;
+            self.pos += 1;
+            if piece[i] != b'\n' {
+                continue;
+            }
+            let bare = i == 0 || piece[i - 1] != b'\r';
+            let empty = i == self.line_start || (i == self.line_start + 1 && !bare);
+            self.ready = bare || line || (empty && self.content);
+            self.content |= !empty;
+            self.line_start = i + 1;
+        }
+        self.ready
+    }
+}
+
 /// The client stream, checked (see the module documentation).
 pub struct Strict<IO> {
     inner: IO,
     state: State,
+    /// The scan of the piece at `held[cleared..]`.
+    scan: Scan,
+    /// Bytes handed to the parser so far (its work, which the tests bound).
+    parsed: std::cell::Cell<u64>,
     /// Bytes read from the client, not yet handed to hyper.
     held: BytesMut,
     /// How many bytes at the front of `held` are checked and may be handed on.
@@ -99,6 +144,8 @@ impl<IO> Strict<IO> {
         Self {
             inner,
             state: State::Head,
+            scan: Scan::default(),
+            parsed: std::cell::Cell::new(0),
             held: BytesMut::new(),
             cleared: 0,
             max_head,
@@ -106,6 +153,22 @@ impl<IO> Strict<IO> {
             on_refusal,
             eof: false,
         }
+    }
+
+    /// Bytes handed to `httparse` so far.
+    pub fn parsed_bytes(&self) -> u64 {
+        self.parsed.get()
+    }
+
+    /// Counts `bytes` as handed to the parser.
+    fn parsing(&self, bytes: &[u8]) {
+        self.parsed.set(self.parsed.get() + bytes.len() as u64);
+    }
+
+    /// The piece at hand is judged: the next one starts unscanned.
+    fn next_piece(&mut self, state: State) {
+        self.state = state;
+        self.scan = Scan::default();
     }
 
     fn refuse(&mut self, why: Refusal) {
@@ -141,17 +204,27 @@ impl<IO> Strict<IO> {
                 State::ChunkEnd => match rest {
                     [b'\r', b'\n', ..] => {
                         self.cleared += 2;
-                        self.state = State::ChunkSize;
+                        self.next_piece(State::ChunkSize);
                     }
                     [b'\n', ..] => return self.refuse(Refusal::BareLf),
                     [b'\r'] => return,
                     _ => self.state = State::Unchecked,
                 },
                 State::ChunkSize => {
-                    let parse = |b: &[u8]| parsed(httparse::parse_chunk_size(b), |(used, _)| used);
+                    if !self.scan.ready(rest, true) && rest.len() <= MAX_CHUNK_LINE {
+                        return;
+                    }
+                    let parse = |b: &[u8]| {
+                        self.parsing(b);
+                        parsed(httparse::parse_chunk_size(b), |(used, _)| used)
+                    };
                     match check(rest, parse, MAX_CHUNK_LINE) {
                         Check::Refuse => return self.refuse(Refusal::BareLf),
-                        Check::Wait => return,
+                        Check::Wait => {
+                            // Not judged after all: wait for the next line end.
+                            self.scan.ready = false;
+                            return;
+                        }
                         Check::Unchecked => self.state = State::Unchecked,
                         Check::Good(used) => {
                             let size = match httparse::parse_chunk_size(&rest[..used]) {
@@ -159,45 +232,61 @@ impl<IO> Strict<IO> {
                                 _ => 0,
                             };
                             self.cleared += used;
-                            self.state = if size == 0 {
+                            self.next_piece(if size == 0 {
                                 State::Trailers
                             } else {
                                 State::ChunkData(size)
-                            };
+                            });
                         }
                     }
                 }
                 State::Trailers => {
                     if rest.starts_with(b"\r\n") {
                         self.cleared += 2;
-                        self.state = State::Head;
+                        self.next_piece(State::Head);
                         continue;
                     }
                     if rest.starts_with(b"\n") {
                         return self.refuse(Refusal::BareLf);
                     }
+                    if !self.scan.ready(rest, false) && rest.len() <= self.max_head {
+                        return;
+                    }
                     let parse = |b: &[u8]| {
                         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                        self.parsing(b);
                         parsed(httparse::parse_headers(b, &mut headers), |(used, _)| used)
                     };
                     match check(rest, parse, self.max_head) {
                         Check::Refuse => return self.refuse(Refusal::BareLf),
-                        Check::Wait => return,
+                        Check::Wait => {
+                            // Not judged after all: wait for the next line end.
+                            self.scan.ready = false;
+                            return;
+                        }
                         Check::Unchecked => self.state = State::Unchecked,
                         Check::Good(used) => {
                             self.cleared += used;
-                            self.state = State::Head;
+                            self.next_piece(State::Head);
                         }
                     }
                 }
                 State::Head => {
+                    if !self.scan.ready(rest, false) && rest.len() <= self.max_head {
+                        return;
+                    }
                     let parse = |b: &[u8]| {
                         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                        self.parsing(b);
                         parsed(httparse::Request::new(&mut headers).parse(b), |used| used)
                     };
                     match check(rest, parse, self.max_head) {
                         Check::Refuse => return self.refuse(Refusal::BareLf),
-                        Check::Wait => return,
+                        Check::Wait => {
+                            // Not judged after all: wait for the next line end.
+                            self.scan.ready = false;
+                            return;
+                        }
                         Check::Unchecked => self.state = State::Unchecked,
                         Check::Good(used) => {
                             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -211,13 +300,13 @@ impl<IO> Strict<IO> {
                                 Err(why) => return self.refuse(why),
                             };
                             self.cleared += used;
-                            self.state = match framing {
+                            self.next_piece(match framing {
                                 Framing::Chunked => State::ChunkSize,
                                 Framing::Length(0) => State::Head,
                                 Framing::Length(n) => State::Body(n),
                                 // hyper refuses it.
                                 Framing::Invalid => State::Unchecked,
-                            };
+                            });
                         }
                     }
                 }

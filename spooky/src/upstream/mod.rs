@@ -1,7 +1,21 @@
 //! HTTP/2 connections to backends: one [`BackendPool`] per worker per backend, owned by that
 //! worker's single-threaded runtime (no locks shared across threads). A pool multiplexes
-//! requests over its connections up to each peer's stream limit, opens more connections when
-//! they are saturated, and forgets connections that closed or received GOAWAY.
+//! requests over its connections up to each peer's stream limit (100 until the peer's
+//! SETTINGS say otherwise), opens more connections when they are saturated, and forgets
+//! connections that closed or received GOAWAY.
+//!
+//! Admission, as Envoy's circuit breakers and linkerd's fail-fast buffers do it: a request
+//! that finds no free stream slot waits, as one of at most `max_pending` (more get
+//! [`ErrorKind::Overflow`] at once), for a connection being made or a slot being freed, until
+//! the connect timeout (then [`ErrorKind::PendingTimeout`]) or until its caller gives up (the
+//! client left: the wait is dropped). Connects run concurrently, outside any request: as many
+//! as the waiting requests need (one per 100 of them), up to [`MAX_CONNS_PER_BACKEND`]
+//! connections. A failed connect fails every request that waited for it, with its error,
+//! once no other connect is under way; after a failure, new connects wait out a back-off
+//! ([`BACKOFF_BASE`] doubling per consecutive failure, at most [`BACKOFF_MAX`]) and requests
+//! during it fail at once with the last error. Such repeats of one failure are marked
+//! ([`UpstreamError::repeat`]) so passive health counts the failure once. Nothing parks in
+//! h2's own unbounded queue.
 //!
 //! Transport is h2c (prior knowledge) or TLS with ALPN `h2` through rustls (the client
 //! configuration comes built from the snapshot). What went wrong is classified here, as
@@ -12,17 +26,28 @@ pub mod readahead;
 
 use crate::config::Backend;
 use crate::snapshot::TlsPlan;
+use crate::stats::WorkerStats;
 use bytes::Bytes;
 use h2::client::SendRequest;
 use readahead::ReadAhead;
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
-use std::rc::Rc;
-use std::time::Duration;
+use std::rc::{Rc, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
 /// Most connections a worker opens to one backend.
-const MAX_CONNS_PER_BACKEND: usize = 16;
+pub const MAX_CONNS_PER_BACKEND: usize = 16;
+/// Streams a new connection is taken to carry before its peer's SETTINGS arrive (RFC 9113
+/// §6.5.2 recommends allowing at least 100), and how many waiting requests call for one more
+/// connect.
+pub const STREAMS_PER_NEW_CONN: usize = 100;
+/// Back-off after a failed connect, doubling per consecutive failure up to [`BACKOFF_MAX`].
+pub const BACKOFF_BASE: Duration = Duration::from_millis(50);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// HTTP/2 receive windows towards backends: per stream and per connection. The stream window
 /// bounds what one response may hold in h2's buffers while its client does not read; the
 /// connection window is as large as HTTP/2 allows, so that streams whose clients do not read
@@ -50,15 +75,22 @@ pub enum ErrorKind {
     ResponseTimeout,
     /// The backend sent something that is not valid HTTP/2 or HTTP.
     Protocol,
+    /// `max_pending` requests already wait for this backend: refused at once.
+    Overflow,
+    /// No stream slot came free (and no connection came up) within the connect timeout.
+    PendingTimeout,
 }
 
 /// A failure talking to backend `backend`.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("backend {backend}: {kind:?}: {detail}")]
 pub struct UpstreamError {
     pub kind: ErrorKind,
     pub backend: Rc<str>,
     pub detail: String,
+    /// Another request's failure handed on (it waited for the same connect, or came during
+    /// the back-off after it): already counted once for the backend's health.
+    pub repeat: bool,
 }
 
 impl UpstreamError {
@@ -67,6 +99,16 @@ impl UpstreamError {
             kind,
             backend: backend.clone(),
             detail: detail.to_string(),
+            repeat: false,
+        }
+    }
+
+    /// This failure as handed on to another request.
+    fn repeated(&self, why: &str) -> Self {
+        Self {
+            detail: format!("{why}: {}", self.detail),
+            repeat: true,
+            ..self.clone()
         }
     }
 
@@ -111,9 +153,10 @@ impl Connector {
     ///
     /// # Errors
     /// [`UpstreamError`] of kind `Connect`, `ConnectTimeout`, `Tls` or `Handshake`.
-    pub async fn connect(
+    async fn connect(
         &self,
         closed: Rc<Cell<bool>>,
+        pool: Weak<BackendPool>,
     ) -> Result<SendRequest<Bytes>, UpstreamError> {
         let b = &self.backend;
         let tcp =
@@ -137,6 +180,7 @@ impl Connector {
         let _ = tcp.set_nodelay(true);
         let mut builder = h2::client::Builder::new();
         builder
+            .initial_max_send_streams(STREAMS_PER_NEW_CONN)
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
             .max_frame_size(64 * 1024)
@@ -147,7 +191,7 @@ impl Connector {
                     .handshake::<_, Bytes>(ReadAhead::h2_frames(tcp))
                     .await
                     .map_err(|e| UpstreamError::new(ErrorKind::Handshake, b, e))?;
-                spawn_driver(conn, closed, b.clone());
+                spawn_driver(conn, closed, pool.clone(), b.clone());
                 Ok(send)
             }
             Some(plan) => {
@@ -181,15 +225,19 @@ impl Connector {
                     .handshake::<_, Bytes>(tls)
                     .await
                     .map_err(|e| UpstreamError::new(ErrorKind::Handshake, b, e))?;
-                spawn_driver(conn, closed, b.clone());
+                spawn_driver(conn, closed, pool.clone(), b.clone());
                 Ok(send)
             }
         }
     }
 }
 
-fn spawn_driver<T>(conn: h2::client::Connection<T, Bytes>, closed: Rc<Cell<bool>>, backend: Rc<str>)
-where
+fn spawn_driver<T>(
+    conn: h2::client::Connection<T, Bytes>,
+    closed: Rc<Cell<bool>>,
+    pool: Weak<BackendPool>,
+    backend: Rc<str>,
+) where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
 {
     tokio::task::spawn_local(async move {
@@ -197,6 +245,10 @@ where
             tracing::debug!(backend = %backend, error = %e, "upstream connection ended");
         }
         closed.set(true);
+        // Weak: a pool a reload dropped lets its connections go.
+        if let Some(pool) = pool.upgrade() {
+            pool.connection_closed();
+        }
     });
 }
 
@@ -210,28 +262,88 @@ struct PooledConn {
 pub struct Lease {
     pub send: SendRequest<Bytes>,
     in_flight: Rc<Cell<usize>>,
+    pool: Rc<BackendPool>,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         self.in_flight.set(self.in_flight.get().saturating_sub(1));
+        if self.pool.pending.get() > 0 {
+            // One waiting request may take the slot.
+            self.pool.changed.notify_one();
+        }
     }
 }
 
-/// One worker's connections to one backend.
+/// How a pool bounds the requests waiting for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolLimits {
+    /// Most requests waiting at once (this worker's share of `max_pending_requests`).
+    pub max_pending: usize,
+}
+
+/// The back-off after failed connects.
+#[derive(Clone, Copy, Default)]
+struct Backoff {
+    /// Consecutive failed connects.
+    failures: u32,
+    /// No new connect before then.
+    until: Option<Instant>,
+}
+
+/// One worker's connections to one backend, and the requests waiting for room on them.
 pub struct BackendPool {
     pub connector: Connector,
+    limits: Cell<PoolLimits>,
     conns: RefCell<Vec<PooledConn>>,
-    connecting: tokio::sync::Mutex<()>,
+    /// Connects under way.
+    connecting: Cell<usize>,
+    /// Requests waiting for a slot.
+    pending: Cell<usize>,
+    /// Rung when a slot may have come free: a connection came up, closed or failed to come
+    /// up, or a stream ended.
+    changed: Notify,
+    backoff: Cell<Backoff>,
+    /// Connect failures so far, and the last one (handed to the requests that waited).
+    failures: Cell<u64>,
+    last_failure: RefCell<Option<UpstreamError>>,
+    /// The worker's counters (overflows, pending timeouts, back-off refusals); none for the
+    /// health checker's probes.
+    stats: Option<Arc<WorkerStats>>,
+}
+
+/// Counts a request as waiting while it lives.
+struct Waiting<'a>(&'a BackendPool);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.pending.set(self.0.pending.get().saturating_sub(1));
+    }
 }
 
 impl BackendPool {
-    pub fn new(connector: Connector) -> Self {
+    pub fn new(
+        connector: Connector,
+        limits: PoolLimits,
+        stats: Option<Arc<WorkerStats>>,
+    ) -> Self {
         Self {
             connector,
+            limits: Cell::new(limits),
             conns: RefCell::new(Vec::new()),
-            connecting: tokio::sync::Mutex::new(()),
+            connecting: Cell::new(0),
+            pending: Cell::new(0),
+            changed: Notify::new(),
+            backoff: Cell::new(Backoff::default()),
+            failures: Cell::new(0),
+            last_failure: RefCell::new(None),
+            stats,
         }
+    }
+
+    /// New limits (a reload that kept this pool).
+    pub fn set_limits(&self, limits: PoolLimits) {
+        self.limits.set(limits);
     }
 
     /// Requests in flight on this worker to this backend.
@@ -239,64 +351,174 @@ impl BackendPool {
         self.conns.borrow().iter().map(|c| c.in_flight.get()).sum()
     }
 
-    /// A slot on a connection with room for one more stream, connecting when none has room.
-    /// `fresh` forces a new connection (used for the one retry after a refused stream).
+    /// A slot on a connection with room for one more stream: at once when there is one,
+    /// else after waiting for a connection to come up or a slot to come free (see the module
+    /// documentation). `fresh` asks for a new connection of its own (the one retry after a
+    /// refused stream).
     ///
     /// # Errors
-    /// The connect error when a new connection was needed and could not be made.
+    /// [`ErrorKind::Overflow`] at once when too many requests wait; the connect's error when
+    /// the connect it waited for failed (or, during the back-off after one, at once);
+    /// [`ErrorKind::PendingTimeout`] after the connect timeout.
     ///
     /// # Cancel safety
-    /// Cancel-safe: a connection made by a cancelled call stays in the pool.
-    pub async fn checkout(&self, fresh: bool) -> Result<Lease, UpstreamError> {
-        if !fresh {
-            if let Some(lease) = self.try_lease() {
-                return Ok(lease);
-            }
+    /// Cancel-safe: a request that stops waiting (its client left) leaves the pool as it
+    /// was, and a connect it caused goes on for the others.
+    pub async fn checkout(self: &Rc<Self>, fresh: bool) -> Result<Lease, UpstreamError> {
+        if fresh {
+            return self.connect_own().await;
         }
-        let _guard = self.connecting.lock().await;
-        if !fresh {
-            if let Some(lease) = self.try_lease() {
-                return Ok(lease);
-            }
-        }
-        if self.conns.borrow().len() >= MAX_CONNS_PER_BACKEND {
-            // Saturated everywhere: queue on the least loaded connection.
-            let (send, in_flight) = {
-                let conns = self.conns.borrow();
-                let c = conns.iter().min_by_key(|c| c.in_flight.get());
-                match c {
-                    Some(c) => (c.send.clone(), c.in_flight.clone()),
-                    None => {
-                        return Err(UpstreamError::new(
-                            ErrorKind::Connect,
-                            &self.connector.backend,
-                            "no connection",
-                        ))
-                    }
-                }
-            };
-            in_flight.set(in_flight.get() + 1);
-            let mut lease = Lease { send, in_flight };
-            lease.send = lease
-                .send
-                .clone()
-                .ready()
-                .await
-                .map_err(|e| UpstreamError::from_h2(&e, &self.connector.backend))?;
+        if let Some(lease) = self.try_lease() {
             return Ok(lease);
         }
-        let closed = Rc::new(Cell::new(false));
-        let send = self.connector.connect(closed.clone()).await?;
-        let in_flight = Rc::new(Cell::new(1));
-        self.conns.borrow_mut().push(PooledConn {
-            send: send.clone(),
-            in_flight: in_flight.clone(),
-            closed,
-        });
-        Ok(Lease { send, in_flight })
+        let backend = &self.connector.backend;
+        if self.pending.get() >= self.limits.get().max_pending {
+            self.count(|s| &s.upstream_overflow);
+            return Err(UpstreamError::new(
+                ErrorKind::Overflow,
+                backend,
+                format!(
+                    "{} requests already wait for a connection or a stream slot",
+                    self.pending.get()
+                ),
+            ));
+        }
+        self.pending.set(self.pending.get() + 1);
+        let _waiting = Waiting(self);
+        let deadline = Instant::now() + self.connector.connect_timeout;
+        let failures_before = self.failures.get();
+        loop {
+            let changed = self.changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(lease) = self.try_lease() {
+                return Ok(lease);
+            }
+            if self.failures.get() != failures_before && self.connecting.get() == 0 {
+                // The connect we waited for failed, and no other is under way.
+                if let Some(e) = self.last_failure.borrow().as_ref() {
+                    return Err(e.repeated("the connect this request waited for failed"));
+                }
+            }
+            if self.connecting.get() == 0 {
+                if let Some(e) = self.backing_off() {
+                    self.count(|s| &s.upstream_backoff_refusals);
+                    return Err(e);
+                }
+            }
+            self.connect_if_needed();
+            tokio::select! {
+                () = changed => {}
+                () = tokio::time::sleep_until(deadline.into()) => {
+                    if let Some(lease) = self.try_lease() {
+                        return Ok(lease);
+                    }
+                    self.count(|s| &s.upstream_pending_timeouts);
+                    return Err(UpstreamError::new(
+                        ErrorKind::PendingTimeout,
+                        backend,
+                        format!(
+                            "no connection or stream slot within {:?} ({} open, {} connecting)",
+                            self.connector.connect_timeout,
+                            self.conns.borrow().len(),
+                            self.connecting.get()
+                        ),
+                    ));
+                }
+            }
+        }
     }
 
-    fn try_lease(&self) -> Option<Lease> {
+    /// The last connect error, repeated, while the back-off after it lasts.
+    fn backing_off(&self) -> Option<UpstreamError> {
+        let until = self.backoff.get().until?;
+        if Instant::now() >= until {
+            return None;
+        }
+        let last = self.last_failure.borrow();
+        last.as_ref().map(|e| e.repeated("backing off after a failed connect"))
+    }
+
+    /// Starts a connect when the waiting requests outnumber what the connects under way will
+    /// bring, within [`MAX_CONNS_PER_BACKEND`] and outside a back-off.
+    fn connect_if_needed(self: &Rc<Self>) {
+        let open = self.conns.borrow().len() + self.connecting.get();
+        let coming = self.connecting.get() * STREAMS_PER_NEW_CONN;
+        let wanted = self.pending.get() > coming;
+        if !wanted || open >= MAX_CONNS_PER_BACKEND || self.backing_off().is_some() {
+            return;
+        }
+        self.connecting.set(self.connecting.get() + 1);
+        let pool = self.clone();
+        tokio::task::spawn_local(async move {
+            let result = pool.open_connection().await;
+            pool.connecting.set(pool.connecting.get().saturating_sub(1));
+            if let Err(e) = result {
+                tracing::debug!(backend = %e.backend, error = %e.detail, "connect failed");
+            }
+            pool.changed.notify_waiters();
+        });
+    }
+
+    /// A connection of the caller's own (after a refused stream: the retry must not land on
+    /// the connection that refused it).
+    async fn connect_own(self: &Rc<Self>) -> Result<Lease, UpstreamError> {
+        self.connecting.set(self.connecting.get() + 1);
+        let result = self.open_connection().await;
+        self.connecting.set(self.connecting.get().saturating_sub(1));
+        self.changed.notify_waiters();
+        let (send, in_flight) = result?;
+        in_flight.set(in_flight.get() + 1);
+        Ok(Lease {
+            send,
+            in_flight,
+            pool: self.clone(),
+        })
+    }
+
+    /// Connects, and adds the connection to the pool (or records the failure and backs off).
+    async fn open_connection(
+        self: &Rc<Self>,
+    ) -> Result<(SendRequest<Bytes>, Rc<Cell<usize>>), UpstreamError> {
+        let closed = Rc::new(Cell::new(false));
+        match self.connector.connect(closed.clone(), Rc::downgrade(self)).await {
+            Ok(send) => {
+                self.backoff.set(Backoff::default());
+                let in_flight = Rc::new(Cell::new(0));
+                self.conns.borrow_mut().push(PooledConn {
+                    send: send.clone(),
+                    in_flight: in_flight.clone(),
+                    closed,
+                });
+                Ok((send, in_flight))
+            }
+            Err(e) => {
+                let mut b = self.backoff.get();
+                let wait = BACKOFF_BASE
+                    .saturating_mul(1 << b.failures.min(16))
+                    .min(BACKOFF_MAX);
+                b.failures = b.failures.saturating_add(1);
+                b.until = Some(Instant::now() + wait);
+                self.backoff.set(b);
+                self.failures.set(self.failures.get() + 1);
+                *self.last_failure.borrow_mut() = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    /// A connection closed: waiting requests look again (a connect may be needed).
+    fn connection_closed(&self) {
+        self.changed.notify_waiters();
+    }
+
+    fn count(&self, counter: impl Fn(&WorkerStats) -> &AtomicU64) {
+        if let Some(stats) = &self.stats {
+            counter(stats).fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn try_lease(self: &Rc<Self>) -> Option<Lease> {
         let mut conns = self.conns.borrow_mut();
         conns.retain_mut(|c| !c.closed.get() && usable(&mut c.send));
         let c = conns
@@ -307,9 +529,12 @@ impl BackendPool {
         Some(Lease {
             send: c.send.clone(),
             in_flight: c.in_flight.clone(),
+            pool: self.clone(),
         })
     }
 }
+
+
 
 /// Whether a connection can take a new stream now: not closed and no GOAWAY received.
 fn usable(send: &mut SendRequest<Bytes>) -> bool {

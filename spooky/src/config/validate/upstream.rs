@@ -104,6 +104,10 @@ fn build_upstream(
         None => Some(None),
         Some(size) => size_in(errs, &format!("{path}.max_request_body"), size).map(Some),
     };
+    let max_pending_requests = errs.check(
+        &format!("{path}.max_pending_requests"),
+        int_in::<u32>(raw.max_pending_requests, 1, 1_000_000),
+    );
     if !valid_name(name) || raw.backends.is_empty() {
         return None;
     }
@@ -116,6 +120,7 @@ fn build_upstream(
         passive_health: passive_health?,
         fail_open: raw.fail_open,
         max_request_body: max_request_body?,
+        max_pending_requests: max_pending_requests?,
     })
 }
 

@@ -23,7 +23,7 @@ fn head(status: &str) -> Vec<Header> {
 
 #[test]
 fn the_request_body_flows_to_the_task_and_ends_once() {
-    let (lp, task) = new(shape(Some(5), None), stats());
+    let (lp, task) = new(shape(Some(5), None), stats(), None);
     assert!(poll(&task).is_pending());
     lp.push_request(Bytes::from_static(b"abc")).unwrap();
     lp.push_request(Bytes::from_static(b"de")).unwrap();
@@ -40,7 +40,7 @@ fn the_request_body_flows_to_the_task_and_ends_once() {
 
 #[test]
 fn trailers_end_the_body_and_cannot_come_twice() {
-    let (lp, task) = new(shape(None, None), stats());
+    let (lp, task) = new(shape(None, None), stats(), None);
     let mut t = http::HeaderMap::new();
     t.insert("x-t", http::HeaderValue::from_static("1"));
     lp.end_request(Some(t.clone())).unwrap();
@@ -57,7 +57,7 @@ fn trailers_end_the_body_and_cannot_come_twice() {
 
 #[test]
 fn the_body_must_match_content_length() {
-    let (lp, _task) = new(shape(Some(3), None), stats());
+    let (lp, _task) = new(shape(Some(3), None), stats(), None);
     assert_eq!(
         lp.push_request(Bytes::from_static(b"abcd")),
         Err(BodyError::LengthMismatch)
@@ -68,7 +68,7 @@ fn the_body_must_match_content_length() {
 
 #[test]
 fn a_body_over_the_limit_turns_into_too_large() {
-    let (lp, task) = new(shape(None, Some(4)), stats());
+    let (lp, task) = new(shape(None, Some(4)), stats(), None);
     lp.push_request(Bytes::from_static(b"abc")).unwrap();
     assert_eq!(
         lp.push_request(Bytes::from_static(b"de")),
@@ -82,16 +82,70 @@ fn a_body_over_the_limit_turns_into_too_large() {
 }
 
 #[test]
-fn the_loop_stops_reading_when_the_queue_is_full() {
-    let (lp, task) = new(shape(None, None), stats());
+fn the_loop_stops_reading_when_the_queue_is_full_and_is_woken_when_there_is_room() {
+    let wakeup = Rc::new(Wakeup::default());
+    let waker = ConnWaker::new(wakeup.clone(), (3, 7));
+    let (lp, task) = new(shape(None, None), stats(), Some(waker));
     assert!(lp.room_for_request());
     lp.push_request(Bytes::from(vec![0; REQ_BUF_LIMIT]))
         .unwrap();
     assert!(!lp.room_for_request());
-    assert!(task.loop_read_blocked());
     assert!(!lp.wants_reading());
+    assert!(wakeup.take().is_empty(), "nothing for the loop yet");
     let _ = poll(&task);
     assert!(lp.wants_reading());
+    // The exchange itself woke the connection, once however often it was asked.
+    assert_eq!(wakeup.take(), vec![(3, 7)]);
+    assert!(wakeup.take().is_empty());
+}
+
+#[test]
+fn every_task_change_wakes_the_connection_once_until_the_loop_looks() {
+    let wakeup = Rc::new(Wakeup::default());
+    let waker = ConnWaker::new(wakeup.clone(), (1, 2));
+    let (lp, task) = new(shape(None, None), stats(), Some(waker));
+    task.respond(head("200")).unwrap();
+    task.push_body(Bytes::from_static(b"a")).unwrap();
+    task.push_body(Bytes::from_static(b"b")).unwrap();
+    assert_eq!(wakeup.take(), vec![(1, 2)], "one entry for three changes");
+    task.finish(None).unwrap();
+    assert_eq!(wakeup.take(), vec![(1, 2)]);
+    drop(task);
+    assert_eq!(wakeup.take(), vec![(1, 2)], "the task going away");
+    assert!(matches!(lp.pending(), Pending::Head { fin: false }));
+}
+
+#[test]
+fn a_task_that_panics_leaves_its_stream_reset_not_hanging() {
+    let stats = stats();
+    let wakeup = Rc::new(Wakeup::default());
+    let waker = ConnWaker::new(wakeup.clone(), (5, 1));
+    let (lp, task) = new(shape(None, None), stats.clone(), Some(waker));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let local = tokio::task::LocalSet::new();
+    let joined = local.block_on(&rt, async move {
+        tokio::task::spawn_local(async move {
+            let _task = task;
+            // Whatever bug it is: the task unwinds holding its end of the exchange.
+            let bug: Option<u8> = None;
+            bug.unwrap();
+        })
+        .await
+    });
+    assert!(joined.unwrap_err().is_panic());
+    assert!(matches!(lp.pending(), Pending::Reset(H3_INTERNAL_ERROR)));
+    assert!(lp.task_done());
+    assert_eq!(wakeup.take(), vec![(5, 1)], "the loop is told");
+    assert_eq!(stats.tasks_unfinished.load(Ordering::Relaxed), 1);
+    // A task that answered and went away normally counts nothing.
+    let (lp, task) = new(shape(None, None), stats.clone(), None);
+    task.respond(head("200")).unwrap();
+    task.finish(None).unwrap();
+    drop(task);
+    assert!(matches!(lp.pending(), Pending::Head { fin: true }));
+    assert_eq!(stats.tasks_unfinished.load(Ordering::Relaxed), 1);
 }
 
 #[test]
@@ -100,9 +154,9 @@ fn a_request_without_body_goes_up_with_its_head() {
         body_follows: false,
         ..RequestShape::default()
     };
-    let (_lp, task) = new(no_body, stats());
+    let (_lp, task) = new(no_body, stats(), None);
     assert!(task.request_is_empty());
-    let (lp, task) = new(shape(None, None), stats());
+    let (lp, task) = new(shape(None, None), stats(), None);
     assert!(!task.request_is_empty());
     lp.end_request(None).unwrap();
     assert!(task.request_is_empty());
@@ -110,7 +164,7 @@ fn a_request_without_body_goes_up_with_its_head() {
 
 #[test]
 fn the_response_is_written_in_order_head_body_trailers() {
-    let (lp, task) = new(shape(None, None), stats());
+    let (lp, task) = new(shape(None, None), stats(), None);
     assert!(matches!(lp.pending(), Pending::Nothing));
     // Body and end before the head are refused and change nothing.
     assert!(task.push_body(Bytes::from_static(b"x")).is_err());
@@ -145,7 +199,7 @@ fn the_response_is_written_in_order_head_body_trailers() {
 
 #[test]
 fn the_last_chunk_carries_fin() {
-    let (lp, task) = new(shape(None, None), stats());
+    let (lp, task) = new(shape(None, None), stats(), None);
     task.respond(head("200")).unwrap();
     task.push_body(Bytes::from_static(b"ab")).unwrap();
     task.push_body(Bytes::from_static(b"cd")).unwrap();
@@ -176,13 +230,13 @@ fn a_local_answer_is_complete_at_once() {
 
 #[test]
 fn a_reset_replaces_whatever_was_queued() {
-    let (lp, task) = new(shape(None, None), stats());
+    let (lp, task) = new(shape(None, None), stats(), None);
     task.respond(head("200")).unwrap();
     task.push_body(Bytes::from_static(b"partial")).unwrap();
     task.reset(0x102).unwrap();
     assert!(matches!(lp.pending(), Pending::Reset(0x102)));
     assert!(task.finish(None).is_err());
-    let (lp, task) = new(shape(None, None), stats());
+    let (lp, task) = new(shape(None, None), stats(), None);
     task.respond(head("204")).unwrap();
     task.finish(None).unwrap();
     lp.head_written(true).unwrap();
@@ -191,7 +245,7 @@ fn a_reset_replaces_whatever_was_queued() {
 
 #[test]
 fn the_client_leaving_wakes_and_stops_the_task() {
-    let (lp, task) = new(shape(None, None), stats());
+    let (lp, task) = new(shape(None, None), stats(), None);
     lp.push_request(Bytes::from_static(b"queued")).unwrap();
     lp.abort();
     assert!(lp.client_gone());
@@ -206,7 +260,7 @@ fn the_client_leaving_wakes_and_stops_the_task() {
 
 #[test]
 fn the_response_queue_is_bounded() {
-    let (lp, task) = new(shape(None, None), stats());
+    let (lp, task) = new(shape(None, None), stats(), None);
     task.respond(head("200")).unwrap();
     task.push_body(Bytes::from(vec![0; RESP_BUF_LIMIT]))
         .unwrap();
@@ -220,7 +274,7 @@ fn the_response_queue_is_bounded() {
 /// follows the credit it gives, up to `RESP_BUF_LIMIT`.
 #[test]
 fn the_response_queue_follows_the_clients_credit() {
-    let (lp, task) = new(shape(None, None), stats());
+    let (lp, task) = new(shape(None, None), stats(), None);
     task.respond(head("200")).unwrap();
     lp.head_written(false).unwrap();
     lp.set_client_room(0);
@@ -240,7 +294,7 @@ fn the_response_queue_follows_the_clients_credit() {
 #[test]
 fn live_exchanges_are_counted() {
     let s = stats();
-    let (lp, task) = new(shape(None, None), s.clone());
+    let (lp, task) = new(shape(None, None), s.clone(), None);
     assert_eq!(s.streams_active.load(Ordering::Relaxed), 1);
     drop(task);
     assert_eq!(s.streams_active.load(Ordering::Relaxed), 1);

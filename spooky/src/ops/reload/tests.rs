@@ -69,7 +69,7 @@ fn worker(index: usize, plays: Plays) -> (Link<u32>, JoinHandle<Vec<u64>>) {
     (tx, thread)
 }
 
-fn run(plays: &[Plays]) -> (Result<(), SwitchError>, Vec<Vec<u64>>) {
+fn run(plays: &[Plays]) -> (Result<Switched, SwitchError>, Vec<Vec<u64>>) {
     let (links, threads): (Vec<_>, Vec<_>) =
         plays.iter().enumerate().map(|(i, p)| worker(i, *p)).unzip();
     let updates = (0..plays.len() as u32).collect();
@@ -82,7 +82,7 @@ fn run(plays: &[Plays]) -> (Result<(), SwitchError>, Vec<Vec<u64>>) {
 #[test]
 fn every_worker_switches_when_all_prepare() {
     let (result, ran) = run(&[Plays::Fine, Plays::Fine, Plays::Fine]);
-    assert_eq!(result, Ok(()));
+    assert_eq!(result, Ok(Switched::default()));
     assert_eq!(ran, vec![vec![1, 2]; 3]);
 }
 
@@ -107,14 +107,23 @@ fn a_silent_worker_leaves_every_worker_on_the_old_configuration() {
 }
 
 #[test]
-fn a_gone_worker_leaves_every_worker_on_the_old_configuration() {
-    let (live, live_thread) = worker(0, Plays::Fine);
+fn a_gone_worker_is_skipped_and_reported_and_the_live_ones_switch() {
+    let (first, first_thread) = worker(0, Plays::Fine);
+    let (third, third_thread) = worker(2, Plays::Fine);
     let (closed, rx) = mpsc::unbounded_channel::<Command<u32>>();
     drop(rx);
-    let result = switch(&[live.clone(), closed], vec![0, 1], 2, WAIT);
-    assert_eq!(result, Err(SwitchError::Gone(1)));
-    drop(live);
-    assert_eq!(live_thread.join().unwrap(), vec![1]);
+    let result = switch(&[first.clone(), closed, third.clone()], vec![0, 1, 2], 2, WAIT);
+    assert_eq!(result, Ok(Switched { gone: vec![1] }));
+    drop((first, third));
+    assert_eq!(first_thread.join().unwrap(), vec![1, 2]);
+    assert_eq!(third_thread.join().unwrap(), vec![1, 2]);
+    // With nobody alive there is nothing to switch.
+    let (closed, rx) = mpsc::unbounded_channel::<Command<u32>>();
+    drop(rx);
+    assert_eq!(
+        switch(&[closed], vec![0], 2, WAIT),
+        Err(SwitchError::NoneAlive)
+    );
 }
 
 #[test]

@@ -95,8 +95,12 @@ fn our_cid(worker: u8) -> Vec<u8> {
 /// A CID of ours for `worker` as the worker mints the ones Initials carry: its hash (key 0, 4
 /// workers) places it on `worker`.
 fn placed_cid(worker: u8) -> Vec<u8> {
+    placed_cid_seeded(worker, 7)
+}
+
+/// Another CID of `worker`'s, as [`placed_cid`] with another nonce.
+fn placed_cid_seeded(worker: u8, mut seed: u32) -> Vec<u8> {
     let mut out = [0u8; 20];
-    let mut seed = 7u32;
     let fill = |buf: &mut [u8]| {
         for b in buf.iter_mut() {
             seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
@@ -129,7 +133,12 @@ fn decide(ep: &mut Endpoint, mut pkt: Vec<u8>, forwarded: bool) -> Decision {
 fn decide_at(ep: &mut Endpoint, pkt: &mut [u8], forwarded: bool, at: Now) -> Decision {
     let len = pkt.len();
     let hdr = Header::from_slice(pkt, layout().cid_len()).unwrap();
-    ep.admit(&hdr, len, client(), forwarded, &key(), at)
+    ep.admit(&hdr, len, client(), forwarded, &key(), at, retry_scid)
+}
+
+/// The source connection ID of the Retries worker 1 sends in these tests.
+fn retry_scid() -> ConnectionId<'static> {
+    ConnectionId::from_vec(placed_cid(1))
 }
 
 #[test]
@@ -186,7 +195,7 @@ fn retried() -> (Endpoint, Vec<u8>, Vec<u8>) {
         retry: RetryMode::Always,
         ..limits()
     });
-    let Decision::Retry { token } = decide(&mut ep, initial(&mine, &[], 1200), false) else {
+    let Decision::Retry { token, .. } = decide(&mut ep, initial(&mine, &[], 1200), false) else {
         panic!("no Retry");
     };
     (ep, mine, token)
@@ -196,22 +205,34 @@ fn retried() -> (Endpoint, Vec<u8>, Vec<u8>) {
 fn a_retry_token_comes_back_as_the_original_dcid() {
     let (mut ep, mine, token) = retried();
     // The client's second Initial carries the token and the CID we chose in the Retry.
-    let retry_scid = placed_cid(1);
-    let d = decide(&mut ep, initial(&retry_scid, &token, 1250), false);
+    let ours = placed_cid(1);
+    let d = decide(&mut ep, initial(&ours, &token, 1250), false);
     assert_eq!(
         d,
         Decision::Accept {
-            odcid: Some(ConnectionId::from_vec(mine))
+            odcid: Some(ConnectionId::from_vec(mine.clone()))
         }
     );
     // The same token from another address is refused.
-    let mut pkt = initial(&retry_scid, &token, 1250);
+    let mut pkt = initial(&ours, &token, 1250);
     let len = pkt.len();
     let hdr = Header::from_slice(&mut pkt, 16).unwrap();
     let elsewhere: SocketAddr = "192.0.2.8:50000".parse().unwrap();
     assert_eq!(
-        ep.admit(&hdr, len, elsewhere, false, &key(), now()),
+        ep.admit(&hdr, len, elsewhere, false, &key(), now(), retry_scid),
         Decision::Drop(DropReason::InvalidToken)
+    );
+    // Nor on an Initial to any other connection ID (one of ours the client saw on the path,
+    // say): the connection would take that ID and hand its reset token to this client.
+    let victim = placed_cid_seeded(1, 8);
+    assert_ne!(victim, ours);
+    assert_eq!(
+        decide(&mut ep, initial(&victim, &token, 1250), false),
+        Decision::Drop(DropReason::TokenForAnotherCid)
+    );
+    assert_eq!(
+        decide(&mut ep, initial(&mine, &token, 1250), false),
+        Decision::Drop(DropReason::TokenForAnotherCid)
     );
     // And after its lifetime.
     let later = Now {
@@ -219,7 +240,7 @@ fn a_retry_token_comes_back_as_the_original_dcid() {
         ..now()
     };
     assert_eq!(
-        ep.admit(&hdr, len, client(), false, &key(), later),
+        ep.admit(&hdr, len, client(), false, &key(), later, retry_scid),
         Decision::Drop(DropReason::InvalidToken)
     );
 }
@@ -249,7 +270,7 @@ fn retry_above_the_new_connection_rate() {
     let mut decide_at = |ms: u64| {
         let mut pkt = initial(&mine, &[], 1200);
         let hdr = Header::from_slice(&mut pkt, 16).unwrap();
-        ep.admit(&hdr, 1200, client(), false, &key(), at(ms))
+        ep.admit(&hdr, 1200, client(), false, &key(), at(ms), retry_scid)
     };
     for ms in [0, 10, 20] {
         assert_eq!(decide_at(ms), Decision::Accept { odcid: None }, "{ms} ms");
@@ -307,7 +328,7 @@ fn an_ipv6_client_counts_by_its_64_and_a_zero_limit_refuses_the_first() {
     let decide_from = |ep: &mut Endpoint, ip: &str| {
         let mut buf = initial(&mine, &[], 1200);
         let hdr = Header::from_slice(&mut buf, layout().cid_len()).unwrap();
-        ep.admit(&hdr, 1200, from(ip), false, &key(), now())
+        ep.admit(&hdr, 1200, from(ip), false, &key(), now(), retry_scid)
     };
     assert_eq!(
         decide_from(&mut ep, "2001:db8:1:2::9"),
@@ -322,6 +343,13 @@ fn an_ipv6_client_counts_by_its_64_and_a_zero_limit_refuses_the_first() {
         decide_from(&mut ep, "2001:db8:1:2::9"),
         Decision::Accept { odcid: None }
     );
+    // When the last connection of a /64 (or of a mapped IPv4 address) closes, its entry goes.
+    assert_eq!(ep.addresses(), 1);
+    ep.closed("2001:db8:1:2:ffff::8".parse().unwrap());
+    assert_eq!(ep.addresses(), 0, "the /64's entry is removed");
+    ep.opened("::ffff:192.0.2.9".parse().unwrap());
+    ep.closed("::ffff:192.0.2.9".parse().unwrap());
+    assert_eq!(ep.addresses(), 0, "the mapped address's entry is removed");
     // An IPv4-mapped address is its IPv4 address.
     assert_eq!(
         address_key("::ffff:192.0.2.7".parse().unwrap()),
@@ -456,7 +484,7 @@ fn resets_are_small_rate_limited_and_never_answer_a_reset() {
     let answered = (0..RESETS_PER_SEC + 10)
         .filter(|_| {
             matches!(
-                ep.admit(&hdr, len, client(), false, &key(), at(10)),
+                ep.admit(&hdr, len, client(), false, &key(), at(10), retry_scid),
                 Decision::Reset { .. }
             )
         })
@@ -466,7 +494,7 @@ fn resets_are_small_rate_limited_and_never_answer_a_reset() {
         "the rest of the second is withheld"
     );
     assert!(matches!(
-        ep.admit(&hdr, len, client(), false, &key(), at(1011)),
+        ep.admit(&hdr, len, client(), false, &key(), at(1011), retry_scid),
         Decision::Reset { .. }
     ));
 }
@@ -475,9 +503,9 @@ fn resets_are_small_rate_limited_and_never_answer_a_reset() {
 fn a_drainer_still_takes_the_answers_to_its_retries() {
     let (mut ep, mine, token) = retried();
     ep.drain();
-    let retry_scid = placed_cid(1);
+    let ours = placed_cid(1);
     assert_eq!(
-        decide(&mut ep, initial(&retry_scid, &token, 1250), false),
+        decide(&mut ep, initial(&ours, &token, 1250), false),
         Decision::Accept {
             odcid: Some(ConnectionId::from_vec(mine.clone()))
         }

@@ -144,3 +144,55 @@ fn what_hyper_refuses_itself_is_handed_on() {
     long.extend(std::iter::repeat_n(b'a', 70 * 1024));
     assert_eq!(through(&long, 4096), (long.clone(), None));
 }
+
+/// The parser's work for `data` sent a byte at a time, and what hyper would read.
+fn parse_work_byte_by_byte(data: &[u8]) -> (u64, Vec<u8>) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut s = Strict::new(
+            Trickle {
+                data: data.to_vec(),
+                pos: 0,
+                step: 1,
+            },
+            64 * 1024,
+            Box::new(|_| {}),
+        );
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        (s.parsed_bytes(), out)
+    })
+}
+
+#[test]
+fn a_head_trickled_byte_by_byte_is_parsed_a_bounded_number_of_times() {
+    // One long field, many short fields, a long chunked body's size lines and trailers:
+    // whatever the shape, the parser sees each byte a few times, not once per read.
+    let long = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Long: {}\r\n\r\n",
+        "a".repeat(60_000)
+    );
+    let many = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\n{}\r\n",
+        (0..100)
+            .map(|i| format!("X-{i}: {}\r\n", "v".repeat(500)))
+            .collect::<String>()
+    );
+    let chunked = format!(
+        "PUT / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n{}0\r\nX-T: {}\r\n\r\n",
+        "1;e=xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\r\nz\r\n".repeat(500),
+        "t".repeat(20_000)
+    );
+    for head in [long, many, chunked] {
+        let (work, out) = parse_work_byte_by_byte(head.as_bytes());
+        assert_eq!(out, head.as_bytes(), "passed through unchanged");
+        let bound = 4 * head.len() as u64;
+        assert!(
+            work <= bound,
+            "{} bytes trickled one at a time cost {work} bytes of parsing (bound {bound})",
+            head.len()
+        );
+    }
+}

@@ -1,14 +1,11 @@
-//! One worker per CPU: an OS thread (pinned when asked) running a single-threaded tokio
-//! runtime with a `LocalSet`. A worker owns one UDP socket of the listener's SO_REUSEPORT
-//! group, every QUIC connection whose connection IDs carry its index, its HTTP/2 pools and
-//! its load-balancer state. Nothing on the request path crosses threads or takes a lock.
-//!
-//! The loop only does I/O: receive a batch of datagrams → feed each to its connection, or ask
-//! the [`Endpoint`] what to do with it (forward to its owner, Version Negotiation, Retry,
-//! accept) and do that → service every touched connection (HTTP/3 events, what request tasks
-//! produced) → send what quiche produced. Request tasks wake the loop through the forwarder's
-//! [`crate::http::Wakeup`]; quiche timers are kept in an ordered set. Reloads arrive as the
-//! two phases of [`crate::ops::reload::switch`].
+//! A worker's QUIC front: its UDP socket of the listener's SO_REUSEPORT group and every QUIC
+//! connection whose connection IDs carry its index. The worker loop (`crate::worker`) drives
+//! it, a bounded step at a time: [`QuicFront::recv_batch`] feeds up to [`RECV_BATCH`]
+//! datagrams to their connections, or asks the [`Endpoint`] what to do with one for no
+//! connection (forward to its owner, Version Negotiation, Retry, accept) and does that;
+//! [`QuicFront::fire_timers`] runs quiche's due timers; [`QuicFront::service`] services the
+//! touched connections (HTTP/3 events, what request tasks produced, the exchanges having woken
+//! them through [`crate::http::Wakeup`]) and sends what quiche produced.
 
 use super::conn::{BytesFactory, Conn};
 use super::endpoint::{Decision, DropReason, Endpoint, Generations, Limits, Now, RESET_LEN};
@@ -16,11 +13,8 @@ use super::send::{Sender, MAX_DATAGRAM};
 use super::stall::StallBook;
 use super::token;
 use super::udp;
-use crate::http::{Forwarder, Services};
-use crate::ops::reload::{Answer, Command, WorkerUpdate};
-use crate::snapshot::Snapshot;
+use crate::http::{ConnWaker, Forwarder, Services};
 use crate::steering::{self, ProbeBoard};
-use crate::tcp;
 use quiche::ConnectionId;
 use spooky_common::CidLayout;
 use std::collections::{BTreeSet, HashMap};
@@ -28,11 +22,11 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
+use std::time::Instant;
+use tokio::sync::mpsc;
 
-/// Datagrams taken from the socket before servicing connections.
-const RECV_BATCH: usize = 64;
+/// Datagrams taken from the socket per step.
+pub const RECV_BATCH: usize = 64;
 
 /// A datagram handed from the worker that received it to the worker that owns it.
 pub struct Forwarded {
@@ -40,119 +34,42 @@ pub struct Forwarded {
     pub from: SocketAddr,
 }
 
-/// What a worker thread is given.
-pub struct WorkerSetup {
+/// What a QUIC front starts with.
+pub struct Setup {
     pub index: usize,
     pub workers: usize,
     pub socket: std::net::UdpSocket,
-    /// Its socket of the TCP listener's SO_REUSEPORT group, when `listen.tcp` is on.
-    pub tcp: Option<std::net::TcpListener>,
-    pub cpu: Option<usize>,
     pub layout: CidLayout,
     pub rng: ring::rand::SystemRandom,
-    /// What its request tasks use for the whole process.
-    pub services: Services,
-    pub snapshot: Arc<Snapshot>,
-    pub quic: quiche::Config,
-    pub inbox: mpsc::Receiver<Forwarded>,
+    pub services: Rc<Services>,
+    /// The forwarder of the first snapshot, and its QUIC and HTTP/3 configurations.
+    pub current: Current,
     pub peers: Vec<mpsc::Sender<Forwarded>>,
-    pub shutdown: watch::Receiver<bool>,
-    /// Reloads (two phases).
-    pub commands: mpsc::UnboundedReceiver<Command<WorkerUpdate>>,
     /// eBPF steering is in force: the kernel places client-chosen DCIDs (skipping workers
     /// marked dead), so an Initial that reaches this worker is this worker's.
     pub kernel_places_initials: bool,
-    /// The processes steering knows (this one, and one it takes over from or hands over to).
-    pub generations: watch::Receiver<Generations>,
+    pub generations: Generations,
     /// Where probes of the classic BPF tier are reported.
     pub probes: Arc<ProbeBoard>,
-    /// Ends the worker at once, as a crash would (`app::Running::kill_worker`, for tests of
-    /// what happens when a worker dies).
-    pub kill: Arc<tokio::sync::Notify>,
 }
 
-/// Why a worker could not run.
-#[derive(Debug, thiserror::Error)]
-pub enum WorkerError {
-    #[error("worker {worker}: cannot start its runtime: {source}")]
-    Runtime {
-        worker: usize,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("worker {worker}: TCP listener: {source}")]
-    Tcp {
-        worker: usize,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("worker {worker}: socket: {source}")]
-    Socket {
-        worker: usize,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("worker {worker}: HTTP/3 settings: {source}")]
-    H3 {
-        worker: usize,
-        #[source]
-        source: crate::snapshot::QuicConfigError,
-    },
-    #[error("worker thread panicked")]
-    Panicked,
-    #[error("worker {0} was killed (test hook)")]
-    Killed(usize),
+/// What the QUIC front runs with for one snapshot.
+pub struct Current {
+    pub fwd: Rc<Forwarder>,
+    pub qconfig: quiche::Config,
+    pub h3config: quiche::h3::Config,
 }
 
-/// Runs a worker on the current thread until shutdown completes.
-///
-/// # Errors
-/// [`WorkerError`] when the runtime or the socket cannot be set up.
-pub fn run(setup: WorkerSetup) -> Result<(), WorkerError> {
-    if let Some(cpu) = setup.cpu {
-        pin_to_cpu(cpu);
-    }
-    let worker = setup.index;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| WorkerError::Runtime { worker, source })?;
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
-        let mut worker = Worker::new(setup)?;
-        worker.run().await
-    })
-}
-
-fn pin_to_cpu(cpu: usize) {
-    // SAFETY: cpu_set_t is plain data; sched_setaffinity(0, …) affects only this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            tracing::warn!(cpu, "could not pin worker thread to its CPU");
-        }
-    }
-}
-
-/// What a worker runs with for one snapshot.
-struct Current {
-    fwd: Rc<Forwarder>,
-    qconfig: quiche::Config,
-    h3config: quiche::h3::Config,
-}
-
-struct Worker {
+/// One worker's QUIC side.
+pub struct QuicFront {
     index: usize,
     services: Rc<Services>,
     cur: Current,
-    /// A prepared reload waiting for its commit: (generation, what to switch to).
-    staged: Option<(u64, Current)>,
     tx: Sender,
     local: SocketAddr,
     endpoint: Endpoint,
     layout: CidLayout,
-    rng: ring::rand::SystemRandom,
+    mint: Mint,
     /// Connections by slot. Boxed: a `Conn` (with its quiche connection) is kilobytes, and
     /// a slab of them inline would grow by copying and keep up to twice the room it needs.
     conns: Vec<Option<Box<Conn>>>,
@@ -160,216 +77,109 @@ struct Worker {
     next_gen: u64,
     by_cid: HashMap<ConnectionId<'static>, usize>,
     timers: BTreeSet<(Instant, usize)>,
-    inbox: mpsc::Receiver<Forwarded>,
     peers: Vec<mpsc::Sender<Forwarded>>,
-    shutdown: watch::Receiver<bool>,
-    commands: mpsc::UnboundedReceiver<Command<WorkerUpdate>>,
-    generations: watch::Receiver<Generations>,
     probes: Arc<ProbeBoard>,
-    kill: Arc<tokio::sync::Notify>,
-    draining: Option<Instant>,
+    draining: bool,
     recv_buf: udp::RecvBatch,
     touched: Vec<usize>,
     /// Stalled response streams held per client address (`quic.max_stalled_streams_per_ip`).
     stalls: Rc<StallBook>,
-    /// The TLS-over-TCP front on this worker, when `listen.tcp` is on.
-    tcp: Option<tcp::Front>,
 }
 
-impl Worker {
-    fn new(setup: WorkerSetup) -> Result<Self, WorkerError> {
+impl QuicFront {
+    /// The front on `setup.socket`.
+    ///
+    /// # Errors
+    /// When the socket cannot be registered with the runtime.
+    pub fn new(setup: Setup) -> std::io::Result<Self> {
         let worker = setup.index;
-        let socket_err = |source| WorkerError::Socket { worker, source };
-        setup.socket.set_nonblocking(true).map_err(socket_err)?;
-        let local = setup.socket.local_addr().map_err(socket_err)?;
-        let socket = tokio::net::UdpSocket::from_std(setup.socket).map_err(socket_err)?;
+        setup.socket.set_nonblocking(true)?;
+        let local = setup.socket.local_addr()?;
+        let socket = tokio::net::UdpSocket::from_std(setup.socket)?;
         // Coalesced receives where the kernel supports them; `recv_batch` handles both.
         if !udp::enable_gro(&socket) {
             tracing::debug!(worker, "UDP GRO not available");
         }
-        let h3config = setup
-            .snapshot
-            .h3_config()
-            .map_err(|source| WorkerError::H3 { worker, source })?;
-        let services = Rc::new(setup.services);
-        let generations = *setup.generations.borrow();
-        let limits = Limits::share(&setup.snapshot.config.quic, setup.workers);
+        let config = &setup.current.fwd.snapshot.config;
+        let limits = Limits::share(&config.quic, setup.workers);
         let mut endpoint = Endpoint::new(
             worker,
-            generations,
+            setup.generations,
             setup.kernel_places_initials,
             setup.layout,
             limits,
             Instant::now(),
         );
-        endpoint.set_server_id(&setup.snapshot.config.quic.server_id);
-        let fwd = Rc::new(Forwarder::new(services.clone(), setup.snapshot, None));
-        let tcp = match setup.tcp {
-            Some(listener) => Some(
-                tcp::Front::start(listener, fwd.clone(), setup.workers)
-                    .map_err(|source| WorkerError::Tcp { worker, source })?,
-            ),
-            None => None,
-        };
+        let server_id = config.quic.server_id.clone();
+        endpoint.set_server_id(&server_id);
         Ok(Self {
-            tcp,
             index: worker,
-            tx: Sender::new(socket, services.stats.clone(), worker),
-            services,
-            cur: Current {
-                fwd,
-                qconfig: setup.quic,
-                h3config,
-            },
-            staged: None,
+            tx: Sender::new(socket, setup.services.stats.clone(), worker),
+            services: setup.services,
+            cur: setup.current,
             local,
             endpoint,
             layout: setup.layout,
-            rng: setup.rng,
+            mint: Mint {
+                worker: worker as u8,
+                workers: u32::try_from(setup.workers).unwrap_or(u32::MAX),
+                layout: setup.layout,
+                server_id,
+                hash_key: setup.generations.hash_key,
+                rng: setup.rng,
+            },
             conns: Vec::new(),
             free: Vec::new(),
             next_gen: 1,
             by_cid: HashMap::new(),
             timers: BTreeSet::new(),
-            inbox: setup.inbox,
             peers: setup.peers,
-            shutdown: setup.shutdown,
-            commands: setup.commands,
-            generations: setup.generations,
             probes: setup.probes,
-            kill: setup.kill,
-            draining: None,
+            draining: false,
             recv_buf: udp::RecvBatch::new(MAX_DATAGRAM),
             touched: Vec::new(),
             stalls: Rc::new(StallBook::new(setup.workers)),
         })
     }
 
-    async fn run(&mut self) -> Result<(), WorkerError> {
-        tracing::debug!(worker = self.index, local = %self.local, "worker running");
-        let services = self.services.clone();
-        let kill = self.kill.clone();
-        let tcp = self.tcp.clone();
-        loop {
-            let next_timer = self.timers.first().map(|(t, _)| *t);
-            let grace_end = self.draining;
-            // Only while draining with TCP connections open: it resolves at once otherwise.
-            let tcp_waits = self.draining.is_some() && tcp.as_ref().is_some_and(|t| t.open() > 0);
-            let tcp_drained = async {
-                match &tcp {
-                    Some(front) => front.all_closed().await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                biased;
-                r = self.tx.socket.readable() => {
-                    if r.is_ok() {
-                        self.recv_batch();
-                    }
-                }
-                () = services.wakeup.notified() => {}
-                Some(cmd) = self.commands.recv() => self.on_command(cmd),
-                r = self.generations.changed() => {
-                    if r.is_ok() {
-                        let g = *self.generations.borrow_and_update();
-                        tracing::debug!(worker = self.index, ?g, "generations changed");
-                        self.endpoint.set_generations(g);
-                    }
-                }
-                Some(fwd) = self.inbox.recv() => {
-                    let mut data = fwd.data;
-                    self.on_datagram(&mut data, fwd.from, true);
-                }
-                () = sleep_until(next_timer) => {
-                    self.fire_timers();
-                }
-                r = self.shutdown.changed(), if self.draining.is_none() => {
-                    if r.is_err() || *self.shutdown.borrow() {
-                        self.begin_drain();
-                    }
-                }
-                () = sleep_until(grace_end) => {
-                    self.close_all();
-                }
-                () = kill.notified() => return Err(WorkerError::Killed(self.index)),
-                () = tcp_drained, if tcp_waits => {}
-            }
-            self.service_dirty();
-            self.service_touched().await;
-            let tcp_open = self.tcp.as_ref().map_or(0, tcp::Front::open);
-            if self.draining.is_some() && self.conns.iter().all(Option::is_none) && tcp_open == 0 {
-                tracing::info!(worker = self.index, "worker drained");
-                return Ok(());
-            }
-        }
+    /// Resolves when the socket may have datagrams to read.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe.
+    pub async fn readable(&self) {
+        let _ = self.tx.socket.readable().await;
     }
 
-    /// A reload phase. Prepare builds everything for the new snapshot (pools of backends
-    /// that did not change carry over) and keeps it; commit switches to it between two
-    /// batches of packets: new requests use it, requests in flight keep the forwarder they
-    /// started with, connections stay.
-    fn on_command(&mut self, cmd: Command<WorkerUpdate>) {
-        let worker = self.index;
-        match cmd {
-            Command::Prepare {
-                generation,
-                update,
-                reply,
-            } => {
-                let result = update.snapshot.h3_config().map(|h3config| Current {
-                    fwd: Rc::new(Forwarder::new(
-                        self.services.clone(),
-                        update.snapshot,
-                        Some(&self.cur.fwd),
-                    )),
-                    qconfig: update.quic,
-                    h3config,
-                });
-                let answer = match result {
-                    Ok(next) => {
-                        self.staged = Some((generation, next));
-                        Ok(())
-                    }
-                    Err(e) => Err(e.to_string()),
-                };
-                let _ = reply.send(Answer {
-                    worker,
-                    result: answer,
-                });
-            }
-            Command::Commit { generation, reply } => {
-                let result = match self.staged.take() {
-                    Some((g, next)) if g == generation => {
-                        let limits =
-                            Limits::share(&next.fwd.snapshot.config.quic, self.peers.len());
-                        self.endpoint.set_limits(limits);
-                        self.cur = next;
-                        if let Some(front) = &self.tcp {
-                            front.set_forwarder(self.cur.fwd.clone());
-                        }
-                        self.services
-                            .stats
-                            .snapshots_applied
-                            .fetch_add(1, Ordering::Release);
-                        tracing::debug!(worker, generation, "configuration snapshot applied");
-                        Ok(())
-                    }
-                    _ => Err(format!("generation {generation} was not prepared")),
-                };
-                let _ = reply.send(Answer { worker, result });
-            }
-            Command::Abort { generation } => {
-                if self.staged.as_ref().is_some_and(|(g, _)| *g == generation) {
-                    self.staged = None;
-                }
-            }
-        }
+    /// When the earliest connection timer is due.
+    pub fn next_timer(&self) -> Option<Instant> {
+        self.timers.first().map(|(t, _)| *t)
     }
 
-    fn recv_batch(&mut self) {
-        // Up to `RECV_BATCH` messages (each a datagram, or several coalesced by GRO) per
-        // wakeup, `udp::BATCH` per `recvmmsg`.
+    /// Connections open (or closing) on this front.
+    pub fn open(&self) -> usize {
+        self.endpoint.open()
+    }
+
+    /// The processes steering knows changed (a takeover began or ended).
+    pub fn set_generations(&mut self, g: Generations) {
+        tracing::debug!(worker = self.index, ?g, "generations changed");
+        self.endpoint.set_generations(g);
+    }
+
+    /// Switches to a new snapshot's forwarder and configurations (a reload's commit): new
+    /// connections and requests use them, requests in flight keep the forwarder they started
+    /// with, connections stay.
+    pub fn switch(&mut self, next: Current) {
+        let limits = Limits::share(&next.fwd.snapshot.config.quic, self.peers.len());
+        self.endpoint.set_limits(limits);
+        self.cur = next;
+    }
+
+    /// Up to [`RECV_BATCH`] messages (each a datagram, or several coalesced by GRO) from the
+    /// socket, `udp::BATCH` per `recvmmsg`, each fed to its connection or decided by the
+    /// endpoint. Returns how many messages were read: [`RECV_BATCH`] means there may be more.
+    pub fn recv_batch(&mut self) -> usize {
+        let mut total = 0;
         for _ in 0..RECV_BATCH / udp::BATCH {
             let mut batch = std::mem::take(&mut self.recv_buf);
             let received = self.tx.socket.try_io(tokio::io::Interest::READABLE, || {
@@ -395,10 +205,18 @@ impl Worker {
                 }
             }
             self.recv_buf = batch;
+            total += n;
             if n < udp::BATCH {
                 break;
             }
         }
+        total
+    }
+
+    /// A datagram another worker received for one of this worker's connections.
+    pub fn on_forwarded(&mut self, f: Forwarded) {
+        let mut data = f.data;
+        self.on_datagram(&mut data, f.from, true);
     }
 
     /// One datagram from `from` (possibly several coalesced QUIC packets): to its
@@ -423,13 +241,16 @@ impl Worker {
             let _ = self.feed(slot, data, from);
             return;
         }
+        let fwd = self.cur.fwd.clone();
+        let mint = &self.mint;
         let decision = self.endpoint.admit(
             &hdr,
             len,
             from,
             forwarded,
-            &self.cur.fwd.snapshot.keys,
+            &fwd.snapshot.keys,
             Now::read(),
+            || mint.cid(true),
         );
         let stats = &self.services.stats;
         let fresh = hdr.ty == quiche::Type::Initial && hdr.token.as_ref().is_none_or(Vec::is_empty);
@@ -443,6 +264,10 @@ impl Worker {
             }
             Decision::Drop(DropReason::OtherServer) => {
                 stats.other_server.fetch_add(1, Ordering::Relaxed);
+            }
+            Decision::Drop(DropReason::InvalidToken | DropReason::TokenForAnotherCid) => {
+                stats.dropped.fetch_add(1, Ordering::Relaxed);
+                stats.invalid_tokens.fetch_add(1, Ordering::Relaxed);
             }
             Decision::Drop(_) => {
                 stats.dropped.fetch_add(1, Ordering::Relaxed);
@@ -470,7 +295,7 @@ impl Worker {
             }
             Decision::Reset { token } => {
                 let out = &mut self.tx.out[..RESET_LEN];
-                let _ = ring::rand::SecureRandom::fill(&self.rng, &mut out[..RESET_LEN - 16]);
+                let _ = ring::rand::SecureRandom::fill(&self.mint.rng, &mut out[..RESET_LEN - 16]);
                 // A short header: form bit clear, fixed bit set, the rest unpredictable.
                 out[0] = 0x40 | (out[0] & 0x3f);
                 out[RESET_LEN - 16..].copy_from_slice(&token.to_be_bytes());
@@ -478,12 +303,11 @@ impl Worker {
                 stats.resets_sent.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(worker = self.index, peer = %from, "stateless reset sent");
             }
-            Decision::Retry { token } => {
-                let new_scid = self.new_cid(true);
+            Decision::Retry { scid, token } => {
                 if let Ok(n) = quiche::retry(
                     &hdr.scid,
                     &hdr.dcid,
-                    &new_scid,
+                    &scid,
                     &token,
                     hdr.version,
                     &mut self.tx.out,
@@ -499,29 +323,6 @@ impl Worker {
         }
     }
 
-    /// A connection ID of this worker. `for_initials`: one a client's Initials will carry
-    /// (the handshake's, a Retry's), minted so that the placement of Initials, which hashes
-    /// them and never trusts their worker byte, brings them here (`CidLayout::write_placed`).
-    fn new_cid(&self, for_initials: bool) -> ConnectionId<'static> {
-        let mut cid = [0u8; 20];
-        let server_id = &self.cur.fwd.snapshot.config.quic.server_id;
-        let fill = |nonce: &mut [u8]| {
-            let _ = ring::rand::SecureRandom::fill(&self.rng, nonce);
-        };
-        let n = if for_initials {
-            let key = self.generations.borrow().hash_key;
-            let workers = u32::try_from(self.peers.len()).unwrap_or(u32::MAX);
-            self.layout
-                .write_placed(server_id, self.index as u8, key, workers, fill, &mut cid)
-        } else {
-            let mut nonce = [0u8; 20];
-            fill(&mut nonce);
-            self.layout
-                .write(server_id, self.index as u8, &nonce, &mut cid)
-        };
-        ConnectionId::from_vec(cid[..n].to_vec())
-    }
-
     /// Opens the connection the endpoint accepted and feeds it its first Initial.
     fn accept(
         &mut self,
@@ -534,7 +335,7 @@ impl Worker {
         let scid = if odcid.is_some() {
             client_dcid.clone()
         } else {
-            self.new_cid(true)
+            self.mint.cid(true)
         };
         // The first connection ID's reset token goes in the transport parameters.
         let reset = token::reset_token(&self.cur.fwd.snapshot.keys, &scid);
@@ -567,6 +368,7 @@ impl Worker {
         }
         let handshake_deadline =
             Instant::now() + self.cur.fwd.snapshot.config.quic.handshake_timeout;
+        let waker = ConnWaker::new(self.services.wakeup.clone(), (slot, gen));
         self.conns[slot] = Some(Box::new(Conn::new(
             quic,
             from,
@@ -574,9 +376,13 @@ impl Worker {
             aliases,
             handshake_deadline,
             self.stalls.clone(),
+            waker,
         )));
         self.endpoint.opened(from.ip());
         let stats = self.services.stats.clone();
+        stats
+            .client_addresses
+            .store(self.endpoint.addresses() as u64, Ordering::Relaxed);
         stats.connections_active.fetch_add(1, Ordering::Relaxed);
         if self.feed(slot, data, from) {
             stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
@@ -611,7 +417,8 @@ impl Worker {
         ok
     }
 
-    fn fire_timers(&mut self) {
+    /// Runs quiche's timers that are due.
+    pub fn fire_timers(&mut self) {
         let now = Instant::now();
         while let Some(&(t, slot)) = self.timers.first() {
             if t > now {
@@ -627,6 +434,13 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Services every connection that needs it: those whose packets, timers or request tasks
+    /// touched them. Sends what quiche produced.
+    pub async fn service(&mut self) {
+        self.service_dirty();
+        self.service_touched().await;
     }
 
     fn service_dirty(&mut self) {
@@ -648,7 +462,7 @@ impl Worker {
                 continue;
             };
             conn.touched = false;
-            conn.service(&fwd, &self.cur.h3config, slot, self.draining.is_some());
+            conn.service(&fwd, &self.cur.h3config, self.draining);
             self.provide_cids(&mut conn, slot);
             self.tx.flush(&mut conn.quic).await;
             if conn.quic.is_closed() {
@@ -698,7 +512,7 @@ impl Worker {
             return;
         }
         while conn.quic.scids_left() > 0 && conn.aliases.len() < 8 {
-            let cid = self.new_cid(false);
+            let cid = self.mint.cid(false);
             let reset = token::reset_token(&self.cur.fwd.snapshot.keys, &cid);
             if conn.quic.new_scid(&cid, reset, false).is_err() {
                 break;
@@ -721,39 +535,31 @@ impl Worker {
         self.endpoint.closed(conn.ip);
         self.services
             .stats
+            .client_addresses
+            .store(self.endpoint.addresses() as u64, Ordering::Relaxed);
+        self.services
+            .stats
             .connections_active
             .fetch_sub(1, Ordering::Relaxed);
         self.free.push(slot);
     }
 
-    fn begin_drain(&mut self) {
-        let grace = self.cur.fwd.snapshot.config.proxy.shutdown_grace;
-        tracing::info!(
-            worker = self.index,
-            connections = self.endpoint.open(),
-            tcp_connections = self.tcp.as_ref().map_or(0, tcp::Front::open),
-            ?grace,
-            "draining"
-        );
+    /// From now on no new connection is accepted; open ones get GOAWAY and close when their
+    /// streams are done.
+    pub fn drain(&mut self) {
         self.endpoint.drain();
-        if let Some(front) = &self.tcp {
-            front.drain();
-        }
-        self.draining = Some(Instant::now() + grace);
+        self.draining = true;
         self.touch_all();
     }
 
-    fn close_all(&mut self) {
+    /// Closes every connection now (the grace period is over).
+    pub fn close_all(&mut self) {
         for c in self.conns.iter_mut().flatten() {
             let _ = c
                 .quic
                 .close(true, crate::http::bridge::H3_NO_ERROR, b"shutdown");
         }
-        if let Some(front) = &self.tcp {
-            front.close_all();
-        }
         self.touch_all();
-        self.draining = Some(Instant::now() + Duration::from_secs(3600));
     }
 
     fn touch_all(&mut self) {
@@ -768,9 +574,41 @@ impl Worker {
     }
 }
 
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(t) => tokio::time::sleep_until(t.into()).await,
-        None => std::future::pending().await,
+/// What a worker mints its connection IDs from: its index, the layout, the server id and
+/// the placement hash (all fixed for the process's life), and randomness.
+struct Mint {
+    worker: u8,
+    workers: u32,
+    layout: CidLayout,
+    server_id: Vec<u8>,
+    hash_key: u32,
+    rng: ring::rand::SystemRandom,
+}
+
+impl Mint {
+    /// A connection ID of this worker. `for_initials`: one a client's Initials will carry
+    /// (the handshake's, a Retry's), minted so that the placement of Initials, which hashes
+    /// them and never trusts their worker byte, brings them here (`CidLayout::write_placed`).
+    fn cid(&self, for_initials: bool) -> ConnectionId<'static> {
+        let mut cid = [0u8; 20];
+        let fill = |nonce: &mut [u8]| {
+            let _ = ring::rand::SecureRandom::fill(&self.rng, nonce);
+        };
+        let n = if for_initials {
+            self.layout.write_placed(
+                &self.server_id,
+                self.worker,
+                self.hash_key,
+                self.workers,
+                fill,
+                &mut cid,
+            )
+        } else {
+            let mut nonce = [0u8; 20];
+            fill(&mut nonce);
+            self.layout
+                .write(&self.server_id, self.worker, &nonce, &mut cid)
+        };
+        ConnectionId::from_vec(cid[..n].to_vec())
     }
 }
