@@ -353,7 +353,10 @@ mod tests {
         let first = Keys::load_or_create(&path, &rng).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        let made = std::fs::metadata(dir.join("sub")).unwrap().permissions().mode();
+        let made = std::fs::metadata(dir.join("sub"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(made & 0o777, 0o700, "the directory it made");
         assert_eq!(Keys::load_or_create(&path, &rng).unwrap(), first);
         let rotated = Keys::rotate_file(&path, &rng).unwrap();

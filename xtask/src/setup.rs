@@ -10,8 +10,9 @@ pub const NIGHTLY: &str = "nightly-2026-05-19";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages: quiche's BoringSSL build (cmake, C/C++, libclang), bpf-linker's LLVM,
-/// the kernel tools, nginx as an independent HTTP/2 backend for the tests, and curl (the
-/// takeover tests read the admin endpoint with it).
+/// the kernel tools, nginx as an independent HTTP/2 backend for the tests, curl (the
+/// takeover tests read the admin endpoint with it), and nftables (the tests black-hole a
+/// backend's SYNs with it).
 const APT_PACKAGES: &[&str] = &[
     "build-essential",
     "cmake",
@@ -25,6 +26,7 @@ const APT_PACKAGES: &[&str] = &[
     "ethtool",
     "nginx-light",
     "curl",
+    "nftables",
 ];
 
 /// Python packages: aioquic (an independent HTTP/3 client), hypercorn (a strict HTTP/2

@@ -37,6 +37,9 @@ pub struct ClientOptions {
     pub ca: Option<std::path::PathBuf>,
     pub server_name: String,
     pub idle_timeout: Duration,
+    /// The `max_udp_payload_size` transport parameter: the largest datagram the server may
+    /// send us.
+    pub max_udp_payload: usize,
 }
 
 impl Default for ClientOptions {
@@ -46,6 +49,7 @@ impl Default for ClientOptions {
             ca: None,
             server_name: "localhost".into(),
             idle_timeout: Duration::from_secs(30),
+            max_udp_payload: 65527,
         }
     }
 }
@@ -215,6 +219,7 @@ impl Client {
         .map_err(|_| ClientError::Timeout("bind"))?;
         let socket = UdpSocket::bind(bind)?;
         let mut cfg = quic_config(opts.verify, opts.ca.as_deref(), opts.idle_timeout, 1000, 4)?;
+        cfg.set_max_recv_udp_payload_size(opts.max_udp_payload);
         let mut scid = [0u8; 16];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut scid)
             .map_err(|_| ClientError::Timeout("rng"))?;

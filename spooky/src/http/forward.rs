@@ -292,6 +292,7 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
         };
         // Waiting for a connection or a stream slot ends when the client leaves.
         let checkout = tokio::select! {
+            biased;
             r = pool.checkout(refreshed) => r,
             () = poll_fn(|cx| job.task.poll_client_gone(cx.waker())) => {
                 return Err(Failure::ClientGone);
@@ -333,6 +334,11 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
             Err(Attempt::Refused(e)) => return Err(fail(backend, e)),
             Err(Attempt::Upstream(e)) => return Err(fail(backend, e)),
             Err(Attempt::Failed(f)) => return Err(f),
+            Err(Attempt::Closed) => {
+                return Err(Failure::Broken {
+                    cause: "backend closed the stream under the request body".into(),
+                })
+            }
         }
         drop(lease);
     }
@@ -342,6 +348,9 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
 enum Attempt {
     /// The stream was refused before the backend processed it: safe to retry.
     Refused(UpstreamError),
+    /// The request body could not go on because the stream closed (the pump stops; the
+    /// response future tells what happened).
+    Closed,
     /// The backend failed before its response head.
     Upstream(UpstreamError),
     Failed(Failure),
@@ -349,12 +358,15 @@ enum Attempt {
 
 /// A request-body failure once the response head is out: whatever it was, the request is
 /// broken now (a refusal can no longer be retried).
-fn after_head(a: Attempt) -> Failure {
+fn after_head(a: Attempt) -> Result<(), Failure> {
     match a {
-        Attempt::Failed(f) => f,
-        Attempt::Refused(e) | Attempt::Upstream(e) => Failure::Broken {
+        // A complete response before the whole request (RFC 9113 §8.1): the backend does not
+        // want the rest.
+        Attempt::Closed => Ok(()),
+        Attempt::Failed(f) => Err(f),
+        Attempt::Refused(e) | Attempt::Upstream(e) => Err(Failure::Broken {
             cause: format!("request body: {e}"),
-        },
+        }),
     }
 }
 
@@ -392,7 +404,10 @@ async fn exchange(
             r = &mut head_fut => break r,
             r = &mut pump, if !pump_done => {
                 pump_done = true;
-                r?;
+                match r {
+                    Ok(()) | Err(Attempt::Closed) => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
     };
@@ -449,7 +464,9 @@ async fn exchange(
             r = next => r?,
             r = &mut pump, if !pump_done => {
                 pump_done = true;
-                r.map_err(after_head)?;
+                if let Err(a) = r {
+                    after_head(a)?;
+                }
                 continue;
             }
         };
@@ -463,7 +480,7 @@ async fn exchange(
         // The head went out above and the end only comes after this loop.
         let _ = job.task.push_body(chunk);
         let _ = body.flow_control().release_capacity(n);
-        }
+    }
     let trailers = match tokio::time::timeout(timeouts.idle, body.trailers()).await {
         Err(_) => {
             return Err(Failure::Broken {
@@ -555,12 +572,9 @@ async fn pump_request(
                             Some(Ok(n)) if n >= want || (n > 0 && small_grants >= 16) => break n,
                             Some(Ok(_)) => small_grants += 1,
                             Some(Err(e)) => return Err(failed("body", &e)),
-                            None => {
-                                return Err(Failure::Broken {
-                                    cause: "request body: upstream stream closed".into(),
-                                }
-                                .into())
-                            }
+                            // The stream closed under the body: the response says why
+                            // (a refusal, a reset, or a complete early response).
+                            None => return Err(Attempt::Closed),
                         }
                     };
                     let chunk = data.split_to(cap.min(data.len()));

@@ -126,9 +126,9 @@ impl Failure {
             _ => {
                 let status = self.status();
                 let busy = matches!(self, Failure::Upstream(e) if is_busy(e.kind));
-                let retry_after =
-                    (busy || matches!(self, Failure::NoHealthyBackend { .. } | Failure::Overloaded))
-                        .then_some(1);
+                let retry_after = (busy
+                    || matches!(self, Failure::NoHealthyBackend { .. } | Failure::Overloaded))
+                .then_some(1);
                 let (fields, body) = bridge::local_response(status, &self.text(), retry_after);
                 Reaction::Answer {
                     status,

@@ -13,9 +13,9 @@
 
 mod conn;
 pub mod endpoint;
+pub(crate) mod front;
 mod heads;
 mod send;
 mod stall;
 pub(crate) mod token;
 mod udp;
-pub(crate) mod front;

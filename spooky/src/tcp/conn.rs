@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 /// Serves one accepted connection to its end.
 pub(super) async fn serve(
@@ -83,7 +84,15 @@ pub(super) async fn serve(
                 .serve_connection(TokioIo::new(tls), service);
             let conn = std::pin::pin!(conn);
             let graceful = |c: Pin<&mut _>| http2::Connection::graceful_shutdown(c);
-            drive(&front, conn, graceful, &requests, tcp.idle_timeout).await
+            drive(
+                &front,
+                conn,
+                graceful,
+                &requests,
+                tcp.idle_timeout,
+                tcp.header_timeout,
+            )
+            .await
         }
         _ => {
             let stats = fwd.services.stats.clone();
@@ -101,7 +110,15 @@ pub(super) async fn serve(
                 .serve_connection(TokioIo::new(io), service);
             let conn = std::pin::pin!(conn);
             let graceful = |c: Pin<&mut _>| http1::Connection::graceful_shutdown(c);
-            drive(&front, conn, graceful, &requests, tcp.idle_timeout).await
+            drive(
+                &front,
+                conn,
+                graceful,
+                &requests,
+                tcp.idle_timeout,
+                tcp.header_timeout,
+            )
+            .await
         }
     };
     if let Err(e) = ended {
@@ -113,25 +130,42 @@ pub(super) async fn serve(
 /// Runs `conn` until it ends, the front closes, or it idles out; starts a graceful shutdown
 /// when the front drains or the connection is idle, and ends it when it stays idle.
 /// `requests` says how many requests the connection has begun and how many are in progress.
+///
+/// A connection that has begun no request when the front starts to drain (it was accepted
+/// just before, and its client is still in the TLS handshake or sending its first request)
+/// gets that first request served, within `first_request`, before its graceful shutdown:
+/// shutting it down at once would close it under a request already on its way, which the
+/// client then sees as an empty reply.
 async fn drive<C>(
     front: &Front,
     mut conn: Pin<&mut C>,
     graceful: impl Fn(Pin<&mut C>),
     requests: &impl Fn() -> (u64, usize),
-    idle: std::time::Duration,
+    idle: Duration,
+    first_request: Duration,
 ) -> Result<(), hyper::Error>
 where
     C: Future<Output = Result<(), hyper::Error>>,
 {
     let mut phase = front.0.phase.subscribe();
-    // The front may have begun to drain during the TLS handshake.
     let mut shutting_down = false;
+    // Draining, but waiting for the first request (until then).
+    let mut deferred: Option<Instant> = None;
+    let drain = |conn: Pin<&mut C>, shutting_down: &mut bool, deferred: &mut Option<Instant>| {
+        if *shutting_down || deferred.is_some() {
+            return;
+        }
+        if requests().0 == 0 {
+            *deferred = Some(Instant::now() + first_request);
+        } else {
+            *shutting_down = true;
+            graceful(conn);
+        }
+    };
+    // The front may have begun to drain during the TLS handshake.
     match *phase.borrow_and_update() {
         Phase::Closing => return Ok(()),
-        Phase::Draining => {
-            shutting_down = true;
-            graceful(conn.as_mut());
-        }
+        Phase::Draining => drain(conn.as_mut(), &mut shutting_down, &mut deferred),
         Phase::Serving => {}
     }
     let mut seen = requests().0;
@@ -142,11 +176,15 @@ where
                 let now = r.map_or(Phase::Closing, |()| *phase.borrow_and_update());
                 match now {
                     Phase::Closing => return Ok(()),
-                    Phase::Draining if !shutting_down => {
-                        shutting_down = true;
-                        graceful(conn.as_mut());
-                    }
-                    _ => {}
+                    Phase::Draining => drain(conn.as_mut(), &mut shutting_down, &mut deferred),
+                    Phase::Serving => {}
+                }
+            }
+            () = tokio::time::sleep(FIRST_REQUEST_POLL), if deferred.is_some() => {
+                if requests().0 > 0 || deferred.is_some_and(|d| Instant::now() >= d) {
+                    deferred = None;
+                    shutting_down = true;
+                    graceful(conn.as_mut());
                 }
             }
             () = tokio::time::sleep(idle) => {
@@ -155,6 +193,7 @@ where
                     if shutting_down {
                         return Ok(());
                     }
+                    deferred = None;
                     shutting_down = true;
                     graceful(conn.as_mut());
                 }
@@ -163,6 +202,9 @@ where
         }
     }
 }
+
+/// How often a draining connection waiting for its first request looks whether it began.
+const FIRST_REQUEST_POLL: Duration = Duration::from_millis(10);
 
 /// Runs hyper's HTTP/2 stream tasks on the worker's `LocalSet`.
 #[derive(Clone, Copy)]

@@ -99,10 +99,7 @@ pub(super) async fn handle(
 }
 
 /// Waits for the response head on `end`, and makes hyper's response of it.
-async fn respond(
-    end: LoopEnd,
-    in_progress: InProgress,
-) -> Result<Response<ResponseBody>, Aborted> {
+async fn respond(end: LoopEnd, in_progress: InProgress) -> Result<Response<ResponseBody>, Aborted> {
     // Dropped before the head (the client reset the stream): the task learns it.
     let mut body = ResponseBody {
         end: end.clone(),

@@ -304,9 +304,12 @@ pub struct BackendPool {
     /// up, or a stream ended.
     changed: Notify,
     backoff: Cell<Backoff>,
-    /// Connect failures so far, and the last one (handed to the requests that waited).
+    /// Connect failures so far, and the last one (handed to the requests that waited: the
+    /// first to take it gets it as it is, the others as a repeat).
     failures: Cell<u64>,
     last_failure: RefCell<Option<UpstreamError>>,
+    /// The last failure has been handed out once.
+    last_failure_taken: Cell<bool>,
     /// The worker's counters (overflows, pending timeouts, back-off refusals); none for the
     /// health checker's probes.
     stats: Option<Arc<WorkerStats>>,
@@ -322,11 +325,7 @@ impl Drop for Waiting<'_> {
 }
 
 impl BackendPool {
-    pub fn new(
-        connector: Connector,
-        limits: PoolLimits,
-        stats: Option<Arc<WorkerStats>>,
-    ) -> Self {
+    pub fn new(connector: Connector, limits: PoolLimits, stats: Option<Arc<WorkerStats>>) -> Self {
         Self {
             connector,
             limits: Cell::new(limits),
@@ -337,6 +336,7 @@ impl BackendPool {
             backoff: Cell::new(Backoff::default()),
             failures: Cell::new(0),
             last_failure: RefCell::new(None),
+            last_failure_taken: Cell::new(false),
             stats,
         }
     }
@@ -397,7 +397,10 @@ impl BackendPool {
             if self.failures.get() != failures_before && self.connecting.get() == 0 {
                 // The connect we waited for failed, and no other is under way.
                 if let Some(e) = self.last_failure.borrow().as_ref() {
-                    return Err(e.repeated("the connect this request waited for failed"));
+                    if self.last_failure_taken.replace(true) {
+                        return Err(e.repeated("the connect this request waited for failed"));
+                    }
+                    return Err(e.clone());
                 }
             }
             if self.connecting.get() == 0 {
@@ -436,7 +439,8 @@ impl BackendPool {
             return None;
         }
         let last = self.last_failure.borrow();
-        last.as_ref().map(|e| e.repeated("backing off after a failed connect"))
+        last.as_ref()
+            .map(|e| e.repeated("backing off after a failed connect"))
     }
 
     /// Starts a connect when the waiting requests outnumber what the connects under way will
@@ -481,7 +485,11 @@ impl BackendPool {
         self: &Rc<Self>,
     ) -> Result<(SendRequest<Bytes>, Rc<Cell<usize>>), UpstreamError> {
         let closed = Rc::new(Cell::new(false));
-        match self.connector.connect(closed.clone(), Rc::downgrade(self)).await {
+        match self
+            .connector
+            .connect(closed.clone(), Rc::downgrade(self))
+            .await
+        {
             Ok(send) => {
                 self.backoff.set(Backoff::default());
                 let in_flight = Rc::new(Cell::new(0));
@@ -502,6 +510,7 @@ impl BackendPool {
                 self.backoff.set(b);
                 self.failures.set(self.failures.get() + 1);
                 *self.last_failure.borrow_mut() = Some(e.clone());
+                self.last_failure_taken.set(false);
                 Err(e)
             }
         }
@@ -533,8 +542,6 @@ impl BackendPool {
         })
     }
 }
-
-
 
 /// Whether a connection can take a new stream now: not closed and no GOAWAY received.
 fn usable(send: &mut SendRequest<Bytes>) -> bool {

@@ -10,6 +10,7 @@
 
 mod config_files;
 mod ebpf;
+mod hardening;
 mod health;
 mod hostile;
 mod netns;

@@ -112,7 +112,12 @@ fn a_gone_worker_is_skipped_and_reported_and_the_live_ones_switch() {
     let (third, third_thread) = worker(2, Plays::Fine);
     let (closed, rx) = mpsc::unbounded_channel::<Command<u32>>();
     drop(rx);
-    let result = switch(&[first.clone(), closed, third.clone()], vec![0, 1, 2], 2, WAIT);
+    let result = switch(
+        &[first.clone(), closed, third.clone()],
+        vec![0, 1, 2],
+        2,
+        WAIT,
+    );
     assert_eq!(result, Ok(Switched { gone: vec![1] }));
     drop((first, third));
     assert_eq!(first_thread.join().unwrap(), vec![1, 2]);
