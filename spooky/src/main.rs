@@ -240,6 +240,21 @@ fn serve(
         takeover: args.takeover,
         lock_down: true,
     };
+    // The signal handlers exist before anything can tell systemd (or a supervisor) that we
+    // serve: a SIGTERM that follows READY=1 at once is a graceful shutdown, never a kill by
+    // the default action. One that comes during start-up waits until start-up is done.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (mut term, mut int, mut hup) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let _entered = rt.enter();
+        (
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::hangup())?,
+        )
+    };
     let running = spooky::app::start_from(config, &opts, Some(args.config.clone()))
         .context("cannot start")?;
     running.reloader().set_log_reloader(log_reloader);
@@ -250,14 +265,7 @@ fn serve(
         let _ = pipe.write_all(&[1]);
     }
     let mut handed_over = running.handed_over();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
         loop {
             tokio::select! {
                 _ = term.recv() => {

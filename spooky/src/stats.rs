@@ -74,6 +74,8 @@ pub struct WorkerStats {
     pub stalled_shed: AtomicU64,
     /// Above `proxy.memory_limit`: requests answered 503 and stalled streams reset.
     pub memory_shed: AtomicU64,
+    /// Requests answered 429 because their address had `quic.max_streams_per_ip` open.
+    pub streams_refused_per_ip: AtomicU64,
     /// Stateless Resets sent (packets for connections nobody has).
     pub resets_sent: AtomicU64,
     /// Version Negotiation packets sent.

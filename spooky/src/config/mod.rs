@@ -8,6 +8,7 @@
 
 mod earlier;
 pub mod env;
+mod memory;
 mod raw;
 mod validate;
 
@@ -160,6 +161,9 @@ pub struct Quic {
     /// The same over all connections from one client address (an IPv6 client: its /64); each
     /// worker enforces its share.
     pub max_stalled_streams_per_ip: u32,
+    /// Request streams one client address (an IPv6 client: its /64) may have open at once,
+    /// over all its connections; each worker enforces its share.
+    pub max_streams_per_ip: u32,
     pub retry: RetryMode,
     /// 0-RTT (`quic.early_data`).
     pub early_data: EarlyData,
@@ -197,7 +201,8 @@ pub struct Proxy {
     /// Largest request header list accepted (bytes, as HTTP/3 counts it).
     pub max_header_list_size: u64,
     /// Resident memory above which new requests get 503 and stalled streams are reset;
-    /// `None`: no limit.
+    /// `None`: no limit. By default (`auto`) three quarters of the memory available: the
+    /// machine's, or its cgroup's limit when smaller.
     pub memory_limit: Option<u64>,
 }
 

@@ -153,6 +153,7 @@ pub(super) struct RawQuic {
     pub max_connections_per_ip: i64,
     pub max_stalled_streams: i64,
     pub max_stalled_streams_per_ip: i64,
+    pub max_streams_per_ip: i64,
     pub retry: String,
     /// Only meaningful with `retry: auto`; `None` = 1000.
     pub retry_threshold: Option<i64>,
@@ -179,9 +180,10 @@ impl Default for RawQuic {
             initial_max_data: RawSize::Bytes(10 * 1024 * 1024),
             initial_max_stream_data: RawSize::Bytes(1024 * 1024),
             max_connections: 100_000,
-            max_connections_per_ip: 1000,
+            max_connections_per_ip: 100,
             max_stalled_streams: 16,
             max_stalled_streams_per_ip: 256,
+            max_streams_per_ip: 512,
             retry: "auto".to_owned(),
             retry_threshold: None,
             early_data: "defer".to_owned(),
@@ -201,7 +203,7 @@ pub(super) struct RawProxy {
     pub via: bool,
     pub shutdown_grace: RawDuration,
     pub max_header_list_size: RawSize,
-    /// `None`: no memory limit.
+    /// `None` (or `auto`): three quarters of the memory available; `off`: no limit.
     pub memory_limit: Option<RawSize>,
 }
 

@@ -201,7 +201,7 @@ fn build_config(raw: &RawConfig, io: &Io<'_>, errs: &mut Errors) -> Option<Confi
     );
     let listen = build_listen(&raw.listen, io, errs);
     let quic = build_quic(&raw.quic, io, errs);
-    let proxy = build_proxy(&raw.proxy, errs);
+    let proxy = build_proxy(&raw.proxy, io.env, errs);
     let upstreams = upstream::build_upstreams(raw, io, errs);
     let log = build_log(&raw.log, errs);
     let steering = build_steering(&raw.steering, errs);
@@ -385,6 +385,10 @@ fn build_quic(raw: &RawQuic, io: &Io<'_>, errs: &mut Errors) -> Option<Quic> {
         "quic.max_stalled_streams",
         int_in(raw.max_stalled_streams, 1, 1 << 30),
     );
+    let max_streams_per_ip = errs.check(
+        "quic.max_streams_per_ip",
+        int_in(raw.max_streams_per_ip, 1, 1 << 30),
+    );
     let max_stalled_streams_per_ip = errs.check(
         "quic.max_stalled_streams_per_ip",
         int_in(raw.max_stalled_streams_per_ip, 1, 1 << 30),
@@ -425,6 +429,7 @@ fn build_quic(raw: &RawQuic, io: &Io<'_>, errs: &mut Errors) -> Option<Quic> {
         max_connections_per_ip: max_connections_per_ip?,
         max_stalled_streams: max_stalled_streams?,
         max_stalled_streams_per_ip: max_stalled_streams_per_ip?,
+        max_streams_per_ip: max_streams_per_ip?,
         retry: retry?,
         early_data: early_data?,
         cid_len: cid_len?,
@@ -530,7 +535,7 @@ fn check_cid_layout(cid_len: u8, server_id_len: usize, generation: u8, errs: &mu
     }
 }
 
-fn build_proxy(raw: &RawProxy, errs: &mut Errors) -> Option<Proxy> {
+fn build_proxy(raw: &RawProxy, env: &dyn Env, errs: &mut Errors) -> Option<Proxy> {
     let modes = [
         ("append", ForwardedMode::Append),
         ("replace", ForwardedMode::Replace),
@@ -547,7 +552,9 @@ fn build_proxy(raw: &RawProxy, errs: &mut Errors) -> Option<Proxy> {
         &raw.max_header_list_size,
     );
     let memory_limit = match &raw.memory_limit {
-        None => Some(None),
+        None => Some(super::memory::auto_limit(env)),
+        Some(RawSize::Text(t)) if t == "auto" => Some(super::memory::auto_limit(env)),
+        Some(RawSize::Text(t)) if t == "off" => Some(None),
         Some(limit) => size_in(errs, "proxy.memory_limit", limit).map(Some),
     };
     Some(Proxy {

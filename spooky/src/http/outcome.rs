@@ -49,6 +49,8 @@ pub enum Failure {
     NoHealthyBackend { pool: String },
     /// The process is above `proxy.memory_limit`: new requests are shed.
     Overloaded,
+    /// The client's address has `quic.max_streams_per_ip` request streams open already.
+    TooManyStreams,
     /// A request with an unsafe method arrived in 0-RTT and `quic.early_data` is `reject`
     /// (RFC 8470 §5.2: 425, the client repeats it after the handshake).
     TooEarly,
@@ -92,6 +94,7 @@ impl Failure {
             Failure::NoHealthyBackend { .. } | Failure::Overloaded => 503,
             Failure::Upstream(e) if is_busy(e.kind) => 503,
             Failure::TooEarly => 425,
+            Failure::TooManyStreams => 429,
             Failure::Upstream(e) if is_timeout(e.kind) => 504,
             Failure::Convert(_) | Failure::Upstream(_) | Failure::Broken { .. } => 502,
             Failure::ClientGone => CLIENT_CLOSED,
@@ -110,6 +113,7 @@ impl Failure {
             Failure::BodyIdle { .. } => "request body timed out".into(),
             Failure::NoHealthyBackend { .. } => "no healthy backend".into(),
             Failure::Overloaded => "overloaded".into(),
+            Failure::TooManyStreams => "too many requests open from this address".into(),
             Failure::TooEarly => "too early: repeat the request after the handshake".into(),
             Failure::Upstream(e) if is_timeout(e.kind) => "upstream timed out".into(),
             Failure::Upstream(e) if is_busy(e.kind) => "upstream busy".into(),
@@ -127,7 +131,12 @@ impl Failure {
                 let status = self.status();
                 let busy = matches!(self, Failure::Upstream(e) if is_busy(e.kind));
                 let retry_after = (busy
-                    || matches!(self, Failure::NoHealthyBackend { .. } | Failure::Overloaded))
+                    || matches!(
+                        self,
+                        Failure::NoHealthyBackend { .. }
+                            | Failure::Overloaded
+                            | Failure::TooManyStreams
+                    ))
                 .then_some(1);
                 let (fields, body) = bridge::local_response(status, &self.text(), retry_after);
                 Reaction::Answer {
@@ -388,6 +397,7 @@ mod tests {
             (Failure::BodyTooLarge { limit: 10 }, 413, "request body too large", None, None, None),
             (Failure::BodyIdle { idle: Duration::from_secs(1) }, 408, "request body timed out", None, None, None),
             (Failure::NoHealthyBackend { pool: "api".into() }, 503, "no healthy backend", None, Some("1"), None),
+            (Failure::TooManyStreams, 429, "too many requests open from this address", None, Some("1"), None),
             (upstream(Connect), 502, "bad gateway", None, None, Some(TrafficOutcome::ConnectFailure)),
             (upstream(Tls), 502, "bad gateway", None, None, Some(TrafficOutcome::ConnectFailure)),
             (upstream(Handshake), 502, "bad gateway", None, None, Some(TrafficOutcome::ConnectFailure)),

@@ -4,7 +4,7 @@
 //! ([`Forwarder::admit`]); answers Spooky gives itself never reach a backend.
 
 use super::heads::PendingHeads;
-use super::stall::{StallBook, STALL_GRACE};
+use super::stall::{AddressBook, STALL_GRACE};
 use crate::config::EarlyData;
 use crate::http::bridge::{self, RequestHead, H3_NO_ERROR};
 use crate::http::exchange::{self, BodyError, LoopEnd, Pending};
@@ -58,7 +58,7 @@ pub struct Conn {
     pub aliases: Vec<ConnectionId<'static>>,
     pub deadline: Option<Instant>,
     pub touched: bool,
-    streams: HashMap<u64, LoopEnd>,
+    streams: OpenStreams,
     /// When GOAWAY went out (draining): the connection closes no sooner than
     /// [`Conn::drain_deadline`], so that the client hears it before the close.
     goaway_sent: Option<Instant>,
@@ -75,7 +75,7 @@ pub struct Conn {
     /// The stalled streams this connection holds (see `stall`), counted in `stalls`.
     held: HashSet<u64>,
     /// Held streams per client address, shared by the worker's connections.
-    stalls: Rc<StallBook>,
+    stalls: Rc<AddressBook>,
     /// When a response stream last took a byte (or the connection was opened).
     last_taken: Instant,
     /// Opened when the handshake completes (requests held back from 0-RTT wait on it).
@@ -99,7 +99,7 @@ impl Conn {
         gen: u64,
         aliases: Vec<ConnectionId<'static>>,
         handshake_deadline: Instant,
-        stalls: Rc<StallBook>,
+        stalls: Rc<AddressBook>,
         waker: Rc<ConnWaker>,
     ) -> Self {
         Self {
@@ -112,7 +112,11 @@ impl Conn {
             aliases,
             deadline: None,
             touched: false,
-            streams: HashMap::new(),
+            streams: OpenStreams {
+                map: HashMap::new(),
+                book: stalls.clone(),
+                ip: peer.ip(),
+            },
             goaway_sent: None,
             next_request_id: 0,
             lingering: Vec::new(),
@@ -128,7 +132,7 @@ impl Conn {
 
     /// Tells every request task of this connection that the client is gone.
     pub fn abort_streams(&mut self) {
-        for s in self.streams.values() {
+        for s in self.streams.map.values() {
             s.abort();
         }
         self.streams.clear();
@@ -177,7 +181,7 @@ impl Conn {
                 let _ = h3c.send_goaway(&mut self.quic, self.next_request_id);
                 self.goaway_sent = Some(now);
             }
-            let quiet = self.streams.is_empty() && self.lingering.is_empty();
+            let quiet = self.streams.map.is_empty() && self.lingering.is_empty();
             if quiet && self.drain_deadline().is_some_and(|d| now >= d) {
                 let _ = self.quic.close(true, H3_NO_ERROR, b"");
             }
@@ -303,7 +307,7 @@ impl Conn {
     fn expire_heads(&mut self, fwd: &Forwarder, now: Instant) {
         let timeout = fwd.snapshot.config.quic.request_header_timeout;
         for sid in self.heads.expire(now, timeout) {
-            if self.streams.contains_key(&sid) || self.quic.stream_capacity(sid).is_err() {
+            if self.streams.map.contains_key(&sid) || self.quic.stream_capacity(sid).is_err() {
                 continue; // answered, or already gone
             }
             tracing::debug!(peer = %self.peer, stream = sid, ?timeout, "request head timed out");
@@ -319,7 +323,7 @@ impl Conn {
         loop {
             match h3c.poll(&mut self.quic) {
                 Ok((sid, h3::Event::Headers { list, more_frames })) => {
-                    if let Some(s) = self.streams.get(&sid) {
+                    if let Some(s) = self.streams.map.get(&sid) {
                         // A second field section on a request stream: trailers.
                         let ended = match bridge::trailers_to_h2(&list) {
                             Ok(t) if !more_frames => s.end_request(Some(t)).is_ok(),
@@ -338,6 +342,7 @@ impl Conn {
                 Ok((sid, h3::Event::Finished)) => {
                     let mismatch = self
                         .streams
+                        .map
                         .get(&sid)
                         .is_some_and(|s| s.end_request(None) == Err(BodyError::LengthMismatch));
                     if mismatch {
@@ -408,7 +413,14 @@ impl Conn {
         let started = Instant::now();
         fwd.services.stats.requests.fetch_add(1, Ordering::Relaxed);
         let stats = &fwd.services.stats;
+        let per_ip = self
+            .stalls
+            .share(fwd.snapshot.config.quic.max_streams_per_ip);
         let admission = match fwd.admit(list, more_frames) {
+            Admission::Forward { head, .. } if self.stalls.open_streams(self.ip) >= per_ip => {
+                stats.streams_refused_per_ip.fetch_add(1, Ordering::Relaxed);
+                Admission::Refuse(Failure::TooManyStreams, Some(head))
+            }
             Admission::Forward {
                 mut head,
                 upstream,
@@ -444,7 +456,7 @@ impl Conn {
     }
 
     fn read_body(&mut self, h3c: &mut h3::Connection, sid: u64) {
-        let Some(s) = self.streams.get(&sid) else {
+        let Some(s) = self.streams.map.get(&sid) else {
             // Nobody wants this body (the stream was answered or is gone): discard it.
             let mut sink = [0u8; 4096];
             while let Ok(n) = h3c.recv_body(&mut self.quic, sid, &mut sink) {
@@ -483,6 +495,7 @@ impl Conn {
     fn resume_reads(&mut self, h3c: &mut h3::Connection) {
         let blocked: Vec<u64> = self
             .streams
+            .map
             .iter()
             .filter(|(_, s)| s.wants_reading())
             .map(|(sid, _)| *sid)
@@ -493,7 +506,7 @@ impl Conn {
     }
 
     fn flush_streams(&mut self, h3c: &mut h3::Connection) {
-        let sids: Vec<u64> = self.streams.keys().copied().collect();
+        let sids: Vec<u64> = self.streams.map.keys().copied().collect();
         for sid in sids {
             self.flush_stream(h3c, sid);
         }
@@ -501,7 +514,7 @@ impl Conn {
 
     /// Tells the request task the client is gone and resets the stream with `error`'s code.
     fn fail_stream(&mut self, sid: u64, error: StreamError) {
-        if let Some(s) = self.streams.get(&sid) {
+        if let Some(s) = self.streams.map.get(&sid) {
             s.abort();
         }
         self.reset(sid, error.code());
@@ -518,7 +531,7 @@ impl Conn {
 
     /// Moves what the request task produced into quiche, resuming partial writes.
     fn flush_stream(&mut self, h3c: &mut h3::Connection, sid: u64) {
-        let Some(s) = self.streams.get(&sid).cloned() else {
+        let Some(s) = self.streams.map.get(&sid).cloned() else {
             return;
         };
         if s.client_gone() {
@@ -618,5 +631,41 @@ impl Conn {
             self.streams.remove(&sid);
             self.lingering.push(sid);
         }
+    }
+}
+
+/// The request streams of a connection that are being answered, each counted for the client
+/// address in the worker's [`AddressBook`] while it is here (`quic.max_streams_per_ip`).
+struct OpenStreams {
+    map: HashMap<u64, LoopEnd>,
+    book: Rc<AddressBook>,
+    ip: std::net::IpAddr,
+}
+
+impl OpenStreams {
+    fn insert(&mut self, sid: u64, end: LoopEnd) {
+        if self.map.insert(sid, end).is_none() {
+            self.book.stream_opened(self.ip);
+        }
+    }
+
+    fn remove(&mut self, sid: &u64) -> Option<LoopEnd> {
+        let end = self.map.remove(sid);
+        if end.is_some() {
+            self.book.stream_closed(self.ip);
+        }
+        end
+    }
+
+    fn clear(&mut self) {
+        for _ in self.map.drain() {
+            self.book.stream_closed(self.ip);
+        }
+    }
+}
+
+impl Drop for OpenStreams {
+    fn drop(&mut self) {
+        self.clear();
     }
 }

@@ -10,7 +10,7 @@
 use super::conn::{BytesFactory, Conn};
 use super::endpoint::{Decision, DropReason, Endpoint, Generations, Limits, Now, RESET_LEN};
 use super::send::{Sender, MAX_DATAGRAM};
-use super::stall::StallBook;
+use super::stall::AddressBook;
 use super::token;
 use super::udp;
 use crate::http::{ConnWaker, Forwarder, Services};
@@ -83,7 +83,7 @@ pub struct QuicFront {
     recv_buf: udp::RecvBatch,
     touched: Vec<usize>,
     /// Stalled response streams held per client address (`quic.max_stalled_streams_per_ip`).
-    stalls: Rc<StallBook>,
+    stalls: Rc<AddressBook>,
 }
 
 impl QuicFront {
@@ -138,7 +138,7 @@ impl QuicFront {
             draining: false,
             recv_buf: udp::RecvBatch::new(MAX_DATAGRAM),
             touched: Vec::new(),
-            stalls: Rc::new(StallBook::new(setup.workers)),
+            stalls: Rc::new(AddressBook::new(setup.workers)),
         })
     }
 

@@ -779,3 +779,203 @@ fn readyz_is_503_while_draining() {
         "the request in flight finished"
     );
 }
+
+/// READY=1 goes to systemd only once the signal handlers exist: a SIGTERM sent the moment
+/// READY arrives is a graceful shutdown (exit 0), never the default action's kill. Ten starts
+/// in a row, each killed as fast as the notification can be read.
+#[test]
+fn a_sigterm_right_after_ready_is_a_graceful_shutdown() {
+    let b = backend("b1");
+    let dir = std::env::temp_dir().join(format!("spooky-ready-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for i in 0..10 {
+        let yaml = config_yaml(
+            free_udp_port(),
+            &pool("main", "/", None, "round-robin", &[("b1", b.addr)], ""),
+            "",
+        );
+        let config = dir.join(format!("spooky-{i}.yaml"));
+        std::fs::write(&config, yaml).unwrap();
+        let socket = dir.join(format!("notify-{i}.sock"));
+        let notify = std::os::unix::net::UnixDatagram::bind(&socket).unwrap();
+        notify.set_read_timeout(Some(T)).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_spooky"))
+            .arg("--config")
+            .arg(&config)
+            .args(["--workers", "1", "--no-pin"])
+            .env("NOTIFY_SOCKET", &socket)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start spooky");
+        let mut buf = [0u8; 256];
+        let n = notify.recv(&mut buf).expect("READY=1 within the deadline");
+        // SAFETY: kill(2) on the child we started, by its PID.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        assert!(buf[..n].starts_with(b"READY=1"), "{:?}", &buf[..n]);
+        let status = child.wait().unwrap();
+        assert!(
+            status.success(),
+            "start {i}: SIGTERM after READY ended it with {status}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A memory cgroup of this test's own (v1 `memory.limit_in_bytes`, or v2 `memory.max`), made
+/// under the cgroup this process is in, removed on drop.
+struct MemoryCgroup {
+    dir: std::path::PathBuf,
+}
+
+impl MemoryCgroup {
+    fn new(limit: u64) -> Self {
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let (root, path, file) = own
+            .lines()
+            .find_map(|l| {
+                let mut p = l.splitn(3, ':');
+                let (_, controllers, path) = (p.next()?, p.next()?, p.next()?);
+                controllers
+                    .split(',')
+                    .any(|c| c == "memory")
+                    .then(|| ("/sys/fs/cgroup/memory", path, "memory.limit_in_bytes"))
+            })
+            .or_else(|| {
+                let path = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+                Some(("/sys/fs/cgroup", path, "memory.max"))
+            })
+            .expect("no memory cgroup in /proc/self/cgroup");
+        let dir = std::path::Path::new(root)
+            .join(path.trim_start_matches('/'))
+            .join(format!("spooky-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("cannot make the cgroup {}: {e}", dir.display()));
+        std::fs::write(dir.join(file), limit.to_string())
+            .unwrap_or_else(|e| panic!("cannot limit the cgroup {}: {e}", dir.display()));
+        Self { dir }
+    }
+
+    /// Moves process `pid` into the cgroup.
+    fn add(&self, pid: u32) {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// A `/proc/PID/status` field in KiB.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// With the defaults, one client address that opens many connections with many downloads it
+/// never reads (aioquic, its flow-control credit withheld: 20 connections × 100 streams of
+/// 16 MiB) cannot push Spooky past its memory limit — `auto`, three quarters of the 512 MiB
+/// cgroup it runs in — nor have it killed, while another client (another address) is served
+/// all along: the address's streams beyond `quic.max_streams_per_ip` get 429.
+#[test]
+#[ignore = "needs root"]
+fn one_address_cannot_push_the_process_past_its_memory_limit() {
+    require_python("aioquic", "aioquic 1.7.2");
+    const CGROUP: u64 = 512 << 20;
+    let b = backend("b1");
+    let cgroup = MemoryCgroup::new(CGROUP);
+    let dir = std::env::temp_dir().join(format!("spooky-memory-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_udp_port();
+    let yaml = config_yaml(
+        port,
+        &pool("main", "/", None, "round-robin", &[("b1", b.addr)], ""),
+        "",
+    )
+    .replace("  address: 127.0.0.1\n", "  address: \"::\"\n");
+    let config = dir.join("spooky.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let mut spooky = Command::new(env!("CARGO_BIN_EXE_spooky"))
+        .arg("--config")
+        .arg(&config)
+        .args(["--workers", "2", "--no-pin"])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start spooky");
+    let pid = spooky.id();
+    cgroup.add(pid);
+    // The victim, over IPv6: another address.
+    let v6: SocketAddr = format!("[::1]:{port}").parse().unwrap();
+    let deadline = Instant::now() + T;
+    let mut victim = loop {
+        match Client::connect(
+            v6,
+            &ClientOptions {
+                verify: true,
+                ca: Some(certs_dir().join("ca.crt")),
+                ..Default::default()
+            },
+            Duration::from_secs(2),
+        ) {
+            Ok(c) => break c,
+            Err(e) => assert!(Instant::now() < deadline, "spooky never served: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let attacker = Command::new("python3")
+        .arg(peers_dir().join("h3_stall.py"))
+        .args(["--port", &port.to_string(), "--ca"])
+        .arg(certs_dir().join("ca.crt"))
+        .args(["--connections", "20", "--streams", "100", "--wait", "8"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 (aioquic)");
+    let started = Instant::now();
+    let (mut served, mut failed) = (0u32, Vec::new());
+    while started.elapsed() < Duration::from_secs(8) {
+        match victim.request(
+            &Request::get("localhost", "/size/1000"),
+            Duration::from_secs(5),
+        ) {
+            Ok(r) if r.status == 200 => served += 1,
+            other => failed.push(format!("{other:?}")),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let report = attacker.wait_with_output().unwrap();
+    let alive = spooky.try_wait().unwrap().is_none();
+    let peak = status_kib(pid, "VmHWM:") << 10;
+    // SAFETY: kill(2) on the child we started, by its PID.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    let _ = spooky.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(alive, "spooky died (the OOM killer?)");
+    assert!(failed.is_empty(), "the other client failed: {failed:?}");
+    assert!(served > 0, "the other client was never served");
+    // The streams over the per-address limit ended at once (429), the others stalled.
+    let seen: Value = serde_json::from_slice(&report.stdout).unwrap_or(Value::Null);
+    assert!(
+        seen["ended"].as_u64().is_some_and(|n| n >= 1000),
+        "the address's streams past quic.max_streams_per_ip were answered at once: {seen}"
+    );
+    let limit = CGROUP / 4 * 3;
+    assert!(
+        peak < limit,
+        "peak RSS {} MiB, over the auto limit of {} MiB; the attacker saw {}",
+        peak >> 20,
+        limit >> 20,
+        String::from_utf8_lossy(&report.stdout)
+    );
+}

@@ -785,7 +785,8 @@ fn above_the_memory_limit_requests_are_shed_and_stalled_streams_reset() {
 
 /// A worker that dies while serving: its clients get a Stateless Reset on their next packet
 /// (not a wait for the idle timeout), new connections go to the live workers only, `/readyz`
-/// says 503 naming it, and the process keeps serving.
+/// says 503 naming it, a reload applies to the live worker and reports the dead one, and the
+/// process keeps serving.
 #[test]
 #[ignore = "needs root"]
 fn a_dead_worker_is_steered_around_and_its_clients_are_reset() {
@@ -823,6 +824,25 @@ fn a_dead_worker_is_steered_around_and_its_clients_are_reset() {
         "{err} after {:?}",
         started.elapsed()
     );
+    // A reload applies to the live worker and names the dead one (it used to block every
+    // reload until a takeover).
+    let reloader = running.reloader();
+    let mut config = reloader.current().config.clone();
+    config.log.level = "warn,spooky=warn".into();
+    let summary = reloader.apply(config).expect("a reload with a dead worker");
+    assert!(
+        summary.contains(&format!("worker(s) [{owner}] are dead")),
+        "{summary}"
+    );
+    let live = 1 - owner;
+    assert_eq!(
+        running.worker_stats()[live]
+            .snapshots_applied
+            .load(Ordering::Acquire),
+        1,
+        "the live worker switched"
+    );
+    assert_eq!(reloader.generation(), 2);
     // New connections are all served, by the live worker, without a misroute.
     let misrouted = p.stats_sum(|w| w.misrouted.load(Ordering::Relaxed));
     for _ in 0..20 {

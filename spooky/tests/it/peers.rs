@@ -55,9 +55,9 @@ impl Drop for ScratchDir {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound, then closed).
+/// A free TCP port on 127.0.0.1 for a peer to listen on (see `free_udp_port`).
 fn free_tcp_port() -> u16 {
-    dead_tcp_addr().port()
+    free_udp_port()
 }
 
 /// A peer process this test started; killed by its PID and reaped on drop.

@@ -72,23 +72,40 @@ pub fn metric_sum(text: &str, prefix: &str) -> f64 {
         .sum()
 }
 
-/// A port number that was free a moment ago on 127.0.0.1, over UDP and TCP.
+/// A port number free on 127.0.0.1 over UDP and TCP, for a process that binds it itself.
+///
+/// Picked below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`, 32768 and up
+/// by default), so no socket bound to port 0 — every backend and client of the other tests —
+/// can be handed it between this check and the bind; numbers go round from a point that
+/// depends on the process id, and no number is given out twice in one test run.
 pub fn free_udp_port() -> u16 {
-    // Free over TCP too: Spooky's TCP listener takes the same port number by default.
-    for _ in 0..100 {
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = tcp.local_addr().unwrap().port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+    const FIRST: u16 = 20_000;
+    const SPAN: u16 = 12_000;
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let start = (std::process::id() % u32::from(SPAN)) as u16;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = FIRST + (start + n) % SPAN;
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok();
+        if udp && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
-    panic!("no port free over both UDP and TCP on 127.0.0.1");
+    panic!(
+        "no port free over both UDP and TCP on 127.0.0.1 in {FIRST}..{}",
+        FIRST + SPAN
+    );
 }
 
-/// A TCP address where nothing listens (bound, then closed).
+/// A TCP address where connecting is refused: a socket bound there that never listens, kept
+/// for the rest of the test run so that no other socket can take the port.
 pub fn dead_tcp_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    std::mem::forget(s);
+    addr
 }
 
 /// An in-process HTTP/2 demo backend (stopped when dropped).

@@ -485,6 +485,10 @@ listen:
 quic:
   retry: "off"
   max_concurrent_streams: 100
+  # Every load generator is one client address: no per-address limits (Envoy and Caddy
+  # have none by default either).
+  max_connections_per_ip: 100000000
+  max_streams_per_ip: 1073741824
 steering:
   pin_path: /sys/fs/bpf/spooky-bench-{pid}
 control_socket: {dir}/spooky-control.sock

@@ -74,9 +74,10 @@ fn minimal_config_gets_every_default() {
             initial_max_data: 10 << 20,
             initial_max_stream_data: 1 << 20,
             max_connections: 100_000,
-            max_connections_per_ip: 1000,
+            max_connections_per_ip: 100,
             max_stalled_streams: 16,
             max_stalled_streams_per_ip: 256,
+            max_streams_per_ip: 512,
             retry: RetryMode::Auto {
                 new_connections_per_sec: 1000
             },

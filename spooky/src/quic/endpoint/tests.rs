@@ -395,6 +395,7 @@ fn limits_are_shared_between_workers() {
         max_connections_per_ip: 10,
         max_stalled_streams: 16,
         max_stalled_streams_per_ip: 256,
+        max_streams_per_ip: 512,
         retry: RetryMode::Off,
         early_data: crate::config::EarlyData::Defer,
         cid_len: 16,
