@@ -209,7 +209,8 @@ fn run(args: &RunArgs) -> ExitCode {
             XdpModeArg::Auto => spooky::config::XdpMode::Auto,
         };
     }
-    let log_reloader = match spooky::ops::telemetry::init(&config.log.level, config.log.format) {
+    let log_reloader = match spooky::telemetry::logging::init(&config.log.level, config.log.format)
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("spooky: {e}");
@@ -230,7 +231,7 @@ fn run(args: &RunArgs) -> ExitCode {
 fn serve(
     config: Config,
     args: &RunArgs,
-    log_reloader: spooky::ops::telemetry::LevelReloader,
+    log_reloader: spooky::telemetry::logging::LevelReloader,
     started: Option<std::fs::File>,
 ) -> Result<()> {
     let opts = spooky::app::RunOptions {

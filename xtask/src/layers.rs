@@ -14,27 +14,32 @@ use std::path::{Path, PathBuf};
 /// rows only; modules of one row do not use each other.
 pub const SPOOKY_LAYERS: &[&[&str]] = &[
     &["app"],
+    &["ops"],
     &["worker"],
     &["quic", "tcp"],
     &["http"],
-    &["ops"],
     &["health"],
     &["upstream"],
     &["steering"],
+    &["telemetry"],
     &["snapshot"],
-    &["board", "keys", "stats"],
+    &["board", "keys", "stats", "privilege"],
     &["routing", "lb"],
     &["config"],
 ];
 
-/// `module → modules it uses`, for the crate whose sources are in `src`.
+/// `module → modules it uses`, for the crate whose sources are in `src`: the `crate::NAME`
+/// paths of its files, its `super::` paths that climb to the crate root, and the modules
+/// behind the re-exports it goes through (`crate::M::Item` where `M` re-exports `Item` from
+/// `X`: an edge to `X` too, so a re-export cannot hide an upward edge).
 pub fn graph(src: &Path) -> Result<BTreeMap<String, BTreeSet<String>>> {
-    let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut files = Vec::new();
     for file in rust_files(src)? {
-        let rel = file.strip_prefix(src).unwrap_or(&file);
-        let mut parts = rel.iter().map(|p| p.to_string_lossy().into_owned());
-        let Some(first) = parts.next() else { continue };
-        let top = first.trim_end_matches(".rs").to_owned();
+        let rel = file.strip_prefix(src).unwrap_or(&file).to_path_buf();
+        let Some(first) = rel.iter().next() else {
+            continue;
+        };
+        let top = first.to_string_lossy().trim_end_matches(".rs").to_owned();
         let unit_tests =
             rel.file_name().is_some_and(|n| n == "tests.rs") && rel.components().count() > 1;
         if top == "lib" || top == "main" || top == "bin" || unit_tests {
@@ -42,14 +47,140 @@ pub fn graph(src: &Path) -> Result<BTreeMap<String, BTreeSet<String>>> {
         }
         let text = std::fs::read_to_string(&file)
             .with_context(|| format!("cannot read {}", file.display()))?;
+        files.push((top, module_depth(&rel), code_only(&text)));
+    }
+    let reexports: BTreeMap<(String, String), String> = files
+        .iter()
+        .flat_map(|(top, _, code)| {
+            reexports(code)
+                .into_iter()
+                .map(move |(name, from)| ((top.clone(), name), from))
+        })
+        .collect();
+    let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (top, depth, code) in &files {
         let used = edges.entry(top.clone()).or_default();
-        for name in uses(&code_only(&text)) {
-            if name != top {
-                used.insert(name);
+        let mut names = uses(code);
+        names.extend(super_uses(code, *depth));
+        for (m, item) in item_paths(code) {
+            if let Some(from) = reexports.get(&(m, item)) {
+                names.insert(from.clone());
+            }
+        }
+        names.remove(top);
+        used.extend(names);
+    }
+    Ok(edges)
+}
+
+/// How deep a file's module is: `x.rs` and `x/mod.rs` are 1 (`super::` of theirs is the
+/// crate root), `x/y.rs` is 2, and so on.
+fn module_depth(rel: &Path) -> usize {
+    let parts = rel.components().count();
+    if rel.file_name().is_some_and(|n| n == "mod.rs") {
+        parts - 1
+    } else {
+        parts
+    }
+}
+
+/// The top-level modules that `super::` paths reach in a file of module depth `depth`:
+/// `super::` repeated `depth` times is the crate root, and the name after it a module.
+fn super_uses(code: &str, depth: usize) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for (i, _) in code.match_indices("super::") {
+        let before = code[..i].chars().next_back();
+        if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':') {
+            continue; // the middle of a `super::super::` chain, or another word
+        }
+        let mut rest = &code[i..];
+        let mut climbs = 0;
+        while let Some(r) = rest.strip_prefix("super::") {
+            climbs += 1;
+            rest = r;
+        }
+        if climbs != depth {
+            continue; // inside its own top-level module
+        }
+        let names: Vec<&str> = match rest.strip_prefix('{') {
+            Some(group) => group[..group.find('}').unwrap_or(group.len())]
+                .split(',')
+                .collect(),
+            None => vec![rest],
+        };
+        for n in names {
+            let name = ident(n.trim());
+            if !name.is_empty() {
+                out.insert(name);
             }
         }
     }
-    Ok(edges)
+    out
+}
+
+/// `(Item, X)` for each `pub use crate::X::…::Item` (or `{Item, …}`, or `… as Item`) in
+/// `code`: what its module re-exports from module `X`.
+fn reexports(code: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for stmt in code.split(';') {
+        let stmt = stmt.trim();
+        let Some(at) = stmt.find("use crate::") else {
+            continue;
+        };
+        if !stmt[..at].trim_start().starts_with("pub") {
+            continue;
+        }
+        let path = &stmt[at + "use crate::".len()..];
+        let from = ident(path);
+        let items: Vec<&str> = match (path.find('{'), path.rfind('}')) {
+            (Some(a), Some(b)) if a < b => path[a + 1..b].split(',').collect(),
+            _ => vec![path.rsplit("::").next().unwrap_or("")],
+        };
+        for item in items {
+            let item = item.trim();
+            let name = item.rsplit(" as ").next().unwrap_or(item).trim();
+            let name = name.rsplit("::").next().unwrap_or(name);
+            if !name.is_empty() && name != "self" && name != "*" {
+                out.push((ident(name), from.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// `(M, Item)` for each `crate::M::Item` path in `code` (and each item of
+/// `crate::M::{Item, …}`).
+fn item_paths(code: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (i, _) in code.match_indices("crate::") {
+        if code[..i]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            continue;
+        }
+        let rest = &code[i + "crate::".len()..];
+        let m = ident(rest);
+        let Some(after) = rest[m.len()..].strip_prefix("::") else {
+            continue;
+        };
+        match after.strip_prefix('{') {
+            Some(group) => {
+                for item in group[..group.find('}').unwrap_or(group.len())].split(',') {
+                    out.push((m.clone(), ident(item.trim())));
+                }
+            }
+            None => out.push((m.clone(), ident(after))),
+        }
+    }
+    out
+}
+
+fn ident(s: &str) -> String {
+    s.chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect()
 }
 
 fn rust_files(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -89,11 +220,6 @@ fn code_only(text: &str) -> String {
 
 /// The top-level modules named by `crate::NAME` and `use crate::{NAME, …}`.
 fn uses(code: &str) -> BTreeSet<String> {
-    let ident = |s: &str| -> String {
-        s.chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .collect()
-    };
     let mut out = BTreeSet::new();
     for (i, _) in code.match_indices("crate::") {
         let before = code[..i].chars().next_back();
@@ -232,6 +358,66 @@ mod tests {
         );
         let got: Vec<String> = uses(&code).into_iter().collect();
         assert_eq!(got, ["a", "b", "c", "d"]);
+    }
+
+    #[test]
+    fn super_paths_to_the_root_and_reexports_are_edges() {
+        // `super::` from `a.rs` (depth 1) is the root; from `a/b.rs` (depth 2) it is `a`.
+        let code = code_only("use super::c::X;\nuse super::super::d::Y;\nuse super::{e, f};");
+        let one: Vec<String> = super_uses(&code, 1).into_iter().collect();
+        assert_eq!(one, ["c", "e", "f"]);
+        let two: Vec<String> = super_uses(&code, 2).into_iter().collect();
+        assert_eq!(two, ["d"]);
+        assert_eq!(module_depth(Path::new("a/mod.rs")), 1);
+        assert_eq!(module_depth(Path::new("a/b.rs")), 2);
+        assert_eq!(module_depth(Path::new("a.rs")), 1);
+        let re = reexports(&code_only(
+            "pub use crate::stats::Protocol;\npub(crate) use crate::x::{A, b::C as D};\nuse crate::y::Z;",
+        ));
+        assert_eq!(
+            re,
+            [
+                ("Protocol".to_string(), "stats".to_string()),
+                ("A".into(), "x".into()),
+                ("D".into(), "x".into())
+            ]
+        );
+        assert_eq!(
+            item_paths("crate::http::Protocol; crate::m::{P, q::R}"),
+            [
+                ("http".to_string(), "Protocol".to_string()),
+                ("m".into(), "P".into()),
+                ("m".into(), "q".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_reexport_cannot_hide_an_upward_edge() {
+        let dir = std::env::temp_dir().join(format!("spooky-layers-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("low")).unwrap();
+        std::fs::write(dir.join("low/mod.rs"), "pub use crate::high::Secret;\n").unwrap();
+        std::fs::write(
+            dir.join("mid.rs"),
+            "use crate::low::Secret;\nuse super::low::X;\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("high.rs"), "pub struct Secret;\n").unwrap();
+        let edges = graph(&dir).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(edges["mid"].contains("high"), "{edges:?}");
+        assert!(edges["mid"].contains("low"), "{edges:?}");
+        let layers: &[&[&str]] = &[&["high"], &["mid"], &["low"]];
+        let v = layer_violations(&edges, layers);
+        assert!(
+            v.contains(&"`mid` uses `high`, which is not below it".to_string()),
+            "{v:?}"
+        );
+        assert!(
+            v.contains(&"`low` uses `high`, which is not below it".to_string()),
+            "{v:?}"
+        );
     }
 
     #[test]

@@ -18,16 +18,17 @@ use crate::board::HealthBoard;
 use crate::config::{Config, ConfigError, ControlSocket as ControlSetting};
 use crate::health::checker::Checker;
 use crate::keys::Keys;
-use crate::ops::access_log::AccessLogger;
-use crate::ops::privilege::PrivilegeError;
-use crate::ops::reload::{Link, Reloader, WorkerUpdate};
+use crate::ops::reload::Reloader;
 use crate::ops::takeover::{ControlSocket, TakeoverError};
 use crate::ops::Ops;
+use crate::privilege::PrivilegeError;
 use crate::quic::endpoint::Generations;
 pub use crate::snapshot::SnapshotError;
 use crate::snapshot::{QuicConfigError, Snapshot};
 use crate::stats::{Metrics, WorkerStats};
 use crate::steering::{self, Mode, ProbeBoard, SteeringError};
+use crate::telemetry::access_log::AccessLogger;
+use crate::worker::control::{Link, WorkerUpdate};
 pub use crate::worker::WorkerError;
 use crate::worker::{self, WorkerSetup};
 use spooky_common::cid::next_generation;
@@ -298,7 +299,7 @@ pub fn start_from(
     // Before any thread starts: those started ahead of the lock-down drop their own. Not
     // with `user:`: switching user clears every thread's capabilities anyway, and glibc
     // aborts the process when a thread cannot follow the switch (no CAP_SETGID left).
-    crate::ops::privilege::plan_lock_down(opts.lock_down && config.user.is_none());
+    crate::privilege::plan_lock_down(opts.lock_down && config.user.is_none());
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -404,7 +405,7 @@ pub fn start_from(
             stats: &stats,
             predecessor: predecessor.as_ref(),
             probes: probes.clone(),
-            thread_start: crate::ops::privilege::lock_down_helper_thread,
+            thread_start: crate::privilege::lock_down_helper_thread,
         },
     )?;
     let mode = kernel_steering.mode();
@@ -427,11 +428,11 @@ pub fn start_from(
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
     if let Some(user) = &cfg.user {
         let pins = kernel_steering.pin_path().map(Path::to_path_buf);
-        let (uid, gid) = crate::ops::privilege::drop_to(user, pins.as_deref())?;
+        let (uid, gid) = crate::privilege::drop_to(user, pins.as_deref())?;
         tracing::info!(%user, uid, gid, "dropped privileges");
     }
     if opts.lock_down {
-        crate::ops::privilege::lock_down()?;
+        crate::privilege::lock_down()?;
         // SAFETY: geteuid has no preconditions.
         if cfg.user.is_none() && unsafe { libc::geteuid() } == 0 {
             tracing::warn!(

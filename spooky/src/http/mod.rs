@@ -20,10 +20,10 @@ pub(crate) mod outcome;
 use crate::health::checker::Reporter;
 use crate::health::TrafficOutcome;
 use crate::lb::Balancer;
-use crate::ops::access_log::AccessLogger;
 use crate::snapshot::Snapshot;
 pub(crate) use crate::stats::Protocol;
 use crate::stats::{Metrics, RouteMetrics, WorkerStats};
+use crate::telemetry::access_log::AccessLogger;
 use crate::upstream::{BackendPool, Connector, PoolLimits};
 use bridge::RequestHead;
 pub(crate) use exchange::{ConnWaker, Wakeup};
@@ -201,7 +201,7 @@ impl Forwarder {
     /// the memory limit, the checks of RFC 9114 §4.3 and the limits, then routing.
     pub fn admit(&self, list: &[Header], more_frames: bool) -> Admission {
         let proxy = &self.snapshot.config.proxy;
-        if crate::ops::memory::over(proxy.memory_limit) {
+        if crate::telemetry::memory::over(proxy.memory_limit) {
             self.services
                 .stats
                 .memory_shed

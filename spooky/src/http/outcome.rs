@@ -16,8 +16,8 @@ use super::bridge::{
 };
 use super::Forwarder;
 use crate::health::TrafficOutcome;
-use crate::ops::access_log;
 use crate::stats::{Outcome, Protocol};
+use crate::telemetry::access_log;
 use crate::upstream::{ErrorKind, UpstreamError};
 use bytes::Bytes;
 use quiche::h3::Header;

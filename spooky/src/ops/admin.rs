@@ -374,7 +374,7 @@ fn status_json(ops: &Ops) -> String {
         "pid": std::process::id(),
         // SAFETY: geteuid has no preconditions.
         "uid": unsafe { libc::geteuid() },
-        "capabilities": format!("{:#x}", super::privilege::effective_capabilities()),
+        "capabilities": format!("{:#x}", crate::privilege::effective_capabilities()),
         "listen": snapshot.config.listen.addr.to_string(),
         "workers": workers,
         "pools": pools,

@@ -182,7 +182,7 @@ pub fn render(ops: &Ops) -> String {
     let _ = writeln!(
         out,
         "spooky_process_resident_memory_bytes {}",
-        super::memory::resident()
+        crate::telemetry::memory::resident()
     );
 
     head(

@@ -1,19 +1,16 @@
-//! Operating Spooky: the admin listener ([`admin`]), the Prometheus exposition
-//! ([`metrics`]), the access log ([`access_log`]), live reload ([`reload`]), `spooky status`
-//! ([`status`]), logging ([`telemetry`]), dropping privileges ([`privilege`]) and the
-//! process's resident memory ([`memory`]).
+//! The control plane: the admin listener ([`admin`]), the Prometheus exposition
+//! ([`metrics`]), live reload ([`reload`]: reading, validating and building a configuration,
+//! then switching the workers through their control protocol), `spooky status` ([`status`])
+//! and the takeover control socket ([`takeover`]). It sits above the workers and only reads
+//! what they count; the telemetry they write to is `crate::telemetry`.
 
-pub(crate) mod access_log;
 pub(crate) mod admin;
 /// The admin listener's bounds (see `admin`).
 pub use admin::{H1_TIMEOUT as ADMIN_H1_TIMEOUT, MAX_CONNECTIONS as ADMIN_MAX_CONNECTIONS};
-pub(crate) mod memory;
 pub(crate) mod metrics;
-pub(crate) mod privilege;
 pub mod reload;
 pub mod status;
 pub(crate) mod takeover;
-pub mod telemetry;
 
 use crate::stats::{Metrics, WorkerStats};
 use crate::steering::ExtraMetrics;
@@ -25,7 +22,7 @@ pub(crate) struct Ops {
     pub reloader: Arc<reload::Reloader>,
     pub stats: Vec<Arc<WorkerStats>>,
     pub metrics: Arc<Metrics>,
-    pub access_log: Arc<access_log::AccessLogger>,
+    pub access_log: Arc<crate::telemetry::access_log::AccessLogger>,
     /// The XDP counters (eBPF tiers).
     pub ebpf: Option<ExtraMetrics>,
     /// The steering mode, as logged at start.

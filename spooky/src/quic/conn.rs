@@ -240,7 +240,7 @@ impl Conn {
     /// grace is reset.
     fn police_stalled(&mut self, fwd: &Forwarder, now: Instant) {
         let config = &fwd.snapshot.config;
-        let over_memory = crate::ops::memory::over(config.proxy.memory_limit);
+        let over_memory = crate::telemetry::memory::over(config.proxy.memory_limit);
         let starved = now.saturating_duration_since(self.last_taken) >= STALL_GRACE;
         if !starved && !over_memory {
             return;

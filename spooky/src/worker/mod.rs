@@ -3,7 +3,7 @@
 //! socket of the listener's SO_REUSEPORT group and its connections, [`crate::quic::front`])
 //! and the TLS-over-TCP front ([`crate::tcp::Front`]) — their shared [`Forwarder`] (HTTP/2
 //! pools, balancers), the QUIC timers, and the control messages: reloads (the two phases of
-//! [`crate::ops::reload::switch`]), the steering's generations, shutdown and the kill hook.
+//! [`control::switch`]), the steering's generations, shutdown and the kill hook.
 //! Nothing on the request path crosses threads or takes a lock.
 //!
 //! The loop's promise: however hard the socket is hit, control messages, timers and the
@@ -13,16 +13,18 @@
 //! workers, then services the touched connections. A turn that found a full batch yields to
 //! the request tasks before the next one (quinn's driver bounds its I/O the same way).
 
+pub mod control;
+
 use crate::health::checker::Reporter;
 use crate::http::{Forwarder, Services};
-use crate::ops::access_log::AccessLogger;
-use crate::ops::reload::{Answer, Command, WorkerUpdate};
 use crate::quic::endpoint::Generations;
 use crate::quic::front::{self, Current, Forwarded, QuicFront, RECV_BATCH};
 use crate::snapshot::Snapshot;
 use crate::stats::{Metrics, WorkerStats};
 use crate::steering::ProbeBoard;
 use crate::tcp;
+use crate::telemetry::access_log::AccessLogger;
+use control::{Answer, Command, WorkerUpdate};
 use spooky_common::CidLayout;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;

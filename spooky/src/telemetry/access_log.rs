@@ -62,7 +62,7 @@ impl AccessLogger {
         std::thread::Builder::new()
             .name("spooky-access".into())
             .spawn(move || {
-                crate::ops::privilege::lock_down_helper_thread();
+                crate::privilege::lock_down_helper_thread();
                 let mut buf = std::io::BufWriter::with_capacity(64 * 1024, &mut out);
                 while let Ok(first) = rx.recv() {
                     let _ = buf.write_all(format_line(&first).as_bytes());
