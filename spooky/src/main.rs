@@ -217,11 +217,15 @@ fn run(args: &RunArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match serve(config, args, log_reloader, started) {
+    let served = serve(config, args, log_reloader, started);
+    // The last lines (the drain's, "stopped") are written before the process ends.
+    spooky::telemetry::logging::flush(Duration::from_secs(2));
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let why = explain(&e);
             tracing::error!("{why}");
+            spooky::telemetry::logging::flush(Duration::from_secs(2));
             eprintln!("spooky: {why}");
             ExitCode::from(1)
         }

@@ -441,6 +441,12 @@ pub fn start_from(
         }
     }
 
+    // From here on no thread waits on stderr (a thread with the process's final identity
+    // writes the lines). The binary only: tests in this process keep their own subscriber.
+    if opts.lock_down {
+        crate::telemetry::logging::write_from_a_thread().map_err(StartError::Thread)?;
+    }
+
     let (checker, reporter) = Checker::start(
         snapshot.clone(),
         metrics.clone(),

@@ -82,6 +82,8 @@ pub struct Job {
     bytes_out: Cell<u64>,
     /// What of the request was taken from the exchange, for a retry.
     replay: RefCell<Replay>,
+    /// The first backend failure, logged if the request succeeds after all.
+    first_failure: RefCell<Option<UpstreamError>>,
 }
 
 impl Job {
@@ -106,6 +108,7 @@ impl Job {
             status: Cell::new(0),
             bytes_out: Cell::new(0),
             replay: RefCell::new(Replay::default()),
+            first_failure: RefCell::new(None),
         }
     }
 
@@ -154,6 +157,9 @@ pub async fn run(job: Job, gate: Option<super::HandshakeGate>) {
     };
     match result {
         Ok(backend) => {
+            if let Some(e) = job.first_failure.take() {
+                outcome::log_recovered(job.pool_name(), &e, &job.fwd.services.log_gate);
+            }
             tracing::debug!(upstream = job.pool_name(), backend = %backend, status = job.status.get(),
                 elapsed_us = job.started.elapsed().as_micros() as u64, "request done");
         }
@@ -180,7 +186,7 @@ pub async fn run(job: Job, gate: Option<super::HandshakeGate>) {
                     let _ = job.task.reset(code);
                 }
             }
-            failure.log(job.peer, Some(job.pool_name()));
+            failure.log(job.peer, Some(job.pool_name()), &job.fwd.services.log_gate);
         }
     }
     if job.status.get() == 0 {
@@ -272,7 +278,9 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
         via: cfg.proxy.via.then_some(job.client.protocol.version()),
     };
     let fail = |backend: usize, e: UpstreamError| {
-        outcome::log_upstream(job.pool_name(), &e);
+        if job.first_failure.borrow().is_none() {
+            *job.first_failure.borrow_mut() = Some(e.clone());
+        }
         let f = Failure::Upstream(e);
         fwd.report_failure(job.upstream, backend, &f);
         f

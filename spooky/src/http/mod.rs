@@ -24,6 +24,7 @@ use crate::snapshot::Snapshot;
 pub(crate) use crate::stats::Protocol;
 use crate::stats::{Metrics, RouteMetrics, WorkerStats};
 use crate::telemetry::access_log::AccessLogger;
+use crate::telemetry::logging::LogGate;
 use crate::upstream::{BackendPool, Connector, PoolLimits};
 use bridge::RequestHead;
 pub(crate) use exchange::{ConnWaker, Wakeup};
@@ -66,6 +67,8 @@ pub(crate) struct Services {
     pub health: Reporter,
     /// The QUIC connections the worker loop is to service (woken by their exchanges).
     pub wakeup: Rc<Wakeup>,
+    /// The rate limit on the log lines clients can cause.
+    pub log_gate: LogGate,
 }
 
 /// One success in this many is sent to the health checker (as a latency sample).
@@ -292,7 +295,7 @@ impl Forwarder {
                 (status, fields, body, None, Some(head))
             }
             Admission::Refuse(failure, head) => {
-                failure.log(peer, None);
+                failure.log(peer, None, &self.services.log_gate);
                 // Nothing was sent yet: every failure before a head is answered.
                 let outcome::Reaction::Answer {
                     status,

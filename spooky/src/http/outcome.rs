@@ -18,6 +18,7 @@ use super::Forwarder;
 use crate::health::TrafficOutcome;
 use crate::stats::{Outcome, Protocol};
 use crate::telemetry::access_log;
+use crate::telemetry::logging::{LogGate, LogKind};
 use crate::upstream::{ErrorKind, UpstreamError};
 use bytes::Bytes;
 use quiche::h3::Header;
@@ -161,24 +162,38 @@ impl Failure {
         }
     }
 
-    /// One log line. Answers Spooky gives before choosing a pool are at info/debug (clients'
-    /// mistakes); failures of a chosen pool at warn, naming it.
-    pub fn log(&self, peer: SocketAddr, pool: Option<&str>) {
+    /// One log line, through the worker's `gate` (clients must not be able to buy log
+    /// volume: `suppressed` says how many lines of its kind were left out before it).
+    /// Answers Spooky gives before choosing a pool are at info/debug (clients' mistakes);
+    /// failures of a chosen pool at warn, naming it and its backend.
+    pub fn log(&self, peer: SocketAddr, pool: Option<&str>, gate: &LogGate) {
         let status = self.status();
+        let kind = match (self, pool) {
+            (Failure::ClientGone, _) => return,
+            (Failure::NoRoute, _) => {
+                tracing::debug!(%peer, status, "no route");
+                return;
+            }
+            (Failure::Broken { .. }, _) => LogKind::Aborted,
+            (_, None) => LogKind::Refused,
+            (_, Some(_)) => LogKind::Failed,
+        };
+        let Some(suppressed) = gate.admit(kind) else {
+            return;
+        };
         match (self, pool) {
-            (Failure::ClientGone, _) => {}
-            (Failure::NoRoute, _) => tracing::debug!(%peer, status, "no route"),
             (Failure::Broken { cause }, pool) => tracing::warn!(
                 upstream = pool.unwrap_or(""),
                 %cause,
+                suppressed,
                 "response aborted; client stream reset"
             ),
             (_, None) => {
-                tracing::info!(%peer, status, reason = %self.text(), detail = ?self, "request refused")
+                tracing::info!(%peer, status, reason = %self.text(), detail = ?self, suppressed, "request refused")
             }
             (_, Some(pool)) => {
                 let cause = self.cause();
-                tracing::warn!(upstream = pool, status, %cause, "request failed");
+                tracing::warn!(upstream = pool, status, %cause, suppressed, "request failed");
             }
         }
     }
@@ -197,10 +212,13 @@ impl Failure {
     }
 }
 
-/// Logs a failure talking to a backend where it happens (the request may still succeed on
-/// another backend or a fresh connection).
-pub fn log_upstream(pool: &str, e: &UpstreamError) {
-    tracing::warn!(upstream = %pool, backend = %e.backend, kind = ?e.kind, cause = %e.detail, "upstream failure");
+/// Logs a request that succeeded after a backend failed it (on another backend, or on a fresh
+/// connection): the failure, once, through the worker's `gate`. A request that fails for good
+/// is logged by [`Failure::log`] instead, naming the backend.
+pub fn log_recovered(pool: &str, e: &UpstreamError, gate: &LogGate) {
+    if let Some(suppressed) = gate.admit(LogKind::Failed) {
+        tracing::info!(upstream = %pool, backend = %e.backend, kind = ?e.kind, cause = %e.detail, suppressed, "request recovered after a backend failure");
+    }
 }
 
 fn is_timeout(kind: ErrorKind) -> bool {
@@ -318,10 +336,16 @@ pub fn record(fwd: &Forwarder, f: &Finished<'_>) {
         protocol: f.protocol.label(),
         host: f
             .head
-            .map(|h| h.authority_str().to_owned())
+            .map(|h| access_log::bounded(h.authority_str()))
             .unwrap_or_default(),
-        method: f.head.map(|h| h.method.to_string()).unwrap_or_default(),
-        path: f.head.map(|h| h.path_str().to_owned()).unwrap_or_default(),
+        method: f
+            .head
+            .map(|h| access_log::bounded(h.method.as_str()))
+            .unwrap_or_default(),
+        path: f
+            .head
+            .map(|h| access_log::bounded(h.path_str()))
+            .unwrap_or_default(),
         status: outcome.status,
         bytes_in: outcome.bytes_in,
         bytes_out: outcome.bytes_out,

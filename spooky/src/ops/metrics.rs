@@ -284,11 +284,21 @@ pub fn render(ops: &Ops) -> String {
         "Configuration generation in force (1 at start, +1 per successful reload).",
     );
     let _ = writeln!(out, "spooky_config_generation {}", snapshot.generation);
-    let process_counters: [(&str, &str, u64); 4] = [
+    let process_counters: &[(&str, &str, u64)] = &[
         (
             "spooky_access_log_dropped_total",
-            "Access-log lines dropped because the writer fell behind.",
+            "Access-log lines dropped because the writer fell behind (its queue holds at most 8 MiB).",
             ops.access_log.dropped(),
+        ),
+        (
+            "spooky_log_lines_dropped_total",
+            "Log lines dropped because stderr did not take them fast enough (the writer thread's queue holds at most 1 MiB; no worker ever waits on stderr).",
+            crate::telemetry::logging::dropped(),
+        ),
+        (
+            "spooky_log_lines_suppressed_total",
+            "Log lines a client could cause (refused, failed or aborted requests, smuggling attempts) left out by the per-worker rate limit of 20 a second per kind; the next line written says how many.",
+            crate::telemetry::logging::suppressed(),
         ),
         (
             "spooky_health_reports_dropped_total",

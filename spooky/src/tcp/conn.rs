@@ -11,6 +11,7 @@ use super::request::{self, ConnCtx};
 use super::strict::{Refusal, Strict};
 use super::{Front, Open, Phase};
 use crate::http::Protocol;
+use crate::telemetry::logging::LogKind;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::future::Future;
@@ -95,12 +96,15 @@ pub(super) async fn serve(
             .await
         }
         _ => {
-            let stats = fwd.services.stats.clone();
+            let services = fwd.services.clone();
             let on_refusal = Box::new(move |why: Refusal| {
-                stats
+                services
+                    .stats
                     .http1_smuggling_refused
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::info!(%peer, reason = why.text(), "HTTP/1.1 request refused as request smuggling (400, connection closed)");
+                if let Some(suppressed) = services.log_gate.admit(LogKind::Smuggling) {
+                    tracing::info!(%peer, reason = why.text(), suppressed, "HTTP/1.1 request refused as request smuggling (400, connection closed)");
+                }
             });
             let io = Strict::new(tls, max_head, on_refusal);
             let conn = http1::Builder::new()

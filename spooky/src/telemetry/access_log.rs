@@ -1,16 +1,24 @@
 //! The access log: one JSON line per request, written by its own thread so that the request
-//! path only pays for a non-blocking channel send. When the writer falls behind, lines are
-//! dropped and counted (`spooky_access_log_dropped_total`), never waited for.
+//! path only pays for a non-blocking channel send. The queue is bounded in bytes
+//! ([`QUEUE_BYTES`]) and each record's request fields in length ([`MAX_FIELD`], longer ones
+//! cut and marked `…`), so a flood of long requests cannot pile up memory; when the writer
+//! falls behind, lines are dropped and counted (`spooky_access_log_dropped_total`), never
+//! waited for.
 
 use crate::config::AccessLog;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// Lines buffered between workers and the writer.
+/// Lines buffered between workers and the writer, at most.
 const QUEUE: usize = 65_536;
+/// Bytes of records buffered between workers and the writer, at most.
+pub const QUEUE_BYTES: usize = 8 << 20;
+/// Longest host, method or path kept in a record (bytes); longer ones are cut.
+pub const MAX_FIELD: usize = 2048;
 
 /// One request, as logged.
 #[derive(Debug, Clone)]
@@ -31,10 +39,35 @@ pub struct Record {
     pub worker: usize,
 }
 
+impl Record {
+    /// What it holds in the queue, roughly (its text fields and a fixed part).
+    fn weight(&self) -> usize {
+        256 + self.host.len()
+            + self.method.len()
+            + self.path.len()
+            + self.pool.len()
+            + self.backend.len()
+    }
+}
+
+/// `s` cut to at most [`MAX_FIELD`] bytes (at a character boundary), marked `…` when cut.
+pub fn bounded(s: &str) -> String {
+    if s.len() <= MAX_FIELD {
+        return s.to_owned();
+    }
+    let mut end = MAX_FIELD;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
 /// The sending side, shared by all workers.
 pub struct AccessLogger {
     tx: Option<SyncSender<Record>>,
     dropped: AtomicU64,
+    /// Bytes of records queued now.
+    queued: Arc<AtomicUsize>,
 }
 
 impl AccessLogger {
@@ -48,6 +81,7 @@ impl AccessLogger {
                 return Ok(Self {
                     tx: None,
                     dropped: AtomicU64::new(0),
+                    queued: Arc::default(),
                 })
             }
             AccessLog::Stdout => Box::new(std::io::stdout()),
@@ -59,16 +93,22 @@ impl AccessLogger {
             ),
         };
         let (tx, rx) = sync_channel::<Record>(QUEUE);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let written = queued.clone();
         std::thread::Builder::new()
             .name("spooky-access".into())
             .spawn(move || {
                 crate::privilege::lock_down_helper_thread();
                 let mut buf = std::io::BufWriter::with_capacity(64 * 1024, &mut out);
+                let write = |buf: &mut std::io::BufWriter<_>, r: Record| {
+                    let _ = buf.write_all(format_line(&r).as_bytes());
+                    written.fetch_sub(r.weight(), Ordering::Relaxed);
+                };
                 while let Ok(first) = rx.recv() {
-                    let _ = buf.write_all(format_line(&first).as_bytes());
+                    write(&mut buf, first);
                     // Write whatever else is queued, then flush once.
                     while let Ok(r) = rx.try_recv() {
-                        let _ = buf.write_all(format_line(&r).as_bytes());
+                        write(&mut buf, r);
                     }
                     let _ = buf.flush();
                 }
@@ -76,6 +116,7 @@ impl AccessLogger {
         Ok(Self {
             tx: Some(tx),
             dropped: AtomicU64::new(0),
+            queued,
         })
     }
 
@@ -91,10 +132,17 @@ impl AccessLogger {
 
     /// Queues a line; drops it (counted) when the writer is behind.
     pub fn log(&self, r: Record) {
-        if let Some(tx) = &self.tx {
-            if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(r) {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+        let Some(tx) = &self.tx else { return };
+        let weight = r.weight();
+        let over = self.queued.fetch_add(weight, Ordering::Relaxed) + weight > QUEUE_BYTES;
+        if over
+            || matches!(
+                tx.try_send(r),
+                Err(TrySendError::Full(_) | TrySendError::Disconnected(_))
+            )
+        {
+            self.queued.fetch_sub(weight, Ordering::Relaxed);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -195,6 +243,19 @@ mod tests {
         assert_eq!(v["duration_ms"], 1.5);
         assert_eq!(v["worker"], 1);
         assert!(line.ends_with("}\n"));
+    }
+
+    #[test]
+    fn long_fields_are_cut_and_marked() {
+        assert_eq!(bounded("/short"), "/short");
+        let long = "é".repeat(MAX_FIELD);
+        let cut = bounded(&long);
+        assert!(
+            cut.len() <= MAX_FIELD + "…".len() && cut.ends_with('…'),
+            "{}",
+            cut.len()
+        );
+        assert!(cut.starts_with("éé"));
     }
 
     #[test]

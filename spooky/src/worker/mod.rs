@@ -179,6 +179,7 @@ impl Worker {
             access_log: setup.access_log,
             health: setup.health,
             wakeup: Rc::default(),
+            log_gate: Default::default(),
         });
         let fwd = Rc::new(Forwarder::new(services.clone(), setup.snapshot, None));
         let tcp = match setup.tcp {

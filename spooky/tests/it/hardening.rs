@@ -23,6 +23,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// A process this test started, killed (by its PID) and reaped when dropped: also when the
+/// test fails before it stops it.
+struct Started(std::process::Child);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
 fn metric(p: &Proxy, prefix: &str) -> f64 {
     metric_sum(&p.running.as_ref().unwrap().metrics_text(), prefix)
 }
@@ -800,20 +813,22 @@ fn a_sigterm_right_after_ready_is_a_graceful_shutdown() {
         let socket = dir.join(format!("notify-{i}.sock"));
         let notify = std::os::unix::net::UnixDatagram::bind(&socket).unwrap();
         notify.set_read_timeout(Some(T)).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_spooky"))
-            .arg("--config")
-            .arg(&config)
-            .args(["--workers", "1", "--no-pin"])
-            .env("NOTIFY_SOCKET", &socket)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start spooky");
+        let mut child = Started(
+            Command::new(env!("CARGO_BIN_EXE_spooky"))
+                .arg("--config")
+                .arg(&config)
+                .args(["--workers", "1", "--no-pin"])
+                .env("NOTIFY_SOCKET", &socket)
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start spooky"),
+        );
         let mut buf = [0u8; 256];
         let n = notify.recv(&mut buf).expect("READY=1 within the deadline");
         // SAFETY: kill(2) on the child we started, by its PID.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        unsafe { libc::kill(child.0.id() as libc::pid_t, libc::SIGTERM) };
         assert!(buf[..n].starts_with(b"READY=1"), "{:?}", &buf[..n]);
-        let status = child.wait().unwrap();
+        let status = child.0.wait().unwrap();
         assert!(
             status.success(),
             "start {i}: SIGTERM after READY ended it with {status}"
@@ -907,14 +922,16 @@ fn one_address_cannot_push_the_process_past_its_memory_limit() {
     .replace("  address: 127.0.0.1\n", "  address: \"::\"\n");
     let config = dir.join("spooky.yaml");
     std::fs::write(&config, yaml).unwrap();
-    let mut spooky = Command::new(env!("CARGO_BIN_EXE_spooky"))
-        .arg("--config")
-        .arg(&config)
-        .args(["--workers", "2", "--no-pin"])
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start spooky");
-    let pid = spooky.id();
+    let mut spooky = Started(
+        Command::new(env!("CARGO_BIN_EXE_spooky"))
+            .arg("--config")
+            .arg(&config)
+            .args(["--workers", "2", "--no-pin"])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start spooky"),
+    );
+    let pid = spooky.0.id();
     cgroup.add(pid);
     // The victim, over IPv6: another address.
     let v6: SocketAddr = format!("[::1]:{port}").parse().unwrap();
@@ -955,11 +972,9 @@ fn one_address_cannot_push_the_process_past_its_memory_limit() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let report = attacker.wait_with_output().unwrap();
-    let alive = spooky.try_wait().unwrap().is_none();
+    let alive = spooky.0.try_wait().unwrap().is_none();
     let peak = status_kib(pid, "VmHWM:") << 10;
-    // SAFETY: kill(2) on the child we started, by its PID.
-    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
-    let _ = spooky.wait();
+    drop(spooky);
     let _ = std::fs::remove_dir_all(&dir);
     assert!(alive, "spooky died (the OOM killer?)");
     assert!(failed.is_empty(), "the other client failed: {failed:?}");
@@ -978,4 +993,182 @@ fn one_address_cannot_push_the_process_past_its_memory_limit() {
         limit >> 20,
         String::from_utf8_lossy(&report.stdout)
     );
+}
+
+/// `GET path` on an admin listener over HTTP/1.1: the body.
+fn admin_get(admin: SocketAddr, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(admin).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    std::io::Write::write_all(
+        &mut s,
+        format!("GET {path} HTTP/1.1\r\nhost: a\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut s, &mut out).unwrap();
+    out.split_once("\r\n\r\n")
+        .map_or(String::new(), |b| b.1.to_string())
+}
+
+/// The real binary on a config with `log` (extra YAML) and an admin listener at `admin`,
+/// its stderr a pipe: (the process, its stderr).
+fn spooky_with_log(
+    b: SocketAddr,
+    port: u16,
+    admin: u16,
+    log: &str,
+    dir: &std::path::Path,
+) -> std::process::Child {
+    let yaml = config_yaml(
+        port,
+        &pool("main", "/", None, "round-robin", &[("b1", b)], ""),
+        &format!("admin:\n  address: 127.0.0.1:{admin}\n{log}"),
+    );
+    let config = dir.join("spooky.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_spooky"))
+        .arg("--config")
+        .arg(&config)
+        .args(["--workers", "2", "--no-pin"])
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start spooky")
+}
+
+fn connect_when_up(addr: SocketAddr) -> Client {
+    let deadline = Instant::now() + T;
+    loop {
+        let opts = ClientOptions {
+            verify: true,
+            ca: Some(certs_dir().join("ca.crt")),
+            ..Default::default()
+        };
+        match Client::connect(addr, &opts, Duration::from_secs(2)) {
+            Ok(c) => return c,
+            Err(e) => assert!(Instant::now() < deadline, "spooky never served: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A head without `:scheme` and `:authority`: refused (400), logged as a refusal.
+fn malformed() -> Request {
+    Request {
+        fields: vec![
+            (":method".into(), "GET".into()),
+            (":path".into(), "/".into()),
+        ],
+        ..Default::default()
+    }
+}
+
+/// A stderr that nobody reads (a full pipe) never stalls a worker: with debug logging (lines
+/// for every request) the requests are all served, and the lines that did not fit are
+/// dropped and counted.
+#[test]
+fn a_blocked_stderr_never_stalls_a_worker() {
+    let b = backend("b1");
+    let dir = std::env::temp_dir().join(format!("spooky-stderr-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (port, admin) = (free_udp_port(), free_udp_port());
+    let mut spooky = Started(spooky_with_log(
+        b.addr,
+        port,
+        admin,
+        "log:\n  level: debug\n",
+        &dir,
+    ));
+    // The pipe is never read: once its 64 KiB are full, a write to it blocks.
+    let _unread = spooky.0.stderr.take();
+    let mut c = connect_when_up(SocketAddr::from(([127, 0, 0, 1], port)));
+    // Far more lines than the pipe (64 KiB) and the writer's queue (1 MiB) hold.
+    for batch in 0..100 {
+        let sids: Vec<u64> = (0..50)
+            .map(|_| c.send(&Request::get("localhost", "/size/10")).unwrap())
+            .collect();
+        for sid in sids {
+            let r = c
+                .wait(sid, Duration::from_secs(5))
+                .unwrap_or_else(|e| panic!("batch {batch}: {e} (a worker blocked on stderr?)"));
+            assert_eq!(r.status, 200);
+        }
+    }
+    let metrics = admin_get(SocketAddr::from(([127, 0, 0, 1], admin)), "/metrics");
+    drop(spooky);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        metric_sum(&metrics, "spooky_log_lines_dropped_total") > 0.0,
+        "stderr was full, yet no line was dropped"
+    );
+}
+
+/// A flood of malformed requests costs bounded log volume: at most 20 "request refused"
+/// lines a second per worker, the rest counted, and a line after a gap saying how many it
+/// stands for.
+#[test]
+fn a_flood_of_bad_requests_costs_bounded_log_volume() {
+    let b = backend("b1");
+    let dir = std::env::temp_dir().join(format!("spooky-logflood-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (port, admin) = (free_udp_port(), free_udp_port());
+    let mut spooky = Started(spooky_with_log(
+        b.addr,
+        port,
+        admin,
+        "log:\n  level: info\n",
+        &dir,
+    ));
+    let stderr = spooky.0.stderr.take().unwrap();
+    let lines = std::thread::spawn(move || {
+        std::io::BufRead::lines(std::io::BufReader::new(stderr))
+            .map_while(Result::ok)
+            .collect::<Vec<String>>()
+    });
+    let mut c = connect_when_up(SocketAddr::from(([127, 0, 0, 1], port)));
+    let started = Instant::now();
+    let n = 3000;
+    for i in 0..n {
+        let r = c.request(&malformed(), T).unwrap();
+        assert_eq!(r.status, 400, "request {i}");
+    }
+    // A second later, one more: its line says how many were left out.
+    std::thread::sleep(Duration::from_millis(1100));
+    let _ = c.request(&malformed(), T).unwrap();
+    let elapsed = started.elapsed();
+    let metrics = admin_get(SocketAddr::from(([127, 0, 0, 1], admin)), "/metrics");
+    // SAFETY: kill(2) on the child we started, by its PID.
+    unsafe { libc::kill(spooky.0.id() as libc::pid_t, libc::SIGTERM) };
+    let _ = spooky.0.wait();
+    let lines = lines.join().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let refused: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("request refused"))
+        .collect();
+    // 20 a second on each of two workers, per second begun.
+    let bound = 20 * 2 * (elapsed.as_secs() + 2) as usize;
+    assert!(
+        refused.len() <= bound && refused.len() < n / 5,
+        "{} refusal lines for {n} bad requests in {elapsed:?}",
+        refused.len()
+    );
+    let suppressed: u64 = refused
+        .iter()
+        .filter_map(|l| {
+            l.split("suppressed=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    assert!(
+        suppressed > 0,
+        "no line said how many were left out: {refused:?}"
+    );
+    assert!(metric_sum(&metrics, "spooky_log_lines_suppressed_total") > 0.0);
 }
