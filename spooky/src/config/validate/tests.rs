@@ -95,9 +95,11 @@ fn minimal_config_gets_every_default() {
             via: true,
             shutdown_grace: Duration::from_secs(30),
             max_header_list_size: 64 << 10,
-            memory_limit: None,
+            // `auto`: three quarters of this machine's (or its cgroup's) memory.
+            memory_limit: crate::config::memory::auto_limit(&crate::config::System),
         }
     );
+    assert!(c.proxy.memory_limit.is_some_and(|m| m > 1 << 20));
     assert_eq!(
         c.log,
         Log {
@@ -1167,4 +1169,19 @@ fn a_non_loopback_admin_address_needs_a_token() {
     ok(&format!(
         "{ONE_UPSTREAM}admin: {{address: \"[::1]:9900\"}}\n"
     ));
+}
+
+#[test]
+fn the_memory_limit_is_auto_by_default_and_can_be_off() {
+    let auto = crate::config::memory::auto_limit(&crate::config::System);
+    assert!(auto.is_some());
+    assert_eq!(ok(ONE_UPSTREAM).proxy.memory_limit, auto);
+    let explicit = ok(&format!("proxy: {{memory_limit: auto}}\n{ONE_UPSTREAM}"));
+    assert_eq!(explicit.proxy.memory_limit, auto);
+    let off = ok(&format!("proxy: {{memory_limit: \"off\"}}\n{ONE_UPSTREAM}"));
+    assert_eq!(off.proxy.memory_limit, None);
+    assert_eq!(
+        problems(&format!("proxy: {{memory_limit: lots}}\n{ONE_UPSTREAM}")).len(),
+        1
+    );
 }
