@@ -58,10 +58,15 @@ impl Replay {
         self.chunks = Vec::new();
     }
 
-    /// The next attempt's stream may carry END_STREAM on its head: the whole request was
-    /// taken, and it is a head alone.
-    fn head_alone(&self) -> bool {
-        self.chunks.is_empty() && self.bytes == 0 && matches!(self.end, Some(None))
+    /// The next attempt's stream may carry END_STREAM on its head: no body was taken, and
+    /// the end was taken without trailers — or not taken yet, and `rest_is_empty` says the
+    /// exchange holds nothing but an end without trailers either.
+    fn head_alone(&self, rest_is_empty: bool) -> bool {
+        self.bytes == 0
+            && match &self.end {
+                Some(end) => end.is_none(),
+                None => rest_is_empty,
+            }
     }
 }
 
@@ -294,10 +299,7 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
         job.chosen.set(Some(backend));
         let pool = fwd.pools[job.upstream][backend].clone();
         let request = bridge::to_h2_request(&job.head, &hop).map_err(Failure::Convert)?;
-        let end_of_stream = {
-            let replay = job.replay.borrow();
-            replay.head_alone() || (replay.end.is_none() && job.task.request_is_empty())
-        };
+        let end_of_stream = job.replay.borrow().head_alone(job.task.request_is_empty());
         // Waiting for a connection or a stream slot ends when the client leaves.
         let checkout = tokio::select! {
             biased;
@@ -612,5 +614,50 @@ async fn pump_request(
                 .into());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retry_sends_its_head_alone_only_when_no_body_was_taken() {
+        let mut r = Replay::default();
+        assert!(
+            r.head_alone(true),
+            "nothing taken, the exchange holds only the end"
+        );
+        assert!(!r.head_alone(false), "nothing taken, a body still to come");
+        r.keep(&Bytes::from_static(b"abc"));
+        // The bug this guards against: the end arrived meanwhile, but a body was taken and
+        // must be sent again, so the head cannot end the stream.
+        assert!(!r.head_alone(true));
+        let mut ended = Replay {
+            end: Some(None),
+            ..Replay::default()
+        };
+        assert!(
+            ended.head_alone(false),
+            "the end was taken, without body or trailers"
+        );
+        ended.end = Some(Some(http::HeaderMap::new()));
+        assert!(!ended.head_alone(false), "trailers follow the head");
+    }
+
+    #[test]
+    fn the_replay_keeps_a_body_up_to_its_limit() {
+        let mut r = Replay::default();
+        r.keep(&Bytes::from(vec![1; REPLAY_LIMIT - 1]));
+        r.keep(&Bytes::from_static(b"x"));
+        assert!(!r.closed);
+        assert_eq!(r.chunks.len(), 2);
+        r.keep(&Bytes::from_static(b"y"));
+        assert!(
+            r.closed && r.chunks.is_empty(),
+            "past the limit: no retry, nothing kept"
+        );
+        r.keep(&Bytes::from_static(b"z"));
+        assert!(r.chunks.is_empty());
     }
 }
