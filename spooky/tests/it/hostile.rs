@@ -90,7 +90,7 @@ fn request_smuggling_attempts_are_rejected() {
     for (i, req) in cases.iter().enumerate() {
         let r = c.request(req, T).unwrap();
         assert!(
-            r.status == 400 || r.reset.is_some(),
+            r.status == 400 || r.reset == Some(H3_MESSAGE_ERROR),
             "case {i}: {} {:?}",
             r.status,
             r.reset
@@ -112,7 +112,10 @@ fn request_smuggling_attempts_are_rejected() {
             T,
         )
         .unwrap();
-    assert!(r.reset.is_some() || r.status == 400, "{r:?}");
+    assert!(
+        r.reset == Some(H3_MESSAGE_ERROR) || r.status == 400,
+        "{r:?}"
+    );
     // Only the good requests reached the backend, plus perhaps the head of the over-long one
     // (its stream was reset upstream as soon as the excess arrived).
     let good = cases.len() as u64;
@@ -136,14 +139,29 @@ fn connections_per_address_are_limited() {
         ca: Some(certs_dir().join("ca.crt")),
         ..Default::default()
     };
+    // Twelve handshakes at once; a refused one is never answered (its Initial is dropped),
+    // so it ends in the client's timeout, long enough for any slow but accepted one.
+    let attempts: Vec<_> = (0..12)
+        .map(|_| {
+            let (addr, opts) = (p.addr, opts.clone());
+            std::thread::spawn(move || Client::connect(addr, &opts, Duration::from_secs(3)))
+        })
+        .collect();
     let mut open = Vec::new();
     let mut refused = 0;
-    for _ in 0..12 {
-        match Client::connect(p.addr, &opts, Duration::from_millis(600)) {
+    for a in attempts {
+        match a.join().unwrap() {
             Ok(c) => open.push(c),
-            Err(_) => refused += 1,
+            Err(spooky_peers::client::ClientError::Timeout(_)) => refused += 1,
+            Err(e) => panic!("a connection failed otherwise: {e}"),
         }
     }
+    let accepted = p.stats_sum(|s| s.connections_accepted.load(Ordering::Relaxed));
+    assert_eq!(
+        accepted,
+        open.len() as u64,
+        "accepted by Spooky and open at the client"
+    );
     // 2 workers × ceil(4 / 2): at most 4 (fewer if the hash put more on one worker).
     assert!(
         (1..=4).contains(&open.len()),
@@ -299,7 +317,7 @@ fn a_backend_reset_mid_response_resets_the_client_stream() {
         .unwrap();
     assert_eq!(r.status, 200, "the head was already relayed");
     assert!(
-        r.reset.is_some(),
+        r.reset == Some(H3_INTERNAL_ERROR),
         "a truncated response must not look complete: {r:?}"
     );
     assert!(!r.finished);
@@ -464,18 +482,6 @@ fn spooky_drops_to_an_unprivileged_user_and_keeps_serving() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The health state of every backend, from `/metrics` (`spooky_backend_health_state`).
-fn backend_states(p: &Proxy) -> Vec<(String, u64)> {
-    let text = p.running.as_ref().unwrap().metrics_text();
-    text.lines()
-        .filter(|l| l.starts_with("spooky_backend_health_state{"))
-        .filter_map(|l| {
-            let backend = l.split("backend=\"").nth(1)?.split('"').next()?.to_owned();
-            Some((backend, l.rsplit(' ').next()?.parse().ok()?))
-        })
-        .collect()
-}
-
 /// Passive health belongs to the backends: a client that makes them answer 5xx ejects none
 /// of them (unless the pool counts 5xx), and backends that really fail are ejected only up to
 /// the pool's `max_ejection_percent`; the ejection held back is counted.
@@ -486,8 +492,18 @@ fn clients_cannot_eject_backends_and_ejections_are_capped_per_pool() {
         backends.iter().map(|b| (b.id.clone(), b.addr)).collect();
     let named: Vec<(&str, SocketAddr)> = addrs.iter().map(|(i, a)| (i.as_str(), *a)).collect();
     let passive = "passive_health:\n  consecutive_failures: 2\n  cooldown: 1m";
+    // A pool whose only backend refuses connections: its ejection is the barrier that says
+    // the health checker has processed every report sent before it (one worker, one queue).
+    let barrier = pool(
+        "barrier",
+        "/barrier",
+        None,
+        "round-robin",
+        &[("refusing", dead_tcp_addr())],
+        "passive_health:\n  consecutive_failures: 1\n  cooldown: 1m\n  max_ejection_percent: 100",
+    );
     let p = proxy(
-        &pool("main", "/", None, "round-robin", &named, passive),
+        &(pool("main", "/", None, "round-robin", &named, passive) + &barrier),
         "",
         1,
     );
@@ -498,8 +514,20 @@ fn clients_cannot_eject_backends_and_ejections_are_capped_per_pool() {
             .unwrap();
         assert_eq!(r.status, 503);
     }
+    assert_eq!(
+        c.request(&Request::get("localhost", "/barrier"), T)
+            .unwrap()
+            .status,
+        502
+    );
+    wait_until("the barrier backend's ejection", T, || {
+        backend_state(&p, "refusing") == Some(2)
+    });
     assert!(
-        backend_states(&p).iter().all(|(_, s)| *s == 0),
+        backend_states(&p)
+            .iter()
+            .filter(|(b, _)| b != "refusing")
+            .all(|(_, s)| *s == 0),
         "5xx answers a client asked for ejected a backend: {:?}",
         backend_states(&p)
     );
@@ -622,7 +650,7 @@ fn streams_a_client_never_reads_are_reset_with_their_backend_streams() {
     );
     let stall = stall_probe(p.addr.port(), 4, 25, 6);
     // Another client, on the same backend, while the streams are stalled.
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for_backend_streams_at_least(&b1, 25);
     let mut c = client(p.addr);
     let mut slowest = Duration::ZERO;
     for _ in 0..20 {
@@ -633,7 +661,11 @@ fn streams_a_client_never_reads_are_reset_with_their_backend_streams() {
         assert_eq!(r.status, 200);
         slowest = slowest.max(started.elapsed());
     }
-    eprintln!("the other client's slowest request: {slowest:?}");
+    // Served while the stalled streams still held the backend (before their 2 s timeout).
+    assert!(
+        slowest < Duration::from_secs(2),
+        "the other client's slowest request: {slowest:?}"
+    );
     let report = stall_report(stall);
     assert_eq!(report["reset"], 100, "every stalled stream reset: {report}");
     assert_eq!(report["ended"], 0, "{report}");
@@ -692,7 +724,7 @@ fn stalled_streams_are_capped_per_connection_and_per_address() {
         1,
     );
     let probe = stall_probe(p.addr.port(), 3, 10, 6);
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for_backend_streams_at_least(&b1, 6);
     let mut c = client(p.addr);
     for _ in 0..20 {
         let r = c
@@ -725,23 +757,6 @@ fn stalled_streams_are_capped_per_connection_and_per_address() {
     wait_for_backend_streams(&b1, 0);
 }
 
-/// Waits until `backend` is sending `n` responses (requests answered in full or reset by
-/// the proxy are over).
-fn wait_for_backend_streams(backend: &Backend, n: u64) {
-    let deadline = Instant::now() + T;
-    loop {
-        let open = backend.stats.streams_open.load(Ordering::Relaxed);
-        if open == n {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the backend still sends {open} responses, want {n}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Above `proxy.memory_limit` (lowered by a reload below what the process holds): new
 /// requests get 503 with `retry-after`, held stalled streams are reset with
 /// `H3_EXCESSIVE_LOAD`, both counted; lifting the limit restores service.
@@ -755,8 +770,9 @@ fn above_the_memory_limit_requests_are_shed_and_stalled_streams_reset() {
     );
     let running = p.running.as_ref().unwrap();
     let probe = stall_probe(p.addr.port(), 1, 10, 5);
-    // Held by then (a second of stall), and nothing sheds them: no cap is reached.
-    std::thread::sleep(Duration::from_secs(2));
+    // Its ten downloads are at the backend (stalled soon after; nothing sheds them: no cap is
+    // reached). Over the limit, every stream stalled for a second is reset.
+    wait_for_backend_streams(&b1, 10);
     let live = running.reloader();
     let mut config = live.current().config.clone();
     config.proxy.memory_limit = Some(1 << 20);
@@ -858,6 +874,14 @@ fn a_dead_worker_is_steered_around_and_its_clients_are_reset() {
         p.stats_sum(|w| w.misrouted.load(Ordering::Relaxed)),
         misrouted,
         "misrouted packets"
+    );
+    // The killed worker is the one error the process reports when it stops.
+    let mut p = p;
+    let running = p.running.take().unwrap();
+    running.begin_shutdown();
+    assert!(
+        matches!(running.join(), Err(spooky::app::WorkerError::Killed(w)) if w == owner),
+        "the killed worker is reported"
     );
 }
 

@@ -271,7 +271,7 @@ fn malformed_requests_are_rejected_and_the_connection_keeps_working() {
     for (i, req) in bad.iter().enumerate() {
         let r = c.request(req, T).unwrap();
         assert!(
-            r.status == 400 || r.reset.is_some(),
+            r.status == 400 || r.reset == Some(H3_MESSAGE_ERROR),
             "case {i}: status {} reset {:?}",
             r.status,
             r.reset
@@ -352,17 +352,26 @@ fn graceful_shutdown_lets_an_in_flight_request_finish() {
     let b = backend("b1");
     let mut p = one_pool(&[("b1", b.addr)], "");
     let mut c = client(p.addr);
-    let sid = c.send(&Request::get("localhost", "/delay/800")).unwrap();
-    // Let the request reach the backend, then ask Spooky to stop.
-    let deadline = Instant::now() + Duration::from_millis(200);
-    while Instant::now() < deadline {
-        c.pump(deadline).unwrap();
+    let sid = c.send(&Request::get("localhost", "/delay/2000")).unwrap();
+    // Once the request is at the backend, ask Spooky to stop.
+    let deadline = Instant::now() + T;
+    while b
+        .stats
+        .streams_open
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the backend"
+        );
+        c.pump(Instant::now() + Duration::from_millis(10)).unwrap();
     }
     let running = p.running.take().unwrap();
     running.begin_shutdown();
     let r = c.wait(sid, T).unwrap();
     assert_eq!(r.status, 200);
-    assert_eq!(r.body, b"delayed 800ms\n");
+    assert_eq!(r.body, b"delayed 2000ms\n");
     running.join().unwrap();
 }
 
@@ -381,9 +390,11 @@ fn retry_always_validates_addresses_and_still_serves() {
             .status,
         200
     );
-    // One Retry per token-less Initial datagram (a post-quantum ClientHello spans two).
+    // One Retry per token-less Initial datagram (a post-quantum ClientHello spans two, and a
+    // client retransmits its first flight if a Retry is slow to come): never none, and never
+    // a connection without one.
     let retries = p.stats_sum(|s| s.retry_sent.load(std::sync::atomic::Ordering::Relaxed));
-    assert!((1..=2).contains(&retries), "{retries} Retry packets");
+    assert!(retries >= 1, "{retries} Retry packets");
     let accepted = p.stats_sum(|s| {
         s.connections_accepted
             .load(std::sync::atomic::Ordering::Relaxed)

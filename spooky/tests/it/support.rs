@@ -210,7 +210,12 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         if let Some(r) = self.running.take() {
             r.begin_shutdown();
-            let _ = r.join();
+            // A worker that failed (a panic) fails the test, unless it is failing already.
+            if let Err(e) = r.join() {
+                if !std::thread::panicking() {
+                    panic!("a worker failed: {e}");
+                }
+            }
         }
     }
 }
@@ -294,7 +299,7 @@ pub fn client(addr: SocketAddr) -> Client {
         ca: Some(certs_dir().join("ca.crt")),
         ..Default::default()
     };
-    Client::connect(addr, &opts, Duration::from_secs(5)).unwrap()
+    Client::connect(addr, &opts, T).unwrap()
 }
 
 /// The `/size/N` body.
@@ -325,3 +330,66 @@ pub fn require_python(module: &str, package: &str) {
 pub fn peers_dir() -> PathBuf {
     repo_root().join("spooky/tests/peers")
 }
+
+/// Waits until `cond` holds, polling every 10 ms; fails the test naming `what` after
+/// `within`.
+pub fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The health state of every backend, from `/metrics` (`spooky_backend_health_state`).
+pub fn backend_states(p: &Proxy) -> Vec<(String, u64)> {
+    let text = p.running.as_ref().unwrap().metrics_text();
+    text.lines()
+        .filter(|l| l.starts_with("spooky_backend_health_state{"))
+        .filter_map(|l| {
+            let backend = l.split("backend=\"").nth(1)?.split('"').next()?.to_owned();
+            Some((backend, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The health state of backend `id` (0 healthy, 1 unhealthy, 2 ejected, 3 recovering).
+pub fn backend_state(p: &Proxy, id: &str) -> Option<u64> {
+    backend_states(p)
+        .into_iter()
+        .find(|(b, _)| b == id)
+        .map(|(_, s)| s)
+}
+
+/// Waits until `backend` is sending `n` responses (requests answered in full or reset by
+/// the proxy are over).
+pub fn wait_for_backend_streams(backend: &Backend, n: u64) {
+    let what = format!("the backend sending {n} responses");
+    wait_until(&what, T, || {
+        backend
+            .stats
+            .streams_open
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == n
+    });
+}
+
+/// Waits until `backend` is sending at least `n` responses.
+pub fn wait_for_backend_streams_at_least(backend: &Backend, n: u64) {
+    let what = format!("the backend sending at least {n} responses");
+    wait_until(&what, T, || {
+        backend
+            .stats
+            .streams_open
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= n
+    });
+}
+
+/// HTTP/3 error codes (RFC 9114 §8.1), written out here rather than taken from the code under
+/// test.
+pub const H3_INTERNAL_ERROR: u64 = 0x102;
+pub const H3_MESSAGE_ERROR: u64 = 0x10e;

@@ -16,9 +16,9 @@
 //! of the token key, but not after two.
 
 use crate::netns::{in_netns, run, Netns, SERVER_V4, UNPRIVILEGED};
-use crate::support::{certs_dir, init_logging, metric_sum, pool};
+use crate::support::{certs_dir, init_logging, metric_sum, pool, T};
 use spooky_peers::client::{Client, ClientError, ClientOptions, Request};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
@@ -326,6 +326,53 @@ fn tcp_load(
     })
 }
 
+/// A response streaming over TCP (`/stream/300/10`: 300 chunks 10 ms apart) to curl in `ns`
+/// over `proto`, started and seen flowing: returns once its first chunk arrived, with the
+/// thread that reads the rest: (curl's exit, chunks received, the last line — curl's
+/// status code —, curl's stderr).
+fn stream_over_tcp(
+    ns: &str,
+    proto: &'static str,
+) -> std::thread::JoinHandle<(std::process::ExitStatus, usize, String, String)> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "curl", "-sS", "-N", proto])
+        .args(["--max-time", "20", "--cacert"])
+        .arg(certs_dir().join("ca.crt"))
+        .args(["--resolve", &format!("localhost:{PORT}:{SERVER_V4}")])
+        .args(["-w", "\n%{http_code}\n"])
+        .arg(format!("https://localhost:{PORT}/stream/300/10"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("curl");
+    let stdout = child.stdout.take().unwrap();
+    let (began, begun) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let (mut chunks, mut last) = (0usize, String::new());
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.starts_with("chunk ") {
+                chunks += 1;
+                if chunks == 1 {
+                    let _ = began.send(());
+                }
+            }
+            if !line.is_empty() {
+                last = line;
+            }
+        }
+        let mut stderr = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut stderr);
+        }
+        let exit = child.wait().expect("curl exits");
+        (exit, chunks, last, stderr)
+    });
+    begun
+        .recv_timeout(T)
+        .unwrap_or_else(|_| panic!("the streaming response over TCP ({proto}) never began"));
+    reader
+}
+
 fn takeovers_under_load(tier: Tier) {
     let site = Site::new(tier);
     let mut current = site.spawn(0, false);
@@ -336,24 +383,20 @@ fn takeovers_under_load(tier: Tier) {
         ["--http2", "--http1.1"].map(|p| tcp_load(site.ns.client.clone(), p, stop_tcp.clone()));
     let first_generation = 0u64;
     for n in 1..=3 {
-        // Two responses streaming over TCP from the process about to be replaced, for 3 s:
-        // they must finish whole after it hands over.
-        let in_flight = ["--http2", "--http1.1"].map(|proto| {
-            let ns = site.ns.client.clone();
-            std::thread::spawn(move || curl_tcp(&ns, proto, &["/stream/300/10"]))
-        });
-        std::thread::sleep(Duration::from_millis(300));
+        // Two responses streaming over TCP from the process about to be replaced, for 3 s,
+        // seen flowing before the takeover starts: they must finish whole after it hands
+        // over.
+        let in_flight =
+            ["--http2", "--http1.1"].map(|proto| stream_over_tcp(&site.ns.client, proto));
         let mut next = site.spawn(n, true);
         next.wait_serving();
         let status = current.wait_exit(Duration::from_secs(300));
         for (t, proto) in in_flight.into_iter().zip(["--http2", "--http1.1"]) {
-            let out = t.join().unwrap();
+            let (exit, chunks, last, stderr) = t.join().unwrap();
             assert!(
-                out.status.success() && String::from_utf8_lossy(&out.stdout) == "200\n",
+                exit.success() && chunks == 300 && last == "200",
                 "takeover {n}: a response streaming over TCP ({proto}) from the old process \
-                 did not finish: {} {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
+                 did not finish: {exit}, {chunks} chunks, last line {last:?}: {stderr}"
             );
         }
         let log = current.log();
@@ -375,16 +418,24 @@ fn takeovers_under_load(tier: Tier) {
             "colour codes in a log file:\n{log}"
         );
         current = next;
-        // The new process carries the load alone for a while.
-        std::thread::sleep(Duration::from_secs(1));
         if tier != Tier::Classic {
-            let status = site.status();
+            // The successor forgets its predecessor once the predecessor's sockets are gone.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let status = loop {
+                let status = site.status();
+                if status["generations"]
+                    .as_array()
+                    .is_some_and(|g| g.len() == 1)
+                {
+                    break status;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the predecessor is still known: {status:#}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            };
             let generations = status["generations"].as_array().unwrap();
-            assert_eq!(
-                generations.len(),
-                1,
-                "the predecessor is still known: {status:#}"
-            );
             assert_eq!(generations[0]["generation"], first_generation + n as u64);
             assert_eq!(generations[0]["accepting"], true);
             // XDP stayed on the interface, with the newest process's program.
@@ -444,13 +495,14 @@ fn takeovers_under_load(tier: Tier) {
         "{metrics}"
     );
     if tier == Tier::Classic {
-        assert!(
-            current
-                .log()
-                .contains("re-attached after the predecessor left"),
-            "{}",
-            current.log()
-        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !current
+            .log()
+            .contains("re-attached after the predecessor left")
+        {
+            assert!(Instant::now() < deadline, "{}", current.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
     current.signal(libc::SIGTERM);
     let status = current.wait_exit(Duration::from_secs(60));
@@ -652,8 +704,9 @@ fn after_a_crash_the_next_process_resets_the_dead_ones_connections() {
         matches!(err, ClientError::StatelessReset),
         "quiche's client: {err} after {took:?}"
     );
-    // Not the idle timeout (30 s): the reset answers the first packet.
-    assert!(took < Duration::from_secs(1), "the reset took {took:?}");
+    // Not the idle timeout (30 s): the reset answers the first packet (a bound with room for
+    // a loaded 2-core machine).
+    assert!(took < Duration::from_secs(5), "the reset took {took:?}");
     eprintln!("quiche client: stateless reset after {took:?}");
     // curl learns of the reset and sends the request again on a new connection.
     writeln!(curl.stdin.as_mut().unwrap(), "go").unwrap();
@@ -667,7 +720,7 @@ fn after_a_crash_the_next_process_resets_the_dead_ones_connections() {
         "curl's second request: {line}"
     );
     let curl_took: f64 = fields[2].parse().unwrap();
-    assert!(curl_took < 1.0, "curl's second request took {curl_took} s");
+    assert!(curl_took < 5.0, "curl's second request took {curl_took} s");
     eprintln!("curl: second request answered after {curl_took}s");
     let metrics = site.metrics();
     let resets = metric_sum(&metrics, "spooky_quic_stateless_resets_sent_total");
@@ -728,8 +781,20 @@ fn retry_tokens_survive_a_restart_and_one_key_rotation() {
         "a token of the previous key was refused"
     );
     rotate(&second);
+    let refused = |m: &str| metric_sum(m, "spooky_quic_invalid_tokens_total");
+    let before = refused(&site.metrics());
+    let z = z.send_answer();
+    // Refused: counted as an invalid token, and no handshake follows.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while refused(&site.metrics()) <= before {
+        assert!(
+            Instant::now() < deadline,
+            "the token of a rotated-out key was not refused"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(
-        !z.answer(Duration::from_secs(3)),
+        !z.established(Duration::from_secs(1)),
         "a token of a rotated-out key was accepted"
     );
     // The second process took the tokens it accepted: it sent no Retry of its own.
@@ -813,7 +878,12 @@ impl RetriedClient {
     }
 
     /// Answers the Retry with its token now; whether the handshake completes `within`.
-    fn answer(mut self, within: Duration) -> bool {
+    fn answer(self, within: Duration) -> bool {
+        self.send_answer().established(within)
+    }
+
+    /// Takes the Retry and sends the Initial that answers it, with the token.
+    fn send_answer(mut self) -> Self {
         let (server, local) = (Self::server(), self.local);
         let mut retry = std::mem::take(&mut self.retry);
         self.conn
@@ -837,6 +907,12 @@ impl RetriedClient {
         );
         self.socket.send_to(&out[..n], info.to).unwrap();
         self.flush();
+        self
+    }
+
+    /// Whether the handshake completes within `within` (the connection is closed then).
+    fn established(mut self, within: Duration) -> bool {
+        let local = self.local;
         let mut buf = [0u8; 65535];
         let deadline = Instant::now() + within;
         while !self.conn.is_established() {
