@@ -875,7 +875,7 @@ fn legitimate_traffic(
                             ca: Some(certs_dir().join("ca.crt")),
                             ..Default::default()
                         };
-                        match Client::connect(addr, &opts, Duration::from_secs(5)) {
+                        match Client::connect(addr, &opts, T) {
                             Ok(mut cl) => {
                                 for r in 0..requests {
                                     let path = format!("/size/{}", 100 + r);

@@ -12,6 +12,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// `/metrics` from the admin listener at `admin`.
+fn admin_metrics(admin: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(admin) else {
+        return String::new();
+    };
+    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nhost: a\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -122,11 +134,7 @@ fn soak_mixed_load_with_restarts_reloads_and_a_flood() {
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("spooky.yaml");
     let port = free_udp_port();
-    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let admin_port = free_udp_port();
     let pins = unique_pin_path();
     write_config(&cfg, port, admin_port, &pins, &addrs);
     let mut child = spawn_spooky(&cfg, 2);
@@ -236,6 +244,11 @@ fn soak_mixed_load_with_restarts_reloads_and_a_flood() {
                 .status()
                 .unwrap()
                 .success());
+            // Applied before the loop goes on: the configuration generation says so.
+            let want = format!("spooky_config_generation {}", reloads + 1);
+            wait_until("the SIGHUP reload applied", T, || {
+                admin_metrics(admin).contains(&want)
+            });
             last_reload = Instant::now();
         }
         // One flood burst in the middle.
