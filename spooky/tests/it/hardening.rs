@@ -116,7 +116,7 @@ fn flood(
                         p[0] = 0x40;
                         p[1] = 0x0f;
                         p[2..4].copy_from_slice(&[0, 1]);
-                        let n = sent + i as u64 ^ (t as u64) << 56;
+                        let n = (sent + i as u64) ^ ((t as u64) << 56);
                         p[4..12].copy_from_slice(&n.to_le_bytes());
                     }
                     let mut iovs: Vec<libc::iovec> = pkts
@@ -857,10 +857,11 @@ impl MemoryCgroup {
             .find_map(|l| {
                 let mut p = l.splitn(3, ':');
                 let (_, controllers, path) = (p.next()?, p.next()?, p.next()?);
-                controllers
-                    .split(',')
-                    .any(|c| c == "memory")
-                    .then(|| ("/sys/fs/cgroup/memory", path, "memory.limit_in_bytes"))
+                controllers.split(',').any(|c| c == "memory").then_some((
+                    "/sys/fs/cgroup/memory",
+                    path,
+                    "memory.limit_in_bytes",
+                ))
             })
             .or_else(|| {
                 let path = own.lines().find_map(|l| l.strip_prefix("0::"))?;
