@@ -10,10 +10,11 @@
 //! the connect timeout (then [`ErrorKind::PendingTimeout`]) or until its caller gives up (the
 //! client left: the wait is dropped). Connects run concurrently, outside any request: as many
 //! as the waiting requests need (one per 100 of them), up to [`MAX_CONNS_PER_BACKEND`]
-//! connections. A failed connect fails every request that waited for it, with its error,
-//! once no other connect is under way; after a failure, new connects wait out a back-off
-//! ([`BACKOFF_BASE`] doubling per consecutive failure, at most [`BACKOFF_MAX`]) and requests
-//! during it fail at once with the last error. Such repeats of one failure are marked
+//! connections. When the backend looks unreachable — no connection open and none being made —
+//! a failed connect fails every request that waited for it, with its error; after a failure,
+//! new connects wait out a back-off ([`BACKOFF_BASE`] doubling per consecutive failure, at most
+//! [`BACKOFF_MAX`]) and requests during it fail at once with the last error. With connections
+//! open, requests wait for a slot on them instead. Such repeats of one failure are marked
 //! ([`UpstreamError::repeat`]) so passive health counts the failure once. Nothing parks in
 //! h2's own unbounded queue.
 //!
@@ -394,7 +395,10 @@ impl BackendPool {
             if let Some(lease) = self.try_lease() {
                 return Ok(lease);
             }
-            if self.failures.get() != failures_before && self.connecting.get() == 0 {
+            // Unreachable, as far as we know: no connection open and none coming. (With
+            // connections open, a request waits for a slot on them instead.)
+            let unreachable = self.connecting.get() == 0 && self.conns.borrow().is_empty();
+            if self.failures.get() != failures_before && unreachable {
                 // The connect we waited for failed, and no other is under way.
                 if let Some(e) = self.last_failure.borrow().as_ref() {
                     if self.last_failure_taken.replace(true) {
@@ -403,7 +407,7 @@ impl BackendPool {
                     return Err(e.clone());
                 }
             }
-            if self.connecting.get() == 0 {
+            if unreachable {
                 if let Some(e) = self.backing_off() {
                     self.count(|s| &s.upstream_backoff_refusals);
                     return Err(e);
