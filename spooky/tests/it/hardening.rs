@@ -85,9 +85,9 @@ fn a_retry_token_cannot_take_over_another_connections_id() {
         "an Initial to the victim's ID was accepted: {v}"
     );
     assert_eq!(v["learned"], 0, "the victim's reset token leaked: {v}");
-    // Attempts that reached a worker without the victim's connection were refused as such
-    // (the others were fed to the victim's connection, which drops them).
-    assert!(metric(&p, "spooky_quic_invalid_tokens_total") >= 1.0);
+    // Which worker an attempt reaches depends on the hash of the attacker's port: there it is
+    // either refused as a token for another ID or fed to the victim's connection, which drops
+    // it. Both refusals are covered in `quic::token`'s unit tests; here only the outcome counts.
 }
 
 /// Junk that keeps a worker's socket full: short headers in our CID layout for connections
@@ -718,20 +718,9 @@ fn pings_do_not_keep_an_idle_tcp_connection_open() {
         .build()
         .unwrap();
     let (pings, lasted) = rt.block_on(async move {
-        let mut roots = rustls::RootCertStore::empty();
-        let pem = std::fs::read(certs_dir().join("ca.crt")).unwrap();
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            roots.add(cert.unwrap()).unwrap();
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        let config = Arc::new(tls_client_config(b"h2"));
         let stream = tokio::net::TcpStream::connect(tcp).await.unwrap();
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        let tls = tokio_rustls::TlsConnector::from(config)
             .connect("localhost".try_into().unwrap(), stream)
             .await
             .unwrap();
@@ -805,9 +794,8 @@ fn readyz_is_503_while_draining() {
 #[test]
 fn a_sigterm_right_after_ready_is_a_graceful_shutdown() {
     let b = backend("b1");
-    let dir = std::env::temp_dir().join(format!("spooky-ready-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = Scratch::new("ready");
+    let dir = &scratch.0;
     for i in 0..10 {
         let yaml = config_yaml(
             free_udp_port(),
@@ -840,7 +828,6 @@ fn a_sigterm_right_after_ready_is_a_graceful_shutdown() {
             "start {i}: SIGTERM after READY ended it with {status}"
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A memory cgroup of this test's own (v1 `memory.limit_in_bytes`, or v2 `memory.max`), made
@@ -917,9 +904,8 @@ fn one_address_cannot_push_the_process_past_its_memory_limit() {
     const CGROUP: u64 = 512 << 20;
     let b = backend("b1");
     let cgroup = MemoryCgroup::new(CGROUP);
-    let dir = std::env::temp_dir().join(format!("spooky-memory-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = Scratch::new("memory");
+    let dir = &scratch.0;
     let port = free_udp_port();
     let yaml = config_yaml(
         port,
@@ -980,7 +966,6 @@ fn one_address_cannot_push_the_process_past_its_memory_limit() {
     let alive = spooky.0.try_wait().unwrap().is_none();
     let peak = status_kib(pid, "VmHWM:") << 10;
     drop(spooky);
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(alive, "spooky died (the OOM killer?)");
     assert!(failed.is_empty(), "the other client failed: {failed:?}");
     assert!(served > 0, "the other client was never served");
@@ -1079,16 +1064,15 @@ fn malformed() -> Request {
 #[test]
 fn a_blocked_stderr_never_stalls_a_worker() {
     let b = backend("b1");
-    let dir = std::env::temp_dir().join(format!("spooky-stderr-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = Scratch::new("stderr");
+    let dir = &scratch.0;
     let (port, admin) = (free_udp_port(), free_udp_port());
     let mut spooky = Started(spooky_with_log(
         b.addr,
         port,
         admin,
         "log:\n  level: debug\n",
-        &dir,
+        dir,
     ));
     // The pipe is never read: once its 64 KiB are full, a write to it blocks.
     let _unread = spooky.0.stderr.take();
@@ -1107,7 +1091,6 @@ fn a_blocked_stderr_never_stalls_a_worker() {
     }
     let metrics = admin_get(SocketAddr::from(([127, 0, 0, 1], admin)), "/metrics");
     drop(spooky);
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(
         metric_sum(&metrics, "spooky_log_lines_dropped_total") > 0.0,
         "stderr was full, yet no line was dropped"
@@ -1120,16 +1103,15 @@ fn a_blocked_stderr_never_stalls_a_worker() {
 #[test]
 fn a_flood_of_bad_requests_costs_bounded_log_volume() {
     let b = backend("b1");
-    let dir = std::env::temp_dir().join(format!("spooky-logflood-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = Scratch::new("logflood");
+    let dir = &scratch.0;
     let (port, admin) = (free_udp_port(), free_udp_port());
     let mut spooky = Started(spooky_with_log(
         b.addr,
         port,
         admin,
         "log:\n  level: info\n",
-        &dir,
+        dir,
     ));
     let stderr = spooky.0.stderr.take().unwrap();
     let lines = std::thread::spawn(move || {
@@ -1153,7 +1135,6 @@ fn a_flood_of_bad_requests_costs_bounded_log_volume() {
     unsafe { libc::kill(spooky.0.id() as libc::pid_t, libc::SIGTERM) };
     let _ = spooky.0.wait();
     let lines = lines.join().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
     let refused: Vec<&String> = lines
         .iter()
         .filter(|l| l.contains("request refused"))

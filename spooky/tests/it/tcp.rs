@@ -282,20 +282,8 @@ fn settled(read: impl Fn() -> u64, want: u64) -> u64 {
 
 /// A TLS connection to Spooky's TCP listener, offering `alpn`.
 fn tls(addr: SocketAddr, alpn: &[u8]) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(certs_dir().join("ca.crt")).unwrap();
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![alpn.to_vec()];
-    let conn =
-        rustls::ClientConnection::new(Arc::new(config), "localhost".try_into().unwrap()).unwrap();
+    let config = Arc::new(tls_client_config(alpn));
+    let conn = rustls::ClientConnection::new(config, "localhost".try_into().unwrap()).unwrap();
     let tcp = TcpStream::connect(addr).unwrap();
     tcp.set_read_timeout(Some(T)).unwrap();
     rustls::StreamOwned::new(conn, tcp)

@@ -97,7 +97,7 @@ async def main() -> None:
     async with connect("127.0.0.1", args.port, configuration=configuration(args.ca)) as victim:
         # The server hands out spare IDs once the handshake is confirmed.
         deadline = time.time() + 5
-        while len(victim._quic._peer_cid_available) < 2 and time.time() < deadline:
+        while len(victim._quic._peer_cid_available) < 3 and time.time() < deadline:
             await victim.ping()
             await asyncio.sleep(0.05)
         spares = [(c.cid, c.stateless_reset_token) for c in victim._quic._peer_cid_available]
