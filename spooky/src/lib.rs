@@ -11,11 +11,12 @@
 //! | control | [`ops`] (admin, metrics, access log, reload, status, logging, privileges), [`health`] (state machine, checker) |
 //! | data plane | [`upstream`] (HTTP/2 pools to backends) |
 //! | control | [`steering`] (tiers, classic BPF, pins, the kernel object) |
-//! | state | [`snapshot`] (per configuration), [`board`], [`keys`] and [`stats`] (per process) |
+//! | state | [`snapshot`] (per configuration), `certs` (the listener's certificates by SNI), [`board`], [`keys`] and [`stats`] (per process) |
 //! | sans-IO cores | [`routing`], [`lb`], [`config`] |
 
 pub mod app;
 mod board;
+pub mod certs;
 pub mod config;
 mod health;
 pub mod http;

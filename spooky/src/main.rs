@@ -142,6 +142,20 @@ fn check(path: &std::path::Path) -> ExitCode {
     match Config::from_path(path) {
         Ok(cfg) => {
             let backends: usize = cfg.upstreams.iter().map(|u| u.backends.len()).sum();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            match spooky::certs::report(&cfg.listen.tls, now) {
+                Ok((lines, _warned)) => {
+                    for line in lines {
+                        println!("{line}");
+                    }
+                }
+                Err(e) => {
+                    eprintln!("{}: listen.tls: {e}", path.display());
+                    return ExitCode::from(1);
+                }
+            }
             println!(
                 "{}: ok (listen {}, {} upstreams, {} backends)",
                 path.display(),

@@ -216,7 +216,7 @@ fn strip_query(path: &str) -> &str {
 
 /// The host part of an authority: userinfo and port dropped, IPv6 brackets removed, one
 /// trailing dot dropped. `None` when nothing is left. Case is left alone.
-fn host_of(authority: &str) -> Option<&str> {
+pub fn host_of(authority: &str) -> Option<&str> {
     let a = match authority.rfind('@') {
         Some(i) => authority.get(i + 1..)?,
         None => authority,

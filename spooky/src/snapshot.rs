@@ -9,6 +9,7 @@
 //! and what each worker builds from a snapshot for itself (connection pools, balancers).
 
 use crate::board::{BackendKey, BackendSlot, HealthBoard};
+use crate::certs::{CertError, Certificates, TlsCounters};
 use crate::config::{BackendTls, Config, EarlyData};
 use crate::keys::{KeyError, KeyRing, Keys};
 use crate::routing::{RouteError, RouteTable};
@@ -27,6 +28,8 @@ pub struct Snapshot {
     pub keys: KeyRing,
     /// 1 at start, +1 per successful reload.
     pub generation: u64,
+    /// The listener's certificates, by SNI (both listeners).
+    pub certs: Arc<Certificates>,
     /// The TLS server configuration of the TCP listener (ALPN h2 and http/1.1), when on.
     pub tcp_tls: Option<Arc<rustls::ServerConfig>>,
     /// The `alt-svc` field every response carries, when on: `h3=":PORT"; ma=SECONDS`.
@@ -68,6 +71,8 @@ pub enum SnapshotError {
     Keys(#[from] KeyError),
     #[error("listen.tls (TCP): {0}")]
     TcpTls(String),
+    #[error("listen.tls: {0}")]
+    Certificates(#[from] CertError),
 }
 
 /// Why a TLS backend's client configuration could not be made.
@@ -90,19 +95,8 @@ pub enum TlsError {
 /// Why quiche refused the listener's QUIC/TLS settings.
 #[derive(Debug, thiserror::Error)]
 pub enum QuicConfigError {
-    #[error("certificate {}: {source}", path.display())]
-    Certificate {
-        path: PathBuf,
-        #[source]
-        source: quiche::Error,
-    },
-    /// The key does not parse, or does not belong to the certificate.
-    #[error("key {}: {source} (is it the certificate's key?)", path.display())]
-    Key {
-        path: PathBuf,
-        #[source]
-        source: quiche::Error,
-    },
+    #[error("{0}")]
+    Certificates(#[from] CertError),
     #[error("{0}")]
     Setting(#[from] quiche::Error),
     #[error("HTTP/3: {0}")]
@@ -110,18 +104,20 @@ pub enum QuicConfigError {
 }
 
 impl Snapshot {
-    /// Builds the snapshot of `config`, taking each backend's health slot from `board`, and
-    /// the keys from `quic.key_file` (created when missing) or, without one, `own_keys` (the
-    /// process's random keys).
+    /// Builds the snapshot of `config`, taking each backend's health slot from `board`, each
+    /// certificate's handshake counter from `tls`, and the keys from `quic.key_file` (created
+    /// when missing) or, without one, `own_keys` (the process's random keys).
     ///
     /// # Errors
     /// [`SnapshotError`] naming the part that cannot be built: nothing is published then.
     pub fn build(
         config: Config,
         board: &HealthBoard,
+        tls: &Arc<TlsCounters>,
         own_keys: &Keys,
         generation: u64,
     ) -> Result<Self, SnapshotError> {
+        let certs = Arc::new(Certificates::load(&config.listen.tls, tls)?);
         let keys = match &config.quic.key_file {
             Some(path) => Keys::load_or_create(path, &ring::rand::SystemRandom::new())?,
             None => own_keys.clone(),
@@ -169,6 +165,7 @@ impl Snapshot {
             backends,
             keys: KeyRing::from(&keys),
             generation,
+            certs,
             tcp_tls: None,
             alt_svc,
         };
@@ -176,7 +173,7 @@ impl Snapshot {
         snapshot.quic_config()?;
         snapshot.h3_config()?;
         if snapshot.config.listen.tcp.is_some() {
-            snapshot.tcp_tls = Some(tcp_tls(&snapshot.config.listen.tls)?);
+            snapshot.tcp_tls = Some(tcp_tls(&snapshot.certs)?);
         }
         Ok(snapshot)
     }
@@ -193,19 +190,10 @@ impl Snapshot {
     /// [`QuicConfigError`] naming what quiche refused.
     pub fn quic_config(&self) -> Result<quiche::Config, QuicConfigError> {
         let cfg = &self.config;
-        let mut q = quiche::Config::new(quiche::PROTOCOL_VERSION)?;
-        let cert = &cfg.listen.tls.cert;
-        let key = &cfg.listen.tls.key;
-        q.load_cert_chain_from_pem_file(&cert.to_string_lossy())
-            .map_err(|source| QuicConfigError::Certificate {
-                path: cert.clone(),
-                source,
-            })?;
-        q.load_priv_key_from_pem_file(&key.to_string_lossy())
-            .map_err(|source| QuicConfigError::Key {
-                path: key.clone(),
-                source,
-            })?;
+        let mut q = quiche::Config::with_boring_ssl_ctx_builder(
+            quiche::PROTOCOL_VERSION,
+            self.certs.quic_context()?,
+        )?;
         q.set_application_protos(quiche::h3::APPLICATION_PROTOCOL)?;
         let quic = &cfg.quic;
         q.set_max_idle_timeout(quic.idle_timeout.as_millis() as u64);
@@ -250,29 +238,16 @@ fn hard_header_cap(limit: u64) -> u64 {
     limit.saturating_mul(4).max(256 * 1024)
 }
 
-/// The TCP listener's rustls server configuration: the listener's certificate chain and key,
-/// ALPN h2 then http/1.1, TLS 1.2 and 1.3, stateless session tickets.
-fn tcp_tls(tls: &crate::config::ListenTls) -> Result<Arc<rustls::ServerConfig>, SnapshotError> {
+/// The TCP listener's rustls server configuration: the certificate by SNI, ALPN h2 then
+/// http/1.1, TLS 1.2 and 1.3, stateless session tickets.
+fn tcp_tls(certs: &Arc<Certificates>) -> Result<Arc<rustls::ServerConfig>, SnapshotError> {
     let err = |what: &str, e: &dyn std::fmt::Display| SnapshotError::TcpTls(format!("{what}: {e}"));
-    let cert_pem =
-        std::fs::read(&tls.cert).map_err(|e| err(&tls.cert.display().to_string(), &e))?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_slice())
-        .collect::<Result<_, _>>()
-        .map_err(|e| err(&tls.cert.display().to_string(), &e))?;
-    let key_pem = std::fs::read(&tls.key).map_err(|e| err(&tls.key.display().to_string(), &e))?;
-    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .map_err(|e| err(&tls.key.display().to_string(), &e))?
-        .ok_or_else(|| err(&tls.key.display().to_string(), &"no private key"))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| err("protocol versions", &e))?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| {
-            let files = format!("{} and {}", tls.cert.display(), tls.key.display());
-            err(&files, &e)
-        })?;
+        .with_cert_resolver(certs.resolver());
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config.ticketer =
         rustls::crypto::ring::Ticketer::new().map_err(|e| err("session tickets", &e))?;

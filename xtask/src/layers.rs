@@ -23,7 +23,7 @@ pub const SPOOKY_LAYERS: &[&[&str]] = &[
     &["steering"],
     &["telemetry"],
     &["snapshot"],
-    &["board", "keys", "stats", "privilege"],
+    &["board", "certs", "keys", "stats", "privilege"],
     &["routing", "lb"],
     &["config"],
 ];

@@ -342,6 +342,7 @@ pub fn start_from(
         .collect();
     let metrics = Arc::new(Metrics::new(workers));
     let board = Arc::new(HealthBoard::default());
+    let tls = Arc::new(crate::certs::TlsCounters::default());
     let access_log =
         Arc::new(AccessLogger::start(&config.log.access).map_err(StartError::AccessLog)?);
     let probes = Arc::new(ProbeBoard::default());
@@ -350,7 +351,7 @@ pub fn start_from(
     let hash_key = own_keys.cid_hash_key();
 
     // The first snapshot, complete before anything uses it.
-    let snapshot = Arc::new(Snapshot::build(config, &board, &own_keys, 1)?);
+    let snapshot = Arc::new(Snapshot::build(config, &board, &tls, &own_keys, 1)?);
     let cfg = &snapshot.config;
     let quic_configs = (0..workers)
         .map(|_| snapshot.quic_config())

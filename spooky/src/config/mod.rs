@@ -103,11 +103,29 @@ pub struct Tcp {
     pub max_connections: usize,
 }
 
-/// Our certificate chain and key (PEM files, checked readable and parseable at load time).
+/// Our certificates (`listen.tls`), chosen by the SNI of each ClientHello.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ListenTls {
+    /// Never empty; the first is the default (no SNI, or a name no certificate carries, with
+    /// `unknown_sni: default`).
+    pub certificates: Vec<CertPair>,
+    pub unknown_sni: UnknownSni,
+}
+
+/// A certificate chain and its key (PEM files, checked readable and parseable at load time).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CertPair {
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+/// What a client gets whose SNI names no certificate (or who sends none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnknownSni {
+    /// The first certificate.
+    Default,
+    /// No certificate: the handshake ends with `unrecognized_name`.
+    Refuse,
 }
 
 /// When to validate client addresses with a Retry packet.

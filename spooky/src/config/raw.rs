@@ -130,10 +130,22 @@ fn default_listen_address() -> String {
     "0.0.0.0".to_owned()
 }
 
-/// `listen.tls`.
+/// `listen.tls`: one pair (`cert`, `key`), or several (`certificates`) chosen by SNI.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawListenTls {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    #[serde(default)]
+    pub certificates: Vec<RawCertPair>,
+    /// `default` or `refuse`; `None` = `default`.
+    pub unknown_sni: Option<String>,
+}
+
+/// One of `listen.tls.certificates`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCertPair {
     pub cert: PathBuf,
     pub key: PathBuf,
 }

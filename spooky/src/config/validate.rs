@@ -22,14 +22,15 @@ use spooky_common::cid::{
 use super::env::{Env, System};
 use super::raw::{
     RawAdmin, RawBackend, RawBackendTls, RawConfig, RawDuration, RawHealthCheck, RawListen,
-    RawLoadBalancing, RawLog, RawPassiveHealth, RawProxy, RawQuic, RawRoute, RawServerId, RawSize,
-    RawStatusRange, RawSteering, RawTimeouts, RawUpstream, DEFAULT_REPLICAS,
+    RawListenTls, RawLoadBalancing, RawLog, RawPassiveHealth, RawProxy, RawQuic, RawRoute,
+    RawServerId, RawSize, RawStatusRange, RawSteering, RawTimeouts, RawUpstream, DEFAULT_REPLICAS,
     DEFAULT_RETRY_THRESHOLD,
 };
 use super::{
-    AccessLog, Admin, Backend, BackendTls, Config, ControlSocket, EarlyData, ForwardedMode,
-    HashKey, HealthCheck, Listen, ListenTls, LoadBalancing, Log, LogFormat, PassiveHealth, Proxy,
-    Quic, RetryMode, Route, Steering, Tcp, Upstream, UpstreamTimeouts, User, XdpMode,
+    AccessLog, Admin, Backend, BackendTls, CertPair, Config, ControlSocket, EarlyData,
+    ForwardedMode, HashKey, HealthCheck, Listen, ListenTls, LoadBalancing, Log, LogFormat,
+    PassiveHealth, Proxy, Quic, RetryMode, Route, Steering, Tcp, UnknownSni, Upstream,
+    UpstreamTimeouts, User, XdpMode,
 };
 
 /// Why a configuration was refused.
@@ -313,8 +314,7 @@ fn build_listen(raw: &RawListen, io: &Io<'_>, errs: &mut Errors) -> Option<Liste
             .parse::<IpAddr>()
             .map_err(|_| format!("invalid IP address \"{}\"", raw.address)),
     );
-    let cert = errs.check("listen.tls.cert", check_certs(io, &raw.tls.cert));
-    let key = errs.check("listen.tls.key", check_key(io, &raw.tls.key));
+    let tls = build_listen_tls(&raw.tls, io, errs);
     let t = &raw.tcp;
     let tcp_port = match t.port {
         None => port,
@@ -340,16 +340,70 @@ fn build_listen(raw: &RawListen, io: &Io<'_>, errs: &mut Errors) -> Option<Liste
     };
     Some(Listen {
         addr: SocketAddr::new(ip?, port?),
-        tls: ListenTls {
-            cert: cert?,
-            key: key?,
-        },
+        tls: tls?,
         tcp: tcp?,
         alt_svc: if raw.alt_svc.enabled {
             Some(max_age?)
         } else {
             None
         },
+    })
+}
+
+fn build_listen_tls(raw: &RawListenTls, io: &Io<'_>, errs: &mut Errors) -> Option<ListenTls> {
+    let unknown_sni = errs.check(
+        "listen.tls.unknown_sni",
+        one_of(
+            raw.unknown_sni.as_deref().unwrap_or("default"),
+            "unknown_sni",
+            &[
+                ("default", UnknownSni::Default),
+                ("refuse", UnknownSni::Refuse),
+            ],
+        ),
+    );
+    let mut pairs: Vec<(String, &Path, &Path)> = Vec::new();
+    match (&raw.cert, &raw.key, raw.certificates.is_empty()) {
+        (Some(cert), Some(key), true) => pairs.push(("listen.tls".to_owned(), cert, key)),
+        (None, None, false) => {
+            for (i, p) in raw.certificates.iter().enumerate() {
+                pairs.push((format!("listen.tls.certificates[{i}]"), &p.cert, &p.key));
+            }
+        }
+        (None, None, true) => {
+            errs.push(
+                "listen.tls",
+                "needs cert and key, or certificates".to_owned(),
+            );
+            return None;
+        }
+        (_, _, false) => {
+            errs.push(
+                "listen.tls",
+                "cert and key, or certificates: not both".to_owned(),
+            );
+            return None;
+        }
+        (cert, _, true) => {
+            let missing = if cert.is_none() { "cert" } else { "key" };
+            errs.push(format!("listen.tls.{missing}"), "missing");
+            return None;
+        }
+    }
+    let mut certificates = Vec::with_capacity(pairs.len());
+    for (at, cert, key) in pairs {
+        let cert = errs.check(&format!("{at}.cert"), check_certs(io, cert));
+        let key = errs.check(&format!("{at}.key"), check_key(io, key));
+        if let (Some(cert), Some(key)) = (cert, key) {
+            certificates.push(CertPair { cert, key });
+        }
+    }
+    if certificates.len() != raw.certificates.len().max(1) {
+        return None;
+    }
+    Some(ListenTls {
+        certificates,
+        unknown_sni: unknown_sni?,
     })
 }
 

@@ -200,9 +200,10 @@ impl Forwarder {
         })
     }
 
-    /// What to do with a request head `list` (`more_frames`: a body or trailers follow):
-    /// the memory limit, the checks of RFC 9114 §4.3 and the limits, then routing.
-    pub fn admit(&self, list: &[Header], more_frames: bool) -> Admission {
+    /// What to do with a request head `list` (`more_frames`: a body or trailers follow) on
+    /// a connection whose ClientHello carried `sni`: the memory limit, the checks of RFC 9114
+    /// §4.3 and the limits, whether the connection is the host's, then routing.
+    pub fn admit(&self, list: &[Header], more_frames: bool, sni: Option<&str>) -> Admission {
         let proxy = &self.snapshot.config.proxy;
         if crate::telemetry::memory::over(proxy.memory_limit) {
             self.services
@@ -231,6 +232,13 @@ impl Forwarder {
         }
         if !more_frames && head.content_length.is_some_and(|n| n > 0) {
             return Admission::Refuse(Failure::BodyMissing, Some(head));
+        }
+        let certs = &self.snapshot.certs;
+        if certs.sites.len() > 1 {
+            let host = crate::routing::host_of(head.authority_str()).unwrap_or("");
+            if certs.misdirected(sni, host) {
+                return Admission::Refuse(Failure::Misdirected, Some(head));
+            }
         }
         let Some(upstream) = self
             .snapshot

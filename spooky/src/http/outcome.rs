@@ -40,6 +40,9 @@ pub enum Failure {
     BodyMissing,
     /// No pool routes this host and path.
     NoRoute,
+    /// Another of our certificates names the request's host: the client reused a connection
+    /// that is not for it (RFC 9110 §15.5.20).
+    Misdirected,
     /// CONNECT is not supported.
     Connect,
     /// The body is larger than the pool's `max_request_body` (declared, or as it arrived).
@@ -89,6 +92,7 @@ impl Failure {
             Failure::HeadersTooLarge { .. } => 431,
             Failure::Malformed(_) | Failure::BodyMissing => 400,
             Failure::NoRoute => 404,
+            Failure::Misdirected => 421,
             Failure::Connect => 501,
             Failure::BodyTooLarge { .. } => 413,
             Failure::BodyIdle { .. } => 408,
@@ -109,6 +113,9 @@ impl Failure {
             Failure::Malformed(e) => format!("malformed request: {e}").into(),
             Failure::BodyMissing => "malformed request: content-length mismatch".into(),
             Failure::NoRoute => "no route".into(),
+            Failure::Misdirected => {
+                "misdirected request: this connection's certificate is not the host's".into()
+            }
             Failure::Connect => "CONNECT is not supported".into(),
             Failure::BodyTooLarge { .. } => "request body too large".into(),
             Failure::BodyIdle { .. } => "request body timed out".into(),

@@ -321,6 +321,8 @@ pub fn render(ops: &Ops) -> String {
         let _ = writeln!(out, "{name} {value}");
     }
 
+    certificates(&mut out, &snapshot.certs);
+
     let extra = ops.ebpf.as_ref().map(|f| f()).unwrap_or_default();
     if !extra.is_empty() {
         head(
@@ -339,4 +341,45 @@ pub fn render(ops: &Ops) -> String {
         }
     }
     out
+}
+
+/// The listener's certificates: expiry and handshakes per certificate, unknown SNI.
+fn certificates(out: &mut String, certs: &crate::certs::Certificates) {
+    head(
+        out,
+        "spooky_tls_certificate_expiry_timestamp_seconds",
+        "gauge",
+        "When each certificate of listen.tls expires (notAfter, Unix time), by its first DNS name.",
+    );
+    for site in &certs.sites {
+        let _ = writeln!(
+            out,
+            "spooky_tls_certificate_expiry_timestamp_seconds{{name=\"{}\"}} {}",
+            esc(&site.name),
+            site.not_after
+        );
+    }
+    head(
+        out,
+        "spooky_tls_handshakes_total",
+        "counter",
+        "ClientHellos (QUIC and TCP) answered with each certificate.",
+    );
+    for site in &certs.sites {
+        let _ = writeln!(
+            out,
+            "spooky_tls_handshakes_total{{name=\"{}\"}} {}",
+            esc(&site.name),
+            site.handshakes()
+        );
+    }
+    head(
+        out,
+        "spooky_tls_unknown_sni_total",
+        "counter",
+        "ClientHellos whose SNI named no certificate, or that sent none (given the default, or \
+         refused with listen.tls.unknown_sni: refuse).",
+    );
+    let unknown = certs.counters().unknown_sni.load(Ordering::Relaxed);
+    let _ = writeln!(out, "spooky_tls_unknown_sni_total {unknown}");
 }

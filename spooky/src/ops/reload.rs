@@ -214,6 +214,7 @@ impl Reloader {
         let next = Arc::new(Snapshot::build(
             config,
             &self.board,
+            old.certs.counters(),
             &self.own_keys,
             generation,
         )?);

@@ -68,6 +68,7 @@ pub(super) async fn serve(
         front: front.clone(),
         peer,
         protocol,
+        sni: tls.get_ref().1.server_name().map(Box::from),
         requests: Default::default(),
     });
     let requests = ctx.clone();

@@ -25,6 +25,8 @@ pub(super) struct ConnCtx {
     pub front: Front,
     pub peer: SocketAddr,
     pub protocol: Protocol,
+    /// The SNI of the connection's ClientHello (which certificate it got).
+    pub sni: Option<Box<str>>,
     /// Requests begun on the connection and in progress (its idle clock reads them).
     pub requests: Cell<(u64, usize)>,
 }
@@ -69,7 +71,7 @@ pub(super) async fn handle(
     let (parts, body) = req.into_parts();
     let more_frames = !body.is_end_stream();
     let list = h3_fields(&parts);
-    let admission = match fwd.admit(&list, more_frames) {
+    let admission = match fwd.admit(&list, more_frames, ctx.sni.as_deref()) {
         Admission::Forward {
             head,
             upstream,

@@ -61,8 +61,11 @@ fn minimal_config_gets_every_default() {
     let c = ok(ONE_UPSTREAM);
     assert_eq!(c.version, 1);
     assert_eq!(c.listen.addr, "0.0.0.0:9889".parse().unwrap());
-    assert_eq!(c.listen.tls.cert, tls_dir().join("cert.pem"));
-    assert_eq!(c.listen.tls.key, tls_dir().join("key.pem"));
+    assert_eq!(
+        c.listen.tls.certificates[0].cert,
+        tls_dir().join("cert.pem")
+    );
+    assert_eq!(c.listen.tls.certificates[0].key, tls_dir().join("key.pem"));
     assert_eq!(
         c.quic,
         Quic {
@@ -394,7 +397,40 @@ fn listen_tls_files_must_be_readable_pem() {
         abs.display()
     ))
     .unwrap();
-    assert_eq!(c.listen.tls.cert, abs);
+    assert_eq!(c.listen.tls.certificates[0].cert, abs);
+}
+
+#[test]
+fn listen_tls_takes_one_pair_or_a_list_and_names_each_entry() {
+    let tls = |body: &str| {
+        problems_full(&format!(
+            "version: 1\nlisten:\n  port: 1\n  tls: {body}\n{ONE_UPSTREAM}"
+        ))
+    };
+    assert_eq!(tls("{cert: cert.pem}"), ["listen.tls.key: missing"]);
+    assert_eq!(
+        tls("{unknown_sni: refuse}"),
+        ["listen.tls: needs cert and key, or certificates"]
+    );
+    assert_eq!(
+        tls("{cert: cert.pem, key: key.pem, certificates: [{cert: cert.pem, key: key.pem}]}"),
+        ["listen.tls: cert and key, or certificates: not both"]
+    );
+    assert_eq!(
+        tls("{certificates: [{cert: cert.pem, key: key.pem}, {cert: cert.pem, key: gone.pem}]}"),
+        ["listen.tls.certificates[1].key: cannot read \"gone.pem\": No such file or directory (os error 2)"]
+    );
+    assert_eq!(
+        tls("{cert: cert.pem, key: key.pem, unknown_sni: maybe}"),
+        ["listen.tls.unknown_sni: unknown unknown_sni \"maybe\" (allowed: default, refuse)"]
+    );
+    let c = parse_full(&format!(
+        "version: 1\nlisten:\n  port: 1\n  tls:\n    unknown_sni: refuse\n    certificates:\n      - {{cert: cert.pem, key: key.pem}}\n      - {{cert: cert.pem, key: key.pem}}\n{ONE_UPSTREAM}"
+    ))
+    .unwrap();
+    assert_eq!(c.listen.tls.certificates.len(), 2);
+    assert_eq!(c.listen.tls.unknown_sni, crate::config::UnknownSni::Refuse);
+    assert_eq!(c.listen.tls.certificates[1].key, tls_dir().join("key.pem"));
 }
 
 #[test]
@@ -1097,7 +1133,7 @@ fn load_resolves_relative_paths_against_the_file() {
     let file = dir.join("spooky.yaml");
     fs::write(&file, format!("{HEAD}{ONE_UPSTREAM}")).unwrap();
     let c = load(&file).unwrap();
-    assert_eq!(c.listen.tls.cert, dir.join("cert.pem"));
+    assert_eq!(c.listen.tls.certificates[0].cert, dir.join("cert.pem"));
     assert_eq!(Config::from_path(&file).unwrap(), c);
 }
 

@@ -10,9 +10,9 @@ fn configuration_problems_are_the_clients_and_switch_failures_ours() {
     assert!(ReloadError::NoFile.is_client_error());
     assert!(ReloadError::NeedsRestart(vec!["workers".into()]).is_client_error());
     assert!(!ReloadError::Workers(SwitchError::NoAnswer(vec![0])).is_client_error());
-    let key = SnapshotError::Quic(QuicConfigError::Key {
-        path: "k.pem".into(),
-        source: quiche::Error::TlsFail,
+    let key = SnapshotError::Certificates(crate::certs::CertError::Mismatch {
+        cert: "c.pem".into(),
+        key: "k.pem".into(),
     });
     assert!(ReloadError::Snapshot(key).is_client_error());
     let setting = SnapshotError::Quic(QuicConfigError::Setting(quiche::Error::TlsFail));
@@ -34,7 +34,9 @@ fn a_snapshot_that_cannot_be_built_leaves_the_old_one_in_force_and_says_why() {
     };
     let board = Arc::new(HealthBoard::default());
     let keys = Keys::generate(&ring::rand::SystemRandom::new()).unwrap();
-    let first = Arc::new(Snapshot::build(config("spooky.key"), &board, &keys, 1).unwrap());
+    let first = Arc::new(
+        Snapshot::build(config("spooky.key"), &board, &Default::default(), &keys, 1).unwrap(),
+    );
     let (followed_tx, followed) = std_mpsc::channel();
     let reloader = Reloader::new(
         first.clone(),
@@ -51,7 +53,9 @@ fn a_snapshot_that_cannot_be_built_leaves_the_old_one_in_force_and_says_why() {
     assert!(
         matches!(
             err,
-            ReloadError::Snapshot(SnapshotError::Quic(QuicConfigError::Key { .. }))
+            ReloadError::Snapshot(SnapshotError::Certificates(
+                crate::certs::CertError::Mismatch { .. }
+            ))
         ),
         "{err:?}"
     );
