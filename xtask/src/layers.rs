@@ -460,4 +460,9 @@ mod tests {
     fn the_workspace_holds() {
         check(&crate::workspace_root()).unwrap();
     }
+
+    #[test]
+    fn this_workspace_keeps_its_layers() {
+        check(&crate::workspace_root()).unwrap();
+    }
 }
