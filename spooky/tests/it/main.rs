@@ -17,6 +17,7 @@ mod netns;
 mod ops;
 mod peers;
 mod proxy;
+mod sites;
 mod soak;
 mod support;
 mod takeover;
