@@ -21,14 +21,17 @@ fn routes(n: usize) -> Vec<Route> {
             0 => Route {
                 host: None,
                 path_prefix: format!("/svc{i}/"),
+                rewrite_prefix: None,
             },
             1..=3 => Route {
                 host: Some(format!("*.tenant{i}.example.com")),
                 path_prefix: "/".into(),
+                rewrite_prefix: None,
             },
             _ => Route {
                 host: Some(format!("host{}.example.com", i / 2)),
                 path_prefix: format!("/api/v{}", i % 7),
+                rewrite_prefix: None,
             },
         })
         .collect()

@@ -240,6 +240,41 @@ pub struct Upstream {
     /// Requests that may wait for a connection or a stream slot of one backend (all workers
     /// together); more get 503 at once.
     pub max_pending_requests: u32,
+    /// Changes to the request's fields before it goes to a backend.
+    pub request_headers: HeaderRules,
+    /// Changes to the response's fields before they go to the client (also on the answers
+    /// Spooky gives for the pool: 502, 503, 504, a redirect).
+    pub response_headers: HeaderRules,
+    /// Every request of the route is answered with this redirect; the pool has no backends.
+    pub redirect: Option<Redirect>,
+}
+
+/// Field changes, applied in this order: `remove`, `set`, `add`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeaderRules {
+    /// Lower-case names.
+    pub remove: Vec<String>,
+    /// (lower-case name, value): replaces every line of the field.
+    pub set: Vec<(String, String)>,
+    /// (lower-case name, value): one more line.
+    pub add: Vec<(String, String)>,
+}
+
+impl HeaderRules {
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.set.is_empty() && self.add.is_empty()
+    }
+}
+
+/// A redirect answer (`upstream.NAME.redirect`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Redirect {
+    /// `scheme://authority[/path]`, without a trailing `/`.
+    pub to: String,
+    /// 301, 302, 303, 307 or 308.
+    pub status: u16,
+    /// Append the request's path (after the route's prefix) and query to `to`.
+    pub keep_path: bool,
 }
 
 /// Which requests a pool takes.
@@ -249,6 +284,9 @@ pub struct Route {
     pub host: Option<String>,
     /// Always starts with `/`.
     pub path_prefix: String,
+    /// What replaces `path_prefix` in the path sent to the backend (`Some("")`: the prefix
+    /// is stripped); `None`: the path goes as it came.
+    pub rewrite_prefix: Option<String>,
 }
 
 /// What a consistent-hash pool hashes.

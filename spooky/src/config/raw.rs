@@ -252,6 +252,46 @@ pub(super) struct RawUpstream {
     /// Requests that may wait for a connection or a stream slot, per backend.
     #[serde(default = "default_max_pending")]
     pub max_pending_requests: i64,
+    /// Header rules towards the backend.
+    #[serde(default)]
+    pub request_headers: RawHeaderRules,
+    /// Header rules towards the client.
+    #[serde(default)]
+    pub response_headers: RawHeaderRules,
+    /// Answer every request of the route with a redirect (and have no backends).
+    #[serde(default)]
+    pub redirect: Option<RawRedirect>,
+}
+
+/// `upstream.NAME.request_headers` / `response_headers`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawHeaderRules {
+    /// Replace (or add) the field.
+    pub set: std::collections::BTreeMap<String, String>,
+    /// Add a field line, keeping the ones there.
+    pub add: std::collections::BTreeMap<String, String>,
+    /// Remove the field.
+    pub remove: Vec<String>,
+}
+
+/// `upstream.NAME.redirect`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRedirect {
+    pub to: String,
+    #[serde(default = "default_redirect_status")]
+    pub status: i64,
+    #[serde(default = "default_true")]
+    pub keep_path: bool,
+}
+
+fn default_redirect_status() -> i64 {
+    308
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Default for `upstream.NAME.max_pending_requests` (Envoy's `max_pending_requests` too).
@@ -293,6 +333,10 @@ pub(super) struct RawRoute {
     pub path_prefix: String,
     /// `None` = any host.
     pub host: Option<String>,
+    /// Drop `path_prefix` from the path before the request goes to the backend.
+    pub strip_prefix: bool,
+    /// Replace `path_prefix` with this before the request goes to the backend.
+    pub rewrite_prefix: Option<String>,
 }
 
 impl Default for RawRoute {
@@ -300,6 +344,8 @@ impl Default for RawRoute {
         Self {
             path_prefix: "/".to_owned(),
             host: None,
+            strip_prefix: false,
+            rewrite_prefix: None,
         }
     }
 }

@@ -21,16 +21,16 @@ use spooky_common::cid::{
 
 use super::env::{Env, System};
 use super::raw::{
-    RawAdmin, RawBackend, RawBackendTls, RawConfig, RawDuration, RawHealthCheck, RawListen,
-    RawListenTls, RawLoadBalancing, RawLog, RawPassiveHealth, RawProxy, RawQuic, RawRoute,
-    RawServerId, RawSize, RawStatusRange, RawSteering, RawTimeouts, RawUpstream, DEFAULT_REPLICAS,
-    DEFAULT_RETRY_THRESHOLD,
+    RawAdmin, RawBackend, RawBackendTls, RawConfig, RawDuration, RawHeaderRules, RawHealthCheck,
+    RawListen, RawListenTls, RawLoadBalancing, RawLog, RawPassiveHealth, RawProxy, RawQuic,
+    RawRedirect, RawRoute, RawServerId, RawSize, RawStatusRange, RawSteering, RawTimeouts,
+    RawUpstream, DEFAULT_REPLICAS, DEFAULT_RETRY_THRESHOLD,
 };
 use super::{
     AccessLog, Admin, Backend, BackendTls, CertPair, Config, ControlSocket, EarlyData,
-    ForwardedMode, HashKey, HealthCheck, Listen, ListenTls, LoadBalancing, Log, LogFormat,
-    PassiveHealth, Proxy, Quic, RetryMode, Route, Steering, Tcp, UnknownSni, Upstream,
-    UpstreamTimeouts, User, XdpMode,
+    ForwardedMode, HashKey, HeaderRules, HealthCheck, Listen, ListenTls, LoadBalancing, Log,
+    LogFormat, PassiveHealth, Proxy, Quic, Redirect, RetryMode, Route, Steering, Tcp, UnknownSni,
+    Upstream, UpstreamTimeouts, User, XdpMode,
 };
 
 /// Why a configuration was refused.

@@ -7,7 +7,7 @@
 use super::bridge::{self, Hop, RequestHead};
 use super::exchange::{RequestEvent, TaskEnd};
 use super::outcome::{self, Failure, Finished, Reaction};
-use super::{Client, Forwarder};
+use super::{rules, Client, Forwarder};
 use crate::lb::{self, Candidates};
 use crate::stats::RouteMetrics;
 use crate::upstream::{BackendPool, ErrorKind, UpstreamError};
@@ -180,7 +180,7 @@ pub async fn run(job: Job, gate: Option<super::HandshakeGate>) {
                     job.status.set(status);
                     // A fresh response: these transitions are allowed.
                     let mut fields = fields;
-                    job.fwd.finish_head(&mut fields);
+                    job.fwd.finish_head(&mut fields, Some(job.upstream));
                     let _ = job.task.respond(fields);
                     if !body.is_empty() {
                         let _ = job.task.push_body(body);
@@ -292,13 +292,26 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
     };
     // At most one switch to another backend (refused TCP connect) and one retry on a fresh
     // connection (stream refused before processing), in any order.
+    // The route's rules: the path the backend sees, and its fields.
+    let up = fwd.snapshot.config.upstreams.get(job.upstream);
+    let rewritten = up.and_then(|u| {
+        let replacement = u.route.rewrite_prefix.as_deref()?;
+        let path = rules::upstream_path(&job.head.path, &u.route.path_prefix, replacement)?;
+        let mut head = job.head.clone();
+        head.path = path;
+        Some(head)
+    });
     let mut backend = pick(job, None)?;
     let mut switched = false;
     let mut refreshed = false;
     loop {
         job.chosen.set(Some(backend));
         let pool = fwd.pools[job.upstream][backend].clone();
-        let request = bridge::to_h2_request(&job.head, &hop).map_err(Failure::Convert)?;
+        let mut request = bridge::to_h2_request(rewritten.as_ref().unwrap_or(&job.head), &hop)
+            .map_err(Failure::Convert)?;
+        if let Some(up) = up {
+            rules::apply_request(&up.request_headers, request.headers_mut());
+        }
         let end_of_stream = job.replay.borrow().head_alone(job.task.request_is_empty());
         // Waiting for a connection or a stream slot ends when the client leaves.
         let checkout = tokio::select! {
@@ -447,7 +460,7 @@ async fn exchange(
     job.status.set(status);
     // The first response head of this exchange.
     let mut fields = bridge::response_to_h3(parts.status, &parts.headers);
-    fwd.finish_head(&mut fields);
+    fwd.finish_head(&mut fields, Some(job.upstream));
     let _ = job.task.respond(fields);
 
     // Body down, while the request body may still be going up.

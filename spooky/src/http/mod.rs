@@ -16,6 +16,7 @@ pub mod bridge;
 pub(crate) mod exchange;
 mod forward;
 pub(crate) mod outcome;
+pub mod rules;
 
 use crate::health::checker::Reporter;
 use crate::health::TrafficOutcome;
@@ -100,6 +101,8 @@ pub(crate) enum Admission {
     },
     /// Answer it with `OPTIONS *`'s answer.
     Options(RequestHead),
+    /// Answer it with upstream `upstream`'s redirect.
+    Redirect { head: RequestHead, upstream: usize },
     /// Refuse it (a local answer); the head, when it was valid.
     Refuse(Failure, Option<RequestHead>),
 }
@@ -247,12 +250,11 @@ impl Forwarder {
         else {
             return Admission::Refuse(Failure::NoRoute, Some(head));
         };
-        let limit = self
-            .snapshot
-            .config
-            .upstreams
-            .get(upstream)
-            .and_then(|u| u.max_request_body);
+        let up = self.snapshot.config.upstreams.get(upstream);
+        if up.is_some_and(|u| u.redirect.is_some()) {
+            return Admission::Redirect { head, upstream };
+        }
+        let limit = up.and_then(|u| u.max_request_body);
         if let (Some(limit), Some(declared)) = (limit, head.content_length) {
             if declared > limit {
                 return Admission::Refuse(Failure::BodyTooLarge { limit }, Some(head));
@@ -296,10 +298,23 @@ impl Forwarder {
         protocol: Protocol,
         started: Instant,
     ) -> Option<LocalAnswer> {
+        let mut upstream = None;
         let (status, mut fields, body, stop_sending, head) = match admission {
             Admission::Forward { .. } => return None,
             Admission::Options(head) => {
                 let (status, fields, body) = outcome::options_answer();
+                (status, fields, body, None, Some(head))
+            }
+            Admission::Redirect { head, upstream: u } => {
+                let redirect = self
+                    .snapshot
+                    .config
+                    .upstreams
+                    .get(u)
+                    .and_then(|up| up.redirect.as_ref())?;
+                let (status, fields, body) = rules::redirect_answer(redirect, &head.path);
+                upstream = Some(u);
+                // The request body, if any, is not wanted.
                 (status, fields, body, None, Some(head))
             }
             Admission::Refuse(failure, head) => {
@@ -323,7 +338,7 @@ impl Forwarder {
                 peer,
                 protocol,
                 head: head.as_ref(),
-                upstream: None,
+                upstream,
                 backend: None,
                 status,
                 started,
@@ -332,7 +347,7 @@ impl Forwarder {
                 bytes_out: 0,
             },
         );
-        self.finish_head(&mut fields);
+        self.finish_head(&mut fields, upstream);
         Some(LocalAnswer {
             fields,
             body,
@@ -340,9 +355,13 @@ impl Forwarder {
         })
     }
 
-    /// Completes a response head for the client: Spooky's `alt-svc` (`listen.alt_svc`) in
+    /// Completes a response head for the client: the `response_headers` rules of
+    /// `upstream` (when the answer is for one), then Spooky's `alt-svc` (`listen.alt_svc`) in
     /// place of any the backend sent.
-    pub fn finish_head(&self, fields: &mut Vec<Header>) {
+    pub fn finish_head(&self, fields: &mut Vec<Header>, upstream: Option<usize>) {
+        if let Some(up) = upstream.and_then(|u| self.snapshot.config.upstreams.get(u)) {
+            rules::apply_response(&up.response_headers, fields);
+        }
         if let Some(alt_svc) = &self.snapshot.alt_svc {
             fields.retain(|h| h.name() != b"alt-svc");
             fields.push(Header::new(b"alt-svc", alt_svc.as_bytes()));

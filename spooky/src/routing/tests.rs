@@ -4,6 +4,7 @@ fn route(host: Option<&str>, prefix: &str) -> config::Route {
     config::Route {
         host: host.map(str::to_owned),
         path_prefix: prefix.to_owned(),
+        rewrite_prefix: None,
     }
 }
 

@@ -328,3 +328,150 @@ fn unknown_names_get_the_default_or_nothing_and_a_reload_switches() {
     );
     assert!(metric_of(&p, "spooky_tls_unknown_sni_total") >= unknown_before + 2.0);
 }
+
+/// A site's rules — prefix stripping, fields towards the backend and towards the client,
+/// a redirect route — act alike over HTTP/3 (aioquic), HTTP/2 and HTTP/1.1 (curl).
+#[test]
+fn route_rules_act_alike_over_http3_http2_and_http1() {
+    let s = sites();
+    let ba = backend("ba");
+    let upstreams = format!(
+        "  api:
+    route:
+      host: a.example
+      path_prefix: /api
+      strip_prefix: true
+    request_headers:
+      set: {{x-site: a}}
+      add: {{x-tag: edge}}
+      remove: [x-debug]
+    response_headers:
+      set: {{strict-transport-security: max-age=63072000}}
+      remove: [x-backend]
+    backends:
+      - {{id: ba, address: \"{}\"}}
+  moved:
+    route:
+      host: a.example
+      path_prefix: /old
+    redirect:
+      to: https://b.example/new
+      status: 301
+",
+        ba.addr
+    );
+    let yaml = config_yaml(free_udp_port(), &upstreams, "quic:\n  retry: off\n");
+    let mut c = spooky::config::parse(&yaml, &repo_root()).unwrap();
+    c.listen.tls = s.tls(UnknownSni::Default);
+    c.workers = Some(2);
+    let p = proxy_from(c);
+    let tcp = tcp_addr(&p);
+
+    // What each protocol got: (status, response fields, body) for the three requests.
+    type Got = (u16, Vec<(String, String)>, String);
+    let mut seen: Vec<(String, Vec<Got>)> = Vec::new();
+    let requests = ["/api/headers", "/api/hello?x=1", "/old/page?q=2"];
+    for flag in ["--http2", "--http1.1"] {
+        let mut got = Vec::new();
+        for path in requests {
+            let out = Command::new("curl")
+                .args(["-sS", "--max-time", "10", flag, "-D", "-", "--cacert"])
+                .arg(s.ca())
+                .args(["--resolve", &format!("a.example:{}:127.0.0.1", tcp.port())])
+                .args(["-H", "x-debug: 1", "-H", "x-tag: client"])
+                .arg(format!("https://a.example:{}{path}", tcp.port()))
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let text = String::from_utf8_lossy(&out.stdout).replace("\r\n", "\n");
+            let (head, body) = text.split_once("\n\n").unwrap_or((&text, ""));
+            let mut lines = head.lines();
+            let status: u16 = lines
+                .next()
+                .unwrap()
+                .split(' ')
+                .nth(1)
+                .unwrap()
+                .parse()
+                .unwrap();
+            let fields = lines
+                .filter_map(|l| l.split_once(": "))
+                .map(|(n, v)| (n.to_ascii_lowercase(), v.to_owned()))
+                .collect();
+            got.push((status, fields, body.to_owned()));
+        }
+        seen.push((flag.to_owned(), got));
+    }
+    let plan = serde_json::json!([requests
+        .iter()
+        .map(|p| serde_json::json!({"path": p, "headers": [["x-debug", "1"], ["x-tag", "client"]]}))
+        .collect::<Vec<_>>()]);
+    let v = aioquic(p.addr, &s.ca(), "a.example", &plan);
+    let h3 = v["responses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let fields = r["headers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| {
+                    (
+                        f[0].as_str().unwrap().to_owned(),
+                        f[1].as_str().unwrap().to_owned(),
+                    )
+                })
+                .collect();
+            (
+                r["status"].as_u64().unwrap() as u16,
+                fields,
+                r["body"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    seen.push(("h3".to_owned(), h3));
+
+    let field = |f: &Vec<(String, String)>, n: &str| -> Vec<String> {
+        f.iter()
+            .filter(|(k, _)| k == n)
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
+    for (proto, got) in &seen {
+        // The backend saw the stripped path and the changed fields.
+        let (status, fields, body) = &got[0];
+        eprintln!("{proto}: /api/headers {status}, backend saw:\n{body}");
+        assert_eq!(*status, 200, "{proto}");
+        assert!(body.contains("x-site: a\n"), "{proto}: {body}");
+        assert!(
+            body.contains("x-tag: client\n") && body.contains("x-tag: edge\n"),
+            "{proto}: {body}"
+        );
+        assert!(!body.contains("x-debug"), "{proto}: {body}");
+        assert_eq!(
+            field(fields, "strict-transport-security"),
+            ["max-age=63072000"],
+            "{proto}"
+        );
+        assert!(field(fields, "x-backend").is_empty(), "{proto}: {fields:?}");
+        let (status, _, body) = &got[1];
+        assert_eq!(
+            (*status, body.as_str()),
+            (200, "hello from ba: GET /hello\n"),
+            "{proto}"
+        );
+        // The redirect route.
+        let (status, fields, _) = &got[2];
+        assert_eq!(*status, 301, "{proto}");
+        assert_eq!(
+            field(fields, "location"),
+            ["https://b.example/new/old/page?q=2"],
+            "{proto}"
+        );
+    }
+}

@@ -126,7 +126,8 @@ fn minimal_config_gets_every_default() {
         up.route,
         Route {
             host: None,
-            path_prefix: "/".into()
+            path_prefix: "/".into(),
+            rewrite_prefix: None,
         }
     );
     assert_eq!(up.load_balancing, LoadBalancing::RoundRobin);
@@ -269,7 +270,8 @@ workers: 4
         web.route,
         Route {
             host: Some("*.example.com".into()),
-            path_prefix: "/app".into()
+            path_prefix: "/app".into(),
+            rewrite_prefix: None,
         }
     );
     assert_eq!(web.timeouts.connect, Duration::from_millis(100));
@@ -431,6 +433,68 @@ fn listen_tls_takes_one_pair_or_a_list_and_names_each_entry() {
     assert_eq!(c.listen.tls.certificates.len(), 2);
     assert_eq!(c.listen.tls.unknown_sni, crate::config::UnknownSni::Refuse);
     assert_eq!(c.listen.tls.certificates[1].key, tls_dir().join("key.pem"));
+}
+
+#[test]
+fn route_rules_are_checked_and_named() {
+    let up = |body: &str| problems(&format!("upstream:\n  web:\n{body}"));
+    let b = "    backends: [{id: a, address: \"127.0.0.1:1\"}]\n";
+    assert_eq!(
+        up(&format!(
+            "    route: {{path_prefix: /a, strip_prefix: true, rewrite_prefix: /b}}\n{b}"
+        )),
+        ["upstream.web.route.rewrite_prefix: strip_prefix and rewrite_prefix: one or the other"]
+    );
+    assert_eq!(
+        up(&format!(
+            "    route: {{path_prefix: /a, rewrite_prefix: b}}\n{b}"
+        )),
+        ["upstream.web.route.rewrite_prefix: must be a path starting with '/', got \"b\""]
+    );
+    assert_eq!(
+        up(&format!("    request_headers: {{set: {{connection: close}}, remove: [\"bad name\"]}}\n{b}")),
+        [
+            "upstream.web.request_headers.remove: \"bad name\" is not a field name",
+            "upstream.web.request_headers.set.connection: \"connection\" belongs to the connection or the message framing, not to a rule",
+        ]
+    );
+    assert_eq!(
+        up(&format!("    response_headers: {{add: {{x-a: \" padded\"}}}}\n{b}")),
+        ["upstream.web.response_headers.add.x-a: the value has control characters or surrounding spaces"]
+    );
+    assert_eq!(
+        up(&format!("    redirect: {{to: \"https://x.example\"}}\n{b}")),
+        ["upstream.web.backends: a pool with a redirect has no backends (it answers every request itself)"]
+    );
+    assert_eq!(
+        up("    redirect: {to: \"ftp://x.example\", status: 200}\n"),
+        [
+            "upstream.web.redirect.status: 200 is not a redirect (301, 302, 303, 307 or 308)",
+            "upstream.web.redirect.to: \"ftp://x.example\" is not an absolute http:// or https:// URL without query or fragment",
+        ]
+    );
+    let c = ok(
+        "upstream:\n  web:\n    route: {path_prefix: /a, strip_prefix: true}\n    \
+        response_headers: {set: {Strict-Transport-Security: max-age=1}}\n    \
+        backends: [{id: a, address: \"127.0.0.1:1\"}]\n  old:\n    route: {path_prefix: /old}\n    \
+        redirect: {to: \"https://new.example/\"}\n",
+    );
+    let web = c.upstreams.iter().find(|u| u.name == "web").unwrap();
+    assert_eq!(web.route.rewrite_prefix.as_deref(), Some(""));
+    assert_eq!(
+        web.response_headers.set,
+        [(
+            "strict-transport-security".to_owned(),
+            "max-age=1".to_owned()
+        )]
+    );
+    let old = c.upstreams.iter().find(|u| u.name == "old").unwrap();
+    let r = old.redirect.as_ref().unwrap();
+    assert_eq!(
+        (r.to.as_str(), r.status, r.keep_path),
+        ("https://new.example", 308, true)
+    );
+    assert!(old.backends.is_empty());
 }
 
 #[test]

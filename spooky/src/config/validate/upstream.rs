@@ -88,9 +88,28 @@ fn build_upstream(
     let load_balancing =
         build_load_balancing(&raw.load_balancing, &format!("{path}.load_balancing"), errs);
     let backends_path = format!("{path}.backends");
-    if raw.backends.is_empty() {
-        errs.push(&backends_path, "at least one backend is required");
+    let redirect = match &raw.redirect {
+        None => Some(None),
+        Some(r) => build_redirect(r, &format!("{path}.redirect"), errs).map(Some),
+    };
+    match (raw.backends.is_empty(), raw.redirect.is_some()) {
+        (true, false) => errs.push(&backends_path, "at least one backend is required"),
+        (false, true) => errs.push(
+            &backends_path,
+            "a pool with a redirect has no backends (it answers every request itself)",
+        ),
+        _ => {}
     }
+    let request_headers = build_header_rules(
+        &raw.request_headers,
+        &format!("{path}.request_headers"),
+        errs,
+    );
+    let response_headers = build_header_rules(
+        &raw.response_headers,
+        &format!("{path}.response_headers"),
+        errs,
+    );
     let backends: Vec<Option<Backend>> = raw
         .backends
         .iter()
@@ -108,7 +127,7 @@ fn build_upstream(
         &format!("{path}.max_pending_requests"),
         int_in::<u32>(raw.max_pending_requests, 1, 1_000_000),
     );
-    if !valid_name(name) || raw.backends.is_empty() {
+    if !valid_name(name) || raw.backends.is_empty() == raw.redirect.is_none() {
         return None;
     }
     Some(Upstream {
@@ -121,7 +140,117 @@ fn build_upstream(
         fail_open: raw.fail_open,
         max_request_body: max_request_body?,
         max_pending_requests: max_pending_requests?,
+        request_headers: request_headers?,
+        response_headers: response_headers?,
+        redirect: redirect?,
     })
+}
+
+const NOT_FOR_RULES: &[&str] = &[
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "content-length",
+    "trailer",
+];
+
+/// A field name a rule may touch: not the connection's own fields (HTTP/1.1 hop-by-hop,
+/// malformed in HTTP/2 and 3), nor the framing's, nor `host` (it travels as `:authority`);
+/// pseudo-headers are not tokens.
+fn rule_name(raw: &str) -> Result<String, String> {
+    let name = raw.to_ascii_lowercase();
+    let token = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if !token {
+        return Err(format!("\"{raw}\" is not a field name"));
+    }
+    if NOT_FOR_RULES.contains(&name.as_str()) {
+        return Err(format!(
+            "\"{raw}\" belongs to the connection or the message framing, not to a rule"
+        ));
+    }
+    Ok(name)
+}
+
+fn build_header_rules(raw: &RawHeaderRules, path: &str, errs: &mut Errors) -> Option<HeaderRules> {
+    let mut ok = true;
+    let mut rules = HeaderRules::default();
+    for name in &raw.remove {
+        match errs.check(&format!("{path}.remove"), rule_name(name)) {
+            Some(n) => rules.remove.push(n),
+            None => ok = false,
+        }
+    }
+    for (what, list, out) in [
+        ("set", &raw.set, &mut rules.set),
+        ("add", &raw.add, &mut rules.add),
+    ] {
+        for (name, value) in list {
+            let here = format!("{path}.{what}.{name}");
+            let n = errs.check(&here, rule_name(name));
+            let v = errs.check(
+                &here,
+                if value
+                    .bytes()
+                    .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+                    && value.trim() == value
+                {
+                    Ok(value.clone())
+                } else {
+                    Err("the value has control characters or surrounding spaces".to_owned())
+                },
+            );
+            match (n, v) {
+                (Some(n), Some(v)) => out.push((n, v)),
+                _ => ok = false,
+            }
+        }
+    }
+    ok.then_some(rules)
+}
+
+fn build_redirect(raw: &RawRedirect, path: &str, errs: &mut Errors) -> Option<Redirect> {
+    let status = errs.check(
+        &format!("{path}.status"),
+        match raw.status {
+            301 | 302 | 303 | 307 | 308 => Ok(raw.status as u16),
+            s => Err(format!("{s} is not a redirect (301, 302, 303, 307 or 308)")),
+        },
+    );
+    let to = errs.check(&format!("{path}.to"), redirect_target(&raw.to));
+    Some(Redirect {
+        to: to?,
+        status: status?,
+        keep_path: raw.keep_path,
+    })
+}
+
+/// `http(s)://authority[/path]`, printable ASCII, no query or fragment; the trailing `/`
+/// dropped (the request's path brings its own).
+fn redirect_target(raw: &str) -> Result<String, String> {
+    let bad = || {
+        format!("\"{raw}\" is not an absolute http:// or https:// URL without query or fragment")
+    };
+    let rest = raw
+        .strip_prefix("https://")
+        .or_else(|| raw.strip_prefix("http://"))
+        .ok_or_else(bad)?;
+    let authority = rest.split('/').next().unwrap_or("");
+    if authority.is_empty()
+        || authority.contains('@')
+        || raw.contains(['?', '#'])
+        || !raw.bytes().all(|b| (b'!'..=b'~').contains(&b))
+        || raw.parse::<http::Uri>().is_err()
+    {
+        return Err(bad());
+    }
+    Ok(raw.trim_end_matches('/').to_owned())
 }
 
 fn build_route(raw: &RawRoute, path: &str, errs: &mut Errors) -> Option<Route> {
@@ -137,9 +266,34 @@ fn build_route(raw: &RawRoute, path: &str, errs: &mut Errors) -> Option<Route> {
         None => Some(None),
         Some(h) => errs.check(&format!("{path}.host"), route_host(h)).map(Some),
     };
+    let rewrite_prefix = match (raw.strip_prefix, &raw.rewrite_prefix) {
+        (false, None) => Some(None),
+        (true, None) => Some(Some(String::new())),
+        (false, Some(r)) => errs
+            .check(
+                &format!("{path}.rewrite_prefix"),
+                if r.starts_with('/')
+                    && r.bytes().all(|b| (b'!'..=b'~').contains(&b))
+                    && !r.contains(['?', '#'])
+                {
+                    Ok(r.clone())
+                } else {
+                    Err(format!("must be a path starting with '/', got \"{r}\""))
+                },
+            )
+            .map(Some),
+        (true, Some(_)) => {
+            errs.push(
+                format!("{path}.rewrite_prefix"),
+                "strip_prefix and rewrite_prefix: one or the other",
+            );
+            None
+        }
+    };
     Some(Route {
         host: host?,
         path_prefix: path_prefix?,
+        rewrite_prefix: rewrite_prefix?,
     })
 }
 
