@@ -77,6 +77,7 @@ fn shipped_configs_all_load() {
         "config.yaml",
         "minimal.yaml",
         "multi-upstream.yaml",
+        "sites.yaml",
         "tls-backends.yaml",
     ] {
         assert!(
