@@ -105,6 +105,8 @@ pub struct Running {
     pub local_addr: SocketAddr,
     /// Where the TLS-over-TCP listener listens, when on.
     pub tcp_addr: Option<SocketAddr>,
+    /// Where the plaintext HTTP/1.1 listener listens, when on.
+    pub http_addr: Option<SocketAddr>,
     pub steering: Mode,
     /// Where the admin listener listens, when enabled.
     pub admin_addr: Option<SocketAddr>,
@@ -391,6 +393,20 @@ pub fn start_from(
     if let Some(a) = tcp_addr {
         tracing::info!(listen = %a, "TLS over TCP (HTTP/2, HTTP/1.1)");
     }
+    let plain_listeners = match &cfg.listen.http {
+        Some(http) => bind_tcp_group(http.addr, workers)?
+            .into_iter()
+            .map(Some)
+            .collect(),
+        None => (0..workers).map(|_| None).collect::<Vec<_>>(),
+    };
+    let plain_addr = plain_listeners
+        .first()
+        .and_then(|l| l.as_ref())
+        .and_then(|l| l.local_addr().ok());
+    if let Some(a) = plain_addr {
+        tracing::info!(listen = %a, "plaintext HTTP/1.1: ACME HTTP-01 and redirects to https");
+    }
     let local_addr = sockets
         .first()
         .and_then(|s| s.local_addr().ok())
@@ -540,15 +556,18 @@ pub fn start_from(
     let per_worker = sockets
         .into_iter()
         .zip(tcp_listeners)
+        .zip(plain_listeners)
         .zip(inboxes)
         .zip(commands)
         .zip(quic_configs);
-    for (index, ((((socket, tcp), inbox), commands), quic)) in per_worker.enumerate() {
+    for (index, (((((socket, tcp), plain), inbox), commands), quic)) in per_worker.enumerate() {
         let setup = WorkerSetup {
             index,
             workers,
             socket,
             tcp,
+            plain,
+            https_port: tcp_addr.map_or(local_addr.port(), |a| a.port()),
             cpu: pinned.as_ref().and_then(|c| c.get(index).copied()),
             layout,
             rng: rng.clone(),
@@ -607,6 +626,7 @@ pub fn start_from(
     Ok(Running {
         local_addr,
         tcp_addr,
+        http_addr: plain_addr,
         steering: mode,
         admin_addr,
         generation,

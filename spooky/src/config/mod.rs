@@ -88,6 +88,18 @@ pub struct Listen {
     /// How long clients may remember that HTTP/3 is here (`alt-svc`'s `ma`); `None`: no
     /// `alt-svc` field.
     pub alt_svc: Option<Duration>,
+    /// The plaintext HTTP/1.1 listener; `None` when off.
+    pub http: Option<PlainHttp>,
+}
+
+/// The plaintext listener (`listen.http`): ACME HTTP-01 answers, and a redirect to `https://`
+/// for everything else.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlainHttp {
+    /// `listen.address` and `listen.http.port`.
+    pub addr: SocketAddr,
+    /// 301, 302, 307 or 308.
+    pub redirect_status: u16,
 }
 
 /// The TLS-over-TCP listener (`listen.tcp`).

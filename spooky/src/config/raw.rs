@@ -79,6 +79,28 @@ pub(super) struct RawListen {
     pub tcp: RawTcp,
     #[serde(default)]
     pub alt_svc: RawAltSvc,
+    #[serde(default)]
+    pub http: RawPlainHttp,
+}
+
+/// `listen.http`: the plaintext HTTP/1.1 listener (redirects to https, ACME HTTP-01), off
+/// by default.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawPlainHttp {
+    pub enabled: bool,
+    pub port: i64,
+    pub redirect_status: i64,
+}
+
+impl Default for RawPlainHttp {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            port: 80,
+            redirect_status: 308,
+        }
+    }
 }
 
 /// `listen.tcp`: HTTP/2 and HTTP/1.1 over TLS over TCP, on by default.

@@ -29,8 +29,8 @@ use super::raw::{
 use super::{
     AccessLog, Admin, Backend, BackendTls, CertPair, Config, ControlSocket, EarlyData,
     ForwardedMode, HashKey, HeaderRules, HealthCheck, Listen, ListenTls, LoadBalancing, Log,
-    LogFormat, PassiveHealth, Proxy, Quic, Redirect, RetryMode, Route, Steering, Tcp, UnknownSni,
-    Upstream, UpstreamTimeouts, User, XdpMode,
+    LogFormat, PassiveHealth, PlainHttp, Proxy, Quic, Redirect, RetryMode, Route, Steering, Tcp,
+    UnknownSni, Upstream, UpstreamTimeouts, User, XdpMode,
 };
 
 /// Why a configuration was refused.
@@ -328,6 +328,28 @@ fn build_listen(raw: &RawListen, io: &Io<'_>, errs: &mut Errors) -> Option<Liste
         int_in::<usize>(t.max_connections, 1, 10_000_000),
     );
     let max_age = duration(errs, "listen.alt_svc.max_age", &raw.alt_svc.max_age);
+    let h = &raw.http;
+    let http_port = errs.check("listen.http.port", int_in::<u16>(h.port, 0, 65535));
+    let redirect_status = errs.check(
+        "listen.http.redirect_status",
+        match h.redirect_status {
+            301 | 302 | 307 | 308 => Ok(h.redirect_status as u16),
+            s => Err(format!(
+                "{s} is not a redirect that keeps the method (301, 302, 307 or 308)"
+            )),
+        },
+    );
+    let http = match (h.enabled, ip) {
+        (false, _) => Some(None),
+        (true, Some(ip)) => match (http_port, redirect_status) {
+            (Some(port), Some(redirect_status)) => Some(Some(PlainHttp {
+                addr: SocketAddr::new(ip, port),
+                redirect_status,
+            })),
+            _ => None,
+        },
+        (true, None) => None,
+    };
     let tcp = match (t.enabled, ip) {
         (false, _) => Some(None),
         (true, Some(ip)) => Some(Some(Tcp {
@@ -342,6 +364,7 @@ fn build_listen(raw: &RawListen, io: &Io<'_>, errs: &mut Errors) -> Option<Liste
         addr: SocketAddr::new(ip?, port?),
         tls: tls?,
         tcp: tcp?,
+        http: http?,
         alt_svc: if raw.alt_svc.enabled {
             Some(max_age?)
         } else {

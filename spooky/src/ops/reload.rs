@@ -67,6 +67,9 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     }
     let tcp_listener =
         |t: &Option<crate::config::Tcp>| t.as_ref().map(|t| (t.addr, t.max_connections));
+    if old.listen.http.as_ref().map(|h| h.addr) != new.listen.http.as_ref().map(|h| h.addr) {
+        v.push("listen.http.enabled / listen.http.port need a restart".to_owned());
+    }
     if tcp_listener(&old.listen.tcp) != tcp_listener(&new.listen.tcp) {
         v.push(
             "listen.tcp.enabled / listen.tcp.port / listen.tcp.max_connections need a restart"

@@ -29,6 +29,10 @@ pub(super) async fn serve(
     peer: SocketAddr,
 ) {
     let fwd = front.forwarder();
+    if matches!(front.0.kind, super::Kind::Plain { .. }) {
+        serve_plain(&front, open, stream, peer).await;
+        return;
+    }
     let (Some(tcp), Some(tls)) = (
         fwd.snapshot.config.listen.tcp.clone(),
         fwd.snapshot.tcp_tls.clone(),
@@ -128,6 +132,52 @@ pub(super) async fn serve(
     };
     if let Err(e) = ended {
         tracing::debug!(%peer, protocol = protocol.label(), error = %e, "TCP connection ended with an error");
+    }
+    drop(open);
+}
+
+/// Serves one plaintext HTTP/1.1 connection (`listen.http`): the TLS listener's header and
+/// idle timeouts (10 s and 60 s when it is off), small heads, every request answered by
+/// [`super::plain`].
+async fn serve_plain(front: &Front, open: Open, stream: tokio::net::TcpStream, peer: SocketAddr) {
+    let fwd = front.forwarder();
+    let (header_timeout, idle_timeout) = fwd
+        .snapshot
+        .config
+        .listen
+        .tcp
+        .as_ref()
+        .map_or((Duration::from_secs(10), Duration::from_secs(60)), |t| {
+            (t.header_timeout, t.idle_timeout)
+        });
+    let ctx = Rc::new(ConnCtx {
+        front: front.clone(),
+        peer,
+        protocol: Protocol::H1,
+        sni: None,
+        requests: Default::default(),
+    });
+    let requests = ctx.clone();
+    let requests = move || requests.requests.get();
+    let service = hyper::service::service_fn(move |req| request::handle(ctx.clone(), req));
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(16 * 1024)
+        .serve_connection(TokioIo::new(stream), service);
+    let conn = std::pin::pin!(conn);
+    let graceful = |c: Pin<&mut _>| http1::Connection::graceful_shutdown(c);
+    if let Err(e) = drive(
+        front,
+        conn,
+        graceful,
+        &requests,
+        idle_timeout,
+        header_timeout,
+    )
+    .await
+    {
+        tracing::debug!(%peer, error = %e, "plaintext connection ended with an error");
     }
     drop(open);
 }

@@ -14,9 +14,11 @@
 //! | this file | [`Front`]: the accept loop, connection limit, drain |
 //! | `conn` | one connection: TLS handshake, protocol, hyper, idle and shutdown |
 //! | `request` | one request: hyper's request → admission → exchange → hyper's response |
+//! | `plain` | the plaintext listener's requests: ACME HTTP-01 or a redirect to `https://` |
 //! | [`strict`] | refuses HTTP/1.1 request smuggling before hyper sees it |
 
 mod conn;
+mod plain;
 mod request;
 pub mod strict;
 
@@ -26,6 +28,9 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
+
+/// `listen.tcp.max_connections`'s default, for the plaintext listener without `listen.tcp`.
+const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
 /// Where the front stands; connections follow it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,11 +43,22 @@ enum Phase {
     Closing,
 }
 
+/// What a front's connections speak.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// TLS, then HTTP/2 or HTTP/1.1 (ALPN): requests are proxied (`listen.tcp`).
+    Tls,
+    /// Plaintext HTTP/1.1: ACME HTTP-01 answers and redirects to `https://` at
+    /// `https_port` (where the TLS listener is), nothing else (`listen.http`).
+    Plain { https_port: u16 },
+}
+
 /// One worker's TCP front (clones are handles on the same front).
 #[derive(Clone)]
 pub struct Front(Rc<Inner>);
 
 struct Inner {
+    kind: Kind,
     /// The forwarder of the current configuration; a connection takes it per request.
     fwd: RefCell<Rc<Forwarder>>,
     phase: watch::Sender<Phase>,
@@ -63,17 +79,21 @@ impl Front {
         listener: std::net::TcpListener,
         fwd: Rc<Forwarder>,
         share: usize,
+        kind: Kind,
     ) -> std::io::Result<Self> {
         listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
+        // The plaintext listener has the TLS one's limit (its own when that is off).
         let max = fwd
             .snapshot
             .config
             .listen
             .tcp
             .as_ref()
-            .map_or(0, |t| t.max_connections.div_ceil(share.max(1)));
+            .map_or(DEFAULT_MAX_CONNECTIONS, |t| t.max_connections)
+            .div_ceil(share.max(1));
         let front = Front(Rc::new(Inner {
+            kind,
             fwd: RefCell::new(fwd),
             phase: watch::Sender::new(Phase::Serving),
             open: Cell::new(0),

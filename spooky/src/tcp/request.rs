@@ -69,6 +69,12 @@ pub(super) async fn handle(
     let fwd = ctx.front.forwarder();
     let stats = &fwd.services.stats;
     let (parts, body) = req.into_parts();
+    if let super::Kind::Plain { https_port } = ctx.front.0.kind {
+        // Nothing is proxied in plaintext; the request body, if any, is not read.
+        let answer = super::plain::answer(&fwd, &parts, https_port);
+        let end = exchange::local(answer.fields, answer.body, false, stats.clone());
+        return respond(end, in_progress).await;
+    }
     let more_frames = !body.is_end_stream();
     let list = h3_fields(&parts);
     let admission = match fwd.admit(&list, more_frames, ctx.sni.as_deref()) {

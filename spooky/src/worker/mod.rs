@@ -39,6 +39,10 @@ pub struct WorkerSetup {
     pub socket: std::net::UdpSocket,
     /// Its socket of the TCP listener's SO_REUSEPORT group, when `listen.tcp` is on.
     pub tcp: Option<std::net::TcpListener>,
+    /// Its socket of the plaintext listener's group, when `listen.http` is on.
+    pub plain: Option<std::net::TcpListener>,
+    /// Where plaintext requests are redirected: the TLS listener's port (bound).
+    pub https_port: u16,
     pub cpu: Option<usize>,
     pub layout: CidLayout,
     pub rng: ring::rand::SystemRandom,
@@ -143,8 +147,8 @@ struct Worker {
     /// The forwarder in force (both fronts use it for new requests).
     fwd: Rc<Forwarder>,
     quic: QuicFront,
-    /// The TLS-over-TCP front, when `listen.tcp` is on.
-    tcp: Option<tcp::Front>,
+    /// The TCP fronts: TLS (when `listen.tcp` is on) and plaintext (when `listen.http` is).
+    tcp: Vec<tcp::Front>,
     /// A prepared reload waiting for its commit: (generation, what to switch to).
     staged: Option<(u64, Next)>,
     inbox: mpsc::Receiver<Forwarded>,
@@ -182,13 +186,23 @@ impl Worker {
             log_gate: Default::default(),
         });
         let fwd = Rc::new(Forwarder::new(services.clone(), setup.snapshot, None));
-        let tcp = match setup.tcp {
-            Some(listener) => Some(
-                tcp::Front::start(listener, fwd.clone(), setup.workers)
-                    .map_err(|source| WorkerError::Tcp { worker, source })?,
+        let mut tcp = Vec::new();
+        for (listener, kind) in [
+            (setup.tcp, tcp::Kind::Tls),
+            (
+                setup.plain,
+                tcp::Kind::Plain {
+                    https_port: setup.https_port,
+                },
             ),
-            None => None,
-        };
+        ] {
+            if let Some(listener) = listener {
+                tcp.push(
+                    tcp::Front::start(listener, fwd.clone(), setup.workers, kind)
+                        .map_err(|source| WorkerError::Tcp { worker, source })?,
+                );
+            }
+        }
         let generations = *setup.generations.borrow();
         let quic = QuicFront::new(front::Setup {
             index: worker,
@@ -242,7 +256,7 @@ impl Worker {
                 handed += 1;
             }
             self.quic.service().await;
-            let tcp_open = self.tcp.as_ref().map_or(0, tcp::Front::open);
+            let tcp_open: usize = self.tcp.iter().map(tcp::Front::open).sum();
             if self.grace_end.is_some() && self.quic.open() == 0 && tcp_open == 0 {
                 tracing::info!(worker = self.index, "worker drained");
                 return Ok(());
@@ -263,11 +277,13 @@ impl Worker {
         let draining = self.grace_end.is_some();
         let tcp = self.tcp.clone();
         // Only while draining with TCP connections open: it resolves at once otherwise.
-        let tcp_waits = draining && tcp.as_ref().is_some_and(|t| t.open() > 0);
+        let tcp_waits = draining && tcp.iter().any(|t| t.open() > 0);
         let tcp_drained = async {
-            match &tcp {
-                Some(front) => front.all_closed().await,
-                None => std::future::pending().await,
+            if tcp.is_empty() {
+                std::future::pending::<()>().await;
+            }
+            for front in &tcp {
+                front.all_closed().await;
             }
         };
         let wakeup = self.services.wakeup.clone();
@@ -371,7 +387,7 @@ impl Worker {
                     Some((g, next)) if g == generation => {
                         self.fwd = next.fwd;
                         self.quic.switch(next.quic);
-                        if let Some(front) = &self.tcp {
+                        for front in &self.tcp {
                             front.set_forwarder(self.fwd.clone());
                         }
                         self.services
@@ -398,12 +414,12 @@ impl Worker {
         tracing::info!(
             worker = self.index,
             connections = self.quic.open(),
-            tcp_connections = self.tcp.as_ref().map_or(0, tcp::Front::open),
+            tcp_connections = self.tcp.iter().map(tcp::Front::open).sum::<usize>(),
             ?grace,
             "draining"
         );
         self.quic.drain();
-        if let Some(front) = &self.tcp {
+        for front in &self.tcp {
             front.drain();
         }
         self.grace_end = Some(Instant::now() + grace);
@@ -411,7 +427,7 @@ impl Worker {
 
     fn close_all(&mut self) {
         self.quic.close_all();
-        if let Some(front) = &self.tcp {
+        for front in &self.tcp {
             front.close_all();
         }
         // Closing takes a little while (CONNECTION_CLOSE, quiche's draining period): the

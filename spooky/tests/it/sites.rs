@@ -475,3 +475,76 @@ fn route_rules_act_alike_over_http3_http2_and_http1() {
         );
     }
 }
+
+/// The plaintext listener redirects every request to `https://` on the TLS listener's port
+/// (308 keeps the method and body); curl following the redirect ends at the backend.
+#[test]
+fn plaintext_requests_are_redirected_to_https() {
+    let s = sites();
+    let (ba, bb) = (backend("ba"), backend("bb"));
+    let mut c = config(&s, &ba, &bb, UnknownSni::Default);
+    c.listen.http = Some(spooky::config::PlainHttp {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        redirect_status: 308,
+    });
+    let p = proxy_from(c);
+    let tcp = tcp_addr(&p);
+    let http = p
+        .running
+        .as_ref()
+        .unwrap()
+        .http_addr
+        .expect("listen.http is on");
+    let resolve = |name: &str| {
+        [
+            "--resolve".to_owned(),
+            format!("{name}:{}:127.0.0.1", http.port()),
+            "--resolve".to_owned(),
+            format!("{name}:{}:127.0.0.1", tcp.port()),
+        ]
+    };
+    // The redirect itself.
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-o", "/dev/null"])
+        .args(["-w", "%{http_code} %{redirect_url}"])
+        .args(resolve("a.example"))
+        .arg(format!("http://a.example:{}/page?x=1", http.port()))
+        .output()
+        .unwrap();
+    let got = String::from_utf8_lossy(&out.stdout);
+    eprintln!("plaintext: {got}");
+    assert_eq!(
+        got,
+        format!("308 https://a.example:{}/page?x=1", tcp.port())
+    );
+    // Followed, with a body: the POST arrives whole over HTTPS.
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-L", "--cacert"])
+        .arg(s.ca())
+        .args(resolve("x.b.example"))
+        .args(["--data-binary", "carried over"])
+        .args(["-w", "\n%{http_code} %{num_redirects} %{scheme}"])
+        .arg(format!("http://x.b.example:{}/echo", http.port()))
+        .output()
+        .unwrap();
+    let got = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(got, "carried over\n200 1 HTTPS", "{got}");
+    // No host, no redirect.
+    let mut raw = std::net::TcpStream::connect(http).unwrap();
+    use std::io::{Read, Write};
+    raw.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    let _ = raw.read_to_string(&mut answer);
+    assert!(
+        answer.starts_with("HTTP/1.0 400") || answer.starts_with("HTTP/1.1 400"),
+        "{answer}"
+    );
+    // Nothing reached a backend in plaintext: the one request the backends saw was the
+    // HTTPS one.
+    assert_eq!(metric_of(&p, "spooky_requests_total{pool=\"a\""), 0.0);
+}

@@ -1,0 +1,63 @@
+//! The plaintext listener's requests (`listen.http`): every request is answered with a
+//! redirect to the same host and path over `https://` (`listen.http.redirect_status`, 308 by
+//! default: the method and body are kept), at the TLS listener's port (the QUIC one when
+//! `listen.tcp` is off). Nothing is proxied in
+//! plaintext. A request without a usable host gets 400.
+
+use crate::http::{bridge, Forwarder, LocalAnswer};
+use quiche::h3::Header;
+
+/// The answer to one plaintext request.
+pub(super) fn answer(fwd: &Forwarder, parts: &http::request::Parts, port: u16) -> LocalAnswer {
+    let listen = &fwd.snapshot.config.listen;
+    let status = listen.http.as_ref().map_or(308, |h| h.redirect_status);
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        });
+    let host = authority
+        .as_deref()
+        .and_then(crate::routing::host_of)
+        .filter(|h| {
+            h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b':' | b'_'))
+        });
+    let Some(host) = host else {
+        let (fields, body) = bridge::local_response(400, "no valid host to redirect to", None);
+        return LocalAnswer {
+            fields,
+            body,
+            stop_sending: None,
+        };
+    };
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let path = if path.starts_with('/') { path } else { "/" };
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_ascii_lowercase()
+    };
+    let location = if port == 443 {
+        format!("https://{host}{path}")
+    } else {
+        format!("https://{host}:{port}{path}")
+    };
+    let fields = vec![
+        Header::new(b":status", status.to_string().as_bytes()),
+        Header::new(b"location", location.as_bytes()),
+        Header::new(b"content-length", b"0"),
+        Header::new(b"server", b"spooky"),
+    ];
+    LocalAnswer {
+        fields,
+        body: bytes::Bytes::new(),
+        stop_sending: None,
+    }
+}
