@@ -8,17 +8,18 @@
 //! The names a certificate answers for are its subject alternative names of type DNS; a
 //! certificate with none (IP addresses only) is chosen only as the default.
 //!
-//! Handshake counts outlive a reload: they live in the process's [`TlsCounters`], by
-//! certificate name.
+//! Handshake counts outlive a reload, and so do the certificates obtained at run time (ACME)
+//! and the challenges being answered: they live in the process's [`TlsShared`]. A run-time
+//! certificate takes its names before the configured ones, on every worker at once.
 
 use crate::config::{ListenTls, UnknownSni};
 use boring::pkey::{PKey, Private};
 use boring::ssl::{SniError, SslAlert, SslContextBuilder, SslMethod, SslRef};
 use boring::x509::X509;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use tokio_rustls::rustls;
 
 /// Why a certificate pair cannot serve.
@@ -38,15 +39,23 @@ pub enum CertError {
     Context(String),
 }
 
-/// Handshakes per certificate name and with an unknown SNI, for the whole process.
+/// What the process's TLS keeps across configuration snapshots: handshake counters by
+/// certificate name, the certificates obtained at run time (ACME), and the ACME challenges
+/// being answered.
 #[derive(Default)]
-pub struct TlsCounters {
+pub struct TlsShared {
     by_name: Mutex<Vec<(String, Arc<AtomicU64>)>>,
     /// ClientHellos whose SNI named no certificate, or that sent none.
     pub unknown_sni: AtomicU64,
+    /// Certificates obtained at run time; they take their names before the configured ones.
+    managed: RwLock<Arc<SiteSet>>,
+    /// ACME HTTP-01: token → key authorization.
+    http01: Mutex<HashMap<String, String>>,
+    /// ACME TLS-ALPN-01: name → the challenge certificate (RFC 8737).
+    alpn01: Mutex<HashMap<String, Arc<rustls::sign::CertifiedKey>>>,
 }
 
-impl TlsCounters {
+impl TlsShared {
     /// The counter of certificate `name`, created on first use.
     fn handshakes(&self, name: &str) -> Arc<AtomicU64> {
         let mut all = self.by_name.lock().unwrap_or_else(|p| p.into_inner());
@@ -57,7 +66,86 @@ impl TlsCounters {
         all.push((name.to_owned(), c.clone()));
         c
     }
+
+    fn managed(&self) -> Arc<SiteSet> {
+        self.managed
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Serves `site` from now on, in place of a managed certificate with the same first name.
+    pub fn install(&self, site: Site) {
+        let mut managed = self.managed.write().unwrap_or_else(|p| p.into_inner());
+        let mut sites: Vec<Arc<Site>> = managed
+            .sites
+            .iter()
+            .filter(|s| s.name != site.name)
+            .cloned()
+            .collect();
+        sites.push(Arc::new(site));
+        *managed = Arc::new(SiteSet::new(sites));
+    }
+
+    /// Loads a pair for [`Self::install`] (ACME: a stored or a new certificate).
+    ///
+    /// # Errors
+    /// [`CertError`] when the pair cannot serve.
+    pub fn load(&self, cert: &Path, key: &Path) -> Result<Site, CertError> {
+        load_site(&cert.to_path_buf(), &key.to_path_buf(), &[], self)
+    }
+
+    /// Answers `/.well-known/acme-challenge/TOKEN` with `key_authorization` until removed.
+    pub fn add_http01(&self, token: &str, key_authorization: &str) {
+        self.http01
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(token.to_owned(), key_authorization.to_owned());
+    }
+
+    pub fn remove_http01(&self, token: &str) {
+        self.http01
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(token);
+    }
+
+    /// The key authorization for an HTTP-01 `token`, while its challenge is open.
+    pub fn http01(&self, token: &str) -> Option<String> {
+        self.http01
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(token)
+            .cloned()
+    }
+
+    /// Answers TLS-ALPN-01 handshakes (ALPN `acme-tls/1`) for `name` with `cert` until
+    /// removed.
+    pub fn add_alpn01(&self, name: &str, cert: Arc<rustls::sign::CertifiedKey>) {
+        self.alpn01
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_ascii_lowercase(), cert);
+    }
+
+    pub fn remove_alpn01(&self, name: &str) {
+        self.alpn01
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&name.to_ascii_lowercase());
+    }
+
+    fn alpn01(&self, name: &str) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.alpn01
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&name.to_ascii_lowercase())
+            .cloned()
+    }
 }
+
+/// The ALPN protocol of TLS-ALPN-01 validation handshakes (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
 /// One certificate chain with its key, in both TLS libraries' forms.
 pub struct Site {
@@ -66,7 +154,8 @@ pub struct Site {
     pub cert_path: PathBuf,
     /// DNS subject alternative names, lower-case (`*.suffix` for wildcards).
     pub names: Vec<String>,
-    /// `notAfter`, in seconds since the Unix epoch.
+    /// `notBefore` and `notAfter`, in seconds since the Unix epoch.
+    pub not_before: i64,
     pub not_after: i64,
     /// Leaf first, then the chain.
     chain: Vec<X509>,
@@ -80,29 +169,28 @@ impl Site {
     pub fn handshakes(&self) -> u64 {
         self.handshakes.load(Ordering::Relaxed)
     }
+
+    /// Whether the certificate names `host` (exactly, or by a one-label wildcard).
+    pub fn covers(&self, host: &str) -> bool {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        self.names.iter().any(|n| match n.strip_prefix("*.") {
+            Some(suffix) => host.split_once('.').is_some_and(|(_, s)| s == suffix),
+            None => *n == host,
+        })
+    }
 }
 
-/// Every certificate of the listener and how a name picks one.
-pub struct Certificates {
-    pub sites: Vec<Site>,
+/// Certificates and how a name picks one.
+#[derive(Default)]
+struct SiteSet {
+    sites: Vec<Arc<Site>>,
     exact: HashMap<String, usize>,
     /// `suffix` of `*.suffix` → site.
     wildcard: HashMap<String, usize>,
-    pub unknown_sni: UnknownSni,
-    counters: Arc<TlsCounters>,
 }
 
-impl Certificates {
-    /// Loads every pair of `tls`, checking that each key belongs to its certificate.
-    ///
-    /// # Errors
-    /// [`CertError`] naming the file at fault.
-    pub fn load(tls: &ListenTls, counters: &Arc<TlsCounters>) -> Result<Self, CertError> {
-        let mut sites = Vec::with_capacity(tls.certificates.len());
-        for pair in &tls.certificates {
-            let site = load_site(&pair.cert, &pair.key, &sites, counters)?;
-            sites.push(site);
-        }
+impl SiteSet {
+    fn new(sites: Vec<Arc<Site>>) -> Self {
         let mut exact = HashMap::new();
         let mut wildcard = HashMap::new();
         // The first certificate that names a host keeps it.
@@ -114,48 +202,97 @@ impl Certificates {
                 };
             }
         }
-        Ok(Self {
+        Self {
             sites,
             exact,
             wildcard,
+        }
+    }
+
+    /// `host` is lower-case, without a trailing dot.
+    fn for_host(&self, host: &str) -> Option<&Arc<Site>> {
+        let i = match self.exact.get(host) {
+            Some(&i) => i,
+            None => *self.wildcard.get(host.split_once('.')?.1)?,
+        };
+        self.sites.get(i)
+    }
+}
+
+/// Every certificate of the listener — the configured ones and those obtained at run time —
+/// and how a name picks one.
+pub struct Certificates {
+    configured: SiteSet,
+    pub unknown_sni: UnknownSni,
+    shared: Arc<TlsShared>,
+}
+
+impl Certificates {
+    /// Loads every pair of `tls`, checking that each key belongs to its certificate.
+    ///
+    /// # Errors
+    /// [`CertError`] naming the file at fault.
+    pub fn load(tls: &ListenTls, shared: &Arc<TlsShared>) -> Result<Self, CertError> {
+        let mut sites: Vec<Site> = Vec::with_capacity(tls.certificates.len());
+        for pair in &tls.certificates {
+            let site = load_site(&pair.cert, &pair.key, &sites, shared)?;
+            sites.push(site);
+        }
+        Ok(Self {
+            configured: SiteSet::new(sites.into_iter().map(Arc::new).collect()),
             unknown_sni: tls.unknown_sni,
-            counters: counters.clone(),
+            shared: shared.clone(),
         })
     }
 
-    /// The process's handshake counters (a reload passes them on).
-    pub fn counters(&self) -> &Arc<TlsCounters> {
-        &self.counters
+    /// What the process keeps across snapshots (a reload passes it on).
+    pub fn shared(&self) -> &Arc<TlsShared> {
+        &self.shared
     }
 
-    /// The certificate that names `host` (a DNS name, any case, no port), if one does.
-    pub fn for_host(&self, host: &str) -> Option<usize> {
+    /// Every certificate in force: the configured ones, then those obtained at run time.
+    pub fn all(&self) -> Vec<Arc<Site>> {
+        let mut all = self.configured.sites.clone();
+        all.extend(self.shared.managed().sites.iter().cloned());
+        all
+    }
+
+    /// Whether more than one certificate is in force (else no host can be misdirected).
+    pub fn several(&self) -> bool {
+        self.configured.sites.len() + self.shared.managed().sites.len() > 1
+    }
+
+    /// The certificate that names `host` (a DNS name, any case, no port), if one does:
+    /// run-time certificates first.
+    pub fn for_host(&self, host: &str) -> Option<Arc<Site>> {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
-        if let Some(&i) = self.exact.get(&host) {
-            return Some(i);
+        if let Some(site) = self.shared.managed().for_host(&host) {
+            return Some(site.clone());
         }
-        let (_, suffix) = host.split_once('.')?;
-        self.wildcard.get(suffix).copied()
+        self.configured.for_host(&host).cloned()
     }
 
     /// The certificate a ClientHello with `sni` gets; `None`: refuse the handshake.
-    pub fn select(&self, sni: Option<&str>) -> Option<usize> {
+    pub fn select(&self, sni: Option<&str>) -> Option<Arc<Site>> {
         match sni.and_then(|s| self.for_host(s)) {
-            Some(i) => Some(i),
+            Some(site) => Some(site),
             None => match self.unknown_sni {
-                UnknownSni::Default => Some(0),
+                UnknownSni::Default => self.configured.sites.first().cloned(),
                 UnknownSni::Refuse => None,
             },
         }
     }
 
     /// [`Self::select`], counted.
-    fn choose(&self, sni: Option<&str>) -> Option<&Site> {
+    fn choose(&self, sni: Option<&str>) -> Option<Arc<Site>> {
         let known = sni.and_then(|s| self.for_host(s));
-        if known.is_none() {
-            self.counters.unknown_sni.fetch_add(1, Ordering::Relaxed);
-        }
-        let site = self.sites.get(self.select(sni)?)?;
+        let site = match known {
+            Some(site) => Some(site),
+            None => {
+                self.shared.unknown_sni.fetch_add(1, Ordering::Relaxed);
+                self.select(None)
+            }
+        }?;
         site.handshakes.fetch_add(1, Ordering::Relaxed);
         Some(site)
     }
@@ -166,7 +303,7 @@ impl Certificates {
     /// connection of its own). Hosts no certificate names are served on any connection.
     pub fn misdirected(&self, sni: Option<&str>, host: &str) -> bool {
         match self.for_host(host) {
-            Some(i) => self.select(sni) != Some(i),
+            Some(site) => !self.select(sni).is_some_and(|s| Arc::ptr_eq(&s, &site)),
             None => false,
         }
     }
@@ -208,7 +345,7 @@ impl Certificates {
         Ok(ctx)
     }
 
-    /// The rustls certificate resolver of the TCP listener.
+    /// The rustls certificate resolver of the TCP listener (TLS-ALPN-01 challenges too).
     pub fn resolver(self: &Arc<Self>) -> Arc<dyn rustls::server::ResolvesServerCert> {
         Arc::new(Resolver(self.clone()))
     }
@@ -223,10 +360,10 @@ pub const EXPIRY_WARNING_DAYS: i64 = 14;
 /// # Errors
 /// [`CertError`] when a pair cannot serve (a key that is not the certificate's, above all).
 pub fn report(tls: &ListenTls, now_unix: i64) -> Result<(Vec<String>, bool), CertError> {
-    let certs = Certificates::load(tls, &Arc::new(TlsCounters::default()))?;
+    let certs = Certificates::load(tls, &Arc::new(TlsShared::default()))?;
     let mut warned = false;
     let lines = certs
-        .sites
+        .all()
         .iter()
         .map(|s| {
             let left = s.not_after - now_unix;
@@ -259,7 +396,7 @@ struct Resolver(Arc<Certificates>);
 
 impl std::fmt::Debug for Certificates {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names: Vec<&str> = self.sites.iter().map(|s| s.name.as_str()).collect();
+        let names: Vec<String> = self.all().iter().map(|s| s.name.clone()).collect();
         f.debug_struct("Certificates")
             .field("sites", &names)
             .finish()
@@ -271,6 +408,13 @@ impl rustls::server::ResolvesServerCert for Resolver {
         &self,
         hello: rustls::server::ClientHello<'_>,
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        // An ACME server validating TLS-ALPN-01 offers `acme-tls/1` alone (RFC 8737 §3).
+        let challenge = hello
+            .alpn()
+            .is_some_and(|mut protocols| protocols.all(|p| p == ACME_TLS_ALPN));
+        if challenge {
+            return self.0.shared.alpn01(hello.server_name()?);
+        }
         Some(self.0.choose(hello.server_name())?.rustls.clone())
     }
 }
@@ -279,7 +423,7 @@ fn load_site(
     cert_path: &PathBuf,
     key_path: &PathBuf,
     earlier: &[Site],
-    counters: &TlsCounters,
+    shared: &TlsShared,
 ) -> Result<Site, CertError> {
     let read = |path: &PathBuf| {
         std::fs::read(path).map_err(|source| CertError::Read {
@@ -323,6 +467,10 @@ fn load_site(
         .diff(leaf.not_after())
         .map_err(|e| parse(cert_path, e.to_string()))?;
     let not_after = i64::from(lifetime.days) * 86_400 + i64::from(lifetime.secs);
+    let since = epoch
+        .diff(leaf.not_before())
+        .map_err(|e| parse(cert_path, e.to_string()))?;
+    let not_before = i64::from(since.days) * 86_400 + i64::from(since.secs);
     // rustls's form of the same pair.
     let der_chain: Vec<rustls::pki_types::CertificateDer<'static>> =
         rustls_pemfile::certs(&mut cert_pem.as_slice())
@@ -347,10 +495,11 @@ fn load_site(
         name = format!("{name} ({})", file());
     }
     Ok(Site {
-        handshakes: counters.handshakes(&name),
+        handshakes: shared.handshakes(&name),
         name,
         cert_path: cert_path.clone(),
         names,
+        not_before,
         not_after,
         chain,
         key,

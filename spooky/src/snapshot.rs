@@ -9,7 +9,7 @@
 //! and what each worker builds from a snapshot for itself (connection pools, balancers).
 
 use crate::board::{BackendKey, BackendSlot, HealthBoard};
-use crate::certs::{CertError, Certificates, TlsCounters};
+use crate::certs::{CertError, Certificates, TlsShared};
 use crate::config::{BackendTls, Config, EarlyData};
 use crate::keys::{KeyError, KeyRing, Keys};
 use crate::routing::{RouteError, RouteTable};
@@ -113,7 +113,7 @@ impl Snapshot {
     pub fn build(
         config: Config,
         board: &HealthBoard,
-        tls: &Arc<TlsCounters>,
+        tls: &Arc<TlsShared>,
         own_keys: &Keys,
         generation: u64,
     ) -> Result<Self, SnapshotError> {

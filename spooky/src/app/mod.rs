@@ -344,7 +344,7 @@ pub fn start_from(
         .collect();
     let metrics = Arc::new(Metrics::new(workers));
     let board = Arc::new(HealthBoard::default());
-    let tls = Arc::new(crate::certs::TlsCounters::default());
+    let tls = Arc::new(crate::certs::TlsShared::default());
     let access_log =
         Arc::new(AccessLogger::start(&config.log.access).map_err(StartError::AccessLog)?);
     let probes = Arc::new(ProbeBoard::default());

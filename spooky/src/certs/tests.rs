@@ -20,6 +20,16 @@ fn dir(what: &str) -> Dir {
     Dir(d)
 }
 
+/// The name of the certificate that names `h`.
+fn host(c: &Certificates, h: &str) -> Option<String> {
+    c.for_host(h).map(|s| s.name.clone())
+}
+
+/// The name of the certificate a ClientHello with `sni` gets.
+fn pick(c: &Certificates, sni: Option<&str>) -> Option<String> {
+    c.select(sni).map(|s| s.name.clone())
+}
+
 fn rsa_pem() -> String {
     let rsa = boring::rsa::Rsa::generate(2048).unwrap();
     let key = PKey::from_rsa(rsa).unwrap();
@@ -48,7 +58,7 @@ fn load(pairs: Vec<CertPair>, unknown_sni: UnknownSni) -> Certificates {
         certificates: pairs,
         unknown_sni,
     };
-    Certificates::load(&tls, &Arc::new(TlsCounters::default())).unwrap()
+    Certificates::load(&tls, &Arc::new(TlsShared::default())).unwrap()
 }
 
 #[test]
@@ -62,22 +72,28 @@ fn exact_names_first_then_one_label_wildcards_then_the_default() {
         ],
         UnknownSni::Default,
     );
-    assert_eq!(certs.sites[0].name, "a.example");
-    assert_eq!(certs.sites[1].names, ["*.b.example"]);
-    assert_eq!(certs.for_host("a.example"), Some(0));
-    assert_eq!(certs.for_host("WWW.A.Example."), Some(0));
-    assert_eq!(certs.for_host("x.b.example"), Some(1));
+    assert_eq!(certs.all()[0].name, "a.example");
+    assert_eq!(certs.all()[1].names, ["*.b.example"]);
+    assert_eq!(host(&certs, "a.example").as_deref(), Some("a.example"));
+    assert_eq!(host(&certs, "WWW.A.Example.").as_deref(), Some("a.example"));
+    assert_eq!(host(&certs, "x.b.example").as_deref(), Some("*.b.example"));
     assert_eq!(
-        certs.for_host("special.b.example"),
-        Some(2),
+        host(&certs, "special.b.example").as_deref(),
+        Some("special.b.example"),
         "exact beats *"
     );
-    assert_eq!(certs.for_host("b.example"), None, "* needs a label");
-    assert_eq!(certs.for_host("y.x.b.example"), None, "* is one label");
-    assert_eq!(certs.for_host("c.example"), None);
-    assert_eq!(certs.select(Some("x.b.example")), Some(1));
-    assert_eq!(certs.select(Some("c.example")), Some(0));
-    assert_eq!(certs.select(None), Some(0));
+    assert_eq!(host(&certs, "b.example"), None, "* needs a label");
+    assert_eq!(host(&certs, "y.x.b.example"), None, "* is one label");
+    assert_eq!(host(&certs, "c.example"), None);
+    assert_eq!(
+        pick(&certs, Some("x.b.example")).as_deref(),
+        Some("*.b.example")
+    );
+    assert_eq!(
+        pick(&certs, Some("c.example")).as_deref(),
+        Some("a.example")
+    );
+    assert_eq!(pick(&certs, None).as_deref(), Some("a.example"));
 }
 
 #[test]
@@ -87,16 +103,19 @@ fn refuse_gives_unknown_names_and_no_sni_nothing() {
         vec![site(&d, "a", &["a.example"]), site(&d, "b", &["b.example"])],
         UnknownSni::Refuse,
     );
-    assert_eq!(certs.select(Some("b.example")), Some(1));
-    assert_eq!(certs.select(Some("c.example")), None);
-    assert_eq!(certs.select(None), None);
+    assert_eq!(
+        pick(&certs, Some("b.example")).as_deref(),
+        Some("b.example")
+    );
+    assert_eq!(pick(&certs, Some("c.example")), None);
+    assert_eq!(pick(&certs, None), None);
     // Counted per certificate, and the unknown ones apart.
     assert!(certs.choose(Some("b.example")).is_some());
     assert!(certs.choose(Some("c.example")).is_none());
     assert!(certs.choose(None).is_none());
-    assert_eq!(certs.sites[1].handshakes(), 1);
-    assert_eq!(certs.sites[0].handshakes(), 0);
-    assert_eq!(certs.counters().unknown_sni.load(Ordering::Relaxed), 2);
+    assert_eq!(certs.all()[1].handshakes(), 1);
+    assert_eq!(certs.all()[0].handshakes(), 0);
+    assert_eq!(certs.shared().unknown_sni.load(Ordering::Relaxed), 2);
 }
 
 #[test]
@@ -141,10 +160,13 @@ fn rsa_and_ecdsa_pairs_load_with_their_expiry() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64;
-    let left = certs.sites[0].not_after - now;
+    let left = certs.all()[0].not_after - now;
     assert!((9 * 86_400..=11 * 86_400).contains(&left), "{left} s left");
-    assert!(certs.sites[1].not_after - now > 365 * 86_400);
-    assert_eq!(certs.select(Some("ec.example")), Some(1));
+    assert!(certs.all()[1].not_after - now > 365 * 86_400);
+    assert_eq!(
+        pick(&certs, Some("ec.example")).as_deref(),
+        Some("ec.example")
+    );
     // Both serve a QUIC context.
     assert!(Arc::new(certs).quic_context().is_ok());
 }
@@ -161,7 +183,7 @@ fn a_key_of_another_certificate_is_refused() {
         }],
         unknown_sni: UnknownSni::Default,
     };
-    let err = Certificates::load(&tls, &Arc::new(TlsCounters::default())).unwrap_err();
+    let err = Certificates::load(&tls, &Arc::new(TlsShared::default())).unwrap_err();
     assert!(matches!(err, CertError::Mismatch { .. }), "{err}");
     assert!(err.to_string().contains("b.key"), "{err}");
 }
@@ -169,7 +191,7 @@ fn a_key_of_another_certificate_is_refused() {
 #[test]
 fn counters_outlive_a_reload_by_name() {
     let d = dir("counters");
-    let counters = Arc::new(TlsCounters::default());
+    let counters = Arc::new(TlsShared::default());
     let tls = ListenTls {
         certificates: vec![site(&d, "a", &["a.example"])],
         unknown_sni: UnknownSni::Default,
@@ -178,7 +200,7 @@ fn counters_outlive_a_reload_by_name() {
     assert!(first.choose(Some("a.example")).is_some());
     let second = Certificates::load(&tls, &counters).unwrap();
     assert!(second.choose(Some("a.example")).is_some());
-    assert_eq!(second.sites[0].handshakes(), 2);
+    assert_eq!(second.all()[0].handshakes(), 2);
 }
 
 #[test]
@@ -217,4 +239,42 @@ fn check_reports_names_and_warns_two_weeks_before_expiry() {
     assert!(lines[1].contains("EXPIRED"), "{lines:?}");
     let (_, warned) = report(&tls, now - 30 * 86_400).unwrap();
     assert!(!warned);
+}
+
+#[test]
+fn a_certificate_installed_at_run_time_takes_its_names_first_everywhere() {
+    let d = dir("managed");
+    let shared = Arc::new(TlsShared::default());
+    let tls = ListenTls {
+        certificates: vec![site(&d, "a", &["a.example", "*.b.example"])],
+        unknown_sni: UnknownSni::Refuse,
+    };
+    let certs = Certificates::load(&tls, &shared).unwrap();
+    // A second snapshot (a reload) shares what the process obtained.
+    let reloaded = Certificates::load(&tls, &shared).unwrap();
+    assert_eq!(
+        pick(&certs, Some("x.b.example")).as_deref(),
+        Some("a.example")
+    );
+    assert!(!certs.several());
+    site(&d, "acme", &["x.b.example"]);
+    let obtained = shared
+        .load(&d.0.join("acme.crt"), &d.0.join("acme.key"))
+        .unwrap();
+    shared.install(obtained);
+    for c in [&certs, &reloaded] {
+        assert_eq!(pick(c, Some("x.b.example")).as_deref(), Some("x.b.example"));
+        assert_eq!(pick(c, Some("y.b.example")).as_deref(), Some("a.example"));
+        assert!(c.several());
+        assert!(c.misdirected(Some("a.example"), "x.b.example"));
+        assert_eq!(c.all().len(), 2);
+    }
+    // A renewal replaces it (same first name).
+    site(&d, "acme2", &["x.b.example"]);
+    let renewed = shared
+        .load(&d.0.join("acme2.crt"), &d.0.join("acme2.key"))
+        .unwrap();
+    shared.install(renewed);
+    assert_eq!(certs.all().len(), 2);
+    assert!(certs.all()[1].cert_path.ends_with("acme2.crt"));
 }

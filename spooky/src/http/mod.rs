@@ -237,7 +237,7 @@ impl Forwarder {
             return Admission::Refuse(Failure::BodyMissing, Some(head));
         }
         let certs = &self.snapshot.certs;
-        if certs.sites.len() > 1 {
+        if certs.several() {
             let host = crate::routing::host_of(head.authority_str()).unwrap_or("");
             if certs.misdirected(sni, host) {
                 return Admission::Refuse(Failure::Misdirected, Some(head));

@@ -351,7 +351,8 @@ fn certificates(out: &mut String, certs: &crate::certs::Certificates) {
         "gauge",
         "When each certificate of listen.tls expires (notAfter, Unix time), by its first DNS name.",
     );
-    for site in &certs.sites {
+    let sites = certs.all();
+    for site in &sites {
         let _ = writeln!(
             out,
             "spooky_tls_certificate_expiry_timestamp_seconds{{name=\"{}\"}} {}",
@@ -365,7 +366,7 @@ fn certificates(out: &mut String, certs: &crate::certs::Certificates) {
         "counter",
         "ClientHellos (QUIC and TCP) answered with each certificate.",
     );
-    for site in &certs.sites {
+    for site in &sites {
         let _ = writeln!(
             out,
             "spooky_tls_handshakes_total{{name=\"{}\"}} {}",
@@ -380,6 +381,6 @@ fn certificates(out: &mut String, certs: &crate::certs::Certificates) {
         "ClientHellos whose SNI named no certificate, or that sent none (given the default, or \
          refused with listen.tls.unknown_sni: refuse).",
     );
-    let unknown = certs.counters().unknown_sni.load(Ordering::Relaxed);
+    let unknown = certs.shared().unknown_sni.load(Ordering::Relaxed);
     let _ = writeln!(out, "spooky_tls_unknown_sni_total {unknown}");
 }

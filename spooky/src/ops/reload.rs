@@ -217,7 +217,7 @@ impl Reloader {
         let next = Arc::new(Snapshot::build(
             config,
             &self.board,
-            old.certs.counters(),
+            old.certs.shared(),
             &self.own_keys,
             generation,
         )?);
