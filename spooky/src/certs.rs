@@ -53,6 +53,21 @@ pub struct TlsShared {
     http01: Mutex<HashMap<String, String>>,
     /// ACME TLS-ALPN-01: name → the challenge certificate (RFC 8737).
     alpn01: Mutex<HashMap<String, Arc<rustls::sign::CertifiedKey>>>,
+    /// What the ACME thread did.
+    pub acme: AcmeStats,
+}
+
+/// What the ACME thread did, for the metrics.
+#[derive(Default)]
+pub struct AcmeStats {
+    /// Orders placed (a new certificate or a renewal).
+    pub orders: AtomicU64,
+    /// Certificates obtained and installed.
+    pub issued: AtomicU64,
+    /// Orders that failed (the certificate in force, if any, stays).
+    pub failures: AtomicU64,
+    /// Stored certificates loaded at start instead of ordering.
+    pub reused: AtomicU64,
 }
 
 impl TlsShared {
@@ -74,17 +89,23 @@ impl TlsShared {
             .clone()
     }
 
-    /// Serves `site` from now on, in place of a managed certificate with the same first name.
-    pub fn install(&self, site: Site) {
+    /// Serves `site` from now on as the certificate `key` (what it is managed as, e.g. its
+    /// ACME entry), in place of the one `key` had: a renewal replaces the old certificate
+    /// whatever order its names come in.
+    pub fn install(&self, key: &str, site: Site) {
         let mut managed = self.managed.write().unwrap_or_else(|p| p.into_inner());
-        let mut sites: Vec<Arc<Site>> = managed
-            .sites
+        let mut sites: Vec<(String, Arc<Site>)> = managed
+            .keys
             .iter()
-            .filter(|s| s.name != site.name)
-            .cloned()
+            .zip(&managed.sites)
+            .filter(|(k, _)| *k != key)
+            .map(|(k, s)| (k.clone(), s.clone()))
             .collect();
-        sites.push(Arc::new(site));
-        *managed = Arc::new(SiteSet::new(sites));
+        sites.push((key.to_owned(), Arc::new(site)));
+        let (keys, sites): (Vec<String>, Vec<Arc<Site>>) = sites.into_iter().unzip();
+        let mut set = SiteSet::new(sites);
+        set.keys = keys;
+        *managed = Arc::new(set);
     }
 
     /// Loads a pair for [`Self::install`] (ACME: a stored or a new certificate).
@@ -184,6 +205,8 @@ impl Site {
 #[derive(Default)]
 struct SiteSet {
     sites: Vec<Arc<Site>>,
+    /// What each site is managed as (run-time certificates only).
+    keys: Vec<String>,
     exact: HashMap<String, usize>,
     /// `suffix` of `*.suffix` → site.
     wildcard: HashMap<String, usize>,
@@ -204,6 +227,7 @@ impl SiteSet {
         }
         Self {
             sites,
+            keys: Vec::new(),
             exact,
             wildcard,
         }

@@ -14,6 +14,7 @@
 //! | state | [`snapshot`] (per configuration), `certs` (the listener's certificates by SNI), [`board`], [`keys`] and [`stats`] (per process) |
 //! | sans-IO cores | [`routing`], [`lb`], [`config`] |
 
+pub mod acme;
 pub mod app;
 mod board;
 pub mod certs;

@@ -248,7 +248,12 @@ fn tcp_tls(certs: &Arc<Certificates>) -> Result<Arc<rustls::ServerConfig>, Snaps
         .map_err(|e| err("protocol versions", &e))?
         .with_no_client_auth()
         .with_cert_resolver(certs.resolver());
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // `acme-tls/1` last: only ACME servers validating TLS-ALPN-01 offer it (alone).
+    config.alpn_protocols = vec![
+        b"h2".to_vec(),
+        b"http/1.1".to_vec(),
+        crate::certs::ACME_TLS_ALPN.to_vec(),
+    ];
     config.ticketer =
         rustls::crypto::ring::Ticketer::new().map_err(|e| err("session tickets", &e))?;
     Ok(Arc::new(config))

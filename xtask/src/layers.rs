@@ -18,7 +18,7 @@ pub const SPOOKY_LAYERS: &[&[&str]] = &[
     &["worker"],
     &["quic", "tcp"],
     &["http"],
-    &["health"],
+    &["health", "acme"],
     &["upstream"],
     &["steering"],
     &["telemetry"],

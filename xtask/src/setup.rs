@@ -11,8 +11,9 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages: quiche's BoringSSL build (cmake, C/C++, libclang), bpf-linker's LLVM,
 /// the kernel tools, nginx as an independent HTTP/2 backend for the tests, curl (the
-/// takeover tests read the admin endpoint with it), and nftables (the tests black-hole a
-/// backend's SYNs with it).
+/// takeover tests read the admin endpoint with it), nftables (the tests black-hole a
+/// backend's SYNs with it), pebble (the ACME server the automatic-HTTPS tests order from) and
+/// dnsmasq (the DNS server those tests control; `dnsmasq-base`: the binary, no service).
 const APT_PACKAGES: &[&str] = &[
     "build-essential",
     "cmake",
@@ -27,6 +28,8 @@ const APT_PACKAGES: &[&str] = &[
     "nginx-light",
     "curl",
     "nftables",
+    "pebble",
+    "dnsmasq-base",
 ];
 
 /// Python packages: aioquic (an independent HTTP/3 client), hypercorn (a strict HTTP/2

@@ -74,6 +74,12 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("acme.state_dir {}: {source}", path.display())]
+    Acme {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("listen.tcp: cannot listen on TCP {addr}: {source}")]
     BindTcp {
         addr: SocketAddr,
@@ -116,6 +122,8 @@ pub struct Running {
     live: Arc<Live>,
     workers: Vec<std::thread::JoinHandle<Result<(), WorkerError>>>,
     checker: Option<Checker>,
+    /// Stops the ACME thread, when there is one.
+    acme: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Running {
@@ -174,6 +182,9 @@ impl Running {
         }
         if let Some(c) = self.checker.take() {
             c.stop();
+        }
+        if let Some(stop) = self.acme.take() {
+            let _ = stop.send(());
         }
         let steering = self.live.steering.lock().ok().and_then(|mut s| s.take());
         if let Some(s) = steering {
@@ -443,6 +454,13 @@ pub fn start_from(
         None => None,
     };
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+    if let Some(acme) = &cfg.acme {
+        let owner = cfg.user.as_ref().map(|u| (u.uid, u.gid));
+        crate::acme::prepare(acme, owner).map_err(|source| StartError::Acme {
+            path: acme.state_dir.clone(),
+            source,
+        })?;
+    }
     if let Some(user) = &cfg.user {
         let pins = kernel_steering.pin_path().map(Path::to_path_buf);
         let (uid, gid) = crate::privilege::drop_to(user, pins.as_deref())?;
@@ -463,6 +481,13 @@ pub fn start_from(
     if opts.lock_down {
         crate::telemetry::logging::write_from_a_thread().map_err(StartError::Thread)?;
     }
+    let acme = match &cfg.acme {
+        Some(acme) => Some(
+            crate::acme::start(acme.clone(), snapshot.certs.shared().clone())
+                .map_err(StartError::Thread)?,
+        ),
+        None => None,
+    };
 
     let (checker, reporter) = Checker::start(
         snapshot.clone(),
@@ -634,6 +659,7 @@ pub fn start_from(
         live,
         workers: handles,
         checker: Some(checker),
+        acme,
     })
 }
 

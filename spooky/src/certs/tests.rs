@@ -261,7 +261,7 @@ fn a_certificate_installed_at_run_time_takes_its_names_first_everywhere() {
     let obtained = shared
         .load(&d.0.join("acme.crt"), &d.0.join("acme.key"))
         .unwrap();
-    shared.install(obtained);
+    shared.install("x.b.example", obtained);
     for c in [&certs, &reloaded] {
         assert_eq!(pick(c, Some("x.b.example")).as_deref(), Some("x.b.example"));
         assert_eq!(pick(c, Some("y.b.example")).as_deref(), Some("a.example"));
@@ -269,12 +269,12 @@ fn a_certificate_installed_at_run_time_takes_its_names_first_everywhere() {
         assert!(c.misdirected(Some("a.example"), "x.b.example"));
         assert_eq!(c.all().len(), 2);
     }
-    // A renewal replaces it (same first name).
-    site(&d, "acme2", &["x.b.example"]);
+    // A renewal replaces it (installed as the same entry, its names in any order).
+    site(&d, "acme2", &["z.b.example", "x.b.example"]);
     let renewed = shared
         .load(&d.0.join("acme2.crt"), &d.0.join("acme2.key"))
         .unwrap();
-    shared.install(renewed);
+    shared.install("x.b.example", renewed);
     assert_eq!(certs.all().len(), 2);
     assert!(certs.all()[1].cert_path.ends_with("acme2.crt"));
 }

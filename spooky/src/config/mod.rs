@@ -38,6 +38,34 @@ pub struct Config {
     pub workers: Option<usize>,
     /// Where a running Spooky waits for its successor (`spooky --takeover`).
     pub control_socket: ControlSocket,
+    /// Certificates obtained and renewed automatically; `None`: none.
+    pub acme: Option<Acme>,
+}
+
+/// `acme`: certificates obtained from an ACME server (RFC 8555) and renewed at two thirds
+/// of their lifetime.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Acme {
+    /// The directory URL (`https://…/directory`).
+    pub directory: String,
+    /// The account's contact (`mailto:`), if any.
+    pub email: Option<String>,
+    /// Where the account key and the certificates are kept (0700; files 0600).
+    pub state_dir: PathBuf,
+    /// Extra trust anchors for the directory's HTTPS (a test CA such as pebble's).
+    pub ca: Option<PathBuf>,
+    pub challenge: AcmeChallenge,
+    /// One certificate per entry, for these DNS names (lower-case).
+    pub certificates: Vec<Vec<String>>,
+}
+
+/// How the ACME server validates that we hold a name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AcmeChallenge {
+    /// A request to `http://NAME/.well-known/acme-challenge/TOKEN` (needs `listen.http`).
+    Http01,
+    /// A TLS handshake with ALPN `acme-tls/1` (needs `listen.tcp`), RFC 8737.
+    TlsAlpn01,
 }
 
 /// The default control socket.

@@ -42,6 +42,34 @@ pub(super) struct RawConfig {
     /// `off`, or a path; `None` = the default path.
     #[serde(default)]
     pub control_socket: Option<String>,
+    #[serde(default)]
+    pub acme: Option<RawAcme>,
+}
+
+/// `acme`: certificates obtained and renewed automatically (RFC 8555).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAcme {
+    pub directory: String,
+    #[serde(default)]
+    pub email: Option<String>,
+    /// `None`: `state/acme` beside the configuration file.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    /// Extra trust anchors (PEM) for the directory's HTTPS; `None`: the system's roots.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// `http-01` or `tls-alpn-01`; `None`: `http-01` when `listen.http` is on.
+    #[serde(default)]
+    pub challenge: Option<String>,
+    pub certificates: Vec<RawAcmeCertificate>,
+}
+
+/// One of `acme.certificates`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAcmeCertificate {
+    pub domains: Vec<String>,
 }
 
 /// `admin`.

@@ -21,16 +21,16 @@ use spooky_common::cid::{
 
 use super::env::{Env, System};
 use super::raw::{
-    RawAdmin, RawBackend, RawBackendTls, RawConfig, RawDuration, RawHeaderRules, RawHealthCheck,
-    RawListen, RawListenTls, RawLoadBalancing, RawLog, RawPassiveHealth, RawProxy, RawQuic,
-    RawRedirect, RawRoute, RawServerId, RawSize, RawStatusRange, RawSteering, RawTimeouts,
+    RawAcme, RawAdmin, RawBackend, RawBackendTls, RawConfig, RawDuration, RawHeaderRules,
+    RawHealthCheck, RawListen, RawListenTls, RawLoadBalancing, RawLog, RawPassiveHealth, RawProxy,
+    RawQuic, RawRedirect, RawRoute, RawServerId, RawSize, RawStatusRange, RawSteering, RawTimeouts,
     RawUpstream, DEFAULT_REPLICAS, DEFAULT_RETRY_THRESHOLD,
 };
 use super::{
-    AccessLog, Admin, Backend, BackendTls, CertPair, Config, ControlSocket, EarlyData,
-    ForwardedMode, HashKey, HeaderRules, HealthCheck, Listen, ListenTls, LoadBalancing, Log,
-    LogFormat, PassiveHealth, PlainHttp, Proxy, Quic, Redirect, RetryMode, Route, Steering, Tcp,
-    UnknownSni, Upstream, UpstreamTimeouts, User, XdpMode,
+    AccessLog, Acme, AcmeChallenge, Admin, Backend, BackendTls, CertPair, Config, ControlSocket,
+    EarlyData, ForwardedMode, HashKey, HeaderRules, HealthCheck, Listen, ListenTls, LoadBalancing,
+    Log, LogFormat, PassiveHealth, PlainHttp, Proxy, Quic, Redirect, RetryMode, Route, Steering,
+    Tcp, UnknownSni, Upstream, UpstreamTimeouts, User, XdpMode,
 };
 
 /// Why a configuration was refused.
@@ -227,6 +227,7 @@ fn build_config(raw: &RawConfig, io: &Io<'_>, errs: &mut Errors) -> Option<Confi
         None => Some(None),
         Some(n) => errs.check("workers", int_in(n, 1, 4096)).map(Some),
     };
+    let acme = build_acme(&raw.acme, listen.as_ref(), io, errs);
     let control_socket = match raw.control_socket.as_deref() {
         None => Some(ControlSocket::At {
             path: PathBuf::from(super::DEFAULT_CONTROL_SOCKET),
@@ -251,7 +252,127 @@ fn build_config(raw: &RawConfig, io: &Io<'_>, errs: &mut Errors) -> Option<Confi
         user: user?,
         workers: workers?,
         control_socket: control_socket?,
+        acme: acme?,
     })
+}
+
+fn build_acme(
+    raw: &Option<RawAcme>,
+    listen: Option<&Listen>,
+    io: &Io<'_>,
+    errs: &mut Errors,
+) -> Option<Option<Acme>> {
+    let Some(raw) = raw else {
+        return Some(None);
+    };
+    let directory = errs.check(
+        "acme.directory",
+        match raw.directory.parse::<http::Uri>() {
+            Ok(u) if u.scheme_str() == Some("https") && u.host().is_some() => {
+                Ok(raw.directory.clone())
+            }
+            _ => Err(format!("\"{}\" is not an https:// URL", raw.directory)),
+        },
+    );
+    let email = match &raw.email {
+        None => Some(None),
+        Some(e) => errs
+            .check(
+                "acme.email",
+                match e.split_once('@') {
+                    Some((user, domain))
+                        if !user.is_empty()
+                            && domain.contains('.')
+                            && !e.contains(|c: char| c.is_whitespace() || c == ',') =>
+                    {
+                        Ok(e.clone())
+                    }
+                    _ => Err(format!("\"{e}\" is not an e-mail address")),
+                },
+            )
+            .map(Some),
+    };
+    let ca = match &raw.ca {
+        None => Some(None),
+        Some(path) => errs.check("acme.ca", check_certs(io, path)).map(Some),
+    };
+    let (http_on, tcp_on) = listen.map_or((true, true), |l| (l.http.is_some(), l.tcp.is_some()));
+    let challenge = match raw.challenge.as_deref() {
+        None if http_on => Some(AcmeChallenge::Http01),
+        None => Some(AcmeChallenge::TlsAlpn01),
+        Some(text) => errs.check(
+            "acme.challenge",
+            one_of(
+                text,
+                "challenge",
+                &[
+                    ("http-01", AcmeChallenge::Http01),
+                    ("tls-alpn-01", AcmeChallenge::TlsAlpn01),
+                ],
+            ),
+        ),
+    };
+    match challenge {
+        Some(AcmeChallenge::Http01) if !http_on => {
+            errs.push("acme.challenge", "http-01 needs listen.http enabled");
+        }
+        Some(AcmeChallenge::TlsAlpn01) if !tcp_on => {
+            errs.push("acme.challenge", "tls-alpn-01 needs listen.tcp enabled");
+        }
+        _ => {}
+    }
+    if raw.certificates.is_empty() {
+        errs.push("acme.certificates", "at least one certificate is required");
+    }
+    let mut certificates = Vec::with_capacity(raw.certificates.len());
+    for (i, c) in raw.certificates.iter().enumerate() {
+        let at = format!("acme.certificates[{i}].domains");
+        if c.domains.is_empty() {
+            errs.push(&at, "at least one domain is required");
+        }
+        let mut names = Vec::with_capacity(c.domains.len());
+        for d in &c.domains {
+            let name = d.trim_end_matches('.').to_ascii_lowercase();
+            // A numeric last label is an address, not a name (RFC 3696 §2).
+            let numeric_tld = name
+                .rsplit('.')
+                .next()
+                .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()));
+            let ok = !name.is_empty()
+                && name.len() <= 253
+                && name.contains('.')
+                && !numeric_tld
+                && name.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                        && !l.starts_with('-')
+                        && !l.ends_with('-')
+                });
+            if ok {
+                names.push(name);
+            } else {
+                errs.push(
+                    &at,
+                    format!("\"{d}\" is not a DNS name this challenge can prove (no wildcards, no addresses)"),
+                );
+            }
+        }
+        certificates.push(names);
+    }
+    let state_dir = io.base.join(
+        raw.state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("state/acme")),
+    );
+    Some(Some(Acme {
+        directory: directory?,
+        email: email?,
+        state_dir,
+        ca: ca?,
+        challenge: challenge?,
+        certificates,
+    }))
 }
 
 fn build_admin(raw: &RawAdmin, errs: &mut Errors) -> Option<Admin> {

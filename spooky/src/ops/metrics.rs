@@ -383,4 +383,30 @@ fn certificates(out: &mut String, certs: &crate::certs::Certificates) {
     );
     let unknown = certs.shared().unknown_sni.load(Ordering::Relaxed);
     let _ = writeln!(out, "spooky_tls_unknown_sni_total {unknown}");
+    let acme = &certs.shared().acme;
+    for (name, help, v) in [
+        (
+            "spooky_acme_orders_total",
+            "ACME orders placed (new certificates and renewals).",
+            &acme.orders,
+        ),
+        (
+            "spooky_acme_certificates_issued_total",
+            "Certificates obtained by ACME and put in force.",
+            &acme.issued,
+        ),
+        (
+            "spooky_acme_failures_total",
+            "ACME orders that failed; the certificate in force stays.",
+            &acme.failures,
+        ),
+        (
+            "spooky_acme_stored_certificates_reused_total",
+            "Stored ACME certificates served at start instead of ordering.",
+            &acme.reused,
+        ),
+    ] {
+        head(out, name, "counter", help);
+        let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
+    }
 }

@@ -76,6 +76,9 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
                 .to_owned(),
         );
     }
+    if old.acme != new.acme {
+        v.push("acme needs a restart".to_owned());
+    }
     if old.workers != new.workers {
         v.push("workers needs a restart".to_owned());
     }

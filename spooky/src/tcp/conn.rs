@@ -61,6 +61,13 @@ pub(super) async fn serve(
     };
     let protocol = match tls.get_ref().1.alpn_protocol() {
         Some(b"h2") => Protocol::H2,
+        // An ACME server validating TLS-ALPN-01: the handshake was the answer (RFC 8737 §3).
+        Some(crate::certs::ACME_TLS_ALPN) => {
+            tracing::info!(%peer, name = tls.get_ref().1.server_name().unwrap_or(""), "answered an ACME TLS-ALPN-01 validation");
+            let mut tls = tls;
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
+            return;
+        }
         _ => Protocol::H1,
     };
     let proxy = &fwd.snapshot.config.proxy;

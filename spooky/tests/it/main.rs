@@ -8,6 +8,7 @@
 // Test code: a failed unwrap is a failed test with its reason.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod acme;
 mod config_files;
 mod ebpf;
 mod hardening;

@@ -498,6 +498,51 @@ fn route_rules_are_checked_and_named() {
 }
 
 #[test]
+fn acme_is_checked_and_names_each_problem() {
+    let acme = |listen_extra: &str, body: &str| {
+        let yaml = format!(
+            "version: 1\nlisten:\n  port: 9889\n  tls: {{cert: cert.pem, key: key.pem}}\n{listen_extra}{ONE_UPSTREAM}acme:\n{body}"
+        );
+        match parse_full(&yaml) {
+            Ok(c) => Ok(c.acme.unwrap()),
+            Err(ConfigError::Invalid(list)) => {
+                Err(list.iter().map(ToString::to_string).collect::<Vec<_>>())
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let good = "  directory: https://acme.example/dir\n  certificates:\n    - domains: [A.example, www.a.example]\n";
+    // Without listen.http, TLS-ALPN-01 on the TCP listener; with it, HTTP-01.
+    let a = acme("", good).unwrap();
+    assert_eq!(a.challenge, crate::config::AcmeChallenge::TlsAlpn01);
+    assert_eq!(
+        a.certificates,
+        [vec!["a.example".to_owned(), "www.a.example".to_owned()]]
+    );
+    assert_eq!(a.state_dir, tls_dir().join("state/acme"));
+    let a = acme("  http: {enabled: true}\n", good).unwrap();
+    assert_eq!(a.challenge, crate::config::AcmeChallenge::Http01);
+    assert_eq!(
+        acme("", &format!("{good}  challenge: http-01\n")).unwrap_err(),
+        ["acme.challenge: http-01 needs listen.http enabled"]
+    );
+    assert_eq!(
+        acme(
+            "",
+            "  directory: http://acme.example/dir\n  email: nobody\n  certificates:\n    - domains: [\"*.a.example\", 192.0.2.1]\n    - domains: []\n"
+        )
+        .unwrap_err(),
+        [
+            "acme.directory: \"http://acme.example/dir\" is not an https:// URL",
+            "acme.email: \"nobody\" is not an e-mail address",
+            "acme.certificates[0].domains: \"*.a.example\" is not a DNS name this challenge can prove (no wildcards, no addresses)",
+            "acme.certificates[0].domains: \"192.0.2.1\" is not a DNS name this challenge can prove (no wildcards, no addresses)",
+            "acme.certificates[1].domains: at least one domain is required",
+        ]
+    );
+}
+
+#[test]
 fn upstreams_are_required() {
     assert_eq!(
         problems(""),
