@@ -13,7 +13,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// the kernel tools, nginx as an independent HTTP/2 backend for the tests, curl (the
 /// takeover tests read the admin endpoint with it), nftables (the tests black-hole a
 /// backend's SYNs with it), pebble (the ACME server the automatic-HTTPS tests order from) and
-/// dnsmasq (the DNS server those tests control; `dnsmasq-base`: the binary, no service).
+/// dnsmasq (the DNS server those tests control; `dnsmasq-base`: the binary, no service), and
+/// chromium (a real browser over HTTP/3 and TCP, headless).
 const APT_PACKAGES: &[&str] = &[
     "build-essential",
     "cmake",
@@ -30,6 +31,7 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     "pebble",
     "dnsmasq-base",
+    "chromium",
 ];
 
 /// Python packages: aioquic (an independent HTTP/3 client), hypercorn (a strict HTTP/2

@@ -4,6 +4,7 @@
 //! | path | answer |
 //! |---|---|
 //! | `/health` | 200 `ok` |
+//! | `/page` | 200, an HTML page that writes the protocol it was fetched with into itself |
 //! | `/size/N` | 200 with N bytes of a fixed pattern (`pattern_byte(i)`), `content-length` set |
 //! | `/echo` | 200 streaming the request body back; request trailers come back as trailers |
 //! | `/upload` | 200 `LEN` after reading the whole body |
@@ -238,6 +239,19 @@ pub fn spawn(addr: SocketAddr, opts: DemoOptions) -> std::io::Result<DemoServer>
     })
 }
 
+/// The `/page` document: once parsed, its `#seen` paragraph says the protocol the browser
+/// fetched it with (`nextHopProtocol`: `h3`, `h2`, `http/1.1`) and which backend answered.
+fn page(id: &str) -> String {
+    format!(
+        "<!doctype html><html><head><title>spooky demo</title></head><body>\
+         <p id=\"seen\">script did not run</p><script>\
+         const n = performance.getEntriesByType('navigation')[0];\
+         document.getElementById('seen').textContent = \
+         'protocol=' + n.nextHopProtocol + ' backend={id} host=' + location.host;\
+         </script></body></html>\n"
+    )
+}
+
 fn header(resp: &mut http::response::Builder, id: &str) {
     if let (Some(h), Ok(v)) = (resp.headers_mut(), HeaderValue::from_str(id)) {
         h.insert("x-backend", v);
@@ -256,6 +270,16 @@ async fn handle(
     let simple = |status: u16, body: String| (status, Bytes::from(body));
     let (status, body) = match segs.as_slice() {
         ["health"] => simple(200, "ok\n".into()),
+        ["page"] => {
+            // For browsers: the page writes how it was fetched into itself (`--dump-dom`).
+            if let Some(h) = builder.headers_mut() {
+                h.insert(
+                    "content-type",
+                    HeaderValue::from_static("text/html; charset=utf-8"),
+                );
+            }
+            simple(200, page(&opts.id))
+        }
         ["size", n] => {
             let n: usize = n.parse().unwrap_or(0);
             let resp = builder

@@ -9,6 +9,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod acme;
+mod browser;
 mod config_files;
 mod ebpf;
 mod hardening;
