@@ -14,7 +14,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// takeover tests read the admin endpoint with it), nftables (the tests black-hole a
 /// backend's SYNs with it), pebble (the ACME server the automatic-HTTPS tests order from) and
 /// dnsmasq (the DNS server those tests control; `dnsmasq-base`: the binary, no service), and
-/// chromium (a real browser over HTTP/3 and TCP, headless).
+/// two real browsers over HTTP/3 and TCP, headless: chromium, and firefox-esr (its own QUIC
+/// stack) with libnss3-tools (`certutil`, to make it trust the test CA).
 const APT_PACKAGES: &[&str] = &[
     "build-essential",
     "cmake",
@@ -32,6 +33,8 @@ const APT_PACKAGES: &[&str] = &[
     "pebble",
     "dnsmasq-base",
     "chromium",
+    "firefox-esr",
+    "libnss3-tools",
 ];
 
 /// Python packages: aioquic (an independent HTTP/3 client), hypercorn (a strict HTTP/2

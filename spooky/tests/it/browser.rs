@@ -4,14 +4,16 @@
 //! itself, and Chromium prints the document (`--dump-dom`). Each load trusts only the
 //! certificate of its own site (`--ignore-certificate-errors-spki-list`), so a wrong
 //! certificate is a failed load. Chromium records the `alt-svc` of both origins (h3 at the
-//! UDP port). Then `http://` redirects to `https://` in the browser.
+//! UDP port). Then `http://` redirects to `https://` in the browser. Firefox ESR (neqo and
+//! NSS, trusting the test CA from its own certificate database) loads both sites over HTTP/3
+//! and HTTP/2. Spooky's access log confirms each protocol from the server's side.
 
 use crate::support::*;
-use spooky::config::{CertPair, ListenTls, PlainHttp, UnknownSni};
+use spooky::config::{AccessLog, CertPair, ListenTls, PlainHttp, UnknownSni};
 use spooky_peers::certs::{issue_for, SiteCert};
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 /// base64(SHA-256(SubjectPublicKeyInfo)) of the certificate at `cert`: what
 /// `--ignore-certificate-errors-spki-list` takes.
@@ -67,56 +69,102 @@ fn seen(dom: &str) -> &str {
         .unwrap_or("")
 }
 
+/// Spooky with site A (`a.example`) and site B (`*.b.example`), each its own certificate
+/// and pool, a plaintext listener, and an access log.
+struct Sites {
+    scratch: Scratch,
+    _p: Proxy,
+    udp: u16,
+    tcp: u16,
+    http: u16,
+    _backends: (Backend, Backend),
+}
+
+impl Sites {
+    fn start(what: &str) -> Self {
+        let scratch = Scratch::new(what);
+        for f in ["ca.crt", "ca.key"] {
+            std::fs::copy(certs_dir().join(f), scratch.0.join(f)).unwrap();
+        }
+        for (name, names) in [("a", &["a.example"][..]), ("b", &["*.b.example"][..])] {
+            let spec = SiteCert {
+                names,
+                key_pem: None,
+                valid_days: Some(30),
+            };
+            issue_for(&scratch.0, name, name, &spec).unwrap();
+        }
+        let pair = |n: &str| CertPair {
+            cert: scratch.0.join(format!("{n}.crt")),
+            key: scratch.0.join(format!("{n}.key")),
+        };
+        let (ba, bb) = (backend("ba"), backend("bb"));
+        let upstreams = pool(
+            "a",
+            "/",
+            Some("a.example"),
+            "round-robin",
+            &[("ba", ba.addr)],
+            "",
+        ) + &pool(
+            "b",
+            "/",
+            Some("*.b.example"),
+            "round-robin",
+            &[("bb", bb.addr)],
+            "",
+        );
+        let yaml = config_yaml(free_udp_port(), &upstreams, "");
+        let mut c = spooky::config::parse(&yaml, &repo_root()).unwrap();
+        c.listen.tls = ListenTls {
+            certificates: vec![pair("a"), pair("b")],
+            unknown_sni: UnknownSni::Refuse,
+        };
+        c.listen.http = Some(PlainHttp {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            redirect_status: 308,
+        });
+        c.log.access = AccessLog::File(scratch.0.join("access.log"));
+        c.workers = Some(2);
+        let p = proxy_from(c);
+        let running = p.running.as_ref().unwrap();
+        let (udp, tcp, http) = (
+            p.addr.port(),
+            running.tcp_addr.unwrap().port(),
+            running.http_addr.unwrap().port(),
+        );
+        Self {
+            scratch,
+            _p: p,
+            udp,
+            tcp,
+            http,
+            _backends: (ba, bb),
+        }
+    }
+
+    /// What the access log says of requests for `path` on `host`: (protocol, status) each.
+    fn logged(&self, host: &str, path: &str) -> Vec<(String, u64)> {
+        let text = std::fs::read_to_string(self.scratch.0.join("access.log")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| {
+                v["host"].as_str().is_some_and(|h| h.starts_with(host)) && v["path"] == path
+            })
+            .map(|v| {
+                (
+                    v["protocol"].as_str().unwrap_or("").to_owned(),
+                    v["status"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect()
+    }
+}
+
 #[test]
 fn chromium_loads_each_site_with_its_certificate_over_http3_and_tcp() {
-    let scratch = Scratch::new("browser");
-    for f in ["ca.crt", "ca.key"] {
-        std::fs::copy(certs_dir().join(f), scratch.0.join(f)).unwrap();
-    }
-    for (name, names) in [("a", &["a.example"][..]), ("b", &["*.b.example"][..])] {
-        let spec = SiteCert {
-            names,
-            key_pem: None,
-            valid_days: Some(30),
-        };
-        issue_for(&scratch.0, name, name, &spec).unwrap();
-    }
-    let pair = |n: &str| CertPair {
-        cert: scratch.0.join(format!("{n}.crt")),
-        key: scratch.0.join(format!("{n}.key")),
-    };
-    let (ba, bb) = (backend("ba"), backend("bb"));
-    let upstreams = pool(
-        "a",
-        "/",
-        Some("a.example"),
-        "round-robin",
-        &[("ba", ba.addr)],
-        "",
-    ) + &pool(
-        "b",
-        "/",
-        Some("*.b.example"),
-        "round-robin",
-        &[("bb", bb.addr)],
-        "",
-    );
-    let yaml = config_yaml(free_udp_port(), &upstreams, "");
-    let mut c = spooky::config::parse(&yaml, &repo_root()).unwrap();
-    c.listen.tls = ListenTls {
-        certificates: vec![pair("a"), pair("b")],
-        unknown_sni: UnknownSni::Refuse,
-    };
-    c.listen.http = Some(PlainHttp {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        redirect_status: 308,
-    });
-    c.workers = Some(2);
-    let p = proxy_from(c);
-    let running = p.running.as_ref().unwrap();
-    let udp = p.addr.port();
-    let tcp: SocketAddr = running.tcp_addr.unwrap();
-    let http = running.http_addr.unwrap();
+    let sites = Sites::start("chromium");
+    let (scratch, udp, tcp, http) = (&sites.scratch, sites.udp, sites.tcp, sites.http);
     let trust = |n: &str| spki(&scratch.0.join(format!("{n}.crt")));
 
     for (site, host, backend) in [("a", "a.example", "ba"), ("b", "x.b.example", "bb")] {
@@ -137,7 +185,7 @@ fn chromium_loads_each_site_with_its_certificate_over_http3_and_tcp() {
         );
         // TCP: HTTP/2 by ALPN.
         let profile = scratch.0.join(format!("profile-h2-{site}"));
-        let origin = format!("{host}:{}", tcp.port());
+        let origin = format!("{host}:{tcp}");
         let dom = chromium(
             &profile,
             &format!("https://{origin}/page"),
@@ -184,13 +232,143 @@ fn chromium_loads_each_site_with_its_certificate_over_http3_and_tcp() {
         );
     }
 
+    // Spooky saw the same: per host, the h3 load, the h2 load (the wrong-certificate loads
+    // never sent a request).
+    for host in ["a.example", "x.b.example"] {
+        wait_until(
+            "the loads are in the access log",
+            Duration::from_secs(5),
+            || sites.logged(host, "/page").len() >= 2,
+        );
+        let seen = sites.logged(host, "/page");
+        assert_eq!(
+            seen,
+            [("h3".to_owned(), 200), ("h2".to_owned(), 200)],
+            "{host}"
+        );
+    }
+
     // http:// → https:// in the browser: the page ends up fetched over TLS.
     let profile = scratch.0.join("profile-redirect");
-    let url = format!("http://a.example:{}/page", http.port());
+    let url = format!("http://a.example:{http}/page");
     let dom = chromium(&profile, &url, &trust("a"), None);
     eprintln!("chromium {url}: {}", seen(&dom));
     assert_eq!(
         seen(&dom),
-        format!("protocol=h2 backend=ba host=a.example:{}", tcp.port())
+        format!("protocol=h2 backend=ba host=a.example:{tcp}")
     );
+}
+
+/// A Firefox profile in `dir` that trusts `ca` (an NSS database made with `certutil`),
+/// resolves every name to 127.0.0.1, and, with `h3`, takes `h3=:PORT` as the alt-svc of
+/// `host` from the first request (Firefox's own QUIC stack, neqo).
+fn firefox_profile(dir: &Path, ca: &Path, h3: Option<(&str, u16)>) {
+    std::fs::create_dir_all(dir).unwrap();
+    let db = format!("sql:{}", dir.display());
+    let run = |args: &[&str]| {
+        let out = Command::new("certutil").args(args).output().expect(
+            "certutil is missing: install the Debian package libnss3-tools (cargo xtask setup does)",
+        );
+        assert!(
+            out.status.success(),
+            "certutil {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["-N", "-d", &db, "--empty-password"]);
+    let ca = ca.display().to_string();
+    run(&[
+        "-A",
+        "-d",
+        &db,
+        "-n",
+        "spooky-test-ca",
+        "-t",
+        "C,,",
+        "-i",
+        &ca,
+    ]);
+    let mut prefs = String::from(
+        "user_pref(\"network.dns.forceResolve\", \"127.0.0.1\");\n\
+         user_pref(\"network.dns.disableIPv6\", true);\n\
+         user_pref(\"network.proxy.type\", 0);\n\
+         user_pref(\"browser.shell.checkDefaultBrowser\", false);\n\
+         user_pref(\"network.http.http3.enable\", true);\n",
+    );
+    if let Some((host, port)) = h3 {
+        prefs.push_str(&format!(
+            "user_pref(\"network.http.http3.alt-svc-mapping-for-testing\", \"{host};h3=:{port}\");\n\
+             user_pref(\"network.http.http3.force-use-alt-svc-mapping-for-testing\", true);\n\
+             user_pref(\"network.http.http3.disable_when_third_party_roots_found\", false);\n"
+        ));
+    }
+    std::fs::write(dir.join("user.js"), prefs).unwrap();
+}
+
+/// Firefox ESR, headless, loads `url` in `profile` (and takes a screenshot: the page is
+/// loaded, its scripts run, then Firefox quits).
+fn firefox(profile: &Path, url: &str) {
+    let found = Command::new("sh")
+        .args(["-c", "command -v firefox-esr"])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "firefox-esr is missing: install the Debian package firefox-esr (cargo xtask setup does)"
+    );
+    let out = Command::new("timeout")
+        .args([
+            "60",
+            "firefox-esr",
+            "--headless",
+            "--no-remote",
+            "--profile",
+        ])
+        .arg(profile)
+        .arg("--screenshot")
+        .arg(profile.join("page.png"))
+        .arg(url)
+        .env("HOME", profile)
+        .stdin(Stdio::null())
+        .output()
+        .expect("firefox-esr");
+    assert!(
+        out.status.success(),
+        "firefox {url}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Firefox ESR (its own QUIC and TLS stacks: neqo, NSS) loads each site's page over HTTP/3
+/// and over HTTP/2, trusting the test CA from its own certificate database; Spooky's access
+/// log says which protocol each load used.
+#[test]
+fn firefox_loads_each_site_over_http3_and_tcp() {
+    let sites = Sites::start("firefox");
+    let ca = sites.scratch.0.join("ca.crt");
+    for (site, host) in [("a", "a.example"), ("b", "x.b.example")] {
+        for (n, (protocol, h3)) in [("h3", Some((host, sites.udp))), ("h2", None)]
+            .into_iter()
+            .enumerate()
+        {
+            let profile = sites.scratch.0.join(format!("ff-{protocol}-{site}"));
+            firefox_profile(&profile, &ca, h3);
+            firefox(&profile, &format!("https://{host}:{}/page", sites.tcp));
+            // The access log is written by a thread of its own.
+            wait_until(
+                "the load is in the access log",
+                Duration::from_secs(5),
+                || sites.logged(host, "/page").len() > n,
+            );
+        }
+        let seen = sites.logged(host, "/page");
+        eprintln!("firefox {host}: {seen:?}");
+        assert_eq!(
+            seen,
+            [("h3".to_owned(), 200), ("h2".to_owned(), 200)],
+            "{host}"
+        );
+    }
 }
