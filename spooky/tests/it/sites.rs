@@ -548,3 +548,68 @@ fn plaintext_requests_are_redirected_to_https() {
     // HTTPS one.
     assert_eq!(metric_of(&p, "spooky_requests_total{pool=\"a\""), 0.0);
 }
+
+/// `spooky check` lists each certificate with its names and days left, warns two weeks
+/// before expiry, and refuses a key that is not its certificate's, naming both files.
+#[test]
+fn spooky_check_reports_certificates_and_refuses_a_foreign_key() {
+    let s = sites();
+    let soon = SiteCert {
+        names: &["soon.example"],
+        key_pem: None,
+        valid_days: Some(10),
+    };
+    issue_for(&s.dir.0, "soon", "soon", &soon).unwrap();
+    let write = |name: &str, soon_key: &str| {
+        let path = s.dir.0.join(name);
+        let yaml = format!(
+            "version: 1\nlisten:\n  port: 9889\n  tls:\n    certificates:\n      \
+             - {{cert: a.crt, key: a.key}}\n      - {{cert: b.crt, key: b.key}}\n      \
+             - {{cert: soon.crt, key: {soon_key}}}\nupstream:\n  web:\n    backends:\n      \
+             - {{id: w1, address: \"127.0.0.1:7001\"}}\n"
+        );
+        std::fs::write(&path, yaml).unwrap();
+        path
+    };
+    let check = |path: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_spooky"))
+            .args(["check", "--config"])
+            .arg(path)
+            .output()
+            .unwrap()
+    };
+    let out = check(&write("good.yaml", "soon.key"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines[0].contains("(a.example): key matches; expires in "),
+        "{stdout}"
+    );
+    assert!(
+        lines[1].contains("(b.example, *.b.example): key matches; expires in "),
+        "{stdout}"
+    );
+    assert!(
+        !lines[0].contains("WARNING") && !lines[1].contains("WARNING"),
+        "{stdout}"
+    );
+    assert!(
+        lines[2].contains("(soon.example): key matches; WARNING: expires in"),
+        "{stdout}"
+    );
+    let out = check(&write("bad.yaml", "a.key"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("listen.tls: key")
+            && stderr.contains("a.key")
+            && stderr.contains("soon.crt"),
+        "{stderr}"
+    );
+}
