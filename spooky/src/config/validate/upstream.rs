@@ -192,7 +192,16 @@ fn build_header_rules(raw: &RawHeaderRules, path: &str, errs: &mut Errors) -> Op
         ("add", &raw.add, &mut rules.add),
     ] {
         for (name, value) in list {
-            let here = format!("{path}.{what}.{name}");
+            // A name that is not a token (a line break, a dot) is quoted in the path.
+            let token = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-^_`|~".contains(&b));
+            let here = if token {
+                format!("{path}.{what}.{name}")
+            } else {
+                format!("{path}.{what}.{name:?}")
+            };
             let n = errs.check(&here, rule_name(name));
             let v = errs.check(
                 &here,
