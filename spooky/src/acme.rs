@@ -18,6 +18,7 @@
 
 use crate::certs::{Site, TlsShared};
 use crate::config::{Acme, AcmeChallenge};
+use crate::keys::write_private;
 use instant_acme::{
     Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount,
     NewOrder, OrderStatus, RetryPolicy,
@@ -221,7 +222,7 @@ async fn account(config: &Acme) -> Result<Account, String> {
         credentials,
     };
     let text = serde_json::to_string(&stored).map_err(|e| e.to_string())?;
-    write_private(&path, text.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))?;
+    write_private(&path, &text).map_err(|e| format!("{}: {e}", path.display()))?;
     tracing::info!(directory = %config.directory, "ACME: account created");
     Ok(account)
 }
@@ -326,8 +327,8 @@ async fn obtain(
     private_dir(&m.dir).map_err(|e| format!("{}: {e}", m.dir.display()))?;
     let (cert, key) = (m.dir.join("cert.pem"), m.dir.join("key.pem"));
     // The key first: a cert.pem on disk always has its key beside it.
-    write_private(&key, key_pem.as_bytes()).map_err(|e| format!("{}: {e}", key.display()))?;
-    write_private(&cert, chain_pem.as_bytes()).map_err(|e| format!("{}: {e}", cert.display()))?;
+    write_private(&key, &key_pem).map_err(|e| format!("{}: {e}", key.display()))?;
+    write_private(&cert, &chain_pem).map_err(|e| format!("{}: {e}", cert.display()))?;
     shared.load(&cert, &key).map_err(|e| e.to_string())
 }
 
@@ -377,20 +378,4 @@ fn private_dir(dir: &Path) -> std::io::Result<()> {
         .mode(0o700)
         .create(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-}
-
-/// Writes `path` whole with mode 0600 (temp file, then rename).
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }

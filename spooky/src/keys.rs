@@ -253,8 +253,8 @@ impl Keys {
 }
 
 /// Writes `text` to `path` readable by its owner only, replacing it atomically; a missing
-/// directory is created for the owner only (0700).
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+/// directory is created for the owner only (0700). (The ACME state is written this way too.)
+pub(crate) fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::DirBuilder::new()

@@ -9,8 +9,7 @@
 //! and HTTP/2. Spooky's access log confirms each protocol from the server's side.
 
 use crate::support::*;
-use spooky::config::{AccessLog, CertPair, ListenTls, PlainHttp, UnknownSni};
-use spooky_peers::certs::{issue_for, SiteCert};
+use spooky::config::{AccessLog, PlainHttp, UnknownSni};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -69,10 +68,10 @@ fn seen(dom: &str) -> &str {
         .unwrap_or("")
 }
 
-/// Spooky with site A (`a.example`) and site B (`*.b.example`), each its own certificate
-/// and pool, a plaintext listener, and an access log.
+/// Spooky with site A (`a.example`, ECDSA) and site B (`*.b.example`, RSA), each its own
+/// certificate and pool (`sites::config`), a plaintext listener, and an access log.
 struct Sites {
-    scratch: Scratch,
+    certs: crate::sites::Sites,
     _p: Proxy,
     udp: u16,
     tcp: u16,
@@ -81,51 +80,15 @@ struct Sites {
 }
 
 impl Sites {
-    fn start(what: &str) -> Self {
-        let scratch = Scratch::new(what);
-        for f in ["ca.crt", "ca.key"] {
-            std::fs::copy(certs_dir().join(f), scratch.0.join(f)).unwrap();
-        }
-        for (name, names) in [("a", &["a.example"][..]), ("b", &["*.b.example"][..])] {
-            let spec = SiteCert {
-                names,
-                key_pem: None,
-                valid_days: Some(30),
-            };
-            issue_for(&scratch.0, name, name, &spec).unwrap();
-        }
-        let pair = |n: &str| CertPair {
-            cert: scratch.0.join(format!("{n}.crt")),
-            key: scratch.0.join(format!("{n}.key")),
-        };
+    fn start() -> Self {
+        let certs = crate::sites::sites();
         let (ba, bb) = (backend("ba"), backend("bb"));
-        let upstreams = pool(
-            "a",
-            "/",
-            Some("a.example"),
-            "round-robin",
-            &[("ba", ba.addr)],
-            "",
-        ) + &pool(
-            "b",
-            "/",
-            Some("*.b.example"),
-            "round-robin",
-            &[("bb", bb.addr)],
-            "",
-        );
-        let yaml = config_yaml(free_udp_port(), &upstreams, "");
-        let mut c = spooky::config::parse(&yaml, &repo_root()).unwrap();
-        c.listen.tls = ListenTls {
-            certificates: vec![pair("a"), pair("b")],
-            unknown_sni: UnknownSni::Refuse,
-        };
+        let mut c = crate::sites::config(&certs, &ba, &bb, UnknownSni::Refuse);
         c.listen.http = Some(PlainHttp {
             addr: "127.0.0.1:0".parse().unwrap(),
             redirect_status: 308,
         });
-        c.log.access = AccessLog::File(scratch.0.join("access.log"));
-        c.workers = Some(2);
+        c.log.access = AccessLog::File(certs.dir.0.join("access.log"));
         let p = proxy_from(c);
         let running = p.running.as_ref().unwrap();
         let (udp, tcp, http) = (
@@ -134,7 +97,7 @@ impl Sites {
             running.http_addr.unwrap().port(),
         );
         Self {
-            scratch,
+            certs,
             _p: p,
             udp,
             tcp,
@@ -143,9 +106,13 @@ impl Sites {
         }
     }
 
+    fn dir(&self) -> &Path {
+        &self.certs.dir.0
+    }
+
     /// What the access log says of requests for `path` on `host`: (protocol, status) each.
     fn logged(&self, host: &str, path: &str) -> Vec<(String, u64)> {
-        let text = std::fs::read_to_string(self.scratch.0.join("access.log")).unwrap_or_default();
+        let text = std::fs::read_to_string(self.dir().join("access.log")).unwrap_or_default();
         text.lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|v| {
@@ -163,13 +130,13 @@ impl Sites {
 
 #[test]
 fn chromium_loads_each_site_with_its_certificate_over_http3_and_tcp() {
-    let sites = Sites::start("chromium");
-    let (scratch, udp, tcp, http) = (&sites.scratch, sites.udp, sites.tcp, sites.http);
-    let trust = |n: &str| spki(&scratch.0.join(format!("{n}.crt")));
+    let sites = Sites::start();
+    let (dir, udp, tcp, http) = (sites.dir(), sites.udp, sites.tcp, sites.http);
+    let trust = |n: &str| spki(&dir.join(format!("{n}.crt")));
 
     for (site, host, backend) in [("a", "a.example", "ba"), ("b", "x.b.example", "bb")] {
         // HTTP/3: QUIC forced for the origin (the UDP port).
-        let profile = scratch.0.join(format!("profile-h3-{site}"));
+        let profile = dir.join(format!("profile-h3-{site}"));
         let origin = format!("{host}:{udp}");
         let dom = chromium(
             &profile,
@@ -184,7 +151,7 @@ fn chromium_loads_each_site_with_its_certificate_over_http3_and_tcp() {
             "{dom}"
         );
         // TCP: HTTP/2 by ALPN.
-        let profile = scratch.0.join(format!("profile-h2-{site}"));
+        let profile = dir.join(format!("profile-h2-{site}"));
         let origin = format!("{host}:{tcp}");
         let dom = chromium(
             &profile,
@@ -219,7 +186,7 @@ fn chromium_loads_each_site_with_its_certificate_over_http3_and_tcp() {
         );
         // The other site's certificate is not trusted for this name: nothing loads.
         let other = if site == "a" { "b" } else { "a" };
-        let profile = scratch.0.join(format!("profile-wrong-{site}"));
+        let profile = dir.join(format!("profile-wrong-{site}"));
         let dom = chromium(
             &profile,
             &format!("https://{origin}/page"),
@@ -249,7 +216,7 @@ fn chromium_loads_each_site_with_its_certificate_over_http3_and_tcp() {
     }
 
     // http:// → https:// in the browser: the page ends up fetched over TLS.
-    let profile = scratch.0.join("profile-redirect");
+    let profile = dir.join("profile-redirect");
     let url = format!("http://a.example:{http}/page");
     let dom = chromium(&profile, &url, &trust("a"), None);
     eprintln!("chromium {url}: {}", seen(&dom));
@@ -346,14 +313,14 @@ fn firefox(profile: &Path, url: &str) {
 /// log says which protocol each load used.
 #[test]
 fn firefox_loads_each_site_over_http3_and_tcp() {
-    let sites = Sites::start("firefox");
-    let ca = sites.scratch.0.join("ca.crt");
+    let sites = Sites::start();
+    let ca = sites.certs.ca();
     for (site, host) in [("a", "a.example"), ("b", "x.b.example")] {
         for (n, (protocol, h3)) in [("h3", Some((host, sites.udp))), ("h2", None)]
             .into_iter()
             .enumerate()
         {
-            let profile = sites.scratch.0.join(format!("ff-{protocol}-{site}"));
+            let profile = sites.dir().join(format!("ff-{protocol}-{site}"));
             firefox_profile(&profile, &ca, h3);
             firefox(&profile, &format!("https://{host}:{}/page", sites.tcp));
             // The access log is written by a thread of its own.

@@ -20,13 +20,13 @@ use std::time::Duration;
 const T: Duration = Duration::from_secs(10);
 
 /// Two sites' certificates from the demo CA, in a scratch directory.
-struct Sites {
-    dir: Scratch,
+pub struct Sites {
+    pub dir: Scratch,
     a: CertPair,
     b: CertPair,
 }
 
-fn sites() -> Sites {
+pub fn sites() -> Sites {
     let dir = Scratch::new("sites");
     for f in ["ca.crt", "ca.key"] {
         std::fs::copy(certs_dir().join(f), dir.0.join(f)).unwrap();
@@ -57,7 +57,7 @@ fn sites() -> Sites {
 }
 
 impl Sites {
-    fn ca(&self) -> PathBuf {
+    pub fn ca(&self) -> PathBuf {
         self.dir.0.join("ca.crt")
     }
 
@@ -70,7 +70,7 @@ impl Sites {
 }
 
 /// A pool per site: `a.example` → backend `ba`, `*.b.example` → backend `bb`.
-fn config(s: &Sites, ba: &Backend, bb: &Backend, unknown_sni: UnknownSni) -> Config {
+pub fn config(s: &Sites, ba: &Backend, bb: &Backend, unknown_sni: UnknownSni) -> Config {
     let upstreams = pool(
         "a",
         "/",
