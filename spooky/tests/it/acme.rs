@@ -24,21 +24,9 @@ impl Drop for Peer {
     }
 }
 
-fn require(binary: &str, package: &str) {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {binary}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        found,
-        "{binary} is missing: install the Debian package {package} (cargo xtask setup does)"
-    );
-}
-
 /// dnsmasq on 127.0.0.1:`port` answering `names` with 127.0.0.1, and nothing else.
 fn dnsmasq(port: u16, names: &[&str]) -> Peer {
-    require("dnsmasq", "dnsmasq-base");
+    require_command("dnsmasq", "dnsmasq-base");
     let mut c = Command::new("dnsmasq");
     c.args([
         "--keep-in-foreground",
@@ -66,7 +54,7 @@ fn dnsmasq(port: u16, names: &[&str]) -> Peer {
 /// `localhost` certificate), validating HTTP-01 at `http_port` and TLS-ALPN-01 at `tls_port`,
 /// resolving names through `dns`.
 fn pebble(dir: &Path, ports: (u16, u16), http_port: u16, tls_port: u16, dns: u16) -> Peer {
-    require("pebble", "pebble");
+    require_command("pebble", "pebble");
     let certs = certs_dir();
     let config = serde_json::json!({"pebble": {
         "listenAddress": format!("127.0.0.1:{}", ports.0),

@@ -26,15 +26,7 @@ fn spki(cert: &Path) -> String {
 
 /// What Chromium made of `url`: the document after its scripts ran.
 fn chromium(profile: &Path, url: &str, trust: &str, quic_origin: Option<&str>) -> String {
-    let found = Command::new("sh")
-        .args(["-c", "command -v chromium"])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        found,
-        "chromium is missing: install the Debian package chromium (cargo xtask setup does)"
-    );
+    require_command("chromium", "chromium");
     let mut c = Command::new("chromium");
     c.args([
         "--headless=new",
@@ -230,6 +222,7 @@ fn chromium_loads_each_site_with_its_certificate_over_http3_and_tcp() {
 /// resolves every name to 127.0.0.1, and, with `h3`, takes `h3=:PORT` as the alt-svc of
 /// `host` from the first request (Firefox's own QUIC stack, neqo).
 fn firefox_profile(dir: &Path, ca: &Path, h3: Option<(&str, u16)>) {
+    require_command("certutil", "libnss3-tools");
     std::fs::create_dir_all(dir).unwrap();
     let db = format!("sql:{}", dir.display());
     let run = |args: &[&str]| {
@@ -275,15 +268,7 @@ fn firefox_profile(dir: &Path, ca: &Path, h3: Option<(&str, u16)>) {
 /// Firefox ESR, headless, loads `url` in `profile` (and takes a screenshot: the page is
 /// loaded, its scripts run, then Firefox quits).
 fn firefox(profile: &Path, url: &str) {
-    let found = Command::new("sh")
-        .args(["-c", "command -v firefox-esr"])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        found,
-        "firefox-esr is missing: install the Debian package firefox-esr (cargo xtask setup does)"
-    );
+    require_command("firefox-esr", "firefox-esr");
     let out = Command::new("timeout")
         .args([
             "60",

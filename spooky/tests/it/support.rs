@@ -319,6 +319,19 @@ fn python_has(module: &str) -> bool {
 }
 
 /// Fails the test, naming the package, when python3 cannot import `module`.
+/// Fails the test, naming the Debian package, when `binary` is not on the PATH.
+pub fn require_command(binary: &str, package: &str) {
+    let found = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {binary}")])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "{binary} is missing: install the Debian package {package} (cargo xtask setup does)"
+    );
+}
+
 pub fn require_python(module: &str, package: &str) {
     assert!(
         python_has(module),
