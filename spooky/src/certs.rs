@@ -18,7 +18,7 @@ use boring::ssl::{SniError, SslAlert, SslContextBuilder, SslMethod, SslRef};
 use boring::x509::X509;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use tokio_rustls::rustls;
 
@@ -49,6 +49,9 @@ pub struct TlsShared {
     pub unknown_sni: AtomicU64,
     /// Certificates obtained at run time; they take their names before the configured ones.
     managed: RwLock<Arc<SiteSet>>,
+    /// How many `managed` holds: read per request without touching the lock or the `Arc`
+    /// that every worker shares.
+    managed_count: AtomicUsize,
     /// ACME HTTP-01: token → key authorization.
     http01: Mutex<HashMap<String, String>>,
     /// ACME TLS-ALPN-01: name → the challenge certificate (RFC 8737).
@@ -105,6 +108,7 @@ impl TlsShared {
         let (keys, sites): (Vec<String>, Vec<Arc<Site>>) = sites.into_iter().unzip();
         let mut set = SiteSet::new(sites);
         set.keys = keys;
+        self.managed_count.store(set.sites.len(), Ordering::Relaxed);
         *managed = Arc::new(set);
     }
 
@@ -283,7 +287,7 @@ impl Certificates {
 
     /// Whether more than one certificate is in force (else no host can be misdirected).
     pub fn several(&self) -> bool {
-        self.configured.sites.len() + self.shared.managed().sites.len() > 1
+        self.configured.sites.len() + self.shared.managed_count.load(Ordering::Relaxed) > 1
     }
 
     /// The certificate that names `host` (a DNS name, any case, no port), if one does:
