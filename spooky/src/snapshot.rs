@@ -10,7 +10,7 @@
 
 use crate::board::{BackendKey, BackendSlot, HealthBoard};
 use crate::certs::{CertError, Certificates, TlsShared};
-use crate::config::{BackendTls, Config, EarlyData};
+use crate::config::{BackendProtocol, BackendTls, Config, EarlyData};
 use crate::keys::{KeyError, KeyRing, Keys};
 use crate::routing::{RouteError, RouteTable};
 use std::path::PathBuf;
@@ -139,9 +139,11 @@ impl Snapshot {
                         if !t.verify {
                             tracing::warn!(backend = %b.id, "TLS certificate verification is DISABLED for this backend (tls.verify: false)");
                         }
-                        Some(tls_plan(t).map_err(|source| SnapshotError::BackendTls {
-                            backend: b.id.clone(),
-                            source,
+                        Some(tls_plan(t, b.protocol).map_err(|source| {
+                            SnapshotError::BackendTls {
+                                backend: b.id.clone(),
+                                source,
+                            }
                         })?)
                     }
                 };
@@ -259,8 +261,8 @@ fn tcp_tls(certs: &Arc<Certificates>) -> Result<Arc<rustls::ServerConfig>, Snaps
     Ok(Arc::new(config))
 }
 
-/// The rustls client configuration (ALPN h2) and server name of a TLS backend.
-fn tls_plan(tls: &BackendTls) -> Result<TlsPlan, TlsError> {
+/// The rustls client configuration (ALPN by protocol) and server name of a TLS backend.
+fn tls_plan(tls: &BackendTls, protocol: BackendProtocol) -> Result<TlsPlan, TlsError> {
     let server_name = ServerName::try_from(tls.server_name.clone())
         .map_err(|_| TlsError::ServerName(tls.server_name.clone()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -300,7 +302,7 @@ fn tls_plan(tls: &BackendTls) -> Result<TlsPlan, TlsError> {
             .with_custom_certificate_verifier(Arc::new(NoVerify))
             .with_no_client_auth()
     };
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = protocol.alpn();
     Ok(TlsPlan {
         config: Arc::new(config),
         server_name,

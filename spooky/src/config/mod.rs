@@ -380,8 +380,32 @@ pub struct Backend {
     pub address_text: String,
     pub weight: u32,
     pub health_check: HealthCheck,
-    /// `None`: HTTP/2 cleartext with prior knowledge (h2c).
+    /// `None`: cleartext (HTTP/2 with prior knowledge, or HTTP/1.1).
     pub tls: Option<BackendTls>,
+    pub protocol: BackendProtocol,
+}
+
+/// The HTTP version spoken to a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BackendProtocol {
+    /// HTTP/2: h2c with prior knowledge in cleartext, ALPN `h2` over TLS.
+    #[default]
+    Http2,
+    /// HTTP/1.1 with keep-alive, cleartext or over TLS (ALPN `http/1.1`).
+    Http1,
+    /// Over TLS only: ALPN offers `h2` and `http/1.1` and the backend picks.
+    Auto,
+}
+
+impl BackendProtocol {
+    /// The ALPN protocols offered to a TLS backend, in order of preference.
+    pub fn alpn(self) -> Vec<Vec<u8>> {
+        match self {
+            Self::Http2 => vec![b"h2".to_vec()],
+            Self::Http1 => vec![b"http/1.1".to_vec()],
+            Self::Auto => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        }
+    }
 }
 
 /// TLS towards a backend (ALPN h2).

@@ -454,6 +454,9 @@ pub(super) struct RawBackend {
     /// `None` = HTTP/2 cleartext (h2c).
     #[serde(default)]
     pub tls: Option<RawBackendTls>,
+    /// `http2` (default), `http1` or `auto` (TLS only: ALPN decides).
+    #[serde(default)]
+    pub protocol: Option<String>,
 }
 
 fn default_weight() -> i64 {

@@ -27,10 +27,10 @@ use super::raw::{
     RawUpstream, DEFAULT_REPLICAS, DEFAULT_RETRY_THRESHOLD,
 };
 use super::{
-    AccessLog, Acme, AcmeChallenge, Admin, Backend, BackendTls, CertPair, Config, ControlSocket,
-    EarlyData, ForwardedMode, HashKey, HeaderRules, HealthCheck, Listen, ListenTls, LoadBalancing,
-    Log, LogFormat, PassiveHealth, PlainHttp, Proxy, Quic, Redirect, RetryMode, Route, Steering,
-    Tcp, UnknownSni, Upstream, UpstreamTimeouts, User, XdpMode,
+    AccessLog, Acme, AcmeChallenge, Admin, Backend, BackendProtocol, BackendTls, CertPair, Config,
+    ControlSocket, EarlyData, ForwardedMode, HashKey, HeaderRules, HealthCheck, Listen, ListenTls,
+    LoadBalancing, Log, LogFormat, PassiveHealth, PlainHttp, Proxy, Quic, Redirect, RetryMode,
+    Route, Steering, Tcp, UnknownSni, Upstream, UpstreamTimeouts, User, XdpMode,
 };
 
 /// Why a configuration was refused.

@@ -16,7 +16,7 @@ use crate::config::{Backend, Upstream};
 use crate::snapshot::{Follower, Snapshot};
 use crate::stats::Metrics;
 use crate::steering::ebpf::BackendsMap;
-use crate::upstream::{BackendPool, Connector, PoolLimits};
+use crate::upstream::{h1, BackendPool, Connector, PoolLimits, Sender};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -156,6 +156,7 @@ struct Settings {
     check: crate::config::HealthCheck,
     passive: crate::config::PassiveHealth,
     tls: Option<crate::config::BackendTls>,
+    protocol: crate::config::BackendProtocol,
     address_text: String,
     connect_timeout: Duration,
 }
@@ -166,6 +167,7 @@ impl Settings {
             check: b.health_check.clone(),
             passive: up.passive_health.clone(),
             tls: b.tls.clone(),
+            protocol: b.protocol,
             address_text: b.address_text.clone(),
             connect_timeout: up.timeouts.connect,
         }
@@ -514,21 +516,41 @@ async fn probe_once(pool: &Rc<BackendPool>, uri: &str) -> Result<u16, String> {
     let req = http::Request::get(uri)
         .body(())
         .map_err(|e| e.to_string())?;
-    let mut send = lease.send.clone();
-    let (resp, _) = send.send_request(req, true).map_err(|e| e.to_string())?;
-    let resp = resp.await.map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    // Drain the body so the stream closes cleanly.
-    let mut body = resp.into_body();
-    while let Some(chunk) = body.data().await {
-        match chunk {
-            Ok(c) => {
-                let _ = body.flow_control().release_capacity(c.len());
+    match &lease.send {
+        Sender::H2(send) => {
+            let mut send = send.clone();
+            let (resp, _) = send.send_request(req, true).map_err(|e| e.to_string())?;
+            let resp = resp.await.map_err(|e| e.to_string())?;
+            let status = resp.status().as_u16();
+            // Drain the body so the stream closes cleanly.
+            let mut body = resp.into_body();
+            while let Some(chunk) = body.data().await {
+                match chunk {
+                    Ok(c) => {
+                        let _ = body.flow_control().release_capacity(c.len());
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
             }
-            Err(e) => return Err(e.to_string()),
+            Ok(status)
+        }
+        Sender::H1(conn) => {
+            let req = h1::to_http1(req, h1::RequestBody::empty())?;
+            let (_, resp) = conn.send(req);
+            let resp = resp.await.map_err(|e| e.into_error().to_string())?;
+            let status = resp.status().as_u16();
+            // Read the body to its end so the connection is kept for the next probe.
+            let mut body = resp.into_body();
+            while let Some(frame) = std::future::poll_fn(|cx| {
+                http_body::Body::poll_frame(std::pin::Pin::new(&mut body), cx)
+            })
+            .await
+            {
+                frame.map_err(|e| e.to_string())?;
+            }
+            Ok(status)
         }
     }
-    Ok(status)
 }
 
 #[cfg(test)]

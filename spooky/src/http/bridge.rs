@@ -393,7 +393,7 @@ pub struct Hop {
 /// Why a head could not become an HTTP/2 request.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot build the upstream request: {0}")]
-pub struct ConvertError(String);
+pub struct ConvertError(pub String);
 
 /// Builds the HTTP/2 request for `head`: the URI carries scheme, the client's authority (sent
 /// as `:authority`, never also as `host`) and path; regular fields are copied once, in order,

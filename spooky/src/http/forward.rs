@@ -10,11 +10,14 @@ use super::outcome::{self, Failure, Finished, Reaction};
 use super::{rules, Client, Forwarder};
 use crate::lb::{self, Candidates};
 use crate::stats::RouteMetrics;
-use crate::upstream::{BackendPool, ErrorKind, UpstreamError};
+use crate::upstream::{h1, BackendPool, ErrorKind, Sender, UpstreamError};
 use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -336,22 +339,61 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
                 return Err(err);
             }
         };
-        let mut sender = lease.send.clone();
-        let (response_fut, send) = match sender.send_request(request, end_of_stream) {
-            Ok(pair) => pair,
-            Err(e) => {
-                let e = UpstreamError::from_h2(&e, &pool.connector.backend);
-                if e.kind == ErrorKind::Refused && !refreshed {
-                    refreshed = true;
-                    continue;
-                }
-                return Err(fail(backend, e));
+        let attempt = match &lease.send {
+            Sender::H2(sender) => {
+                let mut sender = sender.clone();
+                let (response_fut, send) = match sender.send_request(request, end_of_stream) {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        let e = UpstreamError::from_h2(&e, &pool.connector.backend);
+                        if e.kind == ErrorKind::Refused && !refreshed {
+                            refreshed = true;
+                            continue;
+                        }
+                        return Err(fail(backend, e));
+                    }
+                };
+                let name = pool.connector.backend.clone();
+                let head = async move {
+                    match response_fut.await {
+                        Ok(r) => {
+                            let (parts, body) = r.into_parts();
+                            Ok((parts.status, parts.headers, ResponseBody::H2(body)))
+                        }
+                        Err(e) => {
+                            let e = UpstreamError::from_h2(&e, &name);
+                            Err(if e.kind == ErrorKind::Refused {
+                                Attempt::Refused(e)
+                            } else {
+                                Attempt::Upstream(e)
+                            })
+                        }
+                    }
+                };
+                exchange(job, backend, &pool, head, Sink::H2(send), end_of_stream).await
+            }
+            Sender::H1(conn) => {
+                let (sink, body) = if end_of_stream {
+                    (Sink::Nothing, h1::RequestBody::empty())
+                } else {
+                    let (tx, body) = h1::RequestBody::channel();
+                    (Sink::H1(tx), body)
+                };
+                let request = h1::to_http1(request, body)
+                    .map_err(|e| Failure::Convert(bridge::ConvertError(e)))?;
+                let (reused, response) = conn.send(request);
+                // A reused connection that fails under an idempotent request may have been
+                // closed by the backend while idle: one more try, on a fresh connection.
+                let stale_retry = reused && h1::idempotent(&job.head.method);
+                let name = pool.connector.backend.clone();
+                let head = async move { h1_head(response.await, stale_retry, &name) };
+                exchange(job, backend, &pool, head, sink, end_of_stream).await
             }
         };
-        match exchange(job, backend, &pool, response_fut, send, end_of_stream).await {
+        match attempt {
             Ok(()) => return Ok(pool.connector.backend.clone()),
             Err(Attempt::Refused(e)) if !refreshed && !job.replay.borrow().closed => {
-                tracing::debug!(backend = %e.backend, cause = %e.detail, "stream refused before processing; retrying on a fresh connection");
+                tracing::debug!(backend = %e.backend, cause = %e.detail, "request refused before processing, or a kept-alive connection failed under an idempotent one; retrying on a fresh connection");
                 refreshed = true;
             }
             Err(Attempt::Refused(e)) => return Err(fail(backend, e)),
@@ -365,6 +407,118 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
         }
         drop(lease);
     }
+}
+
+/// A response head from an HTTP/1.1 backend, or why there is none.
+fn h1_head(
+    result: h1::ResponseResult,
+    stale_retry: bool,
+    backend: &Rc<str>,
+) -> Result<Head, Attempt> {
+    match result {
+        Ok(r) => {
+            let (mut parts, body) = r.into_parts();
+            h1::strip_connection_named(&mut parts.headers);
+            Ok((
+                parts.status,
+                parts.headers,
+                ResponseBody::H1 {
+                    body,
+                    trailers: None,
+                },
+            ))
+        }
+        Err(mut e) => {
+            let unsent = e.take_message().is_some();
+            let err = e.into_error();
+            let e = h1_error(&err, backend);
+            if unsent || (stale_retry && e.kind == ErrorKind::Reset) {
+                Err(Attempt::Refused(e))
+            } else {
+                Err(Attempt::Upstream(e))
+            }
+        }
+    }
+}
+
+/// Classifies a hyper error on an HTTP/1.1 backend connection.
+fn h1_error(err: &hyper::Error, backend: &Rc<str>) -> UpstreamError {
+    if let Some(why) = h1::guard_error(err) {
+        return UpstreamError::new(ErrorKind::Protocol, backend, why);
+    }
+    let kind = if err.is_parse() || err.is_parse_status() || err.is_parse_too_large() {
+        ErrorKind::Protocol
+    } else if err.is_canceled() {
+        ErrorKind::Refused
+    } else {
+        ErrorKind::Reset
+    };
+    let mut detail = err.to_string();
+    if let Some(source) = std::error::Error::source(err) {
+        detail = format!("{detail}: {source}");
+    }
+    UpstreamError::new(kind, backend, detail)
+}
+
+/// A response head: status, fields, and the body to come.
+type Head = (StatusCode, HeaderMap, ResponseBody);
+
+/// A response body from either kind of backend connection.
+enum ResponseBody {
+    H2(h2::RecvStream),
+    H1 {
+        body: hyper::body::Incoming,
+        trailers: Option<HeaderMap>,
+    },
+}
+
+impl ResponseBody {
+    /// The next chunk, or `None` at the end of the data (trailers may follow).
+    async fn data(&mut self) -> Option<Result<Bytes, String>> {
+        match self {
+            Self::H2(body) => body.data().await.map(|r| r.map_err(|e| e.to_string())),
+            Self::H1 { body, trailers } => loop {
+                let frame =
+                    poll_fn(|cx| http_body::Body::poll_frame(Pin::new(&mut *body), cx)).await?;
+                match frame {
+                    Err(e) => {
+                        let detail = h1::guard_error(&e).unwrap_or_else(|| e.to_string());
+                        return Some(Err(detail));
+                    }
+                    Ok(frame) => match frame.into_data() {
+                        Ok(data) => return Some(Ok(data)),
+                        Err(frame) => {
+                            if let Ok(t) = frame.into_trailers() {
+                                *trailers = Some(t);
+                            }
+                        }
+                    },
+                }
+            },
+        }
+    }
+
+    /// `n` bytes were passed on: the backend may send more (HTTP/2 flow control).
+    fn release(&mut self, n: usize) {
+        if let Self::H2(body) = self {
+            let _ = body.flow_control().release_capacity(n);
+        }
+    }
+
+    async fn trailers(&mut self) -> Result<Option<HeaderMap>, String> {
+        match self {
+            Self::H2(body) => body.trailers().await.map_err(|e| e.to_string()),
+            Self::H1 { trailers, .. } => Ok(trailers.take()),
+        }
+    }
+}
+
+/// Where the request body goes.
+enum Sink {
+    H2(h2::SendStream<Bytes>),
+    H1(h1::BodySender),
+    /// The request head carried its end: no body to send.
+    Nothing,
 }
 
 /// How one attempt at a backend ended, when not with a response.
@@ -405,8 +559,8 @@ async fn exchange(
     job: &Job,
     backend: usize,
     pool: &Rc<BackendPool>,
-    response_fut: h2::client::ResponseFuture,
-    send: h2::SendStream<Bytes>,
+    head: impl Future<Output = Result<Head, Attempt>>,
+    sink: Sink,
     end_of_stream: bool,
 ) -> Result<(), Attempt> {
     let fwd = &job.fwd;
@@ -419,9 +573,9 @@ async fn exchange(
     });
     let started = Instant::now();
 
-    let mut pump = std::pin::pin!(pump_request(job, send, timeouts.idle));
+    let mut pump = std::pin::pin!(pump_request(job, sink, timeouts.idle));
     let mut pump_done = end_of_stream;
-    let mut head_fut = std::pin::pin!(tokio::time::timeout(timeouts.response_head, response_fut));
+    let mut head_fut = std::pin::pin!(tokio::time::timeout(timeouts.response_head, head));
     let response = loop {
         tokio::select! {
             r = &mut head_fut => break r,
@@ -442,24 +596,18 @@ async fn exchange(
                 format!("no response head within {:?}", timeouts.response_head),
             )));
         }
-        Ok(Err(e)) => {
-            let e = UpstreamError::from_h2(&e, &backend_name);
-            if e.kind == ErrorKind::Refused {
-                return Err(Attempt::Refused(e));
-            }
-            return Err(Attempt::Upstream(e));
-        }
-        Ok(Ok(r)) => r,
+        Ok(Err(attempt)) => return Err(attempt),
+        Ok(Ok(head)) => head,
     };
     // Answered: no retry from here on, and the kept body goes.
     job.replay.borrow_mut().close();
     job.upstream_latency.set(Some(started.elapsed()));
-    let (parts, mut body) = response.into_parts();
-    let status = parts.status.as_u16();
+    let (status_code, headers, mut body) = response;
+    let status = status_code.as_u16();
     fwd.report_response(job.upstream, backend, status, started.elapsed());
     job.status.set(status);
     // The first response head of this exchange.
-    let mut fields = bridge::response_to_h3(parts.status, &parts.headers);
+    let mut fields = bridge::response_to_h3(status_code, &headers);
     fwd.finish_head(&mut fields, Some(job.upstream));
     let _ = job.task.respond(fields);
 
@@ -502,7 +650,7 @@ async fn exchange(
         job.bytes_out.set(job.bytes_out.get() + n as u64);
         // The head went out above and the end only comes after this loop.
         let _ = job.task.push_body(chunk);
-        let _ = body.flow_control().release_capacity(n);
+        body.release(n);
     }
     let trailers = match tokio::time::timeout(timeouts.idle, body.trailers()).await {
         Err(_) => {
@@ -527,10 +675,86 @@ async fn exchange(
     Ok(())
 }
 
-/// Moves the client's request body and trailers into the HTTP/2 stream, reserving HTTP/2
-/// send capacity before each write so nothing piles up unbounded inside h2. What an earlier
-/// attempt took from the exchange (kept in the job's [`Replay`]) goes first.
-async fn pump_request(
+/// Moves the client's request body and trailers to the backend: into the HTTP/2 stream,
+/// reserving HTTP/2 send capacity before each write so nothing piles up unbounded inside h2,
+/// or into the HTTP/1.1 body channel, whose capacity does the same. What an earlier attempt
+/// took from the exchange (kept in the job's [`Replay`]) goes first.
+async fn pump_request(job: &Job, sink: Sink, idle: Duration) -> Result<(), Attempt> {
+    match sink {
+        Sink::H2(send) => pump_h2(job, send, idle).await,
+        Sink::H1(tx) => pump_h1(job, tx, idle).await,
+        Sink::Nothing => Ok(()),
+    }
+}
+
+/// The next piece of the request body: from the replay first, then from the exchange.
+async fn next_event(job: &Job, replayed: &mut usize, idle: Duration) -> Option<RequestEvent> {
+    let again = {
+        let replay = job.replay.borrow();
+        match replay.chunks.get(*replayed) {
+            Some(chunk) => Some(RequestEvent::Data(chunk.clone())),
+            None => replay.end.clone().map(RequestEvent::End),
+        }
+    };
+    if let Some(event) = again {
+        *replayed += 1;
+        return Some(event);
+    }
+    let polled = poll_fn(|cx| job.task.poll_request(cx.waker()));
+    let event = tokio::time::timeout(idle, polled).await.ok()?;
+    let mut replay = job.replay.borrow_mut();
+    match &event {
+        RequestEvent::Data(chunk) => {
+            replay.keep(chunk);
+            *replayed = replay.chunks.len();
+        }
+        RequestEvent::End(trailers) => replay.end = Some(trailers.clone()),
+        _ => {}
+    }
+    Some(event)
+}
+
+async fn pump_h1(job: &Job, tx: h1::BodySender, idle: Duration) -> Result<(), Attempt> {
+    use http_body::Frame;
+    let mut replayed = 0;
+    loop {
+        let Some(event) = next_event(job, &mut replayed, idle).await else {
+            tx.abort("request body idle");
+            return Err(Failure::BodyIdle { idle }.into());
+        };
+        match event {
+            RequestEvent::Data(data) => {
+                // The connection stopped reading the body: the response says why.
+                tx.send(Frame::data(data))
+                    .await
+                    .map_err(|()| Attempt::Closed)?;
+            }
+            RequestEvent::End(Some(trailers)) => {
+                // Sent when the request declared them in `trailer` (hyper's rule for
+                // chunked trailers); dropped otherwise.
+                return tx
+                    .send(Frame::trailers(trailers))
+                    .await
+                    .map_err(|()| Attempt::Closed);
+            }
+            // Dropping the sender ends the body.
+            RequestEvent::End(None) => return Ok(()),
+            RequestEvent::Aborted => {
+                tx.abort("the client abandoned the request");
+                return Err(Failure::ClientGone.into());
+            }
+            RequestEvent::TooLarge => {
+                tx.abort("request body over the limit");
+                return Err(Failure::BodyTooLarge {
+                    limit: job.task.request_limit().unwrap_or(0),
+                }
+                .into());
+            }
+        }
+    }
+}
+
+async fn pump_h2(
     job: &Job,
     mut send: h2::SendStream<Bytes>,
     idle: Duration,
@@ -549,38 +773,9 @@ async fn pump_request(
     };
     let mut replayed = 0;
     loop {
-        let again = {
-            let replay = job.replay.borrow();
-            match replay.chunks.get(replayed) {
-                Some(chunk) => Some(RequestEvent::Data(chunk.clone())),
-                None => replay.end.clone().map(RequestEvent::End),
-            }
-        };
-        let event = match again {
-            Some(event) => {
-                replayed += 1;
-                event
-            }
-            None => {
-                let polled = poll_fn(|cx| job.task.poll_request(cx.waker()));
-                let event = match tokio::time::timeout(idle, polled).await {
-                    Ok(ev) => ev,
-                    Err(_) => {
-                        send.send_reset(h2::Reason::CANCEL);
-                        return Err(Failure::BodyIdle { idle }.into());
-                    }
-                };
-                let mut replay = job.replay.borrow_mut();
-                match &event {
-                    RequestEvent::Data(chunk) => {
-                        replay.keep(chunk);
-                        replayed = replay.chunks.len();
-                    }
-                    RequestEvent::End(trailers) => replay.end = Some(trailers.clone()),
-                    _ => {}
-                }
-                event
-            }
+        let Some(event) = next_event(job, &mut replayed, idle).await else {
+            send.send_reset(h2::Reason::CANCEL);
+            return Err(Failure::BodyIdle { idle }.into());
         };
         match event {
             RequestEvent::Data(mut data) => {

@@ -197,6 +197,7 @@ impl Forwarder {
                 let same = ob.id == backend.id
                     && ob.address == backend.address
                     && ob.tls == backend.tls
+                    && ob.protocol == backend.protocol
                     && ou.timeouts.connect == connect;
                 same.then(|| pool.clone())
             })

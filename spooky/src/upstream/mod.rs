@@ -23,9 +23,10 @@
 //! [`UpstreamError`] kinds; what a kind means for the client (502 or 504), for the backend's
 //! health and for the logs is decided in one place, `http::outcome`.
 
+pub mod h1;
 pub mod readahead;
 
-use crate::config::Backend;
+use crate::config::{Backend, BackendProtocol};
 use crate::snapshot::TlsPlan;
 use crate::stats::WorkerStats;
 use bytes::Bytes;
@@ -40,8 +41,14 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-/// Most connections a worker opens to one backend.
+/// Most HTTP/2 connections a worker opens to one backend.
 pub const MAX_CONNS_PER_BACKEND: usize = 16;
+/// Most HTTP/1.1 connections a worker opens to one backend (one request each at a time).
+pub const MAX_H1_CONNS_PER_BACKEND: usize = 256;
+/// An HTTP/1.1 connection idle this long is closed rather than reused: below the keep-alive
+/// timeouts of common servers (nginx 75 s, Node 5 s … gunicorn's 2 s is the exception, which
+/// the retry of an idempotent request on a fresh connection covers).
+pub const H1_IDLE_EXPIRY: Duration = Duration::from_secs(4);
 /// Streams a new connection is taken to carry before its peer's SETTINGS arrive (RFC 9113
 /// §6.5.2 recommends allowing at least 100), and how many waiting requests call for one more
 /// connect.
@@ -136,7 +143,15 @@ pub struct Connector {
     pub backend: Rc<str>,
     pub addr: SocketAddr,
     pub tls: Option<TlsPlan>,
+    pub protocol: BackendProtocol,
     pub connect_timeout: Duration,
+}
+
+/// A connection's sending half: an HTTP/2 handle (cloned per stream) or an HTTP/1.1 one.
+#[derive(Clone)]
+pub enum Sender {
+    H2(SendRequest<Bytes>),
+    H1(Rc<h1::Conn>),
 }
 
 impl Connector {
@@ -146,11 +161,13 @@ impl Connector {
             backend: Rc::from(backend.id.as_str()),
             addr: backend.address,
             tls,
+            protocol: backend.protocol,
             connect_timeout,
         }
     }
 
-    /// Opens one HTTP/2 connection and spawns its driver on the current `LocalSet`.
+    /// Opens one connection (HTTP/2 or HTTP/1.1, by protocol and ALPN) and spawns its driver
+    /// on the current `LocalSet`.
     ///
     /// # Errors
     /// [`UpstreamError`] of kind `Connect`, `ConnectTimeout`, `Tls` or `Handshake`.
@@ -158,7 +175,7 @@ impl Connector {
         &self,
         closed: Rc<Cell<bool>>,
         pool: Weak<BackendPool>,
-    ) -> Result<SendRequest<Bytes>, UpstreamError> {
+    ) -> Result<Sender, UpstreamError> {
         let b = &self.backend;
         let tcp =
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr)).await {
@@ -187,13 +204,16 @@ impl Connector {
             .max_frame_size(64 * 1024)
             .enable_push(false);
         match &self.tls {
+            None if self.protocol == BackendProtocol::Http1 => {
+                self.handshake_h1(tcp, closed, pool).await
+            }
             None => {
                 let (send, conn) = builder
                     .handshake::<_, Bytes>(ReadAhead::h2_frames(tcp))
                     .await
                     .map_err(|e| UpstreamError::new(ErrorKind::Handshake, b, e))?;
                 spawn_driver(conn, closed, pool.clone(), b.clone());
-                Ok(send)
+                Ok(Sender::H2(send))
             }
             Some(plan) => {
                 let connector = tokio_rustls::TlsConnector::from(plan.config.clone());
@@ -215,21 +235,63 @@ impl Connector {
                     }
                     Ok(Ok(s)) => s,
                 };
-                if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
-                    return Err(UpstreamError::new(
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                match self.protocol {
+                    BackendProtocol::Http2 if !h2 => Err(UpstreamError::new(
                         ErrorKind::Tls,
                         b,
                         "backend did not negotiate ALPN h2",
-                    ));
+                    )),
+                    BackendProtocol::Http2 | BackendProtocol::Auto if h2 => {
+                        let (send, conn) = builder
+                            .handshake::<_, Bytes>(tls)
+                            .await
+                            .map_err(|e| UpstreamError::new(ErrorKind::Handshake, b, e))?;
+                        spawn_driver(conn, closed, pool.clone(), b.clone());
+                        Ok(Sender::H2(send))
+                    }
+                    // `http/1.1` negotiated, or no ALPN at all (an HTTP/1.1 server that does
+                    // not know ALPN).
+                    _ => self.handshake_h1(tls, closed, pool).await,
                 }
-                let (send, conn) = builder
-                    .handshake::<_, Bytes>(tls)
-                    .await
-                    .map_err(|e| UpstreamError::new(ErrorKind::Handshake, b, e))?;
-                spawn_driver(conn, closed, pool.clone(), b.clone());
-                Ok(send)
             }
         }
+    }
+
+    /// HTTP/1.1 on a connected transport: hyper's client connection, driven on the
+    /// `LocalSet`, its response heads read through the smuggling guard.
+    async fn handshake_h1<T>(
+        &self,
+        io: T,
+        closed: Rc<Cell<bool>>,
+        pool: Weak<BackendPool>,
+    ) -> Result<Sender, UpstreamError>
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+    {
+        let b = &self.backend;
+        let scan = Rc::new(RefCell::new(h1::HeadScan::new()));
+        let io = hyper_util::rt::TokioIo::new(h1::HeadGuard::new(io, scan.clone()));
+        let (send, conn) = hyper::client::conn::http1::Builder::new()
+            .max_buf_size(256 << 10)
+            .handshake::<_, h1::RequestBody>(io)
+            .await
+            .map_err(|e| UpstreamError::new(ErrorKind::Handshake, b, e))?;
+        let backend = b.clone();
+        tokio::task::spawn_local(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(backend = %backend, error = %e, "upstream connection ended");
+            }
+            closed.set(true);
+            if let Some(pool) = pool.upgrade() {
+                pool.connection_closed();
+            }
+        });
+        Ok(Sender::H1(Rc::new(h1::Conn {
+            send: RefCell::new(send),
+            scan,
+            uses: Cell::new(0),
+        })))
     }
 }
 
@@ -254,21 +316,56 @@ fn spawn_driver<T>(
 }
 
 struct PooledConn {
-    send: SendRequest<Bytes>,
+    send: Sender,
     in_flight: Rc<Cell<usize>>,
     closed: Rc<Cell<bool>>,
+    /// Since when no request is in flight on it (HTTP/1.1 idle expiry).
+    idle_since: Rc<Cell<Instant>>,
+}
+
+impl PooledConn {
+    /// Requests it can take now.
+    fn room(&self) -> usize {
+        match &self.send {
+            Sender::H2(s) => s
+                .current_max_send_streams()
+                .max(1)
+                .saturating_sub(self.in_flight.get()),
+            // Ready: the previous response was read to its end and the connection kept.
+            Sender::H1(c) => usize::from(self.in_flight.get() == 0 && c.send.borrow().is_ready()),
+        }
+    }
+
+    /// Still worth keeping: open, no GOAWAY, an HTTP/1.1 one not idle too long.
+    fn usable(&mut self) -> bool {
+        if self.closed.get() {
+            return false;
+        }
+        match &mut self.send {
+            Sender::H2(s) => usable(s),
+            Sender::H1(c) => {
+                !c.send.borrow().is_closed()
+                    && (self.in_flight.get() > 0
+                        || self.idle_since.get().elapsed() < H1_IDLE_EXPIRY)
+            }
+        }
+    }
 }
 
 /// A request slot on a pooled connection; releases the slot when dropped.
 pub struct Lease {
-    pub send: SendRequest<Bytes>,
+    pub send: Sender,
     in_flight: Rc<Cell<usize>>,
+    idle_since: Rc<Cell<Instant>>,
     pool: Rc<BackendPool>,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         self.in_flight.set(self.in_flight.get().saturating_sub(1));
+        if self.in_flight.get() == 0 {
+            self.idle_since.set(Instant::now());
+        }
         if self.pool.pending.get() > 0 {
             // One waiting request may take the slot.
             self.pool.changed.notify_one();
@@ -299,6 +396,9 @@ pub struct BackendPool {
     conns: RefCell<Vec<PooledConn>>,
     /// Connects under way.
     connecting: Cell<usize>,
+    /// The backend speaks HTTP/1.1 (configured so, or ALPN said so): a connection carries
+    /// one request at a time.
+    speaks_h1: Cell<bool>,
     /// Requests waiting for a slot.
     pending: Cell<usize>,
     /// Rung when a slot may have come free: a connection came up, closed or failed to come
@@ -328,10 +428,10 @@ impl Drop for Waiting<'_> {
 impl BackendPool {
     pub fn new(connector: Connector, limits: PoolLimits, stats: Option<Arc<WorkerStats>>) -> Self {
         Self {
-            connector,
             limits: Cell::new(limits),
             conns: RefCell::new(Vec::new()),
             connecting: Cell::new(0),
+            speaks_h1: Cell::new(connector.protocol == BackendProtocol::Http1),
             pending: Cell::new(0),
             changed: Notify::new(),
             backoff: Cell::new(Backoff::default()),
@@ -339,6 +439,7 @@ impl BackendPool {
             last_failure: RefCell::new(None),
             last_failure_taken: Cell::new(false),
             stats,
+            connector,
         }
     }
 
@@ -451,9 +552,14 @@ impl BackendPool {
     /// bring, within [`MAX_CONNS_PER_BACKEND`] and outside a back-off.
     fn connect_if_needed(self: &Rc<Self>) {
         let open = self.conns.borrow().len() + self.connecting.get();
-        let coming = self.connecting.get() * STREAMS_PER_NEW_CONN;
+        let (per_conn, most) = if self.speaks_h1.get() {
+            (1, MAX_H1_CONNS_PER_BACKEND)
+        } else {
+            (STREAMS_PER_NEW_CONN, MAX_CONNS_PER_BACKEND)
+        };
+        let coming = self.connecting.get() * per_conn;
         let wanted = self.pending.get() > coming;
-        if !wanted || open >= MAX_CONNS_PER_BACKEND || self.backing_off().is_some() {
+        if !wanted || open >= most || self.backing_off().is_some() {
             return;
         }
         self.connecting.set(self.connecting.get() + 1);
@@ -475,11 +581,12 @@ impl BackendPool {
         let result = self.open_connection().await;
         self.connecting.set(self.connecting.get().saturating_sub(1));
         self.changed.notify_waiters();
-        let (send, in_flight) = result?;
+        let (send, in_flight, idle_since) = result?;
         in_flight.set(in_flight.get() + 1);
         Ok(Lease {
             send,
             in_flight,
+            idle_since,
             pool: self.clone(),
         })
     }
@@ -487,7 +594,7 @@ impl BackendPool {
     /// Connects, and adds the connection to the pool (or records the failure and backs off).
     async fn open_connection(
         self: &Rc<Self>,
-    ) -> Result<(SendRequest<Bytes>, Rc<Cell<usize>>), UpstreamError> {
+    ) -> Result<(Sender, Rc<Cell<usize>>, Rc<Cell<Instant>>), UpstreamError> {
         let closed = Rc::new(Cell::new(false));
         match self
             .connector
@@ -496,13 +603,18 @@ impl BackendPool {
         {
             Ok(send) => {
                 self.backoff.set(Backoff::default());
+                if matches!(send, Sender::H1(_)) {
+                    self.speaks_h1.set(true);
+                }
                 let in_flight = Rc::new(Cell::new(0));
+                let idle_since = Rc::new(Cell::new(Instant::now()));
                 self.conns.borrow_mut().push(PooledConn {
                     send: send.clone(),
                     in_flight: in_flight.clone(),
                     closed,
+                    idle_since: idle_since.clone(),
                 });
-                Ok((send, in_flight))
+                Ok((send, in_flight, idle_since))
             }
             Err(e) => {
                 let mut b = self.backoff.get();
@@ -533,15 +645,16 @@ impl BackendPool {
 
     fn try_lease(self: &Rc<Self>) -> Option<Lease> {
         let mut conns = self.conns.borrow_mut();
-        conns.retain_mut(|c| !c.closed.get() && usable(&mut c.send));
+        conns.retain_mut(PooledConn::usable);
         let c = conns
             .iter()
-            .filter(|c| c.in_flight.get() < c.send.current_max_send_streams().max(1))
+            .filter(|c| c.room() > 0)
             .min_by_key(|c| c.in_flight.get())?;
         c.in_flight.set(c.in_flight.get() + 1);
         Some(Lease {
             send: c.send.clone(),
             in_flight: c.in_flight.clone(),
+            idle_since: c.idle_since.clone(),
             pool: self.clone(),
         })
     }

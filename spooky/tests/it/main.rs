@@ -24,3 +24,4 @@ mod soak;
 mod support;
 mod takeover;
 mod tcp;
+mod upstreams;

@@ -438,6 +438,25 @@ fn build_backend(raw: &RawBackend, path: &str, io: &Io<'_>, errs: &mut Errors) -
         None => Some(None),
         Some(t) => build_backend_tls(t, &raw.address, &format!("{path}.tls"), io, errs).map(Some),
     };
+    let protocol = match (raw.protocol.as_deref(), &raw.tls) {
+        (None | Some("http2"), _) => Some(BackendProtocol::Http2),
+        (Some("http1"), _) => Some(BackendProtocol::Http1),
+        (Some("auto"), Some(_)) => Some(BackendProtocol::Auto),
+        (Some("auto"), None) => {
+            errs.push(
+                format!("{path}.protocol"),
+                "auto needs tls (ALPN decides between h2 and http/1.1); say http1 or http2 for cleartext",
+            );
+            None
+        }
+        (Some(other), _) => {
+            errs.push(
+                format!("{path}.protocol"),
+                format!("unknown protocol \"{other}\" (allowed: http2, http1, auto)"),
+            );
+            None
+        }
+    };
     if !id_ok {
         return None;
     }
@@ -448,6 +467,7 @@ fn build_backend(raw: &RawBackend, path: &str, io: &Io<'_>, errs: &mut Errors) -
         weight: weight?,
         health_check: health_check?,
         tls: tls?,
+        protocol: protocol?,
     })
 }
 
