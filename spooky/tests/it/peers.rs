@@ -147,6 +147,8 @@ struct Be<'a> {
     addr: SocketAddr,
     /// The backend's `tls` mapping in YAML flow style, or `None` for h2c.
     tls: Option<String>,
+    /// The backend's `protocol`, when not the default (http2).
+    protocol: Option<&'static str>,
 }
 
 fn h2c(id: &str, addr: SocketAddr) -> Be<'_> {
@@ -154,6 +156,14 @@ fn h2c(id: &str, addr: SocketAddr) -> Be<'_> {
         id,
         addr,
         tls: None,
+        protocol: None,
+    }
+}
+
+fn http1(id: &str, addr: SocketAddr) -> Be<'_> {
+    Be {
+        protocol: Some("http1"),
+        ..h2c(id, addr)
     }
 }
 
@@ -169,6 +179,9 @@ fn pool_of(name: &str, prefix: &str, backends: &[Be<'_>]) -> String {
         ));
         if let Some(tls) = &b.tls {
             s.push_str(&format!("        tls: {tls}\n"));
+        }
+        if let Some(protocol) = b.protocol {
+            s.push_str(&format!("        protocol: {protocol}\n"));
         }
     }
     s
@@ -600,6 +613,8 @@ const FILE_SIZES: [(&str, usize); 2] = [("1m", 1 << 20), ("16m", 16 << 20)];
 struct Nginx {
     h2c: SocketAddr,
     tls: SocketAddr,
+    /// HTTP/1.1 in cleartext.
+    h1: SocketAddr,
     _process: PeerProcess,
     dir: ScratchDir,
 }
@@ -623,12 +638,14 @@ impl Nginx {
         }
         let h2c = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
         let tls = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+        let h1 = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
         let certs = certs_dir();
         let template = std::fs::read_to_string(peers_dir().join("nginx.conf.in")).unwrap();
         let conf = template
             .replace("{{dir}}", &root.display().to_string())
             .replace("{{h2c_port}}", &h2c.port().to_string())
             .replace("{{tls_port}}", &tls.port().to_string())
+            .replace("{{h1_port}}", &h1.port().to_string())
             .replace("{{cert}}", &certs.join("backend.crt").display().to_string())
             .replace("{{key}}", &certs.join("backend.key").display().to_string());
         assert!(!conf.contains("{{"), "unfilled placeholder:\n{conf}");
@@ -643,12 +660,14 @@ impl Nginx {
             root.join("stdout.log"),
             "run cargo xtask setup",
         );
-        if let Err(log) = process.wait_until("listening", || accepts_tcp(h2c) && accepts_tcp(tls)) {
+        let listening = || accepts_tcp(h2c) && accepts_tcp(tls) && accepts_tcp(h1);
+        if let Err(log) = process.wait_until("listening", listening) {
             return Err(format!("{log}\nerror.log:\n{}", nginx_error_log(root)));
         }
         Ok(Self {
             h2c,
             tls,
+            h1,
             _process: process,
             dir,
         })
@@ -665,7 +684,9 @@ fn nginx_error_log(dir: &Path) -> String {
 
 /// Downloads `/health` and every file through Spooky, hashes the bodies, and then the 1 MiB
 /// file 8 times in parallel on one connection.
-fn download_files_through(p: &Proxy, nginx: &Nginx) {
+/// Downloads every file and checks it, and that nginx served it over `protocol` (as nginx's
+/// `$server_protocol` names it).
+fn download_files_through(p: &Proxy, nginx: &Nginx, protocol: &str) {
     let mut c = client(p.addr);
     let r = c.request(&Request::get("localhost", "/health"), T).unwrap();
     assert_eq!(r.status, 200, "nginx log:\n{}", nginx.error_log());
@@ -682,6 +703,7 @@ fn download_files_through(p: &Proxy, nginx: &Nginx) {
         );
         assert!(r.finished, "/files/{name}: stream not finished cleanly");
         assert_eq!(r.header("x-backend"), Some("nginx"));
+        assert_eq!(r.header("x-protocol"), Some(protocol), "/files/{name}");
         assert_eq!(r.body.len(), n, "/files/{name}");
         assert_eq!(
             sha256_hex(&r.body),
@@ -711,7 +733,29 @@ fn verified_tls() -> String {
 fn nginx_over_h2c_serves_large_files_intact() {
     let nginx = Nginx::start();
     let p = start_proxy(&pool_of("main", "/", &[h2c("nginx", nginx.h2c)]));
-    download_files_through(&p, &nginx);
+    download_files_through(&p, &nginx, "HTTP/2.0");
+}
+
+#[test]
+fn nginx_over_http1_serves_large_files_intact() {
+    let nginx = Nginx::start();
+    let p = start_proxy(&pool_of("main", "/", &[http1("nginx", nginx.h1)]));
+    download_files_through(&p, &nginx, "HTTP/1.1");
+}
+
+#[test]
+fn nginx_over_tls_speaks_http1_or_lets_alpn_decide() {
+    let nginx = Nginx::start();
+    for (protocol, served) in [("http1", "HTTP/1.1"), ("auto", "HTTP/2.0")] {
+        let be = Be {
+            id: "nginx-tls",
+            addr: nginx.tls,
+            tls: Some(verified_tls()),
+            protocol: Some(protocol),
+        };
+        let p = start_proxy(&pool_of("main", "/", &[be]));
+        download_files_through(&p, &nginx, served);
+    }
 }
 
 #[test]
@@ -721,9 +765,10 @@ fn nginx_over_verified_tls_serves_large_files_intact() {
         id: "nginx-tls",
         addr: nginx.tls,
         tls: Some(verified_tls()),
+        protocol: None,
     };
     let p = start_proxy(&pool_of("main", "/", &[be]));
-    download_files_through(&p, &nginx);
+    download_files_through(&p, &nginx, "HTTP/2.0");
 }
 
 #[test]
@@ -734,6 +779,7 @@ fn nginx_tls_certificate_that_does_not_verify_is_a_502() {
         id: "unknown-ca",
         addr: nginx.tls,
         tls: Some("{server_name: localhost}".into()),
+        protocol: None,
     };
     let wrong_name = Be {
         id: "wrong-name",
@@ -742,6 +788,7 @@ fn nginx_tls_certificate_that_does_not_verify_is_a_502() {
             "{{ca: \"{}\", server_name: other.example}}",
             certs_dir().join("ca.crt").display()
         )),
+        protocol: None,
     };
     let upstreams = pool_of("unknown", "/unknown-ca/", &[unknown_ca])
         + &pool_of("wrong", "/wrong-name/", &[wrong_name])
@@ -896,4 +943,52 @@ fn hypercorn_receives_a_large_upload_intact() {
     assert_eq!(seen["sha256"], sha256_hex(&pattern(n)), "{seen}");
     assert_eq!(r[1].status, Some(200));
     assert_eq!(r[1].body.as_deref(), Some("ok\n"));
+}
+
+#[test]
+fn hypercorn_over_http1_gets_the_request_and_its_uploads_intact() {
+    let h = Hypercorn::start();
+    let mut upstreams = pool_of("main", "/", &[http1("hypercorn", h.addr)]);
+    upstreams.push_str(
+        "        health_check:\n          path: /health\n          interval: 200ms\n          timeout: 150ms\n",
+    );
+    let p = start_proxy(&upstreams);
+    let authority = "app.example:9889";
+    let n = 8 << 20;
+    let plan = serde_json::json!([
+        [{ "path": "/who?x=1", "authority": authority, "headers": [["x-test", "yes"]] }],
+        [{ "method": "POST", "path": "/upload", "authority": "localhost", "upload": n }],
+        [{ "method": "POST", "path": "/upload", "authority": "localhost", "upload": 1000 }],
+        [get("/health")],
+    ]);
+    let r = aioquic(p.addr, &plan).ok(4);
+    let seen = r[0].json_body();
+    assert_eq!(r[0].status, Some(200), "{:?}", r[0]);
+    assert_eq!(seen["http_version"], "1.1", "{seen}");
+    assert_eq!(seen["authority"], authority, "{seen}");
+    assert_eq!(seen["path"], "/who", "{seen}");
+    assert_eq!(seen["query"], "x=1", "{seen}");
+    let headers = seen["headers"].as_array().unwrap();
+    assert!(
+        headers.iter().any(|h| h[0] == "x-test" && h[1] == "yes"),
+        "{seen}"
+    );
+    assert!(headers.iter().any(|h| h[0] == "x-forwarded-for"), "{seen}");
+    for (resp, len) in [(&r[1], n), (&r[2], 1000)] {
+        assert_eq!(resp.status, Some(200), "{resp:?}");
+        let up = resp.json_body();
+        assert_eq!(up["length"], len, "{up}");
+        assert_eq!(up["sha256"], sha256_hex(&pattern(len)), "{up}");
+    }
+    assert_eq!(r[3].body.as_deref(), Some("ok\n"));
+    // Its probes are HTTP/1.1 too, and hypercorn answers them.
+    let probes = |result: &str| {
+        let text = p.running.as_ref().unwrap().metrics_text();
+        metric_sum(&text, &format!("spooky_health_checks_total{{pool=\"main\",backend=\"hypercorn\",result=\"{result}\"}}"))
+    };
+    wait_until("two successful probes", Duration::from_secs(5), || {
+        probes("success") >= 2.0
+    });
+    assert_eq!(probes("failure"), 0.0);
+    assert_eq!(backend_state(&p, "hypercorn"), Some(0));
 }

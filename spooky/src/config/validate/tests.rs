@@ -1221,7 +1221,7 @@ fn shape_errors_come_from_serde_with_path_and_line() {
     assert_eq!(err.exit_code(), 1);
     assert_eq!(
             err.to_string(),
-            "upstream.api.backends[0]: unknown field `wieght`, expected one of `id`, `address`, `weight`, `health_check`, `tls` at line 8 column 18"
+            "upstream.api.backends[0]: unknown field `wieght`, expected one of `id`, `address`, `weight`, `health_check`, `tls`, `protocol` at line 8 column 18"
         );
     let err = parse_full("version: 1\n").unwrap_err();
     assert_eq!(err.to_string(), "missing field `listen`");
@@ -1328,5 +1328,24 @@ fn the_memory_limit_is_auto_by_default_and_can_be_off() {
     assert_eq!(
         problems(&format!("proxy: {{memory_limit: lots}}\n{ONE_UPSTREAM}")).len(),
         1
+    );
+}
+
+#[test]
+fn backend_protocols() {
+    let c = ok(&String::from(
+        "upstream:\n  api:\n    backends:\n      - {id: a, address: \"127.0.0.1:7001\"}\n      - {id: b, address: \"127.0.0.1:7002\", protocol: http1}\n      - {id: c, address: \"127.0.0.1:7003\", protocol: auto, tls: {}}\n      - {id: d, address: \"127.0.0.1:7004\", protocol: http1, tls: {}}\n",
+    ));
+    let got: Vec<BackendProtocol> = c.upstreams[0].backends.iter().map(|b| b.protocol).collect();
+    use BackendProtocol::*;
+    assert_eq!(got, [Http2, Http1, Auto, Http1]);
+    assert_eq!(
+        problems(&String::from(
+            "upstream:\n  api:\n    backends:\n      - {id: a, address: \"127.0.0.1:7001\", protocol: auto}\n      - {id: b, address: \"127.0.0.1:7002\", protocol: h3}\n"
+        )),
+        [
+            "upstream.api.backends[0].protocol: auto needs tls (ALPN decides between h2 and http/1.1); say http1 or http2 for cleartext",
+            "upstream.api.backends[1].protocol: unknown protocol \"h3\" (allowed: http2, http1, auto)",
+        ]
     );
 }
