@@ -8,7 +8,7 @@
 //! | wiring | [`app`] (imported by nothing) |
 //! | data plane | `worker` (one per CPU: the loop, timers, control messages, both fronts) |
 //! | data plane | [`quic`] (sans-IO endpoint, the QUIC front, connections) and [`tcp`] (TLS over TCP: HTTP/2 and HTTP/1.1), side by side; [`http`] (bridge, exchange, outcome, request task) |
-//! | control | [`ops`] (admin, metrics, access log, reload, status, logging, privileges), [`health`] (state machine, checker) |
+//! | control | [`ops`] (admin, metrics, access log, reload, status, logging, privileges), [`health`] (state machine, checker), [`acme`], [`dns`] (backends named by DNS) |
 //! | data plane | [`upstream`] (HTTP/2 pools to backends) |
 //! | control | [`steering`] (tiers, classic BPF, pins, the kernel object) |
 //! | state | [`snapshot`] (per configuration), `certs` (the listener's certificates by SNI), [`board`], [`keys`] and [`stats`] (per process) |
@@ -19,6 +19,7 @@ pub mod app;
 mod board;
 pub mod certs;
 pub mod config;
+pub mod dns;
 mod health;
 pub mod http;
 pub mod keys;

@@ -18,7 +18,7 @@ pub const SPOOKY_LAYERS: &[&[&str]] = &[
     &["worker"],
     &["quic", "tcp"],
     &["http"],
-    &["health", "acme"],
+    &["health", "acme", "dns"],
     &["upstream"],
     &["steering"],
     &["telemetry"],

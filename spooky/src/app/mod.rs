@@ -66,6 +66,8 @@ pub enum StartError {
     },
     #[error("connection ID layout: {0:?}")]
     Layout(spooky_common::cid::LayoutError),
+    #[error("resolver: {0}")]
+    Dns(String),
     #[error("{0}")]
     Snapshot(#[from] SnapshotError),
     #[error("cannot bind UDP {addr}: {source}")]
@@ -124,6 +126,8 @@ pub struct Running {
     checker: Option<Checker>,
     /// Stops the ACME thread, when there is one.
     acme: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Stops the resolver's thread.
+    dns: Option<std::sync::mpsc::Sender<()>>,
 }
 
 impl Running {
@@ -184,6 +188,9 @@ impl Running {
             c.stop();
         }
         if let Some(stop) = self.acme.take() {
+            let _ = stop.send(());
+        }
+        if let Some(stop) = self.dns.take() {
             let _ = stop.send(());
         }
         let steering = self.live.steering.lock().ok().and_then(|mut s| s.take());
@@ -305,7 +312,7 @@ fn enable_tcp_migration() {
 /// # Errors
 /// As [`start`].
 pub fn start_from(
-    config: Config,
+    mut config: Config,
     opts: &RunOptions,
     path: Option<PathBuf>,
 ) -> Result<Running, StartError> {
@@ -362,6 +369,20 @@ pub fn start_from(
     // Secret, so nobody outside can aim client-chosen DCIDs at one worker; the same along a
     // chain of takeovers (the keys are passed on), so each process's minted IDs stay placed.
     let hash_key = own_keys.cid_hash_key();
+
+    // Backends named by DNS: resolved now, followed by the resolver's thread later.
+    let dns = match (crate::dns::Dns::new(&config.resolver), config.dns_names()) {
+        (Ok(dns), names) => {
+            dns.learn(&names);
+            crate::config::expand(&mut config, |name| dns.addresses(name));
+            Some(Arc::new(dns))
+        }
+        (Err(e), names) if names.is_empty() => {
+            tracing::warn!(error = %e, "no DNS resolver: backends named by DNS cannot be added by a reload");
+            None
+        }
+        (Err(e), _) => return Err(StartError::Dns(e)),
+    };
 
     // The first snapshot, complete before anything uses it.
     let snapshot = Arc::new(Snapshot::build(config, &board, &tls, &own_keys, 1)?);
@@ -526,6 +547,13 @@ pub fn start_from(
         links,
         checker.follower(),
     ));
+    let dns = match dns {
+        Some(dns) => {
+            reloader.set_dns(dns.clone());
+            Some(crate::dns::start(dns, reloader.dns_follower()).map_err(StartError::Thread)?)
+        }
+        None => None,
+    };
     let ops = Arc::new(Ops {
         reloader,
         stats: stats.clone(),
@@ -660,6 +688,7 @@ pub fn start_from(
         workers: handles,
         checker: Some(checker),
         acme,
+        dns,
     })
 }
 

@@ -5,7 +5,6 @@
 
 use std::ffi::CString;
 use std::io;
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
 
 /// What configuration validation may ask of the outside world.
@@ -15,12 +14,6 @@ pub trait Env {
     /// # Errors
     /// Why it cannot be read.
     fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
-
-    /// The addresses `host` resolves to, with `port`.
-    ///
-    /// # Errors
-    /// Why it does not resolve.
-    fn resolve(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>>;
 
     /// The uid and gid of the user called `name`, `None` when there is none.
     fn user(&self, name: &str) -> Option<(u32, u32)>;
@@ -33,10 +26,6 @@ pub struct System;
 impl Env for System {
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
         std::fs::read(path)
-    }
-
-    fn resolve(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
-        Ok((host, port).to_socket_addrs()?.collect())
     }
 
     fn user(&self, name: &str) -> Option<(u32, u32)> {
@@ -71,9 +60,5 @@ mod tests {
         assert_eq!(System.user("no-such-user-spooky"), None);
         assert_eq!(System.user("nul\0inside"), None);
         assert!(System.read(Path::new("/nonexistent/spooky")).is_err());
-        assert_eq!(
-            System.resolve("127.0.0.1", 80).unwrap(),
-            vec!["127.0.0.1:80".parse::<SocketAddr>().unwrap()]
-        );
     }
 }

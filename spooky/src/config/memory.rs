@@ -81,7 +81,6 @@ fn ancestors(root: &str, path: &str, file: &str) -> Vec<PathBuf> {
 mod tests {
     use super::*;
     use std::collections::HashMap;
-    use std::net::SocketAddr;
 
     struct Files(HashMap<PathBuf, String>);
 
@@ -91,9 +90,6 @@ mod tests {
                 .get(path)
                 .map(|t| t.as_bytes().to_vec())
                 .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
-        }
-        fn resolve(&self, _: &str, _: u16) -> std::io::Result<Vec<SocketAddr>> {
-            Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
         }
         fn user(&self, _: &str) -> Option<(u32, u32)> {
             None

@@ -40,6 +40,19 @@ pub struct Config {
     pub control_socket: ControlSocket,
     /// Certificates obtained and renewed automatically; `None`: none.
     pub acme: Option<Acme>,
+    /// How backends named by DNS are resolved.
+    pub resolver: Resolver,
+}
+
+/// `resolver`: the DNS resolver for backends named by host name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolver {
+    /// Name servers to ask (UDP, then TCP); empty: the system's (`/etc/resolv.conf`).
+    /// `/etc/hosts` is read either way.
+    pub nameservers: Vec<SocketAddr>,
+    /// Bounds on how long an answer is used before it is asked again (its TTL, clamped).
+    pub min_ttl: Duration,
+    pub max_ttl: Duration,
 }
 
 /// `acme`: certificates obtained from an ACME server (RFC 8555) and renewed at two thirds
@@ -287,6 +300,55 @@ pub struct Upstream {
     pub response_headers: HeaderRules,
     /// Every request of the route is answered with this redirect; the pool has no backends.
     pub redirect: Option<Redirect>,
+    /// Backends named by DNS: each address the name resolves to becomes one backend in
+    /// `backends` (see [`expand`]); these are what they are made from.
+    pub named: Vec<NamedBackend>,
+}
+
+/// A backend whose address is a DNS name.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NamedBackend {
+    pub host: String,
+    pub port: u16,
+    /// The backend as configured; its `address` is only a placeholder (unspecified, the
+    /// port). Each resolved address gets a copy with `address` set and id `ID@ADDRESS`.
+    pub template: Backend,
+}
+
+/// Makes one backend of every address each [`NamedBackend`] resolves to (`addresses` of the
+/// host name; sorted, so the order is stable), in place of the ones made last time. A name
+/// without addresses has no backends (its pool answers 503 until it resolves).
+pub fn expand(config: &mut Config, addresses: impl Fn(&str) -> Vec<std::net::IpAddr>) {
+    for up in &mut config.upstreams {
+        up.backends.retain(|b| b.resolved_from.is_none());
+        for named in &up.named {
+            let mut ips = addresses(&named.host);
+            ips.sort_unstable();
+            ips.dedup();
+            for ip in ips {
+                up.backends.push(Backend {
+                    id: format!("{}@{ip}", named.template.id),
+                    address: SocketAddr::new(ip, named.port),
+                    resolved_from: Some(named.host.clone()),
+                    ..named.template.clone()
+                });
+            }
+        }
+    }
+}
+
+impl Config {
+    /// The host names backends are to be resolved from.
+    pub fn dns_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .upstreams
+            .iter()
+            .flat_map(|u| u.named.iter().map(|n| n.host.clone()))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
 }
 
 /// Field changes, applied in this order: `remove`, `set`, `add`.
@@ -383,6 +445,8 @@ pub struct Backend {
     /// `None`: cleartext (HTTP/2 with prior knowledge, or HTTP/1.1).
     pub tls: Option<BackendTls>,
     pub protocol: BackendProtocol,
+    /// Made from a [`NamedBackend`]: the host name it resolved from.
+    pub resolved_from: Option<String>,
 }
 
 /// The HTTP version spoken to a backend.

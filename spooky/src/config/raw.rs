@@ -44,6 +44,28 @@ pub(super) struct RawConfig {
     pub control_socket: Option<String>,
     #[serde(default)]
     pub acme: Option<RawAcme>,
+    #[serde(default)]
+    pub resolver: RawResolver,
+}
+
+/// `resolver`: how backends named by DNS are resolved.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawResolver {
+    /// `IP` or `IP:PORT` each; empty = the system's.
+    pub nameservers: Vec<String>,
+    pub min_ttl: RawDuration,
+    pub max_ttl: RawDuration,
+}
+
+impl Default for RawResolver {
+    fn default() -> Self {
+        Self {
+            nameservers: Vec::new(),
+            min_ttl: RawDuration::Millis(1_000),
+            max_ttl: RawDuration::Millis(300_000),
+        }
+    }
 }
 
 /// `acme`: certificates obtained and renewed automatically (RFC 8555).

@@ -23,14 +23,15 @@ use super::env::{Env, System};
 use super::raw::{
     RawAcme, RawAdmin, RawBackend, RawBackendTls, RawConfig, RawDuration, RawHeaderRules,
     RawHealthCheck, RawListen, RawListenTls, RawLoadBalancing, RawLog, RawPassiveHealth, RawProxy,
-    RawQuic, RawRedirect, RawRoute, RawServerId, RawSize, RawStatusRange, RawSteering, RawTimeouts,
-    RawUpstream, DEFAULT_REPLICAS, DEFAULT_RETRY_THRESHOLD,
+    RawQuic, RawRedirect, RawResolver, RawRoute, RawServerId, RawSize, RawStatusRange, RawSteering,
+    RawTimeouts, RawUpstream, DEFAULT_REPLICAS, DEFAULT_RETRY_THRESHOLD,
 };
 use super::{
     AccessLog, Acme, AcmeChallenge, Admin, Backend, BackendProtocol, BackendTls, CertPair, Config,
     ControlSocket, EarlyData, ForwardedMode, HashKey, HeaderRules, HealthCheck, Listen, ListenTls,
-    LoadBalancing, Log, LogFormat, PassiveHealth, PlainHttp, Proxy, Quic, Redirect, RetryMode,
-    Route, Steering, Tcp, UnknownSni, Upstream, UpstreamTimeouts, User, XdpMode,
+    LoadBalancing, Log, LogFormat, NamedBackend, PassiveHealth, PlainHttp, Proxy, Quic, Redirect,
+    Resolver, RetryMode, Route, Steering, Tcp, UnknownSni, Upstream, UpstreamTimeouts, User,
+    XdpMode,
 };
 
 /// Why a configuration was refused.
@@ -228,6 +229,7 @@ fn build_config(raw: &RawConfig, io: &Io<'_>, errs: &mut Errors) -> Option<Confi
         Some(n) => errs.check("workers", int_in(n, 1, 4096)).map(Some),
     };
     let acme = build_acme(&raw.acme, listen.as_ref(), io, errs);
+    let resolver = build_resolver(&raw.resolver, errs);
     let control_socket = match raw.control_socket.as_deref() {
         None => Some(ControlSocket::At {
             path: PathBuf::from(super::DEFAULT_CONTROL_SOCKET),
@@ -253,6 +255,45 @@ fn build_config(raw: &RawConfig, io: &Io<'_>, errs: &mut Errors) -> Option<Confi
         workers: workers?,
         control_socket: control_socket?,
         acme: acme?,
+        resolver: resolver?,
+    })
+}
+
+fn build_resolver(raw: &RawResolver, errs: &mut Errors) -> Option<Resolver> {
+    let mut nameservers = Vec::with_capacity(raw.nameservers.len());
+    let mut ok = true;
+    for (i, text) in raw.nameservers.iter().enumerate() {
+        let parsed = text.parse::<SocketAddr>().ok().or_else(|| {
+            text.parse::<std::net::IpAddr>()
+                .ok()
+                .map(|ip| SocketAddr::new(ip, 53))
+        });
+        match parsed {
+            Some(a) => nameservers.push(a),
+            None => {
+                ok = false;
+                errs.push(
+                    format!("resolver.nameservers[{i}]"),
+                    format!("not an IP address or IP:PORT: \"{text}\""),
+                );
+            }
+        }
+    }
+    let min_ttl = duration(errs, "resolver.min_ttl", &raw.min_ttl);
+    let max_ttl = positive_duration(errs, "resolver.max_ttl", &raw.max_ttl);
+    if let (Some(min), Some(max)) = (min_ttl, max_ttl) {
+        if min > max {
+            errs.push(
+                "resolver.min_ttl",
+                format!("must not exceed max_ttl ({max:?})"),
+            );
+            return None;
+        }
+    }
+    Some(Resolver {
+        nameservers: ok.then_some(nameservers)?,
+        min_ttl: min_ttl?,
+        max_ttl: max_ttl?,
     })
 }
 

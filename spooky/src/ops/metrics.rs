@@ -405,6 +405,21 @@ fn certificates(out: &mut String, certs: &crate::certs::Certificates) {
             "Stored ACME certificates served at start instead of ordering.",
             &acme.reused,
         ),
+        (
+            "spooky_dns_lookups_total",
+            "DNS lookups of backend names.",
+            &crate::dns::LOOKUPS,
+        ),
+        (
+            "spooky_dns_lookup_failures_total",
+            "DNS lookups of backend names that failed; the last good addresses stay.",
+            &crate::dns::FAILURES,
+        ),
+        (
+            "spooky_dns_changes_total",
+            "Backend address sets changed by DNS and put in force.",
+            &crate::dns::CHANGES,
+        ),
     ] {
         head(out, name, "counter", help);
         let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));

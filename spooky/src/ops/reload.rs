@@ -17,14 +17,15 @@
 //! up; new handshakes use the new certificate.
 
 use crate::board::HealthBoard;
-use crate::config::{Config, ConfigError};
+use crate::config::{expand, Config, ConfigError};
+use crate::dns::Dns;
 use crate::keys::Keys;
 use crate::snapshot::{Follower, QuicConfigError, Snapshot, SnapshotError};
 use crate::telemetry::logging::LevelReloader;
 use crate::worker::control::{switch, Link, SwitchError, WorkerUpdate, WORKER_ANSWER};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 /// Why a reload did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +107,9 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     if old.control_socket != new.control_socket {
         v.push("control_socket needs a restart".to_owned());
     }
+    if old.resolver != new.resolver {
+        v.push("resolver needs a restart".to_owned());
+    }
     v
 }
 
@@ -123,6 +127,8 @@ pub struct Reloader {
     one_at_a_time: Mutex<()>,
     reloads_ok: AtomicU64,
     reloads_failed: AtomicU64,
+    /// The resolver of backends named by DNS.
+    dns: OnceLock<Arc<Dns>>,
 }
 
 impl Reloader {
@@ -147,6 +153,7 @@ impl Reloader {
             one_at_a_time: Mutex::new(()),
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
+            dns: OnceLock::new(),
         }
     }
 
@@ -169,6 +176,40 @@ impl Reloader {
             self.reloads_ok.load(Ordering::Relaxed),
             self.reloads_failed.load(Ordering::Relaxed),
         )
+    }
+
+    /// Installs the resolver that configurations' backend names are resolved with.
+    pub fn set_dns(&self, dns: Arc<Dns>) {
+        let _ = self.dns.set(dns);
+    }
+
+    /// Makes the configuration in force follow the addresses its backend names resolve to
+    /// now: re-expanded and applied like a reload when they changed (`Some(summary)`).
+    ///
+    /// # Errors
+    /// As [`Reloader::apply`]; nothing changed then.
+    pub fn follow_dns(&self) -> Result<Option<String>, ReloadError> {
+        let Some(dns) = self.dns.get() else {
+            return Ok(None);
+        };
+        let _one = self.one_at_a_time.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.current();
+        let mut config = old.config.clone();
+        expand(&mut config, |name| dns.addresses(name));
+        let moved = config
+            .upstreams
+            .iter()
+            .zip(&old.config.upstreams)
+            .any(|(new, old)| new.backends != old.backends);
+        if !moved {
+            return Ok(None);
+        }
+        self.apply_locked(config).map(Some)
+    }
+
+    /// The resolver thread's view of this reloader.
+    pub fn dns_follower(self: &Arc<Self>) -> impl crate::dns::Follower {
+        DnsFollower(self.clone())
     }
 
     /// Installs the function that changes the log filter on reload.
@@ -206,6 +247,23 @@ impl Reloader {
     /// [`ReloadError`]; nothing changed then (except for [`SwitchError::Unconfirmed`]).
     pub fn apply(&self, mut config: Config) -> Result<String, ReloadError> {
         let _one = self.one_at_a_time.lock().unwrap_or_else(|p| p.into_inner());
+        match self.dns.get() {
+            Some(dns) => {
+                dns.learn(&config.dns_names());
+                expand(&mut config, |name| dns.addresses(name));
+            }
+            None if !config.dns_names().is_empty() => {
+                return Err(ReloadError::NeedsRestart(vec![
+                    "backends named by DNS need the resolver, which starts with Spooky".into(),
+                ]))
+            }
+            None => {}
+        }
+        self.apply_locked(config)
+    }
+
+    /// [`Reloader::apply`] of an expanded configuration, under the one-at-a-time lock.
+    fn apply_locked(&self, mut config: Config) -> Result<String, ReloadError> {
         let old = self.current();
         if config.steering.xdp_mode != old.config.steering.xdp_mode {
             tracing::warn!("steering.xdp_mode changes take effect at the next start");
@@ -255,6 +313,18 @@ impl Reloader {
             ));
         }
         Ok(summary)
+    }
+}
+
+struct DnsFollower(Arc<Reloader>);
+
+impl crate::dns::Follower for DnsFollower {
+    fn names(&self) -> Vec<String> {
+        self.0.current().config.dns_names()
+    }
+
+    fn follow(&self) -> Result<Option<String>, String> {
+        self.0.follow_dns().map_err(|e| e.to_string())
     }
 }
 

@@ -446,3 +446,206 @@ fn health_checks_speak_http1() {
     // Probes reuse their connection too.
     assert!(server.accepted() <= 2, "{} connections", server.accepted());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Backends named by DNS, against a dnsmasq the test runs on loopback
+
+/// dnsmasq on 127.0.0.1:`port` answering from the hosts file `hosts` only, with a 1 s TTL;
+/// it reads the file again on SIGHUP. Stopped by its PID when dropped.
+struct Dnsmasq(std::process::Child);
+
+impl Dnsmasq {
+    fn start(port: u16, hosts: &std::path::Path) -> Self {
+        require_command("dnsmasq", "dnsmasq-base");
+        let child = std::process::Command::new("dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--no-resolv",
+                "--no-hosts",
+                "--conf-file=/dev/null",
+                "--bind-interfaces",
+                "--listen-address=127.0.0.1",
+                "--user=root",
+                "--pid-file=",
+                "--local-ttl=1",
+            ])
+            .arg(format!("--port={port}"))
+            .arg(format!("--addn-hosts={}", hosts.display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("dnsmasq");
+        Self(child)
+    }
+
+    /// Has it read its hosts file again.
+    fn reread(&self) {
+        // SAFETY: a signal to the child we started, by its PID.
+        let rc = unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGHUP) };
+        assert_eq!(rc, 0, "SIGHUP to dnsmasq");
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A backend on 127.0.0.2 and one on 127.0.0.3, on the same port (the name's port).
+fn two_addresses() -> (Backend, Backend) {
+    for _ in 0..20 {
+        let a = backend_at("127.0.0.2:0".parse().unwrap(), demo("a"));
+        let b_addr = SocketAddr::from(([127, 0, 0, 3], a.addr.port()));
+        if let Ok(server) = spooky_peers::demo::spawn(b_addr, demo("b")) {
+            let b = Backend {
+                id: "b".into(),
+                addr: server.addr,
+                stats: server.stats.clone(),
+                server,
+            };
+            return (a, b);
+        }
+    }
+    panic!("no port free on both 127.0.0.2 and 127.0.0.3");
+}
+
+fn demo(id: &str) -> spooky_peers::demo::DemoOptions {
+    spooky_peers::demo::DemoOptions {
+        id: id.into(),
+        goaway_every: None,
+    }
+}
+
+#[test]
+fn a_backend_named_by_dns_follows_its_address_under_load_without_a_failed_request() {
+    let (a, b) = two_addresses();
+    let port = a.addr.port();
+    let dir = Scratch::new("dns");
+    let hosts = dir.0.join("hosts");
+    std::fs::write(&hosts, "127.0.0.2 app.spooky.test\n").unwrap();
+    let dns_port = free_udp_port();
+    let dns = Dnsmasq::start(dns_port, &hosts);
+    let upstreams = format!(
+        "  main:\n    route:\n      path_prefix: \"/\"\n    backends:\n      - id: app\n        address: \"app.spooky.test:{port}\"\n"
+    );
+    let extra = format!(
+        "quic:\n  retry: off\nresolver:\n  nameservers: [\"127.0.0.1:{dns_port}\"]\n  min_ttl: 1s\n  max_ttl: 2s\n"
+    );
+    // dnsmasq may take a moment to listen: the first lookup is at start.
+    let mut p = None;
+    for _ in 0..50 {
+        let candidate = proxy(&upstreams, &extra, 2);
+        if backend_state(&candidate, "app@127.0.0.2").is_some() {
+            p = Some(candidate);
+            break;
+        }
+        drop(candidate);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let p = p.expect("the name resolved at start");
+    let metrics = || p.running.as_ref().unwrap().metrics_text();
+
+    // Load: requests back to back from two clients for the whole test.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let done = Arc::new(AtomicU64::new(0));
+    let loaders: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, failures, done, addr) =
+                (stop.clone(), failures.clone(), done.clone(), p.addr);
+            std::thread::spawn(move || {
+                let mut c = client(addr);
+                while !stop.load(Ordering::Relaxed) {
+                    match c.request(&Request::get("localhost", "/"), T) {
+                        Ok(r) if r.status == 200 => {
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(r) => failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("status {}", r.status)),
+                        Err(e) => failures.lock().unwrap().push(e.to_string()),
+                    }
+                }
+            })
+        })
+        .collect();
+    wait_until("A serving", T, || a.served() > 20);
+    assert_eq!(b.served(), 0);
+
+    // The name moves from A to B.
+    std::fs::write(&hosts, "127.0.0.3 app.spooky.test\n").unwrap();
+    dns.reread();
+    let moved = std::time::Instant::now();
+    wait_until("B serving", Duration::from_secs(5), || b.served() > 20);
+    let took = moved.elapsed();
+    // A is drained: no new requests once the change is in force.
+    let a_after = a.served();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(a.served(), a_after, "A still gets new requests");
+    assert!(
+        backend_state(&p, "app@127.0.0.2").is_none()
+            && backend_state(&p, "app@127.0.0.3").is_some(),
+        "{:?}",
+        backend_states(&p)
+    );
+    assert!(metric_sum(&metrics(), "spooky_dns_changes_total") >= 1.0);
+
+    // The name server goes away: lookups fail, the last good address stays in force.
+    drop(dns);
+    let failed_before = metric_sum(&metrics(), "spooky_dns_lookup_failures_total");
+    wait_until("a failed lookup", Duration::from_secs(10), || {
+        metric_sum(&metrics(), "spooky_dns_lookup_failures_total") > failed_before
+    });
+    let b_before = b.served();
+    wait_until("B still serving", T, || b.served() > b_before + 20);
+
+    stop.store(true, Ordering::Relaxed);
+    for l in loaders {
+        l.join().unwrap();
+    }
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failures.len(),
+        done.load(Ordering::Relaxed),
+        &failures[..failures.len().min(5)]
+    );
+    eprintln!(
+        "moved after {took:?}; {} requests, none failed",
+        done.load(Ordering::Relaxed)
+    );
+}
+
+#[test]
+fn spooky_check_needs_no_dns() {
+    let dir = Scratch::new("check-dns");
+    let certs = certs_dir();
+    let path = dir.0.join("spooky.yaml");
+    // The name server is one nobody answers at; the name does not exist anywhere.
+    let yaml = format!(
+        "version: 1\nlisten:\n  port: 9889\n  tls: {{cert: \"{}\", key: \"{}\"}}\nresolver:\n  nameservers: [\"127.0.0.1:9\"]\nupstream:\n  web:\n    backends:\n      - {{id: w1, address: \"app.does-not-exist.invalid:8080\", protocol: http1}}\n",
+        certs.join("spooky.crt").display(),
+        certs.join("spooky.key").display()
+    );
+    std::fs::write(&path, yaml).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spooky"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("backend host app.does-not-exist.invalid: resolved when Spooky runs"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("1 backends"), "{stdout}");
+}

@@ -305,8 +305,8 @@ workers: 4
     );
     let api = c.upstream("api").unwrap();
     assert_eq!(api.load_balancing, LoadBalancing::LeastRequest);
-    let a1 = &api.backends[0];
-    assert!(a1.address.ip().is_loopback(), "{:?}", a1.address);
+    let a1 = &api.named[0].template;
+    assert_eq!(api.named[0].host, "localhost");
     assert_eq!(a1.address.port(), 7001);
     assert_eq!(a1.address_text, "localhost:7001");
     assert_eq!(
@@ -676,14 +676,37 @@ fn backend_addresses_must_be_socket_addresses() {
 }
 
 #[test]
-fn unresolvable_backend_host_names_the_field() {
-    let got = problems(&backend("        address: \"no-such-host.invalid:80\"\n"));
-    assert_eq!(got.len(), 1);
-    assert!(
-        got[0].starts_with(
-            "upstream.api.backends[0].address: cannot resolve \"no-such-host.invalid:80\": "
-        ),
-        "{got:?}"
+fn a_backend_host_name_is_not_resolved_when_validating() {
+    // `spooky check` needs no DNS: a name that does not exist is still a valid address; it
+    // becomes a named backend, resolved when Spooky runs.
+    let c = ok(&backend("        address: \"No-Such-Host.invalid:80\"\n"));
+    let api = c.upstream("api").unwrap();
+    assert!(api.backends.is_empty(), "{:?}", api.backends);
+    assert_eq!(api.named.len(), 1);
+    assert_eq!(
+        (api.named[0].host.as_str(), api.named[0].port),
+        ("no-such-host.invalid", 80)
+    );
+    assert_eq!(c.dns_names(), ["no-such-host.invalid"]);
+    // Each address it resolves to becomes one backend, in a stable order; again replaces.
+    let mut c = c;
+    let two: Vec<std::net::IpAddr> = vec!["10.0.0.2".parse().unwrap(), "10.0.0.1".parse().unwrap()];
+    crate::config::expand(&mut c, |_| two.clone());
+    let ids: Vec<String> = c.upstreams[0]
+        .backends
+        .iter()
+        .map(|b| format!("{} {}", b.id, b.address))
+        .collect();
+    assert_eq!(ids, ["a1@10.0.0.1 10.0.0.1:80", "a1@10.0.0.2 10.0.0.2:80"]);
+    crate::config::expand(&mut c, |_| vec!["10.0.0.3".parse().unwrap()]);
+    assert_eq!(c.upstreams[0].backends.len(), 1);
+    assert_eq!(
+        c.upstreams[0].backends[0].address_text,
+        "No-Such-Host.invalid:80"
+    );
+    assert_eq!(
+        c.upstreams[0].backends[0].resolved_from.as_deref(),
+        Some("no-such-host.invalid")
     );
 }
 

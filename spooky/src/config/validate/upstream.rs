@@ -110,12 +110,20 @@ fn build_upstream(
         &format!("{path}.response_headers"),
         errs,
     );
-    let backends: Vec<Option<Backend>> = raw
+    let entries: Vec<Option<Entry>> = raw
         .backends
         .iter()
         .enumerate()
         .map(|(i, b)| build_backend(b, &format!("{backends_path}[{i}]"), io, errs))
         .collect();
+    let (mut backends, mut named) = (Some(Vec::new()), Vec::new());
+    for e in entries {
+        match e {
+            Some(Entry::Fixed(b)) => backends.iter_mut().for_each(|v| v.push(b.clone())),
+            Some(Entry::Named(n)) => named.push(n),
+            None => backends = None,
+        }
+    }
     let timeouts = build_timeouts(&raw.timeouts, &format!("{path}.timeouts"), errs);
     let passive_health =
         build_passive_health(&raw.passive_health, &format!("{path}.passive_health"), errs);
@@ -134,7 +142,7 @@ fn build_upstream(
         name: name.to_owned(),
         route: route?,
         load_balancing: load_balancing?,
-        backends: backends.into_iter().collect::<Option<Vec<_>>>()?,
+        backends: backends?,
         timeouts: timeouts?,
         passive_health: passive_health?,
         fail_open: raw.fail_open,
@@ -143,6 +151,7 @@ fn build_upstream(
         request_headers: request_headers?,
         response_headers: response_headers?,
         redirect: redirect?,
+        named,
     })
 }
 
@@ -409,7 +418,13 @@ fn is_token_char(c: u8) -> bool {
     c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c)
 }
 
-fn build_backend(raw: &RawBackend, path: &str, io: &Io<'_>, errs: &mut Errors) -> Option<Backend> {
+/// A backend at a fixed address, or one named by DNS.
+enum Entry {
+    Fixed(Backend),
+    Named(NamedBackend),
+}
+
+fn build_backend(raw: &RawBackend, path: &str, io: &Io<'_>, errs: &mut Errors) -> Option<Entry> {
     let id_ok = (1..=64).contains(&raw.id.len())
         && raw
             .id
@@ -424,10 +439,7 @@ fn build_backend(raw: &RawBackend, path: &str, io: &Io<'_>, errs: &mut Errors) -
             ),
         );
     }
-    let address = errs.check(
-        &format!("{path}.address"),
-        resolve_address(io, &raw.address),
-    );
+    let address = errs.check(&format!("{path}.address"), parse_address(&raw.address));
     let weight = errs.check(&format!("{path}.weight"), int_in(raw.weight, 1, 10_000));
     let health_check = build_health_check(
         raw.health_check.as_ref(),
@@ -460,24 +472,46 @@ fn build_backend(raw: &RawBackend, path: &str, io: &Io<'_>, errs: &mut Errors) -
     if !id_ok {
         return None;
     }
-    Some(Backend {
+    let address = address?;
+    let backend = Backend {
         id: raw.id.clone(),
-        address: address?,
+        address: match &address {
+            Address::Ip(a) => *a,
+            // A placeholder: a named backend's copies get the addresses it resolves to.
+            Address::Name(_, port) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), *port),
+        },
         address_text: raw.address.clone(),
         weight: weight?,
         health_check: health_check?,
         tls: tls?,
         protocol: protocol?,
+        resolved_from: None,
+    };
+    Some(match address {
+        Address::Ip(_) => Entry::Fixed(backend),
+        Address::Name(host, port) => Entry::Named(NamedBackend {
+            host,
+            port,
+            template: backend,
+        }),
     })
 }
 
-/// A socket address literal, or `host:port` resolved once (the first address wins).
-fn resolve_address(io: &Io<'_>, text: &str) -> Result<SocketAddr, String> {
+/// A backend address as written.
+enum Address {
+    Ip(SocketAddr),
+    /// A DNS name (lower-case) and port: resolved when Spooky runs, not here (`spooky check`
+    /// needs no DNS).
+    Name(String, u16),
+}
+
+/// A socket address literal, or `host:port` with a DNS name.
+fn parse_address(text: &str) -> Result<Address, String> {
     if let Ok(addr) = text.parse::<SocketAddr>() {
         return if addr.port() == 0 {
             Err(format!("port must not be 0 in \"{text}\""))
         } else {
-            Ok(addr)
+            Ok(Address::Ip(addr))
         };
     }
     let invalid = || format!("invalid socket address \"{text}\"");
@@ -489,12 +523,7 @@ fn resolve_address(io: &Io<'_>, text: &str) -> Result<SocketAddr, String> {
     if port == 0 {
         return Err(format!("port must not be 0 in \"{text}\""));
     }
-    io.env
-        .resolve(host, port)
-        .map_err(|e| format!("cannot resolve \"{text}\": {e}"))?
-        .into_iter()
-        .next()
-        .ok_or_else(|| format!("\"{text}\" resolved to no address"))
+    Ok(Address::Name(host.to_ascii_lowercase(), port))
 }
 
 /// The host part of a backend address: `[::1]:443` → `::1`, `api:443` → `api`.
