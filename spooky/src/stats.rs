@@ -105,6 +105,9 @@ pub struct WorkerStats {
     pub tcp_refused: AtomicU64,
     /// TLS handshakes over TCP that failed or did not finish within `listen.tcp.header_timeout`.
     pub tcp_handshake_failures: AtomicU64,
+    /// TCP connections refused over the PROXY protocol (a header from an untrusted source, or
+    /// none or a bad one from a trusted source).
+    pub tcp_proxy_refused: AtomicU64,
     /// HTTP/1.1 requests refused as request smuggling (bare LF, content-length with
     /// transfer-encoding, two content-lengths).
     pub http1_smuggling_refused: AtomicU64,

@@ -154,6 +154,10 @@ pub struct Tcp {
     pub idle_timeout: Duration,
     /// Open TCP connections at most (shared out over the workers).
     pub max_connections: usize,
+    /// Load balancers whose connections open with a PROXY protocol header (v1 or v2), whose
+    /// client address then stands for the connection's everywhere. Empty: none; a PROXY
+    /// header from anyone else is refused.
+    pub proxy_protocol: Vec<Cidr>,
 }
 
 /// Our certificates (`listen.tls`), chosen by the SNI of each ClientHello.
@@ -261,10 +265,87 @@ pub enum ForwardedMode {
     Off,
 }
 
+/// An address block: `10.0.0.0/8`, `2001:db8::/32`, or one address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `ADDR/LEN` or `ADDR`.
+    ///
+    /// # Errors
+    /// What is wrong, for the field's message.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let addr: std::net::IpAddr = addr
+            .parse()
+            .map_err(|_| format!("\"{text}\" is not an address or ADDRESS/LENGTH"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("prefix length in \"{text}\" must be 0 to {max}"))?,
+        };
+        Ok(Self { addr, prefix })
+    }
+
+    /// Whether `ip` is in this block (an IPv4-mapped IPv6 address counts as its IPv4 one).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        let p = u32::from(self.prefix);
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - p).unwrap_or(0);
+                u32::from(ip) & mask == u32::from(net) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - p).unwrap_or(0);
+                u128::from(ip) & mask == u128::from(net) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Whether `ip` is in any of `blocks`.
+pub fn in_any(blocks: &[Cidr], ip: std::net::IpAddr) -> bool {
+    blocks.iter().any(|b| b.contains(ip))
+}
+
+impl Proxy {
+    /// How the forwarding headers of a request from `client` are treated: its chain is
+    /// extended only when it is a trusted proxy; anyone else's is replaced.
+    pub fn forwarded_for(&self, client: std::net::IpAddr) -> ForwardedMode {
+        match self.forwarded {
+            ForwardedMode::Append if !in_any(&self.trusted_proxies, client) => {
+                ForwardedMode::Replace
+            }
+            mode => mode,
+        }
+    }
+}
+
 /// Proxy behaviour shared by all upstreams.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Proxy {
+    /// For clients in `trusted_proxies`; others' forwarding headers are always replaced
+    /// (unless `Off`).
     pub forwarded: ForwardedMode,
+    /// Peers whose `x-forwarded-for` / `forwarded` chains are kept and extended (other load
+    /// balancers, CDNs). Empty: nobody's.
+    pub trusted_proxies: Vec<Cidr>,
     /// Add `via: 3 spooky`.
     pub via: bool,
     /// How long in-flight requests may run after SIGTERM.

@@ -163,6 +163,15 @@ pub(super) struct RawTcp {
     pub header_timeout: RawDuration,
     pub idle_timeout: RawDuration,
     pub max_connections: i64,
+    /// Sources whose connections open with a PROXY protocol header (v1 or v2).
+    pub proxy_protocol: RawProxyProtocol,
+}
+
+/// `listen.tcp.proxy_protocol`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawProxyProtocol {
+    pub trusted: Vec<String>,
 }
 
 impl Default for RawTcp {
@@ -173,6 +182,7 @@ impl Default for RawTcp {
             header_timeout: RawDuration::Millis(10_000),
             idle_timeout: RawDuration::Millis(60_000),
             max_connections: 10_000,
+            proxy_protocol: RawProxyProtocol::default(),
         }
     }
 }
@@ -284,6 +294,7 @@ impl Default for RawQuic {
 #[serde(default, deny_unknown_fields)]
 pub(super) struct RawProxy {
     pub forwarded: String,
+    pub trusted_proxies: Vec<String>,
     pub via: bool,
     pub shutdown_grace: RawDuration,
     pub max_header_list_size: RawSize,
@@ -295,6 +306,7 @@ impl Default for RawProxy {
     fn default() -> Self {
         Self {
             forwarded: "append".to_owned(),
+            trusted_proxies: Vec::new(),
             via: true,
             shutdown_grace: RawDuration::Millis(30_000),
             max_header_list_size: RawSize::Bytes(64 * 1024),

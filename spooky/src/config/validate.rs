@@ -27,11 +27,11 @@ use super::raw::{
     RawTimeouts, RawUpstream, DEFAULT_REPLICAS, DEFAULT_RETRY_THRESHOLD,
 };
 use super::{
-    AccessLog, Acme, AcmeChallenge, Admin, Backend, BackendProtocol, BackendTls, CertPair, Config,
-    ControlSocket, EarlyData, ForwardedMode, HashKey, HeaderRules, HealthCheck, Listen, ListenTls,
-    LoadBalancing, Log, LogFormat, NamedBackend, PassiveHealth, PlainHttp, Proxy, Quic, Redirect,
-    Resolver, RetryMode, Route, Steering, Tcp, UnknownSni, Upstream, UpstreamTimeouts, User,
-    XdpMode,
+    AccessLog, Acme, AcmeChallenge, Admin, Backend, BackendProtocol, BackendTls, CertPair, Cidr,
+    Config, ControlSocket, EarlyData, ForwardedMode, HashKey, HeaderRules, HealthCheck, Listen,
+    ListenTls, LoadBalancing, Log, LogFormat, NamedBackend, PassiveHealth, PlainHttp, Proxy, Quic,
+    Redirect, Resolver, RetryMode, Route, Steering, Tcp, UnknownSni, Upstream, UpstreamTimeouts,
+    User, XdpMode,
 };
 
 /// Why a configuration was refused.
@@ -489,6 +489,11 @@ fn build_listen(raw: &RawListen, io: &Io<'_>, errs: &mut Errors) -> Option<Liste
         "listen.tcp.max_connections",
         int_in::<usize>(t.max_connections, 1, 10_000_000),
     );
+    let proxy_protocol = cidrs(
+        errs,
+        "listen.tcp.proxy_protocol.trusted",
+        &t.proxy_protocol.trusted,
+    );
     let max_age = duration(errs, "listen.alt_svc.max_age", &raw.alt_svc.max_age);
     let h = &raw.http;
     let http_port = errs.check("listen.http.port", int_in::<u16>(h.port, 0, 65535));
@@ -519,6 +524,7 @@ fn build_listen(raw: &RawListen, io: &Io<'_>, errs: &mut Errors) -> Option<Liste
             header_timeout: header_timeout?,
             idle_timeout: idle_timeout?,
             max_connections: max_connections?,
+            proxy_protocol: proxy_protocol?,
         })),
         (true, None) => None,
     };
@@ -796,13 +802,25 @@ fn build_proxy(raw: &RawProxy, env: &dyn Env, errs: &mut Errors) -> Option<Proxy
         Some(RawSize::Text(t)) if t == "off" => Some(None),
         Some(limit) => size_in(errs, "proxy.memory_limit", limit).map(Some),
     };
+    let trusted_proxies = cidrs(errs, "proxy.trusted_proxies", &raw.trusted_proxies);
     Some(Proxy {
         forwarded: forwarded?,
+        trusted_proxies: trusted_proxies?,
         via: raw.via,
         shutdown_grace: shutdown_grace?,
         max_header_list_size: max_header_list_size?,
         memory_limit: memory_limit?,
     })
+}
+
+/// A list of address blocks, each checked under `path[i]`.
+fn cidrs(errs: &mut Errors, path: &str, raw: &[String]) -> Option<Vec<Cidr>> {
+    let parsed: Vec<Option<Cidr>> = raw
+        .iter()
+        .enumerate()
+        .map(|(i, t)| errs.check(&format!("{path}[{i}]"), Cidr::parse(t.trim())))
+        .collect();
+    parsed.into_iter().collect()
 }
 
 fn build_log(raw: &RawLog, errs: &mut Errors) -> Option<Log> {

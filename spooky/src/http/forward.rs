@@ -282,7 +282,7 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
     let cfg = &fwd.snapshot.config;
     let hop = Hop {
         client_ip: job.peer.ip(),
-        mode: cfg.proxy.forwarded,
+        mode: cfg.proxy.forwarded_for(job.peer.ip()),
         via: cfg.proxy.via.then_some(job.client.protocol.version()),
     };
     let fail = |backend: usize, e: UpstreamError| {

@@ -7,6 +7,7 @@
 //! do not count, so a client that only sends HTTP/2 PINGs or SETTINGS (or trickles TLS
 //! records) cannot hold a connection slot for ever.
 
+use super::proxy_header::{self, Rewind};
 use super::request::{self, ConnCtx};
 use super::strict::{Refusal, Strict};
 use super::{Front, Open, Phase};
@@ -37,6 +38,9 @@ pub(super) async fn serve(
         fwd.snapshot.config.listen.tcp.clone(),
         fwd.snapshot.tcp_tls.clone(),
     ) else {
+        return;
+    };
+    let Some((stream, peer)) = proxy_header(&fwd, &tcp, stream, peer).await else {
         return;
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
@@ -141,6 +145,62 @@ pub(super) async fn serve(
         tracing::debug!(%peer, protocol = protocol.label(), error = %e, "TCP connection ended with an error");
     }
     drop(open);
+}
+
+/// The connection's client: from the PROXY protocol header a trusted load balancer opens it
+/// with ([`proxy_header`](super::proxy_header)), else its own peer address. `None`: the
+/// connection is refused (a header from an untrusted source, a trusted source without a
+/// valid one, or none within the header timeout), counted and logged.
+async fn proxy_header(
+    fwd: &crate::http::Forwarder,
+    tcp: &crate::config::Tcp,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+) -> Option<(Rewind<tokio::net::TcpStream>, SocketAddr)> {
+    use tokio::io::AsyncReadExt;
+    let plain = |stream| Some((Rewind::new(bytes::Bytes::new(), stream), peer));
+    if tcp.proxy_protocol.is_empty() {
+        return plain(stream);
+    }
+    let refuse = |why: &str| {
+        fwd.services
+            .stats
+            .tcp_proxy_refused
+            .fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = fwd.services.log_gate.admit(LogKind::Smuggling) {
+            tracing::info!(%peer, reason = why, suppressed, "TCP connection refused: PROXY protocol");
+        }
+        None
+    };
+    if !crate::config::in_any(&tcp.proxy_protocol, peer.ip()) {
+        // A client may not say whose the connection is: one that tries is refused.
+        let mut first = [0u8; 1];
+        return match tokio::time::timeout(tcp.header_timeout, stream.peek(&mut first)).await {
+            Ok(Ok(1)) if proxy_header::looks_like_header(first[0]) => {
+                refuse("a PROXY header from a source not in listen.tcp.proxy_protocol.trusted")
+            }
+            _ => plain(stream),
+        };
+    }
+    let mut stream = stream;
+    let mut buf = bytes::BytesMut::with_capacity(256);
+    let deadline = tokio::time::Instant::now() + tcp.header_timeout;
+    loop {
+        match proxy_header::parse(&buf) {
+            Ok(Some(h)) => {
+                let rest = buf.split_off(h.len).freeze();
+                return Some((Rewind::new(rest, stream), h.source.unwrap_or(peer)));
+            }
+            Ok(None) if buf.len() < proxy_header::MAX_HEADER => {}
+            Ok(None) => return refuse("PROXY header too long"),
+            Err(why) => return refuse(why),
+        }
+        match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return None,
+            Ok(Ok(_)) => {}
+            Err(_) => return refuse("no PROXY header within listen.tcp.header_timeout"),
+        }
+    }
 }
 
 /// Serves one plaintext HTTP/1.1 connection (`listen.http`): the TLS listener's header and

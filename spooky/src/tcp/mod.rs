@@ -15,10 +15,12 @@
 //! | `conn` | one connection: TLS handshake, protocol, hyper, idle and shutdown |
 //! | `request` | one request: hyper's request → admission → exchange → hyper's response |
 //! | `plain` | the plaintext listener's requests: ACME HTTP-01 or a redirect to `https://` |
+//! | `proxy_header` | the PROXY protocol header (v1, v2) trusted load balancers open with |
 //! | [`strict`] | refuses HTTP/1.1 request smuggling before hyper sees it |
 
 mod conn;
 mod plain;
+mod proxy_header;
 mod request;
 pub mod strict;
 

@@ -328,18 +328,35 @@ fn no_route_is_404_and_connect_is_501() {
 #[test]
 fn forwarding_headers_and_authority_reach_the_backend() {
     let b = backend("b1");
-    let p = one_pool(&[("b1", b.addr)], "");
-    let mut c = client(p.addr);
     let req = Request::get("Example.com:9889", "/headers")
         .header("x-forwarded-for", "198.51.100.9")
+        .header("forwarded", "for=198.51.100.9")
         .header("cookie", "a=1")
         .header("cookie", "b=2");
+    // A client that is not a trusted proxy: its chain is replaced.
+    let p = one_pool(&[("b1", b.addr)], "");
+    let mut c = client(p.addr);
+    let text = String::from_utf8(c.request(&req, T).unwrap().body).unwrap();
+    assert!(text.contains("x-forwarded-for: 127.0.0.1\n"), "{text}");
+    assert!(!text.contains("198.51.100.9"), "{text}");
+    drop(p);
+    // A trusted one: kept and extended.
+    let p = proxy(
+        &pool("main", "/", None, "round-robin", &[("b1", b.addr)], ""),
+        "quic:\n  retry: off\nproxy:\n  trusted_proxies: [127.0.0.0/8]\n",
+        2,
+    );
+    let mut c = client(p.addr);
     let r = c.request(&req, T).unwrap();
     let text = String::from_utf8(r.body).unwrap();
     assert!(text.contains(":authority: Example.com:9889\n"), "{text}");
     assert!(!text.contains("\nhost:"), "{text}");
     assert!(
         text.contains("x-forwarded-for: 198.51.100.9, 127.0.0.1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("forwarded: for=198.51.100.9, for=127.0.0.1;proto=https"),
         "{text}"
     );
     assert!(text.contains("x-forwarded-proto: https\n"), "{text}");

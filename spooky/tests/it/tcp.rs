@@ -545,3 +545,77 @@ fn a_reload_reaches_tcp_connections_already_open() {
     assert!(answer.contains("x-backend: b2"), "{answer}");
     assert_eq!(b2.served(), 1);
 }
+
+/// The PROXY protocol client (`spooky/tests/peers/proxy_protocol_client.py`, Python's own
+/// socket and ssl): its status line and body, or `refused: …`.
+fn proxied(addr: SocketAddr, version: &str, client: &str, path: &str) -> String {
+    let out = Command::new("python3")
+        .arg(peers_dir().join("proxy_protocol_client.py"))
+        .arg(addr.port().to_string())
+        .arg(certs_dir().join("ca.crt"))
+        .args([version, client, "40000", path])
+        .output()
+        .expect("python3");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn proxy_refusals(p: &Proxy) -> u64 {
+    p.stats_sum(|s| s.tcp_proxy_refused.load(Ordering::Relaxed))
+}
+
+#[test]
+fn proxy_protocol_from_trusted_balancers_carries_the_client_address() {
+    let b = backend("b1");
+    let p = proxy_with_tcp(&b, "    proxy_protocol:\n      trusted: [127.0.0.1/32]\n");
+    let addr = tcp_addr(&p);
+    for (version, client) in [
+        ("1", "198.51.100.7"),
+        ("2", "203.0.113.9"),
+        ("2", "2001:db8::7"),
+        ("1", "2001:db8::8"),
+    ] {
+        let out = proxied(addr, version, client, "/headers");
+        assert!(
+            out.starts_with("HTTP/1.1 200"),
+            "v{version} {client}: {out}"
+        );
+        assert!(
+            out.contains(&format!("x-forwarded-for: {client}\n")),
+            "v{version}: the carried address is the client's: {out}"
+        );
+    }
+    // A v2 LOCAL header (the balancer's health check) keeps the connection's own address.
+    let out = proxied(addr, "2-local", "203.0.113.9", "/headers");
+    assert!(out.contains("x-forwarded-for: 127.0.0.1\n"), "{out}");
+    // curl's own v1 header.
+    let r = curl(addr, "--http1.1", "/headers", &["--haproxy-protocol"]);
+    assert_eq!(r.status, 200);
+    // From a trusted source a header is required.
+    assert_eq!(proxy_refusals(&p), 0);
+    let out = proxied(addr, "none", "203.0.113.9", "/headers");
+    assert!(out.starts_with("refused"), "{out}");
+    wait_until("the refusal counted", T, || proxy_refusals(&p) == 1);
+    let text = p.running.as_ref().unwrap().metrics_text();
+    assert_eq!(
+        metric_sum(&text, "spooky_tcp_proxy_protocol_refused_total"),
+        1.0
+    );
+}
+
+#[test]
+fn a_proxy_protocol_header_from_an_untrusted_source_is_refused() {
+    let b = backend("b1");
+    // Only 127.0.0.2 may send one; the clients here connect from 127.0.0.1.
+    let p = proxy_with_tcp(&b, "    proxy_protocol:\n      trusted: [127.0.0.2/32]\n");
+    let addr = tcp_addr(&p);
+    for version in ["1", "2"] {
+        let out = proxied(addr, version, "203.0.113.9", "/headers");
+        assert!(out.starts_with("refused"), "v{version}: {out}");
+    }
+    wait_until("the refusals counted", T, || proxy_refusals(&p) == 2);
+    assert_eq!(b.served(), 0, "nothing reached the backend");
+    // Without a header the client is served as itself.
+    let r = curl(addr, "--http2", "/headers", &[]);
+    assert_eq!(r.status, 200);
+    assert!(String::from_utf8_lossy(&r.body).contains("x-forwarded-for: 127.0.0.1\n"));
+}

@@ -95,6 +95,7 @@ fn minimal_config_gets_every_default() {
         c.proxy,
         Proxy {
             forwarded: ForwardedMode::Append,
+            trusted_proxies: vec![],
             via: true,
             shutdown_grace: Duration::from_secs(30),
             max_header_list_size: 64 << 10,
@@ -195,6 +196,7 @@ quic:
   generation: 6
 proxy:
   forwarded: replace
+  trusted_proxies: [10.0.0.0/8, "2001:db8::/32", 192.0.2.7]
   via: false
   shutdown_grace: 1m
   max_header_list_size: 32KiB
@@ -249,6 +251,11 @@ workers: 4
         c.proxy,
         Proxy {
             forwarded: ForwardedMode::Replace,
+            trusted_proxies: vec![
+                Cidr::parse("10.0.0.0/8").unwrap(),
+                Cidr::parse("2001:db8::/32").unwrap(),
+                Cidr::parse("192.0.2.7/32").unwrap(),
+            ],
             via: false,
             shutdown_grace: Duration::from_secs(60),
             max_header_list_size: 32 << 10,
@@ -1369,6 +1376,44 @@ fn backend_protocols() {
         [
             "upstream.api.backends[0].protocol: auto needs tls (ALPN decides between h2 and http/1.1); say http1 or http2 for cleartext",
             "upstream.api.backends[1].protocol: unknown protocol \"h3\" (allowed: http2, http1, auto)",
+        ]
+    );
+}
+
+#[test]
+fn trusted_proxies_are_address_blocks() {
+    let c = ok(&format!(
+        "proxy:\n  trusted_proxies: [10.1.0.0/16, \"fd00::/8\"]\n{ONE_UPSTREAM}"
+    ));
+    let ip = |t: &str| t.parse::<std::net::IpAddr>().unwrap();
+    let p = &c.proxy;
+    assert_eq!(p.forwarded_for(ip("10.1.2.3")), ForwardedMode::Append);
+    assert_eq!(
+        p.forwarded_for(ip("::ffff:10.1.2.3")),
+        ForwardedMode::Append,
+        "IPv4-mapped"
+    );
+    assert_eq!(p.forwarded_for(ip("fd12::1")), ForwardedMode::Append);
+    assert_eq!(p.forwarded_for(ip("10.2.0.1")), ForwardedMode::Replace);
+    assert_eq!(p.forwarded_for(ip("fe80::1")), ForwardedMode::Replace);
+    // Nobody is trusted by default.
+    assert_eq!(
+        ok(ONE_UPSTREAM).proxy.forwarded_for(ip("127.0.0.1")),
+        ForwardedMode::Replace
+    );
+    assert!(Cidr::parse("0.0.0.0/0")
+        .unwrap()
+        .contains(ip("203.0.113.9")));
+    assert!(!Cidr::parse("0.0.0.0/0")
+        .unwrap()
+        .contains(ip("2001:db8::1")));
+    assert_eq!(
+        problems(&format!(
+            "proxy:\n  trusted_proxies: [10.0.0.0/33, nope]\n{ONE_UPSTREAM}"
+        )),
+        [
+            "proxy.trusted_proxies[0]: prefix length in \"10.0.0.0/33\" must be 0 to 32",
+            "proxy.trusted_proxies[1]: \"nope\" is not an address or ADDRESS/LENGTH",
         ]
     );
 }
