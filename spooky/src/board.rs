@@ -31,6 +31,9 @@ pub struct BackendSlot {
     pub last_latency_us: AtomicU64,
     pub probes_ok: AtomicU64,
     pub probes_failed: AtomicU64,
+    /// Drained by the operator (admin `POST /backends/POOL/ID/drain`): no new requests,
+    /// whatever its health, until undrained. Health checks go on.
+    pub drained: AtomicBool,
 }
 
 impl BackendSlot {
@@ -45,12 +48,17 @@ impl BackendSlot {
             last_latency_us: AtomicU64::new(0),
             probes_ok: AtomicU64::new(0),
             probes_failed: AtomicU64::new(0),
+            drained: AtomicBool::new(false),
         }
     }
 
-    /// Whether the backend may receive new requests.
+    /// Whether the backend may receive new requests: healthy and not drained.
     pub fn is_available(&self) -> bool {
-        self.available.load(Ordering::Relaxed)
+        self.available.load(Ordering::Relaxed) && !self.is_drained()
+    }
+
+    pub fn is_drained(&self) -> bool {
+        self.drained.load(Ordering::Relaxed)
     }
 }
 

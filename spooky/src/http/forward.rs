@@ -258,10 +258,10 @@ fn pick(job: &Job, exclude: Option<usize>) -> Result<usize, Failure> {
         return Ok(b);
     }
     if upstream.fail_open {
-        healthy
-            .iter_mut()
-            .enumerate()
-            .for_each(|(b, h)| *h = Some(b) != exclude);
+        // Unhealthy ones too, but never one an operator drained.
+        healthy.iter_mut().enumerate().for_each(|(b, h)| {
+            *h = Some(b) != exclude && plans.get(b).is_some_and(|p| !p.slot.is_drained());
+        });
         if let Some(b) = balancer.pick(
             &Candidates {
                 healthy: &healthy,

@@ -6,9 +6,10 @@
 //! | `GET /healthz` | 200 while the process runs |
 //! | `GET /readyz` | 200 when listening, every worker runs and every pool has a healthy backend, else 503 naming the dead workers or the pools |
 //! | `GET /status` | JSON: steering mode, workers, pools, backend health, config generation |
+//! | `POST /backends/POOL/ID/drain`, `…/undrain` | the backend takes no new requests (those in flight finish), or takes them again; 404 for an unknown one |
 //! | `POST /reload` | re-reads the configuration file: 200 with a summary once every worker runs it; 400 with every error of a bad file, 409 when a change needs a restart, 500 when workers did not switch (nothing changed) |
 //!
-//! With `admin.token` set, `POST /reload` needs `Authorization: Bearer TOKEN` (and so do the
+//! With `admin.token` set, the `POST`s need `Authorization: Bearer TOKEN` (and so do the
 //! reads with `admin.token_for_reads`). HTTP/1.1 connections carry one request each.
 //!
 //! Bounded: at most [`MAX_CONNECTIONS`] at once (more are closed at once and counted in
@@ -270,6 +271,15 @@ pub fn handle(ops: &Ops, method: &str, path: &str, auth: Option<&str>) -> Answer
             }
         }
         (_, "/reload") => Answer::text(405, "use POST\n"),
+        (method, p) if p.starts_with("/backends/") => {
+            if method != "POST" {
+                return Answer::text(405, "use POST\n");
+            }
+            if !authorized(ops, auth) {
+                return Answer::text(401, "missing or wrong bearer token\n");
+            }
+            drain(ops, p)
+        }
         ("GET" | "HEAD", _) if reads_need_token && !authorized(ops, auth) => {
             Answer::text(401, "missing or wrong bearer token\n")
         }
@@ -291,6 +301,44 @@ pub fn handle(ops: &Ops, method: &str, path: &str, auth: Option<&str>) -> Answer
         ),
         _ => Answer::text(405, "method not allowed\n"),
     }
+}
+
+/// `POST /backends/POOL/ID/drain` or `…/undrain`: the backend takes no new requests (those
+/// in flight finish), or takes them again. Kept across reloads that keep the backend.
+fn drain(ops: &Ops, path: &str) -> Answer {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let ["backends", pool, id, action] = parts[..] else {
+        return Answer::text(
+            404,
+            "use /backends/POOL/ID/drain or /backends/POOL/ID/undrain\n",
+        );
+    };
+    let drained = match action {
+        "drain" => true,
+        "undrain" => false,
+        _ => return Answer::text(404, "the action is drain or undrain\n"),
+    };
+    let snapshot = ops.reloader.current();
+    let slot = snapshot
+        .backends
+        .iter()
+        .flatten()
+        .map(|plan| &plan.slot)
+        .find(|slot| slot.key.pool == pool && slot.key.id == id);
+    let Some(slot) = slot else {
+        return Answer::text(404, format!("no backend {id} in pool {pool}\n"));
+    };
+    let was = slot.drained.swap(drained, Ordering::Relaxed);
+    tracing::info!(
+        pool,
+        backend = id,
+        drained,
+        "backend {} by the admin API",
+        if drained { "drained" } else { "undrained" }
+    );
+    let verb = if drained { "drained" } else { "undrained" };
+    let already = if was == drained { " (already)" } else { "" };
+    Answer::text(200, format!("{pool}/{id}: {verb}{already}\n"))
 }
 
 fn readyz(ops: &Ops) -> Answer {
@@ -359,6 +407,7 @@ fn status_json(ops: &Ops) -> String {
                         "address": be.address.to_string(),
                         "state": HealthState::from_u32(state).map_or("unknown".to_owned(), |s| s.to_string()),
                         "available": slot.is_available(),
+                        "drained": slot.is_drained(),
                         "consecutive_failures": slot.consecutive_failures.load(Ordering::Relaxed),
                         "ewma_latency_us": slot.ewma_latency_us.load(Ordering::Relaxed),
                     })

@@ -219,7 +219,20 @@ pub fn render(ops: &Ops) -> String {
         let _ = writeln!(
             out,
             "spooky_backend_up{{{l}}} {}",
-            u8::from(slot.available.load(Ordering::Relaxed))
+            u8::from(slot.is_available())
+        );
+    }
+    head(
+        &mut out,
+        "spooky_backend_drained",
+        "gauge",
+        "1 when an operator drained the backend (admin API): no new requests.",
+    );
+    for (l, slot) in &backend_rows {
+        let _ = writeln!(
+            out,
+            "spooky_backend_drained{{{l}}} {}",
+            u8::from(slot.is_drained())
         );
     }
     head(

@@ -649,3 +649,86 @@ fn spooky_check_needs_no_dns() {
     );
     assert!(stdout.contains("1 backends"), "{stdout}");
 }
+
+/// One HTTP/1.1 request to the admin listener: status and body.
+fn admin(p: &Proxy, method: &str, path: &str) -> (u16, String) {
+    let addr = p.running.as_ref().unwrap().admin_addr.unwrap();
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: admin\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut s, &mut text).unwrap();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
+}
+
+#[test]
+fn the_admin_api_drains_and_undrains_one_backend() {
+    let (b1, b2) = (backend("b1"), backend("b2"));
+    let p = proxy(
+        &pool(
+            "main",
+            "/",
+            None,
+            "round-robin",
+            &[("b1", b1.addr), ("b2", b2.addr)],
+            "",
+        ),
+        "quic:\n  retry: off\n",
+        2,
+    );
+    let mut c = client(p.addr);
+    let mut get = || {
+        c.request(&Request::get("localhost", "/"), T)
+            .unwrap()
+            .status
+    };
+    for _ in 0..4 {
+        assert_eq!(get(), 200);
+    }
+    assert!(b1.served() > 0 && b2.served() > 0);
+    let (status, body) = admin(&p, "POST", "/backends/main/b1/drain");
+    assert_eq!((status, body.as_str()), (200, "main/b1: drained\n"));
+    let before = b1.served();
+    for _ in 0..10 {
+        assert_eq!(get(), 200);
+    }
+    assert_eq!(
+        b1.served(),
+        before,
+        "a drained backend gets no new requests"
+    );
+    let text = p.running.as_ref().unwrap().metrics_text();
+    assert!(
+        text.contains("spooky_backend_drained{pool=\"main\",backend=\"b1\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("spooky_backend_up{pool=\"main\",backend=\"b1\"} 0"));
+    let (_, status_json) = admin(&p, "GET", "/status");
+    let v: serde_json::Value = serde_json::from_str(&status_json).unwrap();
+    let b = &v["pools"][0]["backends"][0];
+    assert_eq!(
+        (b["id"].as_str(), b["drained"].as_bool()),
+        (Some("b1"), Some(true)),
+        "{v}"
+    );
+    // Undrained, it takes requests again.
+    assert_eq!(admin(&p, "POST", "/backends/main/b1/undrain").0, 200);
+    for _ in 0..4 {
+        assert_eq!(get(), 200);
+    }
+    assert!(b1.served() > before);
+    assert_eq!(admin(&p, "POST", "/backends/main/nope/drain").0, 404);
+    assert_eq!(admin(&p, "GET", "/backends/main/b1/drain").0, 405);
+}
