@@ -230,6 +230,8 @@ impl Snapshot {
     pub fn h3_config(&self) -> Result<quiche::h3::Config, QuicConfigError> {
         let mut h3 = quiche::h3::Config::new()?;
         h3.set_max_field_section_size(hard_header_cap(self.config.proxy.max_header_list_size));
+        // SETTINGS_ENABLE_CONNECT_PROTOCOL: WebSockets over HTTP/3 (RFC 9220).
+        h3.enable_extended_connect(true);
         Ok(h3)
     }
 }

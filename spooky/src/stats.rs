@@ -108,6 +108,8 @@ pub struct WorkerStats {
     /// TCP connections refused over the PROXY protocol (a header from an untrusted source, or
     /// none or a bad one from a trusted source).
     pub tcp_proxy_refused: AtomicU64,
+    /// WebSocket tunnels opened to backends (all fronts).
+    pub websockets_opened: AtomicU64,
     /// HTTP/1.1 requests refused as request smuggling (bare LF, content-length with
     /// transfer-encoding, two content-lengths).
     pub http1_smuggling_refused: AtomicU64,

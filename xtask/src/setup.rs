@@ -38,11 +38,13 @@ const APT_PACKAGES: &[&str] = &[
 ];
 
 /// Python packages: aioquic (an independent HTTP/3 client), hypercorn (a strict HTTP/2
-/// server) and curl_cffi (libcurl with ngtcp2: a second independent HTTP/3 client), pinned.
+/// server), curl_cffi (libcurl with ngtcp2: a second independent HTTP/3 client) and
+/// websockets (a WebSocket client and server), pinned.
 const PIP_PACKAGES: &[(&str, &str)] = &[
     ("aioquic", "1.7.2"),
     ("hypercorn", "0.18.0"),
     ("curl_cffi", "0.17.0"),
+    ("websockets", "15.0.1"),
 ];
 
 /// Everything.

@@ -81,9 +81,21 @@ pub struct RequestHead {
     /// Regular fields in arrival order, `host` removed (it travels as `:authority`).
     pub fields: Vec<(Bytes, Bytes)>,
     pub content_length: Option<u64>,
+    /// `:protocol` of an extended CONNECT (RFC 8441, RFC 9220): `websocket` opens a tunnel.
+    pub protocol: Option<Bytes>,
 }
 
 impl RequestHead {
+    /// An extended CONNECT for a WebSocket (RFC 8441 / RFC 9220; HTTP/1.1's `Upgrade:
+    /// websocket` arrives as one too).
+    pub fn is_websocket(&self) -> bool {
+        self.method == Method::CONNECT
+            && self
+                .protocol
+                .as_ref()
+                .is_some_and(|p| p.eq_ignore_ascii_case(b"websocket"))
+    }
+
     /// The authority as text (validated ASCII).
     pub fn authority_str(&self) -> &str {
         std::str::from_utf8(&self.authority).unwrap_or("")
@@ -223,6 +235,7 @@ pub fn validate_request(list: &[Header]) -> Result<RequestHead, RequestError> {
     let mut scheme = None;
     let mut authority = None;
     let mut path = None;
+    let mut protocol = None;
     let mut host: Option<Bytes> = None;
     let mut content_length: Option<u64> = None;
     let mut fields = Vec::with_capacity(list.len());
@@ -239,6 +252,7 @@ pub fn validate_request(list: &[Header]) -> Result<RequestHead, RequestError> {
                 b"scheme" => (&mut scheme, ":scheme"),
                 b"authority" => (&mut authority, ":authority"),
                 b"path" => (&mut path, ":path"),
+                b"protocol" => (&mut protocol, ":protocol"),
                 _ => return Err(RequestError::UnknownPseudo(lossy(name))),
             };
             if slot.0.is_some() {
@@ -285,7 +299,11 @@ pub fn validate_request(list: &[Header]) -> Result<RequestHead, RequestError> {
 
     let method = method.ok_or(RequestError::MissingPseudo(":method"))?;
     let method = Method::from_bytes(&method).map_err(|_| RequestError::BadMethod)?;
-    if method == Method::CONNECT {
+    if protocol.is_some() && method != Method::CONNECT {
+        // RFC 8441 §4: `:protocol` belongs to an extended CONNECT only.
+        return Err(RequestError::UnknownPseudo(":protocol".into()));
+    }
+    if method == Method::CONNECT && protocol.is_none() {
         // Plain CONNECT carries no :scheme/:path; Spooky does not tunnel (the caller answers
         // 501), but the head itself is well-formed.
         let authority = authority.ok_or(RequestError::MissingPseudo(":authority"))?;
@@ -299,6 +317,7 @@ pub fn validate_request(list: &[Header]) -> Result<RequestHead, RequestError> {
             path: Bytes::new(),
             fields,
             content_length,
+            protocol: None,
         });
     }
     let scheme = scheme.ok_or(RequestError::MissingPseudo(":scheme"))?;
@@ -334,6 +353,7 @@ pub fn validate_request(list: &[Header]) -> Result<RequestHead, RequestError> {
         path,
         fields,
         content_length,
+        protocol,
     };
     // The upstream must see exactly the target routing saw: build the URI as the conversion
     // will, and refuse what does not read back unchanged.
@@ -468,6 +488,10 @@ pub fn to_h2_request(head: &RequestHead, hop: &Hop) -> Result<Request<()>, Conve
 
     let mut req = Request::new(());
     *req.method_mut() = head.method.clone();
+    if let Some(protocol) = head.protocol.as_ref().and_then(|p| std::str::from_utf8(p).ok()) {
+        // An extended CONNECT to an HTTP/2 backend (RFC 8441).
+        req.extensions_mut().insert(h2::ext::Protocol::from(protocol));
+    }
     *req.uri_mut() = uri;
     *req.version_mut() = http::Version::HTTP_2;
     *req.headers_mut() = headers;

@@ -4,6 +4,8 @@
 //! ([`super::exchange`]). How a failure is answered, logged and counted is
 //! [`super::outcome`]'s decision; this file only finds out what happened.
 
+mod tunnel;
+
 use super::bridge::{self, Hop, RequestHead};
 use super::exchange::{RequestEvent, TaskEnd};
 use super::outcome::{self, Failure, Finished, Reaction};
@@ -372,6 +374,14 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
                 };
                 exchange(job, backend, &pool, head, Sink::H2(send), end_of_stream).await
             }
+            Sender::H1(conn) if job.head.is_websocket() => {
+                let name = pool.connector.backend.clone();
+                let _in_flight = fwd.route_metrics[job.upstream].get(backend).map(|m| {
+                    m.in_flight(fwd.services.worker, 1);
+                    InFlight(m, fwd.services.worker)
+                });
+                tunnel::run(job, backend, conn, request, &name).await
+            }
             Sender::H1(conn) => {
                 let (sink, body) = if end_of_stream {
                     (Sink::Nothing, h1::RequestBody::empty())
@@ -407,6 +417,15 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
         }
         drop(lease);
     }
+}
+
+/// The response from an HTTP/1.1 backend as hyper gives it, or why there is none (nothing is
+/// retried: a WebSocket upgrade).
+fn h1_head_raw(
+    result: h1::ResponseResult,
+    backend: &Rc<str>,
+) -> Result<http::Response<hyper::body::Incoming>, Attempt> {
+    result.map_err(|e| Attempt::Upstream(h1_error(e.error(), backend)))
 }
 
 /// A response head from an HTTP/1.1 backend, or why there is none.
@@ -602,12 +621,32 @@ async fn exchange(
     // Answered: no retry from here on, and the kept body goes.
     job.replay.borrow_mut().close();
     job.upstream_latency.set(Some(started.elapsed()));
-    let (status_code, headers, mut body) = response;
+    let (status_code, headers, body) = response;
     let status = status_code.as_u16();
     fwd.report_response(job.upstream, backend, status, started.elapsed());
     job.status.set(status);
+    relay_response(job, &backend_name, status_code, &headers, body, pump, pump_done).await
+}
+
+/// Sends the response head to the client, then the body and trailers as the backend sends
+/// them, while `pump` (unless `pump_done`) may still be sending the request body up.
+async fn relay_response<P>(
+    job: &Job,
+    backend_name: &str,
+    status_code: StatusCode,
+    headers: &HeaderMap,
+    mut body: ResponseBody,
+    mut pump: Pin<&mut P>,
+    mut pump_done: bool,
+) -> Result<(), Attempt>
+where
+    P: Future<Output = Result<(), Attempt>>,
+{
+    let fwd = &job.fwd;
+    let timeouts = &fwd.snapshot.config.upstreams[job.upstream].timeouts;
     // The first response head of this exchange.
-    let mut fields = bridge::response_to_h3(status_code, &headers);
+    let mut fields = bridge::response_to_h3(status_code, headers);
+
     fwd.finish_head(&mut fields, Some(job.upstream));
     let _ = job.task.respond(fields);
 

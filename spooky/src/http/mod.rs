@@ -231,7 +231,7 @@ impl Forwarder {
         if head.path.as_ref() == b"*" {
             return Admission::Options(head);
         }
-        if head.method == http::Method::CONNECT {
+        if head.method == http::Method::CONNECT && !head.is_websocket() {
             return Admission::Refuse(Failure::Connect, Some(head));
         }
         if !more_frames && head.content_length.is_some_and(|n| n > 0) {
@@ -255,7 +255,10 @@ impl Forwarder {
         if up.is_some_and(|u| u.redirect.is_some()) {
             return Admission::Redirect { head, upstream };
         }
-        let limit = up.and_then(|u| u.max_request_body);
+        // A tunnel's bytes are not a request body: no size limit (its idle timeout applies).
+        let limit = up
+            .and_then(|u| u.max_request_body)
+            .filter(|_| !head.is_websocket());
         if let (Some(limit), Some(declared)) = (limit, head.content_length) {
             if declared > limit {
                 return Admission::Refuse(Failure::BodyTooLarge { limit }, Some(head));

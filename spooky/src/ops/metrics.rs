@@ -158,6 +158,7 @@ pub fn render(ops: &Ops) -> String {
         ("spooky_tcp_connections_active", "gauge", "Open TLS-over-TCP connections.", |w| w.tcp_active.load(Ordering::Relaxed)),
         ("spooky_tcp_connections_refused_total", "counter", "TCP connections closed at once because listen.tcp.max_connections were open.", |w| w.tcp_refused.load(Ordering::Relaxed)),
         ("spooky_tcp_tls_handshake_failures_total", "counter", "TLS handshakes over TCP that failed or did not finish within listen.tcp.header_timeout.", |w| w.tcp_handshake_failures.load(Ordering::Relaxed)),
+        ("spooky_websockets_opened_total", "counter", "WebSocket tunnels opened to backends (over HTTP/3, HTTP/2 and HTTP/1.1).", |w| w.websockets_opened.load(Ordering::Relaxed)),
         ("spooky_tcp_proxy_protocol_refused_total", "counter", "TCP connections refused over the PROXY protocol: a header from an untrusted source, or none or a bad one from a trusted source.", |w| w.tcp_proxy_refused.load(Ordering::Relaxed)),
         ("spooky_request_tasks_unfinished_total", "counter", "Request tasks that ended without finishing their response (a panic, logged): the client's stream was reset with H3_INTERNAL_ERROR (HTTP/2: RST_STREAM) instead of left hanging.", |w| w.tasks_unfinished.load(Ordering::Relaxed)),
         ("spooky_upstream_overflow_total", "counter", "Requests answered 503 at once because upstream.NAME.max_pending_requests already waited for their backend (a connection being made, or a stream slot).", |w| w.upstream_overflow.load(Ordering::Relaxed)),

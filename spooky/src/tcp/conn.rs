@@ -93,6 +93,8 @@ pub(super) async fn serve(
         Protocol::H2 => {
             let conn = http2::Builder::new(LocalExec)
                 .timer(TokioTimer::new())
+                // WebSockets over HTTP/2 (RFC 8441).
+                .enable_connect_protocol()
                 .max_concurrent_streams(
                     u32::try_from(fwd.snapshot.config.quic.max_concurrent_streams)
                         .unwrap_or(u32::MAX),
@@ -112,24 +114,34 @@ pub(super) async fn serve(
             .await
         }
         _ => {
-            let services = fwd.services.clone();
+            // Counted at once; logged (through the worker's log gate, which stays on this
+            // thread) when the connection has ended, which a refusal makes it do.
+            let stats = fwd.services.stats.clone();
+            let refused = std::sync::Arc::new(std::sync::Mutex::new(None::<Refusal>));
+            let noted = refused.clone();
             let on_refusal = Box::new(move |why: Refusal| {
-                services
-                    .stats
+                stats
                     .http1_smuggling_refused
                     .fetch_add(1, Ordering::Relaxed);
-                if let Some(suppressed) = services.log_gate.admit(LogKind::Smuggling) {
-                    tracing::info!(%peer, reason = why.text(), suppressed, "HTTP/1.1 request refused as request smuggling (400, connection closed)");
+                if let Ok(mut r) = noted.lock() {
+                    *r = Some(why);
                 }
             });
+            let _log_refusal = LogRefusal {
+                refused,
+                services: fwd.services.clone(),
+                peer,
+            };
             let io = Strict::new(tls, max_head, on_refusal);
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(tcp.header_timeout)
                 .max_buf_size(max_head)
-                .serve_connection(TokioIo::new(io), service);
+                .serve_connection(TokioIo::new(io), service)
+                // A WebSocket's 101 hands the connection to its tunnel.
+                .with_upgrades();
             let conn = std::pin::pin!(conn);
-            let graceful = |c: Pin<&mut _>| http1::Connection::graceful_shutdown(c);
+            let graceful = |c: Pin<&mut http1::UpgradeableConnection<_, _>>| c.graceful_shutdown();
             drive(
                 &front,
                 conn,
@@ -145,6 +157,25 @@ pub(super) async fn serve(
         tracing::debug!(%peer, protocol = protocol.label(), error = %e, "TCP connection ended with an error");
     }
     drop(open);
+}
+
+/// Logs a refused HTTP/1.1 head when its connection is done with (dropped with it).
+struct LogRefusal {
+    refused: std::sync::Arc<std::sync::Mutex<Option<Refusal>>>,
+    services: Rc<crate::http::Services>,
+    peer: SocketAddr,
+}
+
+impl Drop for LogRefusal {
+    fn drop(&mut self) {
+        let why = self.refused.lock().ok().and_then(|mut r| r.take());
+        if let Some(why) = why {
+            if let Some(suppressed) = self.services.log_gate.admit(LogKind::Smuggling) {
+                let peer = self.peer;
+                tracing::info!(%peer, reason = why.text(), suppressed, "HTTP/1.1 request refused as request smuggling (400, connection closed)");
+            }
+        }
+    }
 }
 
 /// The connection's client: from the PROXY protocol header a trusted load balancer opens it

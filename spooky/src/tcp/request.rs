@@ -62,12 +62,14 @@ pub(super) struct Aborted;
 /// [`Aborted`] when there will be no response head.
 pub(super) async fn handle(
     ctx: Rc<ConnCtx>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Aborted> {
     let started = Instant::now();
     let in_progress = InProgress::new(&ctx);
     let fwd = ctx.front.forwarder();
     let stats = &fwd.services.stats;
+    let websocket = is_websocket(&req);
+    let upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     if let super::Kind::Plain { https_port } = ctx.front.0.kind {
         // Nothing is proxied in plaintext; the request body, if any, is not read.
@@ -75,8 +77,13 @@ pub(super) async fn handle(
         let end = exchange::local(answer.fields, answer.body, false, stats.clone());
         return respond(end, in_progress).await;
     }
-    let more_frames = !body.is_end_stream();
-    let list = h3_fields(&parts);
+    // A tunnel's bytes follow the head.
+    let more_frames = !body.is_end_stream() || websocket;
+    let list = if websocket {
+        websocket_fields(&parts)
+    } else {
+        h3_fields(&parts)
+    };
     let admission = match fwd.admit(&list, more_frames, ctx.sni.as_deref()) {
         Admission::Forward {
             head,
@@ -90,7 +97,11 @@ pub(super) async fn handle(
                 peer: ctx.peer,
                 protocol: ctx.protocol,
             };
+            let key = head.field("sec-websocket-key").map(Bytes::copy_from_slice);
             fwd.spawn(task, head, upstream, client, started, None);
+            if let Some(upgrade) = upgrade {
+                return respond_tunnel(end, in_progress, upgrade, ctx.protocol, key).await;
+            }
             if more_frames {
                 tokio::task::spawn_local(pump(body, end.clone()));
             }
@@ -106,13 +117,176 @@ pub(super) async fn handle(
     respond(end, in_progress).await
 }
 
+/// Whether `req` opens a WebSocket: HTTP/1.1's `GET` with `upgrade: websocket` (and
+/// `connection: upgrade`), or HTTP/2's extended CONNECT with `:protocol websocket`.
+fn is_websocket(req: &Request<Incoming>) -> bool {
+    if req.method() == http::Method::CONNECT {
+        return req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
+    }
+    let has = |name: http::HeaderName, token: &str| {
+        req.headers().get_all(name).iter().any(|v| {
+            v.as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+        })
+    };
+    req.method() == http::Method::GET
+        && req.version() == http::Version::HTTP_11
+        && has(http::header::UPGRADE, "websocket")
+        && has(http::header::CONNECTION, "upgrade")
+}
+
+/// A WebSocket's head as the forwarder admits it: an extended CONNECT (RFC 9220's form),
+/// whichever way the client asked.
+fn websocket_fields(parts: &http::request::Parts) -> Vec<Header> {
+    let mut list = h3_fields(parts);
+    list.retain(|h| !matches!(h.name(), b":method" | b":scheme" | b":path"));
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut out = vec![
+        Header::new(b":method", b"CONNECT"),
+        Header::new(b":protocol", b"websocket"),
+        Header::new(b":scheme", b"https"),
+        Header::new(b":path", path.as_bytes()),
+    ];
+    out.extend(list);
+    out
+}
+
+/// The answer to a WebSocket request: the tunnel's `200` becomes HTTP/1.1's `101` (with the
+/// `sec-websocket-accept` of the client's key) or stays HTTP/2's `200`, and once hyper hands
+/// over the upgraded stream, [`splice`] carries bytes between it and the exchange. Any other
+/// answer (the backend refused, 502 …) is an ordinary response.
+async fn respond_tunnel(
+    end: LoopEnd,
+    in_progress: InProgress,
+    upgrade: hyper::upgrade::OnUpgrade,
+    protocol: Protocol,
+    key: Option<Bytes>,
+) -> Result<Response<ResponseBody>, Aborted> {
+    let mut response = respond(end.clone(), in_progress).await?;
+    if response.status() != StatusCode::OK {
+        return Ok(response);
+    }
+    let Some(in_progress) = response.body_mut().into_tunnel() else {
+        return Err(Aborted);
+    };
+    if protocol == Protocol::H1 {
+        let Some(key) = key else {
+            end.abort();
+            return Err(Aborted);
+        };
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = response.headers_mut();
+        h.remove(http::header::CONTENT_LENGTH);
+        h.insert(http::header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
+        if let Ok(v) = HeaderValue::from_str(&crate::upstream::h1::websocket_accept(&key)) {
+            h.insert(http::header::SEC_WEBSOCKET_ACCEPT, v);
+        }
+    }
+    tokio::task::spawn_local(splice(upgrade, end, in_progress));
+    Ok(response)
+}
+
+/// Carries a WebSocket's bytes between the client's upgraded stream and the exchange, each
+/// way only as fast as the other side takes them; ends when the backend's side has ended (or
+/// either side broke off).
+async fn splice(upgrade: hyper::upgrade::OnUpgrade, end: LoopEnd, _in_progress: InProgress) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(io) = upgrade.await else {
+        end.abort();
+        return;
+    };
+    let (mut rd, mut wr) = tokio::io::split(hyper_util::rt::TokioIo::new(io));
+    let up = async {
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            let room = poll_fn(|cx| {
+                if end.task_done() || end.client_gone() {
+                    return Poll::Ready(false);
+                }
+                if end.room_for_request() || end.wants_reading() {
+                    return Poll::Ready(true);
+                }
+                end.wake_on_request_room(cx.waker());
+                Poll::Pending
+            })
+            .await;
+            if !room {
+                return;
+            }
+            buf.reserve(64 * 1024);
+            match rd.read_buf(&mut buf).await {
+                Ok(0) => {
+                    let _ = end.end_request(None);
+                    return;
+                }
+                Ok(_) => {
+                    if end.push_request(buf.split().freeze()).is_err() {
+                        end.abort();
+                        return;
+                    }
+                }
+                Err(_) => {
+                    end.abort();
+                    return;
+                }
+            }
+        }
+    };
+    let down = async {
+        loop {
+            let next = poll_fn(|cx| match end.pending() {
+                Pending::Body { chunk, fin } => Poll::Ready(Some((chunk, fin))),
+                Pending::Fin | Pending::Trailers => {
+                    let _ = end.end_written();
+                    Poll::Ready(None)
+                }
+                Pending::Nothing if !end.task_done() => {
+                    end.wake_on_response(cx.waker());
+                    Poll::Pending
+                }
+                _ => Poll::Ready(None),
+            })
+            .await;
+            let Some((chunk, fin)) = next else {
+                let _ = wr.shutdown().await;
+                return;
+            };
+            let _ = end.body_written(chunk.len(), fin);
+            if wr.write_all(&chunk).await.is_err() {
+                end.abort();
+                return;
+            }
+            if fin {
+                let _ = wr.shutdown().await;
+                return;
+            }
+        }
+    };
+    // The client ending its side does not end the tunnel: the backend's answer to that
+    // (its close frame, then its end) still comes down.
+    let mut up = std::pin::pin!(up);
+    let mut down = std::pin::pin!(down);
+    let mut up_done = false;
+    loop {
+        tokio::select! {
+            () = &mut up, if !up_done => up_done = true,
+            () = &mut down => return,
+        }
+    }
+}
+
 /// Waits for the response head on `end`, and makes hyper's response of it.
 async fn respond(end: LoopEnd, in_progress: InProgress) -> Result<Response<ResponseBody>, Aborted> {
     // Dropped before the head (the client reset the stream): the task learns it.
     let mut body = ResponseBody {
         end: end.clone(),
         done: false,
-        _in_progress: in_progress,
+        in_progress: Some(in_progress),
     };
     let (fields, fin) = poll_fn(|cx| match end.pending() {
         Pending::Head { fin } => {
@@ -243,8 +417,18 @@ pub(super) struct ResponseBody {
     end: LoopEnd,
     /// The end was handed to hyper (or the response was given up).
     done: bool,
-    /// The request is in progress until hyper drops its body.
-    _in_progress: InProgress,
+    /// The request is in progress until hyper drops its body (or, for a tunnel, until the
+    /// tunnel ends: then it has moved to the splice).
+    in_progress: Option<InProgress>,
+}
+
+impl ResponseBody {
+    /// A tunnel's response carries no body: its bytes go through the upgraded stream. Hands
+    /// over what keeps the request in progress.
+    fn into_tunnel(&mut self) -> Option<InProgress> {
+        self.done = true;
+        self.in_progress.take()
+    }
 }
 
 impl Body for ResponseBody {

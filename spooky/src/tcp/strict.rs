@@ -134,13 +134,13 @@ pub struct Strict<IO> {
     /// The refusal line still to hand on (its unsent tail).
     refusal: &'static [u8],
     /// Told what was refused, when it is (it logs and counts).
-    on_refusal: Box<dyn Fn(Refusal)>,
+    on_refusal: Box<dyn Fn(Refusal) + Send>,
     eof: bool,
 }
 
 impl<IO> Strict<IO> {
     /// `inner`, checked; `on_refusal` is called once if a head is refused.
-    pub fn new(inner: IO, max_head: usize, on_refusal: Box<dyn Fn(Refusal)>) -> Self {
+    pub fn new(inner: IO, max_head: usize, on_refusal: Box<dyn Fn(Refusal) + Send>) -> Self {
         Self {
             inner,
             state: State::Head,

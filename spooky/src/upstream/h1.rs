@@ -16,6 +16,8 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request};
 use http_body::{Body, Frame, SizeHint};
 use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -127,7 +129,8 @@ pub type SendRequest = hyper::client::conn::http1::SendRequest<RequestBody>;
 /// One HTTP/1.1 connection's sending half, and the guard reading its response heads.
 pub struct Conn {
     pub send: RefCell<SendRequest>,
-    pub scan: Rc<RefCell<HeadScan>>,
+    /// Set when a request goes out: the guard then reads the next bytes as a response head.
+    pub head_due: Arc<AtomicBool>,
     /// Requests sent on it so far (a failure on a reused connection may be a stale keep-alive).
     pub uses: Cell<u64>,
 }
@@ -149,7 +152,7 @@ impl Conn {
         impl std::future::Future<Output = ResponseResult> + 'static,
     ) {
         let reused = self.uses.replace(self.uses.get() + 1) > 0;
-        self.scan.borrow_mut().expect_head();
+        self.head_due.store(true, Ordering::Relaxed);
         (reused, self.send.borrow_mut().try_send_request(req))
     }
 }
@@ -195,6 +198,42 @@ pub fn strip_connection_named(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
+}
+
+/// RFC 6455 §1.3: the `sec-websocket-accept` answering `sec-websocket-key` `key`.
+pub fn websocket_accept(key: &[u8]) -> String {
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    ctx.update(key.trim_ascii());
+    ctx.update(GUID);
+    base64(ctx.finish().as_ref())
+}
+
+/// A fresh `sec-websocket-key` (16 random bytes, base64), for a client that sent none
+/// (WebSockets over HTTP/2 and HTTP/3 have no key).
+pub fn websocket_key() -> String {
+    let mut nonce = [0u8; 16];
+    // A failing system RNG leaves zeros: the key is a handshake check, not a secret.
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce);
+    base64(&nonce)
+}
+
+/// Standard base64 with padding (RFC 4648 §4).
+fn base64(data: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ABC[(n >> (18 - 6 * i) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// Whether a method may be sent again after a connection failed under it (RFC 9110 §9.2.2).
@@ -326,15 +365,21 @@ impl HeadScan {
     }
 }
 
-/// A backend socket whose response heads pass through a [`HeadScan`].
+/// A backend socket whose response heads pass through a [`HeadScan`]. (Send, as hyper's
+/// upgrades want: the flag is the only thing shared with the pool.)
 pub struct HeadGuard<T> {
     inner: T,
-    scan: Rc<RefCell<HeadScan>>,
+    scan: HeadScan,
+    head_due: Arc<AtomicBool>,
 }
 
 impl<T> HeadGuard<T> {
-    pub fn new(inner: T, scan: Rc<RefCell<HeadScan>>) -> Self {
-        Self { inner, scan }
+    pub fn new(inner: T, head_due: Arc<AtomicBool>) -> Self {
+        Self {
+            inner,
+            scan: HeadScan::new(),
+            head_due,
+        }
     }
 }
 
@@ -348,8 +393,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for HeadGuard<T> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
+                if this.head_due.swap(false, Ordering::Relaxed) {
+                    this.scan.expect_head();
+                }
                 let new = buf.filled().get(before..).unwrap_or_default();
-                match this.scan.borrow_mut().feed(new) {
+                match this.scan.feed(new) {
                     Ok(()) => Poll::Ready(Ok(())),
                     Err(why) => Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, why))),
                 }
@@ -468,6 +516,19 @@ mod tests {
         assert_eq!(r.uri().to_string(), "/x/y?q=1");
         assert_eq!(r.headers()["host"], "a.example:8443");
         assert_eq!(r.version(), http::Version::HTTP_11);
+    }
+
+    #[test]
+    fn websocket_accept_is_rfc_6455s() {
+        // The example of RFC 6455 §1.3.
+        assert_eq!(
+            websocket_accept(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(websocket_key().len(), 24);
     }
 
     #[test]

@@ -267,11 +267,11 @@ impl Connector {
         pool: Weak<BackendPool>,
     ) -> Result<Sender, UpstreamError>
     where
-        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let b = &self.backend;
-        let scan = Rc::new(RefCell::new(h1::HeadScan::new()));
-        let io = hyper_util::rt::TokioIo::new(h1::HeadGuard::new(io, scan.clone()));
+        let head_due = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let io = hyper_util::rt::TokioIo::new(h1::HeadGuard::new(io, head_due.clone()));
         let (send, conn) = hyper::client::conn::http1::Builder::new()
             .max_buf_size(256 << 10)
             .handshake::<_, h1::RequestBody>(io)
@@ -279,7 +279,8 @@ impl Connector {
             .map_err(|e| UpstreamError::new(ErrorKind::Handshake, b, e))?;
         let backend = b.clone();
         tokio::task::spawn_local(async move {
-            if let Err(e) = conn.await {
+            // With upgrades: a WebSocket's 101 hands the connection to its tunnel.
+            if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(backend = %backend, error = %e, "upstream connection ended");
             }
             closed.set(true);
@@ -289,7 +290,7 @@ impl Connector {
         });
         Ok(Sender::H1(Rc::new(h1::Conn {
             send: RefCell::new(send),
-            scan,
+            head_due,
             uses: Cell::new(0),
         })))
     }

@@ -25,3 +25,4 @@ mod support;
 mod takeover;
 mod tcp;
 mod upstreams;
+mod websocket;

@@ -33,10 +33,10 @@ fn sha256_hex(data: &[u8]) -> String {
 }
 
 /// A fresh private directory under the system temp dir, removed on drop.
-struct ScratchDir(PathBuf);
+pub(crate) struct ScratchDir(pub(crate) PathBuf);
 
 impl ScratchDir {
-    fn new(what: &str) -> Self {
+    pub(crate) fn new(what: &str) -> Self {
         static SEQ: AtomicU64 = AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
             "spooky-peers-{what}-{}-{}",
@@ -56,12 +56,12 @@ impl Drop for ScratchDir {
 }
 
 /// A free TCP port on 127.0.0.1 for a peer to listen on (see `free_udp_port`).
-fn free_tcp_port() -> u16 {
+pub(crate) fn free_tcp_port() -> u16 {
     free_udp_port()
 }
 
 /// A peer process this test started; killed by its PID and reaped on drop.
-struct PeerProcess {
+pub(crate) struct PeerProcess {
     name: &'static str,
     child: Child,
     /// Where its log goes, shown when it fails to start.
@@ -69,7 +69,7 @@ struct PeerProcess {
 }
 
 impl PeerProcess {
-    fn spawn(name: &'static str, cmd: &mut Command, log: PathBuf, hint: &str) -> Self {
+    pub(crate) fn spawn(name: &'static str, cmd: &mut Command, log: PathBuf, hint: &str) -> Self {
         let out = std::fs::File::create(&log).unwrap();
         let err = out.try_clone().unwrap();
         let child = cmd
@@ -87,7 +87,11 @@ impl PeerProcess {
 
     /// Polls until `ready` holds. `Err` with the peer's log when it exited first (a port taken
     /// by someone else between choosing and binding it, say); panics at the deadline.
-    fn wait_until(&mut self, what: &str, mut ready: impl FnMut() -> bool) -> Result<(), String> {
+    pub(crate) fn wait_until(
+        &mut self,
+        what: &str,
+        mut ready: impl FnMut() -> bool,
+    ) -> Result<(), String> {
         let deadline = Instant::now() + STARTUP;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -113,7 +117,7 @@ impl PeerProcess {
 
 /// Starts a peer on free ports, choosing new ones when it lost a port to another process
 /// (ports are chosen by binding and closing, so that can happen); any other failure panics.
-fn start_on_free_ports<P>(name: &str, mut attempt: impl FnMut() -> Result<P, String>) -> P {
+pub(crate) fn start_on_free_ports<P>(name: &str, mut attempt: impl FnMut() -> Result<P, String>) -> P {
     const ATTEMPTS: usize = 3;
     let mut n = 1;
     loop {
@@ -135,7 +139,7 @@ impl Drop for PeerProcess {
     }
 }
 
-fn accepts_tcp(addr: SocketAddr) -> bool {
+pub(crate) fn accepts_tcp(addr: SocketAddr) -> bool {
     TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
 }
 
@@ -819,14 +823,14 @@ fn nginx_tls_certificate_that_does_not_verify_is_a_502() {
 
 /// hypercorn running `asgi_app.py` in one process, h2c with prior knowledge (hypercorn switches
 /// a cleartext connection to HTTP/2 when it opens with the HTTP/2 preface).
-struct Hypercorn {
-    addr: SocketAddr,
+pub(crate) struct Hypercorn {
+    pub(crate) addr: SocketAddr,
     _process: PeerProcess,
     _dir: ScratchDir,
 }
 
 impl Hypercorn {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         require_python("hypercorn", "hypercorn 0.18.0");
         start_on_free_ports("hypercorn", Self::try_start)
     }

@@ -6,6 +6,7 @@ Routes:
 |---|---|
 | `/health` | 200 `ok` |
 | `/upload` | 200 JSON `{"length": N, "sha256": HEX}` of the request body |
+| any path, WebSocket | echoes every message |
 | anything else | 200 JSON `{"method", "path", "query", "authority", "http_version", "headers"}` |
 
 `authority` is what hypercorn hands the app as `host`: the request's `:authority` (hypercorn
@@ -40,6 +41,21 @@ async def respond(send: Send, status: int, body: bytes, content_type: str) -> No
     await send({"type": "http.response.body", "body": body})
 
 
+async def websocket_echo(receive: Receive, send: Send) -> None:
+    """Accepts, then echoes every message (text or bytes) until the client closes."""
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.connect":
+            await send({"type": "websocket.accept"})
+        elif message["type"] == "websocket.receive":
+            if message.get("text") is not None:
+                await send({"type": "websocket.send", "text": message["text"]})
+            else:
+                await send({"type": "websocket.send", "bytes": message["bytes"]})
+        elif message["type"] == "websocket.disconnect":
+            return
+
+
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
         while True:
@@ -49,6 +65,9 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+    if scope["type"] == "websocket":
+        await websocket_echo(receive, send)
+        return
     if scope["type"] != "http":
         return
 

@@ -31,7 +31,7 @@ fn through(data: &[u8], step: usize) -> (Vec<u8>, Option<Refusal>) {
         .build()
         .unwrap();
     rt.block_on(async {
-        let refused = std::rc::Rc::new(std::cell::Cell::new(None));
+        let refused = std::sync::Arc::new(std::sync::Mutex::new(None));
         let seen = refused.clone();
         let mut s = Strict::new(
             Trickle {
@@ -40,11 +40,12 @@ fn through(data: &[u8], step: usize) -> (Vec<u8>, Option<Refusal>) {
                 step,
             },
             64 * 1024,
-            Box::new(move |why| seen.set(Some(why))),
+            Box::new(move |why| *seen.lock().unwrap() = Some(why)),
         );
         let mut out = Vec::new();
         s.read_to_end(&mut out).await.unwrap();
-        (out, refused.get())
+        let why = *refused.lock().unwrap();
+        (out, why)
     })
 }
 

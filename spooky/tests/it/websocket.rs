@@ -1,0 +1,123 @@
+//! WebSockets end to end, with clients and servers nobody on the team wrote: the Python
+//! `websockets` package as client (HTTP/1.1 upgrade over Spooky's TLS listener) and as echo
+//! server (HTTP/1.1 upgrade behind Spooky), hypercorn's ASGI WebSockets as a second server,
+//! and aioquic with wsproto opening an extended CONNECT over HTTP/3 (RFC 9220). Each run
+//! checks every echoed message, many small ones and large ones, and a close from either side.
+
+use crate::peers::{accepts_tcp, free_tcp_port, start_on_free_ports, Hypercorn, PeerProcess, ScratchDir};
+use crate::support::*;
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::atomic::Ordering;
+
+/// The `websockets` echo server (`spooky/tests/peers/ws_echo_server.py`).
+struct EchoServer {
+    addr: SocketAddr,
+    _process: PeerProcess,
+    _dir: ScratchDir,
+}
+
+impl EchoServer {
+    fn start() -> Self {
+        require_python("websockets", "websockets 15.0.1");
+        start_on_free_ports("websockets", || {
+            let dir = ScratchDir::new("ws-echo");
+            let addr = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+            let mut process = PeerProcess::spawn(
+                "websockets",
+                Command::new("python3")
+                    .arg(peers_dir().join("ws_echo_server.py"))
+                    .arg(addr.port().to_string())
+                    .env("PYTHONDONTWRITEBYTECODE", "1"),
+                dir.0.join("server.log"),
+                "run cargo xtask setup",
+            );
+            process.wait_until("listening", || accepts_tcp(addr))?;
+            Ok(Self {
+                addr,
+                _process: process,
+                _dir: dir,
+            })
+        })
+    }
+}
+
+fn ws_proxy(backend: SocketAddr) -> Proxy {
+    let upstreams = format!(
+        "  main:\n    route:\n      path_prefix: \"/\"\n    backends:\n      - id: ws\n        address: \"{backend}\"\n        protocol: http1\n"
+    );
+    proxy(&upstreams, "quic:\n  retry: off\n", 2)
+}
+
+/// Runs a client script; its JSON line.
+fn run_client(script: &str, port: u16, count: usize, size: usize, closer: &str) -> Value {
+    let out = Command::new("python3")
+        .arg(peers_dir().join(script))
+        .arg(port.to_string())
+        .arg(certs_dir().join("ca.crt"))
+        .args(["/ws", &count.to_string(), &size.to_string(), closer])
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .output()
+        .expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{script} failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("{script}: {e}: {stdout}"))
+}
+
+fn tcp_port(p: &Proxy) -> u16 {
+    p.running.as_ref().unwrap().tcp_addr.unwrap().port()
+}
+
+fn opened(p: &Proxy) -> u64 {
+    p.stats_sum(|s| s.websockets_opened.load(Ordering::Relaxed))
+}
+
+fn check(r: &Value, count: usize, close_code: u64) {
+    assert_eq!(r["echoed"], count, "{r}");
+    assert!(r.get("mismatch").is_none(), "{r}");
+    assert_eq!(r["text"], "hello text", "{r}");
+    assert_eq!(r["close_code"], close_code, "{r}");
+}
+
+#[test]
+fn websockets_over_http1_reach_a_websockets_server_many_small_and_large_messages() {
+    let server = EchoServer::start();
+    let p = ws_proxy(server.addr);
+    let port = tcp_port(&p);
+    let r = run_client("ws_client.py", port, 10_000, 100, "client");
+    check(&r, 10_000, 1000);
+    assert_eq!(r["subprotocol"], "echo", "the backend's subprotocol reaches the client");
+    let r = run_client("ws_client.py", port, 4, 1 << 20, "server");
+    check(&r, 4, 4001);
+    assert_eq!(opened(&p), 2);
+}
+
+#[test]
+fn websockets_over_http3_reach_a_websockets_server() {
+    let server = EchoServer::start();
+    let p = ws_proxy(server.addr);
+    let port = p.addr.port();
+    let r = run_client("ws_h3_client.py", port, 2_000, 100, "client");
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(r["subprotocol"], "echo", "{r}");
+    check(&r, 2_000, 1000);
+    let r = run_client("ws_h3_client.py", port, 2, 1 << 20, "server");
+    check(&r, 2, 4001);
+    assert_eq!(opened(&p), 2);
+}
+
+#[test]
+fn websockets_reach_hypercorns_asgi_websockets() {
+    let h = Hypercorn::start();
+    let p = ws_proxy(h.addr);
+    let r = run_client("ws_client.py", tcp_port(&p), 1_000, 1000, "client");
+    check(&r, 1_000, 1000);
+    let r = run_client("ws_h3_client.py", p.addr.port(), 100, 1000, "client");
+    check(&r, 100, 1000);
+}

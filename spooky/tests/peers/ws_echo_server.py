@@ -1,0 +1,40 @@
+"""A WebSocket echo server (the `websockets` package, HTTP/1.1 upgrade) as a backend in
+Spooky's tests. Every message comes back as it was sent (text as text, binary as binary);
+the text message `close-from-server` makes the server close with code 4001 instead.
+It accepts the subprotocol `echo` when the client offers it.
+
+Run: python3 ws_echo_server.py PORT
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from websockets.asyncio.server import serve
+
+
+async def echo(ws) -> None:
+    async for message in ws:
+        if message == "close-from-server":
+            await ws.close(4001, "server says bye")
+            return
+        await ws.send(message)
+
+
+async def main() -> None:
+    port = int(sys.argv[1])
+    async with serve(
+        echo,
+        "127.0.0.1",
+        port,
+        subprotocols=["echo"],
+        max_size=None,
+        compression=None,
+    ) as server:
+        print(f"listening on {port}", flush=True)
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
