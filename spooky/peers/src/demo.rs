@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `/health` | 200 `ok` |
 //! | `/page` | 200, an HTML page that writes the protocol it was fetched with into itself |
+//! | `/wspage` | 200, an HTML page that opens a WebSocket to `/ws` and writes the echo into itself |
 //! | `/size/N` | 200 with N bytes of a fixed pattern (`pattern_byte(i)`), `content-length` set |
 //! | `/echo` | 200 streaming the request body back; request trailers come back as trailers |
 //! | `/upload` | 200 `LEN` after reading the whole body |
@@ -252,6 +253,20 @@ fn page(id: &str) -> String {
     )
 }
 
+/// The `/wspage` document: opens a WebSocket to `/ws` on its own origin (subprotocol `echo`), sends a message, and
+/// writes the echo (or what went wrong) into its `#seen` paragraph.
+fn ws_page() -> &'static str {
+    "<!doctype html><html><head><title>spooky websocket</title></head><body>\
+     <p id=\"seen\">script did not run</p><script>\
+     const seen = document.getElementById('seen');\
+     seen.textContent = 'connecting';\
+     const ws = new WebSocket('wss://' + location.host + '/ws', 'echo');\
+     ws.onopen = () => ws.send('hello from the browser');\
+     ws.onmessage = (e) => { seen.textContent = 'echo=' + e.data; ws.close(1000); };\
+     ws.onerror = () => { seen.textContent = 'websocket error'; };\
+     </script></body></html>\n"
+}
+
 fn header(resp: &mut http::response::Builder, id: &str) {
     if let (Some(h), Ok(v)) = (resp.headers_mut(), HeaderValue::from_str(id)) {
         h.insert("x-backend", v);
@@ -279,6 +294,15 @@ async fn handle(
                 );
             }
             simple(200, page(&opts.id))
+        }
+        ["wspage"] => {
+            if let Some(h) = builder.headers_mut() {
+                h.insert(
+                    "content-type",
+                    HeaderValue::from_static("text/html; charset=utf-8"),
+                );
+            }
+            simple(200, ws_page().to_owned())
         }
         ["size", n] => {
             let n: usize = n.parse().unwrap_or(0);

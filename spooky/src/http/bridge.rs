@@ -488,9 +488,14 @@ pub fn to_h2_request(head: &RequestHead, hop: &Hop) -> Result<Request<()>, Conve
 
     let mut req = Request::new(());
     *req.method_mut() = head.method.clone();
-    if let Some(protocol) = head.protocol.as_ref().and_then(|p| std::str::from_utf8(p).ok()) {
+    if let Some(protocol) = head
+        .protocol
+        .as_ref()
+        .and_then(|p| std::str::from_utf8(p).ok())
+    {
         // An extended CONNECT to an HTTP/2 backend (RFC 8441).
-        req.extensions_mut().insert(h2::ext::Protocol::from(protocol));
+        req.extensions_mut()
+            .insert(h2::ext::Protocol::from(protocol));
     }
     *req.uri_mut() = uri;
     *req.version_mut() = http::Version::HTTP_2;

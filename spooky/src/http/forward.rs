@@ -625,7 +625,16 @@ async fn exchange(
     let status = status_code.as_u16();
     fwd.report_response(job.upstream, backend, status, started.elapsed());
     job.status.set(status);
-    relay_response(job, &backend_name, status_code, &headers, body, pump, pump_done).await
+    relay_response(
+        job,
+        &backend_name,
+        status_code,
+        &headers,
+        body,
+        pump,
+        pump_done,
+    )
+    .await
 }
 
 /// Sends the response head to the client, then the body and trailers as the backend sends

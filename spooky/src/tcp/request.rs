@@ -181,7 +181,10 @@ async fn respond_tunnel(
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         let h = response.headers_mut();
         h.remove(http::header::CONTENT_LENGTH);
-        h.insert(http::header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(
+            http::header::CONNECTION,
+            HeaderValue::from_static("upgrade"),
+        );
         h.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
         if let Ok(v) = HeaderValue::from_str(&crate::upstream::h1::websocket_accept(&key)) {
             h.insert(http::header::SEC_WEBSOCKET_ACCEPT, v);

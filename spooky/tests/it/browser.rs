@@ -16,7 +16,7 @@ use std::time::Duration;
 
 /// base64(SHA-256(SubjectPublicKeyInfo)) of the certificate at `cert`: what
 /// `--ignore-certificate-errors-spki-list` takes.
-fn spki(cert: &Path) -> String {
+pub(crate) fn spki(cert: &Path) -> String {
     let pem = std::fs::read(cert).unwrap();
     let x509 = boring::x509::X509::from_pem(&pem).unwrap();
     let der = x509.public_key().unwrap().public_key_to_der().unwrap();
@@ -25,7 +25,12 @@ fn spki(cert: &Path) -> String {
 }
 
 /// What Chromium made of `url`: the document after its scripts ran.
-fn chromium(profile: &Path, url: &str, trust: &str, quic_origin: Option<&str>) -> String {
+pub(crate) fn chromium(
+    profile: &Path,
+    url: &str,
+    trust: &str,
+    quic_origin: Option<&str>,
+) -> String {
     require_command("chromium", "chromium");
     let mut c = Command::new("chromium");
     c.args([
@@ -53,7 +58,7 @@ fn chromium(profile: &Path, url: &str, trust: &str, quic_origin: Option<&str>) -
 }
 
 /// The `#seen` paragraph of the demo page.
-fn seen(dom: &str) -> &str {
+pub(crate) fn seen(dom: &str) -> &str {
     dom.split("<p id=\"seen\">")
         .nth(1)
         .and_then(|rest| rest.split("</p>").next())

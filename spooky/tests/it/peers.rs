@@ -117,7 +117,10 @@ impl PeerProcess {
 
 /// Starts a peer on free ports, choosing new ones when it lost a port to another process
 /// (ports are chosen by binding and closing, so that can happen); any other failure panics.
-pub(crate) fn start_on_free_ports<P>(name: &str, mut attempt: impl FnMut() -> Result<P, String>) -> P {
+pub(crate) fn start_on_free_ports<P>(
+    name: &str,
+    mut attempt: impl FnMut() -> Result<P, String>,
+) -> P {
     const ATTEMPTS: usize = 3;
     let mut n = 1;
     loop {

@@ -4,7 +4,9 @@
 //! and aioquic with wsproto opening an extended CONNECT over HTTP/3 (RFC 9220). Each run
 //! checks every echoed message, many small ones and large ones, and a close from either side.
 
-use crate::peers::{accepts_tcp, free_tcp_port, start_on_free_ports, Hypercorn, PeerProcess, ScratchDir};
+use crate::peers::{
+    accepts_tcp, free_tcp_port, start_on_free_ports, Hypercorn, PeerProcess, ScratchDir,
+};
 use crate::support::*;
 use serde_json::Value;
 use std::net::SocketAddr;
@@ -15,7 +17,13 @@ use std::sync::atomic::Ordering;
 struct EchoServer {
     addr: SocketAddr,
     _process: PeerProcess,
-    _dir: ScratchDir,
+    dir: ScratchDir,
+}
+
+impl EchoServer {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.0.join("server.log")).unwrap_or_default()
+    }
 }
 
 impl EchoServer {
@@ -37,7 +45,7 @@ impl EchoServer {
             Ok(Self {
                 addr,
                 _process: process,
-                _dir: dir,
+                dir,
             })
         })
     }
@@ -92,7 +100,10 @@ fn websockets_over_http1_reach_a_websockets_server_many_small_and_large_messages
     let port = tcp_port(&p);
     let r = run_client("ws_client.py", port, 10_000, 100, "client");
     check(&r, 10_000, 1000);
-    assert_eq!(r["subprotocol"], "echo", "the backend's subprotocol reaches the client");
+    assert_eq!(
+        r["subprotocol"], "echo",
+        "the backend's subprotocol reaches the client"
+    );
     let r = run_client("ws_client.py", port, 4, 1 << 20, "server");
     check(&r, 4, 4001);
     assert_eq!(opened(&p), 2);
@@ -120,4 +131,36 @@ fn websockets_reach_hypercorns_asgi_websockets() {
     check(&r, 1_000, 1000);
     let r = run_client("ws_h3_client.py", p.addr.port(), 100, 1000, "client");
     check(&r, 100, 1000);
+}
+
+#[test]
+fn chromium_opens_a_websocket_from_a_page() {
+    let server = EchoServer::start();
+    let page = backend("page");
+    let upstreams = format!(
+        "  ws:\n    route:\n      path_prefix: \"/ws\"\n    backends:\n      - id: ws\n        address: \"{}\"\n        protocol: http1\n  web:\n    route:\n      path_prefix: \"/\"\n    backends:\n      - id: page\n        address: \"{}\"\n",
+        server.addr, page.addr
+    );
+    let p = proxy(&upstreams, "quic:\n  retry: off\n", 2);
+    let trust = crate::browser::spki(&certs_dir().join("spooky.crt"));
+    let profile = Scratch::new("chromium-ws");
+    let url = format!("https://localhost:{}/wspage", tcp_port(&p));
+    let dom = crate::browser::chromium(&profile.0, &url, &trust, None);
+    assert_eq!(
+        crate::browser::seen(&dom),
+        "echo=hello from the browser",
+        "{dom}\nserver log:\n{}",
+        server.log()
+    );
+    assert_eq!(opened(&p), 1);
+    // Chromium asked over HTTP/2, by extended CONNECT (RFC 8441): Spooky's TCP listener
+    // offers it (SETTINGS_ENABLE_CONNECT_PROTOCOL).
+    let text = p.running.as_ref().unwrap().metrics_text();
+    assert_eq!(
+        metric_sum(
+            &text,
+            "spooky_requests_total{pool=\"ws\",backend=\"ws\",protocol=\"h2\",class=\"2xx\"}"
+        ),
+        1.0
+    );
 }

@@ -9,6 +9,7 @@ Run: python3 ws_echo_server.py PORT
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 
 from websockets.asyncio.server import serve
@@ -24,6 +25,8 @@ async def echo(ws) -> None:
 
 async def main() -> None:
     port = int(sys.argv[1])
+    # Handshakes it refuses are logged with the reason (the test shows the log on failure).
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     async with serve(
         echo,
         "127.0.0.1",

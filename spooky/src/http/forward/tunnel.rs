@@ -40,7 +40,10 @@ fn upgrade_request(
         None => h1::websocket_key(),
     };
     let h = &mut parts.headers;
-    h.insert(http::header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(
+        http::header::CONNECTION,
+        HeaderValue::from_static("upgrade"),
+    );
     h.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
     h.insert(
         http::header::SEC_WEBSOCKET_KEY,
@@ -71,7 +74,10 @@ pub(super) async fn run(
             return Err(Attempt::Upstream(UpstreamError::new(
                 ErrorKind::ResponseTimeout,
                 name,
-                format!("no answer to the WebSocket upgrade within {:?}", timeouts.response_head),
+                format!(
+                    "no answer to the WebSocket upgrade within {:?}",
+                    timeouts.response_head
+                ),
             )))
         }
         Ok(r) => super::h1_head_raw(r, name)?,
@@ -114,9 +120,9 @@ pub(super) async fn run(
             headers.insert(n, v.clone());
         }
     }
-    let upgraded = hyper::upgrade::on(response).await.map_err(|e| {
-        Attempt::Upstream(UpstreamError::new(ErrorKind::Reset, name, e))
-    })?;
+    let upgraded = hyper::upgrade::on(response)
+        .await
+        .map_err(|e| Attempt::Upstream(UpstreamError::new(ErrorKind::Reset, name, e)))?;
     let mut io = hyper_util::rt::TokioIo::new(upgraded);
     job.status.set(200);
     let mut fields = bridge::response_to_h3(StatusCode::OK, &headers);
@@ -131,9 +137,7 @@ pub(super) async fn run(
     let mut to_backend_open = true;
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     loop {
-        let from_client = async {
-            poll_fn(|cx| job.task.poll_request(cx.waker())).await
-        };
+        let from_client = async { poll_fn(|cx| job.task.poll_request(cx.waker())).await };
         let from_backend = async {
             if poll_fn(|cx| job.task.poll_response_room(cx.waker()))
                 .await
