@@ -170,7 +170,7 @@ async fn respond_tunnel(
     if response.status() != StatusCode::OK {
         return Ok(response);
     }
-    let Some(in_progress) = response.body_mut().into_tunnel() else {
+    let Some(in_progress) = response.body_mut().take_for_tunnel() else {
         return Err(Aborted);
     };
     if protocol == Protocol::H1 {
@@ -428,7 +428,7 @@ pub(super) struct ResponseBody {
 impl ResponseBody {
     /// A tunnel's response carries no body: its bytes go through the upgraded stream. Hands
     /// over what keeps the request in progress.
-    fn into_tunnel(&mut self) -> Option<InProgress> {
+    fn take_for_tunnel(&mut self) -> Option<InProgress> {
         self.done = true;
         self.in_progress.take()
     }

@@ -12,6 +12,9 @@ use serde_json::Value;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(10);
 
 /// The `websockets` echo server (`spooky/tests/peers/ws_echo_server.py`).
 struct EchoServer {
@@ -143,24 +146,36 @@ fn chromium_opens_a_websocket_from_a_page() {
     );
     let p = proxy(&upstreams, "quic:\n  retry: off\n", 2);
     let trust = crate::browser::spki(&certs_dir().join("spooky.crt"));
-    let profile = Scratch::new("chromium-ws");
     let url = format!("https://localhost:{}/wspage", tcp_port(&p));
-    let dom = crate::browser::chromium(&profile.0, &url, &trust, None);
+    // `--dump-dom` does not wait for a WebSocket (it is not part of the page's load): on a
+    // busy machine the page may be printed while it still says `connecting`. Load it again
+    // then; anything else is an answer.
+    let mut dom = String::new();
+    for attempt in 0..3 {
+        let profile = Scratch::new(&format!("chromium-ws-{attempt}"));
+        dom = crate::browser::chromium(&profile.0, &url, &trust, None);
+        if crate::browser::seen(&dom) != "connecting" {
+            break;
+        }
+    }
     assert_eq!(
         crate::browser::seen(&dom),
         "echo=hello from the browser",
         "{dom}\nserver log:\n{}",
         server.log()
     );
-    assert_eq!(opened(&p), 1);
+    assert!(opened(&p) >= 1);
     // Chromium asked over HTTP/2, by extended CONNECT (RFC 8441): Spooky's TCP listener
     // offers it (SETTINGS_ENABLE_CONNECT_PROTOCOL).
-    let text = p.running.as_ref().unwrap().metrics_text();
-    assert_eq!(
+    // (Counted when the tunnel is over: after Chromium has closed it.)
+    let h2_tunnels = || {
+        let text = p.running.as_ref().unwrap().metrics_text();
         metric_sum(
             &text,
-            "spooky_requests_total{pool=\"ws\",backend=\"ws\",protocol=\"h2\",class=\"2xx\"}"
-        ),
-        1.0
-    );
+            "spooky_requests_total{pool=\"ws\",backend=\"ws\",protocol=\"h2\",class=\"2xx\"}",
+        )
+    };
+    wait_until("the tunnels counted as HTTP/2", T, || {
+        h2_tunnels() == opened(&p) as f64
+    });
 }
