@@ -179,3 +179,19 @@ fn chromium_opens_a_websocket_from_a_page() {
         h2_tunnels() == opened(&p) as f64
     });
 }
+
+#[test]
+fn websockets_reach_an_http2_backend_by_extended_connect() {
+    // hypercorn over h2c offers SETTINGS_ENABLE_CONNECT_PROTOCOL: the tunnel is an HTTP/2
+    // stream to it (RFC 8441), whatever the client spoke.
+    let h = Hypercorn::start();
+    let upstreams = format!(
+        "  main:\n    route:\n      path_prefix: \"/\"\n    backends:\n      - id: ws\n        address: \"{}\"\n",
+        h.addr
+    );
+    let p = proxy(&upstreams, "quic:\n  retry: off\n", 2);
+    let r = run_client("ws_client.py", tcp_port(&p), 1_000, 1000, "client");
+    check(&r, 1_000, 1000);
+    let r = run_client("ws_h3_client.py", p.addr.port(), 4, 1 << 20, "client");
+    check(&r, 4, 1000);
+}
