@@ -41,11 +41,12 @@ struct Args {
     /// Short runs (2 s measured, 1 s warm-up, 300 idle connections) to check the harness.
     #[arg(long)]
     quick: bool,
-    /// Scenarios, comma-separated: small, download, upload, handshake, idle, rate, upgrade,
-    /// xdp, steering.
+    /// Scenarios, comma-separated: small, download, upload, handshake, idle, rate, tcp-small,
+    /// tcp-download, h1-small, h1-download (HTTP/1.1 to the backend), zero-rtt, upgrade, xdp,
+    /// steering.
     #[arg(
         long,
-        default_value = "small,download,upload,handshake,idle,rate,tcp-small,tcp-download,zero-rtt,upgrade,xdp,steering"
+        default_value = "small,download,upload,handshake,idle,rate,tcp-small,tcp-download,h1-small,h1-download,zero-rtt,upgrade,xdp,steering"
     )]
     scenarios: String,
     /// Proxies, comma-separated: spooky, envoy, envoy-nogro (Envoy without `prefer_gro`,
@@ -102,6 +103,8 @@ struct Scenario {
     oha_rate: Option<f64>,
     /// Over the proxy's TCP listener (TLS, HTTP/2) instead of HTTP/3: oha only.
     tcp: bool,
+    /// The proxies forward over HTTP/1.1 (to nginx's HTTP/1.1 port) instead of h2c.
+    h1_backend: bool,
     warm_up: f64,
     duration: f64,
 }
@@ -141,6 +144,7 @@ impl Scenario {
             oha: None,
             oha_rate: None,
             tcp: false,
+            h1_backend: false,
             warm_up: 0.0,
             duration: 0.0,
         }
@@ -159,6 +163,7 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
             oha: Some((10, 10)),
             oha_rate: None,
             tcp: false,
+            h1_backend: false,
             warm_up,
             duration,
         },
@@ -170,6 +175,7 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
             oha: Some((10, 1)),
             oha_rate: None,
             tcp: false,
+            h1_backend: false,
             warm_up,
             duration,
         },
@@ -190,6 +196,7 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
             oha: Some((10, 1)),
             oha_rate: None,
             tcp: false,
+            h1_backend: false,
             warm_up,
             duration,
         },
@@ -201,6 +208,7 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
             oha: None,
             oha_rate: None,
             tcp: false,
+            h1_backend: false,
             warm_up,
             duration,
         },
@@ -214,6 +222,7 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
             oha: Some((idle_conns, 1)),
             oha_rate: Some(f64::from(idle_conns) / 5.0),
             tcp: false,
+            h1_backend: false,
             warm_up: if quick { 3.0 } else { 5.0 },
             duration: if quick { 2.0 } else { 5.0 },
         },
@@ -226,6 +235,7 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
             oha: Some((10, 10)),
             oha_rate: None,
             tcp: false,
+            h1_backend: false,
             warm_up,
             duration,
         },
@@ -238,6 +248,7 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
             oha: Some((10, 10)),
             oha_rate: None,
             tcp: true,
+            h1_backend: false,
             warm_up,
             duration,
         },
@@ -249,6 +260,32 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
             oha: Some((10, 1)),
             oha_rate: None,
             tcp: true,
+            h1_backend: false,
+            warm_up,
+            duration,
+        },
+        // HTTP/1.1 towards the backend (keep-alive), HTTP/3 from the client.
+        Scenario {
+            name: "h1-small",
+            unit: "req",
+            path: "/100b",
+            load_args: s(&["-c", "10", "-m", "10"]),
+            oha: Some((10, 10)),
+            oha_rate: None,
+            tcp: false,
+            h1_backend: true,
+            warm_up,
+            duration,
+        },
+        Scenario {
+            name: "h1-download",
+            unit: "MiB",
+            path: "/1m",
+            load_args: s(&["-c", "10", "-m", "1"]),
+            oha: Some((10, 1)),
+            oha_rate: None,
+            tcp: false,
+            h1_backend: true,
             warm_up,
             duration,
         },
@@ -625,7 +662,12 @@ fn one_run(
         generator.name(),
         kind.name(),
     );
-    let (mut proxy, port, admin) = start_ready_admin(ctx, kind, nginx.port)?;
+    let backend = if sc.h1_backend {
+        Backend::Http1(nginx.h1_port)
+    } else {
+        Backend::H2c(nginx.port)
+    };
+    let (mut proxy, port, admin) = start_ready_admin(ctx, kind, backend)?;
     let pid = proxy.pid();
     let rss_base = report::status_kib(pid, "VmRSS:");
     // Spooky's datagram counters, to see how many packets the client sends per packet it
@@ -771,32 +813,44 @@ fn start_ready(
     nginx_port: u16,
     upgradable: bool,
 ) -> Result<(peers::Proc, u16)> {
-    start_ready_with(ctx, kind, nginx_port, upgradable).map(|(p, port, _)| (p, port))
+    start_ready_with(ctx, kind, Backend::H2c(nginx_port), upgradable).map(|(p, port, _)| (p, port))
+}
+
+/// Where the proxies forward: nginx's h2c port or its HTTP/1.1 one.
+#[derive(Clone, Copy)]
+enum Backend {
+    H2c(u16),
+    Http1(u16),
 }
 
 /// [`start_ready`], also returning the admin port (Spooky's metrics).
 fn start_ready_admin(
     ctx: &RunCtx<'_>,
     kind: ProxyKind,
-    nginx_port: u16,
+    backend: Backend,
 ) -> Result<(peers::Proc, u16, u16)> {
-    start_ready_with(ctx, kind, nginx_port, false)
+    start_ready_with(ctx, kind, backend, false)
 }
 
 fn start_ready_with(
     ctx: &RunCtx<'_>,
     kind: ProxyKind,
-    nginx_port: u16,
+    backend: Backend,
     upgradable: bool,
 ) -> Result<(peers::Proc, u16, u16)> {
     let port = free_port(true)?;
+    let (backend_port, backend_http1) = match backend {
+        Backend::H2c(p) => (p, false),
+        Backend::Http1(p) => (p, true),
+    };
     let setup = ProxySetup {
         admin_port: free_port(false)?,
         dir: ctx.dir,
         cert: ctx.cert,
         key: ctx.key,
         port,
-        backend_port: nginx_port,
+        backend_port,
+        backend_http1,
         cpu: ctx.proxy_cpu,
         upgradable,
     };

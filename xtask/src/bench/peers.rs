@@ -194,11 +194,12 @@ impl Drop for Proc {
     }
 }
 
-/// The nginx backend: h2c on `port`, `/100b` and `/1m` as static files, `PUT /upload/…`
-/// stored by the DAV module (it reads the whole body before answering).
+/// The nginx backend: h2c on `port` and HTTP/1.1 on `h1_port`, `/100b` and `/1m` as static
+/// files, `PUT /upload/…` stored by the DAV module (it reads the whole body before answering).
 pub struct Nginx {
     proc: Proc,
     pub port: u16,
+    pub h1_port: u16,
     pub access_log: PathBuf,
     pid_file: PathBuf,
     stopped: bool,
@@ -224,6 +225,10 @@ impl Nginx {
         let mib: Vec<u8> = (0..1usize << 20).map(|i| (i % 251) as u8).collect();
         std::fs::write(www.join("1m"), mib)?;
         let d = dir.display();
+        // HTTP/1.1 on another port (the same server: the same files and access log).
+        let h1_port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let conf = format!(
             r#"user root;
 worker_processes 1;
@@ -249,6 +254,7 @@ http {{
     default_type application/octet-stream;
     server {{
         listen 127.0.0.1:{port} http2;
+        listen 127.0.0.1:{h1_port};
         root {d}/www;
         location / {{ }}
         location /upload/ {{ dav_methods PUT; }}
@@ -270,6 +276,7 @@ http {{
         let n = Nginx {
             proc,
             port,
+            h1_port,
             access_log: dir.join("access.log"),
             pid_file: dir.join("nginx.pid"),
             stopped: false,
@@ -445,6 +452,8 @@ pub struct ProxySetup<'a> {
     pub key: &'a Path,
     pub port: u16,
     pub backend_port: u16,
+    /// The backend speaks HTTP/1.1 (nginx's `h1_port`), not h2c.
+    pub backend_http1: bool,
     pub cpu: Option<usize>,
     /// A second process will take over from this one (the `upgrade` scenario).
     pub upgradable: bool,
@@ -472,6 +481,7 @@ pub fn start_proxy(
     s: &ProxySetup<'_>,
 ) -> Result<Proc> {
     let (cert, key, port, be) = (s.cert.display(), s.key.display(), s.port, s.backend_port);
+    let h1 = s.backend_http1;
     let log = s.dir.join(format!("{}.log", kind.name()));
     match kind {
         ProxyKind::Spooky => {
@@ -497,9 +507,10 @@ upstream:
   nginx:
     route: {{path_prefix: /}}
     backends:
-      - {{id: nginx, address: "127.0.0.1:{be}"}}
+      - {{id: nginx, address: "127.0.0.1:{be}", protocol: {protocol}}}
 log: {{level: warn, format: text}}
 "#,
+                protocol = if h1 { "http1" } else { "http2" },
                 pid = std::process::id(),
                 dir = s.dir.display(),
                 admin = s.admin_port,
@@ -525,6 +536,12 @@ log: {{level: warn, format: text}}
         ProxyKind::Envoy | ProxyKind::EnvoyNoGro => {
             let gro = kind == ProxyKind::Envoy;
             let routes = ENVOY_ROUTES;
+            // HTTP/1.1 is Envoy's default towards a cluster.
+            let upstream_protocol = if h1 {
+                ""
+            } else {
+                "    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config:\n          http2_protocol_options: {}\n"
+            };
             let conf = format!(
                 r#"static_resources:
   listeners:
@@ -575,12 +592,7 @@ log: {{level: warn, format: text}}
   - name: nginx
     type: STATIC
     connect_timeout: 2s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config:
-          http2_protocol_options: {{}}
-    load_assignment:
+{upstream_protocol}    load_assignment:
       cluster_name: nginx
       endpoints:
       - lb_endpoints:
@@ -610,6 +622,7 @@ log: {{level: warn, format: text}}
         }
         ProxyKind::Caddy => {
             let d = s.dir.display();
+            let scheme = if h1 { "http" } else { "h2c" };
             let conf = format!(
                 r#"{{
 	admin off
@@ -625,7 +638,7 @@ log: {{level: warn, format: text}}
 https://localhost:{port} {{
 	bind 127.0.0.1
 	tls "{cert}" "{key}"
-	reverse_proxy h2c://127.0.0.1:{be}
+	reverse_proxy {scheme}://127.0.0.1:{be}
 }}
 "#
             );
