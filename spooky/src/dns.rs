@@ -209,6 +209,9 @@ pub fn start(dns: Arc<Dns>, config: impl Follower) -> std::io::Result<mpsc::Send
                 _ => return,
             }
             let names = config.names();
+            if names.is_empty() {
+                continue;
+            }
             dns.refresh(&names);
             // Also when nothing changed just now: a change that could not be applied before
             // is tried again.

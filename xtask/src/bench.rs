@@ -475,17 +475,22 @@ pub struct CountCheck {
     pub nginx_logged: u64,
 }
 
+/// A free port on 127.0.0.1. `udp`: free over UDP and TCP both (the proxies listen on both
+/// with one number; a UDP port alone may be some TCP connection's source port).
 fn free_port(udp: bool) -> Result<u16> {
-    let port = if udp {
-        std::net::UdpSocket::bind("127.0.0.1:0")?
+    if !udp {
+        return Ok(std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
-            .port()
-    } else {
-        std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port()
-    };
-    Ok(port)
+            .port());
+    }
+    for _ in 0..100 {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let port = socket.local_addr()?.port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no port free over both UDP and TCP on 127.0.0.1")
 }
 
 /// Everything one harness run measured.

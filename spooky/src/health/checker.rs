@@ -537,7 +537,7 @@ async fn probe_once(pool: &Rc<BackendPool>, uri: &str) -> Result<u16, String> {
         Sender::H1(conn) => {
             let req = h1::to_http1(req, h1::RequestBody::empty())?;
             let (_, resp) = conn.send(req);
-            let resp = resp.await.map_err(|e| e.into_error().to_string())?;
+            let resp = resp.await.map_err(|e| e.error.to_string())?;
             let status = resp.status().as_u16();
             // Read the body to its end so the connection is kept for the next probe.
             let mut body = resp.into_body();

@@ -425,7 +425,7 @@ fn h1_head_raw(
     result: h1::ResponseResult,
     backend: &Rc<str>,
 ) -> Result<http::Response<hyper::body::Incoming>, Attempt> {
-    result.map_err(|e| Attempt::Upstream(h1_error(e.error(), backend)))
+    result.map_err(|e| Attempt::Upstream(h1_error(&e.error, backend)))
 }
 
 /// A response head from an HTTP/1.1 backend, or why there is none.
@@ -447,11 +447,9 @@ fn h1_head(
                 },
             ))
         }
-        Err(mut e) => {
-            let unsent = e.take_message().is_some();
-            let err = e.into_error();
-            let e = h1_error(&err, backend);
-            if unsent || (stale_retry && e.kind == ErrorKind::Reset) {
+        Err(failed) => {
+            let e = h1_error(&failed.error, backend);
+            if failed.unsent || (stale_retry && e.kind == ErrorKind::Reset) {
                 Err(Attempt::Refused(e))
             } else {
                 Err(Attempt::Upstream(e))

@@ -114,7 +114,15 @@ pub(super) async fn handle(
         .ok_or(Aborted)?;
     // The request body, if any, is not read: hyper discards it or closes.
     let end = exchange::local(answer.fields, answer.body, false, stats.clone());
-    respond(end, in_progress).await
+    let mut response = respond(end, in_progress).await?;
+    if websocket && ctx.protocol == Protocol::H1 {
+        // A WebSocket upgrade answered here: the connection ends after it (the smuggling
+        // check stopped reading it as HTTP once it saw the upgrade).
+        response
+            .headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    Ok(response)
 }
 
 /// Whether `req` opens a WebSocket: HTTP/1.1's `GET` with `upgrade: websocket` (and
@@ -168,6 +176,13 @@ async fn respond_tunnel(
 ) -> Result<Response<ResponseBody>, Aborted> {
     let mut response = respond(end.clone(), in_progress).await?;
     if response.status() != StatusCode::OK {
+        if protocol == Protocol::H1 {
+            // Not upgraded: the connection ends after this answer (the smuggling check has
+            // stopped reading it as HTTP once it saw the upgrade).
+            response
+                .headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
         return Ok(response);
     }
     let Some(in_progress) = response.body_mut().take_for_tunnel() else {

@@ -291,9 +291,11 @@ impl<IO> Strict<IO> {
                         Check::Good(used) => {
                             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
                             let mut req = httparse::Request::new(&mut headers);
-                            let framing = match req.parse(&rest[..used]) {
-                                Ok(httparse::Status::Complete(_)) => framing(req.headers),
-                                _ => Ok(Framing::Invalid),
+                            let (framing, upgrade) = match req.parse(&rest[..used]) {
+                                Ok(httparse::Status::Complete(_)) => {
+                                    (framing(req.headers), websocket_upgrade(req.headers))
+                                }
+                                _ => (Ok(Framing::Invalid), false),
                             };
                             let framing = match framing {
                                 Ok(f) => f,
@@ -301,6 +303,10 @@ impl<IO> Strict<IO> {
                             };
                             self.cleared += used;
                             self.next_piece(match framing {
+                                // A WebSocket upgrade without a body: after the 101 the bytes
+                                // are frames, not HTTP (a refused upgrade closes the
+                                // connection, see `tcp::request`).
+                                Framing::Length(0) if upgrade => State::Unchecked,
                                 Framing::Chunked => State::ChunkSize,
                                 Framing::Length(0) => State::Head,
                                 Framing::Length(n) => State::Body(n),
@@ -313,6 +319,16 @@ impl<IO> Strict<IO> {
             }
         }
     }
+}
+
+/// Whether a head asks for a WebSocket (`upgrade: websocket`).
+fn websocket_upgrade(headers: &[httparse::Header<'_>]) -> bool {
+    headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("upgrade")
+            && h.value
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"))
+    })
 }
 
 /// How a request's body is delimited.

@@ -135,25 +135,46 @@ pub struct Conn {
     pub uses: Cell<u64>,
 }
 
+/// Why a request got no response: `unsent` when it never left (the connection had closed).
+#[derive(Debug)]
+pub struct SendError {
+    pub unsent: bool,
+    pub error: hyper::Error,
+}
+
 /// What a sent request's response future yields.
-pub type ResponseResult = Result<
-    http::Response<hyper::body::Incoming>,
-    hyper::client::conn::TrySendError<Request<RequestBody>>,
->;
+pub type ResponseResult = Result<http::Response<hyper::body::Incoming>, SendError>;
 
 impl Conn {
-    /// Sends a request: its response head is scanned as it arrives. Also says whether the
-    /// connection carried a request before (a failure then may be a stale keep-alive).
+    /// Sends a request once the connection is ready for it (the previous response may be
+    /// ending just now: its lease is gone before hyper has seen the end); its response head
+    /// is scanned as it arrives. Also says whether the connection carried a request before
+    /// (a failure then may be a stale keep-alive).
     pub fn send(
-        &self,
+        self: &Rc<Self>,
         req: Request<RequestBody>,
     ) -> (
         bool,
         impl std::future::Future<Output = ResponseResult> + 'static,
     ) {
         let reused = self.uses.replace(self.uses.get() + 1) > 0;
-        self.head_due.store(true, Ordering::Relaxed);
-        (reused, self.send.borrow_mut().try_send_request(req))
+        let conn = self.clone();
+        let response = async move {
+            let ready = std::future::poll_fn(|cx| conn.send.borrow_mut().poll_ready(cx)).await;
+            if let Err(error) = ready {
+                return Err(SendError {
+                    unsent: true,
+                    error,
+                });
+            }
+            conn.head_due.store(true, Ordering::Relaxed);
+            let sent = conn.send.borrow_mut().try_send_request(req);
+            sent.await.map_err(|mut e| SendError {
+                unsent: e.take_message().is_some(),
+                error: e.into_error(),
+            })
+        };
+        (reused, response)
     }
 }
 

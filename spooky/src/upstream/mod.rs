@@ -332,8 +332,9 @@ impl PooledConn {
                 .current_max_send_streams()
                 .max(1)
                 .saturating_sub(self.in_flight.get()),
-            // Ready: the previous response was read to its end and the connection kept.
-            Sender::H1(c) => usize::from(self.in_flight.get() == 0 && c.send.borrow().is_ready()),
+            // Free: no lease on it. (hyper may not have seen the end of the previous
+            // response yet; the request waits for the connection to be ready.)
+            Sender::H1(_) => usize::from(self.in_flight.get() == 0),
         }
     }
 

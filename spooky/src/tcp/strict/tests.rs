@@ -197,3 +197,20 @@ fn a_head_trickled_byte_by_byte_is_parsed_a_bounded_number_of_times() {
         );
     }
 }
+
+#[test]
+fn after_a_websocket_upgrade_the_bytes_are_frames_not_heads() {
+    // Frames carry any byte, bare LFs included: after the upgrade head nothing is checked.
+    let mut data =
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+            .to_vec();
+    data.extend_from_slice(b"\x82\x85\x01\x02\x03\x04\nab\ncd\n\nGET / HTTP/1.1\nX: y\n\n");
+    for step in STEPS {
+        assert_eq!(through(&data, step), (data.clone(), None), "step {step}");
+    }
+    // Another upgrade (h2c) is not a WebSocket: the next head is checked as ever.
+    let mut data = b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\n\r\n".to_vec();
+    data.extend_from_slice(b"GET /x HTTP/1.1\nHost: a\n\n");
+    let (_, why) = through(&data, 64);
+    assert_eq!(why, Some(Refusal::BareLf));
+}
