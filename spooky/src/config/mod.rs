@@ -381,6 +381,9 @@ pub struct Upstream {
     pub response_headers: HeaderRules,
     /// Every request of the route is answered with this redirect; the pool has no backends.
     pub redirect: Option<Redirect>,
+    /// Each backend connection opens with a PROXY protocol v2 header naming the client it
+    /// serves (connections are then the client's own).
+    pub send_proxy_protocol: bool,
     /// Backends named by DNS: each address the name resolves to becomes one backend in
     /// `backends` (see [`expand`]); these are what they are made from.
     pub named: Vec<NamedBackend>,

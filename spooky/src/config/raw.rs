@@ -345,6 +345,9 @@ pub(super) struct RawUpstream {
     /// Answer every request of the route with a redirect (and have no backends).
     #[serde(default)]
     pub redirect: Option<RawRedirect>,
+    /// `v2`: a PROXY protocol v2 header opens each backend connection; `off` (default).
+    #[serde(default)]
+    pub send_proxy_protocol: Option<String>,
 }
 
 /// `upstream.NAME.request_headers` / `response_headers`.

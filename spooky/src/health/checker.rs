@@ -157,6 +157,7 @@ struct Settings {
     passive: crate::config::PassiveHealth,
     tls: Option<crate::config::BackendTls>,
     protocol: crate::config::BackendProtocol,
+    send_proxy: bool,
     address_text: String,
     connect_timeout: Duration,
 }
@@ -168,6 +169,7 @@ impl Settings {
             passive: up.passive_health.clone(),
             tls: b.tls.clone(),
             protocol: b.protocol,
+            send_proxy: up.send_proxy_protocol,
             address_text: b.address_text.clone(),
             connect_timeout: up.timeouts.connect,
         }
@@ -318,8 +320,12 @@ fn reconcile(state: &Shared, snapshot: &Arc<Snapshot>) {
                         p.abort();
                     }
                     let prober = backend.health_check.enabled.then(|| {
-                        let connector =
-                            Connector::new(backend, plan.tls.clone(), up.timeouts.connect);
+                        let connector = Connector::new(
+                            backend,
+                            plan.tls.clone(),
+                            up.timeouts.connect,
+                            up.send_proxy_protocol,
+                        );
                         tokio::task::spawn_local(prober(
                             state.clone(),
                             key.clone(),
@@ -512,7 +518,10 @@ async fn prober(state: Shared, key: BackendKey, target: ProbeTarget, pool: Rc<Ba
 }
 
 async fn probe_once(pool: &Rc<BackendPool>, uri: &str) -> Result<u16, String> {
-    let lease = pool.checkout(false).await.map_err(|e| e.to_string())?;
+    let lease = pool
+        .checkout(false, None)
+        .await
+        .map_err(|e| e.to_string())?;
     let req = http::Request::get(uri)
         .body(())
         .map_err(|e| e.to_string())?;

@@ -321,7 +321,7 @@ async fn forward(job: &Job) -> Result<Rc<str>, Failure> {
         // Waiting for a connection or a stream slot ends when the client leaves.
         let checkout = tokio::select! {
             biased;
-            r = pool.checkout(refreshed) => r,
+            r = pool.checkout(refreshed, Some(job.peer)) => r,
             () = poll_fn(|cx| job.task.poll_client_gone(cx.waker())) => {
                 return Err(Failure::ClientGone);
             }

@@ -126,7 +126,7 @@ impl Forwarder {
                 max_pending: (up.max_pending_requests as usize).div_ceil(services.workers.max(1)),
             };
             for (b, backend) in up.backends.iter().enumerate() {
-                let reuse = previous.and_then(|p| p.pool_for(backend, up.timeouts.connect));
+                let reuse = previous.and_then(|p| p.pool_for(backend, up));
                 row.push(match reuse {
                     Some(pool) => {
                         pool.set_limits(limits);
@@ -134,7 +134,12 @@ impl Forwarder {
                     }
                     None => {
                         let tls = snapshot.backend(u, b).and_then(|p| p.tls.clone());
-                        let connector = Connector::new(backend, tls, up.timeouts.connect);
+                        let connector = Connector::new(
+                            backend,
+                            tls,
+                            up.timeouts.connect,
+                            up.send_proxy_protocol,
+                        );
                         Rc::new(BackendPool::new(
                             connector,
                             limits,
@@ -189,7 +194,7 @@ impl Forwarder {
     fn pool_for(
         &self,
         backend: &crate::config::Backend,
-        connect: Duration,
+        up: &crate::config::Upstream,
     ) -> Option<Rc<BackendPool>> {
         let cfg = &self.snapshot.config;
         cfg.upstreams.iter().zip(&self.pools).find_map(|(ou, row)| {
@@ -198,7 +203,8 @@ impl Forwarder {
                     && ob.address == backend.address
                     && ob.tls == backend.tls
                     && ob.protocol == backend.protocol
-                    && ou.timeouts.connect == connect;
+                    && ou.timeouts.connect == up.timeouts.connect
+                    && ou.send_proxy_protocol == up.send_proxy_protocol;
                 same.then(|| pool.clone())
             })
         })

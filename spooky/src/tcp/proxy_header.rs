@@ -265,6 +265,21 @@ mod tests {
     }
 
     #[test]
+    fn what_spooky_sends_to_backends_reads_back() {
+        let local: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+        let backend: SocketAddr = "10.0.0.2:8080".parse().unwrap();
+        for client in ["198.51.100.7:4000", "[2001:db8::7]:4001"] {
+            let client: SocketAddr = client.parse().unwrap();
+            let h = crate::upstream::proxy_v2_header(Some(client), local, backend);
+            let parsed = done(&h);
+            assert_eq!(parsed.source, Some(client));
+            assert_eq!(parsed.len, h.len());
+        }
+        let probe = crate::upstream::proxy_v2_header(None, local, backend);
+        assert_eq!(done(&probe).source, None, "LOCAL");
+    }
+
+    #[test]
     fn anything_else_is_not_a_header() {
         assert!(parse(b"\x16\x03\x01\x02\x00").is_err());
         assert!(parse(b"GET / HTTP/1.1\r\n").is_err());

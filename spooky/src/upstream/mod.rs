@@ -145,6 +145,9 @@ pub struct Connector {
     pub tls: Option<TlsPlan>,
     pub protocol: BackendProtocol,
     pub connect_timeout: Duration,
+    /// Each connection opens with a PROXY protocol v2 header naming the client it is for
+    /// (`upstream.NAME.send_proxy_protocol`); connections then serve that client only.
+    pub send_proxy: bool,
 }
 
 /// A connection's sending half: an HTTP/2 handle (cloned per stream) or an HTTP/1.1 one.
@@ -156,13 +159,19 @@ pub enum Sender {
 
 impl Connector {
     /// A connector for `backend`, with its TLS plan from the snapshot.
-    pub fn new(backend: &Backend, tls: Option<TlsPlan>, connect_timeout: Duration) -> Self {
+    pub fn new(
+        backend: &Backend,
+        tls: Option<TlsPlan>,
+        connect_timeout: Duration,
+        send_proxy: bool,
+    ) -> Self {
         Self {
             backend: Rc::from(backend.id.as_str()),
             addr: backend.address,
             tls,
             protocol: backend.protocol,
             connect_timeout,
+            send_proxy,
         }
     }
 
@@ -175,6 +184,7 @@ impl Connector {
         &self,
         closed: Rc<Cell<bool>>,
         pool: Weak<BackendPool>,
+        client: Option<SocketAddr>,
     ) -> Result<Sender, UpstreamError> {
         let b = &self.backend;
         let tcp =
@@ -195,7 +205,20 @@ impl Connector {
                 }
                 Ok(Ok(s)) => s,
             };
+        let mut tcp = tcp;
         let _ = tcp.set_nodelay(true);
+        if self.send_proxy {
+            use tokio::io::AsyncWriteExt;
+            let local = tcp.local_addr().unwrap_or(self.addr);
+            let header = proxy_v2_header(client, local, self.addr);
+            if let Err(e) = tcp.write_all(&header).await {
+                return Err(UpstreamError::new(
+                    ErrorKind::Connect,
+                    b,
+                    format!("PROXY header to {}: {e}", self.addr),
+                ));
+            }
+        }
         let mut builder = h2::client::Builder::new();
         builder
             .initial_max_send_streams(STREAMS_PER_NEW_CONN)
@@ -320,6 +343,9 @@ struct PooledConn {
     send: Sender,
     in_flight: Rc<Cell<usize>>,
     closed: Rc<Cell<bool>>,
+    /// The client whose PROXY header opened it (`send_proxy` pools): it serves that client
+    /// only. `None` in other pools.
+    client: Option<SocketAddr>,
     /// Since when no request is in flight on it (HTTP/1.1 idle expiry).
     idle_since: Rc<Cell<Instant>>,
 }
@@ -468,11 +494,33 @@ impl BackendPool {
     /// # Cancel safety
     /// Cancel-safe: a request that stops waiting (its client left) leaves the pool as it
     /// was, and a connect it caused goes on for the others.
-    pub async fn checkout(self: &Rc<Self>, fresh: bool) -> Result<Lease, UpstreamError> {
-        if fresh {
-            return self.connect_own().await;
+    pub async fn checkout(
+        self: &Rc<Self>,
+        fresh: bool,
+        client: Option<SocketAddr>,
+    ) -> Result<Lease, UpstreamError> {
+        if self.connector.send_proxy {
+            // Connections of their own per client: a free one of this client's, else a new
+            // one (bounded like the others).
+            if !fresh {
+                if let Some(lease) = self.try_lease(client) {
+                    return Ok(lease);
+                }
+            }
+            if self.conns.borrow().len() + self.connecting.get() >= MAX_H1_CONNS_PER_BACKEND {
+                self.count(|s| &s.upstream_overflow);
+                return Err(UpstreamError::new(
+                    ErrorKind::Overflow,
+                    &self.connector.backend,
+                    "every connection this worker may open to the backend is open",
+                ));
+            }
+            return self.connect_own(client).await;
         }
-        if let Some(lease) = self.try_lease() {
+        if fresh {
+            return self.connect_own(None).await;
+        }
+        if let Some(lease) = self.try_lease(None) {
             return Ok(lease);
         }
         let backend = &self.connector.backend;
@@ -495,7 +543,7 @@ impl BackendPool {
             let changed = self.changed.notified();
             let mut changed = std::pin::pin!(changed);
             changed.as_mut().enable();
-            if let Some(lease) = self.try_lease() {
+            if let Some(lease) = self.try_lease(None) {
                 return Ok(lease);
             }
             // Unreachable, as far as we know: no connection open and none coming. (With
@@ -520,7 +568,7 @@ impl BackendPool {
             tokio::select! {
                 () = changed => {}
                 () = tokio::time::sleep_until(deadline.into()) => {
-                    if let Some(lease) = self.try_lease() {
+                    if let Some(lease) = self.try_lease(None) {
                         return Ok(lease);
                     }
                     self.count(|s| &s.upstream_pending_timeouts);
@@ -567,7 +615,7 @@ impl BackendPool {
         self.connecting.set(self.connecting.get() + 1);
         let pool = self.clone();
         tokio::task::spawn_local(async move {
-            let result = pool.open_connection().await;
+            let result = pool.open_connection(None).await;
             pool.connecting.set(pool.connecting.get().saturating_sub(1));
             if let Err(e) = result {
                 tracing::debug!(backend = %e.backend, error = %e.detail, "connect failed");
@@ -578,9 +626,12 @@ impl BackendPool {
 
     /// A connection of the caller's own (after a refused stream: the retry must not land on
     /// the connection that refused it).
-    async fn connect_own(self: &Rc<Self>) -> Result<Lease, UpstreamError> {
+    async fn connect_own(
+        self: &Rc<Self>,
+        client: Option<SocketAddr>,
+    ) -> Result<Lease, UpstreamError> {
         self.connecting.set(self.connecting.get() + 1);
-        let result = self.open_connection().await;
+        let result = self.open_connection(client).await;
         self.connecting.set(self.connecting.get().saturating_sub(1));
         self.changed.notify_waiters();
         let (send, in_flight, idle_since) = result?;
@@ -596,11 +647,12 @@ impl BackendPool {
     /// Connects, and adds the connection to the pool (or records the failure and backs off).
     async fn open_connection(
         self: &Rc<Self>,
+        client: Option<SocketAddr>,
     ) -> Result<(Sender, Rc<Cell<usize>>, Rc<Cell<Instant>>), UpstreamError> {
         let closed = Rc::new(Cell::new(false));
         match self
             .connector
-            .connect(closed.clone(), Rc::downgrade(self))
+            .connect(closed.clone(), Rc::downgrade(self), client)
             .await
         {
             Ok(send) => {
@@ -614,6 +666,7 @@ impl BackendPool {
                     send: send.clone(),
                     in_flight: in_flight.clone(),
                     closed,
+                    client,
                     idle_since: idle_since.clone(),
                 });
                 Ok((send, in_flight, idle_since))
@@ -645,12 +698,13 @@ impl BackendPool {
         }
     }
 
-    fn try_lease(self: &Rc<Self>) -> Option<Lease> {
+    /// A slot on a connection with room, of `client`'s (`send_proxy` pools) or shared.
+    fn try_lease(self: &Rc<Self>, client: Option<SocketAddr>) -> Option<Lease> {
         let mut conns = self.conns.borrow_mut();
         conns.retain_mut(PooledConn::usable);
         let c = conns
             .iter()
-            .filter(|c| c.room() > 0)
+            .filter(|c| c.client == client && c.room() > 0)
             .min_by_key(|c| c.in_flight.get())?;
         c.in_flight.set(c.in_flight.get() + 1);
         Some(Lease {
@@ -660,6 +714,44 @@ impl BackendPool {
             pool: self.clone(),
         })
     }
+}
+
+/// The PROXY protocol v2 header (HAProxy's specification, §2.2) opening a connection to
+/// `backend` from `local` for `client`: the `PROXY` command with TCP over IPv4 (both
+/// addresses IPv4) or IPv6 (IPv4 ones mapped), or `LOCAL` without a client (a health probe).
+pub fn proxy_v2_header(
+    client: Option<SocketAddr>,
+    local: SocketAddr,
+    backend: SocketAddr,
+) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    let Some(client) = client else {
+        h.extend_from_slice(&[0x20, 0x00, 0, 0]);
+        return h;
+    };
+    // The destination: where the client's connection went is ours to know only as the
+    // backend connection's own source; what backends use is the source.
+    let dst = SocketAddr::new(local.ip(), backend.port());
+    let (src_ip, dst_ip) = (client.ip(), dst.ip());
+    match (src_ip, dst_ip) {
+        (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => {
+            h.extend_from_slice(&[0x21, 0x11, 0, 12]);
+            h.extend_from_slice(&s.octets());
+            h.extend_from_slice(&d.octets());
+        }
+        _ => {
+            let v6 = |ip: std::net::IpAddr| match ip {
+                std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                std::net::IpAddr::V6(v6) => v6,
+            };
+            h.extend_from_slice(&[0x21, 0x21, 0, 36]);
+            h.extend_from_slice(&v6(src_ip).octets());
+            h.extend_from_slice(&v6(dst_ip).octets());
+        }
+    }
+    h.extend_from_slice(&client.port().to_be_bytes());
+    h.extend_from_slice(&dst.port().to_be_bytes());
+    h
 }
 
 /// Whether a connection can take a new stream now: not closed and no GOAWAY received.

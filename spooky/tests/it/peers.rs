@@ -622,6 +622,8 @@ struct Nginx {
     tls: SocketAddr,
     /// HTTP/1.1 in cleartext.
     h1: SocketAddr,
+    /// HTTP/1.1 behind a PROXY protocol header.
+    pp: SocketAddr,
     _process: PeerProcess,
     dir: ScratchDir,
 }
@@ -646,6 +648,7 @@ impl Nginx {
         let h2c = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
         let tls = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
         let h1 = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+        let pp = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
         let certs = certs_dir();
         let template = std::fs::read_to_string(peers_dir().join("nginx.conf.in")).unwrap();
         let conf = template
@@ -653,6 +656,7 @@ impl Nginx {
             .replace("{{h2c_port}}", &h2c.port().to_string())
             .replace("{{tls_port}}", &tls.port().to_string())
             .replace("{{h1_port}}", &h1.port().to_string())
+            .replace("{{pp_port}}", &pp.port().to_string())
             .replace("{{cert}}", &certs.join("backend.crt").display().to_string())
             .replace("{{key}}", &certs.join("backend.key").display().to_string());
         assert!(!conf.contains("{{"), "unfilled placeholder:\n{conf}");
@@ -667,7 +671,8 @@ impl Nginx {
             root.join("stdout.log"),
             "run cargo xtask setup",
         );
-        let listening = || accepts_tcp(h2c) && accepts_tcp(tls) && accepts_tcp(h1);
+        let listening =
+            || accepts_tcp(h2c) && accepts_tcp(tls) && accepts_tcp(h1) && accepts_tcp(pp);
         if let Err(log) = process.wait_until("listening", listening) {
             return Err(format!("{log}\nerror.log:\n{}", nginx_error_log(root)));
         }
@@ -675,6 +680,7 @@ impl Nginx {
             h2c,
             tls,
             h1,
+            pp,
             _process: process,
             dir,
         })
@@ -748,6 +754,44 @@ fn nginx_over_http1_serves_large_files_intact() {
     let nginx = Nginx::start();
     let p = start_proxy(&pool_of("main", "/", &[http1("nginx", nginx.h1)]));
     download_files_through(&p, &nginx, "HTTP/1.1");
+}
+
+#[test]
+fn nginx_behind_the_proxy_protocol_sees_each_client_on_its_own_connection() {
+    let nginx = Nginx::start();
+    let mut upstreams = pool_of("main", "/", &[http1("nginx", nginx.pp)]);
+    upstreams.push_str(
+        "        health_check:\n          path: /health\n          interval: 200ms\n          timeout: 150ms\n    send_proxy_protocol: v2\n",
+    );
+    let p = start_proxy(&upstreams);
+    // Two clients (two source ports), each asking twice, interleaved: nginx must see each
+    // request as its own client's (a connection shared between them would say otherwise).
+    let (mut a, mut b) = (client(p.addr), client(p.addr));
+    for _ in 0..2 {
+        for c in [&mut a, &mut b] {
+            let port = c.local_addr().unwrap().port();
+            let r = c.request(&Request::get("localhost", "/whoami"), T).unwrap();
+            assert_eq!(r.status, 200, "nginx log:\n{}", nginx.error_log());
+            assert_eq!(
+                String::from_utf8_lossy(&r.body),
+                format!("127.0.0.1 {port}\n")
+            );
+        }
+    }
+    // Its probes open with a LOCAL header, which nginx accepts.
+    let probes = |result: &str| {
+        let text = p.running.as_ref().unwrap().metrics_text();
+        metric_sum(
+            &text,
+            &format!(
+                "spooky_health_checks_total{{pool=\"main\",backend=\"nginx\",result=\"{result}\"}}"
+            ),
+        )
+    };
+    wait_until("two successful probes", Duration::from_secs(5), || {
+        probes("success") >= 2.0
+    });
+    assert_eq!(probes("failure"), 0.0, "nginx log:\n{}", nginx.error_log());
 }
 
 #[test]

@@ -135,6 +135,17 @@ fn build_upstream(
         &format!("{path}.max_pending_requests"),
         int_in::<u32>(raw.max_pending_requests, 1, 1_000_000),
     );
+    let send_proxy_protocol = match raw.send_proxy_protocol.as_deref() {
+        None | Some("off") => Some(false),
+        Some("v2") => Some(true),
+        Some(other) => {
+            errs.push(
+                format!("{path}.send_proxy_protocol"),
+                format!("unknown value \"{other}\" (allowed: v2, off)"),
+            );
+            None
+        }
+    };
     if !valid_name(name) || raw.backends.is_empty() == raw.redirect.is_none() {
         return None;
     }
@@ -151,6 +162,7 @@ fn build_upstream(
         request_headers: request_headers?,
         response_headers: response_headers?,
         redirect: redirect?,
+        send_proxy_protocol: send_proxy_protocol?,
         named,
     })
 }
