@@ -222,18 +222,7 @@ async fn splice(upgrade: hyper::upgrade::OnUpgrade, end: LoopEnd, _in_progress: 
     let up = async {
         let mut buf = bytes::BytesMut::new();
         loop {
-            let room = poll_fn(|cx| {
-                if end.task_done() || end.client_gone() {
-                    return Poll::Ready(false);
-                }
-                if end.room_for_request() || end.wants_reading() {
-                    return Poll::Ready(true);
-                }
-                end.wake_on_request_room(cx.waker());
-                Poll::Pending
-            })
-            .await;
-            if !room {
+            if !request_room(&end).await {
                 return;
             }
             buf.reserve(64 * 1024);
@@ -384,21 +373,26 @@ fn h3_fields(parts: &http::request::Parts) -> Vec<Header> {
     out
 }
 
+/// Waits until the exchange has room for more of the client's bytes; `false` when nobody
+/// will take them any more (the task is done, or the client gone).
+async fn request_room(end: &LoopEnd) -> bool {
+    poll_fn(|cx| {
+        if end.task_done() || end.client_gone() {
+            return Poll::Ready(false);
+        }
+        if end.room_for_request() || end.wants_reading() {
+            return Poll::Ready(true);
+        }
+        end.wake_on_request_room(cx.waker());
+        Poll::Pending
+    })
+    .await
+}
+
 /// Moves the client's request body into the exchange, while there is room there.
 async fn pump(mut body: Incoming, end: LoopEnd) {
     loop {
-        let room = poll_fn(|cx| {
-            if end.task_done() || end.client_gone() {
-                return Poll::Ready(false);
-            }
-            if end.room_for_request() || end.wants_reading() {
-                return Poll::Ready(true);
-            }
-            end.wake_on_request_room(cx.waker());
-            Poll::Pending
-        })
-        .await;
-        if !room {
+        if !request_room(&end).await {
             return;
         }
         let frame = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;

@@ -26,28 +26,11 @@ impl Drop for Peer {
 
 /// dnsmasq on 127.0.0.1:`port` answering `names` with 127.0.0.1, and nothing else.
 fn dnsmasq(port: u16, names: &[&str]) -> Peer {
-    require_command("dnsmasq", "dnsmasq-base");
-    let mut c = Command::new("dnsmasq");
-    c.args([
-        "--keep-in-foreground",
-        "--no-resolv",
-        "--no-hosts",
-        "--conf-file=/dev/null",
-        "--bind-interfaces",
-        "--listen-address=127.0.0.1",
-        "--user=root",
-        "--pid-file=",
-    ])
-    .arg(format!("--port={port}"));
-    for n in names {
-        c.arg(format!("--address=/{n}/127.0.0.1"));
-    }
-    Peer(
-        c.stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("dnsmasq"),
-    )
+    let answers: Vec<String> = names
+        .iter()
+        .map(|n| format!("--address=/{n}/127.0.0.1"))
+        .collect();
+    Peer(crate::support::dnsmasq(port, &answers))
 }
 
 /// pebble with its directory at `https://127.0.0.1:DIR/dir` (HTTPS with the demo CA's

@@ -443,3 +443,27 @@ impl Drop for Scratch {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// dnsmasq on 127.0.0.1:`port` in the foreground, answering only what `answers` (its own
+/// options: `--address=…`, `--addn-hosts=…`, `--local-ttl=…`) says: no upstream servers, no
+/// `/etc/hosts`. The caller stops it by its PID.
+pub fn dnsmasq(port: u16, answers: &[String]) -> std::process::Child {
+    require_command("dnsmasq", "dnsmasq-base");
+    std::process::Command::new("dnsmasq")
+        .args([
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--conf-file=/dev/null",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+            "--user=root",
+            "--pid-file=",
+        ])
+        .arg(format!("--port={port}"))
+        .args(answers)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("dnsmasq")
+}

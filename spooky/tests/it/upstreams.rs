@@ -456,26 +456,13 @@ struct Dnsmasq(std::process::Child);
 
 impl Dnsmasq {
     fn start(port: u16, hosts: &std::path::Path) -> Self {
-        require_command("dnsmasq", "dnsmasq-base");
-        let child = std::process::Command::new("dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--no-resolv",
-                "--no-hosts",
-                "--conf-file=/dev/null",
-                "--bind-interfaces",
-                "--listen-address=127.0.0.1",
-                "--user=root",
-                "--pid-file=",
-                "--local-ttl=1",
-            ])
-            .arg(format!("--port={port}"))
-            .arg(format!("--addn-hosts={}", hosts.display()))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("dnsmasq");
-        Self(child)
+        Self(dnsmasq(
+            port,
+            &[
+                "--local-ttl=1".into(),
+                format!("--addn-hosts={}", hosts.display()),
+            ],
+        ))
     }
 
     /// Has it read its hosts file again.
