@@ -23,7 +23,6 @@ use libfuzzer_sys::fuzz_target;
 use spooky::config::{parse_with, ConfigError, Env};
 use spooky_common::CidLayout;
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -38,10 +37,6 @@ impl Env for Fixtures {
             .get(path)
             .cloned()
             .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
-    }
-
-    fn resolve(&self, _host: &str, _port: u16) -> std::io::Result<Vec<SocketAddr>> {
-        Err(std::io::Error::other("no resolver while fuzzing"))
     }
 
     fn user(&self, name: &str) -> Option<(u32, u32)> {

@@ -79,12 +79,16 @@ pub(super) async fn serve(
     let max_head = usize::try_from(proxy.max_header_list_size)
         .unwrap_or(usize::MAX)
         .max(8192);
+    // Shared with the connection's WebSocket tunnels: an upgraded HTTP/1.1 connection is
+    // open (for the connection limit and the drain) until its tunnel ends.
+    let open = Rc::new(open);
     let ctx = Rc::new(ConnCtx {
         front: front.clone(),
         peer,
         protocol,
         sni: tls.get_ref().1.server_name().map(Box::from),
         requests: Default::default(),
+        open: open.clone(),
     });
     let requests = ctx.clone();
     let requests = move || requests.requests.get();
@@ -248,12 +252,14 @@ async fn serve_plain(front: &Front, open: Open, stream: tokio::net::TcpStream, p
         .map_or((Duration::from_secs(10), Duration::from_secs(60)), |t| {
             (t.header_timeout, t.idle_timeout)
         });
+    let open = Rc::new(open);
     let ctx = Rc::new(ConnCtx {
         front: front.clone(),
         peer,
         protocol: Protocol::H1,
         sni: None,
         requests: Default::default(),
+        open: open.clone(),
     });
     let requests = ctx.clone();
     let requests = move || requests.requests.get();

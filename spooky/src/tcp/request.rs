@@ -29,6 +29,9 @@ pub(super) struct ConnCtx {
     pub sni: Option<Box<str>>,
     /// Requests begun on the connection and in progress (its idle clock reads them).
     pub requests: Cell<(u64, usize)>,
+    /// Counts the connection as open; a WebSocket tunnel holds it too, past hyper's end of
+    /// the upgraded connection.
+    pub open: Rc<super::Open>,
 }
 
 /// A request in progress on its connection, from its head until its response is handed
@@ -69,6 +72,18 @@ pub(super) async fn handle(
     let fwd = ctx.front.forwarder();
     let stats = &fwd.services.stats;
     let websocket = is_websocket(&req);
+    // The smuggling check stops reading the connection as HTTP after a head that asks for a
+    // WebSocket; unless it becomes a tunnel, the connection ends after this answer.
+    let close_after = ctx.protocol == Protocol::H1
+        && req
+            .headers()
+            .get_all(http::header::UPGRADE)
+            .iter()
+            .any(|v| {
+                v.as_bytes()
+                    .split(|&b| b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"))
+            });
     let upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     if let super::Kind::Plain { https_port } = ctx.front.0.kind {
@@ -100,12 +115,14 @@ pub(super) async fn handle(
             let key = head.field("sec-websocket-key").map(Bytes::copy_from_slice);
             fwd.spawn(task, head, upstream, client, started, None);
             if let Some(upgrade) = upgrade {
-                return respond_tunnel(end, in_progress, upgrade, ctx.protocol, key).await;
+                return respond_tunnel(&ctx, end, in_progress, upgrade, key).await;
             }
             if more_frames {
                 tokio::task::spawn_local(pump(body, end.clone()));
             }
-            return respond(end, in_progress).await;
+            return respond(end, in_progress)
+                .await
+                .map(|r| closing(r, close_after));
         }
         other => other,
     };
@@ -114,15 +131,19 @@ pub(super) async fn handle(
         .ok_or(Aborted)?;
     // The request body, if any, is not read: hyper discards it or closes.
     let end = exchange::local(answer.fields, answer.body, false, stats.clone());
-    let mut response = respond(end, in_progress).await?;
-    if websocket && ctx.protocol == Protocol::H1 {
-        // A WebSocket upgrade answered here: the connection ends after it (the smuggling
-        // check stopped reading it as HTTP once it saw the upgrade).
+    respond(end, in_progress)
+        .await
+        .map(|r| closing(r, close_after))
+}
+
+/// `response` with `connection: close` when `close` (HTTP/1.1: the connection ends after it).
+fn closing<B>(mut response: Response<B>, close: bool) -> Response<B> {
+    if close {
         response
             .headers_mut()
             .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
-    Ok(response)
+    response
 }
 
 /// Whether `req` opens a WebSocket: HTTP/1.1's `GET` with `upgrade: websocket` (and
@@ -168,22 +189,17 @@ fn websocket_fields(parts: &http::request::Parts) -> Vec<Header> {
 /// over the upgraded stream, [`splice`] carries bytes between it and the exchange. Any other
 /// answer (the backend refused, 502 …) is an ordinary response.
 async fn respond_tunnel(
+    ctx: &Rc<ConnCtx>,
     end: LoopEnd,
     in_progress: InProgress,
     upgrade: hyper::upgrade::OnUpgrade,
-    protocol: Protocol,
     key: Option<Bytes>,
 ) -> Result<Response<ResponseBody>, Aborted> {
+    let protocol = ctx.protocol;
     let mut response = respond(end.clone(), in_progress).await?;
     if response.status() != StatusCode::OK {
-        if protocol == Protocol::H1 {
-            // Not upgraded: the connection ends after this answer (the smuggling check has
-            // stopped reading it as HTTP once it saw the upgrade).
-            response
-                .headers_mut()
-                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        return Ok(response);
+        // Not upgraded: an HTTP/1.1 connection ends after this answer.
+        return Ok(closing(response, protocol == Protocol::H1));
     }
     let Some(in_progress) = response.body_mut().take_for_tunnel() else {
         return Err(Aborted);
@@ -205,14 +221,25 @@ async fn respond_tunnel(
             h.insert(http::header::SEC_WEBSOCKET_ACCEPT, v);
         }
     }
-    tokio::task::spawn_local(splice(upgrade, end, in_progress));
+    let held = Held {
+        _in_progress: in_progress,
+        _open: ctx.open.clone(),
+    };
+    tokio::task::spawn_local(splice(upgrade, end, held, ctx.front.clone()));
     Ok(response)
+}
+
+/// What a tunnel keeps alive while it runs: its request in progress, and its connection
+/// counted open (the drain waits for it).
+struct Held {
+    _in_progress: InProgress,
+    _open: Rc<super::Open>,
 }
 
 /// Carries a WebSocket's bytes between the client's upgraded stream and the exchange, each
 /// way only as fast as the other side takes them; ends when the backend's side has ended (or
-/// either side broke off).
-async fn splice(upgrade: hyper::upgrade::OnUpgrade, end: LoopEnd, _in_progress: InProgress) {
+/// either side broke off), or when the front closes everything (the drain's grace is over).
+async fn splice(upgrade: hyper::upgrade::OnUpgrade, end: LoopEnd, _held: Held, front: Front) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(io) = upgrade.await else {
         end.abort();
@@ -279,10 +306,17 @@ async fn splice(upgrade: hyper::upgrade::OnUpgrade, end: LoopEnd, _in_progress: 
     let mut up = std::pin::pin!(up);
     let mut down = std::pin::pin!(down);
     let mut up_done = false;
+    let mut phase = front.0.phase.subscribe();
+    let closing = phase.wait_for(|p| *p == super::Phase::Closing);
+    let mut closing = std::pin::pin!(closing);
     loop {
         tokio::select! {
             () = &mut up, if !up_done => up_done = true,
             () = &mut down => return,
+            _ = &mut closing => {
+                end.abort();
+                return;
+            }
         }
     }
 }

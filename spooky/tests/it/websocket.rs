@@ -195,3 +195,43 @@ fn websockets_reach_an_http2_backend_by_extended_connect() {
     let r = run_client("ws_h3_client.py", p.addr.port(), 4, 1 << 20, "client");
     check(&r, 4, 1000);
 }
+
+#[test]
+fn a_drain_gives_an_http1_websocket_its_grace_then_closes_it() {
+    use std::io::{BufRead, BufReader, Write};
+    let server = EchoServer::start();
+    let upstreams = format!(
+        "  main:\n    route:\n      path_prefix: \"/\"\n    backends:\n      - id: ws\n        address: \"{}\"\n        protocol: http1\n",
+        server.addr
+    );
+    let mut p = proxy(
+        &upstreams,
+        "quic:\n  retry: off\nproxy:\n  shutdown_grace: 3s\n",
+        1,
+    );
+    let mut client = Command::new("python3")
+        .arg(peers_dir().join("ws_client.py"))
+        .arg(tcp_port(&p).to_string())
+        .arg(certs_dir().join("ca.crt"))
+        .args(["/ws", "10", "100", "hold"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut out = BufReader::new(client.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "open");
+    // The drain begins with the tunnel open: it keeps working during the grace…
+    p.running.as_ref().unwrap().begin_shutdown();
+    std::thread::sleep(Duration::from_millis(500));
+    writeln!(client.stdin.take().unwrap()).unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let r: Value = serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(r["late_echo"], "after the line", "{r}");
+    // …and is closed when it is over (no close frame: the connection ends under it).
+    assert_eq!(r["closed"], true, "{r}");
+    assert!(client.wait().unwrap().success());
+    p.shutdown();
+}

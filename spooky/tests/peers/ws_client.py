@@ -1,7 +1,9 @@
 """A WebSocket client (the `websockets` package) against Spooky's TCP listener (HTTP/1.1
 upgrade over TLS, verified with the demo CA). Sends COUNT binary messages of SIZE bytes (a
 byte pattern), checks each echo, then one text message; then closes (`client`) or asks the
-server to (`server`). Prints one JSON line: what it saw.
+server to (`server`), or (`hold`) prints `open`, waits for a line on stdin, sends one more
+message, checks its echo, and waits for the connection to be closed under it. Prints one
+JSON line: what it saw.
 
 Run: python3 ws_client.py PORT CA_FILE PATH COUNT SIZE CLOSER
 """
@@ -49,7 +51,17 @@ async def main() -> int:
         await task
         await ws.send("hello text")
         result["text"] = await asyncio.wait_for(ws.recv(), 10)
-        if closer == "server":
+        if closer == "hold":
+            print("open", flush=True)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+            await ws.send("after the line")
+            result["late_echo"] = await asyncio.wait_for(ws.recv(), 10)
+            try:
+                await asyncio.wait_for(ws.recv(), 60)
+            except ConnectionClosed as e:
+                result["closed"] = True
+                result["close_code"] = e.rcvd.code if e.rcvd else None
+        elif closer == "server":
             await ws.send("close-from-server")
             try:
                 await asyncio.wait_for(ws.recv(), 10)
