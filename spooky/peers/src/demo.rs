@@ -254,7 +254,9 @@ fn page(id: &str) -> String {
 }
 
 /// The `/wspage` document: opens a WebSocket to `/ws` on its own origin (subprotocol `echo`), sends a message, and
-/// writes the echo (or what went wrong) into its `#seen` paragraph.
+/// writes the echo (or what went wrong) into its `#seen` paragraph. An image that takes 3 s
+/// holds the page's load event meanwhile: a headless browser's `--dump-dom` waits for the
+/// load, not for a WebSocket.
 fn ws_page() -> &'static str {
     "<!doctype html><html><head><title>spooky websocket</title></head><body>\
      <p id=\"seen\">script did not run</p><script>\
@@ -264,7 +266,7 @@ fn ws_page() -> &'static str {
      ws.onopen = () => ws.send('hello from the browser');\
      ws.onmessage = (e) => { seen.textContent = 'echo=' + e.data; ws.close(1000); };\
      ws.onerror = () => { seen.textContent = 'websocket error'; };\
-     </script></body></html>\n"
+     </script><img src=\"/delay/3000\" alt=\"\"></body></html>\n"
 }
 
 fn header(resp: &mut http::response::Builder, id: &str) {

@@ -502,6 +502,8 @@ pub struct UpstreamTimeouts {
     pub response_head: Duration,
     /// Longest silence on a body in either direction.
     pub idle: Duration,
+    /// Longest a WebSocket tunnel may stay open; `None`: no limit.
+    pub websocket_lifetime: Option<Duration>,
 }
 
 /// Passive health: eject after consecutive failures on real traffic.

@@ -444,6 +444,8 @@ pub(super) struct RawTimeouts {
     pub connect: RawDuration,
     pub response_head: RawDuration,
     pub idle: RawDuration,
+    /// `None`: no limit.
+    pub websocket_lifetime: Option<RawDuration>,
 }
 
 impl Default for RawTimeouts {
@@ -452,6 +454,7 @@ impl Default for RawTimeouts {
             connect: RawDuration::Millis(2_000),
             response_head: RawDuration::Millis(30_000),
             idle: RawDuration::Millis(60_000),
+            websocket_lifetime: None,
         }
     }
 }

@@ -160,10 +160,26 @@ pub async fn run(job: Job, gate: Option<super::HandshakeGate>) {
         Some(mut gate) => gate.wait_for(|done| *done).await.is_ok(),
         None => true,
     };
-    let result = if live {
-        forward(&job).await
-    } else {
-        Err(Failure::ClientGone)
+    let lifetime = job
+        .fwd
+        .snapshot
+        .config
+        .upstreams
+        .get(job.upstream)
+        .and_then(|u| u.timeouts.websocket_lifetime)
+        .filter(|_| job.head.is_websocket());
+    let result = match (live, lifetime) {
+        (false, _) => Err(Failure::ClientGone),
+        (true, None) => forward(&job).await,
+        // A tunnel past its lifetime is closed (its stream reset, its backend connection
+        // dropped), whatever it is doing.
+        (true, Some(lifetime)) => tokio::time::timeout(lifetime, forward(&job))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Failure::Broken {
+                    cause: format!("WebSocket open for its lifetime ({lifetime:?})"),
+                })
+            }),
     };
     match result {
         Ok(backend) => {

@@ -235,3 +235,36 @@ fn a_drain_gives_an_http1_websocket_its_grace_then_closes_it() {
     assert!(client.wait().unwrap().success());
     p.shutdown();
 }
+
+#[test]
+fn a_websocket_is_closed_when_its_lifetime_is_over() {
+    use std::io::{BufRead, BufReader, Write};
+    let server = EchoServer::start();
+    let upstreams = format!(
+        "  main:\n    route:\n      path_prefix: \"/\"\n    timeouts: {{websocket_lifetime: 1s}}\n    backends:\n      - id: ws\n        address: \"{}\"\n        protocol: http1\n",
+        server.addr
+    );
+    let p = proxy(&upstreams, "quic:\n  retry: off\n", 1);
+    let mut client = Command::new("python3")
+        .arg(peers_dir().join("ws_client.py"))
+        .arg(tcp_port(&p).to_string())
+        .arg(certs_dir().join("ca.crt"))
+        .args(["/ws", "10", "100", "hold"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut out = BufReader::new(client.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "open", "the tunnel works within its lifetime");
+    // Past the lifetime, the next message finds the tunnel closed.
+    std::thread::sleep(Duration::from_millis(2000));
+    writeln!(client.stdin.take().unwrap()).unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let r: Value = serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(r["closed"], true, "{r}");
+    assert!(r.get("late_echo").is_none(), "{r}");
+    assert!(client.wait().unwrap().success());
+}

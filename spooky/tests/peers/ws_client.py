@@ -54,9 +54,9 @@ async def main() -> int:
         if closer == "hold":
             print("open", flush=True)
             await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-            await ws.send("after the line")
-            result["late_echo"] = await asyncio.wait_for(ws.recv(), 10)
             try:
+                await ws.send("after the line")
+                result["late_echo"] = await asyncio.wait_for(ws.recv(), 10)
                 await asyncio.wait_for(ws.recv(), 60)
             except ConnectionClosed as e:
                 result["closed"] = True

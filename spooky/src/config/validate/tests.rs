@@ -138,6 +138,7 @@ fn minimal_config_gets_every_default() {
             connect: Duration::from_secs(2),
             response_head: Duration::from_secs(30),
             idle: Duration::from_secs(60),
+            websocket_lifetime: None,
         }
     );
     assert_eq!(
@@ -205,7 +206,7 @@ upstream:
   web:
     load_balancing: {type: consistent-hash, replicas: 40, key: "header:X-User"}
     route: {host: "*.Example.COM", path_prefix: /app}
-    timeouts: {connect: 100ms, response_head: 1h, idle: 90s}
+    timeouts: {connect: 100ms, response_head: 1h, idle: 90s, websocket_lifetime: 12h}
     passive_health: {consecutive_failures: 2, cooldown: 10s}
     fail_open: true
     backends:
@@ -284,6 +285,10 @@ workers: 4
     assert_eq!(web.timeouts.connect, Duration::from_millis(100));
     assert_eq!(web.timeouts.response_head, Duration::from_secs(3600));
     assert_eq!(web.timeouts.idle, Duration::from_secs(90));
+    assert_eq!(
+        web.timeouts.websocket_lifetime,
+        Some(Duration::from_secs(12 * 3600))
+    );
     assert_eq!(web.passive_health.consecutive_failures, 2);
     assert_eq!(web.passive_health.cooldown, Duration::from_secs(10));
     assert!(web.fail_open);

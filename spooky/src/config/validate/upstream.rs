@@ -674,10 +674,15 @@ fn build_timeouts(raw: &RawTimeouts, path: &str, errs: &mut Errors) -> Option<Up
     let response_head =
         positive_duration(errs, &format!("{path}.response_head"), &raw.response_head);
     let idle = positive_duration(errs, &format!("{path}.idle"), &raw.idle);
+    let websocket_lifetime = match &raw.websocket_lifetime {
+        None => Some(None),
+        Some(d) => positive_duration(errs, &format!("{path}.websocket_lifetime"), d).map(Some),
+    };
     Some(UpstreamTimeouts {
         connect: connect?,
         response_head: response_head?,
         idle: idle?,
+        websocket_lifetime: websocket_lifetime?,
     })
 }
 
