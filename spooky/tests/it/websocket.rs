@@ -55,10 +55,7 @@ impl EchoServer {
 }
 
 fn ws_proxy(backend: SocketAddr) -> Proxy {
-    let upstreams = format!(
-        "  main:\n    route:\n      path_prefix: \"/\"\n    backends:\n      - id: ws\n        address: \"{backend}\"\n        protocol: http1\n"
-    );
-    proxy(&upstreams, "quic:\n  retry: off\n", 2)
+    proxy(&ws_pool(backend, ""), "quic:\n  retry: off\n", 2)
 }
 
 /// Runs a client script; its JSON line.
@@ -196,75 +193,84 @@ fn websockets_reach_an_http2_backend_by_extended_connect() {
     check(&r, 4, 1000);
 }
 
+/// `ws_client.py` in `hold` mode against Spooky's TCP listener at `port`: opened once it
+/// printed `open`; [`HeldClient::release`] lets it send one more message and returns what it
+/// saw.
+struct HeldClient {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl HeldClient {
+    fn open(port: u16) -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new("python3")
+            .arg(peers_dir().join("ws_client.py"))
+            .arg(port.to_string())
+            .arg(certs_dir().join("ca.crt"))
+            .args(["/ws", "10", "100", "hold"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "open", "the tunnel opened and echoed");
+        Self { child, out }
+    }
+
+    fn release(mut self) -> Value {
+        use std::io::{BufRead, Write};
+        writeln!(self.child.stdin.take().unwrap()).unwrap();
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        let r: Value = serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(self.child.wait().unwrap().success());
+        r
+    }
+}
+
+/// One pool of one HTTP/1.1 backend at `backend`, with `extra` pool settings.
+fn ws_pool(backend: SocketAddr, extra: &str) -> String {
+    format!(
+        "  main:\n    route:\n      path_prefix: \"/\"\n{extra}    backends:\n      - id: ws\n        address: \"{}\"\n        protocol: http1\n",
+        backend
+    )
+}
+
 #[test]
 fn a_drain_gives_an_http1_websocket_its_grace_then_closes_it() {
-    use std::io::{BufRead, BufReader, Write};
     let server = EchoServer::start();
-    let upstreams = format!(
-        "  main:\n    route:\n      path_prefix: \"/\"\n    backends:\n      - id: ws\n        address: \"{}\"\n        protocol: http1\n",
-        server.addr
-    );
     let mut p = proxy(
-        &upstreams,
+        &ws_pool(server.addr, ""),
         "quic:\n  retry: off\nproxy:\n  shutdown_grace: 3s\n",
         1,
     );
-    let mut client = Command::new("python3")
-        .arg(peers_dir().join("ws_client.py"))
-        .arg(tcp_port(&p).to_string())
-        .arg(certs_dir().join("ca.crt"))
-        .args(["/ws", "10", "100", "hold"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut out = BufReader::new(client.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "open");
+    let client = HeldClient::open(tcp_port(&p));
     // The drain begins with the tunnel open: it keeps working during the grace…
     p.running.as_ref().unwrap().begin_shutdown();
     std::thread::sleep(Duration::from_millis(500));
-    writeln!(client.stdin.take().unwrap()).unwrap();
-    line.clear();
-    out.read_line(&mut line).unwrap();
-    let r: Value = serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("{e}: {line}"));
+    let r = client.release();
     assert_eq!(r["late_echo"], "after the line", "{r}");
     // …and is closed when it is over (no close frame: the connection ends under it).
     assert_eq!(r["closed"], true, "{r}");
-    assert!(client.wait().unwrap().success());
     p.shutdown();
 }
 
 #[test]
 fn a_websocket_is_closed_when_its_lifetime_is_over() {
-    use std::io::{BufRead, BufReader, Write};
     let server = EchoServer::start();
-    let upstreams = format!(
-        "  main:\n    route:\n      path_prefix: \"/\"\n    timeouts: {{websocket_lifetime: 1s}}\n    backends:\n      - id: ws\n        address: \"{}\"\n        protocol: http1\n",
-        server.addr
+    let p = proxy(
+        &ws_pool(server.addr, "    timeouts: {websocket_lifetime: 1s}\n"),
+        "quic:\n  retry: off\n",
+        1,
     );
-    let p = proxy(&upstreams, "quic:\n  retry: off\n", 1);
-    let mut client = Command::new("python3")
-        .arg(peers_dir().join("ws_client.py"))
-        .arg(tcp_port(&p).to_string())
-        .arg(certs_dir().join("ca.crt"))
-        .args(["/ws", "10", "100", "hold"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut out = BufReader::new(client.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "open", "the tunnel works within its lifetime");
-    // Past the lifetime, the next message finds the tunnel closed.
+    // The tunnel works within its lifetime (the client saw its echo)…
+    let client = HeldClient::open(tcp_port(&p));
+    // …and past it, the next message finds the tunnel closed.
     std::thread::sleep(Duration::from_millis(2000));
-    writeln!(client.stdin.take().unwrap()).unwrap();
-    line.clear();
-    out.read_line(&mut line).unwrap();
-    let r: Value = serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("{e}: {line}"));
+    let r = client.release();
     assert_eq!(r["closed"], true, "{r}");
     assert!(r.get("late_echo").is_none(), "{r}");
-    assert!(client.wait().unwrap().success());
 }
