@@ -11,7 +11,7 @@
 //! | control | [`ops`] (admin, metrics, access log, reload, status, logging, privileges), [`health`] (state machine, checker), [`acme`], [`dns`] (backends named by DNS) |
 //! | data plane | [`upstream`] (HTTP/2 pools to backends) |
 //! | control | [`steering`] (tiers, classic BPF, pins, the kernel object) |
-//! | state | [`snapshot`] (per configuration), `certs` (the listener's certificates by SNI), [`board`], [`keys`] and [`stats`] (per process) |
+//! | state | [`snapshot`] (per configuration), `certs` (the listener's certificates by SNI), [`board`], [`keys`], [`stats`] and [`policy`] (rate limits, access lists; per process) |
 //! | sans-IO cores | [`routing`], [`lb`], [`config`] |
 
 /// `impl AsyncWrite for $ty<T>` that passes every write through to its field `inner`: for
@@ -68,6 +68,7 @@ pub mod http;
 pub mod keys;
 pub mod lb;
 pub mod ops;
+pub mod policy;
 mod privilege;
 pub mod quic;
 pub mod routing;

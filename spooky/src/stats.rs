@@ -103,6 +103,10 @@ pub struct WorkerStats {
     pub tcp_accepted: AtomicU64,
     pub tcp_active: AtomicU64,
     pub tcp_refused: AtomicU64,
+    /// TCP connections refused because their address had `listen.tcp.max_connections_per_ip`
+    /// open, or went over `listen.tcp.connection_rate_per_ip`.
+    pub tcp_refused_per_ip: AtomicU64,
+    pub tcp_rate_limited: AtomicU64,
     /// TLS handshakes over TCP that failed or did not finish within `listen.tcp.header_timeout`.
     pub tcp_handshake_failures: AtomicU64,
     /// TCP connections refused over the PROXY protocol (a header from an untrusted source, or
@@ -168,11 +172,58 @@ impl Histogram {
     }
 }
 
+/// Why a route's policy refused a request (`spooky_route_refusals_total`'s `reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `access`: 403.
+    Access,
+    /// `rate_limit`: 429.
+    RateLimit,
+    /// `max_requests_per_backend`: 503.
+    BackendLimit,
+    /// `timeouts.request`: 504 (or a reset after the head).
+    Deadline,
+    /// `max_request_headers` (or `proxy.max_header_list_size`): 431.
+    Headers,
+    /// `max_request_body`: 413.
+    Body,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 6] = [
+        Refusal::Access,
+        Refusal::RateLimit,
+        Refusal::BackendLimit,
+        Refusal::Deadline,
+        Refusal::Headers,
+        Refusal::Body,
+    ];
+
+    /// Its label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Access => "access",
+            Refusal::RateLimit => "rate_limit",
+            Refusal::BackendLimit => "max_requests_per_backend",
+            Refusal::Deadline => "request_timeout",
+            Refusal::Headers => "max_request_headers",
+            Refusal::Body => "max_request_body",
+        }
+    }
+}
+
+/// Status codes counted one by one: 100 to 599.
+const CODES: usize = 500;
+
 #[derive(Default)]
 #[repr(align(64))]
 struct Shard {
     /// By protocol ([`Protocol`] order), then status class: 1xx … 5xx.
     requests: [[AtomicU64; 5]; 3],
+    /// By status code, `code - 100` ([`CODES`] of them).
+    codes: Box<[AtomicU64]>,
+    /// By [`Refusal`], in [`Refusal::ALL`] order.
+    refusals: [AtomicU64; 6],
     duration: Histogram,
     upstream: Histogram,
     bytes_in: AtomicU64,
@@ -188,6 +239,8 @@ pub struct Outcome {
     pub total: Duration,
     /// Time to the backend's response head, when a backend answered.
     pub upstream: Option<Duration>,
+    /// The route policy that refused it, if one did.
+    pub refusal: Option<Refusal>,
     pub bytes_in: u64,
     pub bytes_out: u64,
 }
@@ -213,6 +266,10 @@ pub struct HistogramTotals {
 pub struct Totals {
     /// By protocol ([`Protocol::ALL`] order), then status class: 1xx … 5xx.
     pub requests: [[u64; 5]; 3],
+    /// By status code, the codes seen (ascending).
+    pub codes: Vec<(u16, u64)>,
+    /// By [`Refusal`], in [`Refusal::ALL`] order.
+    pub refusals: [u64; 6],
     pub duration: HistogramTotals,
     pub upstream: HistogramTotals,
     pub bytes_in: u64,
@@ -229,6 +286,16 @@ impl RouteMetrics {
         let class = usize::from(o.status / 100).saturating_sub(1).min(4);
         if let Some(c) = shard.requests[o.protocol.index()].get(class) {
             c.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(c) = shard.codes.get(usize::from(o.status).wrapping_sub(100)) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(r) = o.refusal {
+            if let Some(i) = Refusal::ALL.iter().position(|x| *x == r) {
+                if let Some(c) = shard.refusals.get(i) {
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
         shard.duration.record(o.total);
         if let Some(u) = o.upstream {
@@ -256,7 +323,14 @@ impl RouteMetrics {
     /// Everything, summed over the workers.
     pub fn totals(&self) -> Totals {
         let mut t = Totals::default();
+        let mut codes = [0u64; CODES];
         for s in self.shards.iter() {
+            for (sum, c) in codes.iter_mut().zip(s.codes.iter()) {
+                *sum += c.load(Ordering::Relaxed);
+            }
+            for (sum, c) in t.refusals.iter_mut().zip(&s.refusals) {
+                *sum += c.load(Ordering::Relaxed);
+            }
             for (sums, counts) in t.requests.iter_mut().zip(&s.requests) {
                 for (sum, c) in sums.iter_mut().zip(counts) {
                     *sum += c.load(Ordering::Relaxed);
@@ -268,6 +342,7 @@ impl RouteMetrics {
             t.bytes_out += s.bytes_out.load(Ordering::Relaxed);
             t.in_flight += s.in_flight.load(Ordering::Relaxed);
         }
+        t.codes = (100u16..).zip(codes).filter(|(_, n)| *n > 0).collect();
         t
     }
 }
@@ -298,10 +373,23 @@ impl Metrics {
         let s = Arc::new(RouteMetrics {
             pool: pool.to_owned(),
             backend: backend.to_owned(),
-            shards: (0..self.workers).map(|_| Shard::default()).collect(),
+            shards: (0..self.workers)
+                .map(|_| Shard {
+                    codes: (0..CODES).map(|_| AtomicU64::new(0)).collect(),
+                    ..Shard::default()
+                })
+                .collect(),
         });
         series.push(s.clone());
         s
+    }
+
+    /// Drops the series of pools and backends no longer configured (after a reload), so
+    /// their lines leave `/metrics`; `keep` says which (pool, backend) pairs stay. Spooky's
+    /// own series (empty pool) always stay.
+    pub fn retain(&self, keep: impl Fn(&str, &str) -> bool) {
+        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        series.retain(|s| s.pool.is_empty() || keep(&s.pool, &s.backend));
     }
 
     /// Every series, in creation order.
@@ -330,6 +418,7 @@ mod tests {
             status: 200,
             total: Duration::from_millis(3),
             upstream: Some(Duration::from_micros(400)),
+            refusal: None,
             bytes_in: 10,
             bytes_out: 100,
         };
@@ -364,6 +453,27 @@ mod tests {
         assert_eq!(t.upstream.buckets[0], 2, "400 µs in the 0.5 ms bucket");
         assert_eq!(t.upstream.sum_us, 800);
         assert_eq!((t.bytes_in, t.bytes_out, t.in_flight), (30, 300, 1));
+        assert_eq!(t.codes, vec![(200, 2), (503, 1)], "by code");
+        s.record(
+            0,
+            &Outcome {
+                status: 429,
+                refusal: Some(Refusal::RateLimit),
+                ..ok
+            },
+        );
+        let t = s.totals();
+        assert_eq!(t.codes, vec![(200, 2), (429, 1), (503, 1)]);
+        assert_eq!(t.refusals, [0, 1, 0, 0, 0, 0]);
         assert_eq!(m.all().len(), 1);
+        m.route("gone", "g1");
+        m.route("", "");
+        m.retain(|pool, _| pool == "api");
+        let left: Vec<_> = m.all().iter().map(|s| s.pool.clone()).collect();
+        assert_eq!(
+            left,
+            ["api", ""],
+            "a removed pool's series goes, Spooky's own stays"
+        );
     }
 }

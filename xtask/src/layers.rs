@@ -23,7 +23,7 @@ pub const SPOOKY_LAYERS: &[&[&str]] = &[
     &["steering"],
     &["telemetry"],
     &["snapshot"],
-    &["board", "certs", "keys", "stats", "privilege"],
+    &["board", "certs", "keys", "stats", "policy", "privilege"],
     &["routing", "lb"],
     &["config"],
 ];

@@ -361,6 +361,7 @@ pub fn start_from(
         .map(|_| Arc::new(WorkerStats::default()))
         .collect();
     let metrics = Arc::new(Metrics::new(workers));
+    let policy = Arc::new(crate::policy::Policy::default());
     let board = Arc::new(HealthBoard::default());
     let tls = Arc::new(crate::certs::TlsShared::default());
     let access_log =
@@ -545,7 +546,24 @@ pub fn start_from(
         board,
         own_keys.clone(),
         links,
-        checker.follower(),
+        {
+            // After a reload: the health checker follows, and the metric series and rate
+            // limiters of pools and backends that are gone are dropped.
+            let follow = checker.follower();
+            let (metrics, policy) = (metrics.clone(), policy.clone());
+            Box::new(move |next: &Arc<Snapshot>| {
+                follow(next);
+                let ups = &next.config.upstreams;
+                metrics.retain(|pool, backend| {
+                    ups.iter().any(|u| {
+                        u.name == pool
+                            && (backend.is_empty() || u.backends.iter().any(|b| b.id == backend))
+                    })
+                });
+                let names: Vec<&str> = ups.iter().map(|u| u.name.as_str()).collect();
+                policy.retain_routes(&names);
+            })
+        },
     ));
     let dns = match dns {
         Some(dns) => {
@@ -627,6 +645,7 @@ pub fn start_from(
             stats: stats[index].clone(),
             metrics: metrics.clone(),
             access_log: access_log.clone(),
+            policy: policy.clone(),
             health: reporter.clone(),
             snapshot: snapshot.clone(),
             quic,

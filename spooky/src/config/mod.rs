@@ -158,6 +158,11 @@ pub struct Tcp {
     /// client address then stands for the connection's everywhere. Empty: none; a PROXY
     /// header from anyone else is refused.
     pub proxy_protocol: Vec<Cidr>,
+    /// Connections open at once per client address (IPv4, or IPv6 /64), over all workers.
+    /// Sources in `proxy_protocol` are not counted (they carry many clients).
+    pub max_connections_per_ip: u32,
+    /// New connections per second per client address, and the burst; `None`: no limit.
+    pub connection_rate_per_ip: Option<(f64, u32)>,
 }
 
 /// Our certificates (`listen.tls`), chosen by the SNI of each ClientHello.
@@ -384,6 +389,17 @@ pub struct Upstream {
     /// Each backend connection opens with a PROXY protocol v2 header naming the client it
     /// serves (connections are then the client's own).
     pub send_proxy_protocol: bool,
+    /// Who may use the route.
+    pub access: Access,
+    /// Requests per second per key; `None`: no limit.
+    pub rate_limit: Option<RateLimit>,
+    /// The largest request field section for this route (RFC 9114 §4.2.2 size); `None`:
+    /// `proxy.max_header_list_size` alone.
+    pub max_request_headers: Option<u64>,
+    /// Requests in flight to one backend at most (all workers); beyond, 503. `None`: no
+    /// limit.
+    pub max_requests_per_backend: Option<u32>,
+    pub readiness: Readiness,
     /// Backends named by DNS: each address the name resolves to becomes one backend in
     /// `backends` (see [`expand`]); these are what they are made from.
     pub named: Vec<NamedBackend>,
@@ -504,6 +520,57 @@ pub struct UpstreamTimeouts {
     pub idle: Duration,
     /// Longest a WebSocket tunnel may stay open; `None`: no limit.
     pub websocket_lifetime: Option<Duration>,
+    /// Longest a whole request may take, from its head to the response's end (WebSockets
+    /// excepted: `websocket_lifetime`); `None`: no limit.
+    pub request: Option<Duration>,
+}
+
+/// `upstream.NAME.access`: who may use the route, by client address. `deny` is checked
+/// first; when `allow` is not empty, only its blocks may.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Access {
+    pub allow: Vec<Cidr>,
+    pub deny: Vec<Cidr>,
+}
+
+impl Access {
+    /// Whether the list lets everyone in.
+    pub fn is_open(&self) -> bool {
+        self.allow.is_empty() && self.deny.is_empty()
+    }
+}
+
+/// What one rate-limit budget is for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RateKey {
+    /// Each client address.
+    Client,
+    /// Each client address's /24 (IPv4) or /64 (IPv6).
+    ClientPrefix,
+    /// Each value of this request header (the client address when it is absent).
+    Header(http::HeaderName),
+    /// One budget for the whole route.
+    Global,
+}
+
+/// `upstream.NAME.rate_limit`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RateLimit {
+    /// Sustained requests per second.
+    pub per_second: f64,
+    /// Requests that may arrive at once.
+    pub burst: u32,
+    pub key: RateKey,
+}
+
+/// `upstream.NAME.readiness`: whether the pool counts for `/readyz`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    /// The node is not ready while this pool has no backend to serve.
+    Required,
+    /// The pool does not hold readiness back (the node is unready only when no pool can
+    /// serve).
+    Optional,
 }
 
 /// Passive health: eject after consecutive failures on real traffic.

@@ -165,6 +165,16 @@ pub(super) struct RawTcp {
     pub max_connections: i64,
     /// Sources whose connections open with a PROXY protocol header (v1 or v2).
     pub proxy_protocol: RawProxyProtocol,
+    pub max_connections_per_ip: i64,
+    pub connection_rate_per_ip: Option<RawRate>,
+}
+
+/// A rate: `per_second` sustained, `burst` at once.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRate {
+    pub per_second: f64,
+    pub burst: Option<i64>,
 }
 
 /// `listen.tcp.proxy_protocol`.
@@ -183,6 +193,8 @@ impl Default for RawTcp {
             idle_timeout: RawDuration::Millis(60_000),
             max_connections: 10_000,
             proxy_protocol: RawProxyProtocol::default(),
+            max_connections_per_ip: 256,
+            connection_rate_per_ip: None,
         }
     }
 }
@@ -348,6 +360,36 @@ pub(super) struct RawUpstream {
     /// `v2`: a PROXY protocol v2 header opens each backend connection; `off` (default).
     #[serde(default)]
     pub send_proxy_protocol: Option<String>,
+    #[serde(default)]
+    pub access: RawAccess,
+    #[serde(default)]
+    pub rate_limit: Option<RawRateLimit>,
+    #[serde(default)]
+    pub max_request_headers: Option<RawSize>,
+    #[serde(default)]
+    pub max_requests_per_backend: Option<i64>,
+    /// `required` or `optional` (default).
+    #[serde(default)]
+    pub readiness: Option<String>,
+}
+
+/// `upstream.NAME.access`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawAccess {
+    pub allow: Vec<String>,
+    pub deny: Vec<String>,
+}
+
+/// `upstream.NAME.rate_limit`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRateLimit {
+    pub requests_per_second: f64,
+    /// Default: `requests_per_second`, at least 1.
+    pub burst: Option<i64>,
+    /// `client` (default), `client_prefix`, `header:NAME` or `global`.
+    pub key: Option<String>,
 }
 
 /// `upstream.NAME.request_headers` / `response_headers`.
@@ -446,6 +488,8 @@ pub(super) struct RawTimeouts {
     pub idle: RawDuration,
     /// `None`: no limit.
     pub websocket_lifetime: Option<RawDuration>,
+    /// `None`: no limit.
+    pub request: Option<RawDuration>,
 }
 
 impl Default for RawTimeouts {
@@ -455,6 +499,7 @@ impl Default for RawTimeouts {
             response_head: RawDuration::Millis(30_000),
             idle: RawDuration::Millis(60_000),
             websocket_lifetime: None,
+            request: None,
         }
     }
 }

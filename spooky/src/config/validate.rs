@@ -23,15 +23,16 @@ use super::env::{Env, System};
 use super::raw::{
     RawAcme, RawAdmin, RawBackend, RawBackendTls, RawConfig, RawDuration, RawHeaderRules,
     RawHealthCheck, RawListen, RawListenTls, RawLoadBalancing, RawLog, RawPassiveHealth, RawProxy,
-    RawQuic, RawRedirect, RawResolver, RawRoute, RawServerId, RawSize, RawStatusRange, RawSteering,
-    RawTimeouts, RawUpstream, DEFAULT_REPLICAS, DEFAULT_RETRY_THRESHOLD,
+    RawQuic, RawRateLimit, RawRedirect, RawResolver, RawRoute, RawServerId, RawSize,
+    RawStatusRange, RawSteering, RawTimeouts, RawUpstream, DEFAULT_REPLICAS,
+    DEFAULT_RETRY_THRESHOLD,
 };
 use super::{
-    AccessLog, Acme, AcmeChallenge, Admin, Backend, BackendProtocol, BackendTls, CertPair, Cidr,
-    Config, ControlSocket, EarlyData, ForwardedMode, HashKey, HeaderRules, HealthCheck, Listen,
-    ListenTls, LoadBalancing, Log, LogFormat, NamedBackend, PassiveHealth, PlainHttp, Proxy, Quic,
-    Redirect, Resolver, RetryMode, Route, Steering, Tcp, UnknownSni, Upstream, UpstreamTimeouts,
-    User, XdpMode,
+    Access, AccessLog, Acme, AcmeChallenge, Admin, Backend, BackendProtocol, BackendTls, CertPair,
+    Cidr, Config, ControlSocket, EarlyData, ForwardedMode, HashKey, HeaderRules, HealthCheck,
+    Listen, ListenTls, LoadBalancing, Log, LogFormat, NamedBackend, PassiveHealth, PlainHttp,
+    Proxy, Quic, RateKey, RateLimit, Readiness, Redirect, Resolver, RetryMode, Route, Steering,
+    Tcp, UnknownSni, Upstream, UpstreamTimeouts, User, XdpMode,
 };
 
 /// Why a configuration was refused.
@@ -517,6 +518,21 @@ fn build_listen(raw: &RawListen, io: &Io<'_>, errs: &mut Errors) -> Option<Liste
         },
         (true, None) => None,
     };
+    let max_connections_per_ip = errs.check(
+        "listen.tcp.max_connections_per_ip",
+        int_in::<u32>(t.max_connections_per_ip, 1, 1_000_000),
+    );
+    let connection_rate_per_ip = match &t.connection_rate_per_ip {
+        None => Some(None),
+        Some(r) => rate(
+            errs,
+            "listen.tcp.connection_rate_per_ip",
+            "per_second",
+            r.per_second,
+            r.burst,
+        )
+        .map(Some),
+    };
     let tcp = match (t.enabled, ip) {
         (false, _) => Some(None),
         (true, Some(ip)) => Some(Some(Tcp {
@@ -525,6 +541,8 @@ fn build_listen(raw: &RawListen, io: &Io<'_>, errs: &mut Errors) -> Option<Liste
             idle_timeout: idle_timeout?,
             max_connections: max_connections?,
             proxy_protocol: proxy_protocol?,
+            max_connections_per_ip: max_connections_per_ip?,
+            connection_rate_per_ip: connection_rate_per_ip?,
         })),
         (true, None) => None,
     };
@@ -911,7 +929,7 @@ fn one_of<T: Copy>(text: &str, what: &str, choices: &[(&str, T)]) -> Result<T, S
 }
 
 /// `value` as `T` when it lies in `min..=max`.
-fn int_in<T: TryFrom<i64>>(value: i64, min: i64, max: i64) -> Result<T, String> {
+pub(super) fn int_in<T: TryFrom<i64>>(value: i64, min: i64, max: i64) -> Result<T, String> {
     (min..=max)
         .contains(&value)
         .then(|| T::try_from(value).ok())
@@ -930,6 +948,32 @@ fn positive_duration(errs: &mut Errors, path: &str, raw: &RawDuration) -> Option
         return None;
     }
     Some(d)
+}
+
+/// A rate of `per_second` (field `path.field`, > 0 and at most a million) with a burst
+/// (`path.burst`, 1 to a million; default: the rate, at least 1).
+fn rate(
+    errs: &mut Errors,
+    path: &str,
+    field: &str,
+    per_second: f64,
+    burst: Option<i64>,
+) -> Option<(f64, u32)> {
+    let rate = errs.check(
+        &format!("{path}.{field}"),
+        if per_second.is_finite() && per_second > 0.0 && per_second <= 1e6 {
+            Ok(per_second)
+        } else {
+            Err(format!(
+                "must be a number above 0 and at most 1000000, got {per_second}"
+            ))
+        },
+    );
+    let burst = match burst {
+        None => Some(per_second.ceil().clamp(1.0, 1e6) as u32),
+        Some(b) => errs.check(&format!("{path}.burst"), int_in::<u32>(b, 1, 1_000_000)),
+    };
+    Some((rate?, burst?))
 }
 
 /// A size in `1..=2^62-1` (the largest QUIC variable-length integer).

@@ -160,27 +160,40 @@ pub async fn run(job: Job, gate: Option<super::HandshakeGate>) {
         Some(mut gate) => gate.wait_for(|done| *done).await.is_ok(),
         None => true,
     };
-    let lifetime = job
+    let timeouts = job
         .fwd
         .snapshot
         .config
         .upstreams
         .get(job.upstream)
-        .and_then(|u| u.timeouts.websocket_lifetime)
-        .filter(|_| job.head.is_websocket());
-    let result = match (live, lifetime) {
+        .map(|u| &u.timeouts);
+    // A tunnel's limit is its lifetime; a request's, the route's deadline.
+    let limit = if job.head.is_websocket() {
+        timeouts
+            .and_then(|t| t.websocket_lifetime)
+            .map(|d| (d, true))
+    } else {
+        timeouts.and_then(|t| t.request).map(|d| (d, false))
+    };
+    let result = match (live, limit) {
         (false, _) => Err(Failure::ClientGone),
         (true, None) => forward(&job).await,
-        // A tunnel past its lifetime is closed (its stream reset, its backend connection
-        // dropped), whatever it is doing.
-        (true, Some(lifetime)) => tokio::time::timeout(lifetime, forward(&job))
+        // Past its limit a request is answered 504 (or its stream reset once the head went
+        // out) and a tunnel closed; its backend stream or connection is dropped, whatever it
+        // is doing.
+        (true, Some((limit, tunnel))) => tokio::time::timeout(limit, forward(&job))
             .await
             .unwrap_or_else(|_| {
-                Err(Failure::Broken {
-                    cause: format!("WebSocket open for its lifetime ({lifetime:?})"),
+                Err(if tunnel {
+                    Failure::Broken {
+                        cause: format!("WebSocket open for its lifetime ({limit:?})"),
+                    }
+                } else {
+                    Failure::Deadline { after: limit }
                 })
             }),
     };
+    let refusal = result.as_ref().err().and_then(Failure::refusal);
     match result {
         Ok(backend) => {
             if let Some(e) = job.first_failure.take() {
@@ -229,6 +242,7 @@ pub async fn run(job: Job, gate: Option<super::HandshakeGate>) {
             status: job.status.get(),
             started: job.started,
             upstream_latency: job.upstream_latency.get(),
+            refusal,
             bytes_in: job.task.request_bytes(),
             bytes_out: job.bytes_out.get(),
         },
@@ -260,8 +274,18 @@ fn pick(job: &Job, exclude: Option<usize>) -> Result<usize, Failure> {
     let upstream = &fwd.snapshot.config.upstreams[job.upstream];
     let pools = &fwd.pools[job.upstream];
     let plans = &fwd.snapshot.backends[job.upstream];
+    // Backends with `max_requests_per_backend` in flight (all workers) take no more.
+    let full: Vec<bool> = (0..pools.len())
+        .map(|b| {
+            upstream
+                .max_requests_per_backend
+                .is_some_and(|max| fwd.in_flight_total(job.upstream, b) >= i64::from(max))
+        })
+        .collect();
     let mut healthy: Vec<bool> = (0..pools.len())
-        .map(|b| plans.get(b).is_some_and(|p| p.slot.is_available()) && Some(b) != exclude)
+        .map(|b| {
+            plans.get(b).is_some_and(|p| p.slot.is_available()) && Some(b) != exclude && !full[b]
+        })
         .collect();
     let in_flight: Vec<u32> = pools.iter().map(|p| p.in_flight() as u32).collect();
     let hash = request_hash(job);
@@ -278,7 +302,9 @@ fn pick(job: &Job, exclude: Option<usize>) -> Result<usize, Failure> {
     if upstream.fail_open {
         // Unhealthy ones too, but never one an operator drained.
         healthy.iter_mut().enumerate().for_each(|(b, h)| {
-            *h = Some(b) != exclude && plans.get(b).is_some_and(|p| !p.slot.is_drained());
+            *h = Some(b) != exclude
+                && plans.get(b).is_some_and(|p| !p.slot.is_drained())
+                && !full[b];
         });
         if let Some(b) = balancer.pick(
             &Candidates {
@@ -290,8 +316,21 @@ fn pick(job: &Job, exclude: Option<usize>) -> Result<usize, Failure> {
             return Ok(b);
         }
     }
-    Err(Failure::NoHealthyBackend {
-        pool: upstream.name.clone(),
+    // Some backend could have taken it but for its limit: the pool is busy, not down.
+    let busy = full.iter().enumerate().any(|(b, f)| {
+        *f && Some(b) != exclude
+            && plans.get(b).is_some_and(|p| {
+                p.slot.is_available() || upstream.fail_open && !p.slot.is_drained()
+            })
+    });
+    Err(if busy {
+        Failure::BackendsFull {
+            pool: upstream.name.clone(),
+        }
+    } else {
+        Failure::NoHealthyBackend {
+            pool: upstream.name.clone(),
+        }
     })
 }
 

@@ -70,6 +70,8 @@ pub(crate) struct Services {
     pub wakeup: Rc<Wakeup>,
     /// The rate limit on the log lines clients can cause.
     pub log_gate: LogGate,
+    /// Rate limits and per-address counts shared by the workers.
+    pub policy: Arc<crate::policy::Policy>,
 }
 
 /// One success in this many is sent to the health checker (as a latency sample).
@@ -89,6 +91,8 @@ pub(crate) struct Forwarder {
     /// `[upstream][backend]`: (last outcome sent was a failure, successes seen) for passive
     /// health sampling.
     passive: Vec<Vec<Cell<(bool, u32)>>>,
+    /// `[upstream]`: the route's rate limiter (shared by the workers), when it has one.
+    limiters: Vec<Option<Arc<crate::policy::RouteLimiter>>>,
 }
 
 /// What to do with a request head.
@@ -105,6 +109,12 @@ pub(crate) enum Admission {
     Redirect { head: RequestHead, upstream: usize },
     /// Refuse it (a local answer); the head, when it was valid.
     Refuse(Failure, Option<RequestHead>),
+    /// Refuse it by the policy of upstream `upstream`'s route (access, rate, header limit).
+    Policy {
+        failure: Failure,
+        head: RequestHead,
+        upstream: usize,
+    },
 }
 
 impl Forwarder {
@@ -179,6 +189,14 @@ impl Forwarder {
             .iter()
             .map(|up| up.backends.iter().map(|_| Cell::new((false, 0))).collect())
             .collect();
+        let limiters = cfg
+            .upstreams
+            .iter()
+            .map(|up| {
+                let limit = up.rate_limit.as_ref()?;
+                Some(services.policy.route_limiter(&up.name, limit))
+            })
+            .collect();
         Self {
             services,
             snapshot,
@@ -187,6 +205,7 @@ impl Forwarder {
             route_metrics,
             local_metrics,
             passive,
+            limiters,
         }
     }
 
@@ -210,10 +229,17 @@ impl Forwarder {
         })
     }
 
-    /// What to do with a request head `list` (`more_frames`: a body or trailers follow) on
-    /// a connection whose ClientHello carried `sni`: the memory limit, the checks of RFC 9114
-    /// §4.3 and the limits, whether the connection is the host's, then routing.
-    pub fn admit(&self, list: &[Header], more_frames: bool, sni: Option<&str>) -> Admission {
+    /// What to do with a request head `list` (`more_frames`: a body or trailers follow) from
+    /// `client` on a connection whose ClientHello carried `sni`: the memory limit, the checks
+    /// of RFC 9114 §4.3 and the limits, whether the connection is the host's, routing, then
+    /// the route's policy (access list, rate limit, header limit).
+    pub fn admit(
+        &self,
+        list: &[Header],
+        more_frames: bool,
+        sni: Option<&str>,
+        client: std::net::IpAddr,
+    ) -> Admission {
         let proxy = &self.snapshot.config.proxy;
         if crate::telemetry::memory::over(proxy.memory_limit) {
             self.services
@@ -258,6 +284,13 @@ impl Forwarder {
             return Admission::Refuse(Failure::NoRoute, Some(head));
         };
         let up = self.snapshot.config.upstreams.get(upstream);
+        if let Some(failure) = up.and_then(|u| self.policy(u, upstream, list, size, client)) {
+            return Admission::Policy {
+                failure,
+                head,
+                upstream,
+            };
+        }
         if up.is_some_and(|u| u.redirect.is_some()) {
             return Admission::Redirect { head, upstream };
         }
@@ -280,6 +313,41 @@ impl Forwarder {
             upstream,
             shape,
         }
+    }
+
+    /// What the policy of route `u` (`up`) says of a request from `client` with fields `list`
+    /// (`size` bytes by RFC 9114's count): nothing when it may go on. The access list, then
+    /// the header limit, then the rate limit (a refused request does not spend the budget).
+    fn policy(
+        &self,
+        up: &crate::config::Upstream,
+        u: usize,
+        list: &[Header],
+        size: u64,
+        client: std::net::IpAddr,
+    ) -> Option<Failure> {
+        if !up.access.permits(client) {
+            return Some(Failure::Forbidden);
+        }
+        if up.max_request_headers.is_some_and(|max| size > max) {
+            return Some(Failure::HeadersTooLarge { size });
+        }
+        let limiter = self.limiters.get(u)?.as_ref()?;
+        let policy = &self.services.policy;
+        let value = match &limiter.limit.key {
+            crate::config::RateKey::Header(name) => list
+                .iter()
+                .find(|h| h.name() == name.as_str().as_bytes())
+                .map(|h| h.value()),
+            _ => None,
+        };
+        let key = policy.request_key(&limiter.limit.key, client, value);
+        let now = policy.now(Instant::now());
+        limiter
+            .table
+            .check(key, now)
+            .err()
+            .map(|retry_after| Failure::RateLimited { retry_after })
     }
 
     /// Starts the request task of an admitted request on the worker's `LocalSet`; with a
@@ -309,6 +377,7 @@ impl Forwarder {
         started: Instant,
     ) -> Option<LocalAnswer> {
         let mut upstream = None;
+        let mut refusal = None;
         let (status, mut fields, body, stop_sending, head) = match admission {
             Admission::Forward { .. } => return None,
             Admission::Options(head) => {
@@ -327,8 +396,34 @@ impl Forwarder {
                 // The request body, if any, is not wanted.
                 (status, fields, body, None, Some(head))
             }
+            Admission::Policy {
+                failure,
+                head,
+                upstream: u,
+            } => {
+                let pool = self
+                    .snapshot
+                    .config
+                    .upstreams
+                    .get(u)
+                    .map(|up| up.name.as_str());
+                failure.log(peer, pool, &self.services.log_gate);
+                refusal = failure.refusal();
+                upstream = Some(u);
+                let outcome::Reaction::Answer {
+                    status,
+                    fields,
+                    body,
+                    stop_sending,
+                } = failure.reaction(false)
+                else {
+                    return None;
+                };
+                (status, fields, body, stop_sending, Some(head))
+            }
             Admission::Refuse(failure, head) => {
                 failure.log(peer, None, &self.services.log_gate);
+                refusal = failure.refusal();
                 // Nothing was sent yet: every failure before a head is answered.
                 let outcome::Reaction::Answer {
                     status,
@@ -353,6 +448,7 @@ impl Forwarder {
                 status,
                 started,
                 upstream_latency: None,
+                refusal,
                 bytes_in: 0,
                 bytes_out: 0,
             },
@@ -376,6 +472,14 @@ impl Forwarder {
             fields.retain(|h| h.name() != b"alt-svc");
             fields.push(Header::new(b"alt-svc", alt_svc.as_bytes()));
         }
+    }
+
+    /// Requests in flight to backend `backend` of `upstream`, all workers.
+    fn in_flight_total(&self, upstream: usize, backend: usize) -> i64 {
+        self.route_metrics
+            .get(upstream)
+            .and_then(|row| row.get(backend))
+            .map_or(0, |s| s.in_flight_total())
     }
 
     /// The metric series of (`upstream`, `backend`): the backend's, the pool's when no backend

@@ -58,6 +58,14 @@ pub enum Failure {
     /// A request with an unsafe method arrived in 0-RTT and `quic.early_data` is `reject`
     /// (RFC 8470 §5.2: 425, the client repeats it after the handshake).
     TooEarly,
+    /// The route's `access` list does not let the client's address in.
+    Forbidden,
+    /// The route's `rate_limit` is spent for the request's key; one may go in `retry_after`.
+    RateLimited { retry_after: Duration },
+    /// Every backend the balancer offered has `max_requests_per_backend` in flight.
+    BackendsFull { pool: String },
+    /// The route's `timeouts.request` passed before the response was complete.
+    Deadline { after: Duration },
     /// The head could not be expressed in HTTP/2.
     Convert(ConvertError),
     /// Talking to the backend failed.
@@ -92,6 +100,10 @@ impl Failure {
             Failure::HeadersTooLarge { .. } => 431,
             Failure::Malformed(_) | Failure::BodyMissing => 400,
             Failure::NoRoute => 404,
+            Failure::Forbidden => 403,
+            Failure::RateLimited { .. } => 429,
+            Failure::BackendsFull { .. } => 503,
+            Failure::Deadline { .. } => 504,
             Failure::Misdirected => 421,
             Failure::Connect => 501,
             Failure::BodyTooLarge { .. } => 413,
@@ -113,6 +125,10 @@ impl Failure {
             Failure::Malformed(e) => format!("malformed request: {e}").into(),
             Failure::BodyMissing => "malformed request: content-length mismatch".into(),
             Failure::NoRoute => "no route".into(),
+            Failure::Forbidden => "forbidden".into(),
+            Failure::RateLimited { .. } => "too many requests".into(),
+            Failure::BackendsFull { .. } => "upstream busy".into(),
+            Failure::Deadline { .. } => "request timed out".into(),
             Failure::Misdirected => {
                 "misdirected request: this connection's certificate is not the host's".into()
             }
@@ -138,14 +154,22 @@ impl Failure {
             _ => {
                 let status = self.status();
                 let busy = matches!(self, Failure::Upstream(e) if is_busy(e.kind));
-                let retry_after = (busy
-                    || matches!(
-                        self,
-                        Failure::NoHealthyBackend { .. }
-                            | Failure::Overloaded
-                            | Failure::TooManyStreams
-                    ))
-                .then_some(1);
+                let retry_after = match self {
+                    // Whole seconds, rounded up (RFC 9110 §10.2.3), at least 1.
+                    Failure::RateLimited { retry_after } => Some(
+                        u32::try_from(retry_after.as_nanos().div_ceil(1_000_000_000).max(1))
+                            .unwrap_or(u32::MAX),
+                    ),
+                    _ => (busy
+                        || matches!(
+                            self,
+                            Failure::NoHealthyBackend { .. }
+                                | Failure::Overloaded
+                                | Failure::TooManyStreams
+                                | Failure::BackendsFull { .. }
+                        ))
+                    .then_some(1),
+                };
                 let (fields, body) = bridge::local_response(status, &self.text(), retry_after);
                 Reaction::Answer {
                     status,
@@ -183,6 +207,7 @@ impl Failure {
             }
             (Failure::Broken { .. }, _) => LogKind::Aborted,
             (_, None) => LogKind::Refused,
+            (f, Some(_)) if f.is_policy() => LogKind::Refused,
             (_, Some(_)) => LogKind::Failed,
         };
         let Some(suppressed) = gate.admit(kind) else {
@@ -197,6 +222,9 @@ impl Failure {
             ),
             (_, None) => {
                 tracing::info!(%peer, status, reason = %self.text(), detail = ?self, suppressed, "request refused")
+            }
+            (f, Some(pool)) if f.is_policy() => {
+                tracing::info!(%peer, upstream = pool, status, reason = %self.cause(), suppressed, "request refused by the route's policy")
             }
             (_, Some(pool)) => {
                 let cause = self.cause();
@@ -214,7 +242,41 @@ impl Failure {
             Failure::BodyTooLarge { limit } => format!("request body over {limit} bytes"),
             Failure::BodyIdle { idle } => format!("request body idle for {idle:?}"),
             Failure::Convert(e) => e.to_string(),
+            Failure::Forbidden => "client address not allowed by access".into(),
+            Failure::RateLimited { retry_after } => {
+                format!("over rate_limit (next in {} ms)", retry_after.as_millis())
+            }
+            Failure::BackendsFull { pool } => {
+                format!("every backend of upstream {pool} has max_requests_per_backend in flight")
+            }
+            Failure::Deadline { after } => format!("timeouts.request of {after:?} passed"),
             other => other.text().into_owned(),
+        }
+    }
+
+    /// A refusal by the route's own policy (the client's doing, or a configured limit), not a
+    /// backend's failure: logged at info.
+    pub fn is_policy(&self) -> bool {
+        matches!(
+            self,
+            Failure::Forbidden
+                | Failure::RateLimited { .. }
+                | Failure::BackendsFull { .. }
+                | Failure::HeadersTooLarge { .. }
+        )
+    }
+
+    /// The route policy reason this failure counts under (`spooky_route_refusals_total`).
+    pub fn refusal(&self) -> Option<crate::stats::Refusal> {
+        use crate::stats::Refusal;
+        match self {
+            Failure::Forbidden => Some(Refusal::Access),
+            Failure::RateLimited { .. } => Some(Refusal::RateLimit),
+            Failure::BackendsFull { .. } => Some(Refusal::BackendLimit),
+            Failure::Deadline { .. } => Some(Refusal::Deadline),
+            Failure::HeadersTooLarge { .. } => Some(Refusal::Headers),
+            Failure::BodyTooLarge { .. } => Some(Refusal::Body),
+            _ => None,
         }
     }
 }
@@ -312,6 +374,8 @@ pub struct Finished<'a> {
     pub started: Instant,
     /// Time to the backend's response head.
     pub upstream_latency: Option<Duration>,
+    /// The route policy that refused it, if one did.
+    pub refusal: Option<crate::stats::Refusal>,
     pub bytes_in: u64,
     pub bytes_out: u64,
 }
@@ -324,6 +388,7 @@ pub fn record(fwd: &Forwarder, f: &Finished<'_>) {
         status: f.status,
         total: f.started.elapsed(),
         upstream: f.upstream_latency,
+        refusal: f.refusal,
         bytes_in: f.bytes_in,
         bytes_out: f.bytes_out,
     };
@@ -441,6 +506,11 @@ mod tests {
             (upstream(PendingTimeout), 503, "upstream busy", None, Some("1"), None),
             (repeated(ConnectTimeout), 504, "upstream timed out", None, None, None),
             (repeated(Connect), 502, "bad gateway", None, None, None),
+            (Failure::Forbidden, 403, "forbidden", None, None, None),
+            (Failure::RateLimited { retry_after: Duration::from_millis(200) }, 429, "too many requests", None, Some("1"), None),
+            (Failure::RateLimited { retry_after: Duration::from_millis(2_100) }, 429, "too many requests", None, Some("3"), None),
+            (Failure::BackendsFull { pool: "api".into() }, 503, "upstream busy", None, Some("1"), None),
+            (Failure::Deadline { after: Duration::from_secs(1) }, 504, "request timed out", None, None, None),
         ];
         for (f, status, text, stop, retry_after, health) in rows {
             let (s, t, st, ra) = answered(&f);

@@ -4,7 +4,7 @@
 //! Counting itself lives in `stats`; this module only reads and formats, at scrape time.
 
 use super::Ops;
-use crate::stats::{HistogramTotals, Protocol, WorkerStats, BUCKETS_S};
+use crate::stats::{HistogramTotals, Protocol, Refusal, WorkerStats, BUCKETS_S};
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 
@@ -45,10 +45,9 @@ type WorkerMetric = (
 pub fn render(ops: &Ops) -> String {
     let mut out = String::with_capacity(16 * 1024);
     let snapshot = ops.reloader.current();
-    let series: Vec<_> = ops
-        .metrics
-        .all()
-        .into_iter()
+    let all = ops.metrics.all();
+    let series: Vec<_> = all
+        .iter()
         .map(|s| {
             let labels = format!("pool=\"{}\",backend=\"{}\"", esc(&s.pool), esc(&s.backend));
             (labels, !s.backend.is_empty(), s.totals())
@@ -71,6 +70,57 @@ pub fn render(ops: &Ops) -> String {
                     "spooky_requests_total{{{labels},protocol=\"{protocol}\",class=\"{class}\"}} {n}"
                 );
             }
+        }
+    }
+    head(
+        &mut out,
+        "spooky_responses_total",
+        "counter",
+        "Responses by pool, backend (empty: answered by Spooky) and status code (499: the \
+         client went away first).",
+    );
+    for (labels, _, t) in &series {
+        for (code, n) in &t.codes {
+            let _ = writeln!(
+                out,
+                "spooky_responses_total{{{labels},code=\"{code}\"}} {n}"
+            );
+        }
+    }
+    head(
+        &mut out,
+        "spooky_route_refusals_total",
+        "counter",
+        "Requests refused by a route's own policy, by pool and reason: access (403), rate_limit \
+         (429), max_request_headers (431), max_request_body (413), max_requests_per_backend \
+         (503), request_timeout (504).",
+    );
+    let mut pools: Vec<(&str, [u64; 6])> = Vec::new();
+    for ((_, _, t), s) in series.iter().zip(&all) {
+        if s.pool.is_empty() {
+            continue;
+        }
+        let i = match pools.iter().position(|(p, _)| *p == s.pool) {
+            Some(i) => i,
+            None => {
+                pools.push((&s.pool, [0; 6]));
+                pools.len() - 1
+            }
+        };
+        if let Some((_, sums)) = pools.get_mut(i) {
+            for (sum, n) in sums.iter_mut().zip(t.refusals) {
+                *sum += n;
+            }
+        }
+    }
+    for (pool, sums) in &pools {
+        for (reason, n) in Refusal::ALL.iter().zip(sums) {
+            let _ = writeln!(
+                out,
+                "spooky_route_refusals_total{{pool=\"{}\",reason=\"{}\"}} {n}",
+                esc(pool),
+                reason.label()
+            );
         }
     }
     head(
@@ -157,6 +207,8 @@ pub fn render(ops: &Ops) -> String {
         ("spooky_tcp_connections_accepted_total", "counter", "TLS-over-TCP connections accepted (listen.tcp).", |w| w.tcp_accepted.load(Ordering::Relaxed)),
         ("spooky_tcp_connections_active", "gauge", "Open TLS-over-TCP connections.", |w| w.tcp_active.load(Ordering::Relaxed)),
         ("spooky_tcp_connections_refused_total", "counter", "TCP connections closed at once because listen.tcp.max_connections were open.", |w| w.tcp_refused.load(Ordering::Relaxed)),
+        ("spooky_tcp_connections_refused_per_ip_total", "counter", "TCP connections closed at once because their client address (IPv6: its /64) had listen.tcp.max_connections_per_ip open.", |w| w.tcp_refused_per_ip.load(Ordering::Relaxed)),
+        ("spooky_tcp_connections_rate_limited_total", "counter", "TCP connections closed at once because their client address (IPv6: its /64) went over listen.tcp.connection_rate_per_ip.", |w| w.tcp_rate_limited.load(Ordering::Relaxed)),
         ("spooky_tcp_tls_handshake_failures_total", "counter", "TLS handshakes over TCP that failed or did not finish within listen.tcp.header_timeout.", |w| w.tcp_handshake_failures.load(Ordering::Relaxed)),
         ("spooky_websockets_opened_total", "counter", "WebSocket tunnels opened to backends (over HTTP/3, HTTP/2 and HTTP/1.1).", |w| w.websockets_opened.load(Ordering::Relaxed)),
         ("spooky_tcp_proxy_protocol_refused_total", "counter", "TCP connections refused over the PROXY protocol: a header from an untrusted source, or none or a bad one from a trusted source.", |w| w.tcp_proxy_refused.load(Ordering::Relaxed)),
@@ -346,12 +398,19 @@ pub fn render(ops: &Ops) -> String {
             "counter",
             "Per-CPU counters of the XDP program, summed (see docs/ebpf.md).",
         );
-        for (counter, cpu, v) in &extra {
+        // Summed over the CPUs, one line per counter (`spooky status` shows them per CPU).
+        let mut sums: Vec<(&str, u64)> = Vec::new();
+        for (counter, _cpu, v) in &extra {
+            match sums.iter_mut().find(|(c, _)| c == counter) {
+                Some((_, sum)) => *sum += v,
+                None => sums.push((counter, *v)),
+            }
+        }
+        for (counter, v) in sums {
             let _ = writeln!(
                 out,
-                "spooky_ebpf_packets_total{{counter=\"{}\",cpu=\"{}\"}} {v}",
-                esc(counter),
-                esc(cpu)
+                "spooky_ebpf_packets_total{{counter=\"{}\"}} {v}",
+                esc(counter)
             );
         }
     }

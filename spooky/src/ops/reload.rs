@@ -104,6 +104,9 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     if old.log.access != new.log.access {
         v.push("log.access needs a restart".to_owned());
     }
+    if old.log.format != new.log.format {
+        v.push("log.format needs a restart".to_owned());
+    }
     if old.control_socket != new.control_socket {
         v.push("control_socket needs a restart".to_owned());
     }
@@ -265,8 +268,12 @@ impl Reloader {
     /// [`Reloader::apply`] of an expanded configuration, under the one-at-a-time lock.
     fn apply_locked(&self, mut config: Config) -> Result<String, ReloadError> {
         let old = self.current();
+        // Not refused: `--xdp-mode` on the command line overrides the file's, so the file may
+        // differ from what runs. Said in the reload's answer instead.
+        let mut notes = String::new();
         if config.steering.xdp_mode != old.config.steering.xdp_mode {
             tracing::warn!("steering.xdp_mode changes take effect at the next start");
+            notes.push_str("; steering.xdp_mode not changed (it takes effect at the next start)");
             config.steering.xdp_mode = old.config.steering.xdp_mode;
         }
         let refused = restart_only_changes(&old.config, &config);
@@ -305,6 +312,7 @@ impl Reloader {
             "generation {generation}: {} upstreams, {backends} backends",
             next.config.upstreams.len()
         );
+        summary.push_str(&notes);
         if !switched.gone.is_empty() {
             tracing::warn!(workers = ?switched.gone, "reload applied to the live workers only: these died (restart Spooky, with --takeover to keep the others' connections)");
             summary.push_str(&format!(

@@ -416,7 +416,8 @@ impl Conn {
         let per_ip = self
             .stalls
             .share(fwd.snapshot.config.quic.max_streams_per_ip);
-        let admission = match fwd.admit(list, more_frames, self.quic.server_name()) {
+        let admission = match fwd.admit(list, more_frames, self.quic.server_name(), self.peer.ip())
+        {
             Admission::Forward { head, .. } if self.stalls.open_streams(self.ip) >= per_ip => {
                 stats.streams_refused_per_ip.fetch_add(1, Ordering::Relaxed);
                 Admission::Refuse(Failure::TooManyStreams, Some(head))

@@ -144,19 +144,22 @@ impl Front {
     }
 }
 
-/// Counts a connection as open for as long as it lives.
+/// Counts a connection as open for as long as it lives (and holds its place among its
+/// address's `listen.tcp.max_connections_per_ip`, when it took one).
 struct Open {
     front: Front,
+    per_ip: Option<u64>,
 }
 
 impl Open {
-    fn new(front: &Front) -> Self {
+    fn new(front: &Front, per_ip: Option<u64>) -> Self {
         front.0.open.set(front.0.open.get() + 1);
         let stats = &front.forwarder().services.stats;
         stats.tcp_accepted.fetch_add(1, Ordering::Relaxed);
         stats.tcp_active.fetch_add(1, Ordering::Relaxed);
         Self {
             front: front.clone(),
+            per_ip,
         }
     }
 }
@@ -170,8 +173,48 @@ impl Drop for Open {
             .stats
             .tcp_active
             .fetch_sub(1, Ordering::Relaxed);
+        if let Some(hash) = self.per_ip {
+            fwd.services.policy.tcp_open.release(hash);
+        }
         inner.closed.notify_one();
     }
+}
+
+/// The per-address limits of `listen.tcp` for a connection from `peer`: `Some(place)` when it
+/// may go on (`place`: the per-address count it holds, to give back when it closes), `None`
+/// when refused (counted). Sources of `proxy_protocol.trusted` carry many clients and are not
+/// limited here (the requests they carry meet the routes' rate limits by their real address).
+fn admit_address(front: &Front, peer: std::net::SocketAddr) -> Option<Option<u64>> {
+    let fwd = front.forwarder();
+    let Some(tcp) = fwd.snapshot.config.listen.tcp.as_ref() else {
+        return Some(None);
+    };
+    if crate::config::in_any(&tcp.proxy_protocol, peer.ip()) {
+        return Some(None);
+    }
+    let services = &fwd.services;
+    let policy = &services.policy;
+    let hash = policy.address_hash(peer.ip());
+    if let Some(rate) = tcp.connection_rate_per_ip {
+        let now = policy.now(std::time::Instant::now());
+        if policy.tcp_rate(rate).check(hash, now).is_err() {
+            services
+                .stats
+                .tcp_rate_limited
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, "TCP connection refused: listen.tcp.connection_rate_per_ip");
+            return None;
+        }
+    }
+    if !policy.tcp_open.acquire(hash, tcp.max_connections_per_ip) {
+        services
+            .stats
+            .tcp_refused_per_ip
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(%peer, "TCP connection refused: listen.tcp.max_connections_per_ip are open");
+        return None;
+    }
+    Some(Some(hash))
 }
 
 /// Accepts until the front drains; dropping the listener then closes the socket.
@@ -193,8 +236,11 @@ async fn accept_loop(front: Front, listener: tokio::net::TcpListener) {
                     tracing::debug!(%peer, "TCP connection refused: listen.tcp.max_connections are open");
                     continue;
                 }
+                let Some(per_ip) = admit_address(&front, peer) else {
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
-                let open = Open::new(&front);
+                let open = Open::new(&front, per_ip);
                 tokio::task::spawn_local(conn::serve(front.clone(), open, stream, peer));
             }
             Err(e) => {

@@ -99,7 +99,7 @@ pub(super) async fn handle(
     } else {
         h3_fields(&parts)
     };
-    let admission = match fwd.admit(&list, more_frames, ctx.sni.as_deref()) {
+    let admission = match fwd.admit(&list, more_frames, ctx.sni.as_deref(), ctx.peer.ip()) {
         Admission::Forward {
             head,
             upstream,

@@ -51,6 +51,7 @@ pub struct WorkerSetup {
     pub stats: Arc<WorkerStats>,
     pub metrics: Arc<Metrics>,
     pub access_log: Arc<AccessLogger>,
+    pub policy: Arc<crate::policy::Policy>,
     pub health: Reporter,
     pub snapshot: Arc<Snapshot>,
     pub quic: quiche::Config,
@@ -184,6 +185,7 @@ impl Worker {
             health: setup.health,
             wakeup: Rc::default(),
             log_gate: Default::default(),
+            policy: setup.policy,
         });
         let fwd = Rc::new(Forwarder::new(services.clone(), setup.snapshot, None));
         let mut tcp = Vec::new();

@@ -139,8 +139,17 @@ fn minimal_config_gets_every_default() {
             response_head: Duration::from_secs(30),
             idle: Duration::from_secs(60),
             websocket_lifetime: None,
+            request: None,
         }
     );
+    assert_eq!(up.access, crate::config::Access::default());
+    assert_eq!(up.rate_limit, None);
+    assert_eq!(up.max_request_headers, None);
+    assert_eq!(up.max_requests_per_backend, None);
+    assert_eq!(up.readiness, crate::config::Readiness::Optional);
+    let tcp = c.listen.tcp.as_ref().unwrap();
+    assert_eq!(tcp.max_connections_per_ip, 256);
+    assert_eq!(tcp.connection_rate_per_ip, None);
     assert_eq!(
         up.passive_health,
         PassiveHealth {
@@ -563,6 +572,73 @@ fn upstreams_are_required() {
     assert_eq!(
         problems("upstream: {}\n"),
         ["upstream: at least one upstream is required"]
+    );
+}
+
+#[test]
+fn route_policy_is_read_and_checked() {
+    use crate::config::{Access, Cidr, RateKey, RateLimit, Readiness};
+    let c = ok(&upstream(
+        "    access: {allow: [10.0.0.0/8, \"2001:db8::/32\"], deny: [10.1.0.0/16]}\n    \
+         rate_limit: {requests_per_second: 2.5, burst: 10, key: \"header:X-Api-Key\"}\n    \
+         max_request_headers: 8KiB\n    max_requests_per_backend: 100\n    \
+         readiness: required\n    timeouts: {request: 15s}\n",
+    ));
+    let up = c.upstream("api").unwrap();
+    let cidr = |s| Cidr::parse(s).unwrap();
+    assert_eq!(
+        up.access,
+        Access {
+            allow: vec![cidr("10.0.0.0/8"), cidr("2001:db8::/32")],
+            deny: vec![cidr("10.1.0.0/16")],
+        }
+    );
+    assert_eq!(
+        up.rate_limit,
+        Some(RateLimit {
+            per_second: 2.5,
+            burst: 10,
+            key: RateKey::Header(http::HeaderName::from_static("x-api-key")),
+        })
+    );
+    assert_eq!(up.max_request_headers, Some(8192));
+    assert_eq!(up.max_requests_per_backend, Some(100));
+    assert_eq!(up.readiness, Readiness::Required);
+    assert_eq!(up.timeouts.request, Some(Duration::from_secs(15)));
+    // The burst defaults to the rate (at least 1); the key to the client address.
+    let c = ok(&upstream("    rate_limit: {requests_per_second: 0.5}\n"));
+    let rl = c.upstream("api").unwrap().rate_limit.clone().unwrap();
+    assert_eq!((rl.burst, rl.key), (1, RateKey::Client));
+    let c = ok(&format!(
+        "{ONE_UPSTREAM}    rate_limit: {{requests_per_second: 30, key: client_prefix}}\n"
+    ));
+    let rl = c.upstream("api").unwrap().rate_limit.clone().unwrap();
+    assert_eq!((rl.burst, rl.key), (30, RateKey::ClientPrefix));
+    assert_eq!(
+        problems(&upstream(
+            "    access: {allow: [10.0.0.0/33], deny: [nobody]}\n    \
+             rate_limit: {requests_per_second: 0, burst: 0, key: cookie}\n    \
+             max_requests_per_backend: 0\n    readiness: maybe\n    timeouts: {request: 0s}\n"
+        )),
+        [
+            "upstream.api.timeouts.request: must be greater than 0",
+            "upstream.api.access.allow[0]: prefix length in \"10.0.0.0/33\" must be 0 to 32",
+            "upstream.api.access.deny[0]: \"nobody\" is not an address or ADDRESS/LENGTH",
+            "upstream.api.rate_limit.requests_per_second: must be a number above 0 and at most 1000000, got 0",
+            "upstream.api.rate_limit.burst: must be between 1 and 1000000, got 0",
+            "upstream.api.rate_limit.key: unknown key \"cookie\" (allowed: client, client_prefix, header:NAME, global)",
+            "upstream.api.max_requests_per_backend: must be between 1 and 10000000, got 0",
+            "upstream.api.readiness: unknown readiness \"maybe\" (allowed: required, optional)",
+        ]
+    );
+    assert_eq!(
+        problems_full(&format!(
+            "{HEAD}  tcp: {{max_connections_per_ip: 0, connection_rate_per_ip: {{per_second: -1}}}}\n{ONE_UPSTREAM}"
+        )),
+        [
+            "listen.tcp.max_connections_per_ip: must be between 1 and 1000000, got 0",
+            "listen.tcp.connection_rate_per_ip.per_second: must be a number above 0 and at most 1000000, got -1",
+        ]
     );
 }
 

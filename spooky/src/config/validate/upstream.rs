@@ -146,6 +146,40 @@ fn build_upstream(
             None
         }
     };
+    let allow = cidrs(errs, &format!("{path}.access.allow"), &raw.access.allow);
+    let deny = cidrs(errs, &format!("{path}.access.deny"), &raw.access.deny);
+    let access = allow.zip(deny).map(|(allow, deny)| Access { allow, deny });
+    let rate_limit = match &raw.rate_limit {
+        None => Some(None),
+        Some(r) => build_rate_limit(r, &format!("{path}.rate_limit"), errs).map(Some),
+    };
+    let max_request_headers = match &raw.max_request_headers {
+        None => Some(None),
+        Some(size) => size_in(errs, &format!("{path}.max_request_headers"), size).map(Some),
+    };
+    let max_requests_per_backend = match raw.max_requests_per_backend {
+        None => Some(None),
+        Some(n) => errs
+            .check(
+                &format!("{path}.max_requests_per_backend"),
+                int_in::<u32>(n, 1, 10_000_000),
+            )
+            .map(Some),
+    };
+    let readiness = match raw.readiness.as_deref() {
+        None => Some(Readiness::Optional),
+        Some(text) => errs.check(
+            &format!("{path}.readiness"),
+            one_of(
+                text,
+                "readiness",
+                &[
+                    ("required", Readiness::Required),
+                    ("optional", Readiness::Optional),
+                ],
+            ),
+        ),
+    };
     if !valid_name(name) || raw.backends.is_empty() == raw.redirect.is_none() {
         return None;
     }
@@ -163,7 +197,51 @@ fn build_upstream(
         response_headers: response_headers?,
         redirect: redirect?,
         send_proxy_protocol: send_proxy_protocol?,
+        access: access?,
+        rate_limit: rate_limit?,
+        max_request_headers: max_request_headers?,
+        max_requests_per_backend: max_requests_per_backend?,
+        readiness: readiness?,
         named,
+    })
+}
+
+fn build_rate_limit(raw: &RawRateLimit, path: &str, errs: &mut Errors) -> Option<RateLimit> {
+    let rate = super::rate(
+        errs,
+        path,
+        "requests_per_second",
+        raw.requests_per_second,
+        raw.burst,
+    );
+    let key = match raw.key.as_deref().map(str::trim) {
+        None | Some("client") => Some(RateKey::Client),
+        Some("client_prefix") => Some(RateKey::ClientPrefix),
+        Some("global") => Some(RateKey::Global),
+        Some(other) => match other.strip_prefix("header:") {
+            Some(name) => errs
+                .check(
+                    &format!("{path}.key"),
+                    http::HeaderName::from_bytes(name.trim().to_ascii_lowercase().as_bytes())
+                        .map_err(|_| format!("\"{}\" is not a header field name", name.trim())),
+                )
+                .map(RateKey::Header),
+            None => {
+                errs.push(
+                    format!("{path}.key"),
+                    format!(
+                        "unknown key \"{other}\" (allowed: client, client_prefix, header:NAME, global)"
+                    ),
+                );
+                None
+            }
+        },
+    };
+    let (per_second, burst) = rate?;
+    Some(RateLimit {
+        per_second,
+        burst,
+        key: key?,
     })
 }
 
@@ -678,11 +756,16 @@ fn build_timeouts(raw: &RawTimeouts, path: &str, errs: &mut Errors) -> Option<Up
         None => Some(None),
         Some(d) => positive_duration(errs, &format!("{path}.websocket_lifetime"), d).map(Some),
     };
+    let request = match &raw.request {
+        None => Some(None),
+        Some(d) => positive_duration(errs, &format!("{path}.request"), d).map(Some),
+    };
     Some(UpstreamTimeouts {
         connect: connect?,
         response_head: response_head?,
         idle: idle?,
         websocket_lifetime: websocket_lifetime?,
+        request: request?,
     })
 }
 
