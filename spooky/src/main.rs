@@ -273,13 +273,14 @@ fn serve(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (mut term, mut int, mut hup) = {
+    let (mut term, mut int, mut hup, mut usr1) = {
         use tokio::signal::unix::{signal, SignalKind};
         let _entered = rt.enter();
         (
             signal(SignalKind::terminate())?,
             signal(SignalKind::interrupt())?,
             signal(SignalKind::hangup())?,
+            signal(SignalKind::user_defined1())?,
         )
     };
     let running = spooky::app::start_from(config, &opts, Some(args.config.clone()))
@@ -307,6 +308,10 @@ fn serve(
                     tracing::info!("SIGHUP: reloading the configuration");
                     // The outcome is logged by the reload itself.
                     let _ = running.reloader().reload();
+                }
+                _ = usr1.recv() => {
+                    tracing::info!("SIGUSR1: reopening the access log");
+                    running.reopen_access_log();
                 }
                 r = handed_over.changed() => {
                     if r.is_err() || *handed_over.borrow() {

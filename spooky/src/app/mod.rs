@@ -136,6 +136,11 @@ impl Running {
         self.ops.reloader.clone()
     }
 
+    /// Has the access log reopen its file (SIGUSR1, after logrotate moved it).
+    pub fn reopen_access_log(&self) {
+        self.ops.access_log.reopen();
+    }
+
     /// `/metrics` text.
     pub fn metrics_text(&self) -> String {
         self.ops.metrics_text()
@@ -364,8 +369,10 @@ pub fn start_from(
     let policy = Arc::new(crate::policy::Policy::default());
     let board = Arc::new(HealthBoard::default());
     let tls = Arc::new(crate::certs::TlsShared::default());
-    let access_log =
-        Arc::new(AccessLogger::start(&config.log.access).map_err(StartError::AccessLog)?);
+    let access_log = Arc::new(
+        AccessLogger::start(&config.log.access, &config.log.access_format)
+            .map_err(StartError::AccessLog)?,
+    );
     let probes = Arc::new(ProbeBoard::default());
     // Secret, so nobody outside can aim client-chosen DCIDs at one worker; the same along a
     // chain of takeovers (the keys are passed on), so each process's minted IDs stay placed.

@@ -330,6 +330,11 @@ pub fn in_any(blocks: &[Cidr], ip: std::net::IpAddr) -> bool {
 }
 
 impl Proxy {
+    /// Whether `client` is one of `trusted_proxies`.
+    pub fn trusted(&self, client: std::net::IpAddr) -> bool {
+        in_any(&self.trusted_proxies, client)
+    }
+
     /// How the forwarding headers of a request from `client` are treated: its chain is
     /// extended only when it is a trusted proxy; anyone else's is replaced.
     pub fn forwarded_for(&self, client: std::net::IpAddr) -> ForwardedMode {
@@ -353,6 +358,9 @@ pub struct Proxy {
     pub trusted_proxies: Vec<Cidr>,
     /// Add `via: 3 spooky`.
     pub via: bool,
+    /// Give each request an `x-request-id` (kept when a trusted proxy sent one), forwarded to
+    /// the backend, returned to the client and logged.
+    pub request_id: bool,
     /// How long in-flight requests may run after SIGTERM.
     pub shutdown_grace: Duration,
     /// Largest request header list accepted (bytes, as HTTP/3 counts it).
@@ -664,6 +672,78 @@ pub struct Log {
     pub format: LogFormat,
     /// Where one line per request goes (JSON), written off the request path.
     pub access: AccessLog,
+    /// How access-log lines are written.
+    pub access_format: AccessFormat,
+}
+
+/// `log.access_format` (with `log.access_fields` for JSON).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AccessFormat {
+    /// One JSON object per line with these fields, in this order.
+    Json(Vec<AccessField>),
+    /// The Common Log Format (NCSA): `client - - [time] "request" status bytes`.
+    Common,
+    /// Common, then `"referer" "user-agent"` (Apache's and nginx's `combined`).
+    Combined,
+}
+
+/// A field of a JSON access-log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccessField {
+    Time,
+    Client,
+    Protocol,
+    Host,
+    Method,
+    Path,
+    Status,
+    BytesIn,
+    BytesOut,
+    DurationMs,
+    Pool,
+    Backend,
+    Worker,
+    RequestId,
+    UserAgent,
+    Referer,
+    UpstreamStatus,
+    UpstreamTimeMs,
+    TlsVersion,
+    Sni,
+}
+
+impl AccessField {
+    /// Every field, in the default order, with its name.
+    pub const ALL: [(&'static str, AccessField); 20] = [
+        ("time", AccessField::Time),
+        ("client", AccessField::Client),
+        ("protocol", AccessField::Protocol),
+        ("host", AccessField::Host),
+        ("method", AccessField::Method),
+        ("path", AccessField::Path),
+        ("status", AccessField::Status),
+        ("bytes_in", AccessField::BytesIn),
+        ("bytes_out", AccessField::BytesOut),
+        ("duration_ms", AccessField::DurationMs),
+        ("pool", AccessField::Pool),
+        ("backend", AccessField::Backend),
+        ("worker", AccessField::Worker),
+        ("request_id", AccessField::RequestId),
+        ("user_agent", AccessField::UserAgent),
+        ("referer", AccessField::Referer),
+        ("upstream_status", AccessField::UpstreamStatus),
+        ("upstream_time_ms", AccessField::UpstreamTimeMs),
+        ("tls_version", AccessField::TlsVersion),
+        ("sni", AccessField::Sni),
+    ];
+
+    /// Its name in the configuration and in the line.
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, f)| *f == self)
+            .map_or("", |(n, _)| n)
+    }
 }
 
 /// Access log destination.

@@ -308,6 +308,7 @@ pub(super) struct RawProxy {
     pub forwarded: String,
     pub trusted_proxies: Vec<String>,
     pub via: bool,
+    pub request_id: bool,
     pub shutdown_grace: RawDuration,
     pub max_header_list_size: RawSize,
     /// `None` (or `auto`): three quarters of the memory available; `off`: no limit.
@@ -320,6 +321,7 @@ impl Default for RawProxy {
             forwarded: "append".to_owned(),
             trusted_proxies: Vec::new(),
             via: true,
+            request_id: true,
             shutdown_grace: RawDuration::Millis(30_000),
             max_header_list_size: RawSize::Bytes(64 * 1024),
             memory_limit: None,
@@ -603,6 +605,10 @@ pub(super) struct RawLog {
     pub level: String,
     pub format: String,
     pub access: String,
+    /// `json` (default), `common` or `combined`.
+    pub access_format: String,
+    /// The JSON format's fields, in order (default: all).
+    pub access_fields: Option<Vec<String>>,
 }
 
 impl Default for RawLog {
@@ -611,6 +617,8 @@ impl Default for RawLog {
             level: "info".to_owned(),
             format: "text".to_owned(),
             access: "off".to_owned(),
+            access_format: "json".to_owned(),
+            access_fields: None,
         }
     }
 }

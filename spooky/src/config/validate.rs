@@ -28,11 +28,12 @@ use super::raw::{
     DEFAULT_RETRY_THRESHOLD,
 };
 use super::{
-    Access, AccessLog, Acme, AcmeChallenge, Admin, Backend, BackendProtocol, BackendTls, CertPair,
-    Cidr, Config, ControlSocket, EarlyData, ForwardedMode, HashKey, HeaderRules, HealthCheck,
-    Listen, ListenTls, LoadBalancing, Log, LogFormat, NamedBackend, PassiveHealth, PlainHttp,
-    Proxy, Quic, RateKey, RateLimit, Readiness, Redirect, Resolver, RetryMode, Route, Steering,
-    Tcp, UnknownSni, Upstream, UpstreamTimeouts, User, XdpMode,
+    Access, AccessField, AccessFormat, AccessLog, Acme, AcmeChallenge, Admin, Backend,
+    BackendProtocol, BackendTls, CertPair, Cidr, Config, ControlSocket, EarlyData, ForwardedMode,
+    HashKey, HeaderRules, HealthCheck, Listen, ListenTls, LoadBalancing, Log, LogFormat,
+    NamedBackend, PassiveHealth, PlainHttp, Proxy, Quic, RateKey, RateLimit, Readiness, Redirect,
+    Resolver, RetryMode, Route, Steering, Tcp, UnknownSni, Upstream, UpstreamTimeouts, User,
+    XdpMode,
 };
 
 /// Why a configuration was refused.
@@ -825,6 +826,7 @@ fn build_proxy(raw: &RawProxy, env: &dyn Env, errs: &mut Errors) -> Option<Proxy
         forwarded: forwarded?,
         trusted_proxies: trusted_proxies?,
         via: raw.via,
+        request_id: raw.request_id,
         shutdown_grace: shutdown_grace?,
         max_header_list_size: max_header_list_size?,
         memory_limit: memory_limit?,
@@ -867,10 +869,53 @@ fn build_log(raw: &RawLog, errs: &mut Errors) -> Option<Log> {
             )),
         },
     );
+    let access_format = match raw.access_format.as_str() {
+        "json" => {
+            let fields = match &raw.access_fields {
+                None => Some(AccessField::ALL.iter().map(|(_, f)| *f).collect()),
+                Some(names) => names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| {
+                        let names = AccessField::ALL;
+                        errs.check(
+                            &format!("log.access_fields[{i}]"),
+                            one_of(n.trim(), "access-log field", &names),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .collect::<Option<Vec<_>>>(),
+            };
+            if fields.as_ref().is_some_and(Vec::is_empty) {
+                errs.push("log.access_fields", "at least one field is required");
+            }
+            fields.map(AccessFormat::Json)
+        }
+        text => {
+            if raw.access_fields.is_some() {
+                errs.push(
+                    "log.access_fields",
+                    "only the json access_format takes a field list",
+                );
+            }
+            errs.check(
+                "log.access_format",
+                match text {
+                    "common" => Ok(AccessFormat::Common),
+                    "combined" => Ok(AccessFormat::Combined),
+                    other => Err(format!(
+                        "unknown access-log format \"{other}\" (allowed: json, common, combined)"
+                    )),
+                },
+            )
+        }
+    };
     Some(Log {
         level: level?,
         format: format?,
         access: access?,
+        access_format: access_format?,
     })
 }
 

@@ -83,6 +83,9 @@ pub struct RequestHead {
     pub content_length: Option<u64>,
     /// `:protocol` of an extended CONNECT (RFC 8441, RFC 9220): `websocket` opens a tunnel.
     pub protocol: Option<Bytes>,
+    /// The request's `x-request-id` as Spooky forwards and returns it (empty: none; set by
+    /// the forwarder, not by validation).
+    pub request_id: Bytes,
 }
 
 impl RequestHead {
@@ -318,6 +321,7 @@ pub fn validate_request(list: &[Header]) -> Result<RequestHead, RequestError> {
             fields,
             content_length,
             protocol: None,
+            request_id: Bytes::new(),
         });
     }
     let scheme = scheme.ok_or(RequestError::MissingPseudo(":scheme"))?;
@@ -354,6 +358,7 @@ pub fn validate_request(list: &[Header]) -> Result<RequestHead, RequestError> {
         fields,
         content_length,
         protocol,
+        request_id: Bytes::new(),
     };
     // The upstream must see exactly the target routing saw: build the URI as the conversion
     // will, and refuse what does not read back unchanged.

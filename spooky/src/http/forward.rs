@@ -109,8 +109,8 @@ impl Job {
             fwd,
             task,
             head,
-            client,
             peer: client.peer,
+            client,
             upstream,
             started,
             chosen: Cell::new(None),
@@ -214,7 +214,8 @@ pub async fn run(job: Job, gate: Option<super::HandshakeGate>) {
                     job.status.set(status);
                     // A fresh response: these transitions are allowed.
                     let mut fields = fields;
-                    job.fwd.finish_head(&mut fields, Some(job.upstream));
+                    job.fwd
+                        .finish_head(&mut fields, Some(job.upstream), &job.head.request_id);
                     let _ = job.task.respond(fields);
                     if !body.is_empty() {
                         let _ = job.task.push_body(body);
@@ -234,8 +235,7 @@ pub async fn run(job: Job, gate: Option<super::HandshakeGate>) {
     outcome::record(
         &job.fwd,
         &Finished {
-            peer: job.peer,
-            protocol: job.client.protocol,
+            client: &job.client,
             head: Some(&job.head),
             upstream: Some(job.upstream),
             backend: job.chosen.get(),
@@ -709,7 +709,7 @@ where
     // The first response head of this exchange.
     let mut fields = bridge::response_to_h3(status_code, headers);
 
-    fwd.finish_head(&mut fields, Some(job.upstream));
+    fwd.finish_head(&mut fields, Some(job.upstream), &job.head.request_id);
     let _ = job.task.respond(fields);
 
     // Body down, while the request body may still be going up.

@@ -16,6 +16,7 @@ pub mod bridge;
 pub(crate) mod exchange;
 mod forward;
 pub(crate) mod outcome;
+pub mod request_id;
 pub mod rules;
 
 use crate::health::checker::Reporter;
@@ -47,10 +48,14 @@ pub(crate) struct LocalAnswer {
 }
 
 /// Who sent a request and how.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Client {
     pub peer: SocketAddr,
     pub protocol: Protocol,
+    /// The TLS version of the connection (`TLSv1.3`, `TLSv1.2`; empty for plaintext).
+    pub tls_version: &'static str,
+    /// The SNI of the connection's ClientHello.
+    pub sni: Option<Rc<str>>,
 }
 
 /// Opens (`true`) when the connection's handshake is complete; its sender goes away with
@@ -256,10 +261,13 @@ impl Forwarder {
         if size > proxy.max_header_list_size {
             return Admission::Refuse(Failure::HeadersTooLarge { size }, None);
         }
-        let head = match bridge::validate_request(list) {
+        let mut head = match bridge::validate_request(list) {
             Ok(h) => h,
             Err(e) => return Admission::Refuse(Failure::Malformed(e), None),
         };
+        if proxy.request_id {
+            request_id::assign(&mut head, proxy.trusted(client));
+        }
         if head.path.as_ref() == b"*" {
             return Admission::Options(head);
         }
@@ -372,10 +380,10 @@ impl Forwarder {
     pub fn answer_locally(
         &self,
         admission: Admission,
-        peer: SocketAddr,
-        protocol: Protocol,
+        client: &Client,
         started: Instant,
     ) -> Option<LocalAnswer> {
+        let peer = client.peer;
         let mut upstream = None;
         let mut refusal = None;
         let (status, mut fields, body, stop_sending, head) = match admission {
@@ -440,8 +448,7 @@ impl Forwarder {
         outcome::record(
             self,
             &outcome::Finished {
-                peer,
-                protocol,
+                client,
                 head: head.as_ref(),
                 upstream,
                 backend: None,
@@ -453,7 +460,8 @@ impl Forwarder {
                 bytes_out: 0,
             },
         );
-        self.finish_head(&mut fields, upstream);
+        let id = head.as_ref().map_or(&[][..], |h| &h.request_id[..]);
+        self.finish_head(&mut fields, upstream, id);
         Some(LocalAnswer {
             fields,
             body,
@@ -464,9 +472,18 @@ impl Forwarder {
     /// Completes a response head for the client: the `response_headers` rules of
     /// `upstream` (when the answer is for one), then Spooky's `alt-svc` (`listen.alt_svc`) in
     /// place of any the backend sent.
-    pub fn finish_head(&self, fields: &mut Vec<Header>, upstream: Option<usize>) {
+    pub fn finish_head(
+        &self,
+        fields: &mut Vec<Header>,
+        upstream: Option<usize>,
+        request_id: &[u8],
+    ) {
         if let Some(up) = upstream.and_then(|u| self.snapshot.config.upstreams.get(u)) {
             rules::apply_response(&up.response_headers, fields);
+        }
+        if !request_id.is_empty() {
+            fields.retain(|h| h.name() != request_id::NAME.as_bytes());
+            fields.push(Header::new(request_id::NAME.as_bytes(), request_id));
         }
         if let Some(alt_svc) = &self.snapshot.alt_svc {
             fields.retain(|h| h.name() != b"alt-svc");

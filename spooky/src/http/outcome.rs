@@ -16,7 +16,7 @@ use super::bridge::{
 };
 use super::Forwarder;
 use crate::health::TrafficOutcome;
-use crate::stats::{Outcome, Protocol};
+use crate::stats::Outcome;
 use crate::telemetry::access_log;
 use crate::telemetry::logging::{LogGate, LogKind};
 use crate::upstream::{ErrorKind, UpstreamError};
@@ -364,8 +364,7 @@ impl StreamError {
 
 /// A finished request, as metrics and the access log see it.
 pub struct Finished<'a> {
-    pub peer: SocketAddr,
-    pub protocol: Protocol,
+    pub client: &'a super::Client,
     pub head: Option<&'a RequestHead>,
     /// The pool and the backend finally used, when there were any.
     pub upstream: Option<usize>,
@@ -384,7 +383,7 @@ pub struct Finished<'a> {
 /// Spooky's own answers) and its access-log line.
 pub fn record(fwd: &Forwarder, f: &Finished<'_>) {
     let outcome = Outcome {
-        protocol: f.protocol,
+        protocol: f.client.protocol,
         status: f.status,
         total: f.started.elapsed(),
         upstream: f.upstream_latency,
@@ -402,10 +401,31 @@ pub fn record(fwd: &Forwarder, f: &Finished<'_>) {
         .upstream
         .and_then(|u| fwd.snapshot.config.upstreams.get(u));
     let backend = up.zip(f.backend).and_then(|(up, b)| up.backends.get(b));
+    let field = |name: &str| {
+        f.head
+            .and_then(|h| h.fields.iter().find(|(n, _)| n.as_ref() == name.as_bytes()))
+            .map(|(_, v)| access_log::bounded(&String::from_utf8_lossy(v)))
+            .unwrap_or_default()
+    };
     log.log(access_log::Record {
-        time: std::time::SystemTime::now(),
-        client: f.peer,
-        protocol: f.protocol.label(),
+        time: Some(std::time::SystemTime::now()),
+        client: Some(f.client.peer),
+        protocol: f.client.protocol.label(),
+        tls_version: f.client.tls_version,
+        sni: f
+            .client
+            .sni
+            .as_deref()
+            .map(access_log::bounded)
+            .unwrap_or_default(),
+        request_id: f
+            .head
+            .map(|h| String::from_utf8_lossy(&h.request_id).into_owned())
+            .unwrap_or_default(),
+        user_agent: field("user-agent"),
+        referer: field("referer"),
+        upstream_status: f.upstream_latency.map(|_| outcome.status),
+        upstream_time: f.upstream_latency,
         host: f
             .head
             .map(|h| access_log::bounded(h.authority_str()))

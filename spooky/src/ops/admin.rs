@@ -341,16 +341,31 @@ fn drain(ops: &Ops, path: &str) -> Answer {
     Answer::text(200, format!("{pool}/{id}: {verb}{already}\n"))
 }
 
+/// Whether pool `up` can serve a request now: it redirects (no backend needed), a backend is
+/// available, or (`fail_open`) one is not drained.
+fn servable(up: &crate::config::Upstream, plans: &[crate::snapshot::BackendPlan]) -> bool {
+    up.redirect.is_some()
+        || plans.iter().any(|p| p.slot.is_available())
+        || (up.fail_open && plans.iter().any(|p| !p.slot.is_drained()))
+}
+
+/// Ready (200) unless draining, a worker died, a pool with `readiness: required` cannot
+/// serve, or no pool can; pools that cannot serve are named either way.
 fn readyz(ops: &Ops) -> Answer {
     let snapshot = ops.reloader.current();
-    let down: Vec<&str> = snapshot
-        .config
-        .upstreams
+    let ups = &snapshot.config.upstreams;
+    let down: Vec<&crate::config::Upstream> = ups
         .iter()
         .zip(&snapshot.backends)
-        .filter(|(_, plans)| !plans.iter().any(|p| p.slot.is_available()))
-        .map(|(up, _)| up.name.as_str())
+        .filter(|(up, plans)| !servable(up, plans))
+        .map(|(up, _)| up)
         .collect();
+    let names = |list: &[&crate::config::Upstream]| {
+        list.iter()
+            .map(|u| u.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     if *ops.draining.borrow() {
         return Answer::text(503, "draining: shutting down\n");
     }
@@ -365,10 +380,30 @@ fn readyz(ops: &Ops) -> Answer {
             ),
         );
     }
+    let required: Vec<&crate::config::Upstream> = down
+        .iter()
+        .copied()
+        .filter(|u| u.readiness == crate::config::Readiness::Required)
+        .collect();
+    if !required.is_empty() {
+        return Answer::text(
+            503,
+            format!(
+                "no healthy backend in required pool(s): {}\n",
+                names(&required)
+            ),
+        );
+    }
+    if down.len() == ups.len() {
+        return Answer::text(503, format!("no pool can serve: {}\n", names(&down)));
+    }
     if down.is_empty() {
         Answer::text(200, "ready\n")
     } else {
-        Answer::text(503, format!("no healthy backend in: {}\n", down.join(", ")))
+        Answer::text(
+            200,
+            format!("ready; no healthy backend in: {}\n", names(&down)),
+        )
     }
 }
 

@@ -358,6 +358,16 @@ pub fn render(ops: &Ops) -> String {
             ops.access_log.dropped(),
         ),
         (
+            "spooky_access_log_reopens_total",
+            "Access-log files reopened on SIGUSR1 (after logrotate moved them).",
+            ops.access_log.reopens().0,
+        ),
+        (
+            "spooky_access_log_reopen_failures_total",
+            "Access-log reopens on SIGUSR1 that failed (the old file is written on; logged).",
+            ops.access_log.reopens().1,
+        ),
+        (
             "spooky_log_lines_dropped_total",
             "Log lines dropped because stderr did not take them fast enough (the writer thread's queue holds at most 1 MiB; no worker ever waits on stderr).",
             crate::telemetry::logging::dropped(),

@@ -104,6 +104,9 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     if old.log.access != new.log.access {
         v.push("log.access needs a restart".to_owned());
     }
+    if old.log.access_format != new.log.access_format {
+        v.push("log.access_format / log.access_fields need a restart".to_owned());
+    }
     if old.log.format != new.log.format {
         v.push("log.format needs a restart".to_owned());
     }

@@ -93,6 +93,16 @@ impl Drop for Conn {
 }
 
 impl Conn {
+    /// A request's client on this connection, as the forwarder sees it.
+    fn client(&self) -> Client {
+        Client {
+            peer: self.peer,
+            protocol: Protocol::H3,
+            tls_version: "TLSv1.3",
+            sni: self.quic.server_name().map(std::rc::Rc::from),
+        }
+    }
+
     pub fn new(
         quic: QuicConn,
         peer: SocketAddr,
@@ -431,10 +441,7 @@ impl Conn {
                     let waker = Some(self.waker.clone());
                     let (loop_end, task) = exchange::new(shape, stats.clone(), waker);
                     self.streams.insert(sid, loop_end);
-                    let client = Client {
-                        peer: self.peer,
-                        protocol: Protocol::H3,
-                    };
+                    let client = self.client();
                     fwd.spawn(task, head, upstream, client, started, gate);
                     return;
                 }
@@ -442,7 +449,7 @@ impl Conn {
             },
             other => other,
         };
-        let Some(answer) = fwd.answer_locally(admission, self.peer, Protocol::H3, started) else {
+        let Some(answer) = fwd.answer_locally(admission, &self.client(), started) else {
             return;
         };
         // Answered here; the request body, if any, is not read.

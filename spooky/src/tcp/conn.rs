@@ -86,7 +86,12 @@ pub(super) async fn serve(
         front: front.clone(),
         peer,
         protocol,
-        sni: tls.get_ref().1.server_name().map(Box::from),
+        sni: tls.get_ref().1.server_name().map(Rc::from),
+        tls_version: match tls.get_ref().1.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+            _ => "",
+        },
         requests: Default::default(),
         open: open.clone(),
     });
@@ -258,6 +263,7 @@ async fn serve_plain(front: &Front, open: Open, stream: tokio::net::TcpStream, p
         peer,
         protocol: Protocol::H1,
         sni: None,
+        tls_version: "",
         requests: Default::default(),
         open: open.clone(),
     });

@@ -26,12 +26,26 @@ pub(super) struct ConnCtx {
     pub peer: SocketAddr,
     pub protocol: Protocol,
     /// The SNI of the connection's ClientHello (which certificate it got).
-    pub sni: Option<Box<str>>,
+    pub sni: Option<Rc<str>>,
+    /// `TLSv1.3` or `TLSv1.2` (empty: plaintext).
+    pub tls_version: &'static str,
     /// Requests begun on the connection and in progress (its idle clock reads them).
     pub requests: Cell<(u64, usize)>,
     /// Counts the connection as open; a WebSocket tunnel holds it too, past hyper's end of
     /// the upgraded connection.
     pub open: Rc<super::Open>,
+}
+
+impl ConnCtx {
+    /// The request's client, as the forwarder sees it.
+    pub fn client(&self) -> Client {
+        Client {
+            peer: self.peer,
+            protocol: self.protocol,
+            tls_version: self.tls_version,
+            sni: self.sni.clone(),
+        }
+    }
 }
 
 /// A request in progress on its connection, from its head until its response is handed
@@ -108,10 +122,7 @@ pub(super) async fn handle(
             let (end, task) = exchange::new(shape, stats.clone(), None);
             // hyper and h2 buffer on their own: hold little here.
             end.set_client_room(0);
-            let client = Client {
-                peer: ctx.peer,
-                protocol: ctx.protocol,
-            };
+            let client = ctx.client();
             let key = head.field("sec-websocket-key").map(Bytes::copy_from_slice);
             fwd.spawn(task, head, upstream, client, started, None);
             if let Some(upgrade) = upgrade {
@@ -127,7 +138,7 @@ pub(super) async fn handle(
         other => other,
     };
     let answer = fwd
-        .answer_locally(admission, ctx.peer, ctx.protocol, started)
+        .answer_locally(admission, &ctx.client(), started)
         .ok_or(Aborted)?;
     // The request body, if any, is not read: hyper discards it or closes.
     let end = exchange::local(answer.fields, answer.body, false, stats.clone());

@@ -97,6 +97,7 @@ fn minimal_config_gets_every_default() {
             forwarded: ForwardedMode::Append,
             trusted_proxies: vec![],
             via: true,
+            request_id: true,
             shutdown_grace: Duration::from_secs(30),
             max_header_list_size: 64 << 10,
             // `auto`: three quarters of this machine's (or its cgroup's) memory.
@@ -110,6 +111,12 @@ fn minimal_config_gets_every_default() {
             level: "info".into(),
             format: LogFormat::Text,
             access: AccessLog::Off,
+            access_format: crate::config::AccessFormat::Json(
+                crate::config::AccessField::ALL
+                    .iter()
+                    .map(|(_, f)| *f)
+                    .collect()
+            ),
         }
     );
     assert_eq!(
@@ -208,6 +215,7 @@ proxy:
   forwarded: replace
   trusted_proxies: [10.0.0.0/8, "2001:db8::/32", 192.0.2.7]
   via: false
+  request_id: false
   shutdown_grace: 1m
   max_header_list_size: 32KiB
   memory_limit: 512MiB
@@ -233,7 +241,7 @@ upstream:
   api:
     load_balancing: {type: least-request}
     backends: [{id: a1, address: "localhost:7001", tls: {}}]
-log: {level: "spooky=debug,info", format: json}
+log: {level: "spooky=debug,info", format: json, access_format: combined}
 steering: {pin_path: /sys/fs/bpf/other, xdp_mode: generic}
 workers: 4
 "#,
@@ -267,6 +275,7 @@ workers: 4
                 Cidr::parse("192.0.2.7/32").unwrap(),
             ],
             via: false,
+            request_id: false,
             shutdown_grace: Duration::from_secs(60),
             max_header_list_size: 32 << 10,
             memory_limit: Some(512 << 20),
@@ -344,6 +353,7 @@ workers: 4
             level: "spooky=debug,info".into(),
             format: LogFormat::Json,
             access: AccessLog::Off,
+            access_format: crate::config::AccessFormat::Combined,
         }
     );
     assert_eq!(

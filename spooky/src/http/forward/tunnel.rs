@@ -126,7 +126,7 @@ pub(super) async fn run(
     let mut io = hyper_util::rt::TokioIo::new(upgraded);
     job.status.set(200);
     let mut fields = bridge::response_to_h3(StatusCode::OK, &headers);
-    fwd.finish_head(&mut fields, Some(job.upstream));
+    fwd.finish_head(&mut fields, Some(job.upstream), &job.head.request_id);
     let _ = job.task.respond(fields);
     fwd.services
         .stats
