@@ -15,7 +15,10 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// backend's SYNs with it), pebble (the ACME server the automatic-HTTPS tests order from) and
 /// dnsmasq (the DNS server those tests control; `dnsmasq-base`: the binary, no service), and
 /// two real browsers over HTTP/3 and TCP, headless: chromium, and firefox-esr (its own QUIC
-/// stack) with libnss3-tools (`certutil`, to make it trust the test CA).
+/// stack) with libnss3-tools (`certutil`, to make it trust the test CA), and lintian (the
+/// package test checks the `cargo xtask package` .deb with it; dpkg-deb and dpkg-shlibdeps
+/// come with build-essential's dpkg-dev), prometheus (`promtool check metrics` lints Spooky's
+/// /metrics) and logrotate (rotates the access log in a test, with SIGUSR1 to reopen it).
 const APT_PACKAGES: &[&str] = &[
     "build-essential",
     "cmake",
@@ -35,6 +38,9 @@ const APT_PACKAGES: &[&str] = &[
     "chromium",
     "firefox-esr",
     "libnss3-tools",
+    "lintian",
+    "prometheus",
+    "logrotate",
 ];
 
 /// Python packages: aioquic (an independent HTTP/3 client), hypercorn (a strict HTTP/2

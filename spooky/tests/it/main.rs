@@ -18,6 +18,7 @@ mod hostile;
 mod netns;
 mod ops;
 mod peers;
+mod policy;
 mod proxy;
 mod sites;
 mod soak;

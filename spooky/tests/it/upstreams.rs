@@ -638,7 +638,7 @@ fn spooky_check_needs_no_dns() {
 }
 
 /// One HTTP/1.1 request to the admin listener: status and body.
-fn admin(p: &Proxy, method: &str, path: &str) -> (u16, String) {
+pub(crate) fn admin(p: &Proxy, method: &str, path: &str) -> (u16, String) {
     let addr = p.running.as_ref().unwrap().admin_addr.unwrap();
     let mut s = TcpStream::connect(addr).unwrap();
     write!(
