@@ -397,3 +397,117 @@ fn metrics_pass_promtool_and_removed_pools_leave_them() {
         "{text}"
     );
 }
+
+/// curl over TLS over TCP to Spooky's `port` (as `localhost`), with a user-agent and a
+/// referer: (status, response head, body).
+fn curl(port: u16, path: &str) -> (u16, String, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "5", "-D", "-", "--cacert"])
+        .arg(certs_dir().join("ca.crt"))
+        .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
+        .args(["-A", "agent/1.0", "-e", "https://ref.example/page"])
+        .arg(format!("https://localhost:{port}{path}"))
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_owned(), body.to_owned())
+}
+
+#[test]
+fn request_ids_and_the_combined_access_log_survive_a_logrotate() {
+    require_command("logrotate", "logrotate");
+    require_command("curl", "curl");
+    let b = backend("b1");
+    let dir = Scratch::new("logrotate");
+    let log = dir.0.join("access.log");
+    let port = free_udp_port();
+    let yaml = config_yaml(
+        port,
+        &pool("main", "/", None, "round-robin", &[("b1", b.addr)], ""),
+        &format!(
+            "log:\n  access: {}\n  access_format: combined\n",
+            log.display()
+        ),
+    )
+    .replace("  tcp:\n    port: 0\n", "");
+    let cfg = dir.0.join("spooky.yaml");
+    std::fs::write(&cfg, yaml).unwrap();
+    let mut child = spawn_spooky(&cfg, 1);
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let pid = child.id();
+    let _kill = Kill(&mut child);
+    wait_until("spooky serves over TCP", T, || curl(port, "/").0 == 200);
+    let lines = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    // The id: made by Spooky, seen by the backend, returned to the client, logged.
+    let (status, head, body) = curl(port, "/headers");
+    assert_eq!(status, 200, "{head}");
+    let id = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .expect("x-request-id in the response")
+        .trim()
+        .to_owned();
+    assert_eq!(id.len(), 36, "{id}");
+    assert!(
+        body.contains(&format!("x-request-id: {id}")),
+        "the backend saw it: {body}"
+    );
+    wait_until("the lines are written", T, || lines(&log).len() >= 2);
+    let before = lines(&log);
+    let last = before.last().unwrap();
+    assert!(last.starts_with("127.0.0.1 - - ["), "{last}");
+    assert!(
+        last.contains("] \"GET /headers HTTP/2.0\" 200 ")
+            && last.ends_with(" \"https://ref.example/page\" \"agent/1.0\""),
+        "a combined line: {last}"
+    );
+    // logrotate moves the file and sends SIGUSR1; Spooky writes on in a new one.
+    let conf = dir.0.join("logrotate.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "{} {{\n  rotate 2\n  missingok\n  nocompress\n  postrotate\n    kill -USR1 {pid}\n  endscript\n}}\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new("logrotate")
+        .arg("-f")
+        .arg("-s")
+        .arg(dir.0.join("logrotate.state"))
+        .arg(&conf)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "logrotate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rotated = dir.0.join("access.log.1");
+    assert_eq!(lines(&rotated), before, "the old lines moved with the file");
+    assert_eq!(curl(port, "/size/10").0, 200);
+    wait_until("a line in the new file", T, || {
+        lines(&log)
+            .iter()
+            .any(|l| l.contains("\"GET /size/10 HTTP/2.0\" 200 10 "))
+    });
+    assert_eq!(lines(&rotated), before, "nothing more went to the old file");
+}
