@@ -11,6 +11,7 @@
 mod acme;
 mod browser;
 mod config_files;
+mod docs;
 mod ebpf;
 mod hardening;
 mod health;
