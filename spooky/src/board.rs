@@ -6,6 +6,9 @@
 //! not to a configuration: a reload that keeps a backend keeps its slot, so its health (an
 //! ejection, say) stays in force without a gap, and requests still running on the previous
 //! snapshot report to the same slot. A slot nobody references any more is forgotten.
+//!
+//! The process's other published set lives here too: which workers died ([`WorkerSet`],
+//! shared as [`AtomicWorkerSet`]), for steering, `/readyz` and `/status`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -114,5 +117,74 @@ mod tests {
         assert!(moved.is_available(), "another address is another backend");
         drop((a, again));
         assert!(board.slot(key("a")).is_available(), "forgotten, then new");
+    }
+}
+
+/// A set of worker indices (0 to 255, as a connection ID's worker byte holds them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerSet([u64; 4]);
+
+impl WorkerSet {
+    /// Adds worker `w` (beyond 255: nothing).
+    pub fn insert(&mut self, w: usize) {
+        if let Some(word) = self.0.get_mut(w / 64) {
+            *word |= 1 << (w % 64);
+        }
+    }
+
+    pub fn contains(&self, w: usize) -> bool {
+        self.0
+            .get(w / 64)
+            .is_some_and(|word| word & (1 << (w % 64)) != 0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|w| *w == 0)
+    }
+
+    /// The workers in it, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..256).filter(|w| self.contains(*w))
+    }
+}
+
+/// A [`WorkerSet`] shared between threads.
+#[derive(Debug, Default)]
+pub struct AtomicWorkerSet([AtomicU64; 4]);
+
+impl AtomicWorkerSet {
+    pub fn insert(&self, w: usize) {
+        if let Some(word) = self.0.get(w / 64) {
+            word.fetch_or(1 << (w % 64), Ordering::Relaxed);
+        }
+    }
+
+    pub fn load(&self) -> WorkerSet {
+        let mut s = WorkerSet::default();
+        for (out, word) in s.0.iter_mut().zip(&self.0) {
+            *out = word.load(Ordering::Relaxed);
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod worker_set_tests {
+    use super::*;
+
+    #[test]
+    fn worker_sets_hold_every_worker_byte() {
+        let mut s = WorkerSet::default();
+        assert!(s.is_empty());
+        for w in [0, 63, 64, 200, 255] {
+            s.insert(w);
+        }
+        s.insert(256);
+        assert_eq!(s.iter().collect::<Vec<_>>(), [0, 63, 64, 200, 255]);
+        assert!(s.contains(200) && !s.contains(199) && !s.contains(256));
+        let a = AtomicWorkerSet::default();
+        a.insert(70);
+        a.insert(3);
+        assert_eq!(a.load().iter().collect::<Vec<_>>(), [3, 70]);
     }
 }

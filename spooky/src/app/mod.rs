@@ -532,7 +532,7 @@ pub fn start_from(
             *w = p.workers;
         }
     }
-    let dead_workers = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let dead_workers = Arc::new(crate::board::AtomicWorkerSet::default());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (generations_tx, generations_rx) = watch::channel(known);
     let mut peers = Vec::with_capacity(workers);

@@ -39,7 +39,7 @@ pub(super) struct Live {
     /// This process's own keys (used without `quic.key_file`), for a successor.
     pub keys: Keys,
     /// Bit `i`: worker `i` died while serving.
-    pub dead: Arc<std::sync::atomic::AtomicU64>,
+    pub dead: Arc<crate::board::AtomicWorkerSet>,
     /// A second handle on every worker's socket: a worker that has drained does not take its
     /// socket out of the SO_REUSEPORT group, which would move another socket into its place
     /// (the classic BPF program of a successor addresses sockets by place). They leave

@@ -8,7 +8,6 @@
 //! worker back without closing the others' connections.
 
 use super::takeover::Live;
-use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
@@ -46,10 +45,8 @@ fn died(index: usize, live: &Live) {
         "worker stopped while serving: its connections are lost (their clients get Stateless \
          Resets), new connections go to the other workers; restart Spooky to bring it back"
     );
-    if index < 64 {
-        live.dead.fetch_or(1 << index, Ordering::Relaxed);
-        live.generations.send_modify(|g| g.dead |= 1 << index);
-    }
+    live.dead.insert(index);
+    live.generations.send_modify(|g| g.dead.insert(index));
     let close = || {
         if let Ok(mut group) = live.group.lock() {
             if let Some(socket) = group.get_mut(index) {

@@ -228,7 +228,7 @@ fn build_config(raw: &RawConfig, io: &Io<'_>, errs: &mut Errors) -> Option<Confi
     };
     let workers = match raw.workers {
         None => Some(None),
-        Some(n) => errs.check("workers", int_in(n, 1, 4096)).map(Some),
+        Some(n) => errs.check("workers", int_in(n, 1, 255)).map(Some),
     };
     let acme = build_acme(&raw.acme, listen.as_ref(), io, errs);
     let resolver = build_resolver(&raw.resolver, errs);

@@ -30,7 +30,7 @@ pub(crate) struct Ops {
     /// This process's connection-ID generation.
     pub generation: u8,
     /// Bit `i` set: worker `i` died (its thread ended while the process serves).
-    pub dead_workers: Arc<std::sync::atomic::AtomicU64>,
+    pub dead_workers: Arc<crate::board::AtomicWorkerSet>,
     /// True once the process drains (shutdown): `/readyz` answers 503 from then on, so load
     /// balancers stop sending new clients.
     pub draining: tokio::sync::watch::Receiver<bool>,
@@ -39,8 +39,7 @@ pub(crate) struct Ops {
 impl Ops {
     /// The workers that died, in index order.
     pub fn dead_workers(&self) -> Vec<usize> {
-        let bits = self.dead_workers.load(std::sync::atomic::Ordering::Relaxed);
-        (0..64).filter(|i| bits & (1 << i) != 0).collect()
+        self.dead_workers.load().iter().collect()
     }
 }
 

@@ -203,7 +203,7 @@ pub struct Generations {
     pub hash_key: u32,
     /// Bit `w`: worker `w` of this process died. New connections go around it; packets of
     /// its connections are nobody's (they get a Stateless Reset).
-    pub dead: u64,
+    pub dead: crate::board::WorkerSet,
 }
 
 impl Generations {
@@ -218,12 +218,12 @@ impl Generations {
             newest: own,
             workers: w,
             hash_key: 0,
-            dead: 0,
+            dead: Default::default(),
         }
     }
 
     fn is_dead(&self, generation: u8, worker: u32) -> bool {
-        generation == self.own && worker < 64 && self.dead & (1 << worker) != 0
+        generation == self.own && self.dead.contains(worker as usize)
     }
 
     /// The first live worker of this process at or after `worker` (wrapping).

@@ -48,8 +48,8 @@ pub(super) struct Classic {
     /// Where probes are sent: our own address.
     target: SocketAddr,
     workers: u32,
-    /// Bit `w`: worker `w` died (its socket left the group).
-    dead: u64,
+    /// The workers that died (their sockets left the group).
+    dead: crate::board::WorkerSet,
 }
 
 impl Classic {
@@ -101,7 +101,7 @@ impl Classic {
             probes,
             target: probe_target(local),
             workers,
-            dead: 0,
+            dead: Default::default(),
         };
         classic.install()?;
         Ok(classic)
@@ -116,7 +116,7 @@ impl Classic {
     /// How many sockets of ours the group holds (our live workers').
     pub(super) fn in_group(&self) -> u32 {
         (0..self.workers)
-            .filter(|w| *w >= 64 || self.dead & (1 << w) == 0)
+            .filter(|w| !self.dead.contains(*w as usize))
             .count() as u32
     }
 
@@ -153,9 +153,7 @@ impl Classic {
     /// Worker `index` died and its socket left the group: find our sockets' places again,
     /// and send what hashes onto the dead worker (and what names it) to the next live one.
     pub(super) fn worker_died(&mut self, index: u32) -> Result<(), SteeringError> {
-        if index < 64 {
-            self.dead |= 1 << index;
-        }
+        self.dead.insert(index as usize);
         let sockets = self.probe()?;
         let generation = self.layout.generation();
         self.table
@@ -176,7 +174,7 @@ impl Classic {
     fn probe(&self) -> Result<Vec<u32>, SteeringError> {
         let sender = UdpSocket::bind(SocketAddr::new(unspecified_like(self.target.ip()), 0))
             .map_err(SteeringError::Classic)?;
-        let dead = |w: u32| w < 64 && self.dead & (1 << w) != 0;
+        let dead = |w: u32| self.dead.contains(w as usize);
         let live = (0..self.workers).filter(|w| !dead(*w)).count() as u32;
         let mut sockets: Vec<Option<u32>> = vec![None; self.workers as usize];
         for index in 0..live {

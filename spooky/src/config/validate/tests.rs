@@ -1272,7 +1272,12 @@ fn steering_and_workers_rules() {
     );
     assert_eq!(
         problems(&format!("workers: 0\n{ONE_UPSTREAM}")),
-        ["workers: must be between 1 and 4096, got 0"]
+        ["workers: must be between 1 and 255, got 0"]
+    );
+    assert_eq!(
+        problems(&format!("workers: 256\n{ONE_UPSTREAM}")),
+        ["workers: must be between 1 and 255, got 256"],
+        "a connection ID's worker byte names at most 256 workers; 255 is the limit"
     );
     let c = ok(&format!("steering: {{xdp_mode: native}}\n{ONE_UPSTREAM}"));
     assert_eq!(c.steering.xdp_mode, XdpMode::Native);
@@ -1326,7 +1331,7 @@ fn one_problem_reads_singular() {
     let err = parse_full(&format!("{HEAD}{ONE_UPSTREAM}workers: 0\n")).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "invalid configuration (1 problem):\n  workers: must be between 1 and 4096, got 0"
+        "invalid configuration (1 problem):\n  workers: must be between 1 and 255, got 0"
     );
 }
 

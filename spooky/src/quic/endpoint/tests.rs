@@ -418,7 +418,7 @@ fn after_takeover() -> Endpoint {
         newest: 3,
         workers,
         hash_key: 0,
-        dead: 0,
+        dead: Default::default(),
     };
     Endpoint::new(1, g, false, layout_of(3), limits(), Instant::now())
 }
@@ -603,7 +603,7 @@ fn version_negotiation_is_rate_limited() {
 fn a_dead_workers_connections_are_reset_and_new_ones_go_around_it() {
     let mut ep = endpoint(false);
     let mut g = Generations::alone(0, 4);
-    g.dead = 1 << 3;
+    g.dead.insert(3);
     ep.set_generations(g);
     // Its connections: nobody's (a short header gets a Stateless Reset).
     let mut pkt = vec![0x41];
