@@ -72,12 +72,14 @@ pub fn generate() -> Bytes {
     bytes[8..].copy_from_slice(&b.to_be_bytes());
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    let mut out = String::with_capacity(36);
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = Vec::with_capacity(36);
     for (i, byte) in bytes.iter().enumerate() {
         if matches!(i, 4 | 6 | 8 | 10) {
-            out.push('-');
+            out.push(b'-');
         }
-        out.push_str(&format!("{byte:02x}"));
+        out.push(HEX[usize::from(byte >> 4)]);
+        out.push(HEX[usize::from(byte & 0x0f)]);
     }
     Bytes::from(out)
 }
@@ -115,6 +117,16 @@ mod tests {
         assert_eq!(h.request_id.len(), 36);
         assert_eq!(ids(&h), [&h.request_id[..]]);
         assert_eq!(h.request_id[14], b'4', "version 4");
+        let text = std::str::from_utf8(&h.request_id).unwrap();
+        let groups: Vec<usize> = text.split('-').map(str::len).collect();
+        assert_eq!(groups, [8, 4, 4, 4, 12], "{text}");
+        assert!(text
+            .bytes()
+            .all(|b| b == b'-' || b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert!(
+            matches!(text.as_bytes()[19], b'8' | b'9' | b'a' | b'b'),
+            "RFC 4122 variant"
+        );
         let mut again = head(&[]);
         assign(&mut again, false);
         assert_ne!(again.request_id, h.request_id, "unique");

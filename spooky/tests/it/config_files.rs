@@ -79,6 +79,7 @@ fn shipped_configs_all_load() {
         "multi-upstream.yaml",
         "sites.yaml",
         "tls-backends.yaml",
+        "edge-policy.yaml",
     ] {
         assert!(
             names.iter().any(|n| n.ends_with(expected)),

@@ -102,6 +102,19 @@ fn routes_refuse_by_their_own_policy_and_count_it_by_code_and_reason() {
     assert_eq!(get("/small", &[]).status, 200);
     assert_eq!(get("/small", &[("x-big", &"a".repeat(400))]).status, 431);
 
+    // The same policy over TCP (HTTP/2), from curl; the limited route's budget is spent.
+    require_command("curl", "curl");
+    let tcp = p.running.as_ref().unwrap().tcp_addr.unwrap().port();
+    let (status, head, _) = curl(tcp, "/closed");
+    assert_eq!(status, 403, "{head}");
+    let (status, head, _) = curl(tcp, "/limited");
+    assert_eq!(status, 429, "{head}");
+    assert!(head.contains("retry-after: "), "{head}");
+    assert!(
+        head.contains("x-request-id: "),
+        "Spooky's own answers carry the id: {head}"
+    );
+
     let text = metrics(&p);
     let refusals = |pool: &str, reason: &str| {
         metric(
@@ -109,8 +122,8 @@ fn routes_refuse_by_their_own_policy_and_count_it_by_code_and_reason() {
             &format!("spooky_route_refusals_total{{pool=\"{pool}\",reason=\"{reason}\"}}"),
         )
     };
-    assert_eq!(refusals("closed", "access"), Some(1.0), "{text}");
-    assert_eq!(refusals("limited", "rate_limit"), Some(3.0));
+    assert_eq!(refusals("closed", "access"), Some(2.0), "{text}");
+    assert_eq!(refusals("limited", "rate_limit"), Some(4.0));
     assert_eq!(refusals("keyed", "rate_limit"), Some(1.0));
     assert_eq!(refusals("small", "max_request_headers"), Some(1.0));
     assert_eq!(refusals("open", "access"), Some(0.0));
@@ -122,9 +135,9 @@ fn routes_refuse_by_their_own_policy_and_count_it_by_code_and_reason() {
             ),
         )
     };
-    assert_eq!(code("limited", "", 429), Some(3.0));
+    assert_eq!(code("limited", "", 429), Some(4.0));
     assert_eq!(code("limited", "limited1", 200), Some(3.0));
-    assert_eq!(code("closed", "", 403), Some(1.0));
+    assert_eq!(code("closed", "", 403), Some(2.0));
     assert_eq!(code("small", "", 431), Some(1.0));
 }
 
