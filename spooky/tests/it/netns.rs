@@ -911,9 +911,9 @@ fn legitimate_traffic(
     all
 }
 
-/// Sum over CPUs of `spooky_ebpf_packets_total{counter="<counter>",cpu=…}` in `metrics`.
+/// `spooky_ebpf_packets_total{counter="<counter>"}` (summed over the CPUs) in `metrics`.
 fn metrics_counter(metrics: &str, counter: &str) -> u64 {
-    let prefix = format!("spooky_ebpf_packets_total{{counter=\"{counter}\",cpu=\"");
+    let prefix = format!("spooky_ebpf_packets_total{{counter=\"{counter}\"}} ");
     metrics
         .lines()
         .filter(|l| l.starts_with(&prefix))

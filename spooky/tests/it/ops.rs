@@ -327,7 +327,7 @@ fn admin_endpoints_answer_over_http1_and_h2c_and_guard_reload_with_the_token() {
             None,
             "round-robin",
             &[("gone", dead)],
-            "passive_health:\n  consecutive_failures: 1\n  cooldown: 1m",
+            "passive_health:\n  consecutive_failures: 1\n  cooldown: 1m\nreadiness: required",
         );
     let token = "0123456789abcdef-secret";
     let extra = format!("admin:\n  address: 127.0.0.1:0\n  token: {token}\n");
@@ -335,7 +335,8 @@ fn admin_endpoints_answer_over_http1_and_h2c_and_guard_reload_with_the_token() {
     let addr = p.running.as_ref().unwrap().admin_addr.unwrap();
     assert_eq!(admin(addr, "GET", "/healthz", None), (200, "ok\n".into()));
     assert_eq!(admin(addr, "GET", "/readyz", None).0, 200);
-    // One refused connect ejects the only backend of `down`: not ready, naming the pool.
+    // One refused connect ejects the only backend of `down`, a required pool: not ready,
+    // naming the pool.
     let mut c = client(p.addr);
     assert_eq!(
         c.request(&Request::get("localhost", "/down"), T)
@@ -353,7 +354,7 @@ fn admin_endpoints_answer_over_http1_and_h2c_and_guard_reload_with_the_token() {
     };
     assert_eq!(
         (status, body.as_str()),
-        (503, "no healthy backend in: down\n")
+        (503, "no healthy backend in required pool(s): down\n")
     );
     let (status, body) = admin(addr, "GET", "/status", None);
     assert_eq!(status, 200);
