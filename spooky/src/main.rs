@@ -64,12 +64,20 @@ enum XdpModeArg {
 #[derive(Subcommand)]
 enum Command {
     /// Show a running Spooky's steering mode, workers, backend health and per-CPU counters,
-    /// read from its pinned BPF maps (needs root, like bpftool).
+    /// read from its pinned BPF maps (needs root, like bpftool); when they cannot be read,
+    /// from its admin listener (`GET /status`). The first line says which.
     Status {
-        /// Where the maps are pinned (the config's `steering.pin_path`).
-        #[arg(long, default_value = "/sys/fs/bpf/spooky")]
-        pin_path: PathBuf,
-        /// Print JSON instead of tables.
+        /// The running Spooky's configuration: where its maps are pinned
+        /// (`steering.pin_path`) and its admin listener (`admin`). Default:
+        /// config/config.yaml when it exists, else the defaults (/sys/fs/bpf/spooky,
+        /// 127.0.0.1:9900).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Read the maps pinned here, and nothing else (no admin listener).
+        #[arg(long)]
+        pin_path: Option<PathBuf>,
+        /// Print JSON instead of tables (from the admin listener: its `GET /status`, with
+        /// `source`).
         #[arg(long)]
         json: bool,
     },
@@ -120,7 +128,11 @@ fn main() -> ExitCode {
         Some(Command::Keys {
             action: KeysAction::Rotate { file },
         }) => rotate_keys(&file),
-        Some(Command::Status { pin_path, json }) => status(&pin_path, json),
+        Some(Command::Status {
+            config,
+            pin_path,
+            json,
+        }) => status(config.as_deref(), pin_path.as_deref(), json),
         Some(Command::Get {
             url,
             connect,
@@ -180,26 +192,76 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-fn status(pin_path: &std::path::Path, json: bool) -> ExitCode {
-    match spooky::ops::status::read(pin_path) {
-        Ok(status) if json => match serde_json::to_string_pretty(&status) {
-            Ok(text) => {
-                println!("{text}");
-                ExitCode::SUCCESS
+fn status(
+    config: Option<&std::path::Path>,
+    pin_path: Option<&std::path::Path>,
+    json: bool,
+) -> ExitCode {
+    use spooky::ops::status::{self, Source, Target};
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("spooky status: {e}");
+        ExitCode::from(1)
+    };
+    let default_config = std::path::Path::new("config/config.yaml");
+    let target = match config {
+        Some(path) => Target::from_config(path),
+        None if default_config.is_file() => Target::from_config(default_config),
+        None => Ok(Target::default()),
+    };
+    let target = match target {
+        Ok(t) => t,
+        Err(e) => return fail(&e),
+    };
+    let pins = pin_path.map_or(target.pin_path.clone(), std::path::Path::to_path_buf);
+    let error = match status::read(&pins) {
+        Ok(found) if json => {
+            return match serde_json::to_string_pretty(&found) {
+                Ok(text) => {
+                    println!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
             }
-            Err(e) => {
-                eprintln!("spooky status: {e}");
-                ExitCode::from(1)
+        }
+        Ok(found) => {
+            println!("source: {}", Source::Pins(pins));
+            print!("{}", status::render(&found));
+            return ExitCode::SUCCESS;
+        }
+        // The maps were asked for by name: they are the answer.
+        Err(e) if pin_path.is_some() => return fail(&e),
+        Err(e) => e,
+    };
+    // Not the maps: the admin listener.
+    let Some(addr) = target.admin else {
+        return fail(&format!(
+            "{error}; and the admin listener is off (admin.enabled: false)"
+        ));
+    };
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let source = Source::Admin {
+        addr,
+        why: status::why_not_pins(&error, root),
+    };
+    match status::read_admin(addr, target.token.as_deref(), Duration::from_secs(5)) {
+        Ok((mut value, _)) if json => {
+            if let Some(object) = value.as_object_mut() {
+                object.insert("source".into(), source.to_string().into());
             }
-        },
-        Ok(status) => {
-            print!("{}", spooky::ops::status::render(&status));
+            match serde_json::to_string_pretty(&value) {
+                Ok(text) => {
+                    println!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        Ok((_, found)) => {
+            print!("{}", status::render_admin(&found, &source));
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("spooky status: {e}");
-            ExitCode::from(1)
-        }
+        Err(e) => fail(&format!("{error}; admin listener http://{addr}: {e}")),
     }
 }
 

@@ -420,6 +420,10 @@ fn status_json(ops: &Ops) -> String {
                 "streams": w.streams_active.load(Ordering::Relaxed),
                 "accepted": w.connections_accepted.load(Ordering::Relaxed),
                 "misrouted": w.misrouted.load(Ordering::Relaxed),
+                "packets_in": w.packets_in.load(Ordering::Relaxed),
+                "packets_out": w.packets_out.load(Ordering::Relaxed),
+                "dropped": w.dropped.load(Ordering::Relaxed),
+                "requests": w.requests.load(Ordering::Relaxed),
                 "alive": !ops.dead_workers().contains(&i),
             })
         })
@@ -444,6 +448,7 @@ fn status_json(ops: &Ops) -> String {
                         "available": slot.is_available(),
                         "drained": slot.is_drained(),
                         "consecutive_failures": slot.consecutive_failures.load(Ordering::Relaxed),
+                        "last_latency_us": slot.last_latency_us.load(Ordering::Relaxed),
                         "ewma_latency_us": slot.ewma_latency_us.load(Ordering::Relaxed),
                     })
                 })

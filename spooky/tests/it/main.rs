@@ -23,6 +23,7 @@ mod policy;
 mod proxy;
 mod sites;
 mod soak;
+mod status;
 mod support;
 mod takeover;
 mod tcp;
