@@ -5,6 +5,7 @@ mod bench;
 mod ebpf;
 mod fuzz;
 mod layers;
+mod package;
 mod quickstart;
 mod setup;
 mod test;
@@ -56,6 +57,9 @@ enum Task {
         #[arg(long, default_value_t = 20)]
         seconds: u64,
     },
+    /// A Debian package of Spooky (dpkg-deb, no cargo-deb) in target/debian/, from the release
+    /// build; what it installs: docs/install.md.
+    Package,
     /// The whole test suite: fmt, clippy, unit and integration tests (root needed for eBPF).
     Test {
         /// Extra arguments for `cargo test`, after `--`.
@@ -76,6 +80,7 @@ fn main() -> Result<()> {
         }
         Task::Certs { dir } => spooky_peers::certs::generate(&dir).map(|_| ()),
         Task::Quickstart { once } => quickstart::run(once),
+        Task::Package => package::run(),
         Task::Bench { args } => bench::run(&args),
         Task::Fuzz { target, seconds } => fuzz::run(target.as_deref(), seconds),
         Task::Test { args } => test::run(&args),

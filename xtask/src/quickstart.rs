@@ -43,22 +43,8 @@ pub fn run(once: bool) -> Result<()> {
     ebpf::build(true)?;
     let root = workspace_root();
     certs::generate(&root.join("config/certs"))?;
-    eprintln!("==> building spooky (release)");
-    let status = Command::new("cargo")
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "spooky",
-            "-p",
-            "spooky-peers",
-            "--bins",
-        ])
-        .current_dir(&root)
-        .status()?;
-    if !status.success() {
-        bail!("cargo build failed");
-    }
+    // The same build as `cargo xtask package`'s: after one, the other builds nothing.
+    crate::package::build_release(&root)?;
     let bin = root.join("target/release");
     let mut kids = Kids(Vec::new());
     for (id, port) in [("demo-1", 7001), ("demo-2", 7002)] {

@@ -1,5 +1,6 @@
 //! `cargo xtask test`: the whole suite, as CI runs it. Installs prerequisites (idempotent),
-//! builds the eBPF object, makes the demo certificates, then runs fmt, clippy and every test.
+//! builds the eBPF object, makes the demo certificates, then runs fmt, clippy, builds the
+//! Debian package (`cargo xtask package`, which a test installs) and runs every test.
 //! Tests that need root (eBPF, network namespaces, dropping privileges) are marked
 //! `#[ignore = "needs root"]` so that a plain `cargo test` as a user passes; this task runs
 //! them too and fails when one of them did not run and pass. Without root they fail loudly.
@@ -57,6 +58,8 @@ pub fn run(extra: &[String]) -> Result<()> {
             "warnings",
         ]),
     )?;
+    // The package test (spooky/tests/it/package.rs) installs the .deb this makes.
+    crate::package::build()?;
     if extra.is_empty() {
         every_test_including_root_only()?;
     } else {

@@ -18,6 +18,7 @@ mod health;
 mod hostile;
 mod netns;
 mod ops;
+mod package;
 mod peers;
 mod policy;
 mod proxy;
