@@ -14,7 +14,7 @@
 
 use crate::config::{Access, RateKey, RateLimit};
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -165,9 +165,7 @@ impl Policy {
 
     /// The keyed hash of `value`.
     pub fn hash(&self, value: impl Hash) -> u64 {
-        let mut h = self.hasher.build_hasher();
-        value.hash(&mut h);
-        h.finish()
+        self.hasher.hash_one(value)
     }
 
     /// The hash of a client address as a per-address limit counts it: an IPv4 address, or an

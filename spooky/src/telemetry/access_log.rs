@@ -82,11 +82,8 @@ pub fn bounded(s: &str) -> String {
     format!("{}…", &s[..end])
 }
 
-enum Msg {
-    Line(Record),
-    /// Look at the reopen flag now.
-    Wake,
-}
+/// What the writer receives: a line, or `None` to look at the reopen flag now.
+type Msg = Option<Record>;
 
 /// The sending side, shared by all workers.
 pub struct AccessLogger {
@@ -192,7 +189,7 @@ impl AccessLogger {
         let Some(tx) = &self.tx else { return };
         self.reopen.store(true, Ordering::Release);
         // A full queue wakes the writer anyway; it looks at the flag after every batch.
-        let _ = tx.try_send(Msg::Wake);
+        let _ = tx.try_send(None);
     }
 
     /// Queues a line; drops it (counted) when the writer is behind.
@@ -202,7 +199,7 @@ impl AccessLogger {
         let over = self.queued.fetch_add(weight, Ordering::Relaxed) + weight > QUEUE_BYTES;
         if over
             || matches!(
-                tx.try_send(Msg::Line(r)),
+                tx.try_send(Some(r)),
                 Err(TrySendError::Full(_) | TrySendError::Disconnected(_))
             )
         {
@@ -230,7 +227,7 @@ impl Writer {
             let mut next = Some(first);
             // Write whatever else is queued, then flush once.
             while let Some(msg) = next.take().or_else(|| rx.try_recv().ok()) {
-                if let Msg::Line(r) = msg {
+                if let Some(r) = msg {
                     line.clear();
                     format_into(&mut line, &r, &self.format);
                     let _ = buf.write_all(line.as_bytes());
