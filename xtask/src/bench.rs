@@ -342,24 +342,8 @@ pub fn run(args: &[String]) -> Result<()> {
     let bins = peers::ensure()?;
     let certs = spooky_peers::certs::generate(&root.join("config/certs"))?;
     if !a.no_build {
-        eprintln!("bench: cargo build --release -p spooky -p spooky-peers --bins");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let ok = Command::new(cargo)
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "spooky",
-                "-p",
-                "spooky-peers",
-                "--bins",
-            ])
-            .current_dir(&root)
-            .status()?
-            .success();
-        if !ok {
-            bail!("release build failed");
-        }
+        // The quickstart's and the package's release build: after either, nothing to build.
+        crate::package::build_release(&root)?;
     }
     let target_dir = std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)

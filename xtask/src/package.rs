@@ -139,7 +139,7 @@ pub fn build() -> Result<PathBuf> {
     // .comment or .note sections).
     let bin = put(&stage, "usr/bin/spooky", 0o755, |dest| {
         std::fs::copy(root.join("target/release/spooky"), dest).context("target/release/spooky")?;
-        checked(
+        crate::setup::run(
             Command::new("strip")
                 .args([
                     "--remove-section=.comment",
@@ -154,7 +154,7 @@ pub fn build() -> Result<PathBuf> {
         put(&stage, to, *mode, |dest| {
             if *gzip {
                 let file = std::fs::File::create(dest)?;
-                checked(
+                crate::setup::run(
                     Command::new("gzip")
                         .args(["-9", "-n", "-c"])
                         .arg(&source)
@@ -214,7 +214,7 @@ pub fn build() -> Result<PathBuf> {
     if deb.exists() {
         std::fs::remove_file(&deb)?;
     }
-    checked(
+    crate::setup::run(
         Command::new("dpkg-deb")
             .args(["--root-owner-group", "-Zxz", "--build"])
             .arg(&stage)
@@ -346,16 +346,6 @@ fn shlibs_depends(root: &Path, binary: &Path) -> Result<String> {
         "dpkg-shlibdeps: {depends}: no libc6?"
     );
     Ok(depends)
-}
-
-fn checked(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed: {status}");
-    }
-    Ok(())
 }
 
 /// The command's standard output; a failure names the command and shows its errors.

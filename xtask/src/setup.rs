@@ -69,7 +69,7 @@ fn quiet_ok(cmd: &mut Command) -> bool {
         .unwrap_or(false)
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd
         .status()
         .with_context(|| format!("cannot start {cmd:?}"))?;

@@ -386,8 +386,20 @@ impl Forwarder {
         let peer = client.peer;
         let mut upstream = None;
         let mut refusal = None;
+        // A route's refusal is a refusal that names its pool.
+        let admission = match admission {
+            Admission::Policy {
+                failure,
+                head,
+                upstream: u,
+            } => {
+                upstream = Some(u);
+                Admission::Refuse(failure, Some(head))
+            }
+            other => other,
+        };
         let (status, mut fields, body, stop_sending, head) = match admission {
-            Admission::Forward { .. } => return None,
+            Admission::Forward { .. } | Admission::Policy { .. } => return None,
             Admission::Options(head) => {
                 let (status, fields, body) = outcome::options_answer();
                 (status, fields, body, None, Some(head))
@@ -404,33 +416,12 @@ impl Forwarder {
                 // The request body, if any, is not wanted.
                 (status, fields, body, None, Some(head))
             }
-            Admission::Policy {
-                failure,
-                head,
-                upstream: u,
-            } => {
-                let pool = self
-                    .snapshot
-                    .config
-                    .upstreams
-                    .get(u)
+            Admission::Refuse(failure, head) => {
+                // A route's policy names its pool; other refusals come before any pool.
+                let pool = upstream
+                    .and_then(|u| self.snapshot.config.upstreams.get(u))
                     .map(|up| up.name.as_str());
                 failure.log(peer, pool, &self.services.log_gate);
-                refusal = failure.refusal();
-                upstream = Some(u);
-                let outcome::Reaction::Answer {
-                    status,
-                    fields,
-                    body,
-                    stop_sending,
-                } = failure.reaction(false)
-                else {
-                    return None;
-                };
-                (status, fields, body, stop_sending, Some(head))
-            }
-            Admission::Refuse(failure, head) => {
-                failure.log(peer, None, &self.services.log_gate);
                 refusal = failure.refusal();
                 // Nothing was sent yet: every failure before a head is answered.
                 let outcome::Reaction::Answer {

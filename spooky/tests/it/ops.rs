@@ -529,18 +529,7 @@ fn reload_under_load_changes_backends_and_certificate_without_a_failed_request()
     let cfg = dir.join("spooky.yaml");
     let port = free_udp_port();
     write_config(&cfg, port, &dir, &[("b1", b1.addr, 1)]);
-    init_logging();
-    let running = spooky::app::start_file(
-        &cfg,
-        &spooky::app::RunOptions {
-            workers: Some(2),
-            iface: None,
-            pin: false,
-            takeover: false,
-            lock_down: false,
-        },
-    )
-    .unwrap();
+    let running = start_file(&cfg, 2);
     let live = running.reloader();
     let addr = running.local_addr;
     let first_cert = peer_cert(addr);
@@ -718,18 +707,7 @@ fn a_reload_that_cannot_be_built_answers_400_and_changes_nothing() {
     let cfg = dir.join("spooky.yaml");
     let port = free_udp_port();
     write_config(&cfg, port, &dir, &[("b1", b1.addr, 1)]);
-    init_logging();
-    let running = spooky::app::start_file(
-        &cfg,
-        &spooky::app::RunOptions {
-            workers: Some(2),
-            iface: None,
-            pin: false,
-            takeover: false,
-            lock_down: false,
-        },
-    )
-    .unwrap();
+    let running = start_file(&cfg, 2);
     let admin_addr = running.admin_addr.unwrap();
     let addr = running.local_addr;
     let first_cert = peer_cert(addr);

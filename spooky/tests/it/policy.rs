@@ -351,18 +351,7 @@ fn metrics_pass_promtool_and_removed_pools_leave_them() {
     let path = dir.0.join("spooky.yaml");
     let first = config_yaml(port, &ups(&["a", "gone"]), "quic:\n  retry: off\n");
     std::fs::write(&path, &first).unwrap();
-    init_logging();
-    let running = spooky::app::start_file(
-        &path,
-        &spooky::app::RunOptions {
-            workers: Some(2),
-            iface: None,
-            pin: false,
-            takeover: false,
-            lock_down: false,
-        },
-    )
-    .unwrap();
+    let running = start_file(&path, 2);
     let p = Proxy {
         addr: running.local_addr,
         running: Some(running),

@@ -262,20 +262,27 @@ pub fn proxy(upstreams: &str, extra: &str, workers: usize) -> Proxy {
     proxy_from(config)
 }
 
+/// What the in-process tests run with: `workers` unpinned workers, no XDP, no takeover.
+fn run_options(workers: usize) -> RunOptions {
+    RunOptions {
+        workers: Some(workers),
+        iface: None,
+        pin: false,
+        takeover: false,
+        lock_down: false,
+    }
+}
+
+/// Starts Spooky from the file at `path` (reloads read it again) with `workers` workers.
+pub fn start_file(path: &std::path::Path, workers: usize) -> Running {
+    init_logging();
+    spooky::app::start_file(path, &run_options(workers)).unwrap()
+}
+
 /// Starts Spooky on `config` with the number of workers it names (2 if none), unpinned.
 pub fn proxy_from(config: spooky::config::Config) -> Proxy {
     let workers = config.workers.unwrap_or(2);
-    let running = spooky::app::start(
-        config,
-        &RunOptions {
-            workers: Some(workers),
-            iface: None,
-            pin: false,
-            takeover: false,
-            lock_down: false,
-        },
-    )
-    .unwrap();
+    let running = spooky::app::start(config, &run_options(workers)).unwrap();
     Proxy {
         addr: running.local_addr,
         running: Some(running),
