@@ -275,16 +275,14 @@ fn pick(job: &Job, exclude: Option<usize>) -> Result<usize, Failure> {
     let pools = &fwd.pools[job.upstream];
     let plans = &fwd.snapshot.backends[job.upstream];
     // Backends with `max_requests_per_backend` in flight (all workers) take no more.
-    let full: Vec<bool> = (0..pools.len())
-        .map(|b| {
-            upstream
-                .max_requests_per_backend
-                .is_some_and(|max| fwd.in_flight_total(job.upstream, b) >= i64::from(max))
-        })
-        .collect();
+    let full = |b: usize| {
+        upstream
+            .max_requests_per_backend
+            .is_some_and(|max| fwd.in_flight_total(job.upstream, b) >= i64::from(max))
+    };
     let mut healthy: Vec<bool> = (0..pools.len())
         .map(|b| {
-            plans.get(b).is_some_and(|p| p.slot.is_available()) && Some(b) != exclude && !full[b]
+            plans.get(b).is_some_and(|p| p.slot.is_available()) && Some(b) != exclude && !full(b)
         })
         .collect();
     let in_flight: Vec<u32> = pools.iter().map(|p| p.in_flight() as u32).collect();
@@ -304,7 +302,7 @@ fn pick(job: &Job, exclude: Option<usize>) -> Result<usize, Failure> {
         healthy.iter_mut().enumerate().for_each(|(b, h)| {
             *h = Some(b) != exclude
                 && plans.get(b).is_some_and(|p| !p.slot.is_drained())
-                && !full[b];
+                && !full(b);
         });
         if let Some(b) = balancer.pick(
             &Candidates {
@@ -317,12 +315,14 @@ fn pick(job: &Job, exclude: Option<usize>) -> Result<usize, Failure> {
         }
     }
     // Some backend could have taken it but for its limit: the pool is busy, not down.
-    let busy = full.iter().enumerate().any(|(b, f)| {
-        *f && Some(b) != exclude
-            && plans.get(b).is_some_and(|p| {
-                p.slot.is_available() || upstream.fail_open && !p.slot.is_drained()
-            })
-    });
+    let busy = upstream.max_requests_per_backend.is_some()
+        && (0..pools.len()).any(|b| {
+            Some(b) != exclude
+                && plans.get(b).is_some_and(|p| {
+                    p.slot.is_available() || upstream.fail_open && !p.slot.is_drained()
+                })
+                && full(b)
+        });
     Err(if busy {
         Failure::BackendsFull {
             pool: upstream.name.clone(),

@@ -225,8 +225,12 @@ impl Writer {
         let mut line = String::with_capacity(512);
         while let Ok(first) = rx.recv() {
             let mut next = Some(first);
-            // Write whatever else is queued, then flush once.
-            while let Some(msg) = next.take().or_else(|| rx.try_recv().ok()) {
+            // Write whatever else is queued, then flush once (a reopen asked for ends the batch,
+            // so a steady stream of lines cannot hold it back).
+            while let Some(msg) = next
+                .take()
+                .or_else(|| (!self.reopen.load(Ordering::Relaxed)).then(|| rx.try_recv().ok())?)
+            {
                 if let Some(r) = msg {
                     line.clear();
                     format_into(&mut line, &r, &self.format);
