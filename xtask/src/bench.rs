@@ -302,11 +302,22 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
 
 /// Runs the harness with the arguments after `cargo xtask bench --`.
 pub fn run(args: &[String]) -> Result<()> {
-    let a = Args::try_parse_from(std::iter::once("bench".to_string()).chain(args.iter().cloned()))
-        .map_err(|e| {
+    let a = match Args::try_parse_from(
+        std::iter::once("bench".to_string()).chain(args.iter().cloned()),
+    ) {
+        Ok(a) => a,
+        Err(e) => {
             let _ = e.print();
-            anyhow::anyhow!("bad arguments")
-        })?;
+            // `--help` is an answer, not a mistake.
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) {
+                return Ok(());
+            }
+            bail!("bad arguments");
+        }
+    };
     let root = crate::workspace_root();
     let out = if a.out.is_absolute() {
         a.out.clone()
