@@ -67,6 +67,8 @@ pub struct Conn {
     /// Streams whose response is fully written but maybe not yet acknowledged: a draining
     /// connection closes only once quiche has collected them.
     lingering: Vec<u64>,
+    /// The SNI of the ClientHello, once asked for (requests share it).
+    sni: std::cell::OnceCell<Option<std::rc::Rc<str>>>,
     /// Request streams whose head has not arrived yet (`quic.request_header_timeout`).
     heads: PendingHeads,
     /// Response streams with data waiting that quiche cannot take (the client's flow control
@@ -99,7 +101,10 @@ impl Conn {
             peer: self.peer,
             protocol: Protocol::H3,
             tls_version: "TLSv1.3",
-            sni: self.quic.server_name().map(std::rc::Rc::from),
+            sni: self
+                .sni
+                .get_or_init(|| self.quic.server_name().map(std::rc::Rc::from))
+                .clone(),
         }
     }
 
@@ -116,6 +121,7 @@ impl Conn {
             quic,
             h3: None,
             ip: peer.ip(),
+            sni: Default::default(),
             handshake_deadline,
             peer,
             gen,
