@@ -86,7 +86,9 @@ fuzz_target!(|input: &[u8]| {
     let setup = setup(pre);
     let own = setup.layout.generation();
     let mut generations = Generations::alone(own, setup.workers);
-    generations.dead = setup.dead;
+    for w in (0..64).filter(|w| setup.dead & (1 << w) != 0) {
+        generations.dead.insert(w);
+    }
     generations.hash_key = setup.hash_key;
     if pre[0] & 32 != 0 {
         let next = (own + 1) % 7;

@@ -23,6 +23,7 @@ pub const TARGETS: &[&str] = &[
     "endpoint",
     "config",
     "http1_strict",
+    "access_log",
 ];
 
 /// No sanitizer: the code under test is safe Rust (the one `unsafe` read, in the XDP packet
