@@ -157,9 +157,9 @@ impl Snapshot {
             backends.push(row);
         }
         // Digits, quotes, `=`, `;` and spaces only: always a valid field value.
-        let alt_svc = config.listen.alt_svc.and_then(|max_age| {
-            let port = config.listen.addr.port();
-            http::HeaderValue::try_from(format!("h3=\":{port}\"; ma={}", max_age.as_secs())).ok()
+        let alt_svc = config.listen.alt_svc.and_then(|a| {
+            http::HeaderValue::try_from(format!("h3=\":{}\"; ma={}", a.port, a.max_age.as_secs()))
+                .ok()
         });
         let mut snapshot = Self {
             config,

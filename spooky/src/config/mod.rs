@@ -126,11 +126,19 @@ pub struct Listen {
     pub tls: ListenTls,
     /// HTTP/2 and HTTP/1.1 over TLS over TCP; `None` when turned off.
     pub tcp: Option<Tcp>,
-    /// How long clients may remember that HTTP/3 is here (`alt-svc`'s `ma`); `None`: no
-    /// `alt-svc` field.
-    pub alt_svc: Option<Duration>,
+    /// The `alt-svc` field every response carries; `None`: none.
+    pub alt_svc: Option<AltSvc>,
     /// The plaintext HTTP/1.1 listener; `None` when off.
     pub http: Option<PlainHttp>,
+}
+
+/// `listen.alt_svc`: where clients are told HTTP/3 is, and for how long.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AltSvc {
+    /// How long clients may remember it (`ma`).
+    pub max_age: Duration,
+    /// The UDP port advertised: `listen.port` unless a load balancer in front maps ports.
+    pub port: u16,
 }
 
 /// The plaintext listener (`listen.http`): ACME HTTP-01 answers, and a redirect to `https://`

@@ -205,6 +205,8 @@ impl Default for RawTcp {
 pub(super) struct RawAltSvc {
     pub enabled: bool,
     pub max_age: RawDuration,
+    /// `None`: `listen.port`.
+    pub port: Option<i64>,
 }
 
 impl Default for RawAltSvc {
@@ -212,6 +214,7 @@ impl Default for RawAltSvc {
         Self {
             enabled: true,
             max_age: RawDuration::Millis(86_400_000),
+            port: None,
         }
     }
 }

@@ -28,7 +28,7 @@ use super::raw::{
     DEFAULT_RETRY_THRESHOLD,
 };
 use super::{
-    Access, AccessField, AccessFormat, AccessLog, Acme, AcmeChallenge, Admin, Backend,
+    Access, AccessField, AccessFormat, AccessLog, Acme, AcmeChallenge, Admin, AltSvc, Backend,
     BackendProtocol, BackendTls, CertPair, Cidr, Config, ControlSocket, EarlyData, ForwardedMode,
     HashKey, HeaderRules, HealthCheck, Listen, ListenTls, LoadBalancing, Log, LogFormat,
     NamedBackend, PassiveHealth, PlainHttp, Proxy, Quic, RateKey, RateLimit, Readiness, Redirect,
@@ -497,6 +497,10 @@ fn build_listen(raw: &RawListen, io: &Io<'_>, errs: &mut Errors) -> Option<Liste
         &t.proxy_protocol.trusted,
     );
     let max_age = duration(errs, "listen.alt_svc.max_age", &raw.alt_svc.max_age);
+    let alt_svc_port = match raw.alt_svc.port {
+        None => port,
+        Some(p) => errs.check("listen.alt_svc.port", int_in::<u16>(p, 1, 65535)),
+    };
     let h = &raw.http;
     let http_port = errs.check("listen.http.port", int_in::<u16>(h.port, 0, 65535));
     let redirect_status = errs.check(
@@ -553,7 +557,10 @@ fn build_listen(raw: &RawListen, io: &Io<'_>, errs: &mut Errors) -> Option<Liste
         tcp: tcp?,
         http: http?,
         alt_svc: if raw.alt_svc.enabled {
-            Some(max_age?)
+            Some(AltSvc {
+                max_age: max_age?,
+                port: alt_svc_port?,
+            })
         } else {
             None
         },

@@ -208,6 +208,15 @@ fn curl_over_tcp_gets_what_http3_clients_get_and_sees_alt_svc() {
 fn alt_svc_can_be_turned_off_and_tcp_off_means_no_listener() {
     let b = backend("b1");
     init_logging();
+    // A load balancer in front maps 443 to this port: the advertised port is 443.
+    let yaml = config_yaml(free_udp_port(), &one_pool(&b), "").replace(
+        "  tcp:\n    port: 0\n",
+        "  tcp:\n    port: 0\n  alt_svc:\n    port: 443\n    max_age: 1h\n",
+    );
+    let p = proxy_from(spooky::config::parse(&yaml, &repo_root()).unwrap());
+    let r = curl(tcp_addr(&p), "--http2", "/hello", &[]);
+    assert_eq!(r.header("alt-svc"), Some("h3=\":443\"; ma=3600"), "{r:?}");
+    drop(p);
     let port = free_udp_port();
     let yaml = config_yaml(port, &one_pool(&b), "").replace(
         "  tcp:\n    port: 0\n",

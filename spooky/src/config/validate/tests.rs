@@ -586,6 +586,30 @@ fn upstreams_are_required() {
 }
 
 #[test]
+fn alt_svc_advertises_the_listen_port_unless_told_another() {
+    let c = ok(ONE_UPSTREAM);
+    assert_eq!(
+        c.listen.alt_svc,
+        Some(crate::config::AltSvc {
+            max_age: Duration::from_secs(86_400),
+            port: 9889,
+        })
+    );
+    let c = parse_full(&format!(
+        "{HEAD}  alt_svc: {{port: 443, max_age: 1h}}\n{ONE_UPSTREAM}"
+    ))
+    .unwrap();
+    assert_eq!(
+        c.listen.alt_svc.map(|a| (a.port, a.max_age)),
+        Some((443, Duration::from_secs(3600)))
+    );
+    assert_eq!(
+        problems_full(&format!("{HEAD}  alt_svc: {{port: 0}}\n{ONE_UPSTREAM}")),
+        ["listen.alt_svc.port: must be between 1 and 65535, got 0"]
+    );
+}
+
+#[test]
 fn route_policy_is_read_and_checked() {
     use crate::config::{Access, Cidr, RateKey, RateLimit, Readiness};
     let c = ok(&upstream(
