@@ -24,6 +24,7 @@ pub const TARGETS: &[&str] = &[
     "config",
     "http1_strict",
     "access_log",
+    "quic_lb",
 ];
 
 /// No sanitizer: the code under test is safe Rust (the one `unsafe` read, in the XDP packet

@@ -4,6 +4,7 @@
 //! | module | what |
 //! |---|---|
 //! | [`endpoint`] | sans-IO: what to do with a datagram for no known connection (forward, Version Negotiation, Retry, refuse, accept) |
+//! | [`quic_lb`] | sans-IO: QUIC-LB connection IDs (server id in plaintext, one AES pass or four) |
 //! | [`token`] | sans-IO: Retry and stateless-reset tokens, time passed in |
 //! | `conn` | one client connection: HTTP/3 events in, responses out |
 //! | `heads` | the request-header clock (`quic.request_header_timeout`) |
@@ -15,6 +16,7 @@ mod conn;
 pub mod endpoint;
 pub(crate) mod front;
 mod heads;
+pub mod quic_lb;
 mod send;
 mod stall;
 pub(crate) mod token;

@@ -13,6 +13,7 @@ mod browser;
 mod config_files;
 mod docs;
 mod ebpf;
+mod fleet;
 mod hardening;
 mod health;
 mod hostile;
