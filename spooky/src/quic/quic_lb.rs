@@ -228,24 +228,17 @@ fn feistel(key: &[u8; 16], body: &mut [u8], forward: bool) -> Option<()> {
         }
         Some(())
     };
-    if forward {
-        round(1, &left, &mut right)?;
-        clear_right(&mut right);
-        round(2, &right, &mut left)?;
-        clear_left(&mut left);
-        round(3, &left, &mut right)?;
-        clear_right(&mut right);
-        round(4, &right, &mut left)?;
-        clear_left(&mut left);
-    } else {
-        round(4, &right, &mut left)?;
-        clear_left(&mut left);
-        round(3, &left, &mut right)?;
-        clear_right(&mut right);
-        round(2, &right, &mut left)?;
-        clear_left(&mut left);
-        round(1, &left, &mut right)?;
-        clear_right(&mut right);
+    // Odd passes change the right half from the left, even passes the left from the right;
+    // decrypting runs them in reverse.
+    let passes: [u8; 4] = if forward { [1, 2, 3, 4] } else { [4, 3, 2, 1] };
+    for pass in passes {
+        if pass % 2 == 1 {
+            round(pass, &left, &mut right)?;
+            clear_right(&mut right);
+        } else {
+            round(pass, &right, &mut left)?;
+            clear_left(&mut left);
+        }
     }
     // Join: an odd middle octet is the left's high nibble and the right's low one.
     body.get_mut(..half)?.copy_from_slice(&left);
