@@ -207,7 +207,12 @@ impl Snapshot {
         q.set_initial_max_stream_data_uni(1 << 20);
         q.set_initial_max_streams_bidi(quic.max_concurrent_streams);
         q.set_initial_max_streams_uni(16);
-        q.set_active_connection_id_limit(4);
+        // quiche keeps one path per peer address it has seen, up to this limit, and never
+        // frees a path it migrated away from (cloudflare/quiche#2743): a client whose NAT
+        // rebinds gets `MAX_PATHS - 1` address changes before its packets are dropped. The
+        // limit bounds what a client can make us hold (a path is a recovery state, about a
+        // kilobyte); it is also how many connection IDs the client may give us.
+        q.set_active_connection_id_limit(MAX_PATHS);
         q.set_disable_active_migration(false);
         q.set_max_connection_window(quic.initial_max_data.max(25 << 20));
         q.set_max_stream_window(quic.initial_max_stream_data.max(16 << 20));
@@ -243,6 +248,9 @@ fn hard_header_cap(limit: u64) -> u64 {
 }
 
 /// The TCP listener's rustls server configuration: the certificate by SNI, ALPN h2 then
+/// Network paths a QUIC connection may have (see `set_active_connection_id_limit` above).
+pub const MAX_PATHS: u64 = 32;
+
 /// http/1.1, TLS 1.2 and 1.3, stateless session tickets.
 fn tcp_tls(certs: &Arc<Certificates>) -> Result<Arc<rustls::ServerConfig>, SnapshotError> {
     let err = |what: &str, e: &dyn std::fmt::Display| SnapshotError::TcpTls(format!("{what}: {e}"));

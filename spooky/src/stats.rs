@@ -85,6 +85,14 @@ pub struct WorkerStats {
     /// Packets whose DCID is in our layout with another server id (a fleet's load balancer
     /// sent another server's packet here): dropped, never reset.
     pub other_server: AtomicU64,
+    /// Packets of another fleet member's connections sent on to it (GUE).
+    pub fleet_forwarded: AtomicU64,
+    /// Packets that could not be sent on to a fleet member (send error, too large).
+    pub fleet_send_failures: AtomicU64,
+    /// Forwarded packets taken from fleet members.
+    pub fleet_received: AtomicU64,
+    /// Packets on the forwarding port refused: not from a member, or malformed.
+    pub fleet_refused: AtomicU64,
     /// Initials whose token is not a valid Retry token of ours for their DCID (forged,
     /// expired, from another address, or aimed at another connection ID).
     pub invalid_tokens: AtomicU64,

@@ -631,14 +631,27 @@ pub fn start_from(
     }
     let (deaths_tx, deaths_rx) = std::sync::mpsc::channel::<usize>();
     let mut handles = Vec::with_capacity(workers);
+    // Fleet forwarding: one socket per worker in a SO_REUSEPORT group, as for QUIC; a
+    // forwarded packet is handed to its connection's worker like any misroute.
+    let fleet_sockets: Vec<Option<std::net::UdpSocket>> = match &cfg.fleet {
+        Some(f) => {
+            let group = bind_group(f.listen, workers)?;
+            tracing::info!(listen = %f.listen, members = f.members.len(), "fleet mode: packets of other members' connections are forwarded to them");
+            group.into_iter().map(Some).collect()
+        }
+        None => (0..workers).map(|_| None).collect(),
+    };
     let per_worker = sockets
         .into_iter()
+        .zip(fleet_sockets)
         .zip(tcp_listeners)
         .zip(plain_listeners)
         .zip(inboxes)
         .zip(commands)
         .zip(quic_configs);
-    for (index, (((((socket, tcp), plain), inbox), commands), quic)) in per_worker.enumerate() {
+    for (index, ((((((socket, fleet), tcp), plain), inbox), commands), quic)) in
+        per_worker.enumerate()
+    {
         let setup = WorkerSetup {
             index,
             workers,
@@ -664,6 +677,7 @@ pub fn start_from(
             generations: generations_rx.clone(),
             probes: probes.clone(),
             kill: live.kills[index].clone(),
+            fleet,
         };
         let death = watchdog::Death {
             index,

@@ -42,6 +42,18 @@ pub struct Config {
     pub acme: Option<Acme>,
     /// How backends named by DNS are resolved.
     pub resolver: Resolver,
+    /// Fleet mode: packets of other hosts' connections are forwarded to them; `None`: off.
+    pub fleet: Option<Fleet>,
+}
+
+/// `fleet`: this host's place among hosts sharing a VIP behind ECMP routers or QUIC-aware
+/// load balancers (docs/fleet.md).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fleet {
+    /// Where forwarded packets arrive (UDP, GUE), and the source of the ones we forward.
+    pub listen: SocketAddr,
+    /// Server id → forwarding address of each member (ours may be listed: it is skipped).
+    pub members: Vec<(Vec<u8>, SocketAddr)>,
 }
 
 /// `resolver`: the DNS resolver for backends named by host name.

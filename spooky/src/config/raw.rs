@@ -46,6 +46,20 @@ pub(super) struct RawConfig {
     pub acme: Option<RawAcme>,
     #[serde(default)]
     pub resolver: RawResolver,
+    #[serde(default)]
+    pub fleet: Option<RawFleet>,
+}
+
+/// `fleet`: the other hosts behind the same load balancers, and where forwarded packets
+/// arrive.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFleet {
+    /// `IP:PORT` (UDP) where members send packets that reached them for our connections.
+    pub listen: String,
+    /// Server id (as `quic.server_id` is written, in text) → `IP` or `IP:PORT`.
+    #[serde(default)]
+    pub members: BTreeMap<String, String>,
 }
 
 /// `resolver`: how backends named by DNS are resolved.

@@ -21,7 +21,7 @@ use spooky_common::cid::{
 
 use super::env::{Env, System};
 use super::raw::{
-    RawAcme, RawAdmin, RawBackend, RawBackendTls, RawConfig, RawDuration, RawHeaderRules,
+    RawAcme, RawAdmin, RawBackend, RawBackendTls, RawConfig, RawDuration, RawFleet, RawHeaderRules,
     RawHealthCheck, RawListen, RawListenTls, RawLoadBalancing, RawLog, RawPassiveHealth, RawProxy,
     RawQuic, RawRateLimit, RawRedirect, RawResolver, RawRoute, RawServerId, RawSize,
     RawStatusRange, RawSteering, RawTimeouts, RawUpstream, DEFAULT_REPLICAS,
@@ -29,11 +29,11 @@ use super::raw::{
 };
 use super::{
     Access, AccessField, AccessFormat, AccessLog, Acme, AcmeChallenge, Admin, AltSvc, Backend,
-    BackendProtocol, BackendTls, CertPair, Cidr, Config, ControlSocket, EarlyData, ForwardedMode,
-    HashKey, HeaderRules, HealthCheck, Listen, ListenTls, LoadBalancing, Log, LogFormat,
-    NamedBackend, PassiveHealth, PlainHttp, Proxy, Quic, RateKey, RateLimit, Readiness, Redirect,
-    Resolver, RetryMode, Route, Steering, Tcp, UnknownSni, Upstream, UpstreamTimeouts, User,
-    XdpMode,
+    BackendProtocol, BackendTls, CertPair, Cidr, Config, ControlSocket, EarlyData, Fleet,
+    ForwardedMode, HashKey, HeaderRules, HealthCheck, Listen, ListenTls, LoadBalancing, Log,
+    LogFormat, NamedBackend, PassiveHealth, PlainHttp, Proxy, Quic, RateKey, RateLimit, Readiness,
+    Redirect, Resolver, RetryMode, Route, Steering, Tcp, UnknownSni, Upstream, UpstreamTimeouts,
+    User, XdpMode,
 };
 
 /// Why a configuration was refused.
@@ -232,6 +232,10 @@ fn build_config(raw: &RawConfig, io: &Io<'_>, errs: &mut Errors) -> Option<Confi
     };
     let acme = build_acme(&raw.acme, listen.as_ref(), io, errs);
     let resolver = build_resolver(&raw.resolver, errs);
+    let fleet = match &raw.fleet {
+        None => Some(None),
+        Some(f) => build_fleet(f, quic.as_ref().map(|q| q.server_id.len()), errs).map(Some),
+    };
     let control_socket = match raw.control_socket.as_deref() {
         None => Some(ControlSocket::At {
             path: PathBuf::from(super::DEFAULT_CONTROL_SOCKET),
@@ -258,6 +262,60 @@ fn build_config(raw: &RawConfig, io: &Io<'_>, errs: &mut Errors) -> Option<Confi
         control_socket: control_socket?,
         acme: acme?,
         resolver: resolver?,
+        fleet: fleet?,
+    })
+}
+
+/// `fleet`: the forwarding address, and members whose server ids have our server id's
+/// length (`server_id_len`, when `quic` itself is valid).
+fn build_fleet(raw: &RawFleet, server_id_len: Option<usize>, errs: &mut Errors) -> Option<Fleet> {
+    let listen = errs.check(
+        "fleet.listen",
+        raw.listen
+            .parse::<SocketAddr>()
+            .map_err(|_| format!("not an IP:PORT: \"{}\"", raw.listen))
+            .and_then(|a| {
+                if a.port() == 0 {
+                    Err("needs a port (members send to it)".to_owned())
+                } else {
+                    Ok(a)
+                }
+            }),
+    );
+    let mut members: Vec<(Vec<u8>, SocketAddr)> = Vec::with_capacity(raw.members.len());
+    let mut ok = true;
+    for (id_text, addr_text) in &raw.members {
+        let field = format!("fleet.members.{id_text}");
+        let id = match id_text.parse::<i64>() {
+            Ok(n) => parse_server_id(&RawServerId::Int(n)),
+            Err(_) => parse_server_id(&RawServerId::Text(id_text.clone())),
+        };
+        let id = match (id, server_id_len) {
+            (Ok(id), Some(len)) if id.len() != len => Err(format!(
+                "a server id of {} bytes, but quic.server_id has {len}",
+                id.len()
+            )),
+            (Ok(id), _) if members.iter().any(|(m, _)| *m == id) => {
+                Err("the same server id as another member".to_owned())
+            }
+            (other, _) => other,
+        };
+        let port = listen.map_or(0, |l| l.port());
+        let addr = addr_text.parse::<SocketAddr>().ok().or_else(|| {
+            addr_text
+                .parse::<std::net::IpAddr>()
+                .ok()
+                .map(|ip| SocketAddr::new(ip, port))
+        });
+        let addr = addr.ok_or_else(|| format!("not an IP address or IP:PORT: \"{addr_text}\""));
+        match (errs.check(&field, id), errs.check(&field, addr)) {
+            (Some(id), Some(addr)) => members.push((id, addr)),
+            _ => ok = false,
+        }
+    }
+    Some(Fleet {
+        listen: listen?,
+        members: ok.then_some(members)?,
     })
 }
 

@@ -116,6 +116,10 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     if old.resolver != new.resolver {
         v.push("resolver needs a restart".to_owned());
     }
+    // Members may change (a host added to the fleet); the forwarding socket may not.
+    if old.fleet.as_ref().map(|f| f.listen) != new.fleet.as_ref().map(|f| f.listen) {
+        v.push("fleet (on, off, fleet.listen) needs a restart".to_owned());
+    }
     v
 }
 

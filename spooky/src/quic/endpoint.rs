@@ -316,8 +316,9 @@ impl Endpoint {
             .collect();
     }
 
-    /// Whether `dcid` is in our layout with a server id that is not ours.
-    fn other_server(&self, dcid: &[u8]) -> bool {
+    /// Whether `dcid` is in our layout with a server id that is not ours (another host of
+    /// the fleet owns it).
+    pub fn other_server(&self, dcid: &[u8]) -> bool {
         let end = 1 + self.server_id.len();
         !self.server_id.is_empty()
             && self.layout.generation_of(dcid).is_some()

@@ -9,6 +9,7 @@
 
 use super::conn::{BytesFactory, Conn};
 use super::endpoint::{Decision, DropReason, Endpoint, Generations, Limits, Now, RESET_LEN};
+use super::fleet::{self, Members};
 use super::send::{Sender, MAX_DATAGRAM};
 use super::stall::AddressBook;
 use super::token;
@@ -32,6 +33,19 @@ pub const RECV_BATCH: usize = 64;
 pub struct Forwarded {
     pub data: Vec<u8>,
     pub from: SocketAddr,
+    /// The local address it was sent to.
+    pub to: SocketAddr,
+}
+
+/// How a datagram reached this worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Via {
+    /// Our own socket: the client sent it here.
+    Socket,
+    /// Another worker of this process handed it over.
+    Worker,
+    /// Another host of the fleet forwarded it (never forwarded again).
+    Fleet,
 }
 
 /// What a QUIC front starts with.
@@ -51,6 +65,9 @@ pub struct Setup {
     pub generations: Generations,
     /// Where probes of the classic BPF tier are reported.
     pub probes: Arc<ProbeBoard>,
+    /// This worker's socket of the fleet forwarding group (`fleet.listen`), if fleet mode
+    /// is on.
+    pub fleet: Option<std::net::UdpSocket>,
 }
 
 /// What the QUIC front runs with for one snapshot.
@@ -84,6 +101,24 @@ pub struct QuicFront {
     touched: Vec<usize>,
     /// Stalled response streams held per client address (`quic.max_stalled_streams_per_ip`).
     stalls: Rc<AddressBook>,
+    fleet: Option<FleetPort>,
+}
+
+/// A worker's end of fleet forwarding: its socket of the `fleet.listen` group, the member
+/// table of the snapshot in force, and buffers.
+struct FleetPort {
+    socket: tokio::net::UdpSocket,
+    members: Members,
+    recv: udp::RecvBatch,
+    out: Vec<u8>,
+}
+
+impl FleetPort {
+    fn members_of(config: &crate::config::Config) -> Members {
+        config.fleet.as_ref().map_or_else(Members::default, |f| {
+            Members::new(&f.members, &config.quic.server_id)
+        })
+    }
 }
 
 impl QuicFront {
@@ -112,6 +147,18 @@ impl QuicFront {
         );
         let server_id = config.quic.server_id.clone();
         endpoint.set_server_id(&server_id);
+        let fleet = match setup.fleet {
+            Some(socket) => {
+                socket.set_nonblocking(true)?;
+                Some(FleetPort {
+                    socket: tokio::net::UdpSocket::from_std(socket)?,
+                    members: FleetPort::members_of(config),
+                    recv: udp::RecvBatch::new(MAX_DATAGRAM),
+                    out: vec![0; MAX_DATAGRAM],
+                })
+            }
+            None => None,
+        };
         Ok(Self {
             index: worker,
             tx: Sender::new(socket, setup.services.stats.clone(), worker),
@@ -139,6 +186,7 @@ impl QuicFront {
             recv_buf: udp::RecvBatch::new(MAX_DATAGRAM),
             touched: Vec::new(),
             stalls: Rc::new(AddressBook::new(setup.workers)),
+            fleet,
         })
     }
 
@@ -147,7 +195,15 @@ impl QuicFront {
     /// # Cancel safety
     /// Cancel-safe.
     pub async fn readable(&self) {
-        let _ = self.tx.socket.readable().await;
+        match &self.fleet {
+            Some(f) => tokio::select! {
+                _ = self.tx.socket.readable() => {}
+                _ = f.socket.readable() => {}
+            },
+            None => {
+                let _ = self.tx.socket.readable().await;
+            }
+        }
     }
 
     /// When the earliest connection timer is due.
@@ -172,6 +228,9 @@ impl QuicFront {
     pub fn switch(&mut self, next: Current) {
         let limits = Limits::share(&next.fwd.snapshot.config.quic, self.peers.len());
         self.endpoint.set_limits(limits);
+        if let Some(f) = self.fleet.as_mut() {
+            f.members = FleetPort::members_of(&next.fwd.snapshot.config);
+        }
         self.cur = next;
     }
 
@@ -193,6 +252,8 @@ impl QuicFront {
                 // A GRO buffer holds several datagrams of `seg` bytes (the last shorter).
                 let len = data.len();
                 let seg = r.seg.unwrap_or(len).max(1);
+                // On a wildcard socket, the address the client sent to.
+                let to = SocketAddr::new(r.to.unwrap_or(self.local.ip()), self.local.port());
                 let mut off = 0;
                 while off < len {
                     let end = (off + seg).min(len);
@@ -200,7 +261,7 @@ impl QuicFront {
                         .stats
                         .packets_in
                         .fetch_add(1, Ordering::Relaxed);
-                    self.on_datagram(&mut data[off..end], r.from, false);
+                    self.on_datagram(&mut data[off..end], r.from, to, Via::Socket);
                     off = end;
                 }
             }
@@ -210,18 +271,98 @@ impl QuicFront {
                 break;
             }
         }
-        total
+        total + self.recv_fleet()
+    }
+
+    /// Up to [`udp::BATCH`] packets other hosts of the fleet forwarded: taken only from
+    /// members, taken apart, and fed as if the client had sent them here.
+    fn recv_fleet(&mut self) -> usize {
+        let Some(mut port) = self.fleet.take() else {
+            return 0;
+        };
+        let n = port
+            .socket
+            .try_io(tokio::io::Interest::READABLE, || {
+                port.recv.recv(&port.socket)
+            })
+            .unwrap_or(0);
+        let stats = self.services.stats.clone();
+        for i in 0..n {
+            let Some((r, data)) = port.recv.message(i) else {
+                continue;
+            };
+            if !port.members.is_member(r.from.ip()) {
+                stats.fleet_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(from = %r.from, "forwarded packet from a host that is no fleet member dropped");
+                continue;
+            }
+            let inner = match fleet::decapsulate(data) {
+                Ok(inner) => inner,
+                Err(why) => {
+                    stats.fleet_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(from = %r.from, ?why, "malformed forwarded packet dropped");
+                    continue;
+                }
+            };
+            stats.fleet_received.fetch_add(1, Ordering::Relaxed);
+            stats.packets_in.fetch_add(1, Ordering::Relaxed);
+            // Addresses as our own socket would have given them (mapped on a dual-stack one).
+            let client = same_family(inner.client, self.local);
+            let to = same_family(
+                SocketAddr::new(inner.server.ip(), self.local.port()),
+                self.local,
+            );
+            self.on_datagram(&mut data[inner.payload], client, to, Via::Fleet);
+        }
+        self.fleet = Some(port);
+        n
     }
 
     /// A datagram another worker received for one of this worker's connections.
     pub fn on_forwarded(&mut self, f: Forwarded) {
         let mut data = f.data;
-        self.on_datagram(&mut data, f.from, true);
+        self.on_datagram(&mut data, f.from, f.to, Via::Worker);
     }
 
-    /// One datagram from `from` (possibly several coalesced QUIC packets): to its
-    /// connection, or whatever the endpoint decides.
-    fn on_datagram(&mut self, data: &mut [u8], from: SocketAddr, forwarded: bool) {
+    /// Sends a datagram of another host's connection (its DCID names that host's server id)
+    /// there, if the fleet knows the host; false when it does not.
+    fn forward_to_host(
+        &mut self,
+        dcid: &[u8],
+        data: &[u8],
+        from: SocketAddr,
+        to: SocketAddr,
+    ) -> bool {
+        let Some(port) = self.fleet.as_mut() else {
+            return false;
+        };
+        let sid = dcid.get(1..1 + self.layout.server_id_len()).unwrap_or(&[]);
+        let Some(member) = port.members.address_of(sid) else {
+            return false;
+        };
+        let stats = &self.services.stats;
+        match fleet::encapsulate(from, to, data, &mut port.out) {
+            Some(n) => match port.socket.try_send_to(&port.out[..n], member) {
+                Ok(_) => {
+                    stats.fleet_forwarded.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    stats.fleet_send_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%member, error = %e, "forwarding to a fleet member failed");
+                }
+            },
+            None => {
+                stats.fleet_send_failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        true
+    }
+
+    /// One datagram from `from` to local address `to` (possibly several coalesced QUIC
+    /// packets): to its connection, to the fleet member its DCID names, or whatever the
+    /// endpoint decides.
+    fn on_datagram(&mut self, data: &mut [u8], from: SocketAddr, to: SocketAddr, via: Via) {
+        let forwarded = via == Via::Worker;
         let len = data.len();
         // Probes of the classic BPF tier (QUIC never starts with a zero byte).
         if data.first() == Some(&0) {
@@ -238,8 +379,16 @@ impl QuicFront {
             }
         };
         if let Some(&slot) = self.by_cid.get(&hdr.dcid) {
-            let _ = self.feed(slot, data, from);
+            let _ = self.feed(slot, data, from, to);
             return;
+        }
+        // Another host's connection (a rebinding or a rehash sent it here): to that host,
+        // unless it already came from one.
+        if via == Via::Socket && self.endpoint.other_server(&hdr.dcid) {
+            let dcid = hdr.dcid.to_vec();
+            if self.forward_to_host(&dcid, data, from, to) {
+                return;
+            }
         }
         let fwd = self.cur.fwd.clone();
         let mint = &self.mint;
@@ -279,6 +428,7 @@ impl QuicFront {
                     let _ = peer.try_send(Forwarded {
                         data: data.to_vec(),
                         from,
+                        to,
                     });
                 }
             }
@@ -286,7 +436,7 @@ impl QuicFront {
                 if let Ok(n) = quiche::negotiate_version(&hdr.scid, &hdr.dcid, &mut self.tx.out) {
                     // Counted first: whoever sees the packet sees the count.
                     stats.negotiations_sent.fetch_add(1, Ordering::Relaxed);
-                    self.tx.send_now(n, from);
+                    self.tx.send_now(n, from, to);
                 }
             }
             Decision::Refuse(reason) => {
@@ -299,7 +449,7 @@ impl QuicFront {
                 // A short header: form bit clear, fixed bit set, the rest unpredictable.
                 out[0] = 0x40 | (out[0] & 0x3f);
                 out[RESET_LEN - 16..].copy_from_slice(&token.to_be_bytes());
-                self.tx.send_now(RESET_LEN, from);
+                self.tx.send_now(RESET_LEN, from, to);
                 stats.resets_sent.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(worker = self.index, peer = %from, "stateless reset sent");
             }
@@ -312,13 +462,13 @@ impl QuicFront {
                     hdr.version,
                     &mut self.tx.out,
                 ) {
-                    self.tx.send_now(n, from);
+                    self.tx.send_now(n, from, to);
                     stats.retry_sent.fetch_add(1, Ordering::Relaxed);
                 }
             }
             Decision::Accept { odcid } => {
                 let client_dcid = hdr.dcid.into_owned();
-                self.accept(client_dcid, odcid, data, from);
+                self.accept(client_dcid, odcid, data, from, to);
             }
         }
     }
@@ -330,6 +480,7 @@ impl QuicFront {
         odcid: Option<ConnectionId<'static>>,
         data: &mut [u8],
         from: SocketAddr,
+        to: SocketAddr,
     ) {
         // After a Retry the client's DCID is the retry SCID we chose: keep it as our SCID.
         let scid = if odcid.is_some() {
@@ -343,7 +494,7 @@ impl QuicFront {
         let quic = match quiche::accept_with_buf_factory::<BytesFactory>(
             &scid,
             odcid.as_ref(),
-            self.local,
+            to,
             from,
             &mut self.cur.qconfig,
         ) {
@@ -384,7 +535,7 @@ impl QuicFront {
             .client_addresses
             .store(self.endpoint.addresses() as u64, Ordering::Relaxed);
         stats.connections_active.fetch_add(1, Ordering::Relaxed);
-        if self.feed(slot, data, from) {
+        if self.feed(slot, data, from, to) {
             stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
         } else if let Some(conn) = self.conns.get_mut(slot).and_then(Option::take) {
             // The Initial did not decrypt (forged or corrupt): keep no state for it.
@@ -394,12 +545,11 @@ impl QuicFront {
     }
 
     /// Feeds a datagram to connection `slot`; false when quiche refused it.
-    fn feed(&mut self, slot: usize, data: &mut [u8], from: SocketAddr) -> bool {
-        let local = self.local;
+    fn feed(&mut self, slot: usize, data: &mut [u8], from: SocketAddr, to: SocketAddr) -> bool {
         let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
             return false;
         };
-        let info = quiche::RecvInfo { from, to: local };
+        let info = quiche::RecvInfo { from, to };
         let ok = match conn.quic.recv(data, info) {
             Ok(_) => {
                 conn.peer = from;
@@ -611,4 +761,14 @@ impl Mint {
         };
         ConnectionId::from_vec(cid[..n].to_vec())
     }
+}
+
+/// `addr` in the family of `local`'s socket: IPv4 as IPv4-mapped on an IPv6 one, mapped
+/// IPv6 as IPv4 on an IPv4 one.
+fn same_family(addr: SocketAddr, local: SocketAddr) -> SocketAddr {
+    let ip = match (fleet::canonical(addr.ip()), local) {
+        (std::net::IpAddr::V4(v4), SocketAddr::V6(_)) => std::net::IpAddr::V6(v4.to_ipv6_mapped()),
+        (ip, _) => ip,
+    };
+    SocketAddr::new(ip, addr.port())
 }

@@ -4,6 +4,7 @@
 //! | module | what |
 //! |---|---|
 //! | [`endpoint`] | sans-IO: what to do with a datagram for no known connection (forward, Version Negotiation, Retry, refuse, accept) |
+//! | [`fleet`] | sans-IO: the member table, and GUE encapsulation of packets forwarded to the host that owns them |
 //! | [`quic_lb`] | sans-IO: QUIC-LB connection IDs (server id in plaintext, one AES pass or four) |
 //! | [`token`] | sans-IO: Retry and stateless-reset tokens, time passed in |
 //! | `conn` | one client connection: HTTP/3 events in, responses out |
@@ -14,6 +15,7 @@
 
 mod conn;
 pub mod endpoint;
+pub mod fleet;
 pub(crate) mod front;
 mod heads;
 pub mod quic_lb;

@@ -13,7 +13,7 @@
 use super::conn::QuicConn;
 use super::udp;
 use crate::stats::WorkerStats;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -31,25 +31,43 @@ pub struct Sender {
     gso: bool,
     stats: Arc<WorkerStats>,
     worker: usize,
+    /// The socket is bound to a wildcard address: every send names its source address.
+    pub wildcard: bool,
 }
 
 impl Sender {
     pub fn new(socket: tokio::net::UdpSocket, stats: Arc<WorkerStats>, worker: usize) -> Self {
         stats.gso_enabled.store(1, Ordering::Relaxed);
+        let wildcard = socket.local_addr().is_ok_and(|a| a.ip().is_unspecified());
+        if wildcard && !udp::enable_pktinfo(&socket, socket.local_addr().is_ok_and(|a| a.is_ipv6()))
+        {
+            tracing::warn!(worker, "IP_PKTINFO refused: replies leave from the interface's address, not the one clients sent to");
+        }
         Self {
             socket,
             out: vec![0; MAX_DATAGRAM],
             gso: true,
             stats,
             worker,
+            wildcard,
         }
     }
 
-    /// Sends `out[..len]` to `to` now if the socket takes it (answers to strangers are not
-    /// worth waiting for).
-    pub fn send_now(&self, len: usize, to: SocketAddr) {
+    /// The source address to name in a send from local address `from` (none on a socket
+    /// bound to one address).
+    fn source(&self, from: SocketAddr) -> Option<IpAddr> {
+        (self.wildcard && !from.ip().is_unspecified()).then_some(from.ip())
+    }
+
+    /// Sends `out[..len]` to `to` from local address `from` now if the socket takes it
+    /// (answers to strangers are not worth waiting for).
+    pub fn send_now(&self, len: usize, to: SocketAddr, from: SocketAddr) {
+        let src = self.source(from);
         if let Some(buf) = self.out.get(..len) {
-            if self.socket.try_send_to(buf, to).is_ok() {
+            let sent = self.socket.try_io(tokio::io::Interest::WRITABLE, || {
+                udp::send_gso(&self.socket, buf, len, to, src)
+            });
+            if sent.is_ok() {
                 self.stats.packets_out.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -61,22 +79,24 @@ impl Sender {
         let max = quic.max_send_udp_payload_size().min(self.out.len());
         loop {
             // Fill a batch: packets of `seg` bytes (the last may be shorter) to `dst`.
+            // `dst`: (peer, local address) of the batch.
             let (mut used, mut seg, mut count, mut dst) = (0usize, 0usize, 0usize, None);
-            let mut odd: Option<(usize, usize, SocketAddr)> = None;
+            let mut odd: Option<(usize, usize, (SocketAddr, SocketAddr))> = None;
             let mut done = false;
             let room = MAX_GSO_BYTES.min(self.out.len());
             while count < udp::MAX_SEGMENTS && used + max <= room {
                 match quic.send(&mut self.out[used..used + max]) {
                     Ok((len, info)) => {
-                        let fits = dst.is_none_or(|d| d == info.to) && (count == 0 || len <= seg);
+                        let path = (info.to, info.from);
+                        let fits = dst.is_none_or(|d| d == path) && (count == 0 || len <= seg);
                         if !fits {
                             // Sent alone after the batch.
-                            odd = Some((used, len, info.to));
+                            odd = Some((used, len, path));
                             break;
                         }
                         if count == 0 {
                             seg = len;
-                            dst = Some(info.to);
+                            dst = Some(path);
                         }
                         used += len;
                         count += 1;
@@ -108,15 +128,17 @@ impl Sender {
         }
     }
 
-    /// Sends `out[at..at + len]` as `count` datagrams of `seg` bytes to `to`.
+    /// Sends `out[at..at + len]` as `count` datagrams of `seg` bytes on `path` (peer, local
+    /// address).
     async fn send_batch(
         &mut self,
         at: usize,
         len: usize,
         seg: usize,
         count: usize,
-        to: SocketAddr,
+        (to, from): (SocketAddr, SocketAddr),
     ) {
+        let src = self.source(from);
         self.stats
             .packets_out
             .fetch_add(count as u64, Ordering::Relaxed);
@@ -124,7 +146,7 @@ impl Sender {
         if count > 1 && self.gso {
             loop {
                 let sent = self.socket.try_io(tokio::io::Interest::WRITABLE, || {
-                    udp::send_gso(&self.socket, buf, seg, to)
+                    udp::send_gso(&self.socket, buf, seg, to, src)
                 });
                 match sent {
                     Ok(_) => return,
@@ -149,7 +171,13 @@ impl Sender {
             }
         }
         for chunk in buf.chunks(seg.max(1)) {
-            if let Err(e) = self.socket.send_to(chunk, to).await {
+            let sent = self
+                .socket
+                .async_io(tokio::io::Interest::WRITABLE, || {
+                    udp::send_gso(&self.socket, chunk, chunk.len(), to, src)
+                })
+                .await;
+            if let Err(e) = sent {
                 tracing::debug!(error = %e, %to, "send failed");
                 return;
             }

@@ -67,6 +67,8 @@ pub struct WorkerSetup {
     pub generations: watch::Receiver<Generations>,
     /// Where probes of the classic BPF tier are reported.
     pub probes: Arc<ProbeBoard>,
+    /// Its socket of the fleet forwarding group (`fleet.listen`), when fleet mode is on.
+    pub fleet: Option<std::net::UdpSocket>,
     /// Ends the worker at once, as a crash would (`app::Running::kill_worker`, for tests of
     /// what happens when a worker dies).
     pub kill: Arc<tokio::sync::Notify>,
@@ -222,6 +224,7 @@ impl Worker {
             kernel_places_initials: setup.kernel_places_initials,
             generations,
             probes: setup.probes,
+            fleet: setup.fleet,
         })
         .map_err(|source| WorkerError::Socket { worker, source })?;
         Ok(Self {

@@ -1537,3 +1537,40 @@ fn trusted_proxies_are_address_blocks() {
         ]
     );
 }
+
+#[test]
+fn fleet_members_are_read_and_checked() {
+    let fleet = |body: &str| format!("fleet: {{{body}}}\n{ONE_UPSTREAM}");
+    let c = ok(&fleet(
+        "listen: \"0.0.0.0:6080\", members: {\"1\": 10.0.0.1, \"0x0002\": \"10.0.0.2:7000\"}",
+    ));
+    let f = c.fleet.unwrap();
+    assert_eq!(f.listen, "0.0.0.0:6080".parse().unwrap());
+    assert_eq!(
+        f.members,
+        vec![
+            (vec![0, 2], "10.0.0.2:7000".parse().unwrap()),
+            (vec![0, 1], "10.0.0.1:6080".parse().unwrap()),
+        ],
+        "ids as quic.server_id reads them, the port defaulting to listen's"
+    );
+    assert!(ok(ONE_UPSTREAM).fleet.is_none());
+    assert_eq!(
+        problems(&fleet("listen: \"0.0.0.0\"")),
+        ["fleet.listen: not an IP:PORT: \"0.0.0.0\""]
+    );
+    assert_eq!(
+        problems(&fleet("listen: \"0.0.0.0:0\"")),
+        ["fleet.listen: needs a port (members send to it)"]
+    );
+    assert_eq!(
+        problems(&fleet(
+            "listen: \"[::]:6080\", members: {\"0x01\": 10.0.0.1, \"2\": nowhere, \"0x0001\": 10.0.0.3, \"1\": 10.0.0.4}"
+        )),
+        [
+            "fleet.members.0x01: a server id of 1 bytes, but quic.server_id has 2",
+            "fleet.members.1: the same server id as another member",
+            "fleet.members.2: not an IP address or IP:PORT: \"nowhere\"",
+        ]
+    );
+}
