@@ -21,6 +21,7 @@ use ring::rand::SecureRandom;
 use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Bytes of one key.
 const KEY_LEN: usize = 32;
@@ -91,6 +92,9 @@ pub struct KeyRing {
     /// reload) rotates it too; tickets sealed with the old one then fall back to a full
     /// handshake.
     pub ticket: [u8; TICKET_KEY_LEN],
+    /// Session tickets of the TCP listener (rustls), sealed with a key derived the same
+    /// way: a ticket from any worker, successor or fleet member resumes on any other.
+    pub tcp_tickets: Arc<SharedTickets>,
 }
 
 impl From<&Keys> for KeyRing {
@@ -100,7 +104,88 @@ impl From<&Keys> for KeyRing {
             token: k.token.hmac(),
             previous_token: k.previous_token.as_ref().map(Secret::hmac),
             ticket: ticket_key(&k.token),
+            tcp_tickets: Arc::new(SharedTickets::new(&k.token, k.previous_token.as_ref())),
         }
+    }
+}
+
+/// How long a TCP session ticket is good for (what rustls's own ticketer uses).
+const TCP_TICKET_LIFETIME: u32 = 6 * 60 * 60;
+
+/// rustls session tickets sealed with AES-256-GCM under a key derived from the token key
+/// (so the processes and hosts that share a key file accept each other's), accepted also
+/// under the key before the last rotation. A ticket is `nonce (12) ‖ ciphertext ‖ tag`.
+pub struct SharedTickets {
+    /// `None` only if ring refused the key (it takes any 32 bytes): no tickets then.
+    current: Option<ring::aead::LessSafeKey>,
+    previous: Option<ring::aead::LessSafeKey>,
+}
+
+impl fmt::Debug for SharedTickets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SharedTickets(…)")
+    }
+}
+
+impl SharedTickets {
+    fn new(token: &Secret, previous: Option<&Secret>) -> Self {
+        let key = |s: &Secret| {
+            let k = hmac::sign(&s.hmac(), b"spooky: tcp session tickets");
+            ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, k.as_ref())
+                .ok()
+                .map(ring::aead::LessSafeKey::new)
+        };
+        Self {
+            current: key(token),
+            previous: previous.and_then(key),
+        }
+    }
+}
+
+impl rustls::server::ProducesTickets for SharedTickets {
+    fn enabled(&self) -> bool {
+        self.current.is_some()
+    }
+
+    fn lifetime(&self) -> u32 {
+        TCP_TICKET_LIFETIME
+    }
+
+    fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        let mut nonce = [0u8; ring::aead::NONCE_LEN];
+        ring::rand::SystemRandom::new().fill(&mut nonce).ok()?;
+        let mut sealed = plain.to_vec();
+        self.current
+            .as_ref()?
+            .seal_in_place_append_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::empty(),
+                &mut sealed,
+            )
+            .ok()?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&sealed);
+        Some(out)
+    }
+
+    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        let nonce: [u8; ring::aead::NONCE_LEN] =
+            cipher.get(..ring::aead::NONCE_LEN)?.try_into().ok()?;
+        let body = cipher.get(ring::aead::NONCE_LEN..)?;
+        [self.current.as_ref(), self.previous.as_ref()]
+            .into_iter()
+            .flatten()
+            .find_map(|key| {
+                let mut buf = body.to_vec();
+                let plain = key
+                    .open_in_place(
+                        ring::aead::Nonce::assume_unique_for_key(nonce),
+                        ring::aead::Aad::empty(),
+                        &mut buf,
+                    )
+                    .ok()?;
+                Some(plain.to_vec())
+            })
     }
 }
 
@@ -312,6 +397,43 @@ mod tests {
         assert_ne!(KeyRing::from(&keys.rotated(&rng).unwrap()).ticket, ticket);
         let other = Keys::generate(&rng).unwrap();
         assert_ne!(KeyRing::from(&other).ticket, ticket);
+    }
+
+    #[test]
+    fn tcp_tickets_open_wherever_the_keys_are_shared_and_for_one_rotation() {
+        use rustls::server::ProducesTickets;
+        let rng = ring::rand::SystemRandom::new();
+        let keys = Keys::generate(&rng).unwrap();
+        let a = KeyRing::from(&keys).tcp_tickets;
+        let b = KeyRing::from(&keys.clone()).tcp_tickets;
+        let plain = b"a resumption secret".to_vec();
+        let t1 = a.encrypt(&plain).unwrap();
+        let t2 = a.encrypt(&plain).unwrap();
+        assert_ne!(t1, t2, "a fresh nonce each time");
+        assert!(
+            !t1.windows(plain.len()).any(|w| w == plain.as_slice()),
+            "sealed"
+        );
+        assert_eq!(
+            b.decrypt(&t1),
+            Some(plain.clone()),
+            "another host with the file"
+        );
+        let rotated = keys.rotated(&rng).unwrap();
+        let r = KeyRing::from(&rotated).tcp_tickets;
+        assert_eq!(
+            r.decrypt(&t1),
+            Some(plain.clone()),
+            "the previous key still opens"
+        );
+        let twice = KeyRing::from(&rotated.rotated(&rng).unwrap()).tcp_tickets;
+        assert_eq!(twice.decrypt(&t1), None, "two rotations later: no more");
+        let other = KeyRing::from(&Keys::generate(&rng).unwrap()).tcp_tickets;
+        assert_eq!(other.decrypt(&t1), None);
+        let mut bad = t1.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        assert_eq!(b.decrypt(&bad), None, "tampered");
+        assert_eq!(b.decrypt(&t1[..10]), None, "cut short");
     }
 
     #[test]

@@ -175,7 +175,7 @@ impl Snapshot {
         snapshot.quic_config()?;
         snapshot.h3_config()?;
         if snapshot.config.listen.tcp.is_some() {
-            snapshot.tcp_tls = Some(tcp_tls(&snapshot.certs)?);
+            snapshot.tcp_tls = Some(tcp_tls(&snapshot.certs, &snapshot.keys)?);
         }
         Ok(snapshot)
     }
@@ -247,12 +247,15 @@ fn hard_header_cap(limit: u64) -> u64 {
     limit.saturating_mul(4).max(256 * 1024)
 }
 
-/// The TCP listener's rustls server configuration: the certificate by SNI, ALPN h2 then
 /// Network paths a QUIC connection may have (see `set_active_connection_id_limit` above).
 pub const MAX_PATHS: u64 = 32;
 
+/// The TCP listener's rustls server configuration: the certificate by SNI, ALPN h2 then
 /// http/1.1, TLS 1.2 and 1.3, stateless session tickets.
-fn tcp_tls(certs: &Arc<Certificates>) -> Result<Arc<rustls::ServerConfig>, SnapshotError> {
+fn tcp_tls(
+    certs: &Arc<Certificates>,
+    keys: &KeyRing,
+) -> Result<Arc<rustls::ServerConfig>, SnapshotError> {
     let err = |what: &str, e: &dyn std::fmt::Display| SnapshotError::TcpTls(format!("{what}: {e}"));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -266,8 +269,9 @@ fn tcp_tls(certs: &Arc<Certificates>) -> Result<Arc<rustls::ServerConfig>, Snaps
         b"http/1.1".to_vec(),
         crate::certs::ACME_TLS_ALPN.to_vec(),
     ];
-    config.ticketer =
-        rustls::crypto::ring::Ticketer::new().map_err(|e| err("session tickets", &e))?;
+    // Sealed with the shared key (`keys.rs`): tickets resume on every worker, successor and
+    // fleet member, as QUIC's do.
+    config.ticketer = keys.tcp_tickets.clone();
     Ok(Arc::new(config))
 }
 

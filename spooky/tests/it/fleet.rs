@@ -352,6 +352,56 @@ fn fleet_behind_ecmp_loses_no_request_when_clients_rebind_and_the_route_changes(
         .collect();
     assert!(owners.len() >= 3, "{owners:?}");
 
+    // A session ticket from host 1 resumes on host 2, and its 0-RTT request is served there
+    // (the key file shared by the fleet carries the ticket key).
+    let out = Command::new("ip")
+        .args(["netns", "exec", &topo.client, "python3"])
+        .arg(peers_dir().join("h3_client.py"))
+        .args([
+            "--host",
+            "10.211.1.2",
+            "--resume-host",
+            "10.211.2.2",
+            "--port",
+            &QUIC_PORT.to_string(),
+        ])
+        .args([
+            "--resume",
+            "1",
+            "--hold-handshake",
+            "0.2",
+            "--plan",
+            r#"[[{"path": "/first"}], [{"path": "/again"}]]"#,
+            "--ca",
+        ])
+        .arg(certs_dir().join("ca.crt"))
+        .output()
+        .expect("python3");
+    let resumed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "h3_client.py said {:?}: {e}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    assert_eq!(resumed["error"], serde_json::Value::Null, "{resumed}");
+    assert_eq!(
+        resumed["responses"][0]["body"], "hello from h1: GET /first\n",
+        "{resumed}"
+    );
+    let again = &resumed["resumptions"][0];
+    assert_eq!(
+        again["resumed"], true,
+        "host 2 resumed host 1's session: {resumed}"
+    );
+    assert_eq!(
+        again["early_data"], true,
+        "and took its 0-RTT data: {resumed}"
+    );
+    assert_eq!(
+        again["responses"][0]["body"], "hello from h2: GET /again\n",
+        "{resumed}"
+    );
+
     // A packet naming a server id no member has: dropped by whichever host gets it, never
     // answered (a Stateless Reset would end another host's connection).
     let quic = host_config(1, &keys, "127.0.0.1:1".parse().unwrap()).quic;

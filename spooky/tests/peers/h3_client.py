@@ -30,6 +30,8 @@ so their handshake is surely incomplete while the server handles the early reque
 JSON then also has "resumptions": one {"resumed", "early_data",
 "responses", "error"} per resumed connection (`early_data`: the server accepted 0-RTT).
 
+`--resume-host H` sends the resumed connections to another server (a fleet's other host).
+
 Prints one JSON object: {"responses": [...], "error": null or text}. Responses are listed in
 plan order, each {"status", "headers", "body_len", "sha256", "body", "ended", "reset", "trailers"}
 (`body` is the text of bodies up to 64 KiB, null beyond):
@@ -244,7 +246,7 @@ async def run_resumed(args: argparse.Namespace, plan: list[list[dict[str, Any]]]
         out: dict[str, Any] = {"responses": [], "error": None, "resumed": False, "early_data": False}
         try:
             async with connect(
-                args.host,
+                args.host if ticket is None else (args.resume_host or args.host),
                 args.port,
                 configuration=c,
                 create_protocol=H3Client if ticket is None else HeldHandshake,
@@ -318,6 +320,10 @@ def main() -> int:
         type=int,
         default=0,
         help="resumed connections sending the plan's second batch in 0-RTT",
+    )
+    p.add_argument(
+        "--resume-host",
+        help="where resumed connections go (another host of a fleet sharing ticket keys); default --host",
     )
     args = p.parse_args()
     if args.plan is not None:
