@@ -9,6 +9,7 @@
 #![no_std]
 
 pub mod cid;
+pub mod fleet;
 pub mod maps;
 pub mod packet;
 pub mod quic;

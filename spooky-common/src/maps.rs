@@ -40,10 +40,19 @@ pub const WORKER_COUNTERS_MAP: &str = "worker_counters";
 /// defense's state, one rate-limit bucket per client source prefix (/24, /56), written by XDP.
 pub const INITIAL_LIMITS_MAP: &str = "initial_limits";
 
+/// `HashMap<fleet::ServerIdKey, fleet::FleetMember, MAX_FLEET_MEMBERS>`: the other hosts of
+/// the fleet by server id, where XDP forwards their connections' packets (`fleet.members`).
+pub const FLEET_MEMBERS_MAP: &str = "fleet_members";
+/// `HashMap<fleet::MemberAddr, u8, MAX_FLEET_MEMBERS>`: the members' addresses, the only
+/// senders whose forwarded packets XDP takes apart.
+pub const FLEET_SOURCES_MAP: &str = "fleet_sources";
+/// Entries of the fleet maps.
+pub const MAX_FLEET_MEMBERS: u32 = 4096;
+
 /// The maps pinned under the pin path while Spooky runs (file name = map name). Every map is
 /// pinned: a process taking over loads its programs onto these same maps, so the sockets,
 /// workers and limits of the process it replaces stay in force while that one drains.
-pub const PINNED_MAPS: [&str; 10] = [
+pub const PINNED_MAPS: [&str; 12] = [
     CONFIG_MAP,
     GENERATIONS_MAP,
     WORKERS_MAP,
@@ -54,11 +63,13 @@ pub const PINNED_MAPS: [&str; 10] = [
     WORKER_STATS_MAP,
     WORKER_COUNTERS_MAP,
     INITIAL_LIMITS_MAP,
+    FLEET_MEMBERS_MAP,
+    FLEET_SOURCES_MAP,
 ];
 
 /// Layout version of the maps: a process refuses to take over maps pinned by a Spooky
 /// whose layouts differ (it says so; a full restart is needed then).
-pub const MAPS_ABI: u32 = 4;
+pub const MAPS_ABI: u32 = 5;
 
 /// Most workers the steering can address: the CID carries the worker index in one byte.
 pub const MAX_WORKERS: u32 = 256;
@@ -85,6 +96,10 @@ pub const NAME_LEN: usize = 32;
 /// [`SteeringConfig::flags`]: XDP redirects each QUIC packet to its worker's CPU through
 /// the CPU map when that worker is alive (else the packet passes up the stack).
 pub const FLAG_REDIRECT_CPU: u32 = 1 << 0;
+/// [`SteeringConfig::flags`]: fleet mode. XDP forwards (GUE, `XDP_TX`) IPv4 packets whose
+/// connection ID names another member in `fleet_members`, and takes apart GUE packets from
+/// `fleet_sources` to [`SteeringConfig::fleet_port`] that name our server id.
+pub const FLAG_FLEET: u32 = 1 << 1;
 
 /// The steering configuration, the only entry (index 0) of [`CONFIG_MAP`].
 ///
@@ -130,11 +145,19 @@ pub struct SteeringConfig {
     /// (`spooky_common::cid::fnv1a32_keyed`), drawn at random by the process that wrote this
     /// entry.
     pub hash_key: u32,
+    /// Fleet mode ([`FLAG_FLEET`]): UDP port of `fleet.listen`, host byte order.
+    pub fleet_port: u16,
+    /// Always zero (explicit padding).
+    pub reserved2: [u8; 2],
+    /// This host's IPv4 address among the members: the outer source of what XDP forwards.
+    pub fleet_source: [u8; 4],
+    /// Our server id (`quic.server_id`), zero-padded.
+    pub server_id: [u8; 8],
 }
 
 /// Bytes of [`SteeringConfig::iface`] (`IFNAMSIZ`).
 pub const IFACE_LEN: usize = 16;
-const _: () = assert!(size_of::<SteeringConfig>() == 40 + IFACE_LEN);
+const _: () = assert!(size_of::<SteeringConfig>() == 56 + IFACE_LEN);
 
 /// One process steering knows, an entry of [`GENERATIONS_MAP`] (index = its generation).
 #[repr(C)]
@@ -480,10 +503,20 @@ pub enum Counter {
     /// Dropped: an IP fragment of a datagram to the QUIC port (QUIC forbids IP fragmentation,
     /// RFC 9000 §14; a first fragment is where its UDP header shows the port).
     DropFragment = 15,
+    /// A packet of another fleet member's connection, GUE-encapsulated and sent back out
+    /// (`XDP_TX`) towards that member.
+    FleetForwarded = 16,
+    /// A GUE packet from a member, taken apart and passed up as the client's packet.
+    FleetReceived = 17,
+    /// Dropped: a packet to the fleet port from an address that is no member.
+    FleetRefused = 18,
+    /// Dropped: a forwarded packet that is malformed, or names a server id other than ours
+    /// (never forwarded twice).
+    FleetMalformed = 19,
 }
 
 /// Number of counters in [`STATS_MAP`].
-pub const COUNTER_COUNT: u32 = 16;
+pub const COUNTER_COUNT: u32 = 20;
 
 impl Counter {
     /// Every counter, in index order.
@@ -504,6 +537,10 @@ impl Counter {
         Counter::DropInitialRateLimited,
         Counter::UnknownGeneration,
         Counter::DropFragment,
+        Counter::FleetForwarded,
+        Counter::FleetReceived,
+        Counter::FleetRefused,
+        Counter::FleetMalformed,
     ];
 
     /// The map index of this counter.
@@ -531,6 +568,10 @@ impl Counter {
             Counter::DropInitialRateLimited => "drop_initial_rate_limited",
             Counter::UnknownGeneration => "unknown_generation",
             Counter::DropFragment => "drop_fragment",
+            Counter::FleetForwarded => "fleet_forwarded",
+            Counter::FleetReceived => "fleet_received",
+            Counter::FleetRefused => "fleet_refused",
+            Counter::FleetMalformed => "fleet_malformed",
         }
     }
 }
@@ -558,6 +599,12 @@ mod pod {
     unsafe impl aya::Pod for super::WorkerCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SourcePrefix {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::fleet::ServerIdKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::fleet::FleetMember {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::fleet::MemberAddr {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::InitialBucket {}
 }

@@ -26,6 +26,13 @@
 //! a worker of the newest generation; when `workers` marks that worker dead (`alive == 0`) the
 //! next live worker in index order takes it, so a dead worker gets no new connections.
 //!
+//! Fleet mode (`FLAG_FLEET`, see `spooky_common::fleet`): an IPv4 QUIC packet whose connection
+//! ID names another member's server id (in `fleet_members`) is wrapped in GUE and sent back out
+//! (`XDP_TX`) towards that member; a GUE packet to the fleet port from a member (in
+//! `fleet_sources`) whose inner packet names our server id is unwrapped and passed up as the
+//! client's packet. Others to the fleet port pass to user space (IPv6, extensions) or are
+//! dropped (not from a member, malformed, naming another server: never forwarded twice).
+//!
 //! `backends` and `worker_counters` are declared here only so that they exist with BTF in the
 //! object (user space writes them, operators read them); no program touches them.
 //!
@@ -37,23 +44,33 @@
 
 use aya_ebpf::{
     bindings::{sk_action, xdp_action, BPF_ANY},
-    btf_maps::{Array, CpuMap, LruHashMap, PerCpuArray, ReusePortSockArray},
+    btf_maps::{Array, CpuMap, HashMap, LruHashMap, PerCpuArray, ReusePortSockArray},
     cty::c_void,
-    helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes},
+    helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes, bpf_xdp_adjust_head},
     macros::{btf_map, sk_reuseport, xdp},
     programs::{SkReuseportContext, XdpContext},
 };
 use spooky_common::{
     cid::{self, Place},
+    fleet::{self, Decap, FleetMember, MemberAddr, ServerIdKey},
     maps::{
         slot, BackendEntry, Counter, GenerationEntry, InitialBucket, SourcePrefix,
-        SteeringConfig, WorkerCounters, WorkerEntry, COUNTER_COUNT, FLAG_REDIRECT_CPU,
-        MAX_BACKENDS, MAX_CPUS, MAX_GENERATIONS, MAX_INITIAL_PREFIXES, MAX_WORKERS, SLOTS,
-        WIDE_PREFIX_FACTOR,
+        SteeringConfig, WorkerCounters, WorkerEntry, COUNTER_COUNT, FLAG_FLEET,
+        FLAG_REDIRECT_CPU, MAX_BACKENDS, MAX_CPUS, MAX_FLEET_MEMBERS, MAX_GENERATIONS,
+        MAX_INITIAL_PREFIXES, MAX_WORKERS, SLOTS, WIDE_PREFIX_FACTOR,
     },
-    packet::{locate_udp, Packet, UdpHdr, UDP_HDR_LEN},
+    packet::{locate_udp, EthHdr, Ipv4Hdr, Packet, UdpHdr, UDP_HDR_LEN},
     quic::{self, Form, QuicHeader},
 };
+
+/// `spooky_common::maps::FLEET_MEMBERS_MAP`.
+#[btf_map(name = "fleet_members")]
+static FLEET_MEMBERS: HashMap<ServerIdKey, FleetMember, { MAX_FLEET_MEMBERS as usize }> =
+    HashMap::new();
+
+/// `spooky_common::maps::FLEET_SOURCES_MAP`.
+#[btf_map(name = "fleet_sources")]
+static FLEET_SOURCES: HashMap<MemberAddr, u8, { MAX_FLEET_MEMBERS as usize }> = HashMap::new();
 
 /// `spooky_common::maps::CONFIG_MAP`.
 #[btf_map(name = "config")]
@@ -257,6 +274,9 @@ fn try_spooky_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
     let Some(udp) = locate_udp(&pkt) else {
         return pass_non_quic();
     };
+    if config.has(FLAG_FLEET) && config.fleet_port != 0 && udp.dst_port == config.fleet_port {
+        return Ok(fleet_receive(ctx, &config));
+    }
     if udp.dst_port != config.quic_port {
         return pass_non_quic();
     }
@@ -294,6 +314,12 @@ fn try_spooky_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
         Form::Short => Counter::QuicShort,
         Form::Long => Counter::QuicLong,
     });
+    if config.has(FLAG_FLEET) {
+        let action = fleet_forward(ctx, &config, &quic);
+        if action != NOT_FORWARDED {
+            return Ok(action);
+        }
+    }
     let Some(slot) = owning_slot(&config, &quic) else {
         count(Counter::PassedQuic);
         return Ok(xdp_action::XDP_PASS);
@@ -307,6 +333,128 @@ fn try_spooky_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
         count(Counter::RedirectFailed);
     }
     count(Counter::PassedQuic);
+    Ok(xdp_action::XDP_PASS)
+}
+
+/// A packet of another member's connection, sent on to it in GUE from here (`XDP_TX`):
+/// `None` when it is not one (ours, or no member has that server id) or cannot be forwarded
+/// here (not plain Ethernet + IPv4 without options, no room, no source address), and the
+/// packet goes on as usual (user space forwards what XDP does not). A function of its own
+/// (a BPF-to-BPF call): inlined, it changed the code generated for the placement after it
+/// into something the verifier refused.
+#[inline(never)]
+fn fleet_forward(ctx: &XdpContext, config: &SteeringConfig, quic: &QuicHeader) -> u32 {
+    try_fleet_forward(ctx, config, quic).unwrap_or(NOT_FORWARDED)
+}
+
+/// What [`fleet_forward`] returns when the packet goes on as usual (BPF-to-BPF calls return
+/// one scalar).
+const NOT_FORWARDED: u32 = u32::MAX;
+
+#[inline(always)]
+fn try_fleet_forward(ctx: &XdpContext, config: &SteeringConfig, quic: &QuicHeader) -> Option<u32> {
+    let key = fleet::other_server(
+        quic.dcid(),
+        config.cid_len,
+        config.server_id_len,
+        &config.server_id,
+    )?;
+    // SAFETY: a lookup in a map of plain values; the value is copied at once.
+    let member = *unsafe { FLEET_MEMBERS.get(&key) }?;
+    if config.fleet_source == [0; 4] {
+        return None;
+    }
+    // SAFETY: as in `try_spooky_xdp`: the program's own packet, while it runs.
+    let pkt = unsafe { Packet::new(ctx.data(), ctx.data_end()) };
+    let eth: EthHdr = pkt.read(0)?;
+    let ip: Ipv4Hdr = pkt.read(fleet::IPV4_OFFSET)?;
+    // Plain Ethernet and IPv4 without options only (the UDP header right after).
+    if eth.ether_type != [0x08, 0x00] || ip.version_ihl != 0x45 {
+        return None;
+    }
+    let udp: UdpHdr = pkt.read(fleet::IPV4_OFFSET + core::mem::size_of::<Ipv4Hdr>())?;
+    let inner_len = usize::from(u16::from_be_bytes(ip.total_len));
+    if fleet::IPV4_OFFSET + inner_len > pkt.len() {
+        return None;
+    }
+    // The client's port as the outer source port: the fleet network's routers keep one
+    // client's packets on one path.
+    let entropy = u16::from_be_bytes(udp.src_port);
+    let header = fleet::encap_header(&eth, inner_len, config.fleet_source, &member, entropy)?;
+    let grow = -(fleet::GUE_OVERHEAD as i32);
+    // SAFETY: the helper moves the start of this program's own packet.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, grow) } != 0 {
+        return None;
+    }
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + fleet::ENCAP_HEADER_LEN > end {
+        return Some(xdp_action::XDP_DROP);
+    }
+    // SAFETY: the check above keeps the 46 bytes at `start` inside the packet, which the
+    // program may write while it runs.
+    unsafe {
+        core::ptr::write_unaligned(start as *mut [u8; fleet::ENCAP_HEADER_LEN], header);
+    }
+    count(Counter::FleetForwarded);
+    Some(xdp_action::XDP_TX)
+}
+
+/// A packet to the fleet port: a member's GUE packet naming our server id is unwrapped and
+/// passed up as the client's; one from elsewhere, malformed, or naming another server is
+/// dropped (a forwarded packet is never forwarded again); what XDP does not handle (IPv6,
+/// GUE extensions, VLAN tags) passes to user space.
+#[inline(never)]
+fn fleet_receive(ctx: &XdpContext, config: &SteeringConfig) -> u32 {
+    match try_fleet_receive(ctx, config) {
+        Ok(action) => action,
+        Err(reason) => {
+            count(reason);
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+#[inline(always)]
+fn try_fleet_receive(ctx: &XdpContext, config: &SteeringConfig) -> Result<u32, Counter> {
+    // SAFETY: as in `try_spooky_xdp`: the program's own packet, while it runs.
+    let pkt = unsafe { Packet::new(ctx.data(), ctx.data_end()) };
+    let pkt = &pkt;
+    let (sender, payload, len) = match fleet::decap(pkt, config.quic_port) {
+        Decap::Pass => return pass_non_quic(),
+        Decap::Malformed => return Err(Counter::FleetMalformed),
+        Decap::Client {
+            sender,
+            payload,
+            len,
+        } => (sender, payload, len),
+    };
+    // SAFETY: a lookup in a map of plain values.
+    if unsafe { FLEET_SOURCES.get(&sender) }.is_none() {
+        return Err(Counter::FleetRefused);
+    }
+    let quic = quic::parse(pkt, payload, len, usize::from(config.cid_len))
+        .map_err(|_| Counter::FleetMalformed)?;
+    let ours = fleet::server_of(quic.dcid(), config.cid_len, config.server_id_len)
+        .is_some_and(|k| k.id == config.server_id);
+    if !ours {
+        return Err(Counter::FleetMalformed);
+    }
+    let eth: EthHdr = pkt.read(0).ok_or(Counter::FleetMalformed)?;
+    let at = fleet::GUE_OVERHEAD;
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + at + core::mem::size_of::<EthHdr>() > end {
+        return Err(Counter::FleetMalformed);
+    }
+    // The Ethernet header goes right before the client's packet, then the start moves there.
+    // SAFETY: the check above keeps the 14 bytes at `start + at` inside the packet.
+    unsafe {
+        core::ptr::write_unaligned((start + at) as *mut EthHdr, eth);
+    }
+    // SAFETY: the helper moves the start of this program's own packet.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, at as i32) } != 0 {
+        return Err(Counter::FleetMalformed);
+    }
+    count(Counter::FleetReceived);
     Ok(xdp_action::XDP_PASS)
 }
 

@@ -25,6 +25,7 @@ pub const TARGETS: &[&str] = &[
     "http1_strict",
     "access_log",
     "quic_lb",
+    "gue",
 ];
 
 /// No sanitizer: the code under test is safe Rust (the one `unsafe` read, in the XDP packet

@@ -463,6 +463,10 @@ pub fn start_from(
             predecessor: predecessor.as_ref(),
             probes: probes.clone(),
             thread_start: crate::privilege::lock_down_helper_thread,
+            fleet: cfg
+                .fleet
+                .as_ref()
+                .map(|f| (cfg.quic.server_id.as_slice(), f)),
         },
     )?;
     let mode = kernel_steering.mode();

@@ -24,11 +24,13 @@ use aya::{
     },
     Ebpf, EbpfLoader, TestRun, TestRunOptions,
 };
+use spooky_common::fleet::{FleetMember, MemberAddr, ServerIdKey};
 use spooky_common::maps::{
     BackendEntry, Counter, GenerationEntry, InitialBucket, SourcePrefix, SteeringConfig,
     WorkerCounters, WorkerEntry, BACKENDS_MAP, CONFIG_MAP, COUNTER_COUNT, CPUS_MAP,
-    GENERATIONS_MAP, INITIAL_LIMITS_MAP, PINNED_MAPS, REUSEPORT_PROGRAM, SLOTS, SOCKETS_MAP,
-    STATS_MAP, WORKERS_MAP, WORKER_COUNTERS_MAP, WORKER_STATS_MAP, XDP_PROGRAM,
+    FLEET_MEMBERS_MAP, FLEET_SOURCES_MAP, GENERATIONS_MAP, INITIAL_LIMITS_MAP, PINNED_MAPS,
+    REUSEPORT_PROGRAM, SLOTS, SOCKETS_MAP, STATS_MAP, WORKERS_MAP, WORKER_COUNTERS_MAP,
+    WORKER_STATS_MAP, XDP_PROGRAM,
 };
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
@@ -521,6 +523,31 @@ impl EbpfPrograms {
         })
     }
 
+    /// Tells XDP where member `id` (a server id, zero-padded) takes forwarded packets.
+    ///
+    /// # Errors
+    /// [`EbpfError::Map`] when the map is full or the write fails.
+    pub fn set_fleet_member(
+        &mut self,
+        id: &ServerIdKey,
+        member: &FleetMember,
+    ) -> Result<(), EbpfError> {
+        let mut map: HashMap<&mut MapData, ServerIdKey, FleetMember> =
+            self.map_mut(FLEET_MEMBERS_MAP)?;
+        map.insert(id, member, 0)
+            .map_err(|source| map_error(FLEET_MEMBERS_MAP, source))
+    }
+
+    /// Tells XDP that GUE packets from `addr` come from a member.
+    ///
+    /// # Errors
+    /// [`EbpfError::Map`] when the map is full or the write fails.
+    pub fn set_fleet_source(&mut self, addr: &MemberAddr) -> Result<(), EbpfError> {
+        let mut map: HashMap<&mut MapData, MemberAddr, u8> = self.map_mut(FLEET_SOURCES_MAP)?;
+        map.insert(addr, 1, 0)
+            .map_err(|source| map_error(FLEET_SOURCES_MAP, source))
+    }
+
     /// Writes backend `index`'s entry (`backends[index]`).
     ///
     /// # Errors
@@ -656,6 +683,36 @@ impl EbpfPrograms {
             })
             .map_err(|source| program_error(XDP_PROGRAM, source))?;
         Ok((XdpAction::from(result.return_value), result.duration))
+    }
+
+    /// The program's time on `packet` as the kernel measures one run (`repeat` 1, the
+    /// kernel's own timer around the program, no syscall), averaged over `runs` runs, each
+    /// on a fresh copy of the packet. For programs that move the packet's start (GUE
+    /// encapsulation and decapsulation): with `repeat` > 1 the kernel runs the program again
+    /// on the packet as the previous run left it. The figure includes the timer's own cost,
+    /// so compare it with another path measured the same way.
+    ///
+    /// # Errors
+    /// [`EbpfError::Program`] when the kernel refuses a run.
+    pub fn bench_xdp_single(
+        &self,
+        packet: &[u8],
+        runs: u32,
+    ) -> Result<(XdpAction, std::time::Duration), EbpfError> {
+        let xdp = self.xdp()?;
+        let mut total = std::time::Duration::ZERO;
+        let mut action = XdpAction::Aborted;
+        for _ in 0..runs {
+            let result = xdp
+                .test_run(TestRunOptions {
+                    data_in: Some(packet),
+                    ..TestRunOptions::default()
+                })
+                .map_err(|source| program_error(XDP_PROGRAM, source))?;
+            total += result.duration;
+            action = XdpAction::from(result.return_value);
+        }
+        Ok((action, total / runs.max(1)))
     }
 
     fn map<'a, T>(&'a self, name: &'static str) -> Result<T, EbpfError>

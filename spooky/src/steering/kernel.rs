@@ -11,9 +11,10 @@ use super::pins::Pins;
 use super::{Mode, Plan, Predecessor, SteeringError};
 use crate::config::XdpMode;
 use crate::stats::WorkerStats;
+use spooky_common::fleet::{FleetMember, MemberAddr, ServerIdKey};
 use spooky_common::maps::{
-    slot, GenerationEntry, SteeringConfig, WorkerCounters, WorkerEntry, FLAG_REDIRECT_CPU,
-    MAPS_ABI, MODE_SK_REUSEPORT, MODE_XDP_GENERIC, MODE_XDP_NATIVE,
+    slot, GenerationEntry, SteeringConfig, WorkerCounters, WorkerEntry, FLAG_FLEET,
+    FLAG_REDIRECT_CPU, MAPS_ABI, MODE_SK_REUSEPORT, MODE_XDP_GENERIC, MODE_XDP_NATIVE,
 };
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -53,6 +54,44 @@ fn worker_cpu(plan: &Plan<'_>, index: usize) -> u32 {
     plan.cpus
         .and_then(|c| c.get(index))
         .map_or(0, |cpu| u32::try_from(*cpu).unwrap_or(0))
+}
+
+/// Fleet mode in the maps: our server id, the fleet port, our IPv4 address among the members
+/// (the outer source of what XDP forwards; without one XDP leaves forwarding to user space),
+/// every IPv4 member by server id and by address.
+fn fleet_maps(
+    programs: &mut EbpfPrograms,
+    config: &mut SteeringConfig,
+    own: &[u8],
+    fleet: &crate::config::Fleet,
+) -> Result<(), SteeringError> {
+    let key = |id: &[u8]| {
+        let mut k = ServerIdKey::default();
+        for (dst, src) in k.id.iter_mut().zip(id) {
+            *dst = *src;
+        }
+        k
+    };
+    config.flags |= FLAG_FLEET;
+    config.fleet_port = fleet.listen.port();
+    config.server_id = key(own).id;
+    for (id, addr) in &fleet.members {
+        let std::net::IpAddr::V4(ip) = crate::quic::fleet::canonical(addr.ip()) else {
+            continue;
+        };
+        programs.set_fleet_source(&MemberAddr { addr: ip.octets() })?;
+        if id.as_slice() == own {
+            config.fleet_source = ip.octets();
+        } else {
+            let member = FleetMember {
+                addr: ip.octets(),
+                port: addr.port().to_be_bytes(),
+                reserved: [0; 2],
+            };
+            programs.set_fleet_member(&key(id), &member)?;
+        }
+    }
+    Ok(())
 }
 
 /// The running kernel's (major, minor) version.
@@ -142,7 +181,14 @@ impl Kernel {
             initial_burst: plan.settings.initial_burst,
             abi: MAPS_ABI,
             hash_key: plan.hash_key,
+            fleet_port: 0,
+            reserved2: [0; 2],
+            fleet_source: [0; 4],
+            server_id: [0; 8],
         };
+        if let Some((own, fleet)) = plan.fleet {
+            fleet_maps(&mut programs, &mut config, own, fleet)?;
+        }
         let xdp = match plan.iface {
             None => None,
             Some(iface) => {
@@ -174,7 +220,7 @@ impl Kernel {
                             let cpu = u32::try_from(*cpu).unwrap_or(0);
                             programs.enable_cpu(cpu, CPU_QUEUE_SIZE)?;
                         }
-                        config.flags = FLAG_REDIRECT_CPU;
+                        config.flags |= FLAG_REDIRECT_CPU;
                     }
                     Some(_) => tracing::info!(
                         iface,

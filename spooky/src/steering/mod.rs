@@ -232,6 +232,8 @@ pub(crate) struct Plan<'a> {
     /// Run first on the thread steering starts (the counters' copier): the process gives up
     /// that thread's capabilities there when it locks down.
     pub thread_start: fn(),
+    /// Fleet mode: our server id and the `fleet` section (XDP forwards and unwraps).
+    pub fleet: Option<(&'a [u8], &'a crate::config::Fleet)>,
 }
 
 /// The tier in force.
