@@ -54,10 +54,10 @@ use spooky_common::{
     cid::{self, Place},
     fleet::{self, Decap, FleetMember, MemberAddr, ServerIdKey},
     maps::{
-        slot, BackendEntry, Counter, GenerationEntry, InitialBucket, SourcePrefix,
-        SteeringConfig, WorkerCounters, WorkerEntry, COUNTER_COUNT, FLAG_FLEET,
-        FLAG_REDIRECT_CPU, MAX_BACKENDS, MAX_CPUS, MAX_FLEET_MEMBERS, MAX_GENERATIONS,
-        MAX_INITIAL_PREFIXES, MAX_WORKERS, SLOTS, WIDE_PREFIX_FACTOR,
+        slot, BackendEntry, Counter, GenerationEntry, InitialBucket, SourcePrefix, SteeringConfig,
+        WorkerCounters, WorkerEntry, COUNTER_COUNT, FLAG_FLEET, FLAG_REDIRECT_CPU, MAX_BACKENDS,
+        MAX_CPUS, MAX_FLEET_MEMBERS, MAX_GENERATIONS, MAX_INITIAL_PREFIXES, MAX_WORKERS, SLOTS,
+        WIDE_PREFIX_FACTOR,
     },
     packet::{locate_udp, EthHdr, Ipv4Hdr, Packet, UdpHdr, UDP_HDR_LEN},
     quic::{self, Form, QuicHeader},
@@ -202,26 +202,28 @@ fn place(
         return None;
     }
     let newest = config.generation;
-    Some(match cid::place(&layout, dcid, initial, config.hash_key, newest, workers_of) {
-        Place::Worker {
-            generation,
-            worker,
-            by_cid: true,
-        } => Ok(Placement {
-            slot: slot(generation, worker),
-            by_cid: true,
-        }),
-        Place::Worker {
-            generation, worker, ..
-        } => {
-            let worker = live_worker(generation, worker, workers_of(generation));
-            Ok(Placement {
+    Some(
+        match cid::place(&layout, dcid, initial, config.hash_key, newest, workers_of) {
+            Place::Worker {
+                generation,
+                worker,
+                by_cid: true,
+            } => Ok(Placement {
                 slot: slot(generation, worker),
-                by_cid: false,
-            })
-        }
-        Place::Unowned => Err(Counter::UnknownGeneration),
-    })
+                by_cid: true,
+            }),
+            Place::Worker {
+                generation, worker, ..
+            } => {
+                let worker = live_worker(generation, worker, workers_of(generation));
+                Ok(Placement {
+                    slot: slot(generation, worker),
+                    by_cid: false,
+                })
+            }
+            Place::Unowned => Err(Counter::UnknownGeneration),
+        },
+    )
 }
 
 /// [`place`] for XDP, counting how the worker was decided; `None` when nobody owns it.
