@@ -556,7 +556,11 @@ impl QuicFront {
                 true
             }
             Err(e) => {
-                tracing::trace!(error = %e, "recv failed");
+                if conn.quic.local_error().is_some() {
+                    tracing::debug!(peer = %from, error = %e, "a packet closed the connection");
+                } else {
+                    tracing::trace!(error = %e, "recv failed");
+                }
                 false
             }
         };
@@ -673,6 +677,9 @@ impl QuicFront {
     }
 
     fn remove(&mut self, slot: usize, mut conn: Box<Conn>) {
+        if let Some(e) = conn.quic.local_error() {
+            tracing::debug!(peer = %conn.peer, error = e.error_code, app = e.is_app, reason = %String::from_utf8_lossy(&e.reason), "connection closed by us");
+        }
         for cid in conn.aliases.drain(..) {
             if self.by_cid.get(&cid) == Some(&slot) {
                 self.by_cid.remove(&cid);

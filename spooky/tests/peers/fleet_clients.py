@@ -100,7 +100,8 @@ class Client:
     def events(self, now: float, report: dict) -> None:
         while (ev := self.quic.next_event()) is not None:
             if isinstance(ev, ConnectionTerminated):
-                self.closed = f"connection closed: {ev.error_code} {ev.reason_phrase}"
+                self.closed = (f"connection closed after {self.requests} requests: error {ev.error_code}, "
+                               f"frame type {ev.frame_type}, reason {ev.reason_phrase!r}")
             for h in self.h3.handle_event(ev):
                 req = self.pending.get(getattr(h, "stream_id", -1))
                 if req is None:
