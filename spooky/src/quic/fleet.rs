@@ -195,12 +195,13 @@ pub fn decapsulate(packet: &[u8]) -> Result<Inner, Malformed> {
             let total = 40 + usize::from(u16::from_be_bytes([h[4], h[5]]));
             let src: [u8; 16] = h[8..24].try_into().map_err(|_| Malformed::Ip)?;
             let dst: [u8; 16] = h[24..40].try_into().map_err(|_| Malformed::Ip)?;
-            (
-                IpAddr::V6(Ipv6Addr::from(src)),
-                IpAddr::V6(Ipv6Addr::from(dst)),
-                40,
-                total,
-            )
+            let (src, dst) = (Ipv6Addr::from(src), Ipv6Addr::from(dst));
+            // IPv4-mapped addresses never appear in IPv6 headers on the wire (RFC 4291
+            // §2.5.5.2); an IPv4 client travels in an IPv4 packet.
+            if src.to_ipv4_mapped().is_some() || dst.to_ipv4_mapped().is_some() {
+                return Err(Malformed::Ip);
+            }
+            (IpAddr::V6(src), IpAddr::V6(dst), 40, total)
         }
         _ => return Err(Malformed::Gue),
     };

@@ -122,6 +122,17 @@ fn damaged_packets_are_refused_layer_by_layer() {
     );
     assert_eq!(decapsulate(&good[..n - 1]), Err(Malformed::Ip), "cut short");
     assert_eq!(decapsulate(&good[..3]), Err(Malformed::Gue));
+    // An IPv4-mapped address inside an IPv6 header (never on the wire): refused.
+    let mut v6 = vec![0u8; 128];
+    let n6 = encapsulate(
+        addr("[2001:db8::7]:1"),
+        addr("[2001:db8::1]:443"),
+        b"x",
+        &mut v6,
+    )
+    .unwrap();
+    v6[4 + 8..4 + 24].copy_from_slice(&"::ffff:192.0.2.7".parse::<Ipv6Addr>().unwrap().octets());
+    assert_eq!(decapsulate(&v6[..n6]), Err(Malformed::Ip));
     let mut udp = good.to_vec();
     udp[4 + 20 + 5] += 1;
     assert_eq!(decapsulate(&udp), Err(Malformed::Udp));
