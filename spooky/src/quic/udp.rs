@@ -110,24 +110,11 @@ pub fn send_gso(
 /// Asks the kernel to say, with each datagram, which local address it was sent to (for a
 /// socket bound to a wildcard address). False when it refused.
 pub fn enable_pktinfo(socket: &impl AsRawFd, ipv6: bool) -> bool {
-    let set = |level, name| {
-        let on: libc::c_int = 1;
-        // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `&on`, alive for the call.
-        unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                level,
-                name,
-                (&on as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            ) == 0
-        }
-    };
     if ipv6 {
         // IPv4 datagrams on a dual-stack socket come with an IPv4-mapped IPV6_PKTINFO.
-        set(libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
+        switch_on(socket, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
     } else {
-        set(libc::IPPROTO_IP, libc::IP_PKTINFO)
+        switch_on(socket, libc::IPPROTO_IP, libc::IP_PKTINFO)
     }
 }
 
@@ -136,13 +123,18 @@ const UDP_GRO: libc::c_int = 104;
 /// Asks the kernel to coalesce consecutive datagrams of a flow (UDP GRO); false when the
 /// kernel does not support it.
 pub fn enable_gro(socket: &impl AsRawFd) -> bool {
+    switch_on(socket, SOL_UDP, UDP_GRO)
+}
+
+/// Sets the integer socket option `level`/`name` to 1; false when the kernel refused.
+fn switch_on(socket: &impl AsRawFd, level: libc::c_int, name: libc::c_int) -> bool {
     let on: libc::c_int = 1;
     // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `&on`, which lives for the call.
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
-            SOL_UDP,
-            UDP_GRO,
+            level,
+            name,
             (&on as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
