@@ -231,5 +231,16 @@ pub fn decap(pkt: &Packet<'_>, quic_port: u16) -> Decap {
     }
 }
 
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: `#[repr(C)]`, byte arrays only, no padding (size assertions above), every bit
+    // pattern valid.
+    unsafe impl aya::Pod for super::ServerIdKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FleetMember {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MemberAddr {}
+}
+
 #[cfg(test)]
 mod tests;

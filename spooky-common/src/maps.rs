@@ -600,12 +600,6 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SourcePrefix {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for crate::fleet::ServerIdKey {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for crate::fleet::FleetMember {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for crate::fleet::MemberAddr {}
-    // SAFETY: as above.
     unsafe impl aya::Pod for super::InitialBucket {}
 }
 

@@ -76,8 +76,13 @@ fn fleet_maps(
     config.fleet_port = fleet.listen.port();
     config.server_id = key(own).id;
     for (id, addr) in &fleet.members {
-        let std::net::IpAddr::V4(ip) = crate::quic::fleet::canonical(addr.ip()) else {
-            continue;
+        let ip = match addr.ip() {
+            std::net::IpAddr::V4(v4) => v4,
+            std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => v4,
+                // IPv6 members are forwarded to from user space.
+                None => continue,
+            },
         };
         programs.set_fleet_source(&MemberAddr { addr: ip.octets() })?;
         if id.as_slice() == own {
