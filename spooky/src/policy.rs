@@ -143,6 +143,9 @@ pub struct Policy {
     /// TCP connections open per client address (IPv4, or IPv6 /64).
     pub tcp_open: CountTable,
     tcp_rate: Mutex<Option<Arc<RateTable>>>,
+    /// The host is drained (admin `POST /drain`): no new connection, QUIC or TCP; open ones
+    /// go on. For taking a fleet member out of service without a restart.
+    drained: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Policy {
@@ -153,7 +156,21 @@ impl Default for Policy {
             routes: Mutex::default(),
             tcp_open: CountTable::new(SLOTS),
             tcp_rate: Mutex::default(),
+            drained: Default::default(),
         }
+    }
+}
+
+impl Policy {
+    /// Whether new connections are refused (the host is drained).
+    pub fn drained(&self) -> bool {
+        self.drained.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Drains the host (`true`) or takes it back into service; returns what it was.
+    pub fn set_drained(&self, drained: bool) -> bool {
+        self.drained
+            .swap(drained, std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -85,6 +85,8 @@ pub struct WorkerStats {
     /// Packets whose DCID is in our layout with another server id (a fleet's load balancer
     /// sent another server's packet here): dropped, never reset.
     pub other_server: AtomicU64,
+    /// New connections (QUIC Initials, TCP accepts) refused because the host is drained.
+    pub drain_refused: AtomicU64,
     /// Packets of another fleet member's connections sent on to it (GUE).
     pub fleet_forwarded: AtomicU64,
     /// Packets that could not be sent on to a fleet member (send error, too large).

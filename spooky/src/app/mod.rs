@@ -593,6 +593,7 @@ pub fn start_from(
         generation,
         dead_workers: dead_workers.clone(),
         draining: shutdown_rx.clone(),
+        policy: policy.clone(),
     });
     let admin = match admin_listener {
         Some(listener) => {

@@ -7,6 +7,7 @@
 //! | `GET /readyz` | 200 when listening, every worker runs and every pool has a healthy backend, else 503 naming the dead workers or the pools |
 //! | `GET /status` | JSON: steering mode, workers, pools, backend health, config generation |
 //! | `POST /backends/POOL/ID/drain`, `…/undrain` | the backend takes no new requests (those in flight finish), or takes them again; 404 for an unknown one |
+//! | `POST /drain`, `POST /undrain` | the host takes no new connections (QUIC or TCP) and `/readyz` answers 503, its open connections go on (a fleet member out of service, still reached by forwarding); or it takes them again |
 //! | `POST /reload` | re-reads the configuration file: 200 with a summary once every worker runs it; 400 with every error of a bad file, 409 when a change needs a restart, 500 when workers did not switch (nothing changed) |
 //!
 //! With `admin.token` set, the `POST`s need `Authorization: Bearer TOKEN` (and so do the
@@ -271,6 +272,20 @@ pub fn handle(ops: &Ops, method: &str, path: &str, auth: Option<&str>) -> Answer
             }
         }
         (_, "/reload") => Answer::text(405, "use POST\n"),
+        (method, path @ ("/drain" | "/undrain")) => {
+            if method != "POST" {
+                return Answer::text(405, "use POST\n");
+            }
+            if !authorized(ops, auth) {
+                return Answer::text(401, "missing or wrong bearer token\n");
+            }
+            let drained = path == "/drain";
+            let was = ops.policy.set_drained(drained);
+            let verb = if drained { "drained" } else { "undrained" };
+            tracing::info!(drained, "host {verb} by the admin API");
+            let already = if was == drained { " (already)" } else { "" };
+            Answer::text(200, format!("{verb}{already}\n"))
+        }
         (method, p) if p.starts_with("/backends/") => {
             if method != "POST" {
                 return Answer::text(405, "use POST\n");
@@ -369,6 +384,9 @@ fn readyz(ops: &Ops) -> Answer {
     if *ops.draining.borrow() {
         return Answer::text(503, "draining: shutting down\n");
     }
+    if ops.policy.drained() {
+        return Answer::text(503, "drained (POST /undrain takes new connections again)\n");
+    }
     let dead = ops.dead_workers();
     if !dead.is_empty() {
         let list: Vec<String> = dead.iter().map(ToString::to_string).collect();
@@ -460,6 +478,7 @@ fn status_json(ops: &Ops) -> String {
         "mode": ops.mode,
         "generation": snapshot.generation,
         "cid_generation": ops.generation,
+        "drained": ops.policy.drained(),
         "pid": std::process::id(),
         // SAFETY: geteuid has no preconditions.
         "uid": unsafe { libc::geteuid() },

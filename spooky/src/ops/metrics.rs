@@ -199,6 +199,7 @@ pub fn render(ops: &Ops) -> String {
         ("spooky_http3_streams_refused_per_ip_total", "counter", "HTTP/3 requests answered 429 because their client address (IPv6: its /64) had quic.max_streams_per_ip request streams open already.", |w| w.streams_refused_per_ip.load(Ordering::Relaxed)),
         ("spooky_memory_shed_total", "counter", "Above proxy.memory_limit: requests answered 503 and stalled response streams reset.", |w| w.memory_shed.load(Ordering::Relaxed)),
         ("spooky_quic_other_server_packets_total", "counter", "Packets whose DCID has our layout and another server id that no fleet member has: dropped, never answered with a Stateless Reset.", |w| w.other_server.load(Ordering::Relaxed)),
+        ("spooky_drain_refused_connections_total", "counter", "New connections (QUIC Initials, TCP accepts) refused while the host is drained (POST /drain).", |w| w.drain_refused.load(Ordering::Relaxed)),
         ("spooky_fleet_forwarded_packets_total", "counter", "Packets of another fleet member's connections (their DCID names its server id) sent on to it, GUE-encapsulated.", |w| w.fleet_forwarded.load(Ordering::Relaxed)),
         ("spooky_fleet_forward_failures_total", "counter", "Packets for a fleet member that could not be sent on (send error, too large to encapsulate).", |w| w.fleet_send_failures.load(Ordering::Relaxed)),
         ("spooky_fleet_received_packets_total", "counter", "Packets fleet members forwarded here, taken apart and fed to our connections.", |w| w.fleet_received.load(Ordering::Relaxed)),

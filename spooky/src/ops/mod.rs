@@ -34,6 +34,8 @@ pub(crate) struct Ops {
     /// True once the process drains (shutdown): `/readyz` answers 503 from then on, so load
     /// balancers stop sending new clients.
     pub draining: tokio::sync::watch::Receiver<bool>,
+    /// What the workers share, among it whether the host is drained (`POST /drain`).
+    pub policy: Arc<crate::policy::Policy>,
 }
 
 impl Ops {

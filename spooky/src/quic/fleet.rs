@@ -82,7 +82,8 @@ pub fn encapsulate(
     out: &mut [u8],
 ) -> Option<usize> {
     let udp_len = u16::try_from(8 + payload.len()).ok()?;
-    let (ip_len, proto) = match (canonical(client.ip()), canonical(server.ip())) {
+    let addresses = (canonical(client.ip()), canonical(server.ip()));
+    let (ip_len, proto) = match addresses {
         (IpAddr::V4(_), IpAddr::V4(_)) => (20, PROTO_IPV4),
         (IpAddr::V6(_), IpAddr::V6(_)) => (40, PROTO_IPV6),
         _ => return None,
@@ -91,7 +92,7 @@ pub fn encapsulate(
     let out = out.get_mut(..total)?;
     out[..GUE_LEN].copy_from_slice(&[0, proto, 0, 0]);
     let ip = &mut out[GUE_LEN..];
-    match (canonical(client.ip()), canonical(server.ip())) {
+    match addresses {
         (IpAddr::V4(src), IpAddr::V4(dst)) => {
             let len = u16::try_from(20 + usize::from(udp_len)).ok()?;
             let h = &mut ip[..20];

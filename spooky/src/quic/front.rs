@@ -390,6 +390,15 @@ impl QuicFront {
                 return;
             }
         }
+        // A drained host takes no new connection (its open ones go on; Initials of another
+        // member's connections were forwarded above).
+        if hdr.ty == quiche::Type::Initial && self.services.policy.drained() {
+            self.services
+                .stats
+                .drain_refused
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let fwd = self.cur.fwd.clone();
         let mint = &self.mint;
         let decision = self.endpoint.admit(

@@ -32,15 +32,15 @@ pub struct Sender {
     stats: Arc<WorkerStats>,
     worker: usize,
     /// The socket is bound to a wildcard address: every send names its source address.
-    pub wildcard: bool,
+    wildcard: bool,
 }
 
 impl Sender {
     pub fn new(socket: tokio::net::UdpSocket, stats: Arc<WorkerStats>, worker: usize) -> Self {
         stats.gso_enabled.store(1, Ordering::Relaxed);
-        let wildcard = socket.local_addr().is_ok_and(|a| a.ip().is_unspecified());
-        if wildcard && !udp::enable_pktinfo(&socket, socket.local_addr().is_ok_and(|a| a.is_ipv6()))
-        {
+        let local = socket.local_addr().ok();
+        let wildcard = local.is_some_and(|a| a.ip().is_unspecified());
+        if wildcard && !udp::enable_pktinfo(&socket, local.is_some_and(|a| a.is_ipv6())) {
             tracing::warn!(worker, "IP_PKTINFO refused: replies leave from the interface's address, not the one clients sent to");
         }
         Self {

@@ -236,6 +236,12 @@ async fn accept_loop(front: Front, listener: tokio::net::TcpListener) {
                     tracing::debug!(%peer, "TCP connection refused: listen.tcp.max_connections are open");
                     continue;
                 }
+                let services = &front.forwarder().services;
+                if services.policy.drained() {
+                    services.stats.drain_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, "TCP connection refused: the host is drained");
+                    continue;
+                }
                 let Some(per_ip) = admit_address(&front, peer) else {
                     continue;
                 };

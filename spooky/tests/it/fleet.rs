@@ -252,8 +252,8 @@ fn fleet_counter(
 
 /// Three hosts behind an ECMP router, 50 aioquic connections changing their source port
 /// every second for 20 s; a fourth host joins the route after 6 s (the router rehashes),
-/// host 2 leaves it after 12 s (drained: it keeps its connections, reached only through
-/// forwarding). Every request must get its answer, from the backend of the host its
+/// host 2 is drained (`POST /drain`) and leaves it after 12 s: it keeps its connections,
+/// reached only through forwarding. Every request must get its answer, from the backend of the host its
 /// connection lives on.
 #[test]
 #[ignore = "needs root"]
@@ -306,6 +306,18 @@ fn fleet_behind_ecmp_loses_no_request_when_clients_rebind_and_the_route_changes(
     topo.route_vip(&[1, 2, 3, 4]);
     std::thread::sleep(std::time::Duration::from_secs(6));
     let before_drain = fleet_counter(&hosts[1].1, |s| &s.fleet_received);
+    // Host 2 is drained (its admin API) and leaves the route.
+    let admin = hosts[1].1.running.as_ref().unwrap().admin_addr.unwrap();
+    let answer = crate::netns::in_netns(&topo.hosts[1], move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(admin).unwrap();
+        s.write_all(b"POST /drain HTTP/1.1\r\nhost: admin\r\ncontent-length: 0\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    });
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     topo.route_vip(&[1, 3, 4]);
     let out = clients.wait_with_output().unwrap();
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
@@ -352,7 +364,7 @@ fn fleet_behind_ecmp_loses_no_request_when_clients_rebind_and_the_route_changes(
         .collect();
     assert!(owners.len() >= 3, "{owners:?}");
 
-    // A session ticket from host 1 resumes on host 2, and its 0-RTT request is served there
+    // A session ticket from host 1 resumes on host 3, and its 0-RTT request is served there
     // (the key file shared by the fleet carries the ticket key).
     let out = Command::new("ip")
         .args(["netns", "exec", &topo.client, "python3"])
@@ -361,7 +373,7 @@ fn fleet_behind_ecmp_loses_no_request_when_clients_rebind_and_the_route_changes(
             "--host",
             "10.211.1.2",
             "--resume-host",
-            "10.211.2.2",
+            "10.211.3.2",
             "--port",
             &QUIC_PORT.to_string(),
         ])
@@ -391,14 +403,14 @@ fn fleet_behind_ecmp_loses_no_request_when_clients_rebind_and_the_route_changes(
     let again = &resumed["resumptions"][0];
     assert_eq!(
         again["resumed"], true,
-        "host 2 resumed host 1's session: {resumed}"
+        "host 3 resumed host 1's session: {resumed}"
     );
     assert_eq!(
         again["early_data"], true,
         "and took its 0-RTT data: {resumed}"
     );
     assert_eq!(
-        again["responses"][0]["body"], "hello from h2: GET /again\n",
+        again["responses"][0]["body"], "hello from h3: GET /again\n",
         "{resumed}"
     );
 

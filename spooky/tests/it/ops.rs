@@ -888,3 +888,77 @@ fn the_admin_listener_caps_connections_and_times_out_silent_clients() {
         "{metrics}"
     );
 }
+
+/// `POST /drain`: `/readyz` says 503, a connection open before goes on, new ones are refused
+/// (HTTP/3: no handshake; TCP: closed at once), counted; `POST /undrain` takes them again.
+#[test]
+fn a_drained_host_keeps_its_connections_and_refuses_new_ones() {
+    let b = backend("d1");
+    let p = proxy(
+        &pool("main", "/", None, "round-robin", &[("d1", b.addr)], ""),
+        "",
+        2,
+    );
+    let running = p.running.as_ref().unwrap();
+    let (admin_addr, tcp_addr) = (running.admin_addr.unwrap(), running.tcp_addr.unwrap());
+    let get = |c: &mut Client, path: &str| {
+        c.request(&Request::get("localhost", path), Duration::from_secs(5))
+            .unwrap()
+            .status
+    };
+    let fresh = || {
+        let opts = ClientOptions {
+            verify: true,
+            ca: Some(certs_dir().join("ca.crt")),
+            ..Default::default()
+        };
+        Client::connect(p.addr, &opts, Duration::from_secs(2))
+    };
+    // A raw TCP connection waits for a ClientHello, or is closed at once.
+    let tcp_closed_at_once = || {
+        let mut s = TcpStream::connect(tcp_addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        match s.read(&mut [0u8; 16]) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        }
+    };
+    let mut open = client(p.addr);
+    assert_eq!(get(&mut open, "/before"), 200);
+    assert!(!tcp_closed_at_once());
+
+    assert_eq!(
+        admin(admin_addr, "POST", "/drain", None),
+        (200, "drained\n".to_owned())
+    );
+    let (status, body) = admin(admin_addr, "GET", "/readyz", None);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.starts_with("drained"), "{body}");
+    assert_eq!(
+        get(&mut open, "/during"),
+        200,
+        "the open connection goes on"
+    );
+    assert!(fresh().is_err(), "a new HTTP/3 connection is refused");
+    assert!(tcp_closed_at_once(), "a new TCP connection is closed");
+    let refused = p.stats_sum(|s| s.drain_refused.load(Ordering::Relaxed));
+    assert!(refused >= 2, "{refused}");
+    let status: serde_json::Value =
+        serde_json::from_str(&admin(admin_addr, "GET", "/status", None).1).unwrap();
+    assert_eq!(status["drained"], true);
+
+    assert_eq!(
+        admin(admin_addr, "POST", "/undrain", None),
+        (200, "undrained\n".to_owned())
+    );
+    assert_eq!(admin(admin_addr, "GET", "/readyz", None).0, 200);
+    let mut again = fresh().expect("new connections are taken again");
+    assert_eq!(get(&mut again, "/after"), 200);
+    assert!(!tcp_closed_at_once());
+    assert_eq!(admin(admin_addr, "GET", "/drain", None).0, 405);
+}
