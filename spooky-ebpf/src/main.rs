@@ -339,9 +339,9 @@ fn try_spooky_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
 }
 
 /// A packet of another member's connection, sent on to it in GUE from here (`XDP_TX`):
-/// `None` when it is not one (ours, or no member has that server id) or cannot be forwarded
-/// here (not plain Ethernet + IPv4 without options, no room, no source address), and the
-/// packet goes on as usual (user space forwards what XDP does not). A function of its own
+/// [`NOT_FORWARDED`] when it is not one (ours, or no member has that server id) or cannot be
+/// forwarded here (not plain Ethernet + IPv4 without options, no room, no source address),
+/// and the packet goes on as usual (user space forwards what XDP does not). A function of its own
 /// (a BPF-to-BPF call): inlined, it changed the code generated for the placement after it
 /// into something the verifier refused.
 #[inline(never)]
