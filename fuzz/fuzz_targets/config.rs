@@ -140,7 +140,12 @@ fn check_config(config: &spooky::config::Config) {
     let mut ids = HashSet::new();
     for up in &config.upstreams {
         assert!(up.route.path_prefix.starts_with('/'), "{:?}", up.route);
-        assert!(!up.backends.is_empty(), "pool {} has no backend", up.name);
+        // Backends named by DNS are found at run time; a redirect route needs none.
+        assert!(
+            !up.backends.is_empty() || !up.named.is_empty() || up.redirect.is_some(),
+            "pool {} has no backend",
+            up.name
+        );
         for b in &up.backends {
             assert!(ids.insert(b.id.as_str()), "backend id {} twice", b.id);
             assert_ne!(b.address.port(), 0);
