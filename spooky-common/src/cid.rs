@@ -1,11 +1,27 @@
-//! Server-chosen connection IDs in the QUIC-LB plaintext layout, and the hash that places
-//! client-chosen connection IDs (Initial and 0-RTT packets) on a worker.
+//! Server-chosen connection IDs, and the hash that places client-chosen connection IDs
+//! (Initial and 0-RTT packets) on a worker. Two layouts:
+//!
+//! Spooky's own, the QUIC-LB plaintext layout with the process generation as its config
+//! rotation bits:
 //!
 //! ```text
 //! byte 0        : 3 bits generation | 5 bits length of the rest (cid_len - 1)
 //! bytes 1..1+S  : server id (S bytes)
 //! byte 1+S      : worker index
 //! rest          : nonce
+//! ```
+//!
+//! The load balancer's ([`CidLayout::for_load_balancer`]): the front belongs to a load
+//! balancer's format (QUIC-LB in any mode, Katran), which user space writes and may encrypt;
+//! the two host-local bytes at the end are what in-host steering reads, and are also the
+//! first two nonce bytes, so that the encrypted part never repeats across workers and
+//! generations:
+//!
+//! ```text
+//! byte 0              : the load balancer's (config rotation, Katran version…)
+//! bytes 1..len-2      : server id (S bytes) | generation | worker | random  (maybe encrypted)
+//! byte len-2          : generation
+//! byte len-1          : worker index
 //! ```
 //!
 //! Generation `0b111` is never used: QUIC-LB reserves it for unroutable IDs.
@@ -18,6 +34,8 @@ pub const UNROUTABLE_GENERATION: u8 = 0b111;
 pub const MIN_NONCE_LEN: u8 = 4;
 /// Longest server id the layout accepts.
 pub const MAX_SERVER_ID_LEN: u8 = 8;
+/// Host-local bytes (generation, worker) at the end of a load balancer's layout.
+pub const HOST_BYTES: u8 = 2;
 
 /// FNV-1a offset basis (32 bit).
 pub const FNV_OFFSET: u32 = 0x811c_9dc5;
@@ -62,6 +80,8 @@ pub struct CidLayout {
     cid_len: u8,
     server_id_len: u8,
     generation: u8,
+    /// The front is a load balancer's; generation and worker are the last two bytes.
+    lb: bool,
 }
 
 /// Why a layout was refused.
@@ -98,7 +118,44 @@ impl CidLayout {
             cid_len,
             server_id_len,
             generation,
+            lb: false,
         })
+    }
+
+    /// The load balancer's layout (see the module): first octet and server id in a load
+    /// balancer's format, generation and worker in the last two bytes, and in the nonce.
+    ///
+    /// # Errors
+    /// As [`Self::new`]; the nonce (generation, worker and random bytes) must have
+    /// [`MIN_NONCE_LEN`] random bytes besides the two host bytes.
+    pub const fn for_load_balancer(
+        cid_len: u8,
+        server_id_len: u8,
+        generation: u8,
+    ) -> Result<Self, LayoutError> {
+        if cid_len as usize > MAX_CID_LEN || cid_len < 1 + 1 + 2 * HOST_BYTES + MIN_NONCE_LEN {
+            return Err(LayoutError::CidLen);
+        }
+        if server_id_len == 0
+            || server_id_len > MAX_SERVER_ID_LEN
+            || 1 + server_id_len + 2 * HOST_BYTES + MIN_NONCE_LEN > cid_len
+        {
+            return Err(LayoutError::ServerIdLen);
+        }
+        if generation >= UNROUTABLE_GENERATION {
+            return Err(LayoutError::Generation);
+        }
+        Ok(Self {
+            cid_len,
+            server_id_len,
+            generation,
+            lb: true,
+        })
+    }
+
+    /// Whether this is the load balancer's layout.
+    pub const fn is_for_load_balancer(&self) -> bool {
+        self.lb
     }
 
     /// Total connection ID length in bytes.
@@ -123,27 +180,52 @@ impl CidLayout {
 
     /// Offset of the worker byte inside a connection ID.
     pub const fn worker_offset(&self) -> usize {
-        1 + self.server_id_len as usize
+        if self.lb {
+            self.cid_len as usize - 1
+        } else {
+            1 + self.server_id_len as usize
+        }
+    }
+
+    /// Offset of the byte carrying the generation: the first octet's top 3 bits in Spooky's
+    /// layout, the whole byte before the worker's in the load balancer's.
+    pub const fn generation_offset(&self) -> usize {
+        if self.lb {
+            self.cid_len as usize - 2
+        } else {
+            0
+        }
     }
 
     /// Writes a connection ID for `worker` into `out` (which must hold [`Self::cid_len`]
     /// bytes): first octet, `server_id` (padded with zeros or cut to the server id length),
-    /// worker byte, then `nonce` bytes. Returns the number of bytes written, 0 when `out` or
-    /// `nonce` is too short.
+    /// worker byte, then `nonce` bytes; in the load balancer's layout a zero first octet (the
+    /// caller's to set), the server id, generation, worker, `nonce` bytes, generation, worker.
+    /// Returns the number of bytes written, 0 when `out` or `nonce` is too short.
     pub fn write(&self, server_id: &[u8], worker: u8, nonce: &[u8], out: &mut [u8]) -> usize {
         let len = self.cid_len();
-        let nonce_len = len - self.worker_offset() - 1;
+        let sid_end = 1 + self.server_id_len();
+        let host = [self.generation, worker];
+        let (fixed, nonce_len) = if self.lb {
+            (&host[..], len - sid_end - 2 * HOST_BYTES as usize)
+        } else {
+            (&host[1..], len - sid_end - 1)
+        };
         if out.len() < len || nonce.len() < nonce_len {
             return 0;
         }
-        out[0] = self.first_octet();
+        out[0] = if self.lb { 0 } else { self.first_octet() };
         let mut i = 0;
         while i < self.server_id_len() {
             out[1 + i] = if i < server_id.len() { server_id[i] } else { 0 };
             i += 1;
         }
-        out[self.worker_offset()] = worker;
-        out[self.worker_offset() + 1..len].copy_from_slice(&nonce[..nonce_len]);
+        let nonce_at = sid_end + fixed.len();
+        out[sid_end..nonce_at].copy_from_slice(fixed);
+        out[nonce_at..nonce_at + nonce_len].copy_from_slice(&nonce[..nonce_len]);
+        if self.lb {
+            out[len - 2..len].copy_from_slice(&host);
+        }
         len
     }
 
@@ -161,7 +243,25 @@ impl CidLayout {
         worker: u8,
         key: u32,
         workers: u32,
+        fill: impl FnMut(&mut [u8]),
+        out: &mut [u8],
+    ) -> usize {
+        self.write_placed_sealed(server_id, worker, key, workers, fill, |_, _| {}, out)
+    }
+
+    /// [`Self::write_placed`] for the load balancer's layout: `seal` turns each candidate
+    /// into its final form (first octet, encryption) before its hash is checked. It gets the
+    /// candidate and a random byte of its own (the last byte of the draw, which no layout's
+    /// nonce reaches).
+    #[allow(clippy::too_many_arguments)]
+    pub fn write_placed_sealed(
+        &self,
+        server_id: &[u8],
+        worker: u8,
+        key: u32,
+        workers: u32,
         mut fill: impl FnMut(&mut [u8]),
+        mut seal: impl FnMut(&mut [u8], u8),
         out: &mut [u8],
     ) -> usize {
         let mut nonce = [0u8; MAX_CID_LEN];
@@ -170,6 +270,9 @@ impl CidLayout {
         for _ in 0..tries {
             fill(&mut nonce);
             n = self.write(server_id, worker, &nonce, out);
+            if n != 0 {
+                seal(&mut out[..n], nonce[MAX_CID_LEN - 1]);
+            }
             if n == 0
                 || fnv1a32_keyed(key, &out[..n]).checked_rem(workers) == Some(u32::from(worker))
             {
@@ -184,11 +287,16 @@ impl CidLayout {
     /// # Errors
     /// [`LayoutError::Generation`] for the reserved generation.
     pub const fn with_generation(&self, generation: u8) -> Result<Self, LayoutError> {
-        Self::new(self.cid_len, self.server_id_len, generation)
+        if self.lb {
+            Self::for_load_balancer(self.cid_len, self.server_id_len, generation)
+        } else {
+            Self::new(self.cid_len, self.server_id_len, generation)
+        }
     }
 
     /// The worker a destination connection ID names, when it is one of ours: exactly this
-    /// layout's length, first octet carrying that length, and not the unroutable generation.
+    /// layout's length, first octet carrying that length (in the load balancer's layout: a
+    /// generation byte below 7), and not the unroutable generation.
     /// `None` means "client-chosen": place it with [`fnv1a32`]. Any generation is accepted
     /// (see [`CidLayout::generation_of`]).
     pub fn worker_of(&self, dcid: &[u8]) -> Option<u8> {
@@ -200,6 +308,10 @@ impl CidLayout {
     pub fn generation_of(&self, dcid: &[u8]) -> Option<u8> {
         if dcid.len() != self.cid_len() {
             return None;
+        }
+        if self.lb {
+            let generation = *dcid.get(self.generation_offset())?;
+            return (generation < UNROUTABLE_GENERATION).then_some(generation);
         }
         let first = *dcid.first()?;
         let generation = first >> 5;
@@ -446,6 +558,74 @@ mod tests {
         }
     }
 
+    fn lb_layout(generation: u8) -> CidLayout {
+        CidLayout::for_load_balancer(14, 3, generation).unwrap_or_else(|e| unreachable!("{e:?}"))
+    }
+
+    #[test]
+    fn the_load_balancers_layout_keeps_the_host_bytes_at_the_end_and_in_the_nonce() {
+        let l = lb_layout(2);
+        let mut out = [0u8; 20];
+        let n = l.write(&[0xab, 0xcd, 0xef], 9, &[0x55; 20], &mut out);
+        assert_eq!(n, 14);
+        assert_eq!(
+            &out[..14],
+            &[0, 0xab, 0xcd, 0xef, 2, 9, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 2, 9]
+        );
+        // Whatever the load balancer's format does to the front, the end steers.
+        let mut sealed = out;
+        for b in &mut sealed[..12] {
+            *b ^= 0xa5;
+        }
+        assert_eq!(l.generation_of(&sealed[..14]), Some(2));
+        assert_eq!(l.worker_of(&sealed[..14]), Some(9));
+        assert_eq!(l.worker_offset(), 13);
+        assert_eq!(l.generation_offset(), 12);
+        let live = |g: u8| if g == 2 { 10 } else { 0 };
+        assert_eq!(
+            place(&l, &sealed[..14], false, 0, 2, live),
+            Place::Worker {
+                generation: 2,
+                worker: 9,
+                by_cid: true
+            }
+        );
+        // Another length, or the unroutable generation byte: not ours.
+        assert_eq!(l.generation_of(&sealed[..13]), None);
+        sealed[12] = 7;
+        assert_eq!(l.worker_of(&sealed[..14]), None);
+        assert_eq!(
+            l.with_generation(3).map(|l| l.is_for_load_balancer()),
+            Ok(true)
+        );
+    }
+
+    #[test]
+    fn sealed_ids_are_placed_after_sealing() {
+        let l = lb_layout(1);
+        let mut seed = 7u32;
+        let mut fill = |buf: &mut [u8]| {
+            for b in buf.iter_mut() {
+                seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                *b = (seed >> 16) as u8;
+            }
+        };
+        let seal = |id: &mut [u8], _: u8| {
+            id[0] = 0x40;
+            for b in &mut id[1..12] {
+                *b = b.rotate_left(3) ^ 0x3c;
+            }
+        };
+        for worker in [0u8, 3, 7] {
+            let mut id = [0u8; 20];
+            let n = l.write_placed_sealed(&[1, 2, 3], worker, 0xfeed, 8, &mut fill, seal, &mut id);
+            assert_eq!(n, 14);
+            assert_eq!(id[0], 0x40, "sealed");
+            assert_eq!(fnv1a32_keyed(0xfeed, &id[..n]) % 8, u32::from(worker));
+            assert_eq!(l.worker_of(&id[..n]), Some(worker));
+        }
+    }
+
     #[test]
     fn generations_wrap_around_the_reserved_one() {
         assert_eq!(next_generation(0), 1);
@@ -461,6 +641,21 @@ mod tests {
         assert_eq!(CidLayout::new(16, 0, 0), Err(LayoutError::ServerIdLen));
         assert_eq!(CidLayout::new(16, 2, 7), Err(LayoutError::Generation));
         assert!(CidLayout::new(8, 2, 6).is_ok());
+        // The load balancer's: two host bytes at the end and two in the nonce besides four
+        // random ones.
+        assert_eq!(
+            CidLayout::for_load_balancer(9, 1, 0),
+            Err(LayoutError::CidLen)
+        );
+        assert_eq!(
+            CidLayout::for_load_balancer(11, 3, 0),
+            Err(LayoutError::ServerIdLen)
+        );
+        assert!(CidLayout::for_load_balancer(11, 2, 0).is_ok());
+        assert_eq!(
+            CidLayout::for_load_balancer(20, 4, 7),
+            Err(LayoutError::Generation)
+        );
     }
 }
 

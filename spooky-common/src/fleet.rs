@@ -16,6 +16,7 @@
 //! directly. Only plain Ethernet + IPv4 without options is handled here; anything else (VLAN
 //! tags, IPv6, IP options) passes to user space, which forwards it the same way.
 
+use crate::cid::CidLayout;
 use crate::packet::{EthHdr, Ipv4Hdr, Packet, UdpHdr, UDP_HDR_LEN};
 use core::mem::size_of;
 
@@ -71,20 +72,15 @@ const _: () = {
     assert!(ENCAP_HEADER_LEN == 46 && GUE_OVERHEAD == 32);
 };
 
-/// The server id `dcid` names, zero-padded, when `dcid` is in our layout: `cid_len` bytes,
-/// the first octet's length bits `cid_len - 1`, a routable generation.
+/// The server id `dcid` names, zero-padded, when `dcid` is one of `layout`'s
+/// ([`CidLayout::generation_of`]) and the server id is in plaintext at offset 1 (Spooky's
+/// layout; QUIC-LB plaintext and Katran in the load balancer's).
 #[inline(always)]
-pub fn server_of(dcid: &[u8], cid_len: u8, sid_len: u8) -> Option<ServerIdKey> {
-    if dcid.len() != usize::from(cid_len) || cid_len == 0 {
-        return None;
-    }
-    let first = *dcid.first()?;
-    if first & 0x1f != cid_len - 1 || first >> 5 == crate::cid::UNROUTABLE_GENERATION {
-        return None;
-    }
+pub fn server_of(dcid: &[u8], layout: &CidLayout) -> Option<ServerIdKey> {
+    layout.generation_of(dcid)?;
     let mut key = ServerIdKey::default();
     let mut i = 0;
-    while i < SERVER_ID_LEN && i < usize::from(sid_len) {
+    while i < SERVER_ID_LEN && i < layout.server_id_len() {
         key.id[i] = *dcid.get(1 + i)?;
         i += 1;
     }
@@ -95,11 +91,10 @@ pub fn server_of(dcid: &[u8], cid_len: u8, sid_len: u8) -> Option<ServerIdKey> {
 #[inline(always)]
 pub fn other_server(
     dcid: &[u8],
-    cid_len: u8,
-    sid_len: u8,
+    layout: &CidLayout,
     own: &[u8; SERVER_ID_LEN],
 ) -> Option<ServerIdKey> {
-    server_of(dcid, cid_len, sid_len).filter(|k| k.id != *own)
+    server_of(dcid, layout).filter(|k| k.id != *own)
 }
 
 /// The Internet checksum of an IPv4 header (its checksum field read as zero).

@@ -100,6 +100,9 @@ pub const FLAG_REDIRECT_CPU: u32 = 1 << 0;
 /// connection ID names another member in `fleet_members`, and takes apart GUE packets from
 /// `fleet_sources` to [`SteeringConfig::fleet_port`] that name our server id.
 pub const FLAG_FLEET: u32 = 1 << 1;
+/// Connection IDs are in the load balancer's layout
+/// ([`CidLayout::for_load_balancer`]): generation and worker are their last two bytes.
+pub const FLAG_LB_LAYOUT: u32 = 1 << 2;
 
 /// The steering configuration, the only entry (index 0) of [`CONFIG_MAP`].
 ///
@@ -202,7 +205,11 @@ impl SteeringConfig {
     /// [`LayoutError`] when the lengths or generation do not form a valid layout.
     #[inline(always)]
     pub const fn layout(&self) -> Result<CidLayout, LayoutError> {
-        CidLayout::new(self.cid_len, self.server_id_len, self.generation)
+        if self.flags & FLAG_LB_LAYOUT != 0 {
+            CidLayout::for_load_balancer(self.cid_len, self.server_id_len, self.generation)
+        } else {
+            CidLayout::new(self.cid_len, self.server_id_len, self.generation)
+        }
     }
 
     /// The interface name without its NUL padding.

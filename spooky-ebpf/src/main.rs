@@ -355,12 +355,8 @@ const NOT_FORWARDED: u32 = u32::MAX;
 
 #[inline(always)]
 fn try_fleet_forward(ctx: &XdpContext, config: &SteeringConfig, quic: &QuicHeader) -> Option<u32> {
-    let key = fleet::other_server(
-        quic.dcid(),
-        config.cid_len,
-        config.server_id_len,
-        &config.server_id,
-    )?;
+    let layout = config.layout().ok()?;
+    let key = fleet::other_server(quic.dcid(), &layout, &config.server_id)?;
     // SAFETY: a lookup in a map of plain values; the value is copied at once.
     let member = *unsafe { FLEET_MEMBERS.get(&key) }?;
     if config.fleet_source == [0; 4] {
@@ -436,8 +432,8 @@ fn try_fleet_receive(ctx: &XdpContext, config: &SteeringConfig) -> Result<u32, C
     }
     let quic = quic::parse(pkt, payload, len, usize::from(config.cid_len))
         .map_err(|_| Counter::FleetMalformed)?;
-    let ours = fleet::server_of(quic.dcid(), config.cid_len, config.server_id_len)
-        .is_some_and(|k| k.id == config.server_id);
+    let layout = config.layout().map_err(|_| Counter::FleetMalformed)?;
+    let ours = fleet::server_of(quic.dcid(), &layout).is_some_and(|k| k.id == config.server_id);
     if !ours {
         return Err(Counter::FleetMalformed);
     }

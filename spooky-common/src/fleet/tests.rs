@@ -11,30 +11,42 @@ fn cid(gen: u8, sid: [u8; 2]) -> [u8; 16] {
     c
 }
 
+fn layout() -> CidLayout {
+    CidLayout::new(16, 2, 0).unwrap()
+}
+
 #[test]
 fn only_ids_in_our_layout_naming_another_server_are_other_servers() {
-    let other = other_server(&cid(0, [0, 2]), 16, 2, &OWN).unwrap();
+    let other = other_server(&cid(0, [0, 2]), &layout(), &OWN).unwrap();
     assert_eq!(other.id, [0, 2, 0, 0, 0, 0, 0, 0]);
     assert_eq!(
-        other_server(&cid(3, [0, 2]), 16, 2, &OWN),
+        other_server(&cid(3, [0, 2]), &layout(), &OWN),
         Some(other),
         "any live generation"
     );
-    assert_eq!(other_server(&cid(0, [0, 1]), 16, 2, &OWN), None, "ours");
+    assert_eq!(other_server(&cid(0, [0, 1]), &layout(), &OWN), None, "ours");
     assert_eq!(
-        other_server(&cid(7, [0, 2]), 16, 2, &OWN),
+        other_server(&cid(7, [0, 2]), &layout(), &OWN),
         None,
         "unroutable"
     );
     assert_eq!(
-        other_server(&cid(0, [0, 2])[..15], 16, 2, &OWN),
+        other_server(&cid(0, [0, 2])[..15], &layout(), &OWN),
         None,
         "another length"
     );
     let mut wrong_len_bits = cid(0, [0, 2]);
     wrong_len_bits[0] = 14;
-    assert_eq!(other_server(&wrong_len_bits, 16, 2, &OWN), None);
-    assert_eq!(other_server(&[], 16, 2, &OWN), None);
+    assert_eq!(other_server(&wrong_len_bits, &layout(), &OWN), None);
+    assert_eq!(other_server(&[], &layout(), &OWN), None);
+    // The load balancer's layout (QUIC-LB plaintext, Katran): the host bytes at the end say
+    // whether it is one of ours, the first octet is the load balancer's.
+    let lb = CidLayout::for_load_balancer(16, 2, 0).unwrap();
+    let mut id = cid(7, [0, 2]);
+    id[14] = 3;
+    assert_eq!(other_server(&id, &lb, &OWN), Some(other));
+    id[14] = 7;
+    assert_eq!(other_server(&id, &lb, &OWN), None, "unroutable");
 }
 
 #[test]

@@ -23,6 +23,7 @@ use crate::ops::takeover::{ControlSocket, TakeoverError};
 use crate::ops::Ops;
 use crate::privilege::PrivilegeError;
 use crate::quic::endpoint::Generations;
+use crate::quic::ids::IdFormat;
 pub use crate::snapshot::SnapshotError;
 use crate::snapshot::{QuicConfigError, Snapshot};
 use crate::stats::{Metrics, WorkerStats};
@@ -32,7 +33,6 @@ use crate::worker::control::{Link, WorkerUpdate};
 pub use crate::worker::WorkerError;
 use crate::worker::{self, WorkerSetup};
 use spooky_common::cid::next_generation;
-use spooky_common::CidLayout;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -353,8 +353,16 @@ pub fn start_from(
     let generation = predecessor
         .as_ref()
         .map_or(quic.generation, |p| next_generation(p.generation));
-    let layout = CidLayout::new(quic.cid_len, quic.server_id.len() as u8, generation)
-        .map_err(StartError::Layout)?;
+    let ids = Arc::new(
+        IdFormat::new(
+            &quic.connection_ids,
+            quic.cid_len,
+            quic.server_id.len() as u8,
+            generation,
+        )
+        .map_err(StartError::Layout)?,
+    );
+    let layout = ids.layout();
 
     // Process-lifetime state.
     let rng = ring::rand::SystemRandom::new();
@@ -463,9 +471,11 @@ pub fn start_from(
             predecessor: predecessor.as_ref(),
             probes: probes.clone(),
             thread_start: crate::privilege::lock_down_helper_thread,
+            // The kernel reads plaintext server ids only; encrypted ones are user space's.
             fleet: cfg
                 .fleet
                 .as_ref()
+                .filter(|_| ids.server_id_in_plaintext())
                 .map(|f| (cfg.quic.server_id.as_slice(), f)),
         },
     )?;
@@ -642,6 +652,9 @@ pub fn start_from(
         Some(f) => {
             let group = bind_group(f.listen, workers)?;
             tracing::info!(listen = %f.listen, members = f.members.len(), "fleet mode: packets of other members' connections are forwarded to them");
+            if !ids.server_id_in_plaintext() && opts.iface.is_some() {
+                tracing::info!("fleet mode: server ids are encrypted (QUIC-LB), so other members' packets are forwarded from user space, not from XDP");
+            }
             group.into_iter().map(Some).collect()
         }
         None => (0..workers).map(|_| None).collect(),
@@ -665,7 +678,7 @@ pub fn start_from(
             plain,
             https_port: tcp_addr.map_or(local_addr.port(), |a| a.port()),
             cpu: pinned.as_ref().and_then(|c| c.get(index).copied()),
-            layout,
+            ids: ids.clone(),
             rng: rng.clone(),
             stats: stats[index].clone(),
             metrics: metrics.clone(),

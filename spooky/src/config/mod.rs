@@ -274,9 +274,38 @@ pub struct Quic {
     /// The connection-ID generation (QUIC-LB config rotation bits, 0..=6) of the first
     /// process; each takeover uses the next one.
     pub generation: u8,
+    /// The format a load balancer in front reads the server id from
+    /// (`quic.connection_ids`).
+    pub connection_ids: CidFormat,
     /// The key file (stateless-reset and Retry-token keys), created when missing; `None`:
     /// random keys per process, so tokens and resets do not survive a restart.
     pub key_file: Option<PathBuf>,
+}
+
+/// `quic.connection_ids.format`: how a load balancer in front finds the server id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CidFormat {
+    /// Spooky's own: QUIC-LB plaintext, the process generation as config rotation bits.
+    Spooky,
+    /// QUIC-LB (draft-ietf-quic-load-balancers-21) with a load balancer's config: plaintext
+    /// or encrypted; during a key rotation the previous config is still read.
+    QuicLb {
+        current: QuicLbConfig,
+        previous: Option<QuicLbConfig>,
+    },
+    /// Katran's version 2 (24-bit server id) or 3 (32-bit).
+    Katran { version: u8 },
+}
+
+/// One QUIC-LB configuration as the load balancer has it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuicLbConfig {
+    /// The config rotation codepoint, 0..=6.
+    pub rotation: u8,
+    /// AES-128 key; `None`: plaintext.
+    pub key: Option<[u8; 16]>,
+    /// The first octet's low bits carry the connection ID length (else they are random).
+    pub length_self_encoding: bool,
 }
 
 /// How `forwarded` / `x-forwarded-*` headers are treated.

@@ -287,6 +287,40 @@ pub(super) struct RawQuic {
     pub generation: i64,
     /// `None`: random keys per process.
     pub key_file: Option<PathBuf>,
+    pub connection_ids: RawConnectionIds,
+}
+
+/// `quic.connection_ids`.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawConnectionIds {
+    /// `spooky`, `quic-lb`, `katran-v2` or `katran-v3`.
+    pub format: String,
+    pub config_rotation: Option<i64>,
+    pub key: Option<String>,
+    pub length_self_encoding: Option<bool>,
+    pub previous: Option<RawQuicLbConfig>,
+}
+
+impl Default for RawConnectionIds {
+    fn default() -> Self {
+        Self {
+            format: "spooky".to_owned(),
+            config_rotation: None,
+            key: None,
+            length_self_encoding: None,
+            previous: None,
+        }
+    }
+}
+
+/// `quic.connection_ids.previous`: the QUIC-LB config being rotated out.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawQuicLbConfig {
+    pub config_rotation: i64,
+    pub key: Option<String>,
+    pub length_self_encoding: bool,
 }
 
 /// Default for `quic.retry_threshold` (new connections per second per worker).
@@ -314,6 +348,7 @@ impl Default for RawQuic {
             server_id: RawServerId::Int(1),
             generation: 0,
             key_file: None,
+            connection_ids: RawConnectionIds::default(),
         }
     }
 }

@@ -16,24 +16,25 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use spooky_common::cid::{
-    CidLayout, LayoutError, MAX_CID_LEN, MAX_SERVER_ID_LEN, MIN_NONCE_LEN, UNROUTABLE_GENERATION,
+    CidLayout, LayoutError, HOST_BYTES, MAX_CID_LEN, MAX_SERVER_ID_LEN, MIN_NONCE_LEN,
+    UNROUTABLE_GENERATION,
 };
 
 use super::env::{Env, System};
 use super::raw::{
-    RawAcme, RawAdmin, RawBackend, RawBackendTls, RawConfig, RawDuration, RawFleet, RawHeaderRules,
-    RawHealthCheck, RawListen, RawListenTls, RawLoadBalancing, RawLog, RawPassiveHealth, RawProxy,
-    RawQuic, RawRateLimit, RawRedirect, RawResolver, RawRoute, RawServerId, RawSize,
-    RawStatusRange, RawSteering, RawTimeouts, RawUpstream, DEFAULT_REPLICAS,
+    RawAcme, RawAdmin, RawBackend, RawBackendTls, RawConfig, RawConnectionIds, RawDuration,
+    RawFleet, RawHeaderRules, RawHealthCheck, RawListen, RawListenTls, RawLoadBalancing, RawLog,
+    RawPassiveHealth, RawProxy, RawQuic, RawRateLimit, RawRedirect, RawResolver, RawRoute,
+    RawServerId, RawSize, RawStatusRange, RawSteering, RawTimeouts, RawUpstream, DEFAULT_REPLICAS,
     DEFAULT_RETRY_THRESHOLD,
 };
 use super::{
     Access, AccessField, AccessFormat, AccessLog, Acme, AcmeChallenge, Admin, AltSvc, Backend,
-    BackendProtocol, BackendTls, CertPair, Cidr, Config, ControlSocket, EarlyData, Fleet,
-    ForwardedMode, HashKey, HeaderRules, HealthCheck, Listen, ListenTls, LoadBalancing, Log,
-    LogFormat, NamedBackend, PassiveHealth, PlainHttp, Proxy, Quic, RateKey, RateLimit, Readiness,
-    Redirect, Resolver, RetryMode, Route, Steering, Tcp, UnknownSni, Upstream, UpstreamTimeouts,
-    User, XdpMode,
+    BackendProtocol, BackendTls, CertPair, CidFormat, Cidr, Config, ControlSocket, EarlyData,
+    Fleet, ForwardedMode, HashKey, HeaderRules, HealthCheck, Listen, ListenTls, LoadBalancing, Log,
+    LogFormat, NamedBackend, PassiveHealth, PlainHttp, Proxy, Quic, QuicLbConfig, RateKey,
+    RateLimit, Readiness, Redirect, Resolver, RetryMode, Route, Steering, Tcp, UnknownSni,
+    Upstream, UpstreamTimeouts, User, XdpMode,
 };
 
 /// Why a configuration was refused.
@@ -742,9 +743,10 @@ fn build_quic(raw: &RawQuic, io: &Io<'_>, errs: &mut Errors) -> Option<Quic> {
         "quic.generation",
         int_in::<u8>(raw.generation, 0, max_generation),
     );
-    if let (Some(len), Some(id)) = (cid_len, &server_id) {
+    let connection_ids = build_connection_ids(&raw.connection_ids, errs);
+    if let (Some(len), Some(id), Some(format)) = (cid_len, &server_id, &connection_ids) {
         // A bad generation is already reported; check the lengths with a routable one.
-        check_cid_layout(len, id.len(), generation.unwrap_or(0), errs);
+        check_cid_layout(len, id.len(), generation.unwrap_or(0), format, errs);
     }
     Some(Quic {
         idle_timeout: idle_timeout?,
@@ -765,6 +767,124 @@ fn build_quic(raw: &RawQuic, io: &Io<'_>, errs: &mut Errors) -> Option<Quic> {
         server_id: server_id?,
         generation: generation?,
         key_file: raw.key_file.as_ref().map(|f| io.base.join(f)),
+        connection_ids: connection_ids?,
+    })
+}
+
+/// `quic.connection_ids`: the format, and for QUIC-LB the config rotation, key and the
+/// previous config.
+fn build_connection_ids(raw: &RawConnectionIds, errs: &mut Errors) -> Option<CidFormat> {
+    const AT: &str = "quic.connection_ids";
+    let formats = [
+        ("spooky", 0u8),
+        ("quic-lb", 1),
+        ("katran-v2", 2),
+        ("katran-v3", 3),
+    ];
+    let format = errs.check(
+        &format!("{AT}.format"),
+        one_of(&raw.format, "connection ID format", &formats),
+    )?;
+    if format != 1 {
+        let mut ok = true;
+        for (set, field) in [
+            (raw.config_rotation.is_some(), "config_rotation"),
+            (raw.key.is_some(), "key"),
+            (raw.length_self_encoding.is_some(), "length_self_encoding"),
+            (raw.previous.is_some(), "previous"),
+        ] {
+            if set {
+                errs.push(format!("{AT}.{field}"), "only applies with format: quic-lb");
+                ok = false;
+            }
+        }
+        return ok.then_some(match format {
+            0 => CidFormat::Spooky,
+            v => CidFormat::Katran { version: v },
+        });
+    }
+    let current = quic_lb_config(
+        AT,
+        raw.config_rotation.unwrap_or(0),
+        raw.key.as_deref(),
+        raw.length_self_encoding.unwrap_or(false),
+        errs,
+    );
+    let previous = match &raw.previous {
+        None => Some(None),
+        Some(p) => {
+            let at = format!("{AT}.previous");
+            let prev = quic_lb_config(
+                &at,
+                p.config_rotation,
+                p.key.as_deref(),
+                p.length_self_encoding,
+                errs,
+            );
+            match (&prev, &current) {
+                (Some(p), Some(c)) if p.rotation == c.rotation => {
+                    errs.push(
+                        format!("{at}.config_rotation"),
+                        format!(
+                            "the previous config must have another codepoint than the current \
+                             one ({})",
+                            c.rotation
+                        ),
+                    );
+                    None
+                }
+                _ => prev.map(Some),
+            }
+        }
+    };
+    Some(CidFormat::QuicLb {
+        current: current?,
+        previous: previous?,
+    })
+}
+
+/// One QUIC-LB config under `at`: rotation 0..=6, key of 32 hex digits or none.
+fn quic_lb_config(
+    at: &str,
+    rotation: i64,
+    key: Option<&str>,
+    length_self_encoding: bool,
+    errs: &mut Errors,
+) -> Option<QuicLbConfig> {
+    let rotation = errs.check(
+        &format!("{at}.config_rotation"),
+        int_in::<u8>(rotation, 0, i64::from(UNROUTABLE_GENERATION) - 1),
+    );
+    let key = match key {
+        None => Some(None),
+        Some(text) => {
+            let digits = text.strip_prefix("0x").unwrap_or(text);
+            let parsed = (digits.len() == 32)
+                .then(|| {
+                    let mut k = [0u8; 16];
+                    for (i, b) in k.iter_mut().enumerate() {
+                        *b = u8::from_str_radix(digits.get(2 * i..2 * i + 2)?, 16).ok()?;
+                    }
+                    Some(k)
+                })
+                .flatten();
+            match parsed {
+                Some(k) => Some(Some(k)),
+                None => {
+                    errs.push(
+                        format!("{at}.key"),
+                        "an AES-128 key is 32 hex digits (the load balancer's config has the \
+                         same)",
+                    );
+                    None
+                }
+            }
+        }
+    };
+    Some(QuicLbConfig {
+        rotation: rotation?,
+        key: key?,
+        length_self_encoding,
     })
 }
 
@@ -830,28 +950,64 @@ fn parse_server_id(raw: &RawServerId) -> Result<Vec<u8>, String> {
     }
 }
 
-/// Asks [`CidLayout::new`] whether the connection ID parts fit, and files its refusal under
-/// the field to change.
-fn check_cid_layout(cid_len: u8, server_id_len: usize, generation: u8, errs: &mut Errors) {
+/// Asks [`CidLayout`] whether the connection ID parts fit in `format`'s layout, and files
+/// its refusal under the field to change.
+fn check_cid_layout(
+    cid_len: u8,
+    server_id_len: usize,
+    generation: u8,
+    format: &CidFormat,
+    errs: &mut Errors,
+) {
+    let lb = !matches!(format, CidFormat::Spooky);
+    let (min_cid, room) = if lb {
+        (
+            1 + 1 + 2 * HOST_BYTES + MIN_NONCE_LEN,
+            format!(
+                "leave {} bytes after it (generation and worker twice, {MIN_NONCE_LEN} random)",
+                2 * HOST_BYTES + MIN_NONCE_LEN
+            ),
+        )
+    } else {
+        (
+            2 + 1 + MIN_NONCE_LEN,
+            format!("leave {MIN_NONCE_LEN} nonce bytes"),
+        )
+    };
     let too_long = || {
         format!(
             "a server id of {server_id_len} bytes does not fit: it must be \
-             1..={MAX_SERVER_ID_LEN} bytes and leave {MIN_NONCE_LEN} nonce bytes in a \
-             {cid_len}-byte connection ID"
+             1..={MAX_SERVER_ID_LEN} bytes and {room} in a {cid_len}-byte connection ID"
         )
     };
+    if let CidFormat::Katran { version } = format {
+        let want = if *version == 2 { 3 } else { 4 };
+        if server_id_len != want {
+            errs.push(
+                "quic.server_id",
+                format!(
+                    "Katran version {version} connection IDs carry a {}-bit server id: write \
+                     it as {want} bytes of hex (got {server_id_len})",
+                    want * 8
+                ),
+            );
+            return;
+        }
+    }
     let Ok(sid_len) = u8::try_from(server_id_len) else {
         errs.push("quic.server_id", too_long());
         return;
     };
-    match CidLayout::new(cid_len, sid_len, generation) {
+    let layout = if lb {
+        CidLayout::for_load_balancer(cid_len, sid_len, generation)
+    } else {
+        CidLayout::new(cid_len, sid_len, generation)
+    };
+    match layout {
         Ok(_) => {}
         Err(LayoutError::CidLen) => errs.push(
             "quic.cid_len",
-            format!(
-                "must be between {} and {MAX_CID_LEN}, got {cid_len}",
-                2 + 1 + MIN_NONCE_LEN
-            ),
+            format!("must be between {min_cid} and {MAX_CID_LEN}, got {cid_len}"),
         ),
         Err(LayoutError::ServerIdLen) => errs.push("quic.server_id", too_long()),
         Err(LayoutError::Generation) => errs.push(

@@ -87,6 +87,9 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     if (a.cid_len, &a.server_id, a.generation) != (b.cid_len, &b.server_id, b.generation) {
         v.push("quic.cid_len / quic.server_id / quic.generation need a restart".to_owned());
     }
+    if a.connection_ids != b.connection_ids {
+        v.push("quic.connection_ids needs a restart".to_owned());
+    }
     if old.steering.pin_path != new.steering.pin_path {
         v.push("steering.pin_path needs a restart".to_owned());
     }

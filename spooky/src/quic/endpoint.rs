@@ -28,6 +28,7 @@
 //!    above a new-connection rate).
 //! 8. Otherwise: accept.
 
+use super::ids::IdFormat;
 use super::token;
 use crate::config::RetryMode;
 use crate::keys::KeyRing;
@@ -274,8 +275,10 @@ pub struct Endpoint {
     /// Version Negotiation packets sent in the current second.
     negotiations: PerSecond,
     draining: bool,
-    /// Our server id as it appears in our connection IDs (empty: not checked).
+    /// Our server id (`quic.server_id`).
     server_id: Vec<u8>,
+    /// Which server an ID names; `None`: not checked.
+    ids: Option<std::sync::Arc<IdFormat>>,
 }
 
 impl Endpoint {
@@ -303,28 +306,25 @@ impl Endpoint {
             negotiations: PerSecond::new(NEGOTIATIONS_PER_SEC, now),
             draining: false,
             server_id: Vec::new(),
+            ids: None,
         }
     }
 
-    /// Our server id (`quic.server_id`), padded or cut to the layout's length as
-    /// `CidLayout::write` does: packets other than Initials whose DCID carries our layout and
-    /// another server id are dropped ([`DropReason::OtherServer`]), never reset.
-    pub fn set_server_id(&mut self, server_id: &[u8]) {
-        let len = self.layout.server_id_len();
-        self.server_id = (0..len)
-            .map(|i| server_id.get(i).copied().unwrap_or(0))
-            .collect();
+    /// Our server id (`quic.server_id`) and the format that says which server an ID names:
+    /// packets other than Initials whose DCID names another server are dropped
+    /// ([`DropReason::OtherServer`]), never reset.
+    pub fn set_server_id(&mut self, ids: std::sync::Arc<IdFormat>, server_id: &[u8]) {
+        self.server_id = server_id.to_vec();
+        self.ids = Some(ids);
     }
 
-    /// Whether `dcid` is in our layout with a server id that is not ours (another host of
-    /// the fleet owns it).
+    /// Whether `dcid` is one of our layout's naming a server that is not ours (another host
+    /// of the fleet owns it).
     pub fn other_server(&self, dcid: &[u8]) -> bool {
-        let end = 1 + self.server_id.len();
-        !self.server_id.is_empty()
-            && self.layout.generation_of(dcid).is_some()
-            && dcid
-                .get(1..end)
-                .is_some_and(|id| id != self.server_id.as_slice())
+        self.ids
+            .as_ref()
+            .and_then(|ids| ids.server_id_of(dcid))
+            .is_some_and(|id| id != self.server_id)
     }
 
     /// The processes steering knows changed (a takeover began or ended).

@@ -10,6 +10,7 @@
 use super::conn::{BytesFactory, Conn};
 use super::endpoint::{Decision, DropReason, Endpoint, Generations, Limits, Now, RESET_LEN};
 use super::fleet::{self, Members};
+use super::ids::IdFormat;
 use super::send::{Sender, MAX_DATAGRAM};
 use super::stall::AddressBook;
 use super::token;
@@ -53,7 +54,8 @@ pub struct Setup {
     pub index: usize,
     pub workers: usize,
     pub socket: std::net::UdpSocket,
-    pub layout: CidLayout,
+    /// The connection ID format (and the layout steering reads).
+    pub ids: Arc<IdFormat>,
     pub rng: ring::rand::SystemRandom,
     pub services: Rc<Services>,
     /// The forwarder of the first snapshot, and its QUIC and HTTP/3 configurations.
@@ -141,12 +143,12 @@ impl QuicFront {
             worker,
             setup.generations,
             setup.kernel_places_initials,
-            setup.layout,
+            setup.ids.layout(),
             limits,
             Instant::now(),
         );
         let server_id = config.quic.server_id.clone();
-        endpoint.set_server_id(&server_id);
+        endpoint.set_server_id(setup.ids.clone(), &server_id);
         let fleet = match setup.fleet {
             Some(socket) => {
                 socket.set_nonblocking(true)?;
@@ -166,11 +168,11 @@ impl QuicFront {
             cur: setup.current,
             local,
             endpoint,
-            layout: setup.layout,
+            layout: setup.ids.layout(),
             mint: Mint {
                 worker: worker as u8,
                 workers: u32::try_from(setup.workers).unwrap_or(u32::MAX),
-                layout: setup.layout,
+                ids: setup.ids.clone(),
                 server_id,
                 hash_key: setup.generations.hash_key,
                 rng: setup.rng,
@@ -336,8 +338,10 @@ impl QuicFront {
         let Some(port) = self.fleet.as_mut() else {
             return false;
         };
-        let sid = dcid.get(1..1 + self.layout.server_id_len()).unwrap_or(&[]);
-        let Some(member) = port.members.address_of(sid) else {
+        let Some(sid) = self.mint.ids.server_id_of(dcid) else {
+            return false;
+        };
+        let Some(member) = port.members.address_of(&sid) else {
             return false;
         };
         let stats = &self.services.stats;
@@ -740,12 +744,12 @@ impl QuicFront {
     }
 }
 
-/// What a worker mints its connection IDs from: its index, the layout, the server id and
+/// What a worker mints its connection IDs from: its index, the format, the server id and
 /// the placement hash (all fixed for the process's life), and randomness.
 struct Mint {
     worker: u8,
     workers: u32,
-    layout: CidLayout,
+    ids: Arc<IdFormat>,
     server_id: Vec<u8>,
     hash_key: u32,
     rng: ring::rand::SystemRandom,
@@ -760,21 +764,10 @@ impl Mint {
         let fill = |nonce: &mut [u8]| {
             let _ = ring::rand::SecureRandom::fill(&self.rng, nonce);
         };
-        let n = if for_initials {
-            self.layout.write_placed(
-                &self.server_id,
-                self.worker,
-                self.hash_key,
-                self.workers,
-                fill,
-                &mut cid,
-            )
-        } else {
-            let mut nonce = [0u8; 20];
-            fill(&mut nonce);
-            self.layout
-                .write(&self.server_id, self.worker, &nonce, &mut cid)
-        };
+        let placed = for_initials.then_some((self.hash_key, self.workers));
+        let n = self
+            .ids
+            .write(&self.server_id, self.worker, placed, fill, &mut cid);
         ConnectionId::from_vec(cid[..n].to_vec())
     }
 }

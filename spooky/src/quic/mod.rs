@@ -5,6 +5,7 @@
 //! |---|---|
 //! | [`endpoint`] | sans-IO: what to do with a datagram for no known connection (forward, Version Negotiation, Retry, refuse, accept) |
 //! | [`fleet`] | sans-IO: the member table, and GUE encapsulation of packets forwarded to the host that owns them |
+//! | [`ids`] | sans-IO: the connection ID format a load balancer reads (Spooky's, QUIC-LB, Katran): minting, and which server an ID names |
 //! | [`quic_lb`] | sans-IO: QUIC-LB connection IDs (server id in plaintext, one AES pass or four) |
 //! | [`token`] | sans-IO: Retry and stateless-reset tokens, time passed in |
 //! | `conn` | one client connection: HTTP/3 events in, responses out |
@@ -18,6 +19,7 @@ pub mod endpoint;
 pub mod fleet;
 pub(crate) mod front;
 mod heads;
+pub mod ids;
 pub mod quic_lb;
 mod send;
 mod stall;

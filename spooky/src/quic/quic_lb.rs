@@ -101,6 +101,16 @@ impl QuicLb {
         }
     }
 
+    /// Its config rotation codepoint.
+    pub fn rotation(&self) -> u8 {
+        self.rotation
+    }
+
+    /// Whether the server id is in plaintext (no key).
+    pub fn is_plaintext(&self) -> bool {
+        self.key.is_none()
+    }
+
     /// The length of its connection IDs.
     pub fn cid_len(&self) -> usize {
         1 + self.plaintext_len()

@@ -277,13 +277,19 @@ pub fn reuseport_program(layout: &CidLayout, table: &SocketTable) -> Vec<Insn> {
     a.jump_unless(JMP_JEQ_K, cid_len, hash);
     a.op(LD_MEM, M_DCID_AT);
     a.op(TAX, 0);
-    a.op(LD_B_IND, 0);
-    a.op(ST, M_FIRST);
-    a.op(ALU_AND_K, 0x1f);
-    a.jump_unless(JMP_JEQ_K, cid_len - 1, hash);
-    a.op(LD_MEM, M_FIRST);
-    a.op(ALU_RSH_K, 5);
-    a.jump_if(JMP_JEQ_K, 7, hash);
+    if layout.is_for_load_balancer() {
+        // The load balancer's layout: the generation is a byte of its own near the end.
+        a.op(LD_B_IND, layout.generation_offset() as u32);
+        a.jump_if(JMP_JGT_K, u32::from(UNROUTABLE_GENERATION) - 1, hash);
+    } else {
+        a.op(LD_B_IND, 0);
+        a.op(ST, M_FIRST);
+        a.op(ALU_AND_K, 0x1f);
+        a.jump_unless(JMP_JEQ_K, cid_len - 1, hash);
+        a.op(LD_MEM, M_FIRST);
+        a.op(ALU_RSH_K, 5);
+        a.jump_if(JMP_JEQ_K, 7, hash);
+    }
     a.op(ST, M_GENERATION);
     a.op(LD_MEM, M_INITIAL);
     a.jump_if(JMP_JEQ_K, 1, hash);

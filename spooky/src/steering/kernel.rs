@@ -13,7 +13,7 @@ use crate::config::XdpMode;
 use crate::stats::WorkerStats;
 use spooky_common::fleet::{FleetMember, MemberAddr, ServerIdKey};
 use spooky_common::maps::{
-    slot, GenerationEntry, SteeringConfig, WorkerCounters, WorkerEntry, FLAG_FLEET,
+    slot, GenerationEntry, SteeringConfig, WorkerCounters, WorkerEntry, FLAG_FLEET, FLAG_LB_LAYOUT,
     FLAG_REDIRECT_CPU, MAPS_ABI, MODE_SK_REUSEPORT, MODE_XDP_GENERIC, MODE_XDP_NATIVE,
 };
 use std::path::Path;
@@ -191,6 +191,9 @@ impl Kernel {
             fleet_source: [0; 4],
             server_id: [0; 8],
         };
+        if plan.layout.is_for_load_balancer() {
+            config.flags |= FLAG_LB_LAYOUT;
+        }
         if let Some((own, fleet)) = plan.fleet {
             fleet_maps(&mut programs, &mut config, own, fleet)?;
         }

@@ -25,7 +25,6 @@ use crate::steering::ProbeBoard;
 use crate::tcp;
 use crate::telemetry::access_log::AccessLogger;
 use control::{Answer, Command, WorkerUpdate};
-use spooky_common::CidLayout;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -44,7 +43,7 @@ pub struct WorkerSetup {
     /// Where plaintext requests are redirected: the TLS listener's port (bound).
     pub https_port: u16,
     pub cpu: Option<usize>,
-    pub layout: CidLayout,
+    pub ids: std::sync::Arc<crate::quic::ids::IdFormat>,
     pub rng: ring::rand::SystemRandom,
     /// What its request tasks use for the whole process: its counters, the metrics
     /// registry, the access log, the health checker's inbox.
@@ -212,7 +211,7 @@ impl Worker {
             index: worker,
             workers: setup.workers,
             socket: setup.socket,
-            layout: setup.layout,
+            ids: setup.ids,
             rng: setup.rng,
             services: services.clone(),
             current: Current {

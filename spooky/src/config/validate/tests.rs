@@ -89,6 +89,7 @@ fn minimal_config_gets_every_default() {
             server_id: vec![0, 1],
             generation: 0,
             key_file: None,
+            connection_ids: CidFormat::Spooky,
         }
     );
     assert_eq!(
@@ -1179,6 +1180,70 @@ fn connection_id_layout_rules() {
             quic("server_id: 65536"),
             ["quic.server_id: integer server id must be between 0 and 65535, got 65536 (write longer ids as hex text like \"0x00010203\")"]
         );
+}
+
+#[test]
+fn connection_id_formats_for_load_balancers() {
+    let ids = |body: &str| {
+        format!("quic: {{server_id: \"0x010203\", connection_ids: {{{body}}}}}\n{ONE_UPSTREAM}")
+    };
+    let c = ok(&ids(
+        "format: quic-lb, config_rotation: 2, key: \"0x8f95f09245765f80256934e50c66207f\", \
+         previous: {config_rotation: 1}",
+    ));
+    assert_eq!(
+        c.quic.connection_ids,
+        CidFormat::QuicLb {
+            current: QuicLbConfig {
+                rotation: 2,
+                key: Some([
+                    0x8f, 0x95, 0xf0, 0x92, 0x45, 0x76, 0x5f, 0x80, 0x25, 0x69, 0x34, 0xe5, 0x0c,
+                    0x66, 0x20, 0x7f
+                ]),
+                length_self_encoding: false,
+            },
+            previous: Some(QuicLbConfig {
+                rotation: 1,
+                key: None,
+                length_self_encoding: false,
+            }),
+        }
+    );
+    assert_eq!(
+        ok(&ids("format: katran-v2")).quic.connection_ids,
+        CidFormat::Katran { version: 2 }
+    );
+    assert_eq!(
+        problems(&ids("format: katran-v3")),
+        ["quic.server_id: Katran version 3 connection IDs carry a 32-bit server id: write it as 4 bytes of hex (got 3)"]
+    );
+    assert_eq!(
+        problems(&ids("format: maglev")),
+        ["quic.connection_ids.format: unknown connection ID format \"maglev\" (allowed: spooky, quic-lb, katran-v2, katran-v3)"]
+    );
+    assert_eq!(
+        problems(&ids("format: katran-v2, key: \"00\"")),
+        ["quic.connection_ids.key: only applies with format: quic-lb"]
+    );
+    assert_eq!(
+        problems(&ids("format: quic-lb, config_rotation: 7, key: \"0x1234\"")),
+        [
+            "quic.connection_ids.config_rotation: must be between 0 and 6, got 7",
+            "quic.connection_ids.key: an AES-128 key is 32 hex digits (the load balancer's config has the same)",
+        ]
+    );
+    assert_eq!(
+        problems(&ids("format: quic-lb, config_rotation: 1, previous: {config_rotation: 1}")),
+        ["quic.connection_ids.previous.config_rotation: the previous config must have another codepoint than the current one (1)"]
+    );
+    // The load balancer's layout needs 4 more bytes than Spooky's own.
+    let short = format!(
+        "quic: {{server_id: \"0x010203\", cid_len: 11, connection_ids: {{format: quic-lb}}}}\n{ONE_UPSTREAM}"
+    );
+    assert_eq!(
+        problems(&short),
+        ["quic.server_id: a server id of 3 bytes does not fit: it must be 1..=8 bytes and leave 8 bytes after it (generation and worker twice, 4 random) in a 11-byte connection ID"]
+    );
 }
 
 #[test]

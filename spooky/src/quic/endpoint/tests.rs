@@ -402,6 +402,7 @@ fn limits_are_shared_between_workers() {
         server_id: vec![1, 2],
         generation: 0,
         key_file: None,
+        connection_ids: crate::config::CidFormat::Spooky,
     };
     let l = Limits::share(&quic, 4);
     assert_eq!((l.connections, l.per_address), (250, 3));
@@ -626,7 +627,8 @@ fn a_dead_workers_connections_are_reset_and_new_ones_go_around_it() {
 #[test]
 fn another_servers_packets_are_dropped_never_reset() {
     let mut ep = endpoint(false);
-    ep.set_server_id(&[0xaa, 0xbb]);
+    let ids = IdFormat::new(&crate::config::CidFormat::Spooky, 16, 2, 0).unwrap();
+    ep.set_server_id(std::sync::Arc::new(ids), &[0xaa, 0xbb]);
     let mut theirs = [0u8; 20];
     let n = layout().write(&[0x01, 0x02], 1, &[0x11; 20], &mut theirs);
     assert_eq!(
