@@ -944,6 +944,49 @@ fn xdp_steers_every_dcid_like_user_space() {
     );
 }
 
+/// QUIC-LB's encrypted connection IDs (and any load balancer's format): the XDP program
+/// cannot read the server id, and needs not: it steers by the two host bytes at the end
+/// (`FLAG_LB_LAYOUT`), as user space does.
+#[test]
+#[ignore = "needs root"]
+fn xdp_steers_encrypted_quic_lb_ids_by_their_host_bytes() {
+    use spooky::config::{CidFormat, QuicLbConfig};
+    use spooky::quic::ids::IdFormat;
+    let programs = load_configured(spooky_common::maps::FLAG_LB_LAYOUT);
+    let format = CidFormat::QuicLb {
+        current: QuicLbConfig {
+            rotation: 1,
+            key: Some([0x42; 16]),
+            length_self_encoding: false,
+        },
+        previous: None,
+    };
+    let ids = IdFormat::new(&format, CID_LEN, SERVER_ID_LEN, GENERATION).expect("format");
+    let mut seed = 5u32;
+    let mut expected = [0u64; WORKERS as usize];
+    for n in 0..40u32 {
+        let worker = (n * 7 % WORKERS) as u8;
+        let mut id = [0u8; 20];
+        let fill = |buf: &mut [u8]| {
+            for b in buf.iter_mut() {
+                seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                *b = (seed >> 16) as u8;
+            }
+        };
+        let len = ids.write(&[0xab, 0xcd], worker, None, fill, &mut id);
+        assert_eq!(ids.server_id_of(&id[..len]), Some(vec![0xab, 0xcd]));
+        programs
+            .run_xdp(&udp4(&short_header(0x41, &id[..len])))
+            .expect("test run");
+        expected[usize::from(worker)] += 1;
+    }
+    let got: Vec<u64> = (0..WORKERS)
+        .map(|w| programs.worker_packets(at(w)).expect("worker_stats"))
+        .collect();
+    assert_eq!(got, expected.to_vec(), "per-worker counts");
+    assert_eq!(programs.stats().expect("stats").total(SteeredByCid), 40);
+}
+
 /// Client-chosen DCIDs are hashed with the key in `config` (drawn per process): the kernel's
 /// placement is `fnv1a32_keyed(key, dcid) % workers`, and a different key moves them.
 #[test]

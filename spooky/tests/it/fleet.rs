@@ -1,8 +1,9 @@
 //! Fleet mode. QUIC-LB connection IDs: Spooky's codec against an independent one
 //! (spooky/tests/peers/quic_lb.py, written from the draft on Python's `cryptography`), in
 //! every mode and length. Then a fleet in network namespaces: a router with an ECMP route to
-//! a VIP over hosts running Spooky, and aioquic clients that rebind
-//! (spooky/tests/peers/fleet_clients.py).
+//! a VIP over hosts running Spooky with encrypted QUIC-LB connection IDs, and aioquic
+//! clients that rebind (spooky/tests/peers/fleet_clients.py) and read the server id of every
+//! connection ID they were given with that independent decoder.
 
 use crate::support::*;
 use spooky::quic::quic_lb::QuicLb;
@@ -73,6 +74,13 @@ fn ip(args: &[&str]) {
 }
 
 const VIP: &str = "10.199.0.1";
+/// The fleet's QUIC-LB configuration (the load balancer in front would have the same):
+/// codepoint 1, this key, 2-byte server ids, 16-byte connection IDs, so 11 nonce bytes
+/// (generation and worker among them) and the four-pass Feistel mode; Spooky's two host
+/// bytes follow.
+const QUIC_LB_ROTATION: u8 = 1;
+const QUIC_LB_KEY: &str = "8f95f09245765f80256934e50c66207f";
+const QUIC_LB_NONCE_LEN: usize = 11;
 const FLEET_PORT: u16 = 6080;
 const QUIC_PORT: u16 = 4433;
 
@@ -210,8 +218,8 @@ fn link(a: &str, a_if: &str, a_addr: &str, b: &str, b_if: &str, b_addr: &str) {
 }
 
 /// Host `n`'s configuration: listening on the wildcard address (the VIP is on its
-/// loopback), server id `n`, the fleet's shared key file and member table, and its own
-/// backend.
+/// loopback), server id `n` in encrypted QUIC-LB connection IDs, the fleet's shared key file
+/// and member table, and its own backend.
 fn host_config(
     n: usize,
     keys: &std::path::Path,
@@ -221,7 +229,7 @@ fn host_config(
         .map(|m| format!("    \"{m}\": 10.211.{m}.2\n"))
         .collect();
     let extra = format!(
-        "quic:\n  server_id: {n}\n  key_file: {}\n  retry: off\nfleet:\n  listen: \"0.0.0.0:{FLEET_PORT}\"\n  members:\n{members}",
+        "quic:\n  server_id: {n}\n  key_file: {}\n  retry: off\n  connection_ids: {{format: quic-lb, config_rotation: {QUIC_LB_ROTATION}, key: \"{QUIC_LB_KEY}\"}}\nfleet:\n  listen: \"0.0.0.0:{FLEET_PORT}\"\n  members:\n{members}",
         keys.display()
     );
     let yaml = config_yaml(
@@ -296,6 +304,8 @@ fn fleet_behind_ecmp_loses_no_request_when_clients_rebind_and_the_route_changes(
             "50",
             "--seconds",
             "20",
+            "--quic-lb",
+            &format!("{QUIC_LB_ROTATION}:{QUIC_LB_KEY}:2:{QUIC_LB_NONCE_LEN}"),
             "--ca",
         ])
         .arg(certs_dir().join("ca.crt"))
@@ -342,6 +352,12 @@ fn fleet_behind_ecmp_loses_no_request_when_clients_rebind_and_the_route_changes(
     assert!(out.status.success());
     // 50 connections, a request a second for 20 s.
     assert!(report["ok"].as_u64().unwrap() >= 50 * 19, "{report}");
+    // Every connection ID a connection was given names its host to a QUIC-LB load balancer
+    // (checked by the client's own decoder; a mismatch is a failure above).
+    assert!(
+        report["server_cids_checked"].as_u64().unwrap() >= 50 * 2,
+        "{report}"
+    );
     assert!(report["rebinds"].as_u64().unwrap() >= 50 * 18, "{report}");
     // Forwarding did the work: rebound packets crossed hosts, the new host forwarded what
     // it got of the others' connections, the drained host still got its packets.
@@ -417,6 +433,7 @@ fn fleet_behind_ecmp_loses_no_request_when_clients_rebind_and_the_route_changes(
     // A packet naming a server id no member has: dropped by whichever host gets it, never
     // answered (a Stateless Reset would end another host's connection).
     let quic = host_config(1, &keys, "127.0.0.1:1".parse().unwrap()).quic;
+    let ids = spooky::quic::ids::IdFormat::new(&quic.connection_ids, quic.cid_len, 2, 0).unwrap();
     let dropped_before: u64 = hosts
         .iter()
         .map(|(_, p)| fleet_counter(p, |s| &s.other_server))
@@ -427,13 +444,12 @@ fn fleet_behind_ecmp_loses_no_request_when_clients_rebind_and_the_route_changes(
             let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
             s.set_read_timeout(Some(std::time::Duration::from_millis(200)))
                 .unwrap();
-            let mut packet = vec![
-                0x40 | (k & 0x3f),
-                (quic.generation << 5) | (quic.cid_len - 1),
-                0,
-                9,
-            ];
-            packet.resize(1 + usize::from(quic.cid_len), k);
+            let mut id = [0u8; 20];
+            let fill = |b: &mut [u8]| b.fill(k);
+            let n = ids.write(&[0, 9], k % 2, None, fill, &mut id);
+            assert_eq!(ids.server_id_of(&id[..n]), Some(vec![0, 9]));
+            let mut packet = vec![0x40 | (k & 0x3f)];
+            packet.extend_from_slice(&id[..n]);
             packet.resize(100, 0xab);
             s.send_to(&packet, (VIP, QUIC_PORT)).unwrap();
             answers += usize::from(s.recv(&mut [0u8; 256]).is_ok());

@@ -12,8 +12,14 @@ answer (status and body checked against what the backend says: `hello from ID: G
 with the same ID for every request of the connection, since its connection lives on one
 host). After --seconds no new request starts; answers still due are waited for.
 
+With --quic-lb ROTATION:KEY:SID_LEN:NONCE_LEN it also reads, as a QUIC-LB load balancer
+with that configuration would (quic_lb.py's decoder, written from the draft), the server id
+of every connection ID each connection was given, and counts as a failure any that does not
+name the host that answered (backend `hN` is server id N) or carries another codepoint.
+
 Prints one JSON object: {"ok": n, "failed": n, "failures": [first few], "rebinds": n,
-"connections": {index: backend id}} and exits 0 when nothing failed.
+"connections": {index: backend id}, "server_cids_checked": n} and exits 0 when nothing
+failed.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ class Client:
         self.backend: str | None = None
         self.closed: str | None = None
         self.rebinds = 0
+        self.server_cids: set[bytes] = set()
 
     def _socket(self) -> socket.socket:
         s = socket.socket(socket.AF_INET6 if ":" in self.server[0] else socket.AF_INET,
@@ -130,7 +137,15 @@ class Client:
         else:
             fail(report, f"c{self.index} {req['path']}: status {req['status']}, body {body!r}")
 
+    def note_server_cids(self) -> None:
+        """The connection IDs the server gave this connection so far (aioquic's state), not
+        the one the client chose for its first Initial."""
+        chosen = self.quic.original_destination_connection_id
+        cids = [self.quic._peer_cid.cid] + [c.cid for c in self.quic._peer_cid_available]
+        self.server_cids.update(c for c in cids if c != chosen)
+
     def tick(self, now: float, end: float, args: argparse.Namespace, report: dict) -> None:
+        self.note_server_cids()
         timer = self.quic.get_timer()
         if timer is not None and timer <= now:
             self.quic.handle_timer(now=now)
@@ -153,6 +168,22 @@ def fail(report: dict, what: str) -> None:
         report["failures"].append(what)
 
 
+def check_server_cids(c: Client, config: str, report: dict) -> None:
+    """Reads each connection ID the server issued as a QUIC-LB load balancer would: the
+    codepoint must be the configured one and the server id the answering host's."""
+    from quic_lb import decode
+
+    rotation, key, sid_len, nonce_len = config.split(":")
+    sid_len, nonce_len = int(sid_len), int(nonce_len)
+    want = int(c.backend.lstrip("h")).to_bytes(sid_len, "big")
+    for cid in c.server_cids:
+        report["server_cids_checked"] += 1
+        sid, _ = decode(cid, sid_len, nonce_len, bytes.fromhex(key))
+        if cid[0] >> 5 != int(rotation) or sid != want:
+            fail(report, f"c{c.index}: connection ID {cid.hex()} names server {sid.hex()} "
+                         f"(codepoint {cid[0] >> 5}), the connection is on {c.backend}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--host", required=True)
@@ -162,6 +193,7 @@ def main() -> int:
     p.add_argument("--connections", type=int, default=50)
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--every", type=float, default=1.0)
+    p.add_argument("--quic-lb", default=None, help="ROTATION:KEY_HEX:SID_LEN:NONCE_LEN")
     args = p.parse_args()
 
     report = {"ok": 0, "failed": 0, "failures": [], "rebinds": 0, "connections": {}}
@@ -184,11 +216,14 @@ def main() -> int:
         now = time.monotonic()
         for s in readable:
             socks[s].receive(now, report)
+    report["server_cids_checked"] = 0
     for c in clients:
         report["rebinds"] += c.rebinds
         report["connections"][c.index] = c.backend
         if c.closed is not None:
             fail(report, f"c{c.index}: {c.closed}")
+        if args.quic_lb and c.backend:
+            check_server_cids(c, args.quic_lb, report)
         c.quic.close()
         c.flush(time.monotonic())
     print(json.dumps(report))

@@ -5,7 +5,9 @@ AES-128-ECB, to check Spooky's Rust codec against.
 
 Reads JSON lines on stdin: {"rotation", "sid", "nonce", "key" (hex or null), "cid"} (hex)
 and writes one JSON line each: {"cid": encode(sid, nonce), "sid", "nonce": decode(cid)}.
-Every configuration encodes the CID length in the first octet.
+Every configuration encodes the CID length in the first octet. `decode` is also imported by
+fleet_clients.py, to read the server ids of the connection IDs a fleet issued as a QUIC-LB
+load balancer would.
 """
 import json
 import sys
@@ -78,14 +80,19 @@ def decode(cid, sid_len, nonce_len, key):
     return body[:sid_len], body[sid_len:]
 
 
-for line in sys.stdin:
-    q = json.loads(line)
-    key = bytes.fromhex(q["key"]) if q["key"] else None
-    sid, nonce = bytes.fromhex(q["sid"]), bytes.fromhex(q["nonce"])
-    cid = bytes.fromhex(q["cid"])
-    got_sid, got_nonce = decode(cid, len(sid), len(nonce), key)
-    print(json.dumps({
-        "cid": encode(q["rotation"], sid, nonce, key).hex(),
-        "sid": got_sid.hex(),
-        "nonce": got_nonce.hex(),
-    }), flush=True)
+def main():
+    for line in sys.stdin:
+        q = json.loads(line)
+        key = bytes.fromhex(q["key"]) if q["key"] else None
+        sid, nonce = bytes.fromhex(q["sid"]), bytes.fromhex(q["nonce"])
+        cid = bytes.fromhex(q["cid"])
+        got_sid, got_nonce = decode(cid, len(sid), len(nonce), key)
+        print(json.dumps({
+            "cid": encode(q["rotation"], sid, nonce, key).hex(),
+            "sid": got_sid.hex(),
+            "nonce": got_nonce.hex(),
+        }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
