@@ -572,8 +572,17 @@ pub fn start_from(
             // limiters of pools and backends that are gone are dropped.
             let follow = checker.follower();
             let (metrics, policy) = (metrics.clone(), policy.clone());
+            // XDP's fleet maps follow `fleet.members`.
+            let fleet_maps = kernel_steering.take_fleet_maps().map(Mutex::new);
             Box::new(move |next: &Arc<Snapshot>| {
                 follow(next);
+                if let (Some(maps), Some(fleet)) = (&fleet_maps, &next.config.fleet) {
+                    let entries = steering::fleet_entries(&next.config.quic.server_id, fleet);
+                    let mut maps = maps.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Err(e) = maps.sync(&entries.members, &entries.sources) {
+                        tracing::error!(error = %e, "XDP's fleet member table not updated; forwarding from XDP may miss new members");
+                    }
+                }
                 let ups = &next.config.upstreams;
                 metrics.retain(|pool, backend| {
                     ups.iter().any(|u| {

@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 
 mod maps;
 
-pub use maps::{pinned_map_id, BackendsMap, PinnedMaps, StatsReader, WorkerCountersMap};
+pub use maps::{pinned_map_id, BackendsMap, FleetMaps, PinnedMaps, StatsReader, WorkerCountersMap};
 
 /// The object file `cargo xtask build-ebpf` produced, aligned to 8 bytes for the ELF parser.
 /// Empty when spooky was built before the object existed (see `build.rs`).
@@ -637,6 +637,17 @@ impl EbpfPrograms {
         Ok(BackendsMap {
             map: self.take(BACKENDS_MAP)?,
             last: Vec::new(),
+        })
+    }
+
+    /// Takes the fleet maps out of the object, for reloads to keep writing.
+    ///
+    /// # Errors
+    /// [`EbpfError::MapMissing`] when they were taken already.
+    pub fn take_fleet(&mut self) -> Result<FleetMaps, EbpfError> {
+        Ok(FleetMaps {
+            members: self.take(FLEET_MEMBERS_MAP)?,
+            sources: self.take(FLEET_SOURCES_MAP)?,
         })
     }
 

@@ -6,7 +6,7 @@
 //! predecessor pinned (the interface is never without a program), and, once the predecessor
 //! has gone, forgets it.
 
-use super::ebpf::{BackendsMap, EbpfPrograms, StatsReader, WorkerCountersMap};
+use super::ebpf::{BackendsMap, EbpfPrograms, FleetMaps, StatsReader, WorkerCountersMap};
 use super::pins::Pins;
 use super::{Mode, Plan, Predecessor, SteeringError};
 use crate::config::XdpMode;
@@ -37,6 +37,8 @@ pub(super) struct Kernel {
     pub(super) stats: Option<Arc<StatsReader>>,
     /// The `backends` map, until the health checker takes it.
     pub(super) backends: Option<BackendsMap>,
+    /// The fleet maps (fleet mode with plaintext server ids), until reloads take them.
+    pub(super) fleet: Option<FleetMaps>,
     generation: u8,
     workers: u32,
     xdp_mode: XdpMode,
@@ -56,47 +58,64 @@ fn worker_cpu(plan: &Plan<'_>, index: usize) -> u32 {
         .map_or(0, |cpu| u32::try_from(*cpu).unwrap_or(0))
 }
 
-/// Fleet mode in the maps: our server id, the fleet port, our IPv4 address among the members
-/// (the outer source of what XDP forwards; without one XDP leaves forwarding to user space),
-/// every IPv4 member by server id and by address.
-fn fleet_maps(
-    programs: &mut EbpfPrograms,
-    config: &mut SteeringConfig,
-    own: &[u8],
-    fleet: &crate::config::Fleet,
-) -> Result<(), SteeringError> {
-    let key = |id: &[u8]| {
-        let mut k = ServerIdKey::default();
-        for (dst, src) in k.id.iter_mut().zip(id) {
-            *dst = *src;
-        }
-        k
-    };
+/// Fleet mode in the config entry: our server id, the fleet port, our IPv4 address among
+/// the members (the outer source of what XDP forwards; without one XDP leaves forwarding to
+/// user space).
+fn fleet_config(config: &mut SteeringConfig, own: &[u8], fleet: &crate::config::Fleet) {
     config.flags |= FLAG_FLEET;
     config.fleet_port = fleet.listen.port();
-    config.server_id = key(own).id;
+    config.server_id = server_id_key(own).id;
+    config.fleet_source = fleet_entries(own, fleet).own.unwrap_or([0; 4]);
+}
+
+fn server_id_key(id: &[u8]) -> ServerIdKey {
+    let mut k = ServerIdKey::default();
+    for (dst, src) in k.id.iter_mut().zip(id) {
+        *dst = *src;
+    }
+    k
+}
+
+/// What XDP's fleet maps hold for a member table.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct FleetEntries {
+    /// Every other IPv4 member by server id.
+    pub members: Vec<(ServerIdKey, FleetMember)>,
+    /// Every IPv4 member's address, ours too: where GUE packets are taken from.
+    pub sources: Vec<MemberAddr>,
+    /// Our own address, when listed.
+    pub own: Option<[u8; 4]>,
+}
+
+/// [`FleetEntries`] of `fleet` seen from the member `own` (IPv6 members are forwarded to
+/// from user space).
+pub fn fleet_entries(own: &[u8], fleet: &crate::config::Fleet) -> FleetEntries {
+    let (mut members, mut sources, mut own_addr) = (Vec::new(), Vec::new(), None);
     for (id, addr) in &fleet.members {
         let ip = match addr.ip() {
             std::net::IpAddr::V4(v4) => v4,
             std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
                 Some(v4) => v4,
-                // IPv6 members are forwarded to from user space.
                 None => continue,
             },
         };
-        programs.set_fleet_source(&MemberAddr { addr: ip.octets() })?;
+        sources.push(MemberAddr { addr: ip.octets() });
         if id.as_slice() == own {
-            config.fleet_source = ip.octets();
+            own_addr = Some(ip.octets());
         } else {
             let member = FleetMember {
                 addr: ip.octets(),
                 port: addr.port().to_be_bytes(),
                 reserved: [0; 2],
             };
-            programs.set_fleet_member(&key(id), &member)?;
+            members.push((server_id_key(id), member));
         }
     }
-    Ok(())
+    FleetEntries {
+        members,
+        sources,
+        own: own_addr,
+    }
 }
 
 /// The running kernel's (major, minor) version.
@@ -194,9 +213,16 @@ impl Kernel {
         if plan.layout.is_for_load_balancer() {
             config.flags |= FLAG_LB_LAYOUT;
         }
-        if let Some((own, fleet)) = plan.fleet {
-            fleet_maps(&mut programs, &mut config, own, fleet)?;
-        }
+        let fleet_maps = match plan.fleet {
+            Some((own, fleet)) => {
+                fleet_config(&mut config, own, fleet);
+                let mut maps = programs.take_fleet()?;
+                let entries = fleet_entries(own, fleet);
+                maps.sync(&entries.members, &entries.sources)?;
+                Some(maps)
+            }
+            None => None,
+        };
         let xdp = match plan.iface {
             None => None,
             Some(iface) => {
@@ -274,6 +300,7 @@ impl Kernel {
             counters: Some(counters),
             stats,
             backends: Some(backends),
+            fleet: fleet_maps,
             generation,
             workers: workers as u32,
             xdp_mode: plan.settings.xdp_mode,

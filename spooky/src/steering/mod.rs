@@ -35,9 +35,10 @@ pub use cbpf::{
     NO_CHOICE,
 };
 pub use classic::ProbeBoard;
+pub use kernel::{fleet_entries, FleetEntries};
 
 use classic::Classic;
-use ebpf::{BackendsMap, EbpfError};
+use ebpf::{BackendsMap, EbpfError, FleetMaps};
 use kernel::Kernel;
 use pins::Pins;
 use spooky_common::maps::{MODE_SK_REUSEPORT, MODE_XDP_GENERIC, MODE_XDP_NATIVE};
@@ -300,6 +301,14 @@ impl Steering {
     pub fn take_backends(&mut self) -> Option<BackendsMap> {
         match &mut self.tier {
             Some(Tier::Kernel(k)) => k.backends.take(),
+            _ => None,
+        }
+    }
+
+    /// The fleet maps, for reloads to keep equal to `fleet.members` (XDP fleet mode; once).
+    pub fn take_fleet_maps(&mut self) -> Option<FleetMaps> {
+        match &mut self.tier {
+            Some(Tier::Kernel(k)) => k.fleet.take(),
             _ => None,
         }
     }

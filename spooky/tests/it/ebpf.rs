@@ -2498,3 +2498,57 @@ fn xdp_forwards_other_members_packets_in_gue_and_unwraps_its_own() {
         );
     }
 }
+
+/// A reload's member table reaches XDP: `FleetMaps::sync` (what a reload runs) removes a
+/// member that left, adds one that joined, and the program forwards and accepts accordingly.
+#[test]
+#[ignore = "needs root"]
+fn xdp_fleet_maps_follow_member_reloads() {
+    use spooky_common::fleet::MemberAddr;
+    const HOST_C: [u8; 4] = [10, 211, 3, 2];
+    let mut a = fleet_host([0xab, 0xcd], HOST_A, [0x00, 0x02], HOST_B);
+    let mut maps = a.take_fleet().expect("fleet maps");
+    let (members, sources) = maps.read();
+    assert_eq!(members.len(), 1);
+    assert_eq!(sources.len(), 2);
+    let to = |ip: [u8; 4]| std::net::SocketAddr::from((ip, FLEET_PORT));
+    // The reloaded table: B left, C (server id 0009) joined; A lists itself.
+    let fleet = spooky::config::Fleet {
+        listen: to([0, 0, 0, 0]),
+        members: vec![
+            (vec![0xab, 0xcd], to(HOST_A)),
+            (vec![0x00, 0x09], to(HOST_C)),
+        ],
+    };
+    let entries = spooky::steering::fleet_entries(&[0xab, 0xcd], &fleet);
+    assert_eq!(entries.own, Some(HOST_A));
+    maps.sync(&entries.members, &entries.sources).expect("sync");
+    let (now_members, mut now_sources) = maps.read();
+    assert_eq!(now_members, entries.members);
+    now_sources.sort_by_key(|s| s.addr);
+    assert_eq!(
+        now_sources,
+        [MemberAddr { addr: HOST_A }, MemberAddr { addr: HOST_C }]
+    );
+    // B's connections are no longer forwarded from XDP (user space has the same table)…
+    let to_b = udp4(&short_header(0x41, &cid_of_server([0x00, 0x02])));
+    assert_ne!(a.run_xdp(&to_b).unwrap().action, XdpAction::Tx);
+    // …C's are, to C.
+    let to_c = a
+        .run_xdp(&udp4(&short_header(0x41, &cid_of_server([0x00, 0x09]))))
+        .unwrap();
+    assert_eq!(to_c.action, XdpAction::Tx);
+    assert_eq!(&to_c.packet[14 + 16..14 + 20], &HOST_C[..]);
+    // B's GUE packets are refused now.
+    let b = fleet_host([0x00, 0x02], HOST_B, [0xab, 0xcd], HOST_A);
+    let from_b = b
+        .run_xdp(&udp4(&short_header(0x41, &cid_of_server([0xab, 0xcd]))))
+        .unwrap();
+    assert_eq!(from_b.action, XdpAction::Tx);
+    let before = a.stats().unwrap();
+    assert_eq!(a.run_xdp(&from_b.packet).unwrap().action, XdpAction::Drop);
+    assert_eq!(
+        delta(&before, &a.stats().unwrap(), Counter::FleetRefused),
+        1
+    );
+}

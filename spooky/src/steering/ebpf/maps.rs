@@ -1,5 +1,5 @@
 //! Map handles user space keeps while Spooky runs — written by one thread ([`BackendsMap`],
-//! [`WorkerCountersMap`]) or read from another ([`StatsReader`], behind `/metrics`) — and the
+//! [`WorkerCountersMap`], [`FleetMaps`] on reloads) or read from another ([`StatsReader`], behind `/metrics`) — and the
 //! pinned maps opened again by `spooky status` and operators' tools ([`PinnedMaps`]).
 
 use super::*;
@@ -15,6 +15,71 @@ pub fn pinned_map_id(path: &Path) -> Result<u32, EbpfError> {
             path: path.to_path_buf(),
             source,
         })
+}
+
+/// The fleet member table as XDP reads it: `fleet_members` (server id → address to forward
+/// to) and `fleet_sources` (addresses GUE packets are taken from), kept equal to the
+/// configuration's `fleet.members` at start and after every reload.
+pub struct FleetMaps {
+    pub(super) members: HashMap<MapData, ServerIdKey, FleetMember>,
+    pub(super) sources: HashMap<MapData, MemberAddr, u8>,
+}
+
+impl std::fmt::Debug for FleetMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetMaps").finish_non_exhaustive()
+    }
+}
+
+impl FleetMaps {
+    /// Makes the maps hold exactly `members` (other members by server id) and `sources`:
+    /// entries not wanted are removed, the others written.
+    ///
+    /// # Errors
+    /// [`EbpfError::Map`] when a write fails (a full map).
+    pub fn sync(
+        &mut self,
+        members: &[(ServerIdKey, FleetMember)],
+        sources: &[MemberAddr],
+    ) -> Result<(), EbpfError> {
+        let stale: Vec<ServerIdKey> = self
+            .members
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !members.iter().any(|(id, _)| id == k))
+            .collect();
+        for k in stale {
+            let _ = self.members.remove(&k);
+        }
+        for (id, member) in members {
+            self.members
+                .insert(id, member, 0)
+                .map_err(|source| map_error(FLEET_MEMBERS_MAP, source))?;
+        }
+        let stale: Vec<MemberAddr> = self
+            .sources
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|a| !sources.contains(a))
+            .collect();
+        for a in stale {
+            let _ = self.sources.remove(&a);
+        }
+        for a in sources {
+            self.sources
+                .insert(a, 1, 0)
+                .map_err(|source| map_error(FLEET_SOURCES_MAP, source))?;
+        }
+        Ok(())
+    }
+
+    /// What the maps hold: other members by server id, and sources.
+    pub fn read(&self) -> (Vec<(ServerIdKey, FleetMember)>, Vec<MemberAddr>) {
+        (
+            self.members.iter().filter_map(Result::ok).collect(),
+            self.sources.keys().filter_map(Result::ok).collect(),
+        )
+    }
 }
 
 /// The `backends` map, owned by the health checker while Spooky runs. Remembers what it
