@@ -319,12 +319,11 @@ impl Endpoint {
     }
 
     /// Whether `dcid` is one of our layout's naming a server that is not ours (another host
-    /// of the fleet owns it).
+    /// of the fleet owns it), or minted under a load balancer configuration we do not have.
     pub fn other_server(&self, dcid: &[u8]) -> bool {
         self.ids
             .as_ref()
-            .and_then(|ids| ids.server_id_of(dcid))
-            .is_some_and(|id| id != self.server_id)
+            .is_some_and(|ids| ids.names_another_server(dcid, &self.server_id))
     }
 
     /// The processes steering knows changed (a takeover began or ended).

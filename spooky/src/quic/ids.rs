@@ -159,6 +159,20 @@ impl IdFormat {
         }
     }
 
+    /// Whether `dcid`, in our layout, is not `own`'s: it names another server, or it carries a
+    /// codepoint (QUIC-LB) or version (Katran) of a configuration we do not have — another
+    /// host's, minted under a configuration rolled out there first. Such packets are never
+    /// answered with a Stateless Reset (RFC 9000 §21.11).
+    pub fn names_another_server(&self, dcid: &[u8], own: &[u8]) -> bool {
+        if self.layout.generation_of(dcid).is_none() {
+            return false;
+        }
+        match self.server_id_of(dcid) {
+            Some(id) => id != own,
+            None => !matches!(self.kind, Kind::Spooky),
+        }
+    }
+
     /// The server id a destination connection ID names, when it is one of ours by the
     /// layout and (QUIC-LB) carries the codepoint of the current or the previous config.
     pub fn server_id_of(&self, dcid: &[u8]) -> Option<Vec<u8>> {

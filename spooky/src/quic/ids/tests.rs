@@ -97,6 +97,14 @@ fn during_a_rotation_both_configs_are_read() {
     let mut stranger = after.clone();
     stranger[0] = (5 << 5) | (stranger[0] & 0x1f);
     assert_eq!(new.server_id_of(&stranger), None);
+    // Which is never taken for one of ours (no Stateless Reset for it): it may be another
+    // host's, minted under a config rolled out there first.
+    assert!(new.names_another_server(&stranger, &[0, 9]));
+    assert!(old.names_another_server(&after, &[0, 9]));
+    assert!(!new.names_another_server(&before, &[0, 9]));
+    assert!(new.names_another_server(&before, &[0, 8]));
+    // Not our layout at all (a client's choice): not concerned.
+    assert!(!new.names_another_server(&after[..15], &[0, 9]));
 }
 
 #[test]
