@@ -122,6 +122,10 @@ def cid_seeds():
     small = our_cid(0, cid_len=7, server_id=b"\x07", generation=3)
     write("cid", "layout-7-1-gen3", preamble(7, 1, 3, 1, 0, 7) + short_ours(0, small))
     write("cid", "layout-illegal", preamble(21, 0, 7, 0, 0, 0) + initial_v1())
+    # The load balancer's layout (generation byte's top bit): first octet the balancer's,
+    # server id, generation and worker in the nonce, then again as the last two bytes.
+    lb = bytes([0x40, 0x00, 0x01, 2, 3]) + bytes(range(9)) + bytes([2, 3])
+    write("cid", "layout-lb-16-2-gen2", preamble(16, 2, 0x82, 4, 3, 20) + short_ours(3, lb))
     # Whole frames, for the XDP walk.
     write("cid", "frame-ipv4-short-header", p + ethernet(0x0800, ipv4(udp(short_ours(1)))))
     write("cid", "frame-qinq-ipv6-initial",

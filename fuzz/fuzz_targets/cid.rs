@@ -7,12 +7,14 @@
 //! byte 0     cid_len          byte 3     workers of the newest generation (mod 64)
 //! byte 1     server_id_len    byte 4     workers of a draining generation (mod 64; 0: none)
 //! byte 2     generation       byte 5     worker (for `CidLayout::write`)
+//!            (top bit: the load balancer's layout)
 //!                             byte 6     length of the output buffer given to `write`
 //! ```
 //!
 //! Checked, for the layout the preamble names (bytes folded into the legal ranges; its
 //! generation is the newest, the one before it drains, as during a takeover):
-//! - `CidLayout::new` accepts exactly the layouts the QUIC-LB rules allow (raw bytes);
+//! - `CidLayout::new` accepts exactly the layouts the QUIC-LB rules allow (raw bytes), and
+//!   `CidLayout::for_load_balancer` those with room for the two host bytes twice;
 //! - `fnv1a32` is FNV-1a over at most the first 20 bytes;
 //! - `worker_of` / `place` never panic, `place` names a worker its generation has, only
 //!   claims IDs whose first octet carries a routable generation (never for an Initial: its
@@ -34,7 +36,7 @@ use spooky::steering::{
 };
 use spooky_common::cid::{
     fnv1a32, fnv1a32_keyed, fnv1a32_step, place, CidLayout, LayoutError, Place, FNV_OFFSET,
-    MAX_CID_LEN, MAX_SERVER_ID_LEN, MIN_NONCE_LEN, UNROUTABLE_GENERATION,
+    HOST_BYTES, MAX_CID_LEN, MAX_SERVER_ID_LEN, MIN_NONCE_LEN, UNROUTABLE_GENERATION,
 };
 use spooky_common::maps::Counter;
 
@@ -51,6 +53,7 @@ fuzz_target!(|input: &[u8]| {
     let [cid_len, sid_len, generation, newest_workers, draining_workers, worker, out_len] = *pre;
 
     check_layout_rules(cid_len, sid_len, generation);
+    check_lb_layout_rules(cid_len, sid_len, generation);
     check_fnv(data);
 
     let layout = legal_layout(cid_len, sid_len, generation);
@@ -137,8 +140,52 @@ fn check_layout_rules(cid_len: u8, sid_len: u8, generation: u8) {
     );
 }
 
-/// The layout the bytes name when it is legal, else one folded into the legal ranges.
+/// The reference for `CidLayout::for_load_balancer`: the load balancer's first octet, server
+/// id, nonce with generation, worker and 4 random bytes, then generation and worker again.
+fn check_lb_layout_rules(cid_len: u8, sid_len: u8, generation: u8) {
+    let host = 2 * usize::from(HOST_BYTES);
+    let want = if usize::from(cid_len) > MAX_CID_LEN
+        || usize::from(cid_len) < 2 + host + usize::from(MIN_NONCE_LEN)
+    {
+        Err(LayoutError::CidLen)
+    } else if sid_len == 0
+        || sid_len > MAX_SERVER_ID_LEN
+        || 1 + usize::from(sid_len) + host + usize::from(MIN_NONCE_LEN) > usize::from(cid_len)
+    {
+        Err(LayoutError::ServerIdLen)
+    } else if generation >= UNROUTABLE_GENERATION {
+        Err(LayoutError::Generation)
+    } else {
+        Ok(())
+    };
+    let got = CidLayout::for_load_balancer(cid_len, sid_len, generation).map(|l| {
+        assert!(l.is_for_load_balancer());
+        assert_eq!(l.worker_offset(), usize::from(cid_len) - 1);
+        assert_eq!(l.generation_offset(), usize::from(cid_len) - 2);
+    });
+    assert_eq!(
+        got, want,
+        "for_load_balancer({cid_len}, {sid_len}, {generation})"
+    );
+}
+
+/// The layout the bytes name when it is legal, else one folded into the legal ranges; the
+/// load balancer's when `generation`'s top bit is set.
 fn legal_layout(cid_len: u8, sid_len: u8, generation: u8) -> CidLayout {
+    if generation & 0x80 != 0 {
+        let generation = (generation & 0x7f) % UNROUTABLE_GENERATION;
+        if let Ok(layout) = CidLayout::for_load_balancer(cid_len, sid_len, generation) {
+            return layout;
+        }
+        let min_len = 2 + 2 * HOST_BYTES + MIN_NONCE_LEN; // 10
+        let cid_len = min_len + cid_len % (MAX_CID_LEN as u8 - min_len + 1);
+        let max_sid = (cid_len - 1 - 2 * HOST_BYTES - MIN_NONCE_LEN).min(MAX_SERVER_ID_LEN);
+        let sid_len = 1 + sid_len % max_sid;
+        return match CidLayout::for_load_balancer(cid_len, sid_len, generation) {
+            Ok(layout) => layout,
+            Err(e) => panic!("legal lb layout ({cid_len}, {sid_len}, {generation}): {e:?}"),
+        };
+    }
     if let Ok(layout) = CidLayout::new(cid_len, sid_len, generation) {
         return layout;
     }
@@ -164,9 +211,13 @@ fn check_fnv(data: &[u8]) {
 fn check_worker_of_and_place(layout: &CidLayout, table: &SocketTable, dcid: &[u8], initial: bool) {
     let named = layout.worker_of(dcid);
     if let Some(w) = named {
-        assert!(dcid.len() >= layout.cid_len());
-        assert_eq!(dcid[0] & 0x1f, layout.first_octet() & 0x1f);
-        assert_ne!(dcid[0] >> 5, UNROUTABLE_GENERATION);
+        assert_eq!(dcid.len(), layout.cid_len());
+        if layout.is_for_load_balancer() {
+            assert!(dcid[layout.generation_offset()] < UNROUTABLE_GENERATION);
+        } else {
+            assert_eq!(dcid[0] & 0x1f, layout.first_octet() & 0x1f);
+            assert_ne!(dcid[0] >> 5, UNROUTABLE_GENERATION);
+        }
         assert_eq!(dcid[layout.worker_offset()], w);
     }
     let workers = workers_of(table);
@@ -213,7 +264,12 @@ fn check_write(layout: &CidLayout, table: &SocketTable, data: &[u8], worker: u8,
     let mut out = [0u8; 2 * MAX_CID_LEN];
     let out_len = usize::from(out_len) % (out.len() + 1);
     let (server_id, nonce) = data.split_at(data.len().min(layout.server_id_len()));
-    let nonce_len = layout.cid_len() - layout.worker_offset() - 1;
+    let sid_end = 1 + layout.server_id_len();
+    let lb = layout.is_for_load_balancer();
+    // Spooky's: worker byte after the server id; the load balancer's: generation and worker
+    // there and at the end.
+    let fixed = if lb { 2 * usize::from(HOST_BYTES) } else { 1 };
+    let nonce_len = layout.cid_len() - sid_end - fixed;
     let n = layout.write(server_id, worker, nonce, &mut out[..out_len]);
     if out_len < layout.cid_len() || nonce.len() < nonce_len {
         assert_eq!(n, 0);
@@ -221,11 +277,19 @@ fn check_write(layout: &CidLayout, table: &SocketTable, data: &[u8], worker: u8,
     }
     assert_eq!(n, layout.cid_len());
     let cid = &out[..n];
-    assert_eq!(cid[0], layout.first_octet());
-    for (i, &b) in cid[1..layout.worker_offset()].iter().enumerate() {
+    assert_eq!(cid[0], if lb { 0 } else { layout.first_octet() });
+    for (i, &b) in cid[1..sid_end].iter().enumerate() {
         assert_eq!(b, server_id.get(i).copied().unwrap_or(0));
     }
-    assert_eq!(&cid[layout.worker_offset() + 1..], &nonce[..nonce_len]);
+    let host = [layout.generation(), worker];
+    if lb {
+        assert_eq!(&cid[sid_end..sid_end + 2], &host);
+        assert_eq!(&cid[sid_end + 2..n - 2], &nonce[..nonce_len]);
+        assert_eq!(&cid[n - 2..], &host);
+    } else {
+        assert_eq!(cid[sid_end], worker);
+        assert_eq!(&cid[sid_end + 1..], &nonce[..nonce_len]);
+    }
     assert_eq!(layout.worker_of(cid), Some(worker));
     // Minted for Initials: the hash that places Initials names the worker.
     let live = workers_of(table)(layout.generation());

@@ -46,6 +46,7 @@ use spooky::keys::{KeyRing, Keys};
 use spooky::quic::endpoint::{
     Decision, DropReason, Endpoint, Generations, Limits, Now, MIN_INITIAL_DATAGRAM, RESET_LEN,
 };
+use spooky::quic::ids::IdFormat;
 use spooky_common::cid::CidLayout;
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -104,7 +105,14 @@ fuzz_target!(|input: &[u8]| {
         setup.limits,
         start,
     );
-    endpoint.set_server_id(&SERVER_ID);
+    let ids = IdFormat::new(
+        &spooky::config::CidFormat::Spooky,
+        CID_LEN,
+        SERVER_ID.len() as u8,
+        setup.layout.generation(),
+    )
+    .expect("the layout's format");
+    endpoint.set_server_id(std::sync::Arc::new(ids), &SERVER_ID);
     if setup.draining {
         endpoint.drain();
     }
@@ -348,7 +356,15 @@ fn retry_round_trip(
     let stolen = answer(hdr.version, scid, token);
     let mut buf = stolen.clone();
     let stolen_hdr = Header::from_slice(&mut buf, scid.len()).expect("our Initial parses");
-    let d = endpoint.admit(&stolen_hdr, MIN_INITIAL_DATAGRAM, other, false, keys(), now, never);
+    let d = endpoint.admit(
+        &stolen_hdr,
+        MIN_INITIAL_DATAGRAM,
+        other,
+        false,
+        keys(),
+        now,
+        never,
+    );
     assert_eq!(
         d,
         Decision::Drop(DropReason::InvalidToken),
@@ -358,7 +374,15 @@ fn retry_round_trip(
     if victim != scid {
         let mut buf = answer(hdr.version, &victim, token);
         let victim_hdr = Header::from_slice(&mut buf, scid.len()).expect("our Initial parses");
-        let d = endpoint.admit(&victim_hdr, MIN_INITIAL_DATAGRAM, from, false, keys(), now, never);
+        let d = endpoint.admit(
+            &victim_hdr,
+            MIN_INITIAL_DATAGRAM,
+            from,
+            false,
+            keys(),
+            now,
+            never,
+        );
         assert!(
             !matches!(d, Decision::Accept { .. }),
             "a Retry token was accepted on an Initial to another connection ID"
@@ -366,7 +390,15 @@ fn retry_round_trip(
     }
     let mut buf = stolen;
     let answer_hdr = Header::from_slice(&mut buf, scid.len()).expect("our Initial parses");
-    match endpoint.admit(&answer_hdr, MIN_INITIAL_DATAGRAM, from, false, keys(), now, never) {
+    match endpoint.admit(
+        &answer_hdr,
+        MIN_INITIAL_DATAGRAM,
+        from,
+        false,
+        keys(),
+        now,
+        never,
+    ) {
         Decision::Accept { odcid: Some(odcid) } => {
             assert_eq!(
                 odcid.as_ref(),

@@ -19,11 +19,15 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     assert!(inner.payload.start <= inner.payload.end);
-    assert_eq!(inner.payload.end, data.len(), "the datagram ends the packet");
+    assert_eq!(
+        inner.payload.end,
+        data.len(),
+        "the datagram ends the packet"
+    );
     let payload = &data[inner.payload.clone()];
     let mut out = vec![0u8; data.len() + 64];
-    let n = encapsulate(inner.client, inner.server, payload, &mut out)
-        .expect("what decodes encodes");
+    let n =
+        encapsulate(inner.client, inner.server, payload, &mut out).expect("what decodes encodes");
     let again = decapsulate(&out[..n]).expect("and decodes again");
     assert_eq!((again.client, again.server), (inner.client, inner.server));
     assert_eq!(&out[again.payload], payload);
