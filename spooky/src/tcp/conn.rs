@@ -100,6 +100,7 @@ pub(super) async fn serve(
     let service = hyper::service::service_fn(move |req| request::handle(ctx.clone(), req));
     let ended = match protocol {
         Protocol::H2 => {
+            let (io, write_out) = super::gather::gather(tls);
             let conn = http2::Builder::new(LocalExec)
                 .timer(TokioTimer::new())
                 // WebSockets over HTTP/2 (RFC 8441).
@@ -109,9 +110,12 @@ pub(super) async fn serve(
                         .unwrap_or(u32::MAX),
                 )
                 .max_header_list_size(u32::try_from(max_head).unwrap_or(u32::MAX))
-                .serve_connection(TokioIo::new(tls), service);
-            let conn = std::pin::pin!(conn);
-            let graceful = |c: Pin<&mut _>| http2::Connection::graceful_shutdown(c);
+                .serve_connection(TokioIo::new(io), service);
+            // hyper's writes are gathered and go to TLS at the end of each round.
+            let conn = std::pin::pin!(super::gather::Flushing::new(conn, write_out));
+            let graceful = |c: Pin<&mut _>| {
+                http2::Connection::graceful_shutdown(super::gather::Flushing::conn(c));
+            };
             drive(
                 &front,
                 conn,

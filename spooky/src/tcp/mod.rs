@@ -13,12 +13,14 @@
 //! |---|---|
 //! | this file | [`Front`]: the accept loop, connection limit, drain |
 //! | `conn` | one connection: TLS handshake, protocol, hyper, idle and shutdown |
+//! | `gather` | HTTP/2's frames gathered into 64 KiB writes to TLS, written out at the end of each round |
 //! | `request` | one request: hyper's request → admission → exchange → hyper's response |
 //! | `plain` | the plaintext listener's requests: ACME HTTP-01 or a redirect to `https://` |
 //! | `proxy_header` | the PROXY protocol header (v1, v2) trusted load balancers open with |
 //! | [`strict`] | refuses HTTP/1.1 request smuggling before hyper sees it |
 
 mod conn;
+mod gather;
 mod plain;
 mod proxy_header;
 mod request;

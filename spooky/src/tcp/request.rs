@@ -7,7 +7,7 @@
 use super::Front;
 use crate::http::exchange::{self, LoopEnd, Pending};
 use crate::http::{bridge, Admission, Client, Protocol};
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use hyper::body::Incoming;
@@ -489,13 +489,13 @@ impl ResponseBody {
 }
 
 impl Body for ResponseBody {
-    type Data = Bytes;
+    type Data = Chunks;
     type Error = Aborted;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Aborted>>> {
+    ) -> Poll<Option<Result<Frame<Chunks>, Aborted>>> {
         let this = self.get_mut();
         if this.done {
             return Poll::Ready(None);
@@ -505,7 +505,7 @@ impl Body for ResponseBody {
             Pending::Body { chunk, fin } => {
                 let _ = end.body_written(chunk.len(), fin);
                 this.done = fin;
-                Ok(Frame::data(chunk))
+                Ok(Frame::data(gather(end, chunk, &mut this.done)))
             }
             Pending::Trailers => {
                 let map = end
@@ -545,6 +545,110 @@ impl Body for ResponseBody {
 
     fn is_end_stream(&self) -> bool {
         self.done
+    }
+}
+
+/// Bytes of queued body chunks handed to hyper at once: a backend's small DATA frames (nginx
+/// sends 8 KiB ones) would each become a frame, a TLS record and a system call of their own;
+/// together they become full frames written in one round (`super::gather`).
+const GATHER: usize = 64 * 1024;
+
+/// `first` and the chunks queued behind it, up to [`GATHER`] bytes, as one buffer (no copy);
+/// `done` is set when the last of them ended the body.
+fn gather(end: &LoopEnd, first: Bytes, done: &mut bool) -> Chunks {
+    let mut out = Chunks::default();
+    out.push(first);
+    while !*done && out.remaining() < GATHER {
+        let Pending::Body { chunk, fin } = end.pending() else {
+            break;
+        };
+        if out.remaining() + chunk.len() > GATHER {
+            break;
+        }
+        let _ = end.body_written(chunk.len(), fin);
+        out.push(chunk);
+        *done = fin;
+    }
+    out
+}
+
+/// Body chunks handed to hyper as one buffer, without copying them together.
+#[derive(Debug, Default)]
+pub(super) struct Chunks {
+    parts: std::collections::VecDeque<Bytes>,
+    remaining: usize,
+}
+
+impl Chunks {
+    fn push(&mut self, b: Bytes) {
+        if !b.is_empty() {
+            self.remaining += b.len();
+            self.parts.push_back(b);
+        }
+    }
+}
+
+impl bytes::Buf for Chunks {
+    fn remaining(&self) -> usize {
+        self.remaining
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.parts.front().map_or(&[], |b| b.as_ref())
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        assert!(cnt <= self.remaining, "advance past the end of Chunks");
+        self.remaining -= cnt;
+        while cnt > 0 {
+            let Some(front) = self.parts.front_mut() else {
+                return;
+            };
+            if cnt < front.len() {
+                front.advance(cnt);
+                return;
+            }
+            cnt -= front.len();
+            self.parts.pop_front();
+        }
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [std::io::IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (slot, part) in dst.iter_mut().zip(&self.parts) {
+            *slot = std::io::IoSlice::new(part);
+            n += 1;
+        }
+        n
+    }
+
+    fn copy_to_bytes(&mut self, len: usize) -> Bytes {
+        match self.parts.front_mut() {
+            // The common case: within one chunk, shared rather than copied.
+            Some(front) if len <= front.len() => {
+                let out = front.split_to(len);
+                if front.is_empty() {
+                    self.parts.pop_front();
+                }
+                self.remaining -= len;
+                out
+            }
+            _ => {
+                assert!(
+                    len <= self.remaining,
+                    "copy_to_bytes past the end of Chunks"
+                );
+                let mut out = bytes::BytesMut::with_capacity(len);
+                let mut left = len;
+                while left > 0 {
+                    let take = left.min(self.chunk().len());
+                    out.extend_from_slice(&self.chunk()[..take]);
+                    self.advance(take);
+                    left -= take;
+                }
+                out.freeze()
+            }
+        }
     }
 }
 
