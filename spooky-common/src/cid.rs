@@ -102,24 +102,7 @@ impl CidLayout {
     /// [`LayoutError`] when the parts do not fit in a QUIC connection ID with at least
     /// [`MIN_NONCE_LEN`] bytes of nonce, or the generation is reserved.
     pub const fn new(cid_len: u8, server_id_len: u8, generation: u8) -> Result<Self, LayoutError> {
-        if cid_len as usize > MAX_CID_LEN || cid_len < 2 + 1 + MIN_NONCE_LEN {
-            return Err(LayoutError::CidLen);
-        }
-        if server_id_len == 0
-            || server_id_len > MAX_SERVER_ID_LEN
-            || 1 + server_id_len + 1 + MIN_NONCE_LEN > cid_len
-        {
-            return Err(LayoutError::ServerIdLen);
-        }
-        if generation >= UNROUTABLE_GENERATION {
-            return Err(LayoutError::Generation);
-        }
-        Ok(Self {
-            cid_len,
-            server_id_len,
-            generation,
-            lb: false,
-        })
+        Self::checked(cid_len, server_id_len, generation, false)
     }
 
     /// The load balancer's layout (see the module): first octet and server id in a load
@@ -133,12 +116,24 @@ impl CidLayout {
         server_id_len: u8,
         generation: u8,
     ) -> Result<Self, LayoutError> {
-        if cid_len as usize > MAX_CID_LEN || cid_len < 1 + 1 + 2 * HOST_BYTES + MIN_NONCE_LEN {
+        Self::checked(cid_len, server_id_len, generation, true)
+    }
+
+    const fn checked(
+        cid_len: u8,
+        server_id_len: u8,
+        generation: u8,
+        lb: bool,
+    ) -> Result<Self, LayoutError> {
+        // Besides first octet, server id and random nonce: the worker byte, or generation
+        // and worker twice.
+        let fixed = if lb { 2 * HOST_BYTES } else { 1 };
+        if cid_len as usize > MAX_CID_LEN || cid_len < 1 + 1 + fixed + MIN_NONCE_LEN {
             return Err(LayoutError::CidLen);
         }
         if server_id_len == 0
             || server_id_len > MAX_SERVER_ID_LEN
-            || 1 + server_id_len + 2 * HOST_BYTES + MIN_NONCE_LEN > cid_len
+            || 1 + server_id_len + fixed + MIN_NONCE_LEN > cid_len
         {
             return Err(LayoutError::ServerIdLen);
         }
@@ -149,7 +144,7 @@ impl CidLayout {
             cid_len,
             server_id_len,
             generation,
-            lb: true,
+            lb,
         })
     }
 
