@@ -106,7 +106,6 @@ impl IdFormat {
     /// `workers` under `key`, for IDs a client's Initials will carry, see
     /// [`CidLayout::write_placed`]) or not, sealed. `fill` draws random bytes. Returns the
     /// length written into `out` (20 bytes hold any).
-    #[allow(clippy::too_many_arguments)]
     pub fn write(
         &self,
         server_id: &[u8],
