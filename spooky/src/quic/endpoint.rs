@@ -326,6 +326,15 @@ impl Endpoint {
             .is_some_and(|ids| ids.names_another_server(dcid, &self.server_id))
     }
 
+    /// The server id `dcid` names when it is another server's (for forwarding there); `None`
+    /// for ours, for IDs not in our layout, and for IDs of a config we cannot read.
+    pub fn other_server_id(&self, dcid: &[u8]) -> Option<Vec<u8>> {
+        self.ids
+            .as_ref()?
+            .server_id_of(dcid)
+            .filter(|id| *id != self.server_id)
+    }
+
     /// The processes steering knows changed (a takeover began or ended).
     pub fn set_generations(&mut self, generations: Generations) {
         self.generations = generations;

@@ -326,11 +326,11 @@ impl QuicFront {
         self.on_datagram(&mut data, f.from, f.to, Via::Worker);
     }
 
-    /// Sends a datagram of another host's connection (its DCID names that host's server id)
-    /// there, if the fleet knows the host; false when it does not.
+    /// Sends a datagram of another host's connection (its DCID names server id `sid`) to that
+    /// host, if the fleet knows it; false when it does not.
     fn forward_to_host(
         &mut self,
-        dcid: &[u8],
+        sid: &[u8],
         data: &[u8],
         from: SocketAddr,
         to: SocketAddr,
@@ -338,10 +338,7 @@ impl QuicFront {
         let Some(port) = self.fleet.as_mut() else {
             return false;
         };
-        let Some(sid) = self.mint.ids.server_id_of(dcid) else {
-            return false;
-        };
-        let Some(member) = port.members.address_of(&sid) else {
+        let Some(member) = port.members.address_of(sid) else {
             return false;
         };
         let stats = &self.services.stats;
@@ -388,10 +385,12 @@ impl QuicFront {
         }
         // Another host's connection (a rebinding or a rehash sent it here): to that host,
         // unless it already came from one.
-        if via == Via::Socket && self.endpoint.other_server(&hdr.dcid) {
-            let dcid = hdr.dcid.to_vec();
-            if self.forward_to_host(&dcid, data, from, to) {
-                return;
+        // (An encrypted ID is decrypted once, here.)
+        if via == Via::Socket {
+            if let Some(sid) = self.endpoint.other_server_id(&hdr.dcid) {
+                if self.forward_to_host(&sid, data, from, to) {
+                    return;
+                }
             }
         }
         // A drained host takes no new connection (its open ones go on; Initials of another

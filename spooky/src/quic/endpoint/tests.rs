@@ -635,6 +635,9 @@ fn another_servers_packets_are_dropped_never_reset() {
         decide(&mut ep, short(&theirs[..n]), false),
         Decision::Drop(DropReason::OtherServer)
     );
+    // Whom to forward it to, if the fleet has them; not ours.
+    assert_eq!(ep.other_server_id(&theirs[..n]), Some(vec![0x01, 0x02]));
+    assert_eq!(ep.other_server_id(&our_cid(1)), None);
     // Ours (server id aabb) for worker 1 with no connection: reset as before.
     assert_eq!(
         decide(&mut ep, short(&our_cid(1)), false),
