@@ -110,7 +110,7 @@ pub async fn serve_until_drained(
 }
 
 async fn connection(
-    tcp: tokio::net::TcpStream,
+    mut tcp: tokio::net::TcpStream,
     opts: &Rc<DemoOptions>,
     stats: &Arc<DemoStats>,
     drain: &mut tokio::sync::watch::Receiver<bool>,
@@ -119,7 +119,7 @@ async fn connection(
         .initial_window_size(1 << 20)
         .initial_connection_window_size(16 << 20)
         .max_concurrent_streams(256)
-        .handshake::<_, Bytes>(tcp)
+        .handshake::<_, Bytes>(&mut tcp)
         .await
     {
         Ok(c) => c,
@@ -154,6 +154,23 @@ async fn connection(
             conn.graceful_shutdown();
         }
     }
+    drop(conn);
+    linger(tcp).await;
+}
+
+/// Closes a connection the way RFC 9112 §9.6 asks of a server (and HTTP/2 needs as much):
+/// the write side first, then read and discard until the peer closes too (at most 2 s).
+/// Closing at once would make the kernel answer the peer's late frames (its WINDOW_UPDATEs
+/// for the last response) with a reset, and a reset throws away the end of that response
+/// still queued unsent: the client would lose the tail of a body it was promised.
+async fn linger(mut tcp: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tcp.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while matches!(tcp.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
 }
 
 /// A demo backend serving on its own thread; stopped (listener and every connection closed)
