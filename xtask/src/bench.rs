@@ -20,6 +20,7 @@ mod peers;
 mod report;
 mod steering;
 mod upgrade;
+mod websocket;
 mod xdp;
 mod zero_rtt;
 
@@ -295,6 +296,16 @@ fn scenarios(quick: bool, duration: f64, warm_up: f64) -> Vec<Scenario> {
         Scenario::own("steering", "req", "/100b"),
         // Time to first byte, 0-RTT against a full handshake (aioquic): see `zero_rtt.rs`.
         Scenario::own("zero-rtt", "ms", "/100b"),
+        // WebSocket relays over each proxy's TCP listener (`websockets` client and echo
+        // server, HTTP/1.1 upgrade): see `websocket.rs`.
+        Scenario {
+            duration,
+            ..Scenario::own(websocket::SMALL.name, "msg", "/")
+        },
+        Scenario {
+            duration,
+            ..Scenario::own(websocket::BULK.name, "MiB", "/")
+        },
         // The XDP program in the kernel, no traffic: see `xdp.rs`.
         Scenario::own("xdp", "Mpps", ""),
     ]
@@ -499,6 +510,7 @@ pub struct Results {
     pub xdp: Vec<xdp::Case>,
     pub steering: Vec<steering::Outcome>,
     pub zero_rtt: Vec<zero_rtt::Outcome>,
+    pub websocket: Vec<websocket::Outcome>,
 }
 
 fn run_all(
@@ -543,7 +555,7 @@ fn run_all(
     let steady = |sc: &&&Scenario| {
         !matches!(
             sc.name,
-            "upgrade" | "xdp" | "rate" | "steering" | "zero-rtt"
+            "upgrade" | "xdp" | "rate" | "steering" | "zero-rtt" | "ws-small" | "ws-bulk"
         )
     };
     for run in 1..=ctx.runs {
@@ -597,6 +609,17 @@ fn run_all(
             for &kind in proxies {
                 res.zero_rtt
                     .push(zero_rtt::run(ctx, kind, nginx.port, run)?);
+            }
+        }
+    }
+    for shape in [&websocket::SMALL, &websocket::BULK] {
+        let Some(sc) = chosen.iter().find(|s| s.name == shape.name) else {
+            continue;
+        };
+        for run in 1..=ctx.runs {
+            for &kind in proxies.iter().filter(|k| !k.oha_only()) {
+                res.websocket
+                    .push(websocket::run(ctx, shape, kind, sc.duration, run)?);
             }
         }
     }

@@ -587,6 +587,8 @@ log: {{level: warn, format: text}}
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           codec_type: AUTO
           stat_prefix: bench_tcp
+          # WebSockets are relayed only where named (Envoy's WebSocket documentation).
+          upgrade_configs: [{{upgrade_type: websocket}}]
 {routes}
   clusters:
   - name: nginx

@@ -573,6 +573,21 @@ pub fn json(env: &Env, res: &Results) -> String {
             "\n"
         });
     }
+    s.push_str("  ],\n  \"websocket\": [\n");
+    for (i, o) in res.websocket.iter().enumerate() {
+        let _ = write!(
+            s,
+            "    {{\"scenario\": \"{}\", \"proxy\": \"{}\", \"run\": {}, \"seconds\": {}, \"messages\": {}, \"mib\": {}, \"rtt_ms\": [{}, {}, {}], \"proxy_cpu_s\": {}, \"backend_cpu_s\": {}, \"hwm_kib\": {}, \"failed\": {}, \"first_error\": \"{}\"}}",
+            o.scenario, o.proxy, o.run, num(o.seconds), o.messages, num(o.mib), num(o.rtt.0),
+            num(o.rtt.1), num(o.rtt.2), num(o.proxy_cpu_s), num(o.backend_cpu_s), o.hwm_kib,
+            o.failed, esc(&o.first_error)
+        );
+        s.push_str(if i + 1 < res.websocket.len() {
+            ",\n"
+        } else {
+            "\n"
+        });
+    }
     s.push_str("  ],\n  \"upgrades\": [\n");
     for (i, u) in res.upgrades.iter().enumerate() {
         let _ = write!(
@@ -810,6 +825,42 @@ Datagrams Spooky received per 100 it sent, over the whole run (in a download nea
                 rows.iter().map(|o| o.failed).sum::<u64>(),
                 st(&|o| o.cpu_us_per_connection).show(0),
                 st(&|o| o.hwm_kib as f64 / 1024.0).show(1),
+                rows.len()
+            );
+        }
+        s.push('\n');
+    }
+    if !res.websocket.is_empty() {
+        s.push_str("### WebSockets: echoes through each proxy's TCP listener (TLS, HTTP/1.1 upgrade; `websockets` client and echo server, 10 connections)\n\n");
+        s.push_str("| scenario | proxy | messages/s | messages per proxy CPU-s | MiB per proxy CPU-s | µs proxy CPU per message | round trip p50 / p90 / p99 ms | peak RSS MiB | failed | runs |\n|---|---|---:|---:|---:|---:|---|---:|---:|---|\n");
+        let mut keys: Vec<(&str, &str)> = res
+            .websocket
+            .iter()
+            .map(|o| (o.scenario, o.proxy))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        for (scenario, proxy) in keys {
+            let rows: Vec<&super::websocket::Outcome> = res
+                .websocket
+                .iter()
+                .filter(|o| o.scenario == scenario && o.proxy == proxy)
+                .collect();
+            let st = |f: &dyn Fn(&super::websocket::Outcome) -> f64| {
+                Stat::of(rows.iter().map(|o| f(o)).collect())
+            };
+            let _ = writeln!(
+                s,
+                "| {scenario} | {proxy} | {} | {} | {} | {} | {} / {} / {} | {} | {} | {} |",
+                st(&|o| o.messages as f64 / o.seconds).show(0),
+                st(&|o| o.per_cpu_second()).show(0),
+                st(&|o| o.mib_per_cpu_second()).show(1),
+                st(&|o| 1e6 / o.per_cpu_second()).show(1),
+                st(&|o| o.rtt.0).show(2),
+                st(&|o| o.rtt.1).show(2),
+                st(&|o| o.rtt.2).show(2),
+                st(&|o| o.hwm_kib as f64 / 1024.0).show(1),
+                rows.iter().map(|o| o.failed).sum::<u64>(),
                 rows.len()
             );
         }
