@@ -6,11 +6,12 @@
 //! No sockets, no runtime: every function here takes fields and returns fields or an error.
 
 use crate::config::ForwardedMode;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Uri};
 use quiche::h3::{Header, NameValue};
 use std::net::IpAddr;
+use std::ops::Range;
 
 /// HTTP/3 `H3_MESSAGE_ERROR` (RFC 9114 §8.1): a malformed message.
 pub const H3_MESSAGE_ERROR: u64 = 0x10e;
@@ -86,6 +87,9 @@ pub struct RequestHead {
     /// The request's `x-request-id` as Spooky forwards and returns it (empty: none; set by
     /// the forwarder, not by validation).
     pub request_id: Bytes,
+    /// The upstream URI validation built and read back (`https://authority/path`); the
+    /// conversion uses it while it still names `authority` and `path`.
+    pub uri: Option<Uri>,
 }
 
 impl RequestHead {
@@ -118,33 +122,47 @@ impl RequestHead {
     }
 }
 
+/// Lowercase RFC 9110 token characters (`tchar` without the uppercase letters), as a table.
+const TCHAR: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_lowercase()
+            || c.is_ascii_digit()
+            || matches!(
+                c,
+                b'!' | b'#'
+                    | b'$'
+                    | b'%'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'.'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'|'
+                    | b'~'
+            );
+        b += 1;
+    }
+    t
+};
+
 fn is_tchar(b: u8) -> bool {
-    b.is_ascii_lowercase()
-        || b.is_ascii_digit()
-        || matches!(
-            b,
-            b'!' | b'#'
-                | b'$'
-                | b'%'
-                | b'&'
-                | b'\''
-                | b'*'
-                | b'+'
-                | b'-'
-                | b'.'
-                | b'^'
-                | b'_'
-                | b'`'
-                | b'|'
-                | b'~'
-        )
+    TCHAR[usize::from(b)]
 }
 
 /// RFC 9110 §5.5 field values: visible characters, obs-text, spaces and tabs inside; no
 /// control characters (so no NUL, CR, LF) and no DEL; no surrounding whitespace.
 fn valid_value(v: &[u8]) -> bool {
     let bad_edge = |b: &u8| *b == b' ' || *b == b'\t';
-    v.iter().all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+    // Every byte looked at (no early exit), so the loop runs on vectors.
+    v.iter()
+        .fold(true, |ok, &b| ok & ((b >= 0x20 && b != 0x7f) | (b == b'\t')))
         && !v.first().is_some_and(bad_edge)
         && !v.last().is_some_and(bad_edge)
 }
@@ -207,21 +225,21 @@ fn valid_authority(a: &[u8]) -> bool {
         Some((b':', digits)) => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
         Some(_) => false,
     };
-    // And the `http` crate must read it back unchanged (it builds the upstream URI).
-    host_ok
-        && port_ok
-        && http::uri::Authority::from_maybe_shared(Bytes::copy_from_slice(a))
-            .is_ok_and(|parsed| parsed.as_str().as_bytes() == a)
+    host_ok && port_ok
 }
 
-/// A request target the upstream will see exactly as routing saw it: what `http` parses back
-/// unchanged, with no fragment.
+/// [`valid_authority`], and the `http` crate reads it back unchanged: for heads whose
+/// authority is not checked as part of the upstream URI (CONNECT, `OPTIONS *`).
+fn valid_authority_alone(a: &Bytes) -> bool {
+    valid_authority(a)
+        && http::uri::Authority::from_maybe_shared(a.clone())
+            .is_ok_and(|parsed| parsed.as_str().as_bytes() == a.as_ref())
+}
+
+/// An origin-form request target with no fragment. That the upstream sees it exactly as
+/// routing saw it is checked on the whole upstream URI (`validate_request`).
 fn valid_path(p: &[u8]) -> bool {
-    p.starts_with(b"/")
-        && !p.contains(&b'#')
-        && p.iter().all(|b| b.is_ascii_graphic())
-        && http::uri::PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(p))
-            .is_ok_and(|pq| pq.as_str().as_bytes() == p)
+    p.starts_with(b"/") && !p.contains(&b'#') && p.iter().all(|b| b.is_ascii_graphic())
 }
 
 fn lossy(b: &[u8]) -> String {
@@ -234,14 +252,23 @@ fn lossy(b: &[u8]) -> String {
 /// [`RequestError`] naming the first problem; the request is malformed and must be answered
 /// with a stream error `H3_MESSAGE_ERROR` (or a 400) without reaching a backend.
 pub fn validate_request(list: &[Header]) -> Result<RequestHead, RequestError> {
+    // Every value kept (and every regular field's name) is copied once into one buffer, and
+    // the head's fields are slices of it: one allocation for the head, not two per field.
+    let total = list.iter().map(|h| h.name().len() + h.value().len()).sum();
+    let mut store = BytesMut::with_capacity(total);
+    let mut keep = |b: &[u8]| {
+        let start = store.len();
+        store.extend_from_slice(b);
+        start..store.len()
+    };
     let mut method = None;
     let mut scheme = None;
     let mut authority = None;
     let mut path = None;
     let mut protocol = None;
-    let mut host: Option<Bytes> = None;
+    let mut host: Option<Range<usize>> = None;
     let mut content_length: Option<u64> = None;
-    let mut fields = Vec::with_capacity(list.len());
+    let mut spans = Vec::with_capacity(list.len());
     let mut seen_regular = false;
 
     for h in list {
@@ -264,7 +291,7 @@ pub fn validate_request(list: &[Header]) -> Result<RequestHead, RequestError> {
             if !valid_value(value) {
                 return Err(RequestError::BadValue(lossy(name)));
             }
-            *slot.0 = Some(Bytes::copy_from_slice(value));
+            *slot.0 = Some(keep(value));
             continue;
         }
         seen_regular = true;
@@ -292,13 +319,24 @@ pub fn validate_request(list: &[Header]) -> Result<RequestHead, RequestError> {
                 if host.is_some() {
                     return Err(RequestError::BadValue("host".into()));
                 }
-                host = Some(Bytes::copy_from_slice(value));
+                host = Some(keep(value));
                 continue;
             }
             _ => {}
         }
-        fields.push((Bytes::copy_from_slice(name), Bytes::copy_from_slice(value)));
+        spans.push((keep(name), keep(value)));
     }
+    let store = store.freeze();
+    let at = |r: Range<usize>| store.slice(r);
+    let (method, scheme, authority, path, protocol, host) = (
+        method.map(at),
+        scheme.map(at),
+        authority.map(at),
+        path.map(at),
+        protocol.map(at),
+        host.map(at),
+    );
+    let fields: Vec<(Bytes, Bytes)> = spans.into_iter().map(|(n, v)| (at(n), at(v))).collect();
 
     let method = method.ok_or(RequestError::MissingPseudo(":method"))?;
     let method = Method::from_bytes(&method).map_err(|_| RequestError::BadMethod)?;
@@ -310,7 +348,7 @@ pub fn validate_request(list: &[Header]) -> Result<RequestHead, RequestError> {
         // Plain CONNECT carries no :scheme/:path; Spooky does not tunnel (the caller answers
         // 501), but the head itself is well-formed.
         let authority = authority.ok_or(RequestError::MissingPseudo(":authority"))?;
-        if scheme.is_some() || path.is_some() || !valid_authority(&authority) {
+        if scheme.is_some() || path.is_some() || !valid_authority_alone(&authority) {
             return Err(RequestError::BadTarget);
         }
         return Ok(RequestHead {
@@ -322,6 +360,7 @@ pub fn validate_request(list: &[Header]) -> Result<RequestHead, RequestError> {
             content_length,
             protocol: None,
             request_id: Bytes::new(),
+            uri: None,
         });
     }
     let scheme = scheme.ok_or(RequestError::MissingPseudo(":scheme"))?;
@@ -347,10 +386,15 @@ pub fn validate_request(list: &[Header]) -> Result<RequestHead, RequestError> {
         (None, Some(h)) => h,
         (None, None) => return Err(RequestError::MissingAuthority),
     };
-    if !valid_authority(&authority) {
+    let authority_ok = if asterisk {
+        valid_authority_alone(&authority)
+    } else {
+        valid_authority(&authority)
+    };
+    if !authority_ok {
         return Err(RequestError::BadTarget);
     }
-    let head = RequestHead {
+    let mut head = RequestHead {
         method,
         scheme,
         authority,
@@ -359,22 +403,28 @@ pub fn validate_request(list: &[Header]) -> Result<RequestHead, RequestError> {
         content_length,
         protocol,
         request_id: Bytes::new(),
+        uri: None,
     };
     // The upstream must see exactly the target routing saw: build the URI as the conversion
     // will, and refuse what does not read back unchanged.
     if !asterisk {
         let uri = upstream_uri(&head).map_err(|_| RequestError::BadTarget)?;
-        let same_authority = uri
-            .authority()
-            .is_some_and(|a| a.as_str().as_bytes() == head.authority.as_ref());
-        let same_path = uri
-            .path_and_query()
-            .is_some_and(|p| p.as_str().as_bytes() == head.path.as_ref());
-        if !same_authority || !same_path {
+        if !uri_names(&uri, &head) {
             return Err(RequestError::BadTarget);
         }
+        // Kept for the conversion, which would build the same.
+        head.uri = Some(uri);
     }
     Ok(head)
+}
+
+/// Whether `uri` carries exactly `head`'s authority and path.
+fn uri_names(uri: &Uri, head: &RequestHead) -> bool {
+    uri.authority()
+        .is_some_and(|a| a.as_str().as_bytes() == head.authority.as_ref())
+        && uri
+            .path_and_query()
+            .is_some_and(|p| p.as_str().as_bytes() == head.path.as_ref())
 }
 
 /// The absolute URI the upstream request carries.
@@ -433,9 +483,14 @@ pub fn to_h2_request(head: &RequestHead, hop: &Hop) -> Result<Request<()>, Conve
             "the asterisk form is answered by Spooky, not forwarded".into(),
         ));
     }
-    let uri = upstream_uri(head)?;
+    let uri = match &head.uri {
+        // Built by validation, unless a rule has rewritten the path since.
+        Some(uri) if uri_names(uri, head) => uri.clone(),
+        _ => upstream_uri(head)?,
+    };
 
-    let mut headers = HeaderMap::with_capacity(head.fields.len() + 4);
+    // Room for the fields and the hop's own (four forwarding fields and `via`).
+    let mut headers = HeaderMap::with_capacity(head.fields.len() + 5);
     let rewrite = hop.mode == ForwardedMode::Replace;
     let mut xff_prev: Option<&[u8]> = None;
     let mut fwd_prev: Option<&[u8]> = None;
@@ -466,29 +521,49 @@ pub fn to_h2_request(head: &RequestHead, hop: &Hop) -> Result<Request<()>, Conve
     }
     if hop.mode != ForwardedMode::Off {
         let ip = hop.client_ip.to_string();
-        let xff = join_hop(xff_prev, ip.as_bytes());
-        let node = match hop.client_ip {
-            IpAddr::V4(_) => format!("for={ip}"),
-            IpAddr::V6(_) => format!("for=\"[{ip}]\""),
-        };
-        let mut fwd_elem = node.into_bytes();
+        let mut fwd_elem = Vec::with_capacity(32 + head.authority.len());
+        match hop.client_ip {
+            IpAddr::V4(_) => {
+                fwd_elem.extend_from_slice(b"for=");
+                fwd_elem.extend_from_slice(ip.as_bytes());
+            }
+            IpAddr::V6(_) => {
+                fwd_elem.extend_from_slice(b"for=\"[");
+                fwd_elem.extend_from_slice(ip.as_bytes());
+                fwd_elem.extend_from_slice(b"]\"");
+            }
+        }
         fwd_elem.extend_from_slice(b";proto=https");
         if !head.authority.is_empty() {
             fwd_elem.extend_from_slice(b";host=\"");
             fwd_elem.extend_from_slice(&head.authority);
             fwd_elem.push(b'"');
         }
-        let fwd = join_hop(fwd_prev, &fwd_elem);
-        insert(&mut headers, "x-forwarded-for", xff)?;
-        insert(&mut headers, "forwarded", fwd)?;
-        insert(&mut headers, "x-forwarded-proto", b"https".to_vec())?;
+        insert(&mut headers, "x-forwarded-for", join_hop(xff_prev, ip.into_bytes()))?;
+        insert(&mut headers, "forwarded", join_hop(fwd_prev, fwd_elem))?;
+        headers.insert(
+            HeaderName::from_static("x-forwarded-proto"),
+            HeaderValue::from_static("https"),
+        );
         if !head.authority.is_empty() {
-            insert(&mut headers, "x-forwarded-host", head.authority.to_vec())?;
+            let host = HeaderValue::from_maybe_shared(head.authority.clone())
+                .map_err(|e| ConvertError(e.to_string()))?;
+            headers.insert(HeaderName::from_static("x-forwarded-host"), host);
         }
     }
     if let Some(version) = hop.via {
-        let ours = format!("{version} spooky");
-        insert(&mut headers, "via", join_hop(via_prev, ours.as_bytes()))?;
+        let via = match (via_prev, version) {
+            // The usual case, without an allocation.
+            (None, "3") => HeaderValue::from_static("3 spooky"),
+            (None, "2") => HeaderValue::from_static("2 spooky"),
+            (None, "1.1") => HeaderValue::from_static("1.1 spooky"),
+            (prev, _) => {
+                let ours = format!("{version} spooky");
+                HeaderValue::from_maybe_shared(Bytes::from(join_hop(prev, ours.into_bytes())))
+                    .map_err(|e| ConvertError(e.to_string()))?
+            }
+        };
+        headers.insert(HeaderName::from_static("via"), via);
     }
 
     let mut req = Request::new(());
@@ -508,16 +583,17 @@ pub fn to_h2_request(head: &RequestHead, hop: &Hop) -> Result<Request<()>, Conve
     Ok(req)
 }
 
-fn join_hop(prev: Option<&[u8]>, ours: &[u8]) -> Vec<u8> {
+/// `ours` after the previous hops' value, if any (`ours` alone is returned as it is).
+fn join_hop(prev: Option<&[u8]>, ours: Vec<u8>) -> Vec<u8> {
     match prev {
         Some(p) if !p.is_empty() => {
             let mut v = Vec::with_capacity(p.len() + 2 + ours.len());
             v.extend_from_slice(p);
             v.extend_from_slice(b", ");
-            v.extend_from_slice(ours);
+            v.extend_from_slice(&ours);
             v
         }
-        _ => ours.to_vec(),
+        _ => ours,
     }
 }
 
