@@ -161,9 +161,9 @@ fn is_tchar(b: u8) -> bool {
 fn valid_value(v: &[u8]) -> bool {
     let bad_edge = |b: &u8| *b == b' ' || *b == b'\t';
     // Every byte looked at (no early exit), so the loop runs on vectors.
-    v.iter()
-        .fold(true, |ok, &b| ok & ((b >= 0x20 && b != 0x7f) | (b == b'\t')))
-        && !v.first().is_some_and(bad_edge)
+    v.iter().fold(true, |ok, &b| {
+        ok & ((b >= 0x20 && b != 0x7f) | (b == b'\t'))
+    }) && !v.first().is_some_and(bad_edge)
         && !v.last().is_some_and(bad_edge)
 }
 
@@ -539,7 +539,11 @@ pub fn to_h2_request(head: &RequestHead, hop: &Hop) -> Result<Request<()>, Conve
             fwd_elem.extend_from_slice(&head.authority);
             fwd_elem.push(b'"');
         }
-        insert(&mut headers, "x-forwarded-for", join_hop(xff_prev, ip.into_bytes()))?;
+        insert(
+            &mut headers,
+            "x-forwarded-for",
+            join_hop(xff_prev, ip.into_bytes()),
+        )?;
         insert(&mut headers, "forwarded", join_hop(fwd_prev, fwd_elem))?;
         headers.insert(
             HeaderName::from_static("x-forwarded-proto"),

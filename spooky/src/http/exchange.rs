@@ -481,6 +481,28 @@ impl LoopEnd {
         Ok(())
     }
 
+    /// [`Self::head_written`] for a front that converts the head rather than writing it as
+    /// it is: the fields are handed over, not copied.
+    ///
+    /// # Errors
+    /// A [`TransitionError`] when no head was ready.
+    pub fn take_head(&self, fin: bool) -> Result<Vec<Header>, TransitionError> {
+        let mut s = self.0.borrow_mut();
+        match std::mem::replace(&mut s.head, Head::Written) {
+            Head::Ready(fields) => {
+                if fin {
+                    s.end = End::Written;
+                }
+                Ok(fields)
+            }
+            other => {
+                s.head = other;
+                drop(s);
+                refuse("take_head", "no head ready")
+            }
+        }
+    }
+
     /// The client can take `capacity` more bytes of this stream now (quiche's stream
     /// capacity): the task may buffer that much plus [`RESP_AHEAD`], at most
     /// [`RESP_BUF_LIMIT`]; woken when that opens room.

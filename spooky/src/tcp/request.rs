@@ -341,14 +341,11 @@ async fn respond(end: LoopEnd, in_progress: InProgress) -> Result<Response<Respo
         in_progress: Some(in_progress),
     };
     let (fields, fin) = poll_fn(|cx| match end.pending() {
-        Pending::Head { fin } => {
-            let fields = end.head_fields().map(|f| f.to_vec()).unwrap_or_default();
-            Poll::Ready(
-                end.head_written(fin)
-                    .map(|()| (fields, fin))
-                    .map_err(|_| Aborted),
-            )
-        }
+        Pending::Head { fin } => Poll::Ready(
+            end.take_head(fin)
+                .map(|fields| (fields, fin))
+                .map_err(|_| Aborted),
+        ),
         Pending::Nothing if !end.task_done() => {
             end.wake_on_response(cx.waker());
             Poll::Pending

@@ -1,4 +1,5 @@
 use super::*;
+use quiche::h3::NameValue;
 use std::task::Waker;
 
 fn stats() -> Arc<WorkerStats> {
@@ -210,6 +211,24 @@ fn the_last_chunk_carries_fin() {
     lp.body_written(2, true).unwrap();
     assert!(matches!(lp.pending(), Pending::Nothing));
     assert!(lp.end_written().is_err(), "already ended with the chunk");
+}
+
+#[test]
+fn a_head_taken_is_handed_over_once_and_a_refused_take_changes_nothing() {
+    let (lp, task) = new(shape(None, None), stats(), None);
+    assert!(lp.take_head(false).is_err(), "no head yet");
+    assert!(matches!(lp.pending(), Pending::Nothing));
+    task.respond(head("204")).unwrap();
+    task.finish(None).unwrap();
+    assert!(matches!(lp.pending(), Pending::Head { fin: true, .. }));
+    let fields = lp.take_head(true).unwrap();
+    assert_eq!(fields.len(), 1);
+    assert_eq!(fields[0].value(), b"204");
+    assert!(lp.head_fields().is_none(), "taken, not copied");
+    assert!(lp.take_head(true).is_err());
+    assert!(lp.head_written(true).is_err());
+    assert!(matches!(lp.pending(), Pending::Nothing));
+    assert!(lp.end_written().is_err(), "ended with the head");
 }
 
 #[test]
