@@ -470,15 +470,7 @@ impl LoopEnd {
     /// # Errors
     /// A [`TransitionError`] when no head was ready.
     pub fn head_written(&self, fin: bool) -> Result<(), TransitionError> {
-        let mut s = self.0.borrow_mut();
-        if !matches!(s.head, Head::Ready(_)) {
-            return refuse("head_written", "no head ready");
-        }
-        s.head = Head::Written;
-        if fin {
-            s.end = End::Written;
-        }
-        Ok(())
+        self.take_head(fin).map(drop)
     }
 
     /// [`Self::head_written`] for a front that converts the head rather than writing it as
